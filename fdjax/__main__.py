@@ -1,0 +1,5 @@
+import sys
+
+from fdjax.cli import main
+
+sys.exit(main())

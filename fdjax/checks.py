@@ -1,0 +1,56 @@
+"""Input checks at the public API boundary.
+
+chex does the shape/dtype assertions; its AssertionError becomes a ValueError that
+names the op, so every bad input across fdjax surfaces as one exception type.
+"""
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _wrap(op: str, fn, *args, **kwargs):
+  try:
+    fn(*args, **kwargs)
+  except AssertionError as e:
+    raise ValueError(f"{op}: {e}") from None
+
+
+def rank(op: str, name: str, x, r: int) -> None:
+  if getattr(x, "ndim", None) != r:
+    raise ValueError(f"{op}: {name} must have rank {r}, got shape {getattr(x, 'shape', None)}")
+
+
+def float_dtype(op: str, name: str, x) -> None:
+  if x.dtype not in FLOAT_DTYPES:
+    raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def same_dtype(op: str, **arrays) -> None:
+  _wrap(op, chex.assert_trees_all_equal_dtypes, *arrays.values())
+
+
+def int_vector(op: str, name: str, x, n: int) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{op}: {name} must be an integer array, got {x.dtype}")
+  if x.shape != (n,):
+    raise ValueError(f"{op}: {name} must have shape ({n},), got {x.shape}")
+
+
+def shape(op: str, name: str, x, expected: tuple) -> None:
+  try:
+    chex.assert_shape(x, expected)
+  except AssertionError:
+    raise ValueError(f"{op}: {name} must have shape {expected}, got {x.shape}") from None
+
+
+def gqa(op: str, q_heads: int, kv_heads: int) -> None:
+  if kv_heads < 1 or q_heads % kv_heads:
+    raise ValueError(f"{op}: query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+
+
+def choice(op: str, name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {tuple(allowed)}")

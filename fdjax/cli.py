@@ -1,0 +1,77 @@
+"""The command line: `python -m fdjax generate PROMPT ...` and friends."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
+
+
+def _load(args):
+  """(model, tokenizer, label) from --model DIR, --preset NAME, or the default."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from fdjax import checkpoint, presets, tokenizer
+  from models.llama import Transformer
+  dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+  if args.preset:
+    cfg = presets.get(args.preset)
+    model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype or jnp.float32)
+    return model, tokenizer.ByteTokenizer(), f"{args.preset} (randomly initialised: output is noise)"
+  path = args.model or (DEFAULT_MODEL_DIR if os.path.isdir(DEFAULT_MODEL_DIR) else None)
+  if path is None:
+    args.preset = "random-tiny"
+    return _load(args)
+  return checkpoint.load_pretrained(path, dtype=dtype), tokenizer.load_tokenizer(path), path
+
+
+def cmd_generate(args):
+  from fdjax import dispatch
+  from fdjax.decode_loop import generate
+  model, tok, label = _load(args)
+  ids = tok.encode(args.prompt)
+  if not ids:
+    raise ValueError("the prompt encodes to no tokens")
+  eos = tok.eos_token_id if args.eos_token_id is None else args.eos_token_id
+  res = generate(model, [ids], max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          eos_token_id=eos, seed=args.seed)
+  print(args.prompt + tok.decode(res.tokens[0]))
+  impls = " ".join(f"{k}={v}" for k, v in dispatch.describe().items())
+  print(f"[model {label}] prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
+        f"prefill_ms={res.prefill_s * 1e3:.1f} decode_tok_s={res.decode_tokens_per_s:.1f} "
+        f"(first call, compile included) impl: {impls}")
+
+
+def _model_args(p):
+  p.add_argument("--model", help="model directory (Hugging Face or fdjax checkpoint)")
+  p.add_argument("--preset", help="a named random-weight model shape instead of --model")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+  p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser():
+  parser = argparse.ArgumentParser(prog="fdjax", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  g = sub.add_parser("generate", help="generate text from a prompt")
+  g.add_argument("prompt")
+  _model_args(g)
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0)
+  g.add_argument("--top-k", type=int)
+  g.add_argument("--top-p", type=float)
+  g.add_argument("--eos-token-id", type=int)
+  g.set_defaults(fn=cmd_generate)
+  return parser
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except ValueError as e:
+    print(f"fdjax: error: {e}", file=sys.stderr)
+    return 2
+  return 0

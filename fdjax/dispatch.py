@@ -1,0 +1,137 @@
+"""Backend-aware dispatch: one public function per op, one choice of kernel per backend.
+
+Every op takes `impl`:
+  "auto"             the CPU takes the XLA reference; a CUDA GPU takes the Pallas kernel
+                     (for `linear`, the kernel the tuning table names for this M);
+                     decided where the computation is lowered (`lax.platform_dependent`),
+                     so one jitted function serves both.
+  "xla"              the plain-XLA reference (fdjax.reference).
+  "pallas"           the Pallas kernel, compiled for the GPU.
+  "pallas_interpret" the same kernel run by the Pallas interpreter (any backend, slow;
+                     this is how the tests check kernels on a CPU).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fdjax import checks
+from fdjax import reference
+
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+def _run(op, impl, xla_fn, pallas_fn):
+  """Calls xla_fn() or pallas_fn(interpret) as `impl` says."""
+  checks.choice(op, "impl", impl, IMPLS)
+  if impl == "xla":
+    return xla_fn()
+  if impl == "pallas":
+    return pallas_fn(False)
+  if impl == "pallas_interpret":
+    return pallas_fn(True)
+  if jax.default_backend() == "cpu":
+    # A CPU-only host never lowers for a GPU: skip tracing the kernel branch at all.
+    return xla_fn()
+  return jax.lax.platform_dependent(cpu=xla_fn, cuda=lambda: pallas_fn(False), default=xla_fn)
+
+
+def _attention_checks(op, q, k, v, q_rank):
+  checks.rank(op, "q", q, q_rank)
+  checks.rank(op, "k", k, 4)
+  checks.float_dtype(op, "q", q)
+  checks.same_dtype(op, q=q, k=k, v=v)
+  if k.shape != v.shape:
+    raise ValueError(f"{op}: k and v must have the same shape, got {k.shape} and {v.shape}")
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"{op}: batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"{op}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
+  checks.gqa(op, q.shape[-2], k.shape[2])
+
+
+def _scale(sm_scale, d):
+  return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, impl="auto"):
+  """Attention of one new query per sequence against its KV cache.
+
+  q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; lengths [B] int = valid cache entries
+  of each row (1 <= lengths <= S). GQA when Hq is a multiple of Hkv. `phi` is the
+  unified max value of the async-softmax kernel (ignored by the XLA path).
+  Returns [B, Hq, D] in q's dtype.
+  """
+  op = "decode_attention"
+  _attention_checks(op, q, k_cache, v_cache, 3)
+  checks.int_vector(op, "lengths", lengths, q.shape[0])
+  scale = _scale(sm_scale, q.shape[-1])
+
+  def pallas(interpret):
+    from pallas_kernels import decode_attention as kernel
+    return kernel.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
+                                   interpret=interpret)
+
+  return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale),
+              pallas)
+
+
+def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=None,
+                      impl="auto"):
+  """Self-attention over a whole (padded) prompt.
+
+  q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] int or None = valid tokens of each
+  row (keys at or past it are masked; query rows past it are padding, never NaN).
+  Returns [B, T, Hq, D] in q's dtype.
+  """
+  op = "prefill_attention"
+  _attention_checks(op, q, k, v, 4)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"{op}: q length ({q.shape[1]}) and k length ({k.shape[1]}) differ")
+  if lengths is not None:
+    checks.int_vector(op, "lengths", lengths, q.shape[0])
+  scale = _scale(sm_scale, q.shape[-1])
+
+  def pallas(interpret):
+    from pallas_kernels import prefill_attention as kernel
+    return kernel.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
+                                    interpret=interpret)
+
+  return _run(op, impl,
+              lambda: reference.prefill_attention(q, k, v, lengths, causal, scale), pallas)
+
+
+def linear(x, w, *, impl="auto"):
+  """x [..., K] @ w [K, N] -> [..., N], float32 accumulation, in x's dtype."""
+  op = "linear"
+  checks.rank(op, "w", w, 2)
+  if x.ndim < 1:
+    raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+  checks.float_dtype(op, "x", x)
+  checks.same_dtype(op, x=x, w=w)
+  k, n = w.shape
+  if x.shape[-1] != k:
+    raise ValueError(f"{op}: x's last dimension ({x.shape[-1]}) must equal w's K ({k})")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  m = x2.shape[0]
+
+  def pallas(interpret):
+    from fdjax import tuning
+    return tuning.run_linear(x2, w, interpret=interpret)
+
+  y = _run(op, impl, lambda: reference.linear(x2, w), pallas)
+  return y.reshape(*lead, n)
+
+
+def describe(backend: str | None = None) -> dict:
+  """Which implementation "auto" picks per op on `backend` (default: JAX's default)."""
+  backend = backend or jax.default_backend()
+  if backend in ("cuda", "gpu"):
+    from fdjax import tuning
+    return {"decode_attention": "pallas(async-softmax)",
+            "prefill_attention": "pallas(async-softmax)",
+            "linear": tuning.describe()}
+  return {"decode_attention": "xla", "prefill_attention": "xla", "linear": "xla"}

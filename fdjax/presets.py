@@ -1,0 +1,28 @@
+"""Named model shapes: real architectures (random weights, for benchmarks and tuning) and a
+tiny randomly initialised byte-level model."""
+from __future__ import annotations
+
+from models.config import ModelConfig
+
+PRESETS = {
+    # Randomly initialised: produces noise. Stands in where no trained model is given.
+    "random-tiny": ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
+                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                               max_position_embeddings=1024),
+    "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                              num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                              rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "llama-3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                              rms_norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192},
+                              max_position_embeddings=8192),
+}
+
+
+def get(name: str) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name]

@@ -1,0 +1,67 @@
+"""Plain-XLA reference implementations of every fdjax op.
+
+These are the CPU path of `fdjax.dispatch` and the reference every Pallas kernel is
+tested against. They compute in float32 (softmax and accumulation) whatever the input
+dtype, and return the input dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _masked_softmax_attention(s, mask, v_fn):
+  """softmax over the last axis of scores `s` where `mask`, then `v_fn(p)`.
+
+  Rows with no valid key get zeros, never NaN.
+  """
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  return v_fn(p)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, sm_scale):
+  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]."""
+  b, hq, d = q.shape
+  s_len, hkv = k_cache.shape[1], k_cache.shape[2]
+  g = hq // hkv
+  qf = q.astype(jnp.float32).reshape(b, hkv, g, d)
+  s = jnp.einsum("bhgd,bshd->bhgs", qf, k_cache.astype(jnp.float32), precision=HIGHEST)
+  s = s * sm_scale
+  mask = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]
+  o = _masked_softmax_attention(
+      s, mask,
+      lambda p: jnp.einsum("bhgs,bshd->bhgd", p, v_cache.astype(jnp.float32), precision=HIGHEST))
+  return o.reshape(b, hq, d).astype(q.dtype)
+
+
+def prefill_attention(q, k, v, lengths, causal, sm_scale):
+  """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D]."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
+  s = jnp.einsum("bthgd,bshd->bhgts", qf, k.astype(jnp.float32), precision=HIGHEST)
+  s = s * sm_scale
+  pos = jnp.arange(t)
+  mask = jnp.ones((b, t, t), bool)
+  if causal:
+    mask = mask & (pos[None, :, None] >= pos[None, None, :])
+  if lengths is not None:
+    mask = mask & (pos[None, None, :] < lengths[:, None, None])
+  mask = mask[:, None, None]
+  o = _masked_softmax_attention(
+      s, mask,
+      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=HIGHEST))
+  return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def linear(x, w):
+  """x [M, K] @ w [K, N] with float32 accumulation, returned in x's dtype."""
+  return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)

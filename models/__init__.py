@@ -1,0 +1,5 @@
+"""Flax model definitions; they call fdjax.dispatch, never a kernel."""
+from models.config import ModelConfig
+from models.llama import Transformer
+
+__all__ = ["ModelConfig", "Transformer"]

@@ -1,0 +1,170 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, SwiGLU, grouped-query attention with RoPE,
+CoPE or no position encoding, tied or untied embeddings, optional q/k/v bias (Qwen2).
+
+Every projection and every attention goes through `fdjax.dispatch`; this file never picks
+a kernel. Weights are laid out [in, out] (the `linear` op's [K, N]), with q/k/v fused into
+one [H, (Hq + 2 Hkv) D] matrix and gate/up into one [H, 2F] matrix: four weight shapes
+per layer, the four FlashDecoding++ tunes for.
+
+Calling conventions (input_ids [B, T] int):
+  model(ids)                          -> logits [B, T, V] (float32), causal, no cache
+  model(ids, lengths=l)               -> the same for a right-padded ragged batch
+  model(ids, cache=c, lengths=l)      -> (logits, cache): T > 1 is a prefill into an
+                                         empty cache; T == 1 is a decode step at c.lengths
+  last_only=True                      -> logits of each row's last valid token only [B, 1, V]
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fdjax import dispatch
+from fdjax import kv_cache as kvc
+from models import rope
+from models.config import ModelConfig
+
+
+def _normal(rngs, shape, dtype, std=0.02):
+  return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim, eps, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * xf.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype):
+    self.cfg = cfg
+    qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
+    self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
+    self.wo = _normal(rngs, (cfg.num_heads * cfg.head_dim, cfg.hidden_size), dtype)
+    if cfg.position_encoding == "cope":
+      # CoPE's position table, one per layer, shared by the heads; zero-initialised (paper).
+      self.pos_emb = nnx.Param(jnp.zeros((cfg.npos_max, cfg.head_dim), dtype))
+
+  def __call__(self, x, positions, lengths, layer_cache):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = dispatch.linear(x, self.wqkv[...])
+    if self.bqkv is not None:
+      qkv = qkv + self.bqkv[...]
+    q = qkv[..., :hq * d].reshape(b, t, hq, d)
+    k = qkv[..., hq * d:(hq + hkv) * d].reshape(b, t, hkv, d)
+    v = qkv[..., (hq + hkv) * d:].reshape(b, t, hkv, d)
+    if cfg.position_encoding == "rope":
+      freq = rope.inv_freq(d, cfg.rope_theta, cfg.rope_scaling_dict)  # a trace-time constant
+      q, k = rope.apply(q, positions, freq), rope.apply(k, positions, freq)
+
+    if layer_cache is None:
+      o = self._attend(q, k, v, lengths)
+    elif t == 1:
+      kc = kvc.write_step(layer_cache[0], k, positions[:, 0])
+      vc = kvc.write_step(layer_cache[1], v, positions[:, 0])
+      layer_cache = (kc, vc)
+      o = self._attend_cache(q, kc, vc, positions[:, 0] + 1)
+    else:
+      layer_cache = (kvc.write_prefill(layer_cache[0], k), kvc.write_prefill(layer_cache[1], v))
+      o = self._attend(q, k, v, lengths)
+    return dispatch.linear(o.reshape(b, t, hq * d), self.wo[...]), layer_cache
+
+  def _attend(self, q, k, v, lengths):
+    if self.cfg.position_encoding == "cope":
+      return dispatch.cope_attention(q, k, v, self.pos_emb[...], lengths=lengths)
+    return dispatch.prefill_attention(q, k, v, lengths=lengths, causal=True)
+
+  def _attend_cache(self, q, kc, vc, lengths):
+    if self.cfg.position_encoding == "cope":
+      return dispatch.cope_attention(q, kc, vc, self.pos_emb[...], lengths=lengths)
+    return dispatch.decode_attention(q[:, 0], kc, vc, lengths)[:, None]
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype):
+    self.w_gate_up = _normal(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)
+    self.w_down = _normal(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)
+
+  def __call__(self, x):
+    gate, up = jnp.split(dispatch.linear(x, self.w_gate_up[...]), 2, axis=-1)
+    return dispatch.linear(jax.nn.silu(gate) * up, self.w_down[...])
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, positions, lengths, layer_cache):
+    h, layer_cache = self.attn(self.attn_norm(x), positions, lengths, layer_cache)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.config = cfg
+    self.dtype = jnp.dtype(dtype)
+    # Tied models keep one [H, V] matrix: the output projection as it is, and the embedding
+    # by gathering its columns (no per-step transpose of a vocab-sized matrix).
+    self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+    self.embed = (None if cfg.tie_word_embeddings
+                  else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+  def _embed(self, ids):
+    if self.embed is None:
+      return jnp.take(self.lm_head[...], ids, axis=1).transpose(1, 2, 0)
+    return jnp.take(self.embed[...], ids, axis=0)
+
+  def __call__(self, input_ids, *, cache: kvc.KVCache | None = None, lengths=None,
+               last_only: bool = False):
+    cfg = self.config
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"model: input_ids must be an integer [B, T] array, got "
+                       f"{input_ids.dtype}{tuple(input_ids.shape)}")
+    b, t = input_ids.shape
+    if cache is not None and t == 1:
+      positions = cache.lengths[:, None]
+    else:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if cache is not None and t > cache.max_len:
+        raise ValueError(f"model: prompt of {t} tokens is longer than the cache ({cache.max_len})")
+    span = cache.max_len if cache is not None else t
+    if cfg.sliding_window is not None and span > cfg.sliding_window:
+      raise ValueError(f"model: sequence span {span} exceeds the sliding window "
+                       f"({cfg.sliding_window}), which fdjax does not implement")
+    if lengths is None:
+      lengths = jnp.full((b,), t, jnp.int32)
+
+    x = self._embed(input_ids)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_cache = layer(x, positions, lengths, layer_cache)
+      if cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+    if last_only and t > 1:
+      x = x[jnp.arange(b), lengths - 1][:, None]
+    logits = dispatch.linear(self.norm(x), self.lm_head[...]).astype(jnp.float32)
+    if cache is None:
+      return logits
+    new_lengths = cache.lengths + 1 if t == 1 else lengths.astype(jnp.int32)
+    return logits, kvc.KVCache(tuple(new_k), tuple(new_v), new_lengths)
