@@ -165,27 +165,27 @@ def _assign(model: Transformer, tensors: dict, dtype):
   cast = lambda a: jnp.asarray(a, dtype=dtype)
   emb = tensors["model.embed_tokens.weight"]
   if cfg.tie_word_embeddings:
-    model.lm_head.value = cast(emb.T)
+    model.lm_head.set_value(cast(emb.T))
   else:
-    model.embed.value = cast(emb)
-    model.lm_head.value = cast(tensors["lm_head.weight"].T)
-  model.norm.weight.value = cast(tensors["model.norm.weight"])
+    model.embed.set_value(cast(emb))
+    model.lm_head.set_value(cast(tensors["lm_head.weight"].T))
+  model.norm.weight.set_value(cast(tensors["model.norm.weight"]))
   for i, layer in enumerate(model.layers):
     t = lambda n: tensors[f"model.layers.{i}.{n}"]
-    layer.attn_norm.weight.value = cast(t("input_layernorm.weight"))
-    layer.mlp_norm.weight.value = cast(t("post_attention_layernorm.weight"))
-    layer.attn.wqkv.value = cast(np.concatenate(
+    layer.attn_norm.weight.set_value(cast(t("input_layernorm.weight")))
+    layer.mlp_norm.weight.set_value(cast(t("post_attention_layernorm.weight")))
+    layer.attn.wqkv.set_value(cast(np.concatenate(
         [t("self_attn.q_proj.weight").T, t("self_attn.k_proj.weight").T,
-         t("self_attn.v_proj.weight").T], axis=1))
+         t("self_attn.v_proj.weight").T], axis=1)))
     if cfg.qkv_bias:
-      layer.attn.bqkv.value = cast(np.concatenate(
-          [t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")]))
+      layer.attn.bqkv.set_value(cast(np.concatenate(
+          [t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")])))
     if cfg.position_encoding == "cope":
-      layer.attn.pos_emb.value = cast(t("self_attn.pos_emb"))
-    layer.attn.wo.value = cast(t("self_attn.o_proj.weight").T)
-    layer.mlp.w_gate_up.value = cast(np.concatenate(
-        [t("mlp.gate_proj.weight").T, t("mlp.up_proj.weight").T], axis=1))
-    layer.mlp.w_down.value = cast(t("mlp.down_proj.weight").T)
+      layer.attn.pos_emb.set_value(cast(t("self_attn.pos_emb")))
+    layer.attn.wo.set_value(cast(t("self_attn.o_proj.weight").T))
+    layer.mlp.w_gate_up.set_value(cast(np.concatenate(
+        [t("mlp.gate_proj.weight").T, t("mlp.up_proj.weight").T], axis=1)))
+    layer.mlp.w_down.set_value(cast(t("mlp.down_proj.weight").T))
 
 
 def load_config(path: str) -> ModelConfig:

@@ -1,0 +1,82 @@
+"""The XLA reference ops against independent float64 numpy references, and dispatch's checks."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdjax import dispatch
+from tests.helpers import np_decode_attention, np_prefill_attention, rel_err
+
+
+def _rand(rng, shape, dtype=np.float32, scale=1.0):
+  return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,d", [(3, 4, 4, 37, 16), (2, 8, 2, 64, 32), (1, 8, 1, 5, 8)])
+def test_decode_attention_xla_matches_numpy(b, hq, hkv, s, d):
+  rng = np.random.default_rng(b * 100 + s)
+  q, k, v = _rand(rng, (b, hq, d)), _rand(rng, (b, s, hkv, d)), _rand(rng, (b, s, hkv, d))
+  lengths = rng.integers(1, s + 1, size=b).astype(np.int32)
+  lengths[0] = s
+  out = jax.jit(lambda *a: dispatch.decode_attention(*a, impl="auto"))(q, k, v, lengths)
+  chex.assert_shape(out, (b, hq, d))
+  chex.assert_type(out, jnp.float32)
+  want = np_decode_attention(q, k, v, lengths, d ** -0.5)
+  assert rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 13, 4, 2, 16), (3, 8, 2, 2, 8)])
+def test_prefill_attention_xla_matches_numpy(b, t, hq, hkv, d, causal):
+  rng = np.random.default_rng(t)
+  q, k, v = _rand(rng, (b, t, hq, d)), _rand(rng, (b, t, hkv, d)), _rand(rng, (b, t, hkv, d))
+  lengths = rng.integers(1, t + 1, size=b).astype(np.int32)
+  out = dispatch.prefill_attention(q, k, v, lengths=lengths, causal=causal, sm_scale=0.3)
+  want = np_prefill_attention(q, k, v, lengths, causal, 0.3)
+  assert rel_err(out, want) < 1e-5
+  out2 = dispatch.prefill_attention(q, k, v, causal=causal, impl="xla")
+  assert rel_err(out2, np_prefill_attention(q, k, v, None, causal, d ** -0.5)) < 1e-5
+
+
+def test_linear_matches_numpy_and_keeps_leading_dims():
+  rng = np.random.default_rng(1)
+  x, w = _rand(rng, (2, 3, 100)), _rand(rng, (100, 37))
+  y = dispatch.linear(x, w)
+  chex.assert_shape(y, (2, 3, 37))
+  assert rel_err(y, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  yb = dispatch.linear(xb, wb)
+  chex.assert_type(yb, jnp.bfloat16)
+  assert rel_err(yb, np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)) < 1e-2
+
+
+def test_auto_under_jit_reports_cpu_choice():
+  assert dispatch.describe("cpu") == {"decode_attention": "xla", "prefill_attention": "xla",
+                                      "linear": "xla"}
+
+
+q3 = np.ones((2, 4, 8), np.float32)
+k4 = np.ones((2, 16, 2, 8), np.float32)
+lens = np.array([3, 4], np.int32)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: dispatch.decode_attention(q3[0], k4, k4, lens), "q must have rank 3"),
+    (lambda: dispatch.decode_attention(q3, k4[..., :4], k4[..., :4], lens), "head_dim"),
+    (lambda: dispatch.decode_attention(np.ones((2, 3, 8), np.float32), k4, k4, lens),
+     "multiple of KV heads"),
+    (lambda: dispatch.decode_attention(q3, k4, k4, lens.astype(np.float32)), "integer"),
+    (lambda: dispatch.decode_attention(q3, k4, k4, lens[:1]), "shape (2,)"),
+    (lambda: dispatch.decode_attention(q3.astype(np.int32), k4, k4, lens), "float32"),
+    (lambda: dispatch.decode_attention(q3, k4.astype(jnp.bfloat16), k4, lens), "dtype"),
+    (lambda: dispatch.decode_attention(q3, k4, k4[:, :8], lens), "same shape"),
+    (lambda: dispatch.decode_attention(q3, k4, k4, lens, impl="cuda"), "unknown impl"),
+    (lambda: dispatch.prefill_attention(np.ones((2, 5, 4, 8), np.float32), k4, k4), "length"),
+    (lambda: dispatch.linear(q3, np.ones((8,), np.float32)), "w must have rank 2"),
+    (lambda: dispatch.linear(q3, np.ones((7, 3), np.float32)), "must equal w's K"),
+    (lambda: dispatch.linear(q3.astype(np.int32), np.ones((8, 3), np.int32)), "float32"),
+])
+def test_bad_input_is_a_clear_value_error(call, msg):
+  with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+    call()

@@ -1,0 +1,93 @@
+"""The KV cache and the jitted decode loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fdjax
+from fdjax import decode_loop, kv_cache
+from tests.helpers import rel_err
+from tests.models_util import tiny_model
+
+
+@pytest.mark.parametrize("pe", ["rope", "none"])
+def test_decoding_with_cache_equals_full_forward(pe):
+  model = tiny_model(position_encoding=pe)
+  rng = np.random.default_rng(0)
+  lengths = np.array([9, 5, 13], np.int32)
+  seqs = rng.integers(0, 97, (3, 20)).astype(np.int32)
+  full = np.asarray(model(jnp.asarray(seqs)))  # [B, 20, V], causal
+  prompt = np.where(np.arange(16)[None] < lengths[:, None], seqs[:, :16], 0)
+  cache = kv_cache.init_cache(model.config, 3, 32, jnp.float32)
+  logits, cache = model(jnp.asarray(prompt), cache=cache, lengths=jnp.asarray(lengths),
+                        last_only=True)
+  want = full[np.arange(3), lengths - 1]
+  assert rel_err(logits[:, 0], want) < 1e-5
+  step = jax.jit(lambda tok, c: model(tok, cache=c))
+  for i in range(4):  # feed each row's true next tokens at its own position
+    tok = seqs[np.arange(3), lengths + i][:, None]
+    logits, cache = step(jnp.asarray(tok), cache)
+    assert rel_err(logits[:, 0], full[np.arange(3), lengths + i]) < 1e-5
+  np.testing.assert_array_equal(cache.lengths, lengths + 4)
+
+
+def test_ragged_batch_rows_equal_running_alone():
+  model = tiny_model(seed=3)
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(0, 97, n).tolist() for n in (3, 17, 1, 8, 30)]
+  batch = fdjax.generate(model, prompts, max_new_tokens=12).tokens
+  for p, got in zip(prompts, batch):
+    assert got == fdjax.generate(model, [p], max_new_tokens=12).tokens[0]
+    assert len(got) == 12
+
+
+def test_similar_sizes_do_not_recompile():
+  model = tiny_model(seed=4)
+  fdjax.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=5)
+  before = dict(decode_loop.TRACE_COUNT)
+  fdjax.generate(model, [[7, 8, 9, 10, 11], [1]], max_new_tokens=6)  # same buckets
+  assert dict(decode_loop.TRACE_COUNT) == before
+  fdjax.generate(model, [[1] * 40], max_new_tokens=5)  # a bigger prompt bucket: retraces
+  assert decode_loop.TRACE_COUNT["prefill"] == before["prefill"] + 1
+
+
+def test_eos_stops_each_row_and_is_included():
+  model = tiny_model(seed=6)
+  prompts = [[5, 6, 7], [9, 1, 2, 3]]
+  free = fdjax.generate(model, prompts, max_new_tokens=10).tokens
+  eos = free[0][3]
+  stopped = fdjax.generate(model, prompts, max_new_tokens=10, eos_token_id=eos).tokens
+  assert stopped[0] == free[0][:free[0].index(eos) + 1]
+  cut = free[1].index(eos) + 1 if eos in free[1] else 10
+  assert stopped[1] == free[1][:cut]
+
+
+def test_result_has_timings():
+  res = fdjax.generate(tiny_model(), [[1, 2, 3]], max_new_tokens=8)
+  assert res.prompt_tokens == 3 and res.new_tokens == 8
+  assert res.prefill_s > 0 and res.decode_s > 0 and res.decode_tokens_per_s > 0
+  assert res.decode_steps == 7
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(prompts=[[1] * 250], max_new_tokens=10), "exceeds the model's context of 256"),
+    (dict(prompts=[[1] * 30], max_new_tokens=10, max_cache_len=32), "longer than the cache"),
+    (dict(prompts=[[1, 2], []], max_new_tokens=4), "prompt 1 is empty"),
+    (dict(prompts=[], max_new_tokens=4), "non-empty list"),
+    (dict(prompts=[[1, 97]], max_new_tokens=4), "token id 97 outside the vocabulary"),
+    (dict(prompts=[[1, -1]], max_new_tokens=4), "token id -1 outside"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be a positive"),
+    (dict(prompts=[[1]], max_new_tokens=3, temperature=-1.0), "temperature"),
+    (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0, top_p=1.5), "top_p"),
+    (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0, top_k=0), "top_k"),
+])
+def test_bad_generate_input_is_a_clear_value_error(kwargs, msg):
+  model = tiny_model()
+  with pytest.raises(ValueError, match=msg):
+    fdjax.generate(model, **kwargs)
+
+
+def test_model_rejects_bad_input_ids():
+  model = tiny_model()
+  with pytest.raises(ValueError, match="input_ids"):
+    model(jnp.ones((2, 3), jnp.float32))

@@ -1,0 +1,58 @@
+"""Sampling: greedy, top-k, top-p, seeds."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fdjax
+from fdjax.sampling import Sampler, sample
+from tests.models_util import tiny_model
+
+
+def _logits(seed=0, b=4, v=50):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((b, v)) * 2.0, jnp.float32)
+
+
+def _draws(logits, sampler, n=300):
+  keys = jax.random.split(jax.random.key(0), n)
+  return np.asarray(jax.vmap(lambda k: sample(logits, k, sampler))(keys))  # [n, B]
+
+
+def test_temperature_zero_is_greedy():
+  logits = _logits()
+  np.testing.assert_array_equal(sample(logits, jax.random.key(1), Sampler(0.0)),
+                                np.argmax(np.asarray(logits), -1))
+  model = tiny_model()
+  prompts = [[1, 2, 3], [4, 5]]
+  assert (fdjax.generate(model, prompts, max_new_tokens=6, temperature=0.0, seed=1).tokens
+          == fdjax.generate(model, prompts, max_new_tokens=6, seed=99).tokens)
+
+
+def test_top_k_never_samples_outside_the_k_best():
+  logits = _logits(1)
+  draws = _draws(logits, Sampler(1.5, top_k=5))
+  top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+  for row in range(logits.shape[0]):
+    assert set(draws[:, row]) <= set(top5[row])
+  assert len(set(draws[:, 0])) > 1  # it does sample
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+  logits = _logits(2)
+  p = 0.6
+  draws = _draws(logits, Sampler(1.0, top_p=p))
+  lg = np.asarray(logits, np.float64)
+  for row in range(lg.shape[0]):
+    order = np.argsort(-lg[row])
+    probs = np.exp(lg[row][order] - lg[row].max())
+    probs /= probs.sum()
+    n_keep = int(np.searchsorted(np.cumsum(probs), p) + 1)  # smallest set with mass >= p
+    assert set(draws[:, row]) <= set(order[:n_keep])
+  assert len(set(draws[:, 1])) > 1
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+  model = tiny_model(seed=2)
+  prompts = [[3, 1, 4, 1, 5]]
+  run = lambda s: fdjax.generate(model, prompts, max_new_tokens=16, temperature=1.0, seed=s)
+  assert run(7).tokens == run(7).tokens
+  assert run(7).tokens != run(8).tokens
