@@ -204,7 +204,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None) -> Transformer:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not a directory")
-  cfg = load_config(path)
+  from fdjax import calibrate  # per-layer phi, if `fdjax calibrate` left one beside it
+  cfg = calibrate.apply_saved(path, load_config(path))
   tensors = read_tensors(path, cfg)
   if dtype is None:
     dtype = tensors["model.embed_tokens.weight"].dtype

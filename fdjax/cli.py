@@ -45,6 +45,21 @@ def cmd_generate(args):
         f"(first call, compile included) impl: {impls}")
 
 
+def cmd_calibrate(args):
+  from fdjax import calibrate, checkpoint, tokenizer
+  model = checkpoint.load_pretrained(args.model)
+  try:
+    tok = tokenizer.load_tokenizer(args.model)
+  except ValueError:
+    tok = None
+  prompts = calibrate.sample_prompts(tok, model.config.vocab_size, args.num_prompts,
+                                     args.prompt_len, args.seed)
+  record = calibrate.calibrate(model, prompts)
+  for i, (phi, (lo, hi)) in enumerate(zip(record["phi"], record["row_max_range"])):
+    print(f"layer {i}: row-max scores in [{lo:.2f}, {hi:.2f}] -> phi = {phi:.2f}")
+  print(f"wrote {calibrate.save(args.model, record)}")
+
+
 def _model_args(p):
   p.add_argument("--model", help="model directory (Hugging Face or fdjax checkpoint)")
   p.add_argument("--preset", help="a named random-weight model shape instead of --model")
@@ -64,6 +79,12 @@ def build_parser():
   g.add_argument("--top-p", type=float)
   g.add_argument("--eos-token-id", type=int)
   g.set_defaults(fn=cmd_generate)
+  c = sub.add_parser("calibrate", help="choose the async softmax's phi per layer")
+  c.add_argument("--model", required=True)
+  c.add_argument("--num-prompts", type=int, default=4)
+  c.add_argument("--prompt-len", type=int, default=256)
+  c.add_argument("--seed", type=int, default=0)
+  c.set_defaults(fn=cmd_calibrate)
   return parser
 
 

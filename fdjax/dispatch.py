@@ -12,7 +12,9 @@ Every op takes `impl`:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,43 @@ from fdjax import checks
 from fdjax import reference
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+_override = threading.local()
 
 
-def _run(op, impl, xla_fn, pallas_fn):
-  """Calls xla_fn() or pallas_fn(interpret) as `impl` says."""
+@contextlib.contextmanager
+def using(impl: str):
+  """Within this block every op called with impl="auto" (the model's calls) runs `impl`
+  instead: e.g. `with dispatch.using("xla"):` for the XLA-only baseline, or
+  "pallas_interpret" to check the kernels through a whole model on a CPU."""
+  checks.choice("dispatch.using", "impl", impl, IMPLS)
+  old = getattr(_override, "impl", None)
+  _override.impl = impl
+  try:
+    yield
+  finally:
+    _override.impl = old
+
+
+@contextlib.contextmanager
+def record_scores():
+  """Within this block, each prefill_attention called eagerly (outside jit) appends the
+  (min, max) over valid query rows of the rows' largest scores to the yielded list, in
+  call order (so, for a model's forward pass, one entry per layer)."""
+  _override.scores = []
+  try:
+    yield _override.scores
+  finally:
+    _override.scores = None
+
+
+def _run(op, impl, xla_fn, pallas_fn, supported=True):
+  """Calls xla_fn() or pallas_fn(interpret) as `impl` says. Under "auto", shapes or dtypes
+  the kernel does not take (`supported` False) go to XLA on every backend."""
   checks.choice(op, "impl", impl, IMPLS)
+  if impl == "auto":
+    impl = getattr(_override, "impl", None) or "auto"
+    if not supported:
+      impl = "xla"
   if impl == "xla":
     return xla_fn()
   if impl == "pallas":
@@ -52,6 +86,11 @@ def _attention_checks(op, q, k, v, q_rank):
   checks.gqa(op, q.shape[-2], k.shape[2])
 
 
+def _attention_kernel_takes(q) -> bool:
+  d = q.shape[-1]
+  return q.dtype in (jnp.float32, jnp.bfloat16) and d >= 16 and not d & (d - 1)
+
+
 def _scale(sm_scale, d):
   return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
 
@@ -75,7 +114,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, i
                                    interpret=interpret)
 
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale),
-              pallas)
+              pallas, _attention_kernel_takes(q))
 
 
 def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=None,
@@ -93,14 +132,19 @@ def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=
   if lengths is not None:
     checks.int_vector(op, "lengths", lengths, q.shape[0])
   scale = _scale(sm_scale, q.shape[-1])
+  recorder = getattr(_override, "scores", None)
+  if recorder is not None and not isinstance(q, jax.core.Tracer):
+    m = reference.score_row_max(q, k, lengths, causal, scale)
+    m = m[jnp.isfinite(m)]
+    recorder.append((float(jnp.min(m)), float(jnp.max(m))))
 
   def pallas(interpret):
     from pallas_kernels import prefill_attention as kernel
     return kernel.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
                                     interpret=interpret)
 
-  return _run(op, impl,
-              lambda: reference.prefill_attention(q, k, v, lengths, causal, scale), pallas)
+  return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale),
+              pallas, _attention_kernel_takes(q))
 
 
 def linear(x, w, *, impl="auto"):

@@ -65,3 +65,20 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale):
 def linear(x, w):
   """x [M, K] @ w [K, N] with float32 accumulation, returned in x's dtype."""
   return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def score_row_max(q, k, lengths, causal, sm_scale):
+  """Each query row's largest (masked) attention score [B, T, Hq] (calibration of phi)."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  s = jnp.einsum("bthgd,bshd->bthgs", qf, k.astype(jnp.float32), precision=HIGHEST) * sm_scale
+  pos = jnp.arange(t)
+  mask = jnp.ones((b, t, t), bool)
+  if causal:
+    mask = mask & (pos[None, :, None] >= pos[None, None, :])
+  if lengths is not None:
+    mask = mask & (pos[None, None, :] < lengths[:, None, None])
+    mask = mask & (pos[None, :, None] < lengths[:, None, None])  # padding rows do not count
+  s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
+  return jnp.max(s, axis=-1).reshape(b, t, hq)

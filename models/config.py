@@ -25,6 +25,8 @@ class ModelConfig:
   position_encoding: str = "rope"
   npos_max: int = 64
   sliding_window: int | None = None
+  # FlashDecoding++'s unified max value per layer (from `fdjax calibrate`); None: the default.
+  softmax_phi: tuple | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -42,6 +44,11 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
     if not isinstance(self.npos_max, int) or self.npos_max < 1:
       raise ValueError(f"ModelConfig: npos_max must be an integer >= 1, got {self.npos_max!r}")
+    if self.softmax_phi is not None:
+      object.__setattr__(self, "softmax_phi", tuple(float(p) for p in self.softmax_phi))
+      if len(self.softmax_phi) != self.num_layers:
+        raise ValueError(f"ModelConfig: softmax_phi has {len(self.softmax_phi)} values for "
+                         f"{self.num_layers} layers")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
 
@@ -52,6 +59,7 @@ class ModelConfig:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["rope_scaling"] = self.rope_scaling_dict
+    d["softmax_phi"] = None if self.softmax_phi is None else list(self.softmax_phi)
     return d
 
   @classmethod

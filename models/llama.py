@@ -43,8 +43,9 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype):
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
     self.cfg = cfg
+    self.phi = None if cfg.softmax_phi is None else cfg.softmax_phi[layer]
     qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
     self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
@@ -82,12 +83,12 @@ class Attention(nnx.Module):
   def _attend(self, q, k, v, lengths):
     if self.cfg.position_encoding == "cope":
       return dispatch.cope_attention(q, k, v, self.pos_emb[...], lengths=lengths)
-    return dispatch.prefill_attention(q, k, v, lengths=lengths, causal=True)
+    return dispatch.prefill_attention(q, k, v, lengths=lengths, causal=True, phi=self.phi)
 
   def _attend_cache(self, q, kc, vc, lengths):
     if self.cfg.position_encoding == "cope":
       return dispatch.cope_attention(q, kc, vc, self.pos_emb[...], lengths=lengths)
-    return dispatch.decode_attention(q[:, 0], kc, vc, lengths)[:, None]
+    return dispatch.decode_attention(q[:, 0], kc, vc, lengths, phi=self.phi)[:, None]
 
 
 class MLP(nnx.Module):
@@ -103,9 +104,9 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype):
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype)
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
@@ -125,7 +126,7 @@ class Transformer(nnx.Module):
     self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
     self.embed = (None if cfg.tie_word_embeddings
                   else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
   def _embed(self, ids):

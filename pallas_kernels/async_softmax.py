@@ -1,0 +1,51 @@
+"""FlashDecoding++'s asynchronous softmax: the unified max value `phi` and its guard.
+
+softmax(s) = exp(s - phi) / sum(exp(s - phi)) for any phi, so with one fixed phi every KV
+split (or key block) accumulates its numerator sum(exp(s - phi) v) and denominator
+sum(exp(s - phi)) on its own, and the partials are simply added: no running max, no
+rescaling, no exchange of maxima. It is exact as long as the float32 accumulators neither
+overflow nor lose the row to underflow, which depends only on the row's largest score m:
+
+* Overflow. A row sums at most S terms, each at most exp(m - phi), times |v|. float32 holds
+  up to exp(88.7). With S <= 2^24 (ln = 16.6) and |v| <= exp(12) (~1.6e5) the sums stay
+  finite while m - phi <= 88.7 - 16.6 - 12 = 60: HI = 60.
+* Underflow. float32 normals reach down to exp(-87.3). If m - phi >= -40, the largest term
+  is >= exp(-40) (4e-18) and its products with |v| >= 1e-20 stay normal, so the row keeps
+  full precision; terms that do flush to zero weigh exp(-87.3 + 40) < 1e-20 relative to the
+  largest, far below float32's epsilon: LO = -40.
+
+So a row is exact iff LO <= m - phi <= HI. Each split also records its largest score (a
+max-reduction it needs no synchronisation for); after the splits are summed, rows outside
+the window, and rows whose sums are not finite (an |v| beyond the bound above) or empty,
+are flagged and recomputed with the ordinary online (synchronised) softmax. The guard is
+what makes a fixed phi safe: without it a model whose scores leave the window gives inf and
+then NaN (ExecuTorch shipped exactly that and reverted it).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+LO = -40.0
+HI = 60.0
+DEFAULT_PHI = 0.0  # scores of the models we know fall well inside [phi + LO, phi + HI]
+
+
+def needs_recompute(row_max, denom, out, phi):
+  """Rows whose async result cannot be trusted. row_max, denom [...]; out [..., D]."""
+  delta = row_max - phi
+  in_window = (delta >= LO) & (delta <= HI)
+  finite = jnp.isfinite(denom) & (denom > 0) & jnp.all(jnp.isfinite(out), axis=-1)
+  return ~(in_window & finite)
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def check_inputs(op, q, k, *, block_d_min=16):
+  d = q.shape[-1]
+  if d < block_d_min or d & (d - 1):
+    raise ValueError(f"{op}: the Pallas kernel needs a power-of-two head_dim >= {block_d_min}, "
+                     f"got {d}")
+  if q.dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"{op}: the Pallas kernel takes float32 or bfloat16, got {q.dtype}")

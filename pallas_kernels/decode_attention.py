@@ -1,0 +1,170 @@
+"""Split-KV decode attention with FlashDecoding++'s asynchronous softmax (Pallas, Triton).
+
+Grid (batch, KV head, KV split). One program holds every query head of a GQA group and
+walks its split of the cache in blocks of `block_k` keys, up to the row's own length (the
+cache past it is never read). In "async" mode it accumulates exp(s - phi) against the
+unified max value phi (see async_softmax.py) and the splits are summed; rows the guard
+flags are recomputed, inside the same jitted function, by the same kernel in "online" mode
+(the synchronised FlashDecoding softmax) for the flagged (row, KV head) groups only.
+
+MHA (a group of one query head) uses a vector product on the plain cores; larger groups
+use the tensor-core dot with the group padded to the dot's minimum of 16 rows.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import async_softmax as asm
+
+DOT_MIN_ROWS = 16
+
+
+def _scores(q, k, f32):
+  if q.ndim == 1:  # one query head: [D] . [BK, D] on the plain cores
+    return jnp.sum(k.astype(jnp.float32) * q.astype(jnp.float32)[None, :], axis=1)
+  return plgpu.dot(q, k, trans_b=True, allow_tf32=not f32)
+
+
+def _weighted_values(p, v, f32):
+  """(p @ v, sum(p)) with p rounded once to v's dtype for both, so the numerator and the
+  denominator see the same weights (a single key then gives exactly v, in bf16 too)."""
+  p = p.astype(v.dtype)
+  if p.ndim == 1:
+    pv = jnp.sum(p.astype(jnp.float32)[:, None] * v.astype(jnp.float32), axis=0)
+  else:
+    pv = plgpu.dot(p, v, allow_tf32=not f32)
+  return pv, jnp.sum(p.astype(jnp.float32), axis=-1)
+
+
+def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
+            sm_scale, block_k, split_len, online, vector):
+  b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  f32 = q_ref.dtype == jnp.float32
+  start = split * split_len
+  end = jnp.minimum(start + split_len, lengths_ref[b])
+  n_blocks = jnp.where(active_ref[b, h] != 0, pl.cdiv(jnp.maximum(end - start, 0), block_k), 0)
+  phi = phi_ref[0]
+  q = q_ref[b, h, 0, :] if vector else q_ref[b, h, :, :]
+  rows = () if vector else (q.shape[0],)
+  d = q.shape[-1]
+
+  def body(j, carry):
+    acc, l, m = carry
+    first = start + j * block_k
+    valid = first + jnp.arange(block_k) < end
+    k = plgpu.load(k_ref.at[b, pl.ds(first, block_k), h, :], mask=valid[:, None], other=0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(first, block_k), h, :], mask=valid[:, None], other=0.0)
+    s = _scores(q, k, f32) * sm_scale
+    s = jnp.where(valid if vector else valid[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    if online:  # synchronised: rescale what came before to the new running max
+      pv, p_sum = _weighted_values(jnp.exp(s - jnp.expand_dims(m_new, -1)), v, f32)
+      alpha = jnp.exp(m - m_new)
+      return acc * jnp.expand_dims(alpha, -1) + pv, l * alpha + p_sum, m_new
+    pv, p_sum = _weighted_values(jnp.exp(s - phi), v, f32)  # async: one fixed phi, no rescale
+    return acc + pv, l + p_sum, m_new
+
+  init = (jnp.zeros(rows + (d,), jnp.float32), jnp.zeros(rows, jnp.float32),
+          jnp.full(rows, -jnp.inf, jnp.float32))
+  acc, l, m = jax.lax.fori_loop(0, n_blocks, body, init)
+  if vector:
+    o_ref[b, h, split, 0, :] = acc
+    l_ref[b, h, split, pl.ds(0, 1)] = l[None]
+    m_ref[b, h, split, pl.ds(0, 1)] = m[None]
+  else:
+    o_ref[b, h, split, :, :] = acc
+    l_ref[b, h, split, :] = l
+    m_ref[b, h, split, :] = m
+
+
+def _splits(batch, kv_heads, s, block_k, num_splits):
+  """KV splits per row: enough programs to fill an H100 (132 SMs) about twice over, with at
+  least 256 keys per split."""
+  if num_splits is None:
+    num_splits = pl.cdiv(2 * 132, batch * kv_heads)
+    num_splits = max(1, min(num_splits, pl.cdiv(s, max(256, block_k))))
+  split_len = pl.cdiv(pl.cdiv(s, num_splits), block_k) * block_k
+  return pl.cdiv(s, split_len), split_len
+
+
+def _partials(q, k, v, lengths, phi, active, *, sm_scale, block_k, num_splits, online,
+              interpret, num_warps, num_stages):
+  b, hkv, g_pad, d = q.shape
+  s = k.shape[1]
+  n_split, split_len = _splits(b, hkv, s, block_k, num_splits)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
+                             online=online, vector=(g_pad == 1))
+  return pl.pallas_call(
+      kernel, grid=(b, hkv, n_split),
+      in_specs=[any_spec] * 6, out_specs=[any_spec] * 3,
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, n_split, g_pad, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="fdjax_decode_online" if online else "fdjax_decode_async",
+  )(lengths, phi, active, q, k, v)
+
+
+def _combine_online(o, l, m):
+  """FlashDecoding's combine: rescale each split to the global max, then sum."""
+  m_all = jnp.max(m, axis=2, keepdims=True)
+  w = jnp.where(jnp.isfinite(m), jnp.exp(m - jnp.where(jnp.isfinite(m_all), m_all, 0.0)), 0.0)
+  den = jnp.sum(w * l, axis=2)
+  num = jnp.sum(w[..., None] * o, axis=2)
+  return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="async",
+                     block_k=None, num_splits=None, interpret=False, return_stats=False,
+                     num_warps=4, num_stages=2):
+  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats).
+
+  mode "async": unified max value phi with the guarded recompute; "online": the
+  synchronised softmax only (the FlashDecoding baseline / the paper's ablation).
+  """
+  asm.check_inputs("decode_attention", q, k_cache)
+  if mode not in ("async", "online"):
+    raise ValueError(f"decode_attention: unknown mode {mode!r}")
+  b, hq, d = q.shape
+  s, hkv = k_cache.shape[1], k_cache.shape[2]
+  g = hq // hkv
+  g_pad = 1 if g == 1 else asm.pow2(g, DOT_MIN_ROWS)
+  block_k = block_k or min(128, asm.pow2(s, 16))
+  qg = q.reshape(b, hkv, g, d)
+  if g_pad != g:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
+  phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
+  run = functools.partial(_partials, qg, k_cache, v_cache, lengths, phi, sm_scale=sm_scale,
+                          block_k=block_k, num_splits=num_splits, interpret=interpret,
+                          num_warps=num_warps, num_stages=num_stages)
+  everyone = jnp.ones((b, hkv), jnp.int32)
+
+  if mode == "online":
+    out = _combine_online(*run(everyone, online=True))
+    flags = jnp.zeros((b, hkv, g_pad), bool)
+  else:
+    o, l, m = run(everyone, online=False)
+    den = jnp.sum(l, axis=2)
+    out = jnp.sum(o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
+    flags = asm.needs_recompute(jnp.max(m, axis=2), den, out, phi[0])
+    flags = flags & (jnp.arange(g_pad) < g)  # padding rows of a group never count
+
+    def recompute(out):
+      active = jnp.any(flags, axis=-1).astype(jnp.int32)  # only the flagged groups run
+      again = _combine_online(*run(active, online=True))
+      return jnp.where(flags[..., None], again, out)
+
+    out = jax.lax.cond(jnp.any(flags), recompute, lambda out: out, out)
+
+  out = out[:, :, :g].reshape(b, hq, d).astype(q.dtype)
+  if return_stats:
+    flags = flags[:, :, :g]
+    return out, {"recomputed_rows": jnp.sum(flags), "recomputed_fraction": jnp.mean(flags)}
+  return out

@@ -1,0 +1,128 @@
+"""Causal flash attention for prefill with FlashDecoding++'s asynchronous softmax (Pallas,
+Triton).
+
+Grid (batch, query head, query block). A program loads its [block_q, D] queries once and
+walks the keys of its KV head (GQA: query head h reads KV head h // group) in blocks of
+`block_k`, only up to the last key any of its rows may see (causal, and the row's length).
+In "async" mode each block adds exp(s - phi) against the unified max value phi with no
+rescaling of the accumulator; rows the guard (async_softmax.py) flags are recomputed in
+the same jitted function by the same kernel in "online" mode, for the flagged query blocks
+only. Lengths that are not multiples of the blocks are masked on load and store.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import async_softmax as asm
+
+
+def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
+            sm_scale, block_q, block_k, group, causal, online):
+  b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  t = q_ref.shape[1]
+  f32 = q_ref.dtype == jnp.float32
+  hk = h // group
+  length = lengths_ref[b]
+  q_first = qb * block_q
+  q_pos = q_first + jnp.arange(block_q)
+  q_rows = q_pos < t
+  q = plgpu.load(q_ref.at[b, pl.ds(q_first, block_q), h, :], mask=q_rows[:, None], other=0.0)
+  kv_end = jnp.minimum(length, q_first + block_q) if causal else length
+  n_blocks = jnp.where(active_ref[b, h, qb] != 0, pl.cdiv(kv_end, block_k), 0)
+  phi = phi_ref[0]
+
+  def body(j, carry):
+    acc, l, m = carry
+    k_pos = j * block_k + jnp.arange(block_k)
+    k_ok = k_pos < length
+    k = plgpu.load(k_ref.at[b, pl.ds(j * block_k, block_k), hk, :], mask=k_ok[:, None],
+                   other=0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(j * block_k, block_k), hk, :], mask=k_ok[:, None],
+                   other=0.0)
+    s = plgpu.dot(q, k, trans_b=True, allow_tf32=not f32) * sm_scale
+    mask = k_ok[None, :]
+    if causal:
+      mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    if online:
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(s - m_safe[:, None])
+      alpha = jnp.exp(m - m_safe)
+      acc = acc * alpha[:, None]
+      l = l * alpha
+    else:
+      p = jnp.exp(s - phi)
+    p = p.astype(v.dtype)  # rounded once: numerator and denominator see the same weights
+    acc = acc + plgpu.dot(p, v, allow_tf32=not f32)
+    return acc, l + jnp.sum(p.astype(jnp.float32), axis=1), m_new
+
+  d = q.shape[-1]
+  init = (jnp.zeros((block_q, d), jnp.float32), jnp.zeros((block_q,), jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32))
+  acc, l, m = jax.lax.fori_loop(0, n_blocks, body, init)
+  out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+  plgpu.store(o_ref.at[b, pl.ds(q_first, block_q), h, :], out.astype(o_ref.dtype),
+              mask=q_rows[:, None])
+  l_ref[b, h, pl.ds(q_first, block_q)] = l
+  m_ref[b, h, pl.ds(q_first, block_q)] = m
+
+
+def _run(q, k, v, lengths, phi, active, *, sm_scale, block_q, block_k, causal, online,
+         interpret, num_warps, num_stages):
+  b, t, hq, d = q.shape
+  nq = pl.cdiv(t, block_q)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+                             group=hq // k.shape[2], causal=causal, online=online)
+  return pl.pallas_call(
+      kernel, grid=(b, hq, nq), in_specs=[any_spec] * 6, out_specs=[any_spec] * 3,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="fdjax_prefill_online" if online else "fdjax_prefill_async",
+  )(lengths, phi, active, q, k, v)
+
+
+def prefill_attention(q, k, v, lengths=None, *, sm_scale, causal=True, phi=None, mode="async",
+                      block_q=None, block_k=None, interpret=False, return_stats=False,
+                      num_warps=4, num_stages=2):
+  """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D] (and stats)."""
+  asm.check_inputs("prefill_attention", q, k)
+  if mode not in ("async", "online"):
+    raise ValueError(f"prefill_attention: unknown mode {mode!r}")
+  b, t, hq, d = q.shape
+  block_q = block_q or min(64, asm.pow2(t, 16))
+  block_k = block_k or min(64, asm.pow2(t, 16))
+  nq = pl.cdiv(t, block_q)
+  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(
+      lengths.astype(jnp.int32), 0, t)
+  phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
+  run = functools.partial(_run, q, k, v, lengths, phi, sm_scale=sm_scale, block_q=block_q,
+                          block_k=block_k, causal=causal, interpret=interpret,
+                          num_warps=num_warps, num_stages=num_stages)
+  everyone = jnp.ones((b, hq, nq), jnp.int32)
+  if mode == "online":
+    out, _, _ = run(everyone, online=True)
+    flags = jnp.zeros((b, t, hq), bool)
+  else:
+    out, l, m = run(everyone, online=False)
+    flags = asm.needs_recompute(m[:, :, :t].transpose(0, 2, 1), l[:, :, :t].transpose(0, 2, 1),
+                                out.astype(jnp.float32), phi[0])  # [B, T, Hq]
+
+    def recompute(out):
+      per_block = jnp.pad(flags, ((0, 0), (0, nq * block_q - t), (0, 0)))
+      active = jnp.any(per_block.reshape(b, nq, block_q, hq), axis=2).transpose(0, 2, 1)
+      again, _, _ = run(active.astype(jnp.int32), online=True)
+      return jnp.where(flags[..., None], again, out)
+
+    out = jax.lax.cond(jnp.any(flags), recompute, lambda out: out, out)
+  if return_stats:
+    return out, {"recomputed_rows": jnp.sum(flags), "recomputed_fraction": jnp.mean(flags)}
+  return out
