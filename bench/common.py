@@ -62,16 +62,57 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
   return "\n".join(lines)
 
 
-def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "") -> str:
-  """Writes bench/results/NAME.json and NAME.md; returns the Markdown table."""
-  os.makedirs(RESULTS, exist_ok=True)
+def svg_bars(title: str, groups: list[str], series: dict[str, list[float]], ylabel: str) -> str:
+  """A grouped bar chart as a standalone SVG (no plotting library needed)."""
+  colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]
+  w, h, left, bottom, top = max(640, 60 * len(groups) * max(1, len(series)) // 2), 360, 60, 90, 40
+  plot_w, plot_h = w - left - 20, h - bottom - top
+  vmax = max([v for vs in series.values() for v in vs if v == v] + [1e-30])
+  gw = plot_w / max(len(groups), 1)
+  bw = gw * 0.8 / max(len(series), 1)
+  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+         f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+         f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+         f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
+         f'text-anchor="middle">{ylabel}</text>',
+         f'<line x1="{left}" y1="{top + plot_h}" x2="{w - 20}" y2="{top + plot_h}" stroke="black"/>']
+  for i in range(5):
+    y = top + plot_h - plot_h * i / 4
+    out.append(f'<text x="{left - 4}" y="{y + 4}" text-anchor="end">{vmax * i / 4:.3g}</text>')
+  for gi, g in enumerate(groups):
+    x0 = left + gi * gw + gw * 0.1
+    for si, (name, vals) in enumerate(series.items()):
+      v = vals[gi] if gi < len(vals) and vals[gi] == vals[gi] else 0.0
+      bh = plot_h * v / vmax
+      out.append(f'<rect x="{x0 + si * bw:.1f}" y="{top + plot_h - bh:.1f}" width="{bw:.1f}" '
+                 f'height="{bh:.1f}" fill="{colours[si % len(colours)]}"/>')
+    cx = x0 + gw * 0.4
+    out.append(f'<text x="{cx:.1f}" y="{top + plot_h + 12}" text-anchor="end" '
+               f'transform="rotate(-40 {cx:.1f} {top + plot_h + 12})">{g}</text>')
+  for si, name in enumerate(series):
+    out.append(f'<rect x="{left + 10 + 130 * si}" y="{h - 16}" width="10" height="10" '
+               f'fill="{colours[si % len(colours)]}"/><text x="{left + 24 + 130 * si}" '
+               f'y="{h - 7}">{name}</text>')
+  return "\n".join(out + ["</svg>"])
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "",
+                  results_dir: str | None = None, plot: str | None = None) -> str:
+  """Writes RESULTS/NAME.json, NAME.md (and NAME.svg if `plot` is an SVG string);
+  returns the Markdown table."""
+  results_dir = results_dir or RESULTS
+  os.makedirs(results_dir, exist_ok=True)
   env = environment()
   rows = [{**env, **r} for r in rows]
-  with open(os.path.join(RESULTS, f"{name}.json"), "w") as fh:
+  if plot:
+    with open(os.path.join(results_dir, f"{name}.svg"), "w") as fh:
+      fh.write(plot)
+  with open(os.path.join(results_dir, f"{name}.json"), "w") as fh:
     json.dump({"command": env["command"], "rows": rows}, fh, indent=1)
   table = markdown_table(rows, columns)
-  with open(os.path.join(RESULTS, f"{name}.md"), "w") as fh:
+  with open(os.path.join(results_dir, f"{name}.md"), "w") as fh:
     fh.write(f"# {name}\n\n`{env['command']}` on {env['device']}, jax {env['jax_version']}"
              + (f", torch {env['torch_version']}" if "torch_version" in env else "")
-             + f", {env['date']}\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+             + f", {env['date']}\n\n{table}\n" + (f"\n{notes}\n" if notes else "")
+             + (f"\n![{name}]({name}.svg)\n" if plot else ""))
   return table

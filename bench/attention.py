@@ -1,0 +1,175 @@
+"""Attention kernels side by side, one run: decode (split-KV) and prefill.
+
+  python bench/attention.py            # the full grid, on a GPU
+  python bench/attention.py --smoke    # tiny shapes on any backend (checks the script)
+
+impl names: fdjax-async (ours, unified max value), fdjax-sync (ours with the online softmax:
+the paper's ablation), jax-flashdecoding (jax.experimental.pallas.ops.gpu.decode_attention),
+jax-flashattention (jax.experimental.pallas.ops.gpu.attention, prefill), xla (the reference),
+cudnn (jax.nn.dot_product_attention, implementation="cudnn"). On a CPU the Pallas kernels
+run in interpret mode and the third-party GPU kernels are skipped: such timings say nothing
+about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from fdjax import reference  # noqa: E402
+from pallas_kernels import decode_attention as dk  # noqa: E402
+from pallas_kernels import prefill_attention as pk  # noqa: E402
+
+
+def decode_impls(on_gpu, sm_scale):
+  interpret = not on_gpu
+  impls = {
+      "fdjax-async": lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=sm_scale,
+                                                            interpret=interpret),
+      "fdjax-sync": lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=sm_scale,
+                                                           mode="online", interpret=interpret),
+      "xla": lambda q, k, v, n: reference.decode_attention(q, k, v, n, sm_scale),
+  }
+  if on_gpu:
+    from jax.experimental.pallas.ops.gpu import decode_attention as jax_fd
+    impls["jax-flashdecoding"] = lambda q, k, v, n: jax_fd.gqa(q, k, v, kv_seq_len=n,
+                                                               sm_scale=sm_scale)
+    impls["cudnn"] = lambda q, k, v, n: jax.nn.dot_product_attention(
+        q[:, None], k, v, scale=sm_scale, key_value_seq_lengths=n,
+        implementation="cudnn")[:, 0]
+  return impls
+
+
+def prefill_impls(on_gpu, sm_scale):
+  interpret = not on_gpu
+  impls = {
+      "fdjax-async": lambda q, k, v: pk.prefill_attention(q, k, v, sm_scale=sm_scale,
+                                                          interpret=interpret),
+      "fdjax-sync": lambda q, k, v: pk.prefill_attention(q, k, v, sm_scale=sm_scale,
+                                                         mode="online", interpret=interpret),
+      "xla": lambda q, k, v: reference.prefill_attention(q, k, v, None, True, sm_scale),
+  }
+  if on_gpu:
+    from jax.experimental.pallas.ops.gpu import attention as jax_fa
+    impls["jax-flashattention"] = lambda q, k, v: jax_fa.mha(
+        q, jnp.repeat(k, q.shape[2] // k.shape[2], 2), jnp.repeat(v, q.shape[2] // k.shape[2], 2),
+        segment_ids=None, sm_scale=sm_scale, causal=True)
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=sm_scale, is_causal=True, implementation="cudnn")
+  return impls
+
+
+def _time(fn, args, iters):
+  f = jax.jit(fn)
+  try:
+    out = f(*args)
+    jax.block_until_ready(out)
+  except Exception as e:  # a baseline that does not take this shape: record why
+    return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+  if not np.all(np.isfinite(np.asarray(out[..., :4].astype(jnp.float32)))):
+    return None, "non-finite output"
+  return common.median_seconds(lambda: jax.block_until_ready(f(*args)), warmup=3,
+                               iters=iters), None
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--smoke", action="store_true")
+  ap.add_argument("--iters", type=int, default=50)
+  ap.add_argument("--results-dir")
+  args = ap.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  if args.smoke:
+    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 32, 4, [4, 1], [1, 2], [64, 96], [48], 2
+  else:
+    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = (
+        128, 32, [32, 8], [1, 4, 8, 32], [1024, 4096, 16384, 32768], [1024, 4096, 8192],
+        args.iters)
+  bw = common.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 26)
+  print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s", flush=True)
+  dtype = jnp.bfloat16
+  scale = d ** -0.5
+  rows = []
+  key = jax.random.key(0)
+  for hkv in kv_list:
+    for b in batches:
+      for s in kv_lens:
+        k1, k2, k3, key = jax.random.split(key, 4)
+        q = jax.random.normal(k1, (b, q_heads, d), dtype)
+        k = jax.random.normal(k2, (b, s, hkv, d), dtype)
+        v = jax.random.normal(k3, (b, s, hkv, d), dtype)
+        n = jnp.full((b,), s, jnp.int32)
+        nbytes = 2 * b * s * hkv * d * 2 + 2 * b * q_heads * d * 2
+        shape = dict(op="decode", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d, kv_len=s)
+        base = None
+        for name, fn in decode_impls(on_gpu, scale).items():
+          t, err = _time(fn, (q, k, v, n), iters)
+          row = {**shape, "impl": name, "dtype": "bfloat16"}
+          if t is None:
+            row["error"] = err
+          else:
+            row.update(us=t * 1e6, gbps=nbytes / t / 1e9, bw_fraction=nbytes / t / 1e9 / bw)
+          rows.append(row)
+          print(row, flush=True)
+        del q, k, v
+  for hkv in kv_list:
+    for t_len in pre_lens:
+      k1, k2, k3, key = jax.random.split(key, 4)
+      b = 1
+      q = jax.random.normal(k1, (b, t_len, q_heads, d), dtype)
+      k = jax.random.normal(k2, (b, t_len, hkv, d), dtype)
+      v = jax.random.normal(k3, (b, t_len, hkv, d), dtype)
+      nbytes = (2 * b * t_len * q_heads * d + 2 * b * t_len * hkv * d) * 2
+      flops = 4 * b * q_heads * t_len * t_len * d / 2  # causal
+      shape = dict(op="prefill", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d,
+                   kv_len=t_len, q_len=t_len)
+      for name, fn in prefill_impls(on_gpu, scale).items():
+        t, err = _time(fn, (q, k, v), iters)
+        row = {**shape, "impl": name, "dtype": "bfloat16"}
+        if t is None:
+          row["error"] = err
+        else:
+          row.update(us=t * 1e6, gbps=nbytes / t / 1e9, bw_fraction=nbytes / t / 1e9 / bw,
+                     tflops=flops / t / 1e12)
+        rows.append(row)
+        print(row, flush=True)
+
+  # ratios against each baseline of the same shape
+  def key_of(r):
+    return (r["op"], r["batch"], r["kv_heads"], r["kv_len"])
+  by_shape = {}
+  for r in rows:
+    by_shape.setdefault(key_of(r), {})[r["impl"]] = r.get("us")
+  for r in rows:
+    if r["impl"] == "fdjax-async" and r.get("us"):
+      for other, us in by_shape[key_of(r)].items():
+        if other != "fdjax-async" and us:
+          r[f"speedup_vs_{other}"] = us / r["us"]
+  decode = [r for r in rows if r["op"] == "decode" and r["impl"] == "fdjax-async"]
+  size = lambda n: f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+  groups = [f"b{r['batch']} h{r['kv_heads']} {size(r['kv_len'])}" for r in decode]
+  series = {}
+  for name in decode_impls(on_gpu, scale):
+    series[name] = [by_shape[key_of(r)].get(name) or float("nan") for r in decode]
+  plot = common.svg_bars(f"decode attention, bf16, D={d}, {q_heads} query heads "
+                         f"({common.device_name()})", groups, series, "microseconds (lower is better)")
+  cols = ["op", "impl", "batch", "q_heads", "kv_heads", "kv_len", "us", "gbps", "bw_fraction",
+          "speedup_vs_jax-flashdecoding", "speedup_vs_xla", "speedup_vs_cudnn", "error"]
+  notes = f"Measured copy bandwidth in this run: {bw:.0f} GB/s."
+  if not on_gpu:
+    notes += (" Not a GPU: the Pallas kernels ran in interpret mode, so these timings say "
+              "nothing about speed.")
+  print(common.write_results("attention_smoke" if args.smoke else "attention", rows, cols,
+                             notes, results_dir=args.results_dir, plot=plot))
+
+
+if __name__ == "__main__":
+  main()
