@@ -60,6 +60,32 @@ def cmd_calibrate(args):
   print(f"wrote {calibrate.save(args.model, record)}")
 
 
+def cmd_tune(args):
+  import jax
+  import jax.numpy as jnp
+
+  from fdjax import checkpoint, presets, tuning
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu and not args.allow_cpu:
+    raise ValueError("tune profiles GPU kernels; on a CPU the kernels only run in interpret "
+                     "mode and the timings mean nothing (pass --allow-cpu to do it anyway)")
+  if bool(args.model) == bool(args.preset):
+    raise ValueError("give exactly one of --model DIR and --preset NAME")
+  cfg = presets.get(args.preset) if args.preset else checkpoint.load_config(args.model)
+  shapes = tuning.weight_shapes(cfg)
+  ms = list(range(1, args.max_m + 1))
+  entries = {}
+  for i, (name, (k, n)) in enumerate(shapes.items()):
+    print(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M=1..{args.max_m}", flush=True)
+    small = dict(gemv_configs=tuning.GEMV_CONFIGS[:1], flat_configs=tuning.FLAT_CONFIGS[:1])
+    e = tuning.tune_shape(k, n, ms, dtype=jnp.dtype(args.dtype), iters=args.iters,
+                          interpret=on_cpu, progress=lambda s: print(s, flush=True),
+                          **(small if on_cpu else {}))
+    print(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}", flush=True)
+    entries[f"{k}x{n}"] = e
+  print(f"wrote {tuning.write_table(entries, args.out)}")
+
+
 def _model_args(p):
   p.add_argument("--model", help="model directory (Hugging Face or fdjax checkpoint)")
   p.add_argument("--preset", help="a named random-weight model shape instead of --model")
@@ -85,6 +111,15 @@ def build_parser():
   c.add_argument("--prompt-len", type=int, default=256)
   c.add_argument("--seed", type=int, default=0)
   c.set_defaults(fn=cmd_calibrate)
+  t = sub.add_parser("tune", help="profile GEMV / flat GEMM / XLA crossovers per weight shape")
+  t.add_argument("--model")
+  t.add_argument("--preset")
+  t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+  t.add_argument("--max-m", type=int, default=64)
+  t.add_argument("--iters", type=int, default=20)
+  t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
+  t.add_argument("--allow-cpu", action="store_true")
+  t.set_defaults(fn=cmd_tune)
   return parser
 
 

@@ -1,0 +1,88 @@
+"""FlashDecoding++'s flat GEMM: y[M, N] = x[M, K] @ w[K, N] for small M (Pallas, Triton).
+
+Decode-time matmuls have M = batch (1 to 64), so they are bound by reading w. Vendor GEMMs
+tile M at 64 or more and pad; here M is padded only to the smallest tile the tensor-core
+dot allows (16 rows in Triton) and is not tiled. N is split across programs; each program
+walks K in `block_k` steps, and the K loop is software-pipelined `num_stages` deep (2 = the
+paper's double buffer: the next tile of w loads while the current one multiplies). When N
+alone gives too few programs to fill the GPU, K is also split across programs (`split_k`)
+and the float32 partials are summed afterwards: deterministic, no atomics. Edges of M, N
+and K need not divide the blocks (masked loads and stores).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+DOT_MIN_ROWS = 16
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def check(op, x, w):
+  if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+    raise ValueError(f"{op}: expected x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+  if x.dtype not in DTYPES or w.dtype != x.dtype:
+    raise ValueError(f"{op}: x and w must share one of float32/bfloat16/float16, got "
+                     f"{x.dtype} and {w.dtype}")
+
+
+def k_ranges(k: int, block_k: int, split_k: int) -> int:
+  """Length of each split's contiguous K range (a multiple of block_k)."""
+  return pl.cdiv(pl.cdiv(k, split_k), block_k) * block_k
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, k_per_split, f32):
+  n_idx, split = pl.program_id(0), pl.program_id(1)
+  m, k_total = x_ref.shape
+  n_total = w_ref.shape[1]
+  rows = jnp.arange(block_m)
+  cols = n_idx * block_n + jnp.arange(block_n)
+  k_first = split * k_per_split
+  k_end = jnp.minimum(k_first + k_per_split, k_total)
+  n_blocks = pl.cdiv(jnp.maximum(k_end - k_first, 0), block_k)
+
+  def body(j, acc):
+    ks = k_first + j * block_k + jnp.arange(block_k)
+    k_ok = ks < k_end
+    x = plgpu.load(x_ref.at[pl.ds(0, block_m), pl.ds(k_first + j * block_k, block_k)],
+                   mask=(rows[:, None] < m) & k_ok[None, :], other=0.0)
+    w = plgpu.load(w_ref.at[pl.ds(k_first + j * block_k, block_k),
+                            pl.ds(n_idx * block_n, block_n)],
+                   mask=k_ok[:, None] & (cols[None, :] < n_total), other=0.0)
+    return acc + plgpu.dot(x, w, allow_tf32=not f32)
+
+  acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((block_m, block_n), jnp.float32))
+  plgpu.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(n_idx * block_n, block_n)],
+              acc.astype(o_ref.dtype), mask=(rows[:, None] < m) & (cols[None, :] < n_total))
+
+
+def flat_gemm(x, w, *, block_n=64, block_k=128, split_k=1, num_stages=2, num_warps=4,
+              interpret=False):
+  """x [M, K] @ w [K, N] -> [M, N] in x's dtype, float32 accumulation."""
+  check("flat_gemm", x, w)
+  m, k = x.shape
+  n = w.shape[1]
+  block_m = pow2(m, DOT_MIN_ROWS)
+  block_k = min(block_k, pow2(k, 16))
+  block_n = min(block_n, pow2(n, 16))
+  k_per_split = k_ranges(k, block_k, split_k)
+  split_k = pl.cdiv(k, k_per_split)
+  out_dtype = x.dtype if split_k == 1 else jnp.float32
+  kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
+                             k_per_split=k_per_split, f32=x.dtype == jnp.float32)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  out = pl.pallas_call(
+      kernel, grid=(pl.cdiv(n, block_n), split_k), in_specs=[any_spec, any_spec],
+      out_specs=any_spec, out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="fdjax_flat_gemm",
+  )(x, w)
+  return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(x.dtype)

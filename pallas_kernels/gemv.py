@@ -1,0 +1,73 @@
+"""GEMV for the smallest M: y[M, N] = x[M, K] @ w[K, N] on the plain cores (Pallas, Triton).
+
+For M of 1 or 2 the tensor-core dot would pad M to 16 rows and waste most of its work; here
+each program owns `block_n` columns, walks K in `block_k` steps and, for each of the M rows
+(unrolled; M is small and static), multiplies the x chunk into the w tile and reduces over
+K. No padding of M at all. Split-K across programs, as in the flat GEMM, fills the GPU when
+N is small; the float32 partials are summed afterwards (deterministic).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flat_gemm import check, k_ranges, pow2
+
+MAX_M = 8  # beyond this the tensor-core flat GEMM always wins
+
+
+def _kernel(x_ref, w_ref, o_ref, *, m, block_n, block_k, k_per_split):
+  n_idx, split = pl.program_id(0), pl.program_id(1)
+  k_total, n_total = w_ref.shape
+  cols = n_idx * block_n + jnp.arange(block_n)
+  col_ok = cols < n_total
+  k_first = split * k_per_split
+  k_end = jnp.minimum(k_first + k_per_split, k_total)
+  n_blocks = pl.cdiv(jnp.maximum(k_end - k_first, 0), block_k)
+
+  def body(j, accs):
+    first = k_first + j * block_k
+    k_ok = first + jnp.arange(block_k) < k_end
+    w = plgpu.load(w_ref.at[pl.ds(first, block_k), pl.ds(n_idx * block_n, block_n)],
+                   mask=k_ok[:, None] & col_ok[None, :], other=0.0).astype(jnp.float32)
+    new = []
+    for r in range(m):
+      row = jnp.asarray(r, jnp.int32)  # an array index: the interpreter takes no Python int here
+      x = plgpu.load(x_ref.at[row, pl.ds(first, block_k)], mask=k_ok, other=0.0)
+      new.append(accs[r] + jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0))
+    return tuple(new)
+
+  accs = jax.lax.fori_loop(0, n_blocks, body,
+                           tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(m)))
+  for r in range(m):
+    plgpu.store(o_ref.at[split, jnp.asarray(r, jnp.int32), pl.ds(n_idx * block_n, block_n)],
+                accs[r].astype(o_ref.dtype), mask=col_ok)
+
+
+def gemv(x, w, *, block_n=128, block_k=64, split_k=1, num_stages=2, num_warps=4,
+         interpret=False):
+  """x [M, K] @ w [K, N] -> [M, N] for M <= MAX_M, in x's dtype, float32 accumulation."""
+  check("gemv", x, w)
+  m, k = x.shape
+  if m > MAX_M:
+    raise ValueError(f"gemv: M must be at most {MAX_M}, got {m}")
+  n = w.shape[1]
+  block_k = min(block_k, pow2(k, 16))
+  block_n = min(block_n, pow2(n, 16))
+  k_per_split = k_ranges(k, block_k, split_k)
+  split_k = pl.cdiv(k, k_per_split)
+  out_dtype = x.dtype if split_k == 1 else jnp.float32
+  kernel = functools.partial(_kernel, m=m, block_n=block_n, block_k=block_k,
+                             k_per_split=k_per_split)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  out = pl.pallas_call(
+      kernel, grid=(pl.cdiv(n, block_n), split_k), in_specs=[any_spec, any_spec],
+      out_specs=any_spec, out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="fdjax_gemv",
+  )(x, w)
+  return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(x.dtype)

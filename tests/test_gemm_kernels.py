@@ -1,0 +1,160 @@
+"""Flat GEMM and GEMV kernels (interpret mode) against float64, and the heuristic dataflow."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdjax import dispatch, tuning
+from pallas_kernels import flat_gemm as fg
+from pallas_kernels import gemv as gv
+from tests.helpers import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = [(3, 1000, 1234), (1, 64, 96), (17, 300, 50), (64, 128, 256), (8, 33, 17)]
+
+
+def _xw(m, k, n, dtype, seed=0):
+  rng = np.random.default_rng(seed + m + k + n)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).astype(dtype)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32).astype(dtype)
+  return x, w, np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_flat_gemm_float32(m, k, n, split_k):
+  x, w, want = _xw(m, k, n, jnp.float32)
+  out = fg.flat_gemm(x, w, block_n=32, block_k=64, split_k=split_k, interpret=True)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  assert rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("m,k,n", [s for s in SHAPES if s[0] <= gv.MAX_M])
+def test_gemv_float32(m, k, n, split_k):
+  x, w, want = _xw(m, k, n, jnp.float32)
+  out = gv.gemv(x, w, block_n=64, block_k=32, split_k=split_k, interpret=True)
+  assert out.shape == (m, n)
+  assert rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["flat", "gemv"])
+def test_bfloat16_within_twice_xla_error(kernel):
+  m, k, n = 3, 1000, 1234
+  x, w, want = _xw(m, k, n, jnp.bfloat16)
+  fn = fg.flat_gemm if kernel == "flat" else gv.gemv
+  out = fn(x, w, split_k=2, interpret=True)
+  assert out.dtype == jnp.bfloat16
+  err = np.max(np.abs(np.asarray(out, np.float64) - want))
+  base = np.max(np.abs(np.asarray(jnp.dot(x, w), np.float64) - want))  # XLA in bf16
+  assert err <= 2 * base + 1e-6
+  assert rel_err(np.asarray(out, np.float32), want) < 1e-2
+
+
+def test_kernels_refuse_bad_input():
+  x = jnp.ones((2, 8), jnp.float32)
+  with pytest.raises(ValueError, match="expected x"):
+    fg.flat_gemm(x, jnp.ones((8,), jnp.float32), interpret=True)
+  with pytest.raises(ValueError, match="expected x"):
+    gv.gemv(x, jnp.ones((9, 4), jnp.float32), interpret=True)
+  with pytest.raises(ValueError, match="share one of"):
+    fg.flat_gemm(x.astype(jnp.int32), jnp.ones((8, 4), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="at most 8"):
+    gv.gemv(jnp.ones((9, 8)), jnp.ones((8, 4)), interpret=True)
+
+
+# ------------------------------------------------------------------ the heuristic dataflow
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+  """A table for this device with M1 = 3 and M2 = 6 for the [64, 80] weight."""
+  entry = {"m1": 3, "m2": 6, "source": "test",
+           "gemv": {"block_n": 32, "block_k": 32, "split_k": 2},
+           "flat": {"block_n": 32, "block_k": 32, "split_k": 1, "num_stages": 2}}
+  with open(tmp_path / "t.json", "w") as fh:
+    json.dump({"device": tuning.device_kind(), "shapes": {"64x80": entry}}, fh)
+  monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
+  tuning.reload()
+  yield entry
+  monkeypatch.delenv("FDJAX_TABLES")
+  tuning.reload()
+
+
+def test_dispatch_follows_the_table(table, monkeypatch):
+  ran = []
+  real_gemv, real_flat = gv.gemv, fg.flat_gemm
+  monkeypatch.setattr(gv, "gemv", lambda *a, **kw: ran.append("gemv") or real_gemv(*a, **kw))
+  monkeypatch.setattr(fg, "flat_gemm",
+                      lambda *a, **kw: ran.append("flat") or real_flat(*a, **kw))
+  for m, expected in [(1, "gemv"), (2, "gemv"), (3, "flat"), (5, "flat"), (6, "xla"),
+                      (40, "xla")]:
+    assert tuning.choose(m, 64, 80)[0] == expected
+    ran.clear()
+    x, w, want = _xw(m, 64, 80, jnp.float32)
+    out = dispatch.linear(x, w, impl="pallas_interpret")
+    assert rel_err(out, want) < 1e-5
+    assert ran == ([] if expected == "xla" else [expected])
+  # an untuned shape gets the analytic fallback
+  assert tuning.entry(64, 81)["source"] == "analytic"
+  assert tuning.choose(1, 64, 81)[0] == "gemv" and tuning.choose(64, 64, 81)[0] == "flat"
+  assert tuning.choose(65, 64, 81)[0] == "xla"
+
+
+def test_cpu_auto_always_takes_xla(table, monkeypatch):
+  monkeypatch.setattr(tuning, "run_linear", lambda *a, **k: pytest.fail("kernel on CPU"))
+  x, w, want = _xw(4, 64, 80, jnp.float32)
+  assert rel_err(jax.jit(dispatch.linear)(x, w), want) < 1e-5
+
+
+def test_fit_crossovers_minimises_total_time():
+  prof = [{"m": 1, "gemv_us": 5, "flat_us": 9, "xla_us": 20},
+          {"m": 2, "gemv_us": 6, "flat_us": 8, "xla_us": 20},
+          {"m": 3, "gemv_us": 9, "flat_us": 8.5, "xla_us": 20},
+          {"m": 4, "gemv_us": 12, "flat_us": 9, "xla_us": 8},
+          {"m": 5, "flat_us": 9, "xla_us": 9.5},  # one noisy point: not worth a region of its own
+          {"m": 6, "flat_us": 11, "xla_us": 8}]
+  assert tuning.fit_crossovers(prof) == (3, 4)
+
+
+def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
+  out = tmp_path / "tuned.json"
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "tune", "--preset", "random-tiny",
+                      "--max-m", "2", "--iters", "1", "--allow-cpu", "--out", str(out)],
+                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "M1=" in r.stdout and "[4/4]" in r.stdout
+  monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
+  tuning.reload()
+  try:
+    from fdjax import presets
+    for k, n in tuning.weight_shapes(presets.get("random-tiny")).values():
+      e = tuning.entry(k, n)
+      assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
+      assert [p["m"] for p in e["profile"]] == [1, 2]
+  finally:
+    monkeypatch.delenv("FDJAX_TABLES")
+    tuning.reload()
+
+
+def test_tune_refuses_cpu_without_flag():
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "tune", "--preset", "random-tiny"],
+                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert r.returncode == 2 and "interpret" in r.stderr
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemm_kernels_lower_for_cuda(split_k):
+  spec = jax.ShapeDtypeStruct
+  for fn in (fg.flat_gemm, gv.gemv):
+    text = jax.jit(functools.partial(fn, split_k=split_k)).trace(
+        spec((4, 4096), jnp.bfloat16), spec((4096, 11008), jnp.bfloat16)
+    ).lower(lowering_platforms=("cuda",)).as_text()
+    assert "fdjax_" in text
