@@ -37,3 +37,13 @@ def test_attention_bench_smoke(tmp_path):
                        "gbps", "bw_fraction"]:
       assert f in r, (f, r)
     assert r["us"] > 0 and 0 < r["bw_fraction"]
+
+
+def test_gemm_bench_smoke(tmp_path):
+  _run("gemm.py", tmp_path, "--smoke")
+  rows = _rows(tmp_path, "gemm_smoke")
+  assert {r["impl"] for r in rows} >= {"fdjax-gemv", "fdjax-flat", "fdjax-auto", "xla"}
+  for r in rows:
+    for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "us", "gbps", "bw_fraction"]:
+      assert f in r, (f, r)
+  assert "measured M1" in (tmp_path / "gemm_smoke.md").read_text()

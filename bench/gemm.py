@@ -1,0 +1,137 @@
+"""Linear layers of decoding side by side, one run: GEMV, the flat GEMM, the dispatch choice,
+XLA's dot and torch.matmul (cuBLAS), for M = 1..64 on the Llama-2-7B and Llama-3-8B shapes.
+
+  python bench/gemm.py            # on a GPU
+  python bench/gemm.py --smoke    # tiny shapes on any backend (checks the script)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import common  # noqa: E402
+from fdjax import dispatch, reference, tuning  # noqa: E402
+from pallas_kernels import flat_gemm as fg  # noqa: E402
+from pallas_kernels import gemv as gv  # noqa: E402
+
+# [N, K] as the paper lists them (QKV, O, FFN up, FFN down); fdjax's weight is [K, N].
+SHAPES = {
+    "llama-2-7b": [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama-3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
+}
+MS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def torch_matmul():
+  try:
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  def run(x, w, iters):
+    xt = torch.randn(x.shape, dtype=torch.bfloat16, device="cuda")
+    wt = torch.randn(w.shape, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+      torch.matmul(xt, wt)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+      start.record()
+      torch.matmul(xt, wt)
+      end.record()
+      torch.cuda.synchronize()
+      times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+  return run
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--smoke", action="store_true")
+  ap.add_argument("--iters", type=int, default=50)
+  ap.add_argument("--results-dir")
+  args = ap.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  shapes, ms, iters = ((({"tiny": [(96, 64), (64, 160)]}), [1, 2, 3], 2) if args.smoke
+                       else (SHAPES, MS, args.iters))
+  interpret = not on_gpu
+  bw = common.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 26)
+  print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s", flush=True)
+  torch_run = torch_matmul() if on_gpu else None
+  dtype = jnp.bfloat16
+  rows, fits = [], []
+  key = jax.random.key(0)
+  for model, nk in shapes.items():
+    for n, k in nk:
+      key, kw = jax.random.split(key)
+      w = jax.random.normal(kw, (k, n), jnp.float32).astype(dtype)
+      e = tuning.entry(k, n)
+      impls = {
+          "fdjax-gemv": functools.partial(gv.gemv, interpret=interpret, **e["gemv"]),
+          "fdjax-flat": functools.partial(fg.flat_gemm, interpret=interpret, **e["flat"]),
+          "fdjax-auto": (functools.partial(dispatch.linear, impl="pallas_interpret")
+                         if interpret else dispatch.linear),
+          "xla": reference.linear,
+      }
+      profile = []
+      for m in ms:
+        x = jax.random.normal(jax.random.fold_in(kw, m), (m, k), jnp.float32).astype(dtype)
+        nbytes = (k * n + m * k + m * n) * 2
+        shape = dict(op="linear", model=model, m=m, n=n, k=k, dtype="bfloat16")
+        times = {}
+        for name, fn in impls.items():
+          if name == "fdjax-gemv" and m > gv.MAX_M:
+            continue
+          f = jax.jit(fn)
+          t = common.median_seconds(lambda: jax.block_until_ready(f(x, w)), warmup=3,
+                                    iters=iters)
+          times[name] = t
+        if torch_run is not None:
+          times["torch"] = torch_run(x, w, iters)
+        for name, t in times.items():
+          row = {**shape, "impl": name, "us": t * 1e6, "gbps": nbytes / t / 1e9,
+                 "bw_fraction": nbytes / t / 1e9 / bw}
+          if name == "fdjax-auto":
+            row["auto_choice"] = tuning.choose(m, k, n)[0]
+            row["speedup_vs_xla"] = times["xla"] / t
+            if "torch" in times:
+              row["speedup_vs_torch"] = times["torch"] / t
+          rows.append(row)
+          print(row, flush=True)
+        profile.append({"m": m, "flat_us": times["fdjax-flat"] * 1e6,
+                        "xla_us": times["xla"] * 1e6,
+                        **({"gemv_us": times["fdjax-gemv"] * 1e6} if "fdjax-gemv" in times
+                           else {})})
+      m1, m2 = tuning.fit_crossovers(profile)
+      fits.append(f"{model} [N, K] = [{n}, {k}]: measured M1 = {m1}, M2 = {m2} (table in use: "
+                  f"M1 = {e['m1']}, M2 = {e['m2']}, {e['source']})")
+  auto = [r for r in rows if r["impl"] == "fdjax-auto"]
+  groups = [f"{r['n']}x{r['k']} M{r['m']}" for r in auto]
+  series = {name: [next((r["us"] for r in rows if r["impl"] == name and r["m"] == a["m"]
+                         and r["n"] == a["n"] and r["k"] == a["k"] and r["model"] == a["model"]),
+                        float("nan")) for a in auto]
+            for name in ["fdjax-auto", "xla", "torch", "fdjax-gemv", "fdjax-flat"]}
+  plot = common.svg_bars(f"decode linear layers, bf16 ({common.device_name()})", groups, series,
+                         "microseconds (lower is better)")
+  notes = f"Measured copy bandwidth in this run: {bw:.0f} GB/s.\n\n" + "\n".join(
+      f"- {f}" for f in fits)
+  if not on_gpu:
+    notes += "\n\nNot a GPU: the kernels ran in interpret mode; these timings say nothing."
+  cols = ["model", "impl", "m", "n", "k", "us", "gbps", "bw_fraction", "auto_choice",
+          "speedup_vs_xla", "speedup_vs_torch"]
+  print(common.write_results("gemm_smoke" if args.smoke else "gemm", rows, cols, notes,
+                             results_dir=args.results_dir, plot=plot))
+
+
+if __name__ == "__main__":
+  main()
