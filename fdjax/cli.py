@@ -28,6 +28,9 @@ def _load(args):
 
 
 def cmd_generate(args):
+  if args.command_buffers:
+    from fdjax import runtime
+    runtime.enable_command_buffers()
   from fdjax import dispatch
   from fdjax.decode_loop import generate
   model, tok, label = _load(args)
@@ -86,6 +89,16 @@ def cmd_tune(args):
   print(f"wrote {tuning.write_table(entries, args.out)}")
 
 
+def cmd_bench(args):
+  import runpy
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        f"{args.name}.py")
+  if not os.path.exists(script):
+    raise ValueError(f"no benchmark script {script} (run from a checkout of fdjax)")
+  sys.argv = [script] + args.rest
+  runpy.run_path(script, run_name="__main__")
+
+
 def _model_args(p):
   p.add_argument("--model", help="model directory (Hugging Face or fdjax checkpoint)")
   p.add_argument("--preset", help="a named random-weight model shape instead of --model")
@@ -104,6 +117,8 @@ def build_parser():
   g.add_argument("--top-k", type=int)
   g.add_argument("--top-p", type=float)
   g.add_argument("--eos-token-id", type=int)
+  g.add_argument("--command-buffers", action="store_true",
+                 help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
   g.set_defaults(fn=cmd_generate)
   c = sub.add_parser("calibrate", help="choose the async softmax's phi per layer")
   c.add_argument("--model", required=True)
@@ -120,6 +135,10 @@ def build_parser():
   t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
   t.set_defaults(fn=cmd_tune)
+  bn = sub.add_parser("bench", help="run a benchmark from bench/ (e2e, attention, gemm, ...)")
+  bn.add_argument("name", choices=["e2e", "attention", "gemm", "decode", "cope_tasks"])
+  bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+  bn.set_defaults(fn=cmd_bench)
   return parser
 
 

@@ -147,6 +147,42 @@ def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=
               pallas, _attention_kernel_takes(q))
 
 
+def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"):
+  """CoPE attention (contextual position encoding, Golovneva et al. 2024, Appendix B).
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D] with T <= S, query i at absolute position
+  S - T + i (T = 1: a decode step against a cache); pos_emb [npos_max, D], the layer's
+  position table shared by its heads; lengths [B] or None = valid keys per row.
+  Returns [B, T, Hq, D] in q's dtype.
+  """
+  op = "cope_attention"
+  _attention_checks(op, q, k, v, 4)
+  t, s = q.shape[1], k.shape[1]
+  if t > s:
+    raise ValueError(f"{op}: more queries ({t}) than keys ({s})")
+  if getattr(pos_emb, "ndim", None) != 2 or pos_emb.shape[0] < 1:
+    raise ValueError(f"{op}: pos_emb must be [npos_max >= 1, head_dim], got "
+                     f"{getattr(pos_emb, 'shape', None)}")
+  if pos_emb.shape[1] != q.shape[-1]:
+    raise ValueError(f"{op}: pos_emb width ({pos_emb.shape[1]}) must equal head_dim "
+                     f"({q.shape[-1]})")
+  if lengths is not None:
+    checks.int_vector(op, "lengths", lengths, q.shape[0])
+    if not isinstance(lengths, jax.core.Tracer):
+      bad = [int(x) for x in jnp.asarray(lengths) if not 0 <= int(x) <= s]
+      if bad:
+        raise ValueError(f"{op}: lengths {bad} out of range [0, {s}]")
+  scale = _scale(sm_scale, q.shape[-1])
+
+  def pallas(interpret):
+    from pallas_kernels import cope_attention as kernel
+    return kernel.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale,
+                                 interpret=interpret)
+
+  return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale),
+              pallas, _attention_kernel_takes(q))
+
+
 def linear(x, w, *, impl="auto"):
   """x [..., K] @ w [K, N] -> [..., N], float32 accumulation, in x's dtype."""
   op = "linear"
@@ -176,6 +212,7 @@ def describe(backend: str | None = None) -> dict:
   if backend in ("cuda", "gpu"):
     from fdjax import tuning
     return {"decode_attention": "pallas(async-softmax)",
-            "prefill_attention": "pallas(async-softmax)",
+            "prefill_attention": "pallas(async-softmax)", "cope_attention": "pallas",
             "linear": tuning.describe()}
-  return {"decode_attention": "xla", "prefill_attention": "xla", "linear": "xla"}
+  return {"decode_attention": "xla", "prefill_attention": "xla", "cope_attention": "xla",
+          "linear": "xla"}

@@ -82,3 +82,41 @@ def score_row_max(q, k, lengths, causal, sm_scale):
     mask = mask & (pos[None, :, None] < lengths[:, None, None])  # padding rows do not count
   s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
   return jnp.max(s, axis=-1).reshape(b, t, hq)
+
+
+def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
+  """Contextual Position Encoding attention (Golovneva et al. 2024, Appendix B).
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos_max, D] (shared by the heads);
+  lengths [B] or None = valid keys per row. Query i sits at absolute position S - T + i
+  (T = S: a prompt; T = 1: a decode step against a cache of `lengths` entries).
+  s = q.k * sm_scale (causal, lengths); gates g = sigmoid(s) (0 where masked); positions
+  p_ij = sum_{k=j..i} g_ik, clamped to npos_max - 1; z_i[n] = q_i . e[n] (unscaled); logits
+  s_ij + lerp(z_i, p_ij) between floor and ceil; softmax; times v.
+  """
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  npos = pos_emb.shape[0]
+  qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  s = jnp.einsum("bthgd,bshd->bhgts", qf, k.astype(jnp.float32), precision=HIGHEST) * sm_scale
+  q_pos = s_len - t + jnp.arange(t)
+  k_pos = jnp.arange(s_len)
+  mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, s_len))
+  if lengths is not None:
+    mask = mask & (k_pos[None, None, :] < lengths[:, None, None])
+  mask = mask[:, None, None]  # [B, 1, 1, T, S]
+  gates = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
+  pos = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)  # sum over keys j..end
+  pos = jnp.minimum(pos, npos - 1)
+  z = jnp.einsum("bthgd,nd->bhgtn", qf, pos_emb.astype(jnp.float32), precision=HIGHEST)
+  lo = jnp.floor(pos)
+  w = pos - lo
+  lo = lo.astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, npos - 1)
+  z_lo = jnp.take_along_axis(z, lo, axis=-1)
+  z_hi = jnp.take_along_axis(z, hi, axis=-1)
+  logits = s + w * z_hi + (1.0 - w) * z_lo
+  o = _masked_softmax_attention(
+      logits, mask,
+      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=HIGHEST))
+  return o.reshape(b, t, hq, d).astype(q.dtype)

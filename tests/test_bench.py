@@ -47,3 +47,24 @@ def test_gemm_bench_smoke(tmp_path):
     for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "us", "gbps", "bw_fraction"]:
       assert f in r, (f, r)
   assert "measured M1" in (tmp_path / "gemm_smoke.md").read_text()
+
+
+def test_e2e_bench_cpu_form_via_cli(tmp_path):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "bench", "e2e", "--cpu", "--impls",
+                      "fdjax-auto", "fdjax-xla", "hf-eager", "--batch", "2", "--prompt-len",
+                      "16", "--new-tokens", "6", "--repeats", "1", "--results-dir",
+                      str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = _rows(tmp_path, "e2e_cpu")
+  assert {r["impl"] for r in rows} == {"fdjax-auto", "fdjax-xla", "hf-eager"}
+  for row in rows:
+    assert "error" not in row, row
+    for f in COMMON + ["torch_version", "model", "impl", "batch", "prompt_len", "new_tokens",
+                       "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s"]:
+      assert f in row, (f, row)
+    if row["impl"].startswith("fdjax"):
+      assert row["roofline_fraction"] > 0
+  auto = next(r for r in rows if r["impl"] == "fdjax-auto")
+  assert auto["breakdown_linear_ms"] > 0 and auto["breakdown_attention_ms"] > 0

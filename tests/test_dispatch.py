@@ -52,8 +52,7 @@ def test_linear_matches_numpy_and_keeps_leading_dims():
 
 
 def test_auto_under_jit_reports_cpu_choice():
-  assert dispatch.describe("cpu") == {"decode_attention": "xla", "prefill_attention": "xla",
-                                      "linear": "xla"}
+  assert set(dispatch.describe("cpu").values()) == {"xla"}
 
 
 q3 = np.ones((2, 4, 8), np.float32)
