@@ -12,6 +12,11 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _acc(x):
+  """x in the accumulation dtype: float32, or float64 when given float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _masked_softmax_attention(s, mask, v_fn):
   """softmax over the last axis of scores `s` where `mask`, then `v_fn(p)`.
 
@@ -31,13 +36,13 @@ def decode_attention(q, k_cache, v_cache, lengths, sm_scale):
   b, hq, d = q.shape
   s_len, hkv = k_cache.shape[1], k_cache.shape[2]
   g = hq // hkv
-  qf = q.astype(jnp.float32).reshape(b, hkv, g, d)
-  s = jnp.einsum("bhgd,bshd->bhgs", qf, k_cache.astype(jnp.float32), precision=HIGHEST)
+  qf = _acc(q).reshape(b, hkv, g, d)
+  s = jnp.einsum("bhgd,bshd->bhgs", qf, _acc(k_cache), precision=HIGHEST)
   s = s * sm_scale
   mask = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]
   o = _masked_softmax_attention(
       s, mask,
-      lambda p: jnp.einsum("bhgs,bshd->bhgd", p, v_cache.astype(jnp.float32), precision=HIGHEST))
+      lambda p: jnp.einsum("bhgs,bshd->bhgd", p, _acc(v_cache), precision=HIGHEST))
   return o.reshape(b, hq, d).astype(q.dtype)
 
 
@@ -46,8 +51,8 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale):
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
-  qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
-  s = jnp.einsum("bthgd,bshd->bhgts", qf, k.astype(jnp.float32), precision=HIGHEST)
+  qf = _acc(q).reshape(b, t, hkv, g, d)
+  s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST)
   s = s * sm_scale
   pos = jnp.arange(t)
   mask = jnp.ones((b, t, t), bool)
@@ -58,21 +63,22 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale):
   mask = mask[:, None, None]
   o = _masked_softmax_attention(
       s, mask,
-      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=HIGHEST))
+      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
   return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
 def linear(x, w):
   """x [M, K] @ w [K, N] with float32 accumulation, returned in x's dtype."""
-  return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=jnp.float32).astype(x.dtype)
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=acc).astype(x.dtype)
 
 
 def score_row_max(q, k, lengths, causal, sm_scale):
   """Each query row's largest (masked) attention score [B, T, Hq] (calibration of phi)."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
-  s = jnp.einsum("bthgd,bshd->bthgs", qf, k.astype(jnp.float32), precision=HIGHEST) * sm_scale
+  qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
+  s = jnp.einsum("bthgd,bshd->bthgs", qf, _acc(k), precision=HIGHEST) * sm_scale
   pos = jnp.arange(t)
   mask = jnp.ones((b, t, t), bool)
   if causal:
@@ -97,8 +103,8 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   npos = pos_emb.shape[0]
-  qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
-  s = jnp.einsum("bthgd,bshd->bhgts", qf, k.astype(jnp.float32), precision=HIGHEST) * sm_scale
+  qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
+  s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST) * sm_scale
   q_pos = s_len - t + jnp.arange(t)
   k_pos = jnp.arange(s_len)
   mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, s_len))
@@ -108,7 +114,7 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
   gates = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
   pos = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)  # sum over keys j..end
   pos = jnp.minimum(pos, npos - 1)
-  z = jnp.einsum("bthgd,nd->bhgtn", qf, pos_emb.astype(jnp.float32), precision=HIGHEST)
+  z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST)
   lo = jnp.floor(pos)
   w = pos - lo
   lo = lo.astype(jnp.int32)
@@ -118,5 +124,5 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
   logits = s + w * z_hi + (1.0 - w) * z_lo
   o = _masked_softmax_attention(
       logits, mask,
-      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, v.astype(jnp.float32), precision=HIGHEST))
+      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
   return o.reshape(b, t, hq, d).astype(q.dtype)

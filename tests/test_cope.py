@@ -1,0 +1,171 @@
+"""CoPE attention: the XLA op and the fused Pallas kernel against a straightforward float64
+implementation of the paper's Appendix B formulas."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fdjax
+from fdjax import dispatch, kv_cache
+from pallas_kernels import cope_attention as ck
+from tests.helpers import rel_err
+from tests.models_util import tiny_model
+
+
+def np_cope(q, k, v, e, lengths, scale):
+  """Loops over heads, queries and keys, exactly as Appendix B reads."""
+  q, k, v, e = (np.asarray(x, np.float64) for x in (q, k, v, e))
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  npos = e.shape[0]
+  out = np.zeros((b, t, hq, d))
+  for bi in range(b):
+    n_valid = s_len if lengths is None else int(lengths[bi])
+    for h in range(hq):
+      kh, vh = k[bi, :, h // (hq // hkv)], v[bi, :, h // (hq // hkv)]
+      for i in range(t):
+        qi = q[bi, i, h]
+        a = s_len - t + i  # the query's absolute position
+        keys = [j for j in range(s_len) if j <= a and j < n_valid]
+        if not keys:
+          continue
+        s = {j: qi @ kh[j] * scale for j in keys}
+        g = {j: 1 / (1 + math.exp(-s[j])) for j in keys}
+        z = e @ qi  # z_i[n] = q_i . e[n]
+        logits = []
+        for j in keys:
+          p = min(sum(g[m] for m in keys if m >= j), npos - 1)
+          lo, hi = math.floor(p), math.ceil(p)
+          w = p - lo
+          logits.append(s[j] + w * z[hi] + (1 - w) * z[lo])
+        logits = np.array(logits)
+        pr = np.exp(logits - logits.max())
+        pr /= pr.sum()
+        out[bi, i, h] = pr @ vh[keys]
+  return out
+
+
+def _case(seed, b, t, s, hq, hkv, d, npos, q_scale=1.0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  mk = lambda shape, sc=1.0: jnp.asarray(rng.standard_normal(shape) * sc, jnp.float32).astype(dtype)
+  return (mk((b, t, hq, d), q_scale), mk((b, s, hkv, d)), mk((b, s, hkv, d)), mk((npos, d), 0.5),
+          jnp.asarray(rng.integers(1, s + 1, b), jnp.int32))
+
+
+CASES = {  # name: (b, t, s, hq, hkv, d, npos, q_scale)
+    "prompt_gqa_ragged": (2, 21, 21, 4, 2, 16, 8, 1.0),
+    "decode_step_against_cache": (3, 1, 40, 4, 1, 16, 16, 1.0),
+    "gates_near_1_positions_hit_clamp": (2, 30, 30, 2, 2, 16, 4, 30.0),
+    "gates_near_0_and_1_mixed": (1, 17, 17, 2, 1, 16, 64, 30.0),
+    "chunk_of_queries": (2, 5, 33, 2, 2, 16, 8, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cope_matches_the_formulas(name):
+  b, t, s, hq, hkv, d, npos, q_scale = CASES[name]
+  q, k, v, e, lengths = _case(len(name), b, t, s, hq, hkv, d, npos, q_scale)
+  want = np_cope(q, k, v, e, np.asarray(lengths), 0.3)
+  got_xla = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.3)
+  assert rel_err(got_xla, want) < 1e-5
+  got_kernel = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.3,
+                                       impl="pallas_interpret")
+  assert rel_err(got_kernel, want) < 1e-5
+
+
+def test_cope_case_really_reaches_the_clamp_and_saturates_gates():
+  b, t, s, hq, hkv, d, npos, q_scale = CASES["gates_near_1_positions_hit_clamp"]
+  q, k, _, _, _ = _case(len("gates_near_1_positions_hit_clamp"), b, t, s, hq, hkv, d, npos,
+                        q_scale)
+  sc = np.einsum("bthd,bshd->bhts", np.asarray(q), np.asarray(k)) * 0.3
+  gates = 0.5 * (1 + np.tanh(sc / 2))  # sigmoid, without overflow
+  assert (gates > 0.999).mean() > 0.2 and (gates < 0.001).mean() > 0.2
+  pos = np.flip(np.cumsum(np.flip(np.tril(gates[0, 0]), -1), -1), -1)
+  assert pos.max() > npos - 1  # clamped
+
+
+def test_cope_kernel_bfloat16():
+  q, k, v, e, lengths = _case(5, 2, 24, 24, 4, 2, 32, 16, 1.0, jnp.bfloat16)
+  want = np_cope(*(np.asarray(x, np.float32) for x in (q, k, v, e)), np.asarray(lengths), 0.2)
+  out = ck.cope_attention(q, k, v, e, lengths, sm_scale=0.2, interpret=True)
+  assert out.dtype == jnp.bfloat16
+  base = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.2)  # XLA, bf16 in/out
+  err = np.max(np.abs(np.asarray(out, np.float64) - want))
+  assert err <= 2 * np.max(np.abs(np.asarray(base, np.float64) - want)) + 1e-6
+  assert rel_err(np.asarray(out, np.float32), want) < 1e-2
+
+
+def test_gradients_flow_through_the_gates():
+  """Finite differences of a scalar loss against jax.grad, for q (which moves the gates,
+  the positions and the interpolation weights) and the position table."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    q, k, v, e, lengths = _case(9, 1, 6, 6, 2, 1, 8, 4, 2.0)
+    q, k, v, e = (x.astype(jnp.float64) for x in (q, k, v, e))
+    from fdjax import reference
+    loss = lambda q, e: jnp.sum(reference.cope_attention(q, k, v, e, lengths, 0.5) ** 2)
+    gq, ge = jax.grad(loss, argnums=(0, 1))(q, e)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+      dq = jnp.asarray(rng.standard_normal(q.shape))
+      de = jnp.asarray(rng.standard_normal(e.shape))
+      eps = 1e-6
+      fd = (loss(q + eps * dq, e + eps * de) - loss(q - eps * dq, e - eps * de)) / (2 * eps)
+      an = jnp.sum(gq * dq) + jnp.sum(ge * de)
+      assert abs(float(fd - an)) <= 1e-6 * max(1.0, abs(float(an)))
+    # the gates' path alone is not zero: freezing it changes the gradient
+    assert float(jnp.max(jnp.abs(gq))) > 0
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_model_with_cope_decodes_like_the_full_forward():
+  model = tiny_model(seed=5, position_encoding="cope", npos_max=8, head_dim=16)
+  for layer in model.layers:  # a non-zero position table, so positions matter
+    layer.attn.pos_emb[...] = jax.random.normal(jax.random.key(1), layer.attn.pos_emb.shape)
+  rng = np.random.default_rng(2)
+  seqs = rng.integers(0, 97, (2, 14)).astype(np.int32)
+  lengths = np.array([6, 9], np.int32)
+  full = np.asarray(model(jnp.asarray(seqs)))
+  cache = kv_cache.init_cache(model.config, 2, 16, jnp.float32)
+  prompt = np.where(np.arange(9)[None] < lengths[:, None], seqs[:, :9], 0)
+  logits, cache = model(jnp.asarray(prompt), cache=cache, lengths=jnp.asarray(lengths),
+                        last_only=True)
+  assert rel_err(logits[:, 0], full[np.arange(2), lengths - 1]) < 1e-5
+  for i in range(4):
+    logits, cache = model(jnp.asarray(seqs[np.arange(2), lengths + i][:, None]), cache=cache)
+    assert rel_err(logits[:, 0], full[np.arange(2), lengths + i]) < 1e-5
+  with dispatch.using("pallas_interpret"):
+    got = fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
+  assert got == fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(pos_emb=jnp.ones((0, 16))), r"npos_max >= 1"),
+    (dict(pos_emb=jnp.ones((8, 12))), "pos_emb width"),
+    (dict(lengths=jnp.asarray([3, 11], jnp.int32)), r"lengths \[11\] out of range"),
+    (dict(lengths=jnp.asarray([-1, 3], jnp.int32)), r"lengths \[-1\] out of range"),
+])
+def test_cope_bad_input(args, msg):
+  q = jnp.ones((2, 4, 2, 16))
+  k = jnp.ones((2, 10, 2, 16))
+  kw = dict(pos_emb=jnp.ones((8, 16)), lengths=None) | args
+  with pytest.raises(ValueError, match=msg):
+    dispatch.cope_attention(q, k, k, kw["pos_emb"], lengths=kw["lengths"])
+
+
+def test_config_refuses_npos_below_one():
+  with pytest.raises(ValueError, match="npos_max"):
+    tiny_model(position_encoding="cope", npos_max=0)
+
+
+def test_cope_kernel_lowers_for_cuda():
+  spec = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  text = jax.jit(functools.partial(ck.cope_attention, sm_scale=0.1)).trace(
+      spec((2, 300, 8, 64), bf), spec((2, 300, 2, 64), bf), spec((2, 300, 2, 64), bf),
+      spec((64, 64), bf), spec((2,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "fdjax_cope" in text
