@@ -99,6 +99,8 @@ def _layout(cfg: ModelConfig):
   names = [("model.embed_tokens.weight", (cfg.vocab_size, h)), ("model.norm.weight", (h,))]
   if not cfg.tie_word_embeddings:
     names.append(("lm_head.weight", (cfg.vocab_size, h)))
+  if cfg.position_encoding == "absolute":
+    names.append(("model.embed_positions.weight", (cfg.max_position_embeddings, h)))
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
     names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
@@ -170,6 +172,8 @@ def _assign(model: Transformer, tensors: dict, dtype):
     model.embed.set_value(cast(emb))
     model.lm_head.set_value(cast(tensors["lm_head.weight"].T))
   model.norm.weight.set_value(cast(tensors["model.norm.weight"]))
+  if cfg.position_encoding == "absolute":
+    model.pos_table.set_value(cast(tensors["model.embed_positions.weight"]))
   for i, layer in enumerate(model.layers):
     t = lambda n: tensors[f"model.layers.{i}.{n}"]
     layer.attn_norm.weight.set_value(cast(t("input_layernorm.weight")))
@@ -225,6 +229,8 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   h, d, hq, hkv, f = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                       cfg.intermediate_size)
   out = {"model.norm.weight": a(model.norm.weight)}
+  if cfg.position_encoding == "absolute":
+    out["model.embed_positions.weight"] = a(model.pos_table)
   if cfg.tie_word_embeddings:
     out["model.embed_tokens.weight"] = a(model.lm_head).T
   else:

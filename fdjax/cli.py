@@ -89,6 +89,68 @@ def cmd_tune(args):
   print(f"wrote {tuning.write_table(entries, args.out)}")
 
 
+def cmd_train(args):
+  import json
+  import math
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from fdjax import checkpoint, data, tasks, train
+  from models import ModelConfig, Transformer
+  if args.data in ("flipflop", "selective_copy", "counting"):
+    task = tasks.get(args.data, args.variables)
+    vocab = task.vocab_size
+    def batch_fn(rng):
+      return task.sample(rng, args.batch, "id")
+    eval_batch = batch_fn
+    seq_len = batch_fn(__import__("numpy").random.default_rng(0))[0].shape[1]
+    meta = {"task": args.data, "variables": args.variables}
+    def eval_fn(model):
+      return {f"error_{s}": train.task_error(model, task, s, n=128) for s in task.splits}
+  else:
+    files = data.stdlib_files() if args.data == "stdlib" else args.files
+    if not files:
+      raise ValueError("--data files needs --files F [F ...]")
+    train_files, test_files = data.split_files(files)
+    if not test_files:
+      train_files, test_files = files, files
+    seq_len = args.seq_len
+    batch_fn = data.byte_batches(data.read_bytes(train_files), args.batch, seq_len)
+    eval_batch = data.byte_batches(data.read_bytes(test_files), args.batch, seq_len)
+    vocab = 256
+    meta = {"tokenizer": "bytes", "data": args.data, "train_files": len(train_files),
+            "held_out_files": len(test_files)}
+    def eval_fn(model):
+      loss = train.evaluate(model, eval_batch, args.eval_batches)
+      return {"held_out_loss": loss, "held_out_bits_per_byte": loss / math.log(2)}
+  cfg = ModelConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                    num_layers=args.layers, num_heads=args.heads,
+                    num_kv_heads=args.kv_heads or args.heads, head_dim=args.hidden // args.heads,
+                    position_encoding=args.pe, npos_max=args.npos_max,
+                    max_position_embeddings=max(args.max_len, seq_len + 1),
+                    tie_word_embeddings=args.tie)
+  model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32)
+  n_params = sum(x.size for x in jax_leaves(nnx.state(model, nnx.Param)))
+  print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.position_encoding} positions; "
+        f"data: {args.data}, batch {args.batch} x {seq_len}", flush=True)
+  tc = train.TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
+                         eval_every=args.eval_every, eval_batches=args.eval_batches,
+                         seed=args.seed)
+  history = train.train(model, batch_fn, tc, eval_fn=eval_fn)
+  final = history[-1]
+  meta["training"] = {"args": {k: v for k, v in vars(args).items() if k != "fn"},
+                      "parameters": int(n_params), "final": final, "history": history}
+  checkpoint.save_pretrained(model, args.out, extra_config=meta)
+  print(json.dumps(final))
+  print(f"saved to {args.out}")
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree_util.tree_leaves(tree)
+
+
 def cmd_bench(args):
   import runpy
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
@@ -135,6 +197,30 @@ def build_parser():
   t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
   t.set_defaults(fn=cmd_tune)
+  tr = sub.add_parser("train", help="train a model with optax (byte-level text or a task)")
+  tr.add_argument("--data", required=True,
+                  choices=["stdlib", "files", "flipflop", "selective_copy", "counting"])
+  tr.add_argument("--files", nargs="*")
+  tr.add_argument("--variables", type=int, default=1, help="counting: 1, 3 or 5")
+  tr.add_argument("--out", required=True)
+  tr.add_argument("--steps", type=int, default=1000)
+  tr.add_argument("--batch", type=int, default=16)
+  tr.add_argument("--seq-len", type=int, default=256)
+  tr.add_argument("--lr", type=float, default=3e-3)
+  tr.add_argument("--warmup", type=int, default=100)
+  tr.add_argument("--layers", type=int, default=4)
+  tr.add_argument("--hidden", type=int, default=256)
+  tr.add_argument("--heads", type=int, default=4)
+  tr.add_argument("--kv-heads", type=int)
+  tr.add_argument("--intermediate", type=int, default=704)
+  tr.add_argument("--pe", default="cope", choices=["cope", "rope", "none", "absolute"])
+  tr.add_argument("--npos-max", type=int, default=64)
+  tr.add_argument("--max-len", type=int, default=2048)
+  tr.add_argument("--tie", action="store_true", help="tie input and output embeddings")
+  tr.add_argument("--eval-every", type=int, default=250)
+  tr.add_argument("--eval-batches", type=int, default=8)
+  tr.add_argument("--seed", type=int, default=0)
+  tr.set_defaults(fn=cmd_train)
   bn = sub.add_parser("bench", help="run a benchmark from bench/ (e2e, attention, gemm, ...)")
   bn.add_argument("name", choices=["e2e", "attention", "gemm", "decode", "cope_tasks"])
   bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-POSITION_ENCODINGS = ("rope", "none", "cope")
+POSITION_ENCODINGS = ("rope", "none", "cope", "absolute")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,6 +126,9 @@ class Transformer(nnx.Module):
     self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
     self.embed = (None if cfg.tie_word_embeddings
                   else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+    # Learned absolute positions (the CoPE paper's baseline), added to the token embeddings.
+    self.pos_table = (_normal(rngs, (cfg.max_position_embeddings, cfg.hidden_size), dtype)
+                      if cfg.position_encoding == "absolute" else None)
     self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -155,6 +158,8 @@ class Transformer(nnx.Module):
       lengths = jnp.full((b,), t, jnp.int32)
 
     x = self._embed(input_ids)
+    if self.pos_table is not None:
+      x = x + jnp.take(self.pos_table[...], positions, axis=0)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
