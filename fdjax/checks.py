@@ -6,7 +6,9 @@ names the op, so every bad input across fdjax surfaces as one exception type.
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -54,3 +56,11 @@ def gqa(op: str, q_heads: int, kv_heads: int) -> None:
 def choice(op: str, name: str, value, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {tuple(allowed)}")
+
+
+def concrete(x):
+  """x as a numpy array when its value is known now (outside jit), else None."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None

@@ -133,7 +133,7 @@ def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=
     checks.int_vector(op, "lengths", lengths, q.shape[0])
   scale = _scale(sm_scale, q.shape[-1])
   recorder = getattr(_override, "scores", None)
-  if recorder is not None and not isinstance(q, jax.core.Tracer):
+  if recorder is not None and checks.concrete(q) is not None:
     m = reference.score_row_max(q, k, lengths, causal, scale)
     m = m[jnp.isfinite(m)]
     recorder.append((float(jnp.min(m)), float(jnp.max(m))))
@@ -168,8 +168,9 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"
                      f"({q.shape[-1]})")
   if lengths is not None:
     checks.int_vector(op, "lengths", lengths, q.shape[0])
-    if not isinstance(lengths, jax.core.Tracer):
-      bad = [int(x) for x in jnp.asarray(lengths) if not 0 <= int(x) <= s]
+    known = checks.concrete(lengths)
+    if known is not None:
+      bad = [int(x) for x in known if not 0 <= int(x) <= s]
       if bad:
         raise ValueError(f"{op}: lengths {bad} out of range [0, {s}]")
   scale = _scale(sm_scale, q.shape[-1])

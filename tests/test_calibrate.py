@@ -1,0 +1,46 @@
+"""Choosing phi: calibration records each layer's score range and load_pretrained uses it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import fdjax
+from fdjax import calibrate, dispatch
+from pallas_kernels.async_softmax import HI, LO
+from tests.models_util import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_choose_phi_centres_the_range_and_keeps_the_top_when_too_wide():
+  phi = calibrate.choose_phi(-3.0, 5.0)
+  assert np.isclose((phi + LO + phi + HI) / 2, 1.0)  # window centred on the range
+  wide = calibrate.choose_phi(-500.0, 400.0)
+  assert np.isclose(wide + HI, 400.0)  # the top stays inside
+
+
+def test_calibrate_records_every_layer_and_load_uses_it(tmp_path):
+  model = tiny_model(seed=1, head_dim=16, num_layers=3)
+  fdjax.save_pretrained(model, tmp_path)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "calibrate", "--model", str(tmp_path),
+                      "--num-prompts", "2", "--prompt-len", "24"], capture_output=True,
+                     text=True, env=env, cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rec = json.loads((tmp_path / calibrate.PHI_FILE).read_text())
+  assert len(rec["phi"]) == 3 and rec["num_prompts"] == 2
+  for (lo, hi), phi in zip(rec["row_max_range"], rec["phi"]):
+    assert lo <= hi and phi + LO <= lo and hi <= phi + HI
+  loaded = fdjax.load_pretrained(tmp_path)
+  assert loaded.config.softmax_phi == tuple(rec["phi"])
+  # the recorded range is the real one: recompute layer 0's row maxima directly
+  prompts = calibrate.sample_prompts(None, 97, 2, 24)
+  with dispatch.using("xla"), dispatch.record_scores() as scores:
+    loaded(np.asarray([prompts[0]], np.int32))
+  assert len(scores) == 3 and rec["row_max_range"][0][0] <= scores[0][0]
+  # and the model generates the same with its calibrated phi through the kernels
+  with dispatch.using("pallas_interpret"):
+    got = fdjax.generate(loaded, [[1, 2, 3]], max_new_tokens=3).tokens
+  assert got == fdjax.generate(loaded, [[1, 2, 3]], max_new_tokens=3).tokens
