@@ -13,7 +13,6 @@ about speed.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -109,7 +108,6 @@ def main():
         n = jnp.full((b,), s, jnp.int32)
         nbytes = 2 * b * s * hkv * d * 2 + 2 * b * q_heads * d * 2
         shape = dict(op="decode", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d, kv_len=s)
-        base = None
         for name, fn in decode_impls(on_gpu, scale).items():
           t, err = _time(fn, (q, k, v, n), iters)
           row = {**shape, "impl": name, "dtype": "bfloat16"}

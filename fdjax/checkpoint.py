@@ -226,8 +226,7 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   """The model's parameters under Hugging Face names and layouts ([out, in] weights)."""
   cfg = model.config
   a = lambda p: np.asarray(jax.device_get(p[...]))
-  h, d, hq, hkv, f = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.intermediate_size)
+  d, hq, hkv, f = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
   out = {"model.norm.weight": a(model.norm.weight)}
   if cfg.position_encoding == "absolute":
     out["model.embed_positions.weight"] = a(model.pos_table)

@@ -196,8 +196,7 @@ def linear(x, w, *, impl="auto"):
   if x.shape[-1] != k:
     raise ValueError(f"{op}: x's last dimension ({x.shape[-1]}) must equal w's K ({k})")
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, k)
-  m = x2.shape[0]
+  x2 = x.reshape(-1, k)  # M = the product of the leading dims
 
   def pallas(interpret):
     from fdjax import tuning

@@ -31,6 +31,17 @@ def _masked_softmax_attention(s, mask, v_fn):
   return v_fn(p)
 
 
+def _prompt_mask(b, t, lengths, causal):
+  """[B, T, T]: key j visible to query i (j <= i if causal, j < lengths[b])."""
+  pos = jnp.arange(t)
+  mask = jnp.ones((b, t, t), bool)
+  if causal:
+    mask = mask & (pos[None, :, None] >= pos[None, None, :])
+  if lengths is not None:
+    mask = mask & (pos[None, None, :] < lengths[:, None, None])
+  return mask
+
+
 def decode_attention(q, k_cache, v_cache, lengths, sm_scale):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]."""
   b, hq, d = q.shape
@@ -54,13 +65,7 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale):
   qf = _acc(q).reshape(b, t, hkv, g, d)
   s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST)
   s = s * sm_scale
-  pos = jnp.arange(t)
-  mask = jnp.ones((b, t, t), bool)
-  if causal:
-    mask = mask & (pos[None, :, None] >= pos[None, None, :])
-  if lengths is not None:
-    mask = mask & (pos[None, None, :] < lengths[:, None, None])
-  mask = mask[:, None, None]
+  mask = _prompt_mask(b, t, lengths, causal)[:, None, None]
   o = _masked_softmax_attention(
       s, mask,
       lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
@@ -79,13 +84,9 @@ def score_row_max(q, k, lengths, causal, sm_scale):
   hkv = k.shape[2]
   qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
   s = jnp.einsum("bthgd,bshd->bthgs", qf, _acc(k), precision=HIGHEST) * sm_scale
-  pos = jnp.arange(t)
-  mask = jnp.ones((b, t, t), bool)
-  if causal:
-    mask = mask & (pos[None, :, None] >= pos[None, None, :])
-  if lengths is not None:
-    mask = mask & (pos[None, None, :] < lengths[:, None, None])
-    mask = mask & (pos[None, :, None] < lengths[:, None, None])  # padding rows do not count
+  mask = _prompt_mask(b, t, lengths, causal)
+  if lengths is not None:  # padding query rows do not count
+    mask = mask & (jnp.arange(t)[None, :, None] < lengths[:, None, None])
   s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
   return jnp.max(s, axis=-1).reshape(b, t, hq)
 

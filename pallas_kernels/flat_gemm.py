@@ -73,16 +73,27 @@ def flat_gemm(x, w, *, block_n=64, block_k=128, split_k=1, num_stages=2, num_war
   block_m = pow2(m, DOT_MIN_ROWS)
   block_k = min(block_k, pow2(k, 16))
   block_n = min(block_n, pow2(n, 16))
+  return launch_split_k(functools.partial(_kernel, block_m=block_m, f32=x.dtype == jnp.float32),
+                        x, w, block_n=block_n, block_k=block_k, split_k=split_k,
+                        num_stages=num_stages, num_warps=num_warps, interpret=interpret,
+                        name="fdjax_flat_gemm")
+
+
+def launch_split_k(kernel, x, w, *, block_n, block_k, split_k, num_stages, num_warps,
+                   interpret, name):
+  """Runs `kernel(x_ref, w_ref, o_ref, block_n=, block_k=, k_per_split=)` over the grid
+  (N blocks, K splits) and sums the float32 partials of the splits (no atomics)."""
+  m, k = x.shape
+  n = w.shape[1]
   k_per_split = k_ranges(k, block_k, split_k)
   split_k = pl.cdiv(k, k_per_split)
   out_dtype = x.dtype if split_k == 1 else jnp.float32
-  kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
-                             k_per_split=k_per_split, f32=x.dtype == jnp.float32)
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   out = pl.pallas_call(
-      kernel, grid=(pl.cdiv(n, block_n), split_k), in_specs=[any_spec, any_spec],
+      functools.partial(kernel, block_n=block_n, block_k=block_k, k_per_split=k_per_split),
+      grid=(pl.cdiv(n, block_n), split_k), in_specs=[any_spec, any_spec],
       out_specs=any_spec, out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="fdjax_flat_gemm",
+      interpret=interpret, name=name,
   )(x, w)
   return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(x.dtype)

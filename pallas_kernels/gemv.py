@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flat_gemm import check, k_ranges, pow2
+from pallas_kernels.flat_gemm import check, launch_split_k, pow2
 
 MAX_M = 8  # beyond this the tensor-core flat GEMM always wins
 
@@ -58,16 +58,6 @@ def gemv(x, w, *, block_n=128, block_k=64, split_k=1, num_stages=2, num_warps=4,
   n = w.shape[1]
   block_k = min(block_k, pow2(k, 16))
   block_n = min(block_n, pow2(n, 16))
-  k_per_split = k_ranges(k, block_k, split_k)
-  split_k = pl.cdiv(k, k_per_split)
-  out_dtype = x.dtype if split_k == 1 else jnp.float32
-  kernel = functools.partial(_kernel, m=m, block_n=block_n, block_k=block_k,
-                             k_per_split=k_per_split)
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  out = pl.pallas_call(
-      kernel, grid=(pl.cdiv(n, block_n), split_k), in_specs=[any_spec, any_spec],
-      out_specs=any_spec, out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="fdjax_gemv",
-  )(x, w)
-  return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(x.dtype)
+  return launch_split_k(functools.partial(_kernel, m=m), x, w, block_n=block_n,
+                        block_k=block_k, split_k=split_k, num_stages=num_stages,
+                        num_warps=num_warps, interpret=interpret, name="fdjax_gemv")
