@@ -113,16 +113,14 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
     mask = mask & (k_pos[None, None, :] < lengths[:, None, None])
   mask = mask[:, None, None]  # [B, 1, 1, T, S]
   gates = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
-  pos = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)  # sum over keys j..end
+  pos = jax.lax.cumsum(gates, axis=gates.ndim - 1, reverse=True)  # sum over keys j..end
   pos = jnp.minimum(pos, npos - 1)
   z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST)
+  # (z[n], z[n + 1] - z[n]) side by side, so one gather serves floor and ceil
+  dz = jnp.concatenate([z[..., 1:] - z[..., :-1], jnp.zeros_like(z[..., :1])], axis=-1)
   lo = jnp.floor(pos)
-  w = pos - lo
-  lo = lo.astype(jnp.int32)
-  hi = jnp.minimum(lo + 1, npos - 1)
-  z_lo = jnp.take_along_axis(z, lo, axis=-1)
-  z_hi = jnp.take_along_axis(z, hi, axis=-1)
-  logits = s + w * z_hi + (1.0 - w) * z_lo
+  pair = jnp.take_along_axis(jnp.stack([z, dz], -1), lo.astype(jnp.int32)[..., None], axis=-2)
+  logits = s + pair[..., 0] + (pos - lo) * pair[..., 1]
   o = _masked_softmax_attention(
       logits, mask,
       lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
