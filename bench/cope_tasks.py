@@ -1,11 +1,12 @@
 """The CoPE paper's synthetic tasks at a CPU scale: absolute PE, RoPE and CoPE, each trained
 from scratch with several seeds; error rates per split beside the paper's.
 
-  python bench/cope_tasks.py [--steps 600] [--seeds 0 1]
+  python bench/cope_tasks.py [--steps 1000] [--seeds 0 1]
 
-Scale (paper -> here): 4 layers / width 256 / 10k steps -> 2 layers / width 64 / --steps;
-Flip-Flop sequences of 48 instruction pairs; selective copy with a quarter of the paper's
-blanks; counting with 40 statements (ood_long: 80) instead of up to 512.
+Scale (paper -> here): 4 layers / width 256 / 10k steps -> 2 layers / width 64 / 1000 steps
+of 32 sequences; Flip-Flop with 24 instruction pairs; selective copy of 4 tokens among
+16 / 8 / 32 blanks (paper: 16 among 256 / 128 / 512); counting with 20 statements
+(ood_long: 40) instead of up to 512.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def run_one(task, pe, seed, args):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=600)
+  ap.add_argument("--steps", type=int, default=1000)
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   ap.add_argument("--pes", nargs="+", default=["absolute", "rope", "cope"])
   ap.add_argument("--tasks", nargs="+",

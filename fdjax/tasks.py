@@ -5,17 +5,17 @@ the model reads ids[:, :-1] and is scored where answer_mask is 1 (its prediction
 1:] there). `error(pred, ids, mask)` is the task's error rate. Splits are "id" and names
 starting with "ood". Sequences of one split and task have one length, so they batch.
 
-* Flip-Flop (Liu et al. 2023, as in CoPE sec. 4.1): instructions w (write a bit), i (ignore
+* Flip-Flop (Liu et al. 2023, as in CoPE sec. 4.1), 24 instruction pairs: instructions w (write a bit), i (ignore
   a bit), r (read: repeat the last written bit), each followed by a bit. id: ignore with
   probability 0.8; ood: 0.98 (more ignores between the write and the read). Error: wrong
   bits over all reads.
 * Selective copy (Gu & Dao 2023, CoPE sec. 4.2): data tokens scattered among blanks, then a
-  separator, then the data tokens in order. The paper uses 256 blanks in-distribution, 128
-  (ood_dense) and 512 (ood_sparse); here a quarter of that. Error: sequences not copied
-  exactly.
+  separator, then the data tokens in order. The paper copies 16 tokens among 256 blanks
+  in-distribution, 128 (ood_dense) and 512 (ood_sparse); here 4 tokens among 16, 8 and 32
+  blanks (the same halving and doubling). Error: sequences not copied exactly.
 * Counting (CoPE sec. 4.3): statements `x = 0 ;`, `x ++ ;`, `pass ;` drawn 1 : 7 : 50 over
   1, 3 or 5 variables, then `print x ?` and the count of `x ++ ;` since x's last reset.
-  The paper runs up to 512 statements; here 40 (id), and 80 for ood_long (longer than any
+  The paper runs up to 512 statements; here 20 (id), and 40 for ood_long (longer than any
   training sequence). Error: wrong counts.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class FlipFlop:
   vocab_size = 5
   splits = {"id": 0.8, "ood_sparse": 0.98}
 
-  def __init__(self, pairs: int = 48):
+  def __init__(self, pairs: int = 24):
     self.pairs = pairs
 
   def sample(self, rng, n, split="id"):
@@ -72,9 +72,9 @@ class SelectiveCopy:
   n_data_tokens = 8   # distinct data values
   BLANK, SEP = 8, 9
   vocab_size = 10
-  splits = {"id": 64, "ood_dense": 32, "ood_sparse": 128}  # blanks (paper: 256/128/512)
+  splits = {"id": 16, "ood_dense": 8, "ood_sparse": 32}  # blanks (paper: 256/128/512)
 
-  def __init__(self, to_copy: int = 8):
+  def __init__(self, to_copy: int = 4):
     self.to_copy = to_copy
 
   def sample(self, rng, n, split="id"):
@@ -104,7 +104,7 @@ class Counting:
   name = "counting"
   EQ, ZERO, INC, PASS, SEMI, PRINT, QMARK = range(5, 12)
   NUM0 = 12
-  splits = {"id": 40, "ood_long": 80}  # statements (paper: up to 512)
+  splits = {"id": 20, "ood_long": 40}  # statements (paper: up to 512)
 
   def __init__(self, variables: int = 1):
     self.variables = variables
