@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fdjax import dispatch
 from fdjax import kv_cache as kvc
 from fdjax.sampling import Sampler, sample
 
@@ -51,19 +52,21 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "cache_len"))
-def _prefill(graphdef, state, ids, lengths, key, *, sampler, cache_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "cache_len", "impl"))
+def _prefill(graphdef, state, ids, lengths, key, *, sampler, cache_len, impl):
   TRACE_COUNT["prefill"] += 1
   model = nnx.merge(graphdef, state)
   cache = kvc.init_cache(model.config, ids.shape[0], cache_len, model.dtype)
-  logits, cache = model(ids, cache=cache, lengths=lengths, last_only=True)
+  with dispatch.using(impl):
+    logits, cache = model(ids, cache=cache, lengths=lengths, last_only=True)
   key, sub = jax.random.split(key)
   return sample(logits[:, 0], sub, sampler), cache, key
 
 
 # No donation: the cache is consumed by the loop, whose carry XLA updates in place.
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len"))
-def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sampler, out_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl"))
+def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sampler, out_len,
+            impl):
   TRACE_COUNT["decode"] += 1
   model = nnx.merge(graphdef, state)
   b = first.shape[0]
@@ -76,7 +79,8 @@ def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sam
 
   def body(carry):
     step, out, done, tok, cache, key = carry
-    logits, cache = model(tok[:, None], cache=cache)
+    with dispatch.using(impl):
+      logits, cache = model(tok[:, None], cache=cache)
     key, sub = jax.random.split(key)
     nxt = sample(logits[:, 0], sub, sampler)
     out = out.at[:, step].set(jnp.where(done, -1, nxt))
@@ -142,12 +146,14 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
 
   t0 = time.perf_counter()
   first, cache, key = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
-                               jax.random.key(seed), sampler=sampler, cache_len=cache_len)
+                               jax.random.key(seed), sampler=sampler, cache_len=cache_len,
+                               impl=dispatch.current())
   first.block_until_ready()
   t1 = time.perf_counter()
   out, steps = _decode(graphdef, state, first, cache, key,
                        jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
-                       jnp.asarray(active), sampler=sampler, out_len=_pow2(max_new_tokens))
+                       jnp.asarray(active), sampler=sampler, out_len=_pow2(max_new_tokens),
+                       impl=dispatch.current())
   out = np.asarray(out)
   t2 = time.perf_counter()
 

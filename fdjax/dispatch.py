@@ -40,6 +40,12 @@ def using(impl: str):
     _override.impl = old
 
 
+def current() -> str:
+  """The implementation "auto" stands for here (set by `using`). Jitted callers pass it as a
+  static argument, so a function traced under one override is not reused under another."""
+  return getattr(_override, "impl", None) or "auto"
+
+
 @contextlib.contextmanager
 def record_scores():
   """Within this block, each prefill_attention called eagerly (outside jit) appends the
@@ -57,7 +63,7 @@ def _run(op, impl, xla_fn, pallas_fn, supported=True):
   the kernel does not take (`supported` False) go to XLA on every backend."""
   checks.choice(op, "impl", impl, IMPLS)
   if impl == "auto":
-    impl = getattr(_override, "impl", None) or "auto"
+    impl = current()
     if not supported:
       impl = "xla"
   if impl == "xla":

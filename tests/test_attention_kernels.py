@@ -195,13 +195,24 @@ def test_dispatch_pallas_interpret_equals_xla():
   assert rel_err(a, b) < 1e-5
 
 
-def test_model_generates_the_same_through_the_kernels():
+def spy(monkeypatch, module, name):
+  """Counts calls of module.name (at trace time) while still running it."""
+  calls = []
+  real = getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+  return calls
+
+
+def test_model_generates_the_same_through_the_kernels(monkeypatch):
   model = tiny_model(seed=9, head_dim=16)
   prompts = [[5, 3, 9, 1, 1, 2, 7], [4, 4]]
   want = fdjax.generate(model, prompts, max_new_tokens=5).tokens
-  with dispatch.using("pallas_interpret"):
+  decode_calls = spy(monkeypatch, dk, "decode_attention")
+  prefill_calls = spy(monkeypatch, pk, "prefill_attention")
+  with dispatch.using("pallas_interpret"):  # same shapes: must not reuse the XLA trace
     got = fdjax.generate(model, prompts, max_new_tokens=5).tokens
   assert got == want
+  assert decode_calls and prefill_calls  # the kernels really ran
 
 
 def test_kernel_refuses_what_it_cannot_take():

@@ -122,7 +122,7 @@ def test_gradients_flow_through_the_gates():
     jax.config.update("jax_enable_x64", False)
 
 
-def test_model_with_cope_decodes_like_the_full_forward():
+def test_model_with_cope_decodes_like_the_full_forward(monkeypatch):
   model = tiny_model(seed=5, position_encoding="cope", npos_max=8, head_dim=16)
   for layer in model.layers:  # a non-zero position table, so positions matter
     layer.attn.pos_emb[...] = jax.random.normal(jax.random.key(1), layer.attn.pos_emb.shape)
@@ -138,9 +138,13 @@ def test_model_with_cope_decodes_like_the_full_forward():
   for i in range(4):
     logits, cache = model(jnp.asarray(seqs[np.arange(2), lengths + i][:, None]), cache=cache)
     assert rel_err(logits[:, 0], full[np.arange(2), lengths + i]) < 1e-5
+  want = fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
+  calls = []
+  real = ck.cope_attention
+  monkeypatch.setattr(ck, "cope_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
   with dispatch.using("pallas_interpret"):
     got = fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
-  assert got == fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
+  assert got == want and calls  # the fused kernel ran, for the prefill and the decode steps
 
 
 @pytest.mark.parametrize("args,msg", [
