@@ -174,9 +174,11 @@ def build_parser():
   g = sub.add_parser("generate", help="generate text from a prompt")
   g.add_argument("prompt")
   _model_args(g)
-  g.add_argument("--max-new-tokens", type=int, default=64)
-  g.add_argument("--temperature", type=float, default=0.0)
-  g.add_argument("--top-k", type=int)
+  g.add_argument("--max-new-tokens", type=int, default=128)
+  # Sampling by default (seeded, so repeatable): greedy decoding of a small byte-level model
+  # tends to repeat one byte (the bundled one keeps indenting). --temperature 0 is greedy.
+  g.add_argument("--temperature", type=float, default=0.8)
+  g.add_argument("--top-k", type=int, default=40)
   g.add_argument("--top-p", type=float)
   g.add_argument("--eos-token-id", type=int)
   g.add_argument("--command-buffers", action="store_true",
