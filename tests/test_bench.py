@@ -68,3 +68,24 @@ def test_e2e_bench_cpu_form_via_cli(tmp_path):
       assert row["roofline_fraction"] > 0
   auto = next(r for r in rows if r["impl"] == "fdjax-auto")
   assert auto["breakdown_linear_ms"] > 0 and auto["breakdown_attention_ms"] > 0
+
+
+def test_cope_tasks_bench_smoke(tmp_path):
+  _run("cope_tasks.py", tmp_path, "--steps", "4", "--tasks", "selective_copy", "--pes",
+       "rope", "cope", "--seeds", "0", "--eval-n", "8")
+  rows = _rows(tmp_path, "cope_tasks")
+  assert {(r["pe"], r["split"]) for r in rows} == {
+      (pe, s) for pe in ("rope", "cope") for s in ("id", "ood_dense", "ood_sparse")}
+
+
+def test_committed_cope_tasks_results_have_the_promised_fields():
+  with open(os.path.join(ROOT, "bench", "results", "cope_tasks.json")) as fh:
+    data = json.load(fh)
+  rows = data["rows"]
+  assert data["command"].startswith("python bench/cope_tasks.py")
+  assert {r["task"] for r in rows} == {"flipflop", "selective_copy", "counting"}
+  assert {r["pe"] for r in rows} == {"absolute", "rope", "cope"}
+  assert len({r["seed"] for r in rows}) >= 2
+  for r in rows:
+    assert r["split"] == "id" or r["split"].startswith("ood")
+    assert 0.0 <= r["error"] <= 1.0
