@@ -39,31 +39,28 @@ def saved(tmp_path):
   return str(tmp_path), load_file(os.path.join(tmp_path, "model.safetensors"))
 
 
-def _rewrite(path, tensors):
+def _drop(t):
+  del t["model.layers.1.mlp.up_proj.weight"]
+
+
+def _add(t):
+  t["model.layers.0.self_attn.rotary.weight"] = np.ones(3, np.float32)
+
+
+def _reshape(t):
+  t["model.norm.weight"] = np.ones(47, np.float32)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (_drop, r"missing tensor.*layers\.1\.mlp\.up_proj"),
+    (_add, r"unexpected tensor.*rotary"),
+    (_reshape, r"model\.norm\.weight has shape \(47,\)"),
+])
+def test_bad_tensors_are_named(saved, edit, msg):
+  path, tensors = saved
+  edit(tensors)
   save_file(tensors, os.path.join(path, "model.safetensors"))
-
-
-def test_missing_tensor_is_named(saved):
-  path, tensors = saved
-  del tensors["model.layers.1.mlp.up_proj.weight"]
-  _rewrite(path, tensors)
-  with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.mlp\.up_proj"):
-    fdjax.load_pretrained(path)
-
-
-def test_unexpected_tensor_is_named(saved):
-  path, tensors = saved
-  tensors["model.layers.0.self_attn.rotary.weight"] = np.ones(3, np.float32)
-  _rewrite(path, tensors)
-  with pytest.raises(CheckpointError, match=r"unexpected tensor.*rotary"):
-    fdjax.load_pretrained(path)
-
-
-def test_wrong_shape_is_named(saved):
-  path, tensors = saved
-  tensors["model.norm.weight"] = np.ones(47, np.float32)
-  _rewrite(path, tensors)
-  with pytest.raises(CheckpointError, match=r"model\.norm\.weight has shape \(47,\)"):
+  with pytest.raises(CheckpointError, match=msg):
     fdjax.load_pretrained(path)
 
 
