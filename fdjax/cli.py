@@ -93,7 +93,9 @@ def cmd_train(args):
   import json
   import math
 
+  import jax
   import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
 
   from fdjax import checkpoint, data, tasks, train
@@ -103,8 +105,7 @@ def cmd_train(args):
     vocab = task.vocab_size
     def batch_fn(rng):
       return task.sample(rng, args.batch, "id")
-    eval_batch = batch_fn
-    seq_len = batch_fn(__import__("numpy").random.default_rng(0))[0].shape[1]
+    seq_len = batch_fn(np.random.default_rng(0))[0].shape[1]
     meta = {"task": args.data, "variables": args.variables}
     def eval_fn(model):
       return {f"error_{s}": train.task_error(model, task, s, n=128) for s in task.splits}
@@ -131,7 +132,7 @@ def cmd_train(args):
                     max_position_embeddings=max(args.max_len, seq_len + 1),
                     tie_word_embeddings=args.tie)
   model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32)
-  n_params = sum(x.size for x in jax_leaves(nnx.state(model, nnx.Param)))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.position_encoding} positions; "
         f"data: {args.data}, batch {args.batch} x {seq_len}", flush=True)
   tc = train.TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
@@ -144,11 +145,6 @@ def cmd_train(args):
   checkpoint.save_pretrained(model, args.out, extra_config=meta)
   print(json.dumps(final))
   print(f"saved to {args.out}")
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree_util.tree_leaves(tree)
 
 
 def cmd_bench(args):

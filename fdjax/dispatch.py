@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from fdjax import checks
 from fdjax import reference
+from pallas_kernels import async_softmax
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _override = threading.local()
@@ -92,11 +93,6 @@ def _attention_checks(op, q, k, v, q_rank):
   checks.gqa(op, q.shape[-2], k.shape[2])
 
 
-def _attention_kernel_takes(q) -> bool:
-  d = q.shape[-1]
-  return q.dtype in (jnp.float32, jnp.bfloat16) and d >= 16 and not d & (d - 1)
-
-
 def _scale(sm_scale, d):
   return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
 
@@ -120,7 +116,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, i
                                    interpret=interpret)
 
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale),
-              pallas, _attention_kernel_takes(q))
+              pallas, async_softmax.takes(q))
 
 
 def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=None,
@@ -150,7 +146,7 @@ def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=
                                     interpret=interpret)
 
   return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale),
-              pallas, _attention_kernel_takes(q))
+              pallas, async_softmax.takes(q))
 
 
 def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"):
@@ -187,7 +183,7 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"
                                  interpret=interpret)
 
   return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale),
-              pallas, _attention_kernel_takes(q))
+              pallas, async_softmax.takes(q))
 
 
 def linear(x, w, *, impl="auto"):

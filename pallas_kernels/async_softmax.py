@@ -38,14 +38,16 @@ def needs_recompute(row_max, denom, out, phi):
   return ~(in_window & finite)
 
 
-def pow2(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def check_inputs(op, q, k, *, block_d_min=16):
+def takes(q) -> bool:
+  """Whether the attention kernels take q: a power-of-two head_dim >= 16 (Triton's dot and
+  tiles), float32 or bfloat16."""
   d = q.shape[-1]
-  if d < block_d_min or d & (d - 1):
-    raise ValueError(f"{op}: the Pallas kernel needs a power-of-two head_dim >= {block_d_min}, "
-                     f"got {d}")
+  return q.dtype in (jnp.float32, jnp.bfloat16) and d >= 16 and not d & (d - 1)
+
+
+def check_inputs(op, q):
+  d = q.shape[-1]
+  if d < 16 or d & (d - 1):
+    raise ValueError(f"{op}: the Pallas kernel needs a power-of-two head_dim >= 16, got {d}")
   if q.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"{op}: the Pallas kernel takes float32 or bfloat16, got {q.dtype}")

@@ -86,12 +86,12 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q
 def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, block_q=None, block_k=None,
                    interpret=False, num_warps=4, num_stages=2):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos, D]; lengths [B] -> [B, T, Hq, D]."""
-  asm.check_inputs("cope_attention", q, k)
+  asm.check_inputs("cope_attention", q)
   b, t, hq, d = q.shape
   s = k.shape[1]
   npos = pos_emb.shape[0]
-  block_q = block_q or min(64, asm.pow2(t, 16))
-  block_k = block_k or min(64, asm.pow2(s, 16))
+  block_q = block_q or min(64, max(16, pl.next_power_of_2(t)))
+  block_k = block_k or min(64, max(16, pl.next_power_of_2(s)))
   lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, s)
   z = jnp.einsum("bthd,nd->bthn", q.astype(jnp.float32), pos_emb.astype(jnp.float32),

@@ -128,14 +128,14 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="
   mode "async": unified max value phi with the guarded recompute; "online": the
   synchronised softmax only (the FlashDecoding baseline / the paper's ablation).
   """
-  asm.check_inputs("decode_attention", q, k_cache)
+  asm.check_inputs("decode_attention", q)
   if mode not in ("async", "online"):
     raise ValueError(f"decode_attention: unknown mode {mode!r}")
   b, hq, d = q.shape
   s, hkv = k_cache.shape[1], k_cache.shape[2]
   g = hq // hkv
-  g_pad = 1 if g == 1 else asm.pow2(g, DOT_MIN_ROWS)
-  block_k = block_k or min(128, asm.pow2(s, 16))
+  g_pad = 1 if g == 1 else max(DOT_MIN_ROWS, pl.next_power_of_2(g))
+  block_k = block_k or min(128, max(16, pl.next_power_of_2(s)))
   qg = q.reshape(b, hkv, g, d)
   if g_pad != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))

@@ -22,10 +22,6 @@ DOT_MIN_ROWS = 16
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def pow2(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 def check(op, x, w):
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"{op}: expected x [M, K] and w [K, N], got {x.shape} and {w.shape}")
@@ -70,9 +66,9 @@ def flat_gemm(x, w, *, block_n=64, block_k=128, split_k=1, num_stages=2, num_war
   check("flat_gemm", x, w)
   m, k = x.shape
   n = w.shape[1]
-  block_m = pow2(m, DOT_MIN_ROWS)
-  block_k = min(block_k, pow2(k, 16))
-  block_n = min(block_n, pow2(n, 16))
+  block_m = max(DOT_MIN_ROWS, pl.next_power_of_2(m))
+  block_k = min(block_k, max(16, pl.next_power_of_2(k)))
+  block_n = min(block_n, max(16, pl.next_power_of_2(n)))
   return launch_split_k(functools.partial(_kernel, block_m=block_m, f32=x.dtype == jnp.float32),
                         x, w, block_n=block_n, block_k=block_k, split_k=split_k,
                         num_stages=num_stages, num_warps=num_warps, interpret=interpret,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flat_gemm import check, launch_split_k, pow2
+from pallas_kernels.flat_gemm import check, launch_split_k
 
 MAX_M = 8  # beyond this the tensor-core flat GEMM always wins
 
@@ -56,8 +56,8 @@ def gemv(x, w, *, block_n=128, block_k=64, split_k=1, num_stages=2, num_warps=4,
   if m > MAX_M:
     raise ValueError(f"gemv: M must be at most {MAX_M}, got {m}")
   n = w.shape[1]
-  block_k = min(block_k, pow2(k, 16))
-  block_n = min(block_n, pow2(n, 16))
+  block_k = min(block_k, max(16, pl.next_power_of_2(k)))
+  block_n = min(block_n, max(16, pl.next_power_of_2(n)))
   return launch_split_k(functools.partial(_kernel, m=m), x, w, block_n=block_n,
                         block_k=block_k, split_k=split_k, num_stages=num_stages,
                         num_warps=num_warps, interpret=interpret, name="fdjax_gemv")

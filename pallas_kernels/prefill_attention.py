@@ -94,12 +94,12 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, causal=True, phi=None,
                       block_q=None, block_k=None, interpret=False, return_stats=False,
                       num_warps=4, num_stages=2):
   """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D] (and stats)."""
-  asm.check_inputs("prefill_attention", q, k)
+  asm.check_inputs("prefill_attention", q)
   if mode not in ("async", "online"):
     raise ValueError(f"prefill_attention: unknown mode {mode!r}")
   b, t, hq, d = q.shape
-  block_q = block_q or min(64, asm.pow2(t, 16))
-  block_k = block_k or min(64, asm.pow2(t, 16))
+  block_q = block_q or min(64, max(16, pl.next_power_of_2(t)))
+  block_k = block_k or min(64, max(16, pl.next_power_of_2(t)))
   nq = pl.cdiv(t, block_q)
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, t)
