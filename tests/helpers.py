@@ -50,3 +50,11 @@ def np_prefill_attention(q, k, v, lengths, causal, scale):
     for h in range(hq):
       out[i, :, h] = np_attention(q[i, :, h], k[i, :, h // g], v[i, :, h // g], mask, scale)
   return out
+
+
+def spy(monkeypatch, module, name):
+  """Counts calls of module.name (at trace time) while still running it."""
+  calls = []
+  real = getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+  return calls

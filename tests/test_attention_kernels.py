@@ -12,7 +12,7 @@ from fdjax import dispatch
 from pallas_kernels import decode_attention as dk
 from pallas_kernels import prefill_attention as pk
 from pallas_kernels.async_softmax import HI
-from tests.helpers import np_decode_attention, np_prefill_attention, rel_err
+from tests.helpers import np_decode_attention, np_prefill_attention, rel_err, spy
 from tests.models_util import tiny_model
 
 D = 16
@@ -193,14 +193,6 @@ def test_dispatch_pallas_interpret_equals_xla():
   a = dispatch.prefill_attention(qp, kp, vp, lengths=lengths // 2, impl="pallas_interpret")
   b = dispatch.prefill_attention(qp, kp, vp, lengths=lengths // 2, impl="xla")
   assert rel_err(a, b) < 1e-5
-
-
-def spy(monkeypatch, module, name):
-  """Counts calls of module.name (at trace time) while still running it."""
-  calls = []
-  real = getattr(module, name)
-  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-  return calls
 
 
 def test_model_generates_the_same_through_the_kernels(monkeypatch):

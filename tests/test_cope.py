@@ -11,7 +11,7 @@ import pytest
 import fdjax
 from fdjax import dispatch, kv_cache
 from pallas_kernels import cope_attention as ck
-from tests.helpers import rel_err
+from tests.helpers import rel_err, spy
 from tests.models_util import tiny_model
 
 
@@ -139,9 +139,7 @@ def test_model_with_cope_decodes_like_the_full_forward(monkeypatch):
     logits, cache = model(jnp.asarray(seqs[np.arange(2), lengths + i][:, None]), cache=cache)
     assert rel_err(logits[:, 0], full[np.arange(2), lengths + i]) < 1e-5
   want = fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
-  calls = []
-  real = ck.cope_attention
-  monkeypatch.setattr(ck, "cope_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+  calls = spy(monkeypatch, ck, "cope_attention")
   with dispatch.using("pallas_interpret"):
     got = fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
   assert got == want and calls  # the fused kernel ran, for the prefill and the decode steps
