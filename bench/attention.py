@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import reference  # noqa: E402
+from fdjax import reference, timing  # noqa: E402
 from pallas_kernels import decode_attention as dk  # noqa: E402
 from pallas_kernels import prefill_attention as pk  # noqa: E402
 
@@ -36,6 +36,9 @@ def decode_impls(on_gpu, sm_scale):
       "fdjax-sync": lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=sm_scale,
                                                            mode="online", interpret=interpret),
       "xla": lambda q, k, v, n: reference.decode_attention(q, k, v, n, sm_scale),
+      "xla-sdpa": lambda q, k, v, n: jax.nn.dot_product_attention(
+          q[:, None], k, v, scale=sm_scale, key_value_seq_lengths=n,
+          implementation="xla")[:, 0],
   }
   if on_gpu:
     from jax.experimental.pallas.ops.gpu import decode_attention as jax_fd
@@ -55,6 +58,8 @@ def prefill_impls(on_gpu, sm_scale):
       "fdjax-sync": lambda q, k, v: pk.prefill_attention(q, k, v, sm_scale=sm_scale,
                                                          mode="online", interpret=interpret),
       "xla": lambda q, k, v: reference.prefill_attention(q, k, v, None, True, sm_scale),
+      "xla-sdpa": lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, scale=sm_scale, is_causal=True, implementation="xla"),
   }
   if on_gpu:
     from jax.experimental.pallas.ops.gpu import attention as jax_fa
@@ -66,23 +71,38 @@ def prefill_impls(on_gpu, sm_scale):
   return impls
 
 
-def _time(fn, args, iters):
+def _measure(fn, arg_sets, iters):
+  """(seconds per call, None) or (None, why) for fn on the rotating arg_sets."""
   f = jax.jit(fn)
   try:
-    out = f(*args)
+    out = f(*arg_sets[0])
     jax.block_until_ready(out)
   except Exception as e:  # a baseline that does not take this shape: record why
     return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-  if not np.all(np.isfinite(np.asarray(out[..., :4].astype(jnp.float32)))):
+  if not np.all(np.isfinite(np.asarray(out.astype(jnp.float32)))):
     return None, "non-finite output"
-  return common.median_seconds(lambda: jax.block_until_ready(f(*args)), warmup=3,
-                               iters=iters), None
+  return timing.seconds_per_call(f, arg_sets, calls=iters), None
+
+
+def _random_sets(key, shapes, dtype, extra=()):
+  """Enough sets of random arrays of `shapes` (plus fixed `extra` arguments) that one
+  rotation is several times the L2 cache."""
+  set_bytes = sum(int(np.prod(s)) for s in shapes) * jnp.dtype(dtype).itemsize
+  sets = []
+  for i in range(timing.sets_needed(set_bytes)):
+    keys = jax.random.split(jax.random.fold_in(key, i), len(shapes))
+    sets.append(tuple(jax.random.normal(kk, s, jnp.float32).astype(dtype)
+                      for kk, s in zip(keys, shapes)) + tuple(extra))
+  return sets
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--iters", type=int, default=50)
+  ap.add_argument("--iters", type=int, default=30, help="calls per timed round")
+  ap.add_argument("--batch", type=int, nargs="+")
+  ap.add_argument("--kv-len", type=int, nargs="+")
+  ap.add_argument("--prefill-len", type=int, nargs="+")
   ap.add_argument("--results-dir")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
@@ -90,10 +110,13 @@ def main():
     d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 32, 4, [4, 1], [1, 2], [64, 96], [48], 2
   else:
     d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = (
-        128, 32, [32, 8], [1, 4, 8, 32], [1024, 4096, 16384, 32768], [1024, 4096, 8192],
-        args.iters)
-  bw = common.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 26)
-  print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s", flush=True)
+        128, 32, [32, 8], [1, 8, 32], [1024, 4096, 16384], [1024, 4096], args.iters)
+  batches, kv_lens, pre_lens = args.batch or batches, args.kv_len or kv_lens, (
+      args.prefill_len or pre_lens)
+  bw = timing.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 24)
+  floor = timing.dispatch_floor()
+  print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s, dispatch floor "
+        f"{floor * 1e6:.1f} us per call", flush=True)
   dtype = jnp.bfloat16
   scale = d ** -0.5
   rows = []
@@ -101,15 +124,13 @@ def main():
   for hkv in kv_list:
     for b in batches:
       for s in kv_lens:
-        k1, k2, k3, key = jax.random.split(key, 4)
-        q = jax.random.normal(k1, (b, q_heads, d), dtype)
-        k = jax.random.normal(k2, (b, s, hkv, d), dtype)
-        v = jax.random.normal(k3, (b, s, hkv, d), dtype)
+        key, sub = jax.random.split(key)
         n = jnp.full((b,), s, jnp.int32)
+        sets = _random_sets(sub, [(b, q_heads, d), (b, s, hkv, d), (b, s, hkv, d)], dtype, (n,))
         nbytes = 2 * b * s * hkv * d * 2 + 2 * b * q_heads * d * 2
         shape = dict(op="decode", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d, kv_len=s)
         for name, fn in decode_impls(on_gpu, scale).items():
-          t, err = _time(fn, (q, k, v, n), iters)
+          t, err = _measure(fn, sets, iters)
           row = {**shape, "impl": name, "dtype": "bfloat16"}
           if t is None:
             row["error"] = err
@@ -117,20 +138,19 @@ def main():
             row.update(us=t * 1e6, gbps=nbytes / t / 1e9, bw_fraction=nbytes / t / 1e9 / bw)
           rows.append(row)
           print(row, flush=True)
-        del q, k, v
+        del sets
   for hkv in kv_list:
     for t_len in pre_lens:
-      k1, k2, k3, key = jax.random.split(key, 4)
+      key, sub = jax.random.split(key)
       b = 1
-      q = jax.random.normal(k1, (b, t_len, q_heads, d), dtype)
-      k = jax.random.normal(k2, (b, t_len, hkv, d), dtype)
-      v = jax.random.normal(k3, (b, t_len, hkv, d), dtype)
+      sets = _random_sets(sub, [(b, t_len, q_heads, d), (b, t_len, hkv, d), (b, t_len, hkv, d)],
+                          dtype)
       nbytes = (2 * b * t_len * q_heads * d + 2 * b * t_len * hkv * d) * 2
       flops = 4 * b * q_heads * t_len * t_len * d / 2  # causal
       shape = dict(op="prefill", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d,
                    kv_len=t_len, q_len=t_len)
       for name, fn in prefill_impls(on_gpu, scale).items():
-        t, err = _time(fn, (q, k, v), iters)
+        t, err = _measure(fn, sets, iters)
         row = {**shape, "impl": name, "dtype": "bfloat16"}
         if t is None:
           row["error"] = err
@@ -139,6 +159,7 @@ def main():
                      tflops=flops / t / 1e12)
         rows.append(row)
         print(row, flush=True)
+      del sets
 
   # ratios against each baseline of the same shape
   def key_of(r):
@@ -160,8 +181,23 @@ def main():
   plot = common.svg_bars(f"decode attention, bf16, D={d}, {q_heads} query heads "
                          f"({common.device_name()})", groups, series, "microseconds (lower is better)")
   cols = ["op", "impl", "batch", "q_heads", "kv_heads", "kv_len", "us", "gbps", "bw_fraction",
-          "speedup_vs_jax-flashdecoding", "speedup_vs_xla", "speedup_vs_cudnn", "error"]
-  notes = f"Measured copy bandwidth in this run: {bw:.0f} GB/s."
+          "tflops", "speedup_vs_jax-flashdecoding", "speedup_vs_jax-flashattention",
+          "speedup_vs_xla-sdpa", "speedup_vs_cudnn", "error"]
+  notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
+           f"{floor * 1e6:.1f} us per call (times near it are the host's, not the device's). "
+           "Times: fdjax.timing.seconds_per_call (back-to-back calls over rotating random "
+           "inputs, median of rounds). xla = fdjax's float32 reference; xla-sdpa = "
+           "jax.nn.dot_product_attention(implementation='xla') in bf16.")
+  long = [r for r in decode if r["kv_len"] >= 4096 and r.get("us")]
+  if long:
+    fracs = [r["bw_fraction"] for r in long]
+    notes += (f"\n\nTargets (decode, KV >= 4k, fdjax-async): bandwidth fraction median "
+              f"{np.median(fracs):.2f} (min {min(fracs):.2f}, max {max(fracs):.2f}; target 0.85)")
+    vs = [r["speedup_vs_jax-flashdecoding"] for r in long if "speedup_vs_jax-flashdecoding" in r]
+    if vs:
+      notes += (f"; speed-up over JAX's Pallas decode attention: geometric mean "
+                f"{float(np.exp(np.mean(np.log(vs)))):.2f}x over {len(vs)} shapes "
+                f"(min {min(vs):.2f}, max {max(vs):.2f}; target > 1).")
   if not on_gpu:
     notes += (" Not a GPU: the Pallas kernels ran in interpret mode, so these timings say "
               "nothing about speed.")

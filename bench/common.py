@@ -11,7 +11,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -36,7 +35,9 @@ def environment() -> dict:
 
 
 def median_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
-  """Median wall time of fn() (which must block until its result is ready)."""
+  """Median wall time of fn() (which must block until its result is ready): for calls long
+  enough that the host's round trip does not matter (a whole generate); kernels are timed
+  with fdjax.timing."""
   for _ in range(warmup):
     fn()
   times = []
@@ -45,14 +46,6 @@ def median_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
-
-
-def copy_bandwidth_gbps(nbytes: int = 1 << 28) -> float:
-  """Measured device-to-device copy bandwidth (read + write bytes / time), GB/s."""
-  x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
-  copy = jax.jit(lambda a: a + 1.0)
-  t = median_seconds(lambda: copy(x).block_until_ready(), warmup=3, iters=10)
-  return 2 * nbytes / t / 1e9
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

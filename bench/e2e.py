@@ -93,11 +93,10 @@ def worker_fdjax(args, impls):
   from flax import nnx
 
   import fdjax
-  from bench import common
-  from fdjax import dispatch
+  from fdjax import dispatch, timing
   from models import Transformer
   on_gpu = jax.default_backend() == "gpu"
-  bw = common.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 26)
+  bw = timing.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 24)
   dtype = jnp.bfloat16 if on_gpu else jnp.float32
   rows = []
   for name, cfg in _configs(args).items():

@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import dispatch, reference, tuning  # noqa: E402
+from fdjax import dispatch, reference, timing, tuning  # noqa: E402
 from pallas_kernels import flat_gemm as fg  # noqa: E402
 from pallas_kernels import gemv as gv  # noqa: E402
 
@@ -30,27 +30,31 @@ MS = [1, 2, 4, 8, 16, 32, 64]
 
 
 def torch_matmul():
+  """A timer for torch.matmul (cuBLAS), or None without a CUDA torch."""
   try:
     import torch
   except ImportError:
     return None
   if not torch.cuda.is_available():
     return None
-  def run(x_shape, w_shape, iters):
-    """Median seconds of torch.matmul (cuBLAS) on fresh random bf16 operands of these shapes."""
-    xt = torch.randn(x_shape, dtype=torch.bfloat16, device="cuda")
-    wt = torch.randn(w_shape, dtype=torch.bfloat16, device="cuda")
-    for _ in range(3):
+  def run(x_shape, w_shape, calls, n_sets):
+    """Seconds per torch.matmul over `n_sets` rotating fresh random bf16 operand sets:
+    back-to-back calls between two CUDA events, median of 5 rounds (as fdjax.timing)."""
+    sets = [(torch.randn(x_shape, dtype=torch.bfloat16, device="cuda"),
+             torch.randn(w_shape, dtype=torch.bfloat16, device="cuda")) for _ in range(n_sets)]
+    for xt, wt in sets:
       torch.matmul(xt, wt)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(iters):
+    for _ in range(5):
       start.record()
-      torch.matmul(xt, wt)
+      for i in range(calls):
+        xt, wt = sets[i % n_sets]
+        torch.matmul(xt, wt)
       end.record()
       torch.cuda.synchronize()
-      times.append(start.elapsed_time(end) / 1e3)
+      times.append(start.elapsed_time(end) / 1e3 / calls)
     times.sort()
     return times[len(times) // 2]
   return run
@@ -59,15 +63,20 @@ def torch_matmul():
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--iters", type=int, default=50)
+  ap.add_argument("--iters", type=int, default=30, help="calls per timed round")
+  ap.add_argument("--models", nargs="+", choices=sorted(SHAPES))
+  ap.add_argument("--m", type=int, nargs="+")
   ap.add_argument("--results-dir")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   shapes, ms, iters = ((({"tiny": [(96, 64), (64, 160)]}), [1, 2, 3], 2) if args.smoke
-                       else (SHAPES, MS, args.iters))
+                       else ({m: SHAPES[m] for m in args.models or SHAPES}, args.m or MS,
+                             args.iters))
   interpret = not on_gpu
-  bw = common.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 26)
-  print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s", flush=True)
+  bw = timing.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 24)
+  floor = timing.dispatch_floor()
+  print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s, dispatch floor "
+        f"{floor * 1e6:.1f} us per call", flush=True)
   torch_run = torch_matmul() if on_gpu else None
   dtype = jnp.bfloat16
   rows, fits = [], []
@@ -75,7 +84,9 @@ def main():
   for model, nk in shapes.items():
     for n, k in nk:
       key, kw = jax.random.split(key)
-      w = jax.random.normal(kw, (k, n), jnp.float32).astype(dtype)
+      n_sets = timing.sets_needed(k * n * 2)
+      ws = [jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.float32).astype(dtype)
+            for i in range(n_sets)]
       e = tuning.entry(k, n)
       impls = {
           "fdjax-gemv": functools.partial(gv.gemv, interpret=interpret, **e["gemv"]),
@@ -86,19 +97,17 @@ def main():
       }
       profile = []
       for m in ms:
-        x = jax.random.normal(jax.random.fold_in(kw, m), (m, k), jnp.float32).astype(dtype)
+        sets = [(jax.random.normal(jax.random.fold_in(kw, 1000 + 10 * m + i), (m, k),
+                                   jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
         nbytes = (k * n + m * k + m * n) * 2
         shape = dict(op="linear", model=model, m=m, n=n, k=k, dtype="bfloat16")
         times = {}
         for name, fn in impls.items():
           if name == "fdjax-gemv" and m > gv.MAX_M:
             continue
-          f = jax.jit(fn)
-          t = common.median_seconds(lambda: jax.block_until_ready(f(x, w)), warmup=3,
-                                    iters=iters)
-          times[name] = t
+          times[name] = timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
         if torch_run is not None:
-          times["torch"] = torch_run(x.shape, w.shape, iters)
+          times["torch"] = torch_run((m, k), (k, n), iters, n_sets)
         for name, t in times.items():
           row = {**shape, "impl": name, "us": t * 1e6, "gbps": nbytes / t / 1e9,
                  "bw_fraction": nbytes / t / 1e9 / bw}
@@ -124,8 +133,17 @@ def main():
             for name in ["fdjax-auto", "xla", "torch", "fdjax-gemv", "fdjax-flat"]}
   plot = common.svg_bars(f"decode linear layers, bf16 ({common.device_name()})", groups, series,
                          "microseconds (lower is better)")
-  notes = f"Measured copy bandwidth in this run: {bw:.0f} GB/s.\n\n" + "\n".join(
-      f"- {f}" for f in fits)
+  notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
+           f"{floor * 1e6:.1f} us per call. Times: back-to-back calls over rotating random "
+           "inputs (fdjax.timing; torch between CUDA events the same way), median of rounds."
+           "\n\n" + "\n".join(f"- {f}" for f in fits))
+  small = [r for r in auto if r["m"] <= 16 and r["model"] == "llama-2-7b"]
+  if small:
+    worst = min(small, key=lambda r: r["speedup_vs_xla"])
+    notes += (f"\n\nTargets (Llama-2-7B shapes, M <= 16, fdjax-auto): slowest against XLA "
+              f"{worst['speedup_vs_xla']:.2f}x (M={worst['m']}, {worst['n']}x{worst['k']}; "
+              f"target >= 1); bandwidth fraction median "
+              f"{sorted(r['bw_fraction'] for r in small)[len(small) // 2]:.2f} (target 0.85).")
   if not on_gpu:
     notes += "\n\nNot a GPU: the kernels ran in interpret mode; these timings say nothing."
   cols = ["model", "impl", "m", "n", "k", "us", "gbps", "bw_fraction", "auto_choice",

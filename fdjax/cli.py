@@ -76,10 +76,10 @@ def cmd_tune(args):
     raise ValueError("give exactly one of --model DIR and --preset NAME")
   cfg = presets.get(args.preset) if args.preset else checkpoint.load_config(args.model)
   shapes = tuning.weight_shapes(cfg)
-  ms = list(range(1, args.max_m + 1))
+  ms = args.ms or [m for m in tuning.PROFILE_MS if m <= args.max_m]
   entries = {}
   for i, (name, (k, n)) in enumerate(shapes.items()):
-    print(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M=1..{args.max_m}", flush=True)
+    print(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M={ms}", flush=True)
     small = dict(gemv_configs=tuning.GEMV_CONFIGS[:1], flat_configs=tuning.FLAT_CONFIGS[:1])
     e = tuning.tune_shape(k, n, ms, dtype=jnp.dtype(args.dtype), iters=args.iters,
                           interpret=on_cpu, progress=lambda s: print(s, flush=True),
@@ -149,8 +149,9 @@ def cmd_train(args):
 
 def cmd_bench(args):
   import runpy
+  name = {"gpu": "gpu_suite", "check": "gpu_check"}.get(args.name, args.name)
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                        f"{args.name}.py")
+                        f"{name}.py")
   if not os.path.exists(script):
     raise ValueError(f"no benchmark script {script} (run from a checkout of fdjax)")
   sys.argv = [script] + args.rest
@@ -191,6 +192,8 @@ def build_parser():
   t.add_argument("--preset")
   t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
   t.add_argument("--max-m", type=int, default=64)
+  t.add_argument("--ms", type=int, nargs="+", help="the M values to profile (default: "
+                 "tuning.PROFILE_MS up to --max-m)")
   t.add_argument("--iters", type=int, default=20)
   t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
@@ -219,8 +222,10 @@ def build_parser():
   tr.add_argument("--eval-batches", type=int, default=8)
   tr.add_argument("--seed", type=int, default=0)
   tr.set_defaults(fn=cmd_train)
-  bn = sub.add_parser("bench", help="run a benchmark from bench/ (e2e, attention, gemm, ...)")
-  bn.add_argument("name", choices=["e2e", "attention", "gemm", "decode", "cope_tasks"])
+  bn = sub.add_parser("bench", help="run a benchmark from bench/ (gpu: the whole GPU suite, "
+                      "check: every kernel against the reference, e2e, attention, gemm, ...)")
+  bn.add_argument("name", choices=["gpu", "check", "e2e", "attention", "gemm", "decode",
+                                   "cope_tasks"])
   bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
   bn.set_defaults(fn=cmd_bench)
   return parser

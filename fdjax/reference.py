@@ -12,9 +12,17 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _acc(x):
-  """x in the accumulation dtype: float32, or float64 when given float64."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+def _acc(x, plain=False):
+  """x in the accumulation dtype: float32, or float64 when given float64; with `plain`, x's
+  own dtype (the plain computation in a low precision: the baseline a kernel's error in that
+  precision is judged against, FlashAttention's rule)."""
+  return x if plain else x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _einsum(spec, a, b, plain):
+  if plain:
+    return jnp.einsum(spec, a, b, preferred_element_type=a.dtype)
+  return jnp.einsum(spec, a, b, precision=HIGHEST)
 
 
 def _masked_softmax_attention(s, mask, v_fn):
@@ -42,33 +50,29 @@ def _prompt_mask(b, t, lengths, causal):
   return mask
 
 
-def decode_attention(q, k_cache, v_cache, lengths, sm_scale):
+def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, plain=False):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]."""
   b, hq, d = q.shape
   s_len, hkv = k_cache.shape[1], k_cache.shape[2]
   g = hq // hkv
-  qf = _acc(q).reshape(b, hkv, g, d)
-  s = jnp.einsum("bhgd,bshd->bhgs", qf, _acc(k_cache), precision=HIGHEST)
-  s = s * sm_scale
+  qf = _acc(q, plain).reshape(b, hkv, g, d)
+  s = _einsum("bhgd,bshd->bhgs", qf, _acc(k_cache, plain), plain) * sm_scale
   mask = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]
   o = _masked_softmax_attention(
-      s, mask,
-      lambda p: jnp.einsum("bhgs,bshd->bhgd", p, _acc(v_cache), precision=HIGHEST))
+      s, mask, lambda p: _einsum("bhgs,bshd->bhgd", p, _acc(v_cache, plain), plain))
   return o.reshape(b, hq, d).astype(q.dtype)
 
 
-def prefill_attention(q, k, v, lengths, causal, sm_scale):
+def prefill_attention(q, k, v, lengths, causal, sm_scale, *, plain=False):
   """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D]."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
-  qf = _acc(q).reshape(b, t, hkv, g, d)
-  s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST)
-  s = s * sm_scale
+  qf = _acc(q, plain).reshape(b, t, hkv, g, d)
+  s = _einsum("bthgd,bshd->bhgts", qf, _acc(k, plain), plain) * sm_scale
   mask = _prompt_mask(b, t, lengths, causal)[:, None, None]
   o = _masked_softmax_attention(
-      s, mask,
-      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
+      s, mask, lambda p: _einsum("bhgts,bshd->bthgd", p, _acc(v, plain), plain))
   return o.reshape(b, t, hq, d).astype(q.dtype)
 
 

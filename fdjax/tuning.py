@@ -17,9 +17,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fdjax import reference
+from fdjax import reference, timing
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
 
@@ -106,54 +105,56 @@ def describe() -> str:
 
 # ------------------------------------------------------------------------------ tuning
 
-GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk}
-                for bn in (64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
+GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
+                for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]
 FLAT_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": st}
-                for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4) for st in (2, 3)]
+                for bn in (64, 128) for bk in (128,) for sk in (1, 2, 4) for st in (2, 4)]
+PROFILE_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def _time(fn, *args, iters):
-  f = jax.jit(fn)
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+def _time(fn, sets, iters):
+  return timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
 
 
-def _best(kernel, configs, x, w, iters, interpret):
+def _best(kernel, configs, sets, iters, interpret):
   best = None
   for c in configs:
     try:
-      t = _time(functools.partial(kernel, interpret=interpret, **c), x, w, iters=iters)
-    except Exception:  # a config the compiler refuses (too many registers, ...)
+      t = _time(functools.partial(kernel, interpret=interpret, **c), sets, iters)
+    except Exception:  # a config the compiler refuses (shared memory, registers, ...): dropped
       continue
     if best is None or t < best[0]:
       best = (t, c)
+  if best is None:
+    raise ValueError(f"no configuration of {kernel.__name__} compiled for x "
+                     f"{sets[0][0].shape} w {sets[0][1].shape}")
   return best
 
 
-def tune_shape(k: int, n: int, ms, *, dtype=jnp.bfloat16, iters=20, interpret=False,
+def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, interpret=False,
                gemv_configs=None, flat_configs=None, progress=print) -> dict:
-  """Profiles one [K, N] weight shape over `ms` and returns its table entry."""
+  """Profiles one [K, N] weight shape over `ms` and returns its table entry. Weights rotate
+  over enough random copies that they do not sit in the L2 cache between calls."""
   key = jax.random.key(k * 7919 + n)
-  w = jax.random.normal(key, (k, n), jnp.float32).astype(dtype)
-  x_of = lambda m: jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32).astype(dtype)
-  gemv_cfg = _best(gv.gemv, gemv_configs or GEMV_CONFIGS, x_of(1), w, iters, interpret)[1]
-  flat_cfg = _best(fg.flat_gemm, flat_configs or FLAT_CONFIGS, x_of(min(16, max(ms))), w, iters,
+  n_sets = 1 if interpret else timing.sets_needed(k * n * jnp.dtype(dtype).itemsize)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32).astype(dtype)
+        for i in range(n_sets)]
+  def sets(m):
+    return [(jax.random.normal(jax.random.fold_in(key, 1000 * m + i), (m, k),
+                               jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
+  gemv_cfg = _best(gv.gemv, gemv_configs or GEMV_CONFIGS, sets(1), iters, interpret)[1]
+  flat_cfg = _best(fg.flat_gemm, flat_configs or FLAT_CONFIGS, sets(min(16, max(ms))), iters,
                    interpret)[1]
   profile = []
   for i, m in enumerate(ms):
-    x = x_of(m)
+    xs = sets(m)
     row = {"m": m,
            "flat_us": _time(functools.partial(fg.flat_gemm, interpret=interpret, **flat_cfg),
-                            x, w, iters=iters) * 1e6,
-           "xla_us": _time(reference.linear, x, w, iters=iters) * 1e6}
+                            xs, iters) * 1e6,
+           "xla_us": _time(reference.linear, xs, iters) * 1e6}
     if m <= gv.MAX_M:
-      row["gemv_us"] = _time(functools.partial(gv.gemv, interpret=interpret, **gemv_cfg), x, w,
-                             iters=iters) * 1e6
+      row["gemv_us"] = _time(functools.partial(gv.gemv, interpret=interpret, **gemv_cfg), xs,
+                             iters) * 1e6
     profile.append(row)
     progress(f"  [{k}x{n}] M={m} ({i + 1}/{len(ms)}) " + " ".join(
         f"{name}={row[name]:.1f}us" for name in ("gemv_us", "flat_us", "xla_us") if name in row))

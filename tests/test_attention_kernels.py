@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax import dispatch
+from fdjax import dispatch, reference
 from pallas_kernels import decode_attention as dk
 from pallas_kernels import prefill_attention as pk
 from pallas_kernels.async_softmax import HI
@@ -25,32 +25,6 @@ def _inputs(rng, q_shape, kv_shape, dtype):
 
 def _f64(*xs):
   return [np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in xs]
-
-
-def _bf16_naive_decode(q, k, v, lengths, scale):
-  """The plain computation held in bf16 throughout (FlashAttention's low-precision baseline)."""
-  b, hq, d = q.shape
-  hkv = k.shape[2]
-  qg = q.reshape(b, hkv, hq // hkv, d)
-  s = jnp.einsum("bhgd,bshd->bhgs", qg, k, preferred_element_type=jnp.bfloat16) * scale
-  s = jnp.where((jnp.arange(k.shape[1])[None] < lengths[:, None])[:, None, None], s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16)
-  return jnp.einsum("bhgs,bshd->bhgd", p, v, preferred_element_type=jnp.bfloat16).reshape(q.shape)
-
-
-def _bf16_naive_prefill(q, k, v, lengths, causal, scale):
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  qg = q.reshape(b, t, hkv, hq // hkv, d)
-  s = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.bfloat16) * scale
-  pos = jnp.arange(t)
-  mask = pos[None, None, :] < lengths[:, None, None]
-  if causal:
-    mask = mask & (pos[None, :, None] >= pos[None, None, :])
-  s = jnp.where(mask[:, None, None], s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16)
-  return jnp.einsum("bhgts,bshd->bthgd", p, v,
-                    preferred_element_type=jnp.bfloat16).reshape(q.shape)
 
 
 def _check_low_precision(out, want, naive):
@@ -81,7 +55,8 @@ def test_decode_kernel_matches_reference(hq, hkv, mode, dtype):
     assert rel_err(out, want) < 1e-5
     assert int(stats["recomputed_rows"]) == 0  # ordinary scores take the async path
   else:
-    _check_low_precision(out, want, _bf16_naive_decode(q, k, v, lengths, D ** -0.5))
+    _check_low_precision(out, want, reference.decode_attention(q, k, v, lengths, D ** -0.5,
+                                                                 plain=True))
 
 
 def test_decode_kernel_default_blocks_and_splits():
@@ -107,7 +82,8 @@ def test_prefill_kernel_matches_reference(hq, hkv, causal, dtype):
     assert rel_err(out, want) < 1e-5
     assert int(stats["recomputed_rows"]) == 0
   else:
-    _check_low_precision(out, want, _bf16_naive_prefill(q, k, v, lengths, causal, D ** -0.5))
+    _check_low_precision(out, want, reference.prefill_attention(
+        q, k, v, lengths, causal, D ** -0.5, plain=True))
 
 
 def test_prefill_online_mode_and_default_blocks():

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["device", "jax_version", "date", "command"]
 
@@ -26,11 +28,54 @@ def _rows(tmp_path, name):
   return data["rows"]
 
 
-def test_attention_bench_smoke(tmp_path):
-  _run("attention.py", tmp_path, "--smoke")
-  rows = _rows(tmp_path, "attention_smoke")
-  assert (tmp_path / "attention_smoke.svg").exists()
-  assert {r["impl"] for r in rows} >= {"fdjax-async", "fdjax-sync", "xla"}
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+  """`python -m fdjax bench gpu --dry-run` once: every part of the GPU suite in its CPU form
+  (the kernel check in interpret mode, the attention / GEMM / e2e benchmarks, tune)."""
+  out = tmp_path_factory.mktemp("gpu_suite")
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "bench", "gpu", "--dry-run",
+                      "--results-dir", str(out)], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=1200)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return out
+
+
+def test_gpu_suite_dry_run_reports_every_part(dry_run):
+  rows = _rows(dry_run, "gpu_suite_dry")
+  assert [r["part"] for r in rows] == ["env", "check", "attention", "gemm", "tune", "e2e"]
+  assert all(r["status"] == "ok" for r in rows), rows
+  for r in rows:
+    assert (dry_run / "logs" / r["log"]).stat().st_size > 0
+  env = _rows(dry_run, "gpu_env")[0]
+  assert env["copy_gbps"] > 0 and env["dispatch_floor_us"] > 0
+
+
+def test_gpu_check_smoke_covers_every_kernel(dry_run):
+  rows = _rows(dry_run, "gpu_check_smoke")
+  assert {r["kernel"] for r in rows} >= {"decode_attention", "decode_guard", "prefill_attention",
+                                         "prefill_guard", "cope_attention", "flat_gemm", "gemv",
+                                         "linear (dispatch)", "model"}
+  assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+  guards = [r for r in rows if r["kernel"].endswith("_guard")]
+  assert guards and all(r["recomputed_rows"] > 0 for r in guards)
+
+
+def test_gpu_suite_reports_a_failing_part_and_goes_on(tmp_path):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--dry-run",
+                      "--parts", "gemm", "env", "--extra", "gemm=--no-such-flag",
+                      "--results-dir", str(tmp_path)], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=600)
+  assert r.returncode == 1
+  rows = {row["part"]: row for row in _rows(tmp_path, "gpu_suite_dry")}
+  assert rows["gemm"]["status"].startswith("failed") and rows["env"]["status"] == "ok"
+
+
+def test_attention_bench_smoke(dry_run):
+  rows = _rows(dry_run, "attention_smoke")
+  assert (dry_run / "attention_smoke.svg").exists()
+  assert {r["impl"] for r in rows} >= {"fdjax-async", "fdjax-sync", "xla", "xla-sdpa"}
   assert {r["op"] for r in rows} == {"decode", "prefill"}
   for r in rows:
     for f in COMMON + ["op", "impl", "batch", "q_heads", "kv_heads", "head_dim", "kv_len", "us",
@@ -39,25 +84,23 @@ def test_attention_bench_smoke(tmp_path):
     assert r["us"] > 0 and 0 < r["bw_fraction"]
 
 
-def test_gemm_bench_smoke(tmp_path):
-  _run("gemm.py", tmp_path, "--smoke")
-  rows = _rows(tmp_path, "gemm_smoke")
+def test_gemm_bench_smoke(dry_run):
+  rows = _rows(dry_run, "gemm_smoke")
   assert {r["impl"] for r in rows} >= {"fdjax-gemv", "fdjax-flat", "fdjax-auto", "xla"}
   for r in rows:
     for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "us", "gbps", "bw_fraction"]:
       assert f in r, (f, r)
-  assert "measured M1" in (tmp_path / "gemm_smoke.md").read_text()
+  assert "measured M1" in (dry_run / "gemm_smoke.md").read_text()
 
 
-def test_e2e_bench_cpu_form_via_cli(tmp_path):
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-m", "fdjax", "bench", "e2e", "--cpu", "--impls",
-                      "fdjax-auto", "fdjax-xla", "hf-eager", "--batch", "2", "--prompt-len",
-                      "16", "--new-tokens", "6", "--repeats", "1", "--results-dir",
-                      str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
-                     timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  rows = _rows(tmp_path, "e2e_cpu")
+def test_tune_part_writes_a_table(dry_run):
+  with open(dry_run / "tables" / "dry.json") as fh:
+    table = json.load(fh)
+  assert table["shapes"] and all(e["source"] == "measured" for e in table["shapes"].values())
+
+
+def test_e2e_bench_cpu_form(dry_run):
+  rows = _rows(dry_run, "e2e_cpu")
   assert {r["impl"] for r in rows} == {"fdjax-auto", "fdjax-xla", "hf-eager"}
   for row in rows:
     assert "error" not in row, row
@@ -68,6 +111,23 @@ def test_e2e_bench_cpu_form_via_cli(tmp_path):
       assert row["roofline_fraction"] > 0
   auto = next(r for r in rows if r["impl"] == "fdjax-auto")
   assert auto["breakdown_linear_ms"] > 0 and auto["breakdown_attention_ms"] > 0
+
+
+def test_timing_rotates_inputs_and_reports_per_call():
+  import jax
+  import jax.numpy as jnp
+
+  from fdjax import timing
+  seen = []
+  def fn(x):
+    seen.append(x.shape)  # traced once per shape
+    return x * 2.0
+  sets = [(jnp.ones((4,)) * i,) for i in range(3)]
+  t = timing.seconds_per_call(jax.jit(fn), sets, calls=6, rounds=2)
+  assert t > 0 and seen == [(4,)]
+  assert timing.sets_needed(1 << 30) == 1 and timing.sets_needed(1 << 20) == 8
+  with pytest.raises(ValueError, match="at least one"):
+    timing.seconds_per_call(jax.jit(fn), [])
 
 
 def test_cope_tasks_bench_smoke(tmp_path):
