@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import dispatch, reference, timing, tuning  # noqa: E402
+from fdjax import dispatch, reference, selection, timing, tune  # noqa: E402
 from pallas_kernels import flat_gemm as fg  # noqa: E402
 from pallas_kernels import gemv as gv  # noqa: E402
 
@@ -87,10 +87,12 @@ def main():
       n_sets = timing.sets_needed(k * n * 2)
       ws = [jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.float32).astype(dtype)
             for i in range(n_sets)]
-      e = tuning.entry(k, n)
+      e = selection.entry(k, n)
       impls = {
-          "fdjax-gemv": functools.partial(gv.gemv, interpret=interpret, **e["gemv"]),
-          "fdjax-flat": functools.partial(fg.flat_gemm, interpret=interpret, **e["flat"]),
+          "fdjax-gemv": functools.partial(gv.gemv, interpret=interpret,
+                                          settings=gv.Settings(**e["gemv"])),
+          "fdjax-flat": functools.partial(fg.flat_gemm, interpret=interpret,
+                                          settings=fg.Settings(**e["flat"])),
           "fdjax-auto": (functools.partial(dispatch.linear, impl="pallas_interpret")
                          if interpret else dispatch.linear),
           "xla": reference.linear,
@@ -112,7 +114,7 @@ def main():
           row = {**shape, "impl": name, "us": t * 1e6, "gbps": nbytes / t / 1e9,
                  "bw_fraction": nbytes / t / 1e9 / bw}
           if name == "fdjax-auto":
-            row["auto_choice"] = tuning.choose(m, k, n)[0]
+            row["auto_choice"] = selection.linear(m, k, n).impl
             row["speedup_vs_xla"] = times["xla"] / t
             if "torch" in times:
               row["speedup_vs_torch"] = times["torch"] / t
@@ -122,7 +124,7 @@ def main():
                         "xla_us": times["xla"] * 1e6,
                         **({"gemv_us": times["fdjax-gemv"] * 1e6} if "fdjax-gemv" in times
                            else {})})
-      m1, m2 = tuning.fit_crossovers(profile)
+      m1, m2 = tune.fit_crossovers(profile)
       fits.append(f"{model} [N, K] = [{n}, {k}]: measured M1 = {m1}, M2 = {m2} (table in use: "
                   f"M1 = {e['m1']}, M2 = {e['m2']}, {e['source']})")
   auto = [r for r in rows if r["impl"] == "fdjax-auto"]

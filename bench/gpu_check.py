@@ -163,7 +163,8 @@ class Checker:
       e = _randn(ke, (npos, d), dtype, 0.5)
       n = jnp.asarray(lengths, jnp.int32)
       scale = d ** -0.5
-      out = ck.cope_attention(q, k, v, e, n, sm_scale=scale, interpret=self.interpret, **blocks)
+      out = ck.cope_attention(q, k, v, e, n, sm_scale=scale, interpret=self.interpret,
+                              settings=ck.Settings(**blocks))
       want = reference.cope_attention(*_f32(q, k, v, e), n, scale)
       naive = None if dtype == jnp.float32 else _naive_cope(q, k, v, e, n, scale)
       err, limit, ok = _judge(out, want, dtype, naive)
@@ -176,9 +177,9 @@ class Checker:
       x = _randn(kx, (m, k), dtype)
       w = _randn(kw, (k, n), dtype)
       if which == "flat":
-        out = fg.flat_gemm(x, w, interpret=self.interpret, **params)
+        out = fg.flat_gemm(x, w, interpret=self.interpret, settings=fg.Settings(**params))
       elif which == "gemv":
-        out = gv.gemv(x, w, interpret=self.interpret, **params)
+        out = gv.gemv(x, w, interpret=self.interpret, settings=gv.Settings(**params))
       else:
         out = dispatch.linear(x, w, impl=self.impl)
       want = reference.linear(*_f32(x, w))

@@ -1,9 +1,20 @@
-"""fdjax: FlashDecoding++ and CoPE in JAX/Pallas."""
-from fdjax import dispatch
-from fdjax.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from fdjax.decode_loop import GenerationResult, generate
-from fdjax.kv_cache import KVCache, init_cache
-from fdjax.tokenizer import load_tokenizer
+"""fdjax: FlashDecoding++ and CoPE in JAX/Pallas.
 
-__all__ = ["dispatch", "load_pretrained", "save_pretrained", "CheckpointError", "generate",
-           "GenerationResult", "KVCache", "init_cache", "load_tokenizer"]
+The names below load on first use (PEP 562), so importing an op module such as
+fdjax.dispatch never pulls in the engine (checkpoints, generate) and any import order works.
+"""
+import importlib
+
+_EXPORTS = {"dispatch": "fdjax.dispatch", "load_pretrained": "fdjax.checkpoint",
+            "save_pretrained": "fdjax.checkpoint", "CheckpointError": "fdjax.checkpoint",
+            "generate": "fdjax.decode_loop", "GenerationResult": "fdjax.decode_loop",
+            "KVCache": "fdjax.kv_cache", "init_cache": "fdjax.kv_cache",
+            "load_tokenizer": "fdjax.tokenizer"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'fdjax' has no attribute {name!r}")
+  module = importlib.import_module(_EXPORTS[name])
+  return module if module.__name__ == f"fdjax.{name}" else getattr(module, name)

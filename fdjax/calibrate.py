@@ -5,22 +5,16 @@ LO <= m - phi <= HI (pallas_kernels/async_softmax.py). Calibration records, per 
 the range [a, b] of the rows' largest scores over sample prompts and centres it in that
 window: phi = (a + b) / 2 - (LO + HI) / 2. If the range is wider than the window, phi keeps
 the top inside (overflow is the failure that matters; low rows fall back to the guarded
-recompute). The result lives beside the checkpoint in fdjax_phi.json, which
+recompute). The result is stored in the checkpoint's fdjax.json (`softmax_phi`), which
 `load_pretrained` reads.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax import dispatch
+from fdjax import checkpoint, dispatch
 from pallas_kernels.async_softmax import HI, LO
-
-PHI_FILE = "fdjax_phi.json"
 
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog. Meanwhile, in another part of the forest, "
@@ -56,20 +50,8 @@ def calibrate(model, prompts: list[list[int]]) -> dict:
 
 
 def save(path: str, record: dict) -> str:
-  file = os.path.join(path, PHI_FILE)
-  with open(file, "w") as fh:
-    json.dump(record, fh, indent=2)
-  return file
-
-
-def apply_saved(path: str, cfg):
-  """cfg with softmax_phi from path/fdjax_phi.json, if the file exists."""
-  file = os.path.join(path, PHI_FILE)
-  if not os.path.exists(file):
-    return cfg
-  with open(file) as fh:
-    phi = json.load(fh)["phi"]
-  return dataclasses.replace(cfg, softmax_phi=tuple(phi))
+  """Stores phi (and the record it came from) in the checkpoint's fdjax.json."""
+  return checkpoint.write_meta(path, softmax_phi=record["phi"], calibration=record)
 
 
 def sample_prompts(tokenizer, vocab_size: int, num: int, length: int, seed: int = 0):

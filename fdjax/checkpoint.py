@@ -6,6 +6,7 @@ are refused with an error that names them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,7 +17,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models import rope
+from models import layout, rope
 from models.config import ModelConfig
 from models.llama import Transformer
 
@@ -24,6 +25,8 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "qwen2": "Qwen2ForCausalLM"}
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+META_FILE = "fdjax.json"
+LEGACY_PHI_FILE = "fdjax_phi.json"
 
 
 class CheckpointError(ValueError):
@@ -91,33 +94,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       sliding_window=sliding)
 
 
-# ---------------------------------------------------------------------- tensor layout
-
-def _layout(cfg: ModelConfig):
-  """[(hf_name, hf_shape)] in the order fdjax assembles them."""
-  h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-  names = [("model.embed_tokens.weight", (cfg.vocab_size, h)), ("model.norm.weight", (h,))]
-  if not cfg.tie_word_embeddings:
-    names.append(("lm_head.weight", (cfg.vocab_size, h)))
-  if cfg.position_encoding == "absolute":
-    names.append(("model.embed_positions.weight", (cfg.max_position_embeddings, h)))
-  for i in range(cfg.num_layers):
-    p = f"model.layers.{i}."
-    names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-              (p + "self_attn.q_proj.weight", (cfg.num_heads * d, h)),
-              (p + "self_attn.k_proj.weight", (cfg.num_kv_heads * d, h)),
-              (p + "self_attn.v_proj.weight", (cfg.num_kv_heads * d, h)),
-              (p + "self_attn.o_proj.weight", (h, cfg.num_heads * d)),
-              (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-              (p + "mlp.down_proj.weight", (h, f))]
-    if cfg.qkv_bias:
-      names += [(p + "self_attn.q_proj.bias", (cfg.num_heads * d,)),
-                (p + "self_attn.k_proj.bias", (cfg.num_kv_heads * d,)),
-                (p + "self_attn.v_proj.bias", (cfg.num_kv_heads * d,))]
-    if cfg.position_encoding == "cope":
-      names.append((p + "self_attn.pos_emb", (cfg.npos_max, d)))
-  return names
-
+# ---------------------------------------------------------------------- tensors
 
 def _safetensors_files(path: str) -> list[str]:
   index = os.path.join(path, SAFETENSORS_INDEX)
@@ -137,7 +114,7 @@ def _safetensors_files(path: str) -> list[str]:
 
 def read_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout."""
-  expected = dict(_layout(cfg))
+  expected = {name: shape for e in layout.layout(cfg) for name, shape in zip(e.names, e.shapes)}
   tensors = {}
   for file in _safetensors_files(path):
     with safe_open(file, framework="numpy") as fh:
@@ -163,41 +140,45 @@ def read_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def _assign(model: Transformer, tensors: dict, dtype):
-  cfg = model.config
-  cast = lambda a: jnp.asarray(a, dtype=dtype)
-  emb = tensors["model.embed_tokens.weight"]
-  if cfg.tie_word_embeddings:
-    model.lm_head.set_value(cast(emb.T))
-  else:
-    model.embed.set_value(cast(emb))
-    model.lm_head.set_value(cast(tensors["lm_head.weight"].T))
-  model.norm.weight.set_value(cast(tensors["model.norm.weight"]))
-  if cfg.position_encoding == "absolute":
-    model.pos_table.set_value(cast(tensors["model.embed_positions.weight"]))
-  for i, layer in enumerate(model.layers):
-    t = lambda n: tensors[f"model.layers.{i}.{n}"]
-    layer.attn_norm.weight.set_value(cast(t("input_layernorm.weight")))
-    layer.mlp_norm.weight.set_value(cast(t("post_attention_layernorm.weight")))
-    layer.attn.wqkv.set_value(cast(np.concatenate(
-        [t("self_attn.q_proj.weight").T, t("self_attn.k_proj.weight").T,
-         t("self_attn.v_proj.weight").T], axis=1)))
-    if cfg.qkv_bias:
-      layer.attn.bqkv.set_value(cast(np.concatenate(
-          [t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")])))
-    if cfg.position_encoding == "cope":
-      layer.attn.pos_emb.set_value(cast(t("self_attn.pos_emb")))
-    layer.attn.wo.set_value(cast(t("self_attn.o_proj.weight").T))
-    layer.mlp.w_gate_up.set_value(cast(np.concatenate(
-        [t("mlp.gate_proj.weight").T, t("mlp.up_proj.weight").T], axis=1)))
-    layer.mlp.w_down.set_value(cast(t("mlp.down_proj.weight").T))
+  for e in layout.layout(model.config):
+    parts = [tensors[n].T if e.transpose else tensors[n] for n in e.names]
+    value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    layout.param_at(model, e.param).set_value(jnp.asarray(value, dtype=dtype))
+
+
+def read_meta(path: str) -> dict:
+  """fdjax's own settings beside a checkpoint (fdjax.json): the tokenizer, training record,
+  the async softmax's phi per layer."""
+  file = os.path.join(path, META_FILE)
+  if not os.path.exists(file):
+    return {}
+  with open(file) as fh:
+    return json.load(fh)
+
+
+def write_meta(path: str, **fields) -> str:
+  """Merges fields into the checkpoint's fdjax.json."""
+  meta = {**read_meta(path), **fields}
+  file = os.path.join(path, META_FILE)
+  with open(file, "w") as fh:
+    json.dump(meta, fh, indent=2)
+  return file
 
 
 def load_config(path: str) -> ModelConfig:
+  """The checkpoint's config, with the phi per layer `fdjax calibrate` stored (in fdjax.json,
+  or in the older fdjax_phi.json beside it)."""
   file = os.path.join(path, "config.json")
   if not os.path.exists(file):
     raise CheckpointError(f"{path}: no config.json")
   with open(file) as fh:
-    return config_from_hf(json.load(fh))
+    cfg = config_from_hf(json.load(fh))
+  phi = read_meta(path).get("softmax_phi")
+  legacy = os.path.join(path, LEGACY_PHI_FILE)
+  if phi is None and os.path.exists(legacy):
+    with open(legacy) as fh:
+      phi = json.load(fh)["phi"]
+  return cfg if phi is None else dataclasses.replace(cfg, softmax_phi=tuple(phi))
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None) -> Transformer:
@@ -208,8 +189,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None) -> Transformer:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not a directory")
-  from fdjax import calibrate  # per-layer phi, if `fdjax calibrate` left one beside it
-  cfg = calibrate.apply_saved(path, load_config(path))
+  cfg = load_config(path)
   tensors = read_tensors(path, cfg)
   if dtype is None:
     dtype = tensors["model.embed_tokens.weight"].dtype
@@ -224,38 +204,12 @@ def load_pretrained(path: str | os.PathLike, dtype=None) -> Transformer:
 
 def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   """The model's parameters under Hugging Face names and layouts ([out, in] weights)."""
-  cfg = model.config
-  a = lambda p: np.asarray(jax.device_get(p[...]))
-  d, hq, hkv, f = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
-  out = {"model.norm.weight": a(model.norm.weight)}
-  if cfg.position_encoding == "absolute":
-    out["model.embed_positions.weight"] = a(model.pos_table)
-  if cfg.tie_word_embeddings:
-    out["model.embed_tokens.weight"] = a(model.lm_head).T
-  else:
-    out["model.embed_tokens.weight"] = a(model.embed)
-    out["lm_head.weight"] = a(model.lm_head).T
-  for i, layer in enumerate(model.layers):
-    p = f"model.layers.{i}."
-    qkv = a(layer.attn.wqkv)
-    out[p + "input_layernorm.weight"] = a(layer.attn_norm.weight)
-    out[p + "post_attention_layernorm.weight"] = a(layer.mlp_norm.weight)
-    out[p + "self_attn.q_proj.weight"] = qkv[:, :hq * d].T
-    out[p + "self_attn.k_proj.weight"] = qkv[:, hq * d:(hq + hkv) * d].T
-    out[p + "self_attn.v_proj.weight"] = qkv[:, (hq + hkv) * d:].T
-    if cfg.qkv_bias:
-      b = a(layer.attn.bqkv)
-      out[p + "self_attn.q_proj.bias"] = b[:hq * d]
-      out[p + "self_attn.k_proj.bias"] = b[hq * d:(hq + hkv) * d]
-      out[p + "self_attn.v_proj.bias"] = b[(hq + hkv) * d:]
-    if cfg.position_encoding == "cope":
-      out[p + "self_attn.pos_emb"] = a(layer.attn.pos_emb)
-    out[p + "self_attn.o_proj.weight"] = a(layer.attn.wo).T
-    gu = a(layer.mlp.w_gate_up)
-    out[p + "mlp.gate_proj.weight"] = gu[:, :f].T
-    out[p + "mlp.up_proj.weight"] = gu[:, f:].T
-    out[p + "mlp.down_proj.weight"] = a(layer.mlp.w_down).T
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  out = {}
+  for e in layout.layout(model.config):
+    value = np.asarray(jax.device_get(layout.param_at(model, e.param)[...]))
+    for name, part in zip(e.names, layout.split_last(value, e.sizes)):
+      out[name] = np.ascontiguousarray(part.T if e.transpose else part)
+  return out
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, extra_config: dict | None = None):
@@ -266,6 +220,5 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, extra_config: d
   with open(os.path.join(path, "config.json"), "w") as fh:
     json.dump(config, fh, indent=2)
   if extra_config:
-    with open(os.path.join(path, "fdjax.json"), "w") as fh:
-      json.dump(extra_config, fh, indent=2)
+    write_meta(path, **extra_config)
   save_file(to_hf_tensors(model), os.path.join(path, "model.safetensors"))

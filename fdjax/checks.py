@@ -41,13 +41,6 @@ def int_vector(op: str, name: str, x, n: int) -> None:
     raise ValueError(f"{op}: {name} must have shape ({n},), got {x.shape}")
 
 
-def shape(op: str, name: str, x, expected: tuple) -> None:
-  try:
-    chex.assert_shape(x, expected)
-  except AssertionError:
-    raise ValueError(f"{op}: {name} must have shape {expected}, got {x.shape}") from None
-
-
 def gqa(op: str, q_heads: int, kv_heads: int) -> None:
   if kv_heads < 1 or q_heads % kv_heads:
     raise ValueError(f"{op}: query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")

@@ -38,11 +38,11 @@ def cmd_generate(args):
   if not ids:
     raise ValueError("the prompt encodes to no tokens")
   eos = tok.eos_token_id if args.eos_token_id is None else args.eos_token_id
-  res = generate(model, [ids], max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          eos_token_id=eos, seed=args.seed)
+  res = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
   print(args.prompt + tok.decode(res.tokens[0]))
-  impls = " ".join(f"{k}={v}" for k, v in dispatch.describe().items())
+  impls = "; ".join(f"{op}={how}" for op, how in
+                    dispatch.describe(model.config, dtype=model.dtype).items())
   print(f"[model {label}] prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
         f"prefill_ms={res.prefill_s * 1e3:.1f} decode_tok_s={res.decode_tokens_per_s:.1f} "
         f"(first call, compile included) impl: {impls}")
@@ -65,9 +65,8 @@ def cmd_calibrate(args):
 
 def cmd_tune(args):
   import jax
-  import jax.numpy as jnp
 
-  from fdjax import checkpoint, presets, tuning
+  from fdjax import checkpoint, presets, tune
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and not args.allow_cpu:
     raise ValueError("tune profiles GPU kernels; on a CPU the kernels only run in interpret "
@@ -75,76 +74,13 @@ def cmd_tune(args):
   if bool(args.model) == bool(args.preset):
     raise ValueError("give exactly one of --model DIR and --preset NAME")
   cfg = presets.get(args.preset) if args.preset else checkpoint.load_config(args.model)
-  shapes = tuning.weight_shapes(cfg)
-  ms = args.ms or [m for m in tuning.PROFILE_MS if m <= args.max_m]
-  entries = {}
-  for i, (name, (k, n)) in enumerate(shapes.items()):
-    print(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M={ms}", flush=True)
-    small = dict(gemv_configs=tuning.GEMV_CONFIGS[:1], flat_configs=tuning.FLAT_CONFIGS[:1])
-    e = tuning.tune_shape(k, n, ms, dtype=jnp.dtype(args.dtype), iters=args.iters,
-                          interpret=on_cpu, progress=lambda s: print(s, flush=True),
-                          **(small if on_cpu else {}))
-    print(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}", flush=True)
-    entries[f"{k}x{n}"] = e
-  print(f"wrote {tuning.write_table(entries, args.out)}")
+  ms = args.ms or [m for m in tune.PROFILE_MS if m <= args.max_m]
+  print(f"wrote {tune.tune_model(cfg, ms, dtype=args.dtype, iters=args.iters, out=args.out)}")
 
 
 def cmd_train(args):
-  import json
-  import math
-
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from fdjax import checkpoint, data, tasks, train
-  from models import ModelConfig, Transformer
-  if args.data in ("flipflop", "selective_copy", "counting"):
-    task = tasks.get(args.data, args.variables)
-    vocab = task.vocab_size
-    def batch_fn(rng):
-      return task.sample(rng, args.batch, "id")
-    seq_len = batch_fn(np.random.default_rng(0))[0].shape[1]
-    meta = {"task": args.data, "variables": args.variables}
-    def eval_fn(model):
-      return {f"error_{s}": train.task_error(model, task, s, n=128) for s in task.splits}
-  else:
-    files = data.stdlib_files() if args.data == "stdlib" else args.files
-    if not files:
-      raise ValueError("--data files needs --files F [F ...]")
-    train_files, test_files = data.split_files(files)
-    if not test_files:
-      train_files, test_files = files, files
-    seq_len = args.seq_len
-    batch_fn = data.byte_batches(data.read_bytes(train_files), args.batch, seq_len)
-    eval_batch = data.byte_batches(data.read_bytes(test_files), args.batch, seq_len)
-    vocab = 256
-    meta = {"tokenizer": "bytes", "data": args.data, "train_files": len(train_files),
-            "held_out_files": len(test_files)}
-    def eval_fn(model):
-      loss = train.evaluate(model, eval_batch, args.eval_batches)
-      return {"held_out_loss": loss, "held_out_bits_per_byte": loss / math.log(2)}
-  cfg = ModelConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                    num_layers=args.layers, num_heads=args.heads,
-                    num_kv_heads=args.kv_heads or args.heads, head_dim=args.hidden // args.heads,
-                    position_encoding=args.pe, npos_max=args.npos_max,
-                    max_position_embeddings=max(args.max_len, seq_len + 1),
-                    tie_word_embeddings=args.tie)
-  model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.float32)
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-  print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.position_encoding} positions; "
-        f"data: {args.data}, batch {args.batch} x {seq_len}", flush=True)
-  tc = train.TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup,
-                         eval_every=args.eval_every, eval_batches=args.eval_batches,
-                         seed=args.seed)
-  history = train.train(model, batch_fn, tc, eval_fn=eval_fn)
-  final = history[-1]
-  meta["training"] = {"args": {k: v for k, v in vars(args).items() if k != "fn"},
-                      "parameters": int(n_params), "final": final, "history": history}
-  checkpoint.save_pretrained(model, args.out, extra_config=meta)
-  print(json.dumps(final))
-  print(f"saved to {args.out}")
+  from fdjax import train
+  train.train_and_save(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
 
 
 def cmd_bench(args):
@@ -193,13 +129,13 @@ def build_parser():
   t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
   t.add_argument("--max-m", type=int, default=64)
   t.add_argument("--ms", type=int, nargs="+", help="the M values to profile (default: "
-                 "tuning.PROFILE_MS up to --max-m)")
+                 "tune.PROFILE_MS up to --max-m)")
   t.add_argument("--iters", type=int, default=20)
   t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
   t.set_defaults(fn=cmd_tune)
   tr = sub.add_parser("train", help="train a model with optax (byte-level text or a task)")
-  tr.add_argument("--data", required=True,
+  tr.add_argument("--data", required=True, dest="data_name",
                   choices=["stdlib", "files", "flipflop", "selective_copy", "counting"])
   tr.add_argument("--files", nargs="*")
   tr.add_argument("--variables", type=int, default=1, help="counting: 1, 3 or 5")

@@ -1,10 +1,11 @@
 """Backend-aware dispatch: one public function per op, one choice of kernel per backend.
 
 Every op takes `impl`:
-  "auto"             the CPU takes the XLA reference; a CUDA GPU takes the Pallas kernel
-                     (for `linear`, the kernel the tuning table names for this M);
-                     decided where the computation is lowered (`lax.platform_dependent`),
-                     so one jitted function serves both.
+  "auto"             what fdjax.selection's rules pick: the XLA reference on a CPU, the
+                     Pallas kernel on a CUDA GPU for the shapes it takes (for `linear`,
+                     GEMV / flat GEMM / XLA by the table and M); decided where the
+                     computation is lowered (`lax.platform_dependent`), so one jitted
+                     function serves both.
   "xla"              the plain-XLA reference (fdjax.reference).
   "pallas"           the Pallas kernel, compiled for the GPU.
   "pallas_interpret" the same kernel run by the Pallas interpreter (any backend, slow;
@@ -19,9 +20,11 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from fdjax import checks
-from fdjax import reference
-from pallas_kernels import async_softmax
+from fdjax import checks, reference, selection
+from pallas_kernels import cope_attention as ck
+from pallas_kernels import decode_attention as dk
+from pallas_kernels import flat_gemm, gemv
+from pallas_kernels import prefill_attention as pk
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _override = threading.local()
@@ -59,13 +62,15 @@ def record_scores():
     _override.scores = None
 
 
-def _run(op, impl, xla_fn, pallas_fn, supported=True):
-  """Calls xla_fn() or pallas_fn(interpret) as `impl` says. Under "auto", shapes or dtypes
-  the kernel does not take (`supported` False) go to XLA on every backend."""
+def _run(op, impl, xla_fn, pallas_fn, head_dim=None, dtype=None):
+  """Calls xla_fn() or pallas_fn(interpret) as `impl` says. Under "auto" the rules of
+  fdjax.selection decide, per platform at lowering time (attention ops pass head_dim and
+  dtype; head dims or dtypes the kernels do not take go to XLA on every backend)."""
   checks.choice(op, "impl", impl, IMPLS)
+  takes = head_dim is None or selection.attention(op, head_dim, dtype, "cuda").impl == "pallas"
   if impl == "auto":
     impl = current()
-    if not supported:
+    if impl != "auto" and not takes:
       impl = "xla"
   if impl == "xla":
     return xla_fn()
@@ -73,7 +78,7 @@ def _run(op, impl, xla_fn, pallas_fn, supported=True):
     return pallas_fn(False)
   if impl == "pallas_interpret":
     return pallas_fn(True)
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu" or not takes:
     # A CPU-only host never lowers for a GPU: skip tracing the kernel branch at all.
     return xla_fn()
   return jax.lax.platform_dependent(cpu=xla_fn, cuda=lambda: pallas_fn(False), default=xla_fn)
@@ -111,12 +116,11 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, i
   scale = _scale(sm_scale, q.shape[-1])
 
   def pallas(interpret):
-    from pallas_kernels import decode_attention as kernel
-    return kernel.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
-                                   interpret=interpret)
+    return dk.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
+                               interpret=interpret)
 
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale),
-              pallas, async_softmax.takes(q))
+              pallas, q.shape[-1], q.dtype)
 
 
 def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=None,
@@ -141,12 +145,11 @@ def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=
     recorder.append((float(jnp.min(m)), float(jnp.max(m))))
 
   def pallas(interpret):
-    from pallas_kernels import prefill_attention as kernel
-    return kernel.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
-                                    interpret=interpret)
+    return pk.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
+                                interpret=interpret)
 
   return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale),
-              pallas, async_softmax.takes(q))
+              pallas, q.shape[-1], q.dtype)
 
 
 def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"):
@@ -178,12 +181,10 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"
   scale = _scale(sm_scale, q.shape[-1])
 
   def pallas(interpret):
-    from pallas_kernels import cope_attention as kernel
-    return kernel.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale,
-                                 interpret=interpret)
+    return ck.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, interpret=interpret)
 
   return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale),
-              pallas, async_softmax.takes(q))
+              pallas, q.shape[-1], q.dtype)
 
 
 def linear(x, w, *, impl="auto"):
@@ -201,20 +202,15 @@ def linear(x, w, *, impl="auto"):
   x2 = x.reshape(-1, k)  # M = the product of the leading dims
 
   def pallas(interpret):
-    from fdjax import tuning
-    return tuning.run_linear(x2, w, interpret=interpret)
+    choice = selection.linear(x2.shape[0], k, n)
+    if choice.impl == "gemv":
+      return gemv.gemv(x2, w, settings=choice.settings, interpret=interpret)
+    if choice.impl == "flat":
+      return flat_gemm.flat_gemm(x2, w, settings=choice.settings, interpret=interpret)
+    return reference.linear(x2, w)
 
   y = _run(op, impl, lambda: reference.linear(x2, w), pallas)
   return y.reshape(*lead, n)
 
 
-def describe(backend: str | None = None) -> dict:
-  """Which implementation "auto" picks per op on `backend` (default: JAX's default)."""
-  backend = backend or jax.default_backend()
-  if backend in ("cuda", "gpu"):
-    from fdjax import tuning
-    return {"decode_attention": "pallas(async-softmax)",
-            "prefill_attention": "pallas(async-softmax)", "cope_attention": "pallas",
-            "linear": tuning.describe()}
-  return {"decode_attention": "xla", "prefill_attention": "xla", "cope_attention": "xla",
-          "linear": "xla"}
+describe = selection.describe  # what "auto" runs per op, and why

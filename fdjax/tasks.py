@@ -151,6 +151,9 @@ class Counting:
     return float(((pred[:, -1] != ids[:, -1])).mean())
 
 
+TASKS = ("flipflop", "selective_copy", "counting")
+
+
 def get(name: str, variables: int = 1):
   if name == "flipflop":
     return FlipFlop()
@@ -158,4 +161,4 @@ def get(name: str, variables: int = 1):
     return SelectiveCopy()
   if name == "counting":
     return Counting(variables)
-  raise ValueError(f"unknown task {name!r}; expected flipflop, selective_copy or counting")
+  raise ValueError(f"unknown task {name!r}; expected one of {TASKS}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from fdjax.checkpoint import read_meta
+
 
 class ByteTokenizer:
   vocab_size = 256
@@ -34,11 +36,8 @@ class HFTokenizer:
 def load_tokenizer(path: str | os.PathLike):
   """The tokenizer of a model directory: tokenizer.json, or bytes if fdjax.json says so."""
   path = os.fspath(path)
-  meta = os.path.join(path, "fdjax.json")
-  if os.path.exists(meta):
-    with open(meta) as fh:
-      if json.load(fh).get("tokenizer") == "bytes":
-        return ByteTokenizer()
+  if read_meta(path).get("tokenizer") == "bytes":
+    return ByteTokenizer()
   file = os.path.join(path, "tokenizer.json")
   if not os.path.exists(file):
     raise ValueError(f"{path}: no tokenizer.json (and no byte-level tokenizer declared)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -18,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from fdjax import checkpoint, data, tasks
+from models import ModelConfig, Transformer
 
 
 @dataclasses.dataclass
@@ -124,3 +128,52 @@ def task_error(model, task, split: str, n: int = 256, seed: int = 99, batch: int
     errs.append(task.error(pred, ids, mask))
     counts.append(len(ids))
   return float(np.average(errs, weights=counts))
+
+
+def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3, warmup=100,
+                   layers=4, hidden=256, heads=4, kv_heads=None, intermediate=704, pe="cope",
+                   npos_max=64, max_len=2048, tie=False, eval_every=250, eval_batches=8,
+                   seed=0, files=None, variables=1):
+  """`fdjax train`: a model trained on byte-level text (the standard library's sources or
+  `files`) or on one of the CoPE paper's tasks, saved to `out` with its training record."""
+  args = dict(locals())
+  if data_name in tasks.TASKS:
+    task = tasks.get(data_name, variables)
+    vocab = task.vocab_size
+    batch_fn = lambda rng: task.sample(rng, batch, "id")
+    seq_len = batch_fn(np.random.default_rng(0))[0].shape[1]
+    meta = {"task": data_name, "variables": variables}
+    eval_fn = lambda model: {f"error_{s}": task_error(model, task, s, n=128)
+                             for s in task.splits}
+  else:
+    files = data.stdlib_files() if data_name == "stdlib" else files
+    if not files:
+      raise ValueError("--data files needs --files F [F ...]")
+    train_files, test_files = data.split_files(files)
+    if not test_files:
+      train_files, test_files = files, files
+    batch_fn = data.byte_batches(data.read_bytes(train_files), batch, seq_len)
+    eval_batch = data.byte_batches(data.read_bytes(test_files), batch, seq_len)
+    vocab = 256
+    meta = {"tokenizer": "bytes", "data": data_name, "train_files": len(train_files),
+            "held_out_files": len(test_files)}
+    def eval_fn(model):
+      loss = evaluate(model, eval_batch, eval_batches)
+      return {"held_out_loss": loss, "held_out_bits_per_byte": loss / math.log(2)}
+  cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                    num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads,
+                    head_dim=hidden // heads, position_encoding=pe, npos_max=npos_max,
+                    max_position_embeddings=max(max_len, seq_len + 1), tie_word_embeddings=tie)
+  model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.position_encoding} positions; "
+        f"data: {data_name}, batch {batch} x {seq_len}", flush=True)
+  tc = TrainConfig(steps=steps, lr=lr, warmup=warmup, eval_every=eval_every,
+                   eval_batches=eval_batches, seed=seed)
+  history = train(model, batch_fn, tc, eval_fn=eval_fn)
+  meta["training"] = {"args": args, "parameters": int(n_params), "final": history[-1],
+                      "history": history}
+  checkpoint.save_pretrained(model, out, extra_config=meta)
+  print(json.dumps(history[-1]))
+  print(f"saved to {out}")
+  return model, history

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-POSITION_ENCODINGS = ("rope", "none", "cope", "absolute")
+from models import positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +37,9 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")
-    if self.position_encoding not in POSITION_ENCODINGS:
+    if self.position_encoding not in positions.ENCODINGS:
       raise ValueError(f"ModelConfig: unknown position_encoding {self.position_encoding!r}; "
-                       f"expected one of {POSITION_ENCODINGS}")
+                       f"expected one of {tuple(positions.ENCODINGS)}")
     if self.position_encoding == "rope" and self.head_dim % 2:
       raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
     if not isinstance(self.npos_max, int) or self.npos_max < 1:
@@ -51,6 +51,15 @@ class ModelConfig:
                          f"{self.num_layers} layers")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+
+  def linear_shapes(self) -> dict:
+    """The four linear-layer weight shapes (K, N) of a block, as fdjax lays them out
+    ([in, out], q/k/v and gate/up fused): the shapes FlashDecoding++ tunes for."""
+    h, d = self.hidden_size, self.head_dim
+    return {"qkv": (h, (self.num_heads + 2 * self.num_kv_heads) * d),
+            "o": (self.num_heads * d, h),
+            "gate_up": (h, 2 * self.intermediate_size),
+            "down": (self.intermediate_size, h)}
 
   @property
   def rope_scaling_dict(self) -> dict | None:

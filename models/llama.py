@@ -1,5 +1,5 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, SwiGLU, grouped-query attention with RoPE,
-CoPE or no position encoding, tied or untied embeddings, optional q/k/v bias (Qwen2).
+"""A Llama-family decoder in Flax NNX: RMSNorm, SwiGLU, grouped-query attention, any position
+encoding of models/positions.py, tied or untied embeddings, optional q/k/v bias (Qwen2).
 
 Every projection and every attention goes through `fdjax.dispatch`; this file never picks
 a kernel. Weights are laid out [in, out] (the `linear` op's [K, N]), with q/k/v fused into
@@ -21,12 +21,20 @@ from flax import nnx
 
 from fdjax import dispatch
 from fdjax import kv_cache as kvc
-from models import rope
+from models import layout, positions
 from models.config import ModelConfig
 
 
 def _normal(rngs, shape, dtype, std=0.02):
   return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+def _param(rngs, spec, dtype):
+  """A position encoding's parameter from its (name, shape, init) spec, or None."""
+  if spec is None:
+    return None
+  _, shape, init = spec
+  return _normal(rngs, shape, dtype) if init == "normal" else nnx.Param(jnp.zeros(shape, dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -50,45 +58,31 @@ class Attention(nnx.Module):
     self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
     self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
     self.wo = _normal(rngs, (cfg.num_heads * cfg.head_dim, cfg.hidden_size), dtype)
-    if cfg.position_encoding == "cope":
-      # CoPE's position table, one per layer, shared by the heads; zero-initialised (paper).
-      self.pos_emb = nnx.Param(jnp.zeros((cfg.npos_max, cfg.head_dim), dtype))
+    self.pos_emb = _param(rngs, positions.get(cfg.position_encoding).layer_param(cfg), dtype)
 
-  def __call__(self, x, positions, lengths, layer_cache):
+  def __call__(self, x, pos, lengths, layer_cache):
     cfg = self.cfg
+    pe = positions.get(cfg.position_encoding)
     b, t, _ = x.shape
-    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv = dispatch.linear(x, self.wqkv[...])
     if self.bqkv is not None:
       qkv = qkv + self.bqkv[...]
-    q = qkv[..., :hq * d].reshape(b, t, hq, d)
-    k = qkv[..., hq * d:(hq + hkv) * d].reshape(b, t, hkv, d)
-    v = qkv[..., (hq + hkv) * d:].reshape(b, t, hkv, d)
-    if cfg.position_encoding == "rope":
-      freq = rope.inv_freq(d, cfg.rope_theta, cfg.rope_scaling_dict)  # a trace-time constant
-      q, k = rope.apply(q, positions, freq), rope.apply(k, positions, freq)
+    q, k, v = (y.reshape(b, t, -1, cfg.head_dim)
+               for y in layout.split_last(qkv, layout.qkv_sizes(cfg)))
+    q, k = pe.rotate(cfg, q, k, pos)
+    attend = dict(phi=self.phi, table=None if self.pos_emb is None else self.pos_emb[...])
 
     if layer_cache is None:
-      o = self._attend(q, k, v, lengths)
+      o = pe.attend(q, k, v, lengths, **attend)
     elif t == 1:
-      kc = kvc.write_step(layer_cache[0], k, positions[:, 0])
-      vc = kvc.write_step(layer_cache[1], v, positions[:, 0])
+      kc = kvc.write_step(layer_cache[0], k, pos[:, 0])
+      vc = kvc.write_step(layer_cache[1], v, pos[:, 0])
       layer_cache = (kc, vc)
-      o = self._attend_cache(q, kc, vc, positions[:, 0] + 1)
+      o = pe.attend_cache(q, kc, vc, pos[:, 0] + 1, **attend)
     else:
       layer_cache = (kvc.write_prefill(layer_cache[0], k), kvc.write_prefill(layer_cache[1], v))
-      o = self._attend(q, k, v, lengths)
-    return dispatch.linear(o.reshape(b, t, hq * d), self.wo[...]), layer_cache
-
-  def _attend(self, q, k, v, lengths):
-    if self.cfg.position_encoding == "cope":
-      return dispatch.cope_attention(q, k, v, self.pos_emb[...], lengths=lengths)
-    return dispatch.prefill_attention(q, k, v, lengths=lengths, causal=True, phi=self.phi)
-
-  def _attend_cache(self, q, kc, vc, lengths):
-    if self.cfg.position_encoding == "cope":
-      return dispatch.cope_attention(q, kc, vc, self.pos_emb[...], lengths=lengths)
-    return dispatch.decode_attention(q[:, 0], kc, vc, lengths, phi=self.phi)[:, None]
+      o = pe.attend(q, k, v, lengths, **attend)
+    return dispatch.linear(o.reshape(b, t, -1), self.wo[...]), layer_cache
 
 
 class MLP(nnx.Module):
@@ -98,7 +92,8 @@ class MLP(nnx.Module):
     self.w_down = _normal(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)
 
   def __call__(self, x):
-    gate, up = jnp.split(dispatch.linear(x, self.w_gate_up[...]), 2, axis=-1)
+    gate, up = layout.split_last(dispatch.linear(x, self.w_gate_up[...]),
+                                 [self.w_down.shape[0]] * 2)
     return dispatch.linear(jax.nn.silu(gate) * up, self.w_down[...])
 
 
@@ -110,8 +105,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, positions, lengths, layer_cache):
-    h, layer_cache = self.attn(self.attn_norm(x), positions, lengths, layer_cache)
+  def __call__(self, x, pos, lengths, layer_cache):
+    h, layer_cache = self.attn(self.attn_norm(x), pos, lengths, layer_cache)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), layer_cache
 
@@ -126,9 +121,7 @@ class Transformer(nnx.Module):
     self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
     self.embed = (None if cfg.tie_word_embeddings
                   else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-    # Learned absolute positions (the CoPE paper's baseline), added to the token embeddings.
-    self.pos_table = (_normal(rngs, (cfg.max_position_embeddings, cfg.hidden_size), dtype)
-                      if cfg.position_encoding == "absolute" else None)
+    self.pos_table = _param(rngs, positions.get(cfg.position_encoding).model_param(cfg), dtype)
     self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -145,9 +138,9 @@ class Transformer(nnx.Module):
                        f"{input_ids.dtype}{tuple(input_ids.shape)}")
     b, t = input_ids.shape
     if cache is not None and t == 1:
-      positions = cache.lengths[:, None]
+      pos = cache.lengths[:, None]
     else:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       if cache is not None and t > cache.max_len:
         raise ValueError(f"model: prompt of {t} tokens is longer than the cache ({cache.max_len})")
     span = cache.max_len if cache is not None else t
@@ -157,13 +150,12 @@ class Transformer(nnx.Module):
     if lengths is None:
       lengths = jnp.full((b,), t, jnp.int32)
 
-    x = self._embed(input_ids)
-    if self.pos_table is not None:
-      x = x + jnp.take(self.pos_table[...], positions, axis=0)
+    x = positions.get(cfg.position_encoding).embed(
+        self._embed(input_ids), pos, None if self.pos_table is None else self.pos_table[...])
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_cache = layer(x, positions, lengths, layer_cache)
+      x, layer_cache = layer(x, pos, lengths, layer_cache)
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])

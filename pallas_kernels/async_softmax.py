@@ -38,16 +38,17 @@ def needs_recompute(row_max, denom, out, phi):
   return ~(in_window & finite)
 
 
-def takes(q) -> bool:
-  """Whether the attention kernels take q: a power-of-two head_dim >= 16 (Triton's dot and
-  tiles), float32 or bfloat16."""
-  d = q.shape[-1]
-  return q.dtype in (jnp.float32, jnp.bfloat16) and d >= 16 and not d & (d - 1)
+def unsupported(head_dim: int, dtype) -> str | None:
+  """Why the attention kernels cannot take this head_dim / dtype, or None if they can:
+  Triton's dot and tiles need a power-of-two head_dim >= 16, in float32 or bfloat16."""
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    return f"head_dim {head_dim} is not a power of two >= 16"
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+    return f"dtype {jnp.dtype(dtype).name} is not float32 or bfloat16"
+  return None
 
 
 def check_inputs(op, q):
-  d = q.shape[-1]
-  if d < 16 or d & (d - 1):
-    raise ValueError(f"{op}: the Pallas kernel needs a power-of-two head_dim >= 16, got {d}")
-  if q.dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"{op}: the Pallas kernel takes float32 or bfloat16, got {q.dtype}")
+  why = unsupported(q.shape[-1], q.dtype)
+  if why:
+    raise ValueError(f"{op}: the Pallas kernel cannot take this input: {why}")

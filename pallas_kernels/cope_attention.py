@@ -25,6 +25,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import async_softmax as asm
+from pallas_kernels import prefill_attention, shared
+
+
+class Settings(prefill_attention.Settings):
+  """The prefill kernel's knobs, with CoPE's defaults."""
+
+  @classmethod
+  def default(cls, t: int, s: int) -> "Settings":
+    """32 x 32: at 64 x 64 the score, gate, position and logit tiles live together and the
+    kernel spills (255 registers, compiled for the H100)."""
+    return cls(block_q=min(32, max(16, pl.next_power_of_2(t))),
+               block_k=min(32, max(16, pl.next_power_of_2(s))), num_warps=4, num_stages=2)
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q, block_k,
@@ -83,27 +95,21 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q
               mask=rows_ok[:, None])
 
 
-def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, block_q=None, block_k=None,
-                   interpret=False, num_warps=4, num_stages=2):
+def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale,
+                   settings: Settings | None = None, interpret=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos, D]; lengths [B] -> [B, T, Hq, D]."""
   asm.check_inputs("cope_attention", q)
   b, t, hq, d = q.shape
   s = k.shape[1]
   npos = pos_emb.shape[0]
-  # 32 x 32 by default: at 64 x 64 the [block_q, block_k] score, gate, position and logit
-  # tiles live together and the kernel spills (255 registers, compiled for the H100).
-  block_q = block_q or min(32, max(16, pl.next_power_of_2(t)))
-  block_k = block_k or min(32, max(16, pl.next_power_of_2(s)))
+  settings = shared.fill(settings, Settings.default(t, s))
+  block_q = settings.block_q
   lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, s)
   z = jnp.einsum("bthd,nd->bthn", q.astype(jnp.float32), pos_emb.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST)  # q . e[n], unscaled (Appendix B)
-  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                             group=hq // k.shape[2], npos=npos)
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  return pl.pallas_call(
-      kernel, grid=(b, hq, pl.cdiv(t, block_q)), in_specs=[any_spec] * 5, out_specs=any_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="fdjax_cope",
-  )(lengths, q, k, v, z)
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q,
+                             block_k=settings.block_k, group=hq // k.shape[2], npos=npos)
+  return shared.call(kernel, (lengths, q, k, v, z), grid=(b, hq, pl.cdiv(t, block_q)),
+                     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), settings=settings,
+                     interpret=interpret, name="fdjax_cope")

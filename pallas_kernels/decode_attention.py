@@ -12,6 +12,7 @@ use the tensor-core dot with the group padded to the dot's minimum of 16 rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,8 +21,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import async_softmax as asm
+from pallas_kernels import shared
 
-DOT_MIN_ROWS = 16
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The kernel's knobs; None takes `default`'s value for the shapes."""
+  block_k: int | None = None      # keys per loop step
+  num_splits: int | None = None   # KV splits per (row, KV head)
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  @classmethod
+  def default(cls, batch: int, kv_heads: int, kv_len: int) -> "Settings":
+    """128-key blocks; enough splits to fill the GPU about twice over, each >= 256 keys."""
+    block_k = min(128, max(16, pl.next_power_of_2(kv_len)))
+    splits = pl.cdiv(2 * shared.num_sms(), batch * kv_heads)
+    splits = max(1, min(splits, pl.cdiv(kv_len, max(256, block_k))))
+    return cls(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
 
 
 def _scores(q, k, f32):
@@ -82,33 +99,20 @@ def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
     m_ref[b, h, split, :] = m
 
 
-def _splits(batch, kv_heads, s, block_k, num_splits):
-  """KV splits per row: enough programs to fill an H100 (132 SMs) about twice over, with at
-  least 256 keys per split."""
-  if num_splits is None:
-    num_splits = pl.cdiv(2 * 132, batch * kv_heads)
-    num_splits = max(1, min(num_splits, pl.cdiv(s, max(256, block_k))))
-  split_len = pl.cdiv(pl.cdiv(s, num_splits), block_k) * block_k
-  return pl.cdiv(s, split_len), split_len
-
-
-def _partials(q, k, v, lengths, phi, active, *, sm_scale, block_k, num_splits, online,
-              interpret, num_warps, num_stages):
+def _partials(q, k, v, lengths, phi, active, *, sm_scale, settings, online, interpret):
   b, hkv, g_pad, d = q.shape
   s = k.shape[1]
-  n_split, split_len = _splits(b, hkv, s, block_k, num_splits)
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  block_k = settings.block_k
+  split_len = pl.cdiv(pl.cdiv(s, settings.num_splits), block_k) * block_k
+  n_split = pl.cdiv(s, split_len)
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
                              online=online, vector=(g_pad == 1))
-  return pl.pallas_call(
-      kernel, grid=(b, hkv, n_split),
-      in_specs=[any_spec] * 6, out_specs=[any_spec] * 3,
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, n_split, g_pad, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="fdjax_decode_online" if online else "fdjax_decode_async",
-  )(lengths, phi, active, q, k, v)
+  stat = jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32)
+  return shared.call(
+      kernel, (lengths, phi, active, q, k, v), grid=(b, hkv, n_split),
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, n_split, g_pad, d), jnp.float32), stat, stat],
+      settings=settings, interpret=interpret,
+      name="fdjax_decode_online" if online else "fdjax_decode_async")
 
 
 def _combine_online(o, l, m):
@@ -121,8 +125,7 @@ def _combine_online(o, l, m):
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="async",
-                     block_k=None, num_splits=None, interpret=False, return_stats=False,
-                     num_warps=4, num_stages=2):
+                     settings: Settings | None = None, interpret=False, return_stats=False):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats).
 
   mode "async": unified max value phi with the guarded recompute; "online": the
@@ -134,16 +137,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="
   b, hq, d = q.shape
   s, hkv = k_cache.shape[1], k_cache.shape[2]
   g = hq // hkv
-  g_pad = 1 if g == 1 else max(DOT_MIN_ROWS, pl.next_power_of_2(g))
-  block_k = block_k or min(128, max(16, pl.next_power_of_2(s)))
+  g_pad = 1 if g == 1 else max(shared.DOT_MIN_ROWS, pl.next_power_of_2(g))
+  settings = shared.fill(settings, Settings.default(b, hkv, s))
   qg = q.reshape(b, hkv, g, d)
   if g_pad != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
   phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
   run = functools.partial(_partials, qg, k_cache, v_cache, lengths, phi, sm_scale=sm_scale,
-                          block_k=block_k, num_splits=num_splits, interpret=interpret,
-                          num_warps=num_warps, num_stages=num_stages)
+                          settings=settings, interpret=interpret)
   everyone = jnp.ones((b, hkv), jnp.int32)
 
   if mode == "online":

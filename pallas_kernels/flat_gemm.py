@@ -11,6 +11,7 @@ and K need not divide the blocks (masked loads and stores).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,8 +19,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-DOT_MIN_ROWS = 16
+from pallas_kernels import shared
+
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def split_k_for(k: int, n: int, block_n: int, block_k: int) -> int:
+  """K splits so that the N blocks times the splits fill the GPU about twice, each split
+  keeping at least 4 K blocks."""
+  programs_n = -(-n // block_n)
+  return int(max(1, min(-(-2 * shared.num_sms() // programs_n), k // (4 * block_k))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The kernel's knobs; None takes `default`'s value for the shapes."""
+  block_n: int | None = None
+  block_k: int | None = None
+  split_k: int | None = None
+  num_stages: int | None = None  # 2: the paper's double buffer
+  num_warps: int | None = None
+
+  @classmethod
+  def default(cls, k: int, n: int) -> "Settings":
+    return cls(block_n=64, block_k=128, split_k=split_k_for(k, n, 64, 128), num_stages=2,
+               num_warps=4)
 
 
 def check(op, x, w):
@@ -60,36 +84,30 @@ def _kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, k_per_split, f32)
               acc.astype(o_ref.dtype), mask=(rows[:, None] < m) & (cols[None, :] < n_total))
 
 
-def flat_gemm(x, w, *, block_n=64, block_k=128, split_k=1, num_stages=2, num_warps=4,
-              interpret=False):
+def flat_gemm(x, w, *, settings: Settings | None = None, interpret=False):
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, float32 accumulation."""
   check("flat_gemm", x, w)
   m, k = x.shape
-  n = w.shape[1]
-  block_m = max(DOT_MIN_ROWS, pl.next_power_of_2(m))
-  block_k = min(block_k, max(16, pl.next_power_of_2(k)))
-  block_n = min(block_n, max(16, pl.next_power_of_2(n)))
+  settings = shared.fill(settings, Settings.default(k, w.shape[1]))
+  block_m = max(shared.DOT_MIN_ROWS, pl.next_power_of_2(m))
   return launch_split_k(functools.partial(_kernel, block_m=block_m, f32=x.dtype == jnp.float32),
-                        x, w, block_n=block_n, block_k=block_k, split_k=split_k,
-                        num_stages=num_stages, num_warps=num_warps, interpret=interpret,
-                        name="fdjax_flat_gemm")
+                        x, w, settings, interpret=interpret, name="fdjax_flat_gemm")
 
 
-def launch_split_k(kernel, x, w, *, block_n, block_k, split_k, num_stages, num_warps,
-                   interpret, name):
+def launch_split_k(kernel, x, w, settings, *, interpret, name):
   """Runs `kernel(x_ref, w_ref, o_ref, block_n=, block_k=, k_per_split=)` over the grid
-  (N blocks, K splits) and sums the float32 partials of the splits (no atomics)."""
+  (N blocks, K splits) and sums the float32 partials of the splits (no atomics). Blocks are
+  clamped to the (power-of-two rounded) matrix sizes."""
   m, k = x.shape
   n = w.shape[1]
-  k_per_split = k_ranges(k, block_k, split_k)
+  block_k = min(settings.block_k, max(16, pl.next_power_of_2(k)))
+  block_n = min(settings.block_n, max(16, pl.next_power_of_2(n)))
+  k_per_split = k_ranges(k, block_k, settings.split_k)
   split_k = pl.cdiv(k, k_per_split)
   out_dtype = x.dtype if split_k == 1 else jnp.float32
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  out = pl.pallas_call(
+  out = shared.call(
       functools.partial(kernel, block_n=block_n, block_k=block_k, k_per_split=k_per_split),
-      grid=(pl.cdiv(n, block_n), split_k), in_specs=[any_spec, any_spec],
-      out_specs=any_spec, out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name=name,
-  )(x, w)
+      (x, w), grid=(pl.cdiv(n, block_n), split_k),
+      out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype), settings=settings,
+      interpret=interpret, name=name)
   return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(x.dtype)

@@ -15,9 +15,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flat_gemm import check, launch_split_k
+from pallas_kernels import flat_gemm, shared
+from pallas_kernels.flat_gemm import check, launch_split_k, split_k_for
 
 MAX_M = 8  # beyond this the tensor-core flat GEMM always wins
+
+
+class Settings(flat_gemm.Settings):
+  """The flat GEMM's knobs, with the GEMV's defaults."""
+
+  @classmethod
+  def default(cls, k: int, n: int) -> "Settings":
+    return cls(block_n=128, block_k=64, split_k=split_k_for(k, n, 128, 64), num_stages=2,
+               num_warps=4)
 
 
 def _kernel(x_ref, w_ref, o_ref, *, m, block_n, block_k, k_per_split):
@@ -48,16 +58,12 @@ def _kernel(x_ref, w_ref, o_ref, *, m, block_n, block_k, k_per_split):
                 accs[r].astype(o_ref.dtype), mask=col_ok)
 
 
-def gemv(x, w, *, block_n=128, block_k=64, split_k=1, num_stages=2, num_warps=4,
-         interpret=False):
+def gemv(x, w, *, settings: Settings | None = None, interpret=False):
   """x [M, K] @ w [K, N] -> [M, N] for M <= MAX_M, in x's dtype, float32 accumulation."""
   check("gemv", x, w)
   m, k = x.shape
   if m > MAX_M:
     raise ValueError(f"gemv: M must be at most {MAX_M}, got {m}")
-  n = w.shape[1]
-  block_k = min(block_k, max(16, pl.next_power_of_2(k)))
-  block_n = min(block_n, max(16, pl.next_power_of_2(n)))
-  return launch_split_k(functools.partial(_kernel, m=m), x, w, block_n=block_n,
-                        block_k=block_k, split_k=split_k, num_stages=num_stages,
-                        num_warps=num_warps, interpret=interpret, name="fdjax_gemv")
+  settings = shared.fill(settings, Settings.default(k, w.shape[1]))
+  return launch_split_k(functools.partial(_kernel, m=m), x, w, settings, interpret=interpret,
+                        name="fdjax_gemv")

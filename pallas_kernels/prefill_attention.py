@@ -11,6 +11,7 @@ only. Lengths that are not multiples of the blocks are masked on load and store.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,6 +20,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import async_softmax as asm
+from pallas_kernels import shared
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The kernel's knobs; None takes `default`'s value for the shapes."""
+  block_q: int | None = None
+  block_k: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  @classmethod
+  def default(cls, t: int) -> "Settings":
+    block = min(64, max(16, pl.next_power_of_2(t)))
+    return cls(block_q=block, block_k=block, num_warps=4, num_stages=2)
 
 
 def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
@@ -73,40 +89,35 @@ def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
   m_ref[b, h, pl.ds(q_first, block_q)] = m
 
 
-def _run(q, k, v, lengths, phi, active, *, sm_scale, block_q, block_k, causal, online,
-         interpret, num_warps, num_stages):
+def _run(q, k, v, lengths, phi, active, *, sm_scale, settings, causal, online, interpret):
   b, t, hq, d = q.shape
+  block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                             group=hq // k.shape[2], causal=causal, online=online)
-  return pl.pallas_call(
-      kernel, grid=(b, hq, nq), in_specs=[any_spec] * 6, out_specs=[any_spec] * 3,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="fdjax_prefill_online" if online else "fdjax_prefill_async",
-  )(lengths, phi, active, q, k, v)
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q,
+                             block_k=settings.block_k, group=hq // k.shape[2], causal=causal,
+                             online=online)
+  stat = jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32)
+  return shared.call(
+      kernel, (lengths, phi, active, q, k, v), grid=(b, hq, nq),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat, stat], settings=settings,
+      interpret=interpret, name="fdjax_prefill_online" if online else "fdjax_prefill_async")
 
 
 def prefill_attention(q, k, v, lengths=None, *, sm_scale, causal=True, phi=None, mode="async",
-                      block_q=None, block_k=None, interpret=False, return_stats=False,
-                      num_warps=4, num_stages=2):
+                      settings: Settings | None = None, interpret=False, return_stats=False):
   """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D] (and stats)."""
   asm.check_inputs("prefill_attention", q)
   if mode not in ("async", "online"):
     raise ValueError(f"prefill_attention: unknown mode {mode!r}")
   b, t, hq, d = q.shape
-  block_q = block_q or min(64, max(16, pl.next_power_of_2(t)))
-  block_k = block_k or min(64, max(16, pl.next_power_of_2(t)))
+  settings = shared.fill(settings, Settings.default(t))
+  block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, t)
   phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
-  run = functools.partial(_run, q, k, v, lengths, phi, sm_scale=sm_scale, block_q=block_q,
-                          block_k=block_k, causal=causal, interpret=interpret,
-                          num_warps=num_warps, num_stages=num_stages)
+  run = functools.partial(_run, q, k, v, lengths, phi, sm_scale=sm_scale, settings=settings,
+                          causal=causal, interpret=interpret)
   everyone = jnp.ones((b, hq, nq), jnp.int32)
   if mode == "online":
     out, _, _ = run(everyone, online=True)

@@ -47,8 +47,9 @@ def test_decode_kernel_matches_reference(hq, hkv, mode, dtype):
   s = 77  # not a multiple of the block (16) nor of the split
   q, k, v = _inputs(rng, (3, hq, D), (3, s, hkv, D), dtype)
   lengths = jnp.asarray([1, 33, s], jnp.int32)  # length 1, odd and block-crossing, full
-  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, mode=mode, block_k=16,
-                                   num_splits=3, interpret=True, return_stats=True)
+  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, mode=mode,
+                                   settings=dk.Settings(block_k=16, num_splits=3),
+                                   interpret=True, return_stats=True)
   assert out.shape == q.shape and out.dtype == dtype
   want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5)
   if dtype == jnp.float32:
@@ -76,7 +77,8 @@ def test_prefill_kernel_matches_reference(hq, hkv, causal, dtype):
   q, k, v = _inputs(rng, (3, t, hq, D), (3, t, hkv, D), dtype)
   lengths = jnp.asarray([t, 1, 20], jnp.int32)
   out, stats = pk.prefill_attention(q, k, v, lengths, sm_scale=D ** -0.5, causal=causal,
-                                    block_q=16, block_k=16, interpret=True, return_stats=True)
+                                    settings=pk.Settings(block_q=16, block_k=16),
+                                    interpret=True, return_stats=True)
   want = np_prefill_attention(*_f64(q, k, v), np.asarray(lengths), causal, D ** -0.5)
   if dtype == jnp.float32:
     assert rel_err(out, want) < 1e-5
@@ -107,8 +109,9 @@ def test_decode_guard_recovers_every_row(case):
   rng = np.random.default_rng(11)
   q, k, v, lengths = _decode_case(rng, 1e4 if case == "scores_x1e4" else 1.0)
   phi = {"scores_x1e4": None, "phi_far_too_low": -1e4, "phi_far_too_high": 1e4}[case]
-  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, phi=phi, block_k=16,
-                                   num_splits=4, interpret=True, return_stats=True)
+  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, phi=phi,
+                                   settings=dk.Settings(block_k=16, num_splits=4),
+                                   interpret=True, return_stats=True)
   assert np.all(np.isfinite(np.asarray(out)))
   assert rel_err(out, np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5)) < 1e-5
   assert int(stats["recomputed_rows"]) > 0
@@ -120,8 +123,9 @@ def test_decode_guard_one_huge_score_in_one_split_recomputes_only_that_group():
   # Key 40 (the third of four splits of 16) of batch row 1, KV head 0, made to align with the
   # query heads of that group: their scores there jump far above phi + HI.
   k = k.at[1, 40, 0].set(q[1, 0] * 40.0)
-  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, block_k=16,
-                                   num_splits=4, interpret=True, return_stats=True)
+  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5,
+                                   settings=dk.Settings(block_k=16, num_splits=4),
+                                   interpret=True, return_stats=True)
   want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5)
   assert np.all(np.isfinite(np.asarray(out)))
   assert rel_err(out, want) < 1e-5
@@ -137,8 +141,9 @@ def test_prefill_guard_recovers_every_row(case):
   q = q * (1e4 if case == "scores_x1e4" else 1.0)
   phi = {"scores_x1e4": None, "phi_far_too_low": -1e4, "phi_far_too_high": 1e4}[case]
   lengths = jnp.asarray([40, 23], jnp.int32)
-  out, stats = pk.prefill_attention(q, k, v, lengths, sm_scale=D ** -0.5, phi=phi, block_q=16,
-                                    block_k=16, interpret=True, return_stats=True)
+  out, stats = pk.prefill_attention(q, k, v, lengths, sm_scale=D ** -0.5, phi=phi,
+                                    settings=pk.Settings(block_q=16, block_k=16),
+                                    interpret=True, return_stats=True)
   assert np.all(np.isfinite(np.asarray(out)))
   want = np_prefill_attention(*_f64(q, k, v), np.asarray(lengths), True, D ** -0.5)
   assert rel_err(out, want) < 1e-5
@@ -149,7 +154,8 @@ def test_prefill_guard_one_huge_score_recomputes_only_those_rows():
   rng = np.random.default_rng(14)
   q, k, v = _inputs(rng, (1, 48, 2, D), (1, 48, 1, D), jnp.float32)
   k = k.at[0, 5, 0].set(q[0, 30, 0] * 40.0)  # one score of query row 30, head 0
-  out, stats = pk.prefill_attention(q, k, v, sm_scale=D ** -0.5, block_q=16, block_k=16,
+  out, stats = pk.prefill_attention(q, k, v, sm_scale=D ** -0.5,
+                                    settings=pk.Settings(block_q=16, block_k=16),
                                     interpret=True, return_stats=True)
   want = np_prefill_attention(*_f64(q, k, v), None, True, D ** -0.5)
   assert rel_err(out, want) < 1e-5
@@ -186,7 +192,7 @@ def test_model_generates_the_same_through_the_kernels(monkeypatch):
 def test_kernel_refuses_what_it_cannot_take():
   q = jnp.ones((1, 4, 12), jnp.float32)
   k = jnp.ones((1, 8, 2, 12), jnp.float32)
-  with pytest.raises(ValueError, match="power-of-two head_dim"):
+  with pytest.raises(ValueError, match="not a power of two"):
     dispatch.decode_attention(q, k, k, jnp.asarray([3]), impl="pallas_interpret")
   qh = jnp.ones((1, 4, 16), jnp.float16)
   kh = jnp.ones((1, 8, 2, 16), jnp.float16)

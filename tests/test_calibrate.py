@@ -29,7 +29,9 @@ def test_calibrate_records_every_layer_and_load_uses_it(tmp_path):
                       "--num-prompts", "2", "--prompt-len", "24"], capture_output=True,
                      text=True, env=env, cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
-  rec = json.loads((tmp_path / calibrate.PHI_FILE).read_text())
+  meta = json.loads((tmp_path / "fdjax.json").read_text())  # the checkpoint's own fdjax config
+  rec = meta["calibration"]
+  assert meta["softmax_phi"] == rec["phi"]
   assert len(rec["phi"]) == 3 and rec["num_prompts"] == 2
   for (lo, hi), phi in zip(rec["row_max_range"], rec["phi"]):
     assert lo <= hi and phi + LO <= lo and hi <= phi + HI
@@ -45,3 +47,10 @@ def test_calibrate_records_every_layer_and_load_uses_it(tmp_path):
   with dispatch.using("pallas_interpret"):
     got = fdjax.generate(loaded, [[1, 2, 3]], max_new_tokens=3).tokens
   assert got == want
+
+
+def test_an_older_phi_sidecar_still_loads(tmp_path):
+  model = tiny_model(seed=2, head_dim=16, num_layers=2)
+  fdjax.save_pretrained(model, tmp_path)
+  (tmp_path / "fdjax_phi.json").write_text(json.dumps({"phi": [1.5, -2.0]}))
+  assert fdjax.load_pretrained(tmp_path).config.softmax_phi == (1.5, -2.0)

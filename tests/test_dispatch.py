@@ -52,7 +52,7 @@ def test_linear_matches_numpy_and_keeps_leading_dims():
 
 
 def test_auto_under_jit_reports_cpu_choice():
-  assert set(dispatch.describe("cpu").values()) == {"xla"}
+  assert all(v.startswith("xla (cpu") for v in dispatch.describe(platform="cpu").values())
 
 
 q3 = np.ones((2, 4, 8), np.float32)

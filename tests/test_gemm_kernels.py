@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdjax import dispatch, tuning
+from fdjax import dispatch, selection, tune
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
 from tests.helpers import rel_err, spy
@@ -30,7 +30,8 @@ def _xw(m, k, n, dtype, seed=0):
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_flat_gemm_float32(m, k, n, split_k):
   x, w, want = _xw(m, k, n, jnp.float32)
-  out = fg.flat_gemm(x, w, block_n=32, block_k=64, split_k=split_k, interpret=True)
+  out = fg.flat_gemm(x, w, settings=fg.Settings(block_n=32, block_k=64, split_k=split_k),
+                     interpret=True)
   assert out.shape == (m, n) and out.dtype == jnp.float32
   assert rel_err(out, want) < 1e-5
 
@@ -39,7 +40,8 @@ def test_flat_gemm_float32(m, k, n, split_k):
 @pytest.mark.parametrize("m,k,n", [s for s in SHAPES if s[0] <= gv.MAX_M])
 def test_gemv_float32(m, k, n, split_k):
   x, w, want = _xw(m, k, n, jnp.float32)
-  out = gv.gemv(x, w, block_n=64, block_k=32, split_k=split_k, interpret=True)
+  out = gv.gemv(x, w, settings=gv.Settings(block_n=64, block_k=32, split_k=split_k),
+                interpret=True)
   assert out.shape == (m, n)
   assert rel_err(out, want) < 1e-5
 
@@ -48,8 +50,8 @@ def test_gemv_float32(m, k, n, split_k):
 def test_bfloat16_within_twice_xla_error(kernel):
   m, k, n = 3, 1000, 1234
   x, w, want = _xw(m, k, n, jnp.bfloat16)
-  fn = fg.flat_gemm if kernel == "flat" else gv.gemv
-  out = fn(x, w, split_k=2, interpret=True)
+  fn, settings = (fg.flat_gemm, fg.Settings) if kernel == "flat" else (gv.gemv, gv.Settings)
+  out = fn(x, w, settings=settings(split_k=2), interpret=True)
   assert out.dtype == jnp.bfloat16
   err = np.max(np.abs(np.asarray(out, np.float64) - want))
   base = np.max(np.abs(np.asarray(jnp.dot(x, w), np.float64) - want))  # XLA in bf16
@@ -78,19 +80,19 @@ def table(tmp_path, monkeypatch):
            "gemv": {"block_n": 32, "block_k": 32, "split_k": 2},
            "flat": {"block_n": 32, "block_k": 32, "split_k": 1, "num_stages": 2}}
   with open(tmp_path / "t.json", "w") as fh:
-    json.dump({"device": tuning.device_kind(), "shapes": {"64x80": entry}}, fh)
+    json.dump({"device": selection.device_kind(), "shapes": {"64x80": entry}}, fh)
   monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
-  tuning.reload()
+  selection.reload()
   yield entry
   monkeypatch.delenv("FDJAX_TABLES")
-  tuning.reload()
+  selection.reload()
 
 
 def test_dispatch_follows_the_table(table, monkeypatch):
   gemv_calls, flat_calls = spy(monkeypatch, gv, "gemv"), spy(monkeypatch, fg, "flat_gemm")
   for m, expected in [(1, "gemv"), (2, "gemv"), (3, "flat"), (5, "flat"), (6, "xla"),
                       (40, "xla")]:
-    assert tuning.choose(m, 64, 80)[0] == expected
+    assert selection.linear(m, 64, 80).impl == expected
     gemv_calls.clear()
     flat_calls.clear()
     x, w, want = _xw(m, 64, 80, jnp.float32)
@@ -99,13 +101,14 @@ def test_dispatch_follows_the_table(table, monkeypatch):
     assert (len(gemv_calls), len(flat_calls)) == {"gemv": (1, 0), "flat": (0, 1),
                                                   "xla": (0, 0)}[expected]
   # an untuned shape gets the analytic fallback
-  assert tuning.entry(64, 81)["source"] == "analytic"
-  assert tuning.choose(1, 64, 81)[0] == "gemv" and tuning.choose(64, 64, 81)[0] == "flat"
-  assert tuning.choose(65, 64, 81)[0] == "xla"
+  assert selection.entry(64, 81)["source"] == "analytic"
+  assert selection.linear(1, 64, 81).impl == "gemv"
+  assert selection.linear(64, 64, 81).impl == "flat"
+  assert selection.linear(65, 64, 81).impl == "xla"
 
 
 def test_cpu_auto_always_takes_xla(table, monkeypatch):
-  monkeypatch.setattr(tuning, "run_linear", lambda *a, **k: pytest.fail("kernel on CPU"))
+  monkeypatch.setattr(selection, "linear", lambda *a, **k: pytest.fail("kernel on CPU"))
   x, w, want = _xw(4, 64, 80, jnp.float32)
   assert rel_err(jax.jit(dispatch.linear)(x, w), want) < 1e-5
 
@@ -117,7 +120,7 @@ def test_fit_crossovers_minimises_total_time():
           {"m": 4, "gemv_us": 12, "flat_us": 9, "xla_us": 8},
           {"m": 5, "flat_us": 9, "xla_us": 9.5},  # one noisy point: not worth a region of its own
           {"m": 6, "flat_us": 11, "xla_us": 8}]
-  assert tuning.fit_crossovers(prof) == (3, 4)
+  assert tune.fit_crossovers(prof) == (3, 4)
 
 
 def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
@@ -129,16 +132,16 @@ def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "M1=" in r.stdout and "[4/4]" in r.stdout
   monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
-  tuning.reload()
+  selection.reload()
   try:
     from fdjax import presets
-    for k, n in tuning.weight_shapes(presets.get("random-tiny")).values():
-      e = tuning.entry(k, n)
+    for k, n in presets.get("random-tiny").linear_shapes().values():
+      e = selection.entry(k, n)
       assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
       assert [p["m"] for p in e["profile"]] == [1, 2]
   finally:
     monkeypatch.delenv("FDJAX_TABLES")
-    tuning.reload()
+    selection.reload()
 
 
 def test_tune_refuses_cpu_without_flag():
@@ -151,8 +154,8 @@ def test_tune_refuses_cpu_without_flag():
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_gemm_kernels_lower_for_cuda(split_k):
   spec = jax.ShapeDtypeStruct
-  for fn in (fg.flat_gemm, gv.gemv):
-    text = jax.jit(functools.partial(fn, split_k=split_k)).trace(
+  for fn, settings in ((fg.flat_gemm, fg.Settings), (gv.gemv, gv.Settings)):
+    text = jax.jit(functools.partial(fn, settings=settings(split_k=split_k))).trace(
         spec((4, 4096), jnp.bfloat16), spec((4096, 11008), jnp.bfloat16)
     ).lower(lowering_platforms=("cuda",)).as_text()
     assert "fdjax_" in text

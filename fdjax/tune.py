@@ -1,0 +1,129 @@
+"""The offline half of FlashDecoding++'s heuristic dataflow: `fdjax tune` profiles GEMV, the
+flat GEMM and XLA's dot per weight shape [K, N] over M, fits the crossovers M1 and M2, and
+writes the table `fdjax.selection` reads at run time. A candidate setting the compiler
+refuses is dropped; every timing is fdjax.timing's (rotating random inputs, no L2 reuse).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fdjax import reference, selection, timing
+from pallas_kernels import flat_gemm as fg
+from pallas_kernels import gemv as gv
+
+GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
+                for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]
+FLAT_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": st}
+                for bn in (64, 128) for bk in (128,) for sk in (1, 2, 4) for st in (2, 4)]
+PROFILE_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _time(fn, sets, iters):
+  return timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
+
+
+def _best(kernel, settings_cls, configs, sets, iters, interpret):
+  best = None
+  for c in configs:
+    try:
+      t = _time(functools.partial(kernel, interpret=interpret, settings=settings_cls(**c)),
+                sets, iters)
+    except Exception:  # a config the compiler refuses (shared memory, registers, ...): dropped
+      continue
+    if best is None or t < best[0]:
+      best = (t, c)
+  if best is None:
+    raise ValueError(f"no configuration of {kernel.__name__} compiled for x "
+                     f"{sets[0][0].shape} w {sets[0][1].shape}")
+  return best
+
+
+def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, interpret=False,
+               gemv_configs=None, flat_configs=None, progress=print) -> dict:
+  """Profiles one [K, N] weight shape over `ms` and returns its table entry. Weights rotate
+  over enough random copies that they do not sit in the L2 cache between calls."""
+  key = jax.random.key(k * 7919 + n)
+  n_sets = 1 if interpret else timing.sets_needed(k * n * jnp.dtype(dtype).itemsize)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32).astype(dtype)
+        for i in range(n_sets)]
+  def sets(m):
+    return [(jax.random.normal(jax.random.fold_in(key, 1000 * m + i), (m, k),
+                               jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
+  gemv_cfg = _best(gv.gemv, gv.Settings, gemv_configs or GEMV_CONFIGS, sets(1), iters,
+                   interpret)[1]
+  flat_cfg = _best(fg.flat_gemm, fg.Settings, flat_configs or FLAT_CONFIGS,
+                   sets(min(16, max(ms))), iters, interpret)[1]
+  flat = functools.partial(fg.flat_gemm, interpret=interpret, settings=fg.Settings(**flat_cfg))
+  gemv = functools.partial(gv.gemv, interpret=interpret, settings=gv.Settings(**gemv_cfg))
+  profile = []
+  for i, m in enumerate(ms):
+    xs = sets(m)
+    row = {"m": m, "flat_us": _time(flat, xs, iters) * 1e6,
+           "xla_us": _time(reference.linear, xs, iters) * 1e6}
+    if m <= gv.MAX_M:
+      row["gemv_us"] = _time(gemv, xs, iters) * 1e6
+    profile.append(row)
+    progress(f"  [{k}x{n}] M={m} ({i + 1}/{len(ms)}) " + " ".join(
+        f"{name}={row[name]:.1f}us" for name in ("gemv_us", "flat_us", "xla_us") if name in row))
+  m1, m2 = fit_crossovers(profile)
+  return {"m1": int(m1), "m2": int(m2), "source": "measured", "gemv": gemv_cfg,
+          "flat": flat_cfg, "profile": profile}
+
+
+def fit_crossovers(profile: list[dict]) -> tuple[int, int]:
+  """(M1, M2) minimising the summed time of the implementation the three regions pick over
+  every profiled M (GEMV below M1, the flat GEMM below M2, XLA from M2): the best table of
+  this form for the measurements, and not thrown off by one noisy point."""
+  ms = [r["m"] for r in profile]
+  cuts = ms + [ms[-1] + 1]
+  best = None
+  for i, m1 in enumerate(cuts):
+    for m2 in cuts[i:]:
+      total = sum(r.get("gemv_us", float("inf")) if r["m"] < m1 else
+                  r["flat_us"] if r["m"] < m2 else r["xla_us"] for r in profile)
+      if best is None or total < best[0]:
+        best = (total, m1, m2)
+  return best[1], best[2]
+
+
+def write_table(entries: dict, path: str | None = None, kind: str | None = None) -> str:
+  """Merges {"KxN": entry} into the device's table file and returns its path."""
+  kind = kind or selection.device_kind()
+  path = path or os.path.join(selection.TABLE_DIR, f"{selection.slug(kind)}.json")
+  table = {"device": kind, "shapes": {}}
+  if os.path.exists(path):
+    with open(path) as fh:
+      table = json.load(fh)
+  table["device"] = kind
+  table["shapes"].update(entries)
+  table["jax_version"] = jax.__version__
+  table["date"] = time.strftime("%Y-%m-%d")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as fh:
+    json.dump(table, fh, indent=1)
+  selection.reload()
+  return path
+
+
+def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None) -> str:
+  """Tunes the four weight shapes of a model config and writes the device's table (or `out`).
+  On a CPU the kernels run interpreted with one candidate each: a check of the plumbing, not
+  a measurement."""
+  progress = progress or (lambda s: print(s, flush=True))
+  on_cpu = jax.default_backend() == "cpu"
+  small = dict(gemv_configs=GEMV_CONFIGS[:1], flat_configs=FLAT_CONFIGS[:1]) if on_cpu else {}
+  shapes = cfg.linear_shapes()
+  entries = {}
+  for i, (name, (k, n)) in enumerate(shapes.items()):
+    progress(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M={list(ms)}")
+    e = tune_shape(k, n, ms, dtype=jnp.dtype(dtype), iters=iters, interpret=on_cpu,
+                   progress=progress, **small)
+    progress(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}")
+    entries[f"{k}x{n}"] = e
+  return write_table(entries, out)

@@ -1,0 +1,92 @@
+"""The one table of how a model's parameters map to Hugging Face tensors.
+
+Each entry names one fdjax parameter (its path in the module tree) and the checkpoint tensors
+it is made of: Hugging Face stores matrices [out, in] (`transpose`: fdjax keeps [in, out], the
+`linear` op's [K, N]) and q/k/v and gate/up apart (fdjax fuses them along the output axis, in
+the order listed). Loading, saving and the shape checks are all derived from it
+(fdjax.checkpoint); `split_last` is the one fused-tensor split, used by the model too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from models import positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  param: tuple        # path in the model, e.g. ("layers", 0, "attn", "wqkv")
+  names: tuple        # checkpoint tensor names, fused along fdjax's last axis in this order
+  shapes: tuple       # their checkpoint shapes
+  transpose: bool     # checkpoint [out, in] -> fdjax [in, out]
+
+  @property
+  def sizes(self) -> list[int]:
+    """Each tensor's share of the fused parameter's last axis."""
+    return [s[0] if self.transpose else s[-1] for s in self.shapes]
+
+  @property
+  def shape(self) -> tuple:
+    """The fdjax parameter's shape."""
+    first = self.shapes[0]
+    return tuple(first[1:] if self.transpose else first[:-1]) + (sum(self.sizes),)
+
+
+def split_last(x, sizes):
+  """The parts of a tensor fused along its last axis (q / k / v, gate / up)."""
+  parts, start = [], 0
+  for size in sizes:
+    parts.append(x[..., start:start + size])
+    start += size
+  return parts
+
+
+def qkv_sizes(cfg) -> list[int]:
+  d = cfg.head_dim
+  return [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]
+
+
+def layout(cfg) -> list[Entry]:
+  """Every parameter of a model with this config, in checkpoint order."""
+  h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  e = lambda param, names, shapes, transpose: Entry(tuple(param), tuple(names), tuple(shapes),
+                                                    transpose)
+  pe = positions.get(cfg.position_encoding)
+  if cfg.tie_word_embeddings:  # one [H, V] matrix: the output projection, gathered to embed
+    out = [e(["lm_head"], ["model.embed_tokens.weight"], [(v, h)], True)]
+  else:
+    out = [e(["embed"], ["model.embed_tokens.weight"], [(v, h)], False),
+           e(["lm_head"], ["lm_head.weight"], [(v, h)], True)]
+  out.append(e(["norm", "weight"], ["model.norm.weight"], [(h,)], False))
+  if pe.model_param(cfg):
+    name, shape, _ = pe.model_param(cfg)
+    out.append(e(["pos_table"], [name], [shape], False))
+  qkv = qkv_sizes(cfg)
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
+    out += [
+        e(["layers", i, "attn_norm", "weight"], [p + "input_layernorm.weight"], [(h,)], False),
+        e(["layers", i, "mlp_norm", "weight"], [p + "post_attention_layernorm.weight"], [(h,)],
+          False),
+        e(["layers", i, "attn", "wqkv"], [n + ".weight" for n in attn],
+          [(size, h) for size in qkv], True),
+        e(["layers", i, "attn", "wo"], [p + "self_attn.o_proj.weight"], [(h, qkv[0])], True),
+        e(["layers", i, "mlp", "w_gate_up"], [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+          [(f, h), (f, h)], True),
+        e(["layers", i, "mlp", "w_down"], [p + "mlp.down_proj.weight"], [(h, f)], True)]
+    if cfg.qkv_bias:
+      out.append(e(["layers", i, "attn", "bqkv"], [n + ".bias" for n in attn],
+                   [(size,) for size in qkv], False))
+    if pe.layer_param(cfg):
+      name, shape, _ = pe.layer_param(cfg)
+      out.append(e(["layers", i, "attn", "pos_emb"], [p + name], [shape], False))
+  return out
+
+
+def param_at(model, path):
+  """The nnx.Param at `path` (names and list indices)."""
+  node = model
+  for part in path:
+    node = node[part] if isinstance(part, int) else getattr(node, part)
+  return node

@@ -1,0 +1,75 @@
+"""Position encodings behind one interface: which parameter an encoding adds (to the model
+or to each attention layer, and under which checkpoint name), how it changes the token
+embeddings and q / k, and which attention op runs. A new encoding is one new class here."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from fdjax import dispatch
+from models import rope
+
+
+class NoPositions:
+  """No position information; every hook's default. A parameter spec is (checkpoint name
+  (within the layer for layer_param), shape, init "normal" | "zeros")."""
+  name = "none"
+
+  def model_param(self, cfg):
+    return None
+
+  def layer_param(self, cfg):
+    return None
+
+  def embed(self, x, positions, table):
+    return x
+
+  def rotate(self, cfg, q, k, positions):
+    return q, k
+
+  def attend(self, q, k, v, lengths, *, phi, table):  # a prompt: causal, `lengths` valid
+    return dispatch.prefill_attention(q, k, v, lengths=lengths, causal=True, phi=phi)
+
+  def attend_cache(self, q, k_cache, v_cache, lengths, *, phi, table):  # q [B, 1, Hq, D]
+    return dispatch.decode_attention(q[:, 0], k_cache, v_cache, lengths, phi=phi)[:, None]
+
+
+class Rope(NoPositions):
+  name = "rope"
+
+  def rotate(self, cfg, q, k, positions):
+    freq = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)  # trace-time
+    return rope.apply(q, positions, freq), rope.apply(k, positions, freq)
+
+
+class Cope(NoPositions):
+  """One [npos_max, D] table per layer shared by its heads, zero-initialised (the paper);
+  positions come from the gates, so decode steps attend with the CoPE op too."""
+  name = "cope"
+
+  def layer_param(self, cfg):
+    return "self_attn.pos_emb", (cfg.npos_max, cfg.head_dim), "zeros"
+
+  def attend(self, q, k, v, lengths, *, phi, table):
+    return dispatch.cope_attention(q, k, v, table, lengths=lengths)
+
+  def attend_cache(self, q, k_cache, v_cache, lengths, *, phi, table):
+    return dispatch.cope_attention(q, k_cache, v_cache, table, lengths=lengths)
+
+
+class Absolute(NoPositions):
+  """Learned positions added to the token embeddings (the CoPE paper's baseline)."""
+  name = "absolute"
+
+  def model_param(self, cfg):
+    return ("model.embed_positions.weight", (cfg.max_position_embeddings, cfg.hidden_size),
+            "normal")
+
+  def embed(self, x, positions, table):
+    return x + jnp.take(table, positions, axis=0)
+
+
+ENCODINGS = {e.name: e for e in (NoPositions(), Rope(), Cope(), Absolute())}
+
+
+def get(name: str) -> NoPositions:
+  return ENCODINGS[name]  # ModelConfig has checked the name
