@@ -35,6 +35,7 @@ def decode_impls(on_gpu, sm_scale):
                                                             interpret=interpret),
       "fdjax-sync": lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=sm_scale,
                                                            mode="online", interpret=interpret),
+      "fdjax-paged64": lambda q, k, v, n: _paged(q, k, v, n, sm_scale, 64, interpret),
       "xla": lambda q, k, v, n: reference.decode_attention(q, k, v, n, sm_scale),
       "xla-sdpa": lambda q, k, v, n: jax.nn.dot_product_attention(
           q[:, None], k, v, scale=sm_scale, key_value_seq_lengths=n,
@@ -48,6 +49,18 @@ def decode_impls(on_gpu, sm_scale):
         q[:, None], k, v, scale=sm_scale, key_value_seq_lengths=n,
         implementation="cudnn")[:, 0]
   return impls
+
+
+def _paged(q, k, v, n, sm_scale, page_size, interpret):
+  """The same cache cut into pages of `page_size` (row b's pages in order): what the paged
+  kernel's page-table indirection costs."""
+  b, s = k.shape[:2]
+  if s % page_size:
+    raise ValueError(f"kv_len {s} is not a multiple of the page size {page_size}")
+  pages = lambda x: x.reshape(b * s // page_size, page_size, *x.shape[2:])
+  table = jnp.arange(b * s // page_size, dtype=jnp.int32).reshape(b, s // page_size)
+  return dk.paged_decode_attention(q, pages(k), pages(v), table, n, sm_scale=sm_scale,
+                                   interpret=interpret)
 
 
 def prefill_impls(on_gpu, sm_scale):
@@ -107,7 +120,7 @@ def main():
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   if args.smoke:
-    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 32, 4, [4, 1], [1, 2], [64, 96], [48], 2
+    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 32, 4, [4, 1], [1, 2], [64, 128], [48], 2
   else:
     d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = (
         128, 32, [32, 8], [1, 8, 32], [1024, 4096, 16384], [1024, 4096], args.iters)

@@ -130,6 +130,29 @@ class Checker:
       return dict(err=err, limit=limit, ok=ok, recomputed_rows=rec, dtype=jnp.dtype(dtype).name)
     return run
 
+  def paged(self, b, hq, hkv, d, page_size, num_pages, lengths, dtype):
+    """Paged decode with shuffled page ids and garbage past each row's last page."""
+    def run():
+      kq, kk, kv, kp = jax.random.split(self.next_key(), 4)
+      max_pages = -(-max(lengths) // page_size)
+      q = _randn(kq, (b, hq, d), dtype)
+      k = _randn(kk, (num_pages, page_size, hkv, d), dtype)
+      v = _randn(kv, (num_pages, page_size, hkv, d), dtype)
+      ids = jax.random.permutation(kp, num_pages)[:b * max_pages].reshape(b, max_pages)
+      n = jnp.asarray(lengths, jnp.int32)
+      used = (jnp.arange(max_pages)[None] * page_size < n[:, None])
+      table = jnp.where(used, ids, 2 ** 30).astype(jnp.int32)
+      scale = d ** -0.5
+      out = dk.paged_decode_attention(q, k, v, table, n, sm_scale=scale,
+                                      interpret=self.interpret)
+      kf, vf = (reference.gather_pages(x, table) for x in (k, v))
+      want = reference.decode_attention(*_f32(q, kf, vf), n, scale)
+      naive = None if dtype == jnp.float32 else reference.decode_attention(
+          q, kf, vf, n, scale, plain=True)
+      err, limit, ok = _judge(out, want, dtype, naive)
+      return dict(err=err, limit=limit, ok=ok, dtype=jnp.dtype(dtype).name)
+    return run
+
   def prefill(self, b, t, hq, hkv, d, lengths, dtype, causal=True, mode="async", phi=None):
     def run():
       kq, kk, kv = jax.random.split(self.next_key(), 3)
@@ -243,6 +266,13 @@ def run_checks(c: Checker):
                                                   dict(plant=True))]:
     c.case("decode_guard", f"f32 {label}", c.decode(b, hq, hkv, dd, ss, n, f32, **kw))
   c.case("decode_guard", "bf16 phi=-1e4", c.decode(b, hq, hkv, dd, ss, n, bf16, phi=-1e4))
+
+  paged = ([(3, 8, 2, 32, 16, 24, [1, 16, 77])] if c.smoke else
+           [(4, 32, 8, 128, 64, 400, [1, 64, 4000, 2777]), (3, 8, 8, 128, 16, 300, [17, 900, 5])])
+  for dtype in (f32, bf16):
+    for bb, hq, hkv, dd, ps, npages, n in paged:
+      c.case("paged_decode", f"{jnp.dtype(dtype).name} B{bb} Hq{hq} Hkv{hkv} D{dd} page{ps} "
+             f"len{n}", c.paged(bb, hq, hkv, dd, ps, npages, n, dtype))
 
   pre = [(2, t, 8, 2, d, [t, t // 2 - 7]), (1, big, 4, 4, d, [big]), (2, t, 4, 1, 64, [t, 1])]
   for dtype in (f32, bf16):

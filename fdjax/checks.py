@@ -41,6 +41,15 @@ def int_vector(op: str, name: str, x, n: int) -> None:
     raise ValueError(f"{op}: {name} must have shape ({n},), got {x.shape}")
 
 
+def in_range(op: str, name: str, x, lo: int, hi: int) -> None:
+  """Values of x in [lo, hi], checked where they are known now (outside jit)."""
+  known = concrete(x)
+  if known is not None:
+    bad = sorted({int(v) for v in np.ravel(known) if not lo <= int(v) <= hi})
+    if bad:
+      raise ValueError(f"{op}: {name} {bad[:8]} out of range [{lo}, {hi}]")
+
+
 def gqa(op: str, q_heads: int, kv_heads: int) -> None:
   if kv_heads < 1 or q_heads % kv_heads:
     raise ValueError(f"{op}: query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")

@@ -39,7 +39,8 @@ def cmd_generate(args):
     raise ValueError("the prompt encodes to no tokens")
   eos = tok.eos_token_id if args.eos_token_id is None else args.eos_token_id
   res = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
+                 top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
+                 page_size=args.page_size, prefill_chunk=args.prefill_chunk)
   print(args.prompt + tok.decode(res.tokens[0]))
   impls = "; ".join(f"{op}={how}" for op, how in
                     dispatch.describe(model.config, dtype=model.dtype).items())
@@ -114,6 +115,9 @@ def build_parser():
   g.add_argument("--top-k", type=int, default=40)
   g.add_argument("--top-p", type=float)
   g.add_argument("--eos-token-id", type=int)
+  g.add_argument("--page-size", type=int, default=64, help="KV-cache page size in tokens")
+  g.add_argument("--prefill-chunk", type=int, help="prefill the prompt this many tokens at a "
+                 "time (default: at once)")
   g.add_argument("--command-buffers", action="store_true",
                  help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
   g.set_defaults(fn=cmd_generate)

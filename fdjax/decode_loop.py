@@ -1,8 +1,9 @@
-"""The jitted decode loop: one prefill, then every decode step on device inside one
+"""The jitted decode loop on the paged KV cache: the prompts prefilled (in chunks, after
+whatever the prefix cache already holds), then every decode step on device inside one
 `lax.while_loop` (no host round trip per token), for a ragged batch of prompts.
 
-Shapes are bucketed (batch and prompt length to powers of two, the cache to a multiple of
-64, the output buffer to a power of two) so calls of similar size reuse the compiled code.
+Shapes are bucketed (batch, prompt chunk, page-table width and output buffer to powers of
+two) so calls of similar size reuse the compiled code.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fdjax import dispatch
+from fdjax import dispatch, paging
 from fdjax import kv_cache as kvc
 from fdjax.sampling import Sampler, sample
 
@@ -48,23 +49,25 @@ def _pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "cache_len", "impl"))
-def _prefill(graphdef, state, ids, lengths, key, *, sampler, cache_len, impl):
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnums=(4, 5))
+def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl):
+  """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache;
+  `last` keeps each row's logits at its latest token."""
   TRACE_COUNT["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  cache = kvc.init_cache(model.config, ids.shape[0], cache_len, model.dtype)
   with dispatch.using(impl):
-    logits, cache = model(ids, cache=cache, lengths=lengths, last_only=True)
+    logits, cache = model(ids, cache=cache, lengths=n, last_only=True)
+  return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
+
+
+@functools.partial(jax.jit, static_argnames=("sampler",))
+def _first_token(logits, key, *, sampler):
   key, sub = jax.random.split(key)
-  return sample(logits[:, 0], sub, sampler), cache, key
+  return sample(logits, sub, sampler), key
 
 
-# No donation: the cache is consumed by the loop, whose carry XLA updates in place.
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl"),
+                   donate_argnums=(3,))
 def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sampler, out_len,
             impl):
   TRACE_COUNT["decode"] += 1
@@ -87,8 +90,9 @@ def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sam
     done = done | jnp.isin(nxt, eos_ids)
     return step + 1, out, done, jnp.where(done, 0, nxt), cache, key
 
-  step, out, *_ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, first, cache, key))
-  return out, step
+  step, out, _, _, cache, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), out, done, first, cache, key))
+  return out, step, cache
 
 
 def _check_prompts(prompts, vocab_size):
@@ -108,59 +112,98 @@ def _check_prompts(prompts, vocab_size):
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
-             seed: int = 0, max_cache_len: int | None = None) -> GenerationResult:
-  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists)."""
+             seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
+             prefill_chunk: int | None = None, kv: paging.KVStore | None = None
+             ) -> GenerationResult:
+  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
+
+  The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
+  tokens at a time (None: at once). `kv`, a paging.KVStore, keeps the cache and its prefix
+  cache across calls (prompts that start with pages it has seen are not recomputed; its own
+  page size applies); without one, a cache just big enough for this batch is made. Tokens are the same whatever
+  page_size, prefill_chunk and kv are.
+  """
   cfg = model.config
   _check_prompts(prompts, cfg.vocab_size)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  for name, value in (("prefill_chunk", prefill_chunk), ("page_size", page_size)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
   eos = [] if eos_token_id is None else (
       [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
-
   longest = max(len(p) for p in prompts)
   need = longest + max_new_tokens
   limit = cfg.max_position_embeddings
   if cfg.sliding_window is not None:
     limit = min(limit, cfg.sliding_window)
-  if max_cache_len is not None:
-    if need > max_cache_len:
-      raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
-                       f"longer than the cache ({max_cache_len} entries)")
-    limit = min(limit, max_cache_len)
+  if max_cache_len is not None and need > max_cache_len:
+    raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
+                     f"longer than the cache ({max_cache_len} entries)")
   if need > limit:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                      f"the model's context of {limit} tokens")
-  cache_len = max_cache_len or min(_round_up(need, 64), limit)
-  t = min(_pow2(longest, 16), cache_len)
-  b = len(prompts)
-  bp = _pow2(b)
+  if kv is None:
+    pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+    kv = paging.KVStore(cfg, _pow2(pages), page_size, model.dtype)
+  kv.check_for(model)
 
-  ids = np.zeros((bp, t), np.int32)
-  lengths = np.ones((bp,), np.int32)
-  for i, p in enumerate(prompts):
-    ids[i, :len(p)] = p
-    lengths[i] = len(p)
-  active = np.arange(bp) < b
-  graphdef, state = nnx.split(model)
-
-  t0 = time.perf_counter()
-  first, cache, key = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
-                               jax.random.key(seed), sampler=sampler, cache_len=cache_len,
-                               impl=dispatch.current())
-  first.block_until_ready()
-  t1 = time.perf_counter()
-  out, steps = _decode(graphdef, state, first, cache, key,
-                       jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
-                       jnp.asarray(active), sampler=sampler, out_len=_pow2(max_new_tokens),
-                       impl=dispatch.current())
-  out = np.asarray(out)
-  t2 = time.perf_counter()
-
+  b, bp = len(prompts), _pow2(len(prompts))
+  rows = []
+  try:
+    for p in prompts:
+      rows.append(kv.pool.allocate(list(p), len(p) + max_new_tokens))
+    out, steps, prefill_s, decode_s = _run(model, kv, prompts, rows, bp, max_new_tokens,
+                                           sampler, eos, seed, prefill_chunk)
+  except BaseException:
+    for pages, _ in rows:
+      kv.pool.release(pages)
+    raise
   tokens = []
-  for row in out[:b, :max_new_tokens]:
+  for p, (pages, _), row in zip(prompts, rows, out[:b, :max_new_tokens]):
     row = row[row >= 0].tolist()
     hits = [i for i, tok in enumerate(row) if tok in eos]
     tokens.append(row[:hits[0] + 1] if hits else row)
+    kv.pool.finish(pages, list(p) + tokens[-1][:-1])  # the last token's K/V is never written
   return GenerationResult(tokens=tokens, prompt_tokens=sum(len(p) for p in prompts),
-                          prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=int(steps) - 1)
+                          prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps - 1)
+
+
+def _run(model, kv, prompts, rows, bp, max_new_tokens, sampler, eos, seed, prefill_chunk):
+  """Prefill in chunks, then the decode loop, on kv's pages; (tokens [bp, out_len], steps,
+  prefill seconds, decode seconds)."""
+  cfg = model.config
+  graphdef, state = nnx.split(model)
+  impl = dispatch.current()
+  table = np.full((bp, _pow2(max(len(pages) for pages, _ in rows))), kvc.NO_PAGE, np.int32)
+  cached = np.zeros((bp,), np.int32)
+  for i, (pages, n_cached) in enumerate(rows):
+    table[i, :len(pages)] = pages
+    cached[i] = n_cached
+  todo = [list(p)[n_cached:] for p, (_, n_cached) in zip(prompts, rows)]
+  chunk = prefill_chunk or _pow2(max(len(t) for t in todo), 16)
+  cache = kvc.KVCache(kv.k, kv.v, jnp.asarray(table), jnp.asarray(cached))
+  last = jnp.zeros((bp, cfg.vocab_size), jnp.float32)
+
+  t0 = time.perf_counter()
+  for c in range(0, max(len(t) for t in todo), chunk):
+    ids = np.zeros((bp, chunk), np.int32)
+    n = np.zeros((bp,), np.int32)
+    for i, t in enumerate(todo):
+      piece = t[c:c + chunk]
+      ids[i, :len(piece)] = piece
+      n[i] = len(piece)
+    cache, last = _prefill_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache, last,
+                                 impl=impl)
+  first, key = _first_token(last, jax.random.key(seed), sampler=sampler)
+  first.block_until_ready()
+  t1 = time.perf_counter()
+  out, steps, cache = _decode(graphdef, state, first, cache, key,
+                              jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
+                              jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
+                              out_len=_pow2(max_new_tokens), impl=impl)
+  out = np.asarray(out)
+  t2 = time.perf_counter()
+  kv.k, kv.v = cache.k, cache.v
+  return out, int(steps), t1 - t0, t2 - t1

@@ -62,12 +62,13 @@ def record_scores():
     _override.scores = None
 
 
-def _run(op, impl, xla_fn, pallas_fn, head_dim=None, dtype=None):
+def _run(op, impl, xla_fn, pallas_fn, head_dim=None, dtype=None, page_size=None):
   """Calls xla_fn() or pallas_fn(interpret) as `impl` says. Under "auto" the rules of
-  fdjax.selection decide, per platform at lowering time (attention ops pass head_dim and
-  dtype; head dims or dtypes the kernels do not take go to XLA on every backend)."""
+  fdjax.selection decide, per platform at lowering time (attention ops pass head_dim, dtype
+  and page size; what the kernels do not take goes to XLA on every backend)."""
   checks.choice(op, "impl", impl, IMPLS)
-  takes = head_dim is None or selection.attention(op, head_dim, dtype, "cuda").impl == "pallas"
+  takes = head_dim is None or selection.attention(op, head_dim, dtype, "cuda",
+                                                  page_size).impl == "pallas"
   if impl == "auto":
     impl = current()
     if impl != "auto" and not takes:
@@ -84,18 +85,24 @@ def _run(op, impl, xla_fn, pallas_fn, head_dim=None, dtype=None):
   return jax.lax.platform_dependent(cpu=xla_fn, cuda=lambda: pallas_fn(False), default=xla_fn)
 
 
-def _attention_checks(op, q, k, v, q_rank):
+def _attention_checks(op, q, k, v, q_rank, paged=False):
   checks.rank(op, "q", q, q_rank)
   checks.rank(op, "k", k, 4)
   checks.float_dtype(op, "q", q)
   checks.same_dtype(op, q=q, k=k, v=v)
   if k.shape != v.shape:
     raise ValueError(f"{op}: k and v must have the same shape, got {k.shape} and {v.shape}")
-  if q.shape[0] != k.shape[0]:
+  if not paged and q.shape[0] != k.shape[0]:
     raise ValueError(f"{op}: batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
   if q.shape[-1] != k.shape[-1]:
     raise ValueError(f"{op}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
   checks.gqa(op, q.shape[-2], k.shape[2])
+
+
+def _check_start(op, q_start, batch, most):
+  if q_start is not None:
+    checks.int_vector(op, "q_start", q_start, batch)
+    checks.in_range(op, "q_start", q_start, 0, most)
 
 
 def _scale(sm_scale, d):
@@ -123,41 +130,74 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, i
               pallas, q.shape[-1], q.dtype)
 
 
-def prefill_attention(q, k, v, *, lengths=None, causal=True, sm_scale=None, phi=None,
-                      impl="auto"):
-  """Self-attention over a whole (padded) prompt.
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
+                           impl="auto"):
+  """decode_attention over a paged KV cache.
 
-  q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] int or None = valid tokens of each
-  row (keys at or past it are masked; query rows past it are padding, never NaN).
+  q [B, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [B, max_pages] int: row
+  b's key i is entry i % page_size of page page_table[b, i // page_size] (entries past a
+  row's last page are ignored, whatever they hold); lengths [B] int, 1 <= lengths <=
+  max_pages * page_size. Returns [B, Hq, D] in q's dtype.
+  """
+  op = "paged_decode_attention"
+  _attention_checks(op, q, k_pages, v_pages, 3, paged=True)
+  checks.rank(op, "page_table", page_table, 2)
+  if not jnp.issubdtype(page_table.dtype, jnp.integer) or page_table.shape[0] != q.shape[0]:
+    raise ValueError(f"{op}: page_table must be an integer [B={q.shape[0]}, max_pages] array, "
+                     f"got {page_table.dtype}{tuple(page_table.shape)}")
+  checks.int_vector(op, "lengths", lengths, q.shape[0])
+  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[1])
+  scale = _scale(sm_scale, q.shape[-1])
+
+  def pallas(interpret):
+    return dk.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=scale,
+                                     phi=phi, interpret=interpret)
+
+  return _run(op, impl, lambda: reference.paged_decode_attention(
+      q, k_pages, v_pages, page_table, lengths, scale), pallas, q.shape[-1], q.dtype,
+              k_pages.shape[1])
+
+
+def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,
+                      phi=None, impl="auto"):
+  """Self-attention over a (padded) prompt, or a chunk of one after cached keys.
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] int or None = valid keys of each row
+  (keys at or past it are masked; query rows past it are padding, never NaN); q_start [B]
+  int or None: query i of row b sits at position q_start[b] + i (None: 0, and S == T).
   Returns [B, T, Hq, D] in q's dtype.
   """
   op = "prefill_attention"
   _attention_checks(op, q, k, v, 4)
-  if q.shape[1] != k.shape[1]:
-    raise ValueError(f"{op}: q length ({q.shape[1]}) and k length ({k.shape[1]}) differ")
+  if q_start is None and q.shape[1] != k.shape[1]:
+    raise ValueError(f"{op}: q length ({q.shape[1]}) and k length ({k.shape[1]}) differ; "
+                     "a chunk after cached keys needs q_start")
   if lengths is not None:
     checks.int_vector(op, "lengths", lengths, q.shape[0])
+    checks.in_range(op, "lengths", lengths, 0, k.shape[1])
+  _check_start(op, q_start, q.shape[0], k.shape[1] - 1)
   scale = _scale(sm_scale, q.shape[-1])
   recorder = getattr(_override, "scores", None)
   if recorder is not None and checks.concrete(q) is not None:
-    m = reference.score_row_max(q, k, lengths, causal, scale)
+    m = reference.score_row_max(q, k, lengths, causal, scale, q_start)
     m = m[jnp.isfinite(m)]
     recorder.append((float(jnp.min(m)), float(jnp.max(m))))
 
   def pallas(interpret):
-    return pk.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
-                                interpret=interpret)
+    return pk.prefill_attention(q, k, v, lengths, q_start=q_start, causal=causal,
+                                sm_scale=scale, phi=phi, interpret=interpret)
 
-  return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale),
+  return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale,
+                                                            q_start=q_start),
               pallas, q.shape[-1], q.dtype)
 
 
-def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"):
+def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=None, impl="auto"):
   """CoPE attention (contextual position encoding, Golovneva et al. 2024, Appendix B).
 
-  q [B, T, Hq, D]; k, v [B, S, Hkv, D] with T <= S, query i at absolute position
-  S - T + i (T = 1: a decode step against a cache); pos_emb [npos_max, D], the layer's
-  position table shared by its heads; lengths [B] or None = valid keys per row.
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D] with T <= S, query i of row b at absolute position
+  q_start[b] + i (default S - T; T = 1: a decode step against a cache); pos_emb [npos_max,
+  D], the layer's position table shared by its heads; lengths [B] or None = valid keys.
   Returns [B, T, Hq, D] in q's dtype.
   """
   op = "cope_attention"
@@ -173,18 +213,16 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, sm_scale=None, impl="auto"
                      f"({q.shape[-1]})")
   if lengths is not None:
     checks.int_vector(op, "lengths", lengths, q.shape[0])
-    known = checks.concrete(lengths)
-    if known is not None:
-      bad = [int(x) for x in known if not 0 <= int(x) <= s]
-      if bad:
-        raise ValueError(f"{op}: lengths {bad} out of range [0, {s}]")
+    checks.in_range(op, "lengths", lengths, 0, s)
+  _check_start(op, q_start, q.shape[0], s - t)
   scale = _scale(sm_scale, q.shape[-1])
 
   def pallas(interpret):
-    return ck.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, interpret=interpret)
+    return ck.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, q_start=q_start,
+                             interpret=interpret)
 
-  return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale),
-              pallas, q.shape[-1], q.dtype)
+  return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale,
+                                                         q_start), pallas, q.shape[-1], q.dtype)
 
 
 def linear(x, w, *, impl="auto"):

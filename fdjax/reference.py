@@ -39,15 +39,27 @@ def _masked_softmax_attention(s, mask, v_fn):
   return v_fn(p)
 
 
-def _prompt_mask(b, t, lengths, causal):
-  """[B, T, T]: key j visible to query i (j <= i if causal, j < lengths[b])."""
-  pos = jnp.arange(t)
-  mask = jnp.ones((b, t, t), bool)
-  if causal:
-    mask = mask & (pos[None, :, None] >= pos[None, None, :])
+def query_positions(b, t, s, q_start):
+  """[B, T] absolute positions of the queries: q_start[b] + i (default: the last T of S)."""
+  start = jnp.full((b,), s - t, jnp.int32) if q_start is None else q_start
+  return start[:, None] + jnp.arange(t)[None, :]
+
+
+def _mask(q_pos, s, lengths, causal):
+  """[B, T, S]: key j visible to query i (j <= its position if causal, j < lengths[b])."""
+  k_pos = jnp.arange(s)[None, None, :]
+  mask = jnp.broadcast_to(k_pos <= q_pos[:, :, None] if causal else True,
+                          (q_pos.shape[0], q_pos.shape[1], s))
   if lengths is not None:
-    mask = mask & (pos[None, None, :] < lengths[:, None, None])
+    mask = mask & (k_pos < lengths[:, None, None])
   return mask
+
+
+def gather_pages(pages, page_table):
+  """A paged cache [P, page_size, Hkv, D] seen contiguously per row: [B, max_pages *
+  page_size, Hkv, D] (page ids out of range, in entries no valid key uses, are clipped)."""
+  rows = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]
+  return rows.reshape(page_table.shape[0], -1, *pages.shape[2:])
 
 
 def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, plain=False):
@@ -63,14 +75,23 @@ def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, plain=False):
   return o.reshape(b, hq, d).astype(q.dtype)
 
 
-def prefill_attention(q, k, v, lengths, causal, sm_scale, *, plain=False):
-  """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D]."""
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale):
+  """decode_attention over a paged cache: pages [P, page_size, Hkv, D], page_table [B,
+  max_pages]."""
+  return decode_attention(q, gather_pages(k_pages, page_table),
+                          gather_pages(v_pages, page_table), lengths, sm_scale)
+
+
+def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, plain=False):
+  """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
+  at position q_start[b] + i (default 0: S == T, a prompt on its own) -> [B, T, Hq, D]."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
   qf = _acc(q, plain).reshape(b, t, hkv, g, d)
   s = _einsum("bthgd,bshd->bhgts", qf, _acc(k, plain), plain) * sm_scale
-  mask = _prompt_mask(b, t, lengths, causal)[:, None, None]
+  q_pos = query_positions(b, t, t, q_start)
+  mask = _mask(q_pos, k.shape[1], lengths, causal)[:, None, None]
   o = _masked_softmax_attention(
       s, mask, lambda p: _einsum("bhgts,bshd->bthgd", p, _acc(v, plain), plain))
   return o.reshape(b, t, hq, d).astype(q.dtype)
@@ -82,25 +103,27 @@ def linear(x, w):
   return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=acc).astype(x.dtype)
 
 
-def score_row_max(q, k, lengths, causal, sm_scale):
+def score_row_max(q, k, lengths, causal, sm_scale, q_start=None):
   """Each query row's largest (masked) attention score [B, T, Hq] (calibration of phi)."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
   s = jnp.einsum("bthgd,bshd->bthgs", qf, _acc(k), precision=HIGHEST) * sm_scale
-  mask = _prompt_mask(b, t, lengths, causal)
+  q_pos = query_positions(b, t, t, q_start)
+  mask = _mask(q_pos, k.shape[1], lengths, causal)
   if lengths is not None:  # padding query rows do not count
-    mask = mask & (jnp.arange(t)[None, :, None] < lengths[:, None, None])
+    mask = mask & (q_pos[:, :, None] < lengths[:, None, None])
   s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
   return jnp.max(s, axis=-1).reshape(b, t, hq)
 
 
-def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
+def cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=None):
   """Contextual Position Encoding attention (Golovneva et al. 2024, Appendix B).
 
   q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos_max, D] (shared by the heads);
-  lengths [B] or None = valid keys per row. Query i sits at absolute position S - T + i
-  (T = S: a prompt; T = 1: a decode step against a cache of `lengths` entries).
+  lengths [B] or None = valid keys per row. Query i of row b sits at absolute position
+  q_start[b] + i (default S - T: T = S is a prompt, T = 1 a decode step, and a chunk of a
+  prompt after the cached part starts at the cache's length).
   s = q.k * sm_scale (causal, lengths); gates g = sigmoid(s) (0 where masked); positions
   p_ij = sum_{k=j..i} g_ik, clamped to npos_max - 1; z_i[n] = q_i . e[n] (unscaled); logits
   s_ij + lerp(z_i, p_ij) between floor and ceil; softmax; times v.
@@ -110,12 +133,7 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale):
   npos = pos_emb.shape[0]
   qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
   s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST) * sm_scale
-  q_pos = s_len - t + jnp.arange(t)
-  k_pos = jnp.arange(s_len)
-  mask = jnp.broadcast_to(k_pos[None, :] <= q_pos[:, None], (b, t, s_len))
-  if lengths is not None:
-    mask = mask & (k_pos[None, None, :] < lengths[:, None, None])
-  mask = mask[:, None, None]  # [B, 1, 1, T, S]
+  mask = _mask(query_positions(b, t, s_len, q_start), s_len, lengths, True)[:, None, None]
   gates = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
   pos = jax.lax.cumsum(gates, axis=gates.ndim - 1, reverse=True)  # sum over keys j..end
   pos = jnp.minimum(pos, npos - 1)

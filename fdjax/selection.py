@@ -20,6 +20,7 @@ import re
 import jax
 
 from pallas_kernels import async_softmax
+from pallas_kernels import decode_attention as dk
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
 
@@ -42,11 +43,15 @@ def _log_fallback(op: str, reason: str):
   log.info("%s: XLA instead of the Pallas kernel: %s", op, reason)
 
 
-def attention(op: str, head_dim: int, dtype, platform: str) -> Choice:
-  """Which implementation "auto" runs for an attention op on `platform`."""
+def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | None = None
+              ) -> Choice:
+  """Which implementation "auto" runs for an attention op on `platform` (a paged cache: with
+  pages of `page_size` entries)."""
   if platform not in ("cuda", "gpu"):
     return Choice("xla", f"{platform}: the Pallas kernels are compiled for CUDA GPUs")
   why = async_softmax.unsupported(head_dim, dtype)
+  if not why and page_size is not None and dk.block_for_pages(page_size, 2) is None:
+    why = f"page size {page_size} is not a multiple of 16"
   if why:
     _log_fallback(op, why)
     return Choice("xla", why)

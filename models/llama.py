@@ -9,8 +9,11 @@ per layer, the four FlashDecoding++ tunes for.
 Calling conventions (input_ids [B, T] int):
   model(ids)                          -> logits [B, T, V] (float32), causal, no cache
   model(ids, lengths=l)               -> the same for a right-padded ragged batch
-  model(ids, cache=c, lengths=l)      -> (logits, cache): T > 1 is a prefill into an
-                                         empty cache; T == 1 is a decode step at c.lengths
+  model(ids, cache=c, lengths=l)      -> (logits, cache): row b's first l[b] tokens (default
+                                         all T) go after its c.lengths[b] cached ones (a
+                                         prompt, the next chunk of one, or with T == 1 a
+                                         decode step on the paged kernel); they are written
+                                         to the cache, whose lengths grow by l
   last_only=True                      -> logits of each row's last valid token only [B, 1, V]
 """
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Attention(nnx.Module):
     self.wo = _normal(rngs, (cfg.num_heads * cfg.head_dim, cfg.hidden_size), dtype)
     self.pos_emb = _param(rngs, positions.get(cfg.position_encoding).layer_param(cfg), dtype)
 
-  def __call__(self, x, pos, lengths, layer_cache):
+  def __call__(self, x, pos, start, n, layer_cache, page_table):
     cfg = self.cfg
     pe = positions.get(cfg.position_encoding)
     b, t, _ = x.shape
@@ -73,15 +76,16 @@ class Attention(nnx.Module):
     attend = dict(phi=self.phi, table=None if self.pos_emb is None else self.pos_emb[...])
 
     if layer_cache is None:
-      o = pe.attend(q, k, v, lengths, **attend)
-    elif t == 1:
-      kc = kvc.write_step(layer_cache[0], k, pos[:, 0])
-      vc = kvc.write_step(layer_cache[1], v, pos[:, 0])
-      layer_cache = (kc, vc)
-      o = pe.attend_cache(q, kc, vc, pos[:, 0] + 1, **attend)
+      o = pe.attend(q, k, v, n, q_start=None, **attend)
     else:
-      layer_cache = (kvc.write_prefill(layer_cache[0], k), kvc.write_prefill(layer_cache[1], v))
-      o = pe.attend(q, k, v, lengths, **attend)
+      kc, vc = (kvc.write(pages, new, page_table, start, n)
+                for pages, new in zip(layer_cache, (k, v)))
+      layer_cache = (kc, vc)
+      if t == 1:
+        o = pe.attend_pages(q, kc, vc, page_table, start + n, **attend)
+      else:
+        o = pe.attend(q, kvc.gather(kc, page_table), kvc.gather(vc, page_table), start + n,
+                      q_start=start, **attend)
     return dispatch.linear(o.reshape(b, t, -1), self.wo[...]), layer_cache
 
 
@@ -105,8 +109,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, pos, lengths, layer_cache):
-    h, layer_cache = self.attn(self.attn_norm(x), pos, lengths, layer_cache)
+  def __call__(self, x, pos, start, n, layer_cache, page_table):
+    h, layer_cache = self.attn(self.attn_norm(x), pos, start, n, layer_cache, page_table)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), layer_cache
 
@@ -137,32 +141,29 @@ class Transformer(nnx.Module):
       raise ValueError(f"model: input_ids must be an integer [B, T] array, got "
                        f"{input_ids.dtype}{tuple(input_ids.shape)}")
     b, t = input_ids.shape
-    if cache is not None and t == 1:
-      pos = cache.lengths[:, None]
-    else:
-      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      if cache is not None and t > cache.max_len:
-        raise ValueError(f"model: prompt of {t} tokens is longer than the cache ({cache.max_len})")
+    if cache is not None and t > cache.max_len:
+      raise ValueError(f"model: {t} tokens are more than the cache holds ({cache.max_len})")
     span = cache.max_len if cache is not None else t
     if cfg.sliding_window is not None and span > cfg.sliding_window:
       raise ValueError(f"model: sequence span {span} exceeds the sliding window "
                        f"({cfg.sliding_window}), which fdjax does not implement")
-    if lengths is None:
-      lengths = jnp.full((b,), t, jnp.int32)
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+    n = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
     x = positions.get(cfg.position_encoding).embed(
         self._embed(input_ids), pos, None if self.pos_table is None else self.pos_table[...])
     new_k, new_v = [], []
+    table = None if cache is None else cache.page_table
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_cache = layer(x, pos, lengths, layer_cache)
+      x, layer_cache = layer(x, pos, start, n, layer_cache, table)
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
-    if last_only and t > 1:
-      x = x[jnp.arange(b), lengths - 1][:, None]
+    if last_only:
+      x = x[jnp.arange(b), jnp.maximum(n - 1, 0)][:, None]
     logits = dispatch.linear(self.norm(x), self.lm_head[...]).astype(jnp.float32)
     if cache is None:
       return logits
-    new_lengths = cache.lengths + 1 if t == 1 else lengths.astype(jnp.int32)
-    return logits, kvc.KVCache(tuple(new_k), tuple(new_v), new_lengths)
+    return logits, cache._replace(k=tuple(new_k), v=tuple(new_v), lengths=start + n)

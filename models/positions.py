@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fdjax import dispatch
+from fdjax import kv_cache as kvc
 from models import rope
 
 
@@ -26,11 +27,15 @@ class NoPositions:
   def rotate(self, cfg, q, k, positions):
     return q, k
 
-  def attend(self, q, k, v, lengths, *, phi, table):  # a prompt: causal, `lengths` valid
-    return dispatch.prefill_attention(q, k, v, lengths=lengths, causal=True, phi=phi)
+  def attend(self, q, k, v, lengths, *, q_start, phi, table):
+    """Queries [B, T] at positions q_start + i, causally against the first `lengths` of k, v."""
+    return dispatch.prefill_attention(q, k, v, lengths=lengths, q_start=q_start, causal=True,
+                                      phi=phi)
 
-  def attend_cache(self, q, k_cache, v_cache, lengths, *, phi, table):  # q [B, 1, Hq, D]
-    return dispatch.decode_attention(q[:, 0], k_cache, v_cache, lengths, phi=phi)[:, None]
+  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, phi, table):
+    """A decode step, q [B, 1, Hq, D], against the first `lengths` entries of a paged cache."""
+    return dispatch.paged_decode_attention(q[:, 0], k_pages, v_pages, page_table, lengths,
+                                           phi=phi)[:, None]
 
 
 class Rope(NoPositions):
@@ -49,11 +54,12 @@ class Cope(NoPositions):
   def layer_param(self, cfg):
     return "self_attn.pos_emb", (cfg.npos_max, cfg.head_dim), "zeros"
 
-  def attend(self, q, k, v, lengths, *, phi, table):
-    return dispatch.cope_attention(q, k, v, table, lengths=lengths)
+  def attend(self, q, k, v, lengths, *, q_start, phi, table):
+    return dispatch.cope_attention(q, k, v, table, lengths=lengths, q_start=q_start)
 
-  def attend_cache(self, q, k_cache, v_cache, lengths, *, phi, table):
-    return dispatch.cope_attention(q, k_cache, v_cache, table, lengths=lengths)
+  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, phi, table):
+    return self.attend(q, kvc.gather(k_pages, page_table), kvc.gather(v_pages, page_table),
+                       lengths, q_start=lengths - 1, phi=phi, table=table)
 
 
 class Absolute(NoPositions):

@@ -13,7 +13,8 @@ p spans, reading z (precomputed, [T, npos] per head) one column at a time. The s
 the online (synchronised) one.
 
 Grid (batch, query head, query block); GQA maps query head h to KV head h // group. Query i
-sits at absolute position S - T + i; keys at or past the row's length are masked.
+sits at absolute position q_start[b] + i (default S - T); keys at or past the row's length
+are masked.
 """
 from __future__ import annotations
 
@@ -39,18 +40,18 @@ class Settings(prefill_attention.Settings):
                block_k=min(32, max(16, pl.next_power_of_2(s))), num_warps=4, num_stages=2)
 
 
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q, block_k,
-            group, npos):
+def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q,
+            block_k, group, npos):
   b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  t, s_len = q_ref.shape[1], k_ref.shape[1]
+  t = q_ref.shape[1]
   f32 = q_ref.dtype == jnp.float32
   hk = h // group
   length = lengths_ref[b]
   q_first = qb * block_q
   rows_ok = q_first + jnp.arange(block_q) < t
-  q_pos = s_len - t + q_first + jnp.arange(block_q)
+  q_pos = start_ref[b] + q_first + jnp.arange(block_q)
   q = plgpu.load(q_ref.at[b, pl.ds(q_first, block_q), h, :], mask=rows_ok[:, None], other=0.0)
-  kv_end = jnp.minimum(length, s_len - t + q_first + block_q)
+  kv_end = jnp.minimum(length, start_ref[b] + q_first + block_q)
   n_blocks = pl.cdiv(jnp.maximum(kv_end, 0), block_k)
   idx = jnp.arange(block_k)
   upper = (idx[:, None] >= idx[None, :]).astype(jnp.float32)  # reverse cumsum as a dot
@@ -95,9 +96,10 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q
               mask=rows_ok[:, None])
 
 
-def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale,
+def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, q_start=None,
                    settings: Settings | None = None, interpret=False):
-  """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos, D]; lengths [B] -> [B, T, Hq, D]."""
+  """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos, D]; lengths [B] valid keys; query i
+  of row b at position q_start[b] + i (default S - T) -> [B, T, Hq, D]."""
   asm.check_inputs("cope_attention", q)
   b, t, hq, d = q.shape
   s = k.shape[1]
@@ -106,10 +108,12 @@ def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale,
   block_q = settings.block_q
   lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, s)
+  start = (jnp.full((b,), s - t, jnp.int32) if q_start is None
+           else q_start.astype(jnp.int32))
   z = jnp.einsum("bthd,nd->bthn", q.astype(jnp.float32), pos_emb.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST)  # q . e[n], unscaled (Appendix B)
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q,
                              block_k=settings.block_k, group=hq // k.shape[2], npos=npos)
-  return shared.call(kernel, (lengths, q, k, v, z), grid=(b, hq, pl.cdiv(t, block_q)),
+  return shared.call(kernel, (lengths, start, q, k, v, z), grid=(b, hq, pl.cdiv(t, block_q)),
                      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), settings=settings,
                      interpret=interpret, name="fdjax_cope")

@@ -1,8 +1,11 @@
-"""Split-KV decode attention with FlashDecoding++'s asynchronous softmax (Pallas, Triton).
+"""Split-KV decode attention with FlashDecoding++'s asynchronous softmax (Pallas, Triton),
+over a paged KV cache (a contiguous cache is one page per row).
 
 Grid (batch, KV head, KV split). One program holds every query head of a GQA group and
-walks its split of the cache in blocks of `block_k` keys, up to the row's own length (the
-cache past it is never read). In "async" mode it accumulates exp(s - phi) against the
+walks its split of the row's keys in blocks of `block_k`, looking each block's page up in
+the row's page table (a block never crosses a page: block_k divides the page size), up to
+the row's own length (the cache past it, and page-table entries past its last page, are
+never read). In "async" mode it accumulates exp(s - phi) against the
 unified max value phi (see async_softmax.py) and the splits are summed; rows the guard
 flags are recomputed, inside the same jitted function, by the same kernel in "online" mode
 (the synchronised FlashDecoding softmax) for the flagged (row, KV head) groups only.
@@ -33,9 +36,10 @@ class Settings:
   num_stages: int | None = None
 
   @classmethod
-  def default(cls, batch: int, kv_heads: int, kv_len: int) -> "Settings":
-    """128-key blocks; enough splits to fill the GPU about twice over, each >= 256 keys."""
-    block_k = min(128, max(16, pl.next_power_of_2(kv_len)))
+  def default(cls, batch: int, kv_heads: int, kv_len: int, block_k: int = 128) -> "Settings":
+    """128-key blocks (or the page's); enough splits to fill the GPU about twice over, each
+    >= 256 keys."""
+    block_k = min(block_k, max(16, pl.next_power_of_2(kv_len)))
     splits = pl.cdiv(2 * shared.num_sms(), batch * kv_heads)
     splits = max(1, min(splits, pl.cdiv(kv_len, max(256, block_k))))
     return cls(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
@@ -58,8 +62,8 @@ def _weighted_values(p, v, f32):
   return pv, jnp.sum(p.astype(jnp.float32), axis=-1)
 
 
-def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
-            sm_scale, block_k, split_len, online, vector):
+def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
+            m_ref, *, sm_scale, block_k, split_len, online, vector):
   b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   f32 = q_ref.dtype == jnp.float32
   start = split * split_len
@@ -69,13 +73,16 @@ def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
   q = q_ref[b, h, 0, :] if vector else q_ref[b, h, :, :]
   rows = () if vector else (q.shape[0],)
   d = q.shape[-1]
+  num_pages, page_size = k_ref.shape[0], k_ref.shape[1]
 
   def body(j, carry):
     acc, l, m = carry
     first = start + j * block_k
     valid = first + jnp.arange(block_k) < end
-    k = plgpu.load(k_ref.at[b, pl.ds(first, block_k), h, :], mask=valid[:, None], other=0.0)
-    v = plgpu.load(v_ref.at[b, pl.ds(first, block_k), h, :], mask=valid[:, None], other=0.0)
+    page = jnp.clip(table_ref[b, first // page_size], 0, num_pages - 1)
+    at = (page, pl.ds(first % page_size, block_k), h, slice(None))
+    k = plgpu.load(k_ref.at[at], mask=valid[:, None], other=0.0)
+    v = plgpu.load(v_ref.at[at], mask=valid[:, None], other=0.0)
     s = _scores(q, k, f32) * sm_scale
     s = jnp.where(valid if vector else valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -99,9 +106,9 @@ def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
     m_ref[b, h, split, :] = m
 
 
-def _partials(q, k, v, lengths, phi, active, *, sm_scale, settings, online, interpret):
+def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, online, interpret):
   b, hkv, g_pad, d = q.shape
-  s = k.shape[1]
+  s = table.shape[1] * k.shape[1]  # the longest row the page table can address
   block_k = settings.block_k
   split_len = pl.cdiv(pl.cdiv(s, settings.num_splits), block_k) * block_k
   n_split = pl.cdiv(s, split_len)
@@ -109,7 +116,7 @@ def _partials(q, k, v, lengths, phi, active, *, sm_scale, settings, online, inte
                              online=online, vector=(g_pad == 1))
   stat = jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32)
   return shared.call(
-      kernel, (lengths, phi, active, q, k, v), grid=(b, hkv, n_split),
+      kernel, (lengths, table, phi, active, q, k, v), grid=(b, hkv, n_split),
       out_shape=[jax.ShapeDtypeStruct((b, hkv, n_split, g_pad, d), jnp.float32), stat, stat],
       settings=settings, interpret=interpret,
       name="fdjax_decode_online" if online else "fdjax_decode_async")
@@ -124,9 +131,28 @@ def _combine_online(o, l, m):
   return num / jnp.where(den > 0, den, 1.0)[..., None]
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="async",
-                     settings: Settings | None = None, interpret=False, return_stats=False):
-  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats).
+def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
+  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats): the paged
+  kernel with one page of S entries per row. Keyword arguments as paged_decode_attention."""
+  table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+  return paged_decode_attention(q, k_cache, v_cache, table, lengths, **kwargs)
+
+
+def block_for_pages(page_size: int, max_pages: int) -> int | None:
+  """The largest key block (a power of two, 16 to 128) that never crosses a page, or None.
+  With one page per row any block does (the last one is masked)."""
+  if max_pages == 1:
+    return min(128, max(16, pl.next_power_of_2(page_size)))
+  block = page_size & -page_size  # the largest power of two dividing page_size
+  return min(block, 128) if block >= 16 else None
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
+                           mode="async", settings: Settings | None = None, interpret=False,
+                           return_stats=False):
+  """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
+  -> [B, Hq, D] (and stats). Row b's key i lives at page_table[b, i // page_size], entry
+  i % page_size.
 
   mode "async": unified max value phi with the guarded recompute; "online": the
   synchronised softmax only (the FlashDecoding baseline / the paper's ablation).
@@ -135,16 +161,25 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="
   if mode not in ("async", "online"):
     raise ValueError(f"decode_attention: unknown mode {mode!r}")
   b, hq, d = q.shape
-  s, hkv = k_cache.shape[1], k_cache.shape[2]
+  page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+  s = page_table.shape[1] * page_size
+  block_k = block_for_pages(page_size, page_table.shape[1])
+  if block_k is None:
+    raise ValueError(f"paged_decode_attention: the kernel needs a page size divisible by 16, "
+                     f"got {page_size}")
   g = hq // hkv
   g_pad = 1 if g == 1 else max(shared.DOT_MIN_ROWS, pl.next_power_of_2(g))
-  settings = shared.fill(settings, Settings.default(b, hkv, s))
+  settings = shared.fill(settings, Settings.default(b, hkv, s, block_k))
+  if page_table.shape[1] > 1 and page_size % settings.block_k:
+    raise ValueError(f"paged_decode_attention: block_k {settings.block_k} does not divide the "
+                     f"page size {page_size}")
   qg = q.reshape(b, hkv, g, d)
   if g_pad != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
   phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
-  run = functools.partial(_partials, qg, k_cache, v_cache, lengths, phi, sm_scale=sm_scale,
+  run = functools.partial(_partials, qg, k_pages, v_pages, lengths,
+                          page_table.astype(jnp.int32), phi, sm_scale=sm_scale,
                           settings=settings, interpret=interpret)
   everyone = jnp.ones((b, hkv), jnp.int32)
 
@@ -157,6 +192,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="
     out = jnp.sum(o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
     flags = asm.needs_recompute(jnp.max(m, axis=2), den, out, phi[0])
     flags = flags & (jnp.arange(g_pad) < g)  # padding rows of a group never count
+    flags = flags & (lengths > 0)[:, None, None]  # nor rows with no key
 
     def recompute(out):
       active = jnp.any(flags, axis=-1).astype(jnp.int32)  # only the flagged groups run

@@ -7,7 +7,8 @@ walks the keys of its KV head (GQA: query head h reads KV head h // group) in bl
 In "async" mode each block adds exp(s - phi) against the unified max value phi with no
 rescaling of the accumulator; rows the guard (async_softmax.py) flags are recomputed in
 the same jitted function by the same kernel in "online" mode, for the flagged query blocks
-only. Lengths that are not multiples of the blocks are masked on load and store.
+only. Lengths that are not multiples of the blocks are masked on load and store. A chunk of
+a prompt after cached keys is the same call with the queries' first position `q_start`.
 """
 from __future__ import annotations
 
@@ -32,23 +33,23 @@ class Settings:
   num_stages: int | None = None
 
   @classmethod
-  def default(cls, t: int) -> "Settings":
-    block = min(64, max(16, pl.next_power_of_2(t)))
-    return cls(block_q=block, block_k=block, num_warps=4, num_stages=2)
+  def default(cls, t: int, s: int) -> "Settings":
+    return cls(block_q=min(64, max(16, pl.next_power_of_2(t))),
+               block_k=min(64, max(16, pl.next_power_of_2(s))), num_warps=4, num_stages=2)
 
 
-def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
-            sm_scale, block_q, block_k, group, causal, online):
+def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
+            m_ref, *, sm_scale, block_q, block_k, group, causal, online):
   b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t = q_ref.shape[1]
   f32 = q_ref.dtype == jnp.float32
   hk = h // group
   length = lengths_ref[b]
   q_first = qb * block_q
-  q_pos = q_first + jnp.arange(block_q)
-  q_rows = q_pos < t
+  q_rows = q_first + jnp.arange(block_q) < t
+  q_pos = start_ref[b] + q_first + jnp.arange(block_q)  # absolute positions of the queries
   q = plgpu.load(q_ref.at[b, pl.ds(q_first, block_q), h, :], mask=q_rows[:, None], other=0.0)
-  kv_end = jnp.minimum(length, q_first + block_q) if causal else length
+  kv_end = jnp.minimum(length, start_ref[b] + q_first + block_q) if causal else length
   n_blocks = jnp.where(active_ref[b, h, qb] != 0, pl.cdiv(kv_end, block_k), 0)
   phi = phi_ref[0]
 
@@ -89,7 +90,7 @@ def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
   m_ref[b, h, pl.ds(q_first, block_q)] = m
 
 
-def _run(q, k, v, lengths, phi, active, *, sm_scale, settings, causal, online, interpret):
+def _run(q, k, v, lengths, start, phi, active, *, sm_scale, settings, causal, online, interpret):
   b, t, hq, d = q.shape
   block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
@@ -98,26 +99,31 @@ def _run(q, k, v, lengths, phi, active, *, sm_scale, settings, causal, online, i
                              online=online)
   stat = jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32)
   return shared.call(
-      kernel, (lengths, phi, active, q, k, v), grid=(b, hq, nq),
+      kernel, (lengths, start, phi, active, q, k, v), grid=(b, hq, nq),
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat, stat], settings=settings,
       interpret=interpret, name="fdjax_prefill_online" if online else "fdjax_prefill_async")
 
 
-def prefill_attention(q, k, v, lengths=None, *, sm_scale, causal=True, phi=None, mode="async",
-                      settings: Settings | None = None, interpret=False, return_stats=False):
-  """q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B] or None -> [B, T, Hq, D] (and stats)."""
+def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=True, phi=None,
+                      mode="async", settings: Settings | None = None, interpret=False,
+                      return_stats=False):
+  """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
+  at position q_start[b] + i (default 0; a chunk of a prompt after S' cached keys starts at
+  S') -> [B, T, Hq, D] (and stats)."""
   asm.check_inputs("prefill_attention", q)
   if mode not in ("async", "online"):
     raise ValueError(f"prefill_attention: unknown mode {mode!r}")
   b, t, hq, d = q.shape
-  settings = shared.fill(settings, Settings.default(t))
+  s = k.shape[1]
+  settings = shared.fill(settings, Settings.default(t, s))
   block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
-  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(
-      lengths.astype(jnp.int32), 0, t)
+  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
+      lengths.astype(jnp.int32), 0, s)
+  start = jnp.zeros((b,), jnp.int32) if q_start is None else q_start.astype(jnp.int32)
   phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
-  run = functools.partial(_run, q, k, v, lengths, phi, sm_scale=sm_scale, settings=settings,
-                          causal=causal, interpret=interpret)
+  run = functools.partial(_run, q, k, v, lengths, start, phi, sm_scale=sm_scale,
+                          settings=settings, causal=causal, interpret=interpret)
   everyone = jnp.ones((b, hq, nq), jnp.int32)
   if mode == "online":
     out, _, _ = run(everyone, online=True)
@@ -126,6 +132,7 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, causal=True, phi=None,
     out, l, m = run(everyone, online=False)
     flags = asm.needs_recompute(m[:, :, :t].transpose(0, 2, 1), l[:, :, :t].transpose(0, 2, 1),
                                 out.astype(jnp.float32), phi[0])  # [B, T, Hq]
+    flags = flags & (lengths > 0)[:, None, None]  # a row with no key has nothing to redo
 
     def recompute(out):
       per_block = jnp.pad(flags, ((0, 0), (0, nq * block_q - t), (0, 0)))

@@ -172,19 +172,21 @@ def test_dispatch_pallas_interpret_equals_xla():
   b = dispatch.decode_attention(q, k, v, lengths, impl="xla")
   assert rel_err(a, b) < 1e-5
   qp, kp, vp = _inputs(rng, (2, 21, 4, 32), (2, 21, 1, 32), jnp.float32)
-  a = dispatch.prefill_attention(qp, kp, vp, lengths=lengths // 2, impl="pallas_interpret")
-  b = dispatch.prefill_attention(qp, kp, vp, lengths=lengths // 2, impl="xla")
+  short = jnp.asarray([21, 4], jnp.int32)
+  a = dispatch.prefill_attention(qp, kp, vp, lengths=short, impl="pallas_interpret")
+  b = dispatch.prefill_attention(qp, kp, vp, lengths=short, impl="xla")
   assert rel_err(a, b) < 1e-5
 
 
 def test_model_generates_the_same_through_the_kernels(monkeypatch):
   model = tiny_model(seed=9, head_dim=16)
-  prompts = [[5, 3, 9, 1, 1, 2, 7], [4, 4]]
+  prompts = [[5, 3, 9, 1, 1, 2, 7] * 3, [4, 4]]  # 21 tokens: two pages of 16, chunks of 8
   want = fdjax.generate(model, prompts, max_new_tokens=5).tokens
-  decode_calls = spy(monkeypatch, dk, "decode_attention")
+  decode_calls = spy(monkeypatch, dk, "paged_decode_attention")
   prefill_calls = spy(monkeypatch, pk, "prefill_attention")
   with dispatch.using("pallas_interpret"):  # same shapes: must not reuse the XLA trace
-    got = fdjax.generate(model, prompts, max_new_tokens=5).tokens
+    got = fdjax.generate(model, prompts, max_new_tokens=5, page_size=16,
+                         prefill_chunk=8).tokens
   assert got == want
   assert decode_calls and prefill_calls  # the kernels really ran
 

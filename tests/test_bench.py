@@ -53,7 +53,8 @@ def test_gpu_suite_dry_run_reports_every_part(dry_run):
 
 def test_gpu_check_smoke_covers_every_kernel(dry_run):
   rows = _rows(dry_run, "gpu_check_smoke")
-  assert {r["kernel"] for r in rows} >= {"decode_attention", "decode_guard", "prefill_attention",
+  assert {r["kernel"] for r in rows} >= {"decode_attention", "decode_guard", "paged_decode",
+                                         "prefill_attention",
                                          "prefill_guard", "cope_attention", "flat_gemm", "gemv",
                                          "linear (dispatch)", "model"}
   assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]

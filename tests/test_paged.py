@@ -1,0 +1,236 @@
+"""The paged KV cache: paged decode attention (XLA and the kernel), chunked prefill into a
+non-empty cache, the page pool and its prefix cache, and generate on top of them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fdjax
+from fdjax import dispatch, kv_cache, paging, reference
+from pallas_kernels import decode_attention as dk
+from tests.helpers import np_decode_attention, rel_err
+from tests.models_util import tiny_model
+
+D = 16
+PS = 16  # page size
+
+
+def _paged_case(rng, hq, hkv, dtype, lengths, max_pages=4, num_pages=13, scale_q=1.0):
+  """Random pages, a page table of shuffled ids with one page shared by two rows and garbage
+  past each row's last page, and the same cache gathered contiguously."""
+  b = len(lengths)
+  mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+  q = mk(b, hq, D) * scale_q
+  k_pages, v_pages = mk(num_pages, PS, hkv, D), mk(num_pages, PS, hkv, D)
+  ids = rng.permutation(num_pages)
+  table = np.empty((b, max_pages), np.int64)
+  for i in range(b):
+    table[i] = ids[(i * 3) % num_pages:][:max_pages] if i else ids[:max_pages]
+  table[1, 0] = table[0, 0]  # rows 0 and 1 share their first page (a shared prefix)
+  for i, n in enumerate(lengths):
+    used = -(-n // PS)
+    table[i, used:] = rng.choice([-7, num_pages, 2 ** 30, 3], max_pages - used)  # garbage
+  table = jnp.asarray(table, jnp.int32)
+  n = jnp.asarray(lengths, jnp.int32)
+  k_flat = reference.gather_pages(k_pages, table)  # garbage entries only past the lengths
+  v_flat = reference.gather_pages(v_pages, table)
+  return q, k_pages, v_pages, table, n, k_flat, v_flat
+
+
+LENGTHS = [1, PS, PS + 1, 4 * PS, 37]  # one key, a page edge, past it, full, ragged
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])  # GQA 1, 4, 8
+def test_paged_decode_equals_decode_on_the_gathered_cache(hq, hkv, dtype):
+  rng = np.random.default_rng(hq * 7 + hkv)
+  q, kp, vp, table, n, kf, vf = _paged_case(rng, hq, hkv, dtype, LENGTHS)
+  scale = D ** -0.5
+  want64 = np_decode_attention(*[np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                                 for x in (q, kf, vf)], np.asarray(n), scale)
+  xla = dispatch.paged_decode_attention(q, kp, vp, table, n, impl="xla")
+  kern, stats = dk.paged_decode_attention(q, kp, vp, table, n, sm_scale=scale, interpret=True,
+                                          settings=dk.Settings(num_splits=3), return_stats=True)
+  assert kern.shape == q.shape and kern.dtype == dtype
+  if dtype == jnp.float32:
+    want = dispatch.decode_attention(q, kf, vf, n, impl="xla")
+    assert rel_err(xla, want) < 1e-5 and rel_err(kern, want) < 1e-5
+    assert int(stats["recomputed_rows"]) == 0
+  else:
+    naive = reference.decode_attention(q, kf, vf, n, scale, plain=True)
+    base = np.max(np.abs(np.asarray(naive, np.float64) - want64))
+    for got in (xla, kern):
+      assert np.all(np.isfinite(np.asarray(got, np.float32)))
+      assert np.max(np.abs(np.asarray(got, np.float64) - want64)) <= 2 * base + 1e-6
+
+
+@pytest.mark.parametrize("case", ["scores_x1e4", "phi_far_too_low"])
+def test_paged_decode_guard_recomputes_and_stays_finite(case):
+  rng = np.random.default_rng(3)
+  q, kp, vp, table, n, kf, vf = _paged_case(rng, 8, 2, jnp.float32, LENGTHS,
+                                            scale_q=1e4 if case == "scores_x1e4" else 1.0)
+  out, stats = dk.paged_decode_attention(q, kp, vp, table, n, sm_scale=D ** -0.5,
+                                         phi=-1e4 if case == "phi_far_too_low" else None,
+                                         interpret=True, return_stats=True)
+  assert np.all(np.isfinite(np.asarray(out)))
+  assert rel_err(out, reference.decode_attention(q, kf, vf, n, D ** -0.5)) < 1e-5
+  assert int(stats["recomputed_rows"]) > 0
+
+
+def test_paged_decode_refuses_bad_input():
+  rng = np.random.default_rng(4)
+  q, kp, vp, table, n, _, _ = _paged_case(rng, 4, 2, jnp.float32, [3, 5])
+  with pytest.raises(ValueError, match=r"lengths \[0\] out of range \[1, 64\]"):
+    dispatch.paged_decode_attention(q, kp, vp, table, jnp.asarray([0, 5]))
+  with pytest.raises(ValueError, match="lengths .65. out of range"):
+    dispatch.paged_decode_attention(q, kp, vp, table, jnp.asarray([65, 5]))
+  with pytest.raises(ValueError, match="page_table must be an integer"):
+    dispatch.paged_decode_attention(q, kp, vp, table.astype(jnp.float32), n)
+  with pytest.raises(ValueError, match="page_table must be an integer"):
+    dispatch.paged_decode_attention(q, kp, vp, table[:1], n)
+  with pytest.raises(ValueError, match="page size 24 is not a multiple of 16|divisible by 16"):
+    dk.paged_decode_attention(q, kp[:, :12].repeat(2, 1), vp[:, :12].repeat(2, 1), table, n,
+                              sm_scale=0.25, interpret=True)
+
+
+# ------------------------------------------------------------------- chunked prefill
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_prefill_chunk_after_cached_keys_equals_the_whole_prompt(impl):
+  rng = np.random.default_rng(5)
+  b, s, hq, hkv = 2, 40, 4, 2
+  mk = lambda *sh: jnp.asarray(rng.standard_normal(sh), jnp.float32)
+  q, k, v = mk(b, s, hq, D), mk(b, s, hkv, D), mk(b, s, hkv, D)
+  full = dispatch.prefill_attention(q, k, v, impl="xla")
+  start = jnp.asarray([9, 30], jnp.int32)  # rows continue from different cached lengths
+  qs = jnp.stack([q[0, 9:19], q[1, 30:40]])
+  got = dispatch.prefill_attention(qs, k, v, lengths=start + 10, q_start=start, impl=impl)
+  assert rel_err(got[0], full[0, 9:19]) < 1e-5 and rel_err(got[1], full[1, 30:40]) < 1e-5
+  e = mk(8, D)
+  full_c = dispatch.cope_attention(q, k, v, e, impl="xla")
+  got_c = dispatch.cope_attention(qs, k, v, e, lengths=start + 10, q_start=start, impl=impl)
+  assert rel_err(got_c[0], full_c[0, 9:19]) < 1e-5 and rel_err(got_c[1], full_c[1, 30:40]) < 1e-5
+
+
+def _model(pe):
+  model = tiny_model(seed=11, position_encoding=pe, head_dim=16)
+  if pe == "cope":  # the tables start at zero: make the positions matter
+    for layer in model.layers:
+      layer.attn.pos_emb[...] = jax.random.normal(jax.random.key(1), layer.attn.pos_emb.shape)
+  return model
+
+
+@pytest.mark.parametrize("pe", ["rope", "cope"])
+def test_chunked_prefill_gives_the_full_forward_logits(pe):
+  model = _model(pe)
+  rng = np.random.default_rng(6)
+  t = 23
+  ids = rng.integers(0, 97, (2, t)).astype(np.int32)
+  lengths = np.array([t, 17], np.int32)
+  full = np.asarray(model(jnp.asarray(ids)))
+  for chunk in (1, 7, t):
+    cache = kv_cache.init_cache(model.config, 2, 32, jnp.float32, page_size=16)
+    got = []
+    for c in range(0, t, chunk):
+      n = np.clip(lengths - c, 0, chunk).astype(np.int32)
+      piece = np.zeros((2, chunk), np.int32)
+      piece[:, :ids[:, c:c + chunk].shape[1]] = ids[:, c:c + chunk]
+      logits, cache = model(jnp.asarray(piece), cache=cache, lengths=jnp.asarray(n))
+      got.append(np.asarray(logits))
+    got = np.concatenate(got, axis=1)
+    for row in range(2):
+      assert rel_err(got[row, :lengths[row]], full[row, :lengths[row]]) < 1e-5, (chunk, row)
+    np.testing.assert_array_equal(cache.lengths, lengths)
+
+
+@pytest.mark.parametrize("pe", ["rope", "cope"])
+def test_generate_is_the_same_whatever_the_pages_and_chunks(pe):
+  model = _model(pe)
+  prompts = [list(range(3, 40)), [5, 9], list(range(60, 79))]
+  want = fdjax.generate(model, prompts, max_new_tokens=9).tokens
+  for page_size, chunk in [(16, 1), (16, 7), (32, None), (64, 5)]:
+    assert fdjax.generate(model, prompts, max_new_tokens=9, page_size=page_size,
+                          prefill_chunk=chunk).tokens == want, (page_size, chunk)
+
+
+# -------------------------------------------------------------------- prefix cache
+
+def test_a_shared_prefix_is_not_recomputed_and_changes_nothing():
+  model = _model("rope")
+  rng = np.random.default_rng(7)
+  system = rng.integers(0, 97, 3 * PS).tolist()  # three full pages
+  first, second = system + [1, 2, 3], system + rng.integers(0, 97, 10).tolist()
+  kv = paging.KVStore.for_model(model, num_pages=16, page_size=PS)
+  fdjax.generate(model, [first], max_new_tokens=4, kv=kv)
+  assert kv.pool.prefix_hit_tokens == 0
+  got = fdjax.generate(model, [second], max_new_tokens=6, kv=kv).tokens
+  assert kv.pool.prefix_hit_tokens == 3 * PS  # only the last 10 tokens were prefilled
+  assert got == fdjax.generate(model, [second], max_new_tokens=6).tokens
+  kv.pool.check()
+  assert kv.pool.pages_in_use == 0
+
+
+def test_a_continued_conversation_reuses_what_it_generated():
+  model = _model("cope")
+  kv = paging.KVStore.for_model(model, num_pages=8, page_size=PS)
+  prompt = list(range(1, 30))
+  reply = fdjax.generate(model, [prompt], max_new_tokens=12, kv=kv).tokens[0]
+  follow = prompt + reply + [7, 7, 7]
+  got = fdjax.generate(model, [follow], max_new_tokens=5, kv=kv).tokens
+  assert kv.pool.prefix_hit_tokens == 2 * PS  # 40 tokens written: two full pages
+  assert got == fdjax.generate(model, [follow], max_new_tokens=5).tokens
+
+
+def test_running_out_of_pages_is_a_clear_error_and_leaks_nothing():
+  model = _model("rope")
+  kv = paging.KVStore.for_model(model, num_pages=3, page_size=PS)
+  with pytest.raises(paging.PoolExhausted, match="needs 4 more pages; 3 of 3"):
+    fdjax.generate(model, [list(range(40))], max_new_tokens=20, kv=kv)
+  with pytest.raises(paging.PoolExhausted):
+    fdjax.generate(model, [[1] * 20, [2] * 20], max_new_tokens=10, kv=kv)
+  kv.pool.check()
+  assert kv.pool.pages_available == 3
+  with pytest.raises(ValueError, match="made for another model"):
+    fdjax.generate(tiny_model(seed=1), [[1]], max_new_tokens=2, kv=kv)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["start", "end", "cancel"]),
+                          st.integers(0, 3), st.integers(1, 70)), max_size=40))
+def test_page_pool_never_leaks_nor_double_books(ops):
+  """Sequences start (sharing prompt prefixes drawn from 4 families), end (their pages
+  enter the prefix cache) or are cancelled; afterwards every page is back in the pool, and
+  meanwhile no page is held by two sequences unless it is a cached prefix page."""
+  pool = paging.PagePool(24, 8)
+  families = [list(range(f * 100, f * 100 + 80)) for f in range(4)]
+  live = []
+  for op, family, length in ops:
+    if op == "start":
+      prompt = families[family][:length]
+      try:
+        pages, cached = pool.allocate(prompt, length + 5)
+      except paging.PoolExhausted:
+        continue
+      assert cached % 8 == 0 and cached < length
+      live.append((pages, prompt))
+    elif live:
+      pages, prompt = live.pop(family % len(live))
+      if op == "end":
+        pool.finish(pages, prompt)
+      else:
+        pool.release(pages)
+    pool.check()
+    owners = {}
+    for pages, _ in live:
+      for p in pages:
+        owners[p] = owners.get(p, 0) + 1
+    for p, count in owners.items():
+      assert count == pool.refs[p]
+      assert count == 1 or p in pool.key_of  # shared only as a cached prefix page
+  for pages, _ in live:
+    pool.release(pages)
+  pool.check()
+  assert pool.pages_in_use == 0 and pool.pages_available == 24
