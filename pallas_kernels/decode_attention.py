@@ -24,6 +24,12 @@ from pallas_kernels import async_softmax as asm
 from pallas_kernels import shared
 
 
+# 16 rows (a group padded to the dot's minimum, or one MHA head) * block_k * head_dim by
+# dtype size: 128 keys up to head_dim 256 in bfloat16; in float32 32 keys at head_dim 128
+# (128 spill) and 64 at 64.
+TILE_LIMITS = {2: 1 << 19, 4: 1 << 16}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The kernel's knobs; None takes `default`'s value for the shapes."""
@@ -33,9 +39,12 @@ class Settings:
   num_stages: int | None = None
 
   @classmethod
-  def default(cls, batch: int, kv_heads: int, kv_len: int) -> "Settings":
-    """128-key blocks; enough splits to fill the GPU about twice over, each >= 256 keys."""
+  def default(cls, batch: int, kv_heads: int, kv_len: int, head_dim: int = 128,
+              dtype=jnp.bfloat16) -> "Settings":
+    """128-key blocks (shrunk to TILE_LIMITS for the group's 16 rows); enough splits to fill
+    the GPU about twice over, each >= 256 keys."""
     block_k = min(128, max(16, pl.next_power_of_2(kv_len)))
+    _, block_k = shared.fit_blocks(shared.DOT_MIN_ROWS, block_k, head_dim, dtype, TILE_LIMITS)
     splits = pl.cdiv(2 * shared.num_sms(), batch * kv_heads)
     splits = max(1, min(splits, pl.cdiv(kv_len, max(256, block_k))))
     return cls(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
@@ -138,7 +147,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale, phi=None, mode="
   s, hkv = k_cache.shape[1], k_cache.shape[2]
   g = hq // hkv
   g_pad = 1 if g == 1 else max(shared.DOT_MIN_ROWS, pl.next_power_of_2(g))
-  settings = shared.fill(settings, Settings.default(b, hkv, s))
+  settings = shared.fill(settings, Settings.default(b, hkv, s, d, q.dtype))
   qg = q.reshape(b, hkv, g, d)
   if g_pad != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))

@@ -23,6 +23,11 @@ from pallas_kernels import async_softmax as asm
 from pallas_kernels import shared
 
 
+# block_q * block_k * head_dim by dtype size: 64 x 64 at head_dim 128 in bfloat16 (194
+# registers; 64 x 64 at 256 spills), 16 x 32 at 128 and 32 x 32 at 64 in float32.
+TILE_LIMITS = {2: 1 << 19, 4: 1 << 16}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The kernel's knobs; None takes `default`'s value for the shapes."""
@@ -32,9 +37,11 @@ class Settings:
   num_stages: int | None = None
 
   @classmethod
-  def default(cls, t: int) -> "Settings":
+  def default(cls, t: int, head_dim: int = 128, dtype=jnp.bfloat16) -> "Settings":
+    """64 x 64 blocks (fewer for short prompts), shrunk to TILE_LIMITS."""
     block = min(64, max(16, pl.next_power_of_2(t)))
-    return cls(block_q=block, block_k=block, num_warps=4, num_stages=2)
+    block_q, block_k = shared.fit_blocks(block, block, head_dim, dtype, TILE_LIMITS)
+    return cls(block_q=block_q, block_k=block_k, num_warps=4, num_stages=2)
 
 
 def _kernel(lengths_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
@@ -110,7 +117,7 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, causal=True, phi=None,
   if mode not in ("async", "online"):
     raise ValueError(f"prefill_attention: unknown mode {mode!r}")
   b, t, hq, d = q.shape
-  settings = shared.fill(settings, Settings.default(t))
+  settings = shared.fill(settings, Settings.default(t, d, q.dtype))
   block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(
