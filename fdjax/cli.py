@@ -163,9 +163,10 @@ def build_parser():
   tr.add_argument("--seed", type=int, default=0)
   tr.set_defaults(fn=cmd_train)
   bn = sub.add_parser("bench", help="run a benchmark from bench/ (gpu: the whole GPU suite, "
-                      "check: every kernel against the reference, e2e, attention, gemm, ...)")
-  bn.add_argument("name", choices=["gpu", "check", "e2e", "attention", "gemm", "decode",
-                                   "cope_tasks"])
+                      "check: every kernel against the reference, kernels: every kernel's "
+                      "registers and shared memory compiled for the H100, e2e, ...)")
+  bn.add_argument("name", choices=["gpu", "check", "kernels", "e2e", "attention", "gemm",
+                                   "decode", "cope_tasks"])
   bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
   bn.set_defaults(fn=cmd_bench)
   return parser

@@ -49,13 +49,14 @@ def _pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnums=(4, 5))
-def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl):
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "target"),
+                   donate_argnums=(4, 5))
+def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl, target):
   """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache;
   `last` keeps each row's logits at its latest token."""
   TRACE_COUNT["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  with dispatch.using(impl):
+  with dispatch.using(impl), dispatch.lowering_for(target):
     logits, cache = model(ids, cache=cache, lengths=n, last_only=True)
   return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
 
@@ -66,10 +67,10 @@ def _first_token(logits, key, *, sampler):
   return sample(logits, sub, sampler), key
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl", "target"),
                    donate_argnums=(3,))
 def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sampler, out_len,
-            impl):
+            impl, target):
   TRACE_COUNT["decode"] += 1
   model = nnx.merge(graphdef, state)
   b = first.shape[0]
@@ -82,7 +83,7 @@ def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sam
 
   def body(carry):
     step, out, done, tok, cache, key = carry
-    with dispatch.using(impl):
+    with dispatch.using(impl), dispatch.lowering_for(target):
       logits, cache = model(tok[:, None], cache=cache)
     key, sub = jax.random.split(key)
     nxt = sample(logits[:, 0], sub, sampler)
@@ -110,30 +111,25 @@ def _check_prompts(prompts, vocab_size):
                        f"[0, {vocab_size})")
 
 
-def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
-             seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
-             prefill_chunk: int | None = None, kv: paging.KVStore | None = None
-             ) -> GenerationResult:
-  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+  """The padded shapes one generate call compiles for."""
+  batch: int      # rows, a power of two
+  chunk: int      # prompt tokens per prefill call
+  pages: int      # page-table entries per row, a power of two
+  out: int        # output buffer per row, a power of two
 
-  The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
-  tokens at a time (None: at once). `kv`, a paging.KVStore, keeps the cache and its prefix
-  cache across calls (prompts that start with pages it has seen are not recomputed; its own
-  page size applies); without one, a cache just big enough for this batch is made. Tokens are the same whatever
-  page_size, prefill_chunk and kv are.
-  """
-  cfg = model.config
-  _check_prompts(prompts, cfg.vocab_size)
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-  for name, value in (("prefill_chunk", prefill_chunk), ("page_size", page_size)):
-    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+
+def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
+            max_cache_len: int | None = None, page_size: int = 64,
+            prefill_chunk: int | None = None) -> Buckets:
+  """The shapes for `batch` prompts of up to `longest` tokens and `max_new_tokens` more,
+  refusing (ValueError) what exceeds the cache or the model's context."""
+  for name, value in (("max_new_tokens", max_new_tokens), ("prefill_chunk", prefill_chunk),
+                      ("page_size", page_size)):
+    if (value is not None or name == "max_new_tokens") and (
+        not isinstance(value, (int, np.integer)) or value < 1):
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
-  eos = [] if eos_token_id is None else (
-      [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
-  longest = max(len(p) for p in prompts)
   need = longest + max_new_tokens
   limit = cfg.max_position_embeddings
   if cfg.sliding_window is not None:
@@ -144,17 +140,42 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   if need > limit:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                      f"the model's context of {limit} tokens")
+  return Buckets(batch=_pow2(batch), chunk=prefill_chunk or _pow2(longest, 16),
+                 pages=_pow2(-(-need // page_size)), out=_pow2(max_new_tokens))
+
+
+def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+             seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
+             prefill_chunk: int | None = None, kv: paging.KVStore | None = None
+             ) -> GenerationResult:
+  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
+
+  The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
+  tokens at a time (None: at once). `kv`, a paging.KVStore, keeps the cache and its prefix
+  cache across calls (prompts that start with pages it has seen are not recomputed; its own
+  page size applies); without one, a cache just big enough for this batch is made. Tokens
+  are the same whatever page_size, prefill_chunk and kv are.
+  """
+  cfg = model.config
+  _check_prompts(prompts, cfg.vocab_size)
+  page_size = page_size if kv is None else kv.page_size
+  shapes = buckets(cfg, len(prompts), max(len(p) for p in prompts), max_new_tokens,
+                   max_cache_len, page_size, prefill_chunk)
+  sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
+  eos = [] if eos_token_id is None else (
+      [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
   if kv is None:
     pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
     kv = paging.KVStore(cfg, _pow2(pages), page_size, model.dtype)
   kv.check_for(model)
 
-  b, bp = len(prompts), _pow2(len(prompts))
+  b = len(prompts)
   rows = []
   try:
     for p in prompts:
       rows.append(kv.pool.allocate(list(p), len(p) + max_new_tokens))
-    out, steps, prefill_s, decode_s = _run(model, kv, prompts, rows, bp, max_new_tokens,
+    out, steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes, max_new_tokens,
                                            sampler, eos, seed, prefill_chunk)
   except BaseException:
     for pages, _ in rows:
@@ -170,13 +191,14 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                           prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps - 1)
 
 
-def _run(model, kv, prompts, rows, bp, max_new_tokens, sampler, eos, seed, prefill_chunk):
-  """Prefill in chunks, then the decode loop, on kv's pages; (tokens [bp, out_len], steps,
+def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, prefill_chunk):
+  """Prefill in chunks, then the decode loop, on kv's pages; (tokens [batch, out], steps,
   prefill seconds, decode seconds)."""
   cfg = model.config
   graphdef, state = nnx.split(model)
-  impl = dispatch.current()
-  table = np.full((bp, _pow2(max(len(pages) for pages, _ in rows))), kvc.NO_PAGE, np.int32)
+  static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
+  bp = shapes.batch
+  table = np.full((bp, shapes.pages), kvc.NO_PAGE, np.int32)
   cached = np.zeros((bp,), np.int32)
   for i, (pages, n_cached) in enumerate(rows):
     table[i, :len(pages)] = pages
@@ -195,15 +217,48 @@ def _run(model, kv, prompts, rows, bp, max_new_tokens, sampler, eos, seed, prefi
       ids[i, :len(piece)] = piece
       n[i] = len(piece)
     cache, last = _prefill_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache, last,
-                                 impl=impl)
+                                 **static)
   first, key = _first_token(last, jax.random.key(seed), sampler=sampler)
   first.block_until_ready()
   t1 = time.perf_counter()
   out, steps, cache = _decode(graphdef, state, first, cache, key,
                               jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
                               jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
-                              out_len=_pow2(max_new_tokens), impl=impl)
+                              out_len=shapes.out, **static)
   out = np.asarray(out)
   t2 = time.perf_counter()
   kv.k, kv.v = cache.k, cache.v
   return out, int(steps), t1 - t0, t2 - t1
+
+
+def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None,
+          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+          page_size: int = 64, prefill_chunk: int | None = None):
+  """A prefill chunk and the decode loop as `generate` compiles them for `batch` prompts of
+  up to `prompt_len` tokens, lowered (not run) on abstract inputs: (prefill, decode)
+  `Lowered`s.
+
+  `model` may be abstract (`nnx.eval_shape(lambda: Transformer(...))`: no weight is
+  materialised); `place(shape, dtype)` makes each abstract input (a ShapeDtypeStruct with a
+  sharding, e.g. fdjax.aot.abstract for a described GPU); default: no sharding."""
+  place = place or jax.ShapeDtypeStruct
+  cfg = model.config
+  shapes = buckets(cfg, batch, prompt_len, max_new_tokens, None, page_size, prefill_chunk)
+  graphdef, state = nnx.split(model)
+  like = lambda tree: jax.tree.map(lambda a: place(a.shape, a.dtype), tree)
+  static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
+  rows = place((shapes.batch,), jnp.int32)
+  cache = like(jax.eval_shape(lambda: kvc.KVCache(
+      *kvc.empty_pages(cfg, shapes.batch * shapes.pages, page_size, model.dtype),
+      jnp.zeros((shapes.batch, shapes.pages), jnp.int32), jnp.zeros((shapes.batch,), jnp.int32))))
+  last = place((shapes.batch, cfg.vocab_size), jnp.float32)
+  prefill = _prefill_chunk.lower(graphdef, like(state), place((shapes.batch, shapes.chunk),
+                                                             jnp.int32), rows, cache, last,
+                                 **static)
+  sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
+  decode = _decode.lower(graphdef, like(state), rows, cache,
+                         like(jax.eval_shape(lambda: jax.random.key(0))),
+                         place((1,), jnp.int32), place((), jnp.int32),
+                         place((shapes.batch,), jnp.bool_), sampler=sampler, out_len=shapes.out,
+                         **static)
+  return prefill, decode

@@ -51,6 +51,27 @@ def current() -> str:
 
 
 @contextlib.contextmanager
+def lowering_for(platform: str | None):
+  """Within this block "auto" keeps its choice per platform (`lax.platform_dependent`) even
+  on a host whose only backend is the CPU, which otherwise traces the XLA path alone: for
+  compiling ahead of time for a described GPU (fdjax.aot). None: no change. Jitted callers
+  pass `lowering_target()` as a static argument, as they do `current()`."""
+  if platform is not None:
+    checks.choice("dispatch.lowering_for", "platform", platform, ("cuda",))
+  old = getattr(_override, "target", None)
+  _override.target = platform or old
+  try:
+    yield
+  finally:
+    _override.target = old
+
+
+def lowering_target() -> str | None:
+  """The platform set by `lowering_for`, or None."""
+  return getattr(_override, "target", None)
+
+
+@contextlib.contextmanager
 def record_scores():
   """Within this block, each prefill_attention called eagerly (outside jit) appends the
   (min, max) over valid query rows of the rows' largest scores to the yielded list, in
@@ -79,8 +100,9 @@ def _run(op, impl, xla_fn, pallas_fn, head_dim=None, dtype=None, page_size=None)
     return pallas_fn(False)
   if impl == "pallas_interpret":
     return pallas_fn(True)
-  if jax.default_backend() == "cpu" or not takes:
-    # A CPU-only host never lowers for a GPU: skip tracing the kernel branch at all.
+  if not takes or (jax.default_backend() == "cpu" and lowering_target() is None):
+    # A CPU-only host lowers for a GPU only inside `lowering_for`: elsewhere skip tracing
+    # the kernel branch at all.
     return xla_fn()
   return jax.lax.platform_dependent(cpu=xla_fn, cuda=lambda: pallas_fn(False), default=xla_fn)
 

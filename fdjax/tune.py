@@ -1,7 +1,9 @@
 """The offline half of FlashDecoding++'s heuristic dataflow: `fdjax tune` profiles GEMV, the
 flat GEMM and XLA's dot per weight shape [K, N] over M, fits the crossovers M1 and M2, and
-writes the table `fdjax.selection` reads at run time. A candidate setting the compiler
-refuses is dropped; every timing is fdjax.timing's (rotating random inputs, no L2 reuse).
+writes the table `fdjax.selection` reads at run time. Every candidate is compiled before it is
+timed, on a GPU with spills made errors (fdjax.aot.compile); one the compiler refuses is
+dropped, with its reason. Every timing is fdjax.timing's (rotating random inputs, no L2
+reuse).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fdjax import reference, selection, timing
+from fdjax import aot, reference, selection, timing
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
 
@@ -25,16 +27,20 @@ PROFILE_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def _time(fn, sets, iters):
-  return timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
+  """Seconds per call of fn, compiled for the first set before any timing (on a GPU a spill
+  is a compile error: aot.CompileError)."""
+  compiled = aot.compile(jax.jit(fn).lower(*sets[0]), strict=jax.default_backend() == "gpu")
+  return timing.seconds_per_call(compiled, sets, calls=iters)
 
 
-def _best(kernel, settings_cls, configs, sets, iters, interpret):
+def _best(kernel, settings_cls, configs, sets, iters, interpret, progress=print):
   best = None
   for c in configs:
     try:
       t = _time(functools.partial(kernel, interpret=interpret, settings=settings_cls(**c)),
                 sets, iters)
-    except Exception:  # a config the compiler refuses (shared memory, registers, ...): dropped
+    except Exception as e:  # refused by the compiler (shared memory, spills) or the lowering
+      progress(f"  dropped {kernel.__name__} {c}: {aot.reason(e)}")
       continue
     if best is None or t < best[0]:
       best = (t, c)
@@ -56,9 +62,9 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
     return [(jax.random.normal(jax.random.fold_in(key, 1000 * m + i), (m, k),
                                jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
   gemv_cfg = _best(gv.gemv, gv.Settings, gemv_configs or GEMV_CONFIGS, sets(1), iters,
-                   interpret)[1]
+                   interpret, progress)[1]
   flat_cfg = _best(fg.flat_gemm, fg.Settings, flat_configs or FLAT_CONFIGS,
-                   sets(min(16, max(ms))), iters, interpret)[1]
+                   sets(min(16, max(ms))), iters, interpret, progress)[1]
   flat = functools.partial(fg.flat_gemm, interpret=interpret, settings=fg.Settings(**flat_cfg))
   gemv = functools.partial(gv.gemv, interpret=interpret, settings=gv.Settings(**gemv_cfg))
   profile = []

@@ -29,15 +29,22 @@ from pallas_kernels import async_softmax as asm
 from pallas_kernels import prefill_attention, shared
 
 
+# block_q * block_k * head_dim by dtype size: 32 x 32 at head_dim 128 in bfloat16; in
+# float32 16 x 16 at 128 (16 x 32 spills in a decode step) and 16 x 32 at 64.
+TILE_LIMITS = {2: 1 << 17, 4: 1 << 15}
+
+
 class Settings(prefill_attention.Settings):
   """The prefill kernel's knobs, with CoPE's defaults."""
 
   @classmethod
-  def default(cls, t: int, s: int) -> "Settings":
-    """32 x 32: at 64 x 64 the score, gate, position and logit tiles live together and the
-    kernel spills (255 registers, compiled for the H100)."""
-    return cls(block_q=min(32, max(16, pl.next_power_of_2(t))),
-               block_k=min(32, max(16, pl.next_power_of_2(s))), num_warps=4, num_stages=2)
+  def default(cls, t: int, s: int, head_dim: int = 128, dtype=jnp.bfloat16) -> "Settings":
+    """32 x 32 (fewer for short inputs), shrunk to TILE_LIMITS: at 64 x 64 the score, gate,
+    position and logit tiles live together and the kernel spills (255 registers)."""
+    block_q, block_k = shared.fit_blocks(min(32, max(16, pl.next_power_of_2(t))),
+                                         min(32, max(16, pl.next_power_of_2(s))), head_dim,
+                                         dtype, TILE_LIMITS)
+    return cls(block_q=block_q, block_k=block_k, num_warps=4, num_stages=2)
 
 
 def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q,
@@ -104,7 +111,7 @@ def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, q_start=None,
   b, t, hq, d = q.shape
   s = k.shape[1]
   npos = pos_emb.shape[0]
-  settings = shared.fill(settings, Settings.default(t, s))
+  settings = shared.fill(settings, Settings.default(t, s, q.shape[-1], q.dtype))
   block_q = settings.block_q
   lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, s)

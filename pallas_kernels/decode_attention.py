@@ -27,6 +27,12 @@ from pallas_kernels import async_softmax as asm
 from pallas_kernels import shared
 
 
+# 16 rows (a group padded to the dot's minimum, or one MHA head) * block_k * head_dim by
+# dtype size: 128 keys up to head_dim 256 in bfloat16; in float32 32 keys at head_dim 128
+# (128 spill) and 64 at 64.
+TILE_LIMITS = {2: 1 << 19, 4: 1 << 16}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The kernel's knobs; None takes `default`'s value for the shapes."""
@@ -36,10 +42,12 @@ class Settings:
   num_stages: int | None = None
 
   @classmethod
-  def default(cls, batch: int, kv_heads: int, kv_len: int, block_k: int = 128) -> "Settings":
-    """128-key blocks (or the page's); enough splits to fill the GPU about twice over, each
-    >= 256 keys."""
+  def default(cls, batch: int, kv_heads: int, kv_len: int, head_dim: int = 128,
+              dtype=jnp.bfloat16, block_k: int = 128) -> "Settings":
+    """128-key blocks (at most the page's; shrunk to TILE_LIMITS for the group's 16 rows);
+    enough splits to fill the GPU about twice over, each >= 256 keys."""
     block_k = min(block_k, max(16, pl.next_power_of_2(kv_len)))
+    _, block_k = shared.fit_blocks(shared.DOT_MIN_ROWS, block_k, head_dim, dtype, TILE_LIMITS)
     splits = pl.cdiv(2 * shared.num_sms(), batch * kv_heads)
     splits = max(1, min(splits, pl.cdiv(kv_len, max(256, block_k))))
     return cls(block_k=block_k, num_splits=splits, num_warps=4, num_stages=2)
@@ -169,7 +177,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                      f"got {page_size}")
   g = hq // hkv
   g_pad = 1 if g == 1 else max(shared.DOT_MIN_ROWS, pl.next_power_of_2(g))
-  settings = shared.fill(settings, Settings.default(b, hkv, s, block_k))
+  settings = shared.fill(settings, Settings.default(b, hkv, s, d, q.dtype, block_k))
   if page_table.shape[1] > 1 and page_size % settings.block_k:
     raise ValueError(f"paged_decode_attention: block_k {settings.block_k} does not divide the "
                      f"page size {page_size}")

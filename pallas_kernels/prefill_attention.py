@@ -24,6 +24,11 @@ from pallas_kernels import async_softmax as asm
 from pallas_kernels import shared
 
 
+# block_q * block_k * head_dim by dtype size: 64 x 64 at head_dim 128 in bfloat16 (194
+# registers; 64 x 64 at 256 spills), 16 x 32 at 128 and 32 x 32 at 64 in float32.
+TILE_LIMITS = {2: 1 << 19, 4: 1 << 16}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The kernel's knobs; None takes `default`'s value for the shapes."""
@@ -33,9 +38,12 @@ class Settings:
   num_stages: int | None = None
 
   @classmethod
-  def default(cls, t: int, s: int) -> "Settings":
-    return cls(block_q=min(64, max(16, pl.next_power_of_2(t))),
-               block_k=min(64, max(16, pl.next_power_of_2(s))), num_warps=4, num_stages=2)
+  def default(cls, t: int, s: int, head_dim: int = 128, dtype=jnp.bfloat16) -> "Settings":
+    """64 x 64 blocks (fewer for short prompts or few keys), shrunk to TILE_LIMITS."""
+    block_q, block_k = shared.fit_blocks(min(64, max(16, pl.next_power_of_2(t))),
+                                         min(64, max(16, pl.next_power_of_2(s))), head_dim,
+                                         dtype, TILE_LIMITS)
+    return cls(block_q=block_q, block_k=block_k, num_warps=4, num_stages=2)
 
 
 def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
@@ -115,7 +123,7 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
     raise ValueError(f"prefill_attention: unknown mode {mode!r}")
   b, t, hq, d = q.shape
   s = k.shape[1]
-  settings = shared.fill(settings, Settings.default(t, s))
+  settings = shared.fill(settings, Settings.default(t, s, d, q.dtype))
   block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
   lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(

@@ -7,12 +7,18 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 DOT_MIN_ROWS = 16  # the smallest M (and N, K) Triton's tensor-core dot takes
 H100_SMS = 132
 H100_SHARED_MEMORY = 227 * 1024  # bytes a block may opt in to (sm_90); JAX does not report it
+# How an sm_90 SM gives out its resources (CUDA occupancy rules; fdjax.aot counts with them):
+SM90_REGISTER_UNIT = 256       # registers are allocated per warp in units of this many
+SM90_SHARED_UNIT = 128         # shared memory is allocated per block in units of this many bytes
+SM90_SHARED_RESERVED = 1024    # bytes of shared memory the system reserves per block
+SM90_MAX_PROGRAMS_PER_SM = 32  # resident blocks per SM
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,6 +28,21 @@ def num_sms() -> int:
     if d.platform == "gpu" and getattr(d, "core_count", None):
       return int(d.core_count)
   return H100_SMS
+
+
+def fit_blocks(block_q: int, block_k: int, head_dim: int, dtype, limits: dict) -> tuple:
+  """Halves the larger block (block_q on a tie; neither below DOT_MIN_ROWS) until
+  block_q * block_k * head_dim <= limits[itemsize of dtype]. The product bounds the score
+  and output tiles a program holds, and so its registers; each kernel's limits are where it
+  stops spilling when compiled for the H100 (bench/results/kernels_h100.md). float32 has
+  the smaller limit: its exact dots run on the plain cores, not the tensor cores."""
+  limit = limits[jnp.dtype(dtype).itemsize]
+  while block_q * block_k * head_dim > limit and max(block_q, block_k) > DOT_MIN_ROWS:
+    if block_q >= block_k and block_q > DOT_MIN_ROWS:
+      block_q //= 2
+    else:
+      block_k //= 2
+  return block_q, block_k
 
 
 def fill(settings, default):

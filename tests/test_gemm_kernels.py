@@ -144,6 +144,31 @@ def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
     selection.reload()
 
 
+def test_tune_compiles_each_candidate_first_and_drops_a_refused_one(monkeypatch):
+  from fdjax import aot, timing
+  real_compile, compiled = aot.compile, []
+  def compile_refusing_the_first(lowered, **kw):
+    if not compiled:
+      compiled.append(None)
+      raise aot.CompileError("refused by the compiler: RESOURCE_EXHAUSTED: Shared memory size "
+                             "limit exceeded")
+    compiled.append(real_compile(lowered, **kw))
+    return compiled[-1]
+  timed = []
+  real_time = timing.seconds_per_call
+  monkeypatch.setattr(aot, "compile", compile_refusing_the_first)
+  monkeypatch.setattr(timing, "seconds_per_call",
+                      lambda fn, *a, **k: timed.append(fn) or real_time(fn, *a, **k))
+  x, w, _ = _xw(1, 64, 80, jnp.float32)
+  configs = [{"block_n": 32, "block_k": 32, "split_k": 1},
+             {"block_n": 16, "block_k": 16, "split_k": 2}]
+  said = []
+  _, best = tune._best(gv.gemv, gv.Settings, configs, [(x, w)], 1, True, said.append)
+  assert best == configs[1]
+  assert len(said) == 1 and "dropped gemv" in said[0] and "Shared memory size" in said[0]
+  assert timed == [compiled[-1]]  # only the compiled candidate was timed, as compiled
+
+
 def test_tune_refuses_cpu_without_flag():
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, "-m", "fdjax", "tune", "--preset", "random-tiny"],

@@ -1,0 +1,260 @@
+"""The kernels' resource table, compiled for the H100 with no GPU (fdjax.aot): per kernel,
+shape and setting, registers per thread, spill bytes, shared memory, grid, and how many
+programs fit on one SM by registers and by shared memory.
+
+  python bench/kernels.py                # -> bench/results/kernels_h100.{json,md}
+  python -m fdjax bench kernels
+  python bench/kernels.py --only default # the default settings only
+
+Shapes: Llama-2-7B (MHA) and Llama-3-8B (GQA) attention at head_dim 128, and head_dim 64
+(Llama-3.2-1B's GQA, and MHA); batch 1 to 64 and KV 1 to 32k; the four linear shapes of both
+models at M = 1 to 64; CoPE at head_dim 64 and 128; bfloat16 (the models' dtype) and
+float32. `DEFAULTS` (every kernel with its default settings, through its dispatch op with
+impl="pallas") is also what tests/test_h100_compile.py compiles; `ALTERNATIVES` are other
+settings (tune's candidates, other blocks, the planted over-sized ones) for the table only.
+Needs the CUDA plugin and ptxas (fdjax.aot says how to install them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a described GPU: no driver
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import common  # noqa: E402
+from fdjax import aot, dispatch, presets, tune  # noqa: E402
+from pallas_kernels import cope_attention as ck  # noqa: E402
+from pallas_kernels import decode_attention as dk  # noqa: E402
+from pallas_kernels import flat_gemm as fg  # noqa: E402
+from pallas_kernels import gemv as gv  # noqa: E402
+from pallas_kernels import prefill_attention as pk  # noqa: E402
+
+BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
+# Attention heads: (query heads, KV heads, head_dim).
+HEADS = {"llama-2-7b": (32, 32, 128), "llama-3-8b": (32, 8, 128), "llama-3.2-1b": (32, 8, 64),
+         "mha-d64": (32, 32, 64)}
+DECODE = [(1, 1), (1, 32768), (8, 4097), (64, 4096), (8, 32768)]  # (batch, KV length)
+PREFILL = [(1, 17), (4, 1000), (1, 8192)]                # (batch, prompt length)
+COPE = [(1, 17, 17), (2, 1000, 1000), (8, 1, 4097), (1, 1, 32768)]  # (batch, queries, keys)
+PAGED = [(8, 64, 64), (32, 16, 16), (4, 512, 64)]  # (batch, pages per row, page size)
+CHUNKS = [(2, 512, 4096)]                           # (batch, chunk, cached keys before it)
+MS = (1, 2, 3, 8, 16, 17, 32, 64)
+NPOS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  kernel: str
+  shape: str
+  dtype: str
+  setting: str   # "default" or the knobs set
+  fn: object     # called on `args` placed on the device
+  args: tuple    # ((shape, dtype), ...)
+
+  def __str__(self):
+    return f"{self.kernel} {self.shape} {self.dtype} {self.setting}"
+
+  def lower(self, place):
+    return jax.jit(self.fn).lower(*(place(s, d) for s, d in self.args))
+
+
+def _decode(name, b, s, dtype, settings=None):
+  hq, hkv, d = HEADS[name]
+  if settings is None:
+    fn = lambda q, k, v, n: dispatch.decode_attention(q, k, v, n, impl="pallas")
+  else:
+    fn = lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=d ** -0.5,
+                                                settings=settings)
+  return Case("decode_attention", f"{name} B={b} S={s}", jnp.dtype(dtype).name,
+              _label(settings), fn, (((b, hq, d), dtype), ((b, s, hkv, d), dtype),
+                                     ((b, s, hkv, d), dtype), ((b,), I32)))
+
+
+def _paged(name, b, pages, page_size, dtype):
+  hq, hkv, d = HEADS[name]
+  fn = lambda q, kp, vp, table, n: dispatch.paged_decode_attention(q, kp, vp, table, n,
+                                                                   impl="pallas")
+  pool = ((b * pages, page_size, hkv, d), dtype)
+  return Case("paged_decode_attention", f"{name} B={b} pages={pages}x{page_size}",
+              jnp.dtype(dtype).name, "default", fn,
+              (((b, hq, d), dtype), pool, pool, ((b, pages), I32), ((b,), I32)))
+
+
+def _chunk(name, b, t, cached, dtype):
+  hq, hkv, d = HEADS[name]
+  fn = lambda q, k, v, n, start: dispatch.prefill_attention(q, k, v, lengths=n, q_start=start,
+                                                            impl="pallas")
+  kv = ((b, cached + t, hkv, d), dtype)
+  return Case("prefill_attention", f"{name} B={b} T={t} after {cached}", jnp.dtype(dtype).name,
+              "default", fn, (((b, t, hq, d), dtype), kv, kv, ((b,), I32), ((b,), I32)))
+
+
+def _prefill(name, b, t, dtype, settings=None):
+  hq, hkv, d = HEADS[name]
+  if settings is None:
+    fn = lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, impl="pallas")
+  else:
+    fn = lambda q, k, v, n: pk.prefill_attention(q, k, v, n, sm_scale=d ** -0.5,
+                                                 settings=settings)
+  return Case("prefill_attention", f"{name} B={b} T={t}", jnp.dtype(dtype).name,
+              _label(settings), fn, (((b, t, hq, d), dtype), ((b, t, hkv, d), dtype),
+                                     ((b, t, hkv, d), dtype), ((b,), I32)))
+
+
+def _cope(name, b, t, s, dtype, settings=None):
+  hq, hkv, d = HEADS[name]
+  if settings is None:
+    fn = lambda q, k, v, e, n: dispatch.cope_attention(q, k, v, e, lengths=n, impl="pallas")
+  else:
+    fn = lambda q, k, v, e, n: ck.cope_attention(q, k, v, e, n, sm_scale=d ** -0.5,
+                                                 settings=settings)
+  return Case("cope_attention", f"{name} B={b} T={t} S={s}", jnp.dtype(dtype).name,
+              _label(settings), fn, (((b, t, hq, d), dtype), ((b, s, hkv, d), dtype),
+                                     ((b, s, hkv, d), dtype), ((NPOS, d), dtype), ((b,), I32)))
+
+
+def _linear(label, m, k, n, dtype, kernel=None, settings=None):
+  if kernel is None:
+    name, fn = "linear", lambda x, w: dispatch.linear(x, w, impl="pallas")
+  else:
+    name, fn = kernel.__name__, lambda x, w: kernel(x, w, settings=settings)
+  return Case(name, f"{label} M={m} K={k} N={n}", jnp.dtype(dtype).name, _label(settings), fn,
+              (((m, k), dtype), ((k, n), dtype)))
+
+
+def _label(settings):
+  if settings is None:
+    return "default"
+  return " ".join(f"{f}={v}" for f, v in vars(settings).items() if v is not None)
+
+
+def linear_shapes():
+  """{(K, N): "model name"} of the two models' four weight shapes (O is shared)."""
+  out = {}
+  for model in ("llama-2-7b", "llama-3-8b"):
+    for name, kn in presets.get(model).linear_shapes().items():
+      out[kn] = out.get(kn, f"{model} {name}")
+  return out
+
+
+def defaults(dtypes=(BF16, F32)) -> list[Case]:
+  """Every kernel at every shape with its default settings, through its dispatch op.
+  float32 at the first and the largest shape of each head layout (and every linear shape
+  at M = 1, 16, 64), bfloat16 everywhere."""
+  cases = []
+  for dtype in dtypes:
+    full = dtype == BF16
+    for name in HEADS:
+      cases += [_decode(name, b, s, dtype) for b, s in (DECODE if full else DECODE[::3])]
+      cases += [_prefill(name, b, t, dtype) for b, t in (PREFILL if full else PREFILL[::2])]
+      cases += [_cope(name, *bts, dtype) for bts in (COPE if full else COPE[1:3])]
+      cases += [_paged(name, *bpp, dtype) for bpp in (PAGED if full else PAGED[:1])]
+      cases += [_chunk(name, *btc, dtype) for btc in CHUNKS]
+    for (k, n), label in linear_shapes().items():
+      cases += [_linear(label, m, k, n, dtype) for m in (MS if full else (1, 16, 64))]
+  return cases
+
+
+def oversized() -> list[Case]:
+  """Settings the compiler must refuse for the H100: a flat GEMM whose 4-stage pipeline of
+  512 x 512 tiles needs 1.6 MB of shared memory, and CoPE at 64 x 64, which spills."""
+  return [_linear("llama-2-7b o", 16, 4096, 4096, BF16, fg.flat_gemm,
+                  fg.Settings(block_n=512, block_k=512, num_stages=4)),
+          _cope("llama-3-8b", 2, 1000, 1000, BF16,
+                ck.Settings(block_q=64, block_k=64, num_warps=4, num_stages=2))]
+
+
+def alternatives() -> list[Case]:
+  """Other settings at one shape per kernel: tune's candidates, other blocks and warps."""
+  cases = [_linear("llama-2-7b o", 1, 4096, 4096, BF16, gv.gemv, gv.Settings(**c))
+           for c in tune.GEMV_CONFIGS]
+  cases += [_linear("llama-2-7b o", m, 4096, 4096, BF16, fg.flat_gemm, fg.Settings(**c))
+            for m in (16, 64) for c in tune.FLAT_CONFIGS]
+  cases += [_decode("llama-3-8b", 8, 4097, BF16, dk.Settings(block_k=bk, num_warps=w))
+            for bk, w in ((64, 4), (256, 4), (128, 8))]
+  cases += [_prefill("llama-3-8b", 4, 1000, BF16, pk.Settings(block_q=bq, block_k=bk,
+                                                              num_warps=w))
+            for bq, bk, w in ((32, 32, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8))]
+  cases += [_cope("llama-3-8b", 2, 1000, 1000, BF16, ck.Settings(block_q=bq, block_k=bk,
+                                                                 num_warps=w))
+            for bq, bk, w in ((16, 16, 4), (32, 64, 4), (64, 32, 4), (64, 64, 8))]
+  return cases + oversized()
+
+
+def measure(case: Case) -> list[dict]:
+  """One row per kernel the case launches: compiled strictly (a spill is an error); a
+  refused case is compiled again leniently to show what it would use."""
+  row = {"kernel": case.kernel, "shape": case.shape, "dtype": case.dtype,
+         "setting": case.setting}
+  with tempfile.TemporaryDirectory(prefix="fdjax_aot_") as dump:
+    t0 = time.perf_counter()
+    try:
+      aot.compile(case.lower(aot.abstract), dump_to=dump)
+      row["status"] = "ok"
+    except aot.CompileError as e:
+      row["status"] = str(e).replace("refused by the compiler: ", "refused: ")
+      try:
+        aot.compile(case.lower(aot.abstract), dump_to=dump, strict=False)
+      except aot.CompileError:
+        pass
+    row["compile_s"] = time.perf_counter() - t0
+    kernels = aot.resources(dump)
+  if not kernels:
+    return [row]
+  return [{**row, "launch": k.name, "grid": "x".join(map(str, k.grid)), "programs": k.programs,
+           "threads": k.threads, "registers": k.registers, "spill_stores": k.spill_stores,
+           "spill_loads": k.spill_loads, "shared_kb": k.shared_bytes / 1024,
+           "per_sm_regs": k.per_sm_by_registers(), "per_sm_shared": k.per_sm_by_shared(),
+           "per_sm": min(k.per_sm_by_registers(), k.per_sm_by_shared())} for k in kernels]
+
+
+COLUMNS = ["kernel", "shape", "dtype", "setting", "status", "launch", "grid", "threads",
+           "registers", "spill_stores", "spill_loads", "shared_kb", "per_sm_regs",
+           "per_sm_shared", "per_sm"]
+NOTES = """Compiled for the H100 SXM (sm_90a; fdjax/targets/h100.txtpb) on a CPU-only host by
+XLA with `xla_gpu_fail_ptx_compilation_on_register_spilling` (fdjax.aot): "ok" means Triton and
+ptxas compiled it without spilling and within shared memory. registers: per thread, spill
+bytes per thread (stores / loads) and shared memory per program from `ptxas -v` on XLA's PTX
+and XLA's launch record; per_sm_regs / per_sm_shared: programs one SM holds by its 64K
+registers (allocated per warp in units of 256) and by its 228 KB of shared memory (plus 1 KB
+reserved per program), at most 32; per_sm is the smaller. A refused row shows what a lenient
+compile of the same setting uses. `default` rows go through the dispatch op with
+impl="pallas" (for linear: GEMV or the flat GEMM by the analytic table); these are what
+tests/test_h100_compile.py compiles."""
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--only", choices=["default", "alternatives"])
+  ap.add_argument("--results-dir")
+  args = ap.parse_args()
+  why = aot.unavailable()
+  if why:
+    raise SystemExit(f"bench/kernels.py: cannot compile for the H100 here: {why}")
+  cases = ([] if args.only == "alternatives" else defaults()) + (
+      [] if args.only == "default" else alternatives())
+  target = {"target": f"{aot.sharding().mesh.devices.flat[0].device_kind} "
+                      f"({aot.ARCH['h100']}, described: no GPU)",
+            "compiler": ", ".join(f"{k} {v}" for k, v in aot.versions().items())}
+  rows = []
+  for i, case in enumerate(cases):
+    got = [{**target, **r} for r in measure(case)]
+    rows += got
+    print(f"[{i + 1}/{len(cases)}] {case}: {got[0]['status']} " + " ".join(
+        f"{r['launch']}: {r['registers']} registers, {r['spill_stores']} B spilled, "
+        f"{r['shared_kb']:.0f} KB shared" for r in got if "launch" in r), flush=True)
+  notes = f"Target: {target['target']}; compiled by {target['compiler']}.\n\n{NOTES}"
+  print(common.write_results("kernels_h100", rows, COLUMNS, notes=notes,
+                             results_dir=args.results_dir))
+
+
+if __name__ == "__main__":
+  main()

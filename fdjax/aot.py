@@ -1,0 +1,222 @@
+"""Compiling for a described GPU with no GPU present, and what the compiler reports.
+
+XLA compiles for a GPU it is only told about (`jax.experimental.topologies` with a target
+description, fdjax/targets/<name>.txtpb; the H100's is cut down from XLA's own `h100_sxm`
+spec): Pallas' Triton kernels go through Triton's compiler and `ptxas -arch=sm_90a` as they
+would on the device, so a kernel that overflows shared memory or spills registers fails here
+(COMPILE_OPTIONS makes a spill an error). It needs the CUDA plugin and ptxas:
+`pip install "jax[cuda12-local]==0.10.2" nvidia-cuda-nvcc-cu12`, and JAX_PLATFORMS=cpu set
+before jax is imported (else the plugin looks for a driver). Tested with jax and jaxlib
+0.10.2 only: later jaxlibs compile Pallas' Triton kernels to PTX while lowering.
+
+`resources` reads, from a compile's dump (`xla_dump_to`), each kernel's launch (grid,
+threads, shared memory: XLA's thunk sequence) and its registers and spills (`ptxas -v` on
+the PTX), and how many of its programs fit on one SM by each.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import jax
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels import shared
+
+TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
+ARCH = {"h100": "sm_90a"}
+COMPILE_OPTIONS = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True}
+INSTALL = 'pip install "jax[cuda12-local]==0.10.2" nvidia-cuda-nvcc-cu12'
+
+
+class CompileError(ValueError):
+  """A computation the compiler refuses for the target (shared memory, registers, ...)."""
+
+
+def ptxas() -> str | None:
+  """The ptxas XLA uses: in the CUDA directory jax hands it ($CUDA_ROOT, else the
+  nvidia-cuda-nvcc-cu12 package), else on PATH. (XLA's choice, not the first on PATH:
+  another CUDA's ptxas may count registers differently.)"""
+  try:
+    from jax._src.lib import cuda_path  # what jax passes XLA as its CUDA directory
+  except ImportError:
+    cuda_path = None
+  path = os.path.join(cuda_path, "bin", "ptxas") if cuda_path else ""
+  return path if os.access(path, os.X_OK) else shutil.which("ptxas")
+
+
+def versions() -> dict[str, str]:
+  """What compiles for the described GPU: jax, jaxlib, the CUDA plugin, ptxas."""
+  import importlib.metadata as md
+  out = {"jax": jax.__version__}
+  for name in ("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  if ptxas():
+    r = subprocess.run([ptxas(), "--version"], capture_output=True, text=True, timeout=60)
+    out["ptxas"] = next((line.split("release ")[-1] for line in r.stdout.splitlines()
+                         if "release " in line), "unknown")
+  return out
+
+
+def unavailable() -> str | None:
+  """Why this process cannot compile for a described GPU, or None if it can."""
+  try:
+    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    plugin = None
+  if plugin is None:
+    return f"the CUDA plugin is not installed ({INSTALL})"
+  if ptxas() is None:
+    return f"ptxas is not installed ({INSTALL})"
+  if jax.default_backend() != "cpu":
+    return f"the default backend is {jax.default_backend()}, not cpu (set JAX_PLATFORMS=cpu)"
+  return None
+
+
+def _target_text(target: str) -> str:
+  path = os.path.join(TARGETS, f"{target}.txtpb")
+  if not os.path.exists(path):
+    known = sorted(f[:-len(".txtpb")] for f in os.listdir(TARGETS) if f.endswith(".txtpb"))
+    raise ValueError(f"no GPU description {path}; known targets: {known}")
+  with open(path) as fh:
+    return fh.read()
+
+
+@functools.lru_cache(maxsize=None)
+def facts(target: str = "h100") -> dict[str, int]:
+  """The target description's integer fields (core_count, shared_memory_per_core, ...)."""
+  return {k: int(v) for k, v in re.findall(r"^\s*(\w+): (\d+)\s*$", _target_text(target), re.M)}
+
+
+@functools.lru_cache(maxsize=None)
+def sharding(target: str = "h100") -> NamedSharding:
+  """All of a computation on the described GPU (one device)."""
+  why = unavailable()
+  if why:
+    raise RuntimeError(f"cannot compile for a described GPU: {why}")
+  topo = topologies.get_topology_desc(platform="cuda", target_config=_target_text(target),
+                                      topology="1x1x1")
+  return NamedSharding(topologies.make_mesh(topo, (1,), ("d",)), P())
+
+
+def abstract(shape, dtype, target: str = "h100") -> jax.ShapeDtypeStruct:
+  """An input of the given shape and dtype placed on the described GPU (no data)."""
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding(target))
+
+
+def compile(lowered, *, dump_to: str | None = None, strict: bool = True):
+  """lowered.compile() with spills made errors (`strict`) and the dump written to `dump_to`;
+  a refusal is raised as CompileError with the compiler's reason."""
+  options = dict(COMPILE_OPTIONS if strict else {}, **({"xla_dump_to": dump_to} if dump_to
+                                                      else {}))
+  try:
+    return lowered.compile(compiler_options=options)
+  except jax.errors.JaxRuntimeError as e:
+    raise CompileError(f"refused by the compiler: {reason(e)}") from e
+
+
+def reason(error: Exception) -> str:
+  """The compiler's message, without XLA's stack of contexts."""
+  text = str(error).strip()
+  return text.split(", context:")[0].splitlines()[0][:500]
+
+
+# ------------------------------------------------------------------------ resources
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One compiled kernel's launch and resources."""
+  name: str
+  grid: tuple[int, int, int]
+  threads: int          # per program (block)
+  shared_bytes: int     # per program
+  registers: int        # per thread
+  spill_stores: int     # bytes per thread
+  spill_loads: int
+
+  @property
+  def programs(self) -> int:
+    return self.grid[0] * self.grid[1] * self.grid[2]
+
+  def per_sm_by_registers(self, target: str = "h100") -> int:
+    """Programs one SM holds by its register file (registers are given out per warp in
+    units of 256, and by its thread and block limits)."""
+    unit = shared.SM90_REGISTER_UNIT
+    per_warp = -(-max(self.registers, 1) * 32 // unit) * unit
+    warps = facts(target)["registers_per_core_limit"] // per_warp
+    fit = warps // -(-self.threads // 32)
+    return min(fit, facts(target)["threads_per_core_limit"] // self.threads,
+               shared.SM90_MAX_PROGRAMS_PER_SM)
+
+  def per_sm_by_shared(self, target: str = "h100") -> int:
+    """Programs one SM holds by its shared memory (each also takes the 1 KB the system
+    reserves per program, in 128-byte units)."""
+    if self.shared_bytes == 0:
+      return shared.SM90_MAX_PROGRAMS_PER_SM
+    unit = shared.SM90_SHARED_UNIT
+    per_program = -(-self.shared_bytes // unit) * unit + shared.SM90_SHARED_RESERVED
+    return min(facts(target)["shared_memory_per_core"] // per_program,
+               shared.SM90_MAX_PROGRAMS_PER_SM)
+
+
+_LAUNCH = re.compile(r"\] (\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]"
+                     r"\s+shared_memory: (\d+) bytes")
+
+
+def launches(dump_dir: str) -> list[tuple]:
+  """(kernel, grid, threads, shared bytes) of every launch in XLA's thunk sequences in the
+  dump (XLA names one compiled kernel launched with several grids once)."""
+  out = []
+  for file in sorted(glob.glob(os.path.join(dump_dir, "*thunk_sequence.txt"))):
+    with open(file) as fh:
+      for m in _LAUNCH.finditer(fh.read()):
+        threads = int(m.group(5)) * int(m.group(6)) * int(m.group(7))
+        out.append((m.group(1), tuple(int(x) for x in m.group(2, 3, 4)), threads,
+                    int(m.group(8))))
+  return out
+
+
+def ptx_usage(ptx_file: str, arch: str) -> dict[str, tuple[int, int, int]]:
+  """{entry: (registers, spill store bytes, spill load bytes)} from `ptxas -v`."""
+  binary = ptxas()
+  if binary is None:
+    raise RuntimeError(f"ptxas is not installed ({INSTALL})")
+  r = subprocess.run([binary, "-v", f"-arch={arch}", ptx_file, "-o", os.devnull],
+                     capture_output=True, text=True, timeout=300)
+  if r.returncode:
+    raise RuntimeError(f"ptxas failed on {ptx_file}: {r.stderr[-2000:]}")
+  out = {}
+  for block in r.stderr.split("Compiling entry function '")[1:]:
+    name = block.split("'", 1)[0]
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    regs = re.search(r"Used (\d+) registers", block)
+    out[name] = (int(regs.group(1)) if regs else 0,
+                 int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0)
+  return out
+
+
+def resources(dump_dir: str, prefix: str = "fdjax_", target: str = "h100") -> list[Kernel]:
+  """Every distinct launch of a kernel whose name starts with `prefix` in a compile's dump,
+  with its registers and spills."""
+  usage = {}
+  for ptx in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
+    with open(ptx) as fh:
+      if f".entry {prefix}" in fh.read():
+        usage.update(ptx_usage(ptx, ARCH[target]))
+  out = []
+  for name, grid, threads, shared_bytes in launches(dump_dir):
+    if name.startswith(prefix) and name in usage:
+      k = Kernel(name, grid, threads, shared_bytes, *usage[name])
+      out += [] if k in out else [k]
+  return out

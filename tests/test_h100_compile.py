@@ -1,0 +1,110 @@
+"""Every kernel, and generate's whole prefill and decode loop, compiled for a described H100
+with no GPU (fdjax.aot): Triton's compiler and ptxas run as on the device, and a kernel that
+spills registers or overflows shared memory fails here.
+
+Needs the CUDA plugin and ptxas (`pip install "jax[cuda12-local]==0.10.2"
+nvidia-cuda-nvcc-cu12`; .ci/run installs them). Without them these tests skip and say why,
+except where FDJAX_REQUIRE_H100=1 (set by .ci/run): there they fail.
+"""
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from bench import kernels
+from fdjax import aot, decode_loop, dispatch, presets
+from models.llama import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def h100():
+  why = aot.unavailable()
+  if why and os.environ.get("FDJAX_REQUIRE_H100") == "1":
+    pytest.fail(f"FDJAX_REQUIRE_H100=1, but this process cannot compile for the H100: {why}")
+  if why:
+    pytest.skip(f"cannot compile for the H100 here: {why}")
+  return aot.abstract
+
+
+@pytest.mark.parametrize("case", kernels.defaults(), ids=str)
+def test_every_default_setting_compiles_without_spills(h100, case):
+  aot.compile(case.lower(h100))  # raises CompileError on a spill or a shared-memory overflow
+
+
+def test_an_oversized_flat_gemm_is_refused_for_shared_memory(h100):
+  gemm, _ = kernels.oversized()
+  with pytest.raises(aot.CompileError, match="Shared memory size limit exceeded: requested"):
+    aot.compile(gemm.lower(h100))
+
+
+def test_cope_at_64x64_is_refused_for_spilling(h100, tmp_path):
+  _, cope = kernels.oversized()
+  with pytest.raises(aot.CompileError, match="register spilling"):
+    aot.compile(cope.lower(h100))
+  aot.compile(cope.lower(h100), dump_to=str(tmp_path), strict=False)  # what it would use
+  (k,) = aot.resources(str(tmp_path))
+  assert k.name == "fdjax_cope" and k.registers == 255 and k.spill_stores > 0
+
+
+def test_resources_report_the_launch_and_registers(h100, tmp_path):
+  case = kernels._linear("llama-2-7b o", 16, 4096, 4096, jnp.bfloat16)
+  aot.compile(case.lower(h100), dump_to=str(tmp_path))
+  (k,) = aot.resources(str(tmp_path))
+  # default flat GEMM at M=16: 64-column tiles of w, K split to fill 132 SMs about twice
+  assert k.name == "fdjax_flat_gemm" and k.grid == (4096 // 64, 5, 1) and k.threads == 128
+  assert 0 < k.registers <= 255 and k.spill_stores == k.spill_loads == 0
+  # Triton keeps num_stages - 1 = 1 set of a 16 x 128 tile of x and a 128 x 64 tile of w
+  assert k.shared_bytes == (16 * 128 + 128 * 64) * 2
+
+
+@pytest.mark.parametrize("preset,batch,prompt_len", [("llama-2-7b", 1, 100),
+                                                     ("llama-3-8b", 16, 512)])
+def test_generate_compiles_with_the_kernels(h100, preset, batch, prompt_len):
+  """The jitted prefill and decode loop of a 7B/8B model in bfloat16 with impl="auto": no
+  weight is materialised (nnx.eval_shape), and the CUDA branch takes the kernels."""
+  cfg = presets.get(preset)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+  with dispatch.lowering_for("cuda"):
+    prefill, decode = decode_loop.lower(model, batch=batch, prompt_len=prompt_len,
+                                        max_new_tokens=64, place=h100)
+  prefill_hlo = aot.compile(prefill).as_text()
+  decode_hlo = aot.compile(decode).as_text()
+  linear = "fdjax_gemv" if batch < 3 else "fdjax_flat_gemm"  # the analytic table's M1 = 3
+  assert "fdjax_prefill_async" in prefill_hlo and "fdjax_prefill_online" in prefill_hlo
+  assert "fdjax_decode_async" in decode_hlo and "fdjax_decode_online" in decode_hlo
+  assert linear in decode_hlo and linear in prefill_hlo  # decode steps; the last prompt token
+
+
+def test_outside_lowering_for_a_cpu_host_traces_xla_alone(h100):
+  cfg = presets.get("llama-3-8b")
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+  _, decode = decode_loop.lower(model, batch=1, prompt_len=16, max_new_tokens=2, place=h100)
+  assert "fdjax_" not in decode.as_text()
+
+
+def test_the_committed_table_has_every_default_case_without_spills():
+  with open(os.path.join(ROOT, "bench", "results", "kernels_h100.json")) as fh:
+    rows = json.load(fh)["rows"]
+  default = [r for r in rows if r["setting"] == "default"]
+  assert {(r["kernel"], r["shape"], r["dtype"]) for r in default} == {
+      (c.kernel, c.shape, c.dtype) for c in kernels.defaults()}
+  assert all(r["status"] == "ok" and r["spill_stores"] == 0 and r["per_sm"] >= 1
+             for r in default), [r for r in default if r["status"] != "ok"]
+  refused = {(r["kernel"], r["setting"]) for r in rows if r["status"].startswith("refused")}
+  assert {(c.kernel, c.setting) for c in kernels.oversized()} <= refused
+
+
+def test_programs_per_sm_follow_the_sm90_rules():
+  k = aot.Kernel("k", (1, 1, 1), threads=128, shared_bytes=81920, registers=190,
+                 spill_stores=0, spill_loads=0)
+  # 190 registers -> 192 per thread (256 per warp) = 6144 per warp: 10 warps = 2 programs
+  assert k.per_sm_by_registers() == 2
+  # (80 KB + 1 KB reserved) per program in 228 KB
+  assert k.per_sm_by_shared() == 2
+  small = aot.Kernel("k", (1, 1, 1), threads=128, shared_bytes=0, registers=16,
+                     spill_stores=0, spill_loads=0)
+  assert small.per_sm_by_registers() == 16 and small.per_sm_by_shared() == 32  # 2048 threads
