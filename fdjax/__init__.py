@@ -9,7 +9,7 @@ _EXPORTS = {"dispatch": "fdjax.dispatch", "load_pretrained": "fdjax.checkpoint",
             "save_pretrained": "fdjax.checkpoint", "CheckpointError": "fdjax.checkpoint",
             "generate": "fdjax.decode_loop", "GenerationResult": "fdjax.decode_loop",
             "KVCache": "fdjax.kv_cache", "init_cache": "fdjax.kv_cache",
-            "load_tokenizer": "fdjax.tokenizer"}
+            "load_tokenizer": "fdjax.tokenizer", "quantize": "models.quantize"}
 __all__ = sorted(_EXPORTS)
 
 
