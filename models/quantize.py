@@ -73,8 +73,9 @@ def quantize(model, method: str, *, lm_head: bool = False):
 
 
 def weight_bytes(model) -> dict[str, int]:
-  """Bytes the model's arrays hold: {"linear": its linear-layer weights (the untied LM head
-  included), "total": all of them}."""
-  linear = [layout.param_at(model, e.param)[...] for e in layout.layout(model.config)
-            if e.linear]
+  """Bytes the model's arrays hold: {"linear": its layers' linear weights (what quantize
+  converts by default), "total": every array}."""
+  layers = Quantization(quant.METHODS[0])
+  linear = [layout.param_at(model, e.param).get_value() for e in layout.layout(model.config)
+            if layers.covers(e)]
   return {"linear": timing.nbytes(linear), "total": timing.nbytes(nnx.state(model))}
