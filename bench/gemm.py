@@ -1,5 +1,7 @@
 """Linear layers of decoding side by side, one run: GEMV, the flat GEMM, the dispatch choice,
-XLA's dot and torch.matmul (cuBLAS), for M = 1..64 on the Llama-2-7B and Llama-3-8B shapes.
+XLA's dot and torch.matmul (cuBLAS), for M = 1..64 on the Llama-2-7B and Llama-3-8B shapes;
+then the same weights as int8 and int4 (fdjax.quant): the quantized GEMV / flat GEMM /
+dispatch against XLA's dequantize-then-dot ("xla-int8"), with the bytes each call moves.
 
   python bench/gemm.py            # on a GPU
   python bench/gemm.py --smoke    # tiny shapes on any backend (checks the script)
@@ -17,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import dispatch, reference, selection, timing, tune  # noqa: E402
+from fdjax import dispatch, quant, reference, selection, timing, tune  # noqa: E402
 from pallas_kernels import flat_gemm as fg  # noqa: E402
 from pallas_kernels import gemv as gv  # noqa: E402
 
@@ -27,6 +29,7 @@ SHAPES = {
     "llama-3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
 }
 MS = [1, 2, 4, 8, 16, 32, 64]
+QUANTIZATIONS = (None, "int8", "int4")
 
 
 def torch_matmul():
@@ -60,6 +63,81 @@ def torch_matmul():
   return run
 
 
+def shape_rows(model, k, n, quantization, ms, key, dtype, iters, interpret, bw, torch_run,
+               fits) -> list[dict]:
+  """The rows of one [K, N] weight, float or quantized to "int8" / "int4" (then its kernels,
+  and XLA's dequantize-then-dot as "xla"), over every M; appends the fitted M1 / M2 to fits."""
+  n_sets = timing.sets_needed(quant.weight_nbytes(k, n, dtype, quantization))
+  ws = tune.random_weights(k, n, n_sets, dtype, quantization, seed=k + n)
+  e = selection.entry(k, n, quantization=quantization)
+  kernels = tune.kernels(quantization)
+  suffix = f"-{quantization}" if quantization else ""
+  impls = {
+      "fdjax-gemv": functools.partial(kernels["gemv"], interpret=interpret,
+                                      settings=gv.Settings(**e["gemv"])),
+      "fdjax-flat": functools.partial(kernels["flat"], interpret=interpret,
+                                      settings=fg.Settings(**e["flat"])),
+      "fdjax-auto": (functools.partial(dispatch.linear, impl="pallas_interpret")
+                     if interpret else dispatch.linear),
+      "xla": reference.linear,
+  }
+  rows, profile = [], []
+  for m in ms:
+    sets = [(jax.random.normal(jax.random.fold_in(key, 1000 + 10 * m + i), (m, k),
+                               jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
+    itemsize = jnp.dtype(dtype).itemsize
+    nbytes = quant.weight_nbytes(k, n, dtype, quantization) + (m * k + m * n) * itemsize
+    shape = dict(op="linear", model=model, m=m, n=n, k=k, dtype=jnp.dtype(dtype).name,
+                 quantization=quantization or "none", bytes_per_call=nbytes)
+    times = {}
+    for name, fn in impls.items():
+      if name == "fdjax-gemv" and m > gv.MAX_M:
+        continue
+      times[name] = timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
+    if torch_run is not None and quantization is None:
+      times["torch"] = torch_run((m, k), (k, n), iters, n_sets)
+    for name, t in times.items():
+      row = {**shape, "impl": name + suffix, "us": t * 1e6, "gbps": nbytes / t / 1e9,
+             "bw_fraction": nbytes / t / 1e9 / bw}
+      if name == "fdjax-auto":
+        row["auto_choice"] = selection.linear(m, k, n, quantization=quantization).impl
+        row["speedup_vs_xla"] = times["xla"] / t
+        if "torch" in times:
+          row["speedup_vs_torch"] = times["torch"] / t
+      rows.append(row)
+      print(row, flush=True)
+    profile.append({"m": m, "flat_us": times["fdjax-flat"] * 1e6, "xla_us": times["xla"] * 1e6,
+                    **({"gemv_us": times["fdjax-gemv"] * 1e6} if "fdjax-gemv" in times
+                       else {})})
+  m1, m2 = tune.fit_crossovers(profile)
+  fits.append(f"{model} [N, K] = [{n}, {k}]{suffix}: measured M1 = {m1}, M2 = {m2} (table in "
+              f"use: M1 = {e['m1']}, M2 = {e['m2']}, {e['source']})")
+  return rows
+
+
+def quantized_notes(rows) -> str:
+  """Per quantization, on the Llama-2-7B shapes at M <= 16: fdjax-auto against XLA's
+  dequantize-then-dot and against the float dot, and the bandwidth its quantized bytes reach."""
+  def median(xs):
+    return sorted(xs)[len(xs) // 2]
+  out = ""
+  for q in QUANTIZATIONS[1:]:
+    auto = [r for r in rows if r["impl"] == f"fdjax-auto-{q}" and r["m"] <= 16
+            and r["model"] == "llama-2-7b"]
+    if not auto:
+      continue
+    same = lambda r, impl: next(x["us"] for x in rows if x["impl"] == impl and  # noqa: E731
+                                (x["m"], x["n"], x["k"]) == (r["m"], r["n"], r["k"]))
+    out += (f"\n\n{q} (Llama-2-7B shapes, M <= 16, fdjax-auto-{q}; bytes = the quantized "
+            f"weight + x + y): against XLA's dequantize-then-dot median "
+            f"{median([r['speedup_vs_xla'] for r in auto]):.2f}x (slowest "
+            f"{min(r['speedup_vs_xla'] for r in auto):.2f}x); against the bf16 XLA dot median "
+            f"{median([same(r, 'xla') / r['us'] for r in auto]):.2f}x; quantized bytes at "
+            f"median {median([r['gbps'] for r in auto]):.0f} GB/s "
+            f"({median([r['bw_fraction'] for r in auto]):.2f} of the copy bandwidth).")
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--smoke", action="store_true")
@@ -84,55 +162,16 @@ def main():
   for model, nk in shapes.items():
     for n, k in nk:
       key, kw = jax.random.split(key)
-      n_sets = timing.sets_needed(k * n * 2)
-      ws = [jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.float32).astype(dtype)
-            for i in range(n_sets)]
-      e = selection.entry(k, n)
-      impls = {
-          "fdjax-gemv": functools.partial(gv.gemv, interpret=interpret,
-                                          settings=gv.Settings(**e["gemv"])),
-          "fdjax-flat": functools.partial(fg.flat_gemm, interpret=interpret,
-                                          settings=fg.Settings(**e["flat"])),
-          "fdjax-auto": (functools.partial(dispatch.linear, impl="pallas_interpret")
-                         if interpret else dispatch.linear),
-          "xla": reference.linear,
-      }
-      profile = []
-      for m in ms:
-        sets = [(jax.random.normal(jax.random.fold_in(kw, 1000 + 10 * m + i), (m, k),
-                                   jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
-        nbytes = (k * n + m * k + m * n) * 2
-        shape = dict(op="linear", model=model, m=m, n=n, k=k, dtype="bfloat16")
-        times = {}
-        for name, fn in impls.items():
-          if name == "fdjax-gemv" and m > gv.MAX_M:
-            continue
-          times[name] = timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
-        if torch_run is not None:
-          times["torch"] = torch_run((m, k), (k, n), iters, n_sets)
-        for name, t in times.items():
-          row = {**shape, "impl": name, "us": t * 1e6, "gbps": nbytes / t / 1e9,
-                 "bw_fraction": nbytes / t / 1e9 / bw}
-          if name == "fdjax-auto":
-            row["auto_choice"] = selection.linear(m, k, n).impl
-            row["speedup_vs_xla"] = times["xla"] / t
-            if "torch" in times:
-              row["speedup_vs_torch"] = times["torch"] / t
-          rows.append(row)
-          print(row, flush=True)
-        profile.append({"m": m, "flat_us": times["fdjax-flat"] * 1e6,
-                        "xla_us": times["xla"] * 1e6,
-                        **({"gemv_us": times["fdjax-gemv"] * 1e6} if "fdjax-gemv" in times
-                           else {})})
-      m1, m2 = tune.fit_crossovers(profile)
-      fits.append(f"{model} [N, K] = [{n}, {k}]: measured M1 = {m1}, M2 = {m2} (table in use: "
-                  f"M1 = {e['m1']}, M2 = {e['m2']}, {e['source']})")
+      for q in QUANTIZATIONS:
+        qms = [1, 3] if args.smoke and q else ms  # smoke: one GEMV and one flat GEMM size
+        rows += shape_rows(model, k, n, q, qms, kw, dtype, iters, interpret, bw, torch_run, fits)
   auto = [r for r in rows if r["impl"] == "fdjax-auto"]
   groups = [f"{r['n']}x{r['k']} M{r['m']}" for r in auto]
   series = {name: [next((r["us"] for r in rows if r["impl"] == name and r["m"] == a["m"]
                          and r["n"] == a["n"] and r["k"] == a["k"] and r["model"] == a["model"]),
                         float("nan")) for a in auto]
-            for name in ["fdjax-auto", "xla", "torch", "fdjax-gemv", "fdjax-flat"]}
+            for name in ["fdjax-auto", "xla", "torch", "fdjax-gemv", "fdjax-flat",
+                         "fdjax-auto-int8", "fdjax-auto-int4"]}
   plot = common.svg_bars(f"decode linear layers, bf16 ({common.device_name()})", groups, series,
                          "microseconds (lower is better)")
   notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
@@ -146,10 +185,11 @@ def main():
               f"{worst['speedup_vs_xla']:.2f}x (M={worst['m']}, {worst['n']}x{worst['k']}; "
               f"target >= 1); bandwidth fraction median "
               f"{sorted(r['bw_fraction'] for r in small)[len(small) // 2]:.2f} (target 0.85).")
+  notes += quantized_notes(rows)
   if not on_gpu:
     notes += "\n\nNot a GPU: the kernels ran in interpret mode; these timings say nothing."
-  cols = ["model", "impl", "m", "n", "k", "us", "gbps", "bw_fraction", "auto_choice",
-          "speedup_vs_xla", "speedup_vs_torch"]
+  cols = ["model", "impl", "m", "n", "k", "bytes_per_call", "us", "gbps", "bw_fraction",
+          "auto_choice", "speedup_vs_xla", "speedup_vs_torch"]
   print(common.write_results("gemm_smoke" if args.smoke else "gemm", rows, cols, notes,
                              results_dir=args.results_dir, plot=plot))
 

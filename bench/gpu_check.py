@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import dispatch, kv_cache, reference  # noqa: E402
+from fdjax import dispatch, kv_cache, quant, reference, tune  # noqa: E402
 from pallas_kernels import cope_attention as ck  # noqa: E402
 from pallas_kernels import decode_attention as dk  # noqa: E402
 from pallas_kernels import flat_gemm as fg  # noqa: E402
@@ -194,19 +194,25 @@ class Checker:
       return dict(err=err, limit=limit, ok=ok, dtype=jnp.dtype(dtype).name)
     return run
 
-  def gemm(self, which, m, k, n, dtype, **params):
+  def gemm(self, which, m, k, n, dtype, quantization=None, **params):
+    """GEMV / the flat GEMM / dispatch.linear on a float weight, or on one quantized to
+    "int8" / "int4" (then against x @ its dequantized values)."""
     def run():
       kx, kw = jax.random.split(self.next_key())
       x = _randn(kx, (m, k), dtype)
       w = _randn(kw, (k, n), dtype)
-      if which == "flat":
-        out = fg.flat_gemm(x, w, interpret=self.interpret, settings=fg.Settings(**params))
-      elif which == "gemv":
-        out = gv.gemv(x, w, interpret=self.interpret, settings=gv.Settings(**params))
+      if quantization:
+        w = quant.quantize(w, quantization)
+      kernels = tune.kernels(quantization)
+      if which in kernels:
+        settings = (fg.Settings if which == "flat" else gv.Settings)(**params)
+        out = kernels[which](x, w, interpret=self.interpret, settings=settings)
       else:
         out = dispatch.linear(x, w, impl=self.impl)
-      want = reference.linear(*_f32(x, w))
-      naive = None if dtype == jnp.float32 else jnp.dot(x, w, preferred_element_type=dtype)
+      exact, plain = ((quant.dequantize(w, jnp.float32), quant.dequantize(w)) if quantization
+                      else (w, w))  # plain: XLA's dequantize-then-dot in the low precision
+      want = reference.linear(*_f32(x, exact))
+      naive = None if dtype == jnp.float32 else jnp.dot(x, plain, preferred_element_type=dtype)
       err, limit, ok = _judge(out, want, dtype, naive, GEMM_F32_LIMIT)
       return dict(err=err, limit=limit, ok=ok and out.shape == (m, n),
                   dtype=jnp.dtype(dtype).name)
@@ -309,6 +315,19 @@ def run_checks(c: Checker):
   for m in ([1, 5, 40] if c.smoke else [1, 2, 7, 16, 64, 100]):
     k, n = shapes[-1]
     c.case("linear (dispatch)", f"bf16 M{m} K{k} N{n}", c.gemm("linear", m, k, n, bf16))
+  for q in ("int8", "int4"):  # weight-only quantized kernels, off the block and group sizes
+    k, n = (300, 160) if c.smoke else (11008, 4096)
+    for dtype in ((f32, bf16) if c.smoke else (bf16,)):
+      name = jnp.dtype(dtype).name
+      for m in ([3, 20] if c.smoke else [1, 16, 33]):
+        c.case(f"flat_gemm_{q}", f"{name} M{m} K{k} N{n} split_k4",
+               c.gemm("flat", m, k, n, dtype, q, split_k=4))
+      for m in ([2] if c.smoke else [1, 5]):
+        c.case(f"gemv_{q}", f"{name} M{m} K{k} N{n} split_k8",
+               c.gemm("gemv", m, k, n, dtype, q, split_k=8))
+    for m in ([1, 5] if c.smoke else [1, 2, 7, 16, 64, 100]):
+      c.case(f"linear (dispatch) {q}", f"bf16 M{m} K{k} N{n}",
+             c.gemm("linear", m, k, n, bf16, q))
   c.case("model", "greedy tokens, kernels vs XLA (f32 GQA model)", c.model())
 
 

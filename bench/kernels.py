@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import aot, dispatch, presets, tune  # noqa: E402
+from fdjax import aot, dispatch, presets, quant, tune  # noqa: E402
 from pallas_kernels import cope_attention as ck  # noqa: E402
 from pallas_kernels import decode_attention as dk  # noqa: E402
 from pallas_kernels import flat_gemm as fg  # noqa: E402
@@ -130,6 +130,16 @@ def _linear(label, m, k, n, dtype, kernel=None, settings=None):
               (((m, k), dtype), ((k, n), dtype)))
 
 
+def _quantized(label, m, k, n, method):
+  """dispatch.linear on a weight quantized to `method` (int8 / int4), bfloat16 x."""
+  vshape, sshape = quant.stored_shapes(method, k, n)
+  vdtype = jnp.int8 if method == "int8" else jnp.uint8
+  fn = lambda x, values, scales: dispatch.linear(
+      x, quant.from_stored(values, scales, method, k), impl="pallas")
+  return Case(f"linear {method}", f"{label} M={m} K={k} N={n}", "bfloat16", "default", fn,
+              (((m, k), BF16), (vshape, vdtype), (sshape, BF16)))
+
+
 def _label(settings):
   if settings is None:
     return "default"
@@ -160,6 +170,9 @@ def defaults(dtypes=(BF16, F32)) -> list[Case]:
       cases += [_chunk(name, *btc, dtype) for btc in CHUNKS]
     for (k, n), label in linear_shapes().items():
       cases += [_linear(label, m, k, n, dtype) for m in (MS if full else (1, 16, 64))]
+      if full:
+        cases += [_quantized(label, m, k, n, method) for method in ("int8", "int4")
+                  for m in (1, 4, 16, 64)]
   return cases
 
 

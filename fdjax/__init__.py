@@ -10,7 +10,8 @@ _EXPORTS = {"dispatch": "fdjax.dispatch", "load_pretrained": "fdjax.checkpoint",
             "generate": "fdjax.decode_loop", "GenerationResult": "fdjax.decode_loop",
             "KVCache": "fdjax.kv_cache", "init_cache": "fdjax.kv_cache",
             "load_tokenizer": "fdjax.tokenizer", "KVStore": "fdjax.paging",
-            "PagePool": "fdjax.paging", "PoolExhausted": "fdjax.paging"}
+            "PagePool": "fdjax.paging", "PoolExhausted": "fdjax.paging",
+            "quantize": "models.quantize"}
 __all__ = sorted(_EXPORTS)
 
 

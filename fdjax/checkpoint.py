@@ -17,9 +17,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fdjax import quant
 from models import layout, rope
+from models import quantize as quantization
 from models.config import ModelConfig
 from models.llama import Transformer
+from models.quantize import Quantization
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM"}
@@ -27,6 +30,7 @@ FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 META_FILE = "fdjax.json"
 LEGACY_PHI_FILE = "fdjax_phi.json"
+QUANTIZATION_KEY = "quantization"  # config.json of a checkpoint saved quantized
 
 
 class CheckpointError(ValueError):
@@ -61,13 +65,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
   """Translates a Hugging Face config.json dict, refusing features fdjax does not implement."""
   mtype = hf.get("model_type")
   if mtype == FDJAX_MODEL_TYPE:
-    return ModelConfig.from_dict({k: v for k, v in hf.items() if k != "model_type"})
+    return ModelConfig.from_dict({k: v for k, v in hf.items()
+                                  if k not in ("model_type", QUANTIZATION_KEY)})
   if mtype not in HF_ARCHITECTURES:
     raise CheckpointError(f"config.json: unsupported model_type {mtype!r}; fdjax loads "
                           f"{sorted(HF_ARCHITECTURES)} and its own {FDJAX_MODEL_TYPE!r}")
   def refuse(cond, what):
     if cond:
       raise CheckpointError(f"config.json: {what} is not implemented by fdjax")
+  refuse(hf.get("quantization_config"), "a pre-quantized checkpoint (quantization_config; "
+         "load the float one with quantize=\"int8\" or \"int4\")")
   refuse(hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r}")
   refuse(hf.get("mlp_bias", False), "mlp_bias=true")
   refuse(mtype != "qwen2" and hf.get("attention_bias", False), "attention_bias=true")
@@ -112,9 +119,17 @@ def _safetensors_files(path: str) -> list[str]:
   return [os.path.join(path, f) for f in files]
 
 
-def read_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout."""
-  expected = {name: shape for e in layout.layout(cfg) for name, shape in zip(e.names, e.shapes)}
+def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
+                 ) -> dict[str, np.ndarray]:
+  """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout
+  (with `stored`: the quantized tensors a checkpoint saved quantized holds)."""
+  expected, quantized = {}, {}
+  for e in layout.layout(cfg):
+    method = stored.method if stored and stored.covers(e) else None
+    for name, shape in e.tensors(method):
+      expected[name] = shape
+      if method and not name.endswith(layout.SCALE_SUFFIX):
+        quantized[name] = np.int8 if method == "int8" else np.uint8
   tensors = {}
   for file in _safetensors_files(path):
     with safe_open(file, framework="numpy") as fh:
@@ -136,14 +151,28 @@ def read_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     if tuple(tensors[name].shape) != shape:
       raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                             f"expected {shape}")
+    if name in quantized and tensors[name].dtype != quantized[name]:
+      raise CheckpointError(f"{path}: tensor {name} has dtype {tensors[name].dtype}, expected "
+                            f"{np.dtype(quantized[name])} ({stored.method} values)")
   return tensors
 
 
-def _assign(model: Transformer, tensors: dict, dtype):
+def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | None,
+            quantize: Quantization | None):
+  """Sets every parameter from the checkpoint's tensors: as stored (quantized ones as they
+  are, scales in `dtype`), or quantized now where `quantize` covers it."""
   for e in layout.layout(model.config):
-    parts = [tensors[n].T if e.transpose else tensors[n] for n in e.names]
-    value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-    layout.param_at(model, e.param).set_value(jnp.asarray(value, dtype=dtype))
+    def fused(names):
+      parts = [tensors[n].T if e.transpose else tensors[n] for n in names]
+      return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    if stored and stored.covers(e):
+      value = quant.from_stored(fused(e.names), fused([n + layout.SCALE_SUFFIX for n in e.names]),
+                                stored.method, e.shape[0], dtype)
+    elif quantize and quantize.covers(e):
+      value = quant.quantize(fused(e.names), quantize.method, dtype)
+    else:
+      value = jnp.asarray(fused(e.names), dtype=dtype)
+    layout.param_at(model, e.param).set_value(value)
 
 
 def read_meta(path: str) -> dict:
@@ -181,16 +210,37 @@ def load_config(path: str) -> ModelConfig:
   return cfg if phi is None else dataclasses.replace(cfg, softmax_phi=tuple(phi))
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None) -> Transformer:
+def load_quantization(path: str) -> Quantization | None:
+  """How a checkpoint saved quantized is quantized (its config.json records it), or None."""
+  with open(os.path.join(path, "config.json")) as fh:
+    record = json.load(fh).get(QUANTIZATION_KEY)
+  try:
+    return None if record is None else Quantization.from_dict(record)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: config.json: {e}") from None
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = None,
+                    quantize_lm_head: bool = False) -> Transformer:
   """Loads a Hugging Face (Llama / Mistral / Qwen2) or fdjax checkpoint directory.
 
-  dtype: the parameters' dtype; None keeps the checkpoint's own.
+  dtype: the parameters' dtype (a quantized weight's scales'); None keeps the checkpoint's.
+  quantize: None, "int8" or "int4": the linear layers' weights quantized as they load, from
+  the checkpoint's own values (the untied LM head too with quantize_lm_head; the embedding
+  and the norms never). A checkpoint saved quantized loads as saved, not quantized again.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not a directory")
   cfg = load_config(path)
-  tensors = read_tensors(path, cfg)
+  stored = load_quantization(path)
+  want = None if quantize is None else Quantization(quantize, quantize_lm_head)
+  if want is not None:
+    quantization.entries(cfg, want)  # refuses what cannot be quantized
+    if stored is not None and stored != want:
+      raise CheckpointError(f"{path}: saved quantized as {stored.to_dict()}; it loads as saved "
+                            f"(quantize=None), not as {want.to_dict()}")
+  tensors = read_tensors(path, cfg, stored)
   if dtype is None:
     dtype = tensors["model.embed_tokens.weight"].dtype
   dtype = jnp.dtype(dtype)
@@ -198,7 +248,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None) -> Transformer:
     raise CheckpointError(f"{path}: unsupported parameter dtype {dtype}")
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   model.dtype = dtype
-  _assign(model, tensors, dtype)
+  _assign(model, tensors, dtype, stored, None if stored else want)
   return model
 
 
@@ -206,17 +256,26 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   """The model's parameters under Hugging Face names and layouts ([out, in] weights)."""
   out = {}
   for e in layout.layout(model.config):
-    value = np.asarray(jax.device_get(layout.param_at(model, e.param)[...]))
-    for name, part in zip(e.names, layout.split_last(value, e.sizes)):
-      out[name] = np.ascontiguousarray(part.T if e.transpose else part)
+    value = layout.param_at(model, e.param)[...]
+    arrays = [(e.names, value)]
+    if isinstance(value, quant.QuantizedWeight):  # its values and its scales, split alike
+      arrays = [(e.names, value.values),
+                ([n + layout.SCALE_SUFFIX for n in e.names], value.scales)]
+    for names, array in arrays:
+      for name, part in zip(names, layout.split_last(np.asarray(jax.device_get(array)), e.sizes)):
+        out[name] = np.ascontiguousarray(part.T if e.transpose else part)
   return out
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, extra_config: dict | None = None):
-  """Writes config.json (model_type "fdjax") and model.safetensors; load_pretrained reads it."""
+  """Writes config.json (model_type "fdjax"; a quantized model's quantization recorded) and
+  model.safetensors (quantized weights as they are); load_pretrained reads it."""
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   config = {"model_type": FDJAX_MODEL_TYPE, **model.config.to_dict()}
+  q = quantization.of(model)
+  if q is not None:
+    config[QUANTIZATION_KEY] = q.to_dict()
   with open(os.path.join(path, "config.json"), "w") as fh:
     json.dump(config, fh, indent=2)
   if extra_config:

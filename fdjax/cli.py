@@ -14,17 +14,22 @@ def _load(args):
   from flax import nnx
 
   from fdjax import checkpoint, presets, tokenizer
+  from models import quantize as quantization
   from models.llama import Transformer
   dtype = None if args.dtype is None else jnp.dtype(args.dtype)
+  quantize = getattr(args, "quantize", None)
   if args.preset:
     cfg = presets.get(args.preset)
     model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype or jnp.float32)
+    if quantize:
+      quantization.quantize(model, quantize)
     return model, tokenizer.ByteTokenizer(), f"{args.preset} (randomly initialised: output is noise)"
   path = args.model or (DEFAULT_MODEL_DIR if os.path.isdir(DEFAULT_MODEL_DIR) else None)
   if path is None:
     args.preset = "random-tiny"
     return _load(args)
-  return checkpoint.load_pretrained(path, dtype=dtype), tokenizer.load_tokenizer(path), path
+  model = checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize)
+  return model, tokenizer.load_tokenizer(path), path
 
 
 def cmd_generate(args):
@@ -42,9 +47,11 @@ def cmd_generate(args):
                  top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
                  page_size=args.page_size, prefill_chunk=args.prefill_chunk)
   print(args.prompt + tok.decode(res.tokens[0]))
-  impls = "; ".join(f"{op}={how}" for op, how in
-                    dispatch.describe(model.config, dtype=model.dtype).items())
-  print(f"[model {label}] prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
+  from models import quantize as quantization
+  q = quantization.of(model)
+  impls = "; ".join(f"{op}={how}" for op, how in dispatch.describe(
+      model.config, dtype=model.dtype, quantization=q and q.method).items())
+  print(f"[model {label}{f', {q.method} weights' if q else ''}] prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
         f"prefill_ms={res.prefill_s * 1e3:.1f} decode_tok_s={res.decode_tokens_per_s:.1f} "
         f"(first call, compile included) impl: {impls}")
 
@@ -76,7 +83,8 @@ def cmd_tune(args):
     raise ValueError("give exactly one of --model DIR and --preset NAME")
   cfg = presets.get(args.preset) if args.preset else checkpoint.load_config(args.model)
   ms = args.ms or [m for m in tune.PROFILE_MS if m <= args.max_m]
-  print(f"wrote {tune.tune_model(cfg, ms, dtype=args.dtype, iters=args.iters, out=args.out)}")
+  print("wrote " + tune.tune_model(cfg, ms, dtype=args.dtype, iters=args.iters, out=args.out,
+                                   quantization=args.quantize))
 
 
 def cmd_train(args):
@@ -118,6 +126,9 @@ def build_parser():
   g.add_argument("--page-size", type=int, default=64, help="KV-cache page size in tokens")
   g.add_argument("--prefill-chunk", type=int, help="prefill the prompt this many tokens at a "
                  "time (default: at once)")
+  g.add_argument("--quantize", choices=["int8", "int4"],
+                 help="weight-only quantization of the linear layers (at load; a checkpoint "
+                 "saved quantized is used as it is)")
   g.add_argument("--command-buffers", action="store_true",
                  help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
   g.set_defaults(fn=cmd_generate)
@@ -135,6 +146,8 @@ def build_parser():
   t.add_argument("--ms", type=int, nargs="+", help="the M values to profile (default: "
                  "tune.PROFILE_MS up to --max-m)")
   t.add_argument("--iters", type=int, default=20)
+  t.add_argument("--quantize", choices=["int8", "int4"],
+                 help="tune the int8 / int4 kernels (table keys KxN:int8 / KxN:int4)")
   t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
   t.set_defaults(fn=cmd_tune)

@@ -20,11 +20,12 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from fdjax import checks, reference, selection
+from fdjax import checks, quant, reference, selection
 from pallas_kernels import cope_attention as ck
 from pallas_kernels import decode_attention as dk
 from pallas_kernels import flat_gemm, gemv
 from pallas_kernels import prefill_attention as pk
+from pallas_kernels import quantized_gemm as qg
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 _override = threading.local()
@@ -248,13 +249,20 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
 
 
 def linear(x, w, *, impl="auto"):
-  """x [..., K] @ w [K, N] -> [..., N], float32 accumulation, in x's dtype."""
+  """x [..., K] @ w [K, N] -> [..., N], float32 accumulation, in x's dtype. w is a float
+  array or a fdjax.quant.QuantizedWeight (int8 / int4, its scales in x's dtype): the kernels
+  read its quantized bytes and dequantize inside the K loop; XLA dequantizes, then dots."""
   op = "linear"
+  quantized = isinstance(w, quant.QuantizedWeight)
   checks.rank(op, "w", w, 2)
   if x.ndim < 1:
     raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
   checks.float_dtype(op, "x", x)
-  checks.same_dtype(op, x=x, w=w)
+  if quantized and w.dtype != x.dtype:
+    raise ValueError(f"{op}: the {w.method} weight's scales are {w.dtype}, x is {x.dtype}; "
+                     f"they must match")
+  if not quantized:
+    checks.same_dtype(op, x=x, w=w)
   k, n = w.shape
   if x.shape[-1] != k:
     raise ValueError(f"{op}: x's last dimension ({x.shape[-1]}) must equal w's K ({k})")
@@ -262,12 +270,15 @@ def linear(x, w, *, impl="auto"):
   x2 = x.reshape(-1, k)  # M = the product of the leading dims
 
   def pallas(interpret):
-    choice = selection.linear(x2.shape[0], k, n)
-    if choice.impl == "gemv":
-      return gemv.gemv(x2, w, settings=choice.settings, interpret=interpret)
-    if choice.impl == "flat":
-      return flat_gemm.flat_gemm(x2, w, settings=choice.settings, interpret=interpret)
-    return reference.linear(x2, w)
+    choice = selection.linear(x2.shape[0], k, n, quantization=w.method if quantized else None)
+    if choice.impl == "xla":
+      return reference.linear(x2, w)
+    if quantized:
+      kernel = {"gemv": qg.gemv, "flat": qg.flat_gemm}[choice.impl]
+      return kernel(x2, w.values, w.scales, bits=w.bits, settings=choice.settings,
+                    interpret=interpret)
+    kernel = {"gemv": gemv.gemv, "flat": flat_gemm.flat_gemm}[choice.impl]
+    return kernel(x2, w, settings=choice.settings, interpret=interpret)
 
   y = _run(op, impl, lambda: reference.linear(x2, w), pallas)
   return y.reshape(*lead, n)

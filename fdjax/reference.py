@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fdjax import quant
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -98,7 +100,10 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, plain
 
 
 def linear(x, w):
-  """x [M, K] @ w [K, N] with float32 accumulation, returned in x's dtype."""
+  """x [M, K] @ w [K, N] with float32 accumulation, returned in x's dtype. A quantized w is
+  dequantized to x's dtype first (XLA's dequantize-then-dot)."""
+  if isinstance(w, quant.QuantizedWeight):
+    w = quant.dequantize(w, x.dtype)
   acc = jnp.promote_types(x.dtype, jnp.float32)
   return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=acc).astype(x.dtype)
 

@@ -7,6 +7,8 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   [K, N], GEMV below M1, the flat GEMM below M2, XLA's dot (the vendor GEMM) from M2, with
   crossovers and kernel settings from a tuned table (JSON in fdjax/tables/ and $FDJAX_TABLES,
   written by `fdjax tune`) or the analytic fallback. M is static under jit: no run-time cost.
+  Int8 / int4 weights (fdjax.quant) have entries of their own ("KxN:int8"), their kernels
+  the quantized GEMV and flat GEMM; the analytic fallback is the same for them.
 """
 from __future__ import annotations
 
@@ -96,20 +98,30 @@ def reload():
 def analytic(k: int, n: int) -> dict:
   """GEMV for M <= 2 (a 16-row tensor-core tile would be >= 7/8 padding), the flat GEMM to
   M = 64, XLA from 65 (the vendor GEMM's 64-row tiles stop wasting work); settings left to
-  the kernels' defaults for the call's M and dtype."""
+  the kernels' defaults for the call's M and dtype. The same for int8 / int4 weights: XLA's
+  dequantize-then-dot moves more bytes than its float dot, so the kernels reading quantized
+  bytes win at least as far."""
   return {"m1": 3, "m2": 65, "source": "analytic",
           "gemv": dataclasses.asdict(gv.Settings()), "flat": dataclasses.asdict(fg.Settings())}
 
 
-def entry(k: int, n: int, kind: str | None = None) -> dict:
+def key(k: int, n: int, quantization: str | None = None) -> str:
+  """A weight's table key: "KxN", or "KxN:int8" / "KxN:int4" for a quantized one (its
+  kernels and XLA's dequantize-then-dot have crossovers of their own)."""
+  return f"{k}x{n}" + (f":{quantization}" if quantization else "")
+
+
+def entry(k: int, n: int, kind: str | None = None, quantization: str | None = None) -> dict:
   kind = kind or device_kind()
-  return tables().get(kind, {}).get(f"{k}x{n}") or analytic(k, n)
+  return tables().get(kind, {}).get(key(k, n, quantization)) or analytic(k, n)
 
 
-def linear(m: int, k: int, n: int, kind: str | None = None) -> Choice:
-  """GEMV, the flat GEMM or XLA for x [m, k] @ w [k, n], with the kernel's settings."""
-  e = entry(k, n, kind)
-  where = f"M={m}, {e['source']} M1={e['m1']} M2={e['m2']} for {k}x{n}"
+def linear(m: int, k: int, n: int, kind: str | None = None,
+           quantization: str | None = None) -> Choice:
+  """GEMV, the flat GEMM or XLA for x [m, k] @ w [k, n] (w quantized to `quantization`:
+  "int8" / "int4", or not), with the kernel's settings."""
+  e = entry(k, n, kind, quantization)
+  where = f"M={m}, {e['source']} M1={e['m1']} M2={e['m2']} for {key(k, n, quantization)}"
   if m < e["m1"] and m <= gv.MAX_M:
     return Choice("gemv", where, gv.Settings(**e["gemv"]))
   if m < e["m2"]:
@@ -120,9 +132,10 @@ def linear(m: int, k: int, n: int, kind: str | None = None) -> Choice:
 # ------------------------------------------------------------------------- describe
 
 def describe(config=None, *, platform: str | None = None, batch: int = 1,
-             dtype="bfloat16") -> dict[str, str]:
-  """What "auto" runs for each op of a model (no config: of a head_dim-128 model) at this
-  batch on `platform`, with the reason, e.g. "xla (head_dim 80 is not a power of two >= 16)"."""
+             dtype="bfloat16", quantization: str | None = None) -> dict[str, str]:
+  """What "auto" runs for each op of a model (no config: of a head_dim-128 model; its linear
+  weights quantized to `quantization` or not) at this batch on `platform`, with the reason,
+  e.g. "xla (head_dim 80 is not a power of two >= 16)"."""
   platform = platform or jax.default_backend()
   head_dim = 128 if config is None else config.head_dim
   cope = config is not None and config.position_encoding == "cope"
@@ -131,5 +144,5 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   if platform not in ("cuda", "gpu"):
     return {**out, "linear": str(attention("linear", 0, dtype, platform))}
   shapes = {} if config is None else config.linear_shapes()
-  return {**out, **{f"linear[{name}]": str(linear(batch, k, n)) for name, (k, n) in
-                    shapes.items()}}
+  return {**out, **{f"linear[{name}]": str(linear(batch, k, n, quantization=quantization))
+                    for name, (k, n) in shapes.items()}}

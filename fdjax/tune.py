@@ -15,9 +15,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fdjax import aot, reference, selection, timing
+from fdjax import aot, quant, reference, selection, timing
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
+from pallas_kernels import quantized_gemm as qg
 
 GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
                 for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]
@@ -50,23 +51,47 @@ def _best(kernel, settings_cls, configs, sets, iters, interpret, progress=print)
   return best
 
 
-def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, interpret=False,
-               gemv_configs=None, flat_configs=None, progress=print) -> dict:
-  """Profiles one [K, N] weight shape over `ms` and returns its table entry. Weights rotate
-  over enough random copies that they do not sit in the L2 cache between calls."""
-  key = jax.random.key(k * 7919 + n)
-  n_sets = 1 if interpret else timing.sets_needed(k * n * jnp.dtype(dtype).itemsize)
+def kernels(quantization: str | None = None) -> dict:
+  """{"gemv": fn(x, w, settings=, interpret=), "flat": ...}: the kernels dispatch.linear runs
+  for a float weight, or for one quantized to "int8" / "int4" (w: a QuantizedWeight)."""
+  if quantization is None:
+    return {"gemv": gv.gemv, "flat": fg.flat_gemm}
+  def wrap(kernel):
+    def run(x, w, **kw):
+      return kernel(x, w.values, w.scales, bits=w.bits, **kw)
+    run.__name__ = f"{kernel.__name__}_{quantization}"
+    return run
+  return {"gemv": wrap(qg.gemv), "flat": wrap(qg.flat_gemm)}
+
+
+def random_weights(k: int, n: int, count: int, dtype, quantization: str | None = None,
+                   seed: int = 0) -> list:
+  """`count` random [K, N] weights in `dtype`, quantized to `quantization` if given."""
+  key = jax.random.key(seed)
   ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32).astype(dtype)
-        for i in range(n_sets)]
+        for i in range(count)]
+  return ws if quantization is None else [quant.quantize(w, quantization) for w in ws]
+
+
+def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, interpret=False,
+               gemv_configs=None, flat_configs=None, progress=print,
+               quantization: str | None = None) -> dict:
+  """Profiles one [K, N] weight shape (quantized to `quantization` or not) over `ms` and
+  returns its table entry. Weights rotate over enough random copies that they do not sit in
+  the L2 cache between calls."""
+  key = jax.random.key(k * 7919 + n)
+  n_sets = 1 if interpret else timing.sets_needed(quant.weight_nbytes(k, n, dtype, quantization))
+  ws = random_weights(k, n, n_sets, dtype, quantization, seed=k * 7919 + n)
   def sets(m):
     return [(jax.random.normal(jax.random.fold_in(key, 1000 * m + i), (m, k),
                                jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
-  gemv_cfg = _best(gv.gemv, gv.Settings, gemv_configs or GEMV_CONFIGS, sets(1), iters,
+  kernel = kernels(quantization)
+  gemv_cfg = _best(kernel["gemv"], gv.Settings, gemv_configs or GEMV_CONFIGS, sets(1), iters,
                    interpret, progress)[1]
-  flat_cfg = _best(fg.flat_gemm, fg.Settings, flat_configs or FLAT_CONFIGS,
+  flat_cfg = _best(kernel["flat"], fg.Settings, flat_configs or FLAT_CONFIGS,
                    sets(min(16, max(ms))), iters, interpret, progress)[1]
-  flat = functools.partial(fg.flat_gemm, interpret=interpret, settings=fg.Settings(**flat_cfg))
-  gemv = functools.partial(gv.gemv, interpret=interpret, settings=gv.Settings(**gemv_cfg))
+  flat = functools.partial(kernel["flat"], interpret=interpret, settings=fg.Settings(**flat_cfg))
+  gemv = functools.partial(kernel["gemv"], interpret=interpret, settings=gv.Settings(**gemv_cfg))
   profile = []
   for i, m in enumerate(ms):
     xs = sets(m)
@@ -75,7 +100,7 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
     if m <= gv.MAX_M:
       row["gemv_us"] = _time(gemv, xs, iters) * 1e6
     profile.append(row)
-    progress(f"  [{k}x{n}] M={m} ({i + 1}/{len(ms)}) " + " ".join(
+    progress(f"  [{selection.key(k, n, quantization)}] M={m} ({i + 1}/{len(ms)}) " + " ".join(
         f"{name}={row[name]:.1f}us" for name in ("gemv_us", "flat_us", "xla_us") if name in row))
   m1, m2 = fit_crossovers(profile)
   return {"m1": int(m1), "m2": int(m2), "source": "measured", "gemv": gemv_cfg,
@@ -117,10 +142,12 @@ def write_table(entries: dict, path: str | None = None, kind: str | None = None)
   return path
 
 
-def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None) -> str:
-  """Tunes the four weight shapes of a model config and writes the device's table (or `out`).
-  On a CPU the kernels run interpreted with one candidate each: a check of the plumbing, not
-  a measurement."""
+def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None,
+               quantization: str | None = None) -> str:
+  """Tunes the four weight shapes of a model config (quantized to `quantization`: their
+  "KxN:int8" / "KxN:int4" entries) and writes the device's table (or `out`). On a CPU the
+  kernels run interpreted with one candidate each: a check of the plumbing, not a
+  measurement."""
   progress = progress or (lambda s: print(s, flush=True))
   on_cpu = jax.default_backend() == "cpu"
   small = dict(gemv_configs=GEMV_CONFIGS[:1], flat_configs=FLAT_CONFIGS[:1]) if on_cpu else {}
@@ -129,7 +156,7 @@ def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None) 
   for i, (name, (k, n)) in enumerate(shapes.items()):
     progress(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M={list(ms)}")
     e = tune_shape(k, n, ms, dtype=jnp.dtype(dtype), iters=iters, interpret=on_cpu,
-                   progress=progress, **small)
+                   progress=progress, quantization=quantization, **small)
     progress(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}")
-    entries[f"{k}x{n}"] = e
+    entries[selection.key(k, n, quantization)] = e
   return write_table(entries, out)

@@ -4,13 +4,19 @@ Each entry names one fdjax parameter (its path in the module tree) and the check
 it is made of: Hugging Face stores matrices [out, in] (`transpose`: fdjax keeps [in, out], the
 `linear` op's [K, N]) and q/k/v and gate/up apart (fdjax fuses them along the output axis, in
 the order listed). Loading, saving and the shape checks are all derived from it
-(fdjax.checkpoint); `split_last` is the one fused-tensor split, used by the model too.
+(fdjax.checkpoint); `split_last` is the one fused-tensor split, used by the model too. A
+weight quantized to int8 / int4 (fdjax.quant) is stored under the same names as its values
+plus a NAME_scale tensor of scales, both [out, ...] and fused / split the same way.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from fdjax import quant
 from models import positions
+
+
+SCALE_SUFFIX = "_scale"  # a quantized tensor's scales: "...q_proj.weight_scale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +25,18 @@ class Entry:
   names: tuple        # checkpoint tensor names, fused along fdjax's last axis in this order
   shapes: tuple       # their checkpoint shapes
   transpose: bool     # checkpoint [out, in] -> fdjax [in, out]
+  linear: bool = False  # only ever a linear layer's weight (dispatch.linear's w): quantizable
+
+  def tensors(self, method: str | None = None) -> list[tuple[str, tuple]]:
+    """(name, shape) of each checkpoint tensor: the listed ones, or, for a weight quantized
+    to `method` ("int8" / "int4"), each one's values and scales, [out, ...] as the weight."""
+    if method is None:
+      return list(zip(self.names, self.shapes))
+    out = []
+    for name, (rows, k) in zip(self.names, self.shapes):
+      values, scales = quant.stored_shapes(method, k, rows)
+      out += [(name, values[::-1]), (name + SCALE_SUFFIX, scales[::-1])]
+    return out
 
   @property
   def sizes(self) -> list[int]:
@@ -49,14 +67,14 @@ def qkv_sizes(cfg) -> list[int]:
 def layout(cfg) -> list[Entry]:
   """Every parameter of a model with this config, in checkpoint order."""
   h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  e = lambda param, names, shapes, transpose: Entry(tuple(param), tuple(names), tuple(shapes),
-                                                    transpose)
+  e = lambda param, names, shapes, transpose, linear=False: Entry(
+      tuple(param), tuple(names), tuple(shapes), transpose, linear)
   pe = positions.get(cfg.position_encoding)
   if cfg.tie_word_embeddings:  # one [H, V] matrix: the output projection, gathered to embed
     out = [e(["lm_head"], ["model.embed_tokens.weight"], [(v, h)], True)]
   else:
     out = [e(["embed"], ["model.embed_tokens.weight"], [(v, h)], False),
-           e(["lm_head"], ["lm_head.weight"], [(v, h)], True)]
+           e(["lm_head"], ["lm_head.weight"], [(v, h)], True, linear=True)]
   out.append(e(["norm", "weight"], ["model.norm.weight"], [(h,)], False))
   if pe.model_param(cfg):
     name, shape, _ = pe.model_param(cfg)
@@ -70,11 +88,13 @@ def layout(cfg) -> list[Entry]:
         e(["layers", i, "mlp_norm", "weight"], [p + "post_attention_layernorm.weight"], [(h,)],
           False),
         e(["layers", i, "attn", "wqkv"], [n + ".weight" for n in attn],
-          [(size, h) for size in qkv], True),
-        e(["layers", i, "attn", "wo"], [p + "self_attn.o_proj.weight"], [(h, qkv[0])], True),
+          [(size, h) for size in qkv], True, linear=True),
+        e(["layers", i, "attn", "wo"], [p + "self_attn.o_proj.weight"], [(h, qkv[0])], True,
+          linear=True),
         e(["layers", i, "mlp", "w_gate_up"], [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-          [(f, h), (f, h)], True),
-        e(["layers", i, "mlp", "w_down"], [p + "mlp.down_proj.weight"], [(h, f)], True)]
+          [(f, h), (f, h)], True, linear=True),
+        e(["layers", i, "mlp", "w_down"], [p + "mlp.down_proj.weight"], [(h, f)], True,
+          linear=True)]
     if cfg.qkv_bias:
       out.append(e(["layers", i, "attn", "bqkv"], [n + ".bias" for n in attn],
                    [(size,) for size in qkv], False))

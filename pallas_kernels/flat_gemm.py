@@ -63,15 +63,20 @@ def k_ranges(k: int, block_k: int, split_k: int) -> int:
   return pl.cdiv(pl.cdiv(k, split_k), block_k) * block_k
 
 
+def split_range(k_total, block_k, k_per_split):
+  """(first K index, end, number of K blocks) of this program's split (grid axis 1)."""
+  k_first = pl.program_id(1) * k_per_split
+  k_end = jnp.minimum(k_first + k_per_split, k_total)
+  return k_first, k_end, pl.cdiv(jnp.maximum(k_end - k_first, 0), block_k)
+
+
 def _kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, k_per_split, f32):
   n_idx, split = pl.program_id(0), pl.program_id(1)
   m, k_total = x_ref.shape
   n_total = w_ref.shape[1]
   rows = jnp.arange(block_m)
   cols = n_idx * block_n + jnp.arange(block_n)
-  k_first = split * k_per_split
-  k_end = jnp.minimum(k_first + k_per_split, k_total)
-  n_blocks = pl.cdiv(jnp.maximum(k_end - k_first, 0), block_k)
+  k_first, k_end, n_blocks = split_range(k_total, block_k, k_per_split)
 
   def body(j, acc):
     ks = k_first + j * block_k + jnp.arange(block_k)
@@ -95,23 +100,26 @@ def flat_gemm(x, w, *, settings: Settings | None = None, interpret=False):
   settings = shared.fill(settings, Settings.default(k, w.shape[1], m, x.dtype))
   block_m = max(shared.DOT_MIN_ROWS, pl.next_power_of_2(m))
   return launch_split_k(functools.partial(_kernel, block_m=block_m, f32=x.dtype == jnp.float32),
-                        x, w, settings, interpret=interpret, name="fdjax_flat_gemm")
+                        (x, w), m, k, w.shape[1], x.dtype, settings, interpret=interpret,
+                        name="fdjax_flat_gemm")
 
 
-def launch_split_k(kernel, x, w, settings, *, interpret, name):
-  """Runs `kernel(x_ref, w_ref, o_ref, block_n=, block_k=, k_per_split=)` over the grid
-  (N blocks, K splits) and sums the float32 partials of the splits (no atomics). Blocks are
-  clamped to the (power-of-two rounded) matrix sizes."""
-  m, k = x.shape
-  n = w.shape[1]
-  block_k = min(settings.block_k, max(16, pl.next_power_of_2(k)))
+def launch_split_k(kernel, operands, m, k, n, dtype, settings, *, interpret, name,
+                   block_k_range=(16, None)):
+  """Runs `kernel(*operand_refs, o_ref, block_n=, block_k=, k_per_split=)` over the grid
+  (N blocks, splits of the K rows the kernel walks) for an [M, N] result in `dtype`, and sums
+  the float32 partials of the splits (no atomics). Blocks are clamped to the (power-of-two
+  rounded) matrix sizes and block_k to `block_k_range`."""
+  low, high = block_k_range
+  block_k = min(settings.block_k, max(16, pl.next_power_of_2(k)), high or settings.block_k)
+  block_k = max(low, block_k)
   block_n = min(settings.block_n, max(16, pl.next_power_of_2(n)))
   k_per_split = k_ranges(k, block_k, settings.split_k)
   split_k = pl.cdiv(k, k_per_split)
-  out_dtype = x.dtype if split_k == 1 else jnp.float32
+  out_dtype = dtype if split_k == 1 else jnp.float32
   out = shared.call(
       functools.partial(kernel, block_n=block_n, block_k=block_k, k_per_split=k_per_split),
-      (x, w), grid=(pl.cdiv(n, block_n), split_k),
+      operands, grid=(pl.cdiv(n, block_n), split_k),
       out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype), settings=settings,
       interpret=interpret, name=name)
-  return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(x.dtype)
+  return out[0] if split_k == 1 else jnp.sum(out, axis=0).astype(dtype)

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import flat_gemm, shared
-from pallas_kernels.flat_gemm import check, launch_split_k, split_k_for
+from pallas_kernels.flat_gemm import check, launch_split_k, split_k_for, split_range
 
 MAX_M = 8  # beyond this the tensor-core flat GEMM always wins
 
@@ -35,9 +35,7 @@ def _kernel(x_ref, w_ref, o_ref, *, m, block_n, block_k, k_per_split):
   k_total, n_total = w_ref.shape
   cols = n_idx * block_n + jnp.arange(block_n)
   col_ok = cols < n_total
-  k_first = split * k_per_split
-  k_end = jnp.minimum(k_first + k_per_split, k_total)
-  n_blocks = pl.cdiv(jnp.maximum(k_end - k_first, 0), block_k)
+  k_first, k_end, n_blocks = split_range(k_total, block_k, k_per_split)
 
   def body(j, accs):
     first = k_first + j * block_k
@@ -65,5 +63,5 @@ def gemv(x, w, *, settings: Settings | None = None, interpret=False):
   if m > MAX_M:
     raise ValueError(f"gemv: M must be at most {MAX_M}, got {m}")
   settings = shared.fill(settings, Settings.default(k, w.shape[1]))
-  return launch_split_k(functools.partial(_kernel, m=m), x, w, settings, interpret=interpret,
-                        name="fdjax_gemv")
+  return launch_split_k(functools.partial(_kernel, m=m), (x, w), m, k, w.shape[1], x.dtype,
+                        settings, interpret=interpret, name="fdjax_gemv")

@@ -14,7 +14,7 @@ from models import ModelConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lower layers never import higher ones: kernels <- ops <- models <- engine.
 OPS = {"fdjax.dispatch", "fdjax.reference", "fdjax.selection", "fdjax.checks", "fdjax.kv_cache",
-       "fdjax.timing", "fdjax.tune", "fdjax.aot"}
+       "fdjax.timing", "fdjax.tune", "fdjax.aot", "fdjax.quant"}
 
 
 def layer_of(module: str) -> int:

@@ -87,10 +87,18 @@ def test_attention_bench_smoke(dry_run):
 
 def test_gemm_bench_smoke(dry_run):
   rows = _rows(dry_run, "gemm_smoke")
-  assert {r["impl"] for r in rows} >= {"fdjax-gemv", "fdjax-flat", "fdjax-auto", "xla"}
+  assert {r["impl"] for r in rows} >= {f"{impl}{q}" for impl in ("fdjax-gemv", "fdjax-flat",
+                                                                 "fdjax-auto", "xla")
+                                       for q in ("", "-int8", "-int4")}
   for r in rows:
-    for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "us", "gbps", "bw_fraction"]:
+    for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "quantization", "bytes_per_call",
+                       "us", "gbps", "bw_fraction"]:
       assert f in r, (f, r)
+  # bytes moved per call: int8 about half of bf16, int4 about a quarter (same shape and M)
+  by = {(r["quantization"], r["n"], r["k"], r["m"]): r["bytes_per_call"] for r in rows}
+  for (q, n, k, m), b in by.items():
+    if q != "none":
+      assert b < (0.6 if q == "int8" else 0.4) * by[("none", n, k, m)], (q, n, k, m)
   assert "measured M1" in (dry_run / "gemm_smoke.md").read_text()
 
 
@@ -137,6 +145,30 @@ def test_cope_tasks_bench_smoke(tmp_path):
   rows = _rows(tmp_path, "cope_tasks")
   assert {(r["pe"], r["split"]) for r in rows} == {
       (pe, s) for pe in ("rope", "cope") for s in ("id", "ood_dense", "ood_sparse")}
+
+
+def test_quantization_bench_smoke(tmp_path):
+  _run("quantization.py", tmp_path, "--smoke")
+  rows = _rows(tmp_path, "quantization_smoke")
+  parts = {(r["part"], r["method"]) for r in rows}
+  assert parts >= {(p, m) for p in ("bundled", "random") for m in ("float", "int8", "int4")}
+  assert parts >= {(p, m) for p in ("one linear", "memory") for m in ("int8", "int4")}
+  for r in rows:
+    if r["part"] in ("bundled", "random") and r["method"] != "float":
+      for f in ("logits_rel_l2", "greedy_agree", "greedy_tokens_before_first_difference"):
+        assert f in r, (f, r)
+
+
+def test_committed_quantization_results_have_the_promised_fields():
+  with open(os.path.join(ROOT, "bench", "results", "quantization.json")) as fh:
+    data = json.load(fh)
+  assert data["command"] == "python bench/quantization.py"
+  rows = {(r["part"], r["method"]): r for r in data["rows"]}
+  for m in ("int8", "int4"):
+    assert rows[("bundled", m)]["held_out_bits_per_byte"] > 0
+    assert rows[("random", m)]["greedy_agree"] >= 0 and rows[("random", m)]["logits_rel_l2"] > 0
+  int4 = [r for r in data["rows"] if r["part"] == "memory" and r["method"] == "int4"]
+  assert int4 and all(0.25 < r["linear_fraction"] < 0.27 for r in int4)
 
 
 def test_committed_cope_tasks_results_have_the_promised_fields():
