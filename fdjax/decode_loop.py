@@ -136,8 +136,6 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   longest = max(len(p) for p in prompts)
   need = longest + max_new_tokens
   limit = cfg.max_position_embeddings
-  if cfg.sliding_window is not None:
-    limit = min(limit, cfg.sliding_window)
   if max_cache_len is not None and need > max_cache_len:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
                      f"longer than the cache ({max_cache_len} entries)")
