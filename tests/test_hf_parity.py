@@ -56,6 +56,7 @@ FAMILIES = {
                   eos_token_id=2)),
 }
 VARIANTS = {"llama3-old-rope-keys": "llama3"}
+WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3"]
 
 
 def _old_style_rope(path):
@@ -127,3 +128,22 @@ def test_greedy_generation_token_for_token(pair):
   prompts = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 12)]  # 12 + 10 > W
   ours = fdjax.generate(model, prompts, max_new_tokens=10).tokens
   assert ours == _hf_greedy(hf, prompts, 10)
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_generation_far_past_the_window_on_few_pages(name, tmp_path_factory):
+  """Pages of 4 tokens, a prompt prefilled 5 tokens at a time, four windows of new tokens;
+  where every layer is windowed the 45-token sequence (12 pages) lives in a pool of 5, its
+  pages given back as it goes, and the pool is whole again afterwards."""
+  _, _, hf, model = _build(name, tmp_path_factory)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, VOCAB, n).tolist() for n in (13, 2)]
+  every = model.config.windowed is not None
+  assert every == (name in ("mistral-window", "phi3"))
+  kv = fdjax.KVStore.for_model(model, num_pages=5 if every else 16, page_size=4)
+  ours = fdjax.generate(model, prompts[:1], max_new_tokens=4 * W, kv=kv, prefill_chunk=5)
+  assert ours.tokens == _hf_greedy(hf, prompts[:1], 4 * W)
+  kv.pool.check()
+  assert kv.pool.pages_in_use == 0 and kv.pool.pages_available == kv.pool.num_pages
+  both = fdjax.generate(model, prompts, max_new_tokens=3 * W, page_size=4).tokens
+  assert both == _hf_greedy(hf, prompts, 3 * W)
