@@ -4,7 +4,8 @@
   python bench/gpu_check.py --smoke    # interpret mode, small shapes (any backend)
 
 Fresh random inputs for every case (never zeros), ragged lengths, GQA ratios including a
-group of 7, head dims 64 / 128 / 256, sizes off the block multiples, and the adversarial
+group of 7, head dims 64 / 128 / 256, sizes off the block multiples, sliding windows (a paged
+cache whose pages before the window were given back) and soft-capping, and the adversarial
 cases of the async softmax's guard. The reference is fdjax.reference on float32 inputs at
 HIGHEST precision. float32 kernels must be within 1e-5 relative (2e-5 for the flat GEMM and
 GEMV, whose float32 sums run in another order); bfloat16 kernels within 2x the error of the
@@ -105,7 +106,7 @@ class Checker:
 
   # -- decode attention
   def decode(self, b, hq, hkv, d, s, lengths, dtype, mode="async", phi=None, q_scale=1.0,
-             plant=False):
+             plant=False, window=None, softcap=None):
     def run():
       kq, kk, kv = jax.random.split(self.next_key(), 3)
       q = _randn(kq, (b, hq, d), dtype, q_scale)
@@ -115,11 +116,12 @@ class Checker:
         k = k.at[b - 1, s // 2, 0].set((q[b - 1, 0] * 40.0).astype(dtype))
       n = jnp.asarray(lengths, jnp.int32)
       scale = d ** -0.5
+      extra = dict(window=window, softcap=softcap)
       out, stats = dk.decode_attention(q, k, v, n, sm_scale=scale, phi=phi, mode=mode,
-                                       interpret=self.interpret, return_stats=True)
-      want = reference.decode_attention(*_f32(q, k, v), n, scale)
+                                       interpret=self.interpret, return_stats=True, **extra)
+      want = reference.decode_attention(*_f32(q, k, v), n, scale, **extra)
       naive = None if dtype == jnp.float32 else reference.decode_attention(
-          q, k, v, n, scale, plain=True)
+          q, k, v, n, scale, plain=True, **extra)
       err, limit, ok = _judge(out, want, dtype, naive)
       rec = int(stats["recomputed_rows"])
       adversarial = phi is not None or q_scale != 1.0 or plant
@@ -130,8 +132,9 @@ class Checker:
       return dict(err=err, limit=limit, ok=ok, recomputed_rows=rec, dtype=jnp.dtype(dtype).name)
     return run
 
-  def paged(self, b, hq, hkv, d, page_size, num_pages, lengths, dtype):
-    """Paged decode with shuffled page ids and garbage past each row's last page."""
+  def paged(self, b, hq, hkv, d, page_size, num_pages, lengths, dtype, window=None):
+    """Paged decode with shuffled page ids and garbage past each row's last page (with a
+    window: the pages wholly before it given back, NO_PAGE in the table)."""
     def run():
       kq, kk, kv, kp = jax.random.split(self.next_key(), 4)
       max_pages = -(-max(lengths) // page_size)
@@ -140,20 +143,24 @@ class Checker:
       v = _randn(kv, (num_pages, page_size, hkv, d), dtype)
       ids = jax.random.permutation(kp, num_pages)[:b * max_pages].reshape(b, max_pages)
       n = jnp.asarray(lengths, jnp.int32)
-      used = (jnp.arange(max_pages)[None] * page_size < n[:, None])
-      table = jnp.where(used, ids, 2 ** 30).astype(jnp.int32)
+      first = jnp.arange(max_pages)[None] * page_size
+      used = first < n[:, None]
+      if window is not None:
+        used = used & (first + page_size > n[:, None] - window)
+      table = jnp.where(used, ids, kv_cache.NO_PAGE).astype(jnp.int32)
       scale = d ** -0.5
-      out = dk.paged_decode_attention(q, k, v, table, n, sm_scale=scale,
+      out = dk.paged_decode_attention(q, k, v, table, n, sm_scale=scale, window=window,
                                       interpret=self.interpret)
       kf, vf = (reference.gather_pages(x, table) for x in (k, v))
-      want = reference.decode_attention(*_f32(q, kf, vf), n, scale)
+      want = reference.decode_attention(*_f32(q, kf, vf), n, scale, window=window)
       naive = None if dtype == jnp.float32 else reference.decode_attention(
-          q, kf, vf, n, scale, plain=True)
+          q, kf, vf, n, scale, window=window, plain=True)
       err, limit, ok = _judge(out, want, dtype, naive)
       return dict(err=err, limit=limit, ok=ok, dtype=jnp.dtype(dtype).name)
     return run
 
-  def prefill(self, b, t, hq, hkv, d, lengths, dtype, causal=True, mode="async", phi=None):
+  def prefill(self, b, t, hq, hkv, d, lengths, dtype, causal=True, mode="async", phi=None,
+              window=None, softcap=None):
     def run():
       kq, kk, kv = jax.random.split(self.next_key(), 3)
       q = _randn(kq, (b, t, hq, d), dtype)
@@ -161,14 +168,16 @@ class Checker:
       v = _randn(kv, (b, t, hkv, d), dtype)
       n = jnp.asarray(lengths, jnp.int32)
       scale = d ** -0.5
+      extra = dict(window=window, softcap=softcap)
       out, stats = pk.prefill_attention(q, k, v, n, sm_scale=scale, causal=causal, phi=phi,
-                                        mode=mode, interpret=self.interpret, return_stats=True)
-      want = reference.prefill_attention(*_f32(q, k, v), n, causal, scale)
+                                        mode=mode, interpret=self.interpret, return_stats=True,
+                                        **extra)
+      want = reference.prefill_attention(*_f32(q, k, v), n, causal, scale, **extra)
       valid = (jnp.arange(t)[None, :] < n[:, None])[..., None, None]  # padding rows: any value
       out, want = jnp.where(valid, out.astype(jnp.float32), 0.0), jnp.where(valid, want, 0.0)
       naive = None
       if dtype != jnp.float32:
-        naive = reference.prefill_attention(q, k, v, n, causal, scale, plain=True)
+        naive = reference.prefill_attention(q, k, v, n, causal, scale, plain=True, **extra)
         naive = jnp.where(valid, naive.astype(jnp.float32), 0.0)
       err, limit, ok = _judge(out, want, dtype, naive)
       rec = int(stats["recomputed_rows"])
@@ -218,22 +227,25 @@ class Checker:
                   dtype=jnp.dtype(dtype).name)
     return run
 
-  def model(self):
+  def model(self, window=None):
     """A small random float32 model: greedy tokens through the kernels ("auto" on this
-    device, "pallas_interpret" in smoke form) equal the XLA path's; the kernels really ran."""
+    device, "pallas_interpret" in smoke form) equal the XLA path's; the kernels really ran.
+    With a window (every layer): pages of 16, generating past it, pages given back."""
     def run():
       from flax import nnx
 
       import fdjax
       from models import ModelConfig, Transformer
       cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
-                        num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=512)
+                        num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                        sliding_window=window)
       model = Transformer(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32)
       prompts = [list(range(5, 40)), [7, 8, 9]]
+      paging = {} if window is None else dict(page_size=16, prefill_chunk=16)
       with dispatch.using("xla"):
-        want = fdjax.generate(model, prompts, max_new_tokens=12).tokens
+        want = fdjax.generate(model, prompts, max_new_tokens=12, **paging).tokens
       with dispatch.using("pallas_interpret" if self.smoke else "auto"):
-        got = fdjax.generate(model, prompts, max_new_tokens=12).tokens
+        got = fdjax.generate(model, prompts, max_new_tokens=12, **paging).tokens
       mismatched = sum(a != b for a, bb in zip(got, want) for a, b in zip(a, bb))
       hlo = ""
       if not self.smoke:  # the decode step's compiled program must call the kernels
@@ -272,6 +284,12 @@ def run_checks(c: Checker):
                                                   dict(plant=True))]:
     c.case("decode_guard", f"f32 {label}", c.decode(b, hq, hkv, dd, ss, n, f32, **kw))
   c.case("decode_guard", "bf16 phi=-1e4", c.decode(b, hq, hkv, dd, ss, n, bf16, phi=-1e4))
+  # sliding windows (Mistral's 4096 scaled to the shapes) and Gemma 2's soft-capping
+  win = 20 if c.smoke else 1000
+  for dtype, softcap in ((f32, None), (bf16, None), (f32, 50.0)):
+    c.case("decode_attention", f"{jnp.dtype(dtype).name} window{win} softcap{softcap} "
+           f"B{b} Hq{hq} Hkv{hkv} D{dd} S{ss}",
+           c.decode(b, hq, hkv, dd, ss, n, dtype, window=win, softcap=softcap))
 
   paged = ([(3, 8, 2, 32, 16, 24, [1, 16, 77])] if c.smoke else
            [(4, 32, 8, 128, 64, 400, [1, 64, 4000, 2777]), (3, 8, 8, 128, 16, 300, [17, 900, 5])])
@@ -279,6 +297,10 @@ def run_checks(c: Checker):
     for bb, hq, hkv, dd, ps, npages, n in paged:
       c.case("paged_decode", f"{jnp.dtype(dtype).name} B{bb} Hq{hq} Hkv{hkv} D{dd} page{ps} "
              f"len{n}", c.paged(bb, hq, hkv, dd, ps, npages, n, dtype))
+    bb, hq, hkv, dd, ps, npages, n = paged[0]
+    c.case("paged_decode", f"{jnp.dtype(dtype).name} window{win} (pages before it given back) "
+           f"B{bb} Hq{hq} Hkv{hkv} D{dd} page{ps} len{n}",
+           c.paged(bb, hq, hkv, dd, ps, npages, n, dtype, window=win))
 
   pre = [(2, t, 8, 2, d, [t, t // 2 - 7]), (1, big, 4, 4, d, [big]), (2, t, 4, 1, 64, [t, 1])]
   for dtype in (f32, bf16):
@@ -286,6 +308,10 @@ def run_checks(c: Checker):
       for bb, tt, hq, hkv, dd, n in pre:
         c.case("prefill_attention", f"{jnp.dtype(dtype).name} causal={causal} B{bb} T{tt} "
                f"Hq{hq} Hkv{hkv} D{dd} len{n}", c.prefill(bb, tt, hq, hkv, dd, n, dtype, causal))
+  for dtype, softcap in ((f32, None), (bf16, None), (f32, 50.0)):
+    c.case("prefill_attention", f"{jnp.dtype(dtype).name} window{win // 2} softcap{softcap} "
+           f"B{pre[0][0]} T{pre[0][1]}", c.prefill(*pre[0][:5], pre[0][5], dtype,
+                                                   window=win // 2, softcap=softcap))
   c.case("prefill_attention", "online f32", c.prefill(*pre[0][:5], pre[0][5], f32, mode="online"))
   c.case("prefill_guard", "f32 phi=-1e4", c.prefill(*pre[0][:5], pre[0][5], f32, phi=-1e4))
   c.case("prefill_guard", "f32 phi=+1e4", c.prefill(*pre[0][:5], pre[0][5], f32, phi=1e4))
@@ -329,6 +355,8 @@ def run_checks(c: Checker):
       c.case(f"linear (dispatch) {q}", f"bf16 M{m} K{k} N{n}",
              c.gemm("linear", m, k, n, bf16, q))
   c.case("model", "greedy tokens, kernels vs XLA (f32 GQA model)", c.model())
+  c.case("model", "greedy tokens, kernels vs XLA (f32 GQA model, window 16 in every layer)",
+         c.model(window=16))
 
 
 def main():

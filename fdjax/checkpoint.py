@@ -1,5 +1,6 @@
-"""Checkpoints: Hugging Face Llama / Mistral / Qwen2 directories (config.json + safetensors,
-sharded or not) read as they are, and fdjax's own models written in the same format.
+"""Checkpoints: Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 (text) / Phi-3 directories
+(config.json + safetensors, sharded or not) read as they are, and fdjax's own models written
+in the same format.
 
 Missing, unexpected or wrongly shaped tensors and config features fdjax does not implement
 are refused with an error that names them.
@@ -20,12 +21,15 @@ from safetensors.numpy import save_file
 from fdjax import quant
 from models import layout, rope
 from models import quantize as quantization
-from models.config import ModelConfig
+from models.config import LAYER_TYPES, ModelConfig
 from models.llama import Transformer
 from models.quantize import Quantization
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM"}
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                    "phi3": "Phi3ForCausalLM"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face's -> fdjax's
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 META_FILE = "fdjax.json"
@@ -39,26 +43,79 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- config
 
-def _rope_settings(hf: dict) -> tuple[float, dict | None]:
-  """(theta, scaling) from either the newer `rope_parameters` or the older
-  `rope_theta` + `rope_scaling` keys."""
-  params = hf.get("rope_parameters")
-  if params:
-    params = dict(params)
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = params
-  else:
-    theta = hf.get("rope_theta", 10000.0)
-    scaling = dict(hf["rope_scaling"]) if hf.get("rope_scaling") else {}
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
+def _refuse(cond, what):
+  if cond:
+    raise CheckpointError(f"config.json: {what} is not implemented by fdjax")
+
+
+def _rope(params: dict, theta: float) -> tuple[float, dict | None]:
+  """(theta, scaling) from one set of RoPE parameters (rope_type or the older `type`,
+  rope_theta, the scaling's own keys)."""
+  params = dict(params)
+  theta = params.pop("rope_theta", theta)
+  _refuse(params.pop("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
+  kind = params.get("rope_type", params.get("type", "default"))
   if kind not in rope.SUPPORTED_ROPE_TYPES:
     raise CheckpointError(f"config.json: unsupported rope_type {kind!r} "
                           f"(fdjax implements {rope.SUPPORTED_ROPE_TYPES})")
   if kind == "default":
     return float(theta), None
-  scaling = {k: v for k, v in scaling.items() if k != "type"}
+  scaling = {k: v for k, v in params.items() if k != "type"}
   scaling["rope_type"] = kind
   return float(theta), scaling
+
+
+def _rope_settings(hf: dict, theta: float = 10000.0) -> tuple[float, dict | None]:
+  """(theta, scaling) from either the newer `rope_parameters` or the older `rope_theta` +
+  `rope_scaling` keys."""
+  theta = hf.get("rope_theta", theta)
+  return _rope(hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
+                                               "rope_theta": theta}, theta)
+
+
+def _gemma_rope(hf: dict) -> tuple[float, dict | None, float]:
+  """Gemma 3's (global theta, global scaling, local theta): one set of RoPE parameters per
+  layer type, or the older rope_theta / rope_scaling (global) and rope_local_base_freq."""
+  params = hf.get("rope_parameters") or {}
+  if "full_attention" in params:
+    theta, scaling = _rope(params["full_attention"], 1e6)
+    local, local_scaling = _rope(params.get("sliding_attention") or {}, 1e4)
+  else:
+    theta, scaling = _rope_settings(hf, 1e6)
+    local, local_scaling = float(hf.get("rope_local_base_freq", 1e4)), None
+  _refuse(local_scaling is not None, "RoPE scaling of the sliding-window layers")
+  return theta, scaling, local
+
+
+def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple | None]:
+  """(sliding_window, layer_types) as each family's attention reads them: Mistral and Phi-3
+  window every layer; Qwen2/3 (with use_sliding_window) the layers from max_window_layers on,
+  Gemma 2 / 3 all but every 2nd / 6th (sliding_window_pattern), unless layer_types lists
+  them; Llama none."""
+  types = hf.get("layer_types")
+  unknown = sorted(set(types or ()) - set(LAYER_TYPES))
+  _refuse(unknown, f"layer_types {unknown}")
+  window = hf.get("sliding_window")
+  if mtype in ("qwen2", "qwen3"):
+    if not hf.get("use_sliding_window", False):
+      window = None
+    first = hf.get("max_window_layers", 28)
+    types = types or ["sliding_attention" if i >= first else "full_attention"
+                      for i in range(num_layers)]
+  elif mtype in ("gemma2", "gemma3_text"):
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern",
+                                                      6 if mtype == "gemma3_text" else 2))
+    types = types or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                      for i in range(num_layers)]
+  elif mtype in ("mistral", "phi3"):
+    types = None
+  else:
+    window = None
+  if window is None or (types is not None and "sliding_attention" not in types):
+    return None, None
+  if types is None or all(t == "sliding_attention" for t in types):
+    return int(window), None
+  return int(window), tuple(types)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -68,37 +125,46 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig.from_dict({k: v for k, v in hf.items()
                                   if k not in ("model_type", QUANTIZATION_KEY)})
   if mtype not in HF_ARCHITECTURES:
-    raise CheckpointError(f"config.json: unsupported model_type {mtype!r}; fdjax loads "
+    hint = (" (the multimodal Gemma 3; fdjax reads the text-only gemma3_text, "
+            "Gemma3ForCausalLM)" if mtype == "gemma3" else "")
+    raise CheckpointError(f"config.json: unsupported model_type {mtype!r}{hint}; fdjax loads "
                           f"{sorted(HF_ARCHITECTURES)} and its own {FDJAX_MODEL_TYPE!r}")
-  def refuse(cond, what):
-    if cond:
-      raise CheckpointError(f"config.json: {what} is not implemented by fdjax")
-  refuse(hf.get("quantization_config"), "a pre-quantized checkpoint (quantization_config; "
-         "load the float one with quantize=\"int8\" or \"int4\")")
-  refuse(hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r}")
-  refuse(hf.get("mlp_bias", False), "mlp_bias=true")
-  refuse(mtype != "qwen2" and hf.get("attention_bias", False), "attention_bias=true")
-  refuse(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
-  layer_types = hf.get("layer_types") or []
-  refuse(any(t != "full_attention" for t in layer_types),
-         f"layer_types other than full_attention ({sorted(set(layer_types))})")
-  sliding = hf.get("sliding_window")
-  if mtype == "qwen2" and not hf.get("use_sliding_window", False):
-    sliding = None
-  theta, scaling = _rope_settings(hf)
-  heads = hf["num_attention_heads"]
+  _refuse(hf.get("quantization_config"), "a pre-quantized checkpoint (quantization_config; "
+          "load the float one with quantize=\"int8\" or \"int4\")")
+  gemma = mtype in ("gemma2", "gemma3_text")
+  act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
+  act = hf.get(act_key, "silu")
+  _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
+  _refuse(hf.get("mlp_bias", False), "mlp_bias=true")
+  _refuse(mtype != "qwen2" and hf.get("attention_bias", False), "attention_bias=true")
+  _refuse(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
+  _refuse(hf.get("use_bidirectional_attention", False), "use_bidirectional_attention=true")
+  heads, layers, hidden = hf["num_attention_heads"], hf["num_hidden_layers"], hf["hidden_size"]
+  window, layer_types = _windows(hf, mtype, layers)
+  if gemma:
+    gemma3 = mtype == "gemma3_text"
+    theta, scaling, local_theta = _gemma_rope(hf) if gemma3 else (*_rope_settings(hf), None)
+    family = dict(qk_norm=gemma3, norm_offset=1.0, sandwich_norms=True,
+                  embed_scale=hidden ** 0.5,
+                  attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                  # Gemma 3's attention has no soft-capping (q/k norms instead): transformers
+                  # ignores its attn_logit_softcapping, and so does fdjax; Gemma 2's applies it.
+                  attn_softcap=None if gemma3 else hf.get("attn_logit_softcapping"),
+                  final_softcap=hf.get("final_logit_softcapping"),
+                  local_rope_theta=None if window is None or not gemma3 else local_theta)
+  else:
+    (theta, scaling), family = _rope_settings(hf), dict(qk_norm=(mtype == "qwen3"),
+                                                        fused_checkpoint=(mtype == "phi3"))
   return ModelConfig(
-      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      vocab_size=hf["vocab_size"], hidden_size=hidden,
+      intermediate_size=hf["intermediate_size"], num_layers=layers,
       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      head_dim=hf.get("head_dim") or hidden // heads,
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=(mtype == "qwen2"),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+      qkv_bias=(mtype == "qwen2"), mlp_activation=ACTIVATIONS[act],
       max_position_embeddings=hf.get("max_position_embeddings", 2048),
-      # A sliding window is exact as full attention while every sequence fits in it; the
-      # model refuses longer spans (see Transformer.__call__).
-      sliding_window=sliding)
+      sliding_window=window, layer_types=layer_types, **family)
 
 
 # ---------------------------------------------------------------------- tensors

@@ -4,6 +4,12 @@ whatever the prefix cache already holds), then every decode step on device insid
 
 Shapes are bucketed (batch, prompt chunk, page-table width and output buffer to powers of
 two) so calls of similar size reuse the compiled code.
+
+When every layer has a sliding window W (Mistral), keys more than W positions back are never
+read again: a sequence then holds only the pages it still reads. Pages are taken as it grows
+and the ones wholly before its window given back, between prefill chunks and between decode
+segments of `page_size` steps (the loop returns to the host once per segment), so a sequence
+of any length lives in about (W + page_size) / page_size + 2 pages.
 """
 from __future__ import annotations
 
@@ -61,28 +67,30 @@ def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl, target):
   return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
 
 
-@functools.partial(jax.jit, static_argnames=("sampler",))
-def _first_token(logits, key, *, sampler):
+@functools.partial(jax.jit, static_argnames=("sampler", "out_len"))
+def _first_token(logits, key, eos_ids, active, *, sampler, out_len):
+  """Every row's first new token, from its prompt's last logits: the decode loop's starting
+  state (step, tokens out, done, last token, key)."""
   key, sub = jax.random.split(key)
-  return sample(logits, sub, sampler), key
+  first = sample(logits, sub, sampler)
+  out = jnp.full((first.shape[0], out_len), -1, jnp.int32).at[:, 0].set(first)
+  return jnp.int32(1), out, ~active | jnp.isin(first, eos_ids), first, key
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl", "target"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "impl", "target"),
                    donate_argnums=(3,))
-def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sampler, out_len,
-            impl, target):
+def _decode(graphdef, state, carry, cache, eos_ids, stop, *, sampler, impl, target):
+  """Decode steps on device until `stop` tokens are out or every row is done; returns the
+  state to go on from and the cache."""
   TRACE_COUNT["decode"] += 1
   model = nnx.merge(graphdef, state)
-  b = first.shape[0]
-  out = jnp.full((b, out_len), -1, jnp.int32).at[:, 0].set(first)
-  done = ~active | jnp.isin(first, eos_ids)
 
-  def cond(carry):
-    step, _, done, _, _, _ = carry
-    return (step < max_new) & ~jnp.all(done)
+  def cond(loop):
+    step, _, done, _, _, _ = loop
+    return (step < stop) & ~jnp.all(done)
 
-  def body(carry):
-    step, out, done, tok, cache, key = carry
+  def body(loop):
+    step, out, done, tok, cache, key = loop
     with dispatch.using(impl), dispatch.lowering_for(target):
       logits, cache = model(tok[:, None], cache=cache)
     key, sub = jax.random.split(key)
@@ -91,9 +99,10 @@ def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sam
     done = done | jnp.isin(nxt, eos_ids)
     return step + 1, out, done, jnp.where(done, 0, nxt), cache, key
 
-  step, out, _, _, cache, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), out, done, first, cache, key))
-  return out, step, cache
+  step, out, done, tok, key = carry
+  step, out, done, tok, cache, key = jax.lax.while_loop(
+      cond, body, (step, out, done, tok, cache, key))
+  return (step, out, done, tok, key), cache
 
 
 def _check_prompts(prompts, vocab_size):
@@ -131,17 +140,15 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
         not isinstance(value, (int, np.integer)) or value < 1):
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   need = longest + max_new_tokens
-  limit = cfg.max_position_embeddings
-  if cfg.sliding_window is not None:
-    limit = min(limit, cfg.sliding_window)
   if max_cache_len is not None and need > max_cache_len:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
                      f"longer than the cache ({max_cache_len} entries)")
-  if need > limit:
+  if need > cfg.max_position_embeddings:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
-                     f"the model's context of {limit} tokens")
-  return Buckets(batch=_pow2(batch), chunk=prefill_chunk or _pow2(longest, 16),
-                 pages=_pow2(-(-need // page_size)), out=_pow2(max_new_tokens))
+                     f"the model's context of {cfg.max_position_embeddings} tokens")
+  pages = _pow2(_pages(need, page_size))
+  return Buckets(batch=_pow2(batch), pages=pages, out=_pow2(max_new_tokens),
+                 chunk=min(prefill_chunk or _pow2(longest, 16), pages * page_size))
 
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -160,23 +167,31 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   cfg = model.config
   _check_prompts(prompts, cfg.vocab_size)
   page_size = page_size if kv is None else kv.page_size
-  shapes = buckets(cfg, len(prompts), max(len(p) for p in prompts), max_new_tokens,
-                   max_cache_len, page_size, prefill_chunk)
+  longest = max(len(p) for p in prompts)
+  shapes = buckets(cfg, len(prompts), longest, max_new_tokens, max_cache_len, page_size,
+                   prefill_chunk)
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
   eos = [] if eos_token_id is None else (
       [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+  need = longest + max_new_tokens
+  # With a window in every layer and sequences longer than it, pages are given back as they
+  # fall out of it (and taken as needed); otherwise every row's pages are taken up front.
+  window = cfg.windowed if cfg.windowed is not None and need > cfg.windowed else None
   if kv is None:
-    pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+    at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
+    pages = sum(_pages(len(p) + max_new_tokens, page_size) if window is None else
+                min(_pages(len(p) + max_new_tokens, page_size),
+                    live_pages(window, at_once, page_size)) for p in prompts)
     kv = paging.KVStore(cfg, _pow2(pages), page_size, model.dtype)
   kv.check_for(model)
 
   b = len(prompts)
   rows = []
   try:
-    for p in prompts:
-      rows.append(kv.pool.allocate(list(p), len(p) + max_new_tokens))
+    for p in prompts:  # windowed: pages are taken as the sequence grows (_Pages.table)
+      rows.append(kv.pool.allocate(list(p), len(p) + max_new_tokens if window is None else 1))
     out, steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes, max_new_tokens,
-                                           sampler, eos, seed, prefill_chunk)
+                                           sampler, eos, seed, window)
   except BaseException:
     for pages, _ in rows:
       kv.pool.release(pages)
@@ -191,50 +206,100 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                           prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps - 1)
 
 
-def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, prefill_chunk):
-  """Prefill in chunks, then the decode loop, on kv's pages; (tokens [batch, out], steps,
-  prefill seconds, decode seconds)."""
+def _pages(tokens: int, page_size: int) -> int:
+  return -(-tokens // page_size)
+
+
+def live_pages(window: int, at_once: int, page_size: int) -> int:
+  """The most pages a sequence holds at a time when those wholly before its window are given
+  back as it goes: the pages of its W - 1 older keys and of the `at_once` tokens one call
+  writes (a prefill chunk, a decode segment), plus one where they straddle a page edge."""
+  return _pages(window - 1 + at_once, page_size) + 1
+
+
+class _Pages:
+  """The page table of a batch's rows on kv's pool. Without a window every row's pages are
+  all there from the start; with one (every layer windowed), `table` gives back each row's
+  pages wholly before the window of its next query and takes pages up to what the next call
+  writes."""
+
+  def __init__(self, kv, rows, totals, bp, width, window):
+    self.kv, self.rows, self.totals, self.bp, self.window = kv, rows, totals, bp, window
+    self.width = width
+
+  def table(self, lengths=None, upto=None):
+    """The page table [bp, width] for rows with `lengths` tokens cached about to write up to
+    `upto` tokens (windowed only; a row given None as upto does not grow)."""
+    pool, ps = self.kv.pool, self.kv.page_size
+    table = np.full((self.bp, self.width), kvc.NO_PAGE, np.int32)
+    for i, (pages, _) in enumerate(self.rows):
+      if self.window is not None and lengths is not None:
+        pool.drop_leading(pages, max(0, (int(lengths[i]) - self.window + 1) // ps))
+        if upto[i] is not None:
+          pool.grow(pages, min(int(upto[i]), self.totals[i]))
+      table[i, :len(pages)] = pages
+    return jnp.asarray(table)
+
+
+def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, window):
+  """Prefill in chunks, then the decode loop (in segments of page_size steps when pages are
+  given back behind a `window`), on kv's pages; (tokens [bp, out_len], steps, prefill seconds,
+  decode seconds)."""
   cfg = model.config
   graphdef, state = nnx.split(model)
   static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
   bp = shapes.batch
-  table = np.full((bp, shapes.pages), kvc.NO_PAGE, np.int32)
-  cached = np.zeros((bp,), np.int32)
-  for i, (pages, n_cached) in enumerate(rows):
-    table[i, :len(pages)] = pages
-    cached[i] = n_cached
+  pages = _Pages(kv, rows, [len(p) + max_new_tokens for p in prompts], bp, shapes.pages, window)
+  cached, left = np.zeros((bp,), np.int32), np.zeros((bp,), np.int32)
   todo = [list(p)[n_cached:] for p, (_, n_cached) in zip(prompts, rows)]
-  chunk = prefill_chunk or _pow2(max(len(t) for t in todo), 16)
-  cache = kvc.KVCache(kv.k, kv.v, jnp.asarray(table), jnp.asarray(cached))
+  for i, (_, n_cached) in enumerate(rows):
+    cached[i], left[i] = n_cached, len(todo[i])
+  chunk = shapes.chunk  # no longer than the page table addresses
+  cache = kvc.KVCache(kv.k, kv.v, pages.table(), jnp.asarray(cached))
   last = jnp.zeros((bp, cfg.vocab_size), jnp.float32)
 
   t0 = time.perf_counter()
-  for c in range(0, max(len(t) for t in todo), chunk):
-    ids = np.zeros((bp, chunk), np.int32)
-    n = np.zeros((bp,), np.int32)
-    for i, t in enumerate(todo):
-      piece = t[c:c + chunk]
-      ids[i, :len(piece)] = piece
-      n[i] = len(piece)
-    cache, last = _prefill_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache, last,
-                                 **static)
-  first, key = _first_token(last, jax.random.key(seed), sampler=sampler)
-  first.block_until_ready()
-  t1 = time.perf_counter()
-  out, steps, cache = _decode(graphdef, state, first, cache, key,
-                              jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
-                              jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
-                              out_len=shapes.out, **static)
-  out = np.asarray(out)
-  t2 = time.perf_counter()
-  kv.k, kv.v = cache.k, cache.v
-  return out, int(steps), t1 - t0, t2 - t1
+  try:  # the calls donate the pools: kv keeps the ones they returned, even after a failure
+    for c in range(0, max(len(t) for t in todo), chunk):
+      ids = np.zeros((bp, chunk), np.int32)
+      n = np.zeros((bp,), np.int32)
+      for i, t in enumerate(todo):
+        piece = t[c:c + chunk]
+        ids[i, :len(piece)] = piece
+        n[i] = len(piece)
+      if window is not None:
+        before = cached + np.minimum(c, left)
+        cache = cache._replace(page_table=pages.table(before, before + n))
+      cache, last = _prefill_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache,
+                                   last, **static)
+    eos_ids = jnp.asarray(eos or [-1], jnp.int32)
+    carry = _first_token(last, jax.random.key(seed), eos_ids,
+                         jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
+                         out_len=shapes.out)
+    carry[3].block_until_ready()
+    t1 = time.perf_counter()
+    segment = max_new_tokens if window is None else kv.page_size
+    while True:
+      if window is not None:
+        lengths, done = np.asarray(cache.lengths), np.asarray(carry[2])
+        cache = cache._replace(page_table=pages.table(
+            lengths, [None if d else n + segment for d, n in zip(done, lengths)]))
+      stop = min(max_new_tokens, int(carry[0]) + segment)
+      carry, cache = _decode(graphdef, state, carry, cache, eos_ids, jnp.int32(stop),
+                             sampler=sampler, **static)
+      if stop >= max_new_tokens or bool(np.all(np.asarray(carry[2]))):
+        break
+    out = np.asarray(carry[1])
+    t2 = time.perf_counter()
+  finally:
+    kv.k, kv.v = cache.k, cache.v
+  return out, int(carry[0]), t1 - t0, t2 - t1
 
 
 def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None,
           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
           page_size: int = 64, prefill_chunk: int | None = None):
-  """A prefill chunk and the decode loop as `generate` compiles them for `batch` prompts of
+  """A prefill chunk and a decode segment as `generate` compiles them for `batch` prompts of
   up to `prompt_len` tokens, lowered (not run) on abstract inputs: (prefill, decode)
   `Lowered`s.
 
@@ -247,18 +312,16 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   graphdef, state = nnx.split(model)
   like = lambda tree: jax.tree.map(lambda a: place(a.shape, a.dtype), tree)
   static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
-  rows = place((shapes.batch,), jnp.int32)
+  b = shapes.batch
+  rows = place((b,), jnp.int32)
   cache = like(jax.eval_shape(lambda: kvc.KVCache(
-      *kvc.empty_pages(cfg, shapes.batch * shapes.pages, page_size, model.dtype),
-      jnp.zeros((shapes.batch, shapes.pages), jnp.int32), jnp.zeros((shapes.batch,), jnp.int32))))
-  last = place((shapes.batch, cfg.vocab_size), jnp.float32)
-  prefill = _prefill_chunk.lower(graphdef, like(state), place((shapes.batch, shapes.chunk),
-                                                             jnp.int32), rows, cache, last,
-                                 **static)
+      *kvc.empty_pages(cfg, b * shapes.pages, page_size, model.dtype),
+      jnp.zeros((b, shapes.pages), jnp.int32), jnp.zeros((b,), jnp.int32))))
+  prefill = _prefill_chunk.lower(graphdef, like(state), place((b, shapes.chunk), jnp.int32),
+                                 rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)
+  carry = (place((), jnp.int32), place((b, shapes.out), jnp.int32), place((b,), jnp.bool_), rows,
+           like(jax.eval_shape(lambda: jax.random.key(0))))
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
-  decode = _decode.lower(graphdef, like(state), rows, cache,
-                         like(jax.eval_shape(lambda: jax.random.key(0))),
-                         place((1,), jnp.int32), place((), jnp.int32),
-                         place((shapes.batch,), jnp.bool_), sampler=sampler, out_len=shapes.out,
-                         **static)
+  decode = _decode.lower(graphdef, like(state), carry, cache, place((1,), jnp.int32),
+                         place((), jnp.int32), sampler=sampler, **static)
   return prefill, decode

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from fdjax import checks, quant, reference, selection
+from pallas_kernels import async_softmax as asm
 from pallas_kernels import cope_attention as ck
 from pallas_kernels import decode_attention as dk
 from pallas_kernels import flat_gemm, gemv
@@ -132,35 +133,43 @@ def _scale(sm_scale, d):
   return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, impl="auto"):
+def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, window=None,
+                     softcap=None, impl="auto"):
   """Attention of one new query per sequence against its KV cache.
 
   q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; lengths [B] int = valid cache entries
   of each row (1 <= lengths <= S). GQA when Hq is a multiple of Hkv. `phi` is the
-  unified max value of the async-softmax kernel (ignored by the XLA path).
-  Returns [B, Hq, D] in q's dtype.
+  unified max value of the async-softmax kernel (ignored by the XLA path). `window` W
+  (sliding-window attention): the query, at position lengths - 1, sees only the last W
+  entries, and the kernel reads only those. `softcap`: scores become softcap * tanh(s /
+  softcap) (Gemma). Returns [B, Hq, D] in q's dtype.
   """
   op = "decode_attention"
   _attention_checks(op, q, k_cache, v_cache, 3)
   checks.int_vector(op, "lengths", lengths, q.shape[0])
+  asm.check_options(op, window, softcap)
   scale = _scale(sm_scale, q.shape[-1])
+  extra = dict(window=window, softcap=softcap)
 
   def pallas(interpret):
     return dk.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
-                               interpret=interpret)
+                               interpret=interpret, **extra)
 
-  return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale),
+  return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale,
+                                                           **extra),
               pallas, q.shape[-1], q.dtype)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
-                           impl="auto"):
+                           window=None, softcap=None, impl="auto"):
   """decode_attention over a paged KV cache.
 
   q [B, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [B, max_pages] int: row
   b's key i is entry i % page_size of page page_table[b, i // page_size] (entries past a
-  row's last page are ignored, whatever they hold); lengths [B] int, 1 <= lengths <=
-  max_pages * page_size. Returns [B, Hq, D] in q's dtype.
+  row's last page, and with a `window` those of pages wholly before it, are ignored,
+  whatever they hold: such pages may have been given back); lengths [B] int, 1 <= lengths
+  <= max_pages * page_size. `window`, `softcap` as decode_attention. Returns [B, Hq, D] in
+  q's dtype.
   """
   op = "paged_decode_attention"
   _attention_checks(op, q, k_pages, v_pages, 3, paged=True)
@@ -170,24 +179,28 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                      f"got {page_table.dtype}{tuple(page_table.shape)}")
   checks.int_vector(op, "lengths", lengths, q.shape[0])
   checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[1])
+  asm.check_options(op, window, softcap)
   scale = _scale(sm_scale, q.shape[-1])
+  extra = dict(window=window, softcap=softcap)
 
   def pallas(interpret):
     return dk.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=scale,
-                                     phi=phi, interpret=interpret)
+                                     phi=phi, interpret=interpret, **extra)
 
   return _run(op, impl, lambda: reference.paged_decode_attention(
-      q, k_pages, v_pages, page_table, lengths, scale), pallas, q.shape[-1], q.dtype,
+      q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas, q.shape[-1], q.dtype,
               k_pages.shape[1])
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,
-                      phi=None, impl="auto"):
+                      phi=None, window=None, softcap=None, impl="auto"):
   """Self-attention over a (padded) prompt, or a chunk of one after cached keys.
 
   q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] int or None = valid keys of each row
   (keys at or past it are masked; query rows past it are padding, never NaN); q_start [B]
   int or None: query i of row b sits at position q_start[b] + i (None: 0, and S == T).
+  `window` W (causal only): the query at position p sees keys p - W < j <= p, the last W,
+  as Hugging Face counts them. `softcap`: scores become softcap * tanh(s / softcap).
   Returns [B, T, Hq, D] in q's dtype.
   """
   op = "prefill_attention"
@@ -199,19 +212,21 @@ def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_sc
     checks.int_vector(op, "lengths", lengths, q.shape[0])
     checks.in_range(op, "lengths", lengths, 0, k.shape[1])
   _check_start(op, q_start, q.shape[0], k.shape[1] - 1)
+  asm.check_options(op, window, softcap, causal)
   scale = _scale(sm_scale, q.shape[-1])
+  extra = dict(q_start=q_start, window=window, softcap=softcap)
   recorder = getattr(_override, "scores", None)
   if recorder is not None and checks.concrete(q) is not None:
-    m = reference.score_row_max(q, k, lengths, causal, scale, q_start)
+    m = reference.score_row_max(q, k, lengths, causal, scale, **extra)
     m = m[jnp.isfinite(m)]
     recorder.append((float(jnp.min(m)), float(jnp.max(m))))
 
   def pallas(interpret):
-    return pk.prefill_attention(q, k, v, lengths, q_start=q_start, causal=causal,
-                                sm_scale=scale, phi=phi, interpret=interpret)
+    return pk.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
+                                interpret=interpret, **extra)
 
   return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale,
-                                                            q_start=q_start),
+                                                            **extra),
               pallas, q.shape[-1], q.dtype)
 
 

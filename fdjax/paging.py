@@ -9,6 +9,10 @@ full pages of what it wrote are registered in the prefix cache and its counts dr
 nobody uses returns to the free list, unless it is cached: then it stays, evictable, and the
 least recently used of those is taken when the free list runs dry. Running out of pages is a
 PoolExhausted error, never an overwrite.
+
+With a sliding window in every layer a sequence can also hold only the pages it still
+reads: `grow` adds pages as it lengthens, `drop_leading` gives back those wholly before its
+window (their entries become kv_cache.NO_PAGE, which every list and table here skips).
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ class PagePool:
     """Drops one reference to each page; unused pages return to the pool (cached ones stay
     cached, evictable)."""
     for page in pages:
+      if page == kvc.NO_PAGE:  # given back already (drop_leading)
+        continue
       if self.refs[page] < 1:
         raise ValueError(f"PagePool: page {page} released more often than taken")
       self.refs[page] -= 1
@@ -91,9 +97,10 @@ class PagePool:
   # ------------------------------------------------------------------- sequences
 
   def allocate(self, prompt, total_tokens: int) -> tuple[list[int], int]:
-    """Pages for a sequence of `total_tokens` starting with `prompt`: (its page ids, how many
-    leading prompt tokens are already cached). At least the prompt's last token is always
-    left to compute (its logits start the generation)."""
+    """Pages for a sequence of `total_tokens` starting with `prompt` (fewer than the prompt:
+    only its cached pages, or one; `grow` adds the rest): (its page ids, how many leading
+    prompt tokens are already cached). At least the prompt's last token is always left to
+    compute (its logits start the generation)."""
     need = -(-total_tokens // self.page_size)
     reuse = []
     for key in page_keys(prompt[:len(prompt) - 1], self.page_size):
@@ -110,10 +117,31 @@ class PagePool:
     self.prefix_hit_tokens += len(reuse) * self.page_size
     return pages, len(reuse) * self.page_size
 
+  def grow(self, pages: list, total_tokens: int):
+    """Appends pages to a live sequence's list (in place) until it holds `total_tokens`."""
+    need = -(-total_tokens // self.page_size) - len(pages)
+    if need > self.pages_available:
+      raise PoolExhausted(f"a sequence growing to {total_tokens} tokens needs {need} more "
+                          f"pages; {self.pages_available} of {self.num_pages} are available")
+    pages.extend(self._take() for _ in range(need))
+
+  def drop_leading(self, pages: list, n: int) -> int:
+    """Gives back the first `n` pages of a live sequence (no query will read their tokens
+    again: they lie wholly before its sliding window); their entries in `pages` become
+    kv_cache.NO_PAGE. Returns how many were released now."""
+    n = min(n, len(pages))
+    gone = [page for page in pages[:n] if page != kvc.NO_PAGE]
+    self.release(gone)
+    pages[:n] = [kvc.NO_PAGE] * n
+    return len(gone)
+
   def finish(self, pages, written_tokens):
     """A sequence ends: the full pages of the tokens whose K/V it wrote (prompt and
-    generated, in order) enter the prefix cache, and its pages are released."""
+    generated, in order, up to a page it gave back) enter the prefix cache, and its pages
+    are released."""
     for page, key in zip(pages, page_keys(written_tokens, self.page_size)):
+      if page == kvc.NO_PAGE:  # a prefix needs every page from the first
+        break
       if key not in self.cached and page not in self.key_of:
         self.cached[key] = page
         self.key_of[page] = key

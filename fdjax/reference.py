@@ -27,6 +27,11 @@ def _einsum(spec, a, b, plain):
   return jnp.einsum(spec, a, b, precision=HIGHEST)
 
 
+def _capped(s, softcap):
+  """Gemma's attention-logit soft-capping, softcap * tanh(s / softcap), or s as it is."""
+  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
 def _masked_softmax_attention(s, mask, v_fn):
   """softmax over the last axis of scores `s` where `mask`, then `v_fn(p)`.
 
@@ -47,13 +52,16 @@ def query_positions(b, t, s, q_start):
   return start[:, None] + jnp.arange(t)[None, :]
 
 
-def _mask(q_pos, s, lengths, causal):
-  """[B, T, S]: key j visible to query i (j <= its position if causal, j < lengths[b])."""
+def _mask(q_pos, s, lengths, causal, window=None):
+  """[B, T, S]: key j visible to query i (j <= its position p if causal, j < lengths[b], and
+  with a sliding window W, p - j < W: the last W keys, as Hugging Face counts them)."""
   k_pos = jnp.arange(s)[None, None, :]
   mask = jnp.broadcast_to(k_pos <= q_pos[:, :, None] if causal else True,
                           (q_pos.shape[0], q_pos.shape[1], s))
   if lengths is not None:
     mask = mask & (k_pos < lengths[:, None, None])
+  if window is not None:
+    mask = mask & (q_pos[:, :, None] - k_pos < window)
   return mask
 
 
@@ -64,36 +72,40 @@ def gather_pages(pages, page_table):
   return rows.reshape(page_table.shape[0], -1, *pages.shape[2:])
 
 
-def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, plain=False):
-  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]."""
+def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, window=None, softcap=None,
+                     plain=False):
+  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]. The
+  query sits at position lengths - 1; with a window W it sees the last W entries only."""
   b, hq, d = q.shape
   s_len, hkv = k_cache.shape[1], k_cache.shape[2]
   g = hq // hkv
   qf = _acc(q, plain).reshape(b, hkv, g, d)
-  s = _einsum("bhgd,bshd->bhgs", qf, _acc(k_cache, plain), plain) * sm_scale
-  mask = (jnp.arange(s_len)[None, :] < lengths[:, None])[:, None, None, :]
+  s = _capped(_einsum("bhgd,bshd->bhgs", qf, _acc(k_cache, plain), plain) * sm_scale, softcap)
+  mask = _mask((lengths - 1)[:, None], s_len, lengths, True, window)[:, None]
   o = _masked_softmax_attention(
       s, mask, lambda p: _einsum("bhgs,bshd->bhgd", p, _acc(v_cache, plain), plain))
   return o.reshape(b, hq, d).astype(q.dtype)
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale):
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, **kwargs):
   """decode_attention over a paged cache: pages [P, page_size, Hkv, D], page_table [B,
-  max_pages]."""
+  max_pages]; keyword arguments as decode_attention."""
   return decode_attention(q, gather_pages(k_pages, page_table),
-                          gather_pages(v_pages, page_table), lengths, sm_scale)
+                          gather_pages(v_pages, page_table), lengths, sm_scale, **kwargs)
 
 
-def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, plain=False):
+def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, window=None,
+                      softcap=None, plain=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
-  at position q_start[b] + i (default 0: S == T, a prompt on its own) -> [B, T, Hq, D]."""
+  at position q_start[b] + i (default 0: S == T, a prompt on its own); `window`: each query
+  sees its last W keys; `softcap`: scores soft-capped -> [B, T, Hq, D]."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
   qf = _acc(q, plain).reshape(b, t, hkv, g, d)
-  s = _einsum("bthgd,bshd->bhgts", qf, _acc(k, plain), plain) * sm_scale
+  s = _capped(_einsum("bthgd,bshd->bhgts", qf, _acc(k, plain), plain) * sm_scale, softcap)
   q_pos = query_positions(b, t, t, q_start)
-  mask = _mask(q_pos, k.shape[1], lengths, causal)[:, None, None]
+  mask = _mask(q_pos, k.shape[1], lengths, causal, window)[:, None, None]
   o = _masked_softmax_attention(
       s, mask, lambda p: _einsum("bhgts,bshd->bthgd", p, _acc(v, plain), plain))
   return o.reshape(b, t, hq, d).astype(q.dtype)
@@ -108,14 +120,15 @@ def linear(x, w):
   return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=acc).astype(x.dtype)
 
 
-def score_row_max(q, k, lengths, causal, sm_scale, q_start=None):
+def score_row_max(q, k, lengths, causal, sm_scale, q_start=None, window=None, softcap=None):
   """Each query row's largest (masked) attention score [B, T, Hq] (calibration of phi)."""
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
-  s = jnp.einsum("bthgd,bshd->bthgs", qf, _acc(k), precision=HIGHEST) * sm_scale
+  s = _capped(jnp.einsum("bthgd,bshd->bthgs", qf, _acc(k), precision=HIGHEST) * sm_scale,
+              softcap)
   q_pos = query_positions(b, t, t, q_start)
-  mask = _mask(q_pos, k.shape[1], lengths, causal)
+  mask = _mask(q_pos, k.shape[1], lengths, causal, window)
   if lengths is not None:  # padding query rows do not count
     mask = mask & (q_pos[:, :, None] < lengths[:, None, None])
   s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)

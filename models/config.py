@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+
+import jax
 
 from models import positions
+
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
+# The MLP's gate activation: SwiGLU's SiLU, GeGLU's tanh-approximated GELU (Gemma).
+MLP_ACTIVATIONS = {"silu": jax.nn.silu,
+                   "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +32,25 @@ class ModelConfig:
   max_position_embeddings: int = 2048
   position_encoding: str = "rope"
   npos_max: int = 64
+  # Sliding-window attention: a query sees its last `sliding_window` keys, in every layer, or
+  # with `layer_types` only in the "sliding_attention" ones (Gemma 3, Qwen2/3's upper layers).
   sliding_window: int | None = None
+  layer_types: tuple | None = None
+  # RoPE base of the sliding layers when it differs from the others' (Gemma 3's local 10k;
+  # they take no rope_scaling then); None: every layer uses rope_theta and rope_scaling.
+  local_rope_theta: float | None = None
   # FlashDecoding++'s unified max value per layer (from `fdjax calibrate`); None: the default.
   softmax_phi: tuple | None = None
+  # What the model families differ in (defaults: Llama):
+  qk_norm: bool = False              # RMSNorm of each q and k head before RoPE (Qwen3, Gemma 3)
+  norm_offset: float = 0.0           # RMSNorm scales by (norm_offset + weight): Gemma's 1
+  mlp_activation: str = "silu"       # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+  sandwich_norms: bool = False       # norms after attention and after the MLP too (Gemma)
+  embed_scale: float | None = None   # token embeddings times this (Gemma: sqrt(hidden))
+  attn_scale: float | None = None    # score scale; None: 1 / sqrt(head_dim)
+  attn_softcap: float | None = None  # scores -> c * tanh(s / c)
+  final_softcap: float | None = None  # logits -> c * tanh(logits / c)
+  fused_checkpoint: bool = False     # q/k/v and gate/up stored fused in checkpoints (Phi-3)
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -51,6 +75,54 @@ class ModelConfig:
                          f"{self.num_layers} layers")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    self._check_families()
+
+  def _check_families(self):
+    w = self.sliding_window
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+      raise ValueError(f"ModelConfig: sliding_window must be a positive integer, got {w!r}")
+    if self.layer_types is not None:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"ModelConfig: layer_types has {len(self.layer_types)} entries for "
+                         f"{self.num_layers} layers")
+      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+      if bad:
+        raise ValueError(f"ModelConfig: unknown layer_types {bad}; expected {LAYER_TYPES}")
+      if w is None and "sliding_attention" in self.layer_types:
+        raise ValueError("ModelConfig: layer_types has sliding_attention layers but "
+                         "sliding_window is not set")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"ModelConfig: unknown mlp_activation {self.mlp_activation!r}; "
+                       f"expected one of {tuple(MLP_ACTIVATIONS)}")
+    for name in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap",
+                 "local_rope_theta"):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                and v > 0):
+        raise ValueError(f"ModelConfig: {name} must be a positive number or None, got {v!r}")
+    if self.position_encoding == "cope" and (w is not None or self.attn_softcap is not None):
+      raise ValueError("ModelConfig: CoPE attention with a sliding window or attention "
+                       "soft-capping is not implemented")
+
+  def window(self, layer: int) -> int | None:
+    """The sliding window of a layer, or None (full causal attention)."""
+    if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+      return None
+    return self.sliding_window
+
+  @property
+  def windowed(self) -> int | None:
+    """The window when every layer has one (Mistral): keys older than it are never read
+    again, so their pages can be given back; else None."""
+    windows = {self.window(i) for i in range(self.num_layers)}
+    return windows.pop() if len(windows) == 1 else None
+
+  def rope(self, layer: int) -> tuple[float, dict | None]:
+    """(theta, scaling) of a layer's RoPE."""
+    if self.local_rope_theta is not None and self.window(layer) is not None:
+      return self.local_rope_theta, None
+    return self.rope_theta, self.rope_scaling_dict
 
   def linear_shapes(self) -> dict:
     """The four linear-layer weight shapes (K, N) of a block, as fdjax lays them out
@@ -68,7 +140,8 @@ class ModelConfig:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["rope_scaling"] = self.rope_scaling_dict
-    d["softmax_phi"] = None if self.softmax_phi is None else list(self.softmax_phi)
+    for name in ("softmax_phi", "layer_types"):
+      d[name] = None if d[name] is None else list(d[name])
     return d
 
   @classmethod

@@ -3,8 +3,12 @@
 Each entry names one fdjax parameter (its path in the module tree) and the checkpoint tensors
 it is made of: Hugging Face stores matrices [out, in] (`transpose`: fdjax keeps [in, out], the
 `linear` op's [K, N]) and q/k/v and gate/up apart (fdjax fuses them along the output axis, in
-the order listed). Loading, saving and the shape checks are all derived from it
-(fdjax.checkpoint); `split_last` is the one fused-tensor split, used by the model too. A
+the order listed), except Phi-3, whose checkpoints hold them fused as fdjax does
+(`fused_checkpoint`: one tensor each). Norm names follow the family: Llama's
+post_attention_layernorm is the norm before the MLP, Gemma's (`sandwich_norms`) the norm of
+the attention's output, with pre_/post_feedforward_layernorm around the MLP. Loading, saving
+and the shape checks are all derived from it (fdjax.checkpoint); `split_last` is the one
+fused-tensor split, used by the model too. A
 weight quantized to int8 / int4 (fdjax.quant) is stored under the same names as its values
 plus a NAME_scale tensor of scales, both [out, ...] and fused / split the same way.
 """
@@ -80,21 +84,29 @@ def layout(cfg) -> list[Entry]:
     name, shape, _ = pe.model_param(cfg)
     out.append(e(["pos_table"], [name], [shape], False))
   qkv = qkv_sizes(cfg)
+  norms = ({"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm",
+            "mlp_post_norm": "post_feedforward_layernorm"} if cfg.sandwich_norms else
+           {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"})
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
     attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
+    wqkv = (([p + "self_attn.qkv_proj.weight"], [(sum(qkv), h)]) if cfg.fused_checkpoint else
+            ([n + ".weight" for n in attn], [(size, h) for size in qkv]))
+    gate_up = (([p + "mlp.gate_up_proj.weight"], [(2 * f, h)]) if cfg.fused_checkpoint else
+               ([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(f, h), (f, h)]))
+    out += [e(["layers", i, ours, "weight"], [p + theirs + ".weight"], [(h,)], False)
+            for ours, theirs in norms.items()]
     out += [
-        e(["layers", i, "attn_norm", "weight"], [p + "input_layernorm.weight"], [(h,)], False),
-        e(["layers", i, "mlp_norm", "weight"], [p + "post_attention_layernorm.weight"], [(h,)],
-          False),
-        e(["layers", i, "attn", "wqkv"], [n + ".weight" for n in attn],
-          [(size, h) for size in qkv], True, linear=True),
+        e(["layers", i, "attn", "wqkv"], *wqkv, True, linear=True),
         e(["layers", i, "attn", "wo"], [p + "self_attn.o_proj.weight"], [(h, qkv[0])], True,
           linear=True),
-        e(["layers", i, "mlp", "w_gate_up"], [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-          [(f, h), (f, h)], True, linear=True),
+        e(["layers", i, "mlp", "w_gate_up"], *gate_up, True, linear=True),
         e(["layers", i, "mlp", "w_down"], [p + "mlp.down_proj.weight"], [(h, f)], True,
           linear=True)]
+    if cfg.qk_norm:
+      out += [e(["layers", i, "attn", f"{x}_norm", "weight"], [p + f"self_attn.{x}_norm.weight"],
+                [(cfg.head_dim,)], False) for x in "qk"]
     if cfg.qkv_bias:
       out.append(e(["layers", i, "attn", "bqkv"], [n + ".bias" for n in attn],
                    [(size,) for size in qkv], False))

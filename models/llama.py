@@ -1,5 +1,9 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, SwiGLU, grouped-query attention, any position
 encoding of models/positions.py, tied or untied embeddings, optional q/k/v bias (Qwen2).
+The other families are configuration (models/config.py), not copies: per-head q/k norms
+(Qwen3, Gemma 3), RMSNorm scaling by (1 + weight), GeGLU, norms after attention and MLP,
+scaled embeddings, the query scale and soft-capping (Gemma 2 / 3), sliding-window layers
+with their own RoPE base (Mistral, Qwen2/3, Gemma 2 / 3, Phi-3).
 
 Every projection and every attention goes through `fdjax.dispatch`; this file never picks
 a kernel. Weights are laid out [in, out] (the `linear` op's [K, N]), with q/k/v fused into
@@ -25,7 +29,7 @@ from flax import nnx
 from fdjax import dispatch
 from fdjax import kv_cache as kvc
 from models import layout, positions
-from models.config import ModelConfig
+from models.config import MLP_ACTIVATIONS, ModelConfig
 
 
 def _normal(rngs, shape, dtype, std=0.02):
@@ -41,25 +45,42 @@ def _param(rngs, spec, dtype):
 
 
 class RMSNorm(nnx.Module):
+  """x / rms(x) * weight over the last axis; with an offset (Gemma's 1), * (offset + weight)
+  in float32, rounded once (as Gemma computes it)."""
 
-  def __init__(self, dim, eps, dtype):
-    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+  def __init__(self, dim, eps, dtype, offset=0.0):
+    self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
     self.eps = eps
+    self.offset = offset
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (xf * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
     return self.weight[...] * xf.astype(x.dtype)
+
+
+def _norm(cfg, dim, dtype, present=True):
+  """The config's RMSNorm over `dim`, or None where the family has none."""
+  return RMSNorm(dim, cfg.rms_norm_eps, dtype, cfg.norm_offset) if present else None
+
+
+def _apply(norm, x):
+  return x if norm is None else norm(x)
 
 
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
     self.cfg = cfg
+    self.layer = layer
     self.phi = None if cfg.softmax_phi is None else cfg.softmax_phi[layer]
     qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
     self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
+    self.q_norm = _norm(cfg, cfg.head_dim, dtype, cfg.qk_norm)
+    self.k_norm = _norm(cfg, cfg.head_dim, dtype, cfg.qk_norm)
     self.wo = _normal(rngs, (cfg.num_heads * cfg.head_dim, cfg.hidden_size), dtype)
     self.pos_emb = _param(rngs, positions.get(cfg.position_encoding).layer_param(cfg), dtype)
 
@@ -72,8 +93,10 @@ class Attention(nnx.Module):
       qkv = qkv + self.bqkv[...]
     q, k, v = (y.reshape(b, t, -1, cfg.head_dim)
                for y in layout.split_last(qkv, layout.qkv_sizes(cfg)))
-    q, k = pe.rotate(cfg, q, k, pos)
-    attend = dict(phi=self.phi, table=None if self.pos_emb is None else self.pos_emb[...])
+    q, k = pe.rotate(cfg, self.layer, _apply(self.q_norm, q), _apply(self.k_norm, k), pos)
+    attend = dict(phi=self.phi, table=None if self.pos_emb is None else self.pos_emb[...],
+                  sm_scale=cfg.attn_scale, window=cfg.window(self.layer),
+                  softcap=cfg.attn_softcap)
 
     if layer_cache is None:
       o = pe.attend(q, k, v, n, q_start=None, **attend)
@@ -94,25 +117,30 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs, dtype):
     self.w_gate_up = _normal(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)
     self.w_down = _normal(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)
+    self.activation = cfg.mlp_activation
 
   def __call__(self, x):
     gate, up = layout.split_last(dispatch.linear(x, self.w_gate_up[...]),
                                  [self.w_down.shape[0]] * 2)
-    return dispatch.linear(jax.nn.silu(gate) * up, self.w_down[...])
+    return dispatch.linear(MLP_ACTIVATIONS[self.activation](gate) * up, self.w_down[...])
 
 
 class Block(nnx.Module):
+  """Pre-norm attention and MLP, each with a residual; `sandwich_norms` (Gemma) also normalises
+  each one's output before it joins the residual."""
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
-    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.attn_norm = _norm(cfg, cfg.hidden_size, dtype)
     self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype)
-    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.attn_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
+    self.mlp_norm = _norm(cfg, cfg.hidden_size, dtype)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+    self.mlp_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
 
   def __call__(self, x, pos, start, n, layer_cache, page_table):
     h, layer_cache = self.attn(self.attn_norm(x), pos, start, n, layer_cache, page_table)
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), layer_cache
+    x = x + _apply(self.attn_post_norm, h)
+    return x + _apply(self.mlp_post_norm, self.mlp(self.mlp_norm(x))), layer_cache
 
 
 class Transformer(nnx.Module):
@@ -127,12 +155,15 @@ class Transformer(nnx.Module):
                   else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
     self.pos_table = _param(rngs, positions.get(cfg.position_encoding).model_param(cfg), dtype)
     self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.norm = _norm(cfg, cfg.hidden_size, dtype)
 
   def _embed(self, ids):
     if self.embed is None:
-      return jnp.take(self.lm_head[...], ids, axis=1).transpose(1, 2, 0)
-    return jnp.take(self.embed[...], ids, axis=0)
+      x = jnp.take(self.lm_head[...], ids, axis=1).transpose(1, 2, 0)
+    else:
+      x = jnp.take(self.embed[...], ids, axis=0)
+    scale = self.config.embed_scale  # Gemma: sqrt(hidden), rounded to the weights' dtype
+    return x if scale is None else x * jnp.asarray(scale, x.dtype)
 
   def __call__(self, input_ids, *, cache: kvc.KVCache | None = None, lengths=None,
                last_only: bool = False):
@@ -143,10 +174,6 @@ class Transformer(nnx.Module):
     b, t = input_ids.shape
     if cache is not None and t > cache.max_len:
       raise ValueError(f"model: {t} tokens are more than the cache holds ({cache.max_len})")
-    span = cache.max_len if cache is not None else t
-    if cfg.sliding_window is not None and span > cfg.sliding_window:
-      raise ValueError(f"model: sequence span {span} exceeds the sliding window "
-                       f"({cfg.sliding_window}), which fdjax does not implement")
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
     n = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -164,6 +191,8 @@ class Transformer(nnx.Module):
     if last_only:
       x = x[jnp.arange(b), jnp.maximum(n - 1, 0)][:, None]
     logits = dispatch.linear(self.norm(x), self.lm_head[...]).astype(jnp.float32)
+    if cfg.final_softcap is not None:
+      logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     if cache is None:
       return logits
     return logits, cache._replace(k=tuple(new_k), v=tuple(new_v), lengths=start + n)

@@ -24,25 +24,26 @@ class NoPositions:
   def embed(self, x, positions, table):
     return x
 
-  def rotate(self, cfg, q, k, positions):
+  def rotate(self, cfg, layer, q, k, positions):
     return q, k
 
-  def attend(self, q, k, v, lengths, *, q_start, phi, table):
-    """Queries [B, T] at positions q_start + i, causally against the first `lengths` of k, v."""
+  def attend(self, q, k, v, lengths, *, q_start, table, **how):
+    """Queries [B, T] at positions q_start + i, causally against the first `lengths` of k, v;
+    `how`: the layer's sm_scale, phi, window and softcap."""
     return dispatch.prefill_attention(q, k, v, lengths=lengths, q_start=q_start, causal=True,
-                                      phi=phi)
+                                      **how)
 
-  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, phi, table):
+  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, table, **how):
     """A decode step, q [B, 1, Hq, D], against the first `lengths` entries of a paged cache."""
     return dispatch.paged_decode_attention(q[:, 0], k_pages, v_pages, page_table, lengths,
-                                           phi=phi)[:, None]
+                                           **how)[:, None]
 
 
 class Rope(NoPositions):
   name = "rope"
 
-  def rotate(self, cfg, q, k, positions):
-    freq = rope.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)  # trace-time
+  def rotate(self, cfg, layer, q, k, positions):
+    freq = rope.inv_freq(cfg.head_dim, *cfg.rope(layer))  # at trace time
     return rope.apply(q, positions, freq), rope.apply(k, positions, freq)
 
 
@@ -54,12 +55,14 @@ class Cope(NoPositions):
   def layer_param(self, cfg):
     return "self_attn.pos_emb", (cfg.npos_max, cfg.head_dim), "zeros"
 
-  def attend(self, q, k, v, lengths, *, q_start, phi, table):
-    return dispatch.cope_attention(q, k, v, table, lengths=lengths, q_start=q_start)
+  def attend(self, q, k, v, lengths, *, q_start, table, sm_scale=None, **_):
+    # (ModelConfig refuses a window or soft-capping with CoPE; phi is the async kernels')
+    return dispatch.cope_attention(q, k, v, table, lengths=lengths, q_start=q_start,
+                                   sm_scale=sm_scale)
 
-  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, phi, table):
+  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, table, **how):
     return self.attend(q, kvc.gather(k_pages, page_table), kvc.gather(v_pages, page_table),
-                       lengths, q_start=lengths - 1, phi=phi, table=table)
+                       lengths, q_start=lengths - 1, table=table, **how)
 
 
 class Absolute(NoPositions):

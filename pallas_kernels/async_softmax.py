@@ -31,11 +31,13 @@ DEFAULT_PHI = 0.0  # scores of the models we know fall well inside [phi + LO, ph
 
 
 def needs_recompute(row_max, denom, out, phi):
-  """Rows whose async result cannot be trusted. row_max, denom [...]; out [..., D]."""
+  """Rows whose async result cannot be trusted. row_max, denom [...]; out [..., D]. A row
+  that saw no key (row_max -inf: no key yet, or none in its sliding window) has nothing to
+  redo: its result, 0, is exact."""
   delta = row_max - phi
   in_window = (delta >= LO) & (delta <= HI)
   finite = jnp.isfinite(denom) & (denom > 0) & jnp.all(jnp.isfinite(out), axis=-1)
-  return ~(in_window & finite)
+  return (row_max > -jnp.inf) & ~(in_window & finite)
 
 
 def unsupported(head_dim: int, dtype) -> str | None:
@@ -52,3 +54,21 @@ def check_inputs(op, q):
   why = unsupported(q.shape[-1], q.dtype)
   if why:
     raise ValueError(f"{op}: the Pallas kernel cannot take this input: {why}")
+
+
+def cap(s, softcap):
+  """Soft-capped scores, softcap * tanh(s / softcap) (Gemma), or s when softcap is None."""
+  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def check_options(op, window, softcap, causal=True):
+  """A sliding window is a positive number of keys, for causal attention only; a soft cap a
+  positive number (both None when unused)."""
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+      raise ValueError(f"{op}: window must be a positive integer (keys), got {window!r}")
+    if not causal:
+      raise ValueError(f"{op}: a sliding window needs causal attention")
+  if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                              or not softcap > 0):
+    raise ValueError(f"{op}: softcap must be a positive number, got {softcap!r}")

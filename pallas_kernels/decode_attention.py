@@ -12,6 +12,12 @@ flags are recomputed, inside the same jitted function, by the same kernel in "on
 
 MHA (a group of one query head) uses a vector product on the plain cores; larger groups
 use the tensor-core dot with the group padded to the dot's minimum of 16 rows.
+
+With a sliding window W the query (at position length - 1) sees the last W keys: every
+row's splits cover only [max(0, length - W), length) (from the block holding its first key),
+so a step reads about W keys whatever the row's length, and pages before the window are
+never touched (they may be gone: kv_cache.NO_PAGE). Soft-capping, softcap * tanh(s /
+softcap), applies to the scaled scores.
 """
 from __future__ import annotations
 
@@ -70,12 +76,25 @@ def _weighted_values(p, v, f32):
   return pv, jnp.sum(p.astype(jnp.float32), axis=-1)
 
 
+def key_span(s: int, window: int | None, block_k: int) -> int:
+  """How many key positions one row's splits together cover: the whole cache, or with a
+  window the W keys plus the block-alignment slack before them."""
+  return s if window is None else min(s, pl.cdiv(window, block_k) * block_k + block_k)
+
+
+def split_range(length, split, split_len, block_k, window):
+  """(first visible key, start, end) of one split's keys for a row of `length` keys: the
+  splits tile [first visible key rounded down to a block, length) in split_len steps."""
+  lo = 0 if window is None else jnp.maximum(length - window, 0)
+  start = lo // block_k * block_k + split * split_len
+  return lo, start, jnp.minimum(start + split_len, length)
+
+
 def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
-            m_ref, *, sm_scale, block_k, split_len, online, vector):
+            m_ref, *, sm_scale, block_k, split_len, online, vector, window, softcap):
   b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   f32 = q_ref.dtype == jnp.float32
-  start = split * split_len
-  end = jnp.minimum(start + split_len, lengths_ref[b])
+  lo, start, end = split_range(lengths_ref[b], split, split_len, block_k, window)
   n_blocks = jnp.where(active_ref[b, h] != 0, pl.cdiv(jnp.maximum(end - start, 0), block_k), 0)
   phi = phi_ref[0]
   q = q_ref[b, h, 0, :] if vector else q_ref[b, h, :, :]
@@ -86,12 +105,12 @@ def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
   def body(j, carry):
     acc, l, m = carry
     first = start + j * block_k
-    valid = first + jnp.arange(block_k) < end
+    valid = (first + jnp.arange(block_k) < end) & (first + jnp.arange(block_k) >= lo)
     page = jnp.clip(table_ref[b, first // page_size], 0, num_pages - 1)
     at = (page, pl.ds(first % page_size, block_k), h, slice(None))
     k = plgpu.load(k_ref.at[at], mask=valid[:, None], other=0.0)
     v = plgpu.load(v_ref.at[at], mask=valid[:, None], other=0.0)
-    s = _scores(q, k, f32) * sm_scale
+    s = asm.cap(_scores(q, k, f32) * sm_scale, softcap)
     s = jnp.where(valid if vector else valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     if online:  # synchronised: rescale what came before to the new running max
@@ -114,14 +133,17 @@ def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
     m_ref[b, h, split, :] = m
 
 
-def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, online, interpret):
+def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, online, window,
+              softcap, interpret):
   b, hkv, g_pad, d = q.shape
-  s = table.shape[1] * k.shape[1]  # the longest row the page table can address
   block_k = settings.block_k
-  split_len = pl.cdiv(pl.cdiv(s, settings.num_splits), block_k) * block_k
-  n_split = pl.cdiv(s, split_len)
+  # the longest row the page table can address, or with a window the span it sees
+  span = key_span(table.shape[1] * k.shape[1], window, block_k)
+  split_len = pl.cdiv(pl.cdiv(span, settings.num_splits), block_k) * block_k
+  n_split = pl.cdiv(span, split_len)
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
-                             online=online, vector=(g_pad == 1))
+                             online=online, vector=(g_pad == 1), window=window,
+                             softcap=softcap)
   stat = jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32)
   return shared.call(
       kernel, (lengths, table, phi, active, q, k, v), grid=(b, hkv, n_split),
@@ -156,11 +178,13 @@ def block_for_pages(page_size: int, max_pages: int) -> int | None:
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
-                           mode="async", settings: Settings | None = None, interpret=False,
+                           window=None, softcap=None, mode="async",
+                           settings: Settings | None = None, interpret=False,
                            return_stats=False):
   """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
   -> [B, Hq, D] (and stats). Row b's key i lives at page_table[b, i // page_size], entry
-  i % page_size.
+  i % page_size. `window` W: the query sees (and the kernel reads) the last W keys only;
+  `softcap`: scores soft-capped.
 
   mode "async": unified max value phi with the guarded recompute; "online": the
   synchronised softmax only (the FlashDecoding baseline / the paper's ablation).
@@ -168,6 +192,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   asm.check_inputs("decode_attention", q)
   if mode not in ("async", "online"):
     raise ValueError(f"decode_attention: unknown mode {mode!r}")
+  asm.check_options("decode_attention", window, softcap)
   b, hq, d = q.shape
   page_size, hkv = k_pages.shape[1], k_pages.shape[2]
   s = page_table.shape[1] * page_size
@@ -177,7 +202,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                      f"got {page_size}")
   g = hq // hkv
   g_pad = 1 if g == 1 else max(shared.DOT_MIN_ROWS, pl.next_power_of_2(g))
-  settings = shared.fill(settings, Settings.default(b, hkv, s, d, q.dtype, block_k))
+  settings = shared.fill(settings, Settings.default(b, hkv, key_span(s, window, block_k), d,
+                                                    q.dtype, block_k))
   if page_table.shape[1] > 1 and page_size % settings.block_k:
     raise ValueError(f"paged_decode_attention: block_k {settings.block_k} does not divide the "
                      f"page size {page_size}")
@@ -188,7 +214,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
   run = functools.partial(_partials, qg, k_pages, v_pages, lengths,
                           page_table.astype(jnp.int32), phi, sm_scale=sm_scale,
-                          settings=settings, interpret=interpret)
+                          settings=settings, window=window, softcap=softcap,
+                          interpret=interpret)
   everyone = jnp.ones((b, hkv), jnp.int32)
 
   if mode == "online":
@@ -200,7 +227,6 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
     out = jnp.sum(o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
     flags = asm.needs_recompute(jnp.max(m, axis=2), den, out, phi[0])
     flags = flags & (jnp.arange(g_pad) < g)  # padding rows of a group never count
-    flags = flags & (lengths > 0)[:, None, None]  # nor rows with no key
 
     def recompute(out):
       active = jnp.any(flags, axis=-1).astype(jnp.int32)  # only the flagged groups run

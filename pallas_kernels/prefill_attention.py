@@ -9,6 +9,11 @@ rescaling of the accumulator; rows the guard (async_softmax.py) flags are recomp
 the same jitted function by the same kernel in "online" mode, for the flagged query blocks
 only. Lengths that are not multiples of the blocks are masked on load and store. A chunk of
 a prompt after cached keys is the same call with the queries' first position `q_start`.
+
+With a sliding window W a query at position p sees keys p - W < j <= p: a program's loop
+starts at the block of its first query's oldest visible key, so it reads about W + block_q
+keys whatever the prompt's length. Gemma's soft-capping, softcap * tanh(s / softcap), is
+applied to the scaled scores before the softmax.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ class Settings:
 
 
 def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
-            m_ref, *, sm_scale, block_q, block_k, group, causal, online):
+            m_ref, *, sm_scale, block_q, block_k, group, causal, online, window, softcap):
   b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t = q_ref.shape[1]
   f32 = q_ref.dtype == jnp.float32
@@ -59,6 +64,9 @@ def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
   q = plgpu.load(q_ref.at[b, pl.ds(q_first, block_q), h, :], mask=q_rows[:, None], other=0.0)
   kv_end = jnp.minimum(length, start_ref[b] + q_first + block_q) if causal else length
   n_blocks = jnp.where(active_ref[b, h, qb] != 0, pl.cdiv(kv_end, block_k), 0)
+  # the first block holding a key the block's first query still sees (0 without a window)
+  first_block = 0 if window is None else jnp.maximum(
+      start_ref[b] + q_first - window + 1, 0) // block_k
   phi = phi_ref[0]
 
   def body(j, carry):
@@ -69,10 +77,12 @@ def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
                    other=0.0)
     v = plgpu.load(v_ref.at[b, pl.ds(j * block_k, block_k), hk, :], mask=k_ok[:, None],
                    other=0.0)
-    s = plgpu.dot(q, k, trans_b=True, allow_tf32=not f32) * sm_scale
+    s = asm.cap(plgpu.dot(q, k, trans_b=True, allow_tf32=not f32) * sm_scale, softcap)
     mask = k_ok[None, :]
     if causal:
       mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+      mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
     s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     if online:
@@ -90,7 +100,7 @@ def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
   d = q.shape[-1]
   init = (jnp.zeros((block_q, d), jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32))
-  acc, l, m = jax.lax.fori_loop(0, n_blocks, body, init)
+  acc, l, m = jax.lax.fori_loop(first_block, n_blocks, body, init)
   out = acc / jnp.where(l > 0, l, 1.0)[:, None]
   plgpu.store(o_ref.at[b, pl.ds(q_first, block_q), h, :], out.astype(o_ref.dtype),
               mask=q_rows[:, None])
@@ -98,13 +108,14 @@ def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
   m_ref[b, h, pl.ds(q_first, block_q)] = m
 
 
-def _run(q, k, v, lengths, start, phi, active, *, sm_scale, settings, causal, online, interpret):
+def _run(q, k, v, lengths, start, phi, active, *, sm_scale, settings, causal, online, window,
+         softcap, interpret):
   b, t, hq, d = q.shape
   block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q,
                              block_k=settings.block_k, group=hq // k.shape[2], causal=causal,
-                             online=online)
+                             online=online, window=window, softcap=softcap)
   stat = jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32)
   return shared.call(
       kernel, (lengths, start, phi, active, q, k, v), grid=(b, hq, nq),
@@ -113,14 +124,16 @@ def _run(q, k, v, lengths, start, phi, active, *, sm_scale, settings, causal, on
 
 
 def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=True, phi=None,
-                      mode="async", settings: Settings | None = None, interpret=False,
-                      return_stats=False):
+                      window=None, softcap=None, mode="async", settings: Settings | None = None,
+                      interpret=False, return_stats=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
   at position q_start[b] + i (default 0; a chunk of a prompt after S' cached keys starts at
-  S') -> [B, T, Hq, D] (and stats)."""
+  S'); `window` W: each query sees its last W keys (causal only); `softcap`: scores
+  soft-capped -> [B, T, Hq, D] (and stats)."""
   asm.check_inputs("prefill_attention", q)
   if mode not in ("async", "online"):
     raise ValueError(f"prefill_attention: unknown mode {mode!r}")
+  asm.check_options("prefill_attention", window, softcap, causal)
   b, t, hq, d = q.shape
   s = k.shape[1]
   settings = shared.fill(settings, Settings.default(t, s, d, q.dtype))
@@ -131,7 +144,8 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
   start = jnp.zeros((b,), jnp.int32) if q_start is None else q_start.astype(jnp.int32)
   phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
   run = functools.partial(_run, q, k, v, lengths, start, phi, sm_scale=sm_scale,
-                          settings=settings, causal=causal, interpret=interpret)
+                          settings=settings, causal=causal, window=window, softcap=softcap,
+                          interpret=interpret)
   everyone = jnp.ones((b, hq, nq), jnp.int32)
   if mode == "online":
     out, _, _ = run(everyone, online=True)
@@ -140,7 +154,6 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
     out, l, m = run(everyone, online=False)
     flags = asm.needs_recompute(m[:, :, :t].transpose(0, 2, 1), l[:, :, :t].transpose(0, 2, 1),
                                 out.astype(jnp.float32), phi[0])  # [B, T, Hq]
-    flags = flags & (lengths > 0)[:, None, None]  # a row with no key has nothing to redo
 
     def recompute(out):
       per_block = jnp.pad(flags, ((0, 0), (0, nq * block_q - t), (0, 0)))

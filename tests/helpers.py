@@ -11,9 +11,11 @@ def rel_err(got, want) -> float:
   return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def np_attention(q, k, v, mask, scale):
+def np_attention(q, k, v, mask, scale, softcap=None):
   """q [Tq, D], k/v [S, D], mask [Tq, S] -> [Tq, D]; rows with no key give zeros."""
   s = (q.astype(np.float64) @ k.astype(np.float64).T) * scale
+  if softcap is not None:
+    s = softcap * np.tanh(s / softcap)
   s = np.where(mask, s, -np.inf)
   m = np.max(s, axis=-1, keepdims=True)
   m = np.where(np.isfinite(m), m, 0.0)
@@ -23,32 +25,42 @@ def np_attention(q, k, v, mask, scale):
   return p @ v.astype(np.float64)
 
 
-def np_decode_attention(q, k, v, lengths, scale):
+def np_decode_attention(q, k, v, lengths, scale, window=None, softcap=None):
+  """One query per row at position lengths[b] - 1; with a window, keys j > that - window."""
   b, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
   out = np.zeros((b, hq, d))
   for i in range(b):
     mask = (np.arange(s) < lengths[i])[None, :]
+    if window is not None:
+      mask = mask & (np.arange(s) > lengths[i] - 1 - window)[None, :]
     for h in range(hq):
-      out[i, h] = np_attention(q[i, h][None], k[i, :, h // g], v[i, :, h // g], mask, scale)[0]
+      out[i, h] = np_attention(q[i, h][None], k[i, :, h // g], v[i, :, h // g], mask, scale,
+                               softcap)[0]
   return out
 
 
-def np_prefill_attention(q, k, v, lengths, causal, scale):
+def np_prefill_attention(q, k, v, lengths, causal, scale, window=None, softcap=None,
+                         q_start=None):
+  """Queries at positions q_start[b] + i (default i) against keys 0..S-1."""
   b, t, hq, d = q.shape
-  hkv = k.shape[2]
+  s, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
   out = np.zeros((b, t, hq, d))
-  pos = np.arange(t)
+  k_pos = np.arange(s)
   for i in range(b):
-    mask = np.ones((t, t), bool)
+    q_pos = np.arange(t) + (0 if q_start is None else q_start[i])
+    mask = np.ones((t, s), bool)
     if causal:
-      mask &= pos[:, None] >= pos[None, :]
+      mask &= q_pos[:, None] >= k_pos[None, :]
+    if window is not None:
+      mask &= q_pos[:, None] - k_pos[None, :] < window
     if lengths is not None:
-      mask &= pos[None, :] < lengths[i]
+      mask &= k_pos[None, :] < lengths[i]
     for h in range(hq):
-      out[i, :, h] = np_attention(q[i, :, h], k[i, :, h // g], v[i, :, h // g], mask, scale)
+      out[i, :, h] = np_attention(q[i, :, h], k[i, :, h // g], v[i, :, h // g], mask, scale,
+                                  softcap)
   return out
 
 

@@ -97,6 +97,98 @@ def test_prefill_online_mode_and_default_blocks():
                    want) < 1e-5
 
 
+# ------------------------------------------------------------------ sliding windows
+
+# (window, dtype, (query heads, KV heads), softcap): windows of one key, off the block
+# multiples, wider than some rows; GQA 1, 4, 8; soft-capping as Gemma 2 sets it
+WINDOWED = [(5, jnp.float32, (8, 2), None), (40, jnp.bfloat16, (8, 2), None),
+            (13, jnp.float32, (4, 4), 2.0), (1, jnp.float32, (8, 1), None)]
+
+
+@pytest.mark.parametrize("window,dtype,heads,softcap", WINDOWED)
+def test_decode_kernel_with_a_window(window, dtype, heads, softcap):
+  hq, hkv = heads
+  rng = np.random.default_rng(window)
+  s = 77
+  q, k, v = _inputs(rng, (3, hq, D), (3, s, hkv, D), dtype)
+  lengths = jnp.asarray([1, 33, s], jnp.int32)
+  out, stats = dk.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, window=window,
+                                   softcap=softcap, interpret=True, return_stats=True,
+                                   settings=dk.Settings(block_k=16, num_splits=2))
+  want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5, window, softcap)
+  xla = dispatch.decode_attention(q, k, v, lengths, window=window, softcap=softcap, impl="xla")
+  if dtype == jnp.float32:
+    assert rel_err(out, want) < 1e-5 and rel_err(xla, want) < 1e-5
+    assert int(stats["recomputed_rows"]) == 0
+  else:
+    _check_low_precision(out, want, reference.decode_attention(
+        q, k, v, lengths, D ** -0.5, window=window, softcap=softcap, plain=True))
+
+
+@pytest.mark.parametrize("window,block_k", [(1, 16), (5, 16), (16, 16), (40, 32), (200, 16)])
+def test_decode_splits_read_only_the_window(window, block_k):
+  """Every row's splits together cover [its first visible key rounded down to a block,
+  length) exactly once: at most W + block_k - 1 keys, whatever the length."""
+  s = 300
+  span = dk.key_span(s, window, block_k)
+  split_len = -(-span // 3 // block_k) * block_k or block_k
+  for length in (1, 2, 17, 64, 65, 299, 300):
+    read = []
+    for split in range(-(-span // split_len)):
+      lo, start, end = (int(x) for x in dk.split_range(length, split, split_len, block_k,
+                                                       window))
+      read += range(start, max(start, end))
+    assert lo == max(0, length - window)
+    assert sorted(read) == list(range(lo // block_k * block_k, length)), (window, length)
+    assert len(read) <= min(length, window + block_k - 1)
+
+
+@pytest.mark.parametrize("window,dtype,heads,softcap", WINDOWED[:3])
+def test_prefill_kernel_with_a_window(window, dtype, heads, softcap):
+  hq, hkv = heads
+  rng = np.random.default_rng(window + 1)
+  t = 45
+  q, k, v = _inputs(rng, (3, t, hq, D), (3, t, hkv, D), dtype)
+  lengths = jnp.asarray([t, 1, 20], jnp.int32)
+  out, stats = pk.prefill_attention(q, k, v, lengths, sm_scale=D ** -0.5, window=window,
+                                    softcap=softcap, settings=pk.Settings(block_q=16, block_k=16),
+                                    interpret=True, return_stats=True)
+  want = np_prefill_attention(*_f64(q, k, v), np.asarray(lengths), True, D ** -0.5, window,
+                              softcap)
+  if dtype == jnp.float32:
+    assert rel_err(out, want) < 1e-5
+    assert int(stats["recomputed_rows"]) == 0
+  else:
+    _check_low_precision(out, want, reference.prefill_attention(
+        q, k, v, lengths, True, D ** -0.5, window=window, softcap=softcap, plain=True))
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", "xla"])
+def test_prefill_chunk_after_cached_keys_with_a_window(impl):
+  """A chunk of 19 queries after 10 and 30 cached keys (and a row of 5 after 0), window 6:
+  the first visible key of a block is mid-block and mid-cache."""
+  rng = np.random.default_rng(21)
+  q, k, v = _inputs(rng, (3, 19, 8, D), (3, 50, 2, D), jnp.float32)
+  start = jnp.asarray([10, 30, 0], jnp.int32)
+  lengths = jnp.asarray([29, 49, 5], jnp.int32)
+  got = dispatch.prefill_attention(q, k, v, lengths=lengths, q_start=start, window=6,
+                                   impl=impl)
+  want = np_prefill_attention(*_f64(q, k, v), np.asarray(lengths), True, D ** -0.5, 6,
+                              q_start=np.asarray(start))
+  for row, n in enumerate((19, 19, 5)):  # query rows past a row's keys are padding
+    assert rel_err(got[row, :n], want[row, :n]) < 1e-5
+
+
+def test_window_and_softcap_are_checked():
+  q, k = jnp.ones((1, 4, 16)), jnp.ones((1, 8, 2, 16))
+  with pytest.raises(ValueError, match="window must be a positive integer"):
+    dispatch.decode_attention(q, k, k, jnp.asarray([3]), window=0)
+  with pytest.raises(ValueError, match="softcap must be a positive number"):
+    dispatch.decode_attention(q, k, k, jnp.asarray([3]), softcap=-2.0)
+  with pytest.raises(ValueError, match="sliding window needs causal"):
+    dispatch.prefill_attention(k, k, k, causal=False, window=4)
+
+
 # ------------------------------------------------------------------ the guard, adversarially
 
 def _decode_case(rng, scale_q=1.0):
@@ -207,17 +299,20 @@ def test_kernel_refuses_what_it_cannot_take():
 # ------------------------------------------------------------------ lowering for the GPU
 
 @pytest.mark.parametrize("mode", ["async", "online"])
-@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
-def test_kernels_lower_for_cuda(hq, hkv, mode):
-  """Pallas' Triton lowering runs on this CPU: the kernels must lower for a CUDA GPU."""
+@pytest.mark.parametrize("hq,hkv,window,softcap", [(32, 32, None, None), (32, 8, None, None),
+                                                   (16, 8, 512, 50.0)])
+def test_kernels_lower_for_cuda(hq, hkv, mode, window, softcap):
+  """Pallas' Triton lowering runs on this CPU: the kernels must lower for a CUDA GPU (with a
+  sliding window and soft-capping too)."""
   bf = jnp.bfloat16
   spec = jax.ShapeDtypeStruct
-  dec = jax.jit(functools.partial(dk.decode_attention, sm_scale=0.1, mode=mode))
+  extra = dict(window=window, softcap=softcap)
+  dec = jax.jit(functools.partial(dk.decode_attention, sm_scale=0.1, mode=mode, **extra))
   text = dec.trace(spec((4, hq, 128), bf), spec((4, 1000, hkv, 128), bf),
                    spec((4, 1000, hkv, 128), bf), spec((4,), jnp.int32)
                    ).lower(lowering_platforms=("cuda",)).as_text()
   assert "fdjax_decode" in text
-  pre = jax.jit(functools.partial(pk.prefill_attention, sm_scale=0.1, mode=mode))
+  pre = jax.jit(functools.partial(pk.prefill_attention, sm_scale=0.1, mode=mode, **extra))
   text = pre.trace(spec((2, 300, hq, 128), bf), spec((2, 300, hkv, 128), bf),
                    spec((2, 300, hkv, 128), bf), spec((2,), jnp.int32)
                    ).lower(lowering_platforms=("cuda",)).as_text()

@@ -17,8 +17,13 @@ HF_BASE = dict(model_type="llama", vocab_size=50, hidden_size=32, intermediate_s
                rms_norm_eps=1e-5, max_position_embeddings=64)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(position_encoding="none"),
-                                       dict(tie_word_embeddings=True, qkv_bias=True)])
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(position_encoding="none"), dict(tie_word_embeddings=True, qkv_bias=True),
+    dict(qk_norm=True, norm_offset=1.0, sandwich_norms=True, mlp_activation="gelu_tanh",
+         embed_scale=7.0, attn_scale=0.3, attn_softcap=10.0, final_softcap=20.0,
+         sliding_window=4, layer_types=("sliding_attention", "full_attention"),
+         local_rope_theta=100.0),
+    dict(fused_checkpoint=True, sliding_window=4)])
 def test_save_load_round_trip(tmp_path, overrides):
   model = tiny_model(**overrides)
   fdjax.save_pretrained(model, tmp_path)
@@ -82,7 +87,23 @@ def test_missing_shard_and_missing_config(tmp_path_factory, saved):
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(model_type="gpt2"), "unsupported model_type 'gpt2'"),
-    (dict(layer_types=["sliding_attention"]), "layer_types"),
+    (dict(model_type="gemma3"), "multimodal Gemma 3.*gemma3_text"),
+    (dict(layer_types=["chunked_attention"]), r"layer_types \['chunked_attention'\]"),
+    (dict(model_type="phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                              "short_factor": [1.0] * 4,
+                                              "long_factor": [2.0] * 4}),
+     "unsupported rope_type 'longrope'"),
+    (dict(model_type="phi3", rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                              "partial_rotary_factor": 0.75}),
+     "partial_rotary_factor"),
+    (dict(model_type="gemma3_text", hidden_activation="gelu"), "hidden_activation='gelu'"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True),
+     "use_bidirectional_attention"),
+    (dict(model_type="gemma3_text", sliding_window=8, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     "RoPE scaling of the sliding-window layers"),
+    (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
 ])
 def test_unsupported_config_features_are_refused(extra, msg):
   with pytest.raises(CheckpointError, match=msg):
@@ -97,14 +118,72 @@ def test_both_rope_spellings_read_the_same():
   assert old == new and old.rope_theta == 5e5 and old.rope_scaling_dict == scaling
 
 
-def test_sliding_window_is_enforced_not_ignored():
-  cfg = config_from_hf({**HF_BASE, "model_type": "mistral", "sliding_window": 16})
-  assert cfg.sliding_window == 16
-  model = tiny_model(sliding_window=16)
-  with pytest.raises(ValueError, match="sliding window"):
-    model(jnp.ones((1, 17), jnp.int32))
-  with pytest.raises(ValueError, match="context of 16"):
-    fdjax.generate(model, [[1] * 10], max_new_tokens=7)
+@pytest.mark.parametrize("hf,window,types", [
+    (dict(model_type="mistral", sliding_window=16), 16, None),
+    (dict(model_type="mistral", sliding_window=None), None, None),
+    (dict(model_type="phi3", sliding_window=16), 16, None),
+    (dict(model_type="llama", sliding_window=16), None, None),  # Llama's attention has none
+    (dict(model_type="qwen2", sliding_window=16), None, None),  # use_sliding_window is off
+    (dict(model_type="qwen2", sliding_window=16, use_sliding_window=True,
+          max_window_layers=1, num_hidden_layers=3), 16,
+     ("full_attention", "sliding_attention", "sliding_attention")),
+    (dict(model_type="qwen3", sliding_window=16, use_sliding_window=True,
+          max_window_layers=0), 16, None),
+    (dict(model_type="gemma3_text", sliding_window=16, num_hidden_layers=7), 16,
+     ("sliding_attention",) * 5 + ("full_attention", "sliding_attention")),
+    (dict(model_type="gemma3_text", sliding_window=16, num_hidden_layers=2,
+          sliding_window_pattern=2), 16, ("sliding_attention", "full_attention")),
+    (dict(model_type="gemma2", sliding_window=16, num_hidden_layers=2,
+          layer_types=["full_attention", "full_attention"]), None, None),
+])
+def test_which_layers_get_a_window(hf, window, types):
+  """Each family's rule for which layers are windowed, as its transformers model applies it."""
+  cfg = config_from_hf({**HF_BASE, **hf})
+  assert (cfg.sliding_window, cfg.layer_types) == (window, types)
+
+
+def test_gemma3_older_config_spelling_reads_the_same():
+  base = {**HF_BASE, "model_type": "gemma3_text", "sliding_window": 16, "num_hidden_layers": 6}
+  new = config_from_hf({**base, "rope_parameters": {
+      "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+  old = config_from_hf({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+  assert old == new
+  assert new.rope(0) == (1e4, None) and new.rope(5) == (1e6, {"rope_type": "linear",
+                                                              "factor": 8.0})
+  assert new.embed_scale == 32 ** 0.5 and new.attn_scale == 256 ** -0.5 and new.qk_norm
+
+
+def test_a_sliding_window_is_attention_to_the_last_w_tokens():
+  """One layer, window 5: the logits at position i depend on tokens i-4..i only (changing
+  token 0 changes positions 0-4 and nothing after), with and without the cache."""
+  model = tiny_model(sliding_window=5, num_layers=1)
+  ids = np.random.default_rng(3).integers(1, 97, (1, 12))
+  other = ids.copy()
+  other[0, 0] = 0
+  a, b = (np.asarray(model(jnp.asarray(x))) for x in (ids, other))
+  changed = np.max(np.abs(a - b), axis=-1)[0] > 1e-6
+  assert changed.tolist() == [True] * 5 + [False] * 7
+  # generation far past the window: the paged decode and chunked prefill agree with the
+  # plain forward pass of the whole sequence
+  out = fdjax.generate(model, [ids[0].tolist()], max_new_tokens=20, page_size=4,
+                       prefill_chunk=3).tokens[0]
+  seq = jnp.asarray([ids[0].tolist() + out])
+  assert np.argmax(np.asarray(model(seq))[0, 11:-1], -1).tolist() == out
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (dict(layer_types=("sliding_attention", "full_attention")), "sliding_window is not set"),
+    (dict(layer_types=("full_attention",)), "1 entries for 2 layers"),
+    (dict(sliding_window=0), "sliding_window must be a positive integer"),
+    (dict(sliding_window=4, position_encoding="cope"), "CoPE attention with a sliding window"),
+    (dict(mlp_activation="relu"), "unknown mlp_activation 'relu'"),
+    (dict(final_softcap=-1.0), "final_softcap must be a positive number"),
+])
+def test_bad_family_settings_are_refused(overrides, msg):
+  with pytest.raises(ValueError, match=msg):
+    tiny_model(**overrides)
 
 
 def test_unknown_fdjax_config_key():

@@ -16,6 +16,9 @@ import fdjax  # noqa: E402
 VOCAB = 211
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+W = 8  # the sliding window of the windowed configs: prompts and generations run past it
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 
 FAMILIES = {
     "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
@@ -26,7 +29,34 @@ FAMILIES = {
                 dict(num_key_value_heads=1, sliding_window=4096)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # every layer windowed: pages before the window are given back during generation
+    "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                       dict(num_key_value_heads=2, sliding_window=W)),
+    # the layers from max_window_layers on are windowed
+    "qwen2-window": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                     dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=W,
+                          max_window_layers=1)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(num_key_value_heads=2, head_dim=16)),
+    "qwen3-tied": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+                   dict(num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
+    # a local (windowed, RoPE base 1e4) and a global layer (1e6, linear scaling), the query
+    # scale, final soft-capping (transformers' Gemma 3 attention applies no soft-capping)
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=W,
+                    layer_types=["sliding_attention", "full_attention"], rope_parameters=GEMMA3_ROPE,
+                    query_pre_attn_scalar=24, final_logit_softcapping=30.0)),
+    # Gemma 2: no q/k norms, alternating windowed layers, attention soft-capping (strong)
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=W,
+                    query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                    final_logit_softcapping=5.0)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(num_key_value_heads=2, sliding_window=W, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)),
 }
+VARIANTS = {"llama3-old-rope-keys": "llama3"}
+WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3"]
 
 
 def _old_style_rope(path):
@@ -41,13 +71,18 @@ def _old_style_rope(path):
     json.dump(cfg, fh)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES) + ["llama3-old-rope-keys"])
-def pair(request, tmp_path_factory):
-  name = request.param
-  cfg_cls, model_cls, extra = FAMILIES[name.split("-")[0]]
+_BUILT = {}
+
+
+def _build(name, tmp_path_factory):
+  """(name, checkpoint path, the transformers model, fdjax's load of it), made once."""
+  if name in _BUILT:
+    return _BUILT[name]
+  cfg_cls, model_cls, extra = FAMILIES[VARIANTS.get(name, name)]
   torch.manual_seed(len(name))
   hf_cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, max_position_embeddings=128, **extra)
+                   num_attention_heads=4, max_position_embeddings=128,
+                   attn_implementation="eager", **extra)
   hf = model_cls(hf_cfg).eval()
   with torch.no_grad():
     for p in hf.parameters():  # larger than the default init, so logits are far from uniform
@@ -58,7 +93,13 @@ def pair(request, tmp_path_factory):
   hf.save_pretrained(path, max_shard_size="100KB" if name == "llama2" else "1GB")
   if name.endswith("old-rope-keys"):
     _old_style_rope(path)
-  return name, path, hf, fdjax.load_pretrained(path)
+  _BUILT[name] = name, path, hf, fdjax.load_pretrained(path)
+  return _BUILT[name]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES) + list(VARIANTS))
+def pair(request, tmp_path_factory):
+  return _build(request.param, tmp_path_factory)
 
 
 def test_sharded_checkpoint_really_sharded(pair):
@@ -69,18 +110,40 @@ def test_sharded_checkpoint_really_sharded(pair):
 
 def test_logits_match(pair):
   _, _, hf, model = pair
-  ids = np.random.default_rng(0).integers(0, VOCAB, (2, 23))
+  ids = np.random.default_rng(0).integers(0, VOCAB, (2, 23))  # 23 > W
   want = hf(torch.tensor(ids)).logits.detach().numpy()
   got = np.asarray(model(jnp.asarray(ids)))
   assert np.all(np.isfinite(got))
   assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 
+def _hf_greedy(hf, prompts, n):
+  return [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n)[0, len(p):].tolist()
+          for p in prompts]
+
+
 def test_greedy_generation_token_for_token(pair):
   _, _, hf, model = pair
   rng = np.random.default_rng(1)
-  prompts = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 12)]
+  prompts = [rng.integers(0, VOCAB, n).tolist() for n in (7, 3, 12)]  # 12 + 10 > W
   ours = fdjax.generate(model, prompts, max_new_tokens=10).tokens
-  for prompt, got in zip(prompts, ours):
-    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10)
-    assert got == out[0, len(prompt):].tolist()
+  assert ours == _hf_greedy(hf, prompts, 10)
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_generation_far_past_the_window_on_few_pages(name, tmp_path_factory):
+  """Pages of 4 tokens, a prompt prefilled 5 tokens at a time, four windows of new tokens;
+  where every layer is windowed the 45-token sequence (12 pages) lives in a pool of 5, its
+  pages given back as it goes, and the pool is whole again afterwards."""
+  _, _, hf, model = _build(name, tmp_path_factory)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, VOCAB, n).tolist() for n in (13, 2)]
+  every = model.config.windowed is not None
+  assert every == (name in ("mistral-window", "phi3"))
+  kv = fdjax.KVStore.for_model(model, num_pages=5 if every else 16, page_size=4)
+  ours = fdjax.generate(model, prompts[:1], max_new_tokens=4 * W, kv=kv, prefill_chunk=5)
+  assert ours.tokens == _hf_greedy(hf, prompts[:1], 4 * W)
+  kv.pool.check()
+  assert kv.pool.pages_in_use == 0 and kv.pool.pages_available == kv.pool.num_pages
+  both = fdjax.generate(model, prompts, max_new_tokens=3 * W, page_size=4).tokens
+  assert both == _hf_greedy(hf, prompts, 3 * W)

@@ -67,6 +67,39 @@ def test_paged_decode_equals_decode_on_the_gathered_cache(hq, hkv, dtype):
       assert np.max(np.abs(np.asarray(got, np.float64) - want64)) <= 2 * base + 1e-6
 
 
+@pytest.mark.parametrize("dtype,heads,window", [(jnp.float32, (8, 2), 20),
+                                                (jnp.bfloat16, (4, 4), 9)])
+def test_paged_decode_with_a_window_needs_no_page_before_it(dtype, heads, window):
+  """Pages wholly before each row's window given back (NO_PAGE in the table): the kernel
+  and the XLA path still give the windowed attention of the contiguous cache; the kernel
+  does not even read those pages (filled with NaN, they change nothing)."""
+  rng = np.random.default_rng(window)
+  q, kp, vp, table, n, kf, vf = _paged_case(rng, *heads, dtype, LENGTHS)
+  gone = np.zeros(table.shape, bool)
+  for i, length in enumerate(LENGTHS):
+    gone[i, :max(0, length - window) // PS] = True  # pages wholly before the window
+  assert gone.sum() >= 2
+  nan_pages = np.unique(np.asarray(table)[gone])
+  nan_pages = nan_pages[~np.isin(nan_pages, np.asarray(table)[~gone])]  # not still in use
+  assert nan_pages.size
+  table = jnp.where(jnp.asarray(gone), kv_cache.NO_PAGE, table)
+  scale = D ** -0.5
+  want = np_decode_attention(*[np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                               for x in (q, kf, vf)], np.asarray(n), scale, window)
+  xla = dispatch.paged_decode_attention(q, kp, vp, table, n, window=window, impl="xla")
+  kp, vp = (x.at[nan_pages].set(jnp.nan) for x in (kp, vp))
+  kern = dk.paged_decode_attention(q, kp, vp, table, n, sm_scale=scale, window=window,
+                                   interpret=True, settings=dk.Settings(num_splits=2))
+  if dtype == jnp.float32:
+    assert rel_err(kern, want) < 1e-5 and rel_err(xla, want) < 1e-5
+  else:
+    naive = reference.decode_attention(q, kf, vf, n, scale, window=window, plain=True)
+    base = np.max(np.abs(np.asarray(naive, np.float64) - want))
+    for got in (kern, xla):
+      assert np.all(np.isfinite(np.asarray(got, np.float32)))
+      assert np.max(np.abs(np.asarray(got, np.float64) - want)) <= 2 * base + 1e-6
+
+
 @pytest.mark.parametrize("case", ["scores_x1e4", "phi_far_too_low"])
 def test_paged_decode_guard_recomputes_and_stays_finite(case):
   rng = np.random.default_rng(3)
@@ -197,18 +230,65 @@ def test_running_out_of_pages_is_a_clear_error_and_leaks_nothing():
     fdjax.generate(tiny_model(seed=1), [[1]], max_new_tokens=2, kv=kv)
 
 
+def test_pages_before_a_window_are_given_back_and_never_cached():
+  pool = paging.PagePool(6, 4)
+  pages, _ = pool.allocate(list(range(5)), 1)  # lazily: one page now
+  assert len(pages) == 1
+  pool.grow(pages, 14)
+  assert len(pages) == 4 and pool.pages_available == 2
+  assert pool.drop_leading(pages, 2) == 2 and pages[:2] == [kv_cache.NO_PAGE] * 2
+  assert pool.drop_leading(pages, 3) == 1  # the first two are gone already
+  pool.grow(pages, 24)  # pages 4 and 5 of the sequence, from the ones given back
+  assert len(pages) == 6 and pool.pages_available == 3
+  with pytest.raises(paging.PoolExhausted, match="growing to 44 tokens needs 5 more pages; "
+                     "3 of 6"):
+    pool.grow(pages, 44)
+  pool.finish(pages, list(range(24)))  # its first page is gone: no prefix is cached
+  assert not pool.cached and pool.pages_available == 6
+  pool.check()
+
+
+def test_a_windowed_model_generates_far_past_its_pool():
+  """Window 16, pages of 4, a pool of 7 pages (28 tokens): 200-token sequences, ragged, in
+  chunks; tokens equal the whole sequence's own greedy choices, and the pool ends whole."""
+  model = tiny_model(seed=12, head_dim=16, sliding_window=16)
+  assert model.config.windowed == 16
+  kv = paging.KVStore.for_model(model, num_pages=2 * 7, page_size=4)
+  prompts = [list(range(1, 40)), [3, 1, 4]]
+  out = fdjax.generate(model, prompts, max_new_tokens=160, kv=kv, prefill_chunk=8).tokens
+  for p, got in zip(prompts, out):
+    seq = jnp.asarray([p + got])
+    assert np.argmax(np.asarray(model(seq))[0, len(p) - 1:-1], -1).tolist() == got
+  kv.pool.check()
+  assert kv.pool.pages_available == kv.pool.num_pages
+  small = paging.KVStore.for_model(model, num_pages=5, page_size=4)
+  with pytest.raises(paging.PoolExhausted):  # a window's worth of pages per row is needed
+    fdjax.generate(model, prompts, max_new_tokens=20, kv=small)
+  small.pool.check()  # it failed midway: its pages are back, its pools still usable
+  assert small.pool.pages_available == 5
+  assert fdjax.generate(model, [[3, 1, 4]], max_new_tokens=4, kv=small).tokens == [out[1][:4]]
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["start", "end", "cancel"]),
+@given(st.lists(st.tuples(st.sampled_from(["start", "end", "cancel", "window"]),
                           st.integers(0, 3), st.integers(1, 70)), max_size=40))
 def test_page_pool_never_leaks_nor_double_books(ops):
   """Sequences start (sharing prompt prefixes drawn from 4 families), end (their pages
-  enter the prefix cache) or are cancelled; afterwards every page is back in the pool, and
-  meanwhile no page is held by two sequences unless it is a cached prefix page."""
+  enter the prefix cache), are cancelled, or move on under a sliding window (grow, give back
+  their first pages); afterwards every page is back in the pool, and meanwhile no page is
+  held by two sequences unless it is a cached prefix page."""
   pool = paging.PagePool(24, 8)
   families = [list(range(f * 100, f * 100 + 80)) for f in range(4)]
   live = []
   for op, family, length in ops:
-    if op == "start":
+    if op == "window" and live:  # a windowed sequence moves on: grows, gives back its head
+      pages, prompt = live[family % len(live)]
+      try:
+        pool.grow(pages, len(pages) * 8 + length % 9)
+      except paging.PoolExhausted:
+        pass
+      pool.drop_leading(pages, length % 4)
+    elif op == "start":
       prompt = families[family][:length]
       try:
         pages, cached = pool.allocate(prompt, length + 5)
@@ -226,7 +306,8 @@ def test_page_pool_never_leaks_nor_double_books(ops):
     owners = {}
     for pages, _ in live:
       for p in pages:
-        owners[p] = owners.get(p, 0) + 1
+        if p != kv_cache.NO_PAGE:
+          owners[p] = owners.get(p, 0) + 1
     for p, count in owners.items():
       assert count == pool.refs[p]
       assert count == 1 or p in pool.key_of  # shared only as a cached prefix page
