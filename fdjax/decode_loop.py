@@ -19,7 +19,7 @@ from flax import nnx
 
 from fdjax import dispatch, paging
 from fdjax import kv_cache as kvc
-from fdjax.sampling import Sampler, sample
+from fdjax.sampling import Sampler, sample, sample_rows
 
 # How many times each jitted function was traced (tests use it to check that bucketing
 # avoids recompiles).
@@ -45,12 +45,23 @@ class GenerationResult:
     return produced / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
+def pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def pack(pieces, rows: int, width: int):
+  """Ragged token lists as (ids [rows, width] int32, right-padded with 0; n [rows], each
+  list's length; rows past the lists are empty)."""
+  ids = np.zeros((rows, width), np.int32)
+  n = np.zeros((rows,), np.int32)
+  for i, piece in enumerate(pieces):
+    ids[i, :len(piece)] = piece
+    n[i] = len(piece)
+  return ids, n
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnums=(4, 5))
-def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl):
+def prefill_step(graphdef, state, ids, n, cache, last, *, impl):
   """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache;
   `last` keeps each row's logits at its latest token."""
   TRACE_COUNT["prefill"] += 1
@@ -60,34 +71,49 @@ def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl):
   return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
 
 
+def _pick(logits, key, sampler, rows, positions):
+  """The next token of every row: one static Sampler for all, or each row's own (rows, a
+  sampling.RowSampling, drawing the token at positions[b])."""
+  if rows is None:
+    return sample(logits, key, sampler)
+  return sample_rows(logits, rows, positions)
+
+
 @functools.partial(jax.jit, static_argnames=("sampler",))
-def _first_token(logits, key, *, sampler):
+def first_token(logits, key, rows=None, positions=None, *, sampler=None):
+  """The token after the prompt, from the prefill's last logits."""
+  TRACE_COUNT["first"] += 1
   key, sub = jax.random.split(key)
-  return sample(logits, sub, sampler), key
+  return _pick(logits, sub, sampler, rows, positions), key
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "out_len", "impl"),
                    donate_argnums=(3,))
-def _decode(graphdef, state, first, cache, key, eos_ids, max_new, active, *, sampler, out_len,
-            impl):
+def decode_steps(graphdef, state, first, cache, key, eos_ids, max_new, active, rows=None, *,
+                 sampler=None, out_len, impl):
+  """Decode steps on device after each row's token `first` (its K/V not yet in the cache):
+  out[:, 0] = first, then one token per step until a row's EOS or its max_new[b] tokens
+  (max_new: a scalar or one per row, `first` counted), for rows with `active` set, until
+  every row is done. Returns (out [B, out_len], -1 past each row's end; steps; cache)."""
   TRACE_COUNT["decode"] += 1
   model = nnx.merge(graphdef, state)
   b = first.shape[0]
+  max_new = jnp.broadcast_to(max_new, (b,))
   out = jnp.full((b, out_len), -1, jnp.int32).at[:, 0].set(first)
-  done = ~active | jnp.isin(first, eos_ids)
+  done = ~active | jnp.isin(first, eos_ids) | (max_new <= 1)
 
   def cond(carry):
     step, _, done, _, _, _ = carry
-    return (step < max_new) & ~jnp.all(done)
+    return (step < jnp.max(max_new)) & ~jnp.all(done)
 
   def body(carry):
     step, out, done, tok, cache, key = carry
     with dispatch.using(impl):
       logits, cache = model(tok[:, None], cache=cache)
     key, sub = jax.random.split(key)
-    nxt = sample(logits[:, 0], sub, sampler)
+    nxt = _pick(logits[:, 0], sub, sampler, rows, cache.lengths)
     out = out.at[:, step].set(jnp.where(done, -1, nxt))
-    done = done | jnp.isin(nxt, eos_ids)
+    done = done | jnp.isin(nxt, eos_ids) | (step + 1 >= max_new)
     return step + 1, out, done, jnp.where(done, 0, nxt), cache, key
 
   step, out, _, _, cache, _ = jax.lax.while_loop(
@@ -146,10 +172,10 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                      f"the model's context of {limit} tokens")
   if kv is None:
     pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
-    kv = paging.KVStore(cfg, _pow2(pages), page_size, model.dtype)
+    kv = paging.KVStore(cfg, pow2(pages), page_size, model.dtype)
   kv.check_for(model)
 
-  b, bp = len(prompts), _pow2(len(prompts))
+  b, bp = len(prompts), pow2(len(prompts))
   rows = []
   try:
     for p in prompts:
@@ -176,33 +202,27 @@ def _run(model, kv, prompts, rows, bp, max_new_tokens, sampler, eos, seed, prefi
   cfg = model.config
   graphdef, state = nnx.split(model)
   impl = dispatch.current()
-  table = np.full((bp, _pow2(max(len(pages) for pages, _ in rows))), kvc.NO_PAGE, np.int32)
+  table = paging.page_table([pages for pages, _ in rows], bp,
+                            pow2(max(len(pages) for pages, _ in rows)))
   cached = np.zeros((bp,), np.int32)
-  for i, (pages, n_cached) in enumerate(rows):
-    table[i, :len(pages)] = pages
-    cached[i] = n_cached
+  cached[:len(rows)] = [n_cached for _, n_cached in rows]
   todo = [list(p)[n_cached:] for p, (_, n_cached) in zip(prompts, rows)]
-  chunk = prefill_chunk or _pow2(max(len(t) for t in todo), 16)
+  chunk = prefill_chunk or pow2(max(len(t) for t in todo), 16)
   cache = kvc.KVCache(kv.k, kv.v, jnp.asarray(table), jnp.asarray(cached))
   last = jnp.zeros((bp, cfg.vocab_size), jnp.float32)
 
   t0 = time.perf_counter()
   for c in range(0, max(len(t) for t in todo), chunk):
-    ids = np.zeros((bp, chunk), np.int32)
-    n = np.zeros((bp,), np.int32)
-    for i, t in enumerate(todo):
-      piece = t[c:c + chunk]
-      ids[i, :len(piece)] = piece
-      n[i] = len(piece)
-    cache, last = _prefill_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache, last,
-                                 impl=impl)
-  first, key = _first_token(last, jax.random.key(seed), sampler=sampler)
+    ids, n = pack([t[c:c + chunk] for t in todo], bp, chunk)
+    cache, last = prefill_step(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache, last,
+                               impl=impl)
+  first, key = first_token(last, jax.random.key(seed), sampler=sampler)
   first.block_until_ready()
   t1 = time.perf_counter()
-  out, steps, cache = _decode(graphdef, state, first, cache, key,
-                              jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
-                              jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
-                              out_len=_pow2(max_new_tokens), impl=impl)
+  out, steps, cache = decode_steps(graphdef, state, first, cache, key,
+                                   jnp.asarray(eos or [-1], jnp.int32), jnp.int32(max_new_tokens),
+                                   jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
+                                   out_len=pow2(max_new_tokens), impl=impl)
   out = np.asarray(out)
   t2 = time.perf_counter()
   kv.k, kv.v = cache.k, cache.v
