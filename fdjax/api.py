@@ -111,14 +111,19 @@ class ChatRequest(_Sampling):
 
 
 def parse(kind: type[_Sampling], body: bytes) -> _Sampling:
-  """The request body as `kind`, or ApiError 400 naming the first field at fault."""
+  """The request body as `kind`, or ApiError 400 naming the first field at fault. A field
+  sent as null takes its default, as OpenAI's API does."""
+  try:
+    data = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+  if isinstance(data, dict):
+    body = json.dumps({k: v for k, v in data.items() if v is not None})
   try:
     return kind.model_validate_json(body)
   except ValidationError as e:
     err = e.errors()[0]
     loc = [str(part) for part in err["loc"]]
-    if err["type"] == "json_invalid":
-      raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
     if not loc:
       raise ApiError(400, "the request body must be a JSON object") from None
     where = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]

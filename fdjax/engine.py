@@ -154,7 +154,6 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self.iterations = 0
-    self.error: BaseException | None = None
 
   # ------------------------------------------------------------------ public API
 
@@ -194,8 +193,8 @@ class Engine:
     are waiting already; once it returns, the request will get a final event."""
     self.check(req)
     with self._cv:
-      if self._stopping or self.error is not None:
-        raise RuntimeError("the engine is not running")
+      if self._stopping:
+        raise RuntimeError("the engine has stopped")
       if self.queue_length >= self.max_queue:
         raise QueueFull(f"the queue is full ({self.queue_length} requests waiting, "
                         f"max_queue={self.max_queue}); retry later")
@@ -227,7 +226,7 @@ class Engine:
 
   @property
   def alive(self) -> bool:
-    return self._thread is not None and self._thread.is_alive() and self.error is None
+    return self._thread is not None and self._thread.is_alive()
 
   def idle(self) -> bool:
     return not self._inbox and not self.waiting and not self.active
@@ -422,7 +421,7 @@ class Engine:
     req.searched = len(req.text)
     return min(hits) if hits else None
 
-  def _finish(self, req, reason, delta="", count=0, now=None, error=None, gap=0.0):
+  def _finish(self, req, reason, delta="", count=0, now=None, gap=0.0):
     if req.state == "done":
       return
     if req in self.active:
@@ -430,7 +429,7 @@ class Engine:
       self.kv.pool.finish(req.pages, (req.prompt + req.tokens)[:req.cached_len])
     req.state, req.finish_reason = "done", reason
     self._emit(req, Event(delta, count, reason, len(req.prompt), len(req.tokens),
-                          now or time.perf_counter(), gap, error))
+                          now or time.perf_counter(), gap))
 
   def _emit(self, req, event):
     try:

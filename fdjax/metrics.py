@@ -1,6 +1,6 @@
 """Prometheus metrics of `fdjax serve` (GET /metrics): requests and tokens by how they ended,
-the queue, the running batch, KV pages in use, prefix-cache hits, time to first token and
-inter-token latency.
+the queue, the running batch, KV pages in use, prefix-cache hits, the programs traced so
+far (a recompile shows as a change), time to first token and inter-token latency.
 
 `record` is called with every engine event, on the engine's thread, so each request is
 counted once when it ends, whatever its client did. Latencies are measured where the
@@ -9,6 +9,8 @@ latency as the time since the request's previous tokens spread over the tokens t
 (several decode steps per host round trip arrive together).
 """
 from __future__ import annotations
+
+from fdjax import decode_loop
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
@@ -39,7 +41,10 @@ class Metrics:
               "fdjax_kv_pages_in_use": ("KV-cache pages referenced by requests.",
                                         lambda: engine.kv.pool.pages_in_use),
               "fdjax_kv_pages_total": ("KV-cache pages in the pool.",
-                                       lambda: engine.kv.pool.num_pages)}
+                                       lambda: engine.kv.pool.num_pages),
+              "fdjax_traced_programs": ("Device programs traced (compiled) so far; steady "
+                                        "under a steady load.",
+                                        lambda: sum(decode_loop.TRACE_COUNT.values()))}
     for name, (doc, fn) in gauges.items():
       Gauge(name, doc, registry=r).set_function(fn)
     self.ttft = Histogram("fdjax_time_to_first_token_seconds", "From submission to the first "

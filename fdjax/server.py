@@ -64,6 +64,8 @@ class _EventStream:
     finally:
       for t in tasks:
         t.cancel()
+        if t.done() and not t.cancelled():
+          t.exception()  # a send to a client that has gone: nothing more to do
       self.on_close()
 
 
