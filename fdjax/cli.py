@@ -202,7 +202,7 @@ def build_parser():
   bn = sub.add_parser("bench", help="run a benchmark from bench/ (gpu: the whole GPU suite, "
                       "check: every kernel against the reference, e2e, attention, gemm, ...)")
   bn.add_argument("name", choices=["gpu", "check", "e2e", "attention", "gemm", "decode",
-                                   "cope_tasks"])
+                                   "cope_tasks", "serve"])
   bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
   bn.set_defaults(fn=cmd_bench)
   return parser
