@@ -103,11 +103,31 @@ def cmd_bench(args):
   runpy.run_path(script, run_name="__main__")
 
 
+def cmd_serve(args):
+  from fdjax import server
+  server.check_dependencies()
+  import jax.numpy as jnp
+  server.serve(args.model, host=args.host, port=args.port,
+               served_model_name=args.served_model_name,
+               dtype=None if args.dtype is None else jnp.dtype(args.dtype),
+               quantize=args.quantize, warmup=args.warmup,
+               log_level=args.log_level, max_batch=args.max_batch, max_queue=args.max_queue,
+               page_size=args.page_size, num_pages=args.num_pages,
+               max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
+               steps_per_call=args.steps_per_call)
+
+
 def _model_args(p):
   p.add_argument("--model", help="model directory (Hugging Face or fdjax checkpoint)")
   p.add_argument("--preset", help="a named random-weight model shape instead of --model")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--seed", type=int, default=0)
+
+
+def _quantize_arg(p):
+  p.add_argument("--quantize", choices=["int8", "int4"],
+                 help="weight-only quantization of the linear layers (at load; a checkpoint "
+                 "saved quantized is used as it is)")
 
 
 def build_parser():
@@ -126,12 +146,35 @@ def build_parser():
   g.add_argument("--page-size", type=int, default=64, help="KV-cache page size in tokens")
   g.add_argument("--prefill-chunk", type=int, help="prefill the prompt this many tokens at a "
                  "time (default: at once)")
-  g.add_argument("--quantize", choices=["int8", "int4"],
-                 help="weight-only quantization of the linear layers (at load; a checkpoint "
-                 "saved quantized is used as it is)")
+  _quantize_arg(g)
   g.add_argument("--command-buffers", action="store_true",
                  help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
   g.set_defaults(fn=cmd_generate)
+  s = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, "
+                     "streaming, chat templates)")
+  s.add_argument("--model", help="model directory (default: the bundled model)")
+  s.add_argument("--host", default="127.0.0.1")
+  s.add_argument("--port", type=int, default=8000)
+  s.add_argument("--served-model-name", help="the name clients pass as `model` (default: "
+                 "the directory's name; fdjax-default for the bundled model)")
+  s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+  _quantize_arg(s)
+  s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+  s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the "
+                 "batch; more are refused with 429")
+  s.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens")
+  s.add_argument("--num-pages", type=int, help="KV-cache pages (default: max-batch full "
+                 "contexts)")
+  s.add_argument("--max-model-len", type=int, help="context per request (default: the "
+                 "model's)")
+  s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per prefill "
+                 "step")
+  s.add_argument("--steps-per-call", type=int, default=8, help="decode steps per host round "
+                 "trip when no request waits")
+  s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
+                 "before serving")
+  s.add_argument("--log-level", default="info")
+  s.set_defaults(fn=cmd_serve)
   c = sub.add_parser("calibrate", help="choose the async softmax's phi per layer")
   c.add_argument("--model", required=True)
   c.add_argument("--num-prompts", type=int, default=4)
@@ -177,9 +220,11 @@ def build_parser():
   tr.set_defaults(fn=cmd_train)
   bn = sub.add_parser("bench", help="run a benchmark from bench/ (gpu: the whole GPU suite, "
                       "check: every kernel against the reference, kernels: every kernel's "
-                      "registers and shared memory compiled for the H100, e2e, ...)")
+                      "registers and shared memory compiled for the H100, serve: the server "
+                      "under load, e2e, ...)")
   bn.add_argument("name", choices=["gpu", "check", "kernels", "e2e", "attention", "gemm",
-                                   "decode", "cope_tasks"])
+                                   "decode", "cope_tasks", "serve", "quantization",
+                                   "paged_memory"])
   bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
   bn.set_defaults(fn=cmd_bench)
   return parser

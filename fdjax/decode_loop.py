@@ -25,7 +25,7 @@ from flax import nnx
 
 from fdjax import dispatch, paging
 from fdjax import kv_cache as kvc
-from fdjax.sampling import Sampler, sample
+from fdjax.sampling import Sampler, sample, sample_rows
 
 # How many times each jitted function was traced (tests use it to check that bucketing
 # avoids recompiles).
@@ -51,13 +51,24 @@ class GenerationResult:
     return produced / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
+def pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def pack(pieces, rows: int, width: int):
+  """Ragged token lists as (ids [rows, width] int32, right-padded with 0; n [rows], each
+  list's length; rows past the lists are empty)."""
+  ids = np.zeros((rows, width), np.int32)
+  n = np.zeros((rows,), np.int32)
+  for i, piece in enumerate(pieces):
+    ids[i, :len(piece)] = piece
+    n[i] = len(piece)
+  return ids, n
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "target"),
                    donate_argnums=(4, 5))
-def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl, target):
+def prefill_step(graphdef, state, ids, n, cache, last, *, impl, target=None):
   """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache;
   `last` keeps each row's logits at its latest token."""
   TRACE_COUNT["prefill"] += 1
@@ -67,21 +78,43 @@ def _prefill_chunk(graphdef, state, ids, n, cache, last, *, impl, target):
   return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
 
 
-@functools.partial(jax.jit, static_argnames=("sampler", "out_len"))
-def _first_token(logits, key, eos_ids, active, *, sampler, out_len):
-  """Every row's first new token, from its prompt's last logits: the decode loop's starting
-  state (step, tokens out, done, last token, key)."""
-  key, sub = jax.random.split(key)
-  first = sample(logits, sub, sampler)
+def _pick(logits, key, sampler, rows, positions):
+  """The next token of every row: one static Sampler for all, or each row's own (rows, a
+  sampling.RowSampling, drawing the token at positions[b])."""
+  if rows is None:
+    return sample(logits, key, sampler)
+  return sample_rows(logits, rows, positions)
+
+
+def start(first, key, eos_ids, active, max_new, *, out_len):
+  """The decode loop's state after each row's token `first` (its K/V not yet in the cache):
+  (step, tokens out [B, out_len] with out[:, 0] = first, done, last token, key). A row is
+  done from the start when not `active`, at EOS, or when max_new (a scalar or one per row,
+  `first` counted) is 1."""
   out = jnp.full((first.shape[0], out_len), -1, jnp.int32).at[:, 0].set(first)
-  return jnp.int32(1), out, ~active | jnp.isin(first, eos_ids), first, key
+  done = ~active | jnp.isin(first, eos_ids) | (max_new <= 1)
+  return jnp.int32(1), out, done, first, key
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "out_len"))
+def first_token(logits, key, eos_ids, active, max_new, rows=None, positions=None, *,
+                sampler=None, out_len):
+  """Every row's first new token, from its prompt's last logits (one `sampler` for all, or
+  each row's own `rows` drawing at `positions`): the decode loop's starting state."""
+  TRACE_COUNT["first"] += 1
+  key, sub = jax.random.split(key)
+  return start(_pick(logits, sub, sampler, rows, positions), key, eos_ids, active, max_new,
+               out_len=out_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "impl", "target"),
                    donate_argnums=(3,))
-def _decode(graphdef, state, carry, cache, eos_ids, stop, *, sampler, impl, target):
-  """Decode steps on device until `stop` tokens are out or every row is done; returns the
-  state to go on from and the cache."""
+def decode_steps(graphdef, state, carry, cache, eos_ids, max_new, stop, rows=None, *,
+                 sampler=None, impl, target=None):
+  """Decode steps on device from `carry` (start's state) until `stop` tokens are out or every
+  row is done (at EOS or its max_new tokens: a scalar or one per row); one `sampler` for all
+  rows, or each row's own `rows` (sampling.RowSampling). Returns the state to go on from and
+  the cache."""
   TRACE_COUNT["decode"] += 1
   model = nnx.merge(graphdef, state)
 
@@ -94,9 +127,9 @@ def _decode(graphdef, state, carry, cache, eos_ids, stop, *, sampler, impl, targ
     with dispatch.using(impl), dispatch.lowering_for(target):
       logits, cache = model(tok[:, None], cache=cache)
     key, sub = jax.random.split(key)
-    nxt = sample(logits[:, 0], sub, sampler)
+    nxt = _pick(logits[:, 0], sub, sampler, rows, cache.lengths)
     out = out.at[:, step].set(jnp.where(done, -1, nxt))
-    done = done | jnp.isin(nxt, eos_ids)
+    done = done | jnp.isin(nxt, eos_ids) | (step + 1 >= max_new)
     return step + 1, out, done, jnp.where(done, 0, nxt), cache, key
 
   step, out, done, tok, key = carry
@@ -146,9 +179,9 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
   if need > cfg.max_position_embeddings:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                      f"the model's context of {cfg.max_position_embeddings} tokens")
-  pages = _pow2(_pages(need, page_size))
-  return Buckets(batch=_pow2(batch), pages=pages, out=_pow2(max_new_tokens),
-                 chunk=min(prefill_chunk or _pow2(longest, 16), pages * page_size))
+  pages = pow2(_pages(need, page_size))
+  return Buckets(batch=pow2(batch), pages=pages, out=pow2(max_new_tokens),
+                 chunk=min(prefill_chunk or pow2(longest, 16), pages * page_size))
 
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -182,7 +215,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     pages = sum(_pages(len(p) + max_new_tokens, page_size) if window is None else
                 min(_pages(len(p) + max_new_tokens, page_size),
                     live_pages(window, at_once, page_size)) for p in prompts)
-    kv = paging.KVStore(cfg, _pow2(pages), page_size, model.dtype)
+    kv = paging.KVStore(cfg, pow2(pages), page_size, model.dtype)
   kv.check_for(model)
 
   b = len(prompts)
@@ -231,14 +264,13 @@ class _Pages:
     """The page table [bp, width] for rows with `lengths` tokens cached about to write up to
     `upto` tokens (windowed only; a row given None as upto does not grow)."""
     pool, ps = self.kv.pool, self.kv.page_size
-    table = np.full((self.bp, self.width), kvc.NO_PAGE, np.int32)
-    for i, (pages, _) in enumerate(self.rows):
-      if self.window is not None and lengths is not None:
+    if self.window is not None and lengths is not None:
+      for i, (pages, _) in enumerate(self.rows):
         pool.drop_leading(pages, max(0, (int(lengths[i]) - self.window + 1) // ps))
         if upto[i] is not None:
           pool.grow(pages, min(int(upto[i]), self.totals[i]))
-      table[i, :len(pages)] = pages
-    return jnp.asarray(table)
+    return jnp.asarray(paging.page_table([pages for pages, _ in self.rows], self.bp,
+                                         self.width))
 
 
 def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, window):
@@ -261,21 +293,17 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   t0 = time.perf_counter()
   try:  # the calls donate the pools: kv keeps the ones they returned, even after a failure
     for c in range(0, max(len(t) for t in todo), chunk):
-      ids = np.zeros((bp, chunk), np.int32)
-      n = np.zeros((bp,), np.int32)
-      for i, t in enumerate(todo):
-        piece = t[c:c + chunk]
-        ids[i, :len(piece)] = piece
-        n[i] = len(piece)
+      ids, n = pack([t[c:c + chunk] for t in todo], bp, chunk)
       if window is not None:
         before = cached + np.minimum(c, left)
         cache = cache._replace(page_table=pages.table(before, before + n))
-      cache, last = _prefill_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache,
+      cache, last = prefill_step(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache,
                                    last, **static)
     eos_ids = jnp.asarray(eos or [-1], jnp.int32)
-    carry = _first_token(last, jax.random.key(seed), eos_ids,
-                         jnp.asarray(np.arange(bp) < len(prompts)), sampler=sampler,
-                         out_len=shapes.out)
+    max_new = jnp.int32(max_new_tokens)
+    carry = first_token(last, jax.random.key(seed), eos_ids,
+                        jnp.asarray(np.arange(bp) < len(prompts)), max_new, sampler=sampler,
+                        out_len=shapes.out)
     carry[3].block_until_ready()
     t1 = time.perf_counter()
     segment = max_new_tokens if window is None else kv.page_size
@@ -285,8 +313,8 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
         cache = cache._replace(page_table=pages.table(
             lengths, [None if d else n + segment for d, n in zip(done, lengths)]))
       stop = min(max_new_tokens, int(carry[0]) + segment)
-      carry, cache = _decode(graphdef, state, carry, cache, eos_ids, jnp.int32(stop),
-                             sampler=sampler, **static)
+      carry, cache = decode_steps(graphdef, state, carry, cache, eos_ids, max_new,
+                                  jnp.int32(stop), sampler=sampler, **static)
       if stop >= max_new_tokens or bool(np.all(np.asarray(carry[2]))):
         break
     out = np.asarray(carry[1])
@@ -317,11 +345,12 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   cache = like(jax.eval_shape(lambda: kvc.KVCache(
       *kvc.empty_pages(cfg, b * shapes.pages, page_size, model.dtype),
       jnp.zeros((b, shapes.pages), jnp.int32), jnp.zeros((b,), jnp.int32))))
-  prefill = _prefill_chunk.lower(graphdef, like(state), place((b, shapes.chunk), jnp.int32),
-                                 rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)
+  prefill = prefill_step.lower(graphdef, like(state), place((b, shapes.chunk), jnp.int32),
+                               rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)
   carry = (place((), jnp.int32), place((b, shapes.out), jnp.int32), place((b,), jnp.bool_), rows,
            like(jax.eval_shape(lambda: jax.random.key(0))))
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
-  decode = _decode.lower(graphdef, like(state), carry, cache, place((1,), jnp.int32),
-                         place((), jnp.int32), sampler=sampler, **static)
+  decode = decode_steps.lower(graphdef, like(state), carry, cache, place((1,), jnp.int32),
+                              place((), jnp.int32), place((), jnp.int32), sampler=sampler,
+                              **static)
   return prefill, decode

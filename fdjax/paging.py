@@ -157,6 +157,14 @@ class PagePool:
     assert evictable <= set(self.key_of) and set(self.cached.values()) == set(self.key_of)
 
 
+def page_table(pages_per_row, rows: int, width: int) -> np.ndarray:
+  """A [rows, width] int32 page table: row i's pages (as many as fit), NO_PAGE elsewhere."""
+  table = np.full((rows, width), kvc.NO_PAGE, np.int32)
+  for i, pages in enumerate(pages_per_row):
+    table[i, :min(len(pages), width)] = pages[:width]
+  return table
+
+
 class KVStore:
   """A model's paged KV cache that outlives one `generate` call: the key and value page pools
   on the device, and their host bookkeeping (the PagePool, with its prefix cache)."""

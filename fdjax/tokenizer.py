@@ -12,8 +12,8 @@ class ByteTokenizer:
   vocab_size = 256
   eos_token_id = None
 
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return list(text.encode("utf-8"))  # no special tokens to add
 
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -26,8 +26,9 @@ class HFTokenizer:
     self.eos_token_id = eos_token_id
     self.vocab_size = tok.get_vocab_size()
 
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text).ids
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids; add_special_tokens=False for text that writes its own (a chat template's)."""
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids])
@@ -42,9 +43,12 @@ def load_tokenizer(path: str | os.PathLike):
   if not os.path.exists(file):
     raise ValueError(f"{path}: no tokenizer.json (and no byte-level tokenizer declared)")
   from tokenizers import Tokenizer
-  eos = None
-  cfg_file = os.path.join(path, "config.json")
-  if os.path.exists(cfg_file):
-    with open(cfg_file) as fh:
-      eos = json.load(fh).get("eos_token_id")
-  return HFTokenizer(Tokenizer.from_file(file), eos)
+  eos = []  # config.json's eos_token_id and generation_config.json's (an id or a list each)
+  for name in ("config.json", "generation_config.json"):
+    cfg_file = os.path.join(path, name)
+    if os.path.exists(cfg_file):
+      with open(cfg_file) as fh:
+        ids = json.load(fh).get("eos_token_id")
+      eos += [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+  eos = list(dict.fromkeys(eos))
+  return HFTokenizer(Tokenizer.from_file(file), eos[0] if len(eos) == 1 else eos or None)

@@ -182,3 +182,24 @@ def test_committed_cope_tasks_results_have_the_promised_fields():
   for r in rows:
     assert r["split"] == "id" or r["split"].startswith("ood")
     assert 0.0 <= r["error"] <= 1.0
+
+
+def test_serve_bench_smoke(tmp_path):
+  """bench/serve.py's quick form: a fdjax server process under Poisson arrivals."""
+  pytest.importorskip("openai")
+  _run("serve.py", tmp_path, "--quick", "--baseline", "none")
+  rows = _rows(tmp_path, "serve_cpu_quick")
+  assert [r["server"] for r in rows] == ["fdjax serve"]
+  assert rows[0]["failed"] == 0 and rows[0]["output_tokens_per_s"] > 0
+  assert rows[0]["same_text_as_fdjax"] == "6/6"
+
+
+def test_committed_serve_results_compare_with_transformers():
+  with open(os.path.join(ROOT, "bench", "results", "serve_cpu.json")) as fh:
+    data = json.load(fh)
+  rows = data["rows"]
+  assert data["command"].startswith("python bench/serve.py")
+  assert {r["server"] for r in rows} == {"fdjax serve", "transformers serve"}
+  fdjax_rows = [r for r in rows if r["server"] == "fdjax serve"]
+  assert len(fdjax_rows) >= 4 and all(r["failed"] == 0 for r in rows)
+  assert all(r["compiles_during_run"] == 0 for r in fdjax_rows)  # warmed up: no recompiles

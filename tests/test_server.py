@@ -1,0 +1,402 @@
+"""`fdjax serve` over HTTP: a real server (uvicorn, on 127.0.0.1 and a free port) talked to
+with the official `openai` client. Greedy completions under concurrency equal generate's,
+streams equal whole answers, stop strings, usage, chat templates as transformers renders
+them, 64 clients with disconnects (no page leaks, /metrics agrees), bad input, a full queue,
+and the README's one command."""
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import fdjax  # noqa: E402
+from fdjax import engine as eng  # noqa: E402
+from fdjax import server  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINE = dict(max_batch=16, max_queue=64, page_size=16, max_model_len=128, prefill_chunk=32,
+              steps_per_call=8)
+
+
+def _start(model, tok, template, name, lifespan="on", **engine_args):
+  engine = eng.Engine(model, tok, **{**ENGINE, **engine_args})
+  srv = server.Server(engine, tok, template, name)
+  if lifespan == "on":
+    uv, url = server.start_in_thread(srv)
+  else:  # the engine is not started: requests stay queued until the test starts it
+    uv, url = _start_without_lifespan(srv)
+  client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+  return SimpleNamespace(engine=engine, server=srv, uv=uv, url=url, client=client, tok=tok,
+                         model=model, name=name)
+
+
+def _start_without_lifespan(srv):
+  import uvicorn
+  sock = server.bind("127.0.0.1", 0)
+  uv = uvicorn.Server(uvicorn.Config(srv.app, log_level="warning", lifespan="off"))
+  threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True).start()
+  while not uv.started:
+    time.sleep(0.02)
+  return uv, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _stop(s):
+  s.uv.should_exit = True
+  s.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def default():
+  s = _start(*server.load(None))
+  yield s
+  _stop(s)
+
+
+def _metrics(s) -> dict:
+  from prometheus_client.parser import text_string_to_metric_families
+  import httpx2
+  text = httpx2.get(s.url + "/metrics").text
+  out = {}
+  for family in text_string_to_metric_families(text):
+    for sample in family.samples:
+      key = sample.name + "".join(f"[{v}]" for v in sample.labels.values() if "." not in v)
+      if "le" not in sample.labels:
+        out[key] = sample.value
+  return out
+
+
+def _wait_idle(s, timeout=120):
+  deadline = time.time() + timeout
+  while not s.engine.idle() and time.time() < deadline:
+    time.sleep(0.02)
+  assert s.engine.idle()
+
+
+PROMPTS = [f"def {name}(x):" for name in ("f", "fib", "parse_args", "main", "__init__")] + [
+    "import os\nimport sys\n", "class Config:\n    ", "# Copyright 2024\n", "for i in range(",
+    "    return ", "try:\n    import json\nexcept ImportError:", "x = [", "if __name__ == ",
+    "def read(path, mode='r'):\n    with open(", "@property\ndef", "while True:\n        line"]
+
+
+def _greedy(s, prompt, n):
+  return s.tok.decode(fdjax.generate(s.model, [s.tok.encode(prompt)], max_new_tokens=n).tokens[0])
+
+
+def test_16_concurrent_greedy_completions_equal_generate_alone_streamed_or_not(default):
+  s, n = default, 24
+  assert len(set(PROMPTS)) == 16
+  ask = lambda p: s.client.completions.create(model=s.name, prompt=p, max_tokens=n,
+                                              temperature=0)
+
+  def stream(p):
+    chunks = list(s.client.completions.create(model=s.name, prompt=p, max_tokens=n,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    return chunks
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    whole = list(pool.map(ask, PROMPTS))
+    streams = list(pool.map(stream, PROMPTS))
+  for p, r, chunks in zip(PROMPTS, whole, streams):
+    want = _greedy(s, p, n)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(p.encode()) and r.usage.completion_tokens == n
+    assert r.usage.total_tokens == len(p.encode()) + n and r.model == s.name
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+
+
+def test_stop_strings_end_the_text_before_them(default):
+  s, n = default, 40
+  prompt = "def parse_args(argv):\n"
+  text = _greedy(s, prompt, n)
+  stop = text[12:15]
+  want = text[:text.index(stop)]
+  tokens = fdjax.generate(s.model, [s.tok.encode(prompt)], max_new_tokens=n).tokens[0]
+  used = min(k for k in range(n + 1) if stop in s.tok.decode(tokens[:k]))
+  r = s.client.completions.create(model=s.name, prompt=prompt, max_tokens=n, temperature=0,
+                                  stop=["\x01never", stop])
+  assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+  assert r.usage.completion_tokens == used
+  chunks = list(s.client.completions.create(model=s.name, prompt=prompt, max_tokens=n,
+                                            temperature=0, stop=stop, stream=True))
+  assert "".join(c.choices[0].text for c in chunks) == want
+  assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampling_is_seeded_and_the_bundled_chat_template_applies(default):
+  s = default
+  ask = lambda seed: s.client.completions.create(model=s.name, prompt="def f(", max_tokens=16,
+                                                 temperature=0.9, top_p=0.95, seed=seed,
+                                                 extra_body={"top_k": 40}).choices[0].text
+  assert ask(3) == ask(3) != ask(4)
+  messages = [{"role": "system", "content": "You write Python."},
+              {"role": "user", "content": "a function\nthat adds"}]
+  r = s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=8,
+                                       temperature=0)
+  prompt = "# system: You write Python.\n# user: a function\n# that adds\n# assistant:\n"
+  assert r.usage.prompt_tokens == len(prompt.encode())
+  assert r.choices[0].message.content == _greedy(s, prompt, 8)
+  assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+
+
+def test_models_health_and_metrics_endpoints(default):
+  import httpx2
+  s = default
+  assert [m.id for m in s.client.models.list().data] == ["fdjax-default"]
+  assert httpx2.get(s.url + "/health").json() == {"status": "ok"}
+  r = httpx2.get(s.url + "/metrics")
+  assert r.headers["content-type"].startswith("text/plain")
+  for name in ("fdjax_requests_finished_total", "fdjax_queue_length", "fdjax_running_requests",
+               "fdjax_kv_pages_in_use", "fdjax_prefix_cache_hit_tokens_total",
+               "fdjax_time_to_first_token_seconds_bucket",
+               "fdjax_inter_token_latency_seconds_bucket", "fdjax_generation_tokens_total"):
+    assert name in r.text
+
+
+def test_64_clients_with_disconnects_complete_free_their_pages_and_match_metrics(default):
+  s = default
+  _wait_idle(s)
+  before = _metrics(s)
+  rng = np.random.default_rng(0)
+  plans = []
+  for i in range(64):
+    kind = ["whole", "stream", "whole", "leave"][i % 4]
+    n = int(rng.integers(1, 8 if kind == "leave" else 80))
+    prompt = "".join(chr(c) for c in rng.integers(32, 127, n))
+    max_tokens = 120 if kind == "leave" else int(rng.integers(1, 128 - n))
+    plans.append((kind, prompt, max_tokens, float(rng.choice([0.0, 0.8])), i))
+
+  def client(plan):
+    kind, prompt, max_tokens, temperature, seed = plan
+    time.sleep(seed * 0.005)
+    args = dict(model=s.name, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                seed=seed)
+    if kind == "whole":
+      r = s.client.completions.create(**args)
+      return r.choices[0].text, r.choices[0].finish_reason, r.usage
+    stream = s.client.completions.create(**args, stream=True,
+                                         stream_options={"include_usage": True})
+    text, reasons, usage = "", [], None
+    for i, chunk in enumerate(stream):
+      if kind == "leave" and i == 2:
+        stream.close()  # hangs up mid-stream
+        return None
+      if chunk.choices:
+        text += chunk.choices[0].text
+        reasons.append(chunk.choices[0].finish_reason)
+      usage = chunk.usage or usage
+    return text, reasons[-1], usage
+
+  with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    results = list(pool.map(client, plans))
+  _wait_idle(s)
+  done = [(plan, r) for plan, r in zip(plans, results) if plan[0] != "leave"]
+  for (kind, prompt, max_tokens, _, _), (text, reason, usage) in done:
+    assert reason == "length" and usage.completion_tokens == max_tokens  # no EOS, no stop
+    assert usage.prompt_tokens == len(prompt)
+  left = sum(plan[0] == "leave" for plan in plans)
+  pool_ = s.engine.kv.pool
+  assert pool_.pages_in_use == 0
+  pool_.check()
+  after = _metrics(s)
+  delta = lambda k: after.get(k, 0.0) - before.get(k, 0.0)
+  assert delta("fdjax_requests_finished_total[length]") == len(done)
+  assert delta("fdjax_requests_finished_total[cancelled]") == left
+  assert delta("fdjax_generation_tokens_total[length]") == sum(r[2].completion_tokens
+                                                               for _, r in done)
+  assert delta("fdjax_prompt_tokens_total[length]") == sum(r[2].prompt_tokens for _, r in done)
+  assert delta("fdjax_requests_received_total") == 64
+  assert len(done) <= delta("fdjax_time_to_first_token_seconds_count") <= 64
+  assert after["fdjax_queue_length"] == after["fdjax_running_requests"] == 0
+  assert after["fdjax_kv_pages_in_use"] == 0
+
+
+@pytest.mark.parametrize("args,param", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens="5"), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(model="gpt-4"), "model"),
+    (dict(prompt="x" * 200), "prompt"),
+    (dict(prompt="x" * 100, max_tokens=100), "max_tokens"),
+    (dict(stop=["a"] * 20), "stop"),
+    (dict(extra_body={"colour": "blue"}), "colour"),
+    (dict(extra_body={"top_k": 0}), "top_k"),
+    (dict(n=2), "n"),
+])
+def test_bad_completion_requests_get_a_400_naming_the_field(default, args, param):
+  s = default
+  call = {**dict(model=s.name, prompt="def f(x):", max_tokens=4), **args}
+  with pytest.raises(openai.BadRequestError) as e:
+    s.client.completions.create(**call)
+  assert e.value.status_code == 400
+  assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+  assert param in e.value.body["message"] or (param == "model" and "gpt-4" in
+                                               e.value.body["message"])
+
+
+def test_malformed_bodies_and_bad_chat_requests_get_a_400(default):
+  import httpx2
+  s = default
+  for body, param in [(b"{not json", None), (b"[1, 2]", None), (b'{"model": "fdjax-default"}',
+                                                                 "prompt")]:
+    r = httpx2.post(s.url + "/v1/completions", content=body,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+  for messages, param in [("hello", "messages"), ([], "messages"),
+                          ([{"role": "user", "content": 5}], "messages")]:
+    with pytest.raises(openai.BadRequestError) as e:
+      s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=4)
+    assert e.value.body["param"] == param
+
+
+def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
+  import httpx2
+  model, tok, template, name = server.load(None)
+  s = _start(model, tok, template, name, lifespan="off", max_batch=1, max_queue=3)
+  try:
+    args = dict(model=name, prompt="def f(x):", max_tokens=6, temperature=0)
+    # A client that gives up while its request waits: the request is cancelled.
+    with pytest.raises(httpx2.TimeoutException):
+      httpx2.post(s.url + "/v1/completions", json=args, timeout=0.5)
+    deadline = time.time() + 10
+    while not any(r.cancelled for r in s.engine._inbox) and time.time() < deadline:
+      time.sleep(0.02)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      waiting = [pool.submit(s.client.completions.create, **args) for _ in range(2)]
+      while s.engine.queue_length < 3:
+        time.sleep(0.02)
+      t0 = time.perf_counter()
+      with pytest.raises(openai.RateLimitError) as e:
+        s.client.completions.create(**args)
+      assert time.perf_counter() - t0 < 2.0
+      assert e.value.status_code == 429 and "queue is full" in e.value.body["message"]
+      s.engine.start()
+      texts = [f.result(timeout=120).choices[0].text for f in waiting]
+    assert texts == [_greedy(s, "def f(x):", 6)] * 2
+    _wait_idle(s)
+    assert s.engine.kv.pool.pages_in_use == 0
+    m = _metrics(s)
+    assert m["fdjax_requests_finished_total[cancelled]"] == 1
+    assert m["fdjax_requests_rejected_total[queue_full]"] == 1
+  finally:
+    _stop(s)
+
+
+def test_an_int8_server_answers_what_generate_gives_the_int8_model():
+  from fdjax.quant import QuantizedWeight
+  s = _start(*server.load(None, quantize="int8"), max_batch=2)
+  try:
+    assert isinstance(s.model.layers[0].attn.wqkv[...], QuantizedWeight)
+    got = s.client.completions.create(model=s.name, prompt="import os", max_tokens=8,
+                                      temperature=0)
+    assert got.choices[0].text == _greedy(s, "import os", 8)
+  finally:
+    _stop(s)
+
+
+# ------------------------------------------------------- a Llama-3-style checkpoint
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+  pytest.importorskip("transformers")
+  from bench.tiny_llama3 import build
+  path = build(str(tmp_path_factory.mktemp("llama3")))
+  s = _start(*server.load(path), max_batch=4)
+  s.path = path
+  yield s
+  _stop(s)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello there!"}],
+    [{"role": "system", "content": "  You answer in one line.\n"},
+     {"role": "user", "content": "def add(a, b):"},
+     {"role": "assistant", "content": "return a + b"},
+     {"role": "user", "content": "and multiply?"}],
+]
+
+
+def test_the_chat_template_renders_as_transformers_does(llama3):
+  import transformers
+  from fdjax import chat
+  hf = transformers.AutoTokenizer.from_pretrained(llama3.path)
+  template = chat.load(llama3.path)
+  for messages in CONVERSATIONS:
+    for gen in (True, False):
+      want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+      assert template.render(messages, add_generation_prompt=gen) == want
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert llama3.tok.encode(template.render(messages), add_special_tokens=False) == ids
+
+
+def test_chat_completions_on_the_llama3_checkpoint(llama3):
+  import transformers
+  s = llama3
+  hf = transformers.AutoTokenizer.from_pretrained(s.path)
+  eot = hf.convert_tokens_to_ids("<|eot_id|>")
+  for messages in CONVERSATIONS:
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    tokens = fdjax.generate(s.model, [ids], max_new_tokens=12, eos_token_id=eot).tokens[0]
+    ended = tokens[-1] == eot
+    r = s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=12,
+                                         temperature=0)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(tokens)
+    assert r.choices[0].message.content == s.tok.decode(tokens[:-1] if ended else tokens)
+    assert r.choices[0].finish_reason == ("stop" if ended else "length")
+    chunks = list(s.client.chat.completions.create(model=s.name, messages=messages,
+                                                   max_tokens=12, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        r.choices[0].message.content
+  with pytest.raises(openai.BadRequestError) as e:  # the template's raise_exception
+    s.client.chat.completions.create(model=s.name, max_tokens=4, messages=[
+        {"role": "assistant", "content": "hi"}])
+  assert e.value.body["param"] == "messages" and "alternate" in e.value.body["message"]
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch):
+  import httpx2
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-m", "fdjax", "serve", "--port", str(port),
+                           "--max-model-len", "64"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      try:
+        if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+          break
+      except httpx2.TransportError:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.3)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    r = client.completions.create(model="fdjax-default", prompt="import ", max_tokens=5)
+    assert r.usage.completion_tokens == 5
+  finally:
+    proc.terminate()
+    out = proc.communicate(timeout=60)[0]
+  assert "fdjax serve: model 'fdjax-default'" in out
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "uvicorn" else real(name, *a))
+  with pytest.raises(ValueError, match="fdjax serve needs uvicorn"):
+    server.check_dependencies()
