@@ -46,6 +46,10 @@ PREFILL = [(1, 17), (4, 1000), (1, 8192)]                # (batch, prompt length
 COPE = [(1, 17, 17), (2, 1000, 1000), (8, 1, 4097), (1, 1, 32768)]  # (batch, queries, keys)
 PAGED = [(8, 64, 64), (32, 16, 16), (4, 512, 64)]  # (batch, pages per row, page size)
 CHUNKS = [(2, 512, 4096)]                           # (batch, chunk, cached keys before it)
+# Sliding windows and soft-capping: (heads, {window, softcap}) of the models that use them.
+WINDOWED = {"mistral-7b w4096": ((32, 8, 128), dict(window=4096)),
+            "gemma-2-9b w4096 cap50": ((16, 8, 256), dict(window=4096, softcap=50.0)),
+            "gemma-3-1b w512": ((4, 1, 256), dict(window=512))}
 MS = (1, 2, 3, 8, 16, 17, 32, 64)
 NPOS = 64
 
@@ -66,10 +70,17 @@ class Case:
     return jax.jit(self.fn).lower(*(place(s, d) for s, d in self.args))
 
 
+def _heads(name):
+  """(hq, hkv, d, the ops' window / softcap arguments) of a HEADS or WINDOWED name."""
+  if name in WINDOWED:
+    return (*WINDOWED[name][0], WINDOWED[name][1])
+  return (*HEADS[name], {})
+
+
 def _decode(name, b, s, dtype, settings=None):
-  hq, hkv, d = HEADS[name]
+  hq, hkv, d, opts = _heads(name)
   if settings is None:
-    fn = lambda q, k, v, n: dispatch.decode_attention(q, k, v, n, impl="pallas")
+    fn = lambda q, k, v, n: dispatch.decode_attention(q, k, v, n, impl="pallas", **opts)
   else:
     fn = lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=d ** -0.5,
                                                 settings=settings)
@@ -79,9 +90,9 @@ def _decode(name, b, s, dtype, settings=None):
 
 
 def _paged(name, b, pages, page_size, dtype):
-  hq, hkv, d = HEADS[name]
+  hq, hkv, d, opts = _heads(name)
   fn = lambda q, kp, vp, table, n: dispatch.paged_decode_attention(q, kp, vp, table, n,
-                                                                   impl="pallas")
+                                                                   impl="pallas", **opts)
   pool = ((b * pages, page_size, hkv, d), dtype)
   return Case("paged_decode_attention", f"{name} B={b} pages={pages}x{page_size}",
               jnp.dtype(dtype).name, "default", fn,
@@ -98,9 +109,10 @@ def _chunk(name, b, t, cached, dtype):
 
 
 def _prefill(name, b, t, dtype, settings=None):
-  hq, hkv, d = HEADS[name]
+  hq, hkv, d, opts = _heads(name)
   if settings is None:
-    fn = lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, impl="pallas")
+    fn = lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, impl="pallas",
+                                                       **opts)
   else:
     fn = lambda q, k, v, n: pk.prefill_attention(q, k, v, n, sm_scale=d ** -0.5,
                                                  settings=settings)
@@ -168,6 +180,9 @@ def defaults(dtypes=(BF16, F32)) -> list[Case]:
       cases += [_cope(name, *bts, dtype) for bts in (COPE if full else COPE[1:3])]
       cases += [_paged(name, *bpp, dtype) for bpp in (PAGED if full else PAGED[:1])]
       cases += [_chunk(name, *btc, dtype) for btc in CHUNKS]
+    for name in WINDOWED if full else ():
+      cases += [_decode(name, 8, 8192, dtype), _paged(name, 8, 128, 64, dtype),
+                _prefill(name, 1, 8192, dtype)]
     for (k, n), label in linear_shapes().items():
       cases += [_linear(label, m, k, n, dtype) for m in (MS if full else (1, 16, 64))]
       if full:
