@@ -3,6 +3,7 @@
   python bench/gpu_suite.py                       # every part, on a CUDA GPU
   python bench/gpu_suite.py --parts check gemm    # some parts
   python bench/gpu_suite.py --dry-run             # every part in its CPU smoke form
+  python bench/gpu_suite.py --backend tpu         # the same day on a TPU (its own parts)
 
 Parts, in order: env (device, versions, copy bandwidth, dispatch floor), check (every kernel
 against the XLA reference on the device: bench/gpu_check.py), attention, gemm (the kernel
@@ -10,6 +11,11 @@ benchmarks), tune (`fdjax tune` for the llama-2-7b and llama-3-8b presets), e2e 
 at batch 1 and 8). A part that fails or overruns its time budget is reported and the rest
 still run. Results go to bench/results/ (tuned tables to fdjax/tables/), one log per part to
 <results>/logs/, and a summary table to gpu_suite.{json,md}.
+
+With --backend tpu (`python -m fdjax bench gpu --backend tpu`): env, check (every Mosaic
+kernel on the chip against XLA, and timed against it: bench/tpu_check.py), tune (`fdjax
+tune` picks the Mosaic GEMV / flat GEMM on a TPU and writes the generation's table), e2e
+(fdjax with "auto" and with XLA only); summary to tpu_suite.{json,md}.
 """
 from __future__ import annotations
 
@@ -25,14 +31,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PARTS = ("env", "check", "attention", "gemm", "tune", "e2e")
+TPU_PARTS = ("env", "check", "tune", "e2e")
 BUDGET_S = {"env": 120, "check": 420, "attention": 420, "gemm": 420, "tune": 600, "e2e": 600}
 
 
-def _commands(part, dry, results, tables):
-  """The command lines of one part (full form, or the CPU smoke form with `dry`)."""
+def _commands(part, dry, results, tables, backend="gpu"):
+  """The command lines of one part (full form, or the CPU smoke form with `dry`) for the
+  backend's day."""
   py = [sys.executable]
   rd = ["--results-dir", results]
   b = lambda name: os.path.join(ROOT, "bench", name)
+  if backend == "tpu" and part == "check":
+    return [py + [b("tpu_check.py")] + (["--smoke"] if dry else []) + rd]
+  if backend == "tpu" and part == "e2e" and not dry:
+    return [py + [b("e2e.py"), "--models", "llama-3-8b", "--impls", "fdjax-auto", "fdjax-xla",
+                  "--batch", "1", "8", "--prompt-len", "128", "--new-tokens", "128",
+                  "--repeats", "3"] + rd]
   if part == "env":
     return [py + [b("gpu_suite.py"), "--env-only", "--results-dir", results]]
   if part == "check":
@@ -90,9 +104,9 @@ def env_only(results):
   from bench import common
   from fdjax import timing
   info = common.environment()
-  on_gpu = jax.default_backend() == "gpu"
+  on_gpu = jax.default_backend() in ("gpu", "tpu")  # an accelerator: a 2 GB copy
   info["jaxlib_version"] = __import__("jaxlib").__version__
-  for mod in ("flax", "triton", "transformers"):
+  for mod in ("flax", "triton", "transformers", "libtpu"):
     try:
       info[f"{mod}_version"] = __import__(mod).__version__
     except ImportError:
@@ -115,7 +129,8 @@ def env_only(results):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+  ap.add_argument("--backend", choices=["gpu", "tpu"], default="gpu")
+  ap.add_argument("--parts", nargs="+", choices=PARTS)
   ap.add_argument("--dry-run", action="store_true", help="every part in its CPU smoke form")
   ap.add_argument("--budget", nargs="+", default=[], metavar="[PART=]SECONDS",
                   help="time budget of every part, or of one part (default: each part's own)")
@@ -126,6 +141,11 @@ def main():
   ap.add_argument("--cache-dir", help="JAX persistent compilation cache for every part")
   ap.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  parts = TPU_PARTS if args.backend == "tpu" else PARTS
+  args.parts = args.parts or list(parts)
+  if set(args.parts) - set(parts):
+    raise SystemExit(f"gpu_suite: no part {sorted(set(args.parts) - set(parts))} on the "
+                     f"{args.backend}; its parts: {', '.join(parts)}")
   from bench import common
   results = os.path.abspath(args.results_dir or common.RESULTS)
   if args.env_only:
@@ -156,7 +176,8 @@ def main():
     extra[part] = shlex.split(more)
   summary = []
   for part in args.parts:
-    cmds = [c + extra.get(part, []) for c in _commands(part, args.dry_run, results, tables)]
+    cmds = [c + extra.get(part, []) for c in _commands(part, args.dry_run, results, tables,
+                                                       args.backend)]
     budget = budgets[part]
     print(f"[gpu_suite] {part}: {len(cmds)} command(s), budget {budget:.0f} s", flush=True)
     row = _run_part(part, cmds, budget, os.path.join(results, "logs", f"{part}.log"), env)
@@ -164,7 +185,8 @@ def main():
     if row["status"] != "ok":
       print(row["tail"], flush=True)
     summary.append(row)
-  name = "gpu_suite_dry" if args.dry_run else "gpu_suite"
+  name = ("tpu_suite" if args.backend == "tpu" else "gpu_suite") + (
+      "_dry" if args.dry_run else "")
   table = common.write_results(
       name, [{k: v for k, v in r.items() if k != "tail"} for r in summary],
       ["part", "status", "seconds", "log"],

@@ -77,10 +77,10 @@ def _heads(name):
   return (*HEADS[name], {})
 
 
-def _decode(name, b, s, dtype, settings=None):
+def _decode(name, b, s, dtype, settings=None, impl="pallas"):
   hq, hkv, d, opts = _heads(name)
   if settings is None:
-    fn = lambda q, k, v, n: dispatch.decode_attention(q, k, v, n, impl="pallas", **opts)
+    fn = lambda q, k, v, n: dispatch.decode_attention(q, k, v, n, impl=impl, **opts)
   else:
     fn = lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=d ** -0.5,
                                                 settings=settings)
@@ -89,29 +89,29 @@ def _decode(name, b, s, dtype, settings=None):
                                      ((b, s, hkv, d), dtype), ((b,), I32)))
 
 
-def _paged(name, b, pages, page_size, dtype):
+def _paged(name, b, pages, page_size, dtype, impl="pallas"):
   hq, hkv, d, opts = _heads(name)
   fn = lambda q, kp, vp, table, n: dispatch.paged_decode_attention(q, kp, vp, table, n,
-                                                                   impl="pallas", **opts)
+                                                                   impl=impl, **opts)
   pool = ((b * pages, page_size, hkv, d), dtype)
   return Case("paged_decode_attention", f"{name} B={b} pages={pages}x{page_size}",
               jnp.dtype(dtype).name, "default", fn,
               (((b, hq, d), dtype), pool, pool, ((b, pages), I32), ((b,), I32)))
 
 
-def _chunk(name, b, t, cached, dtype):
+def _chunk(name, b, t, cached, dtype, impl="pallas"):
   hq, hkv, d = HEADS[name]
   fn = lambda q, k, v, n, start: dispatch.prefill_attention(q, k, v, lengths=n, q_start=start,
-                                                            impl="pallas")
+                                                            impl=impl)
   kv = ((b, cached + t, hkv, d), dtype)
   return Case("prefill_attention", f"{name} B={b} T={t} after {cached}", jnp.dtype(dtype).name,
               "default", fn, (((b, t, hq, d), dtype), kv, kv, ((b,), I32), ((b,), I32)))
 
 
-def _prefill(name, b, t, dtype, settings=None):
+def _prefill(name, b, t, dtype, settings=None, impl="pallas"):
   hq, hkv, d, opts = _heads(name)
   if settings is None:
-    fn = lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, impl="pallas",
+    fn = lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, impl=impl,
                                                        **opts)
   else:
     fn = lambda q, k, v, n: pk.prefill_attention(q, k, v, n, sm_scale=d ** -0.5,
@@ -133,9 +133,9 @@ def _cope(name, b, t, s, dtype, settings=None):
                                      ((b, s, hkv, d), dtype), ((NPOS, d), dtype), ((b,), I32)))
 
 
-def _linear(label, m, k, n, dtype, kernel=None, settings=None):
+def _linear(label, m, k, n, dtype, kernel=None, settings=None, impl="pallas"):
   if kernel is None:
-    name, fn = "linear", lambda x, w: dispatch.linear(x, w, impl="pallas")
+    name, fn = "linear", lambda x, w: dispatch.linear(x, w, impl=impl)
   else:
     name, fn = kernel.__name__, lambda x, w: kernel(x, w, settings=settings)
   return Case(name, f"{label} M={m} K={k} N={n}", jnp.dtype(dtype).name, _label(settings), fn,

@@ -1,4 +1,14 @@
-"""Compiling for a described GPU with no GPU present, and what the compiler reports.
+"""Compiling for a described GPU or TPU with no GPU or TPU present, and what the compiler
+reports.
+
+TPU (targets "v5e", "v6e", "v5p"): libtpu compiles for a TPU it is only told about
+(`topologies.get_topology_desc`, one chip), Mosaic kernels included, so a block that does not
+fit the chip's VMEM is refused here ("would exceed memory"). It needs libtpu
+(`pip install "libtpu==0.0.42.*"`, jax 0.10.2's `tpu` extra) and JAX_PLATFORMS=cpu; trace
+inside `on_tpu(target)` (the chip's mesh set: nothing then asks the CPU for a TPU
+generation). `tpu_resources` reads each Mosaic kernel's scoped VMEM from the compiled HLO.
+
+GPU (target "h100"):
 
 XLA compiles for a GPU it is only told about (`jax.experimental.topologies` with a target
 description, fdjax/targets/<name>.txtpb; the H100's is cut down from XLA's own `h100_sxm`
@@ -30,11 +40,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import shared
+from pallas_kernels.tpu import shared as tpu
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 ARCH = {"h100": "sm_90a"}
 COMPILE_OPTIONS = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True}
 INSTALL = 'pip install "jax[cuda12-local]==0.10.2" nvidia-cuda-nvcc-cu12'
+TPU_INSTALL = 'pip install "libtpu==0.0.42.*"  (jax 0.10.2\'s tpu extra: pip install -e ".[tpu]")'
+TPUS = tuple(tpu.GENERATIONS)  # "v5e", "v6e", "v5p"
 
 
 class CompileError(ValueError):
@@ -53,15 +66,22 @@ def ptxas() -> str | None:
   return path if os.access(path, os.X_OK) else shutil.which("ptxas")
 
 
-def versions() -> dict[str, str]:
-  """What compiles for the described GPU: jax, jaxlib, the CUDA plugin, ptxas."""
+def _package_versions(names) -> dict[str, str]:
+  """jax's version and those of the installed packages among `names`."""
   import importlib.metadata as md
   out = {"jax": jax.__version__}
-  for name in ("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12"):
+  for name in names:
     try:
       out[name] = md.version(name)
     except md.PackageNotFoundError:
       pass
+  return out
+
+
+def versions() -> dict[str, str]:
+  """What compiles for the described GPU: jax, jaxlib, the CUDA plugin, ptxas."""
+  out = _package_versions(("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt",
+                           "nvidia-cuda-nvcc-cu12"))
   if ptxas():
     r = subprocess.run([ptxas(), "--version"], capture_output=True, text=True, timeout=60)
     out["ptxas"] = next((line.split("release ")[-1] for line in r.stdout.splitlines()
@@ -69,8 +89,14 @@ def versions() -> dict[str, str]:
   return out
 
 
-def unavailable() -> str | None:
-  """Why this process cannot compile for a described GPU, or None if it can."""
+def unavailable(target: str = "h100") -> str | None:
+  """Why this process cannot compile for the described GPU or TPU, or None if it can."""
+  if target in TPUS:
+    if importlib.util.find_spec("libtpu") is None:
+      return f"libtpu is not installed ({TPU_INSTALL})"
+    if jax.default_backend() != "cpu":
+      return f"the default backend is {jax.default_backend()}, not cpu (set JAX_PLATFORMS=cpu)"
+    return None
   try:
     plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
   except ModuleNotFoundError:  # no jax_plugins package at all
@@ -101,25 +127,51 @@ def facts(target: str = "h100") -> dict[str, int]:
 
 @functools.lru_cache(maxsize=None)
 def sharding(target: str = "h100") -> NamedSharding:
-  """All of a computation on the described GPU (one device)."""
-  why = unavailable()
+  """All of a computation on the described GPU or TPU chip (one device)."""
+  why = unavailable(target)
   if why:
-    raise RuntimeError(f"cannot compile for a described GPU: {why}")
-  topo = topologies.get_topology_desc(platform="cuda", target_config=_target_text(target),
-                                      topology="1x1x1")
+    raise RuntimeError(f"cannot compile for a described {target}: {why}")
+  if target in TPUS:
+    # libtpu takes a lock file so that one process per host drives the TPUs; compiling for
+    # a described one drives none, so several processes (tests, benchmarks) may share it
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    gen = tpu.GENERATIONS[target]
+    one_chip = gen.topology.split(":")[0] + ":" + "x".join(
+        "1" for _ in gen.topology.split(":")[1].split("x"))
+    topo = topologies.get_topology_desc(topology_name=one_chip, platform="tpu",
+                                        chips_per_host_bounds=(1, 1, 1))
+  else:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=_target_text(target),
+                                        topology="1x1x1")
   return NamedSharding(topologies.make_mesh(topo, (1,), ("d",)), P())
 
 
+def devices(target: str = "h100", topology: str = "1x1x8") -> list:
+  """The described GPUs of a topology "slices x hosts x devices per host" (for a mesh;
+  fdjax.make_mesh(tp=..., devices=aot.devices())): nothing runs on them, they compile."""
+  why = unavailable()
+  if why:
+    raise RuntimeError(f"cannot compile for a described GPU: {why}")
+  return list(topologies.get_topology_desc(platform="cuda", target_config=_target_text(target),
+                                           topology=topology).devices)
+
+
 def abstract(shape, dtype, target: str = "h100") -> jax.ShapeDtypeStruct:
-  """An input of the given shape and dtype placed on the described GPU (no data)."""
+  """An input of the given shape and dtype placed on the described GPU or TPU (no data)."""
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding(target))
 
 
+def on_tpu(target: str):
+  """Context to trace and lower in for a described TPU: its one-chip mesh set."""
+  return jax.set_mesh(sharding(target).mesh)
+
+
 def compile(lowered, *, dump_to: str | None = None, strict: bool = True):
-  """lowered.compile() with spills made errors (`strict`) and the dump written to `dump_to`;
-  a refusal is raised as CompileError with the compiler's reason."""
-  options = dict(COMPILE_OPTIONS if strict else {}, **({"xla_dump_to": dump_to} if dump_to
-                                                      else {}))
+  """lowered.compile() with spills made errors (`strict`: a GPU flag a TPU ignores) and the
+  dump written to `dump_to`; a refusal (a spill, shared memory, a TPU's VMEM) is raised as CompileError with
+  the compiler's reason."""
+  options = dict(COMPILE_OPTIONS if strict else {},
+                 **({"xla_dump_to": dump_to} if dump_to else {}))
   try:
     return lowered.compile(compiler_options=options)
   except jax.errors.JaxRuntimeError as e:
@@ -220,3 +272,30 @@ def resources(dump_dir: str, prefix: str = "fdjax_", target: str = "h100") -> li
       k = Kernel(name, grid, threads, shared_bytes, *usage[name])
       out += [] if k in out else [k]
   return out
+
+
+# --------------------------------------------------------------------- TPU resources
+
+_TPU_CALL = re.compile(r"%(fdjax_tpu_\w+?)(?:\.\d+)? = .*?custom_call_target=\"tpu_custom_call\""
+                       r".*?\"used_scoped_memory_configs\":\[(.*?)\]")
+
+
+def tpu_resources(compiled) -> dict[str, int]:
+  """{kernel: scoped VMEM bytes} of every fdjax Mosaic kernel in a program compiled for a
+  TPU (what libtpu reserved for its blocks, their second buffers and its scratch), the
+  largest where a kernel appears more than once."""
+  out = {}
+  for name, configs in _TPU_CALL.findall(compiled.as_text()):
+    size = sum(int(x) for x in re.findall(r'"size":"(\d+)"', configs))
+    out[name] = max(out.get(name, 0), size)
+  return out
+
+
+def code_bytes(compiled) -> int:
+  """Bytes of code the compiler generated for the program (TPU: its bundles)."""
+  return int(compiled.memory_analysis().generated_code_size_in_bytes)
+
+
+def tpu_versions() -> dict[str, str]:
+  """What compiles for the described TPU: jax, jaxlib, libtpu."""
+  return _package_versions(("jaxlib", "libtpu"))

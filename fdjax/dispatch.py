@@ -2,14 +2,17 @@
 
 Every op takes `impl`:
   "auto"             what fdjax.selection's rules pick: the XLA reference on a CPU, the
-                     Pallas kernel on a CUDA GPU for the shapes it takes (for `linear`,
-                     GEMV / flat GEMM / XLA by the table and M); decided where the
-                     computation is lowered (`lax.platform_dependent`), so one jitted
-                     function serves both.
+                     Pallas kernel on a CUDA GPU and the Mosaic kernel on a TPU for the
+                     shapes they take (for `linear`, GEMV / flat GEMM / XLA by the
+                     device's table and M); decided where the computation is lowered
+                     (`lax.platform_dependent`), so one jitted function serves all three.
   "xla"              the plain-XLA reference (fdjax.reference).
-  "pallas"           the Pallas kernel, compiled for the GPU.
+  "pallas"           the Pallas (Triton) kernel, compiled for the GPU.
   "pallas_interpret" the same kernel run by the Pallas interpreter (any backend, slow;
                      this is how the tests check kernels on a CPU).
+  "pallas_tpu"       the Mosaic TPU kernel (pallas_kernels/tpu/), compiled for the TPU.
+  "pallas_tpu_interpret"  the same kernel in TPU interpret mode (any backend, slow), with
+                     its DMAs and semaphores simulated and the race detector on.
 """
 from __future__ import annotations
 
@@ -27,8 +30,13 @@ from pallas_kernels import decode_attention as dk
 from pallas_kernels import flat_gemm, gemv
 from pallas_kernels import prefill_attention as pk
 from pallas_kernels import quantized_gemm as qg
+from pallas_kernels.tpu import decode_attention as tpu_dk
+from pallas_kernels.tpu import flat_gemm as tpu_fg
+from pallas_kernels.tpu import gemv as tpu_gv
+from pallas_kernels.tpu import prefill_attention as tpu_pk
 
-IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")
+TARGETS = ("cuda", "tpu", "tpu:v5e", "tpu:v6e", "tpu:v5p")
 _override = threading.local()
 
 
@@ -54,12 +62,14 @@ def current() -> str:
 
 @contextlib.contextmanager
 def lowering_for(platform: str | None):
-  """Within this block "auto" keeps its choice per platform (`lax.platform_dependent`) even
-  on a host whose only backend is the CPU, which otherwise traces the XLA path alone: for
-  compiling ahead of time for a described GPU (fdjax.aot). None: no change. Jitted callers
-  pass `lowering_target()` as a static argument, as they do `current()`."""
+  """Within this block "auto" keeps its choice for `platform` ("cuda"; "tpu", or
+  "tpu:v5e" / "tpu:v6e" / "tpu:v5p" to size the TPU kernels and pick the linear table of
+  that generation) even on a host whose only backend is the CPU, which otherwise traces the
+  XLA path alone: for compiling ahead of time for a described GPU or TPU (fdjax.aot). None:
+  no change. Jitted callers pass `lowering_target()` as a static argument, as they do
+  `current()`."""
   if platform is not None:
-    checks.choice("dispatch.lowering_for", "platform", platform, ("cuda",))
+    checks.choice("dispatch.lowering_for", "platform", platform, TARGETS)
   old = getattr(_override, "target", None)
   _override.target = platform or old
   try:
@@ -85,28 +95,47 @@ def record_scores():
     _override.scores = None
 
 
-def _run(op, impl, xla_fn, pallas_fn, head_dim=None, dtype=None, page_size=None):
-  """Calls xla_fn() or pallas_fn(interpret) as `impl` says. Under "auto" the rules of
-  fdjax.selection decide, per platform at lowering time (attention ops pass head_dim, dtype
-  and page size; what the kernels do not take goes to XLA on every backend)."""
+def tpu_kind() -> str:
+  """The TPU device kind the TPU kernels are sized and tabled for here (selection.tpu_kind of
+  the lowering target)."""
+  return selection.tpu_kind(lowering_target())
+
+
+def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None):
+  """Calls xla_fn(), pallas_fn(interpret) (Triton) or tpu_fn(interpret) (Mosaic; None: the op
+  has no TPU kernel) as `impl` says. Under "auto" the rules of fdjax.selection decide, per
+  platform at lowering time (attention ops pass head_dim, dtype and page size; what the
+  kernels do not take goes to XLA on every backend)."""
   checks.choice(op, "impl", impl, IMPLS)
-  takes = head_dim is None or selection.attention(op, head_dim, dtype, "cuda",
-                                                  page_size).impl == "pallas"
+
+  def takes(platform):
+    if platform == "tpu" and tpu_fn is None:
+      return False
+    return head_dim is None or selection.attention(op, head_dim, dtype, platform,
+                                                   page_size).impl == "pallas"
+
   if impl == "auto":
     impl = current()
-    if impl != "auto" and not takes:
+    if impl != "auto" and not takes("tpu" if impl.startswith("pallas_tpu") else "cuda"):
       impl = "xla"
   if impl == "xla":
     return xla_fn()
-  if impl == "pallas":
-    return pallas_fn(False)
-  if impl == "pallas_interpret":
-    return pallas_fn(True)
-  if not takes or (jax.default_backend() == "cpu" and lowering_target() is None):
-    # A CPU-only host lowers for a GPU only inside `lowering_for`: elsewhere skip tracing
-    # the kernel branch at all.
+  if impl in ("pallas", "pallas_interpret"):
+    return pallas_fn(impl == "pallas_interpret")
+  if impl in ("pallas_tpu", "pallas_tpu_interpret"):
+    if tpu_fn is None:
+      raise ValueError(f"{op}: there is no Mosaic TPU kernel for this op (impl {impl!r}); "
+                       f"use impl='auto' or 'xla'")
+    return tpu_fn(impl == "pallas_tpu_interpret")
+  # A CPU-only host lowers for a GPU or TPU only inside `lowering_for`: elsewhere it skips
+  # tracing the kernel branches at all; a GPU or TPU host traces its own platform's only.
+  platform = (lowering_target() or jax.default_backend()).split(":")[0]
+  platform = "cuda" if platform == "gpu" else platform
+  kernel = {"cuda": pallas_fn, "tpu": tpu_fn}.get(platform)
+  if kernel is None or not takes(platform):
     return xla_fn()
-  return jax.lax.platform_dependent(cpu=xla_fn, cuda=lambda: pallas_fn(False), default=xla_fn)
+  return jax.lax.platform_dependent(cpu=xla_fn, **{platform: lambda: kernel(False)},
+                                    default=xla_fn)
 
 
 def _attention_checks(op, q, k, v, q_rank, paged=False):
@@ -127,6 +156,15 @@ def _check_start(op, q_start, batch, most):
   if q_start is not None:
     checks.int_vector(op, "q_start", q_start, batch)
     checks.in_range(op, "q_start", q_start, 0, most)
+
+
+def _on_tpu(pallas, kernels):
+  """An op's `pallas(interpret, kernels=, **more)` as its Mosaic TPU kernel, sized for the
+  TPU generation being lowered for."""
+  def run(interpret):
+    return pallas(interpret, kernels=kernels,
+                  generation=selection.tpu_generation(tpu_kind()))
+  return run
 
 
 def _scale(sm_scale, d):
@@ -151,13 +189,13 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, w
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(window=window, softcap=softcap)
 
-  def pallas(interpret):
-    return dk.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
-                               interpret=interpret, **extra)
+  def pallas(interpret, kernels=dk, **more):
+    return kernels.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
+                                    interpret=interpret, **extra, **more)
 
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale,
                                                            **extra),
-              pallas, q.shape[-1], q.dtype)
+              pallas, _on_tpu(pallas, tpu_dk), q.shape[-1], q.dtype)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
@@ -183,13 +221,14 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(window=window, softcap=softcap)
 
-  def pallas(interpret):
-    return dk.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=scale,
-                                     phi=phi, interpret=interpret, **extra)
+  def pallas(interpret, kernels=dk, **more):
+    return kernels.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
+                                          sm_scale=scale, phi=phi, interpret=interpret,
+                                          **extra, **more)
 
   return _run(op, impl, lambda: reference.paged_decode_attention(
-      q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas, q.shape[-1], q.dtype,
-              k_pages.shape[1])
+      q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas,
+              _on_tpu(pallas, tpu_dk), q.shape[-1], q.dtype, k_pages.shape[1])
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,
@@ -221,13 +260,13 @@ def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_sc
     m = m[jnp.isfinite(m)]
     recorder.append((float(jnp.min(m)), float(jnp.max(m))))
 
-  def pallas(interpret):
-    return pk.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
-                                interpret=interpret, **extra)
+  def pallas(interpret, kernels=pk, **more):
+    return kernels.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
+                                     interpret=interpret, **extra, **more)
 
   return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale,
                                                             **extra),
-              pallas, q.shape[-1], q.dtype)
+              pallas, _on_tpu(pallas, tpu_pk), q.shape[-1], q.dtype)
 
 
 def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=None, impl="auto"):
@@ -260,7 +299,8 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
                              interpret=interpret)
 
   return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale,
-                                                         q_start), pallas, q.shape[-1], q.dtype)
+                                                         q_start), pallas, None, q.shape[-1],
+              q.dtype)
 
 
 def linear(x, w, *, impl="auto"):
@@ -295,7 +335,17 @@ def linear(x, w, *, impl="auto"):
     kernel = {"gemv": gemv.gemv, "flat": flat_gemm.flat_gemm}[choice.impl]
     return kernel(x2, w, settings=choice.settings, interpret=interpret)
 
-  y = _run(op, impl, lambda: reference.linear(x2, w), pallas)
+  def on_tpu(interpret):
+    kind = tpu_kind()
+    choice = selection.linear(x2.shape[0], k, n, kind=kind,
+                              quantization=w.method if quantized else None)
+    if choice.impl == "xla":
+      return reference.linear(x2, w)
+    kernel = {"gemv": tpu_gv.gemv, "flat": tpu_fg.flat_gemm}[choice.impl]
+    return kernel(x2, w, settings=choice.settings, generation=selection.tpu_generation(kind),
+                  interpret=interpret)
+
+  y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu)
   return y.reshape(*lead, n)
 
 

@@ -1,6 +1,7 @@
 """The offline half of FlashDecoding++'s heuristic dataflow: `fdjax tune` profiles GEMV, the
 flat GEMM and XLA's dot per weight shape [K, N] over M, fits the crossovers M1 and M2, and
-writes the table `fdjax.selection` reads at run time. Every candidate is compiled before it is
+writes the table `fdjax.selection` reads at run time (per device kind: on a TPU the Mosaic
+GEMV and flat GEMM of pallas_kernels/tpu/, with their own candidate tiles). Every candidate is compiled before it is
 timed, on a GPU with spills made errors (fdjax.aot.compile); one the compiler refuses is
 dropped, with its reason. Every timing is fdjax.timing's (rotating random inputs, no L2
 reuse).
@@ -19,11 +20,16 @@ from fdjax import aot, quant, reference, selection, timing
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
 from pallas_kernels import quantized_gemm as qg
+from pallas_kernels.tpu import flat_gemm as tpu_fg
+from pallas_kernels.tpu import gemv as tpu_gv
 
 GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
                 for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]
 FLAT_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": st}
                 for bn in (64, 128) for bk in (128,) for sk in (1, 2, 4) for st in (2, 4)]
+# TPU: tiles of w (multiples of 128); the grid's per-step cost favours large ones
+TPU_CONFIGS = [{"block_n": bn, "block_k": bk} for bn in (256, 512, 1024)
+               for bk in (512, 1024, 2048)]
 PROFILE_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -51,9 +57,14 @@ def _best(kernel, settings_cls, configs, sets, iters, interpret, progress=print)
   return best
 
 
-def kernels(quantization: str | None = None) -> dict:
+def kernels(quantization: str | None = None, kind: str | None = None) -> dict:
   """{"gemv": fn(x, w, settings=, interpret=), "flat": ...}: the kernels dispatch.linear runs
-  for a float weight, or for one quantized to "int8" / "int4" (w: a QuantizedWeight)."""
+  for a float weight, or for one quantized to "int8" / "int4" (w: a QuantizedWeight), on a
+  device of `kind` (default: this process's; a TPU's are the Mosaic ones)."""
+  if selection.is_tpu(kind or selection.device_kind()):
+    if quantization is not None:
+      raise ValueError(f"tune: no Mosaic TPU kernel for {quantization} weights (XLA runs them)")
+    return {"gemv": tpu_gv.gemv, "flat": tpu_fg.flat_gemm}
   if quantization is None:
     return {"gemv": gv.gemv, "flat": fg.flat_gemm}
   def wrap(kernel):
@@ -86,12 +97,18 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
     return [(jax.random.normal(jax.random.fold_in(key, 1000 * m + i), (m, k),
                                jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
   kernel = kernels(quantization)
-  gemv_cfg = _best(kernel["gemv"], gv.Settings, gemv_configs or GEMV_CONFIGS, sets(1), iters,
+  classes = selection.settings_classes(selection.device_kind())
+  tpu = selection.is_tpu(selection.device_kind())
+  gemv_cfg = _best(kernel["gemv"], classes["gemv"],
+                   gemv_configs or (TPU_CONFIGS if tpu else GEMV_CONFIGS), sets(1), iters,
                    interpret, progress)[1]
-  flat_cfg = _best(kernel["flat"], fg.Settings, flat_configs or FLAT_CONFIGS,
+  flat_cfg = _best(kernel["flat"], classes["flat"],
+                   flat_configs or (TPU_CONFIGS if tpu else FLAT_CONFIGS),
                    sets(min(16, max(ms))), iters, interpret, progress)[1]
-  flat = functools.partial(kernel["flat"], interpret=interpret, settings=fg.Settings(**flat_cfg))
-  gemv = functools.partial(kernel["gemv"], interpret=interpret, settings=gv.Settings(**gemv_cfg))
+  flat = functools.partial(kernel["flat"], interpret=interpret,
+                           settings=classes["flat"](**flat_cfg))
+  gemv = functools.partial(kernel["gemv"], interpret=interpret,
+                           settings=classes["gemv"](**gemv_cfg))
   profile = []
   for i, m in enumerate(ms):
     xs = sets(m)

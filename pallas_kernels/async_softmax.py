@@ -23,6 +23,7 @@ then NaN (ExecuTorch shipped exactly that and reverted it).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 LO = -40.0
@@ -56,6 +57,47 @@ def check_inputs(op, q):
     raise ValueError(f"{op}: the Pallas kernel cannot take this input: {why}")
 
 
+def check_call(op, q, mode, window, softcap, causal=True):
+  """What every attention kernel checks first: q's head_dim and dtype, the mode ("async" or
+  "online"), the window and soft cap."""
+  check_inputs(op, q)
+  if mode not in ("async", "online"):
+    raise ValueError(f"{op}: unknown mode {mode!r}")
+  check_options(op, window, softcap, causal)
+
+
+def guarded(mode, run_async, run_online, no_flags):
+  """The scheme every async kernel follows, as (out, flags). mode "online": run_online(None)
+  (every row synchronised; flags `no_flags`). mode "async": (out, flags) = run_async(); if any
+  row is flagged, run_online(flags) (the kernel in online mode for the flagged rows' programs
+  only) replaces exactly the flagged rows, inside the same jitted function."""
+  if mode == "online":
+    return run_online(None), no_flags
+  out, flags = run_async()
+
+  def recompute(out):
+    return jnp.where(flags[..., None], run_online(flags), out)
+
+  return jax.lax.cond(jnp.any(flags), recompute, lambda out: out, out), flags
+
+
+def stats(flags) -> dict:
+  """What return_stats gives: how many rows, and what fraction, the guard recomputed."""
+  return {"recomputed_rows": jnp.sum(flags), "recomputed_fraction": jnp.mean(flags)}
+
+
+def phi_operand(phi):
+  """The unified max value as the kernels take it: float32 [1] (None: DEFAULT_PHI)."""
+  return jnp.asarray(DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
+
+
+def row_lengths(lengths, batch: int, s: int):
+  """Valid keys per row as int32 [B] clipped to [0, s] (None: every row all s keys)."""
+  if lengths is None:
+    return jnp.full((batch,), s, jnp.int32)
+  return jnp.clip(lengths.astype(jnp.int32), 0, s)
+
+
 def cap(s, softcap):
   """Soft-capped scores, softcap * tanh(s / softcap) (Gemma), or s when softcap is None."""
   return s if softcap is None else softcap * jnp.tanh(s / softcap)
@@ -72,3 +114,21 @@ def check_options(op, window, softcap, causal=True):
   if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                               or not softcap > 0):
     raise ValueError(f"{op}: softcap must be a positive number, got {softcap!r}")
+
+
+def combine_online(o, l, m, axis):
+  """FlashDecoding's combine of split partials along `axis` (o [..., D]; l, m without D):
+  rescale each split to the global max of its row, then sum and divide."""
+  m_all = jnp.max(m, axis=axis, keepdims=True)
+  w = jnp.where(jnp.isfinite(m), jnp.exp(m - jnp.where(jnp.isfinite(m_all), m_all, 0.0)), 0.0)
+  den = jnp.sum(w * l, axis=axis)
+  num = jnp.sum(jnp.expand_dims(w, -1) * o, axis=axis)
+  return num / jnp.expand_dims(jnp.where(den > 0, den, 1.0), -1)
+
+
+def combine_async(o, l, m, phi, axis):
+  """The async combine of split partials along `axis`: numerators and denominators (all
+  against the one phi) simply summed. Returns (out, rows the guard flags)."""
+  den = jnp.sum(l, axis=axis)
+  out = jnp.sum(o, axis=axis) / jnp.expand_dims(jnp.where(den > 0, den, 1.0), -1)
+  return out, needs_recompute(jnp.max(m, axis=axis), den, out, phi)

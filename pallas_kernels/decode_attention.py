@@ -152,15 +152,6 @@ def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, onlin
       name="fdjax_decode_online" if online else "fdjax_decode_async")
 
 
-def _combine_online(o, l, m):
-  """FlashDecoding's combine: rescale each split to the global max, then sum."""
-  m_all = jnp.max(m, axis=2, keepdims=True)
-  w = jnp.where(jnp.isfinite(m), jnp.exp(m - jnp.where(jnp.isfinite(m_all), m_all, 0.0)), 0.0)
-  den = jnp.sum(w * l, axis=2)
-  num = jnp.sum(w[..., None] * o, axis=2)
-  return num / jnp.where(den > 0, den, 1.0)[..., None]
-
-
 def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats): the paged
   kernel with one page of S entries per row. Keyword arguments as paged_decode_attention."""
@@ -177,6 +168,15 @@ def block_for_pages(page_size: int, max_pages: int) -> int | None:
   return min(block, 128) if block >= 16 else None
 
 
+def page_block(page_size: int, max_pages: int) -> int:
+  """block_for_pages, or a ValueError naming the page size it cannot take."""
+  block_k = block_for_pages(page_size, max_pages)
+  if block_k is None:
+    raise ValueError(f"paged_decode_attention: the kernel needs a page size divisible by 16, "
+                     f"got {page_size}")
+  return block_k
+
+
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
                            window=None, softcap=None, mode="async",
                            settings: Settings | None = None, interpret=False,
@@ -189,17 +189,11 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   mode "async": unified max value phi with the guarded recompute; "online": the
   synchronised softmax only (the FlashDecoding baseline / the paper's ablation).
   """
-  asm.check_inputs("decode_attention", q)
-  if mode not in ("async", "online"):
-    raise ValueError(f"decode_attention: unknown mode {mode!r}")
-  asm.check_options("decode_attention", window, softcap)
+  asm.check_call("decode_attention", q, mode, window, softcap)
   b, hq, d = q.shape
   page_size, hkv = k_pages.shape[1], k_pages.shape[2]
   s = page_table.shape[1] * page_size
-  block_k = block_for_pages(page_size, page_table.shape[1])
-  if block_k is None:
-    raise ValueError(f"paged_decode_attention: the kernel needs a page size divisible by 16, "
-                     f"got {page_size}")
+  block_k = page_block(page_size, page_table.shape[1])
   g = hq // hkv
   g_pad = 1 if g == 1 else max(shared.DOT_MIN_ROWS, pl.next_power_of_2(g))
   settings = shared.fill(settings, Settings.default(b, hkv, key_span(s, window, block_k), d,
@@ -210,33 +204,22 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   qg = q.reshape(b, hkv, g, d)
   if g_pad != g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))
-  lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
-  phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
+  lengths = asm.row_lengths(lengths, b, s)
+  phi = asm.phi_operand(phi)
   run = functools.partial(_partials, qg, k_pages, v_pages, lengths,
                           page_table.astype(jnp.int32), phi, sm_scale=sm_scale,
                           settings=settings, window=window, softcap=softcap,
                           interpret=interpret)
-  everyone = jnp.ones((b, hkv), jnp.int32)
 
-  if mode == "online":
-    out = _combine_online(*run(everyone, online=True))
-    flags = jnp.zeros((b, hkv, g_pad), bool)
-  else:
-    o, l, m = run(everyone, online=False)
-    den = jnp.sum(l, axis=2)
-    out = jnp.sum(o, axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
-    flags = asm.needs_recompute(jnp.max(m, axis=2), den, out, phi[0])
-    flags = flags & (jnp.arange(g_pad) < g)  # padding rows of a group never count
+  def run_async():
+    out, flags = asm.combine_async(*run(jnp.ones((b, hkv), jnp.int32), online=False), phi[0],
+                                   axis=2)
+    return out, flags & (jnp.arange(g_pad) < g)  # padding rows of a group never count
 
-    def recompute(out):
-      active = jnp.any(flags, axis=-1).astype(jnp.int32)  # only the flagged groups run
-      again = _combine_online(*run(active, online=True))
-      return jnp.where(flags[..., None], again, out)
+  def run_online(flags):  # only the flagged (row, KV head) groups run
+    active = jnp.ones((b, hkv), bool) if flags is None else jnp.any(flags, axis=-1)
+    return asm.combine_online(*run(active.astype(jnp.int32), online=True), axis=2)
 
-    out = jax.lax.cond(jnp.any(flags), recompute, lambda out: out, out)
-
+  out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, hkv, g_pad), bool))
   out = out[:, :, :g].reshape(b, hq, d).astype(q.dtype)
-  if return_stats:
-    flags = flags[:, :, :g]
-    return out, {"recomputed_rows": jnp.sum(flags), "recomputed_fraction": jnp.mean(flags)}
-  return out
+  return (out, asm.stats(flags[:, :, :g])) if return_stats else out

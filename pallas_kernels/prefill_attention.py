@@ -130,38 +130,32 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
   at position q_start[b] + i (default 0; a chunk of a prompt after S' cached keys starts at
   S'); `window` W: each query sees its last W keys (causal only); `softcap`: scores
   soft-capped -> [B, T, Hq, D] (and stats)."""
-  asm.check_inputs("prefill_attention", q)
-  if mode not in ("async", "online"):
-    raise ValueError(f"prefill_attention: unknown mode {mode!r}")
-  asm.check_options("prefill_attention", window, softcap, causal)
+  asm.check_call("prefill_attention", q, mode, window, softcap, causal)
   b, t, hq, d = q.shape
   s = k.shape[1]
   settings = shared.fill(settings, Settings.default(t, s, d, q.dtype))
   block_q = settings.block_q
   nq = pl.cdiv(t, block_q)
-  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
-      lengths.astype(jnp.int32), 0, s)
+  lengths = asm.row_lengths(lengths, b, s)
   start = jnp.zeros((b,), jnp.int32) if q_start is None else q_start.astype(jnp.int32)
-  phi = jnp.asarray(asm.DEFAULT_PHI if phi is None else phi, jnp.float32).reshape(1)
+  phi = asm.phi_operand(phi)
   run = functools.partial(_run, q, k, v, lengths, start, phi, sm_scale=sm_scale,
                           settings=settings, causal=causal, window=window, softcap=softcap,
                           interpret=interpret)
-  everyone = jnp.ones((b, hq, nq), jnp.int32)
-  if mode == "online":
-    out, _, _ = run(everyone, online=True)
-    flags = jnp.zeros((b, t, hq), bool)
-  else:
-    out, l, m = run(everyone, online=False)
-    flags = asm.needs_recompute(m[:, :, :t].transpose(0, 2, 1), l[:, :, :t].transpose(0, 2, 1),
-                                out.astype(jnp.float32), phi[0])  # [B, T, Hq]
 
-    def recompute(out):
+  def run_async():
+    out, l, m = run(jnp.ones((b, hq, nq), jnp.int32), online=False)
+    return out, asm.needs_recompute(m[:, :, :t].transpose(0, 2, 1),
+                                    l[:, :, :t].transpose(0, 2, 1), out.astype(jnp.float32),
+                                    phi[0])  # [B, T, Hq]
+
+  def run_online(flags):  # only the query blocks holding a flagged row run
+    if flags is None:
+      active = jnp.ones((b, hq, nq), bool)
+    else:
       per_block = jnp.pad(flags, ((0, 0), (0, nq * block_q - t), (0, 0)))
       active = jnp.any(per_block.reshape(b, nq, block_q, hq), axis=2).transpose(0, 2, 1)
-      again, _, _ = run(active.astype(jnp.int32), online=True)
-      return jnp.where(flags[..., None], again, out)
+    return run(active.astype(jnp.int32), online=True)[0]
 
-    out = jax.lax.cond(jnp.any(flags), recompute, lambda out: out, out)
-  if return_stats:
-    return out, {"recomputed_rows": jnp.sum(flags), "recomputed_fraction": jnp.mean(flags)}
-  return out
+  out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, t, hq), bool))
+  return (out, asm.stats(flags)) if return_stats else out

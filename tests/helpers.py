@@ -70,3 +70,20 @@ def spy(monkeypatch, module, name):
   real = getattr(module, name)
   monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
   return calls
+
+
+def record_races(monkeypatch) -> list:
+  """A list to which TPU interpret mode's race detector appends each race it finds from now
+  on. (jax keeps one detector per interpreted kernel, replaced by the next kernel's: its own
+  `races_found` only tells of the last kernel run.)"""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+  seen = []
+
+  class Recording(ipc.RaceDetectionState):
+    def __setattr__(self, name, value):
+      if name == "races_found" and value:
+        seen.append(True)
+      super().__setattr__(name, value)
+
+  monkeypatch.setattr(ipc, "RaceDetectionState", Recording)
+  return seen

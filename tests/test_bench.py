@@ -73,6 +73,24 @@ def test_gpu_suite_reports_a_failing_part_and_goes_on(tmp_path):
   assert rows["gemm"]["status"].startswith("failed") and rows["env"]["status"] == "ok"
 
 
+def test_tpu_suite_check_part_in_its_cpu_form(tmp_path):
+  """`python -m fdjax bench gpu --backend tpu`'s check part, dry: every Mosaic kernel on
+  tiny shapes in TPU interpret mode against XLA; the TPU day has its own parts."""
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "bench", "gpu", "--backend", "tpu",
+                      "--dry-run", "--parts", "check", "--results-dir", str(tmp_path)],
+                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert [row["part"] for row in _rows(tmp_path, "tpu_suite_dry")] == ["check"]
+  rows = _rows(tmp_path, "tpu_check_smoke")
+  assert {row["case"].split()[0] for row in rows} == {"decode", "prefill", "linear"}
+  assert all(row["ok"] and row["impl"] == "pallas_tpu_interpret" for row in rows)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py"), "--backend",
+                      "tpu", "--parts", "gemm"], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=600)
+  assert r.returncode != 0 and "no part ['gemm'] on the tpu" in r.stderr
+
+
 def test_attention_bench_smoke(dry_run):
   rows = _rows(dry_run, "attention_smoke")
   assert (dry_run / "attention_smoke.svg").exists()

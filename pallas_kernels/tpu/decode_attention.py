@@ -1,0 +1,184 @@
+"""Split-KV decode attention with FlashDecoding++'s asynchronous softmax (Pallas, Mosaic
+TPU), over a paged KV cache (a contiguous cache is one page per row).
+
+A cache [P, page_size, Hkv, D] is seen as [P, page_size * Hkv, D] (a free reshape): a block
+of `block_k` keys is then one (block_k * Hkv, D) tile of every KV head at once, a shape the
+(8, 128) tiling takes for any Hkv, and the pipeline copies it HBM -> VMEM as one DMA while
+the previous block is being used (the double buffer). The page table and lengths are
+prefetched to SMEM; a block's index map looks its page up there and, past the row's end,
+repeats the last block (no copy is issued for a block that does not change).
+
+Grid (batch, KV split, key block). A program holds all Hq queries of its row and scores
+them against the whole block on the MXU ([Hq, D] x [block_k * Hkv, D]^T); scores of a query
+against another KV head's keys are masked, so the one matmul serves every GQA group, with
+no padding of a group to a tile. Decode is bound by reading the cache: the Hkv-fold extra
+MXU work costs nothing next to the bytes. In "async" mode every block adds exp(s - phi)
+against the unified max value phi with no rescaling (see ../async_softmax.py); the splits'
+sums are added; rows the guard flags are recomputed by the same kernel in "online" mode
+(the synchronised softmax), for the flagged batch rows only.
+
+A sliding window W: a row's splits start at the block holding key length - W, so a step
+reads about W keys. Softcap: softcap * tanh(s / softcap) on the scaled scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import async_softmax as asm
+from pallas_kernels.decode_attention import key_span, page_block, split_range
+from pallas_kernels.tpu import shared
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The kernel's knobs; None takes `default`'s value for the shapes."""
+  block_k: int | None = None      # keys per grid step (a multiple of 16 dividing the page)
+  num_splits: int | None = None   # KV splits per row ("parallel": across a chip's cores)
+
+  @classmethod
+  def default(cls, batch: int, kv_heads: int, kv_len: int, head_dim: int = 128,
+              dtype=jnp.bfloat16, block_k: int = 512, generation: str | None = None
+              ) -> "Settings":
+    """The largest block (at most `block_k`, the page's) whose K and V tiles, double
+    buffered (four tiles), stay within BLOCK_BUDGET; one split per TensorCore a row would
+    otherwise leave idle (v5p's two cores at batch 1), each >= 1024 keys."""
+    block_k = min(block_k, max(16, pl.next_power_of_2(kv_len)))
+    tile = kv_heads * shared.round_up(head_dim, shared.LANES) * jnp.dtype(dtype).itemsize
+    while block_k > 16 and 4 * block_k * tile > shared.BLOCK_BUDGET:
+      block_k //= 2
+    cores = shared.generation(generation).cores
+    splits = max(1, min(-(-cores // batch), -(-kv_len // max(1024, block_k))))
+    return cls(block_k=block_k, num_splits=splits)
+
+
+def _kernel(lengths_ref, table_ref, active_ref, phi_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
+            m_ref, *, sm_scale, block_k, split_len, kv_heads, group, online, window, softcap):
+  b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  lo, start, end = split_range(lengths_ref[b], split, split_len, block_k, window)
+  first = start + j * block_k
+
+  @pl.when(j == 0)
+  def _():
+    o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+
+  @pl.when((active_ref[b] != 0) & (first < end))
+  def _():
+    q = q_ref[...]
+    k = k_ref[...]
+    n = k.shape[0]  # block_k * kv_heads rows: key i of head h is row i * kv_heads + h
+    col = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], n), 1)
+    head = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], n), 0) // group
+    key = first + col // kv_heads
+    ok = (col % kv_heads == head) & (key < end) & (key >= lo)
+    s = shared.dot(q, k, trans_b=True)
+    s = jnp.where(ok, asm.cap(s * sm_scale, softcap), -jnp.inf)
+    # rows past the row's end may hold anything (the edge of a contiguous cache, a page no
+    # one wrote): zero them, since 0 * NaN would still poison p @ v
+    row_key = first + jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0) // kv_heads
+    v = jnp.where(row_key < end, v_ref[...], 0)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    if online:  # synchronised: rescale what came before to the new running max
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(s - m_safe)
+      alpha = jnp.exp(m_prev - m_safe)
+      o_ref[...] = o_ref[...] * alpha
+      l_ref[...] = l_ref[...] * alpha
+    else:  # async: one fixed phi, no rescale
+      p = jnp.exp(s - phi_ref[0])
+    p = p.astype(v.dtype)  # rounded once: numerator and denominator see the same weights
+    o_ref[...] += shared.dot(p, v)
+    l_ref[...] += jnp.sum(p.astype(jnp.float32), axis=1, keepdims=True)
+    m_ref[...] = m_new
+
+
+def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, online, window,
+              softcap, interpret):
+  """Per split: numerators [B, n_split, Hq, D], denominators and row maxima [.., Hq, 1]."""
+  b, hq, d = q.shape
+  page_size, hkv = k.shape[1], k.shape[2]
+  block_k = settings.block_k
+  span = key_span(table.shape[1] * page_size, window, block_k)
+  split_len = pl.cdiv(pl.cdiv(span, settings.num_splits), block_k) * block_k
+  n_split = pl.cdiv(span, split_len)
+  per_page, num_pages = pl.cdiv(page_size, block_k), k.shape[0]
+
+  def kv_index(bi, split, j, lengths_ref, table_ref, active_ref):
+    length = lengths_ref[bi]
+    _, start, _ = split_range(length, split, split_len, block_k, window)
+    pos = jnp.minimum(start + j * block_k, jnp.maximum(length - 1, 0))  # past the end: repeat
+    page = jnp.clip(table_ref[bi, pos // page_size], 0, num_pages - 1)  # NO_PAGE never read
+    return page, (pos % page_size) // block_k % per_page, 0
+
+  kv = pl.BlockSpec((None, block_k * hkv, d), kv_index)
+  stat = pl.BlockSpec((None, None, hq, 1), lambda bi, split, j, *_: (bi, split, 0, 0))
+  kernel = functools.partial(_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
+                             kv_heads=hkv, group=hq // hkv, online=online, window=window,
+                             softcap=softcap)
+  return shared.call(
+      kernel, (phi, q, k.reshape(k.shape[0], page_size * hkv, d),
+               v.reshape(v.shape[0], page_size * hkv, d)),
+      scalars=(lengths, table, active), grid=(b, n_split, split_len // block_k),
+      in_specs=[shared.smem(), pl.BlockSpec((None, hq, d), lambda bi, *_: (bi, 0, 0)), kv, kv],
+      out_specs=[pl.BlockSpec((None, None, hq, d), lambda bi, split, j, *_: (bi, split, 0, 0)),
+                 stat, stat],
+      out_shape=[jax.ShapeDtypeStruct((b, n_split, hq, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, n_split, hq, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((b, n_split, hq, 1), jnp.float32)],
+      semantics=("parallel", "parallel", "arbitrary"), interpret=interpret,
+      name="fdjax_tpu_decode_online" if online else "fdjax_tpu_decode_async")
+
+
+def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
+  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats): the paged
+  kernel with one page of S entries per row. Keyword arguments as paged_decode_attention."""
+  table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+  return paged_decode_attention(q, k_cache, v_cache, table, lengths, **kwargs)
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
+                           window=None, softcap=None, mode="async",
+                           settings: Settings | None = None, generation: str | None = None,
+                           interpret=False, return_stats=False):
+  """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
+  -> [B, Hq, D] (and stats), as pallas_kernels.decode_attention.paged_decode_attention.
+  `generation` ("v5e", "v6e", "v5p"; None: v5e) sizes the defaults; `interpret`: False
+  (Mosaic), True (TPU interpret mode, race detector on) or a pltpu.InterpretParams."""
+  asm.check_call("decode_attention", q, mode, window, softcap)
+  b, hq, d = q.shape
+  page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+  max_pages = page_table.shape[1]
+  block_k = page_block(page_size, max_pages)  # the page sizes the kernels take: one rule
+  s = max_pages * page_size
+  settings = shared.fill(settings, Settings.default(
+      b, hkv, key_span(s, window, block_k), d, q.dtype,
+      block_k=page_size if max_pages > 1 else 512, generation=generation))
+  if settings.block_k % 16 or (max_pages > 1 and page_size % settings.block_k):
+    raise ValueError(f"paged_decode_attention: block_k {settings.block_k} must be a multiple "
+                     f"of 16 dividing the page size {page_size}")
+  phi = asm.phi_operand(phi)
+  operands = (q, k_pages, v_pages, asm.row_lengths(lengths, b, s), page_table.astype(jnp.int32),
+              phi)
+  options = dict(sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
+                 interpret=interpret)
+  run = functools.partial(_partials, *operands, **options)
+
+  def run_async():
+    o, l, m = run(jnp.ones((b,), jnp.int32), online=False)
+    return asm.combine_async(o, l[..., 0], m[..., 0], phi[0], axis=1)
+
+  def run_online(flags):  # only the batch rows with a flagged head run
+    active = jnp.ones((b,), bool) if flags is None else jnp.any(flags, axis=1)
+    o, l, m = run(active.astype(jnp.int32), online=True)
+    return asm.combine_online(o, l[..., 0], m[..., 0], axis=1)
+
+  out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, hq), bool))
+  out = out.astype(q.dtype)
+  return (out, asm.stats(flags)) if return_stats else out
