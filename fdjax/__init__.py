@@ -11,7 +11,7 @@ _EXPORTS = {"dispatch": "fdjax.dispatch", "load_pretrained": "fdjax.checkpoint",
             "KVCache": "fdjax.kv_cache", "init_cache": "fdjax.kv_cache",
             "load_tokenizer": "fdjax.tokenizer", "KVStore": "fdjax.paging",
             "PagePool": "fdjax.paging", "PoolExhausted": "fdjax.paging",
-            "quantize": "models.quantize"}
+            "quantize": "models.quantize", "make_mesh": "fdjax.mesh"}
 __all__ = sorted(_EXPORTS)
 
 

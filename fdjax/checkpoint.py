@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fdjax import mesh as mesh_lib
 from fdjax import quant
 from models import layout, rope
 from models import quantize as quantization
@@ -189,6 +190,38 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
                  ) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout
   (with `stored`: the quantized tensors a checkpoint saved quantized holds)."""
+  expected, quantized = _expected(cfg, stored)
+  tensors = {}
+  for file in _safetensors_files(path):
+    with safe_open(file, framework="numpy") as fh:
+      for name in fh.keys():
+        tensors[name] = fh.get_tensor(name)
+  _check_tensors(path, expected, quantized, stored, tensors, lambda n: tensors[n])
+  return tensors
+
+
+def open_tensors(path: str, cfg: ModelConfig) -> dict:
+  """Every tensor of the checkpoint as a memory-mapped safetensors slice (indexing one reads
+  only that part of the file), checked against cfg's expected layout."""
+  expected, _ = _expected(cfg, None)
+  slices = {}
+  for file in _safetensors_files(path):
+    fh = safe_open(file, framework="numpy")  # kept open by its slices
+    for name in fh.keys():
+      slices[name] = fh.get_slice(name)
+  shapes = {name: _Shaped(tuple(s.get_shape())) for name, s in slices.items()}
+  _check_tensors(path, expected, {}, None, shapes, lambda n: slices[n][...])
+  return slices
+
+
+class _Shaped:
+  def __init__(self, shape):
+    self.shape = shape
+
+
+def _expected(cfg: ModelConfig, stored: Quantization | None) -> tuple[dict, dict]:
+  """(name -> shape of every tensor cfg's checkpoint holds, name -> dtype of the quantized
+  values among them)."""
   expected, quantized = {}, {}
   for e in layout.layout(cfg):
     method = stored.method if stored and stored.covers(e) else None
@@ -196,14 +229,17 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
       expected[name] = shape
       if method and not name.endswith(layout.SCALE_SUFFIX):
         quantized[name] = np.int8 if method == "int8" else np.uint8
-  tensors = {}
-  for file in _safetensors_files(path):
-    with safe_open(file, framework="numpy") as fh:
-      for name in fh.keys():
-        tensors[name] = fh.get_tensor(name)
+  return expected, quantized
+
+
+def _check_tensors(path, expected, quantized, stored, tensors, value):
+  """Refuses missing, unexpected and misshapen tensors (`tensors`: name -> something with a
+  shape and a dtype; `value(name)`: the whole tensor, read only to compare a tied matrix
+  stored twice)."""
   extra = set(tensors) - set(expected)
-  if (cfg.tie_word_embeddings and "lm_head.weight" in extra
-      and np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight"))):
+  if ("lm_head.weight" in extra and "lm_head.weight" not in expected
+      and "model.embed_tokens.weight" in tensors
+      and np.array_equal(value("lm_head.weight"), value("model.embed_tokens.weight"))):
     extra.discard("lm_head.weight")  # some writers store the tied matrix twice
   unexpected = sorted(extra)
   missing = sorted(set(expected) - set(tensors))
@@ -220,7 +256,6 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
     if name in quantized and tensors[name].dtype != quantized[name]:
       raise CheckpointError(f"{path}: tensor {name} has dtype {tensors[name].dtype}, expected "
                             f"{np.dtype(quantized[name])} ({stored.method} values)")
-  return tensors
 
 
 def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | None,
@@ -287,13 +322,16 @@ def load_quantization(path: str) -> Quantization | None:
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = None,
-                    quantize_lm_head: bool = False) -> Transformer:
+                    quantize_lm_head: bool = False, mesh=None) -> Transformer:
   """Loads a Hugging Face (Llama / Mistral / Qwen2) or fdjax checkpoint directory.
 
   dtype: the parameters' dtype (a quantized weight's scales'); None keeps the checkpoint's.
   quantize: None, "int8" or "int4": the linear layers' weights quantized as they load, from
   the checkpoint's own values (the untied LM head too with quantize_lm_head; the embedding
   and the norms never). A checkpoint saved quantized loads as saved, not quantized again.
+  mesh: a jax.sharding.Mesh (fdjax.make_mesh): the model is loaded onto it, tensor parallel
+  over its "model" axis, each device reading only its slices of the memory-mapped files
+  (a models.sharded.ShardedTransformer, called like a Transformer).
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -306,16 +344,37 @@ def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = 
     if stored is not None and stored != want:
       raise CheckpointError(f"{path}: saved quantized as {stored.to_dict()}; it loads as saved "
                             f"(quantize=None), not as {want.to_dict()}")
+  if mesh is not None:
+    return _load_on_mesh(path, cfg, dtype, mesh, quantized=stored or want)
   tensors = read_tensors(path, cfg, stored)
   if dtype is None:
     dtype = tensors["model.embed_tokens.weight"].dtype
-  dtype = jnp.dtype(dtype)
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise CheckpointError(f"{path}: unsupported parameter dtype {dtype}")
+  dtype = _param_dtype(path, dtype)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   model.dtype = dtype
   _assign(model, tensors, dtype, stored, None if stored else want)
   return model
+
+
+def _param_dtype(path, dtype):
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise CheckpointError(f"{path}: unsupported parameter dtype {dtype}")
+  return dtype
+
+
+def _load_on_mesh(path, cfg, dtype, mesh, quantized):
+  if quantized:
+    raise CheckpointError(f"{path}: quantize with a mesh is not implemented (quantized "
+                          f"weights load on one device)")
+  mesh_lib.check_mesh(mesh)
+  slices = open_tensors(path, cfg)
+  if dtype is None:
+    dtype = slices["model.embed_tokens.weight"][0:1].dtype
+  shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
+  return mesh_lib.build(cfg, _param_dtype(path, dtype), mesh,
+                        lambda name, axis, start, stop: mesh_lib.padded_slice(
+                            slices[name], shapes[name], axis, start, stop))
 
 
 def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:

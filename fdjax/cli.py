@@ -18,18 +18,40 @@ def _load(args):
   from models.llama import Transformer
   dtype = None if args.dtype is None else jnp.dtype(args.dtype)
   quantize = getattr(args, "quantize", None)
+  mesh = _mesh(args)
   if args.preset:
     cfg = presets.get(args.preset)
     model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype or jnp.float32)
     if quantize:
+      if mesh is not None:
+        raise ValueError("quantize with a mesh is not implemented")
       quantization.quantize(model, quantize)
+    if mesh is not None:
+      from fdjax import mesh as meshes
+      model = meshes.shard(model, mesh)
     return model, tokenizer.ByteTokenizer(), f"{args.preset} (randomly initialised: output is noise)"
   path = args.model or (DEFAULT_MODEL_DIR if os.path.isdir(DEFAULT_MODEL_DIR) else None)
   if path is None:
     args.preset = "random-tiny"
     return _load(args)
-  model = checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize)
+  model = checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize, mesh=mesh)
   return model, tokenizer.load_tokenizer(path), path
+
+
+def _mesh(args):
+  """The mesh --tp / --dp ask for (None: one device), after joining the other hosts'
+  processes when the environment describes a multi-host job (fdjax.mesh.initialize)."""
+  tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
+  from fdjax import mesh as meshes
+  meshes.initialize()
+  return None if (tp, dp) == (1, 1) else meshes.make_mesh(tp=tp, dp=dp)
+
+
+def _mesh_args(p):
+  p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (the mesh's "
+                 "\"model\" axis)")
+  p.add_argument("--dp", type=int, default=1, help="data-parallel replicas splitting the "
+                 "batch (the mesh's \"data\" axis); tp * dp must be the device count")
 
 
 def cmd_generate(args):
@@ -48,10 +70,13 @@ def cmd_generate(args):
                  page_size=args.page_size, prefill_chunk=args.prefill_chunk)
   print(args.prompt + tok.decode(res.tokens[0]))
   from models import quantize as quantization
-  q = quantization.of(model)
+  local = getattr(model, "local", model)  # on a mesh: what each device runs (local shapes)
+  q = quantization.of(local)
   impls = "; ".join(f"{op}={how}" for op, how in dispatch.describe(
-      model.config, dtype=model.dtype, quantization=q and q.method).items())
-  print(f"[model {label}{f', {q.method} weights' if q else ''}] prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
+      local.config, dtype=model.dtype, quantization=q and q.method).items())
+  where = f", mesh dp={model.dp} tp={model.tp}" if local is not model else ""
+  print(f"[model {label}{f', {q.method} weights' if q else ''}{where}] "
+        f"prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
         f"prefill_ms={res.prefill_s * 1e3:.1f} decode_tok_s={res.decode_tokens_per_s:.1f} "
         f"(first call, compile included) impl: {impls}")
 
@@ -77,7 +102,7 @@ def cmd_tune(args):
   from fdjax import checkpoint, presets, tune
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and not args.allow_cpu:
-    raise ValueError("tune profiles GPU kernels; on a CPU the kernels only run in interpret "
+    raise ValueError("tune profiles GPU or TPU kernels; on a CPU they only run in interpret "
                      "mode and the timings mean nothing (pass --allow-cpu to do it anyway)")
   if bool(args.model) == bool(args.preset):
     raise ValueError("give exactly one of --model DIR and --preset NAME")
@@ -110,7 +135,7 @@ def cmd_serve(args):
   server.serve(args.model, host=args.host, port=args.port,
                served_model_name=args.served_model_name,
                dtype=None if args.dtype is None else jnp.dtype(args.dtype),
-               quantize=args.quantize, warmup=args.warmup,
+               quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
                log_level=args.log_level, max_batch=args.max_batch, max_queue=args.max_queue,
                page_size=args.page_size, num_pages=args.num_pages,
                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
@@ -149,6 +174,7 @@ def build_parser():
   _quantize_arg(g)
   g.add_argument("--command-buffers", action="store_true",
                  help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
+  _mesh_args(g)
   g.set_defaults(fn=cmd_generate)
   s = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, "
                      "streaming, chat templates)")
@@ -174,6 +200,7 @@ def build_parser():
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
                  "before serving")
   s.add_argument("--log-level", default="info")
+  _mesh_args(s)
   s.set_defaults(fn=cmd_serve)
   c = sub.add_parser("calibrate", help="choose the async softmax's phi per layer")
   c.add_argument("--model", required=True)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fdjax import dispatch, paging
+from fdjax import mesh as meshes
 from fdjax import kv_cache as kvc
 from fdjax.sampling import Sampler, sample, sample_rows
 
@@ -53,6 +54,15 @@ class GenerationResult:
 
 def pow2(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def to_host(x) -> np.ndarray:
+  """A device array's value on the host; one spanning other processes' devices too (a
+  multi-host mesh) is gathered from them."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def pack(pieces, rows: int, width: int):
@@ -187,8 +197,8 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
              seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
-             prefill_chunk: int | None = None, kv: paging.KVStore | None = None
-             ) -> GenerationResult:
+             prefill_chunk: int | None = None, kv: paging.KVStore | None = None,
+             mesh=None) -> GenerationResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
 
   The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
@@ -196,13 +206,21 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   cache across calls (prompts that start with pages it has seen are not recomputed; its own
   page size applies); without one, a cache just big enough for this batch is made. Tokens
   are the same whatever page_size, prefill_chunk and kv are.
+
+  mesh: a jax.sharding.Mesh (fdjax.make_mesh) to run on, the model put on it if it is not
+  already (better: load it there, load_pretrained(mesh=)); a model on a mesh runs on its own.
+  The batch is padded to a multiple of the mesh's data replicas, which split it.
   """
+  model = _on_mesh(model, mesh)
   cfg = model.config
   _check_prompts(prompts, cfg.vocab_size)
   page_size = page_size if kv is None else kv.page_size
   longest = max(len(p) for p in prompts)
   shapes = buckets(cfg, len(prompts), longest, max_new_tokens, max_cache_len, page_size,
                    prefill_chunk)
+  replicas = getattr(model, "dp", 1)
+  shapes = dataclasses.replace(shapes, batch=-(-shapes.batch // replicas) * replicas)
+  bp = shapes.batch
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
   eos = [] if eos_token_id is None else (
       [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
@@ -212,31 +230,46 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   window = cfg.windowed if cfg.windowed is not None and need > cfg.windowed else None
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
-    pages = sum(_pages(len(p) + max_new_tokens, page_size) if window is None else
-                min(_pages(len(p) + max_new_tokens, page_size),
-                    live_pages(window, at_once, page_size)) for p in prompts)
-    kv = paging.KVStore(cfg, pow2(pages), page_size, model.dtype)
+    pages = [0] * replicas  # each data replica's rows take pages from its own pool
+    for i, p in enumerate(prompts):
+      pages[i * replicas // bp] += (
+          _pages(len(p) + max_new_tokens, page_size) if window is None else
+          min(_pages(len(p) + max_new_tokens, page_size), live_pages(window, at_once, page_size)))
+    kv = paging.KVStore.for_model(model, pow2(max(pages)), page_size)
   kv.check_for(model)
 
   b = len(prompts)
   rows = []
   try:
-    for p in prompts:  # windowed: pages are taken as the sequence grows (_Pages.table)
-      rows.append(kv.pool.allocate(list(p), len(p) + max_new_tokens if window is None else 1))
+    for i, p in enumerate(prompts):  # windowed: pages are taken as it grows (_Pages.table)
+      rows.append(kv.pool_of(i, bp).allocate(list(p), len(p) + max_new_tokens
+                                             if window is None else 1))
     out, steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes, max_new_tokens,
                                            sampler, eos, seed, window)
   except BaseException:
-    for pages, _ in rows:
-      kv.pool.release(pages)
+    for i, (pages, _) in enumerate(rows):
+      kv.pool_of(i, bp).release(pages)
     raise
   tokens = []
-  for p, (pages, _), row in zip(prompts, rows, out[:b, :max_new_tokens]):
+  for i, (p, (pages, _), row) in enumerate(zip(prompts, rows, out[:b, :max_new_tokens])):
     row = row[row >= 0].tolist()
-    hits = [i for i, tok in enumerate(row) if tok in eos]
+    hits = [j for j, tok in enumerate(row) if tok in eos]
     tokens.append(row[:hits[0] + 1] if hits else row)
-    kv.pool.finish(pages, list(p) + tokens[-1][:-1])  # the last token's K/V is never written
+    # the last token's K/V is never written
+    kv.pool_of(i, bp).finish(pages, list(p) + tokens[-1][:-1])
   return GenerationResult(tokens=tokens, prompt_tokens=sum(len(p) for p in prompts),
                           prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps - 1)
+
+
+def _on_mesh(model, mesh):
+  """The model on `mesh` (None: as it is)."""
+  if mesh is None:
+    return model
+  if getattr(model, "mesh", None) is not None:
+    if model.mesh != mesh:
+      raise ValueError("generate: the model is on another mesh than the one given")
+    return model
+  return meshes.shard(model, mesh)
 
 
 def _pages(tokens: int, page_size: int) -> int:
@@ -263,9 +296,10 @@ class _Pages:
   def table(self, lengths=None, upto=None):
     """The page table [bp, width] for rows with `lengths` tokens cached about to write up to
     `upto` tokens (windowed only; a row given None as upto does not grow)."""
-    pool, ps = self.kv.pool, self.kv.page_size
+    ps = self.kv.page_size
     if self.window is not None and lengths is not None:
       for i, (pages, _) in enumerate(self.rows):
+        pool = self.kv.pool_of(i, self.bp)
         pool.drop_leading(pages, max(0, (int(lengths[i]) - self.window + 1) // ps))
         if upto[i] is not None:
           pool.grow(pages, min(int(upto[i]), self.totals[i]))
@@ -309,19 +343,19 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
     segment = max_new_tokens if window is None else kv.page_size
     while True:
       if window is not None:
-        lengths, done = np.asarray(cache.lengths), np.asarray(carry[2])
+        lengths, done = to_host(cache.lengths), to_host(carry[2])
         cache = cache._replace(page_table=pages.table(
             lengths, [None if d else n + segment for d, n in zip(done, lengths)]))
-      stop = min(max_new_tokens, int(carry[0]) + segment)
+      stop = min(max_new_tokens, int(to_host(carry[0])) + segment)
       carry, cache = decode_steps(graphdef, state, carry, cache, eos_ids, max_new,
                                   jnp.int32(stop), sampler=sampler, **static)
-      if stop >= max_new_tokens or bool(np.all(np.asarray(carry[2]))):
+      if stop >= max_new_tokens or bool(np.all(to_host(carry[2]))):
         break
-    out = np.asarray(carry[1])
+    out = to_host(carry[1])
     t2 = time.perf_counter()
   finally:
     kv.k, kv.v = cache.k, cache.v
-  return out, int(carry[0]), t1 - t0, t2 - t1
+  return out, int(to_host(carry[0])), t1 - t0, t2 - t1
 
 
 def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None,
@@ -340,17 +374,24 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   graphdef, state = nnx.split(model)
   like = lambda tree: jax.tree.map(lambda a: place(a.shape, a.dtype), tree)
   static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
-  b = shapes.batch
+  on_mesh = getattr(model, "mesh", None) is not None
+  dp = model.dp if on_mesh else 1
+  b = -(-shapes.batch // dp) * dp
   rows = place((b,), jnp.int32)
-  cache = like(jax.eval_shape(lambda: kvc.KVCache(
-      *kvc.empty_pages(cfg, b * shapes.pages, page_size, model.dtype),
-      jnp.zeros((b, shapes.pages), jnp.int32), jnp.zeros((b,), jnp.int32))))
-  prefill = prefill_step.lower(graphdef, like(state), place((b, shapes.chunk), jnp.int32),
+  if on_mesh:  # (fdjax.mesh.build without read): parameters and pages keep their shardings
+    params, one = state, model.pages(b * shapes.pages // dp, page_size)
+    pages = ((one,) * cfg.num_layers,) * 2
+  else:
+    params = like(state)
+    pages = like(jax.eval_shape(lambda: kvc.empty_pages(cfg, b * shapes.pages, page_size,
+                                                        model.dtype)))
+  cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
+  prefill = prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
                                rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)
   carry = (place((), jnp.int32), place((b, shapes.out), jnp.int32), place((b,), jnp.bool_), rows,
            like(jax.eval_shape(lambda: jax.random.key(0))))
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
-  decode = decode_steps.lower(graphdef, like(state), carry, cache, place((1,), jnp.int32),
+  decode = decode_steps.lower(graphdef, params, carry, cache, place((1,), jnp.int32),
                               place((), jnp.int32), place((), jnp.int32), sampler=sampler,
                               **static)
   return prefill, decode

@@ -125,6 +125,9 @@ class Engine:
                         ("prefill_rows", prefill_rows), ("steps_per_call", steps_per_call)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"engine: {name} must be a positive integer, got {value!r}")
+    if getattr(model, "dp", 1) > 1:  # a request's pages would have to stay in one replica
+      raise ValueError(f"engine: a mesh with dp={model.dp} data replicas is not implemented "
+                       f"for serving; serve with --tp only (run one server per replica)")
     # Sliding windows are the attention's business: a request may run past its window (the
     # engine keeps all its pages, where generate gives back those out of every window).
     context = cfg.max_position_embeddings
@@ -279,7 +282,7 @@ class Engine:
         self._graphdef, self._state, carry, cache, self._eos_ids, jnp.asarray(max_new),
         jnp.int32(max_new.max()), _device(sampling), impl=self._impl)
     self.kv.k, self.kv.v = cache.k, cache.v
-    return np.asarray(carry[1])
+    return decode_loop.to_host(carry[1])
 
   def _prefill_call(self, ids, n, table, lengths):
     cache = kvc.KVCache(self.kv.k, self.kv.v, jnp.asarray(table), jnp.asarray(lengths))
@@ -294,7 +297,7 @@ class Engine:
     carry = decode_loop.first_token(last, self._key, self._eos_ids, jnp.ones((rows,), bool),
                                     jnp.int32(2), _device(sampling),
                                     jnp.asarray(positions, jnp.int32), out_len=1)
-    return np.asarray(carry[3])
+    return decode_loop.to_host(carry[3])
 
   # -------------------------------------------------------------------- the loop
 

@@ -167,22 +167,41 @@ def page_table(pages_per_row, rows: int, width: int) -> np.ndarray:
 
 class KVStore:
   """A model's paged KV cache that outlives one `generate` call: the key and value page pools
-  on the device, and their host bookkeeping (the PagePool, with its prefix cache)."""
+  on the device, and their host bookkeeping (the PagePool, with its prefix cache).
 
-  def __init__(self, config, num_pages: int, page_size: int = 64, dtype=jnp.float32):
-    self.config, self.dtype = config, jnp.dtype(dtype)
-    self.pool = PagePool(num_pages, page_size)
-    self.k, self.v = kvc.empty_pages(config, num_pages, page_size, self.dtype)
+  For a model on a mesh (models/sharded.py) the pages are sharded by KV head, and each data
+  replica has its own `num_pages` pages and PagePool (`pools`; a batch's rows are split among
+  the replicas in order, `pool_of`)."""
+
+  def __init__(self, config, num_pages: int, page_size: int = 64, dtype=jnp.float32, *,
+               mesh=None, replicas: int = 1, pages=None):
+    self.config, self.dtype, self.mesh = config, jnp.dtype(dtype), mesh
+    self.pools = [PagePool(num_pages, page_size) for _ in range(replicas)]
+    self.k, self.v = pages or kvc.empty_pages(config, num_pages, page_size, self.dtype)
 
   @classmethod
   def for_model(cls, model, num_pages: int, page_size: int = 64) -> "KVStore":
-    return cls(model.config, num_pages, page_size, model.dtype)
+    """The store for `model`; on a mesh, `num_pages` per data replica, sharded as it reads."""
+    if getattr(model, "mesh", None) is None:
+      return cls(model.config, num_pages, page_size, model.dtype)
+    return cls(model.config, num_pages, page_size, model.dtype, mesh=model.mesh,
+               replicas=model.dp, pages=model.empty_pages(num_pages, page_size))
+
+  @property
+  def pool(self) -> PagePool:
+    """The page pool (of the first data replica when there are several)."""
+    return self.pools[0]
+
+  def pool_of(self, row: int, rows: int) -> PagePool:
+    """The pool of row `row` of a batch of `rows` (a multiple of the replicas)."""
+    return self.pools[row * len(self.pools) // rows]
 
   @property
   def page_size(self) -> int:
     return self.pool.page_size
 
   def check_for(self, model):
-    if model.config != self.config or model.dtype != self.dtype:
-      raise ValueError("KVStore: made for another model (config or dtype differ); its pages "
-                       "hold that model's keys and values")
+    if (model.config != self.config or model.dtype != self.dtype
+        or getattr(model, "mesh", None) != self.mesh):
+      raise ValueError("KVStore: made for another model (config, dtype or mesh differ); its "
+                       "pages hold that model's keys and values")

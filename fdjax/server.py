@@ -320,24 +320,25 @@ def start_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0, time
   return uv, f"http://{host}:{sock.getsockname()[1]}"
 
 
-def load(model_dir: str | None, dtype=None, quantize=None):
+def load(model_dir: str | None, dtype=None, quantize=None, mesh=None):
   """(model, tokenizer, chat template or None, model name) for a checkpoint directory, or the
-  bundled default model; `quantize` ("int8" / "int4") its linear weights at load."""
+  bundled default model; `quantize` ("int8" / "int4") its linear weights at load; `mesh`
+  (fdjax.make_mesh) the devices it is loaded onto, tensor parallel."""
   from fdjax import checkpoint, tokenizer
   from fdjax.cli import DEFAULT_MODEL_DIR
   path = model_dir or DEFAULT_MODEL_DIR
   name = "fdjax-default" if model_dir is None else os.path.basename(os.path.normpath(path))
-  return (checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize),
+  return (checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize, mesh=mesh),
           tokenizer.load_tokenizer(path),
           chat.load(path), name)
 
 
 def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None, dtype=None,
-          quantize=None, warmup=False, log_level="info", **engine_args):
+          quantize=None, warmup=False, log_level="info", mesh=None, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted."""
   check_dependencies()
   import uvicorn
-  model, tok, template, name = load(model_dir, dtype, quantize)
+  model, tok, template, name = load(model_dir, dtype, quantize, mesh)
   engine = eng.Engine(model, tok, **engine_args)
   if warmup:
     t0 = time.perf_counter()

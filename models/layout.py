@@ -11,13 +11,19 @@ and the shape checks are all derived from it (fdjax.checkpoint); `split_last` is
 fused-tensor split, used by the model too. A
 weight quantized to int8 / int4 (fdjax.quant) is stored under the same names as its values
 plus a NAME_scale tensor of scales, both [out, ...] and fused / split the same way.
+
+With tensor parallelism (models/parallel.py) each entry also says how it is split across
+devices (`split`), and `shard_pieces` which slices of which checkpoint tensors one device's
+part is made of: q/k/v and gate/up by column, each device its own heads / rows of each part
+(KV heads repeated when there are fewer than devices), the attention output and down
+projections by row, the embedding and LM head by vocabulary (zero-padded), the rest whole.
 """
 from __future__ import annotations
 
 import dataclasses
 
 from fdjax import quant
-from models import positions
+from models import parallel, positions
 
 
 SCALE_SUFFIX = "_scale"  # a quantized tensor's scales: "...q_proj.weight_scale"
@@ -30,6 +36,9 @@ class Entry:
   shapes: tuple       # their checkpoint shapes
   transpose: bool     # checkpoint [out, in] -> fdjax [in, out]
   linear: bool = False  # only ever a linear layer's weight (dispatch.linear's w): quantizable
+  # Across tensor-parallel devices: None (whole on each), "qkv" / "gate_up" (by column, each
+  # part its own heads / rows), "rows" (by fdjax's input axis), "vocab" (by vocabulary).
+  split: str | None = None
 
   def tensors(self, method: str | None = None) -> list[tuple[str, tuple]]:
     """(name, shape) of each checkpoint tensor: the listed ones, or, for a weight quantized
@@ -53,6 +62,14 @@ class Entry:
     first = self.shapes[0]
     return tuple(first[1:] if self.transpose else first[:-1]) + (sum(self.sizes),)
 
+  @property
+  def split_axis(self) -> int | None:
+    """The fdjax axis split across tensor-parallel devices, or None."""
+    if self.split is None:
+      return None
+    first_axis = self.split == "rows" or (self.split == "vocab" and not self.transpose)
+    return 0 if first_axis else len(self.shape) - 1
+
 
 def split_last(x, sizes):
   """The parts of a tensor fused along its last axis (q / k / v, gate / up)."""
@@ -68,17 +85,44 @@ def qkv_sizes(cfg) -> list[int]:
   return [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]
 
 
+def shard_pieces(entry: Entry, cfg, tp: int, device: int) -> list[tuple[str, int, int, int]]:
+  """What device `device` of tp holds of an entry's parameter: (checkpoint tensor name, its
+  axis, start, stop) slices, fused along the parameter's last axis in this order after the
+  entry's transpose; rows from the tensor's end on are zeros (the padded vocabulary)."""
+  if entry.split is None:
+    return [(name, 0, 0, shape[0]) for name, shape in zip(entry.names, entry.shapes)]
+  if entry.split in ("rows", "vocab"):
+    (name,), (shape,) = entry.names, entry.shapes
+    axis = 1 if entry.split == "rows" else 0
+    size = (shape[axis] if entry.split == "rows" else parallel.padded_vocab(cfg, tp)) // tp
+    return [(name, axis, device * size, (device + 1) * size)]
+  if entry.split == "qkv":
+    d, hq, hkv = cfg.head_dim, cfg.num_heads // tp, parallel.kv_heads(cfg, tp)
+    kv0 = parallel.kv_head_start(cfg, tp, device)
+    wanted = [(device * hq * d, hq * d), (kv0 * d, hkv * d), (kv0 * d, hkv * d)]
+  else:  # gate_up
+    f = cfg.intermediate_size // tp
+    wanted = [(device * f, f)] * 2
+  # The parts (q, k, v or gate, up) are separate tensors, or one fused tensor (Phi-3).
+  sizes = qkv_sizes(cfg) if entry.split == "qkv" else [cfg.intermediate_size] * 2
+  names = entry.names if len(entry.names) > 1 else entry.names * len(sizes)
+  offsets = [0] * len(sizes) if len(entry.names) > 1 else [sum(sizes[:i]) for i in
+                                                            range(len(sizes))]
+  return [(name, 0, off + start, off + start + n)
+          for name, off, (start, n) in zip(names, offsets, wanted)]
+
+
 def layout(cfg) -> list[Entry]:
   """Every parameter of a model with this config, in checkpoint order."""
   h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  e = lambda param, names, shapes, transpose, linear=False: Entry(
-      tuple(param), tuple(names), tuple(shapes), transpose, linear)
+  e = lambda param, names, shapes, transpose, linear=False, split=None: Entry(
+      tuple(param), tuple(names), tuple(shapes), transpose, linear, split)
   pe = positions.get(cfg.position_encoding)
   if cfg.tie_word_embeddings:  # one [H, V] matrix: the output projection, gathered to embed
-    out = [e(["lm_head"], ["model.embed_tokens.weight"], [(v, h)], True)]
+    out = [e(["lm_head"], ["model.embed_tokens.weight"], [(v, h)], True, split="vocab")]
   else:
-    out = [e(["embed"], ["model.embed_tokens.weight"], [(v, h)], False),
-           e(["lm_head"], ["lm_head.weight"], [(v, h)], True, linear=True)]
+    out = [e(["embed"], ["model.embed_tokens.weight"], [(v, h)], False, split="vocab"),
+           e(["lm_head"], ["lm_head.weight"], [(v, h)], True, linear=True, split="vocab")]
   out.append(e(["norm", "weight"], ["model.norm.weight"], [(h,)], False))
   if pe.model_param(cfg):
     name, shape, _ = pe.model_param(cfg)
@@ -98,18 +142,18 @@ def layout(cfg) -> list[Entry]:
     out += [e(["layers", i, ours, "weight"], [p + theirs + ".weight"], [(h,)], False)
             for ours, theirs in norms.items()]
     out += [
-        e(["layers", i, "attn", "wqkv"], *wqkv, True, linear=True),
+        e(["layers", i, "attn", "wqkv"], *wqkv, True, linear=True, split="qkv"),
         e(["layers", i, "attn", "wo"], [p + "self_attn.o_proj.weight"], [(h, qkv[0])], True,
-          linear=True),
-        e(["layers", i, "mlp", "w_gate_up"], *gate_up, True, linear=True),
+          linear=True, split="rows"),
+        e(["layers", i, "mlp", "w_gate_up"], *gate_up, True, linear=True, split="gate_up"),
         e(["layers", i, "mlp", "w_down"], [p + "mlp.down_proj.weight"], [(h, f)], True,
-          linear=True)]
+          linear=True, split="rows")]
     if cfg.qk_norm:
       out += [e(["layers", i, "attn", f"{x}_norm", "weight"], [p + f"self_attn.{x}_norm.weight"],
                 [(cfg.head_dim,)], False) for x in "qk"]
     if cfg.qkv_bias:
       out.append(e(["layers", i, "attn", "bqkv"], [n + ".bias" for n in attn],
-                   [(size,) for size in qkv], False))
+                   [(size,) for size in qkv], False, split="qkv"))
     if pe.layer_param(cfg):
       name, shape, _ = pe.layer_param(cfg)
       out.append(e(["layers", i, "attn", "pos_emb"], [p + name], [shape], False))

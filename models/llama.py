@@ -28,7 +28,7 @@ from flax import nnx
 
 from fdjax import dispatch
 from fdjax import kv_cache as kvc
-from models import layout, positions
+from models import layout, parallel, positions
 from models.config import MLP_ACTIVATIONS, ModelConfig
 
 
@@ -72,8 +72,9 @@ def _apply(norm, x):
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, tp=None):
     self.cfg = cfg
+    self.tp = tp  # parallel.Parallel: this is one device's share of the heads
     self.layer = layer
     self.phi = None if cfg.softmax_phi is None else cfg.softmax_phi[layer]
     qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
@@ -109,12 +110,14 @@ class Attention(nnx.Module):
       else:
         o = pe.attend(q, kvc.gather(kc, page_table), kvc.gather(vc, page_table), start + n,
                       q_start=start, **attend)
-    return dispatch.linear(o.reshape(b, t, -1), self.wo[...]), layer_cache
+    o = dispatch.linear(o.reshape(b, t, -1), self.wo[...])
+    return parallel.reduce(o, self.tp), layer_cache
 
 
 class MLP(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype):
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, tp=None):
+    self.tp = tp
     self.w_gate_up = _normal(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)
     self.w_down = _normal(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)
     self.activation = cfg.mlp_activation
@@ -122,19 +125,20 @@ class MLP(nnx.Module):
   def __call__(self, x):
     gate, up = layout.split_last(dispatch.linear(x, self.w_gate_up[...]),
                                  [self.w_down.shape[0]] * 2)
-    return dispatch.linear(MLP_ACTIVATIONS[self.activation](gate) * up, self.w_down[...])
+    return parallel.reduce(
+        dispatch.linear(MLP_ACTIVATIONS[self.activation](gate) * up, self.w_down[...]), self.tp)
 
 
 class Block(nnx.Module):
   """Pre-norm attention and MLP, each with a residual; `sandwich_norms` (Gemma) also normalises
   each one's output before it joins the residual."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, tp=None):
     self.attn_norm = _norm(cfg, cfg.hidden_size, dtype)
-    self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype)
+    self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype, tp=tp)
     self.attn_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
     self.mlp_norm = _norm(cfg, cfg.hidden_size, dtype)
-    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, tp=tp)
     self.mlp_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
 
   def __call__(self, x, pos, start, n, layer_cache, page_table):
@@ -145,23 +149,28 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               tp: parallel.Parallel | None = None):
     self.config = cfg
     self.dtype = jnp.dtype(dtype)
+    # With tp (models/parallel.py), cfg is one device's share under shard_map: the
+    # row-parallel projections are summed over tp.axis, the vocabulary is split across it.
+    self.tp = tp
     # Tied models keep one [H, V] matrix: the output projection as it is, and the embedding
     # by gathering its columns (no per-step transpose of a vocab-sized matrix).
     self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
     self.embed = (None if cfg.tie_word_embeddings
                   else _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
     self.pos_table = _param(rngs, positions.get(cfg.position_encoding).model_param(cfg), dtype)
-    self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_layers)])
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs, dtype=dtype, tp=tp)
+                            for i in range(cfg.num_layers)])
     self.norm = _norm(cfg, cfg.hidden_size, dtype)
 
   def _embed(self, ids):
     if self.embed is None:
-      x = jnp.take(self.lm_head[...], ids, axis=1).transpose(1, 2, 0)
+      x = parallel.take_rows(self.lm_head[...], ids, self.tp, axis=1).transpose(1, 2, 0)
     else:
-      x = jnp.take(self.embed[...], ids, axis=0)
+      x = parallel.take_rows(self.embed[...], ids, self.tp, axis=0)
     scale = self.config.embed_scale  # Gemma: sqrt(hidden), rounded to the weights' dtype
     return x if scale is None else x * jnp.asarray(scale, x.dtype)
 
@@ -190,7 +199,8 @@ class Transformer(nnx.Module):
         new_v.append(layer_cache[1])
     if last_only:
       x = x[jnp.arange(b), jnp.maximum(n - 1, 0)][:, None]
-    logits = dispatch.linear(self.norm(x), self.lm_head[...]).astype(jnp.float32)
+    logits = parallel.gather_logits(
+        dispatch.linear(self.norm(x), self.lm_head[...]), self.tp).astype(jnp.float32)
     if cfg.final_softcap is not None:
       logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     if cache is None:

@@ -9,7 +9,9 @@ except where FDJAX_REQUIRE_H100=1 (set by .ci/run): there they fail.
 import json
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -108,3 +110,34 @@ def test_programs_per_sm_follow_the_sm90_rules():
   small = aot.Kernel("k", (1, 1, 1), threads=128, shared_bytes=0, registers=16,
                      spill_stores=0, spill_loads=0)
   assert small.per_sm_by_registers() == 16 and small.per_sm_by_shared() == 32  # 2048 threads
+
+
+@pytest.mark.parametrize("preset,dp,tp,topology", [("llama-3-8b", 1, 8, "1x1x8"),
+                                                   ("llama-2-7b", 2, 4, "1x2x4")])
+def test_the_sharded_decode_loop_compiles_for_eight_h100s(h100, preset, dp, tp, topology):
+  """generate's decode loop on a (dp, tp) mesh of 8 described H100s (one host of 8, or two
+  of 4): the kernels run per device under shard_map, with an all-reduce after the o and down
+  projections and an all-gather of the vocabulary-split logits; each device's arguments are
+  its parameter shards and its KV pages, nothing more."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from fdjax import mesh as meshes
+  from models import layout, parallel
+  cfg = presets.get(preset)
+  mesh = meshes.make_mesh(tp=tp, dp=dp, devices=aot.devices("h100", topology))
+  model = meshes.build(cfg, jnp.bfloat16, mesh)  # abstract: shapes and shardings only
+  place = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                    sharding=NamedSharding(mesh, P()))
+  with dispatch.lowering_for("cuda"):
+    _, decode = decode_loop.lower(model, batch=16, prompt_len=512, max_new_tokens=64,
+                                  place=place)
+  compiled = aot.compile(decode)
+  hlo = compiled.as_text()
+  for op in ("fdjax_decode_async", "fdjax_flat_gemm", "all-reduce", "all-gather"):
+    assert op in hlo, op
+  local = parallel.local_config(cfg, tp)
+  params = sum(int(np.prod(e.shape)) for e in layout.layout(local)) * 2
+  pages = 16 * 16 // dp  # 16 rows of 16 pages (576 tokens in pages of 64), split by replica
+  kv = 2 * cfg.num_layers * pages * 64 * local.num_kv_heads * local.head_dim * 2
+  assert params + kv <= compiled.memory_analysis().argument_size_in_bytes <= params + kv + 2**20

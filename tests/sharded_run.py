@@ -1,0 +1,135 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 CPU devices (XLA_FLAGS): loads each
+checkpoint on one device and on each (dp, tp) mesh, and prints one JSON object: per case the
+logits' error against one device, both generations, what each device holds, and the errors
+bad meshes raise. Argument: a JSON {"models": {name: [path, [[dp, tp], ...]]},
+"interpret": [name, dp, tp]} (that case also generates with the Pallas kernels, interpreted)."""
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fdjax  # noqa: E402
+from fdjax import cli, dispatch  # noqa: E402
+from fdjax import engine as eng  # noqa: E402
+from fdjax import mesh as meshes  # noqa: E402
+from fdjax.tokenizer import ByteTokenizer  # noqa: E402
+from models import layout, parallel  # noqa: E402
+
+NEW = 10
+
+
+def prompts_for(vocab, seed):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab, n).tolist() for n in (11, 5, 17)]
+
+
+def holdings(model):
+  """What each device holds: bytes of its parameter shards, and the shard shapes of the
+  first layer's wqkv and wo, the LM head and the KV pages."""
+  per_device = {}
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    for s in leaf.addressable_shards:
+      per_device[str(s.device)] = per_device.get(str(s.device), 0) + s.data.nbytes
+  local_cfg = parallel.local_config(model.config, model.tp)
+  itemsize = jnp.dtype(model.dtype).itemsize
+  want = sum(int(np.prod(e.shape)) for e in layout.layout(local_cfg)) * itemsize
+  kv = fdjax.KVStore.for_model(model, num_pages=4, page_size=4)
+  shapes = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
+  attn = model.local.layers[0].attn
+  return dict(bytes=sorted(set(per_device.values())), devices=len(per_device), want=want,
+              whole=sum(int(np.prod(e.shape)) for e in layout.layout(model.config)) * itemsize,
+              wqkv=shapes(attn.wqkv[...]), wo=shapes(attn.wo[...]),
+              lm_head=shapes(model.local.lm_head[...]), pages=shapes(kv.k[0]),
+              vocab=model.config.vocab_size,
+              local=dict(heads=local_cfg.num_heads, kv_heads=local_cfg.num_kv_heads,
+                         head_dim=local_cfg.head_dim))
+
+
+def error(fn):
+  try:
+    fn()
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def engine_case(path, devices):
+  """`fdjax serve`'s engine on a tp=4 mesh: each request's tokens, and generate's alone on
+  one device; a dp=2 mesh refused."""
+  one = fdjax.load_pretrained(path)
+  model = fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=4, devices=devices[:4]))
+  prompts = prompts_for(one.config.vocab_size, 3)
+  engine = eng.Engine(model, ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
+                      prefill_chunk=16, steps_per_call=4)
+  reqs = [eng.Request(p, 7) for p in prompts]
+  for r in reqs:
+    engine.submit(r)
+  while not engine.idle():
+    engine.step()
+  dp2 = fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=2, dp=2, devices=devices[:4]))
+  return dict(tokens=[r.tokens for r in reqs],
+              alone=[fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts],
+              pages_in_use=engine.kv.pool.pages_in_use,
+              dp_refused=error(lambda: eng.Engine(dp2, ByteTokenizer())))
+
+
+def cli_text(tp, dp):
+  """What `fdjax generate --tp --dp` prints (the bundled model, greedy)."""
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    rc = cli.main(["generate", "def f(x):", "--max-new-tokens", "12", "--temperature", "0",
+                   "--page-size", "8", "--tp", str(tp), "--dp", str(dp)])
+  return [rc] + buf.getvalue().splitlines()
+
+
+def main():
+  spec = json.loads(sys.argv[1])
+  devices = jax.devices()
+  out = {"devices": len(devices), "cases": {}, "errors": {}}
+  t0 = time.perf_counter()
+  for name, (path, meshes_) in spec["models"].items():
+    one = fdjax.load_pretrained(path)
+    vocab = one.config.vocab_size
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, vocab, (4, 13)))
+    want = np.asarray(one(ids))
+    prompts = prompts_for(vocab, 2)
+    gen = dict(max_new_tokens=NEW, page_size=4, prefill_chunk=8)
+    tokens = fdjax.generate(one, prompts, **gen).tokens
+    for dp, tp in meshes_:
+      mesh = fdjax.make_mesh(tp=tp, dp=dp, devices=devices[:tp * dp])
+      model = fdjax.load_pretrained(path, mesh=mesh)
+      got = np.asarray(model(ids))
+      case = dict(rel=float(np.max(np.abs(got - want)) / np.max(np.abs(want))),
+                  finite=bool(np.all(np.isfinite(got))), tokens=tokens,
+                  sharded=fdjax.generate(model, prompts, **gen).tokens, **holdings(model))
+      if spec.get("interpret") == [name, dp, tp]:
+        with dispatch.using("pallas_interpret"):
+          case["interpreted"] = fdjax.generate(model, prompts, **gen).tokens
+      out["cases"][f"{name} dp={dp} tp={tp}"] = case
+      print(name, dp, tp, f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+  out["engine"] = engine_case(spec["models"]["llama3"][0], devices)
+  out["cli"] = {f"tp={tp} dp={dp}": cli_text(tp, dp) for tp, dp in [(1, 1), (4, 2)]}
+  path = spec["models"]["cope"][0]
+  out["errors"] = {
+      "tp_8_for_4_heads": error(lambda: fdjax.load_pretrained(path, mesh=fdjax.make_mesh(8))),
+      "axis_missing": error(lambda: fdjax.load_pretrained(path, mesh=jax.sharding.Mesh(
+          np.asarray(devices[:2]).reshape(1, 2), ("batch", "model")))),
+      "device_count": error(lambda: fdjax.make_mesh(tp=3)),
+      "not_a_mesh": error(lambda: meshes.check_mesh("model")),
+      "quantized": error(lambda: fdjax.load_pretrained(path, quantize="int8",
+                                                       mesh=fdjax.make_mesh(4, 2))),
+  }
+  print("JSON" + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,205 @@
+"""Many devices (fdjax.mesh, models/parallel.py, models/sharded.py): tensor parallelism over
+"model" and data-parallel replicas over "data" give the single-device logits (float32,
+1e-5 relative) and greedy tokens, loaded from Hugging Face checkpoints straight onto the
+mesh; each device holds only its shard; bad meshes are clear ValueErrors. The multi-device
+work runs in one subprocess with 8 CPU devices (tests/sharded_run.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fdjax import mesh as meshes
+from models import layout, parallel
+from tests.models_util import tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = os.path.join(ROOT, "fdjax", "default_model")  # CoPE, 4 heads: tp up to 4
+ALL = [[1, 1], [1, 2], [1, 4], [1, 8], [2, 4]]
+VOCAB = 211  # not a multiple of 2: the LM head's vocabulary is padded
+FAMILIES = {
+    # Llama-2 style: multi-head attention (8 KV heads)
+    "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+               dict(num_key_value_heads=8), ALL),
+    # Llama-3 style: 2 KV heads, fewer than 4 or 8 devices (KV heads repeated)
+    "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+               dict(num_key_value_heads=2, rope_theta=500000.0), ALL),
+    # fused qkv / gate_up checkpoint tensors, a sliding window in every layer (pages given back)
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+             dict(num_key_value_heads=2, sliding_window=8, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2), [[2, 4]]),
+    # tied embeddings (a vocabulary-split table for the lookup too), q/k/v bias
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(num_key_value_heads=4, tie_word_embeddings=True), [[2, 2], [1, 8]]),
+}
+
+
+def _hf_checkpoint(name, path):
+  cfg_cls, model_cls, extra, _ = FAMILIES[name]
+  torch.manual_seed(len(name))
+  hf = model_cls(cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=8,
+                         max_position_embeddings=128, **extra))
+  with torch.no_grad():
+    for p in hf.parameters():  # larger than the default init: logits far from uniform
+      p.normal_(0.0, 0.15)
+  hf.save_pretrained(path, max_shard_size="100KB" if name == "llama2" else "1GB")
+  return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  models = {name: [_hf_checkpoint(name, str(tmp_path_factory.mktemp(name))), fam[3]]
+            for name, fam in FAMILIES.items()}
+  models["cope"] = [DEFAULT_MODEL, [[1, 1], [1, 2], [1, 4], [2, 4]]]
+  spec = {"models": models, "interpret": ["llama3", 2, 4]}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_run.py"),
+                      json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  out = json.loads(r.stdout.split("JSON", 1)[1])
+  assert out["devices"] == 8
+  out["paths"] = {name: m[0] for name, m in models.items()}
+  return out
+
+
+CASES = [f"{name} dp={dp} tp={tp}" for name, fam in FAMILIES.items() for dp, tp in fam[3]] + [
+    f"cope dp={dp} tp={tp}" for dp, tp in [[1, 1], [1, 2], [1, 4], [2, 4]]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_logits_and_tokens_as_one_device(run, case):
+  c = run["cases"][case]
+  assert c["finite"] and c["rel"] <= 1e-5, c["rel"]
+  assert c["sharded"] == c["tokens"]
+  assert all(len(t) == 10 for t in c["tokens"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_device_holds_only_its_shard(run, case):
+  c = run["cases"][case]
+  tp = int(case.split("tp=")[1])
+  dp = int(case.split("dp=")[1].split()[0])
+  assert c["devices"] == dp * tp
+  assert c["bytes"] == [c["want"]]  # every device the same: its local model, no more
+  heads, kv, d = c["local"]["heads"], c["local"]["kv_heads"], c["local"]["head_dim"]
+  assert len(c["wqkv"]) == 1 and c["wqkv"][0][1] == (heads + 2 * kv) * d
+  assert len(c["wo"]) == 1 and c["wo"][0][0] == heads * d
+  assert c["pages"] == [[4, 4, kv, d]]  # each replica's 4 pages, the device's KV heads
+  assert c["lm_head"] == [[64 if "cope" not in case else 256, -(-c["vocab"] // tp)]]
+  if tp > 1:
+    assert c["want"] < c["whole"] * 0.75
+
+
+def test_kv_heads_are_repeated_below_tp(run):
+  c = run["cases"]["llama3 dp=1 tp=8"]  # 2 KV heads, 8 devices: each keeps the one it reads
+  assert c["local"] == {"heads": 1, "kv_heads": 1, "head_dim": 8}
+  assert run["cases"]["llama3 dp=1 tp=2"]["local"]["kv_heads"] == 1
+  assert run["cases"]["llama2 dp=1 tp=2"]["local"]["kv_heads"] == 4
+
+
+def test_pallas_kernels_run_per_device_under_shard_map(run):
+  c = run["cases"]["llama3 dp=2 tp=4"]
+  assert c["interpreted"] == c["tokens"]
+
+
+def test_the_serving_engine_runs_on_a_tensor_parallel_mesh(run):
+  e = run["engine"]
+  assert e["tokens"] == e["alone"] and all(len(t) == 7 for t in e["tokens"])
+  assert e["pages_in_use"] == 0
+  assert "dp=2 data replicas is not implemented for serving" in e["dp_refused"]
+
+
+def test_the_command_line_generates_the_same_text_on_a_mesh(run):
+  one, mesh = run["cli"]["tp=1 dp=1"], run["cli"]["tp=4 dp=2"]
+  assert one[0] == mesh[0] == 0
+  text = "\n".join(one[1:-1])  # the prompt and the greedy continuation
+  assert text == "\n".join(mesh[1:-1]) and len(text) > len("def f(x):") + 5
+  assert "mesh dp=2 tp=4" in mesh[-1] and "mesh" not in one[-1]
+
+
+def test_two_processes_joined_by_jax_distributed_generate_one_process_tokens(run):
+  """Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) load the Llama-3
+  style checkpoint onto a 4-device mesh spanning both, tp=4 and (dp, tp) = (2, 2), and
+  generate greedily: the tokens of one process on one device."""
+  path = run["paths"]["llama3"]
+  prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [100, 50, 25, 12, 6]]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  spec = json.dumps({"path": path, "prompts": prompts, "new": 8, "meshes": [[1, 4], [2, 2]]})
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "tests", "multihost_run.py"), spec],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.split("JSON", 1)[1]))
+  import fdjax
+  want = fdjax.generate(fdjax.load_pretrained(path), prompts, max_new_tokens=8,
+                        page_size=4).tokens
+  cfg = fdjax.load_pretrained(path).config
+  for i, out in enumerate(outs):
+    assert (out["process"], out["processes"], out["devices"], out["local_devices"]) == (i, 2, 4, 2)
+    for dp, tp in [[1, 4], [2, 2]]:
+      assert out[f"dp={dp} tp={tp}"] == want
+      local = parallel.local_config(cfg, tp)
+      mine = 2 * 4 * sum(int(np.prod(e.shape)) for e in layout.layout(local))  # float32
+      assert out[f"dp={dp} tp={tp} bytes here"] == mine
+
+
+def test_bad_meshes_are_clear_errors(run):
+  e = run["errors"]
+  assert "tp=8 does not divide the model's num_heads (4)" in e["tp_8_for_4_heads"]
+  assert "lack ['data']" in e["axis_missing"]
+  assert "tp * dp = 3 * 1 = 3 does not match the 8 devices" in e["device_count"]
+  assert "must be a jax.sharding.Mesh" in e["not_a_mesh"]
+  assert "quantize with a mesh is not implemented" in e["quantized"]
+
+
+def test_what_each_device_takes_of_a_checkpoint():
+  cfg = tiny_config(num_heads=8, num_kv_heads=2, head_dim=4, intermediate_size=24,
+                    vocab_size=10, fused_checkpoint=True)
+  entries = {e.param: e for e in layout.layout(cfg)}
+  qkv = entries[("layers", 0, "attn", "wqkv")]
+  name = qkv.names[0]  # fused: q (32 rows), k (8), v (8)
+  # device 3 of 4: q heads 6, 7; both read KV head 1 (rows 4..8 of k and of v)
+  assert layout.shard_pieces(qkv, cfg, 4, 3) == [(name, 0, 24, 32), (name, 0, 36, 40),
+                                                 (name, 0, 44, 48)]
+  gate_up = entries[("layers", 0, "mlp", "w_gate_up")]
+  assert layout.shard_pieces(gate_up, cfg, 4, 1) == [(gate_up.names[0], 0, 6, 12),
+                                                     (gate_up.names[0], 0, 30, 36)]
+  down = entries[("layers", 0, "mlp", "w_down")]
+  assert layout.shard_pieces(down, cfg, 4, 2) == [(down.names[0], 1, 12, 18)]
+  assert down.split_axis == 0 and qkv.split_axis == 1
+  head = entries[("lm_head",)]  # 10 words over 4 devices: 3 each, the last 1 padded
+  assert layout.shard_pieces(head, cfg, 4, 3) == [("lm_head.weight", 0, 9, 12)]
+  x = np.arange(20.0).reshape(10, 2)
+  assert np.array_equal(meshes.padded_slice(x, x.shape, 0, 9, 12),
+                        [[18.0, 19.0], [0.0, 0.0], [0.0, 0.0]])
+
+
+def test_a_model_that_cannot_be_split_is_refused():
+  cfg = tiny_config(num_heads=6, num_kv_heads=3, intermediate_size=80)
+  with pytest.raises(ValueError, match=r"tp=4 does not divide the model's num_heads \(6\)"):
+    parallel.local_config(cfg, 4)
+  with pytest.raises(ValueError, match="num_kv_heads \\(3\\) is neither a multiple nor a "
+                                       "divisor of tp=2"):
+    parallel.local_config(tiny_config(num_heads=6, num_kv_heads=3, intermediate_size=80), 2)
+  with pytest.raises(ValueError, match=r"does not divide the model's intermediate_size \(80\)"):
+    parallel.local_config(tiny_config(num_heads=6, num_kv_heads=6, intermediate_size=80), 3)
+  with pytest.raises(ValueError, match="tp must be a positive integer"):
+    meshes.make_mesh(tp=0)
