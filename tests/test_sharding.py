@@ -36,7 +36,7 @@ FAMILIES = {
                   eos_token_id=2), [[2, 4]]),
     # tied embeddings (a vocabulary-split table for the lookup too), q/k/v bias
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
-              dict(num_key_value_heads=4, tie_word_embeddings=True), [[2, 2], [1, 8]]),
+              dict(num_key_value_heads=4, tie_word_embeddings=True), [[2, 2]]),
 }
 
 
