@@ -174,9 +174,10 @@ class Buckets:
 
 def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
             max_cache_len: int | None = None, page_size: int = 64,
-            prefill_chunk: int | None = None) -> Buckets:
-  """The shapes for `batch` prompts of up to `longest` tokens and `max_new_tokens` more,
-  refusing (ValueError) what exceeds the cache or the model's context."""
+            prefill_chunk: int | None = None, replicas: int = 1) -> Buckets:
+  """The shapes for `batch` prompts of up to `longest` tokens and `max_new_tokens` more
+  (the batch a multiple of a mesh's data `replicas`, which split it), refusing (ValueError)
+  what exceeds the cache or the model's context."""
   for name, value in (("max_new_tokens", max_new_tokens), ("prefill_chunk", prefill_chunk),
                       ("page_size", page_size)):
     if (value is not None or name == "max_new_tokens") and (
@@ -190,7 +191,8 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                      f"the model's context of {cfg.max_position_embeddings} tokens")
   pages = pow2(_pages(need, page_size))
-  return Buckets(batch=pow2(batch), pages=pages, out=pow2(max_new_tokens),
+  return Buckets(batch=-(-pow2(batch) // replicas) * replicas, pages=pages,
+                 out=pow2(max_new_tokens),
                  chunk=min(prefill_chunk or pow2(longest, 16), pages * page_size))
 
 
@@ -216,10 +218,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   _check_prompts(prompts, cfg.vocab_size)
   page_size = page_size if kv is None else kv.page_size
   longest = max(len(p) for p in prompts)
-  shapes = buckets(cfg, len(prompts), longest, max_new_tokens, max_cache_len, page_size,
-                   prefill_chunk)
   replicas = getattr(model, "dp", 1)
-  shapes = dataclasses.replace(shapes, batch=-(-shapes.batch // replicas) * replicas)
+  shapes = buckets(cfg, len(prompts), longest, max_new_tokens, max_cache_len, page_size,
+                   prefill_chunk, replicas)
   bp = shapes.batch
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
   eos = [] if eos_token_id is None else (
@@ -232,7 +233,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
     pages = [0] * replicas  # each data replica's rows take pages from its own pool
     for i, p in enumerate(prompts):
-      pages[i * replicas // bp] += (
+      pages[paging.replica_of(i, bp, replicas)] += (
           _pages(len(p) + max_new_tokens, page_size) if window is None else
           min(_pages(len(p) + max_new_tokens, page_size), live_pages(window, at_once, page_size)))
     kv = paging.KVStore.for_model(model, pow2(max(pages)), page_size)
@@ -370,13 +371,13 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   sharding, e.g. fdjax.aot.abstract for a described GPU); default: no sharding."""
   place = place or jax.ShapeDtypeStruct
   cfg = model.config
-  shapes = buckets(cfg, batch, prompt_len, max_new_tokens, None, page_size, prefill_chunk)
+  on_mesh = getattr(model, "mesh", None) is not None
+  dp = model.dp if on_mesh else 1
+  shapes = buckets(cfg, batch, prompt_len, max_new_tokens, None, page_size, prefill_chunk, dp)
   graphdef, state = nnx.split(model)
   like = lambda tree: jax.tree.map(lambda a: place(a.shape, a.dtype), tree)
   static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
-  on_mesh = getattr(model, "mesh", None) is not None
-  dp = model.dp if on_mesh else 1
-  b = -(-shapes.batch // dp) * dp
+  b = shapes.batch
   rows = place((b,), jnp.int32)
   if on_mesh:  # (fdjax.mesh.build without read): parameters and pages keep their shardings
     params, one = state, model.pages(b * shapes.pages // dp, page_size)

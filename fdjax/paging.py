@@ -165,6 +165,12 @@ def page_table(pages_per_row, rows: int, width: int) -> np.ndarray:
   return table
 
 
+def replica_of(row: int, rows: int, replicas: int) -> int:
+  """The data replica that holds row `row` of a batch of `rows` (a multiple of `replicas`):
+  the rows are split among the replicas in order."""
+  return row * replicas // rows
+
+
 class KVStore:
   """A model's paged KV cache that outlives one `generate` call: the key and value page pools
   on the device, and their host bookkeeping (the PagePool, with its prefix cache).
@@ -194,7 +200,7 @@ class KVStore:
 
   def pool_of(self, row: int, rows: int) -> PagePool:
     """The pool of row `row` of a batch of `rows` (a multiple of the replicas)."""
-    return self.pools[row * len(self.pools) // rows]
+    return self.pools[replica_of(row, rows, len(self.pools))]
 
   @property
   def page_size(self) -> int:
