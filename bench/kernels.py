@@ -66,8 +66,10 @@ class Case:
   def __str__(self):
     return f"{self.kernel} {self.shape} {self.dtype} {self.setting}"
 
-  def lower(self, place):
-    return jax.jit(self.fn).lower(*(place(s, d) for s, d in self.args))
+  def lower(self, place, target="h100"):
+    """Lowered for the described `target` (place: fdjax.aot.abstract)."""
+    with aot.on(target):
+      return jax.jit(self.fn).lower(*(place(s, d) for s, d in self.args))
 
 
 def _heads(name):

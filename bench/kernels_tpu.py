@@ -73,8 +73,8 @@ def oversized() -> list:
 
 def compile_case(case, generation: str):
   """The case lowered and compiled for the described chip: the compiled program."""
-  with aot.on_tpu(generation), dispatch.lowering_for(f"tpu:{generation}"):
-    lowered = case.lower(lambda shape, dtype: aot.abstract(shape, dtype, generation))
+  with aot.on(generation), dispatch.lowering_for(f"tpu:{generation}"):
+    lowered = case.lower(lambda shape, dtype: aot.abstract(shape, dtype, generation), generation)
   return aot.compile(lowered)
 
 

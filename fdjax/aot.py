@@ -3,10 +3,9 @@ reports.
 
 TPU (targets "v5e", "v6e", "v5p"): libtpu compiles for a TPU it is only told about
 (`topologies.get_topology_desc`, one chip), Mosaic kernels included, so a block that does not
-fit the chip's VMEM is refused here ("would exceed memory"). It needs libtpu
-(`pip install "libtpu==0.0.42.*"`, jax 0.10.2's `tpu` extra) and JAX_PLATFORMS=cpu; trace
-inside `on_tpu(target)` (the chip's mesh set: nothing then asks the CPU for a TPU
-generation). `tpu_resources` reads each Mosaic kernel's scoped VMEM from the compiled HLO.
+fit the chip's VMEM is refused here ("would exceed memory"). It needs libtpu (the one the
+installed jax pins: `pip install "jax[tpu]"`, the `tpu` extra) and JAX_PLATFORMS=cpu; trace
+inside `on(target)` (the chip's mesh set: nothing then asks the CPU for a TPU generation). `tpu_resources` reads each Mosaic kernel's scoped VMEM from the compiled HLO.
 
 GPU (target "h100"):
 
@@ -14,10 +13,12 @@ XLA compiles for a GPU it is only told about (`jax.experimental.topologies` with
 description, fdjax/targets/<name>.txtpb; the H100's is cut down from XLA's own `h100_sxm`
 spec): Pallas' Triton kernels go through Triton's compiler and `ptxas -arch=sm_90a` as they
 would on the device, so a kernel that overflows shared memory or spills registers fails here
-(COMPILE_OPTIONS makes a spill an error). It needs the CUDA plugin and ptxas:
-`pip install "jax[cuda12-local]==0.10.2" nvidia-cuda-nvcc-cu12`, and JAX_PLATFORMS=cpu set
-before jax is imported (else the plugin looks for a driver). Tested with jax and jaxlib
-0.10.2 only: later jaxlibs compile Pallas' Triton kernels to PTX while lowering.
+(COMPILE_OPTIONS makes a spill an error). It needs the CUDA plugin at the installed jax's
+version and a CUDA 13 ptxas: `pip install "jax[cuda13-local]" nvidia-cuda-nvcc` (the `h100`
+extra; it keeps the jax that is there), and JAX_PLATFORMS=cpu set before jax is imported
+(else the plugin looks for a driver). Trace and lower inside `on(target)`: the described
+GPU's mesh set, which is what jax (0.11 on) asks Pallas' Triton lowering for when no GPU is
+present.
 
 `resources` reads, from a compile's dump (`xla_dump_to`), each kernel's launch (grid,
 threads, shared memory: XLA's thunk sequence) and its registers and spills (`ptxas -v` on
@@ -45,8 +46,9 @@ from pallas_kernels.tpu import shared as tpu
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 ARCH = {"h100": "sm_90a"}
 COMPILE_OPTIONS = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True}
-INSTALL = 'pip install "jax[cuda12-local]==0.10.2" nvidia-cuda-nvcc-cu12'
-TPU_INSTALL = 'pip install "libtpu==0.0.42.*"  (jax 0.10.2\'s tpu extra: pip install -e ".[tpu]")'
+INSTALL = 'pip install "jax[cuda13-local]" nvidia-cuda-nvcc  (pip install -e ".[h100]")'
+TPU_INSTALL = 'pip install "jax[tpu]"  (the libtpu the installed jax pins; pip install -e ".[tpu]")'
+PLUGINS = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")  # either CUDA's plugin compiles
 TPUS = tuple(tpu.GENERATIONS)  # "v5e", "v6e", "v5p"
 
 
@@ -56,7 +58,7 @@ class CompileError(ValueError):
 
 def ptxas() -> str | None:
   """The ptxas XLA uses: in the CUDA directory jax hands it ($CUDA_ROOT, else the
-  nvidia-cuda-nvcc-cu12 package), else on PATH. (XLA's choice, not the first on PATH:
+  nvidia-cuda-nvcc package's), else on PATH. (XLA's choice, not the first on PATH:
   another CUDA's ptxas may count registers differently.)"""
   try:
     from jax._src.lib import cuda_path  # what jax passes XLA as its CUDA directory
@@ -80,7 +82,8 @@ def _package_versions(names) -> dict[str, str]:
 
 def versions() -> dict[str, str]:
   """What compiles for the described GPU: jax, jaxlib, the CUDA plugin, ptxas."""
-  out = _package_versions(("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt",
+  out = _package_versions(("jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt",
+                           "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc",
                            "nvidia-cuda-nvcc-cu12"))
   if ptxas():
     r = subprocess.run([ptxas(), "--version"], capture_output=True, text=True, timeout=60)
@@ -97,11 +100,12 @@ def unavailable(target: str = "h100") -> str | None:
     if jax.default_backend() != "cpu":
       return f"the default backend is {jax.default_backend()}, not cpu (set JAX_PLATFORMS=cpu)"
     return None
-  try:
-    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
-  except ModuleNotFoundError:  # no jax_plugins package at all
-    plugin = None
-  if plugin is None:
+  def found(name):
+    try:
+      return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+      return False
+  if not any(found(p) for p in PLUGINS):
     return f"the CUDA plugin is not installed ({INSTALL})"
   if ptxas() is None:
     return f"ptxas is not installed ({INSTALL})"
@@ -161,8 +165,9 @@ def abstract(shape, dtype, target: str = "h100") -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding(target))
 
 
-def on_tpu(target: str):
-  """Context to trace and lower in for a described TPU: its one-chip mesh set."""
+def on(target: str = "h100"):
+  """Context to trace and lower in for a described GPU or TPU: its one-device mesh set (the
+  GPU or TPU that Pallas' lowerings ask the mesh in context for when there is none here)."""
   return jax.set_mesh(sharding(target).mesh)
 
 
@@ -170,8 +175,10 @@ def compile(lowered, *, dump_to: str | None = None, strict: bool = True):
   """lowered.compile() with spills made errors (`strict`: a GPU flag a TPU ignores) and the
   dump written to `dump_to`; a refusal (a spill, shared memory, a TPU's VMEM) is raised as CompileError with
   the compiler's reason."""
-  options = dict(COMPILE_OPTIONS if strict else {},
-                 **({"xla_dump_to": dump_to} if dump_to else {}))
+  # xla_dump_emitter_re: XLA (jax 0.11 on) writes the kernels' PTX into the dump only for
+  # the emitters it names; resources() reads it
+  dump = {"xla_dump_to": dump_to, "xla_dump_emitter_re": ".*"} if dump_to else {}
+  options = dict(COMPILE_OPTIONS if strict else {}, **dump)
   try:
     return lowered.compile(compiler_options=options)
   except jax.errors.JaxRuntimeError as e:

@@ -30,6 +30,7 @@ from pallas_kernels import decode_attention as dk
 from pallas_kernels import flat_gemm, gemv
 from pallas_kernels import prefill_attention as pk
 from pallas_kernels import quantized_gemm as qg
+from pallas_kernels import shared
 from pallas_kernels.tpu import decode_attention as tpu_dk
 from pallas_kernels.tpu import flat_gemm as tpu_fg
 from pallas_kernels.tpu import gemv as tpu_gv
@@ -65,15 +66,17 @@ def lowering_for(platform: str | None):
   """Within this block "auto" keeps its choice for `platform` ("cuda"; "tpu", or
   "tpu:v5e" / "tpu:v6e" / "tpu:v5p" to size the TPU kernels and pick the linear table of
   that generation) even on a host whose only backend is the CPU, which otherwise traces the
-  XLA path alone: for compiling ahead of time for a described GPU or TPU (fdjax.aot). None:
-  no change. Jitted callers pass `lowering_target()` as a static argument, as they do
-  `current()`."""
+  XLA path alone: for compiling ahead of time for a described GPU or TPU (fdjax.aot). For
+  "cuda" with no GPU here and no described one in context, the kernels lower for an H100
+  (pallas_kernels.shared.described_gpu). None: no change. Jitted callers pass
+  `lowering_target()` as a static argument, as they do `current()`."""
   if platform is not None:
     checks.choice("dispatch.lowering_for", "platform", platform, TARGETS)
   old = getattr(_override, "target", None)
   _override.target = platform or old
   try:
-    yield
+    with shared.described_gpu() if platform == "cuda" else contextlib.nullcontext():
+      yield
   finally:
     _override.target = old
 

@@ -52,6 +52,9 @@ def _log_fallback(op: str, reason: str):
 
 
 GPU = ("cuda", "gpu")
+# Which Pallas backend each platform's kernels are written for (describe() says it per op).
+BACKENDS = {"cuda": "Pallas Triton: deprecated by JAX since 0.11, to be replaced by Mosaic GPU",
+            "tpu": "Pallas Mosaic TPU"}
 TPU_OPS = ("decode_attention", "paged_decode_attention", "prefill_attention", "linear")
 
 
@@ -191,7 +194,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   """What "auto" runs for each op of a model (no config: of a head_dim-128 model; its linear
   weights quantized to `quantization` or not) at this batch on `platform` ("tpu" also
   "tpu:v6e"; a TPU's or GPU's tables: of device `kind`, default this process's), with the
-  reason, e.g. "xla (head_dim 80 is not a power of two >= 16)"."""
+  reason, e.g. "xla (head_dim 80 is not a power of two >= 16)"; a kernel's entry also names
+  its Pallas backend (BACKENDS), e.g. "pallas (...) [Pallas Triton: deprecated ...]"."""
   platform = platform or jax.default_backend()
   if platform.startswith("tpu"):
     platform, kind = "tpu", kind or tpu_kind(platform)
@@ -204,6 +208,7 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   if platform == "tpu":
     out = {op: f"{how} [{kind}]" for op, how in out.items()}
   shapes = {} if config is None else config.linear_shapes()
-  return {**out, **{f"linear[{name}]": str(linear(batch, k, n, kind=kind,
-                                                  quantization=quantization))
-                    for name, (k, n) in shapes.items()}}
+  out.update({f"linear[{name}]": str(linear(batch, k, n, kind=kind, quantization=quantization))
+              for name, (k, n) in shapes.items()})
+  backend = BACKENDS["tpu" if platform == "tpu" else "cuda"]
+  return {op: how if how.startswith("xla") else f"{how} [{backend}]" for op, how in out.items()}

@@ -2,7 +2,8 @@
 
 Decode-time matmuls have M = batch (1 to 64), so they are bound by reading w. Vendor GEMMs
 tile M at 64 or more and pad; here M is padded only to the smallest tile the tensor-core
-dot allows (16 rows in Triton) and is not tiled. N is split across programs; each program
+dot allows (16 rows in Triton: x is padded with zero rows to that, a copy of x alone, so no
+block reads past an array) and is not tiled. N is split across programs; each program
 walks K in `block_k` steps, and the K loop is software-pipelined `num_stages` deep (2 = the
 paper's double buffer: the next tile of w loads while the current one multiplies). When N
 alone gives too few programs to fill the GPU, K is also split across programs (`split_k`)
@@ -70,11 +71,10 @@ def split_range(k_total, block_k, k_per_split):
   return k_first, k_end, pl.cdiv(jnp.maximum(k_end - k_first, 0), block_k)
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, k_per_split, f32):
+def _kernel(x_ref, w_ref, o_ref, *, block_n, block_k, k_per_split, f32):
   n_idx, split = pl.program_id(0), pl.program_id(1)
-  m, k_total = x_ref.shape
+  block_m, k_total = x_ref.shape  # x padded to the block's rows
   n_total = w_ref.shape[1]
-  rows = jnp.arange(block_m)
   cols = n_idx * block_n + jnp.arange(block_n)
   k_first, k_end, n_blocks = split_range(k_total, block_k, k_per_split)
 
@@ -82,7 +82,7 @@ def _kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, k_per_split, f32)
     ks = k_first + j * block_k + jnp.arange(block_k)
     k_ok = ks < k_end
     x = plgpu.load(x_ref.at[pl.ds(0, block_m), pl.ds(k_first + j * block_k, block_k)],
-                   mask=(rows[:, None] < m) & k_ok[None, :], other=0.0)
+                   mask=k_ok[None, :], other=0.0)
     w = plgpu.load(w_ref.at[pl.ds(k_first + j * block_k, block_k),
                             pl.ds(n_idx * block_n, block_n)],
                    mask=k_ok[:, None] & (cols[None, :] < n_total), other=0.0)
@@ -90,7 +90,7 @@ def _kernel(x_ref, w_ref, o_ref, *, block_m, block_n, block_k, k_per_split, f32)
 
   acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((block_m, block_n), jnp.float32))
   plgpu.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(n_idx * block_n, block_n)],
-              acc.astype(o_ref.dtype), mask=(rows[:, None] < m) & (cols[None, :] < n_total))
+              acc.astype(o_ref.dtype), mask=cols[None, :] < n_total)
 
 
 def flat_gemm(x, w, *, settings: Settings | None = None, interpret=False):
@@ -98,10 +98,17 @@ def flat_gemm(x, w, *, settings: Settings | None = None, interpret=False):
   check("flat_gemm", x, w)
   m, k = x.shape
   settings = shared.fill(settings, Settings.default(k, w.shape[1], m, x.dtype))
-  block_m = max(shared.DOT_MIN_ROWS, pl.next_power_of_2(m))
-  return launch_split_k(functools.partial(_kernel, block_m=block_m, f32=x.dtype == jnp.float32),
-                        (x, w), m, k, w.shape[1], x.dtype, settings, interpret=interpret,
-                        name="fdjax_flat_gemm")
+  x = pad_rows(x)
+  return launch_split_k(functools.partial(_kernel, f32=x.dtype == jnp.float32),
+                        (x, w), x.shape[0], k, w.shape[1], x.dtype, settings,
+                        interpret=interpret, name="fdjax_flat_gemm")[:m]
+
+
+def pad_rows(x):
+  """x [M, K] with zero rows added up to the flat GEMM's block of rows: the smallest tile the
+  tensor-core dot takes (16), else M's next power of two."""
+  m = x.shape[0]
+  return jnp.pad(x, ((0, max(shared.DOT_MIN_ROWS, pl.next_power_of_2(m)) - m), (0, 0)))
 
 
 def launch_split_k(kernel, operands, m, k, n, dtype, settings, *, interpret, name,

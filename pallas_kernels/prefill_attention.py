@@ -44,11 +44,14 @@ class Settings:
 
   @classmethod
   def default(cls, t: int, s: int, head_dim: int = 128, dtype=jnp.bfloat16) -> "Settings":
-    """64 x 64 blocks (fewer for short prompts or few keys), shrunk to TILE_LIMITS."""
+    """64 x 64 blocks (fewer for short prompts or few keys), shrunk to TILE_LIMITS; 8 warps
+    beyond head_dim 128 (head_dim 256's 32 x 64 blocks spill at 4 warps when compiled for
+    the H100 by jax 0.12's Triton and CUDA 13's ptxas)."""
     block_q, block_k = shared.fit_blocks(min(64, max(16, pl.next_power_of_2(t))),
                                          min(64, max(16, pl.next_power_of_2(s))), head_dim,
                                          dtype, TILE_LIMITS)
-    return cls(block_q=block_q, block_k=block_k, num_warps=4, num_stages=2)
+    return cls(block_q=block_q, block_k=block_k, num_warps=8 if head_dim > 128 else 4,
+               num_stages=2)
 
 
 def _kernel(lengths_ref, start_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,

@@ -89,11 +89,10 @@ def _weight_tile(values_ref, scales_ref, first, k_end, cols_ds, col_ok, *, bits,
   return k_ok, parts, scale.astype(jnp.float32)
 
 
-def _flat_kernel(x_ref, values_ref, scales_ref, o_ref, *, bits, group, block_m, block_n,
-                 block_k, k_per_split):
+def _flat_kernel(x_ref, values_ref, scales_ref, o_ref, *, bits, group, block_n, block_k,
+                 k_per_split):
   n_idx, split = pl.program_id(0), pl.program_id(1)
-  m = x_ref.shape[1]
-  rows = jnp.arange(block_m)
+  block_m = x_ref.shape[1]  # x padded to the block's rows
   cols_ds = pl.ds(n_idx * block_n, block_n)
   col_ok = n_idx * block_n + jnp.arange(block_n) < values_ref.shape[1]
   k_first, k_end, n_blocks = split_range(values_ref.shape[0], block_k, k_per_split)
@@ -107,13 +106,13 @@ def _flat_kernel(x_ref, values_ref, scales_ref, o_ref, *, bits, group, block_m, 
     for p, q in enumerate(parts):
       part = jnp.asarray(p, jnp.int32)  # an array index: the interpreter takes no Python int
       x = plgpu.load(x_ref.at[part, pl.ds(0, block_m), pl.ds(first, block_k)],
-                     mask=(rows[:, None] < m) & k_ok[None, :], other=0.0)
+                     mask=k_ok[None, :], other=0.0)
       tile += plgpu.dot(x, q.astype(x.dtype), allow_tf32=not f32)
     return acc + tile * scale[None, :]
 
   acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((block_m, block_n), jnp.float32))
   plgpu.store(o_ref.at[split, pl.ds(0, block_m), cols_ds], acc.astype(o_ref.dtype),
-              mask=(rows[:, None] < m) & col_ok[None, :])
+              mask=col_ok[None, :])
 
 
 def _gemv_kernel(x_ref, values_ref, scales_ref, o_ref, *, m, bits, group, block_n, block_k,
@@ -169,9 +168,10 @@ def flat_gemm(x, values, scales, *, bits: int, settings: fg.Settings | None = No
   accumulation; the flat GEMM's M padding (16 rows), splits and settings."""
   k, n = x.shape[-1], values.shape[-1]
   settings = shared.fill(settings, fg.Settings.default(k, n))
-  block_m = max(shared.DOT_MIN_ROWS, pl.next_power_of_2(x.shape[0]))
-  return _launch(_flat_kernel, f"flat_gemm_int{bits}", x, values, scales, bits, settings,
-                 interpret, block_m=block_m)
+  m = x.shape[0]
+  check(f"flat_gemm_int{bits}", x, values, scales, bits)
+  return _launch(_flat_kernel, f"flat_gemm_int{bits}", fg.pad_rows(x), values, scales, bits,
+                 settings, interpret)[:m]
 
 
 def gemv(x, values, scales, *, bits: int, settings: gv.Settings | None = None,

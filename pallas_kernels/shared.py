@@ -3,6 +3,7 @@ device where there is one, the H100 SXM's where there is none: a CPU, or compili
 described GPU), how a kernel's settings take their defaults, and the launch."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -13,6 +14,7 @@ from jax.experimental.pallas import triton as plgpu
 
 DOT_MIN_ROWS = 16  # the smallest M (and N, K) Triton's tensor-core dot takes
 H100_SMS = 132
+H100_KIND = "NVIDIA H100 80GB HBM3"  # the device kind jax reports for an H100 SXM
 H100_SHARED_MEMORY = 227 * 1024  # bytes a block may opt in to (sm_90); JAX does not report it
 # How an sm_90 SM gives out its resources (CUDA occupancy rules; fdjax.aot counts with them):
 SM90_REGISTER_UNIT = 256       # registers are allocated per warp in units of this many
@@ -28,6 +30,26 @@ def num_sms() -> int:
     if d.platform == "gpu" and getattr(d, "core_count", None):
       return int(d.core_count)
   return H100_SMS
+
+
+@contextlib.contextmanager
+def described_gpu():
+  """Context in which the kernels lower for a CUDA GPU on a host that has none
+  (`.lower(lowering_platforms=("cuda",))`, or dispatch.lowering_for("cuda")): jax (0.11 on)
+  asks the mesh in context which GPU Pallas' Triton lowering is for; here that is an H100,
+  set as a one-device abstract mesh. A mesh in context that already names a device (a
+  described GPU's, fdjax.aot.on) or a GPU present is left as it is."""
+  from jax.sharding import (AbstractDevice, AbstractMesh, AxisType, get_abstract_mesh,
+                            use_abstract_mesh)
+  if (getattr(get_abstract_mesh(), "abstract_device", None) is not None
+      or any(d.platform == "gpu" for d in jax.devices())):
+    yield
+    return
+  h100 = AbstractDevice(device_kind=H100_KIND, num_cores=H100_SMS, platform="gpu")
+  # Auto: the mesh names the device only; it shards nothing (Explicit would type every array)
+  with use_abstract_mesh(AbstractMesh((1,), ("gpu",), axis_types=(AxisType.Auto,),
+                                      abstract_device=h100)):
+    yield
 
 
 def fit_blocks(block_q: int, block_k: int, head_dim: int, dtype, limits: dict) -> tuple:

@@ -104,7 +104,9 @@ def test_describe_names_the_real_choice_and_why():
   assert dispatch.describe(_cfg(128), platform="cuda", batch=8)["linear[o]"].startswith("flat")
   cope = dispatch.describe(_cfg(64, "cope"), platform="cuda")
   assert list(cope) == ["cope_attention", *[k for k in cope if k.startswith("linear")]]
-  assert cope["cope_attention"] == "pallas (fused CoPE kernel)"
+  assert cope["cope_attention"] == ("pallas (fused CoPE kernel) [Pallas Triton: deprecated by "
+                                    "JAX since 0.11, to be replaced by Mosaic GPU]")
+  assert all("[Pallas Triton: deprecated" in v for v in good.values())  # every op a kernel here
   cpu = dispatch.describe(_cfg(128), platform="cpu")
   assert all(v.startswith("xla (cpu") for v in cpu.values())
 

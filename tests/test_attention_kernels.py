@@ -12,7 +12,7 @@ from fdjax import dispatch, reference
 from pallas_kernels import decode_attention as dk
 from pallas_kernels import prefill_attention as pk
 from pallas_kernels.async_softmax import HI
-from tests.helpers import np_decode_attention, np_prefill_attention, rel_err, spy
+from tests.helpers import cuda_text, np_decode_attention, np_prefill_attention, rel_err, spy
 from tests.models_util import tiny_model
 
 D = 16
@@ -308,12 +308,12 @@ def test_kernels_lower_for_cuda(hq, hkv, mode, window, softcap):
   spec = jax.ShapeDtypeStruct
   extra = dict(window=window, softcap=softcap)
   dec = jax.jit(functools.partial(dk.decode_attention, sm_scale=0.1, mode=mode, **extra))
-  text = dec.trace(spec((4, hq, 128), bf), spec((4, 1000, hkv, 128), bf),
+  text = cuda_text(dec, spec((4, hq, 128), bf), spec((4, 1000, hkv, 128), bf),
                    spec((4, 1000, hkv, 128), bf), spec((4,), jnp.int32)
-                   ).lower(lowering_platforms=("cuda",)).as_text()
+                   )
   assert "fdjax_decode" in text
   pre = jax.jit(functools.partial(pk.prefill_attention, sm_scale=0.1, mode=mode, **extra))
-  text = pre.trace(spec((2, 300, hq, 128), bf), spec((2, 300, hkv, 128), bf),
+  text = cuda_text(pre, spec((2, 300, hq, 128), bf), spec((2, 300, hkv, 128), bf),
                    spec((2, 300, hkv, 128), bf), spec((2,), jnp.int32)
-                   ).lower(lowering_platforms=("cuda",)).as_text()
+                   )
   assert "fdjax_prefill" in text

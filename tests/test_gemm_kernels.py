@@ -13,7 +13,7 @@ import pytest
 from fdjax import dispatch, selection, tune
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
-from tests.helpers import rel_err, spy
+from tests.helpers import cuda_text, rel_err, spy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(3, 1000, 1234), (1, 64, 96), (17, 300, 50), (64, 128, 256), (8, 33, 17)]
@@ -180,7 +180,7 @@ def test_tune_refuses_cpu_without_flag():
 def test_gemm_kernels_lower_for_cuda(split_k):
   spec = jax.ShapeDtypeStruct
   for fn, settings in ((fg.flat_gemm, fg.Settings), (gv.gemv, gv.Settings)):
-    text = jax.jit(functools.partial(fn, settings=settings(split_k=split_k))).trace(
+    text = cuda_text(jax.jit(functools.partial(fn, settings=settings(split_k=split_k))),
         spec((4, 4096), jnp.bfloat16), spec((4096, 11008), jnp.bfloat16)
-    ).lower(lowering_platforms=("cuda",)).as_text()
+    )
     assert "fdjax_" in text

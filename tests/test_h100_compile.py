@@ -2,8 +2,8 @@
 with no GPU (fdjax.aot): Triton's compiler and ptxas run as on the device, and a kernel that
 spills registers or overflows shared memory fails here.
 
-Needs the CUDA plugin and ptxas (`pip install "jax[cuda12-local]==0.10.2"
-nvidia-cuda-nvcc-cu12`; .ci/run installs them). Without them these tests skip and say why,
+Needs the CUDA plugin and ptxas (`pip install -e ".[h100]"`: jax[cuda13-local] at the installed
+jax's version and nvidia-cuda-nvcc; .ci/run installs them). Without them these tests skip and say why,
 except where FDJAX_REQUIRE_H100=1 (set by .ci/run): there they fail.
 """
 import json
@@ -70,7 +70,7 @@ def test_generate_compiles_with_the_kernels(h100, preset, batch, prompt_len):
   weight is materialised (nnx.eval_shape), and the CUDA branch takes the kernels."""
   cfg = presets.get(preset)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
-  with dispatch.lowering_for("cuda"):
+  with aot.on("h100"), dispatch.lowering_for("cuda"):
     prefill, decode = decode_loop.lower(model, batch=batch, prompt_len=prompt_len,
                                         max_new_tokens=64, place=h100)
   prefill_hlo = aot.compile(prefill).as_text()
@@ -130,7 +130,7 @@ def test_the_sharded_decode_loop_compiles_for_eight_h100s(h100, preset, dp, tp, 
   model = meshes.build(cfg, jnp.bfloat16, mesh)  # abstract: shapes and shardings only
   place = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                     sharding=NamedSharding(mesh, P()))
-  with dispatch.lowering_for("cuda"):
+  with jax.set_mesh(mesh), dispatch.lowering_for("cuda"):
     _, decode = decode_loop.lower(model, batch=16, prompt_len=512, max_new_tokens=64,
                                   place=place)
   compiled = aot.compile(decode)

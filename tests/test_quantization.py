@@ -21,7 +21,7 @@ from models import quantize as mq
 from pallas_kernels import flat_gemm as fg
 from pallas_kernels import gemv as gv
 from pallas_kernels import quantized_gemm as qg
-from tests.helpers import rel_err, spy
+from tests.helpers import cuda_text, rel_err, spy
 from tests.models_util import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,10 +130,10 @@ def test_kernels_lower_for_cuda(method):
   values, scales = quant.stored_shapes(method, k, n)
   for fn, settings in ((qg.flat_gemm, fg.Settings), (qg.gemv, gv.Settings)):
     for split_k in (1, 4):
-      text = jax.jit(functools.partial(fn, bits=quant.bits_of(method),
-                                       settings=settings(split_k=split_k))).trace(
+      text = cuda_text(jax.jit(functools.partial(fn, bits=quant.bits_of(method),
+                                       settings=settings(split_k=split_k))),
           spec((4, k), jnp.bfloat16), spec(values, jnp.int8 if method == "int8" else jnp.uint8),
-          spec(scales, jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+          spec(scales, jnp.bfloat16))
       assert f"fdjax_{fn.__name__}_{method}" in text
 
 

@@ -3,7 +3,7 @@ described TPU v5e and v6e (and v5p, where the defaults differ: two cores) with n
 (fdjax.aot): Mosaic compiles each kernel as it would on the chip, and a block that does not
 fit the chip's VMEM is refused here.
 
-Needs libtpu (`pip install "libtpu==0.0.42.*"`, the `tpu` extra; .ci/run installs it).
+Needs libtpu (the one the installed jax pins: `pip install -e ".[tpu]"`; .ci/run installs it).
 Without it these tests skip and say why, except where FDJAX_REQUIRE_TPU=1 (set by .ci/run):
 there they fail.
 """
@@ -70,7 +70,7 @@ def test_generate_compiles_with_the_tpu_kernels(tpu, generation, batch):
   cfg = dataclasses.replace(presets.get("llama-3-8b"), num_layers=2)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
   place = lambda shape, dtype: aot.abstract(shape, dtype, generation)
-  with aot.on_tpu(generation), dispatch.lowering_for(f"tpu:{generation}"):
+  with aot.on(generation), dispatch.lowering_for(f"tpu:{generation}"):
     prefill, decode = decode_loop.lower(model, batch=batch, prompt_len=40, max_new_tokens=8,
                                         place=place)
   prefill, decode = aot.compile(prefill), aot.compile(decode)
@@ -86,7 +86,7 @@ def test_outside_lowering_for_a_cpu_host_traces_xla_alone(tpu):
   cfg = dataclasses.replace(presets.get("llama-3-8b"), num_layers=1)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
   place = lambda shape, dtype: aot.abstract(shape, dtype, "v5e")
-  with aot.on_tpu("v5e"):
+  with aot.on("v5e"):
     _, decode = decode_loop.lower(model, batch=1, prompt_len=16, max_new_tokens=2, place=place)
   assert "fdjax_" not in decode.as_text()
 

@@ -247,7 +247,7 @@ def test_dispatch_pallas_tpu_interpret_equals_xla():
 def test_selection_on_tpu_per_generation():
   d = dispatch.describe(platform="tpu:v6e")
   assert d["decode_attention"].startswith("pallas (Mosaic TPU") and "TPU v6 lite" in \
-      d["decode_attention"]
+      d["decode_attention"] and d["decode_attention"].endswith("[Pallas Mosaic TPU]")
   assert selection.attention("cope_attention", 64, "bfloat16", "tpu").impl == "xla"
   assert selection.attention("decode_attention", 80, "bfloat16", "tpu").impl == "xla"
   assert selection.attention("paged_decode_attention", 128, "bfloat16", "tpu", 24).impl == "xla"
