@@ -1,12 +1,16 @@
 """Decode speed of fdjax against Hugging Face transformers (eager PyTorch), same random
-model, same machine, one run.
+model, same machine, one run; with --also-python, fdjax under another interpreter (another
+jax) on the same checkpoint, in the same run, row beside row.
 
   python bench/decode.py [--layers 8 --hidden 512 ...] [--batch 1 4] [--new-tokens 64]
+      [--also-python PATH ...]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -14,8 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+
+import jax  # noqa: E402
 
 import fdjax  # noqa: E402
 from bench import common  # noqa: E402
@@ -23,6 +27,7 @@ from bench import common  # noqa: E402
 
 def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
   """Decode tokens/s of HF generate: (time for N tokens - time for 1) / (N - 1) steps."""
+  import torch
   ids = torch.tensor(prompts)
   def run(n):
     t0 = time.perf_counter()
@@ -33,6 +38,33 @@ def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
   t_n = np.median([run(new_tokens) for _ in range(iters)])
   t_1 = np.median([run(1) for _ in range(iters)])
   return len(prompts) * (new_tokens - 1) / (t_n - t_1)
+
+
+def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters):
+  """(decode tokens/s, prefill ms) of fdjax.generate on the checkpoint: medians of `iters`
+  runs after one that compiles; the prompts are seeded, the same in every interpreter."""
+  model = fdjax.load_pretrained(model_dir)
+  prompts = np.random.default_rng(batch).integers(0, vocab, (batch, prompt_len)).tolist()
+  run = lambda: fdjax.generate(model, prompts, max_new_tokens=new_tokens)
+  run()  # compile
+  results = [run() for _ in range(iters)]
+  return (float(np.median([r.decode_tokens_per_s for r in results])),
+          float(np.median([r.prefill_s for r in results])) * 1e3)
+
+
+def other_interpreter(python, model_dir, args, batch):
+  """fdjax_decode under another Python (its own jax), on this tree: (jax version, tok/s,
+  prefill ms)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import json, sys, jax; from bench import decode; "
+          f"r = decode.fdjax_decode({model_dir!r}, {batch}, {args.vocab}, {args.prompt_len}, "
+          f"{args.new_tokens}, {args.iters}); print(json.dumps([jax.__version__, *r]))")
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=1800)
+  if out.returncode:
+    raise RuntimeError(f"{python} failed: {out.stderr[-2000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -48,8 +80,12 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--name", default="decode_cpu")
+  ap.add_argument("--also-python", nargs="*", default=[],
+                  help="other interpreters (e.g. a venv with another jax) to time fdjax under")
   args = ap.parse_args()
 
+  import torch  # here, not above: --also-python's interpreters import this module without it
+  import transformers
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -59,27 +95,26 @@ def main():
   hf.generation_config.eos_token_id = None
   hf.generation_config.pad_token_id = 0
   params = sum(p.numel() for p in hf.parameters())
+  rows = []
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    model = fdjax.load_pretrained(d)
-
-  rows = []
-  rng = np.random.default_rng(0)
-  for b in args.batch:
-    prompts = rng.integers(0, args.vocab, (b, args.prompt_len)).tolist()
-    run = lambda: fdjax.generate(model, prompts, max_new_tokens=args.new_tokens)
-    run()  # compile
-    results = [run() for _ in range(args.iters)]
-    ours = float(np.median([r.decode_tokens_per_s for r in results]))
-    theirs = hf_decode_tokens_per_s(hf, prompts, args.new_tokens, args.iters)
-    shape = dict(params_m=round(params / 1e6, 1), batch=b, prompt_len=args.prompt_len,
-                 new_tokens=args.new_tokens, dtype="float32")
-    rows.append({**shape, "impl": "fdjax-auto", "decode_tokens_per_s": ours,
-                 "prefill_ms": float(np.median([r.prefill_s for r in results])) * 1e3,
-                 "speedup_vs_hf": ours / theirs})
-    rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": theirs,
-                 "speedup_vs_hf": 1.0})
-    print(rows[-2], rows[-1], flush=True)
+    for b in args.batch:
+      ours, prefill_ms = fdjax_decode(d, b, args.vocab, args.prompt_len, args.new_tokens,
+                                      args.iters)
+      prompts = np.random.default_rng(b).integers(0, args.vocab, (b, args.prompt_len)).tolist()
+      theirs = hf_decode_tokens_per_s(hf, prompts, args.new_tokens, args.iters)
+      shape = dict(params_m=round(params / 1e6, 1), batch=b, prompt_len=args.prompt_len,
+                   new_tokens=args.new_tokens, dtype="float32")
+      rows.append({**shape, "impl": f"fdjax-auto (jax {jax.__version__})",
+                   "decode_tokens_per_s": ours, "prefill_ms": prefill_ms,
+                   "speedup_vs_hf": ours / theirs})
+      for python in args.also_python:
+        version, tps, pre = other_interpreter(python, d, args, b)
+        rows.append({**shape, "impl": f"fdjax-auto (jax {version})", "decode_tokens_per_s": tps,
+                     "prefill_ms": pre, "speedup_vs_hf": tps / theirs})
+      rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": theirs,
+                   "speedup_vs_hf": 1.0})
+      print(*rows[-2 - len(args.also_python):], flush=True)
   table = common.write_results(
       args.name, rows, ["impl", "params_m", "batch", "prompt_len", "new_tokens",
                         "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf"])

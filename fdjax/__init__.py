@@ -5,6 +5,10 @@ fdjax.dispatch never pulls in the engine (checkpoints, generate) and any import 
 """
 import importlib
 
+from fdjax import runtime as _runtime
+
+_runtime.keep_cpu_loops_threaded()  # before any computation: XLA reads its flags once
+
 _EXPORTS = {"dispatch": "fdjax.dispatch", "load_pretrained": "fdjax.checkpoint",
             "save_pretrained": "fdjax.checkpoint", "CheckpointError": "fdjax.checkpoint",
             "generate": "fdjax.decode_loop", "GenerationResult": "fdjax.decode_loop",

@@ -1,4 +1,4 @@
-"""Process-level XLA settings, applied before JAX starts its GPU backend."""
+"""Process-level XLA settings, applied before JAX starts its backends."""
 from __future__ import annotations
 
 import os
@@ -15,3 +15,24 @@ def enable_command_buffers() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if COMMAND_BUFFER_FLAG not in flags:
     os.environ["XLA_FLAGS"] = (flags + " " + COMMAND_BUFFER_FLAG).strip()
+
+
+# jax 0.11 on: XLA:CPU's SmallWhileLoopHoistingPass compiles every while loop that touches
+# less than `xla_cpu_small_while_loop_byte_threshold` bytes per iteration (about 1 KiB up to
+# jax 0.10, 1 GiB from 0.11) into one single-threaded kernel. That takes in generate's whole
+# batch-1 decode loop (a 58.5M model touches ~170 MB a step): its matmuls run inline on one
+# core instead of as separate ops the runtime spreads over the cores, 1.4-1.5x slower on 2
+# cores. (Batch >= 2 writes the cache with a scatter, which the pass refuses.) 1024 is the old
+# limit. XLA skips xla_* keys when it hands the extra options to LLVM (the GPU and TPU
+# compile tests run with it set).
+CPU_LOOP_FLAG = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=1024"
+
+
+def keep_cpu_loops_threaded() -> None:
+  """Adds CPU_LOOP_FLAG to XLA_FLAGS unless they set the threshold already (a second
+  --xla_backend_extra_options adds to the first's keys). XLA reads XLA_FLAGS when its first
+  backend starts: fdjax's import does this, so in a process that ran a JAX computation
+  before importing fdjax, it comes too late (and jax's own default stays)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_small_while_loop_byte_threshold" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + CPU_LOOP_FLAG).strip()

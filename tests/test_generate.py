@@ -91,3 +91,20 @@ def test_model_rejects_bad_input_ids():
   model = tiny_model()
   with pytest.raises(ValueError, match="input_ids"):
     model(jnp.ones((2, 3), jnp.float32))
+
+
+def test_the_batch_1_decode_loop_is_not_one_single_threaded_kernel():
+  """jax 0.11+'s XLA:CPU compiles a while loop that touches under 1 GiB a step into one
+  single-threaded kernel (a call marked xla_cpu_small_call), which ran the batch-1 decode
+  loop's matmuls on one core, 1.5x slower on 2 cores; fdjax's import sets the old limit
+  (fdjax.runtime.keep_cpu_loops_threaded). Read from the compiled program: no timing."""
+  model = tiny_model(seed=1, num_kv_heads=4)  # MHA: GQA's loop holds an op the pass refuses
+  _, decode = decode_loop.lower(model, batch=1, prompt_len=8, max_new_tokens=8)
+  cfg = model.config
+  hlo = decode.compile().as_text()
+  assert "while(" in hlo
+  page = f"f32[{decode_loop.buckets(cfg, 1, 8, 8, None, 64, None, 1).pages},64," \
+         f"{cfg.num_kv_heads},{cfg.head_dim}]"
+  assert page in hlo
+  hoisted = [line for line in hlo.splitlines() if 'xla_cpu_small_call="true"' in line]
+  assert not [line for line in hoisted if page in line]  # the loop carrying the cache
