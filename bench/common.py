@@ -22,10 +22,19 @@ def device_name() -> str:
   return d.device_kind
 
 
+def command() -> str:
+  """The command line as run from the repository root: paths inside the checkout relative to
+  it (`python -m fdjax bench ...` runs bench/*.py by absolute path), no machine path."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  rel = lambda a: (os.path.relpath(a, root) if os.path.isabs(a)
+                   and os.path.abspath(a).startswith(root + os.sep) else a)
+  return " ".join(["python"] + [rel(a) for a in sys.argv])
+
+
 def environment() -> dict:
   env = {"device": device_name(), "jax_version": jax.__version__,
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "command": " ".join(["python"] + sys.argv)}
+         "command": command()}
   try:
     import torch
     env["torch_version"] = torch.__version__
