@@ -12,7 +12,8 @@ import time
 
 import jax
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+RESULTS = os.path.join(ROOT, "bench", "results")
 
 
 def device_name() -> str:
@@ -25,9 +26,8 @@ def device_name() -> str:
 def command() -> str:
   """The command line as run from the repository root: paths inside the checkout relative to
   it (`python -m fdjax bench ...` runs bench/*.py by absolute path), no machine path."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  rel = lambda a: (os.path.relpath(a, root) if os.path.isabs(a)
-                   and os.path.abspath(a).startswith(root + os.sep) else a)
+  rel = lambda a: (os.path.relpath(a, ROOT) if os.path.isabs(a)
+                   and os.path.abspath(a).startswith(ROOT + os.sep) else a)
   return " ".join(["python"] + [rel(a) for a in sys.argv])
 
 

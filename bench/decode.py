@@ -55,12 +55,11 @@ def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters):
 def other_interpreter(python, model_dir, args, batch):
   """fdjax_decode under another Python (its own jax), on this tree: (jax version, tok/s,
   prefill ms)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ("import json, sys, jax; from bench import decode; "
           f"r = decode.fdjax_decode({model_dir!r}, {batch}, {args.vocab}, {args.prompt_len}, "
           f"{args.new_tokens}, {args.iters}); print(json.dumps([jax.__version__, *r]))")
-  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([python, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+  env = {**os.environ, "PYTHONPATH": common.ROOT, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([python, "-c", code], env=env, cwd=common.ROOT, capture_output=True, text=True,
                        timeout=1800)
   if out.returncode:
     raise RuntimeError(f"{python} failed: {out.stderr[-2000:]}")

@@ -5,7 +5,8 @@ TPU (targets "v5e", "v6e", "v5p"): libtpu compiles for a TPU it is only told abo
 (`topologies.get_topology_desc`, one chip), Mosaic kernels included, so a block that does not
 fit the chip's VMEM is refused here ("would exceed memory"). It needs libtpu (the one the
 installed jax pins: `pip install "jax[tpu]"`, the `tpu` extra) and JAX_PLATFORMS=cpu; trace
-inside `on(target)` (the chip's mesh set: nothing then asks the CPU for a TPU generation). `tpu_resources` reads each Mosaic kernel's scoped VMEM from the compiled HLO.
+inside `on(target)` (the chip's mesh set: nothing then asks the CPU for a TPU generation).
+`tpu_resources` reads each Mosaic kernel's scoped VMEM from the compiled HLO.
 
 GPU (target "h100"):
 
@@ -178,7 +179,7 @@ def compile(lowered, *, dump_to: str | None = None, strict: bool = True):
   # xla_dump_emitter_re: XLA (jax 0.11 on) writes the kernels' PTX into the dump only when
   # the regex matches "ptx" (".*" dumps every pass's IR too: 20 MB and 7 s a compile);
   # resources() reads the PTX
-  dump = {"xla_dump_to": dump_to, "xla_dump_emitter_re": "ptx"} if dump_to else {}
+  dump = dict(xla_dump_to=dump_to, xla_dump_emitter_re="ptx") if dump_to else {}
   options = dict(COMPILE_OPTIONS if strict else {}, **dump)
   try:
     return lowered.compile(compiler_options=options)
