@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a described TPU: 
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.kernels import (BF16, F32, _chunk, _decode, _linear, _paged,  # noqa: E402
+from bench.kernels_h100 import (BF16, F32, _chunk, _decode, _linear, _paged,  # noqa: E402
                            _prefill, linear_shapes)
 from fdjax import aot, dispatch  # noqa: E402
 from pallas_kernels.tpu import flat_gemm as tfg  # noqa: E402

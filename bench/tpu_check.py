@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.kernels import HEADS  # noqa: E402
+from bench.kernels_h100 import HEADS  # noqa: E402
 from fdjax import dispatch, reference, timing  # noqa: E402
 
 BF16, F32 = jnp.bfloat16, jnp.float32

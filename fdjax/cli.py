@@ -119,7 +119,8 @@ def cmd_train(args):
 
 def cmd_bench(args):
   import runpy
-  name = {"gpu": "gpu_suite", "check": "gpu_check"}.get(args.name, args.name)
+  name = {"gpu": "gpu_suite", "check": "gpu_check", "kernels": "kernels_h100"}.get(args.name,
+                                                                              args.name)
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                         f"{name}.py")
   if not os.path.exists(script):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bench import kernels
+from bench import kernels_h100 as kernels
 from fdjax import aot, decode_loop, dispatch, presets
 from models.llama import Transformer
 

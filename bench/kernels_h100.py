@@ -2,9 +2,9 @@
 shape and setting, registers per thread, spill bytes, shared memory, grid, and how many
 programs fit on one SM by registers and by shared memory.
 
-  python bench/kernels.py                # -> bench/results/kernels_h100.{json,md}
+  python bench/kernels_h100.py                # -> bench/results/kernels_h100.{json,md}
   python -m fdjax bench kernels
-  python bench/kernels.py --only default # the default settings only
+  python bench/kernels_h100.py --only default # the default settings only
 
 Shapes: Llama-2-7B (MHA) and Llama-3-8B (GQA) attention at head_dim 128, and head_dim 64
 (Llama-3.2-1B's GQA, and MHA); batch 1 to 64 and KV 1 to 32k; the four linear shapes of both
@@ -268,7 +268,7 @@ def main():
   args = ap.parse_args()
   why = aot.unavailable()
   if why:
-    raise SystemExit(f"bench/kernels.py: cannot compile for the H100 here: {why}")
+    raise SystemExit(f"bench/kernels_h100.py: cannot compile for the H100 here: {why}")
   cases = ([] if args.only == "alternatives" else defaults()) + (
       [] if args.only == "default" else alternatives())
   target = {"target": f"{aot.sharding().mesh.devices.flat[0].device_kind} "
