@@ -23,9 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import reference, timing  # noqa: E402
-from pallas_kernels import decode_attention as dk  # noqa: E402
-from pallas_kernels import prefill_attention as pk  # noqa: E402
+from fdjax.ops import reference  # noqa: E402
+from fdjax.tuning import timing
+from pallas_kernels.triton import decode_attention as dk  # noqa: E402
+from pallas_kernels.triton import prefill_attention as pk  # noqa: E402
 
 
 def decode_impls(on_gpu, sm_scale):
@@ -199,7 +200,7 @@ def main():
           "speedup_vs_xla-sdpa", "speedup_vs_cudnn", "error"]
   notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
            f"{floor * 1e6:.1f} us per call (times near it are the host's, not the device's). "
-           "Times: fdjax.timing.seconds_per_call (back-to-back calls over rotating random "
+           "Times: fdjax.tuning.timing.seconds_per_call (back-to-back calls over rotating random "
            "inputs, median of rounds). xla = fdjax's float32 reference; xla-sdpa = "
            "jax.nn.dot_product_attention(implementation='xla') in bf16.")
   long = [r for r in decode if r["kv_len"] >= 4096 and r.get("us")]

@@ -46,7 +46,7 @@ def environment() -> dict:
 def median_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
   """Median wall time of fn() (which must block until its result is ready): for calls long
   enough that the host's round trip does not matter (a whole generate); kernels are timed
-  with fdjax.timing."""
+  with fdjax.tuning.timing."""
   for _ in range(warmup):
     fn()
   times = []

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import tasks, train  # noqa: E402
+from fdjax.training import tasks, train  # noqa: E402
 from models import ModelConfig, Transformer  # noqa: E402
 
 # The paper's Table (error %): (task, split) -> (absolute, RoPE or relative, CoPE)

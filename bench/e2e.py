@@ -29,7 +29,7 @@ CPU_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_la
 
 
 def _configs(args):
-  from fdjax import presets
+  from models import presets
   from models import ModelConfig
   if args.cpu:
     return {"small-gqa": ModelConfig(**CPU_MODEL)}
@@ -54,7 +54,7 @@ def _breakdown(model, b, ctx, iters):
   import jax.numpy as jnp
 
   from bench import common
-  from fdjax import dispatch
+  from fdjax.ops import dispatch
   cfg, dt = model.config, model.dtype
   key = jax.random.key(1)
   x = jax.random.normal(key, (b, cfg.hidden_size), dt)
@@ -93,7 +93,8 @@ def worker_fdjax(args, impls):
   from flax import nnx
 
   import fdjax
-  from fdjax import dispatch, timing
+  from fdjax.ops import dispatch
+  from fdjax.tuning import timing
   from models import Transformer
   on_gpu = jax.default_backend() == "gpu"
   bw = timing.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 24)

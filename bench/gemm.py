@@ -1,6 +1,6 @@
 """Linear layers of decoding side by side, one run: GEMV, the flat GEMM, the dispatch choice,
 XLA's dot and torch.matmul (cuBLAS), for M = 1..64 on the Llama-2-7B and Llama-3-8B shapes;
-then the same weights as int8 and int4 (fdjax.quant): the quantized GEMV / flat GEMM /
+then the same weights as int8 and int4 (fdjax.ops.quant): the quantized GEMV / flat GEMM /
 dispatch against XLA's dequantize-then-dot ("xla-int8"), with the bytes each call moves.
 
   python bench/gemm.py            # on a GPU
@@ -19,9 +19,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import dispatch, quant, reference, selection, timing, tune  # noqa: E402
-from pallas_kernels import flat_gemm as fg  # noqa: E402
-from pallas_kernels import gemv as gv  # noqa: E402
+from fdjax.ops import dispatch, quant, reference, selection  # noqa: E402
+from fdjax.tuning import timing, tune
+from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
+from pallas_kernels.triton import gemv as gv  # noqa: E402
 
 # [N, K] as the paper lists them (QKV, O, FFN up, FFN down); fdjax's weight is [K, N].
 SHAPES = {
@@ -42,7 +43,7 @@ def torch_matmul():
     return None
   def run(x_shape, w_shape, calls, n_sets):
     """Seconds per torch.matmul over `n_sets` rotating fresh random bf16 operand sets:
-    back-to-back calls between two CUDA events, median of 5 rounds (as fdjax.timing)."""
+    back-to-back calls between two CUDA events, median of 5 rounds (as fdjax.tuning.timing)."""
     sets = [(torch.randn(x_shape, dtype=torch.bfloat16, device="cuda"),
              torch.randn(w_shape, dtype=torch.bfloat16, device="cuda")) for _ in range(n_sets)]
     for xt, wt in sets:
@@ -176,7 +177,7 @@ def main():
                          "microseconds (lower is better)")
   notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
            f"{floor * 1e6:.1f} us per call. Times: back-to-back calls over rotating random "
-           "inputs (fdjax.timing; torch between CUDA events the same way), median of rounds."
+           "inputs (fdjax.tuning.timing; torch between CUDA events the same way), median of rounds."
            "\n\n" + "\n".join(f"- {f}" for f in fits))
   small = [r for r in auto if r["m"] <= 16 and r["model"] == "llama-2-7b"]
   if small:

@@ -6,7 +6,7 @@
 Fresh random inputs for every case (never zeros), ragged lengths, GQA ratios including a
 group of 7, head dims 64 / 128 / 256, sizes off the block multiples, sliding windows (a paged
 cache whose pages before the window were given back) and soft-capping, and the adversarial
-cases of the async softmax's guard. The reference is fdjax.reference on float32 inputs at
+cases of the async softmax's guard. The reference is fdjax.ops.reference on float32 inputs at
 HIGHEST precision. float32 kernels must be within 1e-5 relative (2e-5 for the flat GEMM and
 GEMV, whose float32 sums run in another order); bfloat16 kernels within 2x the error of the
 same computation done plainly in bfloat16 by XLA (FlashAttention's rule). NaN or inf never
@@ -27,12 +27,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import dispatch, kv_cache, quant, reference, tune  # noqa: E402
-from pallas_kernels import cope_attention as ck  # noqa: E402
-from pallas_kernels import decode_attention as dk  # noqa: E402
-from pallas_kernels import flat_gemm as fg  # noqa: E402
-from pallas_kernels import gemv as gv  # noqa: E402
-from pallas_kernels import prefill_attention as pk  # noqa: E402
+from fdjax.ops import dispatch, kv_cache, quant, reference  # noqa: E402
+from fdjax.tuning import tune
+from pallas_kernels.triton import cope_attention as ck  # noqa: E402
+from pallas_kernels.triton import decode_attention as dk  # noqa: E402
+from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
+from pallas_kernels.triton import gemv as gv  # noqa: E402
+from pallas_kernels.triton import prefill_attention as pk  # noqa: E402
 
 F32_LIMIT = 1e-5
 GEMM_F32_LIMIT = 2e-5
@@ -373,7 +374,7 @@ def main():
   run_checks(c)
   failed = [r for r in c.rows if not r.get("ok")]
   notes = (f"{len(c.rows) - len(failed)} of {len(c.rows)} cases pass. err = max |out - ref| / "
-           "max |ref| against fdjax.reference on float32 inputs (HIGHEST precision); limit = "
+           "max |ref| against fdjax.ops.reference on float32 inputs (HIGHEST precision); limit = "
            f"{F32_LIMIT:g} for float32 ({GEMM_F32_LIMIT:g} for the GEMMs), 2x the plain-bf16 "
            "XLA error for bfloat16. Guard cases must also show recomputed rows.")
   if args.smoke:

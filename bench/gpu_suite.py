@@ -9,7 +9,7 @@ Parts, in order: env (device, versions, copy bandwidth, dispatch floor), check (
 against the XLA reference on the device: bench/gpu_check.py), attention, gemm (the kernel
 benchmarks), tune (`fdjax tune` for the llama-2-7b and llama-3-8b presets), e2e (bench/e2e.py
 at batch 1 and 8). A part that fails or overruns its time budget is reported and the rest
-still run. Results go to bench/results/ (tuned tables to fdjax/tables/), one log per part to
+still run. Results go to bench/results/ (tuned tables to fdjax/ops/tables/), one log per part to
 <results>/logs/, and a summary table to gpu_suite.{json,md}.
 
 With --backend tpu (`python -m fdjax bench gpu --backend tpu`): env, check (every Mosaic
@@ -102,7 +102,7 @@ def env_only(results):
   import jax
 
   from bench import common
-  from fdjax import timing
+  from fdjax.tuning import timing
   info = common.environment()
   on_gpu = jax.default_backend() in ("gpu", "tpu")  # an accelerator: a 2 GB copy
   info["jaxlib_version"] = __import__("jaxlib").__version__
@@ -137,7 +137,7 @@ def main():
   ap.add_argument("--extra", nargs="+", default=[], metavar="PART=ARGS",
                   help="more arguments for a part's commands, e.g. gemm='--models llama-2-7b'")
   ap.add_argument("--results-dir", help="default: bench/results")
-  ap.add_argument("--tables-dir", help="where tune writes (default: fdjax/tables)")
+  ap.add_argument("--tables-dir", help="where tune writes (default: fdjax/ops/tables)")
   ap.add_argument("--cache-dir", help="JAX persistent compilation cache for every part")
   ap.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""The kernels' resource table, compiled for the H100 with no GPU (fdjax.aot): per kernel,
+"""The kernels' resource table, compiled for the H100 with no GPU (fdjax.tuning.aot): per kernel,
 shape and setting, registers per thread, spill bytes, shared memory, grid, and how many
 programs fit on one SM by registers and by shared memory.
 
@@ -12,7 +12,7 @@ models at M = 1 to 64; CoPE at head_dim 64 and 128; bfloat16 (the models' dtype)
 float32. `DEFAULTS` (every kernel with its default settings, through its dispatch op with
 impl="pallas") is also what tests/test_h100_compile.py compiles; `ALTERNATIVES` are other
 settings (tune's candidates, other blocks, the planted over-sized ones) for the table only.
-Needs the CUDA plugin and ptxas (fdjax.aot says how to install them).
+Needs the CUDA plugin and ptxas (fdjax.tuning.aot says how to install them).
 """
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import aot, dispatch, presets, quant, tune  # noqa: E402
-from pallas_kernels import cope_attention as ck  # noqa: E402
-from pallas_kernels import decode_attention as dk  # noqa: E402
-from pallas_kernels import flat_gemm as fg  # noqa: E402
-from pallas_kernels import gemv as gv  # noqa: E402
-from pallas_kernels import prefill_attention as pk  # noqa: E402
+from fdjax.tuning import aot, tune  # noqa: E402
+from fdjax.ops import dispatch, quant
+from models import presets
+from pallas_kernels.triton import cope_attention as ck  # noqa: E402
+from pallas_kernels.triton import decode_attention as dk  # noqa: E402
+from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
+from pallas_kernels.triton import gemv as gv  # noqa: E402
+from pallas_kernels.triton import prefill_attention as pk  # noqa: E402
 
 BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
 # Attention heads: (query heads, KV heads, head_dim).
@@ -67,7 +69,7 @@ class Case:
     return f"{self.kernel} {self.shape} {self.dtype} {self.setting}"
 
   def lower(self, place, target="h100"):
-    """Lowered for the described `target` (place: fdjax.aot.abstract)."""
+    """Lowered for the described `target` (place: fdjax.tuning.aot.abstract)."""
     with aot.on(target):
       return jax.jit(self.fn).lower(*(place(s, d) for s, d in self.args))
 
@@ -249,8 +251,8 @@ def measure(case: Case) -> list[dict]:
 COLUMNS = ["kernel", "shape", "dtype", "setting", "status", "launch", "grid", "threads",
            "registers", "spill_stores", "spill_loads", "shared_kb", "per_sm_regs",
            "per_sm_shared", "per_sm"]
-NOTES = """Compiled for the H100 SXM (sm_90a; fdjax/targets/h100.txtpb) on a CPU-only host by
-XLA with `xla_gpu_fail_ptx_compilation_on_register_spilling` (fdjax.aot): "ok" means Triton and
+NOTES = """Compiled for the H100 SXM (sm_90a; fdjax/tuning/targets/h100.txtpb) on a CPU-only host by
+XLA with `xla_gpu_fail_ptx_compilation_on_register_spilling` (fdjax.tuning.aot): "ok" means Triton and
 ptxas compiled it without spilling and within shared memory. registers: per thread, spill
 bytes per thread (stores / loads) and shared memory per program from `ptxas -v` on XLA's PTX
 and XLA's launch record; per_sm_regs / per_sm_shared: programs one SM holds by its 64K

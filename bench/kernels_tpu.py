@@ -1,5 +1,5 @@
 """The TPU kernels' resource table, compiled for TPU v5e, v6e and v5p with no TPU
-(fdjax.aot, libtpu): per kernel, shape and setting, whether libtpu (Mosaic) accepts it, the
+(fdjax.tuning.aot, libtpu): per kernel, shape and setting, whether libtpu (Mosaic) accepts it, the
 scoped VMEM it reserves for each Mosaic kernel, and the code generated for the program.
 
   python bench/kernels_tpu.py             # -> bench/results/kernels_tpu.{json,md}
@@ -8,7 +8,7 @@ scoped VMEM it reserves for each Mosaic kernel, and the code generated for the p
 `defaults(generation)` (every TPU kernel with its default settings, through its dispatch
 op with impl="pallas_tpu", sized for that generation) is also what tests/test_tpu_compile.py
 compiles; `oversized()` are blocks the compiler must refuse for VMEM (the second one on v5e
-and v5p only, whose default scoped VMEM is half v6e's). Needs libtpu (fdjax.aot says how to
+and v5p only, whose default scoped VMEM is half v6e's). Needs libtpu (fdjax.tuning.aot says how to
 install it).
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a described TPU: none here
 
-import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.kernels_h100 import (BF16, F32, _chunk, _decode, _linear, _paged,  # noqa: E402
                            _prefill, linear_shapes)
-from fdjax import aot, dispatch  # noqa: E402
+from fdjax.tuning import aot  # noqa: E402
+from fdjax.ops import dispatch
 from pallas_kernels.tpu import flat_gemm as tfg  # noqa: E402
 
 TPU = "pallas_tpu"
@@ -96,7 +96,7 @@ def measure(case, generation: str) -> list[dict]:
 COLUMNS = ["generation", "kernel", "shape", "dtype", "setting", "status", "launch", "vmem_kb",
            "code_kb"]
 NOTES = """Compiled by libtpu for one chip of each generation (jax.experimental.topologies,
-no TPU present; fdjax.aot) from the Mosaic kernels in pallas_kernels/tpu/. "ok": Mosaic and
+no TPU present; fdjax.tuning.aot) from the Mosaic kernels in pallas_kernels/tpu/. "ok": Mosaic and
 XLA accepted it for that chip; a refusal is the compiler's message (VMEM). vmem_kb: the
 scoped VMEM libtpu reserved for that Mosaic kernel (`used_scoped_memory_configs` of its
 custom call in the compiled HLO; 0 when it fits in the compiler's default reservation);

@@ -1,6 +1,6 @@
 """How many concurrent sequences of mixed lengths fit in a fixed KV-cache memory budget:
 a contiguous cache (every sequence reserves the model's whole context) against fdjax's paged
-cache (fdjax.paging.PagePool: pages as a sequence needs them), with and without a shared
+cache (fdjax.engine.paging.PagePool: pages as a sequence needs them), with and without a shared
 system prompt served from the prefix cache.
 
   python bench/paged_memory.py [--budget-gib 40] [--model llama-2-7b]
@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax import paging, presets  # noqa: E402
+from fdjax.engine import paging  # noqa: E402
+from models import presets
 
 WORKLOADS = {
     # name: (prompt lengths, output lengths) samplers

@@ -5,7 +5,7 @@ on a CPU, which computes exactly what the kernels do: dequantized weights times 
   python bench/quantization.py --smoke    # a quick check of the script
 
 1. The bundled model (fdjax/default_model, byte-level CoPE): held-out bits per byte on the
-   standard library's held-out files, as `fdjax train` evaluates it (fdjax.train.evaluate,
+   standard library's held-out files, as `fdjax train` evaluates it (fdjax.training.train.evaluate,
    the same batches for every variant), the logits' error and greedy agreement with the
    float model over 64 new tokens.
 2. A random Llama-style model (RoPE, GQA, SwiGLU; weights of std 1 / sqrt(fan-in), so the
@@ -31,7 +31,10 @@ from flax import nnx  # noqa: E402
 
 import fdjax  # noqa: E402
 from bench import common  # noqa: E402
-from fdjax import cli, data, dispatch, presets, quant, train  # noqa: E402
+from fdjax.io import loading  # noqa: E402
+from fdjax.training import data, train
+from fdjax.ops import dispatch, quant
+from models import presets
 from models import ModelConfig, Transformer  # noqa: E402
 from models import quantize as mq  # noqa: E402
 
@@ -97,7 +100,7 @@ def bundled(args) -> list[dict]:
     return {"held_out_bits_per_byte":
             train.evaluate(model, batches, args.eval_batches) / math.log(2)}
   rows = compare("default_model (byte-level CoPE, 3.4M, float32)",
-                 lambda method: fdjax.load_pretrained(cli.DEFAULT_MODEL_DIR, quantize=method),
+                 lambda method: fdjax.load_pretrained(loading.DEFAULT_MODEL_DIR, quantize=method),
                  ids, prompts, args, bits_per_byte)
   for r in rows:
     r.update(part="bundled", held_out_files=len(held_out))
@@ -227,7 +230,7 @@ def main():
       + "; of the trained bundled model: "
       + ", ".join(f"{r['method']} {100 * r['logits_rel_l2']:.2f} %" for r in rows
                   if r["part"] == "bundled" and "logits_rel_l2" in r) + ".\n\n"
-      "Memory: bytes of the model's arrays (fdjax.timing.nbytes over its state); linear = the "
+      "Memory: bytes of the model's arrays (fdjax.ops.quant.nbytes over its state); linear = the "
       "layers' linear weights (what is quantized), total = every array (the embedding, norms "
       "and LM head stay bf16). int4 stores 4 bits per weight plus one bf16 scale per 128 input "
       "rows: 0.258 of bf16; int8 8 bits plus one scale per output column: ~0.5.")

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.kernels_h100 import HEADS  # noqa: E402
-from fdjax import dispatch, reference, timing  # noqa: E402
+from fdjax.ops import dispatch  # noqa: E402
+from fdjax.tuning import timing
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 

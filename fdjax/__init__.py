@@ -1,7 +1,7 @@
 """fdjax: FlashDecoding++ and CoPE in JAX/Pallas.
 
 The names below load on first use (PEP 562), so importing an op module such as
-fdjax.dispatch never pulls in the engine (checkpoints, generate) and any import order works.
+fdjax.ops.dispatch never pulls in the engine (checkpoints, generate) and any import order works.
 """
 import importlib
 
@@ -9,13 +9,13 @@ from fdjax import runtime as _runtime
 
 _runtime.keep_cpu_loops_threaded()  # before any computation: XLA reads its flags once
 
-_EXPORTS = {"dispatch": "fdjax.dispatch", "load_pretrained": "fdjax.checkpoint",
-            "save_pretrained": "fdjax.checkpoint", "CheckpointError": "fdjax.checkpoint",
-            "generate": "fdjax.decode_loop", "GenerationResult": "fdjax.decode_loop",
-            "KVCache": "fdjax.kv_cache", "init_cache": "fdjax.kv_cache",
-            "load_tokenizer": "fdjax.tokenizer", "KVStore": "fdjax.paging",
-            "PagePool": "fdjax.paging", "PoolExhausted": "fdjax.paging",
-            "quantize": "models.quantize", "make_mesh": "fdjax.mesh"}
+_EXPORTS = {"dispatch": "fdjax.ops.dispatch", "load_pretrained": "fdjax.io.checkpoint",
+            "save_pretrained": "fdjax.io.checkpoint", "CheckpointError": "fdjax.io.checkpoint",
+            "generate": "fdjax.engine.decode_loop", "GenerationResult": "fdjax.engine.decode_loop",
+            "KVCache": "fdjax.ops.kv_cache", "init_cache": "fdjax.ops.kv_cache",
+            "load_tokenizer": "fdjax.io.tokenizer", "KVStore": "fdjax.engine.paging",
+            "PagePool": "fdjax.engine.paging", "PoolExhausted": "fdjax.engine.paging",
+            "quantize": "models.quantize", "make_mesh": "fdjax.io.mesh"}
 __all__ = sorted(_EXPORTS)
 
 
@@ -23,4 +23,4 @@ def __getattr__(name):
   if name not in _EXPORTS:
     raise AttributeError(f"module 'fdjax' has no attribute {name!r}")
   module = importlib.import_module(_EXPORTS[name])
-  return module if module.__name__ == f"fdjax.{name}" else getattr(module, name)
+  return module if module.__name__.rsplit(".", 1)[-1] == name else getattr(module, name)

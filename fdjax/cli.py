@@ -5,44 +5,24 @@ import argparse
 import os
 import sys
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
-
 
 def _load(args):
-  """(model, tokenizer, label) from --model DIR, --preset NAME, or the default."""
+  """(model, tokenizer, label) from --model DIR, --preset NAME, or the bundled model."""
   import jax.numpy as jnp
-  from flax import nnx
 
-  from fdjax import checkpoint, presets, tokenizer
-  from models import quantize as quantization
-  from models.llama import Transformer
-  dtype = None if args.dtype is None else jnp.dtype(args.dtype)
-  quantize = getattr(args, "quantize", None)
-  mesh = _mesh(args)
-  if args.preset:
-    cfg = presets.get(args.preset)
-    model = Transformer(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype or jnp.float32)
-    if quantize:
-      if mesh is not None:
-        raise ValueError("quantize with a mesh is not implemented")
-      quantization.quantize(model, quantize)
-    if mesh is not None:
-      from fdjax import mesh as meshes
-      model = meshes.shard(model, mesh)
-    return model, tokenizer.ByteTokenizer(), f"{args.preset} (randomly initialised: output is noise)"
-  path = args.model or (DEFAULT_MODEL_DIR if os.path.isdir(DEFAULT_MODEL_DIR) else None)
-  if path is None:
-    args.preset = "random-tiny"
-    return _load(args)
-  model = checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize, mesh=mesh)
-  return model, tokenizer.load_tokenizer(path), path
+  from fdjax.io import loading
+  loaded = loading.load(args.model, preset=args.preset,
+                        dtype=None if args.dtype is None else jnp.dtype(args.dtype),
+                        quantize=getattr(args, "quantize", None), mesh=_mesh(args),
+                        seed=args.seed)
+  return loaded.model, loaded.tokenizer, loaded.label
 
 
 def _mesh(args):
   """The mesh --tp / --dp ask for (None: one device), after joining the other hosts'
-  processes when the environment describes a multi-host job (fdjax.mesh.initialize)."""
+  processes when the environment describes a multi-host job (fdjax.io.mesh.initialize)."""
   tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
-  from fdjax import mesh as meshes
+  from fdjax.io import mesh as meshes
   meshes.initialize()
   return None if (tp, dp) == (1, 1) else meshes.make_mesh(tp=tp, dp=dp)
 
@@ -58,8 +38,8 @@ def cmd_generate(args):
   if args.command_buffers:
     from fdjax import runtime
     runtime.enable_command_buffers()
-  from fdjax import dispatch
-  from fdjax.decode_loop import generate
+  from fdjax.ops import dispatch
+  from fdjax.engine.decode_loop import generate
   model, tok, label = _load(args)
   ids = tok.encode(args.prompt)
   if not ids:
@@ -82,7 +62,8 @@ def cmd_generate(args):
 
 
 def cmd_calibrate(args):
-  from fdjax import calibrate, checkpoint, tokenizer
+  from fdjax.tuning import calibrate
+  from fdjax.io import checkpoint, tokenizer
   model = checkpoint.load_pretrained(args.model)
   try:
     tok = tokenizer.load_tokenizer(args.model)
@@ -99,7 +80,9 @@ def cmd_calibrate(args):
 def cmd_tune(args):
   import jax
 
-  from fdjax import checkpoint, presets, tune
+  from fdjax.io import checkpoint
+  from models import presets
+  from fdjax.tuning import tune
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and not args.allow_cpu:
     raise ValueError("tune profiles GPU or TPU kernels; on a CPU they only run in interpret "
@@ -113,7 +96,7 @@ def cmd_tune(args):
 
 
 def cmd_train(args):
-  from fdjax import train
+  from fdjax.training import train
   train.train_and_save(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
 
 
@@ -130,7 +113,7 @@ def cmd_bench(args):
 
 
 def cmd_serve(args):
-  from fdjax import server
+  from fdjax.serving import server
   server.check_dependencies()
   import jax.numpy as jnp
   server.serve(args.model, host=args.host, port=args.port,
@@ -219,7 +202,7 @@ def build_parser():
   t.add_argument("--iters", type=int, default=20)
   t.add_argument("--quantize", choices=["int8", "int4"],
                  help="tune the int8 / int4 kernels (table keys KxN:int8 / KxN:int4)")
-  t.add_argument("--out", help="table file (default: fdjax/tables/<device>.json)")
+  t.add_argument("--out", help="table file (default: fdjax/ops/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
   t.set_defaults(fn=cmd_tune)
   tr = sub.add_parser("train", help="train a model with optax (byte-level text or a task)")

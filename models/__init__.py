@@ -1,4 +1,4 @@
-"""Flax model definitions; they call fdjax.dispatch, never a kernel."""
+"""Flax model definitions; they call fdjax.ops.dispatch, never a kernel."""
 from models.config import ModelConfig
 from models.llama import Transformer
 

@@ -7,9 +7,9 @@ the order listed), except Phi-3, whose checkpoints hold them fused as fdjax does
 (`fused_checkpoint`: one tensor each). Norm names follow the family: Llama's
 post_attention_layernorm is the norm before the MLP, Gemma's (`sandwich_norms`) the norm of
 the attention's output, with pre_/post_feedforward_layernorm around the MLP. Loading, saving
-and the shape checks are all derived from it (fdjax.checkpoint); `split_last` is the one
+and the shape checks are all derived from it (fdjax.io.checkpoint); `split_last` is the one
 fused-tensor split, used by the model too. A
-weight quantized to int8 / int4 (fdjax.quant) is stored under the same names as its values
+weight quantized to int8 / int4 (fdjax.ops.quant) is stored under the same names as its values
 plus a NAME_scale tensor of scales, both [out, ...] and fused / split the same way.
 
 With tensor parallelism (models/parallel.py) each entry also says how it is split across
@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from fdjax import quant
+import jax
+import numpy as np
+
+from fdjax.ops import quant
 from models import parallel, positions
 
 
@@ -166,3 +169,19 @@ def param_at(model, path):
   for part in path:
     node = node[part] if isinstance(part, int) else getattr(node, part)
   return node
+
+
+def to_hf_tensors(model) -> dict[str, np.ndarray]:
+  """The inverse of the layout: a models.Transformer's parameters under Hugging Face names
+  and layouts ([out, in] weights; a quantized weight as its values and its scales)."""
+  out = {}
+  for e in layout(model.config):
+    value = param_at(model, e.param)[...]
+    arrays = [(e.names, value)]
+    if isinstance(value, quant.QuantizedWeight):  # its values and its scales, split alike
+      arrays = [(e.names, value.values),
+                ([n + SCALE_SUFFIX for n in e.names], value.scales)]
+    for names, array in arrays:
+      for name, part in zip(names, split_last(np.asarray(jax.device_get(array)), e.sizes)):
+        out[name] = np.ascontiguousarray(part.T if e.transpose else part)
+  return out

@@ -5,7 +5,7 @@ The other families are configuration (models/config.py), not copies: per-head q/
 scaled embeddings, the query scale and soft-capping (Gemma 2 / 3), sliding-window layers
 with their own RoPE base (Mistral, Qwen2/3, Gemma 2 / 3, Phi-3).
 
-Every projection and every attention goes through `fdjax.dispatch`; this file never picks
+Every projection and every attention goes through `fdjax.ops.dispatch`; this file never picks
 a kernel. Weights are laid out [in, out] (the `linear` op's [K, N]), with q/k/v fused into
 one [H, (Hq + 2 Hkv) D] matrix and gate/up into one [H, 2F] matrix: four weight shapes
 per layer, the four FlashDecoding++ tunes for.
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fdjax import dispatch
-from fdjax import kv_cache as kvc
+from fdjax.ops import dispatch
+from fdjax.ops import kv_cache as kvc
 from models import layout, parallel, positions
 from models.config import MLP_ACTIVATIONS, ModelConfig
 

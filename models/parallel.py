@@ -11,7 +11,7 @@ each block needs one all-reduce (psum) after each of the two; the LM head is spl
 vocabulary and its logits all-gathered; the embedding lookup takes each device's vocabulary
 slice (rows outside it masked) and sums over devices. The "data" axis holds independent
 replicas that split the batch. Which slice of which checkpoint tensor a device holds is
-models/layout.py's (`shard_pieces`); the mesh and its checks are fdjax/mesh.py's.
+models/layout.py's (`shard_pieces`); the mesh and its checks are fdjax/io/mesh.py's.
 """
 from __future__ import annotations
 

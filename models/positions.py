@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fdjax import dispatch
-from fdjax import kv_cache as kvc
+from fdjax.ops import dispatch
+from fdjax.ops import kv_cache as kvc
 from models import rope
 
 

@@ -1,7 +1,7 @@
 """Weight-only quantization of a model: which parameters (the layout table's linear weights;
 the LM head only if asked; never the embedding, the norms, biases or position tables) and
 doing it to a model in memory. The model code is unchanged: a quantized parameter holds a
-fdjax.quant.QuantizedWeight, which `dispatch.linear` takes in place of the array.
+fdjax.ops.quant.QuantizedWeight, which `dispatch.linear` takes in place of the array.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import dataclasses
 
 from flax import nnx
 
-from fdjax import quant, timing
+from fdjax.ops import quant
 from models import layout
 
 
@@ -78,4 +78,4 @@ def weight_bytes(model) -> dict[str, int]:
   layers = Quantization(quant.METHODS[0])
   linear = [layout.param_at(model, e.param).get_value() for e in layout.layout(model.config)
             if layers.covers(e)]
-  return {"linear": timing.nbytes(linear), "total": timing.nbytes(nnx.state(model))}
+  return {"linear": quant.nbytes(linear), "total": quant.nbytes(nnx.state(model))}

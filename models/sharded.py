@@ -4,7 +4,7 @@
 shapes) and holds one `Transformer` built for the LOCAL config (models/parallel.py) whose
 parameters are global arrays laid out device by device: each device's block of a parameter
 is exactly the local model's parameter, so inside shard_map the ordinary model runs on local
-shapes, `fdjax.dispatch` picks kernels for them and the Pallas kernels run unchanged. Batch
+shapes, `fdjax.ops.dispatch` picks kernels for them and the Pallas kernels run unchanged. Batch
 rows are split over the "data" axis; the KV cache's pages over "data" too (each replica its
 own pool, page ids local to it) and its KV heads over "model"; the page table and lengths
 follow the batch rows.
@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fdjax import kv_cache as kvc
+from fdjax.ops import kv_cache as kvc
 from models.parallel import DATA, MODEL
 
 PAGES = P(DATA, None, MODEL, None)  # [P, page_size, Hkv, D]: replica's pages, device's heads

@@ -95,8 +95,8 @@ def record_races(monkeypatch) -> list:
 
 def cuda_text(jitted, *args) -> str:
   """The StableHLO of jitted(*args) traced and lowered for a CUDA GPU on this GPU-less host
-  (the kernels lower for an H100: pallas_kernels.shared.described_gpu, around the trace too,
+  (the kernels lower for an H100: pallas_kernels.triton.shared.described_gpu, around the trace too,
   as jax reads the mesh in context when it traces)."""
-  from pallas_kernels import shared
+  from pallas_kernels.triton import shared
   with shared.described_gpu():
     return jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

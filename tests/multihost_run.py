@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fdjax  # noqa: E402
-from fdjax import mesh as meshes  # noqa: E402
+from fdjax.io import mesh as meshes  # noqa: E402
 
 
 def main():

@@ -8,29 +8,31 @@ import sys
 
 import pytest
 
-from fdjax import dispatch, selection
+from fdjax.ops import dispatch, selection
 from models import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Lower layers never import higher ones: kernels <- ops <- models <- engine.
-OPS = {"fdjax.dispatch", "fdjax.reference", "fdjax.selection", "fdjax.checks", "fdjax.kv_cache",
-       "fdjax.timing", "fdjax.tune", "fdjax.aot", "fdjax.quant"}
+PACKAGES = ("pallas_kernels", "fdjax", "models")
+# Every project module sits in one layer, named by its path's longest prefix below; a module
+# imports only from lower layers and its own folder. Folders on one level (the backends; the
+# engine, tuning and training) are independent of each other.
+LAYERS = {"pallas_kernels.common": 0, "pallas_kernels.triton": 1, "pallas_kernels.tpu": 1,
+          "pallas_kernels": 2, "fdjax.ops": 3, "models": 4, "fdjax.io": 5, "fdjax.engine": 6,
+          "fdjax.tuning": 6, "fdjax.training": 6, "fdjax.serving": 7, "fdjax": 8}
 
 
-def layer_of(module: str) -> int:
-  if module.split(".")[0] == "pallas_kernels":
-    return 0
-  if module in OPS:
-    return 1
-  if module.split(".")[0] == "models":
-    return 2
-  if module.split(".")[0] == "fdjax":
-    return 3
-  return -1  # third-party: anything may import it
+def group_of(module: str) -> str | None:
+  """The LAYERS key a module belongs to (its longest matching prefix); None: not ours."""
+  parts = module.split(".")
+  for n in range(len(parts), 0, -1):
+    if ".".join(parts[:n]) in LAYERS:
+      return ".".join(parts[:n])
+  return None
 
 
-def imported_modules(path: str, module: str):
-  """The project modules a file imports (`from fdjax import dispatch` is fdjax.dispatch)."""
+def imported_modules(path: str, module: str, root: str):
+  """The project modules a file imports anywhere in it, a function's body included
+  (`from fdjax.ops import dispatch` is fdjax.ops.dispatch)."""
   tree = ast.parse(open(path).read())
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
@@ -41,12 +43,14 @@ def imported_modules(path: str, module: str):
         base = ".".join(module.split(".")[:-node.level] + [node.module])
       for a in node.names:
         sub = f"{base}.{a.name}"
-        yield sub if os.path.exists(os.path.join(ROOT, *sub.split(".")) + ".py") else base
+        here = os.path.join(root, *sub.split("."))
+        yield sub if os.path.exists(here + ".py") or os.path.isdir(here) else base
 
 
-def upward_imports(root=ROOT):
-  bad = []
-  for pkg in ("pallas_kernels", "fdjax", "models"):
+def import_graph(root=ROOT) -> dict[str, set]:
+  """Project module -> the project modules it imports."""
+  graph = {}
+  for pkg in PACKAGES:
     for dirpath, _, files in os.walk(os.path.join(root, pkg)):
       for f in files:
         if not f.endswith(".py"):
@@ -54,25 +58,114 @@ def upward_imports(root=ROOT):
         path = os.path.join(dirpath, f)
         rel = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
         module = rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
-        for target in imported_modules(path, module):
-          if layer_of(target) > layer_of(module):
-            bad.append(f"{module} -> {target}")
+        graph[module] = {t for t in imported_modules(path, module, root)
+                         if t.split(".")[0] in PACKAGES}
+  return graph
+
+
+def layer_violations(graph) -> list[str]:
+  """Every import of a higher layer, of a sibling folder on the same level, and every module
+  with no layer."""
+  bad = []
+  for module, targets in sorted(graph.items()):
+    mine = group_of(module)
+    if mine is None:
+      bad.append(f"{module}: in no layer")
+      continue
+    for target in sorted(targets):
+      theirs = group_of(target)
+      if theirs is None or theirs == mine or module == theirs:
+        continue  # a package's __init__ (fdjax) may name what its folders hold
+      if LAYERS[theirs] >= LAYERS[mine]:
+        bad.append(f"{module} -> {target}")
   return bad
 
 
-def test_no_import_points_up_a_layer():
-  assert upward_imports() == []
+def import_loops(graph) -> list[list[str]]:
+  """The cycles of the import graph (Tarjan's strongly connected components of two or more
+  modules, and modules importing themselves)."""
+  index, low, stack, on_stack, loops = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in graph.get(v, ()):
+      if w not in graph:
+        continue
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1 or v in graph.get(v, ()):
+        loops.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return loops
+
+
+def test_no_import_points_up_a_layer_or_across_to_a_sibling():
+  assert layer_violations(import_graph()) == []
+
+
+def test_no_import_loop():
+  assert import_loops(import_graph()) == []
+
+
+def _plant(tmp_path, files):
+  for pkg in PACKAGES:
+    (tmp_path / pkg).mkdir(exist_ok=True)
+  for rel, text in files.items():
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  return import_graph(str(tmp_path))
 
 
 def test_the_layer_check_catches_a_planted_upward_import(tmp_path):
-  for pkg in ("pallas_kernels", "fdjax", "models"):
-    (tmp_path / pkg).mkdir()
-  (tmp_path / "models" / "config.py").write_text("x = 1\n")
-  (tmp_path / "pallas_kernels" / "planted.py").write_text("from models import config\n")
-  (tmp_path / "fdjax" / "reference.py").write_text("import fdjax.checkpoint\n")
-  (tmp_path / "fdjax" / "checkpoint.py").write_text("from models import config\n")
-  assert sorted(upward_imports(str(tmp_path))) == ["fdjax.reference -> fdjax.checkpoint",
-                                                    "pallas_kernels.planted -> models.config"]
+  graph = _plant(tmp_path, {
+      "models/config.py": "x = 1\n",
+      "pallas_kernels/common/tiling.py": "from models import config\n",
+      "fdjax/ops/reference.py": "def f():\n  import fdjax.io.checkpoint\n",  # in a body
+      "fdjax/io/checkpoint.py": "from models import config\n",
+      "pallas_kernels/tpu/gemv.py": "from pallas_kernels.triton import gemv\n",  # a sibling
+      "pallas_kernels/triton/gemv.py": "from pallas_kernels.common import tiling\n",
+      "fdjax/stray/thing.py": "",  # fdjax.stray is in the fdjax layer: no new layer needed
+      "fdjax/engine/core.py": "from fdjax.serving import api\n",
+      "fdjax/serving/api.py": "from fdjax.engine import core\n"})
+  assert layer_violations(graph) == ["fdjax.engine.core -> fdjax.serving.api",
+                                     "fdjax.ops.reference -> fdjax.io.checkpoint",
+                                     "pallas_kernels.common.tiling -> models.config",
+                                     "pallas_kernels.tpu.gemv -> pallas_kernels.triton.gemv"]
+
+
+def test_the_loop_check_catches_a_planted_loop(tmp_path):
+  graph = _plant(tmp_path, {  # the loop checkpoint <-> mesh once had, one import in a body
+      "fdjax/io/checkpoint.py": "from fdjax.io import mesh\n",
+      "fdjax/io/mesh.py": "def shard():\n  from fdjax.io import checkpoint\n",
+      "fdjax/io/tokenizer.py": "from fdjax.io.checkpoint import read_meta\n"})
+  assert layer_violations(graph) == []  # one folder: the layers alone do not see it
+  assert import_loops(graph) == [["fdjax.io.checkpoint", "fdjax.io.mesh"]]
+
+
+def test_every_public_name_imports():
+  import fdjax
+  for name in fdjax.__all__:
+    assert getattr(fdjax, name) is not None, name
+  assert fdjax.dispatch.decode_attention and fdjax.make_mesh and fdjax.quantize
+  with pytest.raises(AttributeError, match="no attribute 'checkpoint'"):
+    fdjax.checkpoint  # noqa: B018  (the modules live in the layer folders now)
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(["models", "pallas_kernels",

@@ -144,7 +144,7 @@ def test_timing_rotates_inputs_and_reports_per_call():
   import jax
   import jax.numpy as jnp
 
-  from fdjax import timing
+  from fdjax.tuning import timing
   seen = []
   def fn(x):
     seen.append(x.shape)  # traced once per shape

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 
 import fdjax
-from fdjax import calibrate, dispatch
-from pallas_kernels.async_softmax import HI, LO
+from fdjax.tuning import calibrate
+from fdjax.ops import dispatch
+from pallas_kernels.common.async_softmax import HI, LO
 from tests.models_util import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

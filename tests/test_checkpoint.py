@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import fdjax
-from fdjax.checkpoint import CheckpointError, config_from_hf
+from fdjax.io.checkpoint import CheckpointError, config_from_hf
 from models import ModelConfig
 from tests.models_util import tiny_model
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax import dispatch, kv_cache
-from pallas_kernels import cope_attention as ck
+from fdjax.ops import dispatch, kv_cache
+from pallas_kernels.triton import cope_attention as ck
 from tests.helpers import cuda_text, rel_err, spy
 from tests.models_util import tiny_model
 
@@ -105,7 +105,7 @@ def test_gradients_flow_through_the_gates():
   try:
     q, k, v, e, lengths = _case(9, 1, 6, 6, 2, 1, 8, 4, 2.0)
     q, k, v, e = (x.astype(jnp.float64) for x in (q, k, v, e))
-    from fdjax import reference
+    from fdjax.ops import reference
     loss = jax.jit(lambda q, e: jnp.sum(reference.cope_attention(q, k, v, e, lengths, 0.5) ** 2))
     gq, ge = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, e)
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import fdjax
-from fdjax.cli import DEFAULT_MODEL_DIR
+from fdjax.io.loading import DEFAULT_MODEL_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

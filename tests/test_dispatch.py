@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdjax import dispatch
+from fdjax.ops import dispatch
 from tests.helpers import np_decode_attention, np_prefill_attention, rel_err
 
 

@@ -1,4 +1,4 @@
-"""The serving engine (fdjax.engine) without HTTP: continuous batching gives each request what
+"""The serving engine (fdjax.engine.core) without HTTP: continuous batching gives each request what
 generate gives it alone, per-row sampling, stop strings, cancellation, the prefix cache,
 bucketed shapes (no recompilation after warm-up under a random load), errors."""
 import threading
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax import decode_loop
-from fdjax import engine as eng
-from fdjax.sampling import RowSampling, filter_logits, sample_rows
-from fdjax.tokenizer import ByteTokenizer
+from fdjax.engine import decode_loop
+from fdjax.engine import core as eng
+from fdjax.engine.sampling import RowSampling, filter_logits, sample_rows
+from fdjax.io.tokenizer import ByteTokenizer
 from tests.models_util import tiny_model
 
 TOK = ByteTokenizer()
@@ -55,7 +55,7 @@ def test_row_filters_equal_the_static_filter_row_by_row():
   logits = jnp.asarray(rng.standard_normal((5, 40)) * 3, jnp.float32)
   settings = [(0.7, 5, None, 0), (1.0, None, 0.6, 1), (1.3, 8, 0.9, 2), (0.5, None, None, 3),
               (2.0, 40, 1.0, 4)]
-  got = np.asarray(jax.jit(lambda x, r: fdjax.sampling.filter_rows(x, r))(
+  got = np.asarray(jax.jit(lambda x, r: fdjax.engine.sampling.filter_rows(x, r))(
       logits, RowSampling.of(settings)))
   for b, (t, k, p, _) in enumerate(settings):
     want = np.asarray(filter_logits(logits[b:b + 1] / t, k, p))[0]

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdjax import dispatch, selection, tune
-from pallas_kernels import flat_gemm as fg
-from pallas_kernels import gemv as gv
+from fdjax.ops import dispatch, selection
+from fdjax.tuning import tune
+from pallas_kernels.triton import flat_gemm as fg
+from pallas_kernels.triton import gemv as gv
 from tests.helpers import cuda_text, rel_err, spy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +135,7 @@ def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
   monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
   selection.reload()
   try:
-    from fdjax import presets
+    from models import presets
     for k, n in presets.get("random-tiny").linear_shapes().values():
       e = selection.entry(k, n)
       assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
@@ -145,7 +146,7 @@ def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
 
 
 def test_tune_compiles_each_candidate_first_and_drops_a_refused_one(monkeypatch):
-  from fdjax import aot, timing
+  from fdjax.tuning import aot, timing
   real_compile, compiled = aot.compile, []
   def compile_refusing_the_first(lowered, **kw):
     if not compiled:

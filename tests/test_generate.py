@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax import decode_loop, kv_cache
+from fdjax.engine import decode_loop
+from fdjax.ops import kv_cache
 from tests.helpers import rel_err
 from tests.models_util import tiny_model
 

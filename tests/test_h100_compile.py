@@ -1,5 +1,5 @@
 """Every kernel, and generate's whole prefill and decode loop, compiled for a described H100
-with no GPU (fdjax.aot): Triton's compiler and ptxas run as on the device, and a kernel that
+with no GPU (fdjax.tuning.aot): Triton's compiler and ptxas run as on the device, and a kernel that
 spills registers or overflows shared memory fails here.
 
 Needs the CUDA plugin and ptxas (`pip install -e ".[h100]"`: jax[cuda13-local] at the installed
@@ -17,7 +17,10 @@ import pytest
 from flax import nnx
 
 from bench import kernels_h100 as kernels
-from fdjax import aot, decode_loop, dispatch, presets
+from fdjax.tuning import aot
+from fdjax.engine import decode_loop
+from fdjax.ops import dispatch
+from models import presets
 from models.llama import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +129,7 @@ def test_the_sharded_decode_loop_compiles_for_eight_h100s(h100, preset, dp, tp, 
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from fdjax import mesh as meshes
+  from fdjax.io import mesh as meshes
   from models import layout, parallel
   cfg = dataclasses.replace(presets.get(preset), num_layers=2)  # each layer the same program
   mesh = meshes.make_mesh(tp=tp, dp=dp, devices=aot.devices("h100", topology))

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fdjax
-from fdjax import dispatch, kv_cache, paging, reference
-from pallas_kernels import decode_attention as dk
+from fdjax.ops import dispatch, kv_cache, reference
+from fdjax.engine import paging
+from pallas_kernels.triton import decode_attention as dk
 from tests.helpers import np_decode_attention, rel_err
 from tests.models_util import tiny_model
 

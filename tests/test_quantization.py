@@ -14,13 +14,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import fdjax
-from fdjax import dispatch, quant, reference, selection, tune
-from fdjax.checkpoint import CheckpointError
+from fdjax.ops import dispatch, quant, reference, selection
+from fdjax.tuning import tune
+from fdjax.io.checkpoint import CheckpointError
 from models import layout
 from models import quantize as mq
-from pallas_kernels import flat_gemm as fg
-from pallas_kernels import gemv as gv
-from pallas_kernels import quantized_gemm as qg
+from pallas_kernels.triton import flat_gemm as fg
+from pallas_kernels.triton import gemv as gv
+from pallas_kernels.triton import quantized_gemm as qg
 from tests.helpers import cuda_text, rel_err, spy
 from tests.models_util import tiny_model
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fdjax
-from fdjax.sampling import Sampler, sample
+from fdjax.engine.sampling import Sampler, sample
 from tests.models_util import tiny_model
 
 

@@ -20,8 +20,9 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import fdjax  # noqa: E402
-from fdjax import engine as eng  # noqa: E402
-from fdjax import server  # noqa: E402
+from fdjax.engine import core as eng  # noqa: E402
+from fdjax.io import loading  # noqa: E402
+from fdjax.serving import server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE = dict(max_batch=16, max_queue=64, page_size=16, max_model_len=128, prefill_chunk=32,
@@ -57,7 +58,7 @@ def _stop(s):
 
 @pytest.fixture(scope="module")
 def default():
-  s = _start(*server.load(None))
+  s = _start(*loading.load(None, chat_template=True)[:4])
   yield s
   _stop(s)
 
@@ -264,7 +265,7 @@ def test_malformed_bodies_and_bad_chat_requests_get_a_400(default):
 
 def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
   import httpx2
-  model, tok, template, name = server.load(None)
+  model, tok, template, name = loading.load(None, chat_template=True)[:4]
   s = _start(model, tok, template, name, lifespan="off", max_batch=1, max_queue=3)
   try:
     args = dict(model=name, prompt="def f(x):", max_tokens=6, temperature=0)
@@ -296,8 +297,8 @@ def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
 
 
 def test_an_int8_server_answers_what_generate_gives_the_int8_model():
-  from fdjax.quant import QuantizedWeight
-  s = _start(*server.load(None, quantize="int8"), max_batch=2)
+  from fdjax.ops.quant import QuantizedWeight
+  s = _start(*loading.load(None, quantize="int8", chat_template=True)[:4], max_batch=2)
   try:
     assert isinstance(s.model.layers[0].attn.wqkv[...], QuantizedWeight)
     got = s.client.completions.create(model=s.name, prompt="import os", max_tokens=8,
@@ -314,7 +315,7 @@ def llama3(tmp_path_factory):
   pytest.importorskip("transformers")
   from bench.tiny_llama3 import build
   path = build(str(tmp_path_factory.mktemp("llama3")))
-  s = _start(*server.load(path), max_batch=4)
+  s = _start(*loading.load(path, chat_template=True)[:4], max_batch=4)
   s.path = path
   yield s
   _stop(s)
@@ -331,7 +332,7 @@ CONVERSATIONS = [
 
 def test_the_chat_template_renders_as_transformers_does(llama3):
   import transformers
-  from fdjax import chat
+  from fdjax.io import chat
   hf = transformers.AutoTokenizer.from_pretrained(llama3.path)
   template = chat.load(llama3.path)
   for messages in CONVERSATIONS:

@@ -1,4 +1,4 @@
-"""Many devices (fdjax.mesh, models/parallel.py, models/sharded.py): tensor parallelism over
+"""Many devices (fdjax.io.mesh, models/parallel.py, models/sharded.py): tensor parallelism over
 "model" and data-parallel replicas over "data" give the single-device logits (float32,
 1e-5 relative) and greedy tokens, loaded from Hugging Face checkpoints straight onto the
 mesh; each device holds only its shard; bad meshes are clear ValueErrors. The multi-device
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from fdjax import mesh as meshes
+from fdjax.io import mesh as meshes
 from models import layout, parallel
 from tests.models_util import tiny_config
 

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 import fdjax
-from fdjax import data, tasks, train
+from fdjax.training import data, tasks, train
 from models import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

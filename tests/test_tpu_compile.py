@@ -1,6 +1,6 @@
 """Every TPU kernel, and generate's whole prefill and decode loop, compiled by libtpu for a
 described TPU v5e and v6e (and v5p, where the defaults differ: two cores) with no TPU
-(fdjax.aot): Mosaic compiles each kernel as it would on the chip, and a block that does not
+(fdjax.tuning.aot): Mosaic compiles each kernel as it would on the chip, and a block that does not
 fit the chip's VMEM is refused here.
 
 Needs libtpu (the one the installed jax pins: `pip install -e ".[tpu]"`; .ci/run installs it).
@@ -16,7 +16,10 @@ import pytest
 from flax import nnx
 
 from bench import kernels_tpu
-from fdjax import aot, decode_loop, dispatch, presets
+from fdjax.tuning import aot
+from fdjax.engine import decode_loop
+from fdjax.ops import dispatch
+from models import presets
 from models.llama import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdjax import dispatch, kv_cache, reference, selection
-from pallas_kernels.async_softmax import HI
+from fdjax.ops import dispatch, kv_cache, reference, selection
+from pallas_kernels.common.async_softmax import HI
 from pallas_kernels.tpu import decode_attention as tdk
 from pallas_kernels.tpu import flat_gemm as tfg
 from pallas_kernels.tpu import gemv as tgv
@@ -287,7 +287,7 @@ def test_model_generates_the_same_through_the_tpu_kernels(monkeypatch):
 def test_tune_takes_the_tpu_kernels_and_their_tiles_on_a_tpu(monkeypatch):
   """`fdjax tune`'s code path on a TPU (run here with the kernels interpreted): the Mosaic
   GEMV and flat GEMM, TPU tile candidates, an entry selection reads back for that kind."""
-  from fdjax import tune
+  from fdjax.tuning import tune
   monkeypatch.setattr(selection, "device_kind", lambda: "TPU v6 lite")
   assert tune.kernels() == {"gemv": tgv.gemv, "flat": tfg.flat_gemm}
   with pytest.raises(ValueError, match="no Mosaic TPU kernel for int8"):

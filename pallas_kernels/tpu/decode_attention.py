@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import async_softmax as asm
-from pallas_kernels.decode_attention import key_span, page_block, split_range
+from pallas_kernels.common import async_softmax as asm
+from pallas_kernels.common.tiling import key_span, page_block, split_range
 from pallas_kernels.tpu import shared
 
 
@@ -148,7 +148,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                            settings: Settings | None = None, generation: str | None = None,
                            interpret=False, return_stats=False):
   """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
-  -> [B, Hq, D] (and stats), as pallas_kernels.decode_attention.paged_decode_attention.
+  -> [B, Hq, D] (and stats), as pallas_kernels.triton.decode_attention.paged_decode_attention.
   `generation` ("v5e", "v6e", "v5p"; None: v5e) sizes the defaults; `interpret`: False
   (Mosaic), True (TPU interpret mode, race detector on) or a pltpu.InterpretParams."""
   asm.check_call("decode_attention", q, mode, window, softcap)

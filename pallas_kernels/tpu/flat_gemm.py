@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flat_gemm import check
+from pallas_kernels.common.gemm import check
 from pallas_kernels.tpu import shared
 
 

@@ -15,8 +15,8 @@ import functools
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flat_gemm import check
-from pallas_kernels.gemv import MAX_M
+from pallas_kernels.common.gemm import MAX_GEMV_M as MAX_M
+from pallas_kernels.common.gemm import check
 from pallas_kernels.tpu import flat_gemm, shared
 from pallas_kernels.tpu.flat_gemm import Settings  # the flat GEMM's knobs and defaults
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import async_softmax as asm
+from pallas_kernels.common import async_softmax as asm
 from pallas_kernels.tpu import shared
 
 
@@ -138,7 +138,7 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
                       window=None, softcap=None, mode="async", settings: Settings | None = None,
                       generation: str | None = None, interpret=False, return_stats=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D] -> [B, T, Hq, D] (and stats), as
-  pallas_kernels.prefill_attention.prefill_attention; `generation`, `interpret` as the TPU
+  pallas_kernels.triton.prefill_attention.prefill_attention; `generation`, `interpret` as the TPU
   decode kernel's."""
   asm.check_call("prefill_attention", q, mode, window, softcap, causal)
   b, t, hq, d = q.shape

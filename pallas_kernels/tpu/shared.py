@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.shared import fill  # noqa: F401  (settings' defaults: one rule)
+from pallas_kernels.common.tiling import fill  # noqa: F401  (settings' defaults: one rule)
 
 LANES = 128  # the minor dimension of a vector register / VMEM tile
 

@@ -1,0 +1,392 @@
+"""Checkpoints: Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 (text) / Phi-3 directories
+(config.json + safetensors, sharded or not) read as they are, and fdjax's own models written
+in the same format.
+
+Missing, unexpected or wrongly shaped tensors and config features fdjax does not implement
+are refused with an error that names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fdjax.io import mesh as mesh_lib
+from fdjax.ops import quant
+from models import layout, rope
+from models import quantize as quantization
+from models.config import LAYER_TYPES, ModelConfig
+from models.llama import Transformer
+from models.quantize import Quantization
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                    "phi3": "Phi3ForCausalLM"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face's -> fdjax's
+FDJAX_MODEL_TYPE = "fdjax"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+META_FILE = "fdjax.json"
+LEGACY_PHI_FILE = "fdjax_phi.json"
+QUANTIZATION_KEY = "quantization"  # config.json of a checkpoint saved quantized
+
+
+class CheckpointError(ValueError):
+  """A checkpoint fdjax cannot load as it is (names the file, key or tensor)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def _refuse(cond, what):
+  if cond:
+    raise CheckpointError(f"config.json: {what} is not implemented by fdjax")
+
+
+def _rope(params: dict, theta: float) -> tuple[float, dict | None]:
+  """(theta, scaling) from one set of RoPE parameters (rope_type or the older `type`,
+  rope_theta, the scaling's own keys)."""
+  params = dict(params)
+  theta = params.pop("rope_theta", theta)
+  _refuse(params.pop("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind not in rope.SUPPORTED_ROPE_TYPES:
+    raise CheckpointError(f"config.json: unsupported rope_type {kind!r} "
+                          f"(fdjax implements {rope.SUPPORTED_ROPE_TYPES})")
+  if kind == "default":
+    return float(theta), None
+  scaling = {k: v for k, v in params.items() if k != "type"}
+  scaling["rope_type"] = kind
+  return float(theta), scaling
+
+
+def _rope_settings(hf: dict, theta: float = 10000.0) -> tuple[float, dict | None]:
+  """(theta, scaling) from either the newer `rope_parameters` or the older `rope_theta` +
+  `rope_scaling` keys."""
+  theta = hf.get("rope_theta", theta)
+  return _rope(hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
+                                               "rope_theta": theta}, theta)
+
+
+def _gemma_rope(hf: dict) -> tuple[float, dict | None, float]:
+  """Gemma 3's (global theta, global scaling, local theta): one set of RoPE parameters per
+  layer type, or the older rope_theta / rope_scaling (global) and rope_local_base_freq."""
+  params = hf.get("rope_parameters") or {}
+  if "full_attention" in params:
+    theta, scaling = _rope(params["full_attention"], 1e6)
+    local, local_scaling = _rope(params.get("sliding_attention") or {}, 1e4)
+  else:
+    theta, scaling = _rope_settings(hf, 1e6)
+    local, local_scaling = float(hf.get("rope_local_base_freq", 1e4)), None
+  _refuse(local_scaling is not None, "RoPE scaling of the sliding-window layers")
+  return theta, scaling, local
+
+
+def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple | None]:
+  """(sliding_window, layer_types) as each family's attention reads them: Mistral and Phi-3
+  window every layer; Qwen2/3 (with use_sliding_window) the layers from max_window_layers on,
+  Gemma 2 / 3 all but every 2nd / 6th (sliding_window_pattern), unless layer_types lists
+  them; Llama none."""
+  types = hf.get("layer_types")
+  unknown = sorted(set(types or ()) - set(LAYER_TYPES))
+  _refuse(unknown, f"layer_types {unknown}")
+  window = hf.get("sliding_window")
+  if mtype in ("qwen2", "qwen3"):
+    if not hf.get("use_sliding_window", False):
+      window = None
+    first = hf.get("max_window_layers", 28)
+    types = types or ["sliding_attention" if i >= first else "full_attention"
+                      for i in range(num_layers)]
+  elif mtype in ("gemma2", "gemma3_text"):
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern",
+                                                      6 if mtype == "gemma3_text" else 2))
+    types = types or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                      for i in range(num_layers)]
+  elif mtype in ("mistral", "phi3"):
+    types = None
+  else:
+    window = None
+  if window is None or (types is not None and "sliding_attention" not in types):
+    return None, None
+  if types is None or all(t == "sliding_attention" for t in types):
+    return int(window), None
+  return int(window), tuple(types)
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+  """Translates a Hugging Face config.json dict, refusing features fdjax does not implement."""
+  mtype = hf.get("model_type")
+  if mtype == FDJAX_MODEL_TYPE:
+    return ModelConfig.from_dict({k: v for k, v in hf.items()
+                                  if k not in ("model_type", QUANTIZATION_KEY)})
+  if mtype not in HF_ARCHITECTURES:
+    hint = (" (the multimodal Gemma 3; fdjax reads the text-only gemma3_text, "
+            "Gemma3ForCausalLM)" if mtype == "gemma3" else "")
+    raise CheckpointError(f"config.json: unsupported model_type {mtype!r}{hint}; fdjax loads "
+                          f"{sorted(HF_ARCHITECTURES)} and its own {FDJAX_MODEL_TYPE!r}")
+  _refuse(hf.get("quantization_config"), "a pre-quantized checkpoint (quantization_config; "
+          "load the float one with quantize=\"int8\" or \"int4\")")
+  gemma = mtype in ("gemma2", "gemma3_text")
+  act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
+  act = hf.get(act_key, "silu")
+  _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
+  _refuse(hf.get("mlp_bias", False), "mlp_bias=true")
+  _refuse(mtype != "qwen2" and hf.get("attention_bias", False), "attention_bias=true")
+  _refuse(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
+  _refuse(hf.get("use_bidirectional_attention", False), "use_bidirectional_attention=true")
+  heads, layers, hidden = hf["num_attention_heads"], hf["num_hidden_layers"], hf["hidden_size"]
+  window, layer_types = _windows(hf, mtype, layers)
+  if gemma:
+    gemma3 = mtype == "gemma3_text"
+    theta, scaling, local_theta = _gemma_rope(hf) if gemma3 else (*_rope_settings(hf), None)
+    family = dict(qk_norm=gemma3, norm_offset=1.0, sandwich_norms=True,
+                  embed_scale=hidden ** 0.5,
+                  attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                  # Gemma 3's attention has no soft-capping (q/k norms instead): transformers
+                  # ignores its attn_logit_softcapping, and so does fdjax; Gemma 2's applies it.
+                  attn_softcap=None if gemma3 else hf.get("attn_logit_softcapping"),
+                  final_softcap=hf.get("final_logit_softcapping"),
+                  local_rope_theta=None if window is None or not gemma3 else local_theta)
+  else:
+    (theta, scaling), family = _rope_settings(hf), dict(qk_norm=(mtype == "qwen3"),
+                                                        fused_checkpoint=(mtype == "phi3"))
+  return ModelConfig(
+      vocab_size=hf["vocab_size"], hidden_size=hidden,
+      intermediate_size=hf["intermediate_size"], num_layers=layers,
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hidden // heads,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+      qkv_bias=(mtype == "qwen2"), mlp_activation=ACTIVATIONS[act],
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      sliding_window=window, layer_types=layer_types, **family)
+
+
+# ---------------------------------------------------------------------- tensors
+
+def _safetensors_files(path: str) -> list[str]:
+  index = os.path.join(path, SAFETENSORS_INDEX)
+  if os.path.exists(index):
+    with open(index) as fh:
+      weight_map = json.load(fh)["weight_map"]
+    files = sorted(set(weight_map.values()))
+  else:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    raise CheckpointError(f"{path}: no *.safetensors file found")
+  missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+  if missing:
+    raise CheckpointError(f"{path}: shard(s) named in {SAFETENSORS_INDEX} are missing: {missing}")
+  return [os.path.join(path, f) for f in files]
+
+
+def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
+                 ) -> dict[str, np.ndarray]:
+  """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout
+  (with `stored`: the quantized tensors a checkpoint saved quantized holds)."""
+  expected, quantized = _expected(cfg, stored)
+  tensors = {}
+  for file in _safetensors_files(path):
+    with safe_open(file, framework="numpy") as fh:
+      for name in fh.keys():
+        tensors[name] = fh.get_tensor(name)
+  _check_tensors(path, expected, quantized, stored, tensors, lambda n: tensors[n])
+  return tensors
+
+
+def open_tensors(path: str, cfg: ModelConfig) -> dict:
+  """Every tensor of the checkpoint as a memory-mapped safetensors slice (indexing one reads
+  only that part of the file), checked against cfg's expected layout."""
+  expected, _ = _expected(cfg, None)
+  slices = {}
+  for file in _safetensors_files(path):
+    fh = safe_open(file, framework="numpy")  # kept open by its slices
+    for name in fh.keys():
+      slices[name] = fh.get_slice(name)
+  shapes = {name: _Shaped(tuple(s.get_shape())) for name, s in slices.items()}
+  _check_tensors(path, expected, {}, None, shapes, lambda n: slices[n][...])
+  return slices
+
+
+class _Shaped:
+  def __init__(self, shape):
+    self.shape = shape
+
+
+def _expected(cfg: ModelConfig, stored: Quantization | None) -> tuple[dict, dict]:
+  """(name -> shape of every tensor cfg's checkpoint holds, name -> dtype of the quantized
+  values among them)."""
+  expected, quantized = {}, {}
+  for e in layout.layout(cfg):
+    method = stored.method if stored and stored.covers(e) else None
+    for name, shape in e.tensors(method):
+      expected[name] = shape
+      if method and not name.endswith(layout.SCALE_SUFFIX):
+        quantized[name] = np.int8 if method == "int8" else np.uint8
+  return expected, quantized
+
+
+def _check_tensors(path, expected, quantized, stored, tensors, value):
+  """Refuses missing, unexpected and misshapen tensors (`tensors`: name -> something with a
+  shape and a dtype; `value(name)`: the whole tensor, read only to compare a tied matrix
+  stored twice)."""
+  extra = set(tensors) - set(expected)
+  if ("lm_head.weight" in extra and "lm_head.weight" not in expected
+      and "model.embed_tokens.weight" in tensors
+      and np.array_equal(value("lm_head.weight"), value("model.embed_tokens.weight"))):
+    extra.discard("lm_head.weight")  # some writers store the tied matrix twice
+  unexpected = sorted(extra)
+  missing = sorted(set(expected) - set(tensors))
+  if missing:
+    raise CheckpointError(f"{path}: missing tensor(s) {missing[:8]}"
+                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+  if unexpected:
+    raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:8]}"
+                          + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+  for name, shape in expected.items():
+    if tuple(tensors[name].shape) != shape:
+      raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                            f"expected {shape}")
+    if name in quantized and tensors[name].dtype != quantized[name]:
+      raise CheckpointError(f"{path}: tensor {name} has dtype {tensors[name].dtype}, expected "
+                            f"{np.dtype(quantized[name])} ({stored.method} values)")
+
+
+def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | None,
+            quantize: Quantization | None):
+  """Sets every parameter from the checkpoint's tensors: as stored (quantized ones as they
+  are, scales in `dtype`), or quantized now where `quantize` covers it."""
+  for e in layout.layout(model.config):
+    def fused(names):
+      parts = [tensors[n].T if e.transpose else tensors[n] for n in names]
+      return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    if stored and stored.covers(e):
+      value = quant.from_stored(fused(e.names), fused([n + layout.SCALE_SUFFIX for n in e.names]),
+                                stored.method, e.shape[0], dtype)
+    elif quantize and quantize.covers(e):
+      value = quant.quantize(fused(e.names), quantize.method, dtype)
+    else:
+      value = jnp.asarray(fused(e.names), dtype=dtype)
+    layout.param_at(model, e.param).set_value(value)
+
+
+def read_meta(path: str) -> dict:
+  """fdjax's own settings beside a checkpoint (fdjax.json): the tokenizer, training record,
+  the async softmax's phi per layer."""
+  file = os.path.join(path, META_FILE)
+  if not os.path.exists(file):
+    return {}
+  with open(file) as fh:
+    return json.load(fh)
+
+
+def write_meta(path: str, **fields) -> str:
+  """Merges fields into the checkpoint's fdjax.json."""
+  meta = {**read_meta(path), **fields}
+  file = os.path.join(path, META_FILE)
+  with open(file, "w") as fh:
+    json.dump(meta, fh, indent=2)
+  return file
+
+
+def load_config(path: str) -> ModelConfig:
+  """The checkpoint's config, with the phi per layer `fdjax calibrate` stored (in fdjax.json,
+  or in the older fdjax_phi.json beside it)."""
+  file = os.path.join(path, "config.json")
+  if not os.path.exists(file):
+    raise CheckpointError(f"{path}: no config.json")
+  with open(file) as fh:
+    cfg = config_from_hf(json.load(fh))
+  phi = read_meta(path).get("softmax_phi")
+  legacy = os.path.join(path, LEGACY_PHI_FILE)
+  if phi is None and os.path.exists(legacy):
+    with open(legacy) as fh:
+      phi = json.load(fh)["phi"]
+  return cfg if phi is None else dataclasses.replace(cfg, softmax_phi=tuple(phi))
+
+
+def load_quantization(path: str) -> Quantization | None:
+  """How a checkpoint saved quantized is quantized (its config.json records it), or None."""
+  with open(os.path.join(path, "config.json")) as fh:
+    record = json.load(fh).get(QUANTIZATION_KEY)
+  try:
+    return None if record is None else Quantization.from_dict(record)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: config.json: {e}") from None
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = None,
+                    quantize_lm_head: bool = False, mesh=None) -> Transformer:
+  """Loads a Hugging Face (Llama / Mistral / Qwen2) or fdjax checkpoint directory.
+
+  dtype: the parameters' dtype (a quantized weight's scales'); None keeps the checkpoint's.
+  quantize: None, "int8" or "int4": the linear layers' weights quantized as they load, from
+  the checkpoint's own values (the untied LM head too with quantize_lm_head; the embedding
+  and the norms never). A checkpoint saved quantized loads as saved, not quantized again.
+  mesh: a jax.sharding.Mesh (fdjax.make_mesh): the model is loaded onto it, tensor parallel
+  over its "model" axis, each device reading only its slices of the memory-mapped files
+  (a models.sharded.ShardedTransformer, called like a Transformer).
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory")
+  cfg = load_config(path)
+  stored = load_quantization(path)
+  want = None if quantize is None else Quantization(quantize, quantize_lm_head)
+  if want is not None:
+    quantization.entries(cfg, want)  # refuses what cannot be quantized
+    if stored is not None and stored != want:
+      raise CheckpointError(f"{path}: saved quantized as {stored.to_dict()}; it loads as saved "
+                            f"(quantize=None), not as {want.to_dict()}")
+  if mesh is not None:
+    return _load_on_mesh(path, cfg, dtype, mesh, quantized=stored or want)
+  tensors = read_tensors(path, cfg, stored)
+  if dtype is None:
+    dtype = tensors["model.embed_tokens.weight"].dtype
+  dtype = _param_dtype(path, dtype)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+  model.dtype = dtype
+  _assign(model, tensors, dtype, stored, None if stored else want)
+  return model
+
+
+def _param_dtype(path, dtype):
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise CheckpointError(f"{path}: unsupported parameter dtype {dtype}")
+  return dtype
+
+
+def _load_on_mesh(path, cfg, dtype, mesh, quantized):
+  if quantized:
+    raise CheckpointError(f"{path}: quantize with a mesh is not implemented (quantized "
+                          f"weights load on one device)")
+  mesh_lib.check_mesh(mesh)
+  slices = open_tensors(path, cfg)
+  if dtype is None:
+    dtype = slices["model.embed_tokens.weight"][0:1].dtype
+  shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
+  return mesh_lib.build(cfg, _param_dtype(path, dtype), mesh,
+                        lambda name, axis, start, stop: mesh_lib.padded_slice(
+                            slices[name], shapes[name], axis, start, stop))
+
+
+def save_pretrained(model: Transformer, path: str | os.PathLike, extra_config: dict | None = None):
+  """Writes config.json (model_type "fdjax"; a quantized model's quantization recorded) and
+  model.safetensors (quantized weights as they are); load_pretrained reads it."""
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  config = {"model_type": FDJAX_MODEL_TYPE, **model.config.to_dict()}
+  q = quantization.of(model)
+  if q is not None:
+    config[QUANTIZATION_KEY] = q.to_dict()
+  with open(os.path.join(path, "config.json"), "w") as fh:
+    json.dump(config, fh, indent=2)
+  if extra_config:
+    write_meta(path, **extra_config)
+  save_file(layout.to_hf_tensors(model), os.path.join(path, "model.safetensors"))

@@ -1,0 +1,355 @@
+"""Backend-aware dispatch: one public function per op, one choice of kernel per backend.
+
+Every op takes `impl`:
+  "auto"             what fdjax.ops.selection's rules pick: the XLA reference on a CPU, the
+                     Pallas kernel on a CUDA GPU and the Mosaic kernel on a TPU for the
+                     shapes they take (for `linear`, GEMV / flat GEMM / XLA by the
+                     device's table and M); decided where the computation is lowered
+                     (`lax.platform_dependent`), so one jitted function serves all three.
+  "xla"              the plain-XLA reference (fdjax.ops.reference).
+  "pallas"           the Pallas (Triton) kernel, compiled for the GPU.
+  "pallas_interpret" the same kernel run by the Pallas interpreter (any backend, slow;
+                     this is how the tests check kernels on a CPU).
+  "pallas_tpu"       the Mosaic TPU kernel (pallas_kernels/tpu/), compiled for the TPU.
+  "pallas_tpu_interpret"  the same kernel in TPU interpret mode (any backend, slow), with
+                     its DMAs and semaphores simulated and the race detector on.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from fdjax.ops import checks, quant, reference, selection
+from pallas_kernels.common import async_softmax as asm
+from pallas_kernels.triton import cope_attention as ck
+from pallas_kernels.triton import decode_attention as dk
+from pallas_kernels.triton import flat_gemm, gemv
+from pallas_kernels.triton import prefill_attention as pk
+from pallas_kernels.triton import quantized_gemm as qg
+from pallas_kernels.triton import shared
+from pallas_kernels.tpu import decode_attention as tpu_dk
+from pallas_kernels.tpu import flat_gemm as tpu_fg
+from pallas_kernels.tpu import gemv as tpu_gv
+from pallas_kernels.tpu import prefill_attention as tpu_pk
+
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")
+TARGETS = ("cuda", "tpu", "tpu:v5e", "tpu:v6e", "tpu:v5p")
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def using(impl: str):
+  """Within this block every op called with impl="auto" (the model's calls) runs `impl`
+  instead: e.g. `with dispatch.using("xla"):` for the XLA-only baseline, or
+  "pallas_interpret" to check the kernels through a whole model on a CPU."""
+  checks.choice("dispatch.using", "impl", impl, IMPLS)
+  old = getattr(_override, "impl", None)
+  _override.impl = impl
+  try:
+    yield
+  finally:
+    _override.impl = old
+
+
+def current() -> str:
+  """The implementation "auto" stands for here (set by `using`). Jitted callers pass it as a
+  static argument, so a function traced under one override is not reused under another."""
+  return getattr(_override, "impl", None) or "auto"
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str | None):
+  """Within this block "auto" keeps its choice for `platform` ("cuda"; "tpu", or
+  "tpu:v5e" / "tpu:v6e" / "tpu:v5p" to size the TPU kernels and pick the linear table of
+  that generation) even on a host whose only backend is the CPU, which otherwise traces the
+  XLA path alone: for compiling ahead of time for a described GPU or TPU (fdjax.tuning.aot). For
+  "cuda" with no GPU here and no described one in context, the kernels lower for an H100
+  (pallas_kernels.triton.shared.described_gpu). None: no change. Jitted callers pass
+  `lowering_target()` as a static argument, as they do `current()`."""
+  if platform is not None:
+    checks.choice("dispatch.lowering_for", "platform", platform, TARGETS)
+  old = getattr(_override, "target", None)
+  _override.target = platform or old
+  try:
+    with shared.described_gpu() if platform == "cuda" else contextlib.nullcontext():
+      yield
+  finally:
+    _override.target = old
+
+
+def lowering_target() -> str | None:
+  """The platform set by `lowering_for`, or None."""
+  return getattr(_override, "target", None)
+
+
+@contextlib.contextmanager
+def record_scores():
+  """Within this block, each prefill_attention called eagerly (outside jit) appends the
+  (min, max) over valid query rows of the rows' largest scores to the yielded list, in
+  call order (so, for a model's forward pass, one entry per layer)."""
+  _override.scores = []
+  try:
+    yield _override.scores
+  finally:
+    _override.scores = None
+
+
+def tpu_kind() -> str:
+  """The TPU device kind the TPU kernels are sized and tabled for here (selection.tpu_kind of
+  the lowering target)."""
+  return selection.tpu_kind(lowering_target())
+
+
+def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None):
+  """Calls xla_fn(), pallas_fn(interpret) (Triton) or tpu_fn(interpret) (Mosaic; None: the op
+  has no TPU kernel) as `impl` says. Under "auto" the rules of fdjax.ops.selection decide, per
+  platform at lowering time (attention ops pass head_dim, dtype and page size; what the
+  kernels do not take goes to XLA on every backend)."""
+  checks.choice(op, "impl", impl, IMPLS)
+
+  def takes(platform):
+    if platform == "tpu" and tpu_fn is None:
+      return False
+    return head_dim is None or selection.attention(op, head_dim, dtype, platform,
+                                                   page_size).impl == "pallas"
+
+  if impl == "auto":
+    impl = current()
+    if impl != "auto" and not takes("tpu" if impl.startswith("pallas_tpu") else "cuda"):
+      impl = "xla"
+  if impl == "xla":
+    return xla_fn()
+  if impl in ("pallas", "pallas_interpret"):
+    return pallas_fn(impl == "pallas_interpret")
+  if impl in ("pallas_tpu", "pallas_tpu_interpret"):
+    if tpu_fn is None:
+      raise ValueError(f"{op}: there is no Mosaic TPU kernel for this op (impl {impl!r}); "
+                       f"use impl='auto' or 'xla'")
+    return tpu_fn(impl == "pallas_tpu_interpret")
+  # A CPU-only host lowers for a GPU or TPU only inside `lowering_for`: elsewhere it skips
+  # tracing the kernel branches at all; a GPU or TPU host traces its own platform's only.
+  platform = (lowering_target() or jax.default_backend()).split(":")[0]
+  platform = "cuda" if platform == "gpu" else platform
+  kernel = {"cuda": pallas_fn, "tpu": tpu_fn}.get(platform)
+  if kernel is None or not takes(platform):
+    return xla_fn()
+  return jax.lax.platform_dependent(cpu=xla_fn, **{platform: lambda: kernel(False)},
+                                    default=xla_fn)
+
+
+def _attention_checks(op, q, k, v, q_rank, paged=False):
+  checks.rank(op, "q", q, q_rank)
+  checks.rank(op, "k", k, 4)
+  checks.float_dtype(op, "q", q)
+  checks.same_dtype(op, q=q, k=k, v=v)
+  if k.shape != v.shape:
+    raise ValueError(f"{op}: k and v must have the same shape, got {k.shape} and {v.shape}")
+  if not paged and q.shape[0] != k.shape[0]:
+    raise ValueError(f"{op}: batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
+  if q.shape[-1] != k.shape[-1]:
+    raise ValueError(f"{op}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
+  checks.gqa(op, q.shape[-2], k.shape[2])
+
+
+def _check_start(op, q_start, batch, most):
+  if q_start is not None:
+    checks.int_vector(op, "q_start", q_start, batch)
+    checks.in_range(op, "q_start", q_start, 0, most)
+
+
+def _on_tpu(pallas, kernels):
+  """An op's `pallas(interpret, kernels=, **more)` as its Mosaic TPU kernel, sized for the
+  TPU generation being lowered for."""
+  def run(interpret):
+    return pallas(interpret, kernels=kernels,
+                  generation=selection.tpu_generation(tpu_kind()))
+  return run
+
+
+def _scale(sm_scale, d):
+  return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, window=None,
+                     softcap=None, impl="auto"):
+  """Attention of one new query per sequence against its KV cache.
+
+  q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; lengths [B] int = valid cache entries
+  of each row (1 <= lengths <= S). GQA when Hq is a multiple of Hkv. `phi` is the
+  unified max value of the async-softmax kernel (ignored by the XLA path). `window` W
+  (sliding-window attention): the query, at position lengths - 1, sees only the last W
+  entries, and the kernel reads only those. `softcap`: scores become softcap * tanh(s /
+  softcap) (Gemma). Returns [B, Hq, D] in q's dtype.
+  """
+  op = "decode_attention"
+  _attention_checks(op, q, k_cache, v_cache, 3)
+  checks.int_vector(op, "lengths", lengths, q.shape[0])
+  asm.check_options(op, window, softcap)
+  scale = _scale(sm_scale, q.shape[-1])
+  extra = dict(window=window, softcap=softcap)
+
+  def pallas(interpret, kernels=dk, **more):
+    return kernels.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
+                                    interpret=interpret, **extra, **more)
+
+  return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale,
+                                                           **extra),
+              pallas, _on_tpu(pallas, tpu_dk), q.shape[-1], q.dtype)
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
+                           window=None, softcap=None, impl="auto"):
+  """decode_attention over a paged KV cache.
+
+  q [B, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [B, max_pages] int: row
+  b's key i is entry i % page_size of page page_table[b, i // page_size] (entries past a
+  row's last page, and with a `window` those of pages wholly before it, are ignored,
+  whatever they hold: such pages may have been given back); lengths [B] int, 1 <= lengths
+  <= max_pages * page_size. `window`, `softcap` as decode_attention. Returns [B, Hq, D] in
+  q's dtype.
+  """
+  op = "paged_decode_attention"
+  _attention_checks(op, q, k_pages, v_pages, 3, paged=True)
+  checks.rank(op, "page_table", page_table, 2)
+  if not jnp.issubdtype(page_table.dtype, jnp.integer) or page_table.shape[0] != q.shape[0]:
+    raise ValueError(f"{op}: page_table must be an integer [B={q.shape[0]}, max_pages] array, "
+                     f"got {page_table.dtype}{tuple(page_table.shape)}")
+  checks.int_vector(op, "lengths", lengths, q.shape[0])
+  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[1])
+  asm.check_options(op, window, softcap)
+  scale = _scale(sm_scale, q.shape[-1])
+  extra = dict(window=window, softcap=softcap)
+
+  def pallas(interpret, kernels=dk, **more):
+    return kernels.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
+                                          sm_scale=scale, phi=phi, interpret=interpret,
+                                          **extra, **more)
+
+  return _run(op, impl, lambda: reference.paged_decode_attention(
+      q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas,
+              _on_tpu(pallas, tpu_dk), q.shape[-1], q.dtype, k_pages.shape[1])
+
+
+def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,
+                      phi=None, window=None, softcap=None, impl="auto"):
+  """Self-attention over a (padded) prompt, or a chunk of one after cached keys.
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] int or None = valid keys of each row
+  (keys at or past it are masked; query rows past it are padding, never NaN); q_start [B]
+  int or None: query i of row b sits at position q_start[b] + i (None: 0, and S == T).
+  `window` W (causal only): the query at position p sees keys p - W < j <= p, the last W,
+  as Hugging Face counts them. `softcap`: scores become softcap * tanh(s / softcap).
+  Returns [B, T, Hq, D] in q's dtype.
+  """
+  op = "prefill_attention"
+  _attention_checks(op, q, k, v, 4)
+  if q_start is None and q.shape[1] != k.shape[1]:
+    raise ValueError(f"{op}: q length ({q.shape[1]}) and k length ({k.shape[1]}) differ; "
+                     "a chunk after cached keys needs q_start")
+  if lengths is not None:
+    checks.int_vector(op, "lengths", lengths, q.shape[0])
+    checks.in_range(op, "lengths", lengths, 0, k.shape[1])
+  _check_start(op, q_start, q.shape[0], k.shape[1] - 1)
+  asm.check_options(op, window, softcap, causal)
+  scale = _scale(sm_scale, q.shape[-1])
+  extra = dict(q_start=q_start, window=window, softcap=softcap)
+  recorder = getattr(_override, "scores", None)
+  if recorder is not None and checks.concrete(q) is not None:
+    m = reference.score_row_max(q, k, lengths, causal, scale, **extra)
+    m = m[jnp.isfinite(m)]
+    recorder.append((float(jnp.min(m)), float(jnp.max(m))))
+
+  def pallas(interpret, kernels=pk, **more):
+    return kernels.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
+                                     interpret=interpret, **extra, **more)
+
+  return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale,
+                                                            **extra),
+              pallas, _on_tpu(pallas, tpu_pk), q.shape[-1], q.dtype)
+
+
+def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=None, impl="auto"):
+  """CoPE attention (contextual position encoding, Golovneva et al. 2024, Appendix B).
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D] with T <= S, query i of row b at absolute position
+  q_start[b] + i (default S - T; T = 1: a decode step against a cache); pos_emb [npos_max,
+  D], the layer's position table shared by its heads; lengths [B] or None = valid keys.
+  Returns [B, T, Hq, D] in q's dtype.
+  """
+  op = "cope_attention"
+  _attention_checks(op, q, k, v, 4)
+  t, s = q.shape[1], k.shape[1]
+  if t > s:
+    raise ValueError(f"{op}: more queries ({t}) than keys ({s})")
+  if getattr(pos_emb, "ndim", None) != 2 or pos_emb.shape[0] < 1:
+    raise ValueError(f"{op}: pos_emb must be [npos_max >= 1, head_dim], got "
+                     f"{getattr(pos_emb, 'shape', None)}")
+  if pos_emb.shape[1] != q.shape[-1]:
+    raise ValueError(f"{op}: pos_emb width ({pos_emb.shape[1]}) must equal head_dim "
+                     f"({q.shape[-1]})")
+  if lengths is not None:
+    checks.int_vector(op, "lengths", lengths, q.shape[0])
+    checks.in_range(op, "lengths", lengths, 0, s)
+  _check_start(op, q_start, q.shape[0], s - t)
+  scale = _scale(sm_scale, q.shape[-1])
+
+  def pallas(interpret):
+    return ck.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, q_start=q_start,
+                             interpret=interpret)
+
+  return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale,
+                                                         q_start), pallas, None, q.shape[-1],
+              q.dtype)
+
+
+def linear(x, w, *, impl="auto"):
+  """x [..., K] @ w [K, N] -> [..., N], float32 accumulation, in x's dtype. w is a float
+  array or a fdjax.ops.quant.QuantizedWeight (int8 / int4, its scales in x's dtype): the kernels
+  read its quantized bytes and dequantize inside the K loop; XLA dequantizes, then dots."""
+  op = "linear"
+  quantized = isinstance(w, quant.QuantizedWeight)
+  checks.rank(op, "w", w, 2)
+  if x.ndim < 1:
+    raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+  checks.float_dtype(op, "x", x)
+  if quantized and w.dtype != x.dtype:
+    raise ValueError(f"{op}: the {w.method} weight's scales are {w.dtype}, x is {x.dtype}; "
+                     f"they must match")
+  if not quantized:
+    checks.same_dtype(op, x=x, w=w)
+  k, n = w.shape
+  if x.shape[-1] != k:
+    raise ValueError(f"{op}: x's last dimension ({x.shape[-1]}) must equal w's K ({k})")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)  # M = the product of the leading dims
+
+  def pallas(interpret):
+    choice = selection.linear(x2.shape[0], k, n, quantization=w.method if quantized else None)
+    if choice.impl == "xla":
+      return reference.linear(x2, w)
+    if quantized:
+      kernel = {"gemv": qg.gemv, "flat": qg.flat_gemm}[choice.impl]
+      return kernel(x2, w.values, w.scales, bits=w.bits, settings=choice.settings,
+                    interpret=interpret)
+    kernel = {"gemv": gemv.gemv, "flat": flat_gemm.flat_gemm}[choice.impl]
+    return kernel(x2, w, settings=choice.settings, interpret=interpret)
+
+  def on_tpu(interpret):
+    kind = tpu_kind()
+    choice = selection.linear(x2.shape[0], k, n, kind=kind,
+                              quantization=w.method if quantized else None)
+    if choice.impl == "xla":
+      return reference.linear(x2, w)
+    kernel = {"gemv": tpu_gv.gemv, "flat": tpu_fg.flat_gemm}[choice.impl]
+    return kernel(x2, w, settings=choice.settings, generation=selection.tpu_generation(kind),
+                  interpret=interpret)
+
+  y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu)
+  return y.reshape(*lead, n)
+
+
+describe = selection.describe  # what "auto" runs per op, and why

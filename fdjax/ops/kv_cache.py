@@ -1,0 +1,70 @@
+"""The KV cache: paged, an explicit pytree passed into the model and returned by it.
+
+Per layer a page pool for keys and one for values, [num_pages, page_size, Hkv, D] (the
+layout the paged decode kernel reads); per sequence row a page table [B, max_pages] (int32
+page ids: token i of row b lives in entry i % page_size of page page_table[b, i //
+page_size]) and `lengths` [B], how many of its tokens are cached. Which page belongs to whom
+is decided on the host (fdjax.engine.paging); a contiguous cache is the special case of each row
+owning consecutive pages (`init_cache`). Table entries a row does not own hold NO_PAGE:
+writes there are dropped, never landing in another row's page.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fdjax.ops import reference
+
+NO_PAGE = 2 ** 30  # a page id past any pool: writes through it are dropped
+
+
+class KVCache(NamedTuple):
+  k: tuple                # per layer [P, page_size, Hkv, D]
+  v: tuple
+  page_table: jax.Array   # [B, max_pages] int32
+  lengths: jax.Array      # [B] int32: cached tokens of each row
+
+  @property
+  def page_size(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def max_len(self) -> int:
+    """The most tokens a row's page table can address."""
+    return self.page_table.shape[1] * self.page_size
+
+
+def empty_pages(config, num_pages: int, page_size: int, dtype) -> tuple[tuple, tuple]:
+  """Zeroed key and value page pools, one per layer."""
+  shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+  return (tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+          tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+
+
+def init_cache(config, batch: int, max_len: int, dtype, page_size: int | None = None) -> KVCache:
+  """An empty cache in which row b owns its own consecutive pages (page_size default: 64,
+  or max_len if smaller)."""
+  page_size = page_size or min(64, max_len)
+  per_row = -(-max_len // page_size)
+  k, v = empty_pages(config, batch * per_row, page_size, dtype)
+  table = jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, per_row)
+  return KVCache(k, v, table, jnp.zeros((batch,), jnp.int32))
+
+
+def write(pages, new, page_table, start, n):
+  """pages with each row's first n[b] new entries [B, T, Hkv, D] written at positions
+  start[b] .. start[b] + n[b] - 1 (the rest of `new` is padding and writes nothing)."""
+  b, t = new.shape[:2]
+  page_size, max_pages = pages.shape[1], page_table.shape[1]
+  pos = start[:, None] + jnp.arange(t)[None, :]
+  page = jnp.take_along_axis(page_table, jnp.minimum(pos // page_size, max_pages - 1), axis=1)
+  keep = (jnp.arange(t)[None, :] < n[:, None]) & (pos < max_pages * page_size)
+  page = jnp.where(keep, page, NO_PAGE)
+  return pages.at[page, pos % page_size].set(new.astype(pages.dtype), mode="drop")
+
+
+def gather(pages, page_table):
+  """Each row's cached entries, contiguous: [B, max_pages * page_size, Hkv, D]."""
+  return reference.gather_pages(pages, page_table)

@@ -1,0 +1,132 @@
+"""Weight-only quantized weights: the type `dispatch.linear` takes in place of a [K, N] array,
+and quantize / dequantize.
+
+int8: one scale per output column; int4: one scale per group of 128 input rows, two values
+per byte (the format is pallas_kernels.triton.quantized_gemm's). Symmetric, round to nearest:
+scale = max |w| / 127 (int8) or / 7 (int4) over the column or group, stored in the model's
+dtype, and q = round(w / scale) with that stored scale. A QuantizedWeight is a pytree (its
+arrays are the leaves; bits and K are static), so it sits in an nnx.Param, goes through jit,
+and `w[...]` reads it as a parameter's array is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fdjax.ops import checks
+from pallas_kernels.triton import quantized_gemm as qg
+
+METHODS = ("int8", "int4")
+GROUP = qg.GROUP
+_QMAX = {8: 127, 4: 7}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+  values: jax.Array   # int8 [K, N] or uint8 [ceil(K / 2), N] (two int4 per byte)
+  scales: jax.Array   # [N] (int8) or [ceil(K / 128), N] (int4), in the model's dtype
+  bits: int = dataclasses.field(metadata=dict(static=True))
+  k: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def method(self) -> str:
+    return f"int{self.bits}"
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The [K, N] of the weight it stands for."""
+    return self.k, self.values.shape[-1]
+
+  @property
+  def ndim(self) -> int:
+    return 2
+
+  @property
+  def dtype(self):
+    """The dtype it dequantizes to: the scales'."""
+    return self.scales.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.size * a.dtype.itemsize for a in (self.values, self.scales))
+
+  def __getitem__(self, index):
+    if index is not Ellipsis:
+      raise TypeError("a QuantizedWeight is read whole (w[...]); dequantize(w) gives the array")
+    return self
+
+
+def bits_of(method: str) -> int:
+  checks.choice("quantize", "method", method, METHODS)
+  return int(method[3:])
+
+
+def stored_shapes(method: str, k: int, n: int) -> tuple[tuple, tuple]:
+  """(values shape, scales shape) of a [K, N] weight quantized to `method`."""
+  return qg.stored_shapes(bits_of(method), k, n)
+
+
+def weight_nbytes(k: int, n: int, dtype, method: str | None = None) -> int:
+  """Bytes of a [K, N] weight in `dtype`, or quantized to `method` (scales in `dtype`)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  if method is None:
+    return k * n * itemsize
+  values, scales = stored_shapes(method, k, n)
+  return math.prod(values) + math.prod(scales) * itemsize
+
+
+def nbytes(tree) -> int:
+  """Bytes of the arrays in a pytree (a model's state: quantized weights count their values
+  and scales)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+             if hasattr(x, "dtype"))
+
+
+def quantize(w, method: str, dtype=None) -> QuantizedWeight:
+  """A float [K, N] weight quantized to `method`, scales in `dtype` (default: w's)."""
+  bits = bits_of(method)
+  if getattr(w, "ndim", None) != 2:
+    raise ValueError(f"quantize: the weight must be [K, N], got shape {getattr(w, 'shape', None)}")
+  dtype = jnp.dtype(dtype or w.dtype)
+  if dtype not in checks.FLOAT_DTYPES:
+    raise ValueError(f"quantize: scales must be float32, bfloat16 or float16, got {dtype}")
+  w = jnp.asarray(w, jnp.float32)
+  k, n = w.shape
+  qmax = _QMAX[bits]
+  if bits == 8:
+    scales = (jnp.max(jnp.abs(w), axis=0) / qmax).astype(dtype)
+    per_row = scales.astype(jnp.float32)[None, :]
+  else:
+    groups = -(-k // GROUP)
+    padded = jnp.pad(w, ((0, groups * GROUP - k), (0, 0)))
+    scales = (jnp.max(jnp.abs(padded.reshape(groups, GROUP, n)), axis=1) / qmax).astype(dtype)
+    per_row = jnp.repeat(scales.astype(jnp.float32), GROUP, axis=0)[:k]
+  q = jnp.clip(jnp.round(w / jnp.where(per_row > 0, per_row, 1.0)), -qmax, qmax)
+  values = q.astype(jnp.int8) if bits == 8 else qg.pack_int4(q)
+  return QuantizedWeight(values, scales, bits, k)
+
+
+def dequantize(w: QuantizedWeight, dtype=None):
+  """The [K, N] float weight w stands for, in `dtype` (default: the scales')."""
+  dtype = dtype or w.dtype
+  if w.bits == 8:
+    deq = w.values.astype(jnp.float32) * w.scales.astype(jnp.float32)
+  else:
+    even, odd = qg.unpack_int4(w.values)
+    q = jnp.stack([even, odd], axis=1).reshape(-1, w.values.shape[1])[:w.k]
+    deq = q * jnp.repeat(w.scales.astype(jnp.float32), GROUP, axis=0)[:w.k]
+  return deq.astype(dtype)
+
+
+def from_stored(values, scales, method: str, k: int, dtype=None) -> QuantizedWeight:
+  """A QuantizedWeight from stored arrays (a checkpoint's), checked against K."""
+  bits = bits_of(method)
+  values, scales = jnp.asarray(values), jnp.asarray(scales, dtype or scales.dtype)
+  x = jax.ShapeDtypeStruct((1, k), scales.dtype)
+  qg.check(f"{method} weight", x, values, scales, bits)
+  return QuantizedWeight(values, scales, bits, k)
+

@@ -1,0 +1,167 @@
+"""Plain-XLA reference implementations of every fdjax op.
+
+These are the CPU path of `fdjax.ops.dispatch` and the reference every Pallas kernel is
+tested against. They compute in float32 (softmax and accumulation) whatever the input
+dtype, and return the input dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fdjax.ops import quant
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _acc(x, plain=False):
+  """x in the accumulation dtype: float32, or float64 when given float64; with `plain`, x's
+  own dtype (the plain computation in a low precision: the baseline a kernel's error in that
+  precision is judged against, FlashAttention's rule)."""
+  return x if plain else x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _einsum(spec, a, b, plain):
+  if plain:
+    return jnp.einsum(spec, a, b, preferred_element_type=a.dtype)
+  return jnp.einsum(spec, a, b, precision=HIGHEST)
+
+
+def _capped(s, softcap):
+  """Gemma's attention-logit soft-capping, softcap * tanh(s / softcap), or s as it is."""
+  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def _masked_softmax_attention(s, mask, v_fn):
+  """softmax over the last axis of scores `s` where `mask`, then `v_fn(p)`.
+
+  Rows with no valid key get zeros, never NaN.
+  """
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  return v_fn(p)
+
+
+def query_positions(b, t, s, q_start):
+  """[B, T] absolute positions of the queries: q_start[b] + i (default: the last T of S)."""
+  start = jnp.full((b,), s - t, jnp.int32) if q_start is None else q_start
+  return start[:, None] + jnp.arange(t)[None, :]
+
+
+def _mask(q_pos, s, lengths, causal, window=None):
+  """[B, T, S]: key j visible to query i (j <= its position p if causal, j < lengths[b], and
+  with a sliding window W, p - j < W: the last W keys, as Hugging Face counts them)."""
+  k_pos = jnp.arange(s)[None, None, :]
+  mask = jnp.broadcast_to(k_pos <= q_pos[:, :, None] if causal else True,
+                          (q_pos.shape[0], q_pos.shape[1], s))
+  if lengths is not None:
+    mask = mask & (k_pos < lengths[:, None, None])
+  if window is not None:
+    mask = mask & (q_pos[:, :, None] - k_pos < window)
+  return mask
+
+
+def gather_pages(pages, page_table):
+  """A paged cache [P, page_size, Hkv, D] seen contiguously per row: [B, max_pages *
+  page_size, Hkv, D] (page ids out of range, in entries no valid key uses, are clipped)."""
+  rows = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]
+  return rows.reshape(page_table.shape[0], -1, *pages.shape[2:])
+
+
+def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, window=None, softcap=None,
+                     plain=False):
+  """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]. The
+  query sits at position lengths - 1; with a window W it sees the last W entries only."""
+  b, hq, d = q.shape
+  s_len, hkv = k_cache.shape[1], k_cache.shape[2]
+  g = hq // hkv
+  qf = _acc(q, plain).reshape(b, hkv, g, d)
+  s = _capped(_einsum("bhgd,bshd->bhgs", qf, _acc(k_cache, plain), plain) * sm_scale, softcap)
+  mask = _mask((lengths - 1)[:, None], s_len, lengths, True, window)[:, None]
+  o = _masked_softmax_attention(
+      s, mask, lambda p: _einsum("bhgs,bshd->bhgd", p, _acc(v_cache, plain), plain))
+  return o.reshape(b, hq, d).astype(q.dtype)
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, **kwargs):
+  """decode_attention over a paged cache: pages [P, page_size, Hkv, D], page_table [B,
+  max_pages]; keyword arguments as decode_attention."""
+  return decode_attention(q, gather_pages(k_pages, page_table),
+                          gather_pages(v_pages, page_table), lengths, sm_scale, **kwargs)
+
+
+def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, window=None,
+                      softcap=None, plain=False):
+  """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
+  at position q_start[b] + i (default 0: S == T, a prompt on its own); `window`: each query
+  sees its last W keys; `softcap`: scores soft-capped -> [B, T, Hq, D]."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  qf = _acc(q, plain).reshape(b, t, hkv, g, d)
+  s = _capped(_einsum("bthgd,bshd->bhgts", qf, _acc(k, plain), plain) * sm_scale, softcap)
+  q_pos = query_positions(b, t, t, q_start)
+  mask = _mask(q_pos, k.shape[1], lengths, causal, window)[:, None, None]
+  o = _masked_softmax_attention(
+      s, mask, lambda p: _einsum("bhgts,bshd->bthgd", p, _acc(v, plain), plain))
+  return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def linear(x, w):
+  """x [M, K] @ w [K, N] with float32 accumulation, returned in x's dtype. A quantized w is
+  dequantized to x's dtype first (XLA's dequantize-then-dot)."""
+  if isinstance(w, quant.QuantizedWeight):
+    w = quant.dequantize(w, x.dtype)
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.dot(x, w, precision=HIGHEST, preferred_element_type=acc).astype(x.dtype)
+
+
+def score_row_max(q, k, lengths, causal, sm_scale, q_start=None, window=None, softcap=None):
+  """Each query row's largest (masked) attention score [B, T, Hq] (calibration of phi)."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
+  s = _capped(jnp.einsum("bthgd,bshd->bthgs", qf, _acc(k), precision=HIGHEST) * sm_scale,
+              softcap)
+  q_pos = query_positions(b, t, t, q_start)
+  mask = _mask(q_pos, k.shape[1], lengths, causal, window)
+  if lengths is not None:  # padding query rows do not count
+    mask = mask & (q_pos[:, :, None] < lengths[:, None, None])
+  s = jnp.where(mask[:, :, None, None, :], s, -jnp.inf)
+  return jnp.max(s, axis=-1).reshape(b, t, hq)
+
+
+def cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=None):
+  """Contextual Position Encoding attention (Golovneva et al. 2024, Appendix B).
+
+  q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos_max, D] (shared by the heads);
+  lengths [B] or None = valid keys per row. Query i of row b sits at absolute position
+  q_start[b] + i (default S - T: T = S is a prompt, T = 1 a decode step, and a chunk of a
+  prompt after the cached part starts at the cache's length).
+  s = q.k * sm_scale (causal, lengths); gates g = sigmoid(s) (0 where masked); positions
+  p_ij = sum_{k=j..i} g_ik, clamped to npos_max - 1; z_i[n] = q_i . e[n] (unscaled); logits
+  s_ij + lerp(z_i, p_ij) between floor and ceil; softmax; times v.
+  """
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  npos = pos_emb.shape[0]
+  qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
+  s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST) * sm_scale
+  mask = _mask(query_positions(b, t, s_len, q_start), s_len, lengths, True)[:, None, None]
+  gates = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
+  pos = jax.lax.cumsum(gates, axis=gates.ndim - 1, reverse=True)  # sum over keys j..end
+  pos = jnp.minimum(pos, npos - 1)
+  z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST)
+  # (z[n], z[n + 1] - z[n]) side by side, so one gather serves floor and ceil
+  dz = jnp.concatenate([z[..., 1:] - z[..., :-1], jnp.zeros_like(z[..., :1])], axis=-1)
+  lo = jnp.floor(pos)
+  pair = jnp.take_along_axis(jnp.stack([z, dz], -1), lo.astype(jnp.int32)[..., None], axis=-2)
+  logits = s + pair[..., 0] + (pos - lo) * pair[..., 1]
+  o = _masked_softmax_attention(
+      logits, mask,
+      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
+  return o.reshape(b, t, hq, d).astype(q.dtype)

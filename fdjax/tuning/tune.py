@@ -1,0 +1,180 @@
+"""The offline half of FlashDecoding++'s heuristic dataflow: `fdjax tune` profiles GEMV, the
+flat GEMM and XLA's dot per weight shape [K, N] over M, fits the crossovers M1 and M2, and
+writes the table `fdjax.ops.selection` reads at run time (per device kind: on a TPU the Mosaic
+GEMV and flat GEMM of pallas_kernels/tpu/, with their own candidate tiles). Every candidate is compiled before it is
+timed, on a GPU with spills made errors (fdjax.tuning.aot.compile); one the compiler refuses is
+dropped, with its reason. Every timing is fdjax.tuning.timing's (rotating random inputs, no L2
+reuse).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fdjax.tuning import aot, timing
+from fdjax.ops import quant, reference, selection
+from pallas_kernels.triton import flat_gemm as fg
+from pallas_kernels.triton import gemv as gv
+from pallas_kernels.triton import quantized_gemm as qg
+from pallas_kernels.tpu import flat_gemm as tpu_fg
+from pallas_kernels.tpu import gemv as tpu_gv
+
+GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
+                for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]
+FLAT_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": st}
+                for bn in (64, 128) for bk in (128,) for sk in (1, 2, 4) for st in (2, 4)]
+# TPU: tiles of w (multiples of 128); the grid's per-step cost favours large ones
+TPU_CONFIGS = [{"block_n": bn, "block_k": bk} for bn in (256, 512, 1024)
+               for bk in (512, 1024, 2048)]
+PROFILE_MS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _time(fn, sets, iters):
+  """Seconds per call of fn, compiled for the first set before any timing (on a GPU a spill
+  is a compile error: aot.CompileError)."""
+  compiled = aot.compile(jax.jit(fn).lower(*sets[0]), strict=jax.default_backend() == "gpu")
+  return timing.seconds_per_call(compiled, sets, calls=iters)
+
+
+def _best(kernel, settings_cls, configs, sets, iters, interpret, progress=print):
+  best = None
+  for c in configs:
+    try:
+      t = _time(functools.partial(kernel, interpret=interpret, settings=settings_cls(**c)),
+                sets, iters)
+    except Exception as e:  # refused by the compiler (shared memory, spills) or the lowering
+      progress(f"  dropped {kernel.__name__} {c}: {aot.reason(e)}")
+      continue
+    if best is None or t < best[0]:
+      best = (t, c)
+  if best is None:
+    raise ValueError(f"no configuration of {kernel.__name__} compiled for x "
+                     f"{sets[0][0].shape} w {sets[0][1].shape}")
+  return best
+
+
+def kernels(quantization: str | None = None, kind: str | None = None) -> dict:
+  """{"gemv": fn(x, w, settings=, interpret=), "flat": ...}: the kernels dispatch.linear runs
+  for a float weight, or for one quantized to "int8" / "int4" (w: a QuantizedWeight), on a
+  device of `kind` (default: this process's; a TPU's are the Mosaic ones)."""
+  if selection.is_tpu(kind or selection.device_kind()):
+    if quantization is not None:
+      raise ValueError(f"tune: no Mosaic TPU kernel for {quantization} weights (XLA runs them)")
+    return {"gemv": tpu_gv.gemv, "flat": tpu_fg.flat_gemm}
+  if quantization is None:
+    return {"gemv": gv.gemv, "flat": fg.flat_gemm}
+  def wrap(kernel):
+    def run(x, w, **kw):
+      return kernel(x, w.values, w.scales, bits=w.bits, **kw)
+    run.__name__ = f"{kernel.__name__}_{quantization}"
+    return run
+  return {"gemv": wrap(qg.gemv), "flat": wrap(qg.flat_gemm)}
+
+
+def random_weights(k: int, n: int, count: int, dtype, quantization: str | None = None,
+                   seed: int = 0) -> list:
+  """`count` random [K, N] weights in `dtype`, quantized to `quantization` if given."""
+  key = jax.random.key(seed)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32).astype(dtype)
+        for i in range(count)]
+  return ws if quantization is None else [quant.quantize(w, quantization) for w in ws]
+
+
+def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, interpret=False,
+               gemv_configs=None, flat_configs=None, progress=print,
+               quantization: str | None = None) -> dict:
+  """Profiles one [K, N] weight shape (quantized to `quantization` or not) over `ms` and
+  returns its table entry. Weights rotate over enough random copies that they do not sit in
+  the L2 cache between calls."""
+  key = jax.random.key(k * 7919 + n)
+  n_sets = 1 if interpret else timing.sets_needed(quant.weight_nbytes(k, n, dtype, quantization))
+  ws = random_weights(k, n, n_sets, dtype, quantization, seed=k * 7919 + n)
+  def sets(m):
+    return [(jax.random.normal(jax.random.fold_in(key, 1000 * m + i), (m, k),
+                               jnp.float32).astype(dtype), w) for i, w in enumerate(ws)]
+  kernel = kernels(quantization)
+  classes = selection.settings_classes(selection.device_kind())
+  tpu = selection.is_tpu(selection.device_kind())
+  gemv_cfg = _best(kernel["gemv"], classes["gemv"],
+                   gemv_configs or (TPU_CONFIGS if tpu else GEMV_CONFIGS), sets(1), iters,
+                   interpret, progress)[1]
+  flat_cfg = _best(kernel["flat"], classes["flat"],
+                   flat_configs or (TPU_CONFIGS if tpu else FLAT_CONFIGS),
+                   sets(min(16, max(ms))), iters, interpret, progress)[1]
+  flat = functools.partial(kernel["flat"], interpret=interpret,
+                           settings=classes["flat"](**flat_cfg))
+  gemv = functools.partial(kernel["gemv"], interpret=interpret,
+                           settings=classes["gemv"](**gemv_cfg))
+  profile = []
+  for i, m in enumerate(ms):
+    xs = sets(m)
+    row = {"m": m, "flat_us": _time(flat, xs, iters) * 1e6,
+           "xla_us": _time(reference.linear, xs, iters) * 1e6}
+    if m <= gv.MAX_M:
+      row["gemv_us"] = _time(gemv, xs, iters) * 1e6
+    profile.append(row)
+    progress(f"  [{selection.key(k, n, quantization)}] M={m} ({i + 1}/{len(ms)}) " + " ".join(
+        f"{name}={row[name]:.1f}us" for name in ("gemv_us", "flat_us", "xla_us") if name in row))
+  m1, m2 = fit_crossovers(profile)
+  return {"m1": int(m1), "m2": int(m2), "source": "measured", "gemv": gemv_cfg,
+          "flat": flat_cfg, "profile": profile}
+
+
+def fit_crossovers(profile: list[dict]) -> tuple[int, int]:
+  """(M1, M2) minimising the summed time of the implementation the three regions pick over
+  every profiled M (GEMV below M1, the flat GEMM below M2, XLA from M2): the best table of
+  this form for the measurements, and not thrown off by one noisy point."""
+  ms = [r["m"] for r in profile]
+  cuts = ms + [ms[-1] + 1]
+  best = None
+  for i, m1 in enumerate(cuts):
+    for m2 in cuts[i:]:
+      total = sum(r.get("gemv_us", float("inf")) if r["m"] < m1 else
+                  r["flat_us"] if r["m"] < m2 else r["xla_us"] for r in profile)
+      if best is None or total < best[0]:
+        best = (total, m1, m2)
+  return best[1], best[2]
+
+
+def write_table(entries: dict, path: str | None = None, kind: str | None = None) -> str:
+  """Merges {"KxN": entry} into the device's table file and returns its path."""
+  kind = kind or selection.device_kind()
+  path = path or os.path.join(selection.TABLE_DIR, f"{selection.slug(kind)}.json")
+  table = {"device": kind, "shapes": {}}
+  if os.path.exists(path):
+    with open(path) as fh:
+      table = json.load(fh)
+  table["device"] = kind
+  table["shapes"].update(entries)
+  table["jax_version"] = jax.__version__
+  table["date"] = time.strftime("%Y-%m-%d")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as fh:
+    json.dump(table, fh, indent=1)
+  selection.reload()
+  return path
+
+
+def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None,
+               quantization: str | None = None) -> str:
+  """Tunes the four weight shapes of a model config (quantized to `quantization`: their
+  "KxN:int8" / "KxN:int4" entries) and writes the device's table (or `out`). On a CPU the
+  kernels run interpreted with one candidate each: a check of the plumbing, not a
+  measurement."""
+  progress = progress or (lambda s: print(s, flush=True))
+  on_cpu = jax.default_backend() == "cpu"
+  small = dict(gemv_configs=GEMV_CONFIGS[:1], flat_configs=FLAT_CONFIGS[:1]) if on_cpu else {}
+  shapes = cfg.linear_shapes()
+  entries = {}
+  for i, (name, (k, n)) in enumerate(shapes.items()):
+    progress(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M={list(ms)}")
+    e = tune_shape(k, n, ms, dtype=jnp.dtype(dtype), iters=iters, interpret=on_cpu,
+                   progress=progress, quantization=quantization, **small)
+    progress(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}")
+    entries[selection.key(k, n, quantization)] = e
+  return write_table(entries, out)
