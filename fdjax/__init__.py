@@ -16,6 +16,7 @@ _EXPORTS = {"dispatch": "fdjax.ops.dispatch", "load_pretrained": "fdjax.io.check
             "load_tokenizer": "fdjax.io.tokenizer", "KVStore": "fdjax.engine.paging",
             "PagePool": "fdjax.engine.paging", "PoolExhausted": "fdjax.engine.paging",
             "quantize": "models.quantize", "make_mesh": "fdjax.io.mesh"}
+_MODULES = {"dispatch"}  # names that are modules; the others are taken from theirs
 __all__ = sorted(_EXPORTS)
 
 
@@ -23,4 +24,4 @@ def __getattr__(name):
   if name not in _EXPORTS:
     raise AttributeError(f"module 'fdjax' has no attribute {name!r}")
   module = importlib.import_module(_EXPORTS[name])
-  return module if module.__name__.rsplit(".", 1)[-1] == name else getattr(module, name)
+  return module if name in _MODULES else getattr(module, name)
