@@ -6,6 +6,7 @@ import functools
 
 import jax
 
+from fdjax.ops import checks
 from models import positions
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
@@ -55,9 +56,7 @@ class ModelConfig:
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "max_position_embeddings"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f"ModelConfig: {name} must be a positive integer, got {v!r}")
+      checks.positive_int("ModelConfig", name, getattr(self, name))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")
@@ -79,8 +78,8 @@ class ModelConfig:
 
   def _check_families(self):
     w = self.sliding_window
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-      raise ValueError(f"ModelConfig: sliding_window must be a positive integer, got {w!r}")
+    if w is not None:
+      checks.positive_int("ModelConfig", "sliding_window", w)
     if self.layer_types is not None:
       object.__setattr__(self, "layer_types", tuple(self.layer_types))
       if len(self.layer_types) != self.num_layers:

@@ -77,6 +77,9 @@ class Attention(nnx.Module):
     self.tp = tp  # parallel.Parallel: this is one device's share of the heads
     self.layer = layer
     self.phi = None if cfg.softmax_phi is None else cfg.softmax_phi[layer]
+    # Set by fdjax.tuning.calibrate: a whole-prompt call sows each query row's largest score
+    # (nnx.Intermediate "score_row_max"), the range phi is chosen from.
+    self.record_scores = False
     qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
     self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
@@ -100,6 +103,10 @@ class Attention(nnx.Module):
                   softcap=cfg.attn_softcap)
 
     if layer_cache is None:
+      if self.record_scores:
+        self.sow(nnx.Intermediate, "score_row_max", dispatch.score_row_max(
+            q, k, lengths=n, sm_scale=attend["sm_scale"], window=attend["window"],
+            softcap=attend["softcap"]))
       o = pe.attend(q, k, v, n, q_start=None, **attend)
     else:
       kc, vc = (kvc.write(pages, new, page_table, start, n)

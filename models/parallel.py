@@ -20,6 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fdjax.ops import checks
+
 DATA, MODEL = "data", "model"  # the mesh's axes: replicas splitting the batch; tensor parallel
 
 
@@ -45,13 +47,12 @@ def kv_head_start(cfg, tp: int, device: int) -> int:
 
 
 def padded_vocab(cfg, tp: int) -> int:
-  return -(-cfg.vocab_size // tp) * tp
+  return checks.cdiv(cfg.vocab_size, tp) * tp
 
 
 def check(cfg, tp: int):
   """Refuses (ValueError, naming the numbers) a model that cannot be split tp ways."""
-  if not isinstance(tp, int) or tp < 1:
-    raise ValueError(f"tensor parallelism: tp must be a positive integer, got {tp!r}")
+  checks.positive_int("tensor parallelism", "tp", tp)
   for name in ("num_heads", "intermediate_size"):
     if getattr(cfg, name) % tp:
       raise ValueError(f"tensor parallelism: tp={tp} does not divide the model's {name} "

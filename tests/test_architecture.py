@@ -159,6 +159,20 @@ def test_the_loop_check_catches_a_planted_loop(tmp_path):
   assert import_loops(graph) == [["fdjax.io.checkpoint", "fdjax.io.mesh"]]
 
 
+def test_no_class_is_a_module_of_its_own():
+  """A class does one job: none in fdjax/ or models/ runs past ~150 lines (the serving
+  engine is core + scheduler + runner + detokenize, not one class)."""
+  long = []
+  for pkg in ("fdjax", "models"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
+      for f in (f for f in files if f.endswith(".py")):
+        path = os.path.join(dirpath, f)
+        for node in ast.walk(ast.parse(open(path).read())):
+          if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno >= 160:
+            long.append(f"{os.path.relpath(path, ROOT)}:{node.name}")
+  assert long == []
+
+
 def test_every_public_name_imports():
   import fdjax
   import types

@@ -40,9 +40,8 @@ def test_calibrate_records_every_layer_and_load_uses_it(tmp_path):
   assert loaded.config.softmax_phi == tuple(rec["phi"])
   # the recorded range is the real one: recompute layer 0's row maxima directly
   prompts = calibrate.sample_prompts(None, 97, 2, 24)
-  with dispatch.using("xla"), dispatch.record_scores() as scores:
-    loaded(np.asarray([prompts[0]], np.int32))
-  assert len(scores) == 3 and rec["row_max_range"][0][0] <= scores[0][0]
+  scores = calibrate.score_ranges(loaded, prompts[0])
+  assert scores.shape == (3, 2) and rec["row_max_range"][0][0] <= scores[0][0]
   # and the model generates the same with its calibrated phi through the kernels
   want = fdjax.generate(loaded, [[1, 2, 3]], max_new_tokens=3).tokens
   with dispatch.using("pallas_interpret"):
@@ -50,8 +49,23 @@ def test_calibrate_records_every_layer_and_load_uses_it(tmp_path):
   assert got == want
 
 
-def test_an_older_phi_sidecar_still_loads(tmp_path):
-  model = tiny_model(seed=2, head_dim=16, num_layers=2)
-  fdjax.save_pretrained(model, tmp_path)
-  (tmp_path / "fdjax_phi.json").write_text(json.dumps({"phi": [1.5, -2.0]}))
-  assert fdjax.load_pretrained(tmp_path).config.softmax_phi == (1.5, -2.0)
+def test_the_sown_score_range_is_the_attention_layers_own():
+  """One layer, no position encoding: the range calibrate reads equals the row maxima of
+  q.k / sqrt(D) computed here from the layer's own projections (GQA, causal)."""
+  model = tiny_model(seed=3, head_dim=16, num_layers=1, position_encoding="none")
+  cfg = model.config
+  ids = np.asarray([[5, 9, 2, 77, 31, 8, 40]], np.int32)
+  got = calibrate.score_ranges(model, ids[0].tolist())
+  attn = model.layers[0].attn
+  h = model.layers[0].attn_norm(model.embed[...][ids])
+  qkv = np.asarray(h @ attn.wqkv[...], np.float64)[0]
+  nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  q = qkv[:, :nq].reshape(-1, cfg.num_heads, cfg.head_dim)
+  k = qkv[:, nq:nq + nk].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+  k = np.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=1)
+  s = np.einsum("thd,shd->hts", q, k) / np.sqrt(cfg.head_dim)
+  t = len(ids[0])
+  s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf).max(-1)
+  assert got.shape == (1, 2)
+  np.testing.assert_allclose(got[0], [s.min(), s.max()], rtol=1e-4)
+  assert not attn.record_scores  # switched off again

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax.engine import decode_loop
 from fdjax.engine import core as eng
+from fdjax.engine import detokenize, request, steps
 from fdjax.engine.sampling import RowSampling, filter_logits, sample_rows
 from fdjax.io.tokenizer import ByteTokenizer
 from tests.models_util import tiny_model
@@ -31,7 +31,7 @@ def _engine(model, **kw):
 
 def _request(prompt, max_tokens, **kw):
   events = []
-  req = eng.Request(list(prompt), max_tokens, on_event=events.append, **kw)
+  req = request.Request(list(prompt), max_tokens, on_event=events.append, **kw)
   req.events = events
   return req
 
@@ -182,11 +182,11 @@ def test_stop_strings_end_the_text_before_them_and_eos_ends_a_request():
 
 
 def test_text_is_held_back_while_it_may_begin_a_stop_string_or_a_character():
-  assert eng._settled("abc", ("cd",)) == 2
-  assert eng._settled("abc", ("bcz", "q")) == 1
-  assert eng._settled("abc", ()) == 3
-  assert eng._settled("ab\ufffd", ()) == 2
-  assert eng._settled("abc", ("abcd",)) == 0
+  assert detokenize.settled("abc", ("cd",)) == 2
+  assert detokenize.settled("abc", ("bcz", "q")) == 1
+  assert detokenize.settled("abc", ()) == 3
+  assert detokenize.settled("ab\ufffd", ()) == 2
+  assert detokenize.settled("abc", ("abcd",)) == 0
 
 
 def test_cancelled_requests_free_their_pages_and_prefixes_are_reused():
@@ -221,10 +221,10 @@ def test_no_recompilation_under_a_random_load_after_warmup():
   model = _model(seed=6, hidden_size=40, num_heads=2, num_kv_heads=1, head_dim=20)
   engine = _engine(model, max_batch=2, page_size=16, max_model_len=48, prefill_chunk=16,
                    prefill_rows=1, steps_per_call=4, max_queue=100)
-  before = sum(decode_loop.TRACE_COUNT.values())
+  before = sum(steps.TRACE_COUNT.values())
   engine.warmup()  # (first_token's shapes do not depend on the model: some may be compiled)
-  assert 0 < sum(decode_loop.TRACE_COUNT.values()) - before <= engine.shapes().count()
-  traced = dict(decode_loop.TRACE_COUNT)
+  assert 0 < sum(steps.TRACE_COUNT.values()) - before <= engine.shapes().count()
+  traced = dict(steps.TRACE_COUNT)
   engine.start()
   rng = np.random.default_rng(7)
   reqs = []
@@ -241,7 +241,7 @@ def test_no_recompilation_under_a_random_load_after_warmup():
     time.sleep(0.02)
   engine.stop()
   assert all(r.finish_reason == "length" and len(r.tokens) == r.max_tokens for r in reqs)
-  assert dict(decode_loop.TRACE_COUNT) == traced
+  assert dict(steps.TRACE_COUNT) == traced
   assert engine.kv.pool.pages_in_use == 0
 
 
@@ -252,20 +252,20 @@ def test_bad_requests_name_the_field_and_a_full_queue_refuses():
   for req, param in [(_request([], 4), "prompt"), (_request([300], 4), "prompt"),
                      (_request([1] * 96, 4), "prompt"), (_request([1] * 90, 7), "max_tokens"),
                      (_request([1], 0), "max_tokens")]:
-    with pytest.raises(eng.BadRequest) as e:
+    with pytest.raises(request.BadRequest) as e:
       engine.submit(req)
     assert e.value.param == param
   engine.submit(_request([1], 4))
   engine.submit(_request([2], 4))
-  with pytest.raises(eng.QueueFull, match="queue is full"):
+  with pytest.raises(request.QueueFull, match="queue is full"):
     engine.submit(_request([3], 4))
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
   model = _model(seed=8)
   engine = _engine(model).start()
-  real = engine._decode_call
-  monkeypatch.setattr(engine, "_decode_call", lambda *a: 1 / 0)
+  real = engine.runner.decode
+  monkeypatch.setattr(engine.runner, "decode", lambda *a, **k: 1 / 0)
   doomed = [_request([1, 2, 3], 10), _request([4, 5], 10)]
   for r in doomed:
     engine.submit(r)
@@ -274,7 +274,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
     time.sleep(0.01)
   assert [r.events[-1].finish_reason for r in doomed] == ["error", "error"]
   assert "ZeroDivisionError" in doomed[0].events[-1].error
-  monkeypatch.setattr(engine, "_decode_call", real)
+  monkeypatch.setattr(engine.runner, "decode", real)
   fine = _request([1, 2, 3], 10)
   engine.submit(fine)
   while fine.state != "done" and time.time() < deadline:

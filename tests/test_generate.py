@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax.engine import decode_loop
+from fdjax.engine import decode_loop, steps
 from fdjax.ops import kv_cache
 from tests.helpers import rel_err
 from tests.models_util import tiny_model
@@ -45,11 +45,11 @@ def test_ragged_batch_rows_equal_running_alone():
 def test_similar_sizes_do_not_recompile():
   model = tiny_model(seed=4)
   fdjax.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=5)
-  before = dict(decode_loop.TRACE_COUNT)
+  before = dict(steps.TRACE_COUNT)
   fdjax.generate(model, [[7, 8, 9, 10, 11], [1]], max_new_tokens=6)  # same buckets
-  assert dict(decode_loop.TRACE_COUNT) == before
+  assert dict(steps.TRACE_COUNT) == before
   fdjax.generate(model, [[1] * 40], max_new_tokens=5)  # a bigger prompt bucket: retraces
-  assert decode_loop.TRACE_COUNT["prefill"] == before["prefill"] + 1
+  assert steps.TRACE_COUNT["prefill"] == before["prefill"] + 1
 
 
 def test_eos_stops_each_row_and_is_included():

@@ -13,9 +13,7 @@ of any length lives in about (W + page_size) / page_size + 2 pages.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import time
 
 import jax
@@ -23,15 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fdjax.ops import dispatch
-from fdjax.engine import paging
+from fdjax.engine import paging, steps
+from fdjax.engine.runner import Runner
+from fdjax.engine.sampling import Sampler
+from fdjax.engine.steps import pow2
 from fdjax.io import mesh as meshes
+from fdjax.ops import checks, dispatch
 from fdjax.ops import kv_cache as kvc
-from fdjax.engine.sampling import Sampler, sample, sample_rows
-
-# How many times each jitted function was traced (tests use it to check that bucketing
-# avoids recompiles).
-TRACE_COUNT: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass
@@ -51,102 +47,6 @@ class GenerationResult:
     """Tokens produced by the decode loop (all rows) per second of decode time."""
     produced = self.new_tokens - len(self.tokens)
     return produced / self.decode_s if self.decode_s > 0 else 0.0
-
-
-def pow2(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def to_host(x) -> np.ndarray:
-  """A device array's value on the host; one spanning other processes' devices too (a
-  multi-host mesh) is gathered from them."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def pack(pieces, rows: int, width: int):
-  """Ragged token lists as (ids [rows, width] int32, right-padded with 0; n [rows], each
-  list's length; rows past the lists are empty)."""
-  ids = np.zeros((rows, width), np.int32)
-  n = np.zeros((rows,), np.int32)
-  for i, piece in enumerate(pieces):
-    ids[i, :len(piece)] = piece
-    n[i] = len(piece)
-  return ids, n
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "target"),
-                   donate_argnums=(4, 5))
-def prefill_step(graphdef, state, ids, n, cache, last, *, impl, target=None):
-  """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache;
-  `last` keeps each row's logits at its latest token."""
-  TRACE_COUNT["prefill"] += 1
-  model = nnx.merge(graphdef, state)
-  with dispatch.using(impl), dispatch.lowering_for(target):
-    logits, cache = model(ids, cache=cache, lengths=n, last_only=True)
-  return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
-
-
-def _pick(logits, key, sampler, rows, positions):
-  """The next token of every row: one static Sampler for all, or each row's own (rows, a
-  sampling.RowSampling, drawing the token at positions[b])."""
-  if rows is None:
-    return sample(logits, key, sampler)
-  return sample_rows(logits, rows, positions)
-
-
-def start(first, key, eos_ids, active, max_new, *, out_len):
-  """The decode loop's state after each row's token `first` (its K/V not yet in the cache):
-  (step, tokens out [B, out_len] with out[:, 0] = first, done, last token, key). A row is
-  done from the start when not `active`, at EOS, or when max_new (a scalar or one per row,
-  `first` counted) is 1."""
-  out = jnp.full((first.shape[0], out_len), -1, jnp.int32).at[:, 0].set(first)
-  done = ~active | jnp.isin(first, eos_ids) | (max_new <= 1)
-  return jnp.int32(1), out, done, first, key
-
-
-@functools.partial(jax.jit, static_argnames=("sampler", "out_len"))
-def first_token(logits, key, eos_ids, active, max_new, rows=None, positions=None, *,
-                sampler=None, out_len):
-  """Every row's first new token, from its prompt's last logits (one `sampler` for all, or
-  each row's own `rows` drawing at `positions`): the decode loop's starting state."""
-  TRACE_COUNT["first"] += 1
-  key, sub = jax.random.split(key)
-  return start(_pick(logits, sub, sampler, rows, positions), key, eos_ids, active, max_new,
-               out_len=out_len)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "impl", "target"),
-                   donate_argnums=(3,))
-def decode_steps(graphdef, state, carry, cache, eos_ids, max_new, stop, rows=None, *,
-                 sampler=None, impl, target=None):
-  """Decode steps on device from `carry` (start's state) until `stop` tokens are out or every
-  row is done (at EOS or its max_new tokens: a scalar or one per row); one `sampler` for all
-  rows, or each row's own `rows` (sampling.RowSampling). Returns the state to go on from and
-  the cache."""
-  TRACE_COUNT["decode"] += 1
-  model = nnx.merge(graphdef, state)
-
-  def cond(loop):
-    step, _, done, _, _, _ = loop
-    return (step < stop) & ~jnp.all(done)
-
-  def body(loop):
-    step, out, done, tok, cache, key = loop
-    with dispatch.using(impl), dispatch.lowering_for(target):
-      logits, cache = model(tok[:, None], cache=cache)
-    key, sub = jax.random.split(key)
-    nxt = _pick(logits[:, 0], sub, sampler, rows, cache.lengths)
-    out = out.at[:, step].set(jnp.where(done, -1, nxt))
-    done = done | jnp.isin(nxt, eos_ids) | (step + 1 >= max_new)
-    return step + 1, out, done, jnp.where(done, 0, nxt), cache, key
-
-  step, out, done, tok, key = carry
-  step, out, done, tok, cache, key = jax.lax.while_loop(
-      cond, body, (step, out, done, tok, cache, key))
-  return (step, out, done, tok, key), cache
 
 
 def _check_prompts(prompts, vocab_size):
@@ -181,9 +81,8 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
   what exceeds the cache or the model's context."""
   for name, value in (("max_new_tokens", max_new_tokens), ("prefill_chunk", prefill_chunk),
                       ("page_size", page_size)):
-    if (value is not None or name == "max_new_tokens") and (
-        not isinstance(value, (int, np.integer)) or value < 1):
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value is not None or name == "max_new_tokens":
+      checks.positive_int("generate", name, value)
   need = longest + max_new_tokens
   if max_cache_len is not None and need > max_cache_len:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is "
@@ -191,10 +90,11 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
   if need > cfg.max_position_embeddings:
     raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
                      f"the model's context of {cfg.max_position_embeddings} tokens")
-  pages = pow2(_pages(need, page_size))
-  return Buckets(batch=-(-pow2(batch) // replicas) * replicas, pages=pages,
+  pages = steps.table_width(need, page_size)
+  return Buckets(batch=checks.cdiv(pow2(batch), replicas) * replicas, pages=pages,
                  out=pow2(max_new_tokens),
-                 chunk=min(prefill_chunk or pow2(longest, 16), pages * page_size))
+                 chunk=steps.chunk_bucket(longest, min(prefill_chunk or pages * page_size,
+                                                     pages * page_size)))
 
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
@@ -224,8 +124,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                    prefill_chunk, replicas)
   bp = shapes.batch
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
-  eos = [] if eos_token_id is None else (
-      [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+  eos = steps.eos_ids(eos_token_id)
   need = longest + max_new_tokens
   # With a window in every layer and sequences longer than it, pages are given back as they
   # fall out of it (and taken as needed); otherwise every row's pages are taken up front.
@@ -246,7 +145,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     for i, p in enumerate(prompts):  # windowed: pages are taken as it grows (_Pages.table)
       rows.append(kv.pool_of(i, bp).allocate(list(p), len(p) + max_new_tokens
                                              if window is None else 1))
-    out, steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes, max_new_tokens,
+    out, n_steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes, max_new_tokens,
                                            sampler, eos, seed, window)
   except BaseException:
     for i, (pages, _) in enumerate(rows):
@@ -254,13 +153,11 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     raise
   tokens = []
   for i, (p, (pages, _), row) in enumerate(zip(prompts, rows, out[:b, :max_new_tokens])):
-    row = row[row >= 0].tolist()
-    hits = [j for j, tok in enumerate(row) if tok in eos]
-    tokens.append(row[:hits[0] + 1] if hits else row)
+    tokens.append(steps.until_eos(row[row >= 0].tolist(), eos))
     # the last token's K/V is never written
     kv.pool_of(i, bp).finish(pages, list(p) + tokens[-1][:-1])
   return GenerationResult(tokens=tokens, prompt_tokens=sum(len(p) for p in prompts),
-                          prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps - 1)
+                          prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps - 1)
 
 
 def _on_mesh(model, mesh):
@@ -275,7 +172,7 @@ def _on_mesh(model, mesh):
 
 
 def _pages(tokens: int, page_size: int) -> int:
-  return -(-tokens // page_size)
+  return checks.cdiv(tokens, page_size)
 
 
 def live_pages(window: int, at_once: int, page_size: int) -> int:
@@ -313,9 +210,7 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   """Prefill in chunks, then the decode loop (in segments of page_size steps when pages are
   given back behind a `window`), on kv's pages; (tokens [bp, out_len], steps, prefill seconds,
   decode seconds)."""
-  cfg = model.config
-  graphdef, state = nnx.split(model)
-  static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
+  runner = Runner(model, kv, eos)
   bp = shapes.batch
   pages = _Pages(kv, rows, [len(p) + max_new_tokens for p in prompts], bp, shapes.pages, window)
   cached, left = np.zeros((bp,), np.int32), np.zeros((bp,), np.int32)
@@ -323,41 +218,33 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   for i, (_, n_cached) in enumerate(rows):
     cached[i], left[i] = n_cached, len(todo[i])
   chunk = shapes.chunk  # no longer than the page table addresses
-  cache = kvc.KVCache(kv.k, kv.v, pages.table(), jnp.asarray(cached))
-  last = jnp.zeros((bp, cfg.vocab_size), jnp.float32)
+  cache, last = runner.cache(pages.table(), cached), None
 
   t0 = time.perf_counter()
-  try:  # the calls donate the pools: kv keeps the ones they returned, even after a failure
-    for c in range(0, max(len(t) for t in todo), chunk):
-      ids, n = pack([t[c:c + chunk] for t in todo], bp, chunk)
-      if window is not None:
-        before = cached + np.minimum(c, left)
-        cache = cache._replace(page_table=pages.table(before, before + n))
-      cache, last = prefill_step(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache,
-                                   last, **static)
-    eos_ids = jnp.asarray(eos or [-1], jnp.int32)
-    max_new = jnp.int32(max_new_tokens)
-    carry = first_token(last, jax.random.key(seed), eos_ids,
-                        jnp.asarray(np.arange(bp) < len(prompts)), max_new, sampler=sampler,
-                        out_len=shapes.out)
-    carry[3].block_until_ready()
-    t1 = time.perf_counter()
-    segment = max_new_tokens if window is None else kv.page_size
-    while True:
-      if window is not None:
-        lengths, done = to_host(cache.lengths), to_host(carry[2])
-        cache = cache._replace(page_table=pages.table(
-            lengths, [None if d else n + segment for d, n in zip(done, lengths)]))
-      stop = min(max_new_tokens, int(to_host(carry[0])) + segment)
-      carry, cache = decode_steps(graphdef, state, carry, cache, eos_ids, max_new,
-                                  jnp.int32(stop), sampler=sampler, **static)
-      if stop >= max_new_tokens or bool(np.all(to_host(carry[2]))):
-        break
-    out = to_host(carry[1])
-    t2 = time.perf_counter()
-  finally:
-    kv.k, kv.v = cache.k, cache.v
-  return out, int(to_host(carry[0])), t1 - t0, t2 - t1
+  for c in range(0, max(len(t) for t in todo), chunk):
+    ids, n = steps.pack([t[c:c + chunk] for t in todo], bp, chunk)
+    if window is not None:
+      before = cached + np.minimum(c, left)
+      cache = cache._replace(page_table=pages.table(before, before + n))
+    cache, last = runner.prefill(cache, ids, n, last)
+  max_new = jnp.int32(max_new_tokens)
+  loop = runner.first(last, np.arange(bp) < len(prompts), max_new, out_len=shapes.out,
+                      key=jax.random.key(seed), sampler=sampler)
+  loop.last.block_until_ready()
+  t1 = time.perf_counter()
+  segment = max_new_tokens if window is None else kv.page_size
+  while True:
+    if window is not None:
+      lengths, done = steps.to_host(cache.lengths), steps.to_host(loop.done)
+      cache = cache._replace(page_table=pages.table(
+          lengths, [None if d else n + segment for d, n in zip(done, lengths)]))
+    stop = min(max_new_tokens, int(steps.to_host(loop.step)) + segment)
+    loop, cache = runner.decode(loop, cache, max_new, stop, sampler=sampler)
+    if stop >= max_new_tokens or bool(np.all(steps.to_host(loop.done))):
+      break
+  out = steps.to_host(loop.out)
+  t2 = time.perf_counter()
+  return out, int(steps.to_host(loop.step)), t1 - t0, t2 - t1
 
 
 def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None,
@@ -388,12 +275,13 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
     pages = like(jax.eval_shape(lambda: kvc.empty_pages(cfg, b * shapes.pages, page_size,
                                                         model.dtype)))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
-  prefill = prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
+  prefill = steps.prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
                                rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)
-  carry = (place((), jnp.int32), place((b, shapes.out), jnp.int32), place((b,), jnp.bool_), rows,
-           like(jax.eval_shape(lambda: jax.random.key(0))))
+  loop = steps.LoopState(place((), jnp.int32), place((b, shapes.out), jnp.int32),
+                         place((b,), jnp.bool_), rows,
+                         like(jax.eval_shape(lambda: jax.random.key(0))))
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
-  decode = decode_steps.lower(graphdef, params, carry, cache, place((1,), jnp.int32),
+  decode = steps.decode_steps.lower(graphdef, params, loop, cache, place((1,), jnp.int32),
                               place((), jnp.int32), place((), jnp.int32), sampler=sampler,
                               **static)
   return prefill, decode

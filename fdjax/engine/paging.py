@@ -22,6 +22,7 @@ import hashlib
 import jax.numpy as jnp
 import numpy as np
 
+from fdjax.ops import checks
 from fdjax.ops import kv_cache as kvc
 
 
@@ -101,7 +102,7 @@ class PagePool:
     only its cached pages, or one; `grow` adds the rest): (its page ids, how many leading
     prompt tokens are already cached). At least the prompt's last token is always left to
     compute (its logits start the generation)."""
-    need = -(-total_tokens // self.page_size)
+    need = checks.cdiv(total_tokens, self.page_size)
     reuse = []
     for key in page_keys(prompt[:len(prompt) - 1], self.page_size):
       if key not in self.cached:
@@ -119,7 +120,7 @@ class PagePool:
 
   def grow(self, pages: list, total_tokens: int):
     """Appends pages to a live sequence's list (in place) until it holds `total_tokens`."""
-    need = -(-total_tokens // self.page_size) - len(pages)
+    need = checks.cdiv(total_tokens, self.page_size) - len(pages)
     if need > self.pages_available:
       raise PoolExhausted(f"a sequence growing to {total_tokens} tokens needs {need} more "
                           f"pages; {self.pages_available} of {self.num_pages} are available")

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdjax.ops import checks
+
 
 class Sampler(NamedTuple):
   """Static sampling settings (hashable, so a jitted loop specialises on them)."""
@@ -17,8 +19,8 @@ class Sampler(NamedTuple):
   def validate(self, vocab_size: int) -> "Sampler":
     if not self.temperature >= 0.0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k is not None and not (isinstance(self.top_k, int) and 1 <= self.top_k):
-      raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+    if self.top_k is not None:
+      checks.positive_int("sampling", "top_k", self.top_k)
     if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     top_k = None if self.top_k is None else min(self.top_k, vocab_size)

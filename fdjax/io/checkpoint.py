@@ -33,7 +33,6 @@ ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 META_FILE = "fdjax.json"
-LEGACY_PHI_FILE = "fdjax_phi.json"
 QUANTIZATION_KEY = "quantization"  # config.json of a checkpoint saved quantized
 
 
@@ -295,18 +294,13 @@ def write_meta(path: str, **fields) -> str:
 
 
 def load_config(path: str) -> ModelConfig:
-  """The checkpoint's config, with the phi per layer `fdjax calibrate` stored (in fdjax.json,
-  or in the older fdjax_phi.json beside it)."""
+  """The checkpoint's config, with the phi per layer `fdjax calibrate` stored in fdjax.json."""
   file = os.path.join(path, "config.json")
   if not os.path.exists(file):
     raise CheckpointError(f"{path}: no config.json")
   with open(file) as fh:
     cfg = config_from_hf(json.load(fh))
   phi = read_meta(path).get("softmax_phi")
-  legacy = os.path.join(path, LEGACY_PHI_FILE)
-  if phi is None and os.path.exists(legacy):
-    with open(legacy) as fh:
-      phi = json.load(fh)["phi"]
   return cfg if phi is None else dataclasses.replace(cfg, softmax_phi=tuple(phi))
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fdjax.ops import checks
 from models import layout, parallel
 from models.llama import Transformer
 from models.parallel import DATA, MODEL
@@ -28,17 +29,12 @@ DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_
 CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
-def _positive(name, value):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"make_mesh: {name} must be a positive integer, got {value!r}")
-
-
 def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
   """A (dp, tp) mesh with axes ("data", "model") over `devices` (default: every device of
   every process), which must number exactly tp * dp. A "model" group is consecutive
   devices (on one host where the hosts' devices allow)."""
-  _positive("tp", tp)
-  _positive("dp", dp)
+  checks.positive_int("make_mesh", "tp", tp)
+  checks.positive_int("make_mesh", "dp", dp)
   devices = list(jax.devices() if devices is None else devices)
   if tp * dp != len(devices):
     raise ValueError(f"make_mesh: tp * dp = {tp} * {dp} = {tp * dp} does not match the "

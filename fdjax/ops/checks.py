@@ -55,6 +55,17 @@ def gqa(op: str, q_heads: int, kv_heads: int) -> None:
     raise ValueError(f"{op}: query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
 
 
+def positive_int(op: str, name: str, value) -> None:
+  """value is an int (not a bool) of at least 1."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")
+
+
+def cdiv(a: int, b: int) -> int:
+  """a / b rounded up (positive b)."""
+  return -(-a // b)
+
+
 def choice(op: str, name: str, value, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {tuple(allowed)}")

@@ -24,17 +24,17 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.ops import checks, quant, reference, selection
-from pallas_kernels.common import async_softmax as asm
-from pallas_kernels.triton import cope_attention as ck
-from pallas_kernels.triton import decode_attention as dk
+from pallas_kernels.common import async_softmax
+from pallas_kernels.triton import cope_attention as triton_cope
+from pallas_kernels.triton import decode_attention as triton_decode
 from pallas_kernels.triton import flat_gemm, gemv
-from pallas_kernels.triton import prefill_attention as pk
-from pallas_kernels.triton import quantized_gemm as qg
+from pallas_kernels.triton import prefill_attention as triton_prefill
+from pallas_kernels.triton import quantized_gemm as triton_quantized
 from pallas_kernels.triton import shared
-from pallas_kernels.tpu import decode_attention as tpu_dk
-from pallas_kernels.tpu import flat_gemm as tpu_fg
-from pallas_kernels.tpu import gemv as tpu_gv
-from pallas_kernels.tpu import prefill_attention as tpu_pk
+from pallas_kernels.tpu import decode_attention as tpu_decode
+from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
+from pallas_kernels.tpu import gemv as tpu_gemv
+from pallas_kernels.tpu import prefill_attention as tpu_prefill
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")
 TARGETS = ("cuda", "tpu", "tpu:v5e", "tpu:v6e", "tpu:v5p")
@@ -84,18 +84,6 @@ def lowering_for(platform: str | None):
 def lowering_target() -> str | None:
   """The platform set by `lowering_for`, or None."""
   return getattr(_override, "target", None)
-
-
-@contextlib.contextmanager
-def record_scores():
-  """Within this block, each prefill_attention called eagerly (outside jit) appends the
-  (min, max) over valid query rows of the rows' largest scores to the yielded list, in
-  call order (so, for a model's forward pass, one entry per layer)."""
-  _override.scores = []
-  try:
-    yield _override.scores
-  finally:
-    _override.scores = None
 
 
 def tpu_kind() -> str:
@@ -188,17 +176,17 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, w
   op = "decode_attention"
   _attention_checks(op, q, k_cache, v_cache, 3)
   checks.int_vector(op, "lengths", lengths, q.shape[0])
-  asm.check_options(op, window, softcap)
+  async_softmax.check_options(op, window, softcap)
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(window=window, softcap=softcap)
 
-  def pallas(interpret, kernels=dk, **more):
+  def pallas(interpret, kernels=triton_decode, **more):
     return kernels.decode_attention(q, k_cache, v_cache, lengths, sm_scale=scale, phi=phi,
                                     interpret=interpret, **extra, **more)
 
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale,
                                                            **extra),
-              pallas, _on_tpu(pallas, tpu_dk), q.shape[-1], q.dtype)
+              pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
@@ -220,18 +208,18 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                      f"got {page_table.dtype}{tuple(page_table.shape)}")
   checks.int_vector(op, "lengths", lengths, q.shape[0])
   checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[1])
-  asm.check_options(op, window, softcap)
+  async_softmax.check_options(op, window, softcap)
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(window=window, softcap=softcap)
 
-  def pallas(interpret, kernels=dk, **more):
+  def pallas(interpret, kernels=triton_decode, **more):
     return kernels.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
                                           sm_scale=scale, phi=phi, interpret=interpret,
                                           **extra, **more)
 
   return _run(op, impl, lambda: reference.paged_decode_attention(
       q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas,
-              _on_tpu(pallas, tpu_dk), q.shape[-1], q.dtype, k_pages.shape[1])
+              _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_pages.shape[1])
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,
@@ -254,22 +242,32 @@ def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_sc
     checks.int_vector(op, "lengths", lengths, q.shape[0])
     checks.in_range(op, "lengths", lengths, 0, k.shape[1])
   _check_start(op, q_start, q.shape[0], k.shape[1] - 1)
-  asm.check_options(op, window, softcap, causal)
+  async_softmax.check_options(op, window, softcap, causal)
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(q_start=q_start, window=window, softcap=softcap)
-  recorder = getattr(_override, "scores", None)
-  if recorder is not None and checks.concrete(q) is not None:
-    m = reference.score_row_max(q, k, lengths, causal, scale, **extra)
-    m = m[jnp.isfinite(m)]
-    recorder.append((float(jnp.min(m)), float(jnp.max(m))))
 
-  def pallas(interpret, kernels=pk, **more):
+  def pallas(interpret, kernels=triton_prefill, **more):
     return kernels.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
                                      interpret=interpret, **extra, **more)
 
   return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale,
                                                             **extra),
-              pallas, _on_tpu(pallas, tpu_pk), q.shape[-1], q.dtype)
+              pallas, _on_tpu(pallas, tpu_prefill), q.shape[-1], q.dtype)
+
+
+def score_row_max(q, k, *, lengths=None, sm_scale=None, window=None, softcap=None):
+  """Each query row's largest causal attention score [B, T, Hq] (-inf for padding rows past
+  `lengths`), as prefill_attention scores them (arguments alike, q and k of one length): what
+  calibrating phi measures (fdjax.tuning.calibrate). XLA on every platform."""
+  op = "score_row_max"
+  _attention_checks(op, q, k, k, 4)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"{op}: q length ({q.shape[1]}) and k length ({k.shape[1]}) differ")
+  if lengths is not None:
+    checks.int_vector(op, "lengths", lengths, q.shape[0])
+  async_softmax.check_options(op, window, softcap, True)
+  return reference.score_row_max(q, k, lengths, True, _scale(sm_scale, q.shape[-1]),
+                                 window=window, softcap=softcap)
 
 
 def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=None, impl="auto"):
@@ -298,7 +296,7 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
   scale = _scale(sm_scale, q.shape[-1])
 
   def pallas(interpret):
-    return ck.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, q_start=q_start,
+    return triton_cope.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, q_start=q_start,
                              interpret=interpret)
 
   return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale,
@@ -332,7 +330,7 @@ def linear(x, w, *, impl="auto"):
     if choice.impl == "xla":
       return reference.linear(x2, w)
     if quantized:
-      kernel = {"gemv": qg.gemv, "flat": qg.flat_gemm}[choice.impl]
+      kernel = {"gemv": triton_quantized.gemv, "flat": triton_quantized.flat_gemm}[choice.impl]
       return kernel(x2, w.values, w.scales, bits=w.bits, settings=choice.settings,
                     interpret=interpret)
     kernel = {"gemv": gemv.gemv, "flat": flat_gemm.flat_gemm}[choice.impl]
@@ -344,7 +342,7 @@ def linear(x, w, *, impl="auto"):
                               quantization=w.method if quantized else None)
     if choice.impl == "xla":
       return reference.linear(x2, w)
-    kernel = {"gemv": tpu_gv.gemv, "flat": tpu_fg.flat_gemm}[choice.impl]
+    kernel = {"gemv": tpu_gemv.gemv, "flat": tpu_flat_gemm.flat_gemm}[choice.impl]
     return kernel(x2, w, settings=choice.settings, generation=selection.tpu_generation(kind),
                   interpret=interpret)
 

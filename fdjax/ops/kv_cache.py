@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fdjax.ops import reference
+from fdjax.ops import checks, reference
 
 NO_PAGE = 2 ** 30  # a page id past any pool: writes through it are dropped
 
@@ -47,7 +47,7 @@ def init_cache(config, batch: int, max_len: int, dtype, page_size: int | None = 
   """An empty cache in which row b owns its own consecutive pages (page_size default: 64,
   or max_len if smaller)."""
   page_size = page_size or min(64, max_len)
-  per_row = -(-max_len // page_size)
+  per_row = checks.cdiv(max_len, page_size)
   k, v = empty_pages(config, batch * per_row, page_size, dtype)
   table = jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, per_row)
   return KVCache(k, v, table, jnp.zeros((batch,), jnp.int32))

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.ops import checks
-from pallas_kernels.triton import quantized_gemm as qg
+from pallas_kernels.triton import quantized_gemm as triton_quantized
 
 METHODS = ("int8", "int4")
-GROUP = qg.GROUP
+GROUP = triton_quantized.GROUP
 _QMAX = {8: 127, 4: 7}
 
 
@@ -67,7 +67,7 @@ def bits_of(method: str) -> int:
 
 def stored_shapes(method: str, k: int, n: int) -> tuple[tuple, tuple]:
   """(values shape, scales shape) of a [K, N] weight quantized to `method`."""
-  return qg.stored_shapes(bits_of(method), k, n)
+  return triton_quantized.stored_shapes(bits_of(method), k, n)
 
 
 def weight_nbytes(k: int, n: int, dtype, method: str | None = None) -> int:
@@ -101,12 +101,12 @@ def quantize(w, method: str, dtype=None) -> QuantizedWeight:
     scales = (jnp.max(jnp.abs(w), axis=0) / qmax).astype(dtype)
     per_row = scales.astype(jnp.float32)[None, :]
   else:
-    groups = -(-k // GROUP)
+    groups = checks.cdiv(k, GROUP)
     padded = jnp.pad(w, ((0, groups * GROUP - k), (0, 0)))
     scales = (jnp.max(jnp.abs(padded.reshape(groups, GROUP, n)), axis=1) / qmax).astype(dtype)
     per_row = jnp.repeat(scales.astype(jnp.float32), GROUP, axis=0)[:k]
   q = jnp.clip(jnp.round(w / jnp.where(per_row > 0, per_row, 1.0)), -qmax, qmax)
-  values = q.astype(jnp.int8) if bits == 8 else qg.pack_int4(q)
+  values = q.astype(jnp.int8) if bits == 8 else triton_quantized.pack_int4(q)
   return QuantizedWeight(values, scales, bits, k)
 
 
@@ -116,7 +116,7 @@ def dequantize(w: QuantizedWeight, dtype=None):
   if w.bits == 8:
     deq = w.values.astype(jnp.float32) * w.scales.astype(jnp.float32)
   else:
-    even, odd = qg.unpack_int4(w.values)
+    even, odd = triton_quantized.unpack_int4(w.values)
     q = jnp.stack([even, odd], axis=1).reshape(-1, w.values.shape[1])[:w.k]
     deq = q * jnp.repeat(w.scales.astype(jnp.float32), GROUP, axis=0)[:w.k]
   return deq.astype(dtype)
@@ -127,6 +127,6 @@ def from_stored(values, scales, method: str, k: int, dtype=None) -> QuantizedWei
   bits = bits_of(method)
   values, scales = jnp.asarray(values), jnp.asarray(scales, dtype or scales.dtype)
   x = jax.ShapeDtypeStruct((1, k), scales.dtype)
-  qg.check(f"{method} weight", x, values, scales, bits)
+  triton_quantized.check(f"{method} weight", x, values, scales, bits)
   return QuantizedWeight(values, scales, bits, k)
 

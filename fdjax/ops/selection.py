@@ -26,10 +26,10 @@ import re
 import jax
 
 from pallas_kernels.common import async_softmax, tiling
-from pallas_kernels.triton import flat_gemm as fg
-from pallas_kernels.triton import gemv as gv
-from pallas_kernels.tpu import flat_gemm as tpu_fg
-from pallas_kernels.tpu import shared as tpu
+from pallas_kernels.triton import flat_gemm as triton_flat_gemm
+from pallas_kernels.triton import gemv as triton_gemv
+from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
+from pallas_kernels.tpu import shared as tpu_shared
 
 log = logging.getLogger("fdjax")
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
@@ -129,10 +129,10 @@ def analytic(k: int, n: int, kind: str = "") -> dict:
   already takes about as long as the tile's copy on v5e), the flat GEMM to M = 64."""
   if is_tpu(kind):
     return {"m1": 2, "m2": 65, "source": "analytic",
-            "gemv": dataclasses.asdict(tpu_fg.Settings()),
-            "flat": dataclasses.asdict(tpu_fg.Settings())}
+            "gemv": dataclasses.asdict(tpu_flat_gemm.Settings()),
+            "flat": dataclasses.asdict(tpu_flat_gemm.Settings())}
   return {"m1": 3, "m2": 65, "source": "analytic",
-          "gemv": dataclasses.asdict(gv.Settings()), "flat": dataclasses.asdict(fg.Settings())}
+          "gemv": dataclasses.asdict(triton_gemv.Settings()), "flat": dataclasses.asdict(triton_flat_gemm.Settings())}
 
 
 def key(k: int, n: int, quantization: str | None = None) -> str:
@@ -149,22 +149,22 @@ def entry(k: int, n: int, kind: str | None = None, quantization: str | None = No
 def settings_classes(kind: str) -> dict:
   """{"gemv": Settings, "flat": Settings} of the linear kernels run on this device kind."""
   if is_tpu(kind):
-    return {"gemv": tpu_fg.Settings, "flat": tpu_fg.Settings}
-  return {"gemv": gv.Settings, "flat": fg.Settings}
+    return {"gemv": tpu_flat_gemm.Settings, "flat": tpu_flat_gemm.Settings}
+  return {"gemv": triton_gemv.Settings, "flat": triton_flat_gemm.Settings}
 
 
 def tpu_generation(kind: str) -> str:
   """The TPU generation ("v5e", "v6e", "v5p") of a device kind."""
-  return tpu.generation(kind).name
+  return tpu_shared.generation(kind).name
 
 
 def tpu_kind(target: str | None = None) -> str:
   """The TPU device kind whose tables and facts the kernels use: that of a lowering target
   "tpu:v6e" (dispatch.lowering_for), else this process's device if it is a TPU, else v5e's."""
   if target and target.startswith("tpu:"):
-    return tpu.GENERATIONS[target[4:]].device_kind
+    return tpu_shared.GENERATIONS[target[4:]].device_kind
   kind = device_kind()
-  return kind if is_tpu(kind) else tpu.GENERATIONS[tpu.DEFAULT].device_kind
+  return kind if is_tpu(kind) else tpu_shared.GENERATIONS[tpu_shared.DEFAULT].device_kind
 
 
 def linear(m: int, k: int, n: int, kind: str | None = None,
@@ -178,7 +178,7 @@ def linear(m: int, k: int, n: int, kind: str | None = None,
   e = entry(k, n, kind, quantization)
   where = f"M={m}, {e['source']} M1={e['m1']} M2={e['m2']} for {key(k, n, quantization)}"
   classes = settings_classes(kind)
-  if m < e["m1"] and m <= gv.MAX_M:
+  if m < e["m1"] and m <= triton_gemv.MAX_M:
     return Choice("gemv", where, classes["gemv"](**e["gemv"]))
   if m < e["m2"]:
     return Choice("flat", where, classes["flat"](**e["flat"]))

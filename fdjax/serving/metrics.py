@@ -10,7 +10,7 @@ latency as the time since the request's previous tokens spread over the tokens t
 """
 from __future__ import annotations
 
-from fdjax.engine import decode_loop
+from fdjax.engine import steps
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
@@ -44,7 +44,7 @@ class Metrics:
                                        lambda: engine.kv.pool.num_pages),
               "fdjax_traced_programs": ("Device programs traced (compiled) so far; steady "
                                         "under a steady load.",
-                                        lambda: sum(decode_loop.TRACE_COUNT.values()))}
+                                        lambda: sum(steps.TRACE_COUNT.values()))}
     for name, (doc, fn) in gauges.items():
       Gauge(name, doc, registry=r).set_function(fn)
     self.ttft = Histogram("fdjax_time_to_first_token_seconds", "From submission to the first "

@@ -23,6 +23,7 @@ import time
 from fdjax.serving import api
 from fdjax.io import chat
 from fdjax.engine import core as eng
+from fdjax.engine import request
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "pydantic", "jinja2", "prometheus_client")
 
@@ -83,7 +84,7 @@ class _Call:
       def on_event(event, q=self.queues[i]):
         server.metrics.record(event)
         loop.call_soon_threadsafe(q.put_nowait, event)
-      self.reqs.append(eng.Request(
+      self.reqs.append(request.Request(
           ids, limit, temperature=body.temperature, top_k=body.top_k,
           top_p=None if body.top_p >= 1.0 else body.top_p, seed=(seed + i) % 2 ** 32,
           stop=body.stop_strings(), on_event=on_event))
@@ -95,10 +96,10 @@ class _Call:
         engine.check(req)
       for n, req in enumerate(self.reqs):
         engine.submit(req)
-    except eng.BadRequest as e:
+    except request.BadRequest as e:
       self.server.metrics.rejected.labels("bad_request").inc()
       raise api.ApiError(400, str(e), e.param) from None
-    except eng.QueueFull as e:
+    except request.QueueFull as e:
       for req in self.reqs[:n]:
         engine.cancel(req)
       self.server.metrics.rejected.labels("queue_full").inc()

@@ -41,6 +41,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fdjax.ops import checks
 from pallas_kernels.triton import shared
 from pallas_kernels.tpu import shared as tpu
 
@@ -214,9 +215,9 @@ class Kernel:
     """Programs one SM holds by its register file (registers are given out per warp in
     units of 256, and by its thread and block limits)."""
     unit = shared.SM90_REGISTER_UNIT
-    per_warp = -(-max(self.registers, 1) * 32 // unit) * unit
+    per_warp = checks.cdiv(max(self.registers, 1) * 32, unit) * unit
     warps = facts(target)["registers_per_core_limit"] // per_warp
-    fit = warps // -(-self.threads // 32)
+    fit = warps // checks.cdiv(self.threads, 32)
     return min(fit, facts(target)["threads_per_core_limit"] // self.threads,
                shared.SM90_MAX_PROGRAMS_PER_SM)
 
@@ -226,7 +227,7 @@ class Kernel:
     if self.shared_bytes == 0:
       return shared.SM90_MAX_PROGRAMS_PER_SM
     unit = shared.SM90_SHARED_UNIT
-    per_program = -(-self.shared_bytes // unit) * unit + shared.SM90_SHARED_RESERVED
+    per_program = checks.cdiv(self.shared_bytes, unit) * unit + shared.SM90_SHARED_RESERVED
     return min(facts(target)["shared_memory_per_core"] // per_program,
                shared.SM90_MAX_PROGRAMS_PER_SM)
 

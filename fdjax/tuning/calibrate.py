@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from fdjax.io import checkpoint
 from fdjax.ops import dispatch
@@ -35,17 +36,36 @@ def choose_phi(low: float, high: float) -> float:
   return high - HI
 
 
+def score_ranges(model, prompt: list[int]) -> np.ndarray:
+  """[layers, 2]: per layer, the (min, max) over the prompt's query rows of each row's
+  largest attention score, from one forward pass on XLA with every attention layer sowing
+  its scores (models.llama.Attention.record_scores)."""
+  attention = [layer.attn for layer in model.layers]
+  for a in attention:
+    a.record_scores = True
+  try:
+    with dispatch.using("xla"):
+      _, sown = nnx.capture(model, nnx.Intermediate)(jnp.asarray([prompt], jnp.int32))
+  finally:
+    for a in attention:
+      a.record_scores = False
+  ranges = []
+  for i in range(len(attention)):
+    sown_i = sown["layers"][i]["attn"]["score_row_max"].get_value()  # one per call
+    m = np.concatenate([np.ravel(x) for x in sown_i])
+    m = m[np.isfinite(m)]
+    ranges.append((float(m.min()), float(m.max())))
+  return np.asarray(ranges)
+
+
 def calibrate(model, prompts: list[list[int]]) -> dict:
   """Runs each prompt through the model (XLA path, eagerly) and returns the phi record."""
   ranges = None
-  with dispatch.using("xla"), dispatch.record_scores() as rec:
-    for p in prompts:
-      rec.clear()
-      model(jnp.asarray([p], jnp.int32))
-      layer_ranges = np.asarray(rec)  # [layers, 2]
-      ranges = layer_ranges if ranges is None else np.stack(
-          [np.minimum(ranges[:, 0], layer_ranges[:, 0]),
-           np.maximum(ranges[:, 1], layer_ranges[:, 1])], axis=1)
+  for p in prompts:
+    layer_ranges = score_ranges(model, p)
+    ranges = layer_ranges if ranges is None else np.stack(
+        [np.minimum(ranges[:, 0], layer_ranges[:, 0]),
+         np.maximum(ranges[:, 1], layer_ranges[:, 1])], axis=1)
   return {"phi": [choose_phi(lo, hi) for lo, hi in ranges.tolist()],
           "row_max_range": ranges.tolist(), "window": [LO, HI], "num_prompts": len(prompts)}
 

@@ -15,12 +15,14 @@ import time
 import jax
 import jax.numpy as jnp
 
+from fdjax.ops import checks
+
 L2_BYTES = 64 << 20  # more than any current GPU's L2 (H100: 50 MB, H200: 60 MB)
 
 
 def sets_needed(set_bytes: int, limit: int = 8) -> int:
   """How many distinct input sets make one rotation at least 4x the L2 (at most `limit`)."""
-  return int(max(1, min(limit, -(-4 * L2_BYTES // max(set_bytes, 1)))))
+  return int(max(1, min(limit, checks.cdiv(4 * L2_BYTES, max(set_bytes, 1)))))
 
 
 def seconds_per_call(fn, arg_sets, *, calls: int = 30, rounds: int = 5, warmup: int = 2) -> float:

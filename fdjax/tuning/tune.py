@@ -18,11 +18,11 @@ import jax.numpy as jnp
 
 from fdjax.tuning import aot, timing
 from fdjax.ops import quant, reference, selection
-from pallas_kernels.triton import flat_gemm as fg
-from pallas_kernels.triton import gemv as gv
-from pallas_kernels.triton import quantized_gemm as qg
-from pallas_kernels.tpu import flat_gemm as tpu_fg
-from pallas_kernels.tpu import gemv as tpu_gv
+from pallas_kernels.triton import flat_gemm as triton_flat_gemm
+from pallas_kernels.triton import gemv as triton_gemv
+from pallas_kernels.triton import quantized_gemm as triton_quantized
+from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
+from pallas_kernels.tpu import gemv as tpu_gemv
 
 GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
                 for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]
@@ -65,15 +65,15 @@ def kernels(quantization: str | None = None, kind: str | None = None) -> dict:
   if selection.is_tpu(kind or selection.device_kind()):
     if quantization is not None:
       raise ValueError(f"tune: no Mosaic TPU kernel for {quantization} weights (XLA runs them)")
-    return {"gemv": tpu_gv.gemv, "flat": tpu_fg.flat_gemm}
+    return {"gemv": tpu_gemv.gemv, "flat": tpu_flat_gemm.flat_gemm}
   if quantization is None:
-    return {"gemv": gv.gemv, "flat": fg.flat_gemm}
+    return {"gemv": triton_gemv.gemv, "flat": triton_flat_gemm.flat_gemm}
   def wrap(kernel):
     def run(x, w, **kw):
       return kernel(x, w.values, w.scales, bits=w.bits, **kw)
     run.__name__ = f"{kernel.__name__}_{quantization}"
     return run
-  return {"gemv": wrap(qg.gemv), "flat": wrap(qg.flat_gemm)}
+  return {"gemv": wrap(triton_quantized.gemv), "flat": wrap(triton_quantized.flat_gemm)}
 
 
 def random_weights(k: int, n: int, count: int, dtype, quantization: str | None = None,
@@ -115,7 +115,7 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
     xs = sets(m)
     row = {"m": m, "flat_us": _time(flat, xs, iters) * 1e6,
            "xla_us": _time(reference.linear, xs, iters) * 1e6}
-    if m <= gv.MAX_M:
+    if m <= triton_gemv.MAX_M:
       row["gemv_us"] = _time(gemv, xs, iters) * 1e6
     profile.append(row)
     progress(f"  [{selection.key(k, n, quantization)}] M={m} ({i + 1}/{len(ms)}) " + " ".join(

@@ -52,7 +52,7 @@ class Settings:
     while block_k > 16 and 4 * block_k * tile > shared.BLOCK_BUDGET:
       block_k //= 2
     cores = shared.generation(generation).cores
-    splits = max(1, min(-(-cores // batch), -(-kv_len // max(1024, block_k))))
+    splits = max(1, min(pl.cdiv(cores, batch), pl.cdiv(kv_len, max(1024, block_k))))
     return cls(block_k=block_k, num_splits=splits)
 
 

@@ -37,7 +37,7 @@ class Settings:
     """Up to 1024 columns (two or more N blocks on a chip with two cores), and the deepest
     power-of-two K tile up to 2048 with the tile of w within BLOCK_BUDGET / 2 (two buffers)."""
     cores = shared.generation(generation).cores
-    block_n = min(1024, shared.round_up(-(-n // cores), shared.LANES))
+    block_n = min(1024, shared.round_up(pl.cdiv(n, cores), shared.LANES))
     block_k = min(2048, max(shared.LANES, pl.next_power_of_2(k)))
     while block_k > shared.LANES and 2 * block_k * block_n * jnp.dtype(dtype).itemsize > \
         shared.BLOCK_BUDGET:

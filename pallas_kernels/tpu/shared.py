@@ -65,7 +65,7 @@ def sublanes(dtype) -> int:
 
 
 def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+  return pl.cdiv(x, m) * m
 
 
 def interpret_params(interpret):

@@ -28,8 +28,8 @@ from pallas_kernels.triton import shared
 def split_k_for(k: int, n: int, block_n: int, block_k: int) -> int:
   """K splits so that the N blocks times the splits fill the GPU about twice, each split
   keeping at least 4 K blocks."""
-  programs_n = -(-n // block_n)
-  return int(max(1, min(-(-2 * shared.num_sms() // programs_n), k // (4 * block_k))))
+  programs_n = pl.cdiv(n, block_n)
+  return int(max(1, min(pl.cdiv(2 * shared.num_sms(), programs_n), k // (4 * block_k))))
 
 
 @dataclasses.dataclass(frozen=True)

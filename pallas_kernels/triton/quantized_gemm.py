@@ -41,7 +41,7 @@ def stored_shapes(bits: int, k: int, n: int) -> tuple[tuple, tuple]:
   """(values shape, scales shape) of a [K, N] weight quantized to `bits`."""
   if bits == 8:
     return (k, n), (n,)
-  return (-(-k // 2), n), (-(-k // GROUP), n)
+  return (pl.cdiv(k, 2), n), (pl.cdiv(k, GROUP), n)
 
 
 def pack_int4(q):

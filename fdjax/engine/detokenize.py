@@ -1,0 +1,58 @@
+"""Tokens to text, incrementally, for a served request: its text so far, where a stop string
+cuts it, and how much of it is certain enough to hand out (not a trailing incomplete UTF-8
+character, nor a tail that may begin a stop string)."""
+from __future__ import annotations
+
+from fdjax.engine.request import Request
+
+
+def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...]):
+  """Appends `new` tokens to a request, stopping at EOS, a stop string or max_tokens, and
+  updates its text. Returns (tokens taken, the finish reason or None, the text to hand out
+  now)."""
+  count, reason, cut = 0, None, None
+  for tok in new:
+    req.tokens.append(tok)
+    count += 1
+    if tok in eos:
+      reason = "stop"
+      break
+    if req.stop:
+      cut = find_stop(req, tokenizer)
+      if cut is not None:
+        reason = "stop"
+        break
+    if len(req.tokens) >= req.max_tokens:
+      reason = "length"
+      break
+  if cut is None:
+    text_tokens = req.tokens[:-1] if req.tokens and req.tokens[-1] in eos else req.tokens
+    req.text = tokenizer.decode(text_tokens)
+  else:
+    req.text = req.text[:cut]
+  ready = len(req.text) if reason else settled(req.text, req.stop)
+  delta = req.text[req.sent:ready] if ready > req.sent else ""
+  req.sent = max(req.sent, ready)
+  return count, reason, delta
+
+
+def find_stop(req: Request, tokenizer) -> int | None:
+  """Where the first stop string starts in the request's text (searching only what new
+  tokens can have completed), or None."""
+  req.text = tokenizer.decode(req.tokens)
+  longest = max(len(s) for s in req.stop)
+  start = max(0, req.searched - longest + 1)
+  hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
+  req.searched = len(req.text)
+  return min(hits) if hits else None
+
+
+def settled(text: str, stop) -> int:
+  """How much of a request's text can be handed out: not a trailing incomplete character
+  (U+FFFD from a partial UTF-8 sequence) nor a tail that may begin a stop string."""
+  end = len(text.rstrip("\ufffd"))
+  hold = 0
+  for s in stop:
+    hold = max([hold] + [k for k in range(1, min(len(s) - 1, end) + 1)
+                         if text[end - k:end] == s[:k]])
+  return end - hold

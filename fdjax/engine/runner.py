@@ -1,0 +1,69 @@
+"""A model's device calls on a paging.KVStore's pages: the one caller of the jitted steps
+(fdjax.engine.steps), for `generate` and the serving engine alike. Each call donates the
+store's K/V pools and the store keeps the ones it returns."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fdjax.engine import steps
+from fdjax.ops import dispatch
+from fdjax.ops import kv_cache as kvc
+
+# Per-row sampling (sampling.RowSampling) keys each row on its own seed and position; the
+# loop still carries a key, this one.
+_UNUSED_KEY = jax.random.key(0)
+
+
+class Runner:
+
+  def __init__(self, model, kv, eos: tuple[int, ...] = ()):
+    self.graphdef, self.state = nnx.split(model)
+    self.kv, self.vocab_size = kv, model.config.vocab_size
+    self.eos_ids = steps.eos_array(eos)
+    # Which ops run where, as the caller has it now (dispatch.using / lowering_for).
+    self.static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
+
+  def cache(self, table, lengths) -> kvc.KVCache:
+    """The store's pools under a page table [rows, width] and rows' cached lengths."""
+    return kvc.KVCache(self.kv.k, self.kv.v, jnp.asarray(table), jnp.asarray(lengths))
+
+  def prefill(self, cache, ids, n, last=None):
+    """One chunk of every row's prompt (ids [rows, chunk], n [rows] of them real) into the
+    cache: (the cache, each row's logits at its latest token, else `last`'s)."""
+    if last is None:
+      last = jnp.zeros((ids.shape[0], self.vocab_size), jnp.float32)
+    cache, last = steps.prefill_step(self.graphdef, self.state, jnp.asarray(ids),
+                                     jnp.asarray(n), cache, last, **self.static)
+    self.kv.k, self.kv.v = cache.k, cache.v
+    return cache, last
+
+  def first(self, last, active, max_new, *, out_len, key=None, sampler=None, rows=None,
+            positions=None) -> steps.LoopState:
+    """The loop's state after every row's first token from its prompt's `last` logits: one
+    `sampler` for all rows (with `key`), or each row's own `rows` (sampling.RowSampling)
+    drawing at `positions`."""
+    return steps.first_token(last, _UNUSED_KEY if key is None else key, self.eos_ids,
+                             jnp.asarray(active), jnp.asarray(max_new), _device(rows),
+                             None if positions is None else jnp.asarray(positions, jnp.int32),
+                             sampler=sampler, out_len=out_len)
+
+  def start(self, tokens, active, max_new, *, out_len) -> steps.LoopState:
+    """The loop's state for tokens already chosen (each row's latest, its K/V not cached)."""
+    return steps.start_jit(jnp.asarray(tokens), _UNUSED_KEY, self.eos_ids, jnp.asarray(active),
+                           jnp.asarray(max_new), out_len=out_len)
+
+  def decode(self, loop: steps.LoopState, cache, max_new, stop: int, *, sampler=None,
+             rows=None):
+    """Decode steps on device until `stop` tokens are out or every row is done:
+    (the loop's state, the cache)."""
+    loop, cache = steps.decode_steps(self.graphdef, self.state, loop, cache, self.eos_ids,
+                                     jnp.asarray(max_new), jnp.int32(stop), _device(rows),
+                                     sampler=sampler, **self.static)
+    self.kv.k, self.kv.v = cache.k, cache.v
+    return loop, cache
+
+
+def _device(rows):
+  return None if rows is None else type(rows)(*(jnp.asarray(a) for a in rows))
