@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench import common  # noqa: E402
 from fdjax.ops import dispatch, quant, reference, selection  # noqa: E402
 from fdjax.tuning import timing, tune
+from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm  # noqa: E402
 from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
 from pallas_kernels.triton import gemv as gv  # noqa: E402
 
@@ -82,6 +83,9 @@ def shape_rows(model, k, n, quantization, ms, key, dtype, iters, interpret, bw, 
                      if interpret else dispatch.linear),
       "xla": reference.linear,
   }
+  if quantization is None and mosaic_flat_gemm.unsupported(1, k, n, dtype) is None:
+    impls["fdjax-mosaic-flat"] = functools.partial(mosaic_flat_gemm.flat_gemm,
+                                                   interpret=interpret)
   rows, profile = [], []
   for m in ms:
     sets = [(jax.random.normal(jax.random.fold_in(key, 1000 + 10 * m + i), (m, k),
@@ -92,7 +96,8 @@ def shape_rows(model, k, n, quantization, ms, key, dtype, iters, interpret, bw, 
                  quantization=quantization or "none", bytes_per_call=nbytes)
     times = {}
     for name, fn in impls.items():
-      if name == "fdjax-gemv" and m > gv.MAX_M:
+      if (name == "fdjax-gemv" and m > gv.MAX_M) or (name == "fdjax-mosaic-flat"
+                                                      and m > mosaic_flat_gemm.MAX_M):
         continue
       times[name] = timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
     if torch_run is not None and quantization is None:
@@ -148,7 +153,7 @@ def main():
   ap.add_argument("--results-dir")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
-  shapes, ms, iters = ((({"tiny": [(96, 64), (64, 160)]}), [1, 2, 3], 2) if args.smoke
+  shapes, ms, iters = ((({"tiny": [(96, 64), (64, 192)]}), [1, 2, 3], 2) if args.smoke
                        else ({m: SHAPES[m] for m in args.models or SHAPES}, args.m or MS,
                              args.iters))
   interpret = not on_gpu

@@ -100,3 +100,20 @@ def cuda_text(jitted, *args) -> str:
   from pallas_kernels.triton import shared
   with shared.described_gpu():
     return jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def record_gpu_races(monkeypatch) -> list:
+  """record_races for Mosaic GPU's interpret mode (its own detector class, one per kernel)."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  seen = []
+
+  class Recording(gpu_callbacks.GPURaceDetectionState):
+    def __setattr__(self, name, value):
+      if name == "on_race":
+        value = "warn"
+      if name == "races_found" and value:
+        seen.append(True)
+      super().__setattr__(name, value)
+
+  monkeypatch.setattr(gpu_callbacks, "GPURaceDetectionState", Recording)
+  return seen

@@ -17,6 +17,7 @@ PACKAGES = ("pallas_kernels", "fdjax", "models")
 # imports only from lower layers and its own folder. Folders on one level (the backends; the
 # engine, tuning and training) are independent of each other.
 LAYERS = {"pallas_kernels.common": 0, "pallas_kernels.triton": 1, "pallas_kernels.tpu": 1,
+          "pallas_kernels.mosaic_gpu": 1,
           "pallas_kernels": 2, "fdjax.ops": 3, "models": 4, "fdjax.io": 5, "fdjax.engine": 6,
           "fdjax.tuning": 6, "fdjax.training": 6, "fdjax.serving": 7, "fdjax": 8}
 
@@ -174,8 +175,9 @@ def test_no_class_is_a_module_of_its_own():
 
 
 def test_every_public_name_imports():
-  import fdjax
   import types
+
+  import fdjax
   for name in fdjax.__all__:  # every name a function or class, but the ops module
     value = getattr(fdjax, name)
     assert isinstance(value, types.ModuleType) if name == "dispatch" else callable(value), name

@@ -108,6 +108,7 @@ def test_gemm_bench_smoke(dry_run):
   assert {r["impl"] for r in rows} >= {f"{impl}{q}" for impl in ("fdjax-gemv", "fdjax-flat",
                                                                  "fdjax-auto", "xla")
                                        for q in ("", "-int8", "-int4")}
+  assert {r["k"] for r in rows if r["impl"] == "fdjax-mosaic-flat"} == {192}  # 64-multiples
   for r in rows:
     for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "quantization", "bytes_per_call",
                        "us", "gbps", "bw_fraction"]:

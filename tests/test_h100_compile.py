@@ -17,9 +17,9 @@ import pytest
 from flax import nnx
 
 from bench import kernels_h100 as kernels
-from fdjax.tuning import aot
 from fdjax.engine import decode_loop
 from fdjax.ops import dispatch
+from fdjax.tuning import aot
 from models import presets
 from models.llama import Transformer
 
@@ -148,3 +148,20 @@ def test_the_sharded_decode_loop_compiles_for_eight_h100s(h100, preset, dp, tp, 
   pages = 16 * 16 // dp  # 16 rows of 16 pages (576 tokens in pages of 64), split by replica
   kv = 2 * cfg.num_layers * pages * 64 * local.num_kv_heads * local.head_dim * 2
   assert params + kv <= compiled.memory_analysis().argument_size_in_bytes <= params + kv + 2**20
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008), (64, 11008, 4096)])
+def test_the_mosaic_flat_gemm_compiles_for_sm90a_without_spills(h100, tmp_path, m, k, n):
+  """Mosaic GPU's whole pipeline (MLIR -> PTX -> ptxas for sm_90a) with no GPU, on
+  Llama-2-7B's projections at decode M: no spill, shared memory within the H100's."""
+  fn = jax.jit(lambda x, w: dispatch.linear(x, w, impl="pallas_mosaic"))
+  with aot.mosaic_dump(str(tmp_path)):  # lowering writes the resources, compiling the rest
+    with aot.on("h100"):
+      lowered = fn.lower(h100((m, k), jnp.bfloat16), h100((k, n), jnp.bfloat16))
+    assert "mosaic_gpu" in lowered.as_text()
+    aot.compile(lowered)
+  [kernel] = aot.mosaic_resources(str(tmp_path))
+  assert kernel.name.startswith("fdjax_mgpu_flat_gemm")
+  assert (kernel.spill_stores, kernel.spill_loads) == (0, 0)
+  assert 0 < kernel.registers <= 255
+  assert 0 < kernel.shared_bytes <= 227 * 1024  # what a block may opt in to on sm_90

@@ -13,6 +13,11 @@ Every op takes `impl`:
   "pallas_tpu"       the Mosaic TPU kernel (pallas_kernels/tpu/), compiled for the TPU.
   "pallas_tpu_interpret"  the same kernel in TPU interpret mode (any backend, slow), with
                      its DMAs and semaphores simulated and the race detector on.
+  "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far the flat GEMM
+                     of `linear`, bfloat16 / float16), compiled for a Hopper GPU; an op with
+                     no Mosaic GPU kernel yet refuses it. "auto" does not pick it until it
+                     is timed on hardware.
+  "pallas_mosaic_interpret"  the same kernel in Mosaic GPU's interpret mode (any backend).
 """
 from __future__ import annotations
 
@@ -25,18 +30,19 @@ import jax.numpy as jnp
 
 from fdjax.ops import checks, quant, reference, selection
 from pallas_kernels.common import async_softmax
-from pallas_kernels.triton import cope_attention as triton_cope
-from pallas_kernels.triton import decode_attention as triton_decode
-from pallas_kernels.triton import flat_gemm, gemv
-from pallas_kernels.triton import prefill_attention as triton_prefill
-from pallas_kernels.triton import quantized_gemm as triton_quantized
-from pallas_kernels.triton import shared
+from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.tpu import decode_attention as tpu_decode
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import gemv as tpu_gemv
 from pallas_kernels.tpu import prefill_attention as tpu_prefill
+from pallas_kernels.triton import cope_attention as triton_cope
+from pallas_kernels.triton import decode_attention as triton_decode
+from pallas_kernels.triton import flat_gemm, gemv, shared
+from pallas_kernels.triton import prefill_attention as triton_prefill
+from pallas_kernels.triton import quantized_gemm as triton_quantized
 
-IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret")
+IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret",
+         "pallas_mosaic", "pallas_mosaic_interpret")
 TARGETS = ("cuda", "tpu", "tpu:v5e", "tpu:v6e", "tpu:v5p")
 _override = threading.local()
 
@@ -92,11 +98,13 @@ def tpu_kind() -> str:
   return selection.tpu_kind(lowering_target())
 
 
-def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None):
+def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None,
+         mosaic_fn=None):
   """Calls xla_fn(), pallas_fn(interpret) (Triton) or tpu_fn(interpret) (Mosaic; None: the op
   has no TPU kernel) as `impl` says. Under "auto" the rules of fdjax.ops.selection decide, per
   platform at lowering time (attention ops pass head_dim, dtype and page size; what the
-  kernels do not take goes to XLA on every backend)."""
+  kernels do not take goes to XLA on every backend). mosaic_fn(interpret): the op's Mosaic GPU
+  kernel (None: it has none yet), run only when `impl` names it."""
   checks.choice(op, "impl", impl, IMPLS)
 
   def takes(platform):
@@ -118,6 +126,11 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
       raise ValueError(f"{op}: there is no Mosaic TPU kernel for this op (impl {impl!r}); "
                        f"use impl='auto' or 'xla'")
     return tpu_fn(impl == "pallas_tpu_interpret")
+  if impl in ("pallas_mosaic", "pallas_mosaic_interpret"):
+    if mosaic_fn is None:
+      raise ValueError(f"{op}: there is no Mosaic GPU kernel for this op yet (impl {impl!r}); "
+                       f"use impl='pallas' (Triton), 'auto' or 'xla'")
+    return mosaic_fn(impl == "pallas_mosaic_interpret")
   # A CPU-only host lowers for a GPU or TPU only inside `lowering_for`: elsewhere it skips
   # tracing the kernel branches at all; a GPU or TPU host traces its own platform's only.
   platform = (lowering_target() or jax.default_backend()).split(":")[0]
@@ -346,7 +359,13 @@ def linear(x, w, *, impl="auto"):
     return kernel(x2, w, settings=choice.settings, generation=selection.tpu_generation(kind),
                   interpret=interpret)
 
-  y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu)
+  def on_mosaic_gpu(interpret):
+    if quantized:
+      raise ValueError(f"{op}: there is no Mosaic GPU {w.method} kernel yet; use impl='pallas' "
+                       f"(Triton), 'auto' or 'xla'")
+    return mosaic_flat_gemm.flat_gemm(x2, w, interpret=interpret)
+
+  y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu, mosaic_fn=on_mosaic_gpu)
   return y.reshape(*lead, n)
 
 

@@ -27,6 +27,7 @@ the PTX), and how many of its programs fit on one SM by each.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -42,8 +43,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdjax.ops import checks
-from pallas_kernels.triton import shared
 from pallas_kernels.tpu import shared as tpu
+from pallas_kernels.triton import shared
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 ARCH = {"h100": "sm_90a"}
@@ -281,6 +282,61 @@ def resources(dump_dir: str, prefix: str = "fdjax_", target: str = "h100") -> li
     if name.startswith(prefix) and name in usage:
       k = Kernel(name, grid, threads, shared_bytes, *usage[name])
       out += [] if k in out else [k]
+  return out
+
+
+# ------------------------------------------------------------- Mosaic GPU resources
+
+@contextlib.contextmanager
+def mosaic_dump(dump_dir: str):
+  """Within this block, lowering a Mosaic GPU kernel writes its resources (the shared memory
+  it allocates) and compiling it (its custom call compiles to PTX and runs ptxas for sm_90a,
+  GPU or not) its PTX and ptxas report, into `dump_dir` (an existing folder); lower and
+  compile inside it. The nvidia-cuda-nvcc package's ptxas comes first on PATH, where the
+  plugin looks for one. A kernel the process compiled before is not compiled (nor dumped)
+  again."""
+  dump_dir = os.path.abspath(dump_dir)
+  binary = ptxas()
+  saved = {k: os.environ.get(k) for k in ("MOSAIC_GPU_DUMP_TO", "PATH")}
+  os.environ["MOSAIC_GPU_DUMP_TO"] = dump_dir
+  if binary:
+    os.environ["PATH"] = os.path.dirname(binary) + os.pathsep + os.environ.get("PATH", "")
+  try:
+    yield dump_dir
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicKernel:
+  """One compiled Mosaic GPU kernel's resources (per thread: registers, spills; per program:
+  shared memory, the scratch Mosaic allocates and ptxas's static part)."""
+  name: str
+  registers: int
+  spill_stores: int
+  spill_loads: int
+  shared_bytes: int
+
+
+def mosaic_resources(dump_dir: str, prefix: str = "fdjax_") -> list[MosaicKernel]:
+  """Every Mosaic GPU kernel whose name starts with `prefix` in a mosaic_dump folder."""
+  out = []
+  for report in sorted(glob.glob(os.path.join(dump_dir, f"{prefix}*.ptxas"))):
+    stem = report[:-len(".ptxas")]
+    with open(report, errors="replace") as fh:
+      text = fh.read()
+    with open(stem + ".resources.txt", errors="replace") as fh:
+      scratch = int(re.search(r"smem_scratch_bytes=(\d+)", fh.read()).group(1))
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    static = re.search(r"Used \d+ registers.*?(\d+) bytes smem", text)
+    out.append(MosaicKernel(os.path.basename(stem), int(regs.group(1)),
+                            int(spill.group(1)), int(spill.group(2)),
+                            scratch + (int(static.group(1)) if static else 0)))
   return out
 
 
