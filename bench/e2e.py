@@ -29,8 +29,7 @@ CPU_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_la
 
 
 def _configs(args):
-  from models import presets
-  from models import ModelConfig
+  from models import ModelConfig, presets
   if args.cpu:
     return {"small-gqa": ModelConfig(**CPU_MODEL)}
   return {name: presets.get(name) for name in args.models}
@@ -236,6 +235,7 @@ def main():
     return
 
   import jax
+
   from bench import common
   on_gpu = not args.cpu and jax.default_backend() == "gpu"
   impls = args.impls or ["fdjax-auto", "fdjax-xla", "hf-eager", "hf-compile"]

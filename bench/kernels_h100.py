@@ -30,8 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax.tuning import aot, tune  # noqa: E402
 from fdjax.ops import dispatch, quant
+from fdjax.tuning import aot, tune  # noqa: E402
 from models import presets
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402

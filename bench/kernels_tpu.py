@@ -23,10 +23,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a described TPU: 
 
 
 from bench import common  # noqa: E402
-from bench.kernels_h100 import (BF16, F32, _chunk, _decode, _linear, _paged,  # noqa: E402
-                           _prefill, linear_shapes)
-from fdjax.tuning import aot  # noqa: E402
+from bench.kernels_h100 import BF16, F32, _chunk, _decode, _linear, _paged, _prefill, linear_shapes  # noqa: E402
 from fdjax.ops import dispatch
+from fdjax.tuning import aot  # noqa: E402
 from pallas_kernels.tpu import flat_gemm as tfg  # noqa: E402
 
 TPU = "pallas_tpu"

@@ -32,10 +32,9 @@ from flax import nnx  # noqa: E402
 import fdjax  # noqa: E402
 from bench import common  # noqa: E402
 from fdjax.io import loading  # noqa: E402
-from fdjax.training import data, train
 from fdjax.ops import dispatch, quant
-from models import presets
-from models import ModelConfig, Transformer  # noqa: E402
+from fdjax.training import data, train
+from models import ModelConfig, Transformer, presets  # noqa: E402
 from models import quantize as mq  # noqa: E402
 
 METHODS = ("int8", "int4")

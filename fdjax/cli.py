@@ -38,8 +38,8 @@ def cmd_generate(args):
   if args.command_buffers:
     from fdjax import runtime
     runtime.enable_command_buffers()
-  from fdjax.ops import dispatch
   from fdjax.engine.decode_loop import generate
+  from fdjax.ops import dispatch
   model, tok, label = _load(args)
   ids = tok.encode(args.prompt)
   if not ids:
@@ -62,8 +62,8 @@ def cmd_generate(args):
 
 
 def cmd_calibrate(args):
-  from fdjax.tuning import calibrate
   from fdjax.io import checkpoint, tokenizer
+  from fdjax.tuning import calibrate
   model = checkpoint.load_pretrained(args.model)
   try:
     tok = tokenizer.load_tokenizer(args.model)
@@ -81,8 +81,8 @@ def cmd_tune(args):
   import jax
 
   from fdjax.io import checkpoint
-  from models import presets
   from fdjax.tuning import tune
+  from models import presets
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and not args.allow_cpu:
     raise ValueError("tune profiles GPU or TPU kernels; on a CPU they only run in interpret "

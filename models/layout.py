@@ -28,7 +28,6 @@ import numpy as np
 from fdjax.ops import quant
 from models import parallel, positions
 
-
 SCALE_SUFFIX = "_scale"  # a quantized tensor's scales: "...q_proj.weight_scale"
 
 

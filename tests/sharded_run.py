@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fdjax  # noqa: E402
 from fdjax import cli  # noqa: E402
-from fdjax.ops import dispatch
 from fdjax.engine import core as eng  # noqa: E402
 from fdjax.io import mesh as meshes  # noqa: E402
 from fdjax.io.tokenizer import ByteTokenizer  # noqa: E402
+from fdjax.ops import dispatch
 from models import layout, parallel  # noqa: E402
 
 NEW = 10

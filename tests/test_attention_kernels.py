@@ -9,9 +9,9 @@ import pytest
 
 import fdjax
 from fdjax.ops import dispatch, reference
+from pallas_kernels.common.async_softmax import HI
 from pallas_kernels.triton import decode_attention as dk
 from pallas_kernels.triton import prefill_attention as pk
-from pallas_kernels.common.async_softmax import HI
 from tests.helpers import cuda_text, np_decode_attention, np_prefill_attention, rel_err, spy
 from tests.models_util import tiny_model
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 
 import fdjax
-from fdjax.tuning import calibrate
 from fdjax.ops import dispatch
+from fdjax.tuning import calibrate
 from pallas_kernels.common.async_softmax import HI, LO
 from tests.models_util import tiny_model
 

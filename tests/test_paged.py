@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fdjax
-from fdjax.ops import dispatch, kv_cache, reference
 from fdjax.engine import paging
+from fdjax.ops import dispatch, kv_cache, reference
 from pallas_kernels.triton import decode_attention as dk
 from tests.helpers import np_decode_attention, rel_err
 from tests.models_util import tiny_model

@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fdjax.ops import dispatch
 from fdjax.engine.sampling import filter_logits
+from fdjax.ops import dispatch
 from tests.helpers import rel_err
 
 

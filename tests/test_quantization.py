@@ -14,9 +14,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import fdjax
+from fdjax.io.checkpoint import CheckpointError
 from fdjax.ops import dispatch, quant, reference, selection
 from fdjax.tuning import tune
-from fdjax.io.checkpoint import CheckpointError
 from models import layout
 from models import quantize as mq
 from pallas_kernels.triton import flat_gemm as fg

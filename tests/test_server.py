@@ -64,8 +64,8 @@ def default():
 
 
 def _metrics(s) -> dict:
-  from prometheus_client.parser import text_string_to_metric_families
   import httpx2
+  from prometheus_client.parser import text_string_to_metric_families
   text = httpx2.get(s.url + "/metrics").text
   out = {}
   for family in text_string_to_metric_families(text):
@@ -332,6 +332,7 @@ CONVERSATIONS = [
 
 def test_the_chat_template_renders_as_transformers_does(llama3):
   import transformers
+
   from fdjax.io import chat
   hf = transformers.AutoTokenizer.from_pretrained(llama3.path)
   template = chat.load(llama3.path)

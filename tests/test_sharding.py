@@ -21,12 +21,16 @@ transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "fdjax", "default_model")  # CoPE, 4 heads: tp up to 4
+COPE = [[1, 4], [2, 2]]
 ALL = [[1, 1], [1, 2], [1, 4], [1, 8], [2, 4]]
+# Llama-2's 8 KV heads split evenly at every tp: its dp=1 tp=1 and tp=4 cases add nothing that
+# Llama-3's (2 KV heads: repeated from tp=4) do not cover.
+EVEN = [[1, 2], [1, 8], [2, 4]]
 VOCAB = 211  # not a multiple of 2: the LM head's vocabulary is padded
 FAMILIES = {
     # Llama-2 style: multi-head attention (8 KV heads)
     "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-               dict(num_key_value_heads=8), ALL),
+               dict(num_key_value_heads=8), EVEN),
     # Llama-3 style: 2 KV heads, fewer than 4 or 8 devices (KV heads repeated)
     "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                dict(num_key_value_heads=2, rope_theta=500000.0), ALL),
@@ -57,7 +61,7 @@ def _hf_checkpoint(name, path):
 def run(tmp_path_factory):
   models = {name: [_hf_checkpoint(name, str(tmp_path_factory.mktemp(name))), fam[3]]
             for name, fam in FAMILIES.items()}
-  models["cope"] = [DEFAULT_MODEL, [[1, 1], [1, 2], [1, 4], [2, 4]]]
+  models["cope"] = [DEFAULT_MODEL, COPE]
   spec = {"models": models, "interpret": ["llama3", 2, 4]}
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
@@ -72,7 +76,7 @@ def run(tmp_path_factory):
 
 
 CASES = [f"{name} dp={dp} tp={tp}" for name, fam in FAMILIES.items() for dp, tp in fam[3]] + [
-    f"cope dp={dp} tp={tp}" for dp, tp in [[1, 1], [1, 2], [1, 4], [2, 4]]]
+    f"cope dp={dp} tp={tp}" for dp, tp in COPE]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from bench import kernels_tpu
-from fdjax.tuning import aot
 from fdjax.engine import decode_loop
 from fdjax.ops import dispatch
+from fdjax.tuning import aot
 from models import presets
 from models.llama import Transformer
 

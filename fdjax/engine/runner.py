@@ -49,10 +49,10 @@ class Runner:
                              None if positions is None else jnp.asarray(positions, jnp.int32),
                              sampler=sampler, out_len=out_len)
 
-  def start(self, tokens, active, max_new, *, out_len) -> steps.LoopState:
+  def from_tokens(self, tokens, active, max_new, *, out_len) -> steps.LoopState:
     """The loop's state for tokens already chosen (each row's latest, its K/V not cached)."""
-    return steps.start_jit(jnp.asarray(tokens), _UNUSED_KEY, self.eos_ids, jnp.asarray(active),
-                           jnp.asarray(max_new), out_len=out_len)
+    return steps.initial_state_jit(jnp.asarray(tokens), _UNUSED_KEY, self.eos_ids,
+                                   jnp.asarray(active), jnp.asarray(max_new), out_len=out_len)
 
   def decode(self, loop: steps.LoopState, cache, max_new, stop: int, *, sampler=None,
              rows=None):

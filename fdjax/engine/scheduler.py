@@ -125,7 +125,7 @@ class Scheduler:
       self._accept(r, [int(t) for t in out[i, 1:] if t >= 0])
 
   def _decode_call(self, first, table, lengths, max_new, sampling):
-    loop = self.runner.start(first, max_new > 0, max_new, out_len=self.steps_per_call + 1)
+    loop = self.runner.from_tokens(first, max_new > 0, max_new, out_len=self.steps_per_call + 1)
     loop, _ = self.runner.decode(loop, self.runner.cache(table, lengths), max_new,
                                  int(max_new.max()), rows=sampling)
     return steps.to_host(loop.out)

@@ -3,7 +3,7 @@ state the decode loop carries, and the rules both size their calls by.
 
 - `prefill_step`: one chunk of every row's prompt into the paged cache.
 - `first_token`: every row's first new token from its prompt's last logits.
-- `start`: the loop's state for tokens already chosen (a served request's latest).
+- `initial_state`: the loop's state for tokens already chosen (a served request's latest).
 - `decode_steps`: decode steps on device in one `lax.while_loop` until a step count or
   every row is done.
 
@@ -119,7 +119,7 @@ def _pick(logits, key, sampler, rows, positions):
   return sample_rows(logits, rows, positions)
 
 
-def start(first, key, eos, active, max_new, *, out_len) -> LoopState:
+def initial_state(first, key, eos, active, max_new, *, out_len) -> LoopState:
   """The loop's state after each row's token `first` (its K/V not yet in the cache), out[:, 0]
   = first. A row is done from the start when not `active`, at EOS, or when max_new (a scalar
   or one per row, `first` counted) is 1."""
@@ -128,7 +128,7 @@ def start(first, key, eos, active, max_new, *, out_len) -> LoopState:
   return LoopState(jnp.int32(1), out, done, first, key)
 
 
-start_jit = jax.jit(start, static_argnames=("out_len",))
+initial_state_jit = jax.jit(initial_state, static_argnames=("out_len",))
 
 
 @functools.partial(jax.jit, static_argnames=("sampler", "out_len"))
@@ -138,8 +138,8 @@ def first_token(logits, key, eos, active, max_new, rows=None, positions=None, *,
   each row's own `rows` drawing at `positions`): the decode loop's starting state."""
   TRACE_COUNT["first"] += 1
   key, sub = jax.random.split(key)
-  return start(_pick(logits, sub, sampler, rows, positions), key, eos, active, max_new,
-               out_len=out_len)
+  return initial_state(_pick(logits, sub, sampler, rows, positions), key, eos, active,
+                       max_new, out_len=out_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "impl", "target"),

@@ -26,10 +26,10 @@ import re
 import jax
 
 from pallas_kernels.common import async_softmax, tiling
-from pallas_kernels.triton import flat_gemm as triton_flat_gemm
-from pallas_kernels.triton import gemv as triton_gemv
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import shared as tpu_shared
+from pallas_kernels.triton import flat_gemm as triton_flat_gemm
+from pallas_kernels.triton import gemv as triton_gemv
 
 log = logging.getLogger("fdjax")
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
@@ -132,7 +132,8 @@ def analytic(k: int, n: int, kind: str = "") -> dict:
             "gemv": dataclasses.asdict(tpu_flat_gemm.Settings()),
             "flat": dataclasses.asdict(tpu_flat_gemm.Settings())}
   return {"m1": 3, "m2": 65, "source": "analytic",
-          "gemv": dataclasses.asdict(triton_gemv.Settings()), "flat": dataclasses.asdict(triton_flat_gemm.Settings())}
+          "gemv": dataclasses.asdict(triton_gemv.Settings()),
+          "flat": dataclasses.asdict(triton_flat_gemm.Settings())}
 
 
 def key(k: int, n: int, quantization: str | None = None) -> str:

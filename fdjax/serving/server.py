@@ -20,10 +20,10 @@ import socket
 import threading
 import time
 
-from fdjax.serving import api
-from fdjax.io import chat
 from fdjax.engine import core as eng
 from fdjax.engine import request
+from fdjax.io import chat
+from fdjax.serving import api
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "pydantic", "jinja2", "prometheus_client")
 
@@ -327,6 +327,7 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted."""
   check_dependencies()
   import uvicorn
+
   from fdjax.io import loading
   model, tok, template, name, _ = loading.load(model_dir, dtype=dtype, quantize=quantize,
                                                mesh=mesh, chat_template=True)

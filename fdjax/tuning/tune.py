@@ -16,13 +16,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fdjax.tuning import aot, timing
 from fdjax.ops import quant, reference, selection
+from fdjax.tuning import aot, timing
+from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
+from pallas_kernels.tpu import gemv as tpu_gemv
 from pallas_kernels.triton import flat_gemm as triton_flat_gemm
 from pallas_kernels.triton import gemv as triton_gemv
 from pallas_kernels.triton import quantized_gemm as triton_quantized
-from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
-from pallas_kernels.tpu import gemv as tpu_gemv
 
 GEMV_CONFIGS = [{"block_n": bn, "block_k": bk, "split_k": sk, "num_stages": 3}
                 for bn in (128, 256) for bk in (64, 128) for sk in (2, 4, 8)]

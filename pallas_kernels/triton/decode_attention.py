@@ -34,7 +34,6 @@ from pallas_kernels.common import tiling
 from pallas_kernels.common.tiling import key_span, page_block, split_range
 from pallas_kernels.triton import shared
 
-
 # 16 rows (a group padded to the dot's minimum, or one MHA head) * block_k * head_dim by
 # dtype size: 128 keys up to head_dim 256 in bfloat16; in float32 32 keys at head_dim 128
 # (128 spill) and 64 at 64.

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.triton import flat_gemm as fg
-from pallas_kernels.triton import gemv as gv
 from pallas_kernels.common import tiling
 from pallas_kernels.common.gemm import DTYPES
+from pallas_kernels.triton import flat_gemm as fg
+from pallas_kernels.triton import gemv as gv
 from pallas_kernels.triton.flat_gemm import launch_split_k, split_range
 
 BITS = (8, 4)
