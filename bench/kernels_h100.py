@@ -33,6 +33,7 @@ from bench import common  # noqa: E402
 from fdjax.ops import dispatch, quant
 from fdjax.tuning import aot, tune  # noqa: E402
 from models import presets
+from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
 from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
@@ -139,7 +140,8 @@ def _cope(name, b, t, s, dtype, settings=None):
 
 def _linear(label, m, k, n, dtype, kernel=None, settings=None, impl="pallas"):
   if kernel is None:
-    name, fn = "linear", lambda x, w: dispatch.linear(x, w, impl=impl)
+    name = "linear" if impl == "pallas" else f"linear ({impl})"
+    fn = lambda x, w: dispatch.linear(x, w, impl=impl)
   else:
     name, fn = kernel.__name__, lambda x, w: kernel(x, w, settings=settings)
   return Case(name, f"{label} M={m} K={k} N={n}", jnp.dtype(dtype).name, _label(settings), fn,
@@ -195,6 +197,22 @@ def defaults(dtypes=(BF16, F32)) -> list[Case]:
   return cases
 
 
+def mosaic_defaults() -> list[Case]:
+  """The Mosaic GPU kernels at their default settings (impl="pallas_mosaic"): the flat GEMM
+  at every linear shape of both models, bfloat16, at each M the kernel pads differently (x is
+  padded to a multiple of 8 rows: M = 1 stands for 1 to 8, one compiled kernel)."""
+  return [_linear(label, m, k, n, BF16, impl="pallas_mosaic")
+          for (k, n), label in linear_shapes().items() for m in (1, 16, 17, 32, 64)]
+
+
+def _mosaic_launch(case: Case) -> tuple[tuple, int]:
+  """(grid, threads) of a Mosaic flat GEMM case: its settings' programs, one warpgroup each
+  (Mosaic GPU's dump has no launch record)."""
+  (m, k), (_, n) = (shape for shape, _ in case.args)
+  s = mfg.Settings.default(k, n)
+  return (n // s.block_n, s.split_k, 1), 128
+
+
 def oversized() -> list[Case]:
   """Settings the compiler must refuse for the H100: a flat GEMM whose 4-stage pipeline of
   512 x 512 tiles needs 1.6 MB of shared memory, and CoPE at 64 x 64, which spills."""
@@ -226,6 +244,8 @@ def measure(case: Case) -> list[dict]:
   refused case is compiled again leniently to show what it would use."""
   row = {"kernel": case.kernel, "shape": case.shape, "dtype": case.dtype,
          "setting": case.setting}
+  if "pallas_mosaic" in case.kernel:
+    return _measure_mosaic(case, row)
   with tempfile.TemporaryDirectory(prefix="fdjax_aot_") as dump:
     t0 = time.perf_counter()
     try:
@@ -248,6 +268,35 @@ def measure(case: Case) -> list[dict]:
            "per_sm": min(k.per_sm_by_registers(), k.per_sm_by_shared())} for k in kernels]
 
 
+def _measure_mosaic(case: Case, row: dict) -> list[dict]:
+  """measure() for a Mosaic GPU kernel: lowered and compiled inside aot.mosaic_dump (its
+  resources are written at lowering, its ptxas report at compiling)."""
+  with tempfile.TemporaryDirectory(prefix="fdjax_mosaic_") as dump:
+    t0 = time.perf_counter()
+    with aot.mosaic_dump(dump):
+      try:
+        aot.compile(case.lower(aot.abstract))
+        row["status"] = "ok"
+      except aot.CompileError as e:
+        row["status"] = str(e).replace("refused by the compiler: ", "refused: ")
+    row["compile_s"] = time.perf_counter() - t0
+    kernels = aot.mosaic_resources(dump)
+  grid, threads = _mosaic_launch(case)
+  out = []
+  for mk in kernels:
+    k = aot.Kernel(mk.name, grid, threads, mk.shared_bytes, mk.registers, mk.spill_stores,
+                   mk.spill_loads)
+    if k.spill_stores or k.spill_loads:
+      row["status"] = "refused: spills"
+    out.append({**row, "launch": "fdjax_mgpu_flat_gemm", "grid": "x".join(map(str, grid)),
+                "programs": k.programs, "threads": threads, "registers": k.registers,
+                "spill_stores": k.spill_stores, "spill_loads": k.spill_loads,
+                "shared_kb": k.shared_bytes / 1024, "per_sm_regs": k.per_sm_by_registers(),
+                "per_sm_shared": k.per_sm_by_shared(),
+                "per_sm": min(k.per_sm_by_registers(), k.per_sm_by_shared())})
+  return out or [row]
+
+
 COLUMNS = ["kernel", "shape", "dtype", "setting", "status", "launch", "grid", "threads",
            "registers", "spill_stores", "spill_loads", "shared_kb", "per_sm_regs",
            "per_sm_shared", "per_sm"]
@@ -260,7 +309,10 @@ registers (allocated per warp in units of 256) and by its 228 KB of shared memor
 reserved per program), at most 32; per_sm is the smaller. A refused row shows what a lenient
 compile of the same setting uses. `default` rows go through the dispatch op with
 impl="pallas" (for linear: GEMV or the flat GEMM by the analytic table); these are what
-tests/test_h100_compile.py compiles."""
+tests/test_h100_compile.py compiles. Rows of kernel "linear (pallas_mosaic)" are the
+Mosaic GPU flat GEMM (pallas_kernels/mosaic_gpu/): compiled by Mosaic GPU's own pipeline
+(MLIR -> PTX -> ptxas for sm_90a), registers and spills from its ptxas report, shared memory
+from the scratch it allocates; grid from its settings, one warpgroup (128 threads) a program."""
 
 
 def main():
@@ -271,7 +323,7 @@ def main():
   why = aot.unavailable()
   if why:
     raise SystemExit(f"bench/kernels_h100.py: cannot compile for the H100 here: {why}")
-  cases = ([] if args.only == "alternatives" else defaults()) + (
+  cases = ([] if args.only == "alternatives" else defaults() + mosaic_defaults()) + (
       [] if args.only == "default" else alternatives())
   target = {"target": f"{aot.sharding().mesh.devices.flat[0].device_kind} "
                       f"({aot.ARCH['h100']}, described: no GPU)",

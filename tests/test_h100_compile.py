@@ -99,7 +99,7 @@ def test_the_committed_table_has_every_default_case_without_spills():
     rows = json.load(fh)["rows"]
   default = [r for r in rows if r["setting"] == "default"]
   assert {(r["kernel"], r["shape"], r["dtype"]) for r in default} == {
-      (c.kernel, c.shape, c.dtype) for c in kernels.defaults()}
+      (c.kernel, c.shape, c.dtype) for c in kernels.defaults() + kernels.mosaic_defaults()}
   assert all(r["status"] == "ok" and r["spill_stores"] == 0 and r["per_sm"] >= 1
              for r in default), [r for r in default if r["status"] != "ok"]
   refused = {(r["kernel"], r["setting"]) for r in rows if r["status"].startswith("refused")}

@@ -323,7 +323,9 @@ class MosaicKernel:
 
 
 def mosaic_resources(dump_dir: str, prefix: str = "fdjax_") -> list[MosaicKernel]:
-  """Every Mosaic GPU kernel whose name starts with `prefix` in a mosaic_dump folder."""
+  """Every Mosaic GPU kernel whose name starts with `prefix` in a mosaic_dump folder. (A
+  kernel the process had compiled already, the same module for the same shapes, is served
+  from the cache: lowering writes its resources again, but no ptxas report; it is left out.)"""
   out = []
   for report in sorted(glob.glob(os.path.join(dump_dir, f"{prefix}*.ptxas"))):
     stem = report[:-len(".ptxas")]
