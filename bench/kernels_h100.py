@@ -140,7 +140,7 @@ def _cope(name, b, t, s, dtype, settings=None):
 
 def _linear(label, m, k, n, dtype, kernel=None, settings=None, impl="pallas"):
   if kernel is None:
-    name = "linear" if impl == "pallas" else f"linear ({impl})"
+    name = f"linear ({impl})" if impl.startswith("pallas_mosaic") else "linear"
     fn = lambda x, w: dispatch.linear(x, w, impl=impl)
   else:
     name, fn = kernel.__name__, lambda x, w: kernel(x, w, settings=settings)
