@@ -72,16 +72,15 @@ def spy(monkeypatch, module, name):
   return calls
 
 
-def record_races(monkeypatch) -> list:
-  """A list to which TPU interpret mode's race detector appends each race it finds from now
-  on. (jax keeps one detector per interpreted kernel, replaced by the next kernel's: its own
-  `races_found` only tells of the last kernel run. From jax 0.12 the detector raises on a
-  race by default (`on_race="raise"`); here it records, as 0.11's does, so the test reports
-  every race the same way on both.)"""
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+def _record(monkeypatch, module, class_name) -> list:
+  """A list to which the race detector class `module.class_name` appends each race it finds
+  from now on (jax keeps one detector per interpreted kernel, replaced by the next kernel's:
+  its own `races_found` only tells of the last kernel run). From jax 0.12 the detector raises
+  on a race by default (`on_race="raise"`); here it records, as 0.11's does, so the test
+  reports every race the same way on both."""
   seen = []
 
-  class Recording(ipc.RaceDetectionState):
+  class Recording(getattr(module, class_name)):
     def __setattr__(self, name, value):
       if name == "on_race":
         value = "warn"
@@ -89,8 +88,14 @@ def record_races(monkeypatch) -> list:
         seen.append(True)
       super().__setattr__(name, value)
 
-  monkeypatch.setattr(ipc, "RaceDetectionState", Recording)
+  monkeypatch.setattr(module, class_name, Recording)
   return seen
+
+
+def record_races(monkeypatch) -> list:
+  """_record for TPU interpret mode's race detector."""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+  return _record(monkeypatch, ipc, "RaceDetectionState")
 
 
 def cuda_text(jitted, *args) -> str:
@@ -103,17 +108,6 @@ def cuda_text(jitted, *args) -> str:
 
 
 def record_gpu_races(monkeypatch) -> list:
-  """record_races for Mosaic GPU's interpret mode (its own detector class, one per kernel)."""
+  """_record for Mosaic GPU interpret mode's race detector (its own class)."""
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-  seen = []
-
-  class Recording(gpu_callbacks.GPURaceDetectionState):
-    def __setattr__(self, name, value):
-      if name == "on_race":
-        value = "warn"
-      if name == "races_found" and value:
-        seen.append(True)
-      super().__setattr__(name, value)
-
-  monkeypatch.setattr(gpu_callbacks, "GPURaceDetectionState", Recording)
-  return seen
+  return _record(monkeypatch, gpu_callbacks, "GPURaceDetectionState")
