@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from bench import common  # noqa: E402
 from fdjax.ops import dispatch, quant
 from fdjax.tuning import aot, tune  # noqa: E402
 from models import presets
+from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
@@ -82,6 +84,11 @@ def _heads(name):
   return (*HEADS[name], {})
 
 
+def _named(op, impl):
+  """A case's kernel column: the op, with the impl where it is the Mosaic GPU one."""
+  return f"{op} ({impl})" if impl.startswith("pallas_mosaic") else op
+
+
 def _decode(name, b, s, dtype, settings=None, impl="pallas"):
   hq, hkv, d, opts = _heads(name)
   if settings is None:
@@ -89,7 +96,7 @@ def _decode(name, b, s, dtype, settings=None, impl="pallas"):
   else:
     fn = lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=d ** -0.5,
                                                 settings=settings)
-  return Case("decode_attention", f"{name} B={b} S={s}", jnp.dtype(dtype).name,
+  return Case(_named("decode_attention", impl), f"{name} B={b} S={s}", jnp.dtype(dtype).name,
               _label(settings), fn, (((b, hq, d), dtype), ((b, s, hkv, d), dtype),
                                      ((b, s, hkv, d), dtype), ((b,), I32)))
 
@@ -99,7 +106,7 @@ def _paged(name, b, pages, page_size, dtype, impl="pallas"):
   fn = lambda q, kp, vp, table, n: dispatch.paged_decode_attention(q, kp, vp, table, n,
                                                                    impl=impl, **opts)
   pool = ((b * pages, page_size, hkv, d), dtype)
-  return Case("paged_decode_attention", f"{name} B={b} pages={pages}x{page_size}",
+  return Case(_named("paged_decode_attention", impl), f"{name} B={b} pages={pages}x{page_size}",
               jnp.dtype(dtype).name, "default", fn,
               (((b, hq, d), dtype), pool, pool, ((b, pages), I32), ((b,), I32)))
 
@@ -140,8 +147,7 @@ def _cope(name, b, t, s, dtype, settings=None):
 
 def _linear(label, m, k, n, dtype, kernel=None, settings=None, impl="pallas"):
   if kernel is None:
-    name = f"linear ({impl})" if impl.startswith("pallas_mosaic") else "linear"
-    fn = lambda x, w: dispatch.linear(x, w, impl=impl)
+    name, fn = _named("linear", impl), lambda x, w: dispatch.linear(x, w, impl=impl)
   else:
     name, fn = kernel.__name__, lambda x, w: kernel(x, w, settings=settings)
   return Case(name, f"{label} M={m} K={k} N={n}", jnp.dtype(dtype).name, _label(settings), fn,
@@ -197,20 +203,38 @@ def defaults(dtypes=(BF16, F32)) -> list[Case]:
   return cases
 
 
+MOSAIC = "pallas_mosaic"
+
+
 def mosaic_defaults() -> list[Case]:
-  """The Mosaic GPU kernels at their default settings (impl="pallas_mosaic"): the flat GEMM
-  at every linear shape of both models, bfloat16, at each M the kernel pads differently (x is
-  padded to a multiple of 8 rows: M = 1 stands for 1 to 8, one compiled kernel)."""
-  return [_linear(label, m, k, n, BF16, impl="pallas_mosaic")
-          for (k, n), label in linear_shapes().items() for m in (1, 16, 17, 32, 64)]
+  """The Mosaic GPU kernels at their default settings (impl="pallas_mosaic"), bfloat16: decode
+  attention, contiguous and paged, at the decode shapes of every head layout it takes (head_dim
+  64 and 128: not Gemma's 256; cache lengths a multiple of 8: not 1 or 4097, which the kernel
+  refuses) and Mistral's window; the flat GEMM at every linear shape of
+  both models, at each M the kernel pads differently (x is padded to a multiple of 8 rows:
+  M = 1 stands for 1 to 8, one compiled kernel)."""
+  cases = []
+  for name in HEADS:
+    cases += [_decode(name, b, s, BF16, impl=MOSAIC) for b, s in DECODE if s % 8 == 0]
+    cases += [_paged(name, *bpp, BF16, impl=MOSAIC) for bpp in PAGED]
+  cases += [_decode("mistral-7b w4096", 8, 8192, BF16, impl=MOSAIC),
+            _paged("mistral-7b w4096", 8, 128, 64, BF16, impl=MOSAIC)]
+  return cases + [_linear(label, m, k, n, BF16, impl=MOSAIC)
+                  for (k, n), label in linear_shapes().items() for m in (1, 16, 17, 32, 64)]
 
 
 def _mosaic_launch(case: Case) -> tuple[tuple, int]:
-  """(grid, threads) of a Mosaic flat GEMM case: its settings' programs, one warpgroup each
-  (Mosaic GPU's dump has no launch record)."""
-  (m, k), (_, n) = (shape for shape, _ in case.args)
-  s = mfg.Settings.default(k, n)
-  return (n // s.block_n, s.split_k, 1), 128
+  """(grid, threads) of a Mosaic GPU case, from its settings (Mosaic GPU's dump has no launch
+  record): one warpgroup (128 threads) a program."""
+  if case.kernel.startswith("linear"):
+    (m, k), (_, n) = (shape for shape, _ in case.args)
+    s = mfg.Settings.default(k, n)
+    return (n // s.block_n, s.split_k, 1), 128
+  (b, hq, d), (pool, page_size, hkv, _) = (shape for shape, _ in case.args[:2])
+  max_keys = page_size * (case.args[3][0][1] if len(case.args) == 5 else 1)
+  window = _heads(case.shape.split(" B=")[0])[3].get("window")
+  _, n_split = mda.splits(max_keys, window, mda.settings_for(b, hkv, max_keys, d, window))
+  return (b, hkv, n_split), 128
 
 
 def oversized() -> list[Case]:
@@ -288,7 +312,8 @@ def _measure_mosaic(case: Case, row: dict) -> list[dict]:
                    mk.spill_loads)
     if k.spill_stores or k.spill_loads:
       row["status"] = "refused: spills"
-    out.append({**row, "launch": "fdjax_mgpu_flat_gemm", "grid": "x".join(map(str, grid)),
+    launch = re.sub(r"_\d+$", "", mk.name)  # the compile's counter off the kernel's name
+    out.append({**row, "launch": launch, "grid": "x".join(map(str, grid)),
                 "programs": k.programs, "threads": threads, "registers": k.registers,
                 "spill_stores": k.spill_stores, "spill_loads": k.spill_loads,
                 "shared_kb": k.shared_bytes / 1024, "per_sm_regs": k.per_sm_by_registers(),
@@ -309,10 +334,12 @@ registers (allocated per warp in units of 256) and by its 228 KB of shared memor
 reserved per program), at most 32; per_sm is the smaller. A refused row shows what a lenient
 compile of the same setting uses. `default` rows go through the dispatch op with
 impl="pallas" (for linear: GEMV or the flat GEMM by the analytic table); these are what
-tests/test_h100_compile.py compiles. Rows of kernel "linear (pallas_mosaic)" are the
-Mosaic GPU flat GEMM (pallas_kernels/mosaic_gpu/): compiled by Mosaic GPU's own pipeline
-(MLIR -> PTX -> ptxas for sm_90a), registers and spills from its ptxas report, shared memory
-from the scratch it allocates; grid from its settings, one warpgroup (128 threads) a program."""
+tests/test_h100_compile.py compiles. Rows whose kernel says "(pallas_mosaic)" are the Mosaic GPU
+kernels (pallas_kernels/mosaic_gpu/: decode attention, whose async and online launches are
+both in the program, and the flat GEMM): compiled by Mosaic GPU's own pipeline (MLIR -> PTX ->
+ptxas for sm_90a), registers and spills from its ptxas report, shared memory from the launch
+its compile log records plus ptxas's static part; grid from its settings, one warpgroup (128
+threads) a program."""
 
 
 def main():

@@ -205,23 +205,35 @@ def _cfg(head_dim, pe="rope"):
 def test_describe_names_the_real_choice_and_why():
   odd = dispatch.describe(_cfg(80), platform="cuda")
   for op in ("prefill_attention", "decode_attention"):
-    assert odd[op] == "xla (head_dim 80 is not a power of two >= 16)"
-  good = dispatch.describe(_cfg(128), platform="cuda")
-  assert good["decode_attention"].startswith("pallas (async-softmax")
-  assert good["prefill_attention"].startswith("pallas (async-softmax")
+    assert odd[op].startswith("xla (Mosaic GPU: ") and odd[op].endswith(
+        "; Triton: head_dim 80 is not a power of two >= 16)")
+  assert "head_dim 80 is not 64 or 128" in odd["decode_attention"]
+  good = dispatch.describe(_cfg(128), platform="cuda")  # a described H100: Hopper
+  assert good["decode_attention"].startswith("pallas_mosaic (Mosaic GPU async-softmax")
+  assert good["decode_attention"].endswith("[Pallas Mosaic GPU, sm_90a]")
+  assert good["prefill_attention"].startswith("pallas (async-softmax kernel")
+  assert "not Mosaic GPU: no Mosaic GPU kernel for prefill_attention yet" in (
+      good["prefill_attention"])
   assert set(k for k in good if k.startswith("linear")) == {
       "linear[qkv]", "linear[o]", "linear[gate_up]", "linear[down]"}
   assert good["linear[qkv]"].startswith("gemv (M=1")  # the analytic table: GEMV below M1 = 3
-  assert dispatch.describe(_cfg(128), platform="cuda", batch=8)["linear[o]"].startswith("flat")
+  assert good["linear[qkv]"].endswith("[Pallas Triton: deprecated by JAX since 0.11, to be "
+                                      "replaced by Mosaic GPU]")
+  eight = dispatch.describe(_cfg(128), platform="cuda", batch=8)["linear[o]"]
+  assert eight.startswith("flat_mosaic (M=8") and eight.endswith("[Pallas Mosaic GPU, sm_90a]")
+  f32 = dispatch.describe(_cfg(128), platform="cuda", batch=8, dtype="float32")
+  assert f32["linear[o]"].startswith("flat (M=8")  # WGMMA transposes 16-bit operands only
+  assert f32["decode_attention"].startswith("pallas (async-softmax kernel")
   cope = dispatch.describe(_cfg(64, "cope"), platform="cuda")
   assert list(cope) == ["cope_attention", *[k for k in cope if k.startswith("linear")]]
-  assert cope["cope_attention"] == ("pallas (fused CoPE kernel) [Pallas Triton: deprecated by "
-                                    "JAX since 0.11, to be replaced by Mosaic GPU]")
-  assert all("[Pallas Triton: deprecated" in v for v in good.values())  # every op a kernel here
+  assert cope["cope_attention"] == (
+      "pallas (fused CoPE kernel; not Mosaic GPU: no Mosaic GPU kernel for cope_attention yet) "
+      "[Pallas Triton: deprecated by JAX since 0.11, to be replaced by Mosaic GPU]")
   cpu = dispatch.describe(_cfg(128), platform="cpu")
   assert all(v.startswith("xla (cpu") for v in cpu.values())
 
 
 def test_an_unsupported_dtype_is_explained():
-  assert selection.attention("decode_attention", 128, "float16", "cuda") == selection.Choice(
-      "xla", "dtype float16 is not float32 or bfloat16")
+  assert selection.attention("prefill_attention", 128, "float16", "cuda") == selection.Choice(
+      "xla", "Mosaic GPU: no Mosaic GPU kernel for prefill_attention yet; Triton: dtype float16 "
+      "is not float32 or bfloat16")

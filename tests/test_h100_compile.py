@@ -9,6 +9,8 @@ except where FDJAX_REQUIRE_H100=1 (set by .ci/run): there they fail.
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +73,9 @@ def test_resources_report_the_launch_and_registers(h100, tmp_path):
                                                      ("llama-3-8b", 16, 512)])
 def test_generate_compiles_with_the_kernels(h100, preset, batch, prompt_len):
   """The jitted prefill and decode loop of a 7B/8B model in bfloat16 with impl="auto": no
-  weight is materialised (nnx.eval_shape), and the CUDA branch takes the kernels. Two of
-  the model's layers: every layer is the same program, and ptxas takes about a minute for
+  weight is materialised (nnx.eval_shape), and the CUDA branch takes the kernels selection
+  picks for an H100: Mosaic GPU decode attention and flat GEMM, Triton prefill and GEMV. Two
+  of the model's layers: every layer is the same program, and ptxas takes about a minute for
   all 32 here."""
   cfg = dataclasses.replace(presets.get(preset), num_layers=2)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
@@ -81,10 +84,25 @@ def test_generate_compiles_with_the_kernels(h100, preset, batch, prompt_len):
                                         max_new_tokens=64, place=h100)
   prefill_hlo = aot.compile(prefill).as_text()
   decode_hlo = aot.compile(decode).as_text()
-  linear = "fdjax_gemv" if batch < 3 else "fdjax_flat_gemm"  # the analytic table's M1 = 3
+  linear = "fdjax_gemv" if batch < 3 else "fdjax_mgpu_flat_gemm"  # the analytic table's M1 = 3
   assert "fdjax_prefill_async" in prefill_hlo and "fdjax_prefill_online" in prefill_hlo
-  assert "fdjax_decode_async" in decode_hlo and "fdjax_decode_online" in decode_hlo
+  assert "fdjax_mgpu_decode_async" in decode_hlo and "fdjax_mgpu_decode_online" in decode_hlo
+  assert "fdjax_decode_async" not in decode_hlo  # not the Triton kernel as well
   assert linear in decode_hlo and linear in prefill_hlo  # decode steps; the last prompt token
+
+
+def test_the_llama_3_8b_decode_program_lowers_with_the_mosaic_gpu_kernels(h100):
+  """The whole llama-3-8b decode loop (all 32 layers) with impl="pallas_mosaic", lowered for a
+  described H100: every decode attention and every linear the Mosaic kernel takes (the flat
+  GEMM, M <= 64) is a Mosaic GPU call; no Triton kernel anywhere."""
+  model = nnx.eval_shape(lambda: Transformer(presets.get("llama-3-8b"), rngs=nnx.Rngs(0),
+                                             dtype=jnp.bfloat16))
+  with aot.on("h100"), dispatch.lowering_for("cuda"), dispatch.using("pallas_mosaic"):
+    _, decode = decode_loop.lower(model, batch=8, prompt_len=100, max_new_tokens=64,
+                                  place=h100)
+  hlo = decode.as_text()
+  assert hlo.count("fdjax_mgpu_decode_async") >= 32 and "fdjax_mgpu_flat_gemm" in hlo
+  assert "mosaic_gpu" in hlo and "triton" not in hlo.lower()
 
 
 def test_outside_lowering_for_a_cpu_host_traces_xla_alone(h100):
@@ -141,7 +159,7 @@ def test_the_sharded_decode_loop_compiles_for_eight_h100s(h100, preset, dp, tp, 
                                   place=place)
   compiled = aot.compile(decode)
   hlo = compiled.as_text()
-  for op in ("fdjax_decode_async", "fdjax_flat_gemm", "all-reduce", "all-gather"):
+  for op in ("fdjax_mgpu_decode_async", "fdjax_mgpu_flat_gemm", "all-reduce", "all-gather"):
     assert op in hlo, op
   local = parallel.local_config(cfg, tp)
   params = sum(int(np.prod(e.shape)) for e in layout.layout(local)) * 2
@@ -165,3 +183,49 @@ def test_the_mosaic_flat_gemm_compiles_for_sm90a_without_spills(h100, tmp_path, 
   assert (kernel.spill_stores, kernel.spill_loads) == (0, 0)
   assert 0 < kernel.registers <= 255
   assert 0 < kernel.shared_bytes <= 227 * 1024  # what a block may opt in to on sm_90
+
+
+@pytest.mark.parametrize("case", [c for c in kernels.mosaic_defaults() if c.shape in (
+    "llama-3-8b B=4 pages=512x64", "llama-3-8b B=32 pages=16x16", "mistral-7b w4096 B=8 S=8192",
+    "llama-3.2-1b B=64 S=4096")], ids=str)
+def test_the_mosaic_decode_attention_compiles_for_sm90a_without_spills(h100, case):
+  """Both launches of the guarded kernel (async, and the online recompute) through Mosaic GPU's
+  whole pipeline for sm_90a: paged (pages of 64, and of 16 copied four to a block),
+  windowed, head_dim 64 and 128; no spill, shared memory within the H100's."""
+  rows = kernels.measure(case)
+  assert {r["launch"] for r in rows} == {"fdjax_mgpu_decode_async", "fdjax_mgpu_decode_online"}
+  for r in rows:
+    assert r["status"] == "ok" and (r["spill_stores"], r["spill_loads"]) == (0, 0), r
+    assert 0 < r["registers"] <= 255 and 0 < r["shared_kb"] <= 227 and r["per_sm"] >= 1
+
+
+NO_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # a JAX without Pallas's Triton backend
+import jax, jax.numpy as jnp
+from fdjax.ops import dispatch, selection
+from fdjax.tuning import aot
+assert not selection.has_triton()
+h = aot.abstract
+bf = jnp.bfloat16
+with aot.on("h100"), dispatch.lowering_for("cuda"):
+  decode = jax.jit(lambda q, k, v, n: dispatch.decode_attention(q, k, v, n)).lower(
+      h((2, 32, 128), bf), h((2, 4096, 8, 128), bf), h((2, 4096, 8, 128), bf), h((2,), jnp.int32))
+  gemv = jax.jit(lambda x, w: dispatch.linear(x, w)).lower(h((1, 4096), bf), h((4096, 4096), bf))
+  prefill = jax.jit(lambda q: dispatch.prefill_attention(q, q, q)).lower(h((1, 64, 8, 128), bf))
+print(*["mosaic_gpu" in x.as_text() for x in (decode, gemv, prefill)])
+print(dispatch.describe(platform="cuda")["prefill_attention"])
+"""
+
+
+def test_a_jax_without_triton_lowers_the_mosaic_kernels(h100):
+  """Importing fdjax where `jax.experimental.pallas.triton` cannot be imported (a future JAX):
+  "auto" on an H100 still takes the Mosaic GPU kernels (decode attention; the flat GEMM at
+  M = 1, where Triton's GEMV would be), and prefill, which has none, runs XLA and says why."""
+  r = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True,
+                     cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[-2] == "True True False"
+  assert lines[-1] == ("xla (Mosaic GPU: no Mosaic GPU kernel for prefill_attention yet; "
+                       "Triton: this JAX has no Pallas Triton backend)")

@@ -1,6 +1,10 @@
 """Mosaic GPU kernels (pallas_kernels/mosaic_gpu/) in Mosaic GPU's interpret mode on the CPU,
-with its race detector, against float64: the flat GEMM over the small M of decoding."""
+with its race detector, against float64: the flat GEMM over the small M of decoding, and split-KV
+decode attention with the asynchronous softmax over contiguous and paged caches (ragged
+lengths, GQA 1 / 4 / 8, caches off the block multiples, shuffled, shared and garbage page-table
+entries, windows, soft-caps, and scores that send the guard to the online softmax)."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +12,15 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fdjax.ops import dispatch
+from fdjax.ops import dispatch, kv_cache, reference, selection
+from pallas_kernels.common.async_softmax import HI
+from pallas_kernels.mosaic_gpu import decode_attention as mda
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg
-from tests.helpers import record_gpu_races, rel_err
+from pallas_kernels.mosaic_gpu import shared as mshared
+from pallas_kernels.triton import shared as triton_shared
+from tests.helpers import np_decode_attention, record_gpu_races, rel_err
+from tests.test_attention_kernels import _check_low_precision, _f64, _inputs
+from tests.test_paged import LENGTHS, PS, _paged_case
 
 DETECT = plgpu.InterpretGPUParams(detect_races=True)
 
@@ -62,7 +72,7 @@ def test_split_k_is_deterministic_and_agrees_with_one_program():
 def test_default_settings_fill_the_gpu_with_split_k():
   s = mfg.Settings.default(4096, 4096)  # Llama-2-7B's q / o projection
   assert (s.block_n, s.block_k) == (64, 64)
-  assert (4096 // s.block_n) * s.split_k >= 2 * mfg.H100_SMS // 2
+  assert (4096 // s.block_n) * s.split_k >= 2 * mshared.H100_SMS // 2
   assert (4096 // s.block_k) % s.split_k == 0 and 1 <= s.stages <= 4
   assert mfg.Settings.default(4096, 28672).split_k == 1  # 448 column blocks fill it already
 
@@ -106,6 +116,140 @@ def test_the_race_detector_catches_a_planted_race(monkeypatch):
   assert races, "the planted race went unseen"
 
 
+# ------------------------------------------------------------------------ decode attention
+
+D = 64  # the smallest head_dim the kernel takes (one 128-byte swizzled row of bfloat16)
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,mode,kw", [
+    (jnp.bfloat16, 8, 2, "async", {}),                        # GQA 4, three splits
+    (jnp.bfloat16, 4, 4, "online", {"window": 20, "softcap": 2.0}),  # MHA
+    (jnp.float16, 8, 1, "async", {"window": 9}),              # GQA 8 in float16
+    (jnp.bfloat16, 8, 1, "online", {"softcap": 30.0}),
+])
+def test_decode_matches_float64(dtype, hq, hkv, mode, kw, monkeypatch):
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(hq * 10 + hkv)
+  s = 88  # not a multiple of the block (64) nor of the split (TMA needs 8-row tiles)
+  q, k, v = _inputs(rng, (3, hq, D), (3, s, hkv, D), dtype)
+  lengths = jnp.asarray([1, 33, s], jnp.int32)
+  out, stats = mda.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, mode=mode,
+                                    settings=mda.Settings(num_splits=3, stages=2),
+                                    interpret=DETECT, return_stats=True, **kw)
+  assert out.shape == q.shape and out.dtype == dtype
+  want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5, **kw)
+  _check_low_precision(out, want, reference.decode_attention(q, k, v, lengths, D ** -0.5,
+                                                               plain=True, **kw))
+  assert int(stats["recomputed_rows"]) == 0  # ordinary scores take the async path
+  assert races == []
+
+
+def test_decode_default_settings_a_block_past_the_cache_end(monkeypatch):
+  """64-key blocks over a 104-entry cache: the last block reads past the cache's end (TMA
+  fills what lies outside the array) and weighs it 0."""
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(5)
+  q, k, v = _inputs(rng, (2, 4, D), (2, 104, 2, D), jnp.bfloat16)
+  lengths = jnp.asarray([104, 61], jnp.int32)
+  out = mda.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5, interpret=DETECT)
+  _check_low_precision(out, np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5),
+                       reference.decode_attention(q, k, v, lengths, D ** -0.5, plain=True))
+  assert races == []
+
+
+@pytest.mark.parametrize("hq,hkv,window", [(8, 2, None), (4, 4, 20), (8, 1, None)])
+def test_paged_decode_matches_the_gathered_cache(hq, hkv, window, monkeypatch):
+  """Shuffled page ids, a page shared by two rows, garbage table entries past each row's
+  pages; with a window the pages wholly before it are given back (NO_PAGE) and filled with
+  NaN: the kernel never reads them."""
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(7 + hq + hkv)
+  q, kp, vp, table, n, kf, vf = _paged_case(rng, hq, hkv, jnp.bfloat16, LENGTHS, d=D)
+  if window is not None:
+    gone = np.zeros(table.shape, bool)
+    for i, length in enumerate(LENGTHS):
+      gone[i, :max(0, length - window) // PS] = True
+    nan_pages = np.unique(np.asarray(table)[gone])
+    nan_pages = nan_pages[~np.isin(nan_pages, np.asarray(table)[~gone])]
+    assert nan_pages.size
+    table = jnp.where(jnp.asarray(gone), kv_cache.NO_PAGE, table)
+    kp, vp = (x.at[nan_pages].set(jnp.nan) for x in (kp, vp))
+  out = mda.paged_decode_attention(q, kp, vp, table, n, sm_scale=D ** -0.5, window=window,
+                                   settings=mda.Settings(num_splits=2), interpret=DETECT)
+  want = np_decode_attention(*_f64(q, kf, vf), np.asarray(n), D ** -0.5, window)
+  _check_low_precision(out, want, reference.decode_attention(q, kf, vf, n, D ** -0.5,
+                                                               window=window, plain=True))
+  assert races == []
+
+
+@pytest.mark.parametrize("case", ["scores_x1e4", "phi_far_too_high"])
+def test_decode_guard_recovers_every_row(case):
+  rng = np.random.default_rng(11)
+  q, k, v = _inputs(rng, (2, 8, D), (2, 64, 2, D), jnp.bfloat16)
+  q = q * (1e4 if case == "scores_x1e4" else 1.0)
+  lengths = jnp.asarray([64, 50], jnp.int32)
+  out, stats = mda.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5,
+                                    phi=1e4 if case == "phi_far_too_high" else None,
+                                    settings=mda.Settings(num_splits=4, stages=2),
+                                    interpret=True, return_stats=True)
+  want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5)
+  _check_low_precision(out, want, reference.decode_attention(q, k, v, lengths, D ** -0.5,
+                                                               plain=True))
+  assert int(stats["recomputed_rows"]) == 16  # every query head of every row
+
+
+def test_decode_guard_one_huge_score_recomputes_only_its_group():
+  rng = np.random.default_rng(12)
+  q, k, v = _inputs(rng, (2, 8, D), (2, 64, 2, D), jnp.bfloat16)
+  lengths = jnp.asarray([64, 50], jnp.int32)
+  k = k.at[1, 40, 0].set(q[1, 0] * 40.0)  # key 40 of row 1, KV head 0: far above phi + HI
+  assert float(jnp.dot(q[1, 0], k[1, 40, 0], preferred_element_type=jnp.float32)) * D ** -0.5 > HI
+  out, stats = mda.decode_attention(q, k, v, lengths, sm_scale=D ** -0.5,
+                                    settings=mda.Settings(num_splits=4, stages=2),
+                                    interpret=True, return_stats=True)
+  want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), D ** -0.5)
+  _check_low_precision(out, want, reference.decode_attention(q, k, v, lengths, D ** -0.5,
+                                                               plain=True))
+  assert 1 <= int(stats["recomputed_rows"]) <= 4  # at most the 4 query heads of that group
+
+
+def test_decode_default_settings_fill_the_gpu_within_shared_memory():
+  s = mda.Settings.default(1, 8, 4096)  # Llama-3-8B at batch 1: 8 KV heads
+  assert s.block_k == 64 and 2 <= s.stages <= 4
+  assert s.num_splits == 16  # 256 keys a split at least (33 splits would fill 2 x 132 SMs)
+  assert mda.Settings.default(64, 8, 4096).num_splits == 1  # 512 programs fill it already
+  for d in (64, 128):
+    s = mda.Settings.default(1, 8, 4096, head_dim=d)
+    assert (s.stages * 2 * s.block_k + 2 * mda.ROWS) * d * 2 <= mda.SMEM_BUDGET
+
+
+def test_decode_refuses_what_it_cannot_take():
+  q, k, v = _inputs(np.random.default_rng(0), (1, 4, D), (1, 32, 2, D), jnp.bfloat16)
+  n = jnp.asarray([32])
+  with pytest.raises(ValueError, match="float32 is not bfloat16 or float16"):
+    mda.decode_attention(*(x.astype(jnp.float32) for x in (q, k, v)), n, sm_scale=1.0,
+                         interpret=True)
+  with pytest.raises(ValueError, match="head_dim 32 is not 64 or 128"):
+    mda.decode_attention(q[..., :32], k[..., :32], v[..., :32], n, sm_scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="head_dim 256 is not 64 or 128"):
+    wide = [jnp.concatenate([x] * 4, axis=-1) for x in (q, k, v)]
+    mda.decode_attention(*wide, n, sm_scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="the cache length 77 is not a multiple of 8"):
+    long = jnp.concatenate([k] * 3, axis=1)[:, :77]
+    mda.decode_attention(q, long, long, n, sm_scale=1.0, interpret=True)
+  pages = jnp.concatenate([k] * 3, axis=1)[:, :48]  # one page of 48 entries
+  with pytest.raises(ValueError, match="page size 48 neither divides nor is a multiple"):
+    mda.paged_decode_attention(q, pages, pages, jnp.zeros((1, 2), jnp.int32), n, sm_scale=1.0,
+                               interpret=True)
+  with pytest.raises(ValueError, match="block_k 96 is not a multiple of 64"):
+    mda.decode_attention(q, k, v, n, sm_scale=1.0, settings=mda.Settings(block_k=96),
+                         interpret=True)
+  with pytest.raises(ValueError, match="unknown mode"):
+    mda.decode_attention(q, k, v, n, sm_scale=1.0, mode="sync", interpret=True)
+  with pytest.raises(ValueError, match="window must be a positive integer"):
+    mda.decode_attention(q, k, v, n, sm_scale=1.0, window=0, interpret=True)
+
+
 def test_dispatch_runs_the_mosaic_flat_gemm():
   x, w, want = _xw(4, 256, 128, jnp.bfloat16)
   out = dispatch.linear(x, w, impl="pallas_mosaic_interpret")
@@ -115,8 +259,93 @@ def test_dispatch_runs_the_mosaic_flat_gemm():
                                 np.asarray(out).reshape(2, 2, 128))
   with pytest.raises(ValueError, match="Mosaic GPU.*float32"):
     dispatch.linear(x.astype(jnp.float32), w.astype(jnp.float32), impl="pallas_mosaic_interpret")
-  q = jnp.ones((1, 4, 64), jnp.bfloat16)
+  q = jnp.ones((1, 8, 4, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="no Mosaic GPU kernel"):
-    dispatch.decode_attention(q, jnp.ones((1, 8, 4, 64), jnp.bfloat16),
-                              jnp.ones((1, 8, 4, 64), jnp.bfloat16), jnp.asarray([8]),
+    dispatch.prefill_attention(q, q, q, impl="pallas_mosaic_interpret")
+
+
+def test_dispatch_runs_the_mosaic_decode_attention():
+  """Both decode ops through dispatch, as a model calls them, equal to XLA's within bfloat16's
+  rounding; the kernel's refusals reach the caller."""
+  rng = np.random.default_rng(3)
+  q, kp, vp, table, n, kf, vf = _paged_case(rng, 8, 2, jnp.bfloat16, LENGTHS, d=D)
+  for impl in ("pallas_mosaic_interpret", "xla"):
+    paged = dispatch.paged_decode_attention(q, kp, vp, table, n, impl=impl)
+    flat = dispatch.decode_attention(q, kf, vf, n, impl=impl)
+    if impl == "xla":
+      break
+    mosaic = (paged, flat)
+  want = np_decode_attention(*_f64(q, kf, vf), np.asarray(n), D ** -0.5)
+  for got in mosaic:
+    _check_low_precision(got, want, paged)
+  with pytest.raises(ValueError, match="Mosaic GPU.*head_dim 16"):
+    dispatch.decode_attention(q[..., :16], kf[..., :16], vf[..., :16], n,
                               impl="pallas_mosaic_interpret")
+
+
+# ------------------------------------------------------------------------ what auto picks
+
+def test_auto_on_a_gpu_takes_mosaic_on_hopper_then_triton_then_xla(monkeypatch):
+  """The rule in fdjax.ops.selection, for a described H100 (no GPU here: Hopper), and what it
+  says when a kernel does not take the call."""
+  att = selection.attention
+  c = att("paged_decode_attention", 128, "bfloat16", "cuda", 64, 32)
+  assert c.impl == "pallas_mosaic" and "TMA pipeline, WGMMA" in c.reason
+  assert att("decode_attention", 64, "float16", "cuda", 4096, 1).impl == "pallas_mosaic"
+  assert att("paged_decode_attention", 128, "bfloat16", "cuda", 16, 8).impl == "pallas_mosaic"
+  for args, why in [
+      ((128, "float32", "cuda", 4096, 1), "dtype float32 is not bfloat16 or float16"),
+      ((256, "bfloat16", "cuda", 4096, 1), "head_dim 256 is not 64 or 128"),  # Gemma's
+      ((128, "bfloat16", "cuda", 48, 8), "the page size 48 neither divides"),
+      ((128, "bfloat16", "cuda", 4097, 1), "the cache length 4097 is not a multiple of 8")]:
+    c = att("paged_decode_attention", *args)
+    assert c.impl == "pallas" and f"not Mosaic GPU: {why}" in c.reason, c
+  c = att("paged_decode_attention", 128, "bfloat16", "cuda", 24, 8)
+  assert c.impl == "xla" and "Mosaic GPU: the page size 24 neither divides" in c.reason
+  assert "Triton: page size 24 is not a multiple of 16" in c.reason
+  assert att("prefill_attention", 128, "bfloat16", "cuda").impl == "pallas"  # no Mosaic one yet
+  monkeypatch.setattr(selection, "gpu_major", lambda: 8)  # an A100
+  c = att("decode_attention", 128, "bfloat16", "cuda", 4096, 1)
+  assert c.impl == "pallas" and "written for sm_90a, this GPU is sm_8x" in c.reason
+
+
+def test_linear_auto_on_a_gpu_and_a_table_that_says_triton(monkeypatch, tmp_path):
+  lin = functools.partial(selection.linear, kind="cpu", gpu_auto=True)
+  assert lin(8, 4096, 4096, dtype="bfloat16").impl == "flat_mosaic"
+  assert lin(1, 4096, 4096, dtype="bfloat16").impl == "gemv"  # Triton's GEMV below M1
+  assert lin(8, 4096, 4096, dtype="float32").impl == "flat"
+  assert lin(8, 4096, 4096, dtype="bfloat16", quantization="int8").impl == "flat"
+  assert lin(8, 4096, 4000, dtype="bfloat16").impl == "flat"  # N not a multiple of 64
+  assert lin(128, 4096, 4096, dtype="bfloat16").impl == "xla"
+  assert selection.linear(8, 4096, 4096, kind="cpu").impl == "flat"  # impl="pallas": Triton
+  entry = {**selection.analytic(4096, 4096), "source": "tuned", "backend": "pallas"}
+  (tmp_path / "t.json").write_text(json.dumps({"device": "cpu",
+                                               "shapes": {"4096x4096": entry}}))
+  monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
+  selection.reload()
+  try:
+    assert lin(8, 4096, 4096, dtype="bfloat16").impl == "flat"  # the table's winner: Triton
+    assert lin(8, 4096, 11008, dtype="bfloat16").impl == "flat_mosaic"  # no entry: the rule
+  finally:
+    monkeypatch.delenv("FDJAX_TABLES")
+    selection.reload()
+
+
+def test_a_jax_without_triton_still_gets_kernels(monkeypatch):
+  monkeypatch.setattr(triton_shared, "AVAILABLE", False)
+  assert not selection.has_triton()
+  lin = functools.partial(selection.linear, kind="cpu", gpu_auto=True)
+  assert lin(1, 4096, 4096, dtype="bfloat16").impl == "flat_mosaic"  # no GEMV: the flat GEMM
+  c = lin(8, 4096, 4096, dtype="float32")
+  assert c.impl == "xla" and "Triton: this JAX has no Pallas Triton backend" in c.reason
+  assert lin(8, 4096, 4096, dtype="bfloat16", quantization="int4").impl == "xla"
+  assert selection.attention("decode_attention", 128, "bfloat16", "cuda").impl == "pallas_mosaic"
+  c = selection.attention("decode_attention", 128, "float32", "cuda")
+  assert c.impl == "xla" and "Triton: this JAX has no Pallas Triton backend" in c.reason
+  q, k, v = _inputs(np.random.default_rng(0), (1, 4, D), (1, 32, 2, D), jnp.float32)
+  with pytest.raises(ValueError, match="this JAX has no Pallas Triton backend"):
+    dispatch.decode_attention(q, k, v, jnp.asarray([32]), impl="pallas_interpret")
+  with dispatch.using("pallas_interpret"):  # the override falls back to XLA, as for shapes
+    np.testing.assert_allclose(np.asarray(dispatch.decode_attention(q, k, v, jnp.asarray([32]))),
+                               np.asarray(dispatch.decode_attention(q, k, v, jnp.asarray([32]),
+                                                                    impl="xla")), rtol=1e-6)

@@ -18,13 +18,13 @@ D = 16
 PS = 16  # page size
 
 
-def _paged_case(rng, hq, hkv, dtype, lengths, max_pages=4, num_pages=13, scale_q=1.0):
+def _paged_case(rng, hq, hkv, dtype, lengths, max_pages=4, num_pages=13, scale_q=1.0, d=D):
   """Random pages, a page table of shuffled ids with one page shared by two rows and garbage
   past each row's last page, and the same cache gathered contiguously."""
   b = len(lengths)
   mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
-  q = mk(b, hq, D) * scale_q
-  k_pages, v_pages = mk(num_pages, PS, hkv, D), mk(num_pages, PS, hkv, D)
+  q = mk(b, hq, d) * scale_q
+  k_pages, v_pages = mk(num_pages, PS, hkv, d), mk(num_pages, PS, hkv, d)
   ids = rng.permutation(num_pages)
   table = np.empty((b, max_pages), np.int64)
   for i in range(b):

@@ -1,11 +1,11 @@
 """Backend-aware dispatch: one public function per op, one choice of kernel per backend.
 
 Every op takes `impl`:
-  "auto"             what fdjax.ops.selection's rules pick: the XLA reference on a CPU, the
-                     Pallas kernel on a CUDA GPU and the Mosaic kernel on a TPU for the
-                     shapes they take (for `linear`, GEMV / flat GEMM / XLA by the
-                     device's table and M); decided where the computation is lowered
-                     (`lax.platform_dependent`), so one jitted function serves all three.
+  "auto"             what fdjax.ops.selection's rules pick: the XLA reference on a CPU; on a
+                     CUDA GPU the Mosaic GPU kernel (Hopper) or the Triton kernel for the
+                     calls they take; the Mosaic kernel on a TPU (for `linear`, GEMV / flat
+                     GEMM / XLA by the device's table and M); decided where the computation
+                     is lowered (`lax.platform_dependent`), so one jitted function serves all.
   "xla"              the plain-XLA reference (fdjax.ops.reference).
   "pallas"           the Pallas (Triton) kernel, compiled for the GPU.
   "pallas_interpret" the same kernel run by the Pallas interpreter (any backend, slow;
@@ -13,10 +13,10 @@ Every op takes `impl`:
   "pallas_tpu"       the Mosaic TPU kernel (pallas_kernels/tpu/), compiled for the TPU.
   "pallas_tpu_interpret"  the same kernel in TPU interpret mode (any backend, slow), with
                      its DMAs and semaphores simulated and the race detector on.
-  "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far the flat GEMM
-                     of `linear`, bfloat16 / float16), compiled for a Hopper GPU; an op with
-                     no Mosaic GPU kernel yet refuses it. "auto" does not pick it until it
-                     is timed on hardware.
+  "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far decode
+                     attention, contiguous and paged, and the flat GEMM of `linear`, bfloat16 /
+                     float16), compiled for a Hopper GPU; an op with no Mosaic GPU kernel yet
+                     refuses it. "auto" takes it on Hopper where it takes the call.
   "pallas_mosaic_interpret"  the same kernel in Mosaic GPU's interpret mode (any backend).
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from fdjax.ops import checks, quant, reference, selection
 from pallas_kernels.common import async_softmax
+from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.tpu import decode_attention as tpu_decode
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
@@ -99,27 +100,38 @@ def tpu_kind() -> str:
 
 
 def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None,
-         mosaic_fn=None):
-  """Calls xla_fn(), pallas_fn(interpret) (Triton) or tpu_fn(interpret) (Mosaic; None: the op
-  has no TPU kernel) as `impl` says. Under "auto" the rules of fdjax.ops.selection decide, per
-  platform at lowering time (attention ops pass head_dim, dtype and page size; what the
-  kernels do not take goes to XLA on every backend). mosaic_fn(interpret): the op's Mosaic GPU
-  kernel (None: it has none yet), run only when `impl` names it."""
+         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=True):
+  """Calls xla_fn(), pallas_fn(interpret) (Triton), tpu_fn(interpret) (Mosaic TPU; None: the
+  op has none) or mosaic_fn(interpret) (Mosaic GPU; None: the op has none yet) as `impl` says.
+  Under "auto" the rules of fdjax.ops.selection decide, per platform at lowering time
+  (attention ops pass head_dim, dtype and their keys' page size and pages a row; what no
+  kernel takes goes to XLA on every backend). gpu_auto_fn(): what "auto" runs on a CUDA GPU
+  for an op with its own rule (linear: the table); mosaic_takes: whether its Mosaic GPU kernel
+  takes this call (ops with no head_dim; under `using`, XLA runs what it does not take)."""
   checks.choice(op, "impl", impl, IMPLS)
 
-  def takes(platform):
-    if platform == "tpu" and tpu_fn is None:
-      return False
-    return head_dim is None or selection.attention(op, head_dim, dtype, platform,
-                                                   page_size).impl == "pallas"
+  def takes(family):  # whether the kernels of `family` take this call
+    if head_dim is None:
+      if family == "pallas_mosaic":
+        return mosaic_fn is not None and mosaic_takes
+      return family != "pallas_tpu" or tpu_fn is not None
+    if family == "pallas_tpu":
+      return tpu_fn is not None and selection.attention(op, head_dim, dtype, "tpu", page_size,
+                                                        max_pages).impl == "pallas"
+    unsupported = (selection.mosaic_unsupported if family == "pallas_mosaic"
+                   else selection.triton_unsupported)
+    return unsupported(op, head_dim, dtype, page_size, max_pages) is None
 
   if impl == "auto":
     impl = current()
-    if impl != "auto" and not takes("tpu" if impl.startswith("pallas_tpu") else "cuda"):
+    if impl != "auto" and not takes(impl.removesuffix("_interpret")):
       impl = "xla"
   if impl == "xla":
     return xla_fn()
   if impl in ("pallas", "pallas_interpret"):
+    if not selection.has_triton():
+      raise ValueError(f"{op}: this JAX has no Pallas Triton backend (impl {impl!r}); use "
+                       f"impl='auto', 'pallas_mosaic' or 'xla'")
     return pallas_fn(impl == "pallas_interpret")
   if impl in ("pallas_tpu", "pallas_tpu_interpret"):
     if tpu_fn is None:
@@ -135,11 +147,20 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
   # tracing the kernel branches at all; a GPU or TPU host traces its own platform's only.
   platform = (lowering_target() or jax.default_backend()).split(":")[0]
   platform = "cuda" if platform == "gpu" else platform
-  kernel = {"cuda": pallas_fn, "tpu": tpu_fn}.get(platform)
-  if kernel is None or not takes(platform):
+  if platform == "cuda":
+    if gpu_auto_fn is not None:
+      kernel = lambda: gpu_auto_fn()  # noqa: E731
+    else:
+      chosen = selection.attention(op, head_dim, dtype, "cuda", page_size, max_pages).impl
+      run = {"pallas": pallas_fn, "pallas_mosaic": mosaic_fn}.get(chosen)
+      kernel = None if run is None else (lambda: run(False))
+  elif platform == "tpu" and takes("pallas_tpu"):
+    kernel = lambda: tpu_fn(False)  # noqa: E731
+  else:
+    kernel = None
+  if kernel is None:
     return xla_fn()
-  return jax.lax.platform_dependent(cpu=xla_fn, **{platform: lambda: kernel(False)},
-                                    default=xla_fn)
+  return jax.lax.platform_dependent(cpu=xla_fn, **{platform: kernel}, default=xla_fn)
 
 
 def _attention_checks(op, q, k, v, q_rank, paged=False):
@@ -199,7 +220,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, w
 
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale,
                                                            **extra),
-              pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype)
+              pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_cache.shape[1],
+              mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode), max_pages=1)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
@@ -232,7 +254,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
 
   return _run(op, impl, lambda: reference.paged_decode_attention(
       q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas,
-              _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_pages.shape[1])
+              _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_pages.shape[1],
+              mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode),
+              max_pages=page_table.shape[1])
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,
@@ -338,10 +362,13 @@ def linear(x, w, *, impl="auto"):
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)  # M = the product of the leading dims
 
-  def pallas(interpret):
-    choice = selection.linear(x2.shape[0], k, n, quantization=w.method if quantized else None)
+  def pallas(interpret, gpu_auto=False):
+    choice = selection.linear(x2.shape[0], k, n, quantization=w.method if quantized else None,
+                              dtype=x.dtype, gpu_auto=gpu_auto)
     if choice.impl == "xla":
       return reference.linear(x2, w)
+    if choice.impl == "flat_mosaic":
+      return mosaic_flat_gemm.flat_gemm(x2, w, interpret=interpret)
     if quantized:
       kernel = {"gemv": triton_quantized.gemv, "flat": triton_quantized.flat_gemm}[choice.impl]
       return kernel(x2, w.values, w.scales, bits=w.bits, settings=choice.settings,
@@ -365,7 +392,10 @@ def linear(x, w, *, impl="auto"):
                        f"(Triton), 'auto' or 'xla'")
     return mosaic_flat_gemm.flat_gemm(x2, w, interpret=interpret)
 
-  y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu, mosaic_fn=on_mosaic_gpu)
+  mosaic_takes = not quantized and mosaic_flat_gemm.unsupported(x2.shape[0], k, n,
+                                                                x.dtype) is None
+  y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu, mosaic_fn=on_mosaic_gpu,
+           gpu_auto_fn=lambda: pallas(False, gpu_auto=True), mosaic_takes=mosaic_takes)
   return y.reshape(*lead, n)
 
 

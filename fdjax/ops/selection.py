@@ -1,10 +1,17 @@
 """Every rule that picks a kernel, in one place (after vLLM's attention selector); each
 choice carries its reason, and a fallback to XLA is logged once per reason.
 
-* Attention (decode, prefill, CoPE): the Pallas kernel on a CUDA GPU for the head dims and
-  dtypes it takes (the kernel states what it takes: `async_softmax.unsupported`), else XLA.
+* Attention (decode, prefill, CoPE) on a CUDA GPU, first that takes the call (each kernel
+  states what it takes), by the GPU and the JAX installed:
+  1. on Hopper (compute capability 9.x), the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/:
+     decode attention, contiguous and paged, bfloat16 / float16, head_dim 64 or 128): the
+     Pallas backend JAX keeps, written for sm_90a's TMA and WGMMA. Not yet timed on hardware
+     against Triton: the GPU suite will say which is faster, and this rule follows it;
+  2. the Triton kernel, where this JAX still has Pallas's Triton backend (deprecated since
+     0.11): every op, float32 / bfloat16, power-of-two head_dim;
+  3. XLA, with both reasons.
   On a TPU the Mosaic kernels (pallas_kernels/tpu/) for decode (contiguous and paged) and
-  prefill under the same rule; CoPE has no TPU kernel and runs XLA there.
+  prefill under the same head_dim / dtype rule; CoPE has no TPU kernel and runs XLA there.
 * Linear layers (FlashDecoding++'s heuristic dataflow): per device kind and weight shape
   [K, N], GEMV below M1, the flat GEMM below M2, XLA's dot (the vendor GEMM) from M2, with
   crossovers and kernel settings from a tuned table (JSON in fdjax/ops/tables/ and $FDJAX_TABLES,
@@ -12,7 +19,10 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   Int8 / int4 weights (fdjax.ops.quant) have entries of their own ("KxN:int8"), their kernels
   the quantized GEMV and flat GEMM; the analytic fallback is the same for them. On a TPU
   the tables are per generation (device kind "TPU v5 lite", "TPU v6 lite", "TPU v5"), the
-  kernels the Mosaic GEMV (VPU) and flat GEMM (MXU); quantized weights run XLA there.
+  kernels the Mosaic GEMV (VPU) and flat GEMM (MXU); quantized weights run XLA there. On a
+  Hopper GPU the table's "flat" runs the Mosaic GPU flat GEMM where it takes the call (16-bit
+  float weights, M <= 64, N a multiple of 64) unless the entry says "backend": "pallas"
+  (Triton); GEMV and quantized weights run Triton, and XLA where this JAX has no Triton.
 """
 from __future__ import annotations
 
@@ -26,10 +36,13 @@ import re
 import jax
 
 from pallas_kernels.common import async_softmax, tiling
+from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
+from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import shared as tpu_shared
 from pallas_kernels.triton import flat_gemm as triton_flat_gemm
 from pallas_kernels.triton import gemv as triton_gemv
+from pallas_kernels.triton import shared as triton_shared
 
 log = logging.getLogger("fdjax")
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
@@ -37,7 +50,8 @@ TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-  impl: str                 # attention: "pallas" | "xla"; linear: "gemv" | "flat" | "xla"
+  impl: str  # attention: "pallas" | "pallas_mosaic" | "xla"; linear: "gemv" | "flat" |
+             # "flat_mosaic" | "xla"
   reason: str
   settings: object = None   # the linear kernel's Settings
 
@@ -51,32 +65,85 @@ def _log_fallback(op: str, reason: str):
 
 
 GPU = ("cuda", "gpu")
-# Which Pallas backend each platform's kernels are written for (describe() says it per op).
-BACKENDS = {"cuda": "Pallas Triton: deprecated by JAX since 0.11, to be replaced by Mosaic GPU",
+# The Pallas backend of each kind of kernel (describe() names it per op).
+BACKENDS = {"pallas": "Pallas Triton: deprecated by JAX since 0.11, to be replaced by Mosaic GPU",
+            "pallas_mosaic": "Pallas Mosaic GPU, sm_90a",
             "tpu": "Pallas Mosaic TPU"}
 TPU_OPS = ("decode_attention", "paged_decode_attention", "prefill_attention", "linear")
+MOSAIC_OPS = ("decode_attention", "paged_decode_attention")  # attention with a Mosaic GPU kernel
+HOPPER = 9  # the compute capability (major) the Mosaic GPU kernels are written for
 
 
-def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | None = None
-              ) -> Choice:
-  """Which implementation "auto" runs for an attention op on `platform` (a paged cache: with
-  pages of `page_size` entries). impl "pallas" is the platform's kernel: Triton on a CUDA
-  GPU, Mosaic on a TPU."""
+def has_triton() -> bool:
+  """Whether this JAX still has Pallas's Triton backend (deprecated since 0.11)."""
+  return triton_shared.AVAILABLE
+
+
+def gpu_major() -> int:
+  """The compute capability (major) of the GPU kernels are lowered for: this process's first
+  GPU's, else the described H100's (9: compiling ahead of time on a host with no GPU)."""
+  for d in jax.devices():
+    if d.platform == "gpu" and getattr(d, "compute_capability", None):
+      return int(str(d.compute_capability).split(".")[0])
+  return HOPPER
+
+
+def triton_unsupported(op: str, head_dim: int, dtype, page_size: int | None = None,
+                       max_pages: int = 2) -> str | None:
+  """Why the Triton kernel cannot take this attention call (None: it can)."""
+  if not has_triton():
+    return "this JAX has no Pallas Triton backend"
+  why = async_softmax.unsupported(head_dim, dtype)
+  if not why and page_size is not None and tiling.block_for_pages(page_size, max_pages) is None:
+    why = f"page size {page_size} is not a multiple of 16"
+  return why
+
+
+def mosaic_unsupported(op: str, head_dim: int, dtype, page_size: int | None = None,
+                       max_pages: int = 2) -> str | None:
+  """Why the Mosaic GPU kernel cannot take this attention call (None: it can)."""
+  if op not in MOSAIC_OPS:
+    return f"no Mosaic GPU kernel for {op} yet"
+  why = mosaic_decode.unsupported(head_dim, dtype)
+  if not why and page_size is not None:
+    pieces = mosaic_decode.pieces(page_size, max_pages, mosaic_decode.BLOCK_K)
+    why = pieces if isinstance(pieces, str) else None
+  return why
+
+
+def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | None = None,
+              max_pages: int = 2) -> Choice:
+  """Which implementation "auto" runs for an attention op on `platform` (its keys in pages of
+  `page_size` entries, `max_pages` a row; a contiguous cache of S: S and 1). impl "pallas" is
+  the Triton kernel on a CUDA GPU, the Mosaic kernel on a TPU; "pallas_mosaic" the Mosaic
+  GPU kernel (the module's docstring gives the rule)."""
   if platform == "tpu" and op not in TPU_OPS:
     return Choice("xla", f"tpu: no Mosaic TPU kernel for {op}")
   if platform not in GPU + ("tpu",):
     return Choice("xla", f"{platform}: the Pallas kernels are compiled for CUDA GPUs and TPUs")
-  why = async_softmax.unsupported(head_dim, dtype)
-  if not why and page_size is not None and tiling.block_for_pages(page_size, 2) is None:
-    why = f"page size {page_size} is not a multiple of 16"
-  if why:
-    _log_fallback(op, why)
-    return Choice("xla", why)
   if platform == "tpu":
+    why = async_softmax.unsupported(head_dim, dtype)
+    if (not why and page_size is not None
+        and tiling.block_for_pages(page_size, max_pages) is None):
+      why = f"page size {page_size} is not a multiple of 16"
+    if why:
+      _log_fallback(op, why)
+      return Choice("xla", why)
     return Choice("pallas", "Mosaic TPU async-softmax kernel: unified max value, guarded "
                   "recompute")
-  return Choice("pallas", "fused CoPE kernel" if op == "cope_attention" else
-                "async-softmax kernel: unified max value, guarded recompute")
+  what = "fused CoPE kernel" if op == "cope_attention" else (
+      "async-softmax kernel: unified max value, guarded recompute")
+  major = gpu_major()
+  mosaic = (mosaic_unsupported(op, head_dim, dtype, page_size, max_pages) if major == HOPPER
+            else f"its kernels are written for sm_90a, this GPU is sm_{major}x")
+  if mosaic is None:
+    return Choice("pallas_mosaic", f"Mosaic GPU {what}; TMA pipeline, WGMMA")
+  triton = triton_unsupported(op, head_dim, dtype, page_size, max_pages)
+  if triton is None:
+    return Choice("pallas", f"{what}; not Mosaic GPU: {mosaic}")
+  why = f"Mosaic GPU: {mosaic}; Triton: {triton}"
+  _log_fallback(op, why)
+  return Choice("xla", why)
 
 
 # ---------------------------------------------------------------------- linear tables
@@ -169,10 +236,12 @@ def tpu_kind(target: str | None = None) -> str:
 
 
 def linear(m: int, k: int, n: int, kind: str | None = None,
-           quantization: str | None = None) -> Choice:
+           quantization: str | None = None, dtype=None, gpu_auto: bool = False) -> Choice:
   """GEMV, the flat GEMM or XLA for x [m, k] @ w [k, n] (w quantized to `quantization`:
   "int8" / "int4", or not), with the kernel's settings, on a device of this kind (default:
-  this process's first device)."""
+  this process's first device). `gpu_auto`: what "auto" runs on a CUDA GPU (x of `dtype`),
+  where the flat GEMM may be the Mosaic GPU one ("flat_mosaic") and a JAX without Triton has
+  no GEMV; otherwise the Triton kernels (impl="pallas")."""
   kind = kind or device_kind()
   if is_tpu(kind) and quantization:
     return Choice("xla", f"tpu: no Mosaic TPU kernel for {quantization} weights")
@@ -180,10 +249,32 @@ def linear(m: int, k: int, n: int, kind: str | None = None,
   where = f"M={m}, {e['source']} M1={e['m1']} M2={e['m2']} for {key(k, n, quantization)}"
   classes = settings_classes(kind)
   if m < e["m1"] and m <= triton_gemv.MAX_M:
-    return Choice("gemv", where, classes["gemv"](**e["gemv"]))
-  if m < e["m2"]:
-    return Choice("flat", where, classes["flat"](**e["flat"]))
-  return Choice("xla", where)
+    choice = Choice("gemv", where, classes["gemv"](**e["gemv"]))
+  elif m < e["m2"]:
+    choice = Choice("flat", where, classes["flat"](**e["flat"]))
+  else:
+    return Choice("xla", where)
+  return _linear_on_gpu(choice, m, k, n, dtype, quantization, e) if gpu_auto else choice
+
+
+def _linear_on_gpu(choice: Choice, m, k, n, dtype, quantization, e) -> Choice:
+  """The table's choice as "auto" runs it on a CUDA GPU: the Mosaic GPU flat GEMM for "flat"
+  on Hopper where it takes the call (and the entry does not say "backend": "pallas"), and for
+  "gemv" too where this JAX has no Triton; else Triton, else XLA."""
+  major = gpu_major()
+  if quantization:
+    mosaic = f"no Mosaic GPU {quantization} kernel yet"
+  elif major != HOPPER:
+    mosaic = f"its kernels are written for sm_90a, this GPU is sm_{major}x"
+  else:
+    mosaic = mosaic_flat_gemm.unsupported(m, k, n, dtype or "bfloat16")
+  wanted = choice.impl == "flat" and e.get("backend", "pallas_mosaic") == "pallas_mosaic"
+  if mosaic is None and (wanted or not has_triton()):
+    return Choice("flat_mosaic", f"{choice.reason}; Mosaic GPU flat GEMM: TMA pipeline, WGMMA")
+  if has_triton():
+    return choice
+  return Choice("xla", f"{choice.reason}; Mosaic GPU: {mosaic}; Triton: this JAX has no Pallas "
+                f"Triton backend")
 
 
 # ------------------------------------------------------------------------- describe
@@ -194,21 +285,29 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   """What "auto" runs for each op of a model (no config: of a head_dim-128 model; its linear
   weights quantized to `quantization` or not) at this batch on `platform` ("tpu" also
   "tpu:v6e"; a TPU's or GPU's tables: of device `kind`, default this process's), with the
-  reason, e.g. "xla (head_dim 80 is not a power of two >= 16)"; a kernel's entry also names
-  its Pallas backend (BACKENDS), e.g. "pallas (...) [Pallas Triton: deprecated ...]"."""
+  reason, e.g. "xla (Mosaic GPU: head_dim 80 is not 64 or 128 ...; Triton: head_dim 80 is not a
+  power of two >= 16)"; a kernel's entry also names its Pallas backend (BACKENDS), e.g.
+  "pallas_mosaic (...) [Pallas Mosaic GPU, sm_90a]"."""
   platform = platform or jax.default_backend()
   if platform.startswith("tpu"):
     platform, kind = "tpu", kind or tpu_kind(platform)
   head_dim = 128 if config is None else config.head_dim
   cope = config is not None and config.position_encoding == "cope"
   ops = ["cope_attention"] if cope else ["prefill_attention", "decode_attention"]
-  out = {op: str(attention(op, head_dim, dtype, platform)) for op in ops}
+  choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
   if platform not in GPU + ("tpu",):
-    return {**out, "linear": str(attention("linear", 0, dtype, platform))}
-  if platform == "tpu":
-    out = {op: f"{how} [{kind}]" for op, how in out.items()}
+    return {**{op: str(c) for op, c in choices.items()},
+            "linear": str(attention("linear", 0, dtype, platform))}
   shapes = {} if config is None else config.linear_shapes()
-  out.update({f"linear[{name}]": str(linear(batch, k, n, kind=kind, quantization=quantization))
-              for name, (k, n) in shapes.items()})
-  backend = BACKENDS["tpu" if platform == "tpu" else "cuda"]
-  return {op: how if how.startswith("xla") else f"{how} [{backend}]" for op, how in out.items()}
+  choices.update({f"linear[{name}]": linear(batch, k, n, kind=kind, quantization=quantization,
+                                            dtype=dtype, gpu_auto=platform in GPU)
+                  for name, (k, n) in shapes.items()})
+  out = {}
+  for op, c in choices.items():
+    if c.impl == "xla":
+      out[op] = str(c)
+    elif platform == "tpu":
+      out[op] = f"{c} [{kind}] [{BACKENDS['tpu']}]"
+    else:
+      out[op] = f"{c} [{BACKENDS['pallas_mosaic' if 'mosaic' in c.impl else 'pallas']}]"
+  return out

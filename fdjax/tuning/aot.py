@@ -323,22 +323,25 @@ class MosaicKernel:
 
 
 def mosaic_resources(dump_dir: str, prefix: str = "fdjax_") -> list[MosaicKernel]:
-  """Every Mosaic GPU kernel whose name starts with `prefix` in a mosaic_dump folder. (A
-  kernel the process had compiled already, the same module for the same shapes, is served
-  from the cache: lowering writes its resources again, but no ptxas report; it is left out.)"""
+  """Every Mosaic GPU kernel whose name starts with `prefix` that the process compiled inside
+  a mosaic_dump folder: registers and spills from its ptxas report, shared memory from the
+  launch its compile log records (the dynamic size, scratch and barriers) plus ptxas's static
+  part. A kernel served from the compile cache (the process compiled the same one before) has
+  no report and is left out. (The lowering's resources.txt is not read: lowering and compiling
+  number kernels apart, and a cache hit puts the two out of step.)"""
   out = []
   for report in sorted(glob.glob(os.path.join(dump_dir, f"{prefix}*.ptxas"))):
     stem = report[:-len(".ptxas")]
     with open(report, errors="replace") as fh:
       text = fh.read()
-    with open(stem + ".resources.txt", errors="replace") as fh:
-      scratch = int(re.search(r"smem_scratch_bytes=(\d+)", fh.read()).group(1))
+    with open(stem + ".mlir-passes.log", errors="replace") as fh:
+      launch = re.findall(r"dynamic_shared_memory_size %c(\d+)_i32", fh.read())
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     static = re.search(r"Used \d+ registers.*?(\d+) bytes smem", text)
     out.append(MosaicKernel(os.path.basename(stem), int(regs.group(1)),
                             int(spill.group(1)), int(spill.group(2)),
-                            scratch + (int(static.group(1)) if static else 0)))
+                            int(launch[-1]) + (int(static.group(1)) if static else 0)))
   return out
 
 

@@ -24,11 +24,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import tiling
 from pallas_kernels.common.gemm import check
+from pallas_kernels.mosaic_gpu import shared
 
 DTYPES = (jnp.bfloat16, jnp.float16)  # what WGMMA takes transposed from shared memory
 MAX_M = 64       # rows of x: the MMA's N (8 to 256); beyond 64 the vendor GEMM's tiles win
 ROWS = 8         # x is padded to a multiple of this (the MMA's N granularity)
-H100_SMS = 132   # programs to aim for: two per SM (the Triton flat GEMM's rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Settings:
   split_k: int | None = None   # programs sharing one column block's K (a divisor of K steps)
 
   @classmethod
-  def default(cls, k: int, n: int, sms: int = H100_SMS) -> "Settings":
+  def default(cls, k: int, n: int, sms: int = shared.H100_SMS) -> "Settings":
     block_n, block_k = 64, 64
     steps = max(k // block_k, 1)
     want = max(1, pl.cdiv(2 * sms, max(n // block_n, 1)))
@@ -62,13 +62,6 @@ def unsupported(m: int, k: int, n: int, dtype, settings: Settings | None = None)
   return None
 
 
-def _transforms(minor: int, dtype):
-  """The layout TMA writes a block in so WGMMA can read it: 8-row tiles of one swizzle."""
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _kernel(x_gmem, w_gmem, o_gmem, o_smem, *, block_n, block_k, k_steps, stages):
   n_idx, k_idx = jax.lax.axis_index("n"), jax.lax.axis_index("k")
   m_pad = x_gmem.shape[0]
@@ -83,9 +76,9 @@ def _kernel(x_gmem, w_gmem, o_gmem, o_smem, *, block_n, block_k, k_steps, stages
     plgpu.emit_pipeline(
         step, grid=(k_steps,), max_concurrent_steps=stages,
         in_specs=[plgpu.BlockSpec((m_pad, block_k), lambda j: (0, first + j),
-                                  transforms=_transforms(block_k, x_gmem.dtype)),
+                                  transforms=shared.transforms(block_k, x_gmem.dtype)),
                   plgpu.BlockSpec((block_k, block_n), lambda j: (first + j, n_idx),
-                                  transforms=_transforms(block_n, w_gmem.dtype))],
+                                  transforms=shared.transforms(block_n, w_gmem.dtype))],
     )(x_gmem, w_gmem)
     return acc_ref[...]
 
@@ -93,12 +86,6 @@ def _kernel(x_gmem, w_gmem, o_gmem, o_smem, *, block_n, block_k, k_steps, stages
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[k_idx, pl.ds(n_idx * block_n, block_n)])
   plgpu.wait_smem_to_gmem(0)
-
-
-def _interpret_params(interpret):
-  if isinstance(interpret, plgpu.InterpretGPUParams):
-    return interpret
-  return plgpu.InterpretGPUParams() if interpret else None
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "interpret"))
@@ -119,11 +106,10 @@ def flat_gemm(x, w, *, settings: Settings | None = None, interpret=False):
     _kernel(*refs, block_n=s.block_n, block_k=s.block_k,
             k_steps=k // (s.block_k * s.split_k), stages=s.stages)
 
-  params = _interpret_params(interpret)
   partials = plgpu.kernel(
       fdjax_mgpu_flat_gemm, out_type=jax.ShapeDtypeStruct((s.split_k, n, m_pad), jnp.float32),
       grid=(n // s.block_n, s.split_k), grid_names=("n", "k"),
       scratch_types=[plgpu.SMEM((s.block_n, m_pad), jnp.float32)],
-      **({} if params is None else dict(interpret=params)),
+      **shared.interpret_kwargs(interpret),
   )(xp, w)
   return jnp.sum(partials, axis=0)[:, :m].T.astype(x.dtype)

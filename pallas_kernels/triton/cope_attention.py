@@ -23,11 +23,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import async_softmax as asm
 from pallas_kernels.common import tiling
 from pallas_kernels.triton import prefill_attention, shared
+from pallas_kernels.triton.shared import plgpu
 
 # block_q * block_k * head_dim by dtype size: 32 x 32 at head_dim 128 in bfloat16; in
 # float32 16 x 16 at 128 (16 x 32 spills in a decode step) and 16 x 32 at 64.

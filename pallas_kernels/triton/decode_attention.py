@@ -27,12 +27,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import async_softmax as asm
 from pallas_kernels.common import tiling
 from pallas_kernels.common.tiling import key_span, page_block, split_range
 from pallas_kernels.triton import shared
+from pallas_kernels.triton.shared import plgpu
 
 # 16 rows (a group padded to the dot's minimum, or one MHA head) * block_k * head_dim by
 # dtype size: 128 keys up to head_dim 256 in bfloat16; in float32 32 keys at head_dim 128

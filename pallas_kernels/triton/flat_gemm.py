@@ -18,11 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import tiling
 from pallas_kernels.common.gemm import check
 from pallas_kernels.triton import shared
+from pallas_kernels.triton.shared import plgpu
 
 
 def split_k_for(k: int, n: int, block_n: int, block_k: int) -> int:

@@ -13,13 +13,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import tiling
 from pallas_kernels.common.gemm import MAX_GEMV_M as MAX_M
 from pallas_kernels.common.gemm import check
 from pallas_kernels.triton import flat_gemm
 from pallas_kernels.triton.flat_gemm import launch_split_k, split_k_for, split_range
+from pallas_kernels.triton.shared import plgpu
 
 
 class Settings(flat_gemm.Settings):

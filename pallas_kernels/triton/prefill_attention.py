@@ -23,11 +23,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import async_softmax as asm
 from pallas_kernels.common import tiling
 from pallas_kernels.triton import shared
+from pallas_kernels.triton.shared import plgpu
 
 # block_q * block_k * head_dim by dtype size: 64 x 64 at head_dim 128 in bfloat16 (194
 # registers; 64 x 64 at 256 spills), 16 x 32 at 128 and 32 x 32 at 64 in float32.

@@ -24,13 +24,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import tiling
 from pallas_kernels.common.gemm import DTYPES
 from pallas_kernels.triton import flat_gemm as fg
 from pallas_kernels.triton import gemv as gv
 from pallas_kernels.triton.flat_gemm import launch_split_k, split_range
+from pallas_kernels.triton.shared import plgpu
 
 BITS = (8, 4)
 GROUP = 128      # int4: input rows per scale

@@ -9,7 +9,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # the kernels of this folder take Pallas's Triton backend from here
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # a JAX without it (deprecated since 0.11): fdjax.ops.selection says so
+  plgpu = None
+AVAILABLE = plgpu is not None  # whether this JAX has Pallas's Triton backend
 
 DOT_MIN_ROWS = 16  # the smallest M (and N, K) Triton's tensor-core dot takes
 H100_SMS = 132
@@ -69,6 +74,9 @@ def fit_blocks(block_q: int, block_k: int, head_dim: int, dtype, limits: dict) -
 def call(kernel, args, *, grid, out_shape, settings, interpret, name):
   """pallas_call with every operand left in device memory (the kernel loads its own tiles,
   masked at the edges) and the settings' warps and software-pipeline stages."""
+  if not AVAILABLE:
+    raise ValueError(f"{name}: this JAX has no Pallas Triton backend (deprecated since 0.11); "
+                     f"use impl='auto', 'pallas_mosaic' or 'xla'")
   anywhere = pl.BlockSpec(memory_space=pl.ANY)
   several = isinstance(out_shape, (list, tuple))
   return pl.pallas_call(
