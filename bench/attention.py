@@ -4,7 +4,8 @@
   python bench/attention.py --smoke    # tiny shapes on any backend (checks the script)
 
 impl names: fdjax-async (ours, unified max value), fdjax-sync (ours with the online softmax:
-the paper's ablation), jax-flashdecoding (jax.experimental.pallas.ops.gpu.decode_attention),
+the paper's ablation), fdjax-paged64 (fdjax-async through a page table of 64-entry pages), the
+same three on Mosaic GPU as fdjax-mosaic-* (pallas_kernels/mosaic_gpu/, Hopper), jax-flashdecoding (jax.experimental.pallas.ops.gpu.decode_attention),
 jax-flashattention (jax.experimental.pallas.ops.gpu.attention, prefill), xla (the reference),
 cudnn (jax.nn.dot_product_attention, implementation="cudnn"). On a CPU the Pallas kernels
 run in interpret mode and the third-party GPU kernels are skipped: such timings say nothing
@@ -25,6 +26,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from fdjax.ops import reference  # noqa: E402
 from fdjax.tuning import timing
+from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
 from pallas_kernels.triton import prefill_attention as pk  # noqa: E402
 
@@ -37,6 +39,12 @@ def decode_impls(on_gpu, sm_scale):
       "fdjax-sync": lambda q, k, v, n: dk.decode_attention(q, k, v, n, sm_scale=sm_scale,
                                                            mode="online", interpret=interpret),
       "fdjax-paged64": lambda q, k, v, n: _paged(q, k, v, n, sm_scale, 64, interpret),
+      "fdjax-mosaic-async": lambda q, k, v, n: mda.decode_attention(
+          q, k, v, n, sm_scale=sm_scale, interpret=interpret),
+      "fdjax-mosaic-sync": lambda q, k, v, n: mda.decode_attention(
+          q, k, v, n, sm_scale=sm_scale, mode="online", interpret=interpret),
+      "fdjax-mosaic-paged64": lambda q, k, v, n: _paged(q, k, v, n, sm_scale, 64, interpret,
+                                                        mda),
       "xla": lambda q, k, v, n: reference.decode_attention(q, k, v, n, sm_scale),
       "xla-sdpa": lambda q, k, v, n: jax.nn.dot_product_attention(
           q[:, None], k, v, scale=sm_scale, key_value_seq_lengths=n,
@@ -52,7 +60,7 @@ def decode_impls(on_gpu, sm_scale):
   return impls
 
 
-def _paged(q, k, v, n, sm_scale, page_size, interpret):
+def _paged(q, k, v, n, sm_scale, page_size, interpret, kernels=dk):
   """The same cache cut into pages of `page_size` (row b's pages in order): what the paged
   kernel's page-table indirection costs."""
   b, s = k.shape[:2]
@@ -60,8 +68,8 @@ def _paged(q, k, v, n, sm_scale, page_size, interpret):
     raise ValueError(f"kv_len {s} is not a multiple of the page size {page_size}")
   pages = lambda x: x.reshape(b * s // page_size, page_size, *x.shape[2:])
   table = jnp.arange(b * s // page_size, dtype=jnp.int32).reshape(b, s // page_size)
-  return dk.paged_decode_attention(q, pages(k), pages(v), table, n, sm_scale=sm_scale,
-                                   interpret=interpret)
+  return kernels.paged_decode_attention(q, pages(k), pages(v), table, n, sm_scale=sm_scale,
+                                        interpret=interpret)
 
 
 def prefill_impls(on_gpu, sm_scale):
@@ -122,7 +130,7 @@ def main():
   on_gpu = jax.default_backend() == "gpu"
   if args.smoke:
     # one decode shape per head layout (MHA, GQA): the smoke form checks the script
-    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 32, 4, [4, 1], [2], [128], [48], 2
+    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 64, 4, [4, 1], [2], [128], [48], 2
   else:
     d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = (
         128, 32, [32, 8], [1, 8, 32], [1024, 4096, 16384], [1024, 4096], args.iters)
@@ -182,10 +190,10 @@ def main():
   by_shape = {}
   for r in rows:
     by_shape.setdefault(key_of(r), {})[r["impl"]] = r.get("us")
-  for r in rows:
-    if r["impl"] == "fdjax-async" and r.get("us"):
+  for r in rows:  # both backends' async kernels against every other impl of the shape
+    if r["impl"] in ("fdjax-async", "fdjax-mosaic-async") and r.get("us"):
       for other, us in by_shape[key_of(r)].items():
-        if other != "fdjax-async" and us:
+        if other != r["impl"] and us:
           r[f"speedup_vs_{other}"] = us / r["us"]
   decode = [r for r in rows if r["op"] == "decode" and r["impl"] == "fdjax-async"]
   size = lambda n: f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
@@ -197,12 +205,18 @@ def main():
                          f"({common.device_name()})", groups, series, "microseconds (lower is better)")
   cols = ["op", "impl", "batch", "q_heads", "kv_heads", "kv_len", "us", "gbps", "bw_fraction",
           "tflops", "speedup_vs_jax-flashdecoding", "speedup_vs_jax-flashattention",
-          "speedup_vs_xla-sdpa", "speedup_vs_cudnn", "error"]
+          "speedup_vs_xla-sdpa", "speedup_vs_cudnn", "speedup_vs_fdjax-async", "error"]
   notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
            f"{floor * 1e6:.1f} us per call (times near it are the host's, not the device's). "
            "Times: fdjax.tuning.timing.seconds_per_call (back-to-back calls over rotating random "
            "inputs, median of rounds). xla = fdjax's float32 reference; xla-sdpa = "
            "jax.nn.dot_product_attention(implementation='xla') in bf16.")
+  mosaic = [r for r in rows if r["impl"] == "fdjax-mosaic-async" and r.get("us")]
+  vs = [r["speedup_vs_fdjax-async"] for r in mosaic if "speedup_vs_fdjax-async" in r]
+  if vs:
+    notes += (f"\n\nMosaic GPU against Triton (fdjax-mosaic-async over fdjax-async, the same "
+              f"math): geometric mean {float(np.exp(np.mean(np.log(vs)))):.2f}x over "
+              f"{len(vs)} shapes (min {min(vs):.2f}, max {max(vs):.2f}).")
   long = [r for r in decode if r["kv_len"] >= 4096 and r.get("us")]
   if long:
     fracs = [r["bw_fraction"] for r in long]

@@ -1,5 +1,6 @@
-"""Linear layers of decoding side by side, one run: GEMV, the flat GEMM, the dispatch choice,
-XLA's dot and torch.matmul (cuBLAS), for M = 1..64 on the Llama-2-7B and Llama-3-8B shapes;
+"""Linear layers of decoding side by side, one run: GEMV, the flat GEMM (Triton's, and Mosaic
+GPU's as fdjax-mosaic-flat), the dispatch choice, XLA's dot and torch.matmul (cuBLAS), for
+M = 1..64 on the Llama-2-7B and Llama-3-8B shapes;
 then the same weights as int8 and int4 (fdjax.ops.quant): the quantized GEMV / flat GEMM /
 dispatch against XLA's dequantize-then-dot ("xla-int8"), with the bytes each call moves.
 
@@ -22,6 +23,7 @@ from bench import common  # noqa: E402
 from fdjax.ops import dispatch, quant, reference, selection  # noqa: E402
 from fdjax.tuning import timing, tune
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm  # noqa: E402
+from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized  # noqa: E402
 from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
 from pallas_kernels.triton import gemv as gv  # noqa: E402
 
@@ -86,6 +88,9 @@ def shape_rows(model, k, n, quantization, ms, key, dtype, iters, interpret, bw, 
   if quantization is None and mosaic_flat_gemm.unsupported(1, k, n, dtype) is None:
     impls["fdjax-mosaic-flat"] = functools.partial(mosaic_flat_gemm.flat_gemm,
                                                    interpret=interpret)
+  elif quantization and selection.mosaic_linear_unsupported(1, k, n, dtype, quantization) is None:
+    impls["fdjax-mosaic-flat"] = lambda x, w: mosaic_quantized.flat_gemm(
+        x, w.values, w.scales, bits=w.bits, interpret=interpret)
   rows, profile = [], []
   for m in ms:
     sets = [(jax.random.normal(jax.random.fold_in(key, 1000 + 10 * m + i), (m, k),
@@ -106,7 +111,8 @@ def shape_rows(model, k, n, quantization, ms, key, dtype, iters, interpret, bw, 
       row = {**shape, "impl": name + suffix, "us": t * 1e6, "gbps": nbytes / t / 1e9,
              "bw_fraction": nbytes / t / 1e9 / bw}
       if name == "fdjax-auto":
-        row["auto_choice"] = selection.linear(m, k, n, quantization=quantization).impl
+        row["auto_choice"] = selection.linear(m, k, n, quantization=quantization, dtype=dtype,
+                                              gpu_auto=not interpret).impl
         row["speedup_vs_xla"] = times["xla"] / t
         if "torch" in times:
           row["speedup_vs_torch"] = times["torch"] / t

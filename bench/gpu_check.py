@@ -27,8 +27,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from fdjax.ops import dispatch, kv_cache, quant, reference  # noqa: E402
+from fdjax.ops import dispatch, kv_cache, quant, reference, selection  # noqa: E402
 from fdjax.tuning import tune
+from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
+from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
 from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
@@ -107,7 +109,8 @@ class Checker:
 
   # -- decode attention
   def decode(self, b, hq, hkv, d, s, lengths, dtype, mode="async", phi=None, q_scale=1.0,
-             plant=False, window=None, softcap=None):
+             plant=False, window=None, softcap=None, kernels=dk):
+    """decode_attention of `kernels` (the Triton module, or mda: Mosaic GPU's)."""
     def run():
       kq, kk, kv = jax.random.split(self.next_key(), 3)
       q = _randn(kq, (b, hq, d), dtype, q_scale)
@@ -118,8 +121,9 @@ class Checker:
       n = jnp.asarray(lengths, jnp.int32)
       scale = d ** -0.5
       extra = dict(window=window, softcap=softcap)
-      out, stats = dk.decode_attention(q, k, v, n, sm_scale=scale, phi=phi, mode=mode,
-                                       interpret=self.interpret, return_stats=True, **extra)
+      out, stats = kernels.decode_attention(q, k, v, n, sm_scale=scale, phi=phi, mode=mode,
+                                            interpret=self.interpret, return_stats=True,
+                                            **extra)
       want = reference.decode_attention(*_f32(q, k, v), n, scale, **extra)
       naive = None if dtype == jnp.float32 else reference.decode_attention(
           q, k, v, n, scale, plain=True, **extra)
@@ -128,14 +132,15 @@ class Checker:
       adversarial = phi is not None or q_scale != 1.0 or plant
       if adversarial and mode == "async":
         ok = ok and rec > 0  # the guard must have fired
-      if not adversarial and mode == "async" and dtype == jnp.float32:
+      if not adversarial and mode == "async" and (dtype == jnp.float32 or kernels is mda):
         ok = ok and rec == 0  # ordinary scores take the async path
       return dict(err=err, limit=limit, ok=ok, recomputed_rows=rec, dtype=jnp.dtype(dtype).name)
     return run
 
-  def paged(self, b, hq, hkv, d, page_size, num_pages, lengths, dtype, window=None):
+  def paged(self, b, hq, hkv, d, page_size, num_pages, lengths, dtype, window=None, kernels=dk):
     """Paged decode with shuffled page ids and garbage past each row's last page (with a
-    window: the pages wholly before it given back, NO_PAGE in the table)."""
+    window: the pages wholly before it given back, NO_PAGE in the table); `kernels` as
+    decode's."""
     def run():
       kq, kk, kv, kp = jax.random.split(self.next_key(), 4)
       max_pages = -(-max(lengths) // page_size)
@@ -150,8 +155,8 @@ class Checker:
         used = used & (first + page_size > n[:, None] - window)
       table = jnp.where(used, ids, kv_cache.NO_PAGE).astype(jnp.int32)
       scale = d ** -0.5
-      out = dk.paged_decode_attention(q, k, v, table, n, sm_scale=scale, window=window,
-                                      interpret=self.interpret)
+      out = kernels.paged_decode_attention(q, k, v, table, n, sm_scale=scale, window=window,
+                                           interpret=self.interpret)
       kf, vf = (reference.gather_pages(x, table) for x in (k, v))
       want = reference.decode_attention(*_f32(q, kf, vf), n, scale, window=window)
       naive = None if dtype == jnp.float32 else reference.decode_attention(
@@ -205,8 +210,9 @@ class Checker:
     return run
 
   def gemm(self, which, m, k, n, dtype, quantization=None, **params):
-    """GEMV / the flat GEMM / dispatch.linear on a float weight, or on one quantized to
-    "int8" / "int4" (then against x @ its dequantized values)."""
+    """GEMV / the flat GEMM / the Mosaic GPU flat GEMM ("mosaic_flat") / dispatch.linear
+    (which "linear": impl="pallas"; "auto": what auto runs on this device) on a float weight,
+    or on one quantized to "int8" / "int4" (then against x @ its dequantized values)."""
     def run():
       kx, kw = jax.random.split(self.next_key())
       x = _randn(kx, (m, k), dtype)
@@ -217,8 +223,16 @@ class Checker:
       if which in kernels:
         settings = (fg.Settings if which == "flat" else gv.Settings)(**params)
         out = kernels[which](x, w, interpret=self.interpret, settings=settings)
+      elif which == "mosaic_flat":
+        out = mfg.flat_gemm(x, w, interpret=self.interpret, settings=mfg.Settings(**params))
+      elif which == "auto" and self.smoke:  # on the CPU auto is XLA: run the GPU's choice
+        choice = selection.linear(m, k, n, quantization=quantization, dtype=dtype,
+                                  gpu_auto=True).impl
+        impl = {"flat_mosaic": "pallas_mosaic_interpret", "xla": "xla"}.get(
+            choice, "pallas_interpret")
+        out = dispatch.linear(x, w, impl=impl)
       else:
-        out = dispatch.linear(x, w, impl=self.impl)
+        out = dispatch.linear(x, w, impl="auto" if which == "auto" else self.impl)
       exact, plain = ((quant.dequantize(w, jnp.float32), quant.dequantize(w)) if quantization
                       else (w, w))  # plain: XLA's dequantize-then-dot in the low precision
       want = reference.linear(*_f32(x, exact))
@@ -358,10 +372,60 @@ def run_checks(c: Checker):
     for m in ([5] if c.smoke else [1, 2, 7, 16, 64, 100]):
       c.case(f"linear (dispatch) {q}", f"bf16 M{m} K{k} N{n}",
              c.gemm("linear", m, k, n, bf16, q))
+  mosaic_checks(c)
   if not c.smoke:  # in smoke form, only the windowed model (the same kernels, windowed)
     c.case("model", "greedy tokens, kernels vs XLA (f32 GQA model)", c.model())
   c.case("model", "greedy tokens, kernels vs XLA (f32 GQA model, window 16 in every layer)",
          c.model(window=16))
+
+
+def mosaic_checks(c: Checker):
+  """The Mosaic GPU kernels (pallas_kernels/mosaic_gpu/; Hopper): decode attention, contiguous
+  and paged, in bfloat16 / float16 at head_dim 64 and 128, and the flat GEMM; dispatch.linear
+  under "auto", which takes the flat GEMM on Hopper (smoke form: the choice an H100 makes,
+  run in interpret mode)."""
+  bf16, f16 = jnp.bfloat16, jnp.float16
+  if c.smoke:
+    dec = [(2, 8, 2, 64, 88, [88, 33])]
+    paged = [(3, 8, 2, 64, 16, 24, [1, 16, 77])]
+    gemms = [(20, 128, 192)]
+    win = 20
+  else:
+    dec = [(2, 32, 8, 128, 4104, [4104, 2049]),        # Llama-3 GQA 4
+           (4, 28, 4, 128, 3000, [1, 3000, 100, 2500]),  # a group of 7 (Qwen2-7B)
+           (3, 8, 8, 128, 1000, [1, 517, 1000]),        # MHA
+           (3, 8, 1, 64, 336, [336, 64, 1])]            # MQA, head_dim 64
+    paged = [(4, 32, 8, 128, 64, 400, [1, 64, 4000, 2777]), (3, 8, 8, 128, 16, 300, [17, 900, 5])]
+    gemms = [(m, 11008, 4096) for m in (1, 16, 33, 64)] + [(8, 4096, 14336)]
+    win = 1000
+  for b, hq, hkv, dd, ss, n in dec:
+    c.case("mosaic_decode", f"bfloat16 B{b} Hq{hq} Hkv{hkv} D{dd} S{ss} len{n[:3]}",
+           c.decode(b, hq, hkv, dd, ss, n, bf16, kernels=mda))
+  b, hq, hkv, dd, ss, n = dec[0]
+  extra = [("float16", dict(dtype=f16)), ("online bfloat16", dict(mode="online")),
+           (f"bfloat16 window{win} softcap50", dict(window=win, softcap=50.0))]
+  for label, kw in extra[:1] if c.smoke else extra:
+    kw = {"dtype": bf16, **kw}
+    c.case("mosaic_decode", f"{label} B{b} Hq{hq} Hkv{hkv} D{dd} S{ss}",
+           c.decode(b, hq, hkv, dd, ss, n, kernels=mda, **kw))
+  for label, kw in [("phi=-1e4", dict(phi=-1e4)), ("one huge score in one split",
+                                                  dict(plant=True))][:1 if c.smoke else 2]:
+    c.case("mosaic_decode_guard", f"bfloat16 {label}",
+           c.decode(b, hq, hkv, dd, ss, n, bf16, kernels=mda, **kw))
+  for bb, hq, hkv, dd, ps, npages, n in paged:
+    c.case("mosaic_paged_decode", f"bfloat16 B{bb} Hq{hq} Hkv{hkv} D{dd} page{ps} len{n}",
+           c.paged(bb, hq, hkv, dd, ps, npages, n, bf16, kernels=mda))
+  bb, hq, hkv, dd, ps, npages, n = paged[0]
+  c.case("mosaic_paged_decode", f"bfloat16 window{win} (pages before it given back) B{bb} "
+         f"page{ps} len{n}", c.paged(bb, hq, hkv, dd, ps, npages, n, bf16, window=win,
+                                     kernels=mda))
+  for m, k, n in gemms:
+    c.case("mosaic_flat_gemm", f"bfloat16 M{m} K{k} N{n}", c.gemm("mosaic_flat", m, k, n, bf16))
+  m, k, n = gemms[0]
+  c.case("mosaic_flat_gemm", f"float16 M{m} K{k} N{n}", c.gemm("mosaic_flat", m, k, n, f16))
+  for m in ([1, 20] if c.smoke else [1, 2, 16, 64, 100]):
+    c.case("linear (auto)", f"bfloat16 M{m} K{gemms[-1][1]} N{gemms[-1][2]}",
+           c.gemm("auto", m, gemms[-1][1], gemms[-1][2], bf16))
 
 
 def main():

@@ -36,6 +36,7 @@ from fdjax.tuning import aot, tune  # noqa: E402
 from models import presets
 from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
+from pallas_kernels.mosaic_gpu import quantized_gemm as mq  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
 from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
@@ -154,13 +155,14 @@ def _linear(label, m, k, n, dtype, kernel=None, settings=None, impl="pallas"):
               (((m, k), dtype), ((k, n), dtype)))
 
 
-def _quantized(label, m, k, n, method):
+def _quantized(label, m, k, n, method, impl="pallas"):
   """dispatch.linear on a weight quantized to `method` (int8 / int4), bfloat16 x."""
   vshape, sshape = quant.stored_shapes(method, k, n)
   vdtype = jnp.int8 if method == "int8" else jnp.uint8
   fn = lambda x, values, scales: dispatch.linear(
-      x, quant.from_stored(values, scales, method, k), impl="pallas")
-  return Case(f"linear {method}", f"{label} M={m} K={k} N={n}", "bfloat16", "default", fn,
+      x, quant.from_stored(values, scales, method, k), impl=impl)
+  return Case(_named(f"linear {method}", impl), f"{label} M={m} K={k} N={n}", "bfloat16",
+              "default", fn,
               (((m, k), BF16), (vshape, vdtype), (sshape, BF16)))
 
 
@@ -212,20 +214,27 @@ def mosaic_defaults() -> list[Case]:
   64 and 128: not Gemma's 256; cache lengths a multiple of 8: not 1 or 4097, which the kernel
   refuses) and Mistral's window; the flat GEMM at every linear shape of
   both models, at each M the kernel pads differently (x is padded to a multiple of 8 rows:
-  M = 1 stands for 1 to 8, one compiled kernel)."""
+  M = 1 stands for 1 to 8, one compiled kernel), and on int8 / int4 weights at M = 1, 16, 64."""
   cases = []
   for name in HEADS:
     cases += [_decode(name, b, s, BF16, impl=MOSAIC) for b, s in DECODE if s % 8 == 0]
     cases += [_paged(name, *bpp, BF16, impl=MOSAIC) for bpp in PAGED]
   cases += [_decode("mistral-7b w4096", 8, 8192, BF16, impl=MOSAIC),
             _paged("mistral-7b w4096", 8, 128, 64, BF16, impl=MOSAIC)]
-  return cases + [_linear(label, m, k, n, BF16, impl=MOSAIC)
-                  for (k, n), label in linear_shapes().items() for m in (1, 16, 17, 32, 64)]
+  for (k, n), label in linear_shapes().items():
+    cases += [_linear(label, m, k, n, BF16, impl=MOSAIC) for m in (1, 16, 17, 32, 64)]
+    cases += [_quantized(label, m, k, n, method, impl=MOSAIC) for method in ("int8", "int4")
+              for m in (1, 16, 64)]
+  return cases
 
 
 def _mosaic_launch(case: Case) -> tuple[tuple, int]:
   """(grid, threads) of a Mosaic GPU case, from its settings (Mosaic GPU's dump has no launch
   record): one warpgroup (128 threads) a program."""
+  if case.kernel.startswith("linear int"):  # the quantized flat GEMM, over the stored rows
+    (_, _), (rows, n), _ = (shape for shape, _ in case.args)
+    s = mq.Settings.default(rows, n)
+    return (n // s.block_n, s.split_k, 1), 128
   if case.kernel.startswith("linear"):
     (m, k), (_, n) = (shape for shape, _ in case.args)
     s = mfg.Settings.default(k, n)

@@ -56,7 +56,9 @@ def test_gpu_check_smoke_covers_every_kernel(dry_run):
   assert {r["kernel"] for r in rows} >= {"decode_attention", "decode_guard", "paged_decode",
                                          "prefill_attention",
                                          "prefill_guard", "cope_attention", "flat_gemm", "gemv",
-                                         "linear (dispatch)", "model"}
+                                         "linear (dispatch)", "model", "mosaic_decode",
+                                         "mosaic_paged_decode", "mosaic_decode_guard",
+                                         "mosaic_flat_gemm", "linear (auto)"}
   assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
   guards = [r for r in rows if r["kernel"].endswith("_guard")]
   assert guards and all(r["recomputed_rows"] > 0 for r in guards)
@@ -94,7 +96,11 @@ def test_tpu_suite_check_part_in_its_cpu_form(tmp_path):
 def test_attention_bench_smoke(dry_run):
   rows = _rows(dry_run, "attention_smoke")
   assert (dry_run / "attention_smoke.svg").exists()
-  assert {r["impl"] for r in rows} >= {"fdjax-async", "fdjax-sync", "xla", "xla-sdpa"}
+  assert {r["impl"] for r in rows} >= {"fdjax-async", "fdjax-sync", "xla", "xla-sdpa",
+                                       "fdjax-mosaic-async", "fdjax-mosaic-sync",
+                                       "fdjax-mosaic-paged64"}
+  mosaic = [r for r in rows if r["impl"] == "fdjax-mosaic-async"]
+  assert mosaic and all(r["speedup_vs_fdjax-async"] > 0 for r in mosaic)
   assert {r["op"] for r in rows} == {"decode", "prefill"}
   for r in rows:
     for f in COMMON + ["op", "impl", "batch", "q_heads", "kv_heads", "head_dim", "kv_len", "us",

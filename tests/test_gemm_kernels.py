@@ -12,6 +12,7 @@ import pytest
 
 from fdjax.ops import dispatch, selection
 from fdjax.tuning import tune
+from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.triton import flat_gemm as fg
 from pallas_kernels.triton import gemv as gv
 from tests.helpers import cuda_text, rel_err, spy
@@ -124,6 +125,16 @@ def test_fit_crossovers_minimises_total_time():
   assert tune.fit_crossovers(prof) == (3, 4)
 
 
+def test_the_flat_backend_is_the_faster_over_the_ms_both_were_timed_at():
+  prof = [{"m": 1, "flat_us": 9, "mosaic_flat_us": 7}, {"m": 16, "flat_us": 10,
+                                                        "mosaic_flat_us": 11},
+          {"m": 100, "flat_us": 30}]  # M > 64: the Mosaic flat GEMM does not take it
+  assert tune.flat_backend(prof) == "pallas_mosaic"  # 18 us against 19
+  prof[1]["mosaic_flat_us"] = 13
+  assert tune.flat_backend(prof) == "pallas"
+  assert tune.flat_backend([{"m": 1, "flat_us": 9}]) is None  # not timed: no entry
+
+
 def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
   out = tmp_path / "tuned.json"
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -140,6 +151,10 @@ def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
       e = selection.entry(k, n)
       assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
       assert [p["m"] for p in e["profile"]] == [1, 2]
+      # the Mosaic GPU flat GEMM timed beside Triton's where it takes the shape (K 352: not)
+      takes = mosaic_flat_gemm.unsupported(1, k, n, jnp.bfloat16) is None
+      assert (e.get("backend") in ("pallas", "pallas_mosaic")) == takes, (k, n, e)
+      assert all(("mosaic_flat_us" in p) == takes for p in e["profile"])
   finally:
     monkeypatch.delenv("FDJAX_TABLES")
     selection.reload()

@@ -229,3 +229,15 @@ def test_a_jax_without_triton_lowers_the_mosaic_kernels(h100):
   assert lines[-2] == "True True False"
   assert lines[-1] == ("xla (Mosaic GPU: no Mosaic GPU kernel for prefill_attention yet; "
                        "Triton: this JAX has no Pallas Triton backend)")
+
+
+@pytest.mark.parametrize("case", [c for c in kernels.mosaic_defaults()
+                                  if c.kernel.startswith("linear int") and " M=16 " in c.shape
+                                  and "llama-2-7b" in c.shape], ids=str)
+def test_the_mosaic_quantized_flat_gemm_compiles_for_sm90a_without_spills(h100, case):
+  """int8 / int4 weights dequantized in the K loop of the Mosaic GPU flat GEMM, at Llama-2-7B's
+  projections: no spill, shared memory within the H100's."""
+  [row] = kernels.measure(case)
+  assert row["launch"] == f"fdjax_mgpu_flat_gemm_{case.kernel.split()[1]}"
+  assert row["status"] == "ok" and (row["spill_stores"], row["spill_loads"]) == (0, 0), row
+  assert 0 < row["registers"] <= 255 and 0 < row["shared_kb"] <= 227 and row["per_sm"] >= 1

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fdjax.ops import dispatch, kv_cache, reference, selection
+from fdjax.ops import dispatch, kv_cache, quant, reference, selection
 from pallas_kernels.common.async_softmax import HI
 from pallas_kernels.mosaic_gpu import decode_attention as mda
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg
+from pallas_kernels.mosaic_gpu import quantized_gemm as mq
 from pallas_kernels.mosaic_gpu import shared as mshared
 from pallas_kernels.triton import shared as triton_shared
 from tests.helpers import np_decode_attention, record_gpu_races, rel_err
@@ -89,6 +90,51 @@ def test_flat_gemm_refuses_what_it_cannot_take():
     mfg.flat_gemm(x[:, :200], w[:200], interpret=True)
   with pytest.raises(ValueError, match="expected x"):
     mfg.flat_gemm(x, w[None], interpret=True)
+
+
+@pytest.mark.parametrize("method,m,k,n,settings", [
+    ("int8", 1, 512, 128, None),                                   # decode, batch 1 (defaults)
+    ("int8", 13, 384, 192, mq.Settings(stages=2, split_k=2)),      # M off the 8-row padding
+    ("int4", 5, 512, 128, mq.Settings(stages=2, split_k=2)),       # two groups a program
+    ("int4", 64, 384, 64, mq.Settings(stages=3, split_k=1)),       # the largest M, 3 groups
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_quantized_flat_gemm_against_float64(method, m, k, n, settings, dtype, monkeypatch):
+  """int8 / int4 weights (fdjax.ops.quant's format): against x @ the dequantized weight in
+  float64, within twice the error of XLA's dequantize-then-dot in the same dtype."""
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(m + k + n)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).astype(dtype)
+  w = quant.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), method, dtype)
+  exact = np.asarray(quant.dequantize(w, jnp.float32), np.float64)
+  want = np.asarray(x, np.float64) @ exact
+  out = mq.flat_gemm(x, w.values, w.scales, bits=w.bits, settings=settings, interpret=DETECT)
+  assert out.dtype == dtype and out.shape == (m, n)
+  got = np.asarray(out, np.float64)
+  base = np.max(np.abs(np.asarray(jnp.dot(x, quant.dequantize(w)), np.float64) - want))
+  assert np.all(np.isfinite(got)) and np.max(np.abs(got - want)) <= 2 * base + 1e-6
+  assert races == []
+  np.testing.assert_array_equal(  # dispatch runs the same kernel (at its default settings)
+      np.asarray(dispatch.linear(x, w, impl="pallas_mosaic_interpret"), np.float32),
+      np.asarray(mq.flat_gemm(x, w.values, w.scales, bits=w.bits, interpret=True), np.float32))
+
+
+def test_quantized_flat_gemm_refuses_what_it_cannot_take():
+  rng = np.random.default_rng(0)
+  w = quant.quantize(jnp.asarray(rng.standard_normal((256, 128)), jnp.float32), "int4",
+                     jnp.bfloat16)
+  x = jnp.ones((3, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="float32 is not bfloat16 or float16"):
+    w32 = quant.quantize(jnp.ones((256, 128)), "int4", jnp.float32)
+    mq.flat_gemm(x.astype(jnp.float32), w32.values, w32.scales, bits=4, interpret=True)
+  with pytest.raises(ValueError, match="M=65 is more than 64"):
+    mq.flat_gemm(jnp.ones((65, 256), jnp.bfloat16), w.values, w.scales, bits=4, interpret=True)
+  odd = quant.quantize(jnp.ones((200, 128)), "int8", jnp.bfloat16)
+  with pytest.raises(ValueError, match="K=200 is not a multiple of 128"):
+    mq.flat_gemm(jnp.ones((3, 200), jnp.bfloat16), odd.values, odd.scales, bits=8,
+                 interpret=True)
+  with pytest.raises(ValueError, match="int4 weights for K=256 must be values"):
+    mq.flat_gemm(x, w.values[:100], w.scales, bits=4, interpret=True)
 
 
 def test_the_race_detector_catches_a_planted_race(monkeypatch):
@@ -314,7 +360,8 @@ def test_linear_auto_on_a_gpu_and_a_table_that_says_triton(monkeypatch, tmp_path
   assert lin(8, 4096, 4096, dtype="bfloat16").impl == "flat_mosaic"
   assert lin(1, 4096, 4096, dtype="bfloat16").impl == "gemv"  # Triton's GEMV below M1
   assert lin(8, 4096, 4096, dtype="float32").impl == "flat"
-  assert lin(8, 4096, 4096, dtype="bfloat16", quantization="int8").impl == "flat"
+  assert lin(8, 4096, 4096, dtype="bfloat16", quantization="int8").impl == "flat_mosaic"
+  assert lin(8, 4000, 4096, dtype="bfloat16", quantization="int4").impl == "flat"  # K % 128
   assert lin(8, 4096, 4000, dtype="bfloat16").impl == "flat"  # N not a multiple of 64
   assert lin(128, 4096, 4096, dtype="bfloat16").impl == "xla"
   assert selection.linear(8, 4096, 4096, kind="cpu").impl == "flat"  # impl="pallas": Triton
@@ -338,7 +385,8 @@ def test_a_jax_without_triton_still_gets_kernels(monkeypatch):
   assert lin(1, 4096, 4096, dtype="bfloat16").impl == "flat_mosaic"  # no GEMV: the flat GEMM
   c = lin(8, 4096, 4096, dtype="float32")
   assert c.impl == "xla" and "Triton: this JAX has no Pallas Triton backend" in c.reason
-  assert lin(8, 4096, 4096, dtype="bfloat16", quantization="int4").impl == "xla"
+  assert lin(8, 4096, 4096, dtype="bfloat16", quantization="int4").impl == "flat_mosaic"
+  assert lin(8, 4000, 4096, dtype="bfloat16", quantization="int4").impl == "xla"
   assert selection.attention("decode_attention", 128, "bfloat16", "cuda").impl == "pallas_mosaic"
   c = selection.attention("decode_attention", 128, "float32", "cuda")
   assert c.impl == "xla" and "Triton: this JAX has no Pallas Triton backend" in c.reason

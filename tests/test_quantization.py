@@ -19,6 +19,7 @@ from fdjax.ops import dispatch, quant, reference, selection
 from fdjax.tuning import tune
 from models import layout
 from models import quantize as mq
+from pallas_kernels.common import quantized as quantized_format
 from pallas_kernels.triton import flat_gemm as fg
 from pallas_kernels.triton import gemv as gv
 from pallas_kernels.triton import quantized_gemm as qg
@@ -67,9 +68,9 @@ def test_round_trip_error_is_at_most_half_a_step(method, k, n):
 
 def test_int4_packing_round_trips_every_value_and_odd_k():
   q = jnp.asarray((np.arange(47)[:, None] + np.arange(3)) % 16 - 8, jnp.int32)  # K = 47: odd
-  packed = qg.pack_int4(q)
+  packed = quantized_format.pack_int4(q)
   assert packed.shape == (24, 3) and packed.dtype == jnp.uint8
-  even, odd = qg.unpack_int4(packed)
+  even, odd = quantized_format.unpack_int4(packed)
   np.testing.assert_array_equal(np.stack([even, odd], 1).reshape(-1, 3)[:47], q)
   assert np.all(np.asarray(odd)[-1] == 0)  # the padding nibble is a zero
 

@@ -14,8 +14,8 @@ Every op takes `impl`:
   "pallas_tpu_interpret"  the same kernel in TPU interpret mode (any backend, slow), with
                      its DMAs and semaphores simulated and the race detector on.
   "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far decode
-                     attention, contiguous and paged, and the flat GEMM of `linear`, bfloat16 /
-                     float16), compiled for a Hopper GPU; an op with no Mosaic GPU kernel yet
+                     attention, contiguous and paged, and the flat GEMM of `linear` on float,
+                     int8 and int4 weights; bfloat16 / float16), compiled for a Hopper GPU; an op with no Mosaic GPU kernel yet
                      refuses it. "auto" takes it on Hopper where it takes the call.
   "pallas_mosaic_interpret"  the same kernel in Mosaic GPU's interpret mode (any backend).
 """
@@ -32,6 +32,7 @@ from fdjax.ops import checks, quant, reference, selection
 from pallas_kernels.common import async_softmax
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
+from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
 from pallas_kernels.tpu import decode_attention as tpu_decode
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import gemv as tpu_gemv
@@ -368,7 +369,7 @@ def linear(x, w, *, impl="auto"):
     if choice.impl == "xla":
       return reference.linear(x2, w)
     if choice.impl == "flat_mosaic":
-      return mosaic_flat_gemm.flat_gemm(x2, w, interpret=interpret)
+      return on_mosaic_gpu(interpret)
     if quantized:
       kernel = {"gemv": triton_quantized.gemv, "flat": triton_quantized.flat_gemm}[choice.impl]
       return kernel(x2, w.values, w.scales, bits=w.bits, settings=choice.settings,
@@ -388,12 +389,12 @@ def linear(x, w, *, impl="auto"):
 
   def on_mosaic_gpu(interpret):
     if quantized:
-      raise ValueError(f"{op}: there is no Mosaic GPU {w.method} kernel yet; use impl='pallas' "
-                       f"(Triton), 'auto' or 'xla'")
+      return mosaic_quantized.flat_gemm(x2, w.values, w.scales, bits=w.bits,
+                                        interpret=interpret)
     return mosaic_flat_gemm.flat_gemm(x2, w, interpret=interpret)
 
-  mosaic_takes = not quantized and mosaic_flat_gemm.unsupported(x2.shape[0], k, n,
-                                                                x.dtype) is None
+  mosaic_takes = selection.mosaic_linear_unsupported(
+      x2.shape[0], k, n, x.dtype, w.method if quantized else None) is None
   y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu, mosaic_fn=on_mosaic_gpu,
            gpu_auto_fn=lambda: pallas(False, gpu_auto=True), mosaic_takes=mosaic_takes)
   return y.reshape(*lead, n)

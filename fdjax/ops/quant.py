@@ -2,7 +2,7 @@
 and quantize / dequantize.
 
 int8: one scale per output column; int4: one scale per group of 128 input rows, two values
-per byte (the format is pallas_kernels.triton.quantized_gemm's). Symmetric, round to nearest:
+per byte (the format is pallas_kernels.common.quantized's). Symmetric, round to nearest:
 scale = max |w| / 127 (int8) or / 7 (int4) over the column or group, stored in the model's
 dtype, and q = round(w / scale) with that stored scale. A QuantizedWeight is a pytree (its
 arrays are the leaves; bits and K are static), so it sits in an nnx.Param, goes through jit,
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.ops import checks
-from pallas_kernels.triton import quantized_gemm as triton_quantized
+from pallas_kernels.common import quantized as quantized_format
 
 METHODS = ("int8", "int4")
-GROUP = triton_quantized.GROUP
+GROUP = quantized_format.GROUP
 _QMAX = {8: 127, 4: 7}
 
 
@@ -67,7 +67,7 @@ def bits_of(method: str) -> int:
 
 def stored_shapes(method: str, k: int, n: int) -> tuple[tuple, tuple]:
   """(values shape, scales shape) of a [K, N] weight quantized to `method`."""
-  return triton_quantized.stored_shapes(bits_of(method), k, n)
+  return quantized_format.stored_shapes(bits_of(method), k, n)
 
 
 def weight_nbytes(k: int, n: int, dtype, method: str | None = None) -> int:
@@ -106,7 +106,7 @@ def quantize(w, method: str, dtype=None) -> QuantizedWeight:
     scales = (jnp.max(jnp.abs(padded.reshape(groups, GROUP, n)), axis=1) / qmax).astype(dtype)
     per_row = jnp.repeat(scales.astype(jnp.float32), GROUP, axis=0)[:k]
   q = jnp.clip(jnp.round(w / jnp.where(per_row > 0, per_row, 1.0)), -qmax, qmax)
-  values = q.astype(jnp.int8) if bits == 8 else triton_quantized.pack_int4(q)
+  values = q.astype(jnp.int8) if bits == 8 else quantized_format.pack_int4(q)
   return QuantizedWeight(values, scales, bits, k)
 
 
@@ -116,7 +116,7 @@ def dequantize(w: QuantizedWeight, dtype=None):
   if w.bits == 8:
     deq = w.values.astype(jnp.float32) * w.scales.astype(jnp.float32)
   else:
-    even, odd = triton_quantized.unpack_int4(w.values)
+    even, odd = quantized_format.unpack_int4(w.values)
     q = jnp.stack([even, odd], axis=1).reshape(-1, w.values.shape[1])[:w.k]
     deq = q * jnp.repeat(w.scales.astype(jnp.float32), GROUP, axis=0)[:w.k]
   return deq.astype(dtype)
@@ -127,6 +127,6 @@ def from_stored(values, scales, method: str, k: int, dtype=None) -> QuantizedWei
   bits = bits_of(method)
   values, scales = jnp.asarray(values), jnp.asarray(scales, dtype or scales.dtype)
   x = jax.ShapeDtypeStruct((1, k), scales.dtype)
-  triton_quantized.check(f"{method} weight", x, values, scales, bits)
+  quantized_format.check(f"{method} weight", x, values, scales, bits)
   return QuantizedWeight(values, scales, bits, k)
 

@@ -20,9 +20,10 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   the quantized GEMV and flat GEMM; the analytic fallback is the same for them. On a TPU
   the tables are per generation (device kind "TPU v5 lite", "TPU v6 lite", "TPU v5"), the
   kernels the Mosaic GEMV (VPU) and flat GEMM (MXU); quantized weights run XLA there. On a
-  Hopper GPU the table's "flat" runs the Mosaic GPU flat GEMM where it takes the call (16-bit
-  float weights, M <= 64, N a multiple of 64) unless the entry says "backend": "pallas"
-  (Triton); GEMV and quantized weights run Triton, and XLA where this JAX has no Triton.
+  Hopper GPU the table's "flat" runs the Mosaic GPU flat GEMM where it takes the call (x in
+  bfloat16 / float16, M <= 64, N a multiple of 64; int8 / int4 weights too, K a multiple of
+  128) unless the entry says "backend": "pallas" (Triton); the GEMV runs Triton, and where
+  this JAX has no Triton the Mosaic flat GEMM at every M it takes, else XLA.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import jax
 from pallas_kernels.common import async_softmax, tiling
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
+from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import shared as tpu_shared
 from pallas_kernels.triton import flat_gemm as triton_flat_gemm
@@ -257,17 +259,24 @@ def linear(m: int, k: int, n: int, kind: str | None = None,
   return _linear_on_gpu(choice, m, k, n, dtype, quantization, e) if gpu_auto else choice
 
 
+def mosaic_linear_unsupported(m: int, k: int, n: int, dtype,
+                              quantization: str | None = None) -> str | None:
+  """Why the Mosaic GPU flat GEMM (float, or int8 / int4 weights) cannot take x [m, k] @ w
+  [k, n] (None: it can)."""
+  if quantization:
+    return mosaic_quantized.unsupported(m, k, n, dtype, int(quantization[3:]))
+  return mosaic_flat_gemm.unsupported(m, k, n, dtype)
+
+
 def _linear_on_gpu(choice: Choice, m, k, n, dtype, quantization, e) -> Choice:
   """The table's choice as "auto" runs it on a CUDA GPU: the Mosaic GPU flat GEMM for "flat"
   on Hopper where it takes the call (and the entry does not say "backend": "pallas"), and for
   "gemv" too where this JAX has no Triton; else Triton, else XLA."""
   major = gpu_major()
-  if quantization:
-    mosaic = f"no Mosaic GPU {quantization} kernel yet"
-  elif major != HOPPER:
+  if major != HOPPER:
     mosaic = f"its kernels are written for sm_90a, this GPU is sm_{major}x"
   else:
-    mosaic = mosaic_flat_gemm.unsupported(m, k, n, dtype or "bfloat16")
+    mosaic = mosaic_linear_unsupported(m, k, n, dtype or "bfloat16", quantization)
   wanted = choice.impl == "flat" and e.get("backend", "pallas_mosaic") == "pallas_mosaic"
   if mosaic is None and (wanted or not has_triton()):
     return Choice("flat_mosaic", f"{choice.reason}; Mosaic GPU flat GEMM: TMA pipeline, WGMMA")

@@ -1,8 +1,9 @@
 """The offline half of FlashDecoding++'s heuristic dataflow: `fdjax tune` profiles GEMV, the
 flat GEMM and XLA's dot per weight shape [K, N] over M, fits the crossovers M1 and M2, and
 writes the table `fdjax.ops.selection` reads at run time (per device kind: on a TPU the Mosaic
-GEMV and flat GEMM of pallas_kernels/tpu/, with their own candidate tiles). Every candidate is compiled before it is
-timed, on a GPU with spills made errors (fdjax.tuning.aot.compile); one the compiler refuses is
+GEMV and flat GEMM of pallas_kernels/tpu/, with their own candidate tiles; on a Hopper GPU the
+Mosaic GPU flat GEMM is timed beside Triton's, and the entry's "backend" names the faster).
+Every candidate is compiled before it is timed, on a GPU with spills made errors (fdjax.tuning.aot.compile); one the compiler refuses is
 dropped, with its reason. Every timing is fdjax.tuning.timing's (rotating random inputs, no L2
 reuse).
 """
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from fdjax.ops import quant, reference, selection
 from fdjax.tuning import aot, timing
+from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import gemv as tpu_gemv
 from pallas_kernels.triton import flat_gemm as triton_flat_gemm
@@ -110,6 +112,8 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
                            settings=classes["flat"](**flat_cfg))
   gemv = functools.partial(kernel["gemv"], interpret=interpret,
                            settings=classes["gemv"](**gemv_cfg))
+  mosaic = functools.partial(mosaic_flat_gemm.flat_gemm, interpret=interpret)
+  on_gpu = not tpu and quantization is None and selection.gpu_major() == selection.HOPPER
   profile = []
   for i, m in enumerate(ms):
     xs = sets(m)
@@ -117,12 +121,29 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
            "xla_us": _time(reference.linear, xs, iters) * 1e6}
     if m <= triton_gemv.MAX_M:
       row["gemv_us"] = _time(gemv, xs, iters) * 1e6
+    if on_gpu and mosaic_flat_gemm.unsupported(m, k, n, dtype) is None:
+      row["mosaic_flat_us"] = _time(mosaic, xs, iters) * 1e6
     profile.append(row)
     progress(f"  [{selection.key(k, n, quantization)}] M={m} ({i + 1}/{len(ms)}) " + " ".join(
-        f"{name}={row[name]:.1f}us" for name in ("gemv_us", "flat_us", "xla_us") if name in row))
-  m1, m2 = fit_crossovers(profile)
-  return {"m1": int(m1), "m2": int(m2), "source": "measured", "gemv": gemv_cfg,
-          "flat": flat_cfg, "profile": profile}
+        f"{name}={row[name]:.1f}us" for name in ("gemv_us", "flat_us", "mosaic_flat_us",
+                                                 "xla_us") if name in row))
+  backend = flat_backend(profile)
+  m1, m2 = fit_crossovers([{**r, "flat_us": r.get("mosaic_flat_us", r["flat_us"])}
+                           if backend == "pallas_mosaic" else r for r in profile])
+  entry = {"m1": int(m1), "m2": int(m2), "source": "measured", "gemv": gemv_cfg,
+           "flat": flat_cfg, "profile": profile}
+  return {**entry, "backend": backend} if backend else entry
+
+
+def flat_backend(profile: list[dict]) -> str | None:
+  """Which flat GEMM the table's "flat" runs on a Hopper GPU: "pallas_mosaic" (Mosaic GPU)
+  where it took less time than Triton's over the M it was timed at, else "pallas"; None where
+  it was not timed (not a GPU, quantized weights, a shape it does not take)."""
+  both = [r for r in profile if "mosaic_flat_us" in r]
+  if not both:
+    return None
+  mosaic = sum(r["mosaic_flat_us"] for r in both)
+  return "pallas_mosaic" if mosaic < sum(r["flat_us"] for r in both) else "pallas"
 
 
 def fit_crossovers(profile: list[dict]) -> tuple[int, int]:
@@ -175,6 +196,7 @@ def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None,
     progress(f"[{i + 1}/{len(shapes)}] {name}: K={k} N={n}, M={list(ms)}")
     e = tune_shape(k, n, ms, dtype=jnp.dtype(dtype), iters=iters, interpret=on_cpu,
                    progress=progress, quantization=quantization, **small)
-    progress(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}")
+    progress(f"  -> M1={e['m1']} M2={e['m2']} gemv={e['gemv']} flat={e['flat']}"
+             + (f" flat backend={e['backend']}" if "backend" in e else ""))
     entries[selection.key(k, n, quantization)] = e
   return write_table(entries, out)

@@ -1,0 +1,138 @@
+"""Weight-only int8 / int4 flat GEMM on Mosaic GPU: y[M, N] = x[M, K] @ dequantize(w), reading
+the weight as its quantized bytes (pallas_kernels/common/quantized.py's format, the Triton
+kernels' too) and dequantizing in the K loop.
+
+The Mosaic GPU flat GEMM's scheme (flat_gemm.py: out^T = w^T x^T, the weight filling WGMMA's 64
+rows, x padded to 8 rows), with the weight's stored bytes streamed by the TMA pipeline instead
+of its 16-bit values: half (int8) or a quarter (int4) of the bytes a step moves. Each step turns
+its tile of integers into x's dtype (exact: |q| <= 127) in a shared-memory buffer WGMMA reads,
+multiplies, and adds the float32 product times the step's scale row: int8's one scale per
+column, or int4's one per group of 128 K rows (a step covers one group exactly). An int4 byte
+holds K rows 2r (low nibble) and 2r + 1 (high): its tile is two integer tiles, each against
+the matching columns of x (x split into its even and odd columns outside the kernel, as the
+Triton kernels do), so no nibbles are interleaved.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import tiling
+from pallas_kernels.common.quantized import GROUP, INT4_ZERO, check
+from pallas_kernels.mosaic_gpu import flat_gemm as mfg
+from pallas_kernels.mosaic_gpu import shared
+
+ROWS_PER_STEP = GROUP // 2  # stored rows a step reads: 64 (int8: 64 K rows; int4: one group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  block_n: int | None = None   # output columns per program (the MMA's 64 rows of w^T)
+  stages: int | None = None    # pipeline steps in flight
+  split_k: int | None = None   # programs sharing one column block's steps
+
+  @classmethod
+  def default(cls, rows: int, n: int, sms: int = shared.H100_SMS) -> Settings:
+    """The float flat GEMM's rule over the stored rows (64 a step)."""
+    s = mfg.Settings.default(rows, n, sms)
+    return cls(block_n=s.block_n, stages=s.stages, split_k=s.split_k)
+
+
+def unsupported(m: int, k: int, n: int, dtype, bits: int,
+                settings: Settings | None = None) -> str | None:
+  """Why the kernel cannot take these operands (None: it can)."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in mfg.DTYPES]:
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16 (WGMMA's transposed operands)"
+  if m > mfg.MAX_M:
+    return f"M={m} is more than {mfg.MAX_M}"
+  rows = k if bits == 8 else k // 2
+  s = tiling.fill(settings, Settings.default(rows, n))
+  if n % s.block_n:
+    return f"N={n} is not a multiple of block_n={s.block_n}"
+  if k % GROUP or rows % (ROWS_PER_STEP * s.split_k):
+    return (f"K={k} is not a multiple of {GROUP} with its {rows} stored rows a multiple of "
+            f"{ROWS_PER_STEP} x split_k={s.split_k}")
+  return None
+
+
+def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, w_smem, s_smem, s_bar, *, parts, block_n,
+            steps, stages, group_steps):
+  n_idx, k_idx = jax.lax.axis_index("n"), jax.lax.axis_index("k")
+  m_pad, dtype = x_gmem.shape[1], x_gmem.dtype
+  first = k_idx * steps  # this program's first step
+  # every scale row the program's steps use, copied once ahead of the pipeline
+  groups = s_smem.shape[0]
+  plgpu.copy_gmem_to_smem(
+      s_gmem.at[pl.ds(first // group_steps, groups), pl.ds(n_idx * block_n, block_n)],
+      s_smem, s_bar)
+  plgpu.barrier_wait(s_bar)
+
+  def step(idx, *refs):
+    *x_smem, v_smem, acc = refs
+    q = v_smem[...].astype(jnp.int32)
+    ints = (q,) if parts == 1 else ((q & 15) - INT4_ZERO, (q >> 4) - INT4_ZERO)
+    for p in range(parts):
+      w_smem[p] = ints[p].astype(dtype)  # exact: |q| <= 127
+    plgpu.commit_smem()  # the MMA reads them through the async proxy
+
+    def product(tile_ref):  # w^T [block_n, rows] @ x_p^T [rows, M_pad], summed over parts
+      for p in range(parts):
+        plgpu.wgmma(tile_ref, w_smem.at[p].T, x_smem[p].T)
+      return tile_ref[...]
+
+    tile = pl.run_scoped(product, plgpu.ACC((block_n, m_pad), jnp.float32))
+    scale = plgpu.load(s_smem.at[idx[0] // group_steps], layout=plgpu.Layout.WGMMA.reduce(1))
+    return acc + tile * jax.lax.broadcast_in_dim(scale.astype(jnp.float32), tile.shape, [0])
+
+  x_spec = plgpu.BlockSpec((None, m_pad, ROWS_PER_STEP), lambda j: (0, 0, first + j),
+                           transforms=shared.transforms(ROWS_PER_STEP, dtype))
+  acc = plgpu.emit_pipeline(
+      step, grid=(steps,), max_concurrent_steps=stages,
+      in_specs=[*[x_spec] * parts,
+                plgpu.BlockSpec((ROWS_PER_STEP, block_n), lambda j: (first + j, n_idx))],
+      init_carry=plgpu.layout_cast(jnp.zeros((block_n, m_pad), jnp.float32),
+                                   plgpu.Layout.WGMMA),
+  )(*[x_gmem.at[p:p + 1] for p in range(parts)], v_gmem)
+  o_smem[...] = acc
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[k_idx, pl.ds(n_idx * block_n, block_n)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def flat_gemm(x, values, scales, *, bits: int, settings: Settings | None = None,
+              interpret=False):
+  """x [M, K] @ the int`bits` weight (values, scales) -> [M, N] in x's dtype, float32
+  accumulation, for M <= 64."""
+  op = f"flat_gemm_int{bits}"
+  check(op, x, values, scales, bits)
+  (m, k), (rows, n) = x.shape, values.shape
+  why = unsupported(m, k, n, x.dtype, bits, settings)
+  if why:
+    raise ValueError(f"{op} (Mosaic GPU): {why}")
+  s = tiling.fill(settings, Settings.default(rows, n))
+  m_pad = pl.cdiv(m, mfg.ROWS) * mfg.ROWS
+  xp = jnp.pad(x, ((0, m_pad - m), (0, 0)))  # copies of x only: M x K
+  parts = xp[None] if bits == 8 else jnp.stack([xp[:, 0::2], xp[:, 1::2]])
+  steps = rows // (ROWS_PER_STEP * s.split_k)
+  n_parts = parts.shape[0]
+
+  def body(*refs):
+    _kernel(*refs, parts=n_parts, block_n=s.block_n, steps=steps,
+            stages=min(s.stages, steps), group_steps=rows // ROWS_PER_STEP if bits == 8 else 1)
+
+  body.__name__ = f"fdjax_mgpu_flat_gemm_int{bits}"  # the compiled kernel's name
+  partials = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((s.split_k, n, m_pad), jnp.float32),
+      grid=(n // s.block_n, s.split_k), grid_names=("n", "k"),
+      scratch_types=[plgpu.SMEM((s.block_n, m_pad), jnp.float32),
+                     plgpu.SMEM((n_parts, ROWS_PER_STEP, s.block_n), x.dtype,
+                                transforms=shared.transforms(s.block_n, x.dtype)),
+                     plgpu.SMEM((1 if bits == 8 else steps, s.block_n), x.dtype),
+                     plgpu.Barrier()],
+      **shared.interpret_kwargs(interpret),
+  )(parts, values, scales.reshape(-1, n))
+  return jnp.sum(partials, axis=0)[:, :m].T.astype(x.dtype)
