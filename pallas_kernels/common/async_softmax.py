@@ -132,3 +132,25 @@ def combine_async(o, l, m, phi, axis):
   den = jnp.sum(l, axis=axis)
   out = jnp.sum(o, axis=axis) / jnp.expand_dims(jnp.where(den > 0, den, 1.0), -1)
   return out, needs_recompute(jnp.max(m, axis=axis), den, out, phi)
+
+
+def guarded_groups(run, phi, mode, batch: int, kv_heads: int, group: int, group_pad: int,
+                   out_dtype, return_stats: bool):
+  """The GPU split-KV decode kernels' driver (Triton and Mosaic GPU): run(active, online) runs
+  the kernel over the (row, KV head) programs `active` (int32 [B, Hkv]) and gives partials o
+  [B, Hkv, splits, group_pad, D], l and m [B, Hkv, splits, group_pad]; the splits are combined,
+  the guard's flagged groups rerun online (`guarded`), the padding rows of each group dropped.
+  Returns [B, Hkv * group, D] in out_dtype (and stats)."""
+  def run_async():
+    out, flags = combine_async(*run(jnp.ones((batch, kv_heads), jnp.int32), online=False),
+                               phi[0], axis=2)
+    return out, flags & (jnp.arange(group_pad) < group)  # padding rows never count
+
+  def run_online(flags):  # only the flagged (row, KV head) groups run
+    active = jnp.ones((batch, kv_heads), bool) if flags is None else jnp.any(flags, axis=-1)
+    return combine_online(*run(active.astype(jnp.int32), online=True), axis=2)
+
+  out, flags = guarded(mode, run_async, run_online,
+                       jnp.zeros((batch, kv_heads, group_pad), bool))
+  out = out[:, :, :group].reshape(batch, kv_heads * group, -1).astype(out_dtype)
+  return (out, stats(flags[:, :, :group])) if return_stats else out

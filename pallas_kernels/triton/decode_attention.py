@@ -180,15 +180,4 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                           settings=settings, window=window, softcap=softcap,
                           interpret=interpret)
 
-  def run_async():
-    out, flags = asm.combine_async(*run(jnp.ones((b, hkv), jnp.int32), online=False), phi[0],
-                                   axis=2)
-    return out, flags & (jnp.arange(g_pad) < g)  # padding rows of a group never count
-
-  def run_online(flags):  # only the flagged (row, KV head) groups run
-    active = jnp.ones((b, hkv), bool) if flags is None else jnp.any(flags, axis=-1)
-    return asm.combine_online(*run(active.astype(jnp.int32), online=True), axis=2)
-
-  out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, hkv, g_pad), bool))
-  out = out[:, :, :g].reshape(b, hq, d).astype(q.dtype)
-  return (out, asm.stats(flags[:, :, :g])) if return_stats else out
+  return asm.guarded_groups(run, phi, mode, b, hkv, g, g_pad, q.dtype, return_stats)
