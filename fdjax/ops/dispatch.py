@@ -15,8 +15,9 @@ Every op takes `impl`:
                      its DMAs and semaphores simulated and the race detector on.
   "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far decode
                      attention, contiguous and paged, and the flat GEMM of `linear` on float,
-                     int8 and int4 weights; bfloat16 / float16), compiled for a Hopper GPU; an op with no Mosaic GPU kernel yet
-                     refuses it. "auto" takes it on Hopper where it takes the call.
+                     int8 and int4 weights; bfloat16 / float16), compiled for a Hopper GPU;
+                     an op with no Mosaic GPU kernel yet refuses it. "auto" takes it on
+                     Hopper where it takes the call.
   "pallas_mosaic_interpret"  the same kernel in Mosaic GPU's interpret mode (any backend).
 """
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
   platform = "cuda" if platform == "gpu" else platform
   if platform == "cuda":
     if gpu_auto_fn is not None:
-      kernel = lambda: gpu_auto_fn()  # noqa: E731
+      kernel = gpu_auto_fn
     else:
       chosen = selection.attention(op, head_dim, dtype, "cuda", page_size, max_pages).impl
       run = {"pallas": pallas_fn, "pallas_mosaic": mosaic_fn}.get(chosen)

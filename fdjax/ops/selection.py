@@ -90,15 +90,28 @@ def gpu_major() -> int:
   return HOPPER
 
 
+def not_hopper() -> str | None:
+  """Why this GPU cannot run the Mosaic GPU kernels (None: it is a Hopper)."""
+  major = gpu_major()
+  return None if major == HOPPER else (
+      f"its kernels are written for sm_90a, this GPU is sm_{major}x")
+
+
+def _async_softmax_unsupported(head_dim: int, dtype, page_size: int | None,
+                               max_pages: int) -> str | None:
+  """Why the Triton and Mosaic TPU attention kernels cannot take this call (their one rule)."""
+  why = async_softmax.unsupported(head_dim, dtype)
+  if not why and page_size is not None and tiling.block_for_pages(page_size, max_pages) is None:
+    why = f"page size {page_size} is not a multiple of 16"
+  return why
+
+
 def triton_unsupported(op: str, head_dim: int, dtype, page_size: int | None = None,
                        max_pages: int = 2) -> str | None:
   """Why the Triton kernel cannot take this attention call (None: it can)."""
   if not has_triton():
     return "this JAX has no Pallas Triton backend"
-  why = async_softmax.unsupported(head_dim, dtype)
-  if not why and page_size is not None and tiling.block_for_pages(page_size, max_pages) is None:
-    why = f"page size {page_size} is not a multiple of 16"
-  return why
+  return _async_softmax_unsupported(head_dim, dtype, page_size, max_pages)
 
 
 def mosaic_unsupported(op: str, head_dim: int, dtype, page_size: int | None = None,
@@ -124,10 +137,7 @@ def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | Non
   if platform not in GPU + ("tpu",):
     return Choice("xla", f"{platform}: the Pallas kernels are compiled for CUDA GPUs and TPUs")
   if platform == "tpu":
-    why = async_softmax.unsupported(head_dim, dtype)
-    if (not why and page_size is not None
-        and tiling.block_for_pages(page_size, max_pages) is None):
-      why = f"page size {page_size} is not a multiple of 16"
+    why = _async_softmax_unsupported(head_dim, dtype, page_size, max_pages)
     if why:
       _log_fallback(op, why)
       return Choice("xla", why)
@@ -135,9 +145,7 @@ def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | Non
                   "recompute")
   what = "fused CoPE kernel" if op == "cope_attention" else (
       "async-softmax kernel: unified max value, guarded recompute")
-  major = gpu_major()
-  mosaic = (mosaic_unsupported(op, head_dim, dtype, page_size, max_pages) if major == HOPPER
-            else f"its kernels are written for sm_90a, this GPU is sm_{major}x")
+  mosaic = not_hopper() or mosaic_unsupported(op, head_dim, dtype, page_size, max_pages)
   if mosaic is None:
     return Choice("pallas_mosaic", f"Mosaic GPU {what}; TMA pipeline, WGMMA")
   triton = triton_unsupported(op, head_dim, dtype, page_size, max_pages)
@@ -272,11 +280,8 @@ def _linear_on_gpu(choice: Choice, m, k, n, dtype, quantization, e) -> Choice:
   """The table's choice as "auto" runs it on a CUDA GPU: the Mosaic GPU flat GEMM for "flat"
   on Hopper where it takes the call (and the entry does not say "backend": "pallas"), and for
   "gemv" too where this JAX has no Triton; else Triton, else XLA."""
-  major = gpu_major()
-  if major != HOPPER:
-    mosaic = f"its kernels are written for sm_90a, this GPU is sm_{major}x"
-  else:
-    mosaic = mosaic_linear_unsupported(m, k, n, dtype or "bfloat16", quantization)
+  mosaic = not_hopper() or mosaic_linear_unsupported(m, k, n, dtype or "bfloat16",
+                                                      quantization)
   wanted = choice.impl == "flat" and e.get("backend", "pallas_mosaic") == "pallas_mosaic"
   if mosaic is None and (wanted or not has_triton()):
     return Choice("flat_mosaic", f"{choice.reason}; Mosaic GPU flat GEMM: TMA pipeline, WGMMA")

@@ -3,8 +3,8 @@ flat GEMM and XLA's dot per weight shape [K, N] over M, fits the crossovers M1 a
 writes the table `fdjax.ops.selection` reads at run time (per device kind: on a TPU the Mosaic
 GEMV and flat GEMM of pallas_kernels/tpu/, with their own candidate tiles; on a Hopper GPU the
 Mosaic GPU flat GEMM is timed beside Triton's, and the entry's "backend" names the faster).
-Every candidate is compiled before it is timed, on a GPU with spills made errors (fdjax.tuning.aot.compile); one the compiler refuses is
-dropped, with its reason. Every timing is fdjax.tuning.timing's (rotating random inputs, no L2
+Every candidate is compiled before it is timed, on a GPU with spills made errors
+(fdjax.tuning.aot.compile); one the compiler refuses is dropped, with its reason. Every timing is fdjax.tuning.timing's (rotating random inputs, no L2
 reuse).
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
   gemv = functools.partial(kernel["gemv"], interpret=interpret,
                            settings=classes["gemv"](**gemv_cfg))
   mosaic = functools.partial(mosaic_flat_gemm.flat_gemm, interpret=interpret)
-  on_gpu = not tpu and quantization is None and selection.gpu_major() == selection.HOPPER
+  on_gpu = not tpu and quantization is None and selection.not_hopper() is None
   profile = []
   for i, m in enumerate(ms):
     xs = sets(m)

@@ -61,9 +61,14 @@ def check_call(op, q, mode, window, softcap, causal=True):
   """What every attention kernel checks first: q's head_dim and dtype, the mode ("async" or
   "online"), the window and soft cap."""
   check_inputs(op, q)
+  check_mode(op, mode)
+  check_options(op, window, softcap, causal)
+
+
+def check_mode(op, mode):
+  """"async" (the unified max value with the guard) or "online" (the synchronised softmax)."""
   if mode not in ("async", "online"):
     raise ValueError(f"{op}: unknown mode {mode!r}")
-  check_options(op, window, softcap, causal)
 
 
 def guarded(mode, run_async, run_online, no_flags):

@@ -252,9 +252,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                            return_stats=False):
   """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
   -> [B, Hq, D] (and stats), as the Triton kernel of the same name."""
+  asm.check_mode("decode_attention", mode)
   asm.check_options("decode_attention", window, softcap)
-  if mode not in ("async", "online"):
-    raise ValueError(f"decode_attention: unknown mode {mode!r}")
   b, hq, d = q.shape
   why = unsupported(d, q.dtype)
   if why:
@@ -275,8 +274,6 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   phi = asm.phi_operand(phi)
   run = functools.partial(_partials, qg, k_pages, v_pages, lengths,
                           page_table.astype(jnp.int32), phi, g_out=g_out, n_pieces=n_pieces,
-                          sm_scale=sm_scale,
-                          settings=settings, window=window, softcap=softcap,
+                          sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
                           interpret=interpret)
-
   return asm.guarded_groups(run, phi, mode, b, hkv, g, g_out, q.dtype, return_stats)

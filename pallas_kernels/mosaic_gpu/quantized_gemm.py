@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import tiling
-from pallas_kernels.common.quantized import GROUP, INT4_ZERO, check
+from pallas_kernels.common.quantized import GROUP, check, unpack_int4
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg
 from pallas_kernels.mosaic_gpu import shared
 
@@ -73,8 +73,8 @@ def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, w_smem, s_smem, s_bar, *, pa
 
   def step(idx, *refs):
     *x_smem, v_smem, acc = refs
-    q = v_smem[...].astype(jnp.int32)
-    ints = (q,) if parts == 1 else ((q & 15) - INT4_ZERO, (q >> 4) - INT4_ZERO)
+    q = v_smem[...]
+    ints = (q,) if parts == 1 else unpack_int4(q)
     for p in range(parts):
       w_smem[p] = ints[p].astype(dtype)  # exact: |q| <= 127
     plgpu.commit_smem()  # the MMA reads them through the async proxy
