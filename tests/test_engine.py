@@ -251,7 +251,7 @@ def test_bad_requests_name_the_field_and_a_full_queue_refuses():
   engine = _engine(_model(), max_queue=2)
   for req, param in [(_request([], 4), "prompt"), (_request([300], 4), "prompt"),
                      (_request([1] * 96, 4), "prompt"), (_request([1] * 90, 7), "max_tokens"),
-                     (_request([1], 0), "max_tokens")]:
+                     (_request([1], -1), "max_tokens")]:
     with pytest.raises(request.BadRequest) as e:
       engine.submit(req)
     assert e.value.param == param

@@ -7,17 +7,21 @@ from fdjax.engine.request import Request
 
 
 def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...]):
-  """Appends `new` tokens to a request, stopping at EOS, a stop string or max_tokens, and
-  updates its text. Returns (tokens taken, the finish reason or None, the text to hand out
+  """Appends `new` tokens to a request, stopping at EOS (unless it ignores EOS), a stop
+  string (once it has min_tokens) or max_tokens, and updates its text. Returns (tokens taken, the finish reason or None, the text to hand out
   now)."""
   count, reason, cut = 0, None, None
+  eos = () if req.ignore_eos else eos
   for tok in new:
     req.tokens.append(tok)
     count += 1
     if tok in eos:
       reason = "stop"
       break
-    if req.stop:
+    if req.stop and len(req.tokens) < req.min_tokens:  # a stop string cannot end it yet
+      req.text = tokenizer.decode(req.tokens)
+      req.searched = len(req.text)
+    elif req.stop:
       cut = find_stop(req, tokenizer)
       if cut is not None:
         reason = "stop"

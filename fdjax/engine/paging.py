@@ -97,14 +97,15 @@ class PagePool:
 
   # ------------------------------------------------------------------- sequences
 
-  def allocate(self, prompt, total_tokens: int) -> tuple[list[int], int]:
+  def allocate(self, prompt, total_tokens: int, reuse: bool = True) -> tuple[list[int], int]:
     """Pages for a sequence of `total_tokens` starting with `prompt` (fewer than the prompt:
     only its cached pages, or one; `grow` adds the rest): (its page ids, how many leading
-    prompt tokens are already cached). At least the prompt's last token is always left to
-    compute (its logits start the generation)."""
+    prompt tokens are already cached; none when not `reuse`). At least the prompt's last
+    token is always left to compute (its logits start the generation)."""
     need = checks.cdiv(total_tokens, self.page_size)
+    cached = reuse
     reuse = []
-    for key in page_keys(prompt[:len(prompt) - 1], self.page_size):
+    for key in page_keys(prompt[:len(prompt) - 1] if cached else [], self.page_size):
       if key not in self.cached:
         break
       reuse.append(self.cached[key])
@@ -136,16 +137,22 @@ class PagePool:
     pages[:n] = [kvc.NO_PAGE] * n
     return len(gone)
 
-  def finish(self, pages, written_tokens):
-    """A sequence ends: the full pages of the tokens whose K/V it wrote (prompt and
-    generated, in order, up to a page it gave back) enter the prefix cache, and its pages
-    are released."""
+  def publish(self, pages, written_tokens):
+    """Enters the full pages of tokens a live sequence has written (its whole prompt, once
+    prefilled) in the prefix cache, so that sequences that start the same way share them while
+    it runs (the pages stay its own)."""
     for page, key in zip(pages, page_keys(written_tokens, self.page_size)):
       if page == kvc.NO_PAGE:  # a prefix needs every page from the first
         break
       if key not in self.cached and page not in self.key_of:
         self.cached[key] = page
         self.key_of[page] = key
+
+  def finish(self, pages, written_tokens):
+    """A sequence ends: the full pages of the tokens whose K/V it wrote (prompt and
+    generated, in order, up to a page it gave back) enter the prefix cache, and its pages
+    are released."""
+    self.publish(pages, written_tokens)
     self.release(pages)
 
   def check(self):

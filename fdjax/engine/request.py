@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from fdjax.engine.sampling import MAX_LOGIT_BIAS, Settings
+
 
 class QueueFull(RuntimeError):
   """The waiting queue holds max_queue requests already."""
@@ -19,6 +21,16 @@ class BadRequest(ValueError):
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+  """A token's logprob (None for a prompt's first token, which nothing predicts) and the most
+  likely tokens at its position, best first: [(token id, logprob)], sampling.MAX_TOP_LOGPROBS
+  of them."""
+  token: int
+  logprob: float | None
+  top: list
+
+
+@dataclasses.dataclass
 class Event:
   """What a request got in one iteration: new text and tokens, and at its end the reason."""
   text: str
@@ -29,6 +41,8 @@ class Event:
   time: float                    # time.perf_counter() when produced
   gap: float = 0.0               # seconds since this request's previous tokens (or its submit)
   error: str | None = None
+  logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob of each new token
+  prompt_logprobs: list | None = None  # TokenLogprob of each prompt token (first event only)
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,6 +55,15 @@ class Request:
   seed: int = 0
   stop: tuple[str, ...] = ()
   on_event: Callable[[Event], None] = lambda event: None
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  logit_bias: tuple = ()         # ((token id, bias), ...)
+  min_tokens: int = 0            # no EOS and no stop string before this many tokens
+  ignore_eos: bool = False
+  logprobs: bool = False         # record each new token's logprob and the top tokens'
+  prompt_logprobs: bool = False  # and the prompt's (computed in full: no prefix cache)
+  after: "Request | None" = None  # admitted once this one's prompt is in the cache (n > 1)
   # Owned by the engine.
   state: str = "new"             # new, waiting, prefill, decode, done
   pages: list[int] = dataclasses.field(default_factory=list)
@@ -54,6 +77,18 @@ class Request:
   t_submit: float = 0.0
   t_first: float | None = None
   t_last: float | None = None    # when its latest tokens came
+  prompt_lp: list | None = None  # the prompt's TokenLogprobs, as prefill computes them
+
+  def settings(self) -> Settings:
+    return Settings(self.temperature, self.top_k, self.top_p, self.seed, self.presence_penalty,
+                    self.frequency_penalty, self.repetition_penalty, tuple(self.logit_bias),
+                    self.min_tokens, self.ignore_eos, self.logprobs)
+
+  @property
+  def needs_history(self) -> bool:
+    """Whether its penalties read the tokens so far."""
+    return (self.presence_penalty != 0 or self.frequency_penalty != 0
+            or self.repetition_penalty != 1)
 
   @property
   def cached_len(self) -> int:
@@ -82,8 +117,20 @@ def check(req: Request, vocab_size: int, max_model_len: int):
     raise BadRequest("prompt", f"the prompt has {len(req.prompt)} tokens; this model's "
                      f"context is {max_model_len} tokens, and at least one must be left "
                      "to generate")
-  if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
-    raise BadRequest("max_tokens", f"max_tokens must be >= 1, got {req.max_tokens!r}")
+  if not isinstance(req.max_tokens, int) or req.max_tokens < 0:
+    raise BadRequest("max_tokens", f"max_tokens must be >= 0, got {req.max_tokens!r}")
+  if not req.repetition_penalty > 0:
+    raise BadRequest("repetition_penalty", f"repetition_penalty must be > 0, got "
+                     f"{req.repetition_penalty!r}")
+  if len(req.logit_bias) > MAX_LOGIT_BIAS:
+    raise BadRequest("logit_bias", f"logit_bias takes up to {MAX_LOGIT_BIAS} entries, got "
+                     f"{len(req.logit_bias)}")
+  bad = [t for t, _ in req.logit_bias if not 0 <= t < vocab_size]
+  if bad:
+    raise BadRequest("logit_bias", f"token id {bad[0]} is outside the vocabulary "
+                     f"[0, {vocab_size})")
+  if req.min_tokens < 0:
+    raise BadRequest("min_tokens", f"min_tokens must be >= 0, got {req.min_tokens}")
   if len(req.prompt) + req.max_tokens > max_model_len:
     raise BadRequest("max_tokens", f"the prompt ({len(req.prompt)} tokens) plus max_tokens "
                      f"({req.max_tokens}) exceeds this model's context of "

@@ -29,30 +29,39 @@ class Runner:
     """The store's pools under a page table [rows, width] and rows' cached lengths."""
     return kvc.KVCache(self.kv.k, self.kv.v, jnp.asarray(table), jnp.asarray(lengths))
 
-  def prefill(self, cache, ids, n, last=None):
+  def prefill(self, cache, ids, n, last=None, targets=None):
     """One chunk of every row's prompt (ids [rows, chunk], n [rows] of them real) into the
-    cache: (the cache, each row's logits at its latest token, else `last`'s)."""
+    cache: (the cache, each row's logits at its latest token, else `last`'s), and with
+    `targets` (each position's next prompt token, -1: none) their logprobs third."""
     if last is None:
       last = jnp.zeros((ids.shape[0], self.vocab_size), jnp.float32)
-    cache, last = steps.prefill_step(self.graphdef, self.state, jnp.asarray(ids),
-                                     jnp.asarray(n), cache, last, **self.static)
-    self.kv.k, self.kv.v = cache.k, cache.v
-    return cache, last
+    out = steps.prefill_step(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(n), cache,
+                             last, None if targets is None else jnp.asarray(targets),
+                             **self.static)
+    self.kv.k, self.kv.v = out[0].k, out[0].v
+    return out
 
   def first(self, last, active, max_new, *, out_len, key=None, sampler=None, rows=None,
-            positions=None) -> steps.LoopState:
+            positions=None, tokens=None) -> steps.LoopState:
     """The loop's state after every row's first token from its prompt's `last` logits: one
     `sampler` for all rows (with `key`), or each row's own `rows` (sampling.RowSampling)
-    drawing at `positions`."""
+    drawing at `positions`, with `tokens` [rows, T] its prompt (-1 past the end)."""
     return steps.first_token(last, _UNUSED_KEY if key is None else key, self.eos_ids,
                              jnp.asarray(active), jnp.asarray(max_new), _device(rows),
                              None if positions is None else jnp.asarray(positions, jnp.int32),
+                             None if tokens is None else jnp.asarray(tokens),
                              sampler=sampler, out_len=out_len)
 
-  def from_tokens(self, tokens, active, max_new, *, out_len) -> steps.LoopState:
-    """The loop's state for tokens already chosen (each row's latest, its K/V not cached)."""
+  def from_tokens(self, tokens, active, max_new, *, out_len, rows=None,
+                  history=None) -> steps.LoopState:
+    """The loop's state for tokens already chosen (each row's latest, its K/V not cached);
+    with per-row `rows`, `history` [rows, T] holds each row's tokens so far (-1 past the
+    end)."""
     return steps.initial_state_jit(jnp.asarray(tokens), _UNUSED_KEY, self.eos_ids,
-                                   jnp.asarray(active), jnp.asarray(max_new), out_len=out_len)
+                                   jnp.asarray(active), jnp.asarray(max_new), _device(rows),
+                                   None if history is None else jnp.asarray(history),
+                                   out_len=out_len,
+                                   vocab_size=None if rows is None else self.vocab_size)
 
   def decode(self, loop: steps.LoopState, cache, max_new, stop: int, *, sampler=None,
              rows=None):

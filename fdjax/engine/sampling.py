@@ -50,24 +50,71 @@ def sample(logits, key, sampler: Sampler):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# The most top tokens a row's logprobs list (OpenAI's top_logprobs bound), and the most
+# logit_bias entries a row carries (the arrays have this fixed width: no shape per request).
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
+
+
+class Settings(NamedTuple):
+  """One request's sampling settings, as the host has them."""
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+  seed: int = 0
+  presence_penalty: float = 0.0     # minus this for every token already generated
+  frequency_penalty: float = 0.0    # minus this times how often it was generated
+  repetition_penalty: float = 1.0   # tokens in the prompt or generated: logit / r if > 0, else * r
+  logit_bias: tuple = ()            # ((token id, bias), ...) added to the logits
+  min_tokens: int = 0               # EOS cannot be drawn before this many tokens
+  ignore_eos: bool = False          # EOS does not end the row
+  logprobs: bool = False            # the row's logprobs are recorded
+
+
 class RowSampling(NamedTuple):
   """Per-row sampling settings, as arrays (a continuous batch mixes requests): temperature
-  [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), seed [B] uint32. A row's
-  token at position p is drawn with the key fold_in(key(seed), p), so what a request
-  samples does not depend on the batch it ran in."""
+  [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), seed [B] uint32, then the
+  logit adjustments (penalties, logit_bias as [B, MAX_LOGIT_BIAS] ids (-1: none) and values,
+  EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B] and prompt_len [B]
+  (where a row's generated tokens start). A row's token at position p is drawn with the key
+  fold_in(key(seed), p), so what a request samples does not depend on the batch it ran in."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
+  presence: jax.Array
+  frequency: jax.Array
+  repetition: jax.Array
+  bias_ids: jax.Array
+  bias: jax.Array
+  min_pos: jax.Array
+  ignore_eos: jax.Array
+  logprobs: jax.Array
+  prompt_len: jax.Array
 
   @classmethod
-  def of(cls, settings) -> "RowSampling":
-    """From (temperature, top_k | None, top_p | None, seed) per row, as numpy arrays (the
-    caller puts them on the device)."""
-    t, k, p, s = zip(*settings) if settings else ((), (), (), ())
-    return cls(np.asarray(t, np.float32), np.asarray([x or 0 for x in k], np.int32),
-               np.asarray([1.0 if x is None else x for x in p], np.float32),
-               np.asarray(s, np.uint32))
+  def of(cls, settings, prompt_lens=None) -> "RowSampling":
+    """From one Settings (or a tuple of its leading fields) per row and each row's prompt
+    length, as numpy arrays (the caller puts them on the device)."""
+    rows = [s if isinstance(s, Settings) else Settings(*s) for s in settings]
+    n = len(rows)
+    lens = np.zeros(n, np.int32) if prompt_lens is None else np.asarray(prompt_lens, np.int32)
+    bias_ids = np.full((n, MAX_LOGIT_BIAS), -1, np.int32)
+    bias = np.zeros((n, MAX_LOGIT_BIAS), np.float32)
+    for i, r in enumerate(rows):
+      if len(r.logit_bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias takes up to {MAX_LOGIT_BIAS} entries, got "
+                         f"{len(r.logit_bias)}")
+      for j, (t, b) in enumerate(r.logit_bias):
+        bias_ids[i, j], bias[i, j] = t, b
+    f32 = lambda name: np.asarray([getattr(r, name) for r in rows], np.float32)
+    return cls(f32("temperature"), np.asarray([r.top_k or 0 for r in rows], np.int32),
+               np.asarray([1.0 if r.top_p is None else r.top_p for r in rows], np.float32),
+               np.asarray([r.seed for r in rows], np.uint32), f32("presence_penalty"),
+               f32("frequency_penalty"), f32("repetition_penalty"), bias_ids, bias,
+               lens + np.asarray([r.min_tokens for r in rows], np.int32),
+               np.asarray([r.ignore_eos for r in rows], bool),
+               np.asarray([r.logprobs for r in rows], bool), lens)
 
 
 def filter_rows(logits, rows: RowSampling):
@@ -97,3 +144,95 @@ def sample_rows(logits, rows: RowSampling, positions):
     return jnp.where(rows.temperature > 0, drawn.astype(jnp.int32), greedy)
 
   return jax.lax.cond(jnp.any(rows.temperature > 0), draw, lambda _: greedy, None)
+
+
+# ------------------------------------------------------- penalties, bias, min_tokens, EOS
+
+class History(NamedTuple):
+  """What the penalties read, per row: how often each token was generated so far [B, V]
+  int32, and which tokens the prompt holds [B, V] bool."""
+  counts: jax.Array
+  prompt: jax.Array
+
+
+def history(tokens, rows: RowSampling, vocab_size: int) -> History:
+  """History from each row's tokens so far [B, T] (prompt then generated, -1 past the end)."""
+  b, t = tokens.shape
+  ids = jnp.where(tokens >= 0, tokens, vocab_size)  # out of range: dropped
+  generated = jnp.arange(t)[None, :] >= rows.prompt_len[:, None]
+  row = jnp.arange(b)[:, None]
+  counts = jnp.zeros((b, vocab_size), jnp.int32).at[
+      row, jnp.where(generated, ids, vocab_size)].add(1, mode="drop")
+  prompt = jnp.zeros((b, vocab_size), bool).at[
+      row, jnp.where(generated, vocab_size, ids)].set(True, mode="drop")
+  return History(counts, prompt)
+
+
+def record(hist: History, tokens, live) -> History:
+  """History after each live row generated tokens [B]."""
+  return hist._replace(counts=hist.counts.at[jnp.arange(tokens.shape[0]), tokens].add(
+      live.astype(jnp.int32)))
+
+
+def adjust(logits, rows: RowSampling, hist: History, positions, eos):
+  """The logits after the repetition, frequency and presence penalties, the logit bias, and
+  EOS banned while a row is short of its min_tokens (the token at positions[b]); skipped
+  when no row asks for any of them."""
+  b, v = logits.shape
+
+  def apply(x):
+    seen = hist.prompt | (hist.counts > 0)
+    r = rows.repetition[:, None]
+    x = jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
+    x = (x - rows.frequency[:, None] * hist.counts.astype(x.dtype)
+         - rows.presence[:, None] * (hist.counts > 0).astype(x.dtype))
+    x = x.at[jnp.arange(b)[:, None], jnp.where(rows.bias_ids >= 0, rows.bias_ids, v)].add(
+        rows.bias, mode="drop")
+    ban = (positions < rows.min_pos)[:, None] & jnp.isin(jnp.arange(v), eos)[None, :]
+    return jnp.where(ban, -jnp.inf, x)
+
+  active = (jnp.any(rows.repetition != 1) | jnp.any(rows.frequency != 0)
+            | jnp.any(rows.presence != 0) | jnp.any(rows.bias_ids >= 0)
+            | jnp.any(positions < rows.min_pos))
+  return jax.lax.cond(active, apply, lambda x: x, logits)
+
+
+# ------------------------------------------------------------------------- logprobs
+
+class Logprobs(NamedTuple):
+  """Per row: the chosen token's logprob [B] and the top tokens [B, K] with theirs."""
+  chosen: jax.Array
+  top_ids: jax.Array
+  top: jax.Array
+
+
+def top_width(vocab_size: int) -> int:
+  return min(MAX_TOP_LOGPROBS, vocab_size)
+
+
+def logprobs(logits, rows: RowSampling, tokens) -> Logprobs:
+  """The logprobs of the distribution each row drew from: its adjusted logits, divided by its
+  temperature and filtered by its top-k / top-p when it samples, as they are when greedy
+  (temperature 0 is read as 1). Zeros when no row asks (nothing computed)."""
+  b, v = logits.shape
+  k = top_width(v)
+
+  def compute(x):
+    x = jnp.where((rows.temperature > 0)[:, None], filter_rows(x, rows), x)
+    lp = jax.nn.log_softmax(x, axis=-1)
+    top, top_ids = jax.lax.top_k(lp, k)
+    return Logprobs(jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0],
+                    top_ids.astype(jnp.int32), top)
+
+  none = lambda x: Logprobs(jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32),
+                            jnp.zeros((b, k), jnp.float32))
+  return jax.lax.cond(jnp.any(rows.logprobs), compute, none, logits)
+
+
+def prompt_logprobs(logits, targets) -> Logprobs:
+  """The model's own logprobs (no sampling setting applies) of each prompt position's next
+  token: logits [B, T, V], targets [B, T] (-1: none, logprob 0)."""
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  top, top_ids = jax.lax.top_k(lp, top_width(lp.shape[-1]))
+  chosen = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+  return Logprobs(jnp.where(targets >= 0, chosen, 0.0), top_ids.astype(jnp.int32), top)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdjax.engine import detokenize, paging, steps
-from fdjax.engine.request import Event, Request
-from fdjax.engine.sampling import RowSampling
+from fdjax.engine.request import Event, Request, TokenLogprob
+from fdjax.engine.sampling import RowSampling, Settings
 from fdjax.engine.steps import pow2
 
 
@@ -80,13 +80,17 @@ class Scheduler:
 
   def _admit(self):
     pool = self.runner.kv.pool
-    while self.waiting and len(self.active) < self.max_batch:
-      req = self.waiting[0]
+    for req in list(self.waiting):
+      if len(self.active) >= self.max_batch:
+        return
+      if req.after is not None and req.after.state in ("new", "waiting", "prefill"):
+        continue  # its sibling's prompt pages come first: it will share them (n > 1)
       try:
-        req.pages, req.computed = pool.allocate(req.prompt, len(req.prompt) + req.max_tokens)
+        req.pages, req.computed = pool.allocate(req.prompt, len(req.prompt) + req.max_tokens,
+                                                reuse=not req.prompt_logprobs)
       except paging.PoolExhausted:
         return  # it waits for pages (request.check made sure it fits an empty pool)
-      self.waiting.popleft()
+      self.waiting.remove(req)
       req.state = "prefill"
       self.active.append(req)
 
@@ -98,17 +102,49 @@ class Scheduler:
     lengths[:len(reqs)] = [r.computed for r in reqs]
     ids, n = steps.pack(pieces, rows, chunk)
     width = self._width(max([chunk] + [r.computed + len(p) for r, p in zip(reqs, pieces)]))
-    _, last = self.runner.prefill(self.runner.cache(_table(reqs, rows, width), lengths), ids, n)
+    targets = None
+    if any(r.prompt_logprobs for r in reqs):  # each position's next prompt token
+      targets = steps.pack([r.prompt[r.computed + 1:r.computed + len(p) + 1]
+                            for r, p in zip(reqs, pieces)], rows, chunk, fill=-1)[0]
+    out = self.runner.prefill(self.runner.cache(_table(reqs, rows, width), lengths), ids, n,
+                              targets=targets)
+    if targets is not None:
+      lp = [steps.to_host(a) for a in out[2]]
+      for i, (r, p) in enumerate(zip(reqs, pieces)):
+        if r.prompt_logprobs:
+          if r.prompt_lp is None:
+            r.prompt_lp = [TokenLogprob(r.prompt[0], None, [])]
+          r.prompt_lp += _logprobs(lp, i, r.prompt[r.computed + 1:r.computed + len(p) + 1])
     for r, p in zip(reqs, pieces):
       r.computed += len(p)
-    if any(r.computed == len(r.prompt) for r in reqs):
-      first = self.runner.first(last, np.ones(rows, bool), 2, out_len=1,
-                                rows=_sampling(reqs, rows), positions=lengths + n).last
-      first = steps.to_host(first)
-      for i, r in enumerate(reqs):
-        if r.computed == len(r.prompt):
-          r.state = "decode"
-          self._accept(r, [int(first[i])])
+    ready = [r.computed == len(r.prompt) for r in reqs]
+    if not any(ready):
+      return
+    for r, now in zip(reqs, ready):
+      if now:  # requests that start the same way (n > 1) share its pages from now on
+        self.runner.kv.pool.publish(r.pages, r.prompt)
+    sampling = _sampling(reqs, rows)
+    first = self.runner.first(out[1], np.ones(rows, bool), 2, out_len=1, rows=sampling,
+                              positions=lengths + n, tokens=self._history(reqs, rows, False))
+    tokens = steps.to_host(first.out)[:, 0]
+    lp = _row_logprobs(first, reqs)
+    for i, r in enumerate(reqs):
+      if not ready[i]:
+        continue
+      if r.max_tokens == 0:  # the prompt's logprobs only (echo)
+        self.finish(r, "length")
+      else:
+        r.state = "decode"
+        self._accept(r, [int(tokens[i])],
+                     lp and r.logprobs and _logprobs(lp, i, [int(tokens[i])], step=0))
+
+  def _history(self, reqs, rows, generated=True):
+    """Each row's tokens so far [rows, max_model_len] (-1 past them) when a row's penalties
+    read them, else [rows, 1] (one compiled program each way)."""
+    if not any(r.needs_history for r in reqs):
+      return np.full((rows, 1), -1, np.int32)
+    return steps.pack([r.prompt + (r.tokens if generated else []) for r in reqs], rows,
+                      self.max_model_len, fill=-1)[0]
 
   def _decode(self, reqs, n_steps):
     rows = pow2(len(reqs))
@@ -119,31 +155,36 @@ class Scheduler:
     # Rows that end early keep stepping (their writes past their pages are dropped), so the
     # table covers every row's length after `n_steps` steps.
     width = self._width(max(r.cached_len for r in reqs) + n_steps)
-    out = self._decode_call(first, _table(reqs, rows, width), lengths, max_new,
-                            _sampling(reqs, rows))
+    loop = self._decode_call(first, _table(reqs, rows, width), lengths, max_new,
+                             _sampling(reqs, rows), self._history(reqs, rows))
+    out, lp = steps.to_host(loop.out), _row_logprobs(loop, reqs)
     for i, r in enumerate(reqs):
-      self._accept(r, [int(t) for t in out[i, 1:] if t >= 0])
+      new = [int(t) for t in out[i, 1:] if t >= 0]
+      self._accept(r, new, lp and r.logprobs and _logprobs(lp, i, new, step=1))
 
-  def _decode_call(self, first, table, lengths, max_new, sampling):
-    loop = self.runner.from_tokens(first, max_new > 0, max_new, out_len=self.steps_per_call + 1)
+  def _decode_call(self, first, table, lengths, max_new, sampling, history):
+    loop = self.runner.from_tokens(first, max_new > 0, max_new, out_len=self.steps_per_call + 1,
+                                   rows=sampling, history=history)
     loop, _ = self.runner.decode(loop, self.runner.cache(table, lengths), max_new,
                                  int(max_new.max()), rows=sampling)
-    return steps.to_host(loop.out)
+    return loop
 
-  def _accept(self, req: Request, new: list[int]):
-    """Takes a request's new tokens, ends it on EOS, a stop string or max_tokens, and tells
-    it the text that is now certain."""
+  def _accept(self, req: Request, new: list[int], logprobs=None):
+    """Takes a request's new tokens (with their logprobs when it asked), ends it on EOS, a
+    stop string or max_tokens, and tells it the text that is now certain."""
     now = time.perf_counter()
     gap = now - (req.t_last or req.t_submit)
     req.t_first = req.t_first or now
     req.t_last = now
     count, reason, delta = detokenize.accept(req, new, self.tokenizer, self.eos)
+    logprobs = (logprobs or [])[:count]
     if reason:
-      self.finish(req, reason, delta, count, now, gap=gap)
+      self.finish(req, reason, delta, count, now, gap=gap, logprobs=logprobs)
     else:
-      req.emit(Event(delta, count, None, len(req.prompt), len(req.tokens), now, gap))
+      req.emit(Event(delta, count, None, len(req.prompt), len(req.tokens), now, gap,
+                     logprobs=logprobs, prompt_logprobs=_prompt_logprobs(req)))
 
-  def finish(self, req, reason, delta="", count=0, now=None, gap=0.0):
+  def finish(self, req, reason, delta="", count=0, now=None, gap=0.0, logprobs=()):
     if req.state == "done":
       return
     if req in self.active:
@@ -151,7 +192,8 @@ class Scheduler:
       self.runner.kv.pool.finish(req.pages, (req.prompt + req.tokens)[:req.cached_len])
     req.state, req.finish_reason = "done", reason
     req.emit(Event(delta, count, reason, len(req.prompt), len(req.tokens),
-                   now or time.perf_counter(), gap))
+                   now or time.perf_counter(), gap, logprobs=list(logprobs),
+                   prompt_logprobs=_prompt_logprobs(req)))
 
   def fail_all(self, message: str):
     """Ends every request with an error (their pages released, not cached)."""
@@ -182,13 +224,14 @@ class Scheduler:
     shapes, run, zeros = self.shapes(), self.runner, lambda *s: np.zeros(s, np.int32)
     for rows, width in shapes.decode:
       self._decode_call(zeros(rows), _table([], rows, width), zeros(rows),
-                        np.ones(rows, np.int32), _sampling([], rows))
+                        np.ones(rows, np.int32), _sampling([], rows), self._history([], rows))
     for rows, chunk, width in shapes.prefill:
       run.prefill(run.cache(_table([], rows, width), zeros(rows)), zeros(rows, chunk),
                   zeros(rows))
     for rows in shapes.first:
       run.first(jnp.zeros((rows, run.vocab_size), jnp.float32), np.ones(rows, bool), 2,
-                out_len=1, rows=_sampling([], rows), positions=zeros(rows))
+                out_len=1, rows=_sampling([], rows), positions=zeros(rows),
+                tokens=self._history([], rows))
 
 
 def _table(reqs, rows, width):
@@ -196,5 +239,28 @@ def _table(reqs, rows, width):
 
 
 def _sampling(reqs, rows) -> RowSampling:
-  settings = [(r.temperature, r.top_k, r.top_p, r.seed) for r in reqs]
-  return RowSampling.of(settings + [(0.0, None, None, 0)] * (rows - len(reqs)))
+  return RowSampling.of([r.settings() for r in reqs] + [Settings()] * (rows - len(reqs)),
+                        [len(r.prompt) for r in reqs] + [0] * (rows - len(reqs)))
+
+
+def _row_logprobs(loop, reqs):
+  """The loop's logprobs on the host (logprob, top_ids, top), or None when no row asked."""
+  if not any(r.logprobs for r in reqs):
+    return None
+  return tuple(steps.to_host(a) for a in (loop.rows.logprob, loop.rows.top_ids, loop.rows.top))
+
+
+def _logprobs(lp, row, tokens, step=None) -> list[TokenLogprob]:
+  """TokenLogprobs of a row's `tokens`, from a loop's (logprob [B, out], top_ids, top) at
+  steps from `step` on, or a prefill's (logprob [B, chunk], ...) from position 0."""
+  chosen, top_ids, top = (a[row] for a in lp)
+  at = step or 0
+  return [TokenLogprob(t, float(chosen[at + j]), list(zip(top_ids[at + j].tolist(),
+                                                          top[at + j].tolist())))
+          for j, t in enumerate(tokens)]
+
+
+def _prompt_logprobs(req):
+  """The prompt's logprobs, handed out once, with the request's first event."""
+  lp, req.prompt_lp = req.prompt_lp, None
+  return lp

@@ -4,6 +4,8 @@ state the decode loop carries, and the rules both size their calls by.
 - `prefill_step`: one chunk of every row's prompt into the paged cache.
 - `first_token`: every row's first new token from its prompt's last logits.
 - `initial_state`: the loop's state for tokens already chosen (a served request's latest).
+- per-row sampling (served requests, sampling.RowSampling): each row's own settings,
+  penalties and logit bias, and its logprobs recorded on device (`RowState`).
 - `decode_steps`: decode steps on device in one `lax.while_loop` until a step count or
   every row is done.
 
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fdjax.engine import sampling
 from fdjax.engine.sampling import sample, sample_rows
 from fdjax.ops import checks, dispatch
 
@@ -37,6 +40,29 @@ class LoopState(NamedTuple):
   done: jax.Array   # bool [B]: at EOS, at its max_new tokens, or not an active row
   last: jax.Array   # int32 [B]: each row's latest token, the next step's input (0 when done)
   key: jax.Array    # the PRNG key of the next step
+  rows: "RowState | None" = None  # per-row sampling's state (served requests), else None
+
+
+class RowState(NamedTuple):
+  """What per-row sampling carries: the tokens the penalties count, and the logprobs of
+  every token out (logprob [B, out_len], top_ids / top [B, out_len, K]; zeros unless some
+  row asks for them)."""
+  history: sampling.History
+  logprob: jax.Array
+  top_ids: jax.Array
+  top: jax.Array
+
+  @classmethod
+  def start(cls, history, out_len: int) -> "RowState":
+    b, v = history.counts.shape
+    k = sampling.top_width(v)
+    return cls(history, jnp.zeros((b, out_len), jnp.float32),
+               jnp.zeros((b, out_len, k), jnp.int32), jnp.zeros((b, out_len, k), jnp.float32))
+
+  def put(self, step, lp: sampling.Logprobs) -> "RowState":
+    return self._replace(logprob=self.logprob.at[:, step].set(lp.chosen),
+                         top_ids=self.top_ids.at[:, step].set(lp.top_ids),
+                         top=self.top.at[:, step].set(lp.top))
 
 
 # ----------------------------------------------------------------------------- the rules
@@ -86,10 +112,10 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def pack(pieces, rows: int, width: int):
-  """Ragged token lists as (ids [rows, width] int32, right-padded with 0; n [rows], each
+def pack(pieces, rows: int, width: int, fill: int = 0):
+  """Ragged token lists as (ids [rows, width] int32, right-padded with `fill`; n [rows], each
   list's length; rows past the lists are empty)."""
-  ids = np.zeros((rows, width), np.int32)
+  ids = np.full((rows, width), fill, np.int32)
   n = np.zeros((rows,), np.int32)
   for i, piece in enumerate(pieces):
     ids[i, :len(piece)] = piece
@@ -101,45 +127,74 @@ def pack(pieces, rows: int, width: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "target"),
                    donate_argnums=(4, 5))
-def prefill_step(graphdef, state, ids, n, cache, last, *, impl, target=None):
+def prefill_step(graphdef, state, ids, n, cache, last, targets=None, *, impl, target=None):
   """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache;
-  `last` keeps each row's logits at its latest token."""
-  TRACE_COUNT["prefill"] += 1
+  `last` keeps each row's logits at its latest token. With `targets` [rows, chunk] (the
+  prompt's next token at each position, -1 where there is none) it also returns the
+  logprobs of those tokens (sampling.prompt_logprobs), from the logits of every position."""
+  TRACE_COUNT["prefill" if targets is None else "prefill_logprobs"] += 1
   model = nnx.merge(graphdef, state)
   with dispatch.using(impl), dispatch.lowering_for(target):
-    logits, cache = model(ids, cache=cache, lengths=n, last_only=True)
-  return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
+    logits, cache = model(ids, cache=cache, lengths=n, last_only=targets is None)
+  if targets is None:
+    return cache, jnp.where((n > 0)[:, None], logits[:, 0], last)
+  at_last = logits[jnp.arange(ids.shape[0]), jnp.maximum(n - 1, 0)]
+  return (cache, jnp.where((n > 0)[:, None], at_last, last),
+          sampling.prompt_logprobs(logits, targets))
 
 
-def _pick(logits, key, sampler, rows, positions):
+def _pick(logits, key, sampler, rows, positions, history, eos):
   """The next token of every row: one static Sampler for all, or each row's own (rows, a
-  sampling.RowSampling, drawing the token at positions[b])."""
+  sampling.RowSampling, drawing the token at positions[b] from its adjusted logits); the
+  second is its logprobs then (None with a Sampler)."""
   if rows is None:
-    return sample(logits, key, sampler)
-  return sample_rows(logits, rows, positions)
+    return sample(logits, key, sampler), None
+  x = sampling.adjust(logits, rows, history, positions, eos)
+  token = sample_rows(x, rows, positions)
+  return token, sampling.logprobs(x, rows, token)
 
 
-def initial_state(first, key, eos, active, max_new, *, out_len) -> LoopState:
+def _ends(token, eos, rows):
+  """Whether each row's token ends it (EOS, unless the row ignores EOS)."""
+  hit = jnp.isin(token, eos)
+  return hit if rows is None else hit & ~rows.ignore_eos
+
+
+def initial_state(first, key, eos, active, max_new, rows=None, tokens=None, *, out_len,
+                  vocab_size=None) -> LoopState:
   """The loop's state after each row's token `first` (its K/V not yet in the cache), out[:, 0]
   = first. A row is done from the start when not `active`, at EOS, or when max_new (a scalar
-  or one per row, `first` counted) is 1."""
+  or one per row, `first` counted) is 1. With per-row `rows` (sampling.RowSampling), `tokens`
+  [B, T] are each row's tokens so far, `first` the last of them (-1 past the end): what its
+  penalties count."""
   out = jnp.full((first.shape[0], out_len), -1, jnp.int32).at[:, 0].set(first)
-  done = ~active | jnp.isin(first, eos) | (max_new <= 1)
-  return LoopState(jnp.int32(1), out, done, first, key)
+  done = ~active | _ends(first, eos, rows) | (max_new <= 1)
+  row_state = None
+  if rows is not None:
+    row_state = RowState.start(sampling.history(tokens, rows, vocab_size), out_len)
+  return LoopState(jnp.int32(1), out, done, first, key, row_state)
 
 
-initial_state_jit = jax.jit(initial_state, static_argnames=("out_len",))
+initial_state_jit = jax.jit(initial_state, static_argnames=("out_len", "vocab_size"))
 
 
 @functools.partial(jax.jit, static_argnames=("sampler", "out_len"))
-def first_token(logits, key, eos, active, max_new, rows=None, positions=None, *,
+def first_token(logits, key, eos, active, max_new, rows=None, positions=None, tokens=None, *,
                 sampler=None, out_len) -> LoopState:
-  """Every row's first new token, from its prompt's last logits (one `sampler` for all, or
-  each row's own `rows` drawing at `positions`): the decode loop's starting state."""
+  """Every row's first new token, from its prompt's last logits: one `sampler` for all, or
+  each row's own `rows` drawing at `positions`, `tokens` [B, T] its prompt (-1 past the end),
+  what its penalties count. The decode loop's starting state."""
   TRACE_COUNT["first"] += 1
   key, sub = jax.random.split(key)
-  return initial_state(_pick(logits, sub, sampler, rows, positions), key, eos, active,
-                       max_new, out_len=out_len)
+  vocab = logits.shape[-1]
+  history = None if rows is None else sampling.history(tokens, rows, vocab)
+  first, lp = _pick(logits, sub, sampler, rows, positions, history, eos)
+  loop = initial_state(first, key, eos, active, max_new, rows, tokens, out_len=out_len,
+                       vocab_size=vocab)
+  if rows is None:
+    return loop
+  return loop._replace(rows=RowState.start(sampling.record(history, first, active),
+                                           out_len).put(0, lp))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "impl", "target"),
@@ -148,7 +203,8 @@ def decode_steps(graphdef, state, loop: LoopState, cache, eos, max_new, stop, ro
                  sampler=None, impl, target=None):
   """Decode steps on device from `loop` until `stop` tokens are out or every row is done (at
   EOS or its max_new tokens: a scalar or one per row); one `sampler` for all rows, or each
-  row's own `rows` (sampling.RowSampling). Returns the state to go on from and the cache."""
+  row's own `rows` (sampling.RowSampling, with loop.rows its state). Returns the state to go
+  on from and the cache."""
   TRACE_COUNT["decode"] += 1
   model = nnx.merge(graphdef, state)
 
@@ -161,9 +217,14 @@ def decode_steps(graphdef, state, loop: LoopState, cache, eos, max_new, stop, ro
     with dispatch.using(impl), dispatch.lowering_for(target):
       logits, cache = model(loop.last[:, None], cache=cache)
     key, sub = jax.random.split(loop.key)
-    nxt = _pick(logits[:, 0], sub, sampler, rows, cache.lengths)
+    nxt, lp = _pick(logits[:, 0], sub, sampler, rows, cache.lengths,
+                    None if rows is None else loop.rows.history, eos)
     out = loop.out.at[:, loop.step].set(jnp.where(loop.done, -1, nxt))
-    done = loop.done | jnp.isin(nxt, eos) | (loop.step + 1 >= max_new)
-    return LoopState(loop.step + 1, out, done, jnp.where(done, 0, nxt), key), cache
+    done = loop.done | _ends(nxt, eos, rows) | (loop.step + 1 >= max_new)
+    row_state = loop.rows
+    if rows is not None:
+      row_state = row_state._replace(
+          history=sampling.record(row_state.history, nxt, ~loop.done)).put(loop.step, lp)
+    return LoopState(loop.step + 1, out, done, jnp.where(done, 0, nxt), key, row_state), cache
 
   return jax.lax.while_loop(cond, body, (loop, cache))
