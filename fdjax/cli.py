@@ -120,7 +120,8 @@ def cmd_serve(args):
                served_model_name=args.served_model_name,
                dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
-               log_level=args.log_level, max_batch=args.max_batch, max_queue=args.max_queue,
+               log_level=args.log_level, strict_fields=args.strict_fields,
+               max_batch=args.max_batch, max_queue=args.max_queue,
                page_size=args.page_size, num_pages=args.num_pages,
                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
                steps_per_call=args.steps_per_call)
@@ -183,6 +184,9 @@ def build_parser():
                  "trip when no request waits")
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
                  "before serving")
+  s.add_argument("--strict-fields", action="store_true", help="refuse the client extras "
+                 "fdjax ignores by default (store, metadata, user, service_tier, ...: "
+                 "fdjax.serving.api.IGNORED)")
   s.add_argument("--log-level", default="info")
   _mesh_args(s)
   s.set_defaults(fn=cmd_serve)

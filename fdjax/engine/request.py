@@ -127,7 +127,7 @@ def check(req: Request, vocab_size: int, max_model_len: int):
                      f"{len(req.logit_bias)}")
   bad = [t for t, _ in req.logit_bias if not 0 <= t < vocab_size]
   if bad:
-    raise BadRequest("logit_bias", f"token id {bad[0]} is outside the vocabulary "
+    raise BadRequest("logit_bias", f"logit_bias: token id {bad[0]} is outside the vocabulary "
                      f"[0, {vocab_size})")
   if req.min_tokens < 0:
     raise BadRequest("min_tokens", f"min_tokens must be >= 0, got {req.min_tokens}")

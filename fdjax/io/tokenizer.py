@@ -18,6 +18,10 @@ class ByteTokenizer:
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+  def token_bytes(self, token: int) -> bytes:
+    """A token's own bytes (a lone byte of a multi-byte character decodes to U+FFFD)."""
+    return bytes([int(token)])
+
 
 class HFTokenizer:
 

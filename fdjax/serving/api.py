@@ -1,13 +1,19 @@
 """The OpenAI wire format of `fdjax serve`: request bodies (validated, with the field at fault
-named), error objects, responses and the streamed chunks, for /v1/completions and
-/v1/chat/completions.
+named), the field policy, error objects, responses and the streamed chunks, for
+/v1/completions and /v1/chat/completions.
 
-Fields taken: model, prompt (a string, a list of strings, or a list of token ids) or messages,
-max_tokens (chat: also max_completion_tokens), temperature, top_p, top_k (an extension:
-null or >= 1), seed, stop (a string or a list of strings), stream, stream_options
-({"include_usage": bool}), and, at their only supported values, n (1), echo (false),
-logprobs (null / false), presence_penalty and frequency_penalty (0), user (ignored). Any other
-field, or a field of the wrong type or out of range, is a 400 naming it.
+Fields taken, as OpenAI defines them: model, prompt (a string, a list of strings, a list of
+token ids, or a list of token-id lists) or messages, max_tokens (chat: also
+max_completion_tokens; completions take 0 with echo), temperature, top_p, seed (any int64),
+stop, stream, stream_options (include_usage; continuous_usage_stats, vLLM's, puts the usage
+so far in every chunk), n, presence_penalty, frequency_penalty, logit_bias, logprobs
+(completions: how many top tokens; chat: true/false, with top_logprobs), echo, best_of (equal
+to n). Extensions, as vLLM names them: top_k, repetition_penalty, min_tokens, ignore_eos.
+
+The field policy, in one place: a field OpenAI defines that fdjax does not implement is a
+400 saying it is not supported (UNSUPPORTED); a harmless client extra (IGNORED) is accepted
+and ignored, unless the server runs with --strict-fields; any other unknown field, or a field
+of the wrong type or out of range, is a 400 naming it.
 """
 from __future__ import annotations
 
@@ -16,21 +22,43 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 MAX_STOP = 16
+MAX_N = 64
+# Fields OpenAI defines that fdjax does not implement: refused by name.
+UNSUPPORTED = {
+    "completions": ("suffix",),
+    "chat": ("audio", "modalities", "prediction", "web_search_options", "functions",
+             "function_call", "tools", "tool_choice", "response_format"),
+}
+# Fields clients send that change nothing fdjax computes: accepted and ignored (with
+# --strict-fields, refused as unknown). Dotted names are inside an object.
+IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key",
+           "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "moderation",
+           "verbosity", "reasoning_effort", "parallel_tool_calls",
+           "stream_options.include_obfuscation")
+# Values of an unsupported field that mean "not used", as clients send them.
+_UNSET = {"suffix": ("",), "modalities": (["text"],), "tools": ([],)}
 # How pydantic names the member of a union in an error's location (not a field).
-_UNION_TAGS = {"str", "int", "float", "bool", "TextPart", "StreamOptions"}
+_UNION_TAGS = {"str", "int", "float", "bool", "TextPart", "StreamOptions", "list[int]",
+               "list[str]", "list[list[int]]", "dict[str,float]"}
 
 
 class ApiError(Exception):
-  """An error the client gets as {"error": {...}} with this HTTP status."""
+  """An error the client gets as {"error": {...}} with this HTTP status; `reason` labels it in
+  fdjax_requests_rejected_total."""
 
   def __init__(self, status: int, message: str, param: str | None = None,
-               type: str = "invalid_request_error", code: str | None = None):
+               type: str = "invalid_request_error", code: str | None = None,
+               reason: str | None = None):
     super().__init__(message)
     self.status, self.message, self.param, self.type, self.code = (status, message, param, type,
                                                                    code)
+    self.reason = reason or code or {404: "not_found", 405: "method_not_allowed",
+                                     415: "unsupported_media_type"}.get(status, "bad_request")
 
   def body(self) -> dict:
     return error_body(self.message, self.param, self.type, self.code)
@@ -47,6 +75,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
   include_usage: bool = False
+  continuous_usage_stats: bool = False
 
 
 class _Sampling(_Strict):
@@ -55,14 +84,31 @@ class _Sampling(_Strict):
   temperature: float = Field(1.0, ge=0.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   top_k: int | None = Field(None, ge=1)
-  seed: int | None = Field(None, ge=0, lt=2 ** 32)
+  seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)
   stop: str | list[str] | None = None
   stream: bool = False
   stream_options: StreamOptions | None = None
-  n: Literal[1] = 1
-  presence_penalty: Literal[0] = 0
-  frequency_penalty: Literal[0] = 0
-  user: str | None = None
+  n: int = Field(1, ge=1, le=MAX_N)
+  presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+  frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+  repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+  logit_bias: dict[str, float] | None = None
+  min_tokens: int = Field(0, ge=0)
+  ignore_eos: bool = False
+
+  @field_validator("logit_bias")
+  @classmethod
+  def _bias(cls, value):
+    if value is None:
+      return value
+    if len(value) > MAX_LOGIT_BIAS:
+      raise ValueError(f"takes up to {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    for key, bias in value.items():
+      if not key.isdigit():
+        raise ValueError(f"keys are token ids, got {key!r}")
+      if not -100 <= bias <= 100:
+        raise ValueError(f"biases are in [-100, 100], got {bias} for token {key}")
+    return value
 
   def stop_strings(self) -> tuple[str, ...]:
     stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -70,13 +116,37 @@ class _Sampling(_Strict):
       raise ApiError(400, f"stop takes up to {MAX_STOP} non-empty strings", "stop")
     return tuple(stop)
 
+  def bias_pairs(self) -> tuple:
+    return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+
+  def check(self):
+    """Rules across fields."""
+    if self.stream_options is not None and not self.stream:
+      raise ApiError(400, "stream_options is only allowed when stream is true",
+                     "stream_options")
+
+  @property
+  def top_logprobs_count(self) -> int | None:
+    """How many top tokens each token's logprobs list, or None for no logprobs."""
+    raise NotImplementedError
+
 
 class CompletionRequest(_Sampling):
-  prompt: str | list[int] | list[str]
-  max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-  echo: Literal[False] = False
-  logprobs: None = None
-  suffix: None = None
+  prompt: str | list[int] | list[str] | list[list[int]]
+  max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo
+  echo: bool = False
+  logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+  best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+  def check(self):
+    super().check()
+    if self.best_of is not None and self.best_of != self.n:
+      raise ApiError(400, f"best_of ({self.best_of}) other than n ({self.n}) is not supported",
+                     "best_of")
+
+  @property
+  def top_logprobs_count(self) -> int | None:
+    return self.logprobs
 
 
 class TextPart(_Strict):
@@ -102,39 +172,71 @@ class Message(BaseModel):
 class ChatRequest(_Sampling):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
-  logprobs: Literal[False] | None = None
+  logprobs: bool = False
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+  def check(self):
+    super().check()
+    if self.top_logprobs is not None and not self.logprobs:
+      raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
 
   @property
   def limit(self) -> int | None:
     return self.max_completion_tokens if self.max_completion_tokens is not None else \
         self.max_tokens
 
+  @property
+  def top_logprobs_count(self) -> int | None:
+    return (self.top_logprobs or 0) if self.logprobs else None
 
-def parse(kind: type[_Sampling], body: bytes) -> _Sampling:
+
+def _policy(kind: type[_Sampling], data: dict, strict: bool) -> dict:
+  """The body with ignored extras dropped (not when strict); ApiError for a field OpenAI
+  defines that fdjax does not implement."""
+  endpoint = "completions" if kind is CompletionRequest else "chat"
+  for name in UNSUPPORTED[endpoint]:
+    if name in data and data[name] not in _UNSET.get(name, ()):
+      raise ApiError(400, f"field {name!r} is not supported by this server", name,
+                     reason="unsupported_field")
+    data.pop(name, None)
+  if strict:
+    return data
+  for name in IGNORED:
+    outer, _, inner = name.partition(".")
+    if not inner:
+      data.pop(name, None)
+    elif isinstance(data.get(outer), dict):
+      data[outer] = {k: v for k, v in data[outer].items() if k != inner}
+  return data
+
+
+def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling:
   """The request body as `kind`, or ApiError 400 naming the first field at fault. A field
   sent as null takes its default, as OpenAI's API does."""
   try:
     data = json.loads(body)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-  if isinstance(data, dict):
-    body = json.dumps({k: v for k, v in data.items() if v is not None})
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    raise ApiError(400, f"the request body is not valid JSON: {e}", reason="bad_json") from None
+  if not isinstance(data, dict):
+    raise ApiError(400, "the request body must be a JSON object", reason="bad_json")
+  data = _policy(kind, {k: v for k, v in data.items() if v is not None}, strict)
   try:
-    return kind.model_validate_json(body)
+    request = kind.model_validate_json(json.dumps(data))
   except ValidationError as e:
     err = e.errors()[0]
     loc = [str(part) for part in err["loc"]]
-    if not loc:
-      raise ApiError(400, "the request body must be a JSON object") from None
     where = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]
                              if "[" not in p and p not in _UNION_TAGS)
     if err["type"] == "extra_forbidden":
-      message = f"unknown field {where!r}"
+      message, reason = f"unknown field {where!r}", "unknown_field"
     elif err["type"] == "missing":
-      message = f"field {where!r} is required"
+      message, reason = f"field {where!r} is required", "missing_field"
     else:
-      message = f"field {where!r}: {err['msg']} (got {json.dumps(err.get('input'))[:80]})"
-    raise ApiError(400, message, loc[0]) from None
+      message, reason = (f"field {where!r}: {err['msg']} (got "
+                         f"{json.dumps(err.get('input'))[:80]})", "invalid_value")
+    raise ApiError(400, message, loc[0], reason=reason) from None
+  request.check()
+  return request
 
 
 # ------------------------------------------------------------------------- responses
@@ -148,36 +250,64 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
           "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _envelope(rid, obj, model, choices, extra=None):
+def envelope(rid, obj, model, choices, extra=None):
   return {"id": rid, "object": obj, "created": int(time.time()), "model": model,
           "choices": choices, **(extra or {})}
 
 
-def completion(rid, model, texts, reasons, prompt_tokens, completion_tokens) -> dict:
-  return _envelope(rid, "text_completion", model, [
-      {"index": i, "text": t, "finish_reason": r, "logprobs": None}
-      for i, (t, r) in enumerate(zip(texts, reasons))],
-      {"usage": usage(prompt_tokens, completion_tokens)})
+def _token_bytes(tokenizer, token: int) -> bytes:
+  exact = getattr(tokenizer, "token_bytes", None)
+  return exact(token) if exact else tokenizer.decode([token]).encode()
 
 
-def chat_completion(rid, model, text, reason, prompt_tokens, completion_tokens) -> dict:
-  return _envelope(rid, "chat.completion", model, [
-      {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-       "logprobs": None}], {"usage": usage(prompt_tokens, completion_tokens)})
+def _finite(pairs, k):
+  """The first k (id, logprob) pairs that are candidates at all (filtered tokens are -inf)."""
+  return [(t, lp) for t, lp in pairs[:k] if lp > float("-inf")]
 
 
-def completion_chunk(rid, model, text, reason=None) -> dict:
-  return _envelope(rid, "text_completion", model,
-                   [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}])
+def completion_logprobs(tokenizer, items, k: int, offset: int = 0) -> dict:
+  """OpenAI's completions logprobs of TokenLogprobs: tokens, token_logprobs, top_logprobs
+  (the k most likely and the token itself; null where nothing predicts it) and text_offset
+  (from `offset`, each token's text as decoded alone)."""
+  out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+  for item in items:
+    text = tokenizer.decode([item.token])
+    out["tokens"].append(text)
+    out["token_logprobs"].append(item.logprob)
+    out["text_offset"].append(offset)
+    offset += len(text)
+    if item.logprob is None:
+      out["top_logprobs"].append(None)
+    else:
+      top = {tokenizer.decode([t]): lp for t, lp in _finite(item.top, k)}
+      top.setdefault(text, item.logprob)
+      out["top_logprobs"].append(top)
+  return out
 
 
-def chat_chunk(rid, model, delta: dict, reason=None) -> dict:
-  return _envelope(rid, "chat.completion.chunk", model,
-                   [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}])
+def chat_logprobs(tokenizer, items, k: int) -> dict:
+  """OpenAI's chat logprobs of TokenLogprobs: content [{token, logprob, bytes,
+  top_logprobs [k of the same]}]."""
+  def entry(token, logprob):
+    raw = _token_bytes(tokenizer, token)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+            "bytes": list(raw)}
+  return {"content": [{**entry(i.token, i.logprob),
+                       "top_logprobs": [entry(t, lp) for t, lp in _finite(i.top, k)]}
+                      for i in items], "refusal": None}
 
 
-def usage_chunk(rid, model, obj, prompt_tokens, completion_tokens) -> dict:
-  return _envelope(rid, obj, model, [], {"usage": usage(prompt_tokens, completion_tokens)})
+def completion_choice(index, text, reason, logprobs=None) -> dict:
+  return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
+
+
+def chat_choice(index, text, reason, logprobs=None) -> dict:
+  return {"index": index, "message": {"role": "assistant", "content": text},
+          "finish_reason": reason, "logprobs": logprobs}
+
+
+def chat_delta(index, delta: dict, reason=None, logprobs=None) -> dict:
+  return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
 
 
 def sse(data) -> str:

@@ -25,8 +25,9 @@ class Metrics:
     self.registry = r = CollectorRegistry()
     self.received = Counter("fdjax_requests_received", "Requests accepted into the queue.",
                             registry=r)
-    self.rejected = Counter("fdjax_requests_rejected", "Requests refused (queue_full, "
-                            "bad_request).", ["reason"], registry=r)
+    self.rejected = Counter("fdjax_requests_rejected", "Requests refused with a 4xx, "
+                            "by reason (queue_full, bad_request, unknown_field, invalid_value, "
+                            "model_not_found, not_found, ...).", ["reason"], registry=r)
     self.finished = Counter("fdjax_requests_finished", "Requests ended, by finish reason "
                             "(stop, length, cancelled, error).", ["finish_reason"], registry=r)
     self.prompt_tokens = Counter("fdjax_prompt_tokens", "Prompt tokens of ended requests.",

@@ -7,10 +7,16 @@ engine (fdjax.engine.core), which batches the requests as they arrive.
   GET  /health                200 while the engine runs
   GET  /metrics               Prometheus text (fdjax.serving.metrics)
 
+  GET  /v1/models/{id}        the served model, or a 404
+
 Streams are server-sent events, `data: {chunk}` lines then `data: [DONE]`, as the OpenAI
-client reads them. A client that goes away (mid-stream or while waiting for a whole answer)
-cancels its request, whose pages the engine frees at its next iteration. Bad input is a 400
-with an OpenAI error object naming the field; a full queue is a 429 at once.
+client reads them; the n choices of each prompt (a completion may have several prompts)
+stream interleaved, each chunk naming its choice's index. A client that goes away
+(mid-stream or while waiting for a whole answer) cancels its requests, whose pages the
+engine frees at its next iteration. Bad input is a 400 with an OpenAI error object naming
+the field (fdjax.serving.api has the field policy), a body that is not JSON a 415, an
+unknown model or path a 404, a full queue a 429 at once; each is counted by reason in
+fdjax_requests_rejected_total.
 """
 from __future__ import annotations
 
@@ -71,23 +77,57 @@ class _EventStream:
       self.on_close()
 
 
-class _Call:
-  """One HTTP request's engine requests and their events, delivered to the event loop."""
+class _Results:
+  """A call's whole answer: per choice its text, finish reason, tokens' logprobs and (echo)
+  the prompt's."""
 
-  def __init__(self, server: "Server", prompts, body: api._Sampling, max_tokens):
-    self.server = server
+  def __init__(self, n):
+    self.texts, self.reasons = [""] * n, [None] * n
+    self.logprobs, self.prompt_logprobs = [[] for _ in range(n)], [None] * n
+    self.completion_tokens = [0] * n
+
+  def add(self, i, event):
+    self.texts[i] += event.text
+    self.logprobs[i] += event.logprobs
+    if event.prompt_logprobs is not None:
+      self.prompt_logprobs[i] = event.prompt_logprobs
+    self.completion_tokens[i] = event.completion_tokens
+    if event.finish_reason:
+      self.reasons[i] = event.finish_reason
+
+
+class _Call:
+  """One HTTP request's engine requests, n choices of each prompt (choice index: prompt * n +
+  j; the n share their prompt's pages), and their events, delivered to the event loop."""
+
+  def __init__(self, server: "Server", prompts, body: api._Sampling, max_tokens, echo=False):
+    self.server, self.prompts, self.n = server, prompts, body.n
     loop = asyncio.get_running_loop()
     seed = body.seed if body.seed is not None else secrets.randbits(32)
-    self.queues = [asyncio.Queue() for _ in prompts]
+    self.queue: asyncio.Queue = asyncio.Queue()
     self.reqs = []
-    for i, (ids, limit) in enumerate(zip(prompts, max_tokens)):
-      def on_event(event, q=self.queues[i]):
-        server.metrics.record(event)
-        loop.call_soon_threadsafe(q.put_nowait, event)
-      self.reqs.append(request.Request(
-          ids, limit, temperature=body.temperature, top_k=body.top_k,
-          top_p=None if body.top_p >= 1.0 else body.top_p, seed=(seed + i) % 2 ** 32,
-          stop=body.stop_strings(), on_event=on_event))
+    want_logprobs = body.top_logprobs_count is not None
+    for ids, limit in zip(prompts, max_tokens):
+      lead = None
+      for j in range(body.n):
+        def on_event(event, i=len(self.reqs)):
+          server.metrics.record(event)
+          loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+        req = request.Request(
+            ids, limit, temperature=body.temperature, top_k=body.top_k,
+            top_p=None if body.top_p >= 1.0 else body.top_p,
+            seed=(seed + len(self.reqs)) % 2 ** 32, stop=body.stop_strings(),
+            on_event=on_event, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=want_logprobs,
+            prompt_logprobs=echo and want_logprobs and j == 0, after=lead)
+        lead = lead or req
+        self.reqs.append(req)
+
+  @property
+  def prompt_tokens(self) -> int:
+    return sum(len(p) for p in self.prompts)
 
   def submit(self):
     engine, n = self.server.engine, 0
@@ -97,12 +137,10 @@ class _Call:
       for n, req in enumerate(self.reqs):
         engine.submit(req)
     except request.BadRequest as e:
-      self.server.metrics.rejected.labels("bad_request").inc()
       raise api.ApiError(400, str(e), e.param) from None
     except request.QueueFull as e:
       for req in self.reqs[:n]:
         engine.cancel(req)
-      self.server.metrics.rejected.labels("queue_full").inc()
       raise api.ApiError(429, str(e), None, "rate_limit_error", "queue_full") from None
     except RuntimeError as e:
       raise api.ApiError(503, str(e), None, "server_error") from None
@@ -113,48 +151,47 @@ class _Call:
       if req.state != "done":
         self.server.engine.cancel(req)
 
-  async def events(self, i):
-    while True:
-      event = await self.queues[i].get()
-      yield event
-      if event.finish_reason:
-        return
+  async def events(self):
+    """(choice index, event) until every choice has ended."""
+    left = len(self.reqs)
+    while left:
+      i, event = await self.queue.get()
+      yield i, event
+      left -= bool(event.finish_reason)
 
-  async def results(self):
-    """(texts, finish reasons, prompt tokens, completion tokens) once every request ends."""
-    async def one(i):
-      text, last = "", None
-      async for event in self.events(i):
-        if event.error:
-          raise api.ApiError(500, event.error, None, "server_error")
-        text, last = text + event.text, event
-      return text, last
-    done = await asyncio.gather(*(one(i) for i in range(len(self.reqs))))
-    return ([t for t, _ in done], [e.finish_reason for _, e in done],
-            sum(e.prompt_tokens for _, e in done), sum(e.completion_tokens for _, e in done))
+  async def results(self) -> _Results:
+    out = _Results(len(self.reqs))
+    async for i, event in self.events():
+      if event.error:
+        raise api.ApiError(500, event.error, None, "server_error")
+      out.add(i, event)
+    return out
 
 
 class Server:
-  """The ASGI app around an engine (started with the app, stopped with it)."""
+  """The ASGI app around an engine (started with the app, stopped with it). strict_fields:
+  the client extras api.IGNORED lists are refused too."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
-               model_name: str):
+               model_name: str, strict_fields: bool = False):
     check_dependencies()
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     from fdjax.serving.metrics import Metrics
     self.engine, self.tokenizer, self.template = engine, tokenizer, template
-    self.model_name = model_name
+    self.model_name, self.strict_fields = model_name, strict_fields
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     routes = [Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
               Route("/v1/chat/completions", self._guard(self.chat_completions),
                     methods=["POST"]),
               Route("/v1/models", self.models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", self._guard(self.model), methods=["GET"]),
               Route("/health", self.health, methods=["GET"]),
               Route("/metrics", self.prometheus, methods=["GET"])]
-    self.app = Starlette(routes=routes, lifespan=self._lifespan)
+    self.app = Starlette(routes=routes, lifespan=self._lifespan,
+                         exception_handlers={404: self._http_error, 405: self._http_error})
 
   def _lifespan(self, app):
     import contextlib
@@ -173,21 +210,56 @@ class Server:
     from starlette.responses import JSONResponse
     return JSONResponse(data, status_code=status, headers=headers)
 
+  def _error(self, e: api.ApiError):
+    """The error response, a 4xx counted with its reason."""
+    if 400 <= e.status < 500 and e.status != 499:
+      self.metrics.rejected.labels(e.reason).inc()
+    headers = {"retry-after": "1"} if e.status == 429 else None
+    return self._json(e.body(), e.status, headers)
+
   def _guard(self, handler):
     async def endpoint(request):
       try:
         return await handler(request)
       except api.ApiError as e:
-        headers = {"retry-after": "1"} if e.status == 429 else None
-        return self._json(e.body(), e.status, headers)
+        return self._error(e)
     return endpoint
+
+  async def _http_error(self, request, exc):
+    """Starlette's 404 (no such path) and 405 (wrong method) as OpenAI error objects."""
+    if exc.status_code == 404:
+      message = f"no route {request.method} {request.url.path}; see /v1/models"
+    else:
+      message = f"method {request.method} is not allowed on {request.url.path}"
+    return self._error(api.ApiError(exc.status_code, message))
+
+  async def _body(self, request, kind):
+    """The request's validated body: a JSON content type (415 otherwise), then api.parse."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+      raise api.ApiError(415, f"the Content-Type must be application/json, got "
+                         f"{content_type or 'none'!r}")
+    body = api.parse(kind, await request.body(), self.strict_fields)
+    if body.model != self.model_name:
+      raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
+                         f"{self.model_name!r}", "model", code="model_not_found")
+    return body
 
   # ------------------------------------------------------------------- endpoints
 
+  def _card(self) -> dict:
+    return {"id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "fdjax", "max_model_len": self.engine.max_model_len}
+
   async def models(self, request):
-    return self._json({"object": "list", "data": [
-        {"id": self.model_name, "object": "model", "created": self.created,
-         "owned_by": "fdjax", "max_model_len": self.engine.max_model_len}]})
+    return self._json({"object": "list", "data": [self._card()]})
+
+  async def model(self, request):
+    model_id = request.path_params["model_id"]
+    if model_id != self.model_name:
+      raise api.ApiError(404, f"unknown model {model_id!r}; this server serves "
+                         f"{self.model_name!r}", "model", code="model_not_found")
+    return self._json(self._card())
 
   async def health(self, request):
     if self.engine.alive:
@@ -199,42 +271,79 @@ class Server:
     body, content_type = self.metrics.text()
     return Response(body, media_type=content_type)
 
-  def _check_model(self, body):
-    if body.model != self.model_name:
-      raise api.ApiError(400, f"unknown model {body.model!r}; this server serves "
-                         f"{self.model_name!r}", "model", code="model_not_found")
-
   def _limits(self, prompts, asked):
     """max_tokens per prompt: as asked, else what is left of the context."""
     return [asked if asked is not None else max(1, self.engine.max_model_len - len(p))
             for p in prompts]
 
-  async def completions(self, request):
-    body = api.parse(api.CompletionRequest, await request.body())
-    self._check_model(body)
-    if isinstance(body.prompt, str):
-      prompts = [self.tokenizer.encode(body.prompt)]
-    elif body.prompt and all(isinstance(p, int) for p in body.prompt):
-      prompts = [list(body.prompt)]
-    elif body.prompt:
-      prompts = [self.tokenizer.encode(p) for p in body.prompt]
-    else:
+  def _prompts(self, prompt) -> list[list[int]]:
+    """A completion's prompt (a string, strings, token ids, lists of token ids) as token
+    lists; ApiError naming the element at fault."""
+    if isinstance(prompt, str):
+      return [self.tokenizer.encode(prompt)]
+    if not prompt:
       raise api.ApiError(400, "prompt is an empty list", "prompt")
-    if body.stream and len(prompts) > 1:
-      raise api.ApiError(400, "a streamed completion takes one prompt", "prompt")
-    call = _Call(self, prompts, body, self._limits(prompts, body.max_tokens))
+    if all(isinstance(p, str) for p in prompt):
+      return [self.tokenizer.encode(p) for p in prompt]
+    one = isinstance(prompt[0], int)
+    lists = [list(prompt)] if one else [list(p) for p in prompt]
+    vocab = self.engine.model.config.vocab_size
+    for i, ids in enumerate(lists):
+      where = "prompt" if one else f"prompt[{i}]"
+      if not ids:
+        raise api.ApiError(400, f"{where} is an empty list of token ids", "prompt")
+      bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
+      if bad is not None:
+        raise api.ApiError(400, f"{where}[{bad}]: token id {ids[bad]} is outside the "
+                           f"vocabulary [0, {vocab})", "prompt")
+    return lists
+
+  async def completions(self, request):
+    body = await self._body(request, api.CompletionRequest)
+    prompts = self._prompts(body.prompt)
+    call = _Call(self, prompts, body, self._limits(prompts, body.max_tokens), echo=body.echo)
     call.submit()
-    rid = api.new_id("cmpl")
+    rid, k, n = api.new_id("cmpl"), body.logprobs, body.n
+    echo = [self.tokenizer.decode(p) if body.echo else "" for p in prompts]
+
+    def logprobs(items, offset):
+      return None if k is None else api.completion_logprobs(self.tokenizer, items, k, offset)
+
     if body.stream:
-      return self._stream(call, rid, "text_completion", body,
-                          lambda text: api.completion_chunk(rid, self.model_name, text),
-                          lambda reason: api.completion_chunk(rid, self.model_name, "", reason))
-    texts, reasons, p, c = await self._wait(request, call)
-    return self._json(api.completion(rid, self.model_name, texts, reasons, p, c))
+      offsets, prompt_logprobs = [0] * len(call.reqs), {}
+
+      def chunk(i, event, first):
+        text, items = event.text, event.logprobs
+        if event.prompt_logprobs is not None:  # the first choice of its prompt has them
+          prompt_logprobs[i // n] = event.prompt_logprobs
+        if first and body.echo:
+          text = echo[i // n] + text
+          items = prompt_logprobs.get(i // n, []) + items
+        lp = logprobs(items, offsets[i])
+        if lp and lp["tokens"]:
+          offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        out = []
+        if text or items:
+          out.append(api.completion_choice(i, text, None, lp))
+        if event.finish_reason:
+          out.append(api.completion_choice(i, "", event.finish_reason))
+        return out
+
+      return self._stream(call, rid, "text_completion", body, chunk)
+    res = await self._wait(request, call)
+    choices = []
+    for i in range(len(call.reqs)):
+      items = res.logprobs[i]
+      if body.echo:
+        items = (res.prompt_logprobs[i - i % n] or []) + items
+      choices.append(api.completion_choice(i, echo[i // n] + res.texts[i], res.reasons[i],
+                                           logprobs(items, 0)))
+    return self._json(api.envelope(rid, "text_completion", self.model_name, choices,
+                                   {"usage": api.usage(call.prompt_tokens,
+                                                       sum(res.completion_tokens))}))
 
   async def chat_completions(self, request):
-    body = api.parse(api.ChatRequest, await request.body())
-    self._check_model(body)
+    body = await self._body(request, api.ChatRequest)
     if self.template is None:
       raise api.ApiError(400, f"model {self.model_name!r} has no chat template (no "
                          "chat_template in its tokenizer_config.json); use /v1/completions",
@@ -246,18 +355,31 @@ class Server:
     prompts = [self.tokenizer.encode(text, add_special_tokens=False)]
     call = _Call(self, prompts, body, self._limits(prompts, body.limit))
     call.submit()
-    rid = api.new_id("chatcmpl")
+    rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
+
+    def logprobs(items):
+      return None if k is None else api.chat_logprobs(self.tokenizer, items, k)
+
     if body.stream:
-      first = [api.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""})]
-      return self._stream(call, rid, "chat.completion.chunk", body,
-                          lambda t: api.chat_chunk(rid, self.model_name, {"content": t}),
-                          lambda reason: api.chat_chunk(rid, self.model_name, {}, reason), first)
-    texts, reasons, p, c = await self._wait(request, call)
-    return self._json(api.chat_completion(rid, self.model_name, texts[0], reasons[0], p, c))
+      def chunk(i, event, first):
+        out = [api.chat_delta(i, {"role": "assistant", "content": ""})] if first else []
+        if event.text or event.logprobs:
+          out.append(api.chat_delta(i, {"content": event.text}, None, logprobs(event.logprobs)))
+        if event.finish_reason:
+          out.append(api.chat_delta(i, {}, event.finish_reason))
+        return out
+
+      return self._stream(call, rid, "chat.completion.chunk", body, chunk)
+    res = await self._wait(request, call)
+    choices = [api.chat_choice(i, res.texts[i], res.reasons[i], logprobs(res.logprobs[i]))
+               for i in range(len(call.reqs))]
+    return self._json(api.envelope(rid, "chat.completion", self.model_name, choices,
+                                   {"usage": api.usage(call.prompt_tokens,
+                                                       sum(res.completion_tokens))}))
 
   # -------------------------------------------------------------------- delivery
 
-  async def _wait(self, request, call: _Call):
+  async def _wait(self, request, call: _Call) -> _Results:
     """The whole answer; the requests are cancelled if the client goes first."""
     results = asyncio.ensure_future(call.results())
     gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -272,23 +394,29 @@ class Server:
       raise api.ApiError(499, "the client closed the connection")
     return results.result()
 
-  def _stream(self, call: _Call, rid, obj, body, text_chunk, end_chunk, opening=()):
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+  def _stream(self, call: _Call, rid, obj, body, chunk):
+    """The call's events as server-sent chunks: chunk(choice, event, first event of the
+    choice) gives each event's choices; then the usage (stream_options) and [DONE]."""
+    options = body.stream_options or api.StreamOptions()
+    completion = [0] * len(call.reqs)
+
+    def usage():
+      return api.usage(call.prompt_tokens, sum(completion))
 
     async def chunks():
-      for chunk in opening:
-        yield api.sse(chunk)
-      async for event in call.events(0):
+      seen = set()
+      async for i, event in call.events():
         if event.error:
           yield api.sse(api.error_body(event.error, type="server_error"))
           break
-        if event.text:
-          yield api.sse(text_chunk(event.text))
-        if event.finish_reason:
-          yield api.sse(end_chunk(event.finish_reason))
-          if include_usage:
-            yield api.sse(api.usage_chunk(rid, self.model_name, obj, event.prompt_tokens,
-                                          event.completion_tokens))
+        completion[i] = event.completion_tokens
+        for choice in chunk(i, event, i not in seen):
+          extra = {"usage": usage()} if options.continuous_usage_stats else None
+          yield api.sse(api.envelope(rid, obj, self.model_name, [choice], extra))
+        seen.add(i)
+      else:
+        if options.include_usage:
+          yield api.sse(api.envelope(rid, obj, self.model_name, [], {"usage": usage()}))
       yield api.sse("[DONE]")
 
     return _EventStream(chunks(), call.close)
@@ -323,7 +451,8 @@ def start_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0, time
 
 
 def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None, dtype=None,
-          quantize=None, warmup=False, log_level="info", mesh=None, **engine_args):
+          quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
+          **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted."""
   check_dependencies()
   import uvicorn
@@ -337,7 +466,7 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
     engine.warmup()
     print(f"fdjax serve: compiled {engine.shapes().count()} shapes in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-  server = Server(engine, tok, template, served_model_name or name)
+  server = Server(engine, tok, template, served_model_name or name, strict_fields)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}, context {engine.max_model_len})", flush=True)
