@@ -116,6 +116,12 @@ def cmd_serve(args):
   from fdjax.serving import server
   server.check_dependencies()
   import jax.numpy as jnp
+
+  from fdjax import runtime
+  cache = runtime.use_compile_cache(runtime.default_compile_cache()
+                                    if args.compile_cache == "default" else args.compile_cache)
+  print(f"fdjax serve: compiled programs kept in {cache} (--compile-cache DIR|off)"
+        if cache else "fdjax serve: no compilation cache (--compile-cache off)", flush=True)
   server.serve(args.model, host=args.host, port=args.port,
                served_model_name=args.served_model_name,
                dtype=None if args.dtype is None else jnp.dtype(args.dtype),
@@ -183,7 +189,10 @@ def build_parser():
   s.add_argument("--steps-per-call", type=int, default=8, help="decode steps per host round "
                  "trip when no request waits")
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
-                 "before serving")
+                 "first (the port opens at once; /health answers 503 until done)")
+  s.add_argument("--compile-cache", default="default", metavar="DIR|off", help="JAX's "
+                 "persistent compilation cache (default: $FDJAX_COMPILE_CACHE, else "
+                 "~/.cache/fdjax/xla): a second start loads what the first compiled")
   s.add_argument("--strict-fields", action="store_true", help="refuse the client extras "
                  "fdjax ignores by default (store, metadata, user, service_tier, ...: "
                  "fdjax.serving.api.IGNORED)")

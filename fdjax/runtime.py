@@ -36,3 +36,27 @@ def keep_cpu_loops_threaded() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_cpu_small_while_loop_byte_threshold" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " " + CPU_LOOP_FLAG).strip()
+
+
+def default_compile_cache() -> str:
+  """Where `fdjax serve` keeps compiled programs: $FDJAX_COMPILE_CACHE, else fdjax/xla under
+  the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
+  if os.environ.get("FDJAX_COMPILE_CACHE"):
+    return os.environ["FDJAX_COMPILE_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "fdjax", "xla")
+
+
+def use_compile_cache(path: str | None) -> str | None:
+  """JAX's persistent compilation cache in `path` ("off" or None: none), every program kept
+  however quickly it compiled (a server's warm-up is many small ones). Returns the directory
+  used. A program compiled once is then loaded from disk by later processes with the same
+  JAX, backend and flags."""
+  import jax
+  if path is None or path == "off":
+    return None
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path

@@ -5,6 +5,7 @@ loglikelihood request), token-id prompts and batches, n choices sharing one pref
 penalties, logit_bias, min_tokens and ignore_eos, int64 seeds, and the field policy (ignored
 extras, unsupported fields named, --strict-fields, 415, JSON 404s, 4xx counted by reason)."""
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +231,49 @@ def test_content_type_paths_models_and_rejections_counted(s):
   assert delta("fdjax_requests_rejected_total[model_not_found]") == 2
   assert delta("fdjax_requests_rejected_total[unknown_field]") == 1
   assert delta("fdjax_requests_rejected_total[bad_request]") == 1
+
+
+def test_a_warming_server_answers_health_503_and_serves_what_waited():
+  import threading
+
+  import httpx2
+
+  from fdjax.serving import server
+  model, tok, template, name = loading.load(None, chat_template=True)[:4]
+  gate, calls = threading.Event(), []
+
+  def progress(done, total):
+    calls.append((done, total))
+    if done == 1:
+      gate.wait(60)  # held here until the test has seen the 503
+
+  engine_args = dict(max_batch=2, max_model_len=48, prefill_chunk=16, page_size=16,
+                     steps_per_call=4)
+  from fdjax.engine import core as eng
+  engine = eng.Engine(model, tok, **engine_args)
+  srv = server.Server(engine, tok, template, name, warmup=True, progress=progress)
+  uv, url = server.start_in_thread(srv)
+  try:
+    deadline = time.time() + 60
+    while not calls and time.time() < deadline:
+      time.sleep(0.02)
+    r = httpx2.get(url + "/health")
+    assert r.status_code == 503 and r.json()["status"] == "warming up"
+    assert r.json()["shapes"] == engine.shapes().count() and r.json()["shapes_compiled"] >= 1
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    answer = []
+    t = threading.Thread(target=lambda: answer.append(client.completions.create(
+        model=name, prompt="def ", max_tokens=3, temperature=0)))
+    t.start()
+    time.sleep(0.5)
+    assert not answer  # it waits in the queue
+    gate.set()
+    t.join(120)
+    assert answer and answer[0].usage.completion_tokens == 3
+    assert httpx2.get(url + "/health").json() == {"status": "ok"}
+    total = engine.shapes().count()
+    assert calls == [(i, total) for i in range(1, total + 1)]
+  finally:
+    gate.set()
+    uv.should_exit = True
+    engine.stop()

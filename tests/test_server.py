@@ -385,31 +385,55 @@ def test_chat_completions_on_the_llama3_checkpoint(llama3):
 
 # ---------------------------------------------------------------- the command line
 
-def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch):
+def _serve_once(port, cache, *extra):
+  """`python -m fdjax serve` until a completion is answered: (seconds to /health 200, the
+  /health statuses seen on the way, its output)."""
   import httpx2
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  t0 = time.time()
   proc = subprocess.Popen([sys.executable, "-m", "fdjax", "serve", "--port", str(port),
-                           "--max-model-len", "64"], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           "--max-model-len", "64", "--compile-cache", cache, *extra], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  seen = []
   try:
     deadline = time.time() + 300
     while time.time() < deadline:
       try:
-        if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+        r = httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        seen.append(r.json().get("status"))
+        if r.status_code == 200:
           break
+        time.sleep(0.1)
       except httpx2.TransportError:
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.3)
+    ready = time.time() - t0
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     r = client.completions.create(model="fdjax-default", prompt="import ", max_tokens=5)
     assert r.usage.completion_tokens == 5
   finally:
     proc.terminate()
     out = proc.communicate(timeout=60)[0]
-  assert "fdjax serve: model 'fdjax-default'" in out
+  return ready, seen, out
+
+
+def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch, tmp_path):
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  _, _, out = _serve_once(port, "off")
+  assert "fdjax serve: model 'fdjax-default'" in out and "no compilation cache" in out
+  # A warm-up: the port is open at once, /health says so until every shape is compiled, and
+  # the second start loads them all from the persistent compilation cache (nothing new).
+  cache = str(tmp_path / "xla")
+  args = ("--warmup", "--max-batch", "2", "--prefill-chunk", "16")
+  _, seen, out = _serve_once(port, cache, *args)
+  assert "warming up" in seen and seen[-1] == "ok"
+  assert "warming up [" in out and f"kept in {cache}" in out
+  first = set(os.listdir(cache))
+  assert first
+  _, _, out = _serve_once(port, cache, *args)
+  assert set(os.listdir(cache)) == first
   import importlib.util
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",

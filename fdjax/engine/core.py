@@ -15,10 +15,31 @@ import threading
 import time
 
 from fdjax.engine import paging, request, steps
+from fdjax.engine.compiled import Shapes
 from fdjax.engine.request import QueueFull, Request
 from fdjax.engine.runner import Runner
-from fdjax.engine.scheduler import Scheduler, Shapes
+from fdjax.engine.scheduler import Scheduler
 from fdjax.ops import checks
+
+
+def _sizes(model, max_model_len, page_size, num_pages, max_batch):
+  """(context per request, pages in the pool), or ValueError."""
+  if getattr(model, "dp", 1) > 1:  # a request's pages would have to stay in one replica
+    raise ValueError(f"engine: a mesh with dp={model.dp} data replicas is not implemented "
+                     f"for serving; serve with --tp only (run one server per replica)")
+  # Sliding windows are the attention's business: a request may run past its window (the
+  # engine keeps all its pages, where generate gives back those out of every window).
+  context = model.config.max_position_embeddings
+  max_model_len = min(max_model_len or context, context)
+  if max_model_len < 2:
+    raise ValueError(f"engine: max_model_len must be >= 2, got {max_model_len}")
+  max_pages = checks.cdiv(max_model_len, page_size)
+  num_pages = num_pages or max_batch * max_pages
+  if num_pages < max_pages:
+    raise ValueError(f"engine: num_pages={num_pages} cannot hold one request of "
+                     f"max_model_len={max_model_len} tokens ({max_pages} pages of "
+                     f"{page_size})")
+  return max_model_len, num_pages
 
 
 class Engine:
@@ -27,26 +48,12 @@ class Engine:
                page_size: int = 16, num_pages: int | None = None,
                max_model_len: int | None = None, prefill_chunk: int = 128,
                prefill_rows: int = 4, steps_per_call: int = 8, eos_token_ids=None):
-    cfg = model.config
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                         ("page_size", page_size), ("prefill_chunk", prefill_chunk),
                         ("prefill_rows", prefill_rows), ("steps_per_call", steps_per_call)):
       checks.positive_int("engine", name, value)
-    if getattr(model, "dp", 1) > 1:  # a request's pages would have to stay in one replica
-      raise ValueError(f"engine: a mesh with dp={model.dp} data replicas is not implemented "
-                       f"for serving; serve with --tp only (run one server per replica)")
-    # Sliding windows are the attention's business: a request may run past its window (the
-    # engine keeps all its pages, where generate gives back those out of every window).
-    context = cfg.max_position_embeddings
-    self.max_model_len = min(max_model_len or context, context)
-    if self.max_model_len < 2:
-      raise ValueError(f"engine: max_model_len must be >= 2, got {self.max_model_len}")
-    max_pages = checks.cdiv(self.max_model_len, page_size)
-    num_pages = num_pages or max_batch * max_pages
-    if num_pages < max_pages:
-      raise ValueError(f"engine: num_pages={num_pages} cannot hold one request of "
-                       f"max_model_len={self.max_model_len} tokens ({max_pages} pages of "
-                       f"{page_size})")
+    self.max_model_len, num_pages = _sizes(model, max_model_len, page_size, num_pages,
+                                           max_batch)
     self.model, self.tokenizer = model, tokenizer
     self.max_batch, self.max_queue = max_batch, max_queue
     self.eos = steps.eos_ids(eos_token_ids if eos_token_ids is not None
@@ -60,6 +67,7 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self.iterations = 0
+    self.warming: tuple[int, int] | None = None  # (shapes compiled, shapes) while warming up
 
   @property
   def kv(self) -> paging.KVStore:
@@ -95,8 +103,17 @@ class Engine:
   def shapes(self) -> Shapes:
     return self.scheduler.shapes()
 
-  def warmup(self):
-    self.scheduler.warmup()
+  def warmup(self, progress=None):
+    """Compiles every shape (shapes()); progress(done, total) after each."""
+    def tick(done, total):
+      self.warming = (done, total)
+      if progress is not None:
+        progress(done, total)
+    self.warming = (0, self.shapes().count())
+    try:
+      self.scheduler.warmup(tick)
+    finally:
+      self.warming = None
 
   def check(self, req: Request):
     """Raises BadRequest for a request that can never be served."""
@@ -122,11 +139,16 @@ class Engine:
       req.cancelled = True
       self._cv.notify()
 
-  def start(self) -> "Engine":
-    """Runs the scheduler on its own thread (once; later calls do nothing)."""
+  def start(self, warmup: bool = False, progress=None) -> "Engine":
+    """Runs the scheduler on its own thread (once; later calls do nothing). With `warmup`
+    the thread first compiles every shape (`warming` says how far; requests submitted
+    meanwhile wait in the queue)."""
     if self._thread is not None:
       return self
-    self._thread = threading.Thread(target=self._loop, name="fdjax-engine", daemon=True)
+    if warmup:
+      self.warming = (0, self.shapes().count())
+    self._thread = threading.Thread(target=self._loop, args=(warmup, progress),
+                                    name="fdjax-engine", daemon=True)
     self._thread.start()
     return self
 
@@ -146,7 +168,12 @@ class Engine:
       self._inbox.clear()
     return self.scheduler.step()
 
-  def _loop(self):
+  def _loop(self, warmup=False, progress=None):
+    if warmup:
+      try:
+        self.warmup(progress)
+      except Exception as e:  # noqa: BLE001 - a failed warm-up fails what waits; serving goes on
+        self._fail_all(f"warm-up failed: {type(e).__name__}: {e}")
     while True:
       with self._cv:
         while not self._stopping and self.idle():

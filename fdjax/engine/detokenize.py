@@ -8,8 +8,8 @@ from fdjax.engine.request import Request
 
 def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...]):
   """Appends `new` tokens to a request, stopping at EOS (unless it ignores EOS), a stop
-  string (once it has min_tokens) or max_tokens, and updates its text. Returns (tokens taken, the finish reason or None, the text to hand out
-  now)."""
+  string (once it has min_tokens) or max_tokens, and updates its text. Returns (tokens
+  taken, the finish reason or None, the text to hand out now)."""
   count, reason, cut = 0, None, None
   eos = () if req.ignore_eos else eos
   for tok in new:

@@ -15,34 +15,20 @@ Each iteration (`Scheduler.step`)
 
 Every shape is bucketed by steps' rules: rows to powers of two, prefill chunks to powers of
 two from steps.MIN_CHUNK to `prefill_chunk`, page-table widths to powers of two up to the
-context; `shapes()` lists them all and `warmup()` compiles them, after which no load
-recompiles anything.
+context; fdjax.engine.compiled lists them all (`shapes()`) and compiles them (`warmup()`),
+after which no load recompiles anything.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import itertools
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
-from fdjax.engine import detokenize, paging, steps
+from fdjax.engine import compiled, detokenize, paging, steps
+from fdjax.engine.batch import history, row_sampling, table
 from fdjax.engine.request import Event, Request, TokenLogprob
-from fdjax.engine.sampling import RowSampling, Settings
 from fdjax.engine.steps import pow2
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  """Every shape the engine runs (a compiled program each)."""
-  decode: tuple        # (rows, page-table width)
-  prefill: tuple       # (rows, chunk, page-table width)
-  first: tuple         # rows
-
-  def count(self) -> int:
-    return len(self.decode) + len(self.prefill) + len(self.first)
 
 
 class Scheduler:
@@ -57,7 +43,7 @@ class Scheduler:
     self.waiting: collections.deque[Request] = collections.deque()
     self.active: list[Request] = []
 
-  def _width(self, tokens: int) -> int:
+  def width(self, tokens: int) -> int:
     return steps.table_width(tokens, self.runner.kv.page_size)
 
   def step(self) -> bool:
@@ -101,20 +87,15 @@ class Scheduler:
     lengths = np.zeros(rows, np.int32)
     lengths[:len(reqs)] = [r.computed for r in reqs]
     ids, n = steps.pack(pieces, rows, chunk)
-    width = self._width(max([chunk] + [r.computed + len(p) for r, p in zip(reqs, pieces)]))
+    width = self.width(max([chunk] + [r.computed + len(p) for r, p in zip(reqs, pieces)]))
     targets = None
     if any(r.prompt_logprobs for r in reqs):  # each position's next prompt token
       targets = steps.pack([r.prompt[r.computed + 1:r.computed + len(p) + 1]
                             for r, p in zip(reqs, pieces)], rows, chunk, fill=-1)[0]
-    out = self.runner.prefill(self.runner.cache(_table(reqs, rows, width), lengths), ids, n,
+    out = self.runner.prefill(self.runner.cache(table(reqs, rows, width), lengths), ids, n,
                               targets=targets)
     if targets is not None:
-      lp = [steps.to_host(a) for a in out[2]]
-      for i, (r, p) in enumerate(zip(reqs, pieces)):
-        if r.prompt_logprobs:
-          if r.prompt_lp is None:
-            r.prompt_lp = [TokenLogprob(r.prompt[0], None, [])]
-          r.prompt_lp += _logprobs(lp, i, r.prompt[r.computed + 1:r.computed + len(p) + 1])
+      _keep_prompt_logprobs(reqs, pieces, [steps.to_host(a) for a in out[2]])
     for r, p in zip(reqs, pieces):
       r.computed += len(p)
     ready = [r.computed == len(r.prompt) for r in reqs]
@@ -123,9 +104,10 @@ class Scheduler:
     for r, now in zip(reqs, ready):
       if now:  # requests that start the same way (n > 1) share its pages from now on
         self.runner.kv.pool.publish(r.pages, r.prompt)
-    sampling = _sampling(reqs, rows)
+    sampling = row_sampling(reqs, rows)
     first = self.runner.first(out[1], np.ones(rows, bool), 2, out_len=1, rows=sampling,
-                              positions=lengths + n, tokens=self._history(reqs, rows, False))
+                              positions=lengths + n,
+                              tokens=history(reqs, rows, self.max_model_len, False))
     tokens = steps.to_host(first.out)[:, 0]
     lp = _row_logprobs(first, reqs)
     for i, r in enumerate(reqs):
@@ -138,14 +120,6 @@ class Scheduler:
         self._accept(r, [int(tokens[i])],
                      lp and r.logprobs and _logprobs(lp, i, [int(tokens[i])], step=0))
 
-  def _history(self, reqs, rows, generated=True):
-    """Each row's tokens so far [rows, max_model_len] (-1 past them) when a row's penalties
-    read them, else [rows, 1] (one compiled program each way)."""
-    if not any(r.needs_history for r in reqs):
-      return np.full((rows, 1), -1, np.int32)
-    return steps.pack([r.prompt + (r.tokens if generated else []) for r in reqs], rows,
-                      self.max_model_len, fill=-1)[0]
-
   def _decode(self, reqs, n_steps):
     rows = pow2(len(reqs))
     first, lengths, max_new = (np.zeros(rows, np.int32) for _ in range(3))
@@ -154,18 +128,19 @@ class Scheduler:
       max_new[i] = min(n_steps, r.max_tokens - len(r.tokens)) + 1
     # Rows that end early keep stepping (their writes past their pages are dropped), so the
     # table covers every row's length after `n_steps` steps.
-    width = self._width(max(r.cached_len for r in reqs) + n_steps)
-    loop = self._decode_call(first, _table(reqs, rows, width), lengths, max_new,
-                             _sampling(reqs, rows), self._history(reqs, rows))
+    width = self.width(max(r.cached_len for r in reqs) + n_steps)
+    loop = self.decode_call(first, table(reqs, rows, width), lengths, max_new,
+                             row_sampling(reqs, rows),
+                             history(reqs, rows, self.max_model_len))
     out, lp = steps.to_host(loop.out), _row_logprobs(loop, reqs)
     for i, r in enumerate(reqs):
       new = [int(t) for t in out[i, 1:] if t >= 0]
       self._accept(r, new, lp and r.logprobs and _logprobs(lp, i, new, step=1))
 
-  def _decode_call(self, first, table, lengths, max_new, sampling, history):
+  def decode_call(self, first, page_table, lengths, max_new, sampling, tokens):
     loop = self.runner.from_tokens(first, max_new > 0, max_new, out_len=self.steps_per_call + 1,
-                                   rows=sampling, history=history)
-    loop, _ = self.runner.decode(loop, self.runner.cache(table, lengths), max_new,
+                                   rows=sampling, history=tokens)
+    loop, _ = self.runner.decode(loop, self.runner.cache(page_table, lengths), max_new,
                                  int(max_new.max()), rows=sampling)
     return loop
 
@@ -206,41 +181,22 @@ class Scheduler:
                      error=message))
     self.waiting.clear()
 
-  def shapes(self) -> Shapes:
-    widths = sorted({self._width(t) for t in range(1, self.max_model_len + 1)})
-    decode_widths = sorted({self._width(t) for t in
-                            range(1, self.max_model_len + self.steps_per_call + 1)})
-    rows = [1 << i for i in range(pow2(self.max_batch).bit_length())]
-    chunks = [c for c in (1 << i for i in range(self.prefill_chunk.bit_length()))
-              if steps.MIN_CHUNK <= c <= self.prefill_chunk]
-    pre_rows = [r for r in rows if r <= self.prefill_rows]
-    return Shapes(decode=tuple(itertools.product(rows, decode_widths)),
-                  prefill=tuple((r, c, w) for r, c, w in itertools.product(pre_rows, chunks, widths)
-                                if w >= self._width(c)),
-                  first=tuple(pre_rows))
+  def shapes(self) -> compiled.Shapes:
+    return compiled.shapes(self)
 
-  def warmup(self):
-    """Compiles every shape of shapes() (writes go nowhere: every table entry is NO_PAGE)."""
-    shapes, run, zeros = self.shapes(), self.runner, lambda *s: np.zeros(s, np.int32)
-    for rows, width in shapes.decode:
-      self._decode_call(zeros(rows), _table([], rows, width), zeros(rows),
-                        np.ones(rows, np.int32), _sampling([], rows), self._history([], rows))
-    for rows, chunk, width in shapes.prefill:
-      run.prefill(run.cache(_table([], rows, width), zeros(rows)), zeros(rows, chunk),
-                  zeros(rows))
-    for rows in shapes.first:
-      run.first(jnp.zeros((rows, run.vocab_size), jnp.float32), np.ones(rows, bool), 2,
-                out_len=1, rows=_sampling([], rows), positions=zeros(rows),
-                tokens=self._history([], rows))
+  def warmup(self, progress=None):
+    """Compiles every shape of shapes(); progress(done, total) after each."""
+    compiled.compile_all(self, progress)
 
 
-def _table(reqs, rows, width):
-  return paging.page_table([r.pages for r in reqs], rows, width)
-
-
-def _sampling(reqs, rows) -> RowSampling:
-  return RowSampling.of([r.settings() for r in reqs] + [Settings()] * (rows - len(reqs)),
-                        [len(r.prompt) for r in reqs] + [0] * (rows - len(reqs)))
+def _keep_prompt_logprobs(reqs, pieces, lp):
+  """Adds a prefill chunk's prompt logprobs (lp: logprob, top_ids, top [rows, chunk, ...])
+  to the requests that asked for them."""
+  for i, (r, p) in enumerate(zip(reqs, pieces)):
+    if r.prompt_logprobs:
+      if r.prompt_lp is None:
+        r.prompt_lp = [TokenLogprob(r.prompt[0], None, [])]
+      r.prompt_lp += _logprobs(lp, i, r.prompt[r.computed + 1:r.computed + len(p) + 1])
 
 
 def _row_logprobs(loop, reqs):

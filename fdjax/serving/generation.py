@@ -1,0 +1,211 @@
+"""The two endpoints that generate, /v1/completions and /v1/chat/completions: a request body
+(validated by fdjax.serving.api) becomes engine requests, n choices of each prompt (a _Call),
+and their events become the OpenAI response, whole or streamed (the server's delivery)."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from fdjax.engine import request
+from fdjax.io import chat
+from fdjax.serving import api
+
+
+class _Results:
+  """A call's whole answer: per choice its text, finish reason, tokens' logprobs and (echo)
+  the prompt's."""
+
+  def __init__(self, n):
+    self.texts, self.reasons = [""] * n, [None] * n
+    self.logprobs, self.prompt_logprobs = [[] for _ in range(n)], [None] * n
+    self.completion_tokens = [0] * n
+
+  def add(self, i, event):
+    self.texts[i] += event.text
+    self.logprobs[i] += event.logprobs
+    if event.prompt_logprobs is not None:
+      self.prompt_logprobs[i] = event.prompt_logprobs
+    self.completion_tokens[i] = event.completion_tokens
+    if event.finish_reason:
+      self.reasons[i] = event.finish_reason
+
+
+class _Call:
+  """One HTTP request's engine requests, n choices of each prompt (choice index: prompt * n +
+  j; the n share their prompt's pages), and their events, delivered to the event loop."""
+
+  def __init__(self, server, prompts, body: api._Sampling, max_tokens, echo=False):
+    self.server, self.prompts, self.n = server, prompts, body.n
+    loop = asyncio.get_running_loop()
+    seed = body.seed if body.seed is not None else secrets.randbits(32)
+    self.queue: asyncio.Queue = asyncio.Queue()
+    self.reqs = []
+    want_logprobs = body.top_logprobs_count is not None
+    for ids, limit in zip(prompts, max_tokens):
+      lead = None
+      for j in range(body.n):
+        def on_event(event, i=len(self.reqs)):
+          server.metrics.record(event)
+          loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+        req = request.Request(
+            ids, limit, temperature=body.temperature, top_k=body.top_k,
+            top_p=None if body.top_p >= 1.0 else body.top_p,
+            seed=(seed + len(self.reqs)) % 2 ** 32, stop=body.stop_strings(),
+            on_event=on_event, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=want_logprobs,
+            prompt_logprobs=echo and want_logprobs and j == 0, after=lead)
+        lead = lead or req
+        self.reqs.append(req)
+
+  @property
+  def prompt_tokens(self) -> int:
+    return sum(len(p) for p in self.prompts)
+
+  def submit(self):
+    engine, n = self.server.engine, 0
+    try:
+      for req in self.reqs:
+        engine.check(req)
+      for n, req in enumerate(self.reqs):
+        engine.submit(req)
+    except request.BadRequest as e:
+      raise api.ApiError(400, str(e), e.param) from None
+    except request.QueueFull as e:
+      for req in self.reqs[:n]:
+        engine.cancel(req)
+      raise api.ApiError(429, str(e), None, "rate_limit_error", "queue_full") from None
+    except RuntimeError as e:
+      raise api.ApiError(503, str(e), None, "server_error") from None
+    self.server.metrics.received.inc(len(self.reqs))
+
+  def close(self):
+    for req in self.reqs:
+      if req.state != "done":
+        self.server.engine.cancel(req)
+
+  async def events(self):
+    """(choice index, event) until every choice has ended."""
+    left = len(self.reqs)
+    while left:
+      i, event = await self.queue.get()
+      yield i, event
+      left -= bool(event.finish_reason)
+
+  async def results(self) -> _Results:
+    out = _Results(len(self.reqs))
+    async for i, event in self.events():
+      if event.error:
+        raise api.ApiError(500, event.error, None, "server_error")
+      out.add(i, event)
+    return out
+
+
+
+def _limits(server, prompts, asked):
+  """max_tokens per prompt: as asked, else what is left of the context."""
+  return [asked if asked is not None else max(1, server.engine.max_model_len - len(p))
+          for p in prompts]
+
+def _prompts(server, prompt) -> list[list[int]]:
+  """A completion's prompt (a string, strings, token ids, lists of token ids) as token
+  lists; ApiError naming the element at fault."""
+  if isinstance(prompt, str):
+    return [server.tokenizer.encode(prompt)]
+  if not prompt:
+    raise api.ApiError(400, "prompt is an empty list", "prompt")
+  if all(isinstance(p, str) for p in prompt):
+    return [server.tokenizer.encode(p) for p in prompt]
+  one = isinstance(prompt[0], int)
+  lists = [list(prompt)] if one else [list(p) for p in prompt]
+  vocab = server.engine.model.config.vocab_size
+  for i, ids in enumerate(lists):
+    where = "prompt" if one else f"prompt[{i}]"
+    if not ids:
+      raise api.ApiError(400, f"{where} is an empty list of token ids", "prompt")
+    bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
+    if bad is not None:
+      raise api.ApiError(400, f"{where}[{bad}]: token id {ids[bad]} is outside the "
+                         f"vocabulary [0, {vocab})", "prompt")
+  return lists
+
+async def completions(server, request):
+  body = await server.parse_body(request, api.CompletionRequest)
+  prompts = _prompts(server, body.prompt)
+  call = _Call(server, prompts, body, _limits(server, prompts, body.max_tokens), echo=body.echo)
+  call.submit()
+  rid, k, n = api.new_id("cmpl"), body.logprobs, body.n
+  echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
+
+  def logprobs(items, offset):
+    return None if k is None else api.completion_logprobs(server.tokenizer, items, k, offset)
+
+  if body.stream:
+    offsets, prompt_logprobs = [0] * len(call.reqs), {}
+
+    def chunk(i, event, first):
+      text, items = event.text, event.logprobs
+      if event.prompt_logprobs is not None:  # the first choice of its prompt has them
+        prompt_logprobs[i // n] = event.prompt_logprobs
+      if first and body.echo:
+        text = echo[i // n] + text
+        items = prompt_logprobs.get(i // n, []) + items
+      lp = logprobs(items, offsets[i])
+      if lp and lp["tokens"]:
+        offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+      out = []
+      if text or items:
+        out.append(api.completion_choice(i, text, None, lp))
+      if event.finish_reason:
+        out.append(api.completion_choice(i, "", event.finish_reason))
+      return out
+
+    return server.stream(call, rid, "text_completion", body, chunk)
+  res = await server.wait(request, call)
+  choices = []
+  for i in range(len(call.reqs)):
+    items = res.logprobs[i]
+    if body.echo:
+      items = (res.prompt_logprobs[i - i % n] or []) + items
+    choices.append(api.completion_choice(i, echo[i // n] + res.texts[i], res.reasons[i],
+                                         logprobs(items, 0)))
+  return server.json_response(api.envelope(rid, "text_completion", server.model_name, choices,
+                                 {"usage": api.usage(call.prompt_tokens,
+                                                     sum(res.completion_tokens))}))
+
+async def chat_completions(server, request):
+  body = await server.parse_body(request, api.ChatRequest)
+  if server.template is None:
+    raise api.ApiError(400, f"model {server.model_name!r} has no chat template (no "
+                       "chat_template in its tokenizer_config.json); use /v1/completions",
+                       "messages")
+  try:
+    text = server.template.render([m.for_template() for m in body.messages])
+  except chat.TemplateError as e:
+    raise api.ApiError(400, str(e), "messages") from None
+  prompts = [server.tokenizer.encode(text, add_special_tokens=False)]
+  call = _Call(server, prompts, body, _limits(server, prompts, body.limit))
+  call.submit()
+  rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
+
+  def logprobs(items):
+    return None if k is None else api.chat_logprobs(server.tokenizer, items, k)
+
+  if body.stream:
+    def chunk(i, event, first):
+      out = [api.chat_delta(i, {"role": "assistant", "content": ""})] if first else []
+      if event.text or event.logprobs:
+        out.append(api.chat_delta(i, {"content": event.text}, None, logprobs(event.logprobs)))
+      if event.finish_reason:
+        out.append(api.chat_delta(i, {}, event.finish_reason))
+      return out
+
+    return server.stream(call, rid, "chat.completion.chunk", body, chunk)
+  res = await server.wait(request, call)
+  choices = [api.chat_choice(i, res.texts[i], res.reasons[i], logprobs(res.logprobs[i]))
+             for i in range(len(call.reqs))]
+  return server.json_response(api.envelope(rid, "chat.completion", server.model_name, choices,
+                                 {"usage": api.usage(call.prompt_tokens,
+                                                     sum(res.completion_tokens))}))
+
