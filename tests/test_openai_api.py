@@ -185,7 +185,7 @@ def test_ignored_extras_pass_unsupported_fields_are_named_and_strict_refuses(s):
             if line.startswith("data: {")]
   assert all("usage" in e for e in events) and events[-1]["usage"]["completion_tokens"] == 2
   for body, field in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                      ({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
                       ({"audio": {}}, "audio")]:
     r = _post(s, "/v1/chat/completions", {"model": s.name, "messages": [
         {"role": "user", "content": "x"}], **body})

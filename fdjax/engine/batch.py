@@ -1,10 +1,11 @@
 """A batch's per-row inputs to the device calls, built from its requests (rows past them are
-empty): the page table, the sampling settings, and the tokens the penalties read."""
+empty): the page table, the sampling settings (with the grammars' bitmasks), and the tokens
+the penalties read."""
 from __future__ import annotations
 
 import numpy as np
 
-from fdjax.engine import paging, steps
+from fdjax.engine import grammar, paging, steps
 from fdjax.engine.sampling import RowSampling, Settings
 
 
@@ -12,9 +13,13 @@ def table(reqs, rows, width):
   return paging.page_table([r.pages for r in reqs], rows, width)
 
 
-def row_sampling(reqs, rows) -> RowSampling:
-  return RowSampling.of([r.settings() for r in reqs] + [Settings()] * (rows - len(reqs)),
-                        [len(r.prompt) for r in reqs] + [0] * (rows - len(reqs)))
+def row_sampling(reqs, rows, vocab_size=None) -> RowSampling:
+  """The rows' sampling settings, with their grammars' bitmasks when a row has one."""
+  pad = rows - len(reqs)
+  constraints = [r.constraint for r in reqs] + [None] * pad
+  return RowSampling.of([r.settings() for r in reqs] + [Settings()] * pad,
+                        [len(r.prompt) for r in reqs] + [0] * pad,
+                        grammar.masks(constraints, rows, vocab_size) if vocab_size else None)
 
 
 def history(reqs, rows, length, generated=True):

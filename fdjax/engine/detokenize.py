@@ -6,10 +6,11 @@ from __future__ import annotations
 from fdjax.engine.request import Request
 
 
-def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...]):
+def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...], end: bool = False):
   """Appends `new` tokens to a request, stopping at EOS (unless it ignores EOS), a stop
-  string (once it has min_tokens) or max_tokens, and updates its text. Returns (tokens
-  taken, the finish reason or None, the text to hand out now)."""
+  string (once it has min_tokens), max_tokens, or `end` (its grammar is complete: "stop"),
+  and updates its text. Returns (tokens taken, the finish reason or None, the text to hand
+  out now)."""
   count, reason, cut = 0, None, None
   eos = () if req.ignore_eos else eos
   for tok in new:
@@ -29,6 +30,8 @@ def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...]):
     if len(req.tokens) >= req.max_tokens:
       reason = "length"
       break
+  if end and reason is None:
+    reason = "stop"
   if cut is None:
     text_tokens = req.tokens[:-1] if req.tokens and req.tokens[-1] in eos else req.tokens
     req.text = tokenizer.decode(text_tokens)

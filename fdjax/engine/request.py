@@ -64,6 +64,7 @@ class Request:
   logprobs: bool = False         # record each new token's logprob and the top tokens'
   prompt_logprobs: bool = False  # and the prompt's (computed in full: no prefix cache)
   after: "Request | None" = None  # admitted once this one's prompt is in the cache (n > 1)
+  constraint: object = None      # a grammar.Constraint: the tokens it may take (structured)
   # Owned by the engine.
   state: str = "new"             # new, waiting, prefill, decode, done
   pages: list[int] = dataclasses.field(default_factory=list)

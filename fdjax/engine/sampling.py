@@ -75,8 +75,9 @@ class RowSampling(NamedTuple):
   """Per-row sampling settings, as arrays (a continuous batch mixes requests): temperature
   [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), seed [B] uint32, then the
   logit adjustments (penalties, logit_bias as [B, MAX_LOGIT_BIAS] ids (-1: none) and values,
-  EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B] and prompt_len [B]
-  (where a row's generated tokens start). A row's token at position p is drawn with the key
+  EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B], prompt_len [B]
+  (where a row's generated tokens start), and a grammar's bitmask of the tokens each row may
+  take ([B, 1] of all bits when no row has one). A row's token at position p is drawn with the key
   fold_in(key(seed), p), so what a request samples does not depend on the batch it ran in."""
   temperature: jax.Array
   top_k: jax.Array
@@ -91,11 +92,13 @@ class RowSampling(NamedTuple):
   ignore_eos: jax.Array
   logprobs: jax.Array
   prompt_len: jax.Array
+  mask: jax.Array = None  # [B, words] int32: the tokens each row may take (grammar.masks)
 
   @classmethod
-  def of(cls, settings, prompt_lens=None) -> "RowSampling":
-    """From one Settings (or a tuple of its leading fields) per row and each row's prompt
-    length, as numpy arrays (the caller puts them on the device)."""
+  def of(cls, settings, prompt_lens=None, masks=None) -> "RowSampling":
+    """From one Settings (or a tuple of its leading fields) per row, each row's prompt
+    length and the bitmasks of the tokens it may take (None: all), as numpy arrays (the
+    caller puts them on the device)."""
     rows = [s if isinstance(s, Settings) else Settings(*s) for s in settings]
     n = len(rows)
     lens = np.zeros(n, np.int32) if prompt_lens is None else np.asarray(prompt_lens, np.int32)
@@ -114,7 +117,8 @@ class RowSampling(NamedTuple):
                f32("frequency_penalty"), f32("repetition_penalty"), bias_ids, bias,
                lens + np.asarray([r.min_tokens for r in rows], np.int32),
                np.asarray([r.ignore_eos for r in rows], bool),
-               np.asarray([r.logprobs for r in rows], bool), lens)
+               np.asarray([r.logprobs for r in rows], bool), lens,
+               np.full((n, 1), -1, np.int32) if masks is None else np.asarray(masks, np.int32))
 
 
 def filter_rows(logits, rows: RowSampling):
@@ -176,8 +180,9 @@ def record(hist: History, tokens, live) -> History:
 
 def adjust(logits, rows: RowSampling, hist: History, positions, eos):
   """The logits after the repetition, frequency and presence penalties, the logit bias, and
-  EOS banned while a row is short of its min_tokens (the token at positions[b]); skipped
-  when no row asks for any of them."""
+  EOS banned while a row is short of its min_tokens (the token at positions[b]), skipped
+  when no row asks for any of them; then every token outside a row's grammar (its bitmask)
+  set to -inf."""
   b, v = logits.shape
 
   def apply(x):
@@ -194,7 +199,12 @@ def adjust(logits, rows: RowSampling, hist: History, positions, eos):
   active = (jnp.any(rows.repetition != 1) | jnp.any(rows.frequency != 0)
             | jnp.any(rows.presence != 0) | jnp.any(rows.bias_ids >= 0)
             | jnp.any(positions < rows.min_pos))
-  return jax.lax.cond(active, apply, lambda x: x, logits)
+  logits = jax.lax.cond(active, apply, lambda x: x, logits)
+  if rows.mask is None or rows.mask.shape[1] == 1:  # no grammar (a program without this)
+    return logits
+  token = jnp.arange(v)
+  allowed = (rows.mask[:, token // 32] >> (token % 32)) & 1
+  return jnp.where(allowed == 1, logits, -jnp.inf)
 
 
 # ------------------------------------------------------------------------- logprobs

@@ -60,7 +60,8 @@ class Scheduler:
     decoding = [r for r in self.active if r.state == "decode"]
     if decoding:
       hurry = (any(r.state == "prefill" for r in self.active)
-               or (self.waiting and len(self.active) < self.max_batch))
+               or (self.waiting and len(self.active) < self.max_batch)
+               or any(r.constraint is not None for r in decoding))  # a mask per step
       self._decode(decoding, 1 if hurry else self.steps_per_call)
     return bool(prefilling or decoding)
 
@@ -104,7 +105,7 @@ class Scheduler:
     for r, now in zip(reqs, ready):
       if now:  # requests that start the same way (n > 1) share its pages from now on
         self.runner.kv.pool.publish(r.pages, r.prompt)
-    sampling = row_sampling(reqs, rows)
+    sampling = row_sampling(reqs, rows, self.runner.vocab_size)
     first = self.runner.first(out[1], np.ones(rows, bool), 2, out_len=1, rows=sampling,
                               positions=lengths + n,
                               tokens=history(reqs, rows, self.max_model_len, False))
@@ -130,7 +131,7 @@ class Scheduler:
     # table covers every row's length after `n_steps` steps.
     width = self.width(max(r.cached_len for r in reqs) + n_steps)
     loop = self.decode_call(first, table(reqs, rows, width), lengths, max_new,
-                             row_sampling(reqs, rows),
+                             row_sampling(reqs, rows, self.runner.vocab_size),
                              history(reqs, rows, self.max_model_len))
     out, lp = steps.to_host(loop.out), _row_logprobs(loop, reqs)
     for i, r in enumerate(reqs):
@@ -151,7 +152,10 @@ class Scheduler:
     gap = now - (req.t_last or req.t_submit)
     req.t_first = req.t_first or now
     req.t_last = now
-    count, reason, delta = detokenize.accept(req, new, self.tokenizer, self.eos)
+    end = False
+    if req.constraint is not None:
+      new, end = req.constraint.advance(new)
+    count, reason, delta = detokenize.accept(req, new, self.tokenizer, self.eos, end)
     logprobs = (logprobs or [])[:count]
     if reason:
       self.finish(req, reason, delta, count, now, gap=gap, logprobs=logprobs)

@@ -8,7 +8,9 @@ max_completion_tokens; completions take 0 with echo), temperature, top_p, seed (
 stop, stream, stream_options (include_usage; continuous_usage_stats, vLLM's, puts the usage
 so far in every chunk), n, presence_penalty, frequency_penalty, logit_bias, logprobs
 (completions: how many top tokens; chat: true/false, with top_logprobs), echo, best_of (equal
-to n). Extensions, as vLLM names them: top_k, repetition_penalty, min_tokens, ignore_eos.
+to n), response_format (text, json_object, json_schema). Extensions, as vLLM names them:
+top_k, repetition_penalty, min_tokens, ignore_eos, guided_json, guided_regex,
+guided_choice, guided_grammar (Lark or GBNF).
 
 The field policy, in one place: a field OpenAI defines that fdjax does not implement is a
 400 saying it is not supported (UNSUPPORTED); a harmless client extra (IGNORED) is accepted
@@ -32,7 +34,7 @@ MAX_N = 64
 UNSUPPORTED = {
     "completions": ("suffix",),
     "chat": ("audio", "modalities", "prediction", "web_search_options", "functions",
-             "function_call", "tools", "tool_choice", "response_format"),
+             "function_call", "tools", "tool_choice"),
 }
 # Fields clients send that change nothing fdjax computes: accepted and ignored (with
 # --strict-fields, refused as unknown). Dotted names are inside an object.
@@ -44,7 +46,8 @@ IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key",
 _UNSET = {"suffix": ("",), "modalities": (["text"],), "tools": ([],)}
 # How pydantic names the member of a union in an error's location (not a field).
 _UNION_TAGS = {"str", "int", "float", "bool", "TextPart", "StreamOptions", "list[int]",
-               "list[str]", "list[list[int]]", "dict[str,float]"}
+               "list[str]", "list[list[int]]", "dict[str,float]", "dict[any,any]",
+               "ResponseFormat", "JsonSchemaFormat"}
 
 
 class ApiError(Exception):
@@ -78,6 +81,19 @@ class StreamOptions(_Strict):
   continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+  name: str = Field(min_length=1, max_length=64)
+  schema_: dict = Field(default_factory=dict, alias="schema")
+  strict: bool | None = None
+  description: str | None = None
+
+
+class ResponseFormat(_Strict):
+  type: Literal["text", "json_object", "json_schema"]
+  json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(_Strict):
   model: str
   max_tokens: int | None = Field(None, ge=1)
@@ -95,6 +111,43 @@ class _Sampling(_Strict):
   logit_bias: dict[str, float] | None = None
   min_tokens: int = Field(0, ge=0)
   ignore_eos: bool = False
+  response_format: ResponseFormat | None = None
+  guided_json: dict | str | None = None
+  guided_regex: str | None = None
+  guided_choice: list[str] | None = Field(None, min_length=1)
+  guided_grammar: str | None = None
+
+  def constraint(self) -> tuple[str, object, str] | None:
+    """The output's grammar, as (kind, spec, the field it came from) for
+    fdjax.engine.grammar, or None; ApiError for two at once or a bad one."""
+    given = []
+    if self.response_format is not None and self.response_format.type != "text":
+      fmt = self.response_format
+      if fmt.type == "json_object":
+        given.append(("json_schema", {"type": "object"}, "response_format"))
+      elif fmt.json_schema is None:
+        raise ApiError(400, "response_format of type json_schema needs a json_schema",
+                       "response_format")
+      else:
+        given.append(("json_schema", fmt.json_schema.schema_, "response_format"))
+    if self.guided_json is not None:
+      spec = self.guided_json
+      if isinstance(spec, str):
+        try:
+          spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+          raise ApiError(400, f"guided_json is not valid JSON: {e}", "guided_json") from None
+      if not isinstance(spec, dict):
+        raise ApiError(400, "guided_json must be a JSON schema (an object)", "guided_json")
+      given.append(("json_schema", spec, "guided_json"))
+    for kind, name in (("regex", "guided_regex"), ("choice", "guided_choice"),
+                       ("grammar", "guided_grammar")):
+      if getattr(self, name) is not None:
+        given.append((kind, getattr(self, name), name))
+    if len(given) > 1:
+      raise ApiError(400, f"{given[0][2]} and {given[1][2]} both constrain the output; give "
+                     "one", given[1][2])
+    return given[0] if given else None
 
   @field_validator("logit_bias")
   @classmethod

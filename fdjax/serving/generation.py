@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from fdjax.engine import request
+from fdjax.engine import grammar, request
 from fdjax.io import chat
 from fdjax.serving import api
 
@@ -36,6 +36,7 @@ class _Call:
 
   def __init__(self, server, prompts, body: api._Sampling, max_tokens, echo=False):
     self.server, self.prompts, self.n = server, prompts, body.n
+    constrained = _grammar(server, body)
     loop = asyncio.get_running_loop()
     seed = body.seed if body.seed is not None else secrets.randbits(32)
     self.queue: asyncio.Queue = asyncio.Queue()
@@ -55,7 +56,8 @@ class _Call:
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=want_logprobs,
-            prompt_logprobs=echo and want_logprobs and j == 0, after=lead)
+            prompt_logprobs=echo and want_logprobs and j == 0, after=lead,
+            constraint=None if constrained is None else grammar.Constraint(*constrained))
         lead = lead or req
         self.reqs.append(req)
 
@@ -101,6 +103,26 @@ class _Call:
       out.add(i, event)
     return out
 
+
+
+def _grammar(server, body):
+  """(the vocabulary, the compiled grammar) of the request's output constraint, or None;
+  ApiError naming the field for a grammar llguidance refuses."""
+  spec = body.constraint()
+  if spec is None:
+    return None
+  kind, value, field = spec
+  if not grammar.available():
+    raise api.ApiError(400, f"{field} needs llguidance on the server: pip install "
+                       "'fdjax[serve]' (or pip install llguidance)", field)
+  if server.vocabulary is None:  # built once (about a second for a large vocabulary)
+    engine = server.engine
+    server.vocabulary = grammar.Vocabulary(server.tokenizer, engine.model.config.vocab_size,
+                                           engine.eos)
+  try:
+    return server.vocabulary, server.vocabulary.compile(kind, value)
+  except grammar.GrammarError as e:
+    raise api.ApiError(400, f"{field}: {e}", field) from None
 
 
 def _limits(server, prompts, asked):

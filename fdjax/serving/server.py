@@ -92,6 +92,7 @@ class Server:
     self.engine, self.tokenizer, self.template = engine, tokenizer, template
     self.model_name, self.strict_fields = model_name, strict_fields
     self.warmup, self.progress = warmup, progress
+    self.vocabulary = None  # grammar.Vocabulary, made at the first structured output
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     routes = [Route("/v1/completions", self._guard(lambda r: generation.completions(self, r)),
