@@ -184,7 +184,7 @@ def test_ignored_extras_pass_unsupported_fields_are_named_and_strict_refuses(s):
   events = [json.loads(line[6:]) for line in ok.text.splitlines()
             if line.startswith("data: {")]
   assert all("usage" in e for e in events) and events[-1]["usage"]["completion_tokens"] == 2
-  for body, field in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+  for body, field in [({"functions": [{"name": "f"}]}, "functions"),
                       ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
                       ({"audio": {}}, "audio")]:
     r = _post(s, "/v1/chat/completions", {"model": s.name, "messages": [

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-KINDS = ("json_schema", "regex", "choice", "grammar")
+KINDS = ("json_schema", "regex", "choice", "grammar", "lark")
 
 
 class GrammarError(ValueError):
@@ -57,6 +57,8 @@ class Vocabulary:
       grammar = llg.grammar_from("regex", spec)
     elif kind == "choice":
       grammar = llg.grammar_from("choice", json.dumps(list(spec)))
+    elif kind == "lark":  # llguidance's own Lark (with %json), as fdjax writes it
+      grammar = llg.grammar_from("lark", spec)
     elif kind == "grammar":
       try:
         grammar = llg.grammar_from("grammar", spec)

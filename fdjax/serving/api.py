@@ -8,7 +8,7 @@ max_completion_tokens; completions take 0 with echo), temperature, top_p, seed (
 stop, stream, stream_options (include_usage; continuous_usage_stats, vLLM's, puts the usage
 so far in every chunk), n, presence_penalty, frequency_penalty, logit_bias, logprobs
 (completions: how many top tokens; chat: true/false, with top_logprobs), echo, best_of (equal
-to n), response_format (text, json_object, json_schema). Extensions, as vLLM names them:
+to n), response_format (text, json_object, json_schema), tools and tool_choice (chat). Extensions, as vLLM names them:
 top_k, repetition_penalty, min_tokens, ignore_eos, guided_json, guided_regex,
 guided_choice, guided_grammar (Lark or GBNF).
 
@@ -30,11 +30,12 @@ from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 MAX_STOP = 16
 MAX_N = 64
-# Fields OpenAI defines that fdjax does not implement: refused by name.
+# Fields OpenAI defines that fdjax does not implement (on chat: the deprecated functions form
+# of tools, audio, ...): refused by name.
 UNSUPPORTED = {
     "completions": ("suffix",),
     "chat": ("audio", "modalities", "prediction", "web_search_options", "functions",
-             "function_call", "tools", "tool_choice"),
+             "function_call"),
 }
 # Fields clients send that change nothing fdjax computes: accepted and ignored (with
 # --strict-fields, refused as unknown). Dotted names are inside an object.
@@ -43,11 +44,12 @@ IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key",
            "verbosity", "reasoning_effort", "parallel_tool_calls",
            "stream_options.include_obfuscation")
 # Values of an unsupported field that mean "not used", as clients send them.
-_UNSET = {"suffix": ("",), "modalities": (["text"],), "tools": ([],)}
+_UNSET = {"suffix": ("",), "modalities": (["text"],)}
 # How pydantic names the member of a union in an error's location (not a field).
 _UNION_TAGS = {"str", "int", "float", "bool", "TextPart", "StreamOptions", "list[int]",
                "list[str]", "list[list[int]]", "dict[str,float]", "dict[any,any]",
-               "ResponseFormat", "JsonSchemaFormat"}
+               "ResponseFormat", "JsonSchemaFormat", "NamedToolChoice", "Tool", "FunctionDef",
+               "literal['none','auto','required']"}
 
 
 class ApiError(Exception):
@@ -222,16 +224,68 @@ class Message(BaseModel):
     return out
 
 
+class FunctionDef(_Strict):
+  name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+  description: str | None = None
+  parameters: dict | None = None
+  strict: bool | None = None
+
+
+class Tool(_Strict):
+  type: Literal["function"]
+  function: FunctionDef
+
+
+class NamedFunction(_Strict):
+  name: str
+
+
+class NamedToolChoice(_Strict):
+  type: Literal["function"]
+  function: NamedFunction
+
+
 class ChatRequest(_Sampling):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
   logprobs: bool = False
   top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+  tools: list[Tool] | None = Field(None, max_length=128)
+  tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
   def check(self):
     super().check()
     if self.top_logprobs is not None and not self.logprobs:
       raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    names = [t.function.name for t in self.tools or []]
+    if len(set(names)) != len(names):
+      raise ApiError(400, "tools have two functions of one name", "tools")
+    if self.tool_choice not in (None, "none") and not names:
+      raise ApiError(400, "tool_choice needs tools", "tool_choice")
+    if isinstance(self.tool_choice, NamedToolChoice) and \
+        self.tool_choice.function.name not in names:
+      raise ApiError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                     "not among the tools", "tool_choice")
+    if self.forced_tools() and self.constraint() is not None:
+      raise ApiError(400, f"tool_choice and {self.constraint()[2]} both constrain the output; "
+                     "give one", "tool_choice")
+
+  def active_tools(self) -> list[dict]:
+    """The tools the model is shown (none with tool_choice "none"), as the template takes
+    them."""
+    if self.tool_choice == "none":
+      return []
+    return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+  def forced_tools(self) -> list[dict] | None:
+    """The tools one of which the answer must call (tool_choice "required" or a named
+    function), or None."""
+    if self.tool_choice == "required":
+      return self.active_tools()
+    if isinstance(self.tool_choice, NamedToolChoice):
+      return [t for t in self.active_tools()
+              if t["function"]["name"] == self.tool_choice.function.name]
+    return None
 
   @property
   def limit(self) -> int | None:
@@ -352,11 +406,6 @@ def chat_logprobs(tokenizer, items, k: int) -> dict:
 
 def completion_choice(index, text, reason, logprobs=None) -> dict:
   return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
-
-
-def chat_choice(index, text, reason, logprobs=None) -> dict:
-  return {"index": index, "message": {"role": "assistant", "content": text},
-          "finish_reason": reason, "logprobs": logprobs}
 
 
 def chat_delta(index, delta: dict, reason=None, logprobs=None) -> dict:

@@ -8,7 +8,7 @@ import secrets
 
 from fdjax.engine import grammar, request
 from fdjax.io import chat
-from fdjax.serving import api
+from fdjax.serving import api, tools
 
 
 class _Results:
@@ -34,9 +34,10 @@ class _Call:
   """One HTTP request's engine requests, n choices of each prompt (choice index: prompt * n +
   j; the n share their prompt's pages), and their events, delivered to the event loop."""
 
-  def __init__(self, server, prompts, body: api._Sampling, max_tokens, echo=False):
+  def __init__(self, server, prompts, body: api._Sampling, max_tokens, echo=False,
+               constraint=None):
     self.server, self.prompts, self.n = server, prompts, body.n
-    constrained = _grammar(server, body)
+    constrained = _grammar(server, body, constraint)
     loop = asyncio.get_running_loop()
     seed = body.seed if body.seed is not None else secrets.randbits(32)
     self.queue: asyncio.Queue = asyncio.Queue()
@@ -105,10 +106,10 @@ class _Call:
 
 
 
-def _grammar(server, body):
-  """(the vocabulary, the compiled grammar) of the request's output constraint, or None;
-  ApiError naming the field for a grammar llguidance refuses."""
-  spec = body.constraint()
+def _grammar(server, body, spec=None):
+  """(the vocabulary, the compiled grammar) of the request's output constraint (`spec`, else
+  the body's), or None; ApiError naming the field for a grammar llguidance refuses."""
+  spec = spec or body.constraint()
   if spec is None:
     return None
   kind, value, field = spec
@@ -202,21 +203,45 @@ async def chat_completions(server, request):
     raise api.ApiError(400, f"model {server.model_name!r} has no chat template (no "
                        "chat_template in its tokenizer_config.json); use /v1/completions",
                        "messages")
+  offered = body.active_tools()
+  fmt = tools.detect(server.template.source)
   try:
-    text = server.template.render([m.for_template() for m in body.messages])
+    text = server.template.render([m.for_template() for m in body.messages],
+                                  **({"tools": offered} if offered else {}))
   except chat.TemplateError as e:
     raise api.ApiError(400, str(e), "messages") from None
   prompts = [server.tokenizer.encode(text, add_special_tokens=False)]
-  call = _Call(server, prompts, body, _limits(server, prompts, body.limit))
+  forced = body.forced_tools()
+  call = _Call(server, prompts, body, _limits(server, prompts, body.limit), constraint=None
+               if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"))
   call.submit()
   rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
+  names = {t["function"]["name"] for t in offered}
 
   def logprobs(items):
     return None if k is None else api.chat_logprobs(server.tokenizer, items, k)
 
+  def answer(text, reason):
+    """(the message's fields, the finish reason): tool calls parsed out when tools are on."""
+    content, calls = tools.parse(fmt, text, names) if offered else (text, [])
+    if calls:
+      return {"content": content, "tool_calls": calls}, "tool_calls"
+    return {"content": text}, reason
+
   if body.stream:
+    held = [""] * len(call.reqs)  # with tools on, a choice's text until it ends
+
     def chunk(i, event, first):
       out = [api.chat_delta(i, {"role": "assistant", "content": ""})] if first else []
+      if offered:
+        held[i] += event.text
+        if event.finish_reason:
+          fields, reason = answer(held[i], event.finish_reason)
+          if "tool_calls" in fields:
+            fields["tool_calls"] = [{"index": j, **c} for j, c in
+                                    enumerate(fields["tool_calls"])]
+          out += [api.chat_delta(i, fields), api.chat_delta(i, {}, reason)]
+        return out
       if event.text or event.logprobs:
         out.append(api.chat_delta(i, {"content": event.text}, None, logprobs(event.logprobs)))
       if event.finish_reason:
@@ -225,9 +250,11 @@ async def chat_completions(server, request):
 
     return server.stream(call, rid, "chat.completion.chunk", body, chunk)
   res = await server.wait(request, call)
-  choices = [api.chat_choice(i, res.texts[i], res.reasons[i], logprobs(res.logprobs[i]))
-             for i in range(len(call.reqs))]
+  choices = []
+  for i in range(len(call.reqs)):
+    fields, reason = answer(res.texts[i], res.reasons[i])
+    choices.append({"index": i, "message": {"role": "assistant", **fields},
+                    "finish_reason": reason, "logprobs": logprobs(res.logprobs[i])})
   return server.json_response(api.envelope(rid, "chat.completion", server.model_name, choices,
                                  {"usage": api.usage(call.prompt_tokens,
                                                      sum(res.completion_tokens))}))
-

@@ -1,0 +1,145 @@
+"""Tool calls through the chat template, in the three formats models write them (Hermes /
+Qwen `<tool_call>`, Mistral `[TOOL_CALLS]`, Llama 3.x JSON), against a live `fdjax serve` on
+a tiny Llama-3-style checkpoint with the official client: the tools reach the template,
+tool_choice "required" or a named function makes even a random model return a valid call
+(llguidance enforces a schema of the call), streamed as tool_calls deltas, "none" hides the
+tools, a conversation with tool results renders; bad tool fields are a 400."""
+import json
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("llguidance")
+pytest.importorskip("transformers")
+jsonschema = pytest.importorskip("jsonschema")
+
+from fdjax.io import chat, loading  # noqa: E402
+from fdjax.serving import tools  # noqa: E402
+from tests.test_server import _start, _stop  # noqa: E402
+
+HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+_MESSAGES = """{%- for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{% if m.tool_calls %}{% for c in m.tool_calls %}CALL{{ c.function | tojson }}END{% endfor %}\
+{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}
+{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+TEMPLATES = {
+    "hermes": ("{{ bos_token }}{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+               "<tools>{% for t in tools %}{{ t.function | tojson }}{% endfor %}</tools> Call "
+               "one as <tool_call>{\"name\": .., \"arguments\": ..}</tool_call><|eot_id|>"
+               "{% endif %}" + _MESSAGES.replace("CALL", "<tool_call>\n")
+               .replace("END", "\n</tool_call>")),
+    "mistral": ("{{ bos_token }}{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}"
+                "[/AVAILABLE_TOOLS]{% endif %}" + _MESSAGES.replace("CALL", "[TOOL_CALLS][")
+                .replace("END", "]")),
+    "llama3_json": ("{{ bos_token }}{% if tools %}<|start_header_id|>user<|end_header_id|>\n\n"
+                    "Given the following functions, respond with a JSON for a function call "
+                    "with its proper arguments, as {\"name\": function name, \"parameters\": "
+                    "dictionary of argument name and its value}.{% for t in tools %}"
+                    "{{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+                    + _MESSAGES.replace("CALL", "").replace("END", "")),
+}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory):
+  from bench.tiny_llama3 import build
+  path = build(str(tmp_path_factory.mktemp("tools")), max_len=1024)
+  srv = _start(*loading.load(path, chat_template=True)[:4], max_batch=4, max_model_len=1024)
+  yield srv
+  _stop(srv)
+
+
+def _use(s, fmt):
+  s.server.template = chat.ChatTemplate(TEMPLATES[fmt], s.server.template.special_tokens)
+  assert tools.detect(TEMPLATES[fmt]) == fmt
+
+
+def _check_call(call, names=("get_weather", "add")):
+  assert call.type == "function" and call.id.startswith("call_")
+  assert call.function.name in names
+  jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3_json"])
+def test_forced_tool_calls_in_each_format_streamed_or_not(s, fmt):
+  _use(s, fmt)
+  ask = dict(model=s.name, messages=ASK, max_tokens=200, temperature=1.0, seed=2)
+  named = s.client.chat.completions.create(
+      **ask, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+  choice = named.choices[0]
+  assert choice.finish_reason == "tool_calls" and choice.message.content is None
+  assert len(choice.message.tool_calls) == 1
+  _check_call(choice.message.tool_calls[0], ("get_weather",))
+  required = s.client.chat.completions.create(**ask, tools=TOOLS, tool_choice="required", n=3)
+  for c in required.choices:
+    _check_call(c.message.tool_calls[0])
+  chunks = list(s.client.chat.completions.create(**ask, tools=TOOLS, tool_choice="required",
+                                                 stream=True))
+  deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+  assert len(deltas) == 1 and deltas[0].index == 0
+  _check_call(deltas[0])
+  assert chunks[-1].choices[0].finish_reason == "tool_calls"
+  # The tools reach the template; "none" hides them; "auto" answers either way.
+  plain = s.client.chat.completions.create(model=s.name, messages=ASK, max_tokens=1)
+  none = s.client.chat.completions.create(model=s.name, messages=ASK, max_tokens=1, tools=TOOLS,
+                                          tool_choice="none")
+  auto = s.client.chat.completions.create(**{**ask, "max_tokens": 8}, tools=TOOLS)
+  assert none.usage.prompt_tokens == plain.usage.prompt_tokens < auto.usage.prompt_tokens
+  assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_conversation_with_tool_results_renders(s):
+  _use(s, "hermes")
+  messages = ASK + [
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"id": "call_1", "type": "function",
+           "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"}]
+  r = s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=4,
+                                       tools=TOOLS)
+  assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_each_format_parses_its_own_calls():
+  cases = {
+      "hermes": 'Let me look.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
+                "</tool_call>",
+      "mistral": 'Sure[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]',
+      "llama3_json": '{"name": "add", "parameters": {"a": 1, "b": 2}}',
+  }
+  for fmt, text in cases.items():
+    content, calls = tools.parse(fmt, text, {"add"})
+    assert [c["function"]["name"] for c in calls] == ["add"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert content == {"hermes": "Let me look.", "mistral": "Sure", "llama3_json": None}[fmt]
+    assert tools.parse(fmt, text, {"other"}) == (text, [])  # not an offered tool: text
+  assert tools.parse("llama3_json", "{not json", {"add"}) == ("{not json", [])
+
+
+@pytest.mark.parametrize("extra,param", [
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+     "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools"),
+    (dict(tools=TOOLS + TOOLS[:1]), "tools"),
+    (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
+     "tool_choice"),
+])
+def test_bad_tool_fields_get_a_400_naming_the_field(s, extra, param):
+  with pytest.raises(openai.BadRequestError) as e:
+    s.client.chat.completions.create(model=s.name, messages=ASK, max_tokens=4, **extra)
+  assert e.value.body["param"] == param
