@@ -113,11 +113,15 @@ def cmd_bench(args):
 
 
 def cmd_serve(args):
+  import dataclasses
+
   from fdjax.serving import server
   server.check_dependencies()
   import jax.numpy as jnp
 
   from fdjax import runtime
+  from fdjax.serving import auth
+  from fdjax.serving.limits import Limits
   cache = runtime.use_compile_cache(runtime.default_compile_cache()
                                     if args.compile_cache == "default" else args.compile_cache)
   print(f"fdjax serve: compiled programs kept in {cache} (--compile-cache DIR|off)"
@@ -127,10 +131,24 @@ def cmd_serve(args):
                dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
                log_level=args.log_level, strict_fields=args.strict_fields,
+               api_keys=auth.keys_from(args.api_key, os.environ),
+               metrics_require_key=args.metrics_require_key,
+               limits=Limits(**{f.name: getattr(args, "max_" + f.name)
+                                for f in dataclasses.fields(Limits)}),
                max_batch=args.max_batch, max_queue=args.max_queue,
                page_size=args.page_size, num_pages=args.num_pages,
                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
                steps_per_call=args.steps_per_call)
+
+
+def _limit_args(p):
+  """--max-<limit> for every field of fdjax.serving.limits.Limits, its default the default."""
+  import dataclasses
+
+  from fdjax.serving.limits import Limits, flag
+  for f in dataclasses.fields(Limits):
+    p.add_argument(f"--max-{flag(f.name)}", dest=f"max_{f.name}", type=int, default=f.default,
+                   help=f"request limit (default {f.default})")
 
 
 def _model_args(p):
@@ -196,6 +214,11 @@ def build_parser():
   s.add_argument("--strict-fields", action="store_true", help="refuse the client extras "
                  "fdjax ignores by default (store, metadata, user, service_tier, ...: "
                  "fdjax.serving.api.IGNORED)")
+  s.add_argument("--api-key", action="append", metavar="KEY", help="a key clients must "
+                 "send as 'Authorization: Bearer KEY' on /v1 (repeatable; also "
+                 "$FDJAX_API_KEY)")
+  s.add_argument("--metrics-require-key", action="store_true", help="/metrics needs a key too")
+  _limit_args(s)
   s.add_argument("--log-level", default="info")
   _mesh_args(s)
   s.set_defaults(fn=cmd_serve)

@@ -28,8 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
-MAX_STOP = 16
-MAX_N = 64
 # Fields OpenAI defines that fdjax does not implement (on chat: the deprecated functions form
 # of tools, audio, ...): refused by name.
 UNSUPPORTED = {
@@ -75,7 +73,7 @@ def error_body(message: str, param: str | None = None, type: str = "invalid_requ
 
 
 class _Strict(BaseModel):
-  model_config = ConfigDict(extra="forbid", strict=True)
+  model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -84,7 +82,8 @@ class StreamOptions(_Strict):
 
 
 class JsonSchemaFormat(BaseModel):
-  model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+  model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
+                            allow_inf_nan=False)
   name: str = Field(min_length=1, max_length=64)
   schema_: dict = Field(default_factory=dict, alias="schema")
   strict: bool | None = None
@@ -106,7 +105,7 @@ class _Sampling(_Strict):
   stop: str | list[str] | None = None
   stream: bool = False
   stream_options: StreamOptions | None = None
-  n: int = Field(1, ge=1, le=MAX_N)
+  n: int = Field(1, ge=1)  # its bound, like every request's, is fdjax.serving.limits
   presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
   frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
   repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -167,8 +166,8 @@ class _Sampling(_Strict):
 
   def stop_strings(self) -> tuple[str, ...]:
     stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-      raise ApiError(400, f"stop takes up to {MAX_STOP} non-empty strings", "stop")
+    if any(not s for s in stop):
+      raise ApiError(400, "stop takes non-empty strings", "stop")
     return tuple(stop)
 
   def bias_pairs(self) -> tuple:
@@ -191,7 +190,7 @@ class CompletionRequest(_Sampling):
   max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo
   echo: bool = False
   logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-  best_of: int | None = Field(None, ge=1, le=MAX_N)
+  best_of: int | None = Field(None, ge=1)
 
   def check(self):
     super().check()
@@ -211,7 +210,7 @@ class TextPart(_Strict):
 
 class Message(BaseModel):
   """A chat message; keys beyond these (tool_calls, ...) reach the template as they are."""
-  model_config = ConfigDict(extra="allow", strict=True)
+  model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
   role: str
   content: str | list[TextPart] | None = None
   name: str | None = None
@@ -250,7 +249,7 @@ class ChatRequest(_Sampling):
   max_completion_tokens: int | None = Field(None, ge=1)
   logprobs: bool = False
   top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-  tools: list[Tool] | None = Field(None, max_length=128)
+  tools: list[Tool] | None = None
   tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
   def check(self):
@@ -297,6 +296,9 @@ class ChatRequest(_Sampling):
     return (self.top_logprobs or 0) if self.logprobs else None
 
 
+_KNOWN = set()  # every field name of both requests (filled below)
+
+
 def _policy(kind: type[_Sampling], data: dict, strict: bool) -> dict:
   """The body with ignored extras dropped (not when strict); ApiError for a field OpenAI
   defines that fdjax does not implement."""
@@ -317,6 +319,25 @@ def _policy(kind: type[_Sampling], data: dict, strict: bool) -> dict:
   return data
 
 
+def _check_text(data: dict):
+  """ApiError for a string holding a lone UTF-16 surrogate (JSON's \\ud800 escapes decode to
+  one; it is no Unicode character and cannot be encoded)."""
+  stack = [(k, v) for k, v in data.items()] + [(k, k) for k in data]
+  while stack:
+    field, value = stack.pop()
+    items = (value.items() if isinstance(value, dict) else enumerate(value)
+             if isinstance(value, list) else ())
+    stack.extend((field, x) for pair in items for x in pair)
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ApiError(400, f"field {ascii(field)} holds a lone surrogate "
+                       f"({ascii(value[e.start])}, a \\ud800-\\udfff escape not in a pair): "
+                       "not Unicode text", field if field in _KNOWN else None,
+                       reason="bad_text") from None
+
+
 def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling:
   """The request body as `kind`, or ApiError 400 naming the first field at fault. A field
   sent as null takes its default, as OpenAI's API does."""
@@ -326,6 +347,7 @@ def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling
     raise ApiError(400, f"the request body is not valid JSON: {e}", reason="bad_json") from None
   if not isinstance(data, dict):
     raise ApiError(400, "the request body must be a JSON object", reason="bad_json")
+  _check_text(data)
   data = _policy(kind, {k: v for k, v in data.items() if v is not None}, strict)
   try:
     request = kind.model_validate_json(json.dumps(data))
@@ -415,3 +437,6 @@ def chat_delta(index, delta: dict, reason=None, logprobs=None) -> dict:
 def sse(data) -> str:
   """One server-sent event: `data: <json>` and a blank line; "[DONE]" as it is."""
   return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+_KNOWN.update(CompletionRequest.model_fields, ChatRequest.model_fields)

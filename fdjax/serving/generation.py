@@ -8,7 +8,7 @@ import secrets
 
 from fdjax.engine import grammar, request
 from fdjax.io import chat
-from fdjax.serving import api, tools
+from fdjax.serving import api, limits, tools
 
 
 class _Results:
@@ -106,6 +106,30 @@ class _Call:
 
 
 
+async def parse_body(server, request, kind):
+  """The request's validated body: a JSON content type (415 otherwise), a size within the
+  limit (413), api.parse, the model's name (404), then every limit."""
+  content_type = request.headers.get("content-type", "")
+  if content_type.split(";")[0].strip().lower() != "application/json":
+    raise api.ApiError(415, f"the Content-Type must be application/json, got "
+                       f"{content_type or 'none'!r}")
+  declared = request.headers.get("content-length", "")
+  if declared.isdigit():
+    limits.check_body_size(int(declared), server.limits)
+  raw = b""
+  async for piece in request.stream():  # not more than the limit is ever held
+    raw += piece
+    limits.check_body_size(len(raw), server.limits)
+  body = api.parse(kind, raw, server.strict_fields)
+  if body.model != server.model_name:
+    raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
+                       f"{server.model_name!r}", "model", code="model_not_found")
+  prompt = getattr(body, "prompt", "")
+  batch = not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int)
+  limits.check(body, server.limits, len(prompt) if batch else 1)
+  return body
+
+
 def _grammar(server, body, spec=None):
   """(the vocabulary, the compiled grammar) of the request's output constraint (`spec`, else
   the body's), or None; ApiError naming the field for a grammar llguidance refuses."""
@@ -154,7 +178,7 @@ def _prompts(server, prompt) -> list[list[int]]:
   return lists
 
 async def completions(server, request):
-  body = await server.parse_body(request, api.CompletionRequest)
+  body = await parse_body(server, request, api.CompletionRequest)
   prompts = _prompts(server, body.prompt)
   call = _Call(server, prompts, body, _limits(server, prompts, body.max_tokens), echo=body.echo)
   call.submit()
@@ -198,7 +222,7 @@ async def completions(server, request):
                                                      sum(res.completion_tokens))}))
 
 async def chat_completions(server, request):
-  body = await server.parse_body(request, api.ChatRequest)
+  body = await parse_body(server, request, api.ChatRequest)
   if server.template is None:
     raise api.ApiError(400, f"model {server.model_name!r} has no chat template (no "
                        "chat_template in its tokenizer_config.json); use /v1/completions",

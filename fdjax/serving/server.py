@@ -27,7 +27,8 @@ import time
 
 from fdjax.engine import core as eng
 from fdjax.io import chat
-from fdjax.serving import api, generation
+from fdjax.serving import api, auth, generation
+from fdjax.serving.limits import Limits
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "pydantic", "jinja2", "prometheus_client")
 
@@ -77,13 +78,16 @@ class _EventStream:
 
 class Server:
   """The ASGI app around an engine (started with the app, stopped with it). strict_fields:
-  the client extras api.IGNORED lists are refused too. warmup: the engine compiles every
+  the client extras api.IGNORED lists are refused too. api_keys: /v1 (and /metrics with
+  metrics_require_key) needs one (fdjax.serving.auth). limits: what one request may ask
+  for (fdjax.serving.limits). warmup: the engine compiles every
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
   requests wait in the queue); progress(done, total) hears of each shape."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
-               progress=None):
+               progress=None, api_keys=(), metrics_require_key: bool = False,
+               limits: Limits | None = None):
     check_dependencies()
     from starlette.applications import Starlette
     from starlette.routing import Route
@@ -93,6 +97,7 @@ class Server:
     self.model_name, self.strict_fields = model_name, strict_fields
     self.warmup, self.progress = warmup, progress
     self.vocabulary = None  # grammar.Vocabulary, made at the first structured output
+    self.limits = limits or Limits()
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     routes = [Route("/v1/completions", self._guard(lambda r: generation.completions(self, r)),
@@ -106,6 +111,9 @@ class Server:
               Route("/metrics", self.prometheus, methods=["GET"])]
     self.app = Starlette(routes=routes, lifespan=self._lifespan,
                          exception_handlers={404: self._http_error, 405: self._http_error})
+    if api_keys:
+      self.app = auth.RequireKey(self.app, api_keys, metrics_require_key,
+                                 lambda: self.metrics.rejected.labels("unauthorized").inc())
 
   def _lifespan(self, app):
     import contextlib
@@ -146,18 +154,6 @@ class Server:
     else:
       message = f"method {request.method} is not allowed on {request.url.path}"
     return self._error(api.ApiError(exc.status_code, message))
-
-  async def parse_body(self, request, kind):
-    """The request's validated body: a JSON content type (415 otherwise), then api.parse."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-      raise api.ApiError(415, f"the Content-Type must be application/json, got "
-                         f"{content_type or 'none'!r}")
-    body = api.parse(kind, await request.body(), self.strict_fields)
-    if body.model != self.model_name:
-      raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
-                         f"{self.model_name!r}", "model", code="model_not_found")
-    return body
 
   # ------------------------------------------------------------------- endpoints
 
@@ -286,7 +282,7 @@ def progress_bar(stream=None, width=30):
 
 def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None, dtype=None,
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
-          **engine_args):
+          api_keys=(), metrics_require_key=False, limits=None, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
@@ -298,8 +294,14 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
   model, tok, template, name, _ = loading.load(model_dir, dtype=dtype, quantize=quantize,
                                                mesh=mesh, chat_template=True)
   engine = eng.Engine(model, tok, **engine_args)
+  if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+    import sys
+    print(f"fdjax serve: WARNING: serving on {host} with no API key: anyone who can reach "
+          f"port {port} can use the model (--api-key KEY or $FDJAX_API_KEY)", file=sys.stderr,
+          flush=True)
   server = Server(engine, tok, template, served_model_name or name, strict_fields,
-                  warmup=warmup, progress=progress_bar())
+                  warmup=warmup, progress=progress_bar(), api_keys=api_keys,
+                  metrics_require_key=metrics_require_key, limits=limits)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}, context {engine.max_model_len})"
