@@ -228,3 +228,33 @@ def test_fuzzed_bodies_get_200_or_4xx_never_a_5xx(s, path):
   lone = _post(s, path, None, raw=b'{"model": "fdjax-default", "prompt": "a\\ud800", '
                                    b'"messages": [{"role": "user", "content": "\\ud800"}]}')
   assert lone.status_code == 400 and "lone surrogate" in lone.json()["error"]["message"]
+
+
+# Bodies a review found to fail the whole engine (every request in flight), answer a 500 or
+# write NaN into JSON: each is now a 400 naming its field, and the engine serves on.
+_DEEP = "[" * 1200 + "]" * 1200  # json.loads: RecursionError
+BREAKERS = [
+    ({"prompt": "a", "top_k": 10 ** 10}, "top_k"),
+    ({"prompt": "a", "min_tokens": 10 ** 10}, "min_tokens"),
+    ({"prompt": "a", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "a", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"1" * 40: 1}}, "logit_bias"),
+    ({"prompt": "a", "guided_json": '{"items": ' + _DEEP + "}"}, "guided_json"),
+    ({"prompt": "a", "guided_json": '{"type": "array", "items": ' * 10 + "{}" + "}" * 10},
+     "guided_json"),
+    ({"prompt": "a", "guided_choice": [""]}, "guided_choice"),
+    ({"prompt": "a", "guided_regex": ""}, "guided_regex"),
+    ({"prompt": "a", "guided_regex": "[a-z]+", "min_tokens": 1}, "min_tokens"),
+    ({"prompt": "a", "repetition_penalty": 1e-40, "logprobs": 2}, "repetition_penalty"),
+    ({"prompt": "a", "temperature": 1e39, "logprobs": 1}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("body,param", BREAKERS, ids=[b[1] for b in BREAKERS])
+def test_bodies_that_once_broke_the_engine_are_400s(s, body, param):
+  r = _post(s, "/v1/completions", {"model": s.name, "max_tokens": 4, **body})
+  assert r.status_code == 400, r.text
+  assert r.json()["error"]["param"] == param
+  assert s.engine.alive
+  ok = s.client.completions.create(model=s.name, prompt="x = ", max_tokens=2)
+  assert ok.usage.completion_tokens == 2

@@ -158,7 +158,8 @@ class Engine:
       self._cv.notify()
     if self._thread is not None:
       self._thread.join(timeout)
-    self._fail_all("the server is shutting down")
+    if self._thread is None or not self._thread.is_alive():  # else it ends them itself
+      self._fail_all("the server is shutting down")
 
   def step(self) -> bool:
     """One scheduler iteration on what has been submitted; False when nothing could run."""
@@ -179,7 +180,7 @@ class Engine:
         while not self._stopping and self.idle():
           self._cv.wait()
         if self._stopping:
-          return
+          break
       try:
         if not self.step():
           with self._cv:  # nothing could run (pages are all taken): wait for a change
@@ -188,6 +189,7 @@ class Engine:
         self._fail_all(f"engine error: {type(e).__name__}: {e}")
         self.runner.kv = paging.KVStore.for_model(self.model, self.kv.pool.num_pages,
                                                   self.page_size)
+    self._fail_all("the server is shutting down")
 
   def _fail_all(self, message: str):
     with self._cv:

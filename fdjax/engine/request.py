@@ -130,8 +130,16 @@ def check(req: Request, vocab_size: int, max_model_len: int):
   if bad:
     raise BadRequest("logit_bias", f"logit_bias: token id {bad[0]} is outside the vocabulary "
                      f"[0, {vocab_size})")
-  if req.min_tokens < 0:
-    raise BadRequest("min_tokens", f"min_tokens must be >= 0, got {req.min_tokens}")
+  if not 0 <= req.min_tokens <= req.max_tokens:
+    raise BadRequest("min_tokens", f"min_tokens must be in [0, max_tokens={req.max_tokens}], "
+                     f"got {req.min_tokens}")
+  if req.top_k is not None and not 1 <= req.top_k < 2 ** 31:
+    raise BadRequest("top_k", f"top_k must be in [1, 2^31), got {req.top_k}")
+  if req.constraint is not None and req.min_tokens:
+    raise BadRequest("min_tokens", "min_tokens cannot be combined with a grammar (it would "
+                     "ban the EOS a complete grammar needs)")
+  if req.constraint is not None and req.constraint.done:
+    raise BadRequest("constraint", "the output's grammar allows nothing but an empty answer")
   if len(req.prompt) + req.max_tokens > max_model_len:
     raise BadRequest("max_tokens", f"the prompt ({len(req.prompt)} tokens) plus max_tokens "
                      f"({req.max_tokens}) exceeds this model's context of "

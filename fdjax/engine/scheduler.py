@@ -148,13 +148,10 @@ class Scheduler:
   def _accept(self, req: Request, new: list[int], logprobs=None):
     """Takes a request's new tokens (with their logprobs when it asked), ends it on EOS, a
     stop string or max_tokens, and tells it the text that is now certain."""
-    now = time.perf_counter()
-    gap = now - (req.t_last or req.t_submit)
-    req.t_first = req.t_first or now
-    req.t_last = now
-    end = False
-    if req.constraint is not None:
-      new, end = req.constraint.advance(new)
+    now, gap = _stamp(req)
+    new, end, error = _advance(req, new)
+    if error:  # the request's grammar refused a token: it alone ends
+      return self.finish(req, "error", error=error)
     count, reason, delta = detokenize.accept(req, new, self.tokenizer, self.eos, end)
     logprobs = (logprobs or [])[:count]
     if reason:
@@ -163,7 +160,7 @@ class Scheduler:
       req.emit(Event(delta, count, None, len(req.prompt), len(req.tokens), now, gap,
                      logprobs=logprobs, prompt_logprobs=_prompt_logprobs(req)))
 
-  def finish(self, req, reason, delta="", count=0, now=None, gap=0.0, logprobs=()):
+  def finish(self, req, reason, delta="", count=0, now=None, gap=0.0, logprobs=(), error=None):
     if req.state == "done":
       return
     if req in self.active:
@@ -171,7 +168,7 @@ class Scheduler:
       self.runner.kv.pool.finish(req.pages, (req.prompt + req.tokens)[:req.cached_len])
     req.state, req.finish_reason = "done", reason
     req.emit(Event(delta, count, reason, len(req.prompt), len(req.tokens),
-                   now or time.perf_counter(), gap, logprobs=list(logprobs),
+                   now or time.perf_counter(), gap, error=error, logprobs=list(logprobs),
                    prompt_logprobs=_prompt_logprobs(req)))
 
   def fail_all(self, message: str):
@@ -201,6 +198,24 @@ def _keep_prompt_logprobs(reqs, pieces, lp):
       if r.prompt_lp is None:
         r.prompt_lp = [TokenLogprob(r.prompt[0], None, [])]
       r.prompt_lp += _logprobs(lp, i, r.prompt[r.computed + 1:r.computed + len(p) + 1])
+
+
+def _stamp(req):
+  """(now, seconds since the request's previous tokens or its submission), now its latest."""
+  now = time.perf_counter()
+  gap = now - (req.t_last or req.t_submit)
+  req.t_first, req.t_last = req.t_first or now, now
+  return now, gap
+
+
+def _advance(req, new):
+  """(the tokens a request takes, whether its grammar is complete, an error or None)."""
+  if req.constraint is None:
+    return new, False, None
+  try:
+    return *req.constraint.advance(new), None
+  except RuntimeError as e:
+    return new, False, str(e)
 
 
 def _row_logprobs(loop, reqs):

@@ -8,9 +8,9 @@ max_completion_tokens; completions take 0 with echo), temperature, top_p, seed (
 stop, stream, stream_options (include_usage; continuous_usage_stats, vLLM's, puts the usage
 so far in every chunk), n, presence_penalty, frequency_penalty, logit_bias, logprobs
 (completions: how many top tokens; chat: true/false, with top_logprobs), echo, best_of (equal
-to n), response_format (text, json_object, json_schema), tools and tool_choice (chat). Extensions, as vLLM names them:
-top_k, repetition_penalty, min_tokens, ignore_eos, guided_json, guided_regex,
-guided_choice, guided_grammar (Lark or GBNF).
+to n), response_format (text, json_object, json_schema), tools and tool_choice (chat).
+Extensions, as vLLM names them: top_k, repetition_penalty, min_tokens, ignore_eos,
+guided_json, guided_regex, guided_choice, guided_grammar (Lark or GBNF).
 
 The field policy, in one place: a field OpenAI defines that fdjax does not implement is a
 400 saying it is not supported (UNSUPPORTED); a harmless client extra (IGNORED) is accepted
@@ -20,6 +20,7 @@ of the wrong type or out of range, is a 400 naming it.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Literal
@@ -98,9 +99,9 @@ class ResponseFormat(_Strict):
 class _Sampling(_Strict):
   model: str
   max_tokens: int | None = Field(None, ge=1)
-  temperature: float = Field(1.0, ge=0.0)
+  temperature: float = Field(1.0, ge=0.0, le=100.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  top_k: int | None = Field(None, ge=1)
+  top_k: int | None = Field(None, ge=1, lt=2 ** 31)
   seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)
   stop: str | list[str] | None = None
   stream: bool = False
@@ -108,9 +109,9 @@ class _Sampling(_Strict):
   n: int = Field(1, ge=1)  # its bound, like every request's, is fdjax.serving.limits
   presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
   frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-  repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+  repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
   logit_bias: dict[str, float] | None = None
-  min_tokens: int = Field(0, ge=0)
+  min_tokens: int = Field(0, ge=0, lt=2 ** 31)
   ignore_eos: bool = False
   response_format: ResponseFormat | None = None
   guided_json: dict | str | None = None
@@ -158,8 +159,8 @@ class _Sampling(_Strict):
     if len(value) > MAX_LOGIT_BIAS:
       raise ValueError(f"takes up to {MAX_LOGIT_BIAS} entries, got {len(value)}")
     for key, bias in value.items():
-      if not key.isdigit():
-        raise ValueError(f"keys are token ids, got {key!r}")
+      if not (key.isascii() and key.isdigit() and len(key) <= 10):
+        raise ValueError(f"keys are token ids, got {ascii(key)[:40]}")
       if not -100 <= bias <= 100:
         raise ValueError(f"biases are in [-100, 100], got {bias} for token {key}")
     return value
@@ -319,6 +320,14 @@ def _policy(kind: type[_Sampling], data: dict, strict: bool) -> dict:
   return data
 
 
+def parse_schema(text: str, field: str):
+  """A JSON schema sent as a string, or ApiError naming the field."""
+  try:
+    return json.loads(text)
+  except (json.JSONDecodeError, RecursionError) as e:
+    raise ApiError(400, f"{field} is not valid JSON (or nests too deeply): {e}", field) from None
+
+
 def _check_text(data: dict):
   """ApiError for a string holding a lone UTF-16 surrogate (JSON's \\ud800 escapes decode to
   one; it is no Unicode character and cannot be encoded)."""
@@ -391,7 +400,13 @@ def _token_bytes(tokenizer, token: int) -> bytes:
 
 def _finite(pairs, k):
   """The first k (id, logprob) pairs that are candidates at all (filtered tokens are -inf)."""
-  return [(t, lp) for t, lp in pairs[:k] if lp > float("-inf")]
+  return [(t, lp) for t, lp in pairs[:k] if math.isfinite(lp)]
+
+
+def _lp(value):
+  """A logprob JSON can carry: a non-finite one (which no sampled token should have) is
+  written as OpenAI writes an impossible one, -9999.0."""
+  return value if value is None or math.isfinite(value) else -9999.0
 
 
 def completion_logprobs(tokenizer, items, k: int, offset: int = 0) -> dict:
@@ -402,14 +417,14 @@ def completion_logprobs(tokenizer, items, k: int, offset: int = 0) -> dict:
   for item in items:
     text = tokenizer.decode([item.token])
     out["tokens"].append(text)
-    out["token_logprobs"].append(item.logprob)
+    out["token_logprobs"].append(_lp(item.logprob))
     out["text_offset"].append(offset)
     offset += len(text)
     if item.logprob is None:
       out["top_logprobs"].append(None)
     else:
       top = {tokenizer.decode([t]): lp for t, lp in _finite(item.top, k)}
-      top.setdefault(text, item.logprob)
+      top.setdefault(text, _lp(item.logprob))
       out["top_logprobs"].append(top)
   return out
 
@@ -419,7 +434,7 @@ def chat_logprobs(tokenizer, items, k: int) -> dict:
   top_logprobs [k of the same]}]."""
   def entry(token, logprob):
     raw = _token_bytes(tokenizer, token)
-    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": _lp(logprob),
             "bytes": list(raw)}
   return {"content": [{**entry(i.token, i.logprob),
                        "top_logprobs": [entry(t, lp) for t, lp in _finite(i.top, k)]}

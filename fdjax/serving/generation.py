@@ -145,9 +145,15 @@ def _grammar(server, body, spec=None):
     server.vocabulary = grammar.Vocabulary(server.tokenizer, engine.model.config.vocab_size,
                                            engine.eos)
   try:
-    return server.vocabulary, server.vocabulary.compile(kind, value)
+    compiled = server.vocabulary.compile(kind, value)
   except grammar.GrammarError as e:
     raise api.ApiError(400, f"{field}: {e}", field) from None
+  if grammar.Constraint(server.vocabulary, compiled).done:
+    raise api.ApiError(400, f"{field}: the grammar allows nothing but an empty answer", field)
+  if body.min_tokens:
+    raise api.ApiError(400, "min_tokens cannot be combined with a grammar (it would ban the "
+                       "EOS a complete grammar needs)", "min_tokens")
+  return server.vocabulary, compiled
 
 
 def _limits(server, prompts, asked):

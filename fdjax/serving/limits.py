@@ -8,7 +8,7 @@ import dataclasses
 import json
 
 from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
-from fdjax.serving.api import ApiError
+from fdjax.serving.api import ApiError, parse_schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +89,12 @@ def check(body, limits: Limits, prompts: int = 1):
   if len(tools) > limits.tools:
     _refuse("tools", "the number of tools", len(tools), limits.tools, "tools")
   for param, value in _schemas(body):
-    size = len(value.encode()) if isinstance(value, str) else len(json.dumps(value))
-    if size > limits.schema_bytes:
-      _refuse("schema_bytes", f"{param}'s size in bytes", size, limits.schema_bytes, param)
     if not isinstance(value, str) and depth(value) > limits.schema_depth:
       _refuse("schema_depth", f"{param}'s nesting depth", depth(value), limits.schema_depth,
               param)
+    size = len(value.encode()) if isinstance(value, str) else len(json.dumps(value))
+    if size > limits.schema_bytes:
+      _refuse("schema_bytes", f"{param}'s size in bytes", size, limits.schema_bytes, param)
 
 
 def _schemas(body):
@@ -102,7 +102,12 @@ def _schemas(body):
   fmt = body.response_format
   if fmt is not None and fmt.json_schema is not None:
     yield "response_format", fmt.json_schema.schema_
-  for name in ("guided_json", "guided_regex", "guided_grammar"):
+  if isinstance(body.guided_json, str):  # a schema sent as text: its depth counts too
+    yield "guided_json", body.guided_json
+    yield "guided_json", parse_schema(body.guided_json, "guided_json")
+  elif body.guided_json is not None:
+    yield "guided_json", body.guided_json
+  for name in ("guided_regex", "guided_grammar"):
     if getattr(body, name) is not None:
       yield name, getattr(body, name)
   if body.guided_choice is not None:
