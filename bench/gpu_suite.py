@@ -8,7 +8,8 @@
 Parts, in order: env (device, versions, copy bandwidth, dispatch floor), check (every kernel
 against the XLA reference on the device: bench/gpu_check.py), attention, gemm (the kernel
 benchmarks), tune (`fdjax tune` for the llama-2-7b and llama-3-8b presets), e2e (bench/e2e.py
-at batch 1 and 8). A part that fails or overruns its time budget is reported and the rest
+at batch 1 and 8), speculative (bench/speculative.py: plain, n-gram and draft-model decoding
+of the bundled model side by side, to speculative_gpu). A part that fails or overruns its time budget is reported and the rest
 still run. Results go to bench/results/ (tuned tables to fdjax/ops/tables/), one log per part to
 <results>/logs/, and a summary table to gpu_suite.{json,md}.
 
@@ -30,9 +31,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PARTS = ("env", "check", "attention", "gemm", "tune", "e2e")
+PARTS = ("env", "check", "attention", "gemm", "tune", "e2e", "speculative")
 TPU_PARTS = ("env", "check", "tune", "e2e")
-BUDGET_S = {"env": 120, "check": 420, "attention": 420, "gemm": 420, "tune": 600, "e2e": 600}
+BUDGET_S = {"env": 120, "check": 420, "attention": 420, "gemm": 420, "tune": 600, "e2e": 600,
+            "speculative": 600}
 
 
 def _commands(part, dry, results, tables, backend="gpu"):
@@ -68,6 +70,9 @@ def _commands(part, dry, results, tables, backend="gpu"):
               + rd]
     return [py + [b("e2e.py"), "--models", "llama-2-7b", "--batch", "1", "8", "--prompt-len",
                   "128", "--new-tokens", "128", "--repeats", "3"] + rd]
+  if part == "speculative":  # plain / n-gram / draft decoding of the bundled model
+    return [py + [b("speculative.py")] + (["--quick", "--draft", "random"] if dry else [
+        "--out", "speculative_gpu"]) + rd]
   raise ValueError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
 
 

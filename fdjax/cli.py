@@ -45,9 +45,10 @@ def cmd_generate(args):
   if not ids:
     raise ValueError("the prompt encodes to no tokens")
   eos = tok.eos_token_id if args.eos_token_id is None else args.eos_token_id
+  spec = _speculation(args, model, tok)
   res = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
-                 page_size=args.page_size, prefill_chunk=args.prefill_chunk)
+                 page_size=args.page_size, prefill_chunk=args.prefill_chunk, speculative=spec)
   print(args.prompt + tok.decode(res.tokens[0]))
   from models import quantize as quantization
   local = getattr(model, "local", model)  # on a mesh: what each device runs (local shapes)
@@ -58,7 +59,28 @@ def cmd_generate(args):
   print(f"[model {label}{f', {q.method} weights' if q else ''}{where}] "
         f"prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
         f"prefill_ms={res.prefill_s * 1e3:.1f} decode_tok_s={res.decode_tokens_per_s:.1f} "
-        f"(first call, compile included) impl: {impls}")
+        f"(first call, compile included) "
+        f"{f'speculative={spec.label} drafted={res.drafted} accepted={res.accepted} ' if spec else ''}"
+        f"impl: {impls}")
+
+
+def _speculation(args, model, tok):
+  """The Speculation --speculative / --draft-model / --num-speculative-tokens ask for."""
+  import jax.numpy as jnp
+
+  from fdjax.engine import speculative
+  return speculative.from_flags(args.speculative, args.draft_model, args.num_speculative_tokens,
+                                model, tok, quantize=getattr(args, "quantize", None),
+                                dtype=None if args.dtype is None else jnp.dtype(args.dtype))
+
+
+def _speculative_args(p):
+  p.add_argument("--speculative", metavar="SPEC", help="speculative decoding: ngram:k=K,n=N "
+                 "(prompt lookup) or draft:k=K (with --draft-model)")
+  p.add_argument("--draft-model", metavar="DIR", help="a smaller checkpoint with the target's "
+                 "tokenizer that drafts tokens (implies --speculative draft:k=4)")
+  p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="tokens drafted per "
+                 "round (k; default 4)")
 
 
 def cmd_calibrate(args):
@@ -138,7 +160,8 @@ def cmd_serve(args):
                max_batch=args.max_batch, max_queue=args.max_queue,
                page_size=args.page_size, num_pages=args.num_pages,
                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
-               steps_per_call=args.steps_per_call)
+               steps_per_call=args.steps_per_call, speculative=args.speculative,
+               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def _limit_args(p):
@@ -181,6 +204,7 @@ def build_parser():
   g.add_argument("--prefill-chunk", type=int, help="prefill the prompt this many tokens at a "
                  "time (default: at once)")
   _quantize_arg(g)
+  _speculative_args(g)
   g.add_argument("--command-buffers", action="store_true",
                  help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
   _mesh_args(g)
@@ -206,6 +230,7 @@ def build_parser():
                  "step")
   s.add_argument("--steps-per-call", type=int, default=8, help="decode steps per host round "
                  "trip when no request waits")
+  _speculative_args(s)
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
                  "first (the port opens at once; /health answers 503 until done)")
   s.add_argument("--compile-cache", default="default", metavar="DIR|off", help="JAX's "

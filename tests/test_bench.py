@@ -43,7 +43,8 @@ def dry_run(tmp_path_factory):
 
 def test_gpu_suite_dry_run_reports_every_part(dry_run):
   rows = _rows(dry_run, "gpu_suite_dry")
-  assert [r["part"] for r in rows] == ["env", "check", "attention", "gemm", "tune", "e2e"]
+  assert [r["part"] for r in rows] == ["env", "check", "attention", "gemm", "tune", "e2e",
+                                      "speculative"]
   assert all(r["status"] == "ok" for r in rows), rows
   for r in rows:
     assert (dry_run / "logs" / r["log"]).stat().st_size > 0
@@ -228,3 +229,15 @@ def test_committed_serve_results_compare_with_transformers():
   fdjax_rows = [r for r in rows if r["server"] == "fdjax serve"]
   assert len(fdjax_rows) >= 4 and all(r["failed"] == 0 for r in rows)
   assert all(r["compiles_during_run"] == 0 for r in fdjax_rows)  # warmed up: no recompiles
+
+
+def test_speculative_bench_smoke(tmp_path):
+  """bench/speculative.py's quick form: plain, n-gram and draft decoding of the bundled model
+  (an untrained draft) side by side."""
+  _run("speculative.py", tmp_path, "--quick", "--draft", "random", "--out", "speculative_quick")
+  rows = _rows(tmp_path, "speculative_quick")
+  assert {r["method"] for r in rows} == {"plain", "ngram k=4 n=3", "draft k=4"}
+  assert {r["prompts"] for r in rows} == {"repeating code", "fresh code"}
+  for r in rows:
+    assert r["decode_tokens_per_s"] > 0 and r["tokens_per_round"] >= 1.0
+    assert (r["acceptance"] == "") == (r["method"] == "plain")

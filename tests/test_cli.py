@@ -27,3 +27,15 @@ def test_bad_argument_is_a_clear_error():
   r = _run("generate", "hi", "--max-new-tokens", "0", "--preset", "random-tiny")
   assert r.returncode == 2
   assert "max_new_tokens must be a positive integer" in r.stderr
+
+
+def test_generate_with_speculative_decoding_prints_the_same_greedy_text():
+  args = ("generate", "ab ab ab ab", "--max-new-tokens", "12", "--preset", "random-tiny",
+          "--temperature", "0")
+  plain = _run(*args)
+  spec = _run(*args, "--speculative", "ngram:k=3,n=2")
+  assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+  assert spec.stdout.splitlines()[:-1] == plain.stdout.splitlines()[:-1]  # the text
+  assert "speculative=ngram:k=3,n=2 drafted=" in spec.stdout
+  bad = _run(*args, "--speculative", "ngram:k=99")
+  assert bad.returncode == 2 and "k must be an integer from 1 to 16" in bad.stderr

@@ -21,23 +21,25 @@ class Shapes:
   decode: tuple        # (rows, page-table width)
   prefill: tuple       # (rows, chunk, page-table width)
   first: tuple         # rows
+  draft_prefill: tuple = ()  # a speculative draft model's prefill shapes
 
   def count(self) -> int:
-    return len(self.decode) + len(self.prefill) + len(self.first)
+    return len(self.decode) + len(self.prefill) + len(self.first) + len(self.draft_prefill)
 
 
 def shapes(scheduler) -> Shapes:
   s = scheduler
   widths = sorted({s.width(t) for t in range(1, s.max_model_len + 1)})
-  decode_widths = sorted({s.width(t) for t in range(1, s.max_model_len + s.steps_per_call + 1)})
+  per_call = s.steps_per_call * s.decoder.per_step
+  decode_widths = sorted({s.width(t) for t in range(1, s.max_model_len + per_call + 1)})
   rows = [1 << i for i in range(pow2(s.max_batch).bit_length())]
   chunks = [c for c in (1 << i for i in range(s.prefill_chunk.bit_length()))
             if steps.MIN_CHUNK <= c <= s.prefill_chunk]
   pre_rows = [r for r in rows if r <= s.prefill_rows]
-  return Shapes(decode=tuple(itertools.product(rows, decode_widths)),
-                prefill=tuple((r, c, w) for r, c, w in itertools.product(pre_rows, chunks, widths)
-                              if w >= s.width(c)),
-                first=tuple(pre_rows))
+  prefill = tuple((r, c, w) for r, c, w in itertools.product(pre_rows, chunks, widths)
+                  if w >= s.width(c))
+  return Shapes(decode=tuple(itertools.product(rows, decode_widths)), prefill=prefill,
+                first=tuple(pre_rows), draft_prefill=prefill if s.decoder.draft else ())
 
 
 def compile_all(scheduler, progress=None):
@@ -45,13 +47,14 @@ def compile_all(scheduler, progress=None):
   page-table entry is NO_PAGE), calling progress(done, total) after each."""
   s, run = scheduler, scheduler.runner
   plan, zeros = shapes(s), lambda *shape: np.zeros(shape, np.int32)
-  calls = [lambda rows=rows, width=width: s.decode_call(
-      zeros(rows), table([], rows, width), zeros(rows), np.ones(rows, np.int32),
-      row_sampling([], rows), history([], rows, s.max_model_len))
+  calls = [lambda rows=rows, width=width: s.decoder.call(
+      [], zeros(rows), table([], rows, width), zeros(rows), np.ones(rows, np.int32),
+      row_sampling([], rows), history([], rows, s.max_model_len), 1)
       for rows, width in plan.decode]
-  calls += [lambda rows=rows, chunk=chunk, width=width: run.prefill(
-      run.cache(table([], rows, width), zeros(rows)), zeros(rows, chunk), zeros(rows))
-      for rows, chunk, width in plan.prefill]
+  for runner, prefills in ((run, plan.prefill), (s.decoder.draft, plan.draft_prefill)):
+    calls += [lambda runner=runner, rows=rows, chunk=chunk, width=width: runner.prefill(
+        runner.cache(table([], rows, width), zeros(rows)), zeros(rows, chunk), zeros(rows))
+        for rows, chunk, width in prefills]
   calls += [lambda rows=rows: run.first(
       jnp.zeros((rows, run.vocab_size), jnp.float32), np.ones(rows, bool), 2, out_len=1,
       rows=row_sampling([], rows), positions=zeros(rows),

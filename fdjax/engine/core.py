@@ -14,11 +14,12 @@ import collections
 import threading
 import time
 
-from fdjax.engine import paging, request, steps
+from fdjax.engine import decoders, paging, request, speculative, steps
 from fdjax.engine.compiled import Shapes
 from fdjax.engine.request import QueueFull, Request
 from fdjax.engine.runner import Runner
 from fdjax.engine.scheduler import Scheduler
+from fdjax.engine.steps import pow2
 from fdjax.ops import checks
 
 
@@ -42,12 +43,20 @@ def _sizes(model, max_model_len, page_size, num_pages, max_batch):
   return max_model_len, num_pages
 
 
+def _speculation(value, model):
+  """The engine's Speculation (None: none); a draft model checked against the target."""
+  spec = speculative.parse(value)
+  speculative.check_draft(spec, model)
+  return spec
+
+
 class Engine:
 
   def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                page_size: int = 16, num_pages: int | None = None,
                max_model_len: int | None = None, prefill_chunk: int = 128,
-               prefill_rows: int = 4, steps_per_call: int = 8, eos_token_ids=None):
+               prefill_rows: int = 4, steps_per_call: int = 8, eos_token_ids=None,
+               speculative=None):
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                         ("page_size", page_size), ("prefill_chunk", prefill_chunk),
                         ("prefill_rows", prefill_rows), ("steps_per_call", steps_per_call)):
@@ -59,9 +68,13 @@ class Engine:
     self.eos = steps.eos_ids(eos_token_ids if eos_token_ids is not None
                              else getattr(tokenizer, "eos_token_id", None))
     self.runner = Runner(model, paging.KVStore.for_model(model, num_pages, page_size), self.eos)
+    self.spec = _speculation(speculative, model)
+    decoder = decoders.speculative(self.runner, self.spec, steps_per_call, self.max_model_len,
+                                   pow2(prefill_chunk, steps.MIN_CHUNK))
     self.scheduler = Scheduler(self.runner, tokenizer, self.eos, max_batch=max_batch,
                                max_model_len=self.max_model_len, prefill_chunk=prefill_chunk,
-                               prefill_rows=prefill_rows, steps_per_call=steps_per_call)
+                               prefill_rows=prefill_rows, steps_per_call=steps_per_call,
+                               decoder=decoder)
     self._cv = threading.Condition()
     self._inbox: collections.deque[Request] = collections.deque()
     self._thread: threading.Thread | None = None
@@ -187,8 +200,9 @@ class Engine:
             self._cv.wait(0.05)
       except Exception as e:  # noqa: BLE001 - every request gets told, the engine goes on
         self._fail_all(f"engine error: {type(e).__name__}: {e}")
-        self.runner.kv = paging.KVStore.for_model(self.model, self.kv.pool.num_pages,
-                                                  self.page_size)
+        for runner in filter(None, (self.runner, self.scheduler.decoder.draft)):
+          runner.kv = paging.KVStore.for_model(runner.model, runner.kv.pool.num_pages,
+                                               self.page_size)
     self._fail_all("the server is shutting down")
 
   def _fail_all(self, message: str):

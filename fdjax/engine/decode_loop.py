@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fdjax.engine import paging, steps
+from fdjax.engine import paging, spec_steps, steps
+from fdjax.engine import speculative as speculative_
 from fdjax.engine.runner import Runner
-from fdjax.engine.sampling import Sampler
+from fdjax.engine.sampling import RowSampling, Sampler, Settings
 from fdjax.engine.steps import pow2
 from fdjax.io import mesh as meshes
 from fdjax.ops import checks, dispatch
@@ -37,6 +38,12 @@ class GenerationResult:
   prefill_s: float
   decode_s: float
   decode_steps: int        # decode steps the loop ran (after the prefill's first token)
+  drafted: int = 0         # speculative decoding: drafts proposed, and accepted
+  accepted: int = 0
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted / self.drafted if self.drafted else 0.0
 
   @property
   def new_tokens(self) -> int:
@@ -101,7 +108,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
              seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
              prefill_chunk: int | None = None, kv: paging.KVStore | None = None,
-             mesh=None) -> GenerationResult:
+             mesh=None, speculative=None) -> GenerationResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
 
   The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
@@ -113,9 +120,16 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   mesh: a jax.sharding.Mesh (fdjax.make_mesh) to run on, the model put on it if it is not
   already (better: load it there, load_pretrained(mesh=)); a model on a mesh runs on its own.
   The batch is padded to a multiple of the mesh's data replicas, which split it.
+
+  speculative: speculative decoding (fdjax.engine.speculative: `{"method": "ngram", "k": 4,
+  "n": 3}`, `{"method": "draft", "model": draft_model, "k": 4}` or `"ngram:k=4,n=3"`). Greedy
+  tokens are those of plain decoding; sampled ones follow the same distribution (not the same
+  draws: each row then samples with its own seed from `seed`).
   """
   model = _on_mesh(model, mesh)
   cfg = model.config
+  spec = speculative_.parse(speculative)
+  speculative_.check_draft(spec, model)
   _check_prompts(prompts, cfg.vocab_size)
   page_size = page_size if kv is None else kv.page_size
   longest = max(len(p) for p in prompts)
@@ -129,6 +143,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   # With a window in every layer and sequences longer than it, pages are given back as they
   # fall out of it (and taken as needed); otherwise every row's pages are taken up front.
   window = cfg.windowed if cfg.windowed is not None and need > cfg.windowed else None
+  if spec is not None:
+    window = None  # speculation keeps each row's pages from the start
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
     pages = [0] * replicas  # each data replica's rows take pages from its own pool
@@ -145,8 +161,13 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     for i, p in enumerate(prompts):  # windowed: pages are taken as it grows (_Pages.table)
       rows.append(kv.pool_of(i, bp).allocate(list(p), len(p) + max_new_tokens
                                              if window is None else 1))
-    out, n_steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes, max_new_tokens,
-                                           sampler, eos, seed, window)
+    if spec is None:
+      out, n_steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes,
+                                               max_new_tokens, sampler, eos, seed, window)
+      drafted = accepted = 0
+    else:
+      out, n_steps, prefill_s, decode_s, drafted, accepted = _run_speculative(
+          model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, spec)
   except BaseException:
     for i, (pages, _) in enumerate(rows):
       kv.pool_of(i, bp).release(pages)
@@ -157,7 +178,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     # the last token's K/V is never written
     kv.pool_of(i, bp).finish(pages, list(p) + tokens[-1][:-1])
   return GenerationResult(tokens=tokens, prompt_tokens=sum(len(p) for p in prompts),
-                          prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps - 1)
+                          prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps - 1,
+                          drafted=drafted, accepted=accepted)
 
 
 def _on_mesh(model, mesh):
@@ -206,6 +228,25 @@ class _Pages:
                                          self.width))
 
 
+def _prefill(runner, prompts, rows, shapes, pages, window):
+  """Every row's prompt, past what the prefix cache holds, into the cache in chunks: (the
+  cache, each row's logits at its last prompt token)."""
+  bp = shapes.batch
+  cached, left = np.zeros((bp,), np.int32), np.zeros((bp,), np.int32)
+  todo = [list(p)[n_cached:] for p, (_, n_cached) in zip(prompts, rows)]
+  for i, (_, n_cached) in enumerate(rows):
+    cached[i], left[i] = n_cached, len(todo[i])
+  chunk = shapes.chunk  # no longer than the page table addresses
+  cache, last = runner.cache(pages.table(), cached), None
+  for c in range(0, max(len(t) for t in todo), chunk):
+    ids, n = steps.pack([t[c:c + chunk] for t in todo], bp, chunk)
+    if window is not None:
+      before = cached + np.minimum(c, left)
+      cache = cache._replace(page_table=pages.table(before, before + n))
+    cache, last = runner.prefill(cache, ids, n, last)
+  return cache, last
+
+
 def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, window):
   """Prefill in chunks, then the decode loop (in segments of page_size steps when pages are
   given back behind a `window`), on kv's pages; (tokens [bp, out_len], steps, prefill seconds,
@@ -213,20 +254,8 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   runner = Runner(model, kv, eos)
   bp = shapes.batch
   pages = _Pages(kv, rows, [len(p) + max_new_tokens for p in prompts], bp, shapes.pages, window)
-  cached, left = np.zeros((bp,), np.int32), np.zeros((bp,), np.int32)
-  todo = [list(p)[n_cached:] for p, (_, n_cached) in zip(prompts, rows)]
-  for i, (_, n_cached) in enumerate(rows):
-    cached[i], left[i] = n_cached, len(todo[i])
-  chunk = shapes.chunk  # no longer than the page table addresses
-  cache, last = runner.cache(pages.table(), cached), None
-
   t0 = time.perf_counter()
-  for c in range(0, max(len(t) for t in todo), chunk):
-    ids, n = steps.pack([t[c:c + chunk] for t in todo], bp, chunk)
-    if window is not None:
-      before = cached + np.minimum(c, left)
-      cache = cache._replace(page_table=pages.table(before, before + n))
-    cache, last = runner.prefill(cache, ids, n, last)
+  cache, last = _prefill(runner, prompts, rows, shapes, pages, window)
   max_new = jnp.int32(max_new_tokens)
   loop = runner.first(last, np.arange(bp) < len(prompts), max_new, out_len=shapes.out,
                       key=jax.random.key(seed), sampler=sampler)
@@ -245,6 +274,53 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   out = steps.to_host(loop.out)
   t2 = time.perf_counter()
   return out, int(steps.to_host(loop.step)), t1 - t0, t2 - t1
+
+
+def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed,
+                     spec):
+  """_run with speculative decoding (spec_steps): every row samples as `sampler` says with its
+  own seed; (tokens, rounds, prefill s, decode s, drafts proposed, drafts accepted)."""
+  bp, b = shapes.batch, len(prompts)
+  totals = [len(p) + max_new_tokens for p in prompts]
+  runner = Runner(model, kv, eos)
+  pages = _Pages(kv, rows, totals, bp, shapes.pages, None)
+  draft = dkv = drows = dcache = None
+  if spec.method == "draft":
+    dkv = paging.KVStore.for_model(spec.model, pow2(sum(_pages(t, kv.page_size) for t in totals)),
+                                   kv.page_size)
+    draft = Runner(spec.model, dkv, eos)
+    drows = [dkv.pool.allocate(list(p), t, reuse=False) for p, t in zip(prompts, totals)]
+  try:
+    t0 = time.perf_counter()
+    cache, last = _prefill(runner, prompts, rows, shapes, pages, None)
+    if draft is not None:
+      dcache, _ = _prefill(draft, prompts, drows, shapes,
+                           _Pages(dkv, drows, totals, bp, shapes.pages, None), None)
+    seeds = np.random.SeedSequence(seed).generate_state(bp)
+    row_sampling = RowSampling.of([Settings(sampler.temperature, sampler.top_k, sampler.top_p,
+                                            int(s)) for s in seeds],
+                                  [len(p) for p in prompts] + [0] * (bp - b))
+    prompt_ids, lens = steps.pack(prompts, bp, max(len(p) for p in prompts), fill=-1)
+    max_new = jnp.int32(max_new_tokens)
+    loop = runner.first(last, np.arange(bp) < b, max_new, out_len=shapes.out, rows=row_sampling,
+                        positions=lens, tokens=np.full((bp, 1), -1, np.int32))
+    state = spec_steps.start_jit(loop, jnp.asarray(prompt_ids), jnp.asarray(lens),
+                                 np.full((bp,), spec.k, np.int32),
+                                 seq_len=pow2(int(lens.max()) + max_new_tokens + spec.k + 1))
+    state.last.block_until_ready()
+    t1 = time.perf_counter()
+    state, cache, dcache = runner.speculate(state, cache, max_new, max_new_tokens, spec,
+                                            rows=row_sampling, draft=draft, dcache=dcache)
+    out = steps.to_host(state.out)
+    t2 = time.perf_counter()
+  finally:
+    if draft is not None:
+      for pages_, _ in drows:
+        dkv.pool.release(pages_)
+  live = np.arange(bp) < b
+  return (out, int(steps.to_host(state.rounds)) + 1, t1 - t0, t2 - t1,
+          int(steps.to_host(state.drafted)[live].sum()),
+          int(steps.to_host(state.accepted)[live].sum()))
 
 
 def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None,

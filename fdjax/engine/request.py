@@ -68,6 +68,7 @@ class Request:
   # Owned by the engine.
   state: str = "new"             # new, waiting, prefill, decode, done
   pages: list[int] = dataclasses.field(default_factory=list)
+  draft_pages: list[int] = dataclasses.field(default_factory=list)  # a draft model's cache
   computed: int = 0              # prompt tokens whose K/V are in the cache
   tokens: list[int] = dataclasses.field(default_factory=list)
   text: str = ""

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fdjax.engine import steps
+from fdjax.engine import spec_steps, steps
 from fdjax.ops import dispatch
 from fdjax.ops import kv_cache as kvc
 
@@ -19,9 +19,10 @@ _UNUSED_KEY = jax.random.key(0)
 class Runner:
 
   def __init__(self, model, kv, eos: tuple[int, ...] = ()):
+    self.model = model
     self.graphdef, self.state = nnx.split(model)
     self.kv, self.vocab_size = kv, model.config.vocab_size
-    self.eos_ids = steps.eos_array(eos)
+    self.eos, self.eos_ids = eos, steps.eos_array(eos)
     # Which ops run where, as the caller has it now (dispatch.using / lowering_for).
     self.static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
 
@@ -72,6 +73,22 @@ class Runner:
                                      sampler=sampler, **self.static)
     self.kv.k, self.kv.v = cache.k, cache.v
     return loop, cache
+
+
+  def speculate(self, state, cache, max_new, stop: int, spec, *, rows, draft=None, dcache=None):
+    """Speculative rounds on device (spec_steps.spec_decode) until `stop` rounds have run or
+    every row is done, drafting by spec.method (with `draft`, the draft model's Runner, and
+    `dcache` its cache): (the state, the cache, the draft's cache)."""
+    dargs = {} if draft is None else dict(dstate=draft.state, dcache=dcache)
+    state, cache, dcache = spec_steps.spec_decode(
+        self.graphdef, self.state, state, cache, self.eos_ids, jnp.asarray(max_new),
+        jnp.int32(stop), _device(rows), **dargs,
+        dgraph=None if draft is None else draft.graphdef, k=spec.k, n=spec.n,
+        min_n=spec.low, **self.static)
+    self.kv.k, self.kv.v = cache.k, cache.v
+    if draft is not None:
+      draft.kv.k, draft.kv.v = dcache.k, dcache.v
+    return state, cache, dcache
 
 
 def _device(rows):

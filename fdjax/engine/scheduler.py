@@ -27,6 +27,7 @@ import numpy as np
 
 from fdjax.engine import compiled, detokenize, paging, steps
 from fdjax.engine.batch import history, row_sampling, table
+from fdjax.engine.decoders import PlainDecoder
 from fdjax.engine.request import Event, Request, TokenLogprob
 from fdjax.engine.steps import pow2
 
@@ -34,12 +35,14 @@ from fdjax.engine.steps import pow2
 class Scheduler:
 
   def __init__(self, runner, tokenizer, eos, *, max_batch, max_model_len, prefill_chunk,
-               prefill_rows, steps_per_call):
+               prefill_rows, steps_per_call, decoder=None):
     self.runner, self.tokenizer, self.eos = runner, tokenizer, eos
     self.max_batch, self.max_model_len = max_batch, max_model_len
     self.prefill_chunk = pow2(prefill_chunk, steps.MIN_CHUNK)
     self.prefill_rows = min(pow2(prefill_rows), pow2(max_batch))
     self.steps_per_call = steps_per_call
+    # plain decode steps, or speculative rounds (fdjax.engine.decoders)
+    self.decoder = decoder or PlainDecoder(runner, steps_per_call)
     self.waiting: collections.deque[Request] = collections.deque()
     self.active: list[Request] = []
 
@@ -77,6 +80,9 @@ class Scheduler:
                                                 reuse=not req.prompt_logprobs)
       except paging.PoolExhausted:
         return  # it waits for pages (request.check made sure it fits an empty pool)
+      if not self.decoder.admit(req):  # a draft model's pages
+        pool.release(req.pages)
+        return
       self.waiting.remove(req)
       req.state = "prefill"
       self.active.append(req)
@@ -105,6 +111,7 @@ class Scheduler:
     for r, now in zip(reqs, ready):
       if now:  # requests that start the same way (n > 1) share its pages from now on
         self.runner.kv.pool.publish(r.pages, r.prompt)
+    self.decoder.prefilled([r for r, now in zip(reqs, ready) if now], width)
     sampling = row_sampling(reqs, rows, self.runner.vocab_size)
     first = self.runner.first(out[1], np.ones(rows, bool), 2, out_len=1, rows=sampling,
                               positions=lengths + n,
@@ -124,26 +131,20 @@ class Scheduler:
   def _decode(self, reqs, n_steps):
     rows = pow2(len(reqs))
     first, lengths, max_new = (np.zeros(rows, np.int32) for _ in range(3))
+    per_call = n_steps * self.decoder.per_step  # the most tokens a row gets
     for i, r in enumerate(reqs):
       first[i], lengths[i] = r.tokens[-1], r.cached_len
-      max_new[i] = min(n_steps, r.max_tokens - len(r.tokens)) + 1
+      max_new[i] = min(per_call, r.max_tokens - len(r.tokens)) + 1
     # Rows that end early keep stepping (their writes past their pages are dropped), so the
     # table covers every row's length after `n_steps` steps.
-    width = self.width(max(r.cached_len for r in reqs) + n_steps)
-    loop = self.decode_call(first, table(reqs, rows, width), lengths, max_new,
+    width = self.width(max(r.cached_len for r in reqs) + per_call)
+    loop = self.decoder.call(reqs, first, table(reqs, rows, width), lengths, max_new,
                              row_sampling(reqs, rows, self.runner.vocab_size),
-                             history(reqs, rows, self.max_model_len))
+                             history(reqs, rows, self.max_model_len), n_steps)
     out, lp = steps.to_host(loop.out), _row_logprobs(loop, reqs)
     for i, r in enumerate(reqs):
       new = [int(t) for t in out[i, 1:] if t >= 0]
       self._accept(r, new, lp and r.logprobs and _logprobs(lp, i, new, step=1))
-
-  def decode_call(self, first, page_table, lengths, max_new, sampling, tokens):
-    loop = self.runner.from_tokens(first, max_new > 0, max_new, out_len=self.steps_per_call + 1,
-                                   rows=sampling, history=tokens)
-    loop, _ = self.runner.decode(loop, self.runner.cache(page_table, lengths), max_new,
-                                 int(max_new.max()), rows=sampling)
-    return loop
 
   def _accept(self, req: Request, new: list[int], logprobs=None):
     """Takes a request's new tokens (with their logprobs when it asked), ends it on EOS, a
@@ -166,6 +167,7 @@ class Scheduler:
     if req in self.active:
       self.active.remove(req)
       self.runner.kv.pool.finish(req.pages, (req.prompt + req.tokens)[:req.cached_len])
+      self.decoder.release(req)
     req.state, req.finish_reason = "done", reason
     req.emit(Event(delta, count, reason, len(req.prompt), len(req.tokens),
                    now or time.perf_counter(), gap, error=error, logprobs=list(logprobs),
@@ -177,6 +179,7 @@ class Scheduler:
       if req in self.active:
         self.active.remove(req)
         self.runner.kv.pool.release(req.pages)
+        self.decoder.release(req)
       req.state, req.finish_reason = "done", "error"
       req.emit(Event("", 0, "error", len(req.prompt), len(req.tokens), time.perf_counter(),
                      error=message))

@@ -60,6 +60,8 @@ class Metrics:
                                   value=engine.kv.pool.prefix_hit_tokens)
 
     r.register(PrefixHits())
+    if getattr(engine, "spec", None) is not None:
+      r.register(_Speculation(engine.scheduler.decoder))
 
   def record(self, event):
     """One engine event of a request (engine thread)."""
@@ -78,3 +80,24 @@ class Metrics:
     """The exposition (bytes) and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Speculation:
+  """Speculative decoding's counters (engine.scheduler.decoder's totals): drafts proposed and
+  accepted, and the mean accepted length (drafts kept per row per verification round)."""
+
+  def __init__(self, decoder):
+    self.decoder = decoder
+
+  def collect(self):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    d = self.decoder
+    yield CounterMetricFamily("fdjax_spec_draft_tokens", "Tokens drafted for verification.",
+                              value=d.drafted)
+    yield CounterMetricFamily("fdjax_spec_accepted_tokens", "Drafted tokens the target kept.",
+                              value=d.accepted)
+    yield CounterMetricFamily("fdjax_spec_verification_rounds", "Rows verified (one row in "
+                              "one round each).", value=d.verified)
+    yield GaugeMetricFamily("fdjax_spec_mean_accepted_length", "Drafts kept per row per "
+                            "verification round, so far (a round yields this + 1 tokens).",
+                            value=d.accepted / d.verified if d.verified else 0.0)

@@ -26,6 +26,7 @@ import threading
 import time
 
 from fdjax.engine import core as eng
+from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.serving import api, auth, generation
 from fdjax.serving.limits import Limits
@@ -282,18 +283,22 @@ def progress_bar(stream=None, width=30):
 
 def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None, dtype=None,
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
-          api_keys=(), metrics_require_key=False, limits=None, **engine_args):
+          api_keys=(), metrics_require_key=False, limits=None, speculative=None,
+          draft_model=None, num_speculative_tokens=None, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
-  first (fdjax.runtime.use_compile_cache)."""
+  first (fdjax.runtime.use_compile_cache). speculative / draft_model (a directory) /
+  num_speculative_tokens: speculative decoding (fdjax.engine.speculative.from_flags)."""
   check_dependencies()
   import uvicorn
 
   from fdjax.io import loading
   model, tok, template, name, _ = loading.load(model_dir, dtype=dtype, quantize=quantize,
                                                mesh=mesh, chat_template=True)
-  engine = eng.Engine(model, tok, **engine_args)
+  spec = speculative_.from_flags(speculative, draft_model, num_speculative_tokens, model, tok,
+                                dtype=dtype, quantize=quantize)
+  engine = eng.Engine(model, tok, speculative=spec, **engine_args)
   if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
     import sys
     print(f"fdjax serve: WARNING: serving on {host} with no API key: anyone who can reach "
@@ -304,7 +309,8 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
                   metrics_require_key=metrics_require_key, limits=limits)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
-        f"{engine.page_size}, context {engine.max_model_len})"
+        f"{engine.page_size}, context {engine.max_model_len}"
+        + (f", speculative {spec.label}" if spec else "") + ")"
         + (f"; warming up {engine.shapes().count()} shapes first (/health: 503 until done)"
            if warmup else ""), flush=True)
   uvicorn.run(server.app, host=host, port=port, log_level=log_level)
