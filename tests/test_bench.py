@@ -231,11 +231,10 @@ def test_committed_serve_results_compare_with_transformers():
   assert all(r["compiles_during_run"] == 0 for r in fdjax_rows)  # warmed up: no recompiles
 
 
-def test_speculative_bench_smoke(tmp_path):
-  """bench/speculative.py's quick form: plain, n-gram and draft decoding of the bundled model
-  (an untrained draft) side by side."""
-  _run("speculative.py", tmp_path, "--quick", "--draft", "random", "--out", "speculative_quick")
-  rows = _rows(tmp_path, "speculative_quick")
+def test_speculative_bench_smoke(dry_run):
+  """bench/speculative.py's quick form (the GPU suite's speculative part, dry): plain, n-gram
+  and draft decoding of the bundled model (an untrained draft) side by side."""
+  rows = _rows(dry_run, "speculative")
   assert {r["method"] for r in rows} == {"plain", "ngram k=4 n=3", "draft k=4"}
   assert {r["prompts"] for r in rows} == {"repeating code", "fresh code"}
   for r in rows:

@@ -31,7 +31,9 @@ def shapes(scheduler) -> Shapes:
   s = scheduler
   widths = sorted({s.width(t) for t in range(1, s.max_model_len + 1)})
   per_call = s.steps_per_call * s.decoder.per_step
-  decode_widths = sorted({s.width(t) for t in range(1, s.max_model_len + per_call + 1)})
+  # a call's table covers each row's cached tokens (at least 1) and what the call writes
+  decode_widths = sorted({s.width(t) for t in range(1 + s.decoder.per_step,
+                                                    s.max_model_len + per_call + 1)})
   rows = [1 << i for i in range(pow2(s.max_batch).bit_length())]
   chunks = [c for c in (1 << i for i in range(s.prefill_chunk.bit_length()))
             if steps.MIN_CHUNK <= c <= s.prefill_chunk]

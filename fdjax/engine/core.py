@@ -22,6 +22,21 @@ from fdjax.engine.scheduler import Scheduler
 from fdjax.engine.steps import pow2
 from fdjax.ops import checks
 
+ENGINE_STACK_BYTES = 256 * 1024 * 1024
+
+
+def _start_thread(target, args) -> threading.Thread:
+  """The engine's thread, started. XLA compiles on the thread that first calls a program:
+  this one gets a deep stack (twice a default 8 MiB thread stack died in an XLA:CPU compile
+  here; it is address space, used only as deep as it goes)."""
+  thread = threading.Thread(target=target, args=args, name="fdjax-engine", daemon=True)
+  previous = threading.stack_size(ENGINE_STACK_BYTES)
+  try:
+    thread.start()
+  finally:
+    threading.stack_size(previous)
+  return thread
+
 
 def _sizes(model, max_model_len, page_size, num_pages, max_batch):
   """(context per request, pages in the pool), or ValueError."""
@@ -69,7 +84,7 @@ class Engine:
                              else getattr(tokenizer, "eos_token_id", None))
     self.runner = Runner(model, paging.KVStore.for_model(model, num_pages, page_size), self.eos)
     self.spec = _speculation(speculative, model)
-    decoder = decoders.speculative(self.runner, self.spec, steps_per_call, self.max_model_len,
+    decoder = decoders.speculative(self.runner, self.spec, steps_per_call,
                                    pow2(prefill_chunk, steps.MIN_CHUNK))
     self.scheduler = Scheduler(self.runner, tokenizer, self.eos, max_batch=max_batch,
                                max_model_len=self.max_model_len, prefill_chunk=prefill_chunk,
@@ -160,9 +175,7 @@ class Engine:
       return self
     if warmup:
       self.warming = (0, self.shapes().count())
-    self._thread = threading.Thread(target=self._loop, args=(warmup, progress),
-                                    name="fdjax-engine", daemon=True)
-    self._thread.start()
+    self._thread = _start_thread(self._loop, (warmup, progress))
     return self
 
   def stop(self, timeout: float = 30.0):

@@ -143,8 +143,10 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   # With a window in every layer and sequences longer than it, pages are given back as they
   # fall out of it (and taken as needed); otherwise every row's pages are taken up front.
   window = cfg.windowed if cfg.windowed is not None and need > cfg.windowed else None
-  if spec is not None:
-    window = None  # speculation keeps each row's pages from the start
+  if spec is not None:  # speculation keeps each row's pages from the start, and its table
+    window = None       # addresses a round's k + 1 positions
+    shapes = dataclasses.replace(shapes, pages=max(shapes.pages,
+                                                   steps.table_width(spec.k + 1, page_size)))
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
     pages = [0] * replicas  # each data replica's rows take pages from its own pool

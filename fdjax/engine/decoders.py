@@ -18,7 +18,7 @@ from fdjax.engine.runner import Runner
 from fdjax.engine.steps import pow2
 
 
-def speculative(runner, spec, steps_per_call: int, max_model_len: int, prefill_chunk: int):
+def speculative(runner, spec, steps_per_call: int, prefill_chunk: int):
   """The engine's SpeculativeDecoder for `spec` (None: None, plain decoding); a draft model
   gets a Runner on a pool as large as the target's."""
   if spec is None:
@@ -28,7 +28,7 @@ def speculative(runner, spec, steps_per_call: int, max_model_len: int, prefill_c
     kv = runner.kv
     draft = Runner(spec.model, paging.KVStore.for_model(spec.model, kv.pool.num_pages,
                                                         kv.page_size), runner.eos)
-  return SpeculativeDecoder(runner, spec, steps_per_call, max_model_len, prefill_chunk, draft)
+  return SpeculativeDecoder(runner, spec, steps_per_call, prefill_chunk, draft)
 
 
 class PlainDecoder:
@@ -60,13 +60,10 @@ class SpeculativeDecoder:
   own KVStore (method "draft"). A request with a grammar drafts nothing (its mask is known
   one token at a time); every other request drafts up to spec.k tokens a round."""
 
-  def __init__(self, runner, spec, steps_per_call: int, max_model_len: int, prefill_chunk: int,
-               draft=None):
+  def __init__(self, runner, spec, steps_per_call: int, prefill_chunk: int, draft=None):
     self.runner, self.spec, self.draft = runner, spec, draft
     self.per_step = spec.k + 1
     self.out_len = steps_per_call * self.per_step + 1
-    # n-gram lookup reads each row's tokens so far (the draft model needs none of them)
-    self.seq_width = pow2(max_model_len + self.out_len) if draft is None else 1
     self.prefill_chunk = prefill_chunk
     self.drafted = self.accepted = self.verified = 0  # totals, for the metrics
 
@@ -108,14 +105,16 @@ class SpeculativeDecoder:
     rows = len(first)
     loop = self.runner.from_tokens(first, max_new > 0, max_new, out_len=self.out_len,
                                    rows=sampling, history=tokens)
+    # n-gram lookup reads each row's tokens so far, as many as the page table addresses (its
+    # width: no shape of its own); the draft model needs none of them
+    width = page_table.shape[1] * self.runner.kv.page_size if self.draft is None else 1
     if self.draft is None:  # each row's tokens but the latest (the state appends it)
-      seq, _ = steps.pack([(r.prompt + r.tokens)[:-1] for r in reqs], rows, self.seq_width,
-                          fill=-1)
+      seq, _ = steps.pack([(r.prompt + r.tokens)[:-1] for r in reqs], rows, width, fill=-1)
     else:
       seq = np.full((rows, 1), -1, np.int32)
     k_row = np.zeros(rows, np.int32)
     k_row[:len(reqs)] = [0 if r.constraint is not None else self.spec.k for r in reqs]
-    state = spec_steps.start_jit(loop, seq, lengths, k_row, seq_len=self.seq_width)
+    state = spec_steps.start_jit(loop, seq, lengths, k_row, seq_len=width)
     dcache = None
     if self.draft is not None:
       dcache = self.draft.cache(paging.page_table([r.draft_pages for r in reqs], rows,

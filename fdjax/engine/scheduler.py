@@ -75,14 +75,14 @@ class Scheduler:
         return
       if req.after is not None and req.after.state in ("new", "waiting", "prefill"):
         continue  # its sibling's prompt pages come first: it will share them (n > 1)
+      if not self.decoder.admit(req):  # a draft model's pages, first: they are not shared
+        return
       try:
         req.pages, req.computed = pool.allocate(req.prompt, len(req.prompt) + req.max_tokens,
                                                 reuse=not req.prompt_logprobs)
       except paging.PoolExhausted:
+        self.decoder.release(req)
         return  # it waits for pages (request.check made sure it fits an empty pool)
-      if not self.decoder.admit(req):  # a draft model's pages
-        pool.release(req.pages)
-        return
       self.waiting.remove(req)
       req.state = "prefill"
       self.active.append(req)

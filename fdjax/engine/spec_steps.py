@@ -97,12 +97,18 @@ def _keys(rows, position, salt):
 
 def _draw(x, rows, keys):
   """Tokens [B] from adjusted logits x [B, V]: each row's argmax when greedy, else drawn from
-  its filtered distribution; and that distribution's log-probabilities [B, V]."""
-  filtered = sampling.filter_rows(x, rows)
-  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  its filtered distribution; and that distribution's log-probabilities [B, V] (an all-greedy
+  batch skips the sort: its log-probabilities are x's own, which no greedy row reads)."""
   greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
-  return (jnp.where(rows.temperature > 0, drawn, greedy),
-          jax.nn.log_softmax(filtered, axis=-1))
+
+  def sample(x):
+    filtered = sampling.filter_rows(x, rows)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return (jnp.where(rows.temperature > 0, drawn, greedy),
+            jax.nn.log_softmax(filtered, axis=-1))
+
+  return jax.lax.cond(jnp.any(rows.temperature > 0), sample,
+                      lambda x: (greedy, jax.nn.log_softmax(x, axis=-1)), x)
 
 
 def draft_propose(dmodel, dcache, last, rows, hist, start_pos, eos, k: int):
@@ -152,28 +158,35 @@ def accept(logits, drafts, count, logq, rows, hist, start_pos, eos) -> Verdict:
                             jnp.repeat(hist.prompt, t, axis=0))
   x = sampling.adjust(logits.reshape(b * t, v), reps, hist_t, position, eos)
   greedy = jnp.argmax(x, axis=-1).astype(jnp.int32).reshape(b, t)
-  logp = jax.nn.log_softmax(sampling.filter_rows(x, reps), axis=-1).reshape(b, t, v)
-
   real = jnp.arange(k)[None, :] < count[:, None]
-  p_d = jnp.take_along_axis(logp[:, :k], drafts[..., None], axis=-1)[..., 0]
-  q_d = 0.0 if logq is None else jnp.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]
-  u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_keys(rows, start_pos, _ACCEPT))
-  sampled_ok = jnp.log(u) < p_d - q_d
-  ok = jnp.where((rows.temperature > 0)[:, None], sampled_ok, drafts == greedy[:, :k]) & real
-  a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+  greedy_ok = (drafts == greedy[:, :k]) & real
+  kept = lambda ok: jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
-  # The token after the accepted run: from (p - q)+ at a rejection, from p after all drafts.
-  p_a = jnp.exp(jnp.take_along_axis(logp, a[:, None, None], axis=1)[:, 0])
-  if logq is None:
-    q_a = jax.nn.one_hot(jnp.take_along_axis(drafts, jnp.minimum(a, k - 1)[:, None], 1)[:, 0],
-                         v, dtype=p_a.dtype)
-  else:
-    q_a = jnp.exp(jnp.take_along_axis(logq, jnp.minimum(a, k - 1)[:, None, None], axis=1)[:, 0])
-  rejected = (a < count)[:, None]
-  residual = jnp.where(rejected, jnp.maximum(p_a - q_a, 0.0), p_a)
-  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
-  drawn = jax.vmap(jax.random.categorical)(_keys(rows, start_pos, _RESIDUAL),
-                                           jnp.log(residual)).astype(jnp.int32)
+  def sample(x):
+    """(accepted drafts, the token after them) of every row as sampling rows take them."""
+    logp = jax.nn.log_softmax(sampling.filter_rows(x, reps), axis=-1).reshape(b, t, v)
+    p_d = jnp.take_along_axis(logp[:, :k], drafts[..., None], axis=-1)[..., 0]
+    q_d = 0.0 if logq is None else jnp.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]
+    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_keys(rows, start_pos, _ACCEPT))
+    ok = jnp.where((rows.temperature > 0)[:, None], jnp.log(u) < p_d - q_d, greedy_ok) & real
+    a = kept(ok)
+    # The token after the accepted run: from (p - q)+ at a rejection, from p after all drafts.
+    p_a = jnp.exp(jnp.take_along_axis(logp, a[:, None, None], axis=1)[:, 0])
+    at = jnp.minimum(a, k - 1)
+    if logq is None:
+      q_a = jax.nn.one_hot(jnp.take_along_axis(drafts, at[:, None], 1)[:, 0], v,
+                           dtype=p_a.dtype)
+    else:
+      q_a = jnp.exp(jnp.take_along_axis(logq, at[:, None, None], axis=1)[:, 0])
+    residual = jnp.where((a < count)[:, None], jnp.maximum(p_a - q_a, 0.0), p_a)
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_a)
+    drawn = jax.vmap(jax.random.categorical)(_keys(rows, start_pos, _RESIDUAL),
+                                             jnp.log(residual)).astype(jnp.int32)
+    return a, drawn
+
+  # an all-greedy batch skips the sorts and draws
+  a, drawn = jax.lax.cond(jnp.any(rows.temperature > 0), sample,
+                          lambda x: (kept(greedy_ok), jnp.zeros((b,), jnp.int32)), x)
   last = jnp.where(rows.temperature > 0, drawn,
                    jnp.take_along_axis(greedy, a[:, None], axis=1)[:, 0])
   j = jnp.arange(t)[None, :]

@@ -94,11 +94,17 @@ def check(spec: Speculation) -> Speculation:
 
 
 def check_draft(spec: Speculation | None, target, target_tokenizer=None, draft_tokenizer=None):
-  """Refuses a draft model that cannot propose for `target`: another vocabulary size, another
+  """Refuses speculation on a mesh, and a draft model that cannot propose for `target`:
+  another vocabulary size, another
   tokenizer (when both are given: their vocabularies must map every token to the same id), or
   a draft larger than the target (one as large is taken: the target itself accepts every
   draft, which the tests use)."""
-  if spec is None or spec.method != "draft":
+  if spec is None:
+    return
+  if getattr(target, "mesh", None) is not None:
+    raise ValueError("speculative: decoding on a mesh (--tp / --dp) is not implemented; "
+                     "speculate on one device")
+  if spec.method != "draft":
     return
   draft = spec.model
   dv, tv = draft.config.vocab_size, target.config.vocab_size
@@ -145,5 +151,9 @@ def _vocab(tokenizer):
 
 
 def _params(model) -> int:
+  """Parameter count (a quantized weight counts its logical [K, N] elements)."""
+  import math
+
   from flax import nnx
-  return sum(int(v[...].size) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param))
+  return sum(math.prod(v[...].shape) for _, v in nnx.iter_graph(model)
+             if isinstance(v, nnx.Param))
