@@ -282,3 +282,25 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
   engine.stop()
   assert fine.tokens == fdjax.generate(model, [[1, 2, 3]], max_new_tokens=10).tokens[0]
   assert threading.active_count() >= 1
+
+
+def test_engine_threads_are_reused():
+  from fdjax.engine import threads
+  seen = []
+
+  def job(fail=False):
+    seen.append((threading.get_ident(), threading.current_thread().name))
+    if fail:
+      raise RuntimeError("a job's error does not end its thread")
+
+  for fail in (True, False):
+    h = threads.run(job, (fail,))
+    h.join(10)
+    assert not h.is_alive()
+  assert seen[0] == seen[1] and seen[0][1] == "fdjax-engine"
+  gate = threading.Event()
+  h = threads.run(gate.wait, (10,))
+  assert h.is_alive()
+  gate.set()
+  h.join(10)
+  assert not h.is_alive()

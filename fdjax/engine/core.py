@@ -14,28 +14,13 @@ import collections
 import threading
 import time
 
-from fdjax.engine import decoders, paging, request, speculative, steps
+from fdjax.engine import decoders, paging, request, speculative, steps, threads
 from fdjax.engine.compiled import Shapes
 from fdjax.engine.request import QueueFull, Request
 from fdjax.engine.runner import Runner
 from fdjax.engine.scheduler import Scheduler
 from fdjax.engine.steps import pow2
 from fdjax.ops import checks
-
-ENGINE_STACK_BYTES = 256 * 1024 * 1024
-
-
-def _start_thread(target, args) -> threading.Thread:
-  """The engine's thread, started. XLA compiles on the thread that first calls a program:
-  this one gets a deep stack (twice a default 8 MiB thread stack died in an XLA:CPU compile
-  here; it is address space, used only as deep as it goes)."""
-  thread = threading.Thread(target=target, args=args, name="fdjax-engine", daemon=True)
-  previous = threading.stack_size(ENGINE_STACK_BYTES)
-  try:
-    thread.start()
-  finally:
-    threading.stack_size(previous)
-  return thread
 
 
 def _sizes(model, max_model_len, page_size, num_pages, max_batch):
@@ -92,7 +77,7 @@ class Engine:
                                decoder=decoder)
     self._cv = threading.Condition()
     self._inbox: collections.deque[Request] = collections.deque()
-    self._thread: threading.Thread | None = None
+    self._thread: threads.Handle | None = None  # the engine's loop, on an engine thread
     self._stopping = False
     self.iterations = 0
     self.warming: tuple[int, int] | None = None  # (shapes compiled, shapes) while warming up
@@ -175,7 +160,7 @@ class Engine:
       return self
     if warmup:
       self.warming = (0, self.shapes().count())
-    self._thread = _start_thread(self._loop, (warmup, progress))
+    self._thread = threads.run(self._loop, (warmup, progress))
     return self
 
   def stop(self, timeout: float = 30.0):
