@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 # The repository root on the path, so `tests.helpers` and the packages import from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,3 +20,31 @@ LONGEST_FIRST = ("test_bench.py", "test_h100_compile.py", "test_sharding.py",
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within
+
+
+# Each compiled XLA:CPU program holds about nine memory maps until it is freed, and jax keeps
+# every program it compiled. A test worker that compiles several thousand of them reaches
+# Linux's vm.max_map_count (65530) and the next compile dies with SIGSEGV inside LLVM (seen in
+# the full suite as crashes in `backend_compile_and_load`; half of tests/test_speculative.py
+# alone leaves 17 000 maps). After any test, a worker holding more than MAX_MAPS drops jax's
+# caches, which frees the programs no live object holds.
+MAX_MAPS = 30000
+
+
+def _maps() -> int:
+  try:
+    with open("/proc/self/maps") as fh:
+      return sum(1 for _ in fh)
+  except OSError:  # not Linux
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _free_compiled_programs():
+  yield
+  if _maps() > MAX_MAPS:
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()

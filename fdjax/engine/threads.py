@@ -2,12 +2,10 @@
 engine to the next instead of a new thread per engine.
 
 XLA compiles a program on the thread that first calls it, so an engine's thread compiles
-(its warm-up, or each new shape). Under the test suite, where engines start and stop by the
-dozen, XLA:CPU compiles on freshly made engine threads died with SIGSEGV about once in three
-full runs (never on a main thread; not reproduced on demand). Keeping a few threads alive and
-reusing them, each with a 256 MiB stack (address space, touched only as deep as it goes),
-removes both thread churn and stack depth from the suspects; a served process runs one
-engine on one thread either way.
+(its warm-up, or each new shape); a 256 MiB stack (address space, touched only as deep as it
+goes) leaves LLVM room, and reusing threads keeps a process that starts and stops many
+engines (the test suite) from making a thread per engine. (The SIGSEGVs in XLA:CPU compiles
+that prompted this came from the test workers reaching vm.max_map_count: tests/conftest.py.)
 """
 from __future__ import annotations
 
