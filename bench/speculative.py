@@ -129,8 +129,9 @@ def main(argv=None):
                            "T=0.8 top-k 40", batch=batch, method=method,
                            speedup=r["decode_tokens_per_s"] / base, **r))
           print(json.dumps(rows[-1]), flush=True)
-  notes = (f"Target: the bundled model ({_params(target.model) / 1e6:.2f}M parameters). Draft: "
-           f"`python -m fdjax train {' '.join(DRAFT_TRAIN)}` ({_params(draft.model) / 1e6:.2f}M "
+  size = lambda m: f"{speculative.param_count(m) / 1e6:.2f}M"
+  notes = (f"Target: the bundled model ({size(target.model)} parameters). Draft: "
+           f"`python -m fdjax train {' '.join(DRAFT_TRAIN)}` ({size(draft.model)} "
            f"parameters), the same data. {args.max_new_tokens} new tokens a row, median of "
            f"{args.iters} calls after a warm-up (seeds 0..{args.iters - 1}); tokens/s count the "
            f"decode phase (after the prompt's first token); speedup: over `plain` in the same "
@@ -139,11 +140,6 @@ def main(argv=None):
            f"{time.perf_counter() - t0:.0f} s.")
   print(common.write_results(args.out, rows, COLUMNS, notes=notes,
                             results_dir=args.results_dir))
-
-
-def _params(model) -> int:
-  from fdjax.engine.speculative import _params as count
-  return count(model)
 
 
 if __name__ == "__main__":

@@ -173,9 +173,11 @@ def history(tokens, rows: RowSampling, vocab_size: int) -> History:
 
 
 def record(hist: History, tokens, live) -> History:
-  """History after each live row generated tokens [B]."""
-  return hist._replace(counts=hist.counts.at[jnp.arange(tokens.shape[0]), tokens].add(
-      live.astype(jnp.int32)))
+  """History after each row generated tokens [B] (or [B, T]) where `live` (same shape)."""
+  b = tokens.shape[0]
+  rows = jnp.arange(b).reshape((b,) + (1,) * (tokens.ndim - 1))
+  return hist._replace(counts=hist.counts.at[rows, tokens].add(live.astype(jnp.int32),
+                                                               mode="drop"))
 
 
 def adjust(logits, rows: RowSampling, hist: History, positions, eos):

@@ -123,7 +123,7 @@ def draft_propose(dmodel, dcache, last, rows, hist, start_pos, eos, k: int):
     position = start_pos + 1 + i
     adjusted = sampling.adjust(logits[:, 0], rows, hist._replace(counts=counts), position, eos)
     token, logq = _draw(adjusted, rows, _keys(rows, start_pos, _DRAFT + i))
-    counts = counts.at[jnp.arange(token.shape[0]), token].add(1)
+    counts = sampling.record(hist._replace(counts=counts), token, token >= 0).counts
     return (token, dcache, counts), (token, logq)
 
   (_, dcache, _), (drafts, logq) = jax.lax.scan(step, (last, dcache, hist.counts),
@@ -135,8 +135,7 @@ def draft_propose(dmodel, dcache, last, rows, hist, start_pos, eos, k: int):
 
 class Verdict(NamedTuple):
   tokens: jax.Array   # int32 [B, k + 1]: the accepted drafts then the target's own token
-  n: jax.Array        # int32 [B]: how many of them (accepted + 1)
-  accepted: jax.Array  # int32 [B]
+  accepted: jax.Array  # int32 [B]: drafts kept (tokens holds accepted + 1)
   logprobs: sampling.Logprobs  # of each of tokens, as the target's distribution gives them
 
 
@@ -194,7 +193,7 @@ def accept(logits, drafts, count, logq, rows, hist, start_pos, eos) -> Verdict:
   tokens = jnp.where(j < a[:, None], padded, jnp.where(j == a[:, None], last[:, None], -1))
   lp = sampling.logprobs(x, reps, jnp.maximum(tokens, 0).reshape(-1))
   lp = jax.tree.map(lambda y: y.reshape(b, t, *y.shape[1:]), lp)
-  return Verdict(tokens, a + 1, a, lp)
+  return Verdict(tokens, a, lp)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -230,25 +229,24 @@ def _round(model, dmodel, s: SpecState, cache, dcache, eos, max_new, rows, k, n,
   logits, cache = jax.lax.cond(jnp.any(count > 0), verify, step, cache)
   verdict = accept(logits, drafts, count, logq, rows, hist, start_pos, eos)
 
+  got = verdict.accepted + 1  # tokens the round yields each row
   j = jnp.arange(k + 1)[None, :]
-  within = j < verdict.n[:, None]
+  within = j < got[:, None]
   ends = jnp.isin(verdict.tokens, eos) & ~rows.ignore_eos[:, None] & within
   first_end = jnp.min(jnp.where(ends, j, k + 1), axis=1)
-  n_out = jnp.minimum(jnp.minimum(verdict.n, first_end + 1), max_new - s.count)
+  n_out = jnp.minimum(jnp.minimum(got, first_end + 1), max_new - s.count)
   n_out = jnp.where(live, n_out, 0)
   keep = j < n_out[:, None]
   done = s.done | jnp.any(ends & keep, axis=1) | (s.count + n_out >= max_new)
   tokens = verdict.tokens
   newest = jnp.take_along_axis(tokens, jnp.maximum(n_out - 1, 0)[:, None], axis=1)[:, 0]
 
-  vocab = hist.counts.shape[1]
-  row_state = s.rows._replace(history=hist._replace(counts=hist.counts.at[
-      jnp.arange(tokens.shape[0])[:, None], jnp.where(keep, tokens, vocab)].add(1, mode="drop")))
+  row_state = s.rows._replace(history=sampling.record(hist, jnp.maximum(tokens, 0), keep))
   lp = verdict.logprobs
   row_state = row_state._replace(logprob=_scatter(row_state.logprob, s.count, lp.chosen, keep),
                                  top_ids=_scatter(row_state.top_ids, s.count, lp.top_ids, keep),
                                  top=_scatter(row_state.top, s.count, lp.top, keep))
-  cache = cache._replace(lengths=jnp.where(live, start_pos + verdict.n, start_pos))
+  cache = cache._replace(lengths=jnp.where(live, start_pos + got, start_pos))
   if dcache is not None:
     dcache = dcache._replace(lengths=cache.lengths)
   used = jnp.minimum(verdict.accepted, n_out)

@@ -117,7 +117,7 @@ def check_draft(spec: Speculation | None, target, target_tokenizer=None, draft_t
       differ = sorted(set(a.items()) ^ set(b.items()))[:3]
       raise ValueError(f"speculative: the draft's tokenizer differs from the target's (e.g. "
                        f"{differ}); a draft must share the target's tokenizer")
-  dn, tn = _params(draft), _params(target)
+  dn, tn = param_count(draft), param_count(target)
   if dn > tn:
     raise ValueError(f"speculative: the draft model ({dn:,} parameters) is larger than the "
                      f"target ({tn:,}); drafting would cost more than it saves")
@@ -150,7 +150,7 @@ def _vocab(tokenizer):
   return None if get is None else dict(get())
 
 
-def _params(model) -> int:
+def param_count(model) -> int:
   """Parameter count (a quantized weight counts its logical [K, N] elements)."""
   import math
 
