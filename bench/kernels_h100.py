@@ -36,6 +36,7 @@ from fdjax.tuning import aot, tune  # noqa: E402
 from models import presets
 from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
+from pallas_kernels.mosaic_gpu import grouped_gemm as mgg  # noqa: E402
 from pallas_kernels.mosaic_gpu import quantized_gemm as mq  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
@@ -166,6 +167,14 @@ def _quantized(label, m, k, n, method, impl="pallas"):
               (((m, k), BF16), (vshape, vdtype), (sshape, BF16)))
 
 
+def _grouped(label, rows, tiles, k, n, experts=128):
+  """The Mosaic GPU grouped GEMM on a mixture of experts' tiles, bfloat16."""
+  fn = lambda x, e, w: mgg.grouped_gemm(x, e, w)
+  return Case("moe grouped_gemm (pallas_mosaic)", f"{label} rows={rows} tiles={tiles} K={k} "
+              f"N={n}", "bfloat16", "default", fn,
+              (((tiles, rows, k), BF16), ((tiles,), I32), ((experts, k, n), BF16)))
+
+
 def _label(settings):
   if settings is None:
     return "default"
@@ -214,7 +223,8 @@ def mosaic_defaults() -> list[Case]:
   64 and 128: not Gemma's 256; cache lengths a multiple of 8: not 1 or 4097, which the kernel
   refuses) and Mistral's window; the flat GEMM at every linear shape of
   both models, at each M the kernel pads differently (x is padded to a multiple of 8 rows:
-  M = 1 stands for 1 to 8, one compiled kernel), and on int8 / int4 weights at M = 1, 16, 64."""
+  M = 1 stands for 1 to 8, one compiled kernel), and on int8 / int4 weights at M = 1, 16, 64;
+  the grouped GEMM of Qwen3-30B-A3B's experts at tiles of 8, 16 and 64 rows."""
   cases = []
   for name in HEADS:
     cases += [_decode(name, b, s, BF16, impl=MOSAIC) for b, s in DECODE if s % 8 == 0]
@@ -225,12 +235,20 @@ def mosaic_defaults() -> list[Case]:
     cases += [_linear(label, m, k, n, BF16, impl=MOSAIC) for m in (1, 16, 17, 32, 64)]
     cases += [_quantized(label, m, k, n, method, impl=MOSAIC) for method in ("int8", "int4")
               for m in (1, 16, 64)]
+  cfg = presets.get("qwen3-30b-a3b")  # its experts' two products, tiles of 8 / 16 / 64 rows
+  h, f = cfg.hidden_size, cfg.moe_intermediate_size
+  for (k, n), part in (((h, 2 * f), "gate_up"), ((f, h), "down")):
+    cases += [_grouped(f"qwen3-30b-a3b {part}", rows, tiles, k, n)
+              for rows, tiles in ((8, 8), (16, 71), (64, 135))]
   return cases
 
 
 def _mosaic_launch(case: Case) -> tuple[tuple, int]:
   """(grid, threads) of a Mosaic GPU case, from its settings (Mosaic GPU's dump has no launch
   record): one warpgroup (128 threads) a program."""
+  if case.kernel.startswith("moe grouped_gemm"):
+    (tiles, _, _), _, (_, _, n) = (shape for shape, _ in case.args)
+    return (n // mgg.Settings().block_n, tiles, 1), 128
   if case.kernel.startswith("linear int"):  # the quantized flat GEMM, over the stored rows
     (_, _), (rows, n), _ = (shape for shape, _ in case.args)
     s = mq.Settings.default(rows, n)

@@ -52,6 +52,15 @@ class ModelConfig:
   attn_softcap: float | None = None  # scores -> c * tanh(s / c)
   final_softcap: float | None = None  # logits -> c * tanh(logits / c)
   fused_checkpoint: bool = False     # q/k/v and gate/up stored fused in checkpoints (Phi-3)
+  # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; models/moe.py); 0 experts: dense.
+  num_experts: int = 0
+  experts_per_token: int = 0         # top-k
+  moe_intermediate_size: int = 0     # each expert's F (the dense layers' is intermediate_size)
+  norm_topk_prob: bool = True        # the k routing weights renormalised to sum to 1
+  dense_layers: tuple | None = None  # layers with the dense MLP instead (Qwen's mlp_only_layers)
+  shared_expert_size: int = 0        # F of Qwen2-MoE's sigmoid-gated shared expert; 0: none
+  moe_naming: str = "qwen"           # checkpoint names: "qwen" (mlp.experts.j.gate_proj ...)
+                                     # or "mixtral" (block_sparse_moe.experts.j.w1 ...)
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -100,9 +109,14 @@ class ModelConfig:
       if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
                                 and v > 0):
         raise ValueError(f"ModelConfig: {name} must be a positive number or None, got {v!r}")
+    _check_experts(self)
     if self.position_encoding == "cope" and (w is not None or self.attn_softcap is not None):
       raise ValueError("ModelConfig: CoPE attention with a sliding window or attention "
                        "soft-capping is not implemented")
+
+  def sparse(self, layer: int) -> bool:
+    """Whether a layer's MLP is a mixture of experts (else the dense MLP)."""
+    return bool(self.num_experts) and layer not in (self.dense_layers or ())
 
   def window(self, layer: int) -> int | None:
     """The sliding window of a layer, or None (full causal attention)."""
@@ -124,13 +138,18 @@ class ModelConfig:
     return self.rope_theta, self.rope_scaling_dict
 
   def linear_shapes(self) -> dict:
-    """The four linear-layer weight shapes (K, N) of a block, as fdjax lays them out
-    ([in, out], q/k/v and gate/up fused): the shapes FlashDecoding++ tunes for."""
+    """The linear-layer weight shapes (K, N) of a block, as fdjax lays them out ([in, out],
+    q/k/v and gate/up fused): the shapes FlashDecoding++ tunes for (a mixture of experts'
+    dense MLP and shared expert where it has them; its experts run fdjax.ops.moe)."""
     h, d = self.hidden_size, self.head_dim
-    return {"qkv": (h, (self.num_heads + 2 * self.num_kv_heads) * d),
-            "o": (self.num_heads * d, h),
-            "gate_up": (h, 2 * self.intermediate_size),
-            "down": (self.intermediate_size, h)}
+    shapes = {"qkv": (h, (self.num_heads + 2 * self.num_kv_heads) * d),
+              "o": (self.num_heads * d, h)}
+    if not all(self.sparse(i) for i in range(self.num_layers)):  # some dense MLP
+      shapes.update(gate_up=(h, 2 * self.intermediate_size), down=(self.intermediate_size, h))
+    if self.num_experts and self.shared_expert_size:
+      f = self.shared_expert_size
+      shapes.update(shared_gate_up=(h, 2 * f), shared_down=(f, h))
+    return shapes
 
   @property
   def rope_scaling_dict(self) -> dict | None:
@@ -139,7 +158,7 @@ class ModelConfig:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["rope_scaling"] = self.rope_scaling_dict
-    for name in ("softmax_phi", "layer_types"):
+    for name in ("softmax_phi", "layer_types", "dense_layers"):
       d[name] = None if d[name] is None else list(d[name])
     return d
 
@@ -154,3 +173,27 @@ class ModelConfig:
     if missing:
       raise ValueError(f"ModelConfig: missing config key(s) {missing}")
     return cls(**d)
+
+
+def _check_experts(cfg: ModelConfig):
+  """Refuses (ValueError, naming the field) an inconsistent mixture-of-experts config."""
+  if cfg.dense_layers is not None:
+    object.__setattr__(cfg, "dense_layers", tuple(int(i) for i in cfg.dense_layers))
+  if not cfg.num_experts:
+    if cfg.experts_per_token or cfg.shared_expert_size or cfg.dense_layers:
+      raise ValueError("ModelConfig: experts_per_token, shared_expert_size and dense_layers "
+                       "need num_experts > 0")
+    return
+  checks.positive_int("ModelConfig", "num_experts", cfg.num_experts)
+  checks.choice("ModelConfig", "moe_naming", cfg.moe_naming, ("qwen", "mixtral"))
+  checks.positive_int("ModelConfig", "moe_intermediate_size", cfg.moe_intermediate_size)
+  if not (isinstance(cfg.experts_per_token, int)
+          and 1 <= cfg.experts_per_token <= cfg.num_experts):
+    raise ValueError(f"ModelConfig: experts_per_token must be in [1, num_experts="
+                     f"{cfg.num_experts}], got {cfg.experts_per_token!r}")
+  if cfg.shared_expert_size:
+    checks.positive_int("ModelConfig", "shared_expert_size", cfg.shared_expert_size)
+  bad = [i for i in cfg.dense_layers or () if not 0 <= i < cfg.num_layers]
+  if bad:
+    raise ValueError(f"ModelConfig: dense_layers {bad} are not layers of a "
+                     f"{cfg.num_layers}-layer model")

@@ -41,6 +41,16 @@ class Entry:
   # Across tensor-parallel devices: None (whole on each), "qkv" / "gate_up" (by column, each
   # part its own heads / rows), "rows" (by fdjax's input axis), "vocab" (by vocabulary).
   split: str | None = None
+  # > 0: a mixture of experts' stacked weight [experts, ...]: `names` and `shapes` list each
+  # expert's tensors in turn (its parts fused as above), expert 0 first.
+  experts: int = 0
+
+  def groups(self) -> list[tuple[tuple, tuple]]:
+    """(names, shapes) of each slice along the stacked expert axis; one group if unstacked."""
+    if not self.experts:
+      return [(self.names, self.shapes)]
+    n = len(self.names) // self.experts
+    return [(self.names[i:i + n], self.shapes[i:i + n]) for i in range(0, len(self.names), n)]
 
   def tensors(self, method: str | None = None) -> list[tuple[str, tuple]]:
     """(name, shape) of each checkpoint tensor: the listed ones, or, for a weight quantized
@@ -55,14 +65,15 @@ class Entry:
 
   @property
   def sizes(self) -> list[int]:
-    """Each tensor's share of the fused parameter's last axis."""
-    return [s[0] if self.transpose else s[-1] for s in self.shapes]
+    """Each tensor's share of the fused parameter's last axis (of one expert's slice)."""
+    return [s[0] if self.transpose else s[-1] for s in self.groups()[0][1]]
 
   @property
   def shape(self) -> tuple:
     """The fdjax parameter's shape."""
     first = self.shapes[0]
-    return tuple(first[1:] if self.transpose else first[:-1]) + (sum(self.sizes),)
+    one = tuple(first[1:] if self.transpose else first[:-1]) + (sum(self.sizes),)
+    return (self.experts,) + one if self.experts else one
 
   @property
   def split_axis(self) -> int | None:
@@ -139,17 +150,14 @@ def layout(cfg) -> list[Entry]:
     attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
     wqkv = (([p + "self_attn.qkv_proj.weight"], [(sum(qkv), h)]) if cfg.fused_checkpoint else
             ([n + ".weight" for n in attn], [(size, h) for size in qkv]))
-    gate_up = (([p + "mlp.gate_up_proj.weight"], [(2 * f, h)]) if cfg.fused_checkpoint else
-               ([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(f, h), (f, h)]))
     out += [e(["layers", i, ours, "weight"], [p + theirs + ".weight"], [(h,)], False)
             for ours, theirs in norms.items()]
     out += [
         e(["layers", i, "attn", "wqkv"], *wqkv, True, linear=True, split="qkv"),
         e(["layers", i, "attn", "wo"], [p + "self_attn.o_proj.weight"], [(h, qkv[0])], True,
-          linear=True, split="rows"),
-        e(["layers", i, "mlp", "w_gate_up"], *gate_up, True, linear=True, split="gate_up"),
-        e(["layers", i, "mlp", "w_down"], [p + "mlp.down_proj.weight"], [(h, f)], True,
           linear=True, split="rows")]
+    out += (_sparse_mlp(cfg, i, p) if cfg.sparse(i) else
+            _dense_mlp(cfg, i, p + "mlp.", ("mlp",), f))
     if cfg.qk_norm:
       out += [e(["layers", i, "attn", f"{x}_norm", "weight"], [p + f"self_attn.{x}_norm.weight"],
                 [(cfg.head_dim,)], False) for x in "qk"]
@@ -159,6 +167,38 @@ def layout(cfg) -> list[Entry]:
     if pe.layer_param(cfg):
       name, shape, _ = pe.layer_param(cfg)
       out.append(e(["layers", i, "attn", "pos_emb"], [p + name], [shape], False))
+  return out
+
+
+def _dense_mlp(cfg, i, prefix, param, f) -> list[Entry]:
+  """A gated MLP of width f: gate/up fused, then down."""
+  h = cfg.hidden_size
+  gate_up = (([prefix + "gate_up_proj.weight"], [(2 * f, h)]) if cfg.fused_checkpoint else
+             ([prefix + "gate_proj.weight", prefix + "up_proj.weight"], [(f, h), (f, h)]))
+  return [Entry(("layers", i, *param, "w_gate_up"), *map(tuple, gate_up), True, True,
+                "gate_up"),
+          Entry(("layers", i, *param, "w_down"), (prefix + "down_proj.weight",), ((h, f),),
+                True, True, "rows")]
+
+
+def _sparse_mlp(cfg, i, p) -> list[Entry]:
+  """A mixture of experts' router, stacked experts and shared expert (Qwen2-MoE), under
+  Mixtral's names (block_sparse_moe, w1 / w3 / w2) or Qwen's (mlp, gate_ / up_ / down_proj)."""
+  h, f, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+  mixtral = cfg.moe_naming == "mixtral"
+  m = p + ("block_sparse_moe." if mixtral else "mlp.")
+  gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+  ex = [f"{m}experts.{j}." for j in range(n)]
+  out = [Entry(("layers", i, "mlp", "router"), (m + "gate.weight",), ((n, h),), True),
+         Entry(("layers", i, "mlp", "w_gate_up"),
+               tuple(x + w + ".weight" for x in ex for w in (gate, up)), ((f, h),) * (2 * n),
+               True, experts=n),
+         Entry(("layers", i, "mlp", "w_down"), tuple(x + down + ".weight" for x in ex),
+               ((h, f),) * n, True, experts=n)]
+  if cfg.shared_expert_size:
+    out += _dense_mlp(cfg, i, m + "shared_expert.", ("mlp", "shared"), cfg.shared_expert_size)
+    out.append(Entry(("layers", i, "mlp", "shared_gate"), (m + "shared_expert_gate.weight",),
+                     ((1, h),), True))
   return out
 
 
@@ -181,6 +221,10 @@ def to_hf_tensors(model) -> dict[str, np.ndarray]:
       arrays = [(e.names, value.values),
                 ([n + SCALE_SUFFIX for n in e.names], value.scales)]
     for names, array in arrays:
-      for name, part in zip(names, split_last(np.asarray(jax.device_get(array)), e.sizes)):
-        out[name] = np.ascontiguousarray(part.T if e.transpose else part)
+      array = np.asarray(jax.device_get(array))
+      stacked = [(names, array)] if not e.experts else zip(
+          [g for g, _ in e.groups()], array)  # one expert's slice at a time
+      for group, value in stacked:
+        for name, part in zip(group, split_last(value, e.sizes)):
+          out[name] = np.ascontiguousarray(part.T if e.transpose else part)
   return out

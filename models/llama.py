@@ -3,7 +3,8 @@ encoding of models/positions.py, tied or untied embeddings, optional q/k/v bias 
 The other families are configuration (models/config.py), not copies: per-head q/k norms
 (Qwen3, Gemma 3), RMSNorm scaling by (1 + weight), GeGLU, norms after attention and MLP,
 scaled embeddings, the query scale and soft-capping (Gemma 2 / 3), sliding-window layers
-with their own RoPE base (Mistral, Qwen2/3, Gemma 2 / 3, Phi-3).
+with their own RoPE base (Mistral, Qwen2/3, Gemma 2 / 3, Phi-3), and mixture-of-experts MLPs
+(Mixtral, Qwen2-MoE, Qwen3-MoE: models/moe.py) in the layers the config makes sparse.
 
 Every projection and every attention goes through `fdjax.ops.dispatch`; this file never picks
 a kernel. Weights are laid out [in, out] (the `linear` op's [K, N]), with q/k/v fused into
@@ -28,7 +29,7 @@ from flax import nnx
 
 from fdjax.ops import dispatch
 from fdjax.ops import kv_cache as kvc
-from models import layout, parallel, positions
+from models import layout, moe, parallel, positions
 from models.config import MLP_ACTIVATIONS, ModelConfig
 
 
@@ -123,10 +124,11 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype, tp=None):
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, tp=None, size=None):
     self.tp = tp
-    self.w_gate_up = _normal(rngs, (cfg.hidden_size, 2 * cfg.intermediate_size), dtype)
-    self.w_down = _normal(rngs, (cfg.intermediate_size, cfg.hidden_size), dtype)
+    f = size or cfg.intermediate_size
+    self.w_gate_up = _normal(rngs, (cfg.hidden_size, 2 * f), dtype)
+    self.w_down = _normal(rngs, (f, cfg.hidden_size), dtype)
     self.activation = cfg.mlp_activation
 
   def __call__(self, x):
@@ -145,7 +147,14 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype, tp=tp)
     self.attn_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
     self.mlp_norm = _norm(cfg, cfg.hidden_size, dtype)
-    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, tp=tp)
+    if cfg.sparse(layer):
+      if tp is not None:
+        raise ValueError("tensor parallelism over a mixture of experts is not implemented")
+      shared = cfg.shared_expert_size and MLP(cfg, rngs=rngs, dtype=dtype,
+                                              size=cfg.shared_expert_size)
+      self.mlp = moe.SparseMLP(cfg, rngs=rngs, dtype=dtype, shared=shared or None)
+    else:
+      self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, tp=tp)
     self.mlp_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
 
   def __call__(self, x, pos, start, n, layer_cache, page_table):

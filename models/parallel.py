@@ -53,6 +53,9 @@ def padded_vocab(cfg, tp: int) -> int:
 def check(cfg, tp: int):
   """Refuses (ValueError, naming the numbers) a model that cannot be split tp ways."""
   checks.positive_int("tensor parallelism", "tp", tp)
+  if cfg.num_experts:
+    raise ValueError("tensor parallelism: a mixture-of-experts model on a mesh is not "
+                     "implemented (it loads on one device)")
   for name in ("num_heads", "intermediate_size"):
     if getattr(cfg, name) % tp:
       raise ValueError(f"tensor parallelism: tp={tp} does not divide the model's {name} "

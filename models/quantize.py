@@ -42,6 +42,9 @@ class Quantization:
 
 def entries(cfg, q: Quantization) -> list[layout.Entry]:
   """The layout entries `q` quantizes in a model of this config."""
+  if cfg.num_experts:
+    raise ValueError("quantize: int8 / int4 expert weights of a mixture-of-experts model are "
+                     "not implemented; load it unquantized")
   if q.lm_head and cfg.tie_word_embeddings:
     raise ValueError("quantize: the LM head of a model with tied embeddings is its embedding, "
                      "which stays unquantized (lm_head=False)")

@@ -44,7 +44,7 @@ def dry_run(tmp_path_factory):
 def test_gpu_suite_dry_run_reports_every_part(dry_run):
   rows = _rows(dry_run, "gpu_suite_dry")
   assert [r["part"] for r in rows] == ["env", "check", "attention", "gemm", "tune", "e2e",
-                                      "speculative"]
+                                      "speculative", "moe"]
   assert all(r["status"] == "ok" for r in rows), rows
   for r in rows:
     assert (dry_run / "logs" / r["log"]).stat().st_size > 0
@@ -240,3 +240,16 @@ def test_speculative_bench_smoke(dry_run):
   for r in rows:
     assert r["decode_tokens_per_s"] > 0 and r["tokens_per_round"] >= 1.0
     assert (r["acceptance"] == "") == (r["method"] == "plain")
+
+
+def test_moe_bench_smoke(dry_run):
+  """bench/moe.py's quick form (the GPU suite's moe part, dry): every strategy at each batch,
+  the one auto picks marked, bytes read no more than the dense computation's where the
+  strategy reads only routed experts."""
+  rows = _rows(dry_run, "moe")
+  assert {r["batch"] for r in rows} == {1, 8}
+  for batch in (1, 8):
+    mine = [r for r in rows if r["batch"] == batch]
+    assert [r["strategy"].split()[0] for r in mine] == ["dense", "ragged", "gather", "grouped"]
+    assert sum(r["auto"] == "yes" for r in mine) == 1
+    assert all(r["ms"] > 0 and r["kernel_MB_read"] <= r["dense_MB_read"] for r in mine)

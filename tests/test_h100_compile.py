@@ -105,6 +105,20 @@ def test_the_llama_3_8b_decode_program_lowers_with_the_mosaic_gpu_kernels(h100):
   assert "mosaic_gpu" in hlo and "triton" not in hlo.lower()
 
 
+def test_a_mixture_of_experts_decode_program_lowers_for_an_h100(h100):
+  """Qwen3-30B-A3B's decode loop (two of its 48 layers, bfloat16, batch 4) lowered for a
+  described H100 under auto: Mosaic GPU decode attention, the router's top-k, and the
+  experts' tiles of 8 rows by the Mosaic GPU grouped GEMM."""
+  cfg = dataclasses.replace(presets.get("qwen3-30b-a3b"), num_layers=2)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+  with aot.on("h100"), dispatch.lowering_for("cuda"):
+    _, decode = decode_loop.lower(model, batch=4, prompt_len=100, max_new_tokens=64,
+                                  place=h100)
+  hlo = decode.as_text()
+  assert "fdjax_mgpu_decode_async" in hlo and "top_k" in hlo.lower()
+  assert "fdjax_mgpu_grouped_gemm" in hlo
+
+
 def test_outside_lowering_for_a_cpu_host_traces_xla_alone(h100):
   cfg = presets.get("llama-3-8b")
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
@@ -197,6 +211,18 @@ def test_the_mosaic_decode_attention_compiles_for_sm90a_without_spills(h100, cas
   for r in rows:
     assert r["status"] == "ok" and (r["spill_stores"], r["spill_loads"]) == (0, 0), r
     assert 0 < r["registers"] <= 255 and 0 < r["shared_kb"] <= 227 and r["per_sm"] >= 1
+
+
+@pytest.mark.parametrize("case", [c for c in kernels.mosaic_defaults()
+                                  if c.kernel.startswith("moe grouped_gemm")
+                                  and " rows=16 " not in c.shape], ids=str)
+def test_the_mosaic_grouped_gemm_compiles_for_sm90a_without_spills(h100, case):
+  """The experts' grouped GEMM (Qwen3-30B-A3B's two products, tiles of 8 and 64 rows) through
+  Mosaic GPU's whole pipeline for sm_90a: no spill, shared memory within the H100's."""
+  [row] = kernels.measure(case)
+  assert row["status"] == "ok" and row["launch"] == "fdjax_mgpu_grouped_gemm", row
+  assert (row["spill_stores"], row["spill_loads"]) == (0, 0)
+  assert 0 < row["registers"] <= 255 and 0 < row["shared_kb"] <= 227 and row["per_sm"] >= 1
 
 
 NO_TRITON = """

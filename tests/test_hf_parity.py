@@ -54,6 +54,17 @@ FAMILIES = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
              dict(num_key_value_heads=2, sliding_window=W, pad_token_id=0, bos_token_id=1,
                   eos_token_id=2)),
+    # mixtures of experts: Mixtral (top-2 of 4, renormalised), Qwen3-MoE (top-3 of 8,
+    # norm_topk_prob, q/k norms, layer 1 dense through mlp_only_layers), Qwen2-MoE (a
+    # sigmoid-gated shared expert, q/k/v bias, top-k not renormalised)
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                       moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2-moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48)),
 }
 VARIANTS = {"llama3-old-rope-keys": "llama3"}
 WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3"]

@@ -397,3 +397,59 @@ def test_a_jax_without_triton_still_gets_kernels(monkeypatch):
     np.testing.assert_allclose(np.asarray(dispatch.decode_attention(q, k, v, jnp.asarray([32]))),
                                np.asarray(dispatch.decode_attention(q, k, v, jnp.asarray([32]),
                                                                     impl="xla")), rtol=1e-6)
+
+
+# ------------------------------------------------------------- the grouped GEMM (experts)
+
+@pytest.mark.parametrize("rows,k,n,experts,stages", [
+    (8, 128, 64, [2, -1, 0, 2], 2),      # an empty tile, an expert read by two tiles
+    (16, 256, 128, [1, 0], 4),           # four K steps in flight
+    (64, 64, 192, [3], 1),               # the largest tile, one K step
+])
+def test_grouped_gemm_against_float64(rows, k, n, experts, stages, monkeypatch):
+  """Each tile times its own expert's weight; an empty tile (-1) is left alone; bf16 within
+  twice XLA's bf16 error."""
+  from pallas_kernels.mosaic_gpu import grouped_gemm as mgg
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(rows + k + n)
+  x = jnp.asarray(rng.standard_normal((len(experts), rows, k)), jnp.float32).astype(jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((4, k, n)), jnp.float32).astype(jnp.bfloat16)
+  out = np.asarray(mgg.grouped_gemm(x, jnp.asarray(experts, jnp.int32), w,
+                                    settings=mgg.Settings(stages=stages), interpret=DETECT))
+  assert races == [] and out.shape == (len(experts), rows, n)
+  for t, e in enumerate(experts):
+    if e < 0:
+      continue
+    want = np.asarray(x[t], np.float64) @ np.asarray(w[e], np.float64)
+    base = np.max(np.abs(np.asarray(jnp.dot(x[t], w[e]), np.float64) - want))
+    assert np.max(np.abs(out[t] - want)) <= 2 * base + 1e-6
+
+
+def test_moe_through_the_grouped_gemm_kernel():
+  """dispatch.moe with the Mosaic GPU kernel (interpret mode) against float64: a decode-sized
+  batch where most experts get no token and a skewed one where one expert takes every token
+  over several tiles; and under `using`, what it does not take (float32) runs XLA."""
+  from fdjax.ops import moe as moe_lib
+  from tests.test_moe import _reference
+  t, e, h, f = 21, 8, 64, 128
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((t, h)), jnp.float32).astype(jnp.bfloat16)
+  w_gate_up = jnp.asarray(rng.standard_normal((e, h, 2 * f)) * 0.2, jnp.float32).astype(x.dtype)
+  w_down = jnp.asarray(rng.standard_normal((e, f, h)) * 0.2, jnp.float32).astype(x.dtype)
+  skewed = np.full((t, e), -5.0, np.float32)
+  skewed[:, 6], skewed[:, 1] = 5.0, 4.0  # every token: expert 6, then expert 1
+  for logits in (jnp.asarray(rng.standard_normal((3, e)), jnp.float32), jnp.asarray(skewed)):
+    xs = x[:logits.shape[0]]
+    got = dispatch.moe(xs, logits, w_gate_up, w_down, top_k=2, impl="pallas_mosaic_interpret")
+    weights, experts = moe_lib.route(logits, 2, True)
+    want = _reference(xs, weights, experts, w_gate_up, w_down)
+    xla = dispatch.moe(xs, logits, w_gate_up, w_down, top_k=2, impl="xla")
+    err, base = (np.max(np.abs(np.asarray(a, np.float64) - want)) for a in (got, xla))
+    assert got.dtype == jnp.bfloat16 and np.isfinite(err) and err <= 2 * base + 1e-3
+  with pytest.raises(ValueError, match="float32 is not bfloat16"):
+    dispatch.moe(x.astype(jnp.float32), jnp.asarray(skewed), w_gate_up.astype(jnp.float32),
+                 w_down.astype(jnp.float32), top_k=2, impl="pallas_mosaic_interpret")
+  with dispatch.using("pallas_mosaic_interpret"):
+    y = dispatch.moe(x.astype(jnp.float32), jnp.asarray(skewed), w_gate_up.astype(jnp.float32),
+                     w_down.astype(jnp.float32), top_k=2)
+  assert np.all(np.isfinite(np.asarray(y)))

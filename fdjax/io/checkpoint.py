@@ -1,4 +1,5 @@
-"""Checkpoints: Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 (text) / Phi-3 directories
+"""Checkpoints: Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 (text) / Phi-3 and
+the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE directories
 (config.json + safetensors, sharded or not) read as they are, and fdjax's own models written
 in the same format.
 
@@ -28,7 +29,9 @@ from models.quantize import Quantization
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                    "phi3": "Phi3ForCausalLM"}
+                    "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face's -> fdjax's
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -106,7 +109,7 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
                                                       6 if mtype == "gemma3_text" else 2))
     types = types or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                       for i in range(num_layers)]
-  elif mtype in ("mistral", "phi3"):
+  elif mtype in ("mistral", "phi3", "mixtral"):
     types = None
   else:
     window = None
@@ -115,6 +118,30 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
   if types is None or all(t == "sliding_attention" for t in types):
     return int(window), None
   return int(window), tuple(types)
+
+
+def _experts(hf: dict, mtype: str, num_layers: int) -> dict:
+  """The mixture-of-experts fields: Mixtral's experts in every layer (num_local_experts of
+  intermediate_size, top-k renormalised); Qwen's in the layers decoder_sparse_step and
+  mlp_only_layers leave sparse (moe_intermediate_size; Qwen2-MoE's shared expert)."""
+  # transformers 5 writes Qwen's num_experts as num_local_experts (an attribute map)
+  n = hf.get("num_experts") or hf.get("num_local_experts") or 0
+  if mtype == "mixtral":
+    return dict(num_experts=n or 8,
+                experts_per_token=hf.get("num_experts_per_tok", 2),
+                moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True,
+                moe_naming="mixtral")
+  if mtype not in QWEN_MOE or not n:
+    return {}
+  _refuse(hf.get("use_sliding_window", False),
+          "use_sliding_window=true in a mixture-of-experts model")
+  step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+  dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
+  return dict(num_experts=n, experts_per_token=hf["num_experts_per_tok"],
+              moe_intermediate_size=hf["moe_intermediate_size"],
+              norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense or None,
+              shared_expert_size=(hf.get("shared_expert_intermediate_size") or 0
+                                  if mtype == "qwen2_moe" else 0))
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -135,7 +162,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
   act = hf.get(act_key, "silu")
   _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
   _refuse(hf.get("mlp_bias", False), "mlp_bias=true")
-  _refuse(mtype != "qwen2" and hf.get("attention_bias", False), "attention_bias=true")
+  qkv_bias = mtype == "qwen2" or (mtype == "qwen2_moe" and hf.get("qkv_bias", True))
+  _refuse(mtype not in ("qwen2", "qwen2_moe") and hf.get("attention_bias", False),
+          "attention_bias=true")
   _refuse(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
   _refuse(hf.get("use_bidirectional_attention", False), "use_bidirectional_attention=true")
   heads, layers, hidden = hf["num_attention_heads"], hf["num_hidden_layers"], hf["hidden_size"]
@@ -152,8 +181,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
                   final_softcap=hf.get("final_logit_softcapping"),
                   local_rope_theta=None if window is None or not gemma3 else local_theta)
   else:
-    (theta, scaling), family = _rope_settings(hf), dict(qk_norm=(mtype == "qwen3"),
-                                                        fused_checkpoint=(mtype == "phi3"))
+    (theta, scaling), family = _rope_settings(hf), dict(
+        qk_norm=mtype in ("qwen3", "qwen3_moe"), fused_checkpoint=(mtype == "phi3"),
+        **_experts(hf, mtype, layers))
   return ModelConfig(
       vocab_size=hf["vocab_size"], hidden_size=hidden,
       intermediate_size=hf["intermediate_size"], num_layers=layers,
@@ -161,7 +191,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       head_dim=hf.get("head_dim") or hidden // heads,
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-      qkv_bias=(mtype == "qwen2"), mlp_activation=ACTIVATIONS[act],
+      qkv_bias=bool(qkv_bias), mlp_activation=ACTIVATIONS[act],
       max_position_embeddings=hf.get("max_position_embeddings", 2048),
       sliding_window=window, layer_types=layer_types, **family)
 
@@ -264,6 +294,10 @@ def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | Non
     def fused(names):
       parts = [tensors[n].T if e.transpose else tensors[n] for n in names]
       return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+    if e.experts:  # a mixture of experts' stacked weight, one expert's tensors at a time
+      layout.param_at(model, e.param).set_value(jnp.asarray(
+          np.stack([fused(names) for names, _ in e.groups()]), dtype=dtype))
+      continue
     if stored and stored.covers(e):
       value = quant.from_stored(fused(e.names), fused([n + layout.SCALE_SUFFIX for n in e.names]),
                                 stored.method, e.shape[0], dtype)

@@ -14,8 +14,9 @@ Every op takes `impl`:
   "pallas_tpu_interpret"  the same kernel in TPU interpret mode (any backend, slow), with
                      its DMAs and semaphores simulated and the race detector on.
   "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far decode
-                     attention, contiguous and paged, and the flat GEMM of `linear` on float,
-                     int8 and int4 weights; bfloat16 / float16), compiled for a Hopper GPU;
+                     attention, contiguous and paged, the flat GEMM of `linear` on float,
+                     int8 and int4 weights, and the grouped GEMM of `moe`; bfloat16 /
+                     float16), compiled for a Hopper GPU;
                      an op with no Mosaic GPU kernel yet refuses it. "auto" takes it on
                      Hopper where it takes the call.
   "pallas_mosaic_interpret"  the same kernel in Mosaic GPU's interpret mode (any backend).
@@ -23,6 +24,7 @@ Every op takes `impl`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
@@ -30,9 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.ops import checks, quant, reference, selection
+from fdjax.ops import moe as moe_lib
 from pallas_kernels.common import async_softmax
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
+from pallas_kernels.mosaic_gpu import grouped_gemm as mosaic_grouped
 from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
 from pallas_kernels.tpu import decode_attention as tpu_decode
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
@@ -399,6 +403,72 @@ def linear(x, w, *, impl="auto"):
   y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu, mosaic_fn=on_mosaic_gpu,
            gpu_auto_fn=lambda: pallas(False, gpu_auto=True), mosaic_takes=mosaic_takes)
   return y.reshape(*lead, n)
+
+
+def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = True,
+        activation=jax.nn.silu, strategy: str | None = None, impl="auto"):
+  """A mixture-of-experts layer's expert computation: x [..., H] routed by router_logits
+  [..., E] (softmax in float32, the top_k, renormalised with `normalize`) to the gated MLPs
+  w_gate_up [E, H, 2F] (gate, up) and w_down [E, F, H]; returns the weighted sum [..., H] in
+  x's dtype. `strategy` (fdjax.ops.moe.STRATEGIES) overrides the rule of
+  fdjax.ops.selection.moe. The one kernel is the Mosaic GPU grouped GEMM of the "grouped"
+  strategy ("pallas_mosaic", "pallas_mosaic_interpret"; "auto" on Hopper where it takes the
+  tiles); Triton and TPU kernels are refused (none), and "auto" under `using` one runs XLA."""
+  op = "moe"
+  checks.choice(op, "impl", impl, IMPLS)
+  checks.rank(op, "w_gate_up", w_gate_up, 3)
+  checks.rank(op, "w_down", w_down, 3)
+  checks.float_dtype(op, "x", x)
+  checks.same_dtype(op, x=x, w_gate_up=w_gate_up, w_down=w_down)
+  e, h, f2 = w_gate_up.shape
+  if x.ndim < 1 or x.shape[-1] != h:
+    raise ValueError(f"{op}: x's last dimension must equal w_gate_up's H ({h}), got "
+                     f"x{tuple(x.shape)}")
+  if f2 % 2 or w_down.shape != (e, f2 // 2, h):
+    raise ValueError(f"{op}: w_gate_up [E, H, 2F] = {tuple(w_gate_up.shape)} needs w_down "
+                     f"[E, F, H] = {(e, f2 // 2, h)}, got {tuple(w_down.shape)}")
+  if router_logits.shape != x.shape[:-1] + (e,):
+    raise ValueError(f"{op}: router_logits must be {x.shape[:-1] + (e,)} (x's tokens by "
+                     f"{e} experts), got {tuple(router_logits.shape)}")
+  if not (isinstance(top_k, int) and 1 <= top_k <= e):
+    raise ValueError(f"{op}: top_k must be an integer in [1, {e}], got {top_k!r}")
+  if strategy is not None:
+    checks.choice(op, "strategy", strategy, moe_lib.STRATEGIES)
+  x2 = x.reshape(-1, h)
+  platform = (lowering_target() or jax.default_backend()).split(":")[0]
+  choice = selection.moe(x2.shape[0], top_k, e, x.dtype.itemsize, platform)
+  tile = choice.settings or selection.MOE_MIN_TILE
+  weights, experts = moe_lib.route(router_logits.reshape(-1, e), top_k, normalize)
+
+  def run(how, rows, matmul=None):
+    return moe_lib.run(how, x2, weights, experts, w_gate_up, w_down, activation, tile=rows,
+                       matmul=matmul).reshape(x.shape)
+
+  def on_mosaic(interpret):  # the grouped tiles (at most the kernel's 64 rows) by the kernel
+    rows = min(tile, mosaic_grouped.MAX_ROWS)
+    why = selection.moe_unsupported(rows, h, f2 // 2, x.dtype)
+    if why:
+      raise ValueError(f"{op} (Mosaic GPU grouped GEMM): {why}")
+    return run("grouped", rows, functools.partial(mosaic_grouped.grouped_gemm,
+                                                  interpret=interpret))
+
+  mosaic = ("pallas_mosaic", "pallas_mosaic_interpret")
+  if impl == "auto" and current() != "auto":  # under `using`: what the kernel does not take
+    takes = (current() in mosaic and strategy in (None, "grouped") and choice.impl == "grouped"
+             and selection.moe_unsupported(tile, h, f2 // 2, x.dtype) is None)
+    impl = current() if takes else "xla"
+  if impl in mosaic:
+    return on_mosaic(impl == "pallas_mosaic_interpret")
+  if impl not in ("auto", "xla"):
+    raise ValueError(f"{op}: there is no {impl!r} kernel for the expert computation (only "
+                     f"the Mosaic GPU grouped GEMM); use impl='auto', 'pallas_mosaic' or 'xla'")
+  xla = functools.partial(run, strategy or choice.impl, tile)
+  if impl == "xla" or strategy is not None or platform not in ("cuda", "gpu"):
+    return xla()
+  gpu = selection.moe_on_gpu(choice, h, f2 // 2, x.dtype)
+  if gpu.impl != "grouped_mosaic":
+    return xla()
+  return jax.lax.platform_dependent(cpu=xla, cuda=lambda: on_mosaic(False), default=xla)
 
 
 describe = selection.describe  # what "auto" runs per op, and why

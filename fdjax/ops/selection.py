@@ -24,6 +24,10 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   bfloat16 / float16, M <= 64, N a multiple of 64; int8 / int4 weights too, K a multiple of
   128) unless the entry says "backend": "pallas" (Triton); the GEMV runs Triton, and where
   this JAX has no Triton the Mosaic flat GEMM at every M it takes, else XLA.
+* Mixture-of-experts layers (`moe`): by tokens per expert, the grouped GEMM over expert tiles
+  of 8 to 128 rows or every expert on every token, by the bytes each reads and the rows it
+  multiplies. On Hopper the grouped tiles' products run the Mosaic GPU grouped GEMM (tiles up
+  to 64 rows, bfloat16 / float16); elsewhere XLA (no Triton or TPU kernel).
 """
 from __future__ import annotations
 
@@ -36,9 +40,11 @@ import re
 
 import jax
 
+from fdjax.ops import moe as moe_lib
 from pallas_kernels.common import async_softmax, tiling
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
+from pallas_kernels.mosaic_gpu import grouped_gemm as mosaic_grouped
 from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import shared as tpu_shared
@@ -291,6 +297,63 @@ def _linear_on_gpu(choice: Choice, m, k, n, dtype, quantization, e) -> Choice:
                 f"Triton backend")
 
 
+# ------------------------------------------------------------------- mixture of experts
+
+MOE_MIN_TILE, MOE_MAX_TILE = 8, 128  # rows per expert tile of the grouped strategy
+# FLOP per byte of expert weights at which multiplying a row costs what reading costs: a
+# GPU's and a TPU's peak ratio (H100 bf16 ~ 989 TFLOP/s / 3.35 TB/s; v5e 197 / 0.82); on the
+# CPU what bench/results/moe.md shows XLA doing (every expert on all 64 tokens of a
+# Qwen3-30B-A3B decode step beat the grouped tiles, which read 1.5x the bytes for 1/8 the rows).
+MOE_BALANCE = {"cpu": 200, "cuda": 300, "gpu": 300, "tpu": 240}
+
+
+def moe(tokens: int, top_k: int, num_experts: int, itemsize: int = 2,
+        platform: str = "cpu") -> Choice:
+  """How XLA runs the experts of a mixture-of-experts layer for `tokens` tokens, each routed
+  to `top_k` of `num_experts` (fdjax.ops.moe), weights of `itemsize` bytes: by tokens per
+  expert, the grouped GEMM with tiles sized by the mean (8 to 128 rows; it reads at most one
+  expert per tile, never an expert with no token) or every expert on every token (each expert
+  read once, tokens x experts rows), whichever costs less when reading an expert costs
+  `itemsize` and multiplying a row of it 2 / MOE_BALANCE[platform] (both per 3 H F).
+  `settings` is the tile. The GEMV per (token, expert) pair ("gather") is not picked: on
+  XLA:CPU its M = 1 products ran at half the grouped tiles' speed at batch 1. On a GPU
+  `moe_on_gpu` then says who runs the tiles."""
+  pairs = tokens * top_k
+  per_expert = -(-pairs // num_experts)
+  tile = min(max(MOE_MIN_TILE, 1 << (per_expert - 1).bit_length()), MOE_MAX_TILE)
+  tiles = moe_lib.tile_count(pairs, num_experts, tile)
+  row = 2 / MOE_BALANCE.get(platform, MOE_BALANCE["cpu"])
+  grouped = tiles * itemsize + tiles * tile * row
+  dense = num_experts * itemsize + tokens * num_experts * row
+  why = (f"{pairs} pairs over {num_experts} experts, ~{per_expert} per expert: tiles of "
+         f"{tile}, at most {tiles} tiles' experts read and {tiles * tile} rows; every expert on "
+         f"every token: {num_experts} read, {tokens * num_experts} rows")
+  if dense < grouped:
+    return Choice("dense", why)
+  return Choice("grouped", why, tile)
+
+
+def moe_unsupported(tile: int, hidden: int, width: int, dtype) -> str | None:
+  """Why the Mosaic GPU grouped GEMM cannot take both products of an expert (x [tile, H] @
+  [H, 2F], then [tile, F] @ [F, H]); None: it can."""
+  return (mosaic_grouped.unsupported(tile, hidden, 2 * width, dtype)
+          or mosaic_grouped.unsupported(tile, width, hidden, dtype))
+
+
+def moe_on_gpu(choice: Choice, hidden: int, width: int, dtype) -> Choice:
+  """What "auto" runs for a mixture of experts on a CUDA GPU: the grouped strategy's tile
+  products by the Mosaic GPU grouped GEMM on Hopper where it takes them ("grouped_mosaic"),
+  else the XLA strategy with the reason."""
+  if choice.impl != "grouped":
+    return choice
+  why = not_hopper() or moe_unsupported(choice.settings, hidden, width, dtype)
+  if why is None:
+    return Choice("grouped_mosaic", f"{choice.reason}; Mosaic GPU grouped GEMM: TMA pipeline, "
+                  f"WGMMA", choice.settings)
+  _log_fallback("moe", why)
+  return Choice("grouped", f"{choice.reason}; XLA: Mosaic GPU {why}", choice.settings)
+
+
 # ------------------------------------------------------------------------- describe
 
 def describe(config=None, *, platform: str | None = None, batch: int = 1,
@@ -309,9 +372,18 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   cope = config is not None and config.position_encoding == "cope"
   ops = ["cope_attention"] if cope else ["prefill_attention", "decode_attention"]
   choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
+  if config is not None and config.num_experts and platform not in GPU + ("tpu",):
+    choices["moe"] = moe(batch, config.experts_per_token, config.num_experts,
+                         jax.numpy.dtype(dtype).itemsize, platform)
   if platform not in GPU + ("tpu",):
     return {**{op: str(c) for op, c in choices.items()},
             "linear": str(attention("linear", 0, dtype, platform))}
+  if config is not None and config.num_experts:
+    choices["moe"] = moe(batch, config.experts_per_token, config.num_experts,
+                         jax.numpy.dtype(dtype).itemsize, platform)
+    if platform in GPU:
+      choices["moe"] = moe_on_gpu(choices["moe"], config.hidden_size,
+                                  config.moe_intermediate_size, dtype)
   shapes = {} if config is None else config.linear_shapes()
   choices.update({f"linear[{name}]": linear(batch, k, n, kind=kind, quantization=quantization,
                                             dtype=dtype, gpu_auto=platform in GPU)

@@ -1,0 +1,266 @@
+"""Mixture of experts: the routing and the four expert strategies against a float64 dense
+reference, the rule that picks a strategy, the model's MoE layers, their checkpoints and the
+refusals. Parity with transformers' Mixtral / Qwen2-MoE / Qwen3-MoE is in test_hf_parity."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fdjax
+from fdjax.io import checkpoint
+from fdjax.ops import dispatch, moe, selection
+from models import ModelConfig, Transformer, layout
+
+SILU = jax.nn.silu
+
+
+def _weights(key, e, h, f, dtype=jnp.float32):
+  k1, k2 = jax.random.split(key)
+  return (jax.random.normal(k1, (e, h, 2 * f), jnp.float32).astype(dtype) * 0.3,
+          jax.random.normal(k2, (e, f, h), jnp.float32).astype(dtype) * 0.3)
+
+
+def _f64(*arrays):
+  return [np.asarray(a, np.float64) for a in arrays]
+
+
+def _reference(x, weights, experts, w_gate_up, w_down):
+  """The float64 dense computation (numpy): each token's experts, weighted."""
+  x, weights, w_gate_up, w_down = _f64(x, weights, w_gate_up, w_down)
+  f = w_down.shape[1]
+  out = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for w, e in zip(weights[t], np.asarray(experts)[t]):
+      gu = x[t] @ w_gate_up[e]
+      hidden = gu[:f] / (1 + np.exp(-gu[:f])) * gu[f:]
+      out[t] += w * (hidden @ w_down[e])
+  return out
+
+
+def test_route_is_softmax_top_k_renormalised():
+  logits = jax.random.normal(jax.random.key(0), (9, 6)) * 3
+  p = np.exp(np.asarray(logits, np.float64))
+  p /= p.sum(-1, keepdims=True)
+  for normalize in (True, False):
+    weights, experts = moe.route(logits, 2, normalize)
+    top = np.argsort(-p, axis=-1)[:, :2]
+    np.testing.assert_array_equal(np.asarray(experts), top)
+    want = np.take_along_axis(p, top, -1)
+    if normalize:
+      want = want / want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(weights), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", moe.STRATEGIES)
+@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (37, 16, 4), (3, 64, 8)])
+def test_strategies_match_float64(strategy, t, e, k):
+  key = jax.random.key(t * 100 + e + k)
+  h, f = 24, 40  # off every tile multiple
+  x = jax.random.normal(key, (t, h), jnp.float32)
+  w_gate_up, w_down = _weights(jax.random.fold_in(key, 1), e, h, f)
+  weights, experts = moe.route(jax.random.normal(jax.random.fold_in(key, 2), (t, e)), k, True)
+  want = _reference(x, weights, experts, w_gate_up, w_down)
+  for tile in (8, 16) if strategy == "grouped" else (8,):  # only grouped has tiles
+    got = np.asarray(moe.run(strategy, x, weights, experts, w_gate_up, w_down, SILU, tile=tile))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("strategy", moe.STRATEGIES)
+def test_one_expert_takes_every_token_and_the_rest_none(strategy):
+  """Every token's first choice is expert 5, the second expert 2: six of eight experts get no
+  token; with 40 tokens expert 5's group spans several tiles, the last one partial."""
+  t, e, h, f = 40, 8, 16, 24
+  key = jax.random.key(3)
+  x = jax.random.normal(key, (t, h), jnp.float32)
+  w_gate_up, w_down = _weights(jax.random.fold_in(key, 1), e, h, f)
+  experts = jnp.tile(jnp.array([[5, 2]], jnp.int32), (t, 1))
+  weights = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 2), (t, 2)), -1)
+  want = _reference(x, weights, experts, w_gate_up, w_down)
+  got = np.asarray(moe.run(strategy, x, weights, experts, w_gate_up, w_down, SILU, tile=16))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_tile_count_bounds_every_routing():
+  """The grouped strategy's static tile count covers the worst routing, and its tiles hold
+  every pair exactly once."""
+  rng = np.random.default_rng(0)
+  for t, e, k, tile in [(1, 8, 2, 8), (7, 3, 2, 4), (33, 16, 4, 8), (64, 128, 8, 16)]:
+    for _ in range(5):
+      experts = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+      if rng.random() < 0.3:  # skewed: most pairs on one expert
+        experts[:, 0] = 0
+      counts = np.bincount(experts.reshape(-1), minlength=e)
+      assert (-(-counts // tile)).sum() <= moe.tile_count(t * k, e, tile)
+      expert, index, valid, order, _ = moe.tiles(jnp.asarray(experts), e, tile)
+      pairs = np.asarray(order)[np.asarray(index)[np.asarray(valid)]]
+      assert sorted(pairs.tolist()) == list(range(t * k))
+      flat = experts.reshape(-1)
+      rows_expert = np.broadcast_to(np.asarray(expert)[:, None], index.shape)[np.asarray(valid)]
+      np.testing.assert_array_equal(flat[pairs], rows_expert)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "grouped", "ragged"])
+def test_bfloat16_within_twice_the_plain_error(strategy):
+  t, e, k, h, f = 19, 8, 2, 64, 96
+  key = jax.random.key(7)
+  x = jax.random.normal(key, (t, h), jnp.float32)
+  w_gate_up, w_down = _weights(jax.random.fold_in(key, 1), e, h, f)
+  weights, experts = moe.route(jax.random.normal(jax.random.fold_in(key, 2), (t, e)), k, True)
+  bf = [a.astype(jnp.bfloat16) for a in (x, w_gate_up, w_down)]
+  want = _reference(bf[0], weights, experts, bf[1], bf[2])
+
+  def plain(x, w_gate_up, w_down):  # everything in bfloat16, as a plain XLA program would
+    gu = jnp.einsum("th,tkhf->tkf", x, w_gate_up[experts], preferred_element_type=x.dtype)
+    hidden = jax.nn.silu(gu[..., :f]) * gu[..., f:]
+    out = jnp.einsum("tkf,tkfh->tkh", hidden, w_down[experts], preferred_element_type=x.dtype)
+    return jnp.einsum("tk,tkh->th", weights.astype(x.dtype), out)
+
+  plain_err = np.abs(np.asarray(plain(*bf), np.float64) - want).max()
+  got = moe.run(strategy, *bf[:1], weights, experts, *bf[1:], SILU, tile=8)
+  assert got.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(got, np.float64) - want).max()
+  assert np.isfinite(err) and err <= 2 * plain_err, (err, plain_err)
+
+
+def test_selection_by_tokens_per_expert():
+  """Qwen3-30B-A3B (128 experts, top-8) in bfloat16 on the CPU, as bench/results/moe.md
+  measured it: grouped tiles of 8 while few experts are hit, every expert once all are (64
+  tokens), tiles of 128 for a long prompt (every expert on every token multiplies 16x the
+  rows)."""
+  decode = selection.moe(tokens=4, top_k=8, num_experts=128)
+  assert decode.impl == "grouped" and decode.settings == 8 and "32 pairs" in decode.reason
+  assert selection.moe(tokens=8, top_k=8, num_experts=128).impl == "grouped"
+  assert selection.moe(tokens=64, top_k=8, num_experts=128).impl == "dense"
+  prompt = selection.moe(tokens=4096, top_k=8, num_experts=128)
+  assert prompt.impl == "grouped" and prompt.settings == 128
+  # Mixtral at batch 8: 16 pairs, up to 9 tiles of 8 rows, against its 8 experts once
+  few = selection.moe(tokens=8, top_k=2, num_experts=8)
+  assert few.impl == "dense" and few.settings is None
+
+
+def test_dispatch_moe_picks_and_checks():
+  t, e, h, f = 6, 4, 16, 8
+  x = jax.random.normal(jax.random.key(0), (2, 3, h))
+  w_gate_up, w_down = _weights(jax.random.key(1), e, h, f)
+  logits = jax.random.normal(jax.random.key(2), (2, 3, e))
+  y = dispatch.moe(x, logits, w_gate_up, w_down, top_k=2)
+  weights, experts = moe.route(logits.reshape(t, e), 2, True)
+  np.testing.assert_allclose(np.asarray(y).reshape(t, h),
+                             _reference(x.reshape(t, h), weights, experts, w_gate_up, w_down),
+                             rtol=1e-5, atol=1e-6)
+  for strategy in moe.STRATEGIES:
+    np.testing.assert_allclose(dispatch.moe(x, logits, w_gate_up, w_down, top_k=2,
+                                            strategy=strategy), y, rtol=1e-5, atol=1e-6)
+  with dispatch.using("pallas_interpret"):  # no kernel yet: auto still runs XLA
+    np.testing.assert_allclose(dispatch.moe(x, logits, w_gate_up, w_down, top_k=2), y,
+                               rtol=1e-6)
+  bad = [(dict(top_k=5), "top_k must be an integer in \\[1, 4\\]"),
+         (dict(top_k=2, impl="pallas"), "no 'pallas' kernel"),
+         (dict(top_k=2, strategy="fused"), "unknown strategy"),
+         (dict(top_k=2, w_down=w_down[:, :4]), "needs w_down"),
+         (dict(top_k=2, router_logits=logits[..., :3]), "router_logits must be"),
+         (dict(top_k=2, x=x[..., :8]), "last dimension"),
+         (dict(top_k=2, w_gate_up=w_gate_up.astype(jnp.bfloat16)), "dtype")]
+  for kwargs, match in bad:
+    args = dict(x=x, router_logits=logits, w_gate_up=w_gate_up, w_down=w_down)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+      dispatch.moe(**args)
+
+
+MOE = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=8, num_experts=6, experts_per_token=2,
+                  moe_intermediate_size=16, dense_layers=(1,), shared_expert_size=24)
+
+
+def test_config_checks():
+  for bad, match in [(dict(experts_per_token=7), "experts_per_token must be in"),
+                     (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+                     (dict(dense_layers=(3,)), "dense_layers \\[3\\]"),
+                     (dict(moe_naming="deepseek"), "moe_naming"),
+                     (dict(num_experts=0), "need num_experts > 0")]:
+    with pytest.raises(ValueError, match=match):
+      dataclasses.replace(MOE, **bad)
+  assert [MOE.sparse(i) for i in range(3)] == [True, False, True]
+  assert ModelConfig.from_dict(MOE.to_dict()) == MOE
+  assert set(MOE.linear_shapes()) == {"qkv", "o", "gate_up", "down", "shared_gate_up",
+                                      "shared_down"}
+
+
+def test_hf_configs():
+  base = dict(vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=4,
+              intermediate_size=12)
+  cfg = checkpoint.config_from_hf({**base, "model_type": "qwen3_moe", "num_experts": 8,
+                                   "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+                                   "decoder_sparse_step": 2, "mlp_only_layers": [3],
+                                   "norm_topk_prob": True})
+  assert cfg.dense_layers == (0, 2, 3) and cfg.qk_norm and cfg.norm_topk_prob
+  assert not cfg.qkv_bias and cfg.shared_expert_size == 0
+  cfg = checkpoint.config_from_hf({**base, "model_type": "qwen2_moe", "num_experts": 4,
+                                   "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+                                   "shared_expert_intermediate_size": 6})
+  assert cfg.qkv_bias and cfg.shared_expert_size == 6 and not cfg.norm_topk_prob
+  cfg = checkpoint.config_from_hf({**base, "model_type": "mixtral", "num_local_experts": 8,
+                                   "num_experts_per_tok": 2, "sliding_window": 16})
+  assert (cfg.num_experts, cfg.moe_intermediate_size, cfg.moe_naming) == (8, 12, "mixtral")
+  assert cfg.sliding_window == 16
+  with pytest.raises(checkpoint.CheckpointError, match="use_sliding_window"):
+    checkpoint.config_from_hf({**base, "model_type": "qwen3_moe", "num_experts": 4,
+                               "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+                               "use_sliding_window": True})
+  with pytest.raises(checkpoint.CheckpointError, match="deepseek_v3"):
+    checkpoint.config_from_hf({**base, "model_type": "deepseek_v3"})
+
+
+def _model(cfg=MOE):
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  for e in layout.layout(cfg):  # larger weights: routing far from uniform, logits apart
+    p = layout.param_at(model, e.param)
+    p.set_value(p[...] * 8)
+  return model
+
+
+def test_checkpoint_round_trip_per_expert_tensors(tmp_path):
+  model = _model()
+  tensors = layout.to_hf_tensors(model)
+  assert tensors["model.layers.0.mlp.experts.5.up_proj.weight"].shape == (16, 32)
+  assert tensors["model.layers.2.mlp.shared_expert_gate.weight"].shape == (1, 32)
+  assert "model.layers.1.mlp.gate_proj.weight" in tensors  # the dense layer
+  np.testing.assert_array_equal(tensors["model.layers.0.mlp.experts.3.down_proj.weight"],
+                                np.asarray(model.layers[0].mlp.w_down[3]).T)
+  fdjax.save_pretrained(model, tmp_path)
+  loaded = fdjax.load_pretrained(tmp_path)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 9)))
+  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+  mixtral = dataclasses.replace(MOE, moe_naming="mixtral", dense_layers=None,
+                                shared_expert_size=0)
+  names = {name for e in layout.layout(mixtral) for name in e.names}
+  assert "model.layers.2.block_sparse_moe.experts.5.w3.weight" in names
+  assert "model.layers.2.block_sparse_moe.gate.weight" in names
+
+
+def test_decode_matches_the_whole_prompt_forward():
+  """Greedy generation on the paged cache (chunked prefill, decode steps of a ragged batch)
+  gives the tokens a full forward pass over each sequence ranks first."""
+  model = _model()
+  prompts = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 4, 8, 9, 10, 12, 30, 31]]
+  out = fdjax.generate(model, prompts, max_new_tokens=6, prefill_chunk=4, page_size=4).tokens
+  for prompt, new in zip(prompts, out):
+    seq = prompt + new
+    logits = np.asarray(model(jnp.asarray([seq])))[0]
+    assert [int(np.argmax(logits[i])) for i in range(len(prompt) - 1, len(seq) - 1)] == new
+
+
+def test_refusals_and_describe(tmp_path):
+  model = _model()
+  with pytest.raises(ValueError, match="expert weights of a mixture-of-experts"):
+    fdjax.quantize(model, "int8")
+  with pytest.raises(ValueError, match="mixture-of-experts model on a mesh"):
+    fdjax.load_pretrained(fdjax.save_pretrained(model, tmp_path) or tmp_path,
+                          mesh=fdjax.make_mesh(tp=1))
+  assert dispatch.describe(MOE, platform="cpu", batch=1)["moe"].startswith("grouped")
+  assert dispatch.describe(MOE, platform="cuda", batch=64)["moe"].startswith("dense")
