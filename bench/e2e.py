@@ -32,7 +32,12 @@ def _configs(args):
   from models import ModelConfig, presets
   if args.cpu:
     return {"small-gqa": ModelConfig(**CPU_MODEL)}
-  return {name: presets.get(name) for name in args.models}
+  configs = {name: presets.get(name) for name in args.models}
+  moe = [name for name, cfg in configs.items() if cfg.num_experts]
+  if moe:  # its roofline and HF baseline are a dense Llama's: bench/moe.py times experts
+    raise SystemExit(f"e2e: {moe} are mixtures of experts, which this benchmark does not "
+                     f"model (bench/moe.py times their experts)")
+  return configs
 
 
 def _kv_bytes(cfg, b, ctx, itemsize):

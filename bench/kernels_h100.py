@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -224,7 +225,7 @@ def mosaic_defaults() -> list[Case]:
   refuses) and Mistral's window; the flat GEMM at every linear shape of
   both models, at each M the kernel pads differently (x is padded to a multiple of 8 rows:
   M = 1 stands for 1 to 8, one compiled kernel), and on int8 / int4 weights at M = 1, 16, 64;
-  the grouped GEMM of Qwen3-30B-A3B's experts at tiles of 8, 16 and 64 rows."""
+  the grouped GEMM of Qwen3-30B-A3B's experts at every tile size auto gives it (8 to 64)."""
   cases = []
   for name in HEADS:
     cases += [_decode(name, b, s, BF16, impl=MOSAIC) for b, s in DECODE if s % 8 == 0]
@@ -239,7 +240,7 @@ def mosaic_defaults() -> list[Case]:
   h, f = cfg.hidden_size, cfg.moe_intermediate_size
   for (k, n), part in (((h, 2 * f), "gate_up"), ((f, h), "down")):
     cases += [_grouped(f"qwen3-30b-a3b {part}", rows, tiles, k, n)
-              for rows, tiles in ((8, 8), (16, 71), (64, 135))]
+              for rows, tiles in ((8, 8), (16, 71), (32, 135), (64, 135))]
   return cases
 
 
@@ -373,12 +374,21 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--only", choices=["default", "alternatives"])
   ap.add_argument("--results-dir")
+  ap.add_argument("--update", metavar="KERNEL",
+                  help="measure only the cases whose kernel starts with this and put their rows "
+                  "into the committed table in place of the old ones (each row keeps its own "
+                  "command and date)")
   args = ap.parse_args()
   why = aot.unavailable()
   if why:
     raise SystemExit(f"bench/kernels_h100.py: cannot compile for the H100 here: {why}")
   cases = ([] if args.only == "alternatives" else defaults() + mosaic_defaults()) + (
       [] if args.only == "default" else alternatives())
+  kept = []
+  if args.update:
+    cases = [c for c in cases if c.kernel.startswith(args.update)]
+    with open(os.path.join(args.results_dir or common.RESULTS, "kernels_h100.json")) as fh:
+      kept = [r for r in json.load(fh)["rows"] if not r["kernel"].startswith(args.update)]
   target = {"target": f"{aot.sharding().mesh.devices.flat[0].device_kind} "
                       f"({aot.ARCH['h100']}, described: no GPU)",
             "compiler": ", ".join(f"{k} {v}" for k, v in aot.versions().items())}
@@ -389,6 +399,8 @@ def main():
     print(f"[{i + 1}/{len(cases)}] {case}: {got[0]['status']} " + " ".join(
         f"{r['launch']}: {r['registers']} registers, {r['spill_stores']} B spilled, "
         f"{r['shared_kb']:.0f} KB shared" for r in got if "launch" in r), flush=True)
+  env = common.environment()
+  rows = kept + [{**env, **r} for r in rows]
   notes = f"Target: {target['target']}; compiled by {target['compiler']}.\n\n{NOTES}"
   print(common.write_results("kernels_h100", rows, COLUMNS, notes=notes,
                              results_dir=args.results_dir))

@@ -60,6 +60,7 @@ def main(argv=None):
   import jax.numpy as jnp
 
   from fdjax.ops import moe, selection
+  from pallas_kernels.mosaic_gpu import grouped_gemm
 
   h, e, f, k = args.hidden, args.experts, args.width, args.top_k
   dtype = jnp.dtype(args.dtype)
@@ -79,20 +80,29 @@ def main(argv=None):
     pick = selection.moe(t, k, e, dtype.itemsize, jax.default_backend())
     tile = pick.settings or selection.MOE_MIN_TILE
     read = {"dense": e, "ragged": e, "gather": t * k,
-            "grouped": moe.tile_count(t * k, e, tile)}
+            "grouped": moe.tile_count(t * k, e, tile),
+            "grouped (mosaic)": moe.tile_count(t * k, e, min(tile, 64))}
     multiplied = {"dense": t * e, "ragged": t * k, "gather": t * k,
-                  "grouped": int((-(-counts // tile)).sum()) * tile}
+                  "grouped": int((-(-counts // tile)).sum()) * tile,
+                  "grouped (mosaic)": int((-(-counts // min(tile, 64))).sum()) * min(tile, 64)}
     base = None
-    for strategy in ("dense", "ragged", "gather", "grouped"):
+    strategies = ["dense", "ragged", "gather", "grouped"]
+    if jax.default_backend() == "gpu" and selection.not_hopper() is None and dtype.itemsize == 2:
+      strategies.append("grouped (mosaic)")  # the kernel, at the same tile (up to 64 rows)
+    for strategy in strategies:
       row = dict(batch=t, strategy=strategy + (f" (tile {tile})" if strategy == "grouped" else ""),
-                 auto="yes" if pick.impl == strategy else "",
+                 auto="yes" if pick.impl == strategy.split()[0] and "mosaic" not in strategy
+                 else "",
                  expert_MB_read=mb(read[strategy]), kernel_MB_read=mb(touched),
                  dense_MB_read=mb(e), experts_touched=touched, rows=multiplied[strategy],
                  rows_pad64=int((-(-counts // 64)).sum()) * 64)
       if strategy == "gather" and t * k * expert_bytes > args.max_gather_gb * 1e9:
         row["ms"] = "not run (copy too large)"
       else:
-        fn = jax.jit(functools.partial(moe.run, strategy, activation=jax.nn.silu, tile=tile))
+        rows_k = min(tile, 64)
+        kernel = dict(tile=rows_k, matmul=functools.partial(grouped_gemm.grouped_gemm))
+        fn = jax.jit(functools.partial(moe.run, strategy.split()[0], activation=jax.nn.silu,
+                                       **(kernel if "mosaic" in strategy else dict(tile=tile))))
         call = lambda: fn(x, weights, experts, w_gate_up, w_down).block_until_ready()  # noqa: E731
         row["ms"] = 1e3 * common.median_seconds(call, warmup=1, iters=args.iters)
         base = base or row["ms"]
@@ -101,9 +111,10 @@ def main(argv=None):
       print(json.dumps(row), flush=True)
   notes = (f"One layer's experts: hidden {h}, {e} experts of width {f}, top-{k}, {args.dtype} "
            f"weights ({mb(1):.2f} MB an expert, {mb(e):.0f} MB all). ms: median of "
-           f"{args.iters} calls after a warm-up, XLA on this CPU; vs_dense: dense's time over "
-           f"this one's. auto: the strategy fdjax.ops.selection.moe picks at this batch. No "
-           f"Pallas kernel for the grouped GEMM yet: kernel_MB_read is what one would read.")
+           f"{args.iters} calls after a warm-up, XLA's strategies (and on a Hopper GPU the "
+           f"Mosaic GPU grouped GEMM's tiles, `grouped (mosaic)`); vs_dense: dense's time over "
+           f"this one's. auto: the strategy fdjax.ops.selection.moe picks at this batch "
+           f"(on the CPU, XLA's). kernel_MB_read: what the grouped kernel reads.")
   print(common.write_results(args.out, rows, COLUMNS, notes=notes,
                             results_dir=args.results_dir))
 

@@ -16,7 +16,8 @@ With tensor parallelism (models/parallel.py) each entry also says how it is spli
 devices (`split`), and `shard_pieces` which slices of which checkpoint tensors one device's
 part is made of: q/k/v and gate/up by column, each device its own heads / rows of each part
 (KV heads repeated when there are fewer than devices), the attention output and down
-projections by row, the embedding and LM head by vocabulary (zero-padded), the rest whole.
+projections by row, the embedding and LM head by vocabulary (zero-padded), the rest whole;
+a mixture of experts' stacked experts each split as the dense MLP, the router whole.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class Entry:
     if self.split is None:
       return None
     first_axis = self.split == "rows" or (self.split == "vocab" and not self.transpose)
-    return 0 if first_axis else len(self.shape) - 1
+    return (1 if self.experts else 0) if first_axis else len(self.shape) - 1
 
 
 def split_last(x, sizes):
@@ -104,6 +105,9 @@ def shard_pieces(entry: Entry, cfg, tp: int, device: int) -> list[tuple[str, int
   entry's transpose; rows from the tensor's end on are zeros (the padded vocabulary)."""
   if entry.split is None:
     return [(name, 0, 0, shape[0]) for name, shape in zip(entry.names, entry.shapes)]
+  if entry.experts:  # each expert's pieces in turn (the caller stacks them)
+    return [piece for names, shapes in entry.groups() for piece in shard_pieces(
+        dataclasses.replace(entry, names=names, shapes=shapes, experts=0), cfg, tp, device)]
   if entry.split in ("rows", "vocab"):
     (name,), (shape,) = entry.names, entry.shapes
     axis = 1 if entry.split == "rows" else 0
@@ -113,11 +117,11 @@ def shard_pieces(entry: Entry, cfg, tp: int, device: int) -> list[tuple[str, int
     d, hq, hkv = cfg.head_dim, cfg.num_heads // tp, parallel.kv_heads(cfg, tp)
     kv0 = parallel.kv_head_start(cfg, tp, device)
     wanted = [(device * hq * d, hq * d), (kv0 * d, hkv * d), (kv0 * d, hkv * d)]
-  else:  # gate_up
-    f = cfg.intermediate_size // tp
+  else:  # gate_up: of the dense MLP, an expert or the shared expert (its own width)
+    f = sum(entry.sizes) // 2 // tp
     wanted = [(device * f, f)] * 2
   # The parts (q, k, v or gate, up) are separate tensors, or one fused tensor (Phi-3).
-  sizes = qkv_sizes(cfg) if entry.split == "qkv" else [cfg.intermediate_size] * 2
+  sizes = qkv_sizes(cfg) if entry.split == "qkv" else [sum(entry.sizes) // 2] * 2
   names = entry.names if len(entry.names) > 1 else entry.names * len(sizes)
   offsets = [0] * len(sizes) if len(entry.names) > 1 else [sum(sizes[:i]) for i in
                                                             range(len(sizes))]
@@ -192,9 +196,9 @@ def _sparse_mlp(cfg, i, p) -> list[Entry]:
   out = [Entry(("layers", i, "mlp", "router"), (m + "gate.weight",), ((n, h),), True),
          Entry(("layers", i, "mlp", "w_gate_up"),
                tuple(x + w + ".weight" for x in ex for w in (gate, up)), ((f, h),) * (2 * n),
-               True, experts=n),
+               True, split="gate_up", experts=n),
          Entry(("layers", i, "mlp", "w_down"), tuple(x + down + ".weight" for x in ex),
-               ((h, f),) * n, True, experts=n)]
+               ((h, f),) * n, True, split="rows", experts=n)]
   if cfg.shared_expert_size:
     out += _dense_mlp(cfg, i, m + "shared_expert.", ("mlp", "shared"), cfg.shared_expert_size)
     out.append(Entry(("layers", i, "mlp", "shared_gate"), (m + "shared_expert_gate.weight",),

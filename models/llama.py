@@ -148,11 +148,9 @@ class Block(nnx.Module):
     self.attn_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
     self.mlp_norm = _norm(cfg, cfg.hidden_size, dtype)
     if cfg.sparse(layer):
-      if tp is not None:
-        raise ValueError("tensor parallelism over a mixture of experts is not implemented")
-      shared = cfg.shared_expert_size and MLP(cfg, rngs=rngs, dtype=dtype,
+      shared = cfg.shared_expert_size and MLP(cfg, rngs=rngs, dtype=dtype, tp=tp,
                                               size=cfg.shared_expert_size)
-      self.mlp = moe.SparseMLP(cfg, rngs=rngs, dtype=dtype, shared=shared or None)
+      self.mlp = moe.SparseMLP(cfg, rngs=rngs, dtype=dtype, tp=tp, shared=shared or None)
     else:
       self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, tp=tp)
     self.mlp_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)

@@ -6,7 +6,8 @@ like the dense one, and their outputs are summed with the routing weights. The e
 is `fdjax.ops.dispatch.moe` (which picks how by tokens per expert); this file never picks a
 kernel. Experts are stacked: w_gate_up [E, H, 2F] (gate, up fused as in the dense MLP),
 w_down [E, F, H]. Qwen2-MoE adds a shared expert every token goes through, scaled by
-sigmoid(x @ shared_gate).
+sigmoid(x @ shared_gate). With tensor parallelism each device holds 1/tp of every expert's
+width (models/parallel.py says why) and the router whole.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fdjax.ops import dispatch
+from models import parallel
 from models.config import MLP_ACTIVATIONS, ModelConfig
 
 
@@ -24,7 +26,9 @@ def _normal(rngs, shape, dtype, std=0.02):
 
 class SparseMLP(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs, dtype, shared: nnx.Module | None = None):
+  def __init__(self, cfg: ModelConfig, *, rngs, dtype, tp=None,
+               shared: nnx.Module | None = None):
+    self.tp = tp  # parallel.Parallel: cfg is one device's share, 1/tp of every expert
     e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     self.router = _normal(rngs, (h, e), dtype)
     self.w_gate_up = _normal(rngs, (e, h, 2 * f), dtype)
@@ -38,8 +42,9 @@ class SparseMLP(nnx.Module):
   def __call__(self, x):
     logits = jnp.dot(x.astype(jnp.float32), self.router[...].astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
-    y = dispatch.moe(x, logits, self.w_gate_up[...], self.w_down[...], top_k=self.top_k,
-                     normalize=self.normalize, activation=MLP_ACTIVATIONS[self.activation])
+    y = parallel.reduce(dispatch.moe(x, logits, self.w_gate_up[...], self.w_down[...],
+                                     top_k=self.top_k, normalize=self.normalize,
+                                     activation=MLP_ACTIVATIONS[self.activation]), self.tp)
     if self.shared is not None:
       y = y + jax.nn.sigmoid(dispatch.linear(x, self.shared_gate[...])) * self.shared(x)
     return y

@@ -4,7 +4,8 @@ the collectives its forward pass needs.
 With tp devices on the "model" axis each device runs the ordinary decoder (models/llama.py)
 on a LOCAL config: num_heads / tp query heads, their KV heads (num_kv_heads / tp of them, or,
 with fewer KV heads than devices, the one KV head its query heads share: KV heads are then
-replicated), intermediate_size / tp, and a 1/tp slice of the vocabulary (padded to a
+replicated), intermediate_size / tp (a mixture of experts: every expert's width / tp, the
+router whole: see `local_config`), and a 1/tp slice of the vocabulary (padded to a
 multiple of tp with zero rows whose logits are dropped). q/k/v and gate/up are split by
 column (each device its own heads), the attention output and down projections by row, so
 each block needs one all-reduce (psum) after each of the two; the LM head is split by
@@ -53,10 +54,7 @@ def padded_vocab(cfg, tp: int) -> int:
 def check(cfg, tp: int):
   """Refuses (ValueError, naming the numbers) a model that cannot be split tp ways."""
   checks.positive_int("tensor parallelism", "tp", tp)
-  if cfg.num_experts:
-    raise ValueError("tensor parallelism: a mixture-of-experts model on a mesh is not "
-                     "implemented (it loads on one device)")
-  for name in ("num_heads", "intermediate_size"):
+  for name in ("num_heads", "intermediate_size", "moe_intermediate_size", "shared_expert_size"):
     if getattr(cfg, name) % tp:
       raise ValueError(f"tensor parallelism: tp={tp} does not divide the model's {name} "
                        f"({getattr(cfg, name)})")
@@ -67,11 +65,21 @@ def check(cfg, tp: int):
 
 
 def local_config(cfg, tp: int):
-  """The config each of tp devices runs (its share of the heads, the MLP and the vocab)."""
+  """The config each of tp devices runs (its share of the heads, the MLP and the vocab).
+
+  A mixture of experts' experts are split as the dense MLP is, each expert's gate/up by
+  column and down by row (every device 1/tp of every expert), not spread whole across devices
+  (expert parallelism): at decode's few tokens a step reads only the k chosen experts, and
+  whole experts would leave the devices that hold none of them idle while one reads two or
+  three, where split experts give every device 1/tp of each. The router runs whole on every
+  device (the same choice everywhere); the experts' partial sums and the shared expert's meet
+  in one all-reduce each, as the dense MLP's."""
   check(cfg, tp)
   return dataclasses.replace(cfg, num_heads=cfg.num_heads // tp,
                              num_kv_heads=kv_heads(cfg, tp),
                              intermediate_size=cfg.intermediate_size // tp,
+                             moe_intermediate_size=cfg.moe_intermediate_size // tp,
+                             shared_expert_size=cfg.shared_expert_size // tp,
                              vocab_size=padded_vocab(cfg, tp) // tp)
 
 

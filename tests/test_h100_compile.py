@@ -38,7 +38,21 @@ def h100():
   return aot.abstract
 
 
-@pytest.mark.parametrize("case", kernels.defaults(), ids=str)
+def _default_cases():
+  """The Triton kernels' default cases to compile: all of them with FDJAX_ALL_KERNEL_CASES=1
+  (.ci/run's jax 0.11.2 step: the GPU machines' JAX); else each kernel's first case per model
+  and every third of the rest, about 100 of 238 (the README's test command; the committed
+  table, checked below, holds every case)."""
+  cases = kernels.defaults()
+  if os.environ.get("FDJAX_ALL_KERNEL_CASES") == "1":
+    return cases
+  first = {}
+  for c in cases:
+    first.setdefault((c.kernel, c.shape.split()[0]), str(c))
+  return [c for i, c in enumerate(cases) if i % 3 == 0 or str(c) in first.values()]
+
+
+@pytest.mark.parametrize("case", _default_cases(), ids=str)
 def test_every_default_setting_compiles_without_spills(h100, case):
   aot.compile(case.lower(h100))  # raises CompileError on a spill or a shared-memory overflow
 
@@ -214,11 +228,11 @@ def test_the_mosaic_decode_attention_compiles_for_sm90a_without_spills(h100, cas
 
 
 @pytest.mark.parametrize("case", [c for c in kernels.mosaic_defaults()
-                                  if c.kernel.startswith("moe grouped_gemm")
-                                  and " rows=16 " not in c.shape], ids=str)
+                                  if c.kernel.startswith("moe grouped_gemm")], ids=str)
 def test_the_mosaic_grouped_gemm_compiles_for_sm90a_without_spills(h100, case):
-  """The experts' grouped GEMM (Qwen3-30B-A3B's two products, tiles of 8 and 64 rows) through
-  Mosaic GPU's whole pipeline for sm_90a: no spill, shared memory within the H100's."""
+  """The experts' grouped GEMM (Qwen3-30B-A3B's two products, at tiles of 8, 16, 32 and 64
+  rows: every size auto gives it) through Mosaic GPU's whole pipeline for sm_90a: no spill,
+  shared memory within the H100's."""
   [row] = kernels.measure(case)
   assert row["status"] == "ok" and row["launch"] == "fdjax_mgpu_grouped_gemm", row
   assert (row["spill_stores"], row["spill_loads"]) == (0, 0)

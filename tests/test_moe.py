@@ -12,7 +12,7 @@ from flax import nnx
 import fdjax
 from fdjax.io import checkpoint
 from fdjax.ops import dispatch, moe, selection
-from models import ModelConfig, Transformer, layout
+from models import ModelConfig, Transformer, layout, parallel
 
 SILU = jax.nn.silu
 
@@ -82,6 +82,21 @@ def test_one_expert_takes_every_token_and_the_rest_none(strategy):
   want = _reference(x, weights, experts, w_gate_up, w_down)
   got = np.asarray(moe.run(strategy, x, weights, experts, w_gate_up, w_down, SILU, tile=16))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_long_prompt_gathers_its_experts_a_chunk_at_a_time(monkeypatch):
+  """Past GATHER_BYTES of tile weights the XLA grouped strategy maps over chunks of tiles (a
+  long prompt would otherwise copy one expert per tile at once): the same result."""
+  t, e, h, f = 50, 4, 16, 24
+  key = jax.random.key(11)
+  x = jax.random.normal(key, (t, h), jnp.float32)
+  w_gate_up, w_down = _weights(jax.random.fold_in(key, 1), e, h, f)
+  weights, experts = moe.route(jax.random.normal(jax.random.fold_in(key, 2), (t, e)), 2, True)
+  whole = moe.run("grouped", x, weights, experts, w_gate_up, w_down, SILU, tile=8)
+  monkeypatch.setattr(moe, "GATHER_BYTES", 3 * h * 2 * f * 4)  # three tiles' experts at once
+  chunked = moe.run("grouped", x, weights, experts, w_gate_up, w_down, SILU, tile=8)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+  assert moe.tile_count(0, e, 8) == 0 and moe.tile_count(16, 128, 8) == 16
 
 
 def test_tile_count_bounds_every_routing():
@@ -161,6 +176,7 @@ def test_dispatch_moe_picks_and_checks():
   bad = [(dict(top_k=5), "top_k must be an integer in \\[1, 4\\]"),
          (dict(top_k=2, impl="pallas"), "no 'pallas' kernel"),
          (dict(top_k=2, strategy="fused"), "unknown strategy"),
+         (dict(top_k=2, strategy="dense", impl="pallas_mosaic"), "runs the grouped strategy"),
          (dict(top_k=2, w_down=w_down[:, :4]), "needs w_down"),
          (dict(top_k=2, router_logits=logits[..., :3]), "router_logits must be"),
          (dict(top_k=2, x=x[..., :8]), "last dimension"),
@@ -212,6 +228,12 @@ def test_hf_configs():
     checkpoint.config_from_hf({**base, "model_type": "qwen3_moe", "num_experts": 4,
                                "num_experts_per_tok": 2, "moe_intermediate_size": 4,
                                "use_sliding_window": True})
+  qwen = {**base, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 4}
+  with pytest.raises(checkpoint.CheckpointError, match="decoder_sparse_step must be"):
+    checkpoint.config_from_hf({**qwen, "decoder_sparse_step": 0})
+  with pytest.raises(checkpoint.CheckpointError, match="needs \\['moe_intermediate_size'\\]"):
+    checkpoint.config_from_hf({k: v for k, v in qwen.items() if k != "moe_intermediate_size"})
   with pytest.raises(checkpoint.CheckpointError, match="deepseek_v3"):
     checkpoint.config_from_hf({**base, "model_type": "deepseek_v3"})
 
@@ -243,24 +265,38 @@ def test_checkpoint_round_trip_per_expert_tensors(tmp_path):
   assert "model.layers.2.block_sparse_moe.gate.weight" in names
 
 
-def test_decode_matches_the_whole_prompt_forward():
-  """Greedy generation on the paged cache (chunked prefill, decode steps of a ragged batch)
-  gives the tokens a full forward pass over each sequence ranks first."""
-  model = _model()
-  prompts = [[5, 9, 3, 7, 1], [11, 2], [4, 4, 4, 8, 9, 10, 12, 30, 31]]
-  out = fdjax.generate(model, prompts, max_new_tokens=6, prefill_chunk=4, page_size=4).tokens
-  for prompt, new in zip(prompts, out):
-    seq = prompt + new
-    logits = np.asarray(model(jnp.asarray([seq])))[0]
-    assert [int(np.argmax(logits[i])) for i in range(len(prompt) - 1, len(seq) - 1)] == new
-
-
 def test_refusals_and_describe(tmp_path):
   model = _model()
   with pytest.raises(ValueError, match="expert weights of a mixture-of-experts"):
     fdjax.quantize(model, "int8")
-  with pytest.raises(ValueError, match="mixture-of-experts model on a mesh"):
-    fdjax.load_pretrained(fdjax.save_pretrained(model, tmp_path) or tmp_path,
-                          mesh=fdjax.make_mesh(tp=1))
+  with pytest.raises(ValueError, match="does not divide the model's moe_intermediate_size"):
+    parallel.local_config(dataclasses.replace(MOE, moe_intermediate_size=18), 4)
+  # on a one-device mesh (8 devices: tests/test_sharding.py) the same logits
+  fdjax.save_pretrained(model, tmp_path)
+  sharded = fdjax.load_pretrained(tmp_path, mesh=fdjax.make_mesh(tp=1, devices=jax.devices()[:1]))
+  ids = jnp.asarray([[3, 1, 4, 1, 5]])
+  got, want = np.asarray(sharded(ids)), np.asarray(model(ids))
+  assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
   assert dispatch.describe(MOE, platform="cpu", batch=1)["moe"].startswith("grouped")
   assert dispatch.describe(MOE, platform="cuda", batch=64)["moe"].startswith("dense")
+
+
+def test_served_requests_equal_generate_alone():
+  """The serving engine (continuous batching over the paged cache, chunked prefill) on a MoE
+  model: each request's greedy tokens are what generate gives the prompts."""
+  from fdjax.engine import core as eng
+  from tests.test_engine import TOK, _drain, _request
+  model = _model()
+  engine = eng.Engine(model, TOK, max_batch=4, page_size=8, max_model_len=64, prefill_chunk=8,
+                      steps_per_call=3)
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 97, int(n)).tolist() for n in (3, 17, 9, 12)]
+  reqs = [_request(p, 7) for p in prompts]
+  for r in reqs[:3]:
+    engine.submit(r)
+  engine.step()
+  engine.submit(reqs[3])  # arrives while the others run
+  _drain(engine)
+  alone = fdjax.generate(model, prompts, max_new_tokens=7).tokens
+  assert [r.tokens for r in reqs] == alone
+  assert engine.kv.pool.pages_in_use == 0

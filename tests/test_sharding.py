@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "fdjax", "default_model")  # CoPE, 4 heads: tp up to 4
 COPE = [[1, 4], [2, 2]]
-ALL = [[1, 1], [1, 2], [1, 4], [1, 8], [2, 4]]
+ALL = [[1, 1], [1, 4], [2, 4]]  # tp = 2 and 8: Llama-2's and Qwen2-MoE's cases
 # Llama-2's 8 KV heads split evenly at every tp: its dp=1 tp=1 and tp=4 cases add nothing that
 # Llama-3's (2 KV heads: repeated from tp=4) do not cover.
 EVEN = [[1, 2], [1, 8], [2, 4]]
@@ -41,6 +41,12 @@ FAMILIES = {
     # tied embeddings (a vocabulary-split table for the lookup too), q/k/v bias
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(num_key_value_heads=4, tie_word_embeddings=True), [[2, 2]]),
+    # a mixture of experts (4 experts of width 32, top-2), a shared expert (48) and a dense
+    # layer, over 8 devices: every expert split 8 ways
+    "qwen2-moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       mlp_only_layers=[1]), [[1, 8]]),
 }
 
 
@@ -104,9 +110,9 @@ def test_each_device_holds_only_its_shard(run, case):
 
 
 def test_kv_heads_are_repeated_below_tp(run):
-  c = run["cases"]["llama3 dp=1 tp=8"]  # 2 KV heads, 8 devices: each keeps the one it reads
+  c = run["cases"]["qwen2-moe dp=1 tp=8"]  # 2 KV heads, 8 devices: each keeps the one it reads
   assert c["local"] == {"heads": 1, "kv_heads": 1, "head_dim": 8}
-  assert run["cases"]["llama3 dp=1 tp=2"]["local"]["kv_heads"] == 1
+  assert run["cases"]["llama3 dp=1 tp=4"]["local"]["kv_heads"] == 1
   assert run["cases"]["llama2 dp=1 tp=2"]["local"]["kv_heads"] == 4
 
 

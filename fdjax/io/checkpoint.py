@@ -135,7 +135,13 @@ def _experts(hf: dict, mtype: str, num_layers: int) -> dict:
     return {}
   _refuse(hf.get("use_sliding_window", False),
           "use_sliding_window=true in a mixture-of-experts model")
+  missing = [k for k in ("num_experts_per_tok", "moe_intermediate_size") if k not in hf]
+  if missing:
+    raise CheckpointError(f"config.json: a {mtype} config with num_experts needs {missing}")
   step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+  if not isinstance(step, int) or step < 1:
+    raise CheckpointError(f"config.json: decoder_sparse_step must be an integer >= 1, got "
+                          f"{step!r}")
   dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
   return dict(num_experts=n, experts_per_token=hf["num_experts_per_tok"],
               moe_intermediate_size=hf["moe_intermediate_size"],

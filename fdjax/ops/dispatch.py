@@ -445,7 +445,6 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
                        matmul=matmul).reshape(x.shape)
 
   def on_mosaic(interpret):  # the grouped tiles (at most the kernel's 64 rows) by the kernel
-    rows = min(tile, mosaic_grouped.MAX_ROWS)
     why = selection.moe_unsupported(rows, h, f2 // 2, x.dtype)
     if why:
       raise ValueError(f"{op} (Mosaic GPU grouped GEMM): {why}")
@@ -453,11 +452,15 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
                                                   interpret=interpret))
 
   mosaic = ("pallas_mosaic", "pallas_mosaic_interpret")
+  rows = min(tile, mosaic_grouped.MAX_ROWS)  # the kernel's tiles: at most 64 rows
   if impl == "auto" and current() != "auto":  # under `using`: what the kernel does not take
     takes = (current() in mosaic and strategy in (None, "grouped") and choice.impl == "grouped"
-             and selection.moe_unsupported(tile, h, f2 // 2, x.dtype) is None)
+             and selection.moe_unsupported(rows, h, f2 // 2, x.dtype) is None)
     impl = current() if takes else "xla"
   if impl in mosaic:
+    if strategy not in (None, "grouped"):
+      raise ValueError(f"{op}: impl {impl!r} runs the grouped strategy (its kernel's), not "
+                       f"strategy={strategy!r}")
     return on_mosaic(impl == "pallas_mosaic_interpret")
   if impl not in ("auto", "xla"):
     raise ValueError(f"{op}: there is no {impl!r} kernel for the expert computation (only "

@@ -92,7 +92,7 @@ def sort_pairs(experts, num_experts: int):
 def tile_count(pairs: int, num_experts: int, tile: int) -> int:
   """The most tiles `pairs` sorted pairs over `num_experts` experts can need: each nonempty
   expert's last tile may be partial."""
-  return checks.cdiv(pairs, tile) + min(num_experts, pairs) - 1
+  return max(0, min(pairs, checks.cdiv(pairs, tile) + min(num_experts, pairs) - 1))
 
 
 def tiles(experts, num_experts: int, tile: int):
@@ -115,13 +115,25 @@ def tiles(experts, num_experts: int, tile: int):
   return expert.astype(jnp.int32), index, valid, order, tokens
 
 
+GATHER_BYTES = 256 * 2**20  # the most expert weights tile_matmul copies at once
+
+
 def tile_matmul(rows, expert, w):
   """Each tile's rows [N, R, K] times its expert's weight (w [E, K, M]; expert [N], -1 for an
-  empty tile) -> [N, R, M] in the accumulation dtype: XLA, on gathered weights (an empty
-  tile's product is garbage, dropped by the caller). The Pallas kernels have this signature."""
+  empty tile) -> [N, R, M] in the accumulation dtype: XLA, on gathered copies of the tiles'
+  experts, GATHER_BYTES of them at a time (a long prompt's hundreds of tiles would otherwise
+  copy gigabytes); an empty tile's product is garbage, dropped by the caller. The Pallas
+  kernels have this signature."""
   acc = _acc_dtype(rows)
-  return jnp.einsum("nrk,nkm->nrm", rows, w[jnp.maximum(expert, 0)], precision=HIGHEST,
-                    preferred_element_type=acc)
+
+  def product(r, e):
+    return jnp.einsum("...rk,...km->...rm", r, w[jnp.clip(e, 0, w.shape[0] - 1)],
+                      precision=HIGHEST, preferred_element_type=acc)
+
+  chunk = max(1, GATHER_BYTES // (w.shape[1] * w.shape[2] * w.dtype.itemsize))
+  if rows.shape[0] <= chunk:
+    return product(rows, expert)
+  return jax.lax.map(lambda a: product(*a), (rows, expert), batch_size=chunk)
 
 
 def grouped(x, weights, experts, w_gate_up, w_down, activation, tile: int = 8, matmul=None):

@@ -342,14 +342,15 @@ def moe_unsupported(tile: int, hidden: int, width: int, dtype) -> str | None:
 
 def moe_on_gpu(choice: Choice, hidden: int, width: int, dtype) -> Choice:
   """What "auto" runs for a mixture of experts on a CUDA GPU: the grouped strategy's tile
-  products by the Mosaic GPU grouped GEMM on Hopper where it takes them ("grouped_mosaic"),
-  else the XLA strategy with the reason."""
+  products by the Mosaic GPU grouped GEMM on Hopper where it takes them ("grouped_mosaic",
+  tiles of at most its 64 rows: `settings`), else the XLA strategy with the reason."""
   if choice.impl != "grouped":
     return choice
-  why = not_hopper() or moe_unsupported(choice.settings, hidden, width, dtype)
+  rows = min(choice.settings, mosaic_grouped.MAX_ROWS)  # longer tiles: more tiles of 64
+  why = not_hopper() or moe_unsupported(rows, hidden, width, dtype)
   if why is None:
     return Choice("grouped_mosaic", f"{choice.reason}; Mosaic GPU grouped GEMM: TMA pipeline, "
-                  f"WGMMA", choice.settings)
+                  f"WGMMA, tiles of {rows}", rows)
   _log_fallback("moe", why)
   return Choice("grouped", f"{choice.reason}; XLA: Mosaic GPU {why}", choice.settings)
 

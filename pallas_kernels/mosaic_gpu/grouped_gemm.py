@@ -91,9 +91,13 @@ def grouped_gemm(x, experts, w, *, settings: Settings = Settings(), interpret=Fa
   if k != k_w or x.dtype != w.dtype:
     raise ValueError(f"grouped_gemm: x [T, R, {k}] {x.dtype} and w [E, {k_w}, N] {w.dtype} "
                      f"must agree in K and dtype")
+  if not jnp.issubdtype(experts.dtype, jnp.integer):
+    raise ValueError(f"grouped_gemm: experts must be integers, got {experts.dtype}")
   why = unsupported(rows, k, n, x.dtype, settings)
   if why:
     raise ValueError(f"grouped_gemm (Mosaic GPU): {why}")
+  # an expert past the last reads the last (as XLA's gather clamps): never past w's end
+  experts = jnp.where(experts < 0, -1, jnp.minimum(experts, e - 1)).astype(jnp.int32)
   s = settings
   k_steps = k // s.block_k
 
@@ -106,5 +110,5 @@ def grouped_gemm(x, experts, w, *, settings: Settings = Settings(), interpret=Fa
       grid=(n // s.block_n, tiles), grid_names=("n", "t"),
       scratch_types=[plgpu.SMEM((s.block_n, rows), jnp.float32)],
       **shared.interpret_kwargs(interpret),
-  )(experts.astype(jnp.int32), x.reshape(tiles * rows, k), w.reshape(e * k, n))
+  )(experts, x.reshape(tiles * rows, k), w.reshape(e * k, n))
   return out.transpose(0, 2, 1)
