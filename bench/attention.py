@@ -129,8 +129,8 @@ def main():
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   if args.smoke:
-    # one decode shape per head layout (MHA, GQA): the smoke form checks the script
-    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 64, 4, [4, 1], [2], [128], [48], 2
+    # one decode shape (GQA 4): the smoke form checks the script
+    d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 64, 4, [1], [2], [128], [48], 2
   else:
     d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = (
         128, 32, [32, 8], [1, 8, 32], [1024, 4096, 16384], [1024, 4096], args.iters)

@@ -3,7 +3,7 @@ the target, drafting by n-gram lookup and by a small draft model trained with `f
 on the same data (the Python standard library's sources, byte-level).
 
   python bench/speculative.py                 # the committed table (trains the draft if absent)
-  python bench/speculative.py --quick         # a smoke run
+  python bench/speculative.py --quick         # a smoke run (repeating code, greedy, batch 1)
 
 Prompts: code that repeats itself (a function, then call sites that follow one pattern) and
 code that does not (openings of definitions). Greedy and sampled (temperature 0.8, top-k 40)
@@ -117,7 +117,8 @@ def main(argv=None):
                           draft.tokenizer)
   rows = []
   t0 = time.perf_counter()
-  for name, texts in (("repeating code", REPEATING), ("fresh code", FRESH)):
+  prompt_sets = (("repeating code", REPEATING), ("fresh code", FRESH))
+  for name, texts in prompt_sets[:1] if args.quick else prompt_sets:
     for temperature in (0.0,) if args.quick else (0.0, 0.8):
       for batch in args.batch:
         prompts = [tok.encode(texts[i % len(texts)]) for i in range(batch)]

@@ -236,7 +236,7 @@ def test_speculative_bench_smoke(dry_run):
   and draft decoding of the bundled model (an untrained draft) side by side."""
   rows = _rows(dry_run, "speculative")
   assert {r["method"] for r in rows} == {"plain", "ngram k=4 n=3", "draft k=4"}
-  assert {r["prompts"] for r in rows} == {"repeating code", "fresh code"}
+  assert {r["prompts"] for r in rows} == {"repeating code"}  # the quick form's one set
   for r in rows:
     assert r["decode_tokens_per_s"] > 0 and r["tokens_per_round"] >= 1.0
     assert (r["acceptance"] == "") == (r["method"] == "plain")
