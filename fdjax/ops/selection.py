@@ -302,9 +302,11 @@ def _linear_on_gpu(choice: Choice, m, k, n, dtype, quantization, e) -> Choice:
 MOE_MIN_TILE, MOE_MAX_TILE = 8, 128  # rows per expert tile of the grouped strategy
 # FLOP per byte of expert weights at which multiplying a row costs what reading costs: a
 # GPU's and a TPU's peak ratio (H100 bf16 ~ 989 TFLOP/s / 3.35 TB/s; v5e 197 / 0.82); on the
-# CPU what bench/results/moe.md shows XLA doing (every expert on all 64 tokens of a
-# Qwen3-30B-A3B decode step beat the grouped tiles, which read 1.5x the bytes for 1/8 the rows).
-MOE_BALANCE = {"cpu": 200, "cuda": 300, "gpu": 300, "tpu": 240}
+# CPU what bench/results/moe.md shows XLA doing (a Qwen3-30B-A3B decode step of 64 tokens:
+# grouped tiles of 8, 1.5x the bytes and 1/8 the rows of every expert on every token, 358 ms
+# against 432; at 100 the rule picks the tiles there, and every expert on every token only
+# where the tiles would read more than 2x its bytes).
+MOE_BALANCE = {"cpu": 100, "cuda": 300, "gpu": 300, "tpu": 240}
 
 
 def moe(tokens: int, top_k: int, num_experts: int, itemsize: int = 2,
