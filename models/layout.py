@@ -94,6 +94,18 @@ def split_last(x, sizes):
   return parts
 
 
+def assemble(entry: Entry, parts) -> np.ndarray:
+  """An fdjax parameter from its checkpoint arrays in the entry's order (whole tensors, or one
+  device's slices of them, `shard_pieces`): each [out, in] transposed, fused along the last
+  axis, a mixture of experts' experts (each its parts fused) stacked."""
+  parts = [p.T if entry.transpose else p for p in parts]
+  fuse = lambda ps: ps[0] if len(ps) == 1 else np.concatenate(ps, axis=-1)  # noqa: E731
+  if not entry.experts:
+    return fuse(parts)
+  n = len(parts) // entry.experts
+  return np.stack([fuse(parts[i:i + n]) for i in range(0, len(parts), n)])
+
+
 def qkv_sizes(cfg) -> list[int]:
   d = cfg.head_dim
   return [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]

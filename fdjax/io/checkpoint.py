@@ -298,12 +298,7 @@ def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | Non
   are, scales in `dtype`), or quantized now where `quantize` covers it."""
   for e in layout.layout(model.config):
     def fused(names):
-      parts = [tensors[n].T if e.transpose else tensors[n] for n in names]
-      return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-    if e.experts:  # a mixture of experts' stacked weight, one expert's tensors at a time
-      layout.param_at(model, e.param).set_value(jnp.asarray(
-          np.stack([fused(names) for names, _ in e.groups()]), dtype=dtype))
-      continue
+      return layout.assemble(e, [tensors[n] for n in names])
     if stored and stored.covers(e):
       value = quant.from_stored(fused(e.names), fused([n + layout.SCALE_SUFFIX for n in e.names]),
                                 stored.method, e.shape[0], dtype)

@@ -82,14 +82,7 @@ def build(cfg, dtype, mesh, read=None) -> ShardedTransformer:
       if device not in read_once:
         parts = [read(name, ax, start, stop)
                  for name, ax, start, stop in layout.shard_pieces(e, cfg, tp, device)]
-        parts = [p.T if e.transpose else p for p in parts]
-        fuse = lambda ps: ps[0] if len(ps) == 1 else np.concatenate(ps, axis=-1)  # noqa: E731
-        if e.experts:  # each expert's parts fused, the experts stacked
-          n = len(parts) // e.experts
-          read_once[device] = np.stack([fuse(parts[i:i + n])
-                                        for i in range(0, len(parts), n)]).astype(dtype)
-        else:
-          read_once[device] = fuse(parts).astype(dtype)
+        read_once[device] = layout.assemble(e, parts).astype(dtype)
       return read_once[device][tuple(slice(None) if i == axis else s
                                      for i, s in enumerate(index))]
 

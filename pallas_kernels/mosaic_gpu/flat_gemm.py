@@ -64,28 +64,11 @@ def unsupported(m: int, k: int, n: int, dtype, settings: Settings | None = None)
 
 def _kernel(x_gmem, w_gmem, o_gmem, o_smem, *, block_n, block_k, k_steps, stages):
   n_idx, k_idx = jax.lax.axis_index("n"), jax.lax.axis_index("k")
-  m_pad = x_gmem.shape[0]
   first = k_idx * k_steps  # this program's first K step
-
-  def compute(acc_ref):
-    def step(_, x_smem, w_smem):
-      # out^T [block_n, M_pad] += w^T [block_n, block_k] @ x^T [block_k, M_pad]
-      plgpu.wgmma(acc_ref, w_smem.T, x_smem.T)
-      plgpu.wgmma_wait(0)
-
-    plgpu.emit_pipeline(
-        step, grid=(k_steps,), max_concurrent_steps=stages,
-        in_specs=[plgpu.BlockSpec((m_pad, block_k), lambda j: (0, first + j),
-                                  transforms=shared.transforms(block_k, x_gmem.dtype)),
-                  plgpu.BlockSpec((block_k, block_n), lambda j: (first + j, n_idx),
-                                  transforms=shared.transforms(block_n, w_gmem.dtype))],
-    )(x_gmem, w_gmem)
-    return acc_ref[...]
-
-  o_smem[...] = pl.run_scoped(compute, plgpu.ACC((block_n, m_pad), jnp.float32))
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[k_idx, pl.ds(n_idx * block_n, block_n)])
-  plgpu.wait_smem_to_gmem(0)
+  shared.transposed_product(
+      x_gmem, w_gmem, o_smem, o_gmem.at[k_idx, pl.ds(n_idx * block_n, block_n)],
+      rows=x_gmem.shape[0], block_n=block_n, block_k=block_k, k_steps=k_steps, stages=stages,
+      x_block=lambda j: (0, first + j), w_block=lambda j: (first + j, n_idx))
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "interpret"))

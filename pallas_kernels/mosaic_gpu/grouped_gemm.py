@@ -5,7 +5,7 @@ rows of one expert each) each multiplied by its own expert's weight.
 x [T, R, K] (tile t's rows), experts [T] int32 (tile t's expert; negative: an empty tile,
 nothing read, its output left to the caller to drop), w [E, K, N] -> [T, R, N] float32.
 
-As the flat GEMM (flat_gemm.py), each program computes a transposed product out^T [block_n,
+As the flat GEMM (flat_gemm.py; shared.transposed_product), each program computes a transposed product out^T [block_n,
 R] = w_e^T [block_n, K] @ x_t^T [K, R]: the expert's weight fills WGMMA's 64 rows and the
 tile's R rows (8 to 64: a decode step's few tokens per expert are padded to 8, not 64) are
 the narrow side, K streamed through shared memory by a `stages`-deep TMA pipeline. The grid is
@@ -58,25 +58,10 @@ def _kernel(experts_gmem, x_gmem, w_gmem, o_gmem, o_smem, *, rows, block_n, bloc
 
   @pl.when(e >= 0)  # an empty tile reads nothing and writes nothing
   def _():
-    def compute(acc_ref):
-      def step(_, x_smem, w_smem):
-        # out^T [block_n, R] += w_e^T [block_n, block_k] @ x_t^T [block_k, R]
-        plgpu.wgmma(acc_ref, w_smem.T, x_smem.T)
-        plgpu.wgmma_wait(0)
-
-      plgpu.emit_pipeline(
-          step, grid=(k_steps,), max_concurrent_steps=stages,
-          in_specs=[plgpu.BlockSpec((rows, block_k), lambda j: (t, j),
-                                    transforms=shared.transforms(block_k, x_gmem.dtype)),
-                    plgpu.BlockSpec((block_k, block_n), lambda j: (e * k_steps + j, n_idx),
-                                    transforms=shared.transforms(block_n, w_gmem.dtype))],
-      )(x_gmem, w_gmem)
-      return acc_ref[...]
-
-    o_smem[...] = pl.run_scoped(compute, plgpu.ACC((block_n, rows), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[t, pl.ds(n_idx * block_n, block_n)])
-    plgpu.wait_smem_to_gmem(0)
+    shared.transposed_product(
+        x_gmem, w_gmem, o_smem, o_gmem.at[t, pl.ds(n_idx * block_n, block_n)], rows=rows,
+        block_n=block_n, block_k=block_k, k_steps=k_steps, stages=stages,
+        x_block=lambda j: (t, j), w_block=lambda j: (e * k_steps + j, n_idx))
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "interpret"))
