@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ def command() -> str:
   it (`python -m fdjax bench ...` runs bench/*.py by absolute path), no machine path."""
   rel = lambda a: (os.path.relpath(a, ROOT) if os.path.isabs(a)
                    and os.path.abspath(a).startswith(ROOT + os.sep) else a)
-  return " ".join(["python"] + [rel(a) for a in sys.argv])
+  return shlex.join(["python"] + [rel(a) for a in sys.argv])  # quoted as a shell reads it
 
 
 def environment() -> dict:

@@ -9,9 +9,10 @@ Parts, in order: env (device, versions, copy bandwidth, dispatch floor), check (
 against the XLA reference on the device: bench/gpu_check.py), attention, gemm (the kernel
 benchmarks), tune (`fdjax tune` for the llama-2-7b and llama-3-8b presets), e2e (bench/e2e.py
 at batch 1 and 8), speculative (bench/speculative.py: plain, n-gram and draft-model decoding
-of the bundled model side by side, to speculative_gpu), moe (bench/moe.py: the expert strategies
-on a Qwen3-30B-A3B-shaped layer, to moe_gpu). A part that fails or overruns its time budget is reported and the rest
-still run. Results go to bench/results/ (tuned tables to fdjax/ops/tables/), one log per part to
+of the bundled model side by side, to speculative_gpu), moe (bench/moe.py: the expert
+strategies on a Qwen3-30B-A3B-shaped layer with bf16, int8 and int4 experts, to moe_gpu,
+moe_int8_gpu and moe_int4_gpu). A part that fails or overruns its time budget is reported and
+the rest still run. Results go to bench/results/ (tuned tables to fdjax/ops/tables/), one log per part to
 <results>/logs/, and a summary table to gpu_suite.{json,md}.
 
 With --backend tpu (`python -m fdjax bench gpu --backend tpu`): env, check (every Mosaic
@@ -35,7 +36,7 @@ sys.path.insert(0, ROOT)
 PARTS = ("env", "check", "attention", "gemm", "tune", "e2e", "speculative", "moe")
 TPU_PARTS = ("env", "check", "tune", "e2e")
 BUDGET_S = {"env": 120, "check": 420, "attention": 420, "gemm": 420, "tune": 600, "e2e": 600,
-            "speculative": 600, "moe": 300}
+            "speculative": 600, "moe": 420}
 
 
 def _commands(part, dry, results, tables, backend="gpu"):
@@ -74,8 +75,13 @@ def _commands(part, dry, results, tables, backend="gpu"):
   if part == "speculative":  # plain / n-gram / draft decoding of the bundled model
     return [py + [b("speculative.py")] + (["--quick", "--draft", "random"] if dry else [
         "--out", "speculative_gpu"]) + rd]
-  if part == "moe":
-    return [py + [b("moe.py")] + (["--quick"] if dry else ["--out", "moe_gpu"]) + rd]
+  if part == "moe":  # bf16 experts, then int8 / int4 ones (the quantized grouped kernel)
+    if dry:
+      return [py + [b("moe.py"), "--quick"] + rd,
+              py + [b("moe.py"), "--quick", "--quantize", "int4"] + rd]
+    return [py + [b("moe.py"), "--out", "moe_gpu"] + rd] + [
+        py + [b("moe.py"), "--quantize", m, "--out", f"moe_{m}_gpu"] + rd
+        for m in ("int8", "int4")]
   raise ValueError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
 
 

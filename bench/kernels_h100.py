@@ -38,6 +38,7 @@ from models import presets
 from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
 from pallas_kernels.mosaic_gpu import grouped_gemm as mgg  # noqa: E402
+from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mgq  # noqa: E402
 from pallas_kernels.mosaic_gpu import quantized_gemm as mq  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
@@ -176,6 +177,18 @@ def _grouped(label, rows, tiles, k, n, experts=128):
               (((tiles, rows, k), BF16), ((tiles,), I32), ((experts, k, n), BF16)))
 
 
+def _grouped_quantized(label, rows, tiles, k, n, method, experts=128):
+  """The Mosaic GPU grouped GEMM on int8 / int4 experts (bfloat16 x and scales)."""
+  bits = int(method[3:])
+  vshape, sshape = quant.stored_shapes(method, k, n)
+  fn = lambda x, e, values, scales: mgq.grouped_gemm(x, e, values, scales, bits=bits)
+  return Case(f"moe grouped_gemm {method} (pallas_mosaic)", f"{label} rows={rows} "
+              f"tiles={tiles} K={k} N={n}", "bfloat16", "default", fn,
+              (((tiles, rows, k), BF16), ((tiles,), I32),
+               ((experts,) + vshape, jnp.int8 if bits == 8 else jnp.uint8),
+               ((experts,) + sshape, BF16)))
+
+
 def _label(settings):
   if settings is None:
     return "default"
@@ -225,7 +238,8 @@ def mosaic_defaults() -> list[Case]:
   refuses) and Mistral's window; the flat GEMM at every linear shape of
   both models, at each M the kernel pads differently (x is padded to a multiple of 8 rows:
   M = 1 stands for 1 to 8, one compiled kernel), and on int8 / int4 weights at M = 1, 16, 64;
-  the grouped GEMM of Qwen3-30B-A3B's experts at every tile size auto gives it (8 to 64)."""
+  the grouped GEMM of Qwen3-30B-A3B's experts at every tile size auto gives it (8 to 64), and
+  on int8 / int4 experts at the smallest and largest tiles."""
   cases = []
   for name in HEADS:
     cases += [_decode(name, b, s, BF16, impl=MOSAIC) for b, s in DECODE if s % 8 == 0]
@@ -241,6 +255,8 @@ def mosaic_defaults() -> list[Case]:
   for (k, n), part in (((h, 2 * f), "gate_up"), ((f, h), "down")):
     cases += [_grouped(f"qwen3-30b-a3b {part}", rows, tiles, k, n)
               for rows, tiles in ((8, 8), (16, 71), (32, 135), (64, 135))]
+    cases += [_grouped_quantized(f"qwen3-30b-a3b {part}", rows, tiles, k, n, method)
+              for method in ("int8", "int4") for rows, tiles in ((8, 8), (64, 135))]
   return cases
 
 
@@ -248,7 +264,7 @@ def _mosaic_launch(case: Case) -> tuple[tuple, int]:
   """(grid, threads) of a Mosaic GPU case, from its settings (Mosaic GPU's dump has no launch
   record): one warpgroup (128 threads) a program."""
   if case.kernel.startswith("moe grouped_gemm"):
-    (tiles, _, _), _, (_, _, n) = (shape for shape, _ in case.args)
+    (tiles, _, _), _, (_, _, n), *_ = (shape for shape, _ in case.args)
     return (n // mgg.Settings().block_n, tiles, 1), 128
   if case.kernel.startswith("linear int"):  # the quantized flat GEMM, over the stored rows
     (_, _), (rows, n), _ = (shape for shape, _ in case.args)

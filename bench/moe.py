@@ -3,6 +3,7 @@ run: what each reads of the expert weights per decode step and how long it takes
 machine, against the dense computation (every expert on every token) and XLA's ragged_dot.
 
   python bench/moe.py            # the committed table: a Qwen3-30B-A3B-shaped layer, bf16
+  python bench/moe.py --quantize int8   # its experts int8 (moe_int8; int4: moe_int4)
   python bench/moe.py --quick    # a smoke run on a small layer
 
 Qwen3-30B-A3B: hidden 2048, 128 experts of width 768, 8 per token. Per batch (tokens in one
@@ -48,8 +49,11 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--max-gather-gb", type=float, default=2.0,
                   help="skip the gather strategy where its weight copy would be larger")
+  ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                  help="the experts quantized (each alone; scales in --dtype): XLA dequantizes "
+                       "what it reads, the Mosaic GPU kernel reads the stored bytes")
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--out", default="moe")
+  ap.add_argument("--out", default=None, help="results name (default moe, moe_int8, moe_int4)")
   ap.add_argument("--results-dir", default=None)
   args = ap.parse_args(argv)
   if args.quick:
@@ -59,8 +63,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
 
-  from fdjax.ops import moe, selection
-  from pallas_kernels.mosaic_gpu import grouped_gemm
+  from fdjax.ops import dispatch, moe, quant, selection
 
   h, e, f, k = args.hidden, args.experts, args.width, args.top_k
   dtype = jnp.dtype(args.dtype)
@@ -68,7 +71,10 @@ def main(argv=None):
   w_gate_up = (jax.random.normal(keys[0], (e, h, 2 * f), jnp.float32) * 0.02).astype(dtype)
   w_down = (jax.random.normal(keys[1], (e, f, h), jnp.float32) * 0.02).astype(dtype)
   router = jax.random.normal(keys[2], (h, e), jnp.float32) * 0.02
-  expert_bytes = 3 * h * f * dtype.itemsize
+  if args.quantize:
+    w_gate_up, w_down = (quant.quantize(w, args.quantize) for w in (w_gate_up, w_down))
+  itemsize = int(args.quantize[3:]) / 8 if args.quantize else dtype.itemsize
+  expert_bytes = 3 * h * f * itemsize  # the values; int8 / int4 scales add < 1%
   mb = lambda n_experts: n_experts * expert_bytes / 1e6
   rows = []
   for t in args.batch:
@@ -77,7 +83,7 @@ def main(argv=None):
     x = x.astype(dtype)
     counts = np.bincount(np.asarray(experts).reshape(-1), minlength=e)
     touched = int((counts > 0).sum())
-    pick = selection.moe(t, k, e, dtype.itemsize, jax.default_backend())
+    pick = selection.moe(t, k, e, itemsize, jax.default_backend())
     tile = pick.settings or selection.MOE_MIN_TILE
     read = {"dense": e, "ragged": e, "gather": t * k,
             "grouped": moe.tile_count(t * k, e, tile),
@@ -100,7 +106,7 @@ def main(argv=None):
         row["ms"] = "not run (copy too large)"
       else:
         rows_k = min(tile, 64)
-        kernel = dict(tile=rows_k, matmul=functools.partial(grouped_gemm.grouped_gemm))
+        kernel = dict(tile=rows_k, matmul=dispatch.mosaic_tile_matmul)
         fn = jax.jit(functools.partial(moe.run, strategy.split()[0], activation=jax.nn.silu,
                                        **(kernel if "mosaic" in strategy else dict(tile=tile))))
         call = lambda: fn(x, weights, experts, w_gate_up, w_down).block_until_ready()  # noqa: E731
@@ -109,13 +115,15 @@ def main(argv=None):
         row["vs_dense"] = base / row["ms"]
       rows.append(row)
       print(json.dumps(row), flush=True)
-  notes = (f"One layer's experts: hidden {h}, {e} experts of width {f}, top-{k}, {args.dtype} "
+  weights = f"{args.quantize} (scales {args.dtype})" if args.quantize else args.dtype
+  notes = (f"One layer's experts: hidden {h}, {e} experts of width {f}, top-{k}, {weights} "
            f"weights ({mb(1):.2f} MB an expert, {mb(e):.0f} MB all). ms: median of "
            f"{args.iters} calls after a warm-up, XLA's strategies (and on a Hopper GPU the "
            f"Mosaic GPU grouped GEMM's tiles, `grouped (mosaic)`); vs_dense: dense's time over "
            f"this one's. auto: the strategy fdjax.ops.selection.moe picks at this batch "
            f"(on the CPU, XLA's). kernel_MB_read: what the grouped kernel reads.")
-  print(common.write_results(args.out, rows, COLUMNS, notes=notes,
+  out = args.out or "moe" + (f"_{args.quantize}" if args.quantize else "")
+  print(common.write_results(out, rows, COLUMNS, notes=notes,
                             results_dir=args.results_dir))
 
 

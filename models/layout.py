@@ -38,7 +38,9 @@ class Entry:
   names: tuple        # checkpoint tensor names, fused along fdjax's last axis in this order
   shapes: tuple       # their checkpoint shapes
   transpose: bool     # checkpoint [out, in] -> fdjax [in, out]
-  linear: bool = False  # only ever a linear layer's weight (dispatch.linear's w): quantizable
+  # only ever a weight a linear layer (dispatch.linear's w) or the experts (dispatch.moe's
+  # w_gate_up / w_down) multiply by: quantizable
+  linear: bool = False
   # Across tensor-parallel devices: None (whole on each), "qkv" / "gate_up" (by column, each
   # part its own heads / rows), "rows" (by fdjax's input axis), "vocab" (by vocabulary).
   split: str | None = None
@@ -208,9 +210,9 @@ def _sparse_mlp(cfg, i, p) -> list[Entry]:
   out = [Entry(("layers", i, "mlp", "router"), (m + "gate.weight",), ((n, h),), True),
          Entry(("layers", i, "mlp", "w_gate_up"),
                tuple(x + w + ".weight" for x in ex for w in (gate, up)), ((f, h),) * (2 * n),
-               True, split="gate_up", experts=n),
+               True, linear=True, split="gate_up", experts=n),
          Entry(("layers", i, "mlp", "w_down"), tuple(x + down + ".weight" for x in ex),
-               ((h, f),) * n, True, split="rows", experts=n)]
+               ((h, f),) * n, True, linear=True, split="rows", experts=n)]
   if cfg.shared_expert_size:
     out += _dense_mlp(cfg, i, m + "shared_expert.", ("mlp", "shared"), cfg.shared_expert_size)
     out.append(Entry(("layers", i, "mlp", "shared_gate"), (m + "shared_expert_gate.weight",),
@@ -238,8 +240,9 @@ def to_hf_tensors(model) -> dict[str, np.ndarray]:
                 ([n + SCALE_SUFFIX for n in e.names], value.scales)]
     for names, array in arrays:
       array = np.asarray(jax.device_get(array))
+      per = len(names) // max(e.experts, 1)  # one expert's slice at a time
       stacked = [(names, array)] if not e.experts else zip(
-          [g for g, _ in e.groups()], array)  # one expert's slice at a time
+          [names[i:i + per] for i in range(0, len(names), per)], array)
       for group, value in stacked:
         for name, part in zip(group, split_last(value, e.sizes)):
           out[name] = np.ascontiguousarray(part.T if e.transpose else part)

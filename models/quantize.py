@@ -1,7 +1,9 @@
-"""Weight-only quantization of a model: which parameters (the layout table's linear weights;
+"""Weight-only quantization of a model: which parameters (the layout table's linear weights,
+a mixture of experts' stacked experts among them, each expert quantized alone;
 the LM head only if asked; never the embedding, the norms, biases or position tables) and
 doing it to a model in memory. The model code is unchanged: a quantized parameter holds a
-fdjax.ops.quant.QuantizedWeight, which `dispatch.linear` takes in place of the array.
+fdjax.ops.quant.QuantizedWeight, which `dispatch.linear` and `dispatch.moe` take in place of
+the array.
 """
 from __future__ import annotations
 
@@ -42,9 +44,6 @@ class Quantization:
 
 def entries(cfg, q: Quantization) -> list[layout.Entry]:
   """The layout entries `q` quantizes in a model of this config."""
-  if cfg.num_experts:
-    raise ValueError("quantize: int8 / int4 expert weights of a mixture-of-experts model are "
-                     "not implemented; load it unquantized")
   if q.lm_head and cfg.tie_word_embeddings:
     raise ValueError("quantize: the LM head of a model with tied embeddings is its embedding, "
                      "which stays unquantized (lm_head=False)")

@@ -253,3 +253,7 @@ def test_moe_bench_smoke(dry_run):
     assert [r["strategy"].split()[0] for r in mine] == ["dense", "ragged", "gather", "grouped"]
     assert sum(r["auto"] == "yes" for r in mine) == 1
     assert all(r["ms"] > 0 and r["kernel_MB_read"] <= r["dense_MB_read"] for r in mine)
+  int4 = _rows(dry_run, "moe_int4")  # the same layer's experts int4: a quarter of the bytes
+  assert [r["strategy"].split()[0] for r in int4] == [r["strategy"].split()[0] for r in rows]
+  for q, r in zip(int4, rows):
+    assert q["ms"] > 0 and q["dense_MB_read"] == pytest.approx(r["dense_MB_read"] / 4, rel=1e-3)

@@ -428,13 +428,61 @@ def test_grouped_gemm_against_float64(rows, k, n, experts, stages, monkeypatch):
     assert np.max(np.abs(out[t] - want)) <= 2 * base + 1e-6
 
 
+@pytest.mark.parametrize("method,rows,k,n,experts,stages", [
+    ("int8", 8, 128, 64, [2, -1, 0, 2, 9], 2),  # an empty tile, an expert twice, one past E
+    ("int4", 16, 384, 128, [1, 3], 2),          # three groups, two in flight
+    ("int8", 64, 256, 64, [0], 4),              # the largest tile
+])
+def test_grouped_quantized_gemm_against_float64(method, rows, k, n, experts, stages,
+                                                monkeypatch):
+  """int8 / int4 experts read as their stored bytes: each tile against its expert's
+  dequantized weight in float64, within twice XLA's dequantize-then-dot bf16 error; an empty
+  tile left alone; no race."""
+  from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mgq
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(rows + k + n)
+  x = jnp.asarray(rng.standard_normal((len(experts), rows, k)), jnp.float32).astype(jnp.bfloat16)
+  w = quant.quantize(jnp.asarray(rng.standard_normal((4, k, n)), jnp.float32), method,
+                     jnp.bfloat16)
+  out = np.asarray(mgq.grouped_gemm(x, jnp.asarray(experts, jnp.int32), w.values, w.scales,
+                                    bits=w.bits, settings=mgq.Settings(stages=stages),
+                                    interpret=DETECT))
+  assert races == [] and out.shape == (len(experts), rows, n)
+  exact = np.asarray(quant.dequantize(w, jnp.float32), np.float64)
+  for t, e in enumerate(experts):
+    if e < 0:
+      continue
+    e = min(e, 3)  # past the last expert: the last, as XLA's gather clamps
+    want = np.asarray(x[t], np.float64) @ exact[e]
+    base = np.max(np.abs(np.asarray(jnp.dot(x[t], quant.dequantize(w)[e]), np.float64) - want))
+    assert np.all(np.isfinite(out[t])) and np.max(np.abs(out[t] - want)) <= 2 * base + 1e-6
+
+
+def test_grouped_quantized_gemm_refuses_what_it_cannot_take():
+  from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mgq
+  w = quant.quantize(jnp.ones((2, 200, 64)), "int8", jnp.bfloat16)
+  x, tiles = jnp.ones((1, 8, 200), jnp.bfloat16), jnp.zeros((1,), jnp.int32)
+  with pytest.raises(ValueError, match="K=200 is not a multiple of 128"):
+    mgq.grouped_gemm(x, tiles, w.values, w.scales, bits=8, interpret=True)
+  w = quant.quantize(jnp.ones((2, 256, 64)), "int4", jnp.bfloat16)
+  with pytest.raises(ValueError, match="tiles of 12 rows"):
+    mgq.grouped_gemm(jnp.ones((1, 12, 256), jnp.bfloat16), tiles, w.values, w.scales, bits=4,
+                     interpret=True)
+  with pytest.raises(ValueError, match="int4 experts for K=256 must be values"):
+    mgq.grouped_gemm(jnp.ones((1, 8, 256), jnp.bfloat16), tiles, w.values[:, :64], w.scales,
+                     bits=4, interpret=True)
+  with pytest.raises(ValueError, match="scales x's bfloat16"):
+    mgq.grouped_gemm(jnp.ones((1, 8, 256), jnp.bfloat16), tiles, w.values,
+                     w.scales.astype(jnp.float16), bits=4, interpret=True)
+
+
 def test_moe_through_the_grouped_gemm_kernel():
   """dispatch.moe with the Mosaic GPU kernel (interpret mode) against float64: a decode-sized
   batch where most experts get no token and a skewed one where one expert takes every token
   over several tiles; and under `using`, what it does not take (float32) runs XLA."""
   from fdjax.ops import moe as moe_lib
   from tests.test_moe import _reference
-  t, e, h, f = 21, 8, 64, 128
+  t, e, h, f = 21, 8, 128, 128  # K a multiple of the int4 group (128)
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((t, h)), jnp.float32).astype(jnp.bfloat16)
   w_gate_up = jnp.asarray(rng.standard_normal((e, h, 2 * f)) * 0.2, jnp.float32).astype(x.dtype)
@@ -449,6 +497,16 @@ def test_moe_through_the_grouped_gemm_kernel():
     xla = dispatch.moe(xs, logits, w_gate_up, w_down, top_k=2, impl="xla")
     err, base = (np.max(np.abs(np.asarray(a, np.float64) - want)) for a in (got, xla))
     assert got.dtype == jnp.bfloat16 and np.isfinite(err) and err <= 2 * base + 1e-3
+  for method in quant.METHODS:  # int8 / int4 experts through the quantized kernel
+    q_gate_up, q_down = (quant.quantize(w, method) for w in (w_gate_up, w_down))
+    logits = jnp.asarray(skewed)
+    got = dispatch.moe(x, logits, q_gate_up, q_down, top_k=2, impl="pallas_mosaic_interpret")
+    weights, experts = moe_lib.route(logits, 2, True)
+    want = _reference(x, weights, experts, quant.dequantize(q_gate_up, jnp.float32),
+                      quant.dequantize(q_down, jnp.float32))
+    xla = dispatch.moe(x, logits, q_gate_up, q_down, top_k=2, impl="xla")
+    err, base = (np.max(np.abs(np.asarray(a, np.float64) - want)) for a in (got, xla))
+    assert np.isfinite(err) and err <= 2 * base + 1e-3, (method, err, base)
   with pytest.raises(ValueError, match="float32 is not bfloat16"):
     dispatch.moe(x.astype(jnp.float32), jnp.asarray(skewed), w_gate_up.astype(jnp.float32),
                  w_down.astype(jnp.float32), top_k=2, impl="pallas_mosaic_interpret")

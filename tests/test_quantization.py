@@ -209,7 +209,8 @@ def test_linear_refuses_mismatched_quantized_weights():
     dispatch.linear(x[:, :63], w)
   with pytest.raises(ValueError, match="unknown method 'int3'"):
     quant.quantize(jnp.ones((4, 4)), "int3")
-  with pytest.raises(ValueError, match=r"must be \[K, N\], got shape \(4,\)"):
+  with pytest.raises(ValueError, match=r"must be \[K, N\] or stacked experts' \[E, K, N\], got "
+                                       r"shape \(4,\)"):
     quant.quantize(jnp.ones((4,)), "int8")
   with pytest.raises(TypeError, match="read whole"):
     w[0]

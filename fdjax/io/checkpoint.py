@@ -301,7 +301,7 @@ def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | Non
       return layout.assemble(e, [tensors[n] for n in names])
     if stored and stored.covers(e):
       value = quant.from_stored(fused(e.names), fused([n + layout.SCALE_SUFFIX for n in e.names]),
-                                stored.method, e.shape[0], dtype)
+                                stored.method, e.shape[-2], dtype)
     elif quantize and quantize.covers(e):
       value = quant.quantize(fused(e.names), quantize.method, dtype)
     else:

@@ -15,8 +15,8 @@ Every op takes `impl`:
                      its DMAs and semaphores simulated and the race detector on.
   "pallas_mosaic"    the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/: so far decode
                      attention, contiguous and paged, the flat GEMM of `linear` on float,
-                     int8 and int4 weights, and the grouped GEMM of `moe`; bfloat16 /
-                     float16), compiled for a Hopper GPU;
+                     int8 and int4 weights, and the grouped GEMM of `moe` on float, int8
+                     and int4 experts; bfloat16 / float16), compiled for a Hopper GPU;
                      an op with no Mosaic GPU kernel yet refuses it. "auto" takes it on
                      Hopper where it takes the call.
   "pallas_mosaic_interpret"  the same kernel in Mosaic GPU's interpret mode (any backend).
@@ -37,6 +37,7 @@ from pallas_kernels.common import async_softmax
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.mosaic_gpu import grouped_gemm as mosaic_grouped
+from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mosaic_grouped_quantized
 from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
 from pallas_kernels.tpu import decode_attention as tpu_decode
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
@@ -409,17 +410,28 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
         activation=jax.nn.silu, strategy: str | None = None, impl="auto"):
   """A mixture-of-experts layer's expert computation: x [..., H] routed by router_logits
   [..., E] (softmax in float32, the top_k, renormalised with `normalize`) to the gated MLPs
-  w_gate_up [E, H, 2F] (gate, up) and w_down [E, F, H]; returns the weighted sum [..., H] in
-  x's dtype. `strategy` (fdjax.ops.moe.STRATEGIES) overrides the rule of
-  fdjax.ops.selection.moe. The one kernel is the Mosaic GPU grouped GEMM of the "grouped"
-  strategy ("pallas_mosaic", "pallas_mosaic_interpret"; "auto" on Hopper where it takes the
-  tiles); Triton and TPU kernels are refused (none), and "auto" under `using` one runs XLA."""
+  w_gate_up [E, H, 2F] (gate, up) and w_down [E, F, H], both float in x's dtype or both
+  fdjax.ops.quant.QuantizedWeight of one method (each expert int8 / int4, scales in x's
+  dtype); returns the weighted sum [..., H] in x's dtype. `strategy`
+  (fdjax.ops.moe.STRATEGIES) overrides the rule of fdjax.ops.selection.moe. The one kernel is
+  the Mosaic GPU grouped GEMM of the "grouped" strategy, float or quantized ("pallas_mosaic",
+  "pallas_mosaic_interpret"; "auto" on Hopper where it takes the tiles); Triton and TPU
+  kernels are refused (none), and "auto" under `using` one runs XLA."""
   op = "moe"
   checks.choice(op, "impl", impl, IMPLS)
   checks.rank(op, "w_gate_up", w_gate_up, 3)
   checks.rank(op, "w_down", w_down, 3)
   checks.float_dtype(op, "x", x)
-  checks.same_dtype(op, x=x, w_gate_up=w_gate_up, w_down=w_down)
+  quantized = [isinstance(w, quant.QuantizedWeight) for w in (w_gate_up, w_down)]
+  if quantized[0] != quantized[1] or (all(quantized) and w_gate_up.bits != w_down.bits):
+    raise ValueError(f"{op}: w_gate_up and w_down must both be float or both quantized by one "
+                     f"method, got {_weight_kind(w_gate_up)} and {_weight_kind(w_down)}")
+  bits = w_gate_up.bits if quantized[0] else None
+  dtypes = {name: jnp.dtype(a.dtype).name
+            for name, a in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down))}
+  if len(set(dtypes.values())) > 1:
+    raise ValueError(f"{op}: x and the expert weights (a quantized one's scales) must share "
+                     f"one dtype, got {dtypes}")
   e, h, f2 = w_gate_up.shape
   if x.ndim < 1 or x.shape[-1] != h:
     raise ValueError(f"{op}: x's last dimension must equal w_gate_up's H ({h}), got "
@@ -436,7 +448,8 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
     checks.choice(op, "strategy", strategy, moe_lib.STRATEGIES)
   x2 = x.reshape(-1, h)
   platform = (lowering_target() or jax.default_backend()).split(":")[0]
-  choice = selection.moe(x2.shape[0], top_k, e, x.dtype.itemsize, platform)
+  itemsize = bits / 8 if bits else x.dtype.itemsize  # bytes an expert weight's element reads
+  choice = selection.moe(x2.shape[0], top_k, e, itemsize, platform)
   tile = choice.settings or selection.MOE_MIN_TILE
   weights, experts = moe_lib.route(router_logits.reshape(-1, e), top_k, normalize)
 
@@ -445,17 +458,17 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
                        matmul=matmul).reshape(x.shape)
 
   def on_mosaic(interpret):  # the grouped tiles (at most the kernel's 64 rows) by the kernel
-    why = selection.moe_unsupported(rows, h, f2 // 2, x.dtype)
+    why = selection.moe_unsupported(rows, h, f2 // 2, x.dtype, bits)
     if why:
       raise ValueError(f"{op} (Mosaic GPU grouped GEMM): {why}")
-    return run("grouped", rows, functools.partial(mosaic_grouped.grouped_gemm,
-                                                  interpret=interpret))
+
+    return run("grouped", rows, functools.partial(mosaic_tile_matmul, interpret=interpret))
 
   mosaic = ("pallas_mosaic", "pallas_mosaic_interpret")
   rows = min(tile, mosaic_grouped.MAX_ROWS)  # the kernel's tiles: at most 64 rows
   if impl == "auto" and current() != "auto":  # under `using`: what the kernel does not take
     takes = (current() in mosaic and strategy in (None, "grouped") and choice.impl == "grouped"
-             and selection.moe_unsupported(rows, h, f2 // 2, x.dtype) is None)
+             and selection.moe_unsupported(rows, h, f2 // 2, x.dtype, bits) is None)
     impl = current() if takes else "xla"
   if impl in mosaic:
     if strategy not in (None, "grouped"):
@@ -468,10 +481,23 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
   xla = functools.partial(run, strategy or choice.impl, tile)
   if impl == "xla" or strategy is not None or platform not in ("cuda", "gpu"):
     return xla()
-  gpu = selection.moe_on_gpu(choice, h, f2 // 2, x.dtype)
+  gpu = selection.moe_on_gpu(choice, h, f2 // 2, x.dtype, bits)
   if gpu.impl != "grouped_mosaic":
     return xla()
   return jax.lax.platform_dependent(cpu=xla, cuda=lambda: on_mosaic(False), default=xla)
+
+
+def mosaic_tile_matmul(rows, experts, w, *, interpret=False):
+  """fdjax.ops.moe.tile_matmul by the Mosaic GPU grouped GEMM: tiles [N, R, K] times their
+  experts' weights w [E, K, M], float or a QuantizedWeight (read as its stored bytes)."""
+  if isinstance(w, quant.QuantizedWeight):
+    return mosaic_grouped_quantized.grouped_gemm(rows, experts, w.values, w.scales, bits=w.bits,
+                                                 interpret=interpret)
+  return mosaic_grouped.grouped_gemm(rows, experts, w, interpret=interpret)
+
+
+def _weight_kind(w) -> str:
+  return w.method if isinstance(w, quant.QuantizedWeight) else f"float {w.dtype}"
 
 
 describe = selection.describe  # what "auto" runs per op, and why

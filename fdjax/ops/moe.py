@@ -21,6 +21,11 @@ applied to experts):
              masked rows.
   "ragged"   pairs sorted by expert and XLA's `lax.ragged_dot` over the groups.
 
+Expert weights may be int8 / int4 (fdjax.ops.quant.QuantizedWeight, stacked per expert): XLA
+dequantizes what a strategy reads (every expert for "dense" and "ragged", the gathered
+experts of the pairs or tiles otherwise) to x's dtype and multiplies as for float weights; a
+Pallas grouped GEMM reads the stored bytes.
+
 Every strategy accumulates in float32 (float64 for float64 inputs), applies the activation to
 the gate in that precision, rounds the hidden activations to x's dtype once (as a dense MLP
 does between its two linears), and combines in float32.
@@ -32,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fdjax.ops import checks
+from fdjax.ops import checks, quant
 
 STRATEGIES = ("dense", "gather", "grouped", "ragged")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -59,9 +64,22 @@ def _mlp_hidden(gate_up, activation, dtype):
   return (activation(gate_up[..., :f]) * gate_up[..., f:]).astype(dtype)
 
 
+def _whole(w, dtype):
+  """Every expert's weight as an array (a quantized one dequantized to `dtype`)."""
+  return quant.dequantize(w, dtype) if isinstance(w, quant.QuantizedWeight) else w
+
+
+def _take(w, index, dtype):
+  """The experts' weights at `index` (w[index]; a quantized one's dequantized to `dtype`)."""
+  if isinstance(w, quant.QuantizedWeight):
+    return quant.dequantize(quant.take(w, index), dtype)
+  return w[index]
+
+
 def dense(x, weights, experts, w_gate_up, w_down, activation):
   e = w_gate_up.shape[0]
   acc = _acc_dtype(x)
+  w_gate_up, w_down = _whole(w_gate_up, x.dtype), _whole(w_down, x.dtype)
   gu = jnp.einsum("th,ehf->etf", x, w_gate_up, precision=HIGHEST, preferred_element_type=acc)
   out = jnp.einsum("etf,efh->eth", _mlp_hidden(gu, activation, x.dtype), w_down,
                    precision=HIGHEST, preferred_element_type=acc)
@@ -72,9 +90,10 @@ def dense(x, weights, experts, w_gate_up, w_down, activation):
 
 def gather(x, weights, experts, w_gate_up, w_down, activation):
   acc = _acc_dtype(x)
-  gu = jnp.einsum("th,tkhf->tkf", x, w_gate_up[experts], precision=HIGHEST,
+  gu = jnp.einsum("th,tkhf->tkf", x, _take(w_gate_up, experts, x.dtype), precision=HIGHEST,
                   preferred_element_type=acc)
-  out = jnp.einsum("tkf,tkfh->tkh", _mlp_hidden(gu, activation, x.dtype), w_down[experts],
+  out = jnp.einsum("tkf,tkfh->tkh", _mlp_hidden(gu, activation, x.dtype),
+                   _take(w_down, experts, x.dtype),
                    precision=HIGHEST, preferred_element_type=acc)
   return jnp.einsum("tk,tkh->th", weights.astype(acc), out, precision=HIGHEST).astype(x.dtype)
 
@@ -119,18 +138,19 @@ GATHER_BYTES = 256 * 2**20  # the most expert weights tile_matmul copies at once
 
 
 def tile_matmul(rows, expert, w):
-  """Each tile's rows [N, R, K] times its expert's weight (w [E, K, M]; expert [N], -1 for an
-  empty tile) -> [N, R, M] in the accumulation dtype: XLA, on gathered copies of the tiles'
-  experts, GATHER_BYTES of them at a time (a long prompt's hundreds of tiles would otherwise
-  copy gigabytes); an empty tile's product is garbage, dropped by the caller. The Pallas
-  kernels have this signature."""
+  """Each tile's rows [N, R, K] times its expert's weight (w [E, K, M], float or quantized;
+  expert [N], -1 for an empty tile) -> [N, R, M] in the accumulation dtype: XLA, on gathered
+  (dequantized) copies of the tiles' experts, GATHER_BYTES of them at a time (a long prompt's
+  hundreds of tiles would otherwise copy gigabytes); an empty tile's product is garbage,
+  dropped by the caller. The Pallas kernels have this signature."""
   acc = _acc_dtype(rows)
 
   def product(r, e):
-    return jnp.einsum("...rk,...km->...rm", r, w[jnp.clip(e, 0, w.shape[0] - 1)],
+    return jnp.einsum("...rk,...km->...rm", r,
+                      _take(w, jnp.clip(e, 0, w.shape[0] - 1), rows.dtype),
                       precision=HIGHEST, preferred_element_type=acc)
 
-  chunk = max(1, GATHER_BYTES // (w.shape[1] * w.shape[2] * w.dtype.itemsize))
+  chunk = max(1, GATHER_BYTES // (w.shape[1] * w.shape[2] * rows.dtype.itemsize))
   if rows.shape[0] <= chunk:
     return product(rows, expert)
   return jax.lax.map(lambda a: product(*a), (rows, expert), batch_size=chunk)
@@ -157,6 +177,7 @@ def ragged(x, weights, experts, w_gate_up, w_down, activation):
   e = w_gate_up.shape[0]
   acc = _acc_dtype(x)
   order, tokens, counts = sort_pairs(experts, e)
+  w_gate_up, w_down = _whole(w_gate_up, x.dtype), _whole(w_down, x.dtype)
   gu = jax.lax.ragged_dot(x[tokens], w_gate_up, counts, precision=HIGHEST,
                           preferred_element_type=acc)
   out = jax.lax.ragged_dot(_mlp_hidden(gu, activation, x.dtype), w_down, counts,

@@ -45,6 +45,7 @@ from pallas_kernels.common import async_softmax, tiling
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.mosaic_gpu import grouped_gemm as mosaic_grouped
+from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mosaic_grouped_quantized
 from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
 from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
 from pallas_kernels.tpu import shared as tpu_shared
@@ -309,7 +310,7 @@ MOE_MIN_TILE, MOE_MAX_TILE = 8, 128  # rows per expert tile of the grouped strat
 MOE_BALANCE = {"cpu": 100, "cuda": 300, "gpu": 300, "tpu": 240}
 
 
-def moe(tokens: int, top_k: int, num_experts: int, itemsize: int = 2,
+def moe(tokens: int, top_k: int, num_experts: int, itemsize: float = 2,
         platform: str = "cpu") -> Choice:
   """How XLA runs the experts of a mixture-of-experts layer for `tokens` tokens, each routed
   to `top_k` of `num_experts` (fdjax.ops.moe), weights of `itemsize` bytes: by tokens per
@@ -335,24 +336,31 @@ def moe(tokens: int, top_k: int, num_experts: int, itemsize: int = 2,
   return Choice("grouped", why, tile)
 
 
-def moe_unsupported(tile: int, hidden: int, width: int, dtype) -> str | None:
-  """Why the Mosaic GPU grouped GEMM cannot take both products of an expert (x [tile, H] @
-  [H, 2F], then [tile, F] @ [F, H]); None: it can."""
+def moe_unsupported(tile: int, hidden: int, width: int, dtype,
+                    bits: int | None = None) -> str | None:
+  """Why the Mosaic GPU grouped GEMM (float experts, or int`bits` ones) cannot take both
+  products of an expert (x [tile, H] @ [H, 2F], then [tile, F] @ [F, H]); None: it can."""
+  if bits:
+    return (mosaic_grouped_quantized.unsupported(tile, hidden, 2 * width, dtype, bits)
+            or mosaic_grouped_quantized.unsupported(tile, width, hidden, dtype, bits))
   return (mosaic_grouped.unsupported(tile, hidden, 2 * width, dtype)
           or mosaic_grouped.unsupported(tile, width, hidden, dtype))
 
 
-def moe_on_gpu(choice: Choice, hidden: int, width: int, dtype) -> Choice:
+def moe_on_gpu(choice: Choice, hidden: int, width: int, dtype,
+               bits: int | None = None) -> Choice:
   """What "auto" runs for a mixture of experts on a CUDA GPU: the grouped strategy's tile
-  products by the Mosaic GPU grouped GEMM on Hopper where it takes them ("grouped_mosaic",
-  tiles of at most its 64 rows: `settings`), else the XLA strategy with the reason."""
+  products by the Mosaic GPU grouped GEMM (over int`bits` experts with `bits`) on Hopper where
+  it takes them ("grouped_mosaic", tiles of at most its 64 rows: `settings`), else the XLA
+  strategy with the reason."""
   if choice.impl != "grouped":
     return choice
   rows = min(choice.settings, mosaic_grouped.MAX_ROWS)  # longer tiles: more tiles of 64
-  why = not_hopper() or moe_unsupported(rows, hidden, width, dtype)
+  why = not_hopper() or moe_unsupported(rows, hidden, width, dtype, bits)
   if why is None:
-    return Choice("grouped_mosaic", f"{choice.reason}; Mosaic GPU grouped GEMM: TMA pipeline, "
-                  f"WGMMA, tiles of {rows}", rows)
+    weights = f"int{bits} experts dequantized in the K loop, " if bits else ""
+    return Choice("grouped_mosaic", f"{choice.reason}; Mosaic GPU grouped GEMM: {weights}TMA "
+                  f"pipeline, WGMMA, tiles of {rows}", rows)
   _log_fallback("moe", why)
   return Choice("grouped", f"{choice.reason}; XLA: Mosaic GPU {why}", choice.settings)
 
@@ -375,18 +383,20 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   cope = config is not None and config.position_encoding == "cope"
   ops = ["cope_attention"] if cope else ["prefill_attention", "decode_attention"]
   choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
+  bits = None if quantization is None else int(quantization[3:])
+  moe_itemsize = bits / 8 if bits else jax.numpy.dtype(dtype).itemsize
   if config is not None and config.num_experts and platform not in GPU + ("tpu",):
-    choices["moe"] = moe(batch, config.experts_per_token, config.num_experts,
-                         jax.numpy.dtype(dtype).itemsize, platform)
+    choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
+                         platform)
   if platform not in GPU + ("tpu",):
     return {**{op: str(c) for op, c in choices.items()},
             "linear": str(attention("linear", 0, dtype, platform))}
   if config is not None and config.num_experts:
-    choices["moe"] = moe(batch, config.experts_per_token, config.num_experts,
-                         jax.numpy.dtype(dtype).itemsize, platform)
+    choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
+                         platform)
     if platform in GPU:
       choices["moe"] = moe_on_gpu(choices["moe"], config.hidden_size,
-                                  config.moe_intermediate_size, dtype)
+                                  config.moe_intermediate_size, dtype, bits)
   shapes = {} if config is None else config.linear_shapes()
   choices.update({f"linear[{name}]": linear(batch, k, n, kind=kind, quantization=quantization,
                                             dtype=dtype, gpu_auto=platform in GPU)

@@ -22,11 +22,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import tiling
-from pallas_kernels.common.quantized import GROUP, check, unpack_int4
+from pallas_kernels.common.quantized import GROUP, check
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg
 from pallas_kernels.mosaic_gpu import shared
 
-ROWS_PER_STEP = GROUP // 2  # stored rows a step reads: 64 (int8: 64 K rows; int4: one group)
+ROWS_PER_STEP = shared.QUANT_STEP  # stored rows a step reads: 64 (int8: 64 K rows; int4: a group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,48 +59,17 @@ def unsupported(m: int, k: int, n: int, dtype, bits: int,
   return None
 
 
-def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, w_smem, s_smem, s_bar, *, parts, block_n,
-            steps, stages, group_steps):
+def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, *scratch, parts, block_n, steps, stages,
+            group_steps):
   n_idx, k_idx = jax.lax.axis_index("n"), jax.lax.axis_index("k")
-  m_pad, dtype = x_gmem.shape[1], x_gmem.dtype
   first = k_idx * steps  # this program's first step
-  # every scale row the program's steps use, copied once ahead of the pipeline
-  groups = s_smem.shape[0]
-  plgpu.copy_gmem_to_smem(
-      s_gmem.at[pl.ds(first // group_steps, groups), pl.ds(n_idx * block_n, block_n)],
-      s_smem, s_bar)
-  plgpu.barrier_wait(s_bar)
-
-  def step(idx, *refs):
-    *x_smem, v_smem, acc = refs
-    q = v_smem[...]
-    ints = (q,) if parts == 1 else unpack_int4(q)
-    for p in range(parts):
-      w_smem[p] = ints[p].astype(dtype)  # exact: |q| <= 127
-    plgpu.commit_smem()  # the MMA reads them through the async proxy
-
-    def product(tile_ref):  # w^T [block_n, rows] @ x_p^T [rows, M_pad], summed over parts
-      for p in range(parts):
-        plgpu.wgmma(tile_ref, w_smem.at[p].T, x_smem[p].T)
-      return tile_ref[...]
-
-    tile = pl.run_scoped(product, plgpu.ACC((block_n, m_pad), jnp.float32))
-    scale = plgpu.load(s_smem.at[idx[0] // group_steps], layout=plgpu.Layout.WGMMA.reduce(1))
-    return acc + tile * jax.lax.broadcast_in_dim(scale.astype(jnp.float32), tile.shape, [0])
-
-  x_spec = plgpu.BlockSpec((None, m_pad, ROWS_PER_STEP), lambda j: (0, 0, first + j),
-                           transforms=shared.transforms(ROWS_PER_STEP, dtype))
-  acc = plgpu.emit_pipeline(
-      step, grid=(steps,), max_concurrent_steps=stages,
-      in_specs=[*[x_spec] * parts,
-                plgpu.BlockSpec((ROWS_PER_STEP, block_n), lambda j: (first + j, n_idx))],
-      init_carry=plgpu.layout_cast(jnp.zeros((block_n, m_pad), jnp.float32),
-                                   plgpu.Layout.WGMMA),
-  )(*[x_gmem.at[p:p + 1] for p in range(parts)], v_gmem)
-  o_smem[...] = acc
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[k_idx, pl.ds(n_idx * block_n, block_n)])
-  plgpu.wait_smem_to_gmem(0)
+  scale_rows = scratch[2].shape[0]  # every scale row the program's steps use
+  shared.quantized_product(
+      [x_gmem.at[p:p + 1] for p in range(parts)], v_gmem,
+      s_gmem.at[pl.ds(first // group_steps, scale_rows), pl.ds(n_idx * block_n, block_n)],
+      o_gmem.at[k_idx, pl.ds(n_idx * block_n, block_n)], *scratch, rows=x_gmem.shape[1],
+      block_n=block_n, steps=steps, stages=stages, group_steps=group_steps,
+      x_block=lambda j: (0, 0, first + j), v_block=lambda j: (first + j, n_idx))
 
 
 def flat_gemm(x, values, scales, *, bits: int, settings: Settings | None = None,
@@ -116,7 +85,7 @@ def flat_gemm(x, values, scales, *, bits: int, settings: Settings | None = None,
   s = tiling.fill(settings, Settings.default(rows, n))
   m_pad = pl.cdiv(m, mfg.ROWS) * mfg.ROWS
   xp = jnp.pad(x, ((0, m_pad - m), (0, 0)))  # copies of x only: M x K
-  parts = xp[None] if bits == 8 else jnp.stack([xp[:, 0::2], xp[:, 1::2]])
+  parts = shared.quantized_parts(xp, bits)
   steps = rows // (ROWS_PER_STEP * s.split_k)
   n_parts = parts.shape[0]
 
@@ -128,11 +97,8 @@ def flat_gemm(x, values, scales, *, bits: int, settings: Settings | None = None,
   partials = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((s.split_k, n, m_pad), jnp.float32),
       grid=(n // s.block_n, s.split_k), grid_names=("n", "k"),
-      scratch_types=[plgpu.SMEM((s.block_n, m_pad), jnp.float32),
-                     plgpu.SMEM((n_parts, ROWS_PER_STEP, s.block_n), x.dtype,
-                                transforms=shared.transforms(s.block_n, x.dtype)),
-                     plgpu.SMEM((1 if bits == 8 else steps, s.block_n), x.dtype),
-                     plgpu.Barrier()],
+      scratch_types=shared.quantized_scratch(n_parts, m_pad, s.block_n,
+                                             1 if bits == 8 else steps, x.dtype),
       **shared.interpret_kwargs(interpret),
   )(parts, values, scales.reshape(-1, n))
   return jnp.sum(partials, axis=0)[:, :m].T.astype(x.dtype)
