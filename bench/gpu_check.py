@@ -244,6 +244,30 @@ class Checker:
                   dtype=jnp.dtype(dtype).name)
     return run
 
+  def moe(self, t, e, h, f, k, dtype, quantization=None):
+    """dispatch.moe through the Mosaic GPU grouped GEMM (impl "pallas_mosaic"; interpret mode
+    in smoke form) on float or int8 / int4 experts, against XLA's float32 computation on the
+    same (dequantized) weights; the limit: twice XLA's error in `dtype`."""
+    def run():
+      kx, kr, kg, kd = jax.random.split(self.next_key(), 4)
+      x = _randn(kx, (t, h), dtype)
+      logits = jax.random.normal(kr, (t, e), jnp.float32)
+      w_gate_up, w_down = _randn(kg, (e, h, 2 * f), dtype, 0.1), _randn(kd, (e, f, h), dtype, 0.1)
+      if quantization:
+        w_gate_up, w_down = (quant.quantize(w, quantization) for w in (w_gate_up, w_down))
+      as_float = ((lambda w, dt: quant.dequantize(w, dt)) if quantization
+                  else (lambda w, dt: w.astype(dt)))
+      impl = "pallas_mosaic_interpret" if self.interpret else "pallas_mosaic"
+      out = dispatch.moe(x, logits, w_gate_up, w_down, top_k=k, impl=impl)
+      want = dispatch.moe(x.astype(jnp.float32), logits, as_float(w_gate_up, jnp.float32),
+                          as_float(w_down, jnp.float32), top_k=k, impl="xla")
+      naive = dispatch.moe(x, logits, as_float(w_gate_up, dtype), as_float(w_down, dtype),
+                           top_k=k, impl="xla")
+      err, limit, ok = _judge(out, want, dtype, naive)
+      return dict(err=err, limit=limit, ok=ok and out.shape == (t, h),
+                  dtype=jnp.dtype(dtype).name)
+    return run
+
   def model(self, window=None):
     """A small random float32 model: greedy tokens through the kernels ("auto" on this
     device, "pallas_interpret" in smoke form) equal the XLA path's; the kernels really ran.
@@ -385,7 +409,7 @@ def mosaic_checks(c: Checker):
   """The Mosaic GPU kernels (pallas_kernels/mosaic_gpu/; Hopper): decode attention, contiguous
   and paged, in bfloat16 / float16 at head_dim 64 and 128, and the flat GEMM; dispatch.linear
   under "auto", which takes the flat GEMM on Hopper (smoke form: the choice an H100 makes,
-  run in interpret mode)."""
+  run in interpret mode); the experts' grouped GEMM on bf16, int8 and int4 experts."""
   bf16, f16 = jnp.bfloat16, jnp.float16
   if c.smoke:
     dec = [(2, 8, 2, 64, 88, [88, 33])]
@@ -428,6 +452,13 @@ def mosaic_checks(c: Checker):
   for m in ([1, 20] if c.smoke else [1, 2, 16, 64, 100]):
     c.case("linear (auto)", f"bfloat16 M{m} K{gemms[-1][1]} N{gemms[-1][2]}",
            c.gemm("auto", m, gemms[-1][1], gemms[-1][2], bf16))
+  # the experts' grouped GEMM: Qwen3-30B-A3B's layer at decode batches (tiles of 8 and 16)
+  moe = [(5, 8, 128, 128, 2)] if c.smoke else [(1, 128, 2048, 768, 8), (8, 128, 2048, 768, 8),
+                                               (64, 128, 2048, 768, 8)]
+  for t, e, h, f, k in moe:
+    for q in (None, "int8", "int4"):
+      c.case("mosaic_grouped_gemm", f"bfloat16{' ' + q if q else ''} experts T{t} E{e} H{h} "
+             f"F{f} top{k}", c.moe(t, e, h, f, k, bf16, q))
 
 
 def main():

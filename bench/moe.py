@@ -93,7 +93,9 @@ def main(argv=None):
                   "grouped (mosaic)": int((-(-counts // min(tile, 64))).sum()) * min(tile, 64)}
     base = None
     strategies = ["dense", "ragged", "gather", "grouped"]
-    if jax.default_backend() == "gpu" and selection.not_hopper() is None and dtype.itemsize == 2:
+    bits = int(args.quantize[3:]) if args.quantize else None
+    if (jax.default_backend() == "gpu" and selection.not_hopper() is None
+        and selection.moe_unsupported(min(tile, 64), h, f, dtype, bits) is None):
       strategies.append("grouped (mosaic)")  # the kernel, at the same tile (up to 64 rows)
     for strategy in strategies:
       row = dict(batch=t, strategy=strategy + (f" (tile {tile})" if strategy == "grouped" else ""),
@@ -102,7 +104,8 @@ def main(argv=None):
                  expert_MB_read=mb(read[strategy]), kernel_MB_read=mb(touched),
                  dense_MB_read=mb(e), experts_touched=touched, rows=multiplied[strategy],
                  rows_pad64=int((-(-counts // 64)).sum()) * 64)
-      if strategy == "gather" and t * k * expert_bytes > args.max_gather_gb * 1e9:
+      copy = t * k * 3 * h * f * dtype.itemsize  # gather's copies (quantized: dequantized)
+      if strategy == "gather" and copy > args.max_gather_gb * 1e9:
         row["ms"] = "not run (copy too large)"
       else:
         rows_k = min(tile, 64)

@@ -183,8 +183,8 @@ def _model_args(p):
 
 def _quantize_arg(p):
   p.add_argument("--quantize", choices=["int8", "int4"],
-                 help="weight-only quantization of the linear layers (at load; a checkpoint "
-                 "saved quantized is used as it is)")
+                 help="weight-only quantization of the linear layers and a mixture of "
+                 "experts' experts (at load; a checkpoint saved quantized is used as it is)")
 
 
 def build_parser():

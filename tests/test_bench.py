@@ -59,7 +59,8 @@ def test_gpu_check_smoke_covers_every_kernel(dry_run):
                                          "prefill_guard", "cope_attention", "flat_gemm", "gemv",
                                          "linear (dispatch)", "model", "mosaic_decode",
                                          "mosaic_paged_decode", "mosaic_decode_guard",
-                                         "mosaic_flat_gemm", "linear (auto)"}
+                                         "mosaic_flat_gemm", "linear (auto)",
+                                         "mosaic_grouped_gemm"}
   assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
   guards = [r for r in rows if r["kernel"].endswith("_guard")]
   assert guards and all(r["recomputed_rows"] > 0 for r in guards)

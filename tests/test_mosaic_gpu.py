@@ -436,8 +436,8 @@ def test_grouped_gemm_against_float64(rows, k, n, experts, stages, monkeypatch):
 def test_grouped_quantized_gemm_against_float64(method, rows, k, n, experts, stages,
                                                 monkeypatch):
   """int8 / int4 experts read as their stored bytes: each tile against its expert's
-  dequantized weight in float64, within twice XLA's dequantize-then-dot bf16 error; an empty
-  tile left alone; no race."""
+  dequantized weight in float64, within twice XLA's dequantize-then-dot bf16 error (an empty
+  tile's rows are undefined: not compared); no race."""
   from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mgq
   races = record_gpu_races(monkeypatch)
   rng = np.random.default_rng(rows + k + n)
@@ -497,7 +497,7 @@ def test_moe_through_the_grouped_gemm_kernel():
     xla = dispatch.moe(xs, logits, w_gate_up, w_down, top_k=2, impl="xla")
     err, base = (np.max(np.abs(np.asarray(a, np.float64) - want)) for a in (got, xla))
     assert got.dtype == jnp.bfloat16 and np.isfinite(err) and err <= 2 * base + 1e-3
-  for method in quant.METHODS:  # int8 / int4 experts through the quantized kernel
+  for method in ["int4"]:  # quantized experts through the quantized kernel (int8's: above)
     q_gate_up, q_down = (quant.quantize(w, method) for w in (w_gate_up, w_down))
     logits = jnp.asarray(skewed)
     got = dispatch.moe(x, logits, q_gate_up, q_down, top_k=2, impl="pallas_mosaic_interpret")

@@ -22,10 +22,10 @@ transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "fdjax", "default_model")  # CoPE, 4 heads: tp up to 4
 COPE = [[1, 4], [2, 2]]
-ALL = [[1, 1], [1, 4], [2, 4]]  # tp = 2 and 8: Llama-2's and Qwen2-MoE's cases
-# Llama-2's 8 KV heads split evenly at every tp: its dp=1 tp=1 and tp=4 cases add nothing that
-# Llama-3's (2 KV heads: repeated from tp=4) do not cover.
-EVEN = [[1, 2], [1, 8], [2, 4]]
+ALL = [[1, 1], [1, 4], [2, 4]]  # tp = 2: Qwen2's and CoPE's cases; tp = 8: Llama-2's, Qwen2-MoE's
+# Llama-2's 8 KV heads split evenly at every tp: its cases other than tp=8 add nothing that
+# Llama-3's (2 KV heads: repeated from tp=4), Qwen2's and CoPE's (tp=2) do not cover.
+EVEN = [[1, 8]]
 VOCAB = 211  # not a multiple of 2: the LM head's vocabulary is padded
 FAMILIES = {
     # Llama-2 style: multi-head attention (8 KV heads)
@@ -113,7 +113,8 @@ def test_kv_heads_are_repeated_below_tp(run):
   c = run["cases"]["qwen2-moe dp=1 tp=8"]  # 2 KV heads, 8 devices: each keeps the one it reads
   assert c["local"] == {"heads": 1, "kv_heads": 1, "head_dim": 8}
   assert run["cases"]["llama3 dp=1 tp=4"]["local"]["kv_heads"] == 1
-  assert run["cases"]["llama2 dp=1 tp=2"]["local"]["kv_heads"] == 4
+  assert run["cases"]["llama2 dp=1 tp=8"]["local"]["kv_heads"] == 1  # 8 KV heads split evenly
+  assert run["cases"]["qwen2 dp=2 tp=2"]["local"]["kv_heads"] == 2
 
 
 def test_pallas_kernels_run_per_device_under_shard_map(run):

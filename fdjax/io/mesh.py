@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdjax.ops import checks
-from models import layout, parallel
+from models import layout, parallel, quantize
 from models.llama import Transformer
 from models.parallel import DATA, MODEL
 from models.sharded import ShardedTransformer
@@ -109,6 +109,9 @@ def shard(model, mesh) -> ShardedTransformer:
   """An in-memory model (Transformer) put on a mesh, each device given its slices."""
   if not isinstance(model, Transformer) or model.tp is not None:
     raise ValueError("shard: expected an unsharded models.Transformer")
+  if quantize.of(model) is not None:
+    raise ValueError(f"shard: the model is quantized ({quantize.of(model).method}); quantized "
+                     f"weights on a mesh are not implemented")
   tensors = layout.to_hf_tensors(model)
   return build(model.config, model.dtype, mesh,
                lambda name, axis, start, stop: padded_slice(

@@ -13,6 +13,7 @@ slice the [K, N] format (`take` picks experts, as indexing an array does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -98,6 +99,15 @@ def quantize(w, method: str, dtype=None) -> QuantizedWeight:
   dtype = jnp.dtype(dtype or w.dtype)
   if dtype not in checks.FLOAT_DTYPES:
     raise ValueError(f"quantize: scales must be float32, bfloat16 or float16, got {dtype}")
+  if w.ndim == 3:  # one expert at a time: float32 temporaries of one expert, not of all
+    one = [_quantize_jit(w[i], bits, dtype) for i in range(w.shape[0])]
+    return QuantizedWeight(jnp.stack([q.values for q in one]),
+                           jnp.stack([q.scales for q in one]), bits, w.shape[1])
+  return _quantize_jit(w, bits, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_jit(w, bits: int, dtype) -> QuantizedWeight:
   w = jnp.asarray(w, jnp.float32)
   *lead, k, n = w.shape
   qmax = _QMAX[bits]
