@@ -151,8 +151,9 @@ def main():
            f"bandwidth. The bfloat16 linears timed alone take far longer than the whole "
            f"bfloat16 step (other_ms negative): XLA:CPU compiles the standalone chain of bf16 "
            f"products differently from the same products inside the decode loop; an open "
-           f"question for issue 26, so the bf16 split is not a profile. Flags: " + "; ".join(f"{k}: `{v or 'none'}`" for k, v in FLAGS.items()
-                                          if k in args.flags) + ".")
+           f"question for issue 26, so the bf16 split is not a profile. Flags: "
+           + "; ".join(f"{k}: `{v or 'none'}`" for k, v in FLAGS.items() if k in args.flags)
+           + ".")
   print(common.write_results("decode_profile_cpu", rows, COLUMNS, notes=notes,
                              results_dir=args.results_dir))
 

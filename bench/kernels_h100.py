@@ -179,7 +179,7 @@ def _grouped(label, rows, tiles, k, n, experts=128):
 
 def _grouped_quantized(label, rows, tiles, k, n, method, experts=128):
   """The Mosaic GPU grouped GEMM on int8 / int4 experts (bfloat16 x and scales)."""
-  bits = int(method[3:])
+  bits = quant.bits_of(method)
   vshape, sshape = quant.stored_shapes(method, k, n)
   fn = lambda x, e, values, scales: mgq.grouped_gemm(x, e, values, scales, bits=bits)
   return Case(f"moe grouped_gemm {method} (pallas_mosaic)", f"{label} rows={rows} "

@@ -73,7 +73,8 @@ def main(argv=None):
   router = jax.random.normal(keys[2], (h, e), jnp.float32) * 0.02
   if args.quantize:
     w_gate_up, w_down = (quant.quantize(w, args.quantize) for w in (w_gate_up, w_down))
-  itemsize = int(args.quantize[3:]) / 8 if args.quantize else dtype.itemsize
+  bits = quant.bits_of(args.quantize) if args.quantize else None
+  itemsize = bits / 8 if bits else dtype.itemsize
   expert_bytes = 3 * h * f * itemsize  # the values; int8 / int4 scales add < 1%
   mb = lambda n_experts: n_experts * expert_bytes / 1e6
   rows = []
@@ -93,7 +94,6 @@ def main(argv=None):
                   "grouped (mosaic)": int((-(-counts // min(tile, 64))).sum()) * min(tile, 64)}
     base = None
     strategies = ["dense", "ragged", "gather", "grouped"]
-    bits = int(args.quantize[3:]) if args.quantize else None
     if (jax.default_backend() == "gpu" and selection.not_hopper() is None
         and selection.moe_unsupported(min(tile, 64), h, f, dtype, bits) is None):
       strategies.append("grouped (mosaic)")  # the kernel, at the same tile (up to 64 rows)

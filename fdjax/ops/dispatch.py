@@ -461,7 +461,6 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
     why = selection.moe_unsupported(rows, h, f2 // 2, x.dtype, bits)
     if why:
       raise ValueError(f"{op} (Mosaic GPU grouped GEMM): {why}")
-
     return run("grouped", rows, functools.partial(mosaic_tile_matmul, interpret=interpret))
 
   mosaic = ("pallas_mosaic", "pallas_mosaic_interpret")

@@ -108,16 +108,16 @@ def quantize(w, method: str, dtype=None) -> QuantizedWeight:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_jit(w, bits: int, dtype) -> QuantizedWeight:
+  """quantize's work on one [K, N] weight."""
   w = jnp.asarray(w, jnp.float32)
-  *lead, k, n = w.shape
+  k, n = w.shape
   qmax = _QMAX[bits]
   if bits == 8:
-    scales = (jnp.max(jnp.abs(w), axis=-2) / qmax).astype(dtype)
+    scales = (jnp.max(jnp.abs(w), axis=0) / qmax).astype(dtype)
   else:
     groups = checks.cdiv(k, GROUP)
-    padded = jnp.pad(w, [(0, 0)] * len(lead) + [(0, groups * GROUP - k), (0, 0)])
-    scales = (jnp.max(jnp.abs(padded.reshape(*lead, groups, GROUP, n)), axis=-2)
-              / qmax).astype(dtype)
+    padded = jnp.pad(w, ((0, groups * GROUP - k), (0, 0)))
+    scales = (jnp.max(jnp.abs(padded.reshape(groups, GROUP, n)), axis=1) / qmax).astype(dtype)
   per_row = _per_row(scales, bits, k)
   q = jnp.clip(jnp.round(w / jnp.where(per_row > 0, per_row, 1.0)), -qmax, qmax)
   values = q.astype(jnp.int8) if bits == 8 else quantized_format.pack_int4(q)

@@ -41,6 +41,7 @@ import re
 import jax
 
 from fdjax.ops import moe as moe_lib
+from fdjax.ops import quant
 from pallas_kernels.common import async_softmax, tiling
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
 from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
@@ -279,7 +280,7 @@ def mosaic_linear_unsupported(m: int, k: int, n: int, dtype,
   """Why the Mosaic GPU flat GEMM (float, or int8 / int4 weights) cannot take x [m, k] @ w
   [k, n] (None: it can)."""
   if quantization:
-    return mosaic_quantized.unsupported(m, k, n, dtype, int(quantization[3:]))
+    return mosaic_quantized.unsupported(m, k, n, dtype, quant.bits_of(quantization))
   return mosaic_flat_gemm.unsupported(m, k, n, dtype)
 
 
@@ -383,7 +384,7 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   cope = config is not None and config.position_encoding == "cope"
   ops = ["cope_attention"] if cope else ["prefill_attention", "decode_attention"]
   choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
-  bits = None if quantization is None else int(quantization[3:])
+  bits = None if quantization is None else quant.bits_of(quantization)
   moe_itemsize = bits / 8 if bits else jax.numpy.dtype(dtype).itemsize
   if config is not None and config.num_experts and platform not in GPU + ("tpu",):
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,

@@ -26,12 +26,11 @@ def stored_shapes(bits: int, k: int, n: int) -> tuple[tuple, tuple]:
 
 
 def pack_int4(q):
-  """int [..., K, N] in [-8, 7] -> uint8 [..., ceil(K / 2), N], two rows per byte (jnp)."""
+  """int [K, N] in [-8, 7] -> uint8 [ceil(K / 2), N], two rows per byte (jnp)."""
   q = jnp.asarray(q, jnp.int32) + INT4_ZERO
-  if q.shape[-2] % 2:
-    q = jnp.concatenate([q, jnp.full(q.shape[:-2] + (1, q.shape[-1]), INT4_ZERO, jnp.int32)],
-                        axis=-2)
-  return (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).astype(jnp.uint8)
+  if q.shape[0] % 2:
+    q = jnp.concatenate([q, jnp.full((1, q.shape[1]), INT4_ZERO, jnp.int32)])
+  return (q[0::2] | (q[1::2] << 4)).astype(jnp.uint8)
 
 
 def unpack_int4(b):
