@@ -35,9 +35,10 @@ def _mesh_args(p):
 
 
 def cmd_generate(args):
+  from fdjax import runtime
   if args.command_buffers:
-    from fdjax import runtime
     runtime.enable_command_buffers()
+  runtime.use_compile_cache(args.compile_cache)
   from fdjax.engine.decode_loop import generate
   from fdjax.ops import dispatch
   model, tok, label = _load(args)
@@ -144,8 +145,7 @@ def cmd_serve(args):
   from fdjax import runtime
   from fdjax.serving import auth
   from fdjax.serving.limits import Limits
-  cache = runtime.use_compile_cache(runtime.default_compile_cache()
-                                    if args.compile_cache == "default" else args.compile_cache)
+  cache = runtime.use_compile_cache(args.compile_cache)
   print(f"fdjax serve: compiled programs kept in {cache} (--compile-cache DIR|off)"
         if cache else "fdjax serve: no compilation cache (--compile-cache off)", flush=True)
   server.serve(args.model, host=args.host, port=args.port,
@@ -187,6 +187,12 @@ def _quantize_arg(p):
                  "experts' experts (at load; a checkpoint saved quantized is used as it is)")
 
 
+def _compile_cache_arg(p, why):
+  p.add_argument("--compile-cache", default="default", metavar="DIR|off", help="JAX's "
+                 "persistent compilation cache (default: $FDJAX_COMPILE_CACHE, else "
+                 f"~/.cache/fdjax/xla): {why}")
+
+
 def build_parser():
   parser = argparse.ArgumentParser(prog="fdjax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +214,7 @@ def build_parser():
   g.add_argument("--command-buffers", action="store_true",
                  help="put Pallas calls into XLA command buffers (GPU; see fdjax/runtime.py)")
   _mesh_args(g)
+  _compile_cache_arg(g, "a second run loads what the first compiled")
   g.set_defaults(fn=cmd_generate)
   s = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching, "
                      "streaming, chat templates)")
@@ -233,9 +240,7 @@ def build_parser():
   _speculative_args(s)
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
                  "first (the port opens at once; /health answers 503 until done)")
-  s.add_argument("--compile-cache", default="default", metavar="DIR|off", help="JAX's "
-                 "persistent compilation cache (default: $FDJAX_COMPILE_CACHE, else "
-                 "~/.cache/fdjax/xla): a second start loads what the first compiled")
+  _compile_cache_arg(s, "a second start loads what the first compiled")
   s.add_argument("--strict-fields", action="store_true", help="refuse the client extras "
                  "fdjax ignores by default (store, metadata, user, service_tier, ...: "
                  "fdjax.serving.api.IGNORED)")

@@ -39,8 +39,8 @@ def keep_cpu_loops_threaded() -> None:
 
 
 def default_compile_cache() -> str:
-  """Where `fdjax serve` keeps compiled programs: $FDJAX_COMPILE_CACHE, else fdjax/xla under
-  the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
+  """Where the CLI keeps compiled programs: $FDJAX_COMPILE_CACHE, else fdjax/xla under the
+  user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
   if os.environ.get("FDJAX_COMPILE_CACHE"):
     return os.environ["FDJAX_COMPILE_CACHE"]
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -48,14 +48,18 @@ def default_compile_cache() -> str:
 
 
 def use_compile_cache(path: str | None) -> str | None:
-  """JAX's persistent compilation cache in `path` ("off" or None: none), every program kept
-  however quickly it compiled (a server's warm-up is many small ones). Returns the directory
-  used. A program compiled once is then loaded from disk by later processes with the same
-  JAX, backend and flags."""
+  """JAX's persistent compilation cache in `path` ("default": default_compile_cache(); "off"
+  or None: none, even where JAX_COMPILATION_CACHE_DIR names one), every program kept however
+  quickly it compiled (a server's warm-up is many small ones). Returns the directory used.
+  A program compiled once is then loaded from disk by later processes with the same JAX,
+  backend and flags: `fdjax generate`'s second run skips most of the first one's compiling."""
   import jax
   if path is None or path == "off":
+    jax.config.update("jax_enable_compilation_cache", False)
     return None
+  path = default_compile_cache() if path == "default" else path
   os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

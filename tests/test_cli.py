@@ -39,3 +39,25 @@ def test_generate_with_speculative_decoding_prints_the_same_greedy_text():
   assert "speculative=ngram:k=3,n=2 drafted=" in spec.stdout
   bad = _run(*args, "--speculative", "ngram:k=99")
   assert bad.returncode == 2 and "k must be an integer from 1 to 16" in bad.stderr
+
+
+def test_generate_keeps_its_programs_in_the_compile_cache_and_off_is_off(tmp_path):
+  cache = tmp_path / "xla"
+  args = ("generate", "def g(y):", "--max-new-tokens", "6", "--preset", "random-tiny",
+          "--compile-cache", str(cache))
+  first = _run(*args)
+  assert first.returncode == 0, first.stderr
+  kept = set(os.listdir(cache))
+  assert kept  # the prefill, first-token and decode-loop programs at least
+  again = _run(*args)  # the same programs: loaded, nothing new written
+  assert again.returncode == 0 and set(os.listdir(cache)) == kept
+  assert again.stdout.splitlines()[0] == first.stdout.splitlines()[0]
+  # off is off, even with JAX's own variable naming a directory
+  elsewhere = tmp_path / "jax_env"
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": str(elsewhere),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  off = subprocess.run([sys.executable, "-m", "fdjax", *args[:-1], "off"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=600)
+  assert off.returncode == 0, off.stderr
+  assert not elsewhere.exists() or not os.listdir(elsewhere)
