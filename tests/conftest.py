@@ -7,13 +7,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# XLA:CPU compiles the tests' many small programs at LLVM's -O0 (a fifth to a third less
-# wall time; the HLO passes, and so the numerics, are unchanged; subprocesses inherit it).
-# The compiles for a described GPU or TPU (fdjax.tuning.aot.compile) keep the default level.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
-
 # The CLI's persistent compilation cache (fdjax generate / serve in subprocesses): one
 # directory for the whole session, made by the first process (pytest, or xdist's controller,
 # whose workers inherit it), so each `python -m fdjax ...` loads what an earlier one compiled
