@@ -107,12 +107,16 @@ def cmd_tune(args):
   from fdjax.tuning import tune
   from models import presets
   on_cpu = jax.default_backend() == "cpu"
-  if on_cpu and not args.allow_cpu:
+  if on_cpu and not args.allow_cpu and not args.moe:
     raise ValueError("tune profiles GPU or TPU kernels; on a CPU they only run in interpret "
                      "mode and the timings mean nothing (pass --allow-cpu to do it anyway)")
   if bool(args.model) == bool(args.preset):
     raise ValueError("give exactly one of --model DIR and --preset NAME")
   cfg = presets.get(args.preset) if args.preset else checkpoint.load_config(args.model)
+  if args.moe:
+    print("wrote " + tune.tune_moe(cfg, args.tokens or tune.MOE_TOKENS, dtype=args.dtype,
+                                   iters=args.iters, out=args.out, quantization=args.quantize))
+    return
   ms = args.ms or [m for m in tune.PROFILE_MS if m <= args.max_m]
   print("wrote " + tune.tune_model(cfg, ms, dtype=args.dtype, iters=args.iters, out=args.out,
                                    quantization=args.quantize))
@@ -270,6 +274,11 @@ def build_parser():
                  help="tune the int8 / int4 kernels (table keys KxN:int8 / KxN:int4)")
   t.add_argument("--out", help="table file (default: fdjax/ops/tables/<device>.json)")
   t.add_argument("--allow-cpu", action="store_true")
+  t.add_argument("--moe", action="store_true", help="time the model's mixture-of-experts layer "
+                 "(the grouped tiles against every expert on every token) by tokens instead, "
+                 "and write the table's \"moe\" entry (real timings on a CPU too: XLA runs it)")
+  t.add_argument("--tokens", type=int, nargs="+", help="with --moe: the token counts to time "
+                 "(default: 1 2 4 8 16 32 64)")
   t.set_defaults(fn=cmd_tune)
   tr = sub.add_parser("train", help="train a model with optax (byte-level text or a task)")
   tr.add_argument("--data", required=True, dest="data_name",

@@ -258,3 +258,26 @@ def test_moe_bench_smoke(dry_run):
   assert [r["strategy"].split()[0] for r in int4] == [r["strategy"].split()[0] for r in rows]
   for q, r in zip(int4, rows):
     assert q["ms"] > 0 and q["dense_MB_read"] == pytest.approx(r["dense_MB_read"] / 4, rel=1e-3)
+
+
+def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes():
+  """bench/decode_trace.py's reading of the compiled decode loop (the profile's categories):
+  a tiny model's loop at batch 2 has its LM head, linears, attention dots, the K/V gather from
+  the page pools, the cache write, norms and the argmax, each where they should be."""
+  from bench import decode_trace
+  from fdjax.engine import decode_loop
+  from tests.models_util import tiny_model
+  model = tiny_model(num_kv_heads=2)
+  cfg = model.config
+  _, decode = decode_loop.lower(model, batch=2, prompt_len=8, max_new_tokens=8)
+  pages = decode_loop.buckets(cfg, 2, 8, 8).pages * 2
+  cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size,
+                                 f"[{pages},64,{cfg.num_kv_heads},{cfg.head_dim}]")
+  found = {}
+  for name, (cat, shape) in cats.items():
+    found.setdefault(cat, []).append(shape)
+  assert set(found) >= {"LM head", "linears", "attention dots", "K/V gather", "cache write",
+                        "norms", "sampling", "other"}, sorted(found)
+  assert all(s.endswith(f",{cfg.vocab_size}]") for s in found["LM head"])
+  assert all(s.count(",") == 1 for s in found["linears"])  # [B, N]
+  assert all(s.startswith("f32[2,") for s in found["K/V gather"])  # each row's keys

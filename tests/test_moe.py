@@ -2,6 +2,10 @@
 reference, the rule that picks a strategy, the model's MoE layers, their checkpoints and the
 refusals. Parity with transformers' Mixtral / Qwen2-MoE / Qwen3-MoE is in test_hf_parity."""
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,9 @@ from fdjax.ops import dispatch, moe, quant, selection
 from models import ModelConfig, Transformer, layout, parallel
 
 SILU = jax.nn.silu
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _weights(key, e, h, f, dtype=jnp.float32):
@@ -188,6 +195,92 @@ def test_selection_by_tokens_per_expert():
   # Mixtral at batch 8: 16 pairs, up to 9 tiles of 8 rows, against its 8 experts once
   few = selection.moe(tokens=8, top_k=2, num_experts=8)
   assert few.impl == "dense" and few.settings is None
+
+
+def _moe_table(path, kind, entries):
+  with open(path, "w") as fh:
+    json.dump({"device": kind, "shapes": {}, "moe": entries}, fh)
+
+
+def test_a_measured_moe_table_overrides_the_rule(tmp_path, monkeypatch):
+  """A table's "moe" entry (fdjax tune --moe) decides by the measured times at the smallest
+  token count measured at or above the call's (the largest past them); other layers, other
+  quantizations and other platforms keep the analytic rule; dispatch.moe and describe follow it."""
+  kind = selection.device_kind()
+  qwen = selection.moe_key(128, 2048, 768, 8)
+  assert qwen == "E128xH2048xF768xk8" and selection.moe_key(8, 64, 32, 2, "int4") == "E8xH64xF32xk2:int4"
+  # against the rule (grouped tiles at 1 to 64 tokens): every expert measured faster at 1 and 2
+  profile = [{"tokens": 1, "grouped_ms": 5.0, "dense_ms": 4.0, "tile": 8},
+             {"tokens": 2, "grouped_ms": 6.0, "dense_ms": 5.5, "tile": 8},
+             {"tokens": 16, "grouped_ms": 7.0, "dense_ms": 9.0, "tile": 8}]
+  small = selection.moe_key(4, 16, 8, 2)  # test_dispatch_moe_picks_and_checks's layer
+  _moe_table(tmp_path / "t.json", kind, {qwen: {"source": "measured", "profile": profile},
+                                         small: {"source": "measured", "profile": [
+                                             {"tokens": 64, "grouped_ms": 1.0, "dense_ms": 2.0,
+                                              "tile": 8}]}})
+  monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
+  selection.reload()
+  try:
+    here = jax.default_backend()
+    layer = dict(hidden=2048, width=768)
+    one = selection.moe(1, 8, 128, 2, here, **layer)
+    assert one.impl == "dense" and "measured at 1 tokens" in one.reason and "4 ms" in one.reason
+    assert selection.moe(2, 8, 128, 2, here, **layer).impl == "dense"
+    three = selection.moe(3, 8, 128, 2, here, **layer)  # the next measured: 16
+    assert three.impl == "grouped" and three.settings == 8 and "at 16 tokens" in three.reason
+    assert "at 16 tokens" in selection.moe(4096, 8, 128, 2, here, **layer).reason
+    assert selection.moe(1, 8, 128, 2, here).impl == "grouped"  # no shape: the rule
+    assert selection.moe(1, 8, 128, 1, here, **layer, quantization="int8").impl == "grouped"
+    assert selection.moe(1, 8, 128, 2, "tpu", **layer).impl == "grouped"  # not this device
+    cfg = dataclasses.replace(MOE, num_experts=128, experts_per_token=8, hidden_size=2048,
+                              moe_intermediate_size=768)
+    assert dispatch.describe(cfg, batch=1)["moe"].startswith("dense (")
+    # dispatch.moe runs what the table says (the tiles, where the rule takes every expert)
+    assert selection.moe(6, 2, 4, 4, "cpu").impl == "dense"
+    ran = []
+    real = moe.run
+    monkeypatch.setattr(moe, "run", lambda how, *a, **k: ran.append(how) or real(how, *a, **k))
+    x = jax.random.normal(jax.random.key(0), (6, 16))
+    w_gate_up, w_down = _weights(jax.random.key(1), 4, 16, 8)
+    logits = jax.random.normal(jax.random.key(2), (6, 4))
+    y = dispatch.moe(x, logits, w_gate_up, w_down, top_k=2)
+    assert ran == ["grouped"]
+    np.testing.assert_allclose(y, dispatch.moe(x, logits, w_gate_up, w_down, top_k=2,
+                                               strategy="grouped"), rtol=1e-5, atol=1e-6)
+  finally:
+    monkeypatch.delenv("FDJAX_TABLES")
+    selection.reload()
+
+
+def test_tune_moe_measures_the_layer_and_selection_follows(tmp_path, monkeypatch):
+  """fdjax tune --moe on the CPU (real timings: XLA runs both ways), through the command line:
+  the layer's entry with both times at each token count, which selection then follows."""
+  out = tmp_path / "cpu.json"
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-m", "fdjax", "tune", "--moe", "--preset",
+                      "random-tiny-moe", "--tokens", "1", "16", "--iters", "3", "--dtype",
+                      "float32", "--out", str(out)], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  table = json.loads(out.read_text())
+  entry = table["moe"][selection.moe_key(8, 128, 64, 2)]
+  assert table["device"] == selection.device_kind() and entry["source"] == "measured"
+  assert [row["tokens"] for row in entry["profile"]] == [1, 16]
+  assert all(row["grouped_ms"] > 0 and row["dense_ms"] > 0 for row in entry["profile"])
+  monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
+  selection.reload()
+  try:
+    for row in entry["profile"]:
+      c = selection.moe(row["tokens"], 2, 8, 4, jax.default_backend(), hidden=128, width=64)
+      assert c.impl == ("dense" if row["dense_ms"] < row["grouped_ms"] else "grouped")
+      assert f"measured at {row['tokens']} tokens" in c.reason
+  finally:
+    monkeypatch.delenv("FDJAX_TABLES")
+    selection.reload()
+  bad = subprocess.run([sys.executable, "-m", "fdjax", "tune", "--moe", "--preset",
+                        "random-tiny", "--out", str(tmp_path / "x.json")], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=600)
+  assert bad.returncode != 0 and "no mixture-of-experts layer" in bad.stderr
 
 
 def test_dispatch_moe_picks_and_checks():

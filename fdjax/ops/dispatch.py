@@ -449,7 +449,8 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
   x2 = x.reshape(-1, h)
   platform = (lowering_target() or jax.default_backend()).split(":")[0]
   itemsize = bits / 8 if bits else x.dtype.itemsize  # bytes an expert weight's element reads
-  choice = selection.moe(x2.shape[0], top_k, e, itemsize, platform)
+  choice = selection.moe(x2.shape[0], top_k, e, itemsize, platform, hidden=h, width=f2 // 2,
+                         quantization=f"int{bits}" if bits else None)
   tile = choice.settings or selection.MOE_MIN_TILE
   weights, experts = moe_lib.route(router_logits.reshape(-1, e), top_k, normalize)
 

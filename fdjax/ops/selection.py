@@ -26,8 +26,10 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   this JAX has no Triton the Mosaic flat GEMM at every M it takes, else XLA.
 * Mixture-of-experts layers (`moe`): by tokens per expert, the grouped GEMM over expert tiles
   of 8 to 128 rows or every expert on every token, by the bytes each reads and the rows it
-  multiplies. On Hopper the grouped tiles' products run the Mosaic GPU grouped GEMM (tiles up
-  to 64 rows, bfloat16 / float16); elsewhere XLA (no Triton or TPU kernel).
+  multiplies, or, where `fdjax tune --moe` measured the layer's shape on this device (the
+  table's "moe" section), by which of the two took less time at the nearest token count
+  measured at or above. On Hopper the grouped tiles' products run the Mosaic GPU grouped GEMM
+  (tiles up to 64 rows, bfloat16 / float16); elsewhere XLA (no Triton or TPU kernel).
 """
 from __future__ import annotations
 
@@ -194,8 +196,20 @@ def tables() -> dict:
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def moe_tables() -> dict:
+  """{device kind: {moe_key: entry}} from the table files' "moe" sections (fdjax tune --moe)."""
+  out = {}
+  for file in _table_files():
+    with open(file) as fh:
+      t = json.load(fh)
+    out.setdefault(t["device"], {}).update(t.get("moe", {}))
+  return out
+
+
 def reload():
   tables.cache_clear()
+  moe_tables.cache_clear()
 
 
 def is_tpu(kind: str) -> bool:
@@ -311,14 +325,29 @@ MOE_MIN_TILE, MOE_MAX_TILE = 8, 128  # rows per expert tile of the grouped strat
 MOE_BALANCE = {"cpu": 100, "cuda": 300, "gpu": 300, "tpu": 240}
 
 
+def moe_key(num_experts: int, hidden: int, width: int, top_k: int,
+            quantization: str | None = None) -> str:
+  """A mixture-of-experts layer's table key: "E128xH2048xF768xk8" (experts, hidden size, each
+  expert's width, experts per token), ":int8" / ":int4" for quantized experts."""
+  return (f"E{num_experts}xH{hidden}xF{width}xk{top_k}"
+          + (f":{quantization}" if quantization else ""))
+
+
 def moe(tokens: int, top_k: int, num_experts: int, itemsize: float = 2,
-        platform: str = "cpu") -> Choice:
+        platform: str = "cpu", *, hidden: int | None = None, width: int | None = None,
+        quantization: str | None = None, kind: str | None = None) -> Choice:
   """How XLA runs the experts of a mixture-of-experts layer for `tokens` tokens, each routed
   to `top_k` of `num_experts` (fdjax.ops.moe), weights of `itemsize` bytes: by tokens per
   expert, the grouped GEMM with tiles sized by the mean (8 to 128 rows; it reads at most one
   expert per tile, never an expert with no token) or every expert on every token (each expert
-  read once, tokens x experts rows), whichever costs less when reading an expert costs
-  `itemsize` and multiplying a row of it 2 / MOE_BALANCE[platform] (both per 3 H F).
+  read once, tokens x experts rows).
+
+  Measured, where the device's table has the layer (`hidden`, `width`, `quantization` given,
+  and `platform` this process's, device `kind`): whichever took less time at the smallest
+  token count measured at or above `tokens` (else the largest). Otherwise analytic: whichever
+  costs less when reading an expert costs `itemsize` and multiplying a row of it
+  2 / MOE_BALANCE[platform] (both per 3 H F).
+
   `settings` is the tile. The GEMV per (token, expert) pair ("gather") is not picked: on
   XLA:CPU its M = 1 products ran at half the grouped tiles' speed at batch 1. On a GPU
   `moe_on_gpu` then says who runs the tiles."""
@@ -326,15 +355,38 @@ def moe(tokens: int, top_k: int, num_experts: int, itemsize: float = 2,
   per_expert = -(-pairs // num_experts)
   tile = min(max(MOE_MIN_TILE, 1 << (per_expert - 1).bit_length()), MOE_MAX_TILE)
   tiles = moe_lib.tile_count(pairs, num_experts, tile)
+  shape = (f"{pairs} pairs over {num_experts} experts, ~{per_expert} per expert: tiles of "
+           f"{tile}")
+  measured = _moe_measured(tokens, top_k, num_experts, platform, hidden, width, quantization,
+                           kind)
+  if measured is not None:
+    row = measured
+    why = (f"{shape}; measured at {row['tokens']} tokens (fdjax tune --moe): the tiles "
+           f"{row['grouped_ms']:.3g} ms, every expert {row['dense_ms']:.3g} ms")
+    if row["dense_ms"] < row["grouped_ms"]:
+      return Choice("dense", why)
+    return Choice("grouped", why, tile)
   row = 2 / MOE_BALANCE.get(platform, MOE_BALANCE["cpu"])
   grouped = tiles * itemsize + tiles * tile * row
   dense = num_experts * itemsize + tokens * num_experts * row
-  why = (f"{pairs} pairs over {num_experts} experts, ~{per_expert} per expert: tiles of "
-         f"{tile}, at most {tiles} tiles' experts read and {tiles * tile} rows; every expert on "
-         f"every token: {num_experts} read, {tokens * num_experts} rows")
+  why = (f"{shape}, at most {tiles} tiles' experts read and {tiles * tile} rows; every expert "
+         f"on every token: {num_experts} read, {tokens * num_experts} rows")
   if dense < grouped:
     return Choice("dense", why)
   return Choice("grouped", why, tile)
+
+
+def _moe_measured(tokens, top_k, num_experts, platform, hidden, width, quantization,
+                  kind) -> dict | None:
+  """The table's profile row moe() follows for this layer and token count, or None."""
+  if hidden is None or width is None or platform != jax.default_backend():
+    return None
+  entry = moe_tables().get(kind or device_kind(), {}).get(
+      moe_key(num_experts, hidden, width, top_k, quantization))
+  if not entry or not entry.get("profile"):
+    return None
+  profile = sorted(entry["profile"], key=lambda r: r["tokens"])
+  return next((r for r in profile if r["tokens"] >= tokens), profile[-1])
 
 
 def moe_unsupported(tile: int, hidden: int, width: int, dtype,
@@ -386,15 +438,18 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
   bits = None if quantization is None else quant.bits_of(quantization)
   moe_itemsize = bits / 8 if bits else jax.numpy.dtype(dtype).itemsize
+  layer = {} if config is None else dict(hidden=config.hidden_size,
+                                          width=config.moe_intermediate_size,
+                                          quantization=quantization, kind=kind)
   if config is not None and config.num_experts and platform not in GPU + ("tpu",):
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
-                         platform)
+                         platform, **layer)
   if platform not in GPU + ("tpu",):
     return {**{op: str(c) for op, c in choices.items()},
             "linear": str(attention("linear", 0, dtype, platform))}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
-                         platform)
+                         platform, **layer)
     if platform in GPU:
       choices["moe"] = moe_on_gpu(choices["moe"], config.hidden_size,
                                   config.moe_intermediate_size, dtype, bits)

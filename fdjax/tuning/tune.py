@@ -162,8 +162,10 @@ def fit_crossovers(profile: list[dict]) -> tuple[int, int]:
   return best[1], best[2]
 
 
-def write_table(entries: dict, path: str | None = None, kind: str | None = None) -> str:
-  """Merges {"KxN": entry} into the device's table file and returns its path."""
+def write_table(entries: dict, path: str | None = None, kind: str | None = None,
+                section: str = "shapes") -> str:
+  """Merges {"KxN": entry} (or, in the "moe" section, {moe_key: entry}) into the device's
+  table file and returns its path."""
   kind = kind or selection.device_kind()
   path = path or os.path.join(selection.TABLE_DIR, f"{selection.slug(kind)}.json")
   table = {"device": kind, "shapes": {}}
@@ -171,7 +173,7 @@ def write_table(entries: dict, path: str | None = None, kind: str | None = None)
     with open(path) as fh:
       table = json.load(fh)
   table["device"] = kind
-  table["shapes"].update(entries)
+  table.setdefault(section, {}).update(entries)
   table["jax_version"] = jax.__version__
   table["date"] = time.strftime("%Y-%m-%d")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -200,3 +202,49 @@ def tune_model(cfg, ms, *, dtype="bfloat16", iters=20, out=None, progress=None,
              + (f" flat backend={e['backend']}" if "backend" in e else ""))
     entries[selection.key(k, n, quantization)] = e
   return write_table(entries, out)
+
+
+MOE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def tune_moe(cfg, tokens=MOE_TOKENS, *, dtype="bfloat16", iters=10, out=None, progress=None,
+             quantization: str | None = None, seed: int = 0) -> str:
+  """Times a mixture-of-experts layer of `cfg`'s shape (random experts, quantized to
+  `quantization` or not; random routing) both ways selection.moe chooses between, the grouped
+  tiles and every expert on every token, at each token count (dispatch.moe as "auto" runs it:
+  on Hopper the tiles go through the Mosaic GPU grouped GEMM), and writes the layer's entry
+  into the device's table (or `out`): selection.moe follows it from then on. Unlike the linear
+  kernels' tuning, on a CPU this measures what runs there (XLA)."""
+  from fdjax.ops import dispatch
+  progress = progress or (lambda s: print(s, flush=True))
+  if not cfg.num_experts:
+    raise ValueError("tune --moe: the model has no mixture-of-experts layer")
+  e, h, f, k = (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+                cfg.experts_per_token)
+  dtype = jnp.dtype(dtype)
+  key = jax.random.key(seed)
+  w_gate_up = (jax.random.normal(jax.random.fold_in(key, 1), (e, h, 2 * f)) * 0.02).astype(dtype)
+  w_down = (jax.random.normal(jax.random.fold_in(key, 2), (e, f, h)) * 0.02).astype(dtype)
+  if quantization:
+    w_gate_up, w_down = quant.quantize(w_gate_up, quantization), quant.quantize(w_down,
+                                                                               quantization)
+  def layer(strategy):  # the experts are arguments: constants would be copied into the program
+    return jax.jit(lambda x, r, wgu, wd: dispatch.moe(x, r, wgu, wd, top_k=k,
+                                                      normalize=cfg.norm_topk_prob,
+                                                      strategy=strategy))
+  runs = {s: layer(s) for s in ("grouped", "dense")}
+  name = selection.moe_key(e, h, f, k, quantization)
+  profile = []
+  for i, t in enumerate(tokens):
+    sets = [(jax.random.normal(jax.random.fold_in(key, 100 * t + j), (t, h)).astype(dtype),
+             jax.random.normal(jax.random.fold_in(key, 100 * t + j + 50), (t, e)),
+             w_gate_up, w_down) for j in range(2)]
+    row = {"tokens": int(t)}
+    for strategy, fn in runs.items():
+      row[f"{strategy}_ms"] = timing.seconds_per_call(fn, sets, calls=iters) * 1e3
+    row["tile"] = selection.moe(t, k, e, platform="none").settings
+    profile.append(row)
+    progress(f"  [{name}] {t} tokens ({i + 1}/{len(tokens)}): grouped tiles of {row['tile']} "
+             f"{row['grouped_ms']:.3f} ms, every expert {row['dense_ms']:.3f} ms")
+  entry = {"source": "measured", "dtype": dtype.name, "profile": profile}
+  return write_table({name: entry}, out, section="moe")
