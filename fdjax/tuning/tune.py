@@ -4,8 +4,9 @@ writes the table `fdjax.ops.selection` reads at run time (per device kind: on a 
 GEMV and flat GEMM of pallas_kernels/tpu/, with their own candidate tiles; on a Hopper GPU the
 Mosaic GPU flat GEMM is timed beside Triton's, and the entry's "backend" names the faster).
 Every candidate is compiled before it is timed, on a GPU with spills made errors
-(fdjax.tuning.aot.compile); one the compiler refuses is dropped, with its reason. Every timing is fdjax.tuning.timing's (rotating random inputs, no L2
-reuse).
+(fdjax.tuning.aot.compile); one the compiler refuses is dropped, with its reason. Every timing
+is fdjax.tuning.timing's (rotating random inputs, no L2 reuse). `fdjax tune --moe` times a
+mixture-of-experts layer's two strategies by tokens instead (tune_moe: the table's "moe").
 """
 from __future__ import annotations
 
