@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -80,17 +81,15 @@ def computations(hlo: str) -> dict[str, list[tuple]]:
 def categorize(hlo: str, vocab: int, pool_shape: str) -> dict[str, tuple[str, str]]:
   """{instruction name: (category, its shape)} for every instruction of the module."""
   comps = computations(hlo)
-  def ops(name, seen=None):  # every (shape, opcode, rest) a computation runs, called ones too
-    seen = seen if seen is not None else set()
-    if name in seen or name not in comps:
-      return []
-    seen.add(name)
+
+  @functools.cache
+  def ops(name):  # every (shape, opcode, rest) a computation runs, the ones it calls too
     found = []
-    for _, shape, opcode, rest in comps[name]:
+    for _, shape, opcode, rest in comps.get(name, ()):
       found.append((shape, opcode, rest))
       for called in _CALLED.findall(rest):
-        found += ops(called, seen)
-    return found
+        found += ops(called)
+    return tuple(found)
   cats = {}
   for comp in comps.values():
     for name, shape, opcode, rest in comp:

@@ -186,30 +186,29 @@ def _table_files():
 
 
 @functools.lru_cache(maxsize=None)
+def _section(name: str) -> dict:
+  """{device kind: {key: entry}} from one section of every table file: "shapes" (the linear
+  layers', fdjax tune) or "moe" (fdjax tune --moe)."""
+  out = {}
+  for file in _table_files():
+    with open(file) as fh:
+      t = json.load(fh)
+    out.setdefault(t["device"], {}).update(t.get(name, {}))
+  return out
+
+
 def tables() -> dict:
   """{device kind: {"KxN": entry}} from every table file."""
-  out = {}
-  for file in _table_files():
-    with open(file) as fh:
-      t = json.load(fh)
-    out.setdefault(t["device"], {}).update(t["shapes"])
-  return out
+  return _section("shapes")
 
 
-@functools.lru_cache(maxsize=None)
 def moe_tables() -> dict:
-  """{device kind: {moe_key: entry}} from the table files' "moe" sections (fdjax tune --moe)."""
-  out = {}
-  for file in _table_files():
-    with open(file) as fh:
-      t = json.load(fh)
-    out.setdefault(t["device"], {}).update(t.get("moe", {}))
-  return out
+  """{device kind: {moe_key: entry}} from the table files' "moe" sections."""
+  return _section("moe")
 
 
 def reload():
-  tables.cache_clear()
-  moe_tables.cache_clear()
+  _section.cache_clear()
 
 
 def is_tpu(kind: str) -> bool:
@@ -353,17 +352,16 @@ def moe(tokens: int, top_k: int, num_experts: int, itemsize: float = 2,
   `moe_on_gpu` then says who runs the tiles."""
   pairs = tokens * top_k
   per_expert = -(-pairs // num_experts)
-  tile = min(max(MOE_MIN_TILE, 1 << (per_expert - 1).bit_length()), MOE_MAX_TILE)
+  tile = moe_tile(tokens, top_k, num_experts)
   tiles = moe_lib.tile_count(pairs, num_experts, tile)
   shape = (f"{pairs} pairs over {num_experts} experts, ~{per_expert} per expert: tiles of "
            f"{tile}")
   measured = _moe_measured(tokens, top_k, num_experts, platform, hidden, width, quantization,
                            kind)
   if measured is not None:
-    row = measured
-    why = (f"{shape}; measured at {row['tokens']} tokens (fdjax tune --moe): the tiles "
-           f"{row['grouped_ms']:.3g} ms, every expert {row['dense_ms']:.3g} ms")
-    if row["dense_ms"] < row["grouped_ms"]:
+    why = (f"{shape}; measured at {measured['tokens']} tokens (fdjax tune --moe): the tiles "
+           f"{measured['grouped_ms']:.3g} ms, every expert {measured['dense_ms']:.3g} ms")
+    if measured["dense_ms"] < measured["grouped_ms"]:
       return Choice("dense", why)
     return Choice("grouped", why, tile)
   row = 2 / MOE_BALANCE.get(platform, MOE_BALANCE["cpu"])
@@ -374,6 +372,13 @@ def moe(tokens: int, top_k: int, num_experts: int, itemsize: float = 2,
   if dense < grouped:
     return Choice("dense", why)
   return Choice("grouped", why, tile)
+
+
+def moe_tile(tokens: int, top_k: int, num_experts: int) -> int:
+  """The grouped strategy's rows per expert tile: the mean tokens per expert rounded up to a
+  power of two, from MOE_MIN_TILE to MOE_MAX_TILE."""
+  per_expert = -(-tokens * top_k // num_experts)
+  return min(max(MOE_MIN_TILE, 1 << (per_expert - 1).bit_length()), MOE_MAX_TILE)
 
 
 def _moe_measured(tokens, top_k, num_experts, platform, hidden, width, quantization,

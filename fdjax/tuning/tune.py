@@ -243,7 +243,7 @@ def tune_moe(cfg, tokens=MOE_TOKENS, *, dtype="bfloat16", iters=10, out=None, pr
     row = {"tokens": int(t)}
     for strategy, fn in runs.items():
       row[f"{strategy}_ms"] = timing.seconds_per_call(fn, sets, calls=iters) * 1e3
-    row["tile"] = selection.moe(t, k, e, platform="none").settings
+    row["tile"] = selection.moe_tile(t, k, e)
     profile.append(row)
     progress(f"  [{name}] {t} tokens ({i + 1}/{len(tokens)}): grouped tiles of {row['tile']} "
              f"{row['grouped_ms']:.3f} ms, every expert {row['dense_ms']:.3f} ms")
