@@ -65,3 +65,12 @@ def _free_compiled_programs():
     import jax
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(params=["cond", "select"])
+def guard_form(request, monkeypatch):
+  """Both forms of the async softmax's guard in interpret mode: lax.cond (what the CPU runs)
+  and the branchless select a GPU compiles (async_softmax.select_guard)."""
+  from pallas_kernels.common import async_softmax
+  monkeypatch.setattr(async_softmax, "SELECT_IN_INTERPRET", request.param == "select")
+  return request.param

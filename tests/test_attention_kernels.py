@@ -209,7 +209,7 @@ def test_decode_guard_recovers_every_row(case):
   assert int(stats["recomputed_rows"]) > 0
 
 
-def test_decode_guard_one_huge_score_in_one_split_recomputes_only_that_group():
+def test_decode_guard_one_huge_score_in_one_split_recomputes_only_that_group(guard_form):
   rng = np.random.default_rng(12)
   q, k, v, lengths = _decode_case(rng)
   # Key 40 (the third of four splits of 16) of batch row 1, KV head 0, made to align with the
@@ -242,7 +242,7 @@ def test_prefill_guard_recovers_every_row(case):
   assert int(stats["recomputed_rows"]) > 0
 
 
-def test_prefill_guard_one_huge_score_recomputes_only_those_rows():
+def test_prefill_guard_one_huge_score_recomputes_only_those_rows(guard_form):
   rng = np.random.default_rng(14)
   q, k, v = _inputs(rng, (1, 48, 2, D), (1, 48, 1, D), jnp.float32)
   k = k.at[0, 5, 0].set(q[0, 30, 0] * 40.0)  # one score of query row 30, head 0

@@ -282,3 +282,19 @@ def test_the_mosaic_quantized_flat_gemm_compiles_for_sm90a_without_spills(h100, 
   assert row["launch"] == f"fdjax_mgpu_flat_gemm_{case.kernel.split()[1]}"
   assert row["status"] == "ok" and (row["spill_stores"], row["spill_loads"]) == (0, 0), row
   assert 0 < row["registers"] <= 255 and 0 < row["shared_kb"] <= 227 and row["per_sm"] >= 1
+
+
+@pytest.mark.parametrize("impl,kernel", [("pallas_mosaic", "fdjax_mgpu_decode"),
+                                         ("pallas", "fdjax_decode")])
+def test_the_gpu_guard_selects_instead_of_branching(h100, impl, kernel):
+  """Decode attention lowered for an H100 (Mosaic GPU and Triton) holds the guard's online
+  pass but no conditional: XLA:GPU runs a conditional by blocking the host on its predicate,
+  which would stall the GPU once per layer (async_softmax.select_guard; on the H200, 81 us a
+  call against the online path's 47). Interpret mode's cond is tested with guard_form."""
+  bf = jnp.bfloat16
+  with aot.on("h100"), dispatch.lowering_for("cuda"), dispatch.using(impl):
+    text = jax.jit(lambda q, k, v, n: dispatch.decode_attention(q, k, v, n)).lower(
+        h100((2, 32, 128), bf), h100((2, 4096, 8, 128), bf), h100((2, 4096, 8, 128), bf),
+        h100((2,), jnp.int32)).as_text()
+  assert f"{kernel}_async" in text and f"{kernel}_online" in text
+  assert "stablehlo.case" not in text and "stablehlo.if" not in text

@@ -244,7 +244,7 @@ def test_decode_guard_recovers_every_row(case):
   assert int(stats["recomputed_rows"]) == 16  # every query head of every row
 
 
-def test_decode_guard_one_huge_score_recomputes_only_its_group():
+def test_decode_guard_one_huge_score_recomputes_only_its_group(guard_form):
   rng = np.random.default_rng(12)
   q, k, v = _inputs(rng, (2, 8, D), (2, 64, 2, D), jnp.bfloat16)
   lengths = jnp.asarray([64, 50], jnp.int32)

@@ -101,7 +101,7 @@ def test_paged_decode_with_a_window_needs_no_page_before_it(dtype, heads, window
 
 
 @pytest.mark.parametrize("case", ["scores_x1e4", "phi_far_too_low"])
-def test_paged_decode_guard_recomputes_and_stays_finite(case):
+def test_paged_decode_guard_recomputes_and_stays_finite(case, guard_form):
   rng = np.random.default_rng(3)
   q, kp, vp, table, n, kf, vf = _paged_case(rng, 8, 2, jnp.float32, LENGTHS,
                                             scale_q=1e4 if case == "scores_x1e4" else 1.0)

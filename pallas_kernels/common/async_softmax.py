@@ -71,11 +71,29 @@ def check_mode(op, mode):
     raise ValueError(f"{op}: unknown mode {mode!r}")
 
 
-def guarded(mode, run_async, run_online, no_flags):
+# Tests set this to run interpret mode's guard as a GPU runs it (see select_guard).
+SELECT_IN_INTERPRET = False
+
+
+def select_guard(interpret: bool) -> bool:
+  """Whether the guard's recompute runs unconditionally over the flagged programs only and
+  its rows are selected, rather than under lax.cond. A GPU kernel selects: XLA:GPU runs a
+  conditional by copying its predicate to the host and blocking the host until the stream is
+  done (xla/backends/gpu/runtime/conditional_thunk.cc), so each call would stall the GPU once,
+  once per layer in a decode step. On an H200 the async path with the cond took 81 us against
+  the online path's 47 at batch 1, 4k keys, 32 heads (bench/results/attention_h200.md). An
+  inactive program reads no key, so a recompute with no flagged row is one near-empty
+  launch. Interpret mode (the CPU) keeps the cond: free there, and it skips a slow
+  interpreted pass; SELECT_IN_INTERPRET makes the tests take the GPU's form."""
+  return not interpret or SELECT_IN_INTERPRET
+
+
+def guarded(mode, run_async, run_online, no_flags, select=False):
   """The scheme every async kernel follows, as (out, flags). mode "online": run_online(None)
-  (every row synchronised; flags `no_flags`). mode "async": (out, flags) = run_async(); if any
-  row is flagged, run_online(flags) (the kernel in online mode for the flagged rows' programs
-  only) replaces exactly the flagged rows, inside the same jitted function."""
+  (every row synchronised; flags `no_flags`). mode "async": (out, flags) = run_async(); the
+  flagged rows are replaced by run_online(flags) (the kernel in online mode for the flagged
+  rows' programs only), inside the same jitted function: under lax.cond when any row is
+  flagged, or with `select` (see select_guard) always, with no branch."""
   if mode == "online":
     return run_online(None), no_flags
   out, flags = run_async()
@@ -83,6 +101,8 @@ def guarded(mode, run_async, run_online, no_flags):
   def recompute(out):
     return jnp.where(flags[..., None], run_online(flags), out)
 
+  if select:
+    return recompute(out), flags
   return jax.lax.cond(jnp.any(flags), recompute, lambda out: out, out), flags
 
 
@@ -140,11 +160,12 @@ def combine_async(o, l, m, phi, axis):
 
 
 def guarded_groups(run, phi, mode, batch: int, kv_heads: int, group: int, group_pad: int,
-                   out_dtype, return_stats: bool):
+                   out_dtype, return_stats: bool, select: bool = False):
   """The GPU split-KV decode kernels' driver (Triton and Mosaic GPU): run(active, online) runs
   the kernel over the (row, KV head) programs `active` (int32 [B, Hkv]) and gives partials o
   [B, Hkv, splits, group_pad, D], l and m [B, Hkv, splits, group_pad]; the splits are combined,
-  the guard's flagged groups rerun online (`guarded`), the padding rows of each group dropped.
+  the guard's flagged groups rerun online (`guarded`, with `select`), the padding rows of each
+  group dropped.
   Returns [B, Hkv * group, D] in out_dtype (and stats)."""
   def run_async():
     out, flags = combine_async(*run(jnp.ones((batch, kv_heads), jnp.int32), online=False),
@@ -156,6 +177,6 @@ def guarded_groups(run, phi, mode, batch: int, kv_heads: int, group: int, group_
     return combine_online(*run(active.astype(jnp.int32), online=True), axis=2)
 
   out, flags = guarded(mode, run_async, run_online,
-                       jnp.zeros((batch, kv_heads, group_pad), bool))
+                       jnp.zeros((batch, kv_heads, group_pad), bool), select)
   out = out[:, :, :group].reshape(batch, kv_heads * group, -1).astype(out_dtype)
   return (out, stats(flags[:, :, :group])) if return_stats else out

@@ -276,4 +276,5 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                           page_table.astype(jnp.int32), phi, g_out=g_out, n_pieces=n_pieces,
                           sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
                           interpret=interpret)
-  return asm.guarded_groups(run, phi, mode, b, hkv, g, g_out, q.dtype, return_stats)
+  return asm.guarded_groups(run, phi, mode, b, hkv, g, g_out, q.dtype, return_stats,
+                            asm.select_guard(interpret))

@@ -160,5 +160,6 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
       active = jnp.any(per_block.reshape(b, nq, block_q, hq), axis=2).transpose(0, 2, 1)
     return run(active.astype(jnp.int32), online=True)[0]
 
-  out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, t, hq), bool))
+  out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, t, hq), bool),
+                           asm.select_guard(interpret))
   return (out, asm.stats(flags)) if return_stats else out
