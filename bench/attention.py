@@ -93,8 +93,18 @@ def prefill_impls(on_gpu, sm_scale):
   return impls
 
 
-def _measure(fn, arg_sets, iters):
-  """(seconds per call, None) or (None, why) for fn on the rotating arg_sets."""
+def _measure(fn, arg_sets, iters, what=""):
+  """(seconds per call, None) or (None, why) for fn on the rotating arg_sets. A call that
+  never returns (a GPU kernel waiting forever) ends the process after MEASURE_S: the rows so
+  far are in its output, one per line."""
+  with common.watchdog(MEASURE_S, what):
+    return _measure_now(fn, arg_sets, iters)
+
+
+MEASURE_S = 120
+
+
+def _measure_now(fn, arg_sets, iters):
   f = jax.jit(fn)
   try:
     out = f(*arg_sets[0])
@@ -126,7 +136,11 @@ def main():
   ap.add_argument("--kv-len", type=int, nargs="+")
   ap.add_argument("--prefill-len", type=int, nargs="+")
   ap.add_argument("--results-dir")
+  ap.add_argument("--from-log", nargs=2, metavar=("LOG", "ENV_JSON"),
+                  help="rebuild the results of a run cut off before writing them")
   args = ap.parse_args()
+  if args.from_log:
+    return print(from_log(*args.from_log, args.results_dir))
   on_gpu = jax.default_backend() == "gpu"
   if args.smoke:
     # one decode shape (GQA 4): the smoke form checks the script
@@ -153,7 +167,7 @@ def main():
         nbytes = 2 * b * s * hkv * d * 2 + 2 * b * q_heads * d * 2
         shape = dict(op="decode", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d, kv_len=s)
         for name, fn in decode_impls(on_gpu, scale).items():
-          t, err = _measure(fn, sets, iters)
+          t, err = _measure(fn, sets, iters, f"{name} {shape}")
           row = {**shape, "impl": name, "dtype": "bfloat16"}
           if t is None:
             row["error"] = err
@@ -173,7 +187,7 @@ def main():
       shape = dict(op="prefill", batch=b, q_heads=q_heads, kv_heads=hkv, head_dim=d,
                    kv_len=t_len, q_len=t_len)
       for name, fn in prefill_impls(on_gpu, scale).items():
-        t, err = _measure(fn, sets, iters)
+        t, err = _measure(fn, sets, iters, f"{name} {shape}")
         row = {**shape, "impl": name, "dtype": "bfloat16"}
         if t is None:
           row["error"] = err
@@ -184,7 +198,18 @@ def main():
         print(row, flush=True)
       del sets
 
-  # ratios against each baseline of the same shape
+  print(write(rows, bw, floor, on_gpu, d, q_heads, args.smoke, args.results_dir))
+
+
+TIMED = ("Times: fdjax.tuning.timing.seconds_per_call (the calls run in a loop inside one "
+         "compiled program over rotating random inputs, so the host's dispatch is paid once "
+         "per round; median of rounds).")
+
+
+def write(rows, bw, floor, on_gpu, d, q_heads, smoke, results_dir, env=None, timed=TIMED):
+  """Ratios against each baseline of the same shape, the targets' summary, and the results
+  (attention{,_smoke}.{json,md,svg}); `env`: the measuring run's, when rebuilt from its log;
+  `timed`: how it timed."""
   def key_of(r):
     return (r["op"], r["batch"], r["kv_heads"], r["kv_len"])
   by_shape = {}
@@ -199,18 +224,17 @@ def main():
   size = lambda n: f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
   groups = [f"b{r['batch']} h{r['kv_heads']} {size(r['kv_len'])}" for r in decode]
   series = {}
-  for name in decode_impls(on_gpu, scale):
+  for name in dict.fromkeys(r["impl"] for r in rows if r["op"] == "decode"):
     series[name] = [by_shape[key_of(r)].get(name) or float("nan") for r in decode]
-  plot = common.svg_bars(f"decode attention, bf16, D={d}, {q_heads} query heads "
-                         f"({common.device_name()})", groups, series, "microseconds (lower is better)")
+  device = env["device"] if env else common.device_name()
+  plot = common.svg_bars(f"decode attention, bf16, D={d}, {q_heads} query heads ({device})",
+                         groups, series, "microseconds (lower is better)")
   cols = ["op", "impl", "batch", "q_heads", "kv_heads", "kv_len", "us", "gbps", "bw_fraction",
           "tflops", "speedup_vs_jax-flashdecoding", "speedup_vs_jax-flashattention",
           "speedup_vs_xla-sdpa", "speedup_vs_cudnn", "speedup_vs_fdjax-async", "error"]
   notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
-           f"{floor * 1e6:.1f} us per call (times near it are the host's, not the device's). "
-           "Times: fdjax.tuning.timing.seconds_per_call (back-to-back calls over rotating random "
-           "inputs, median of rounds). xla = fdjax's float32 reference; xla-sdpa = "
-           "jax.nn.dot_product_attention(implementation='xla') in bf16.")
+           f"{floor * 1e6:.1f} us per call from Python. {timed} xla = fdjax's float32 "
+           "reference; xla-sdpa = jax.nn.dot_product_attention(implementation='xla') in bf16.")
   mosaic = [r for r in rows if r["impl"] == "fdjax-mosaic-async" and r.get("us")]
   vs = [r["speedup_vs_fdjax-async"] for r in mosaic if "speedup_vs_fdjax-async" in r]
   if vs:
@@ -230,8 +254,42 @@ def main():
   if not on_gpu:
     notes += (" Not a GPU: the Pallas kernels ran in interpret mode, so these timings say "
               "nothing about speed.")
-  print(common.write_results("attention_smoke" if args.smoke else "attention", rows, cols,
-                             notes, results_dir=args.results_dir, plot=plot))
+  return common.write_results("attention_smoke" if smoke else "attention", rows, cols, notes,
+                              results_dir=results_dir, plot=plot, env=env)
+
+
+def from_log(path, env_json, results_dir):
+  """Rebuilds the results of a GPU run cut off before it wrote them (the suite's budget), from
+  the rows its log printed, with the device, versions and date of `env_json` (that lease's
+  gpu_env.json) and the command the log names."""
+  import ast
+  import json
+  rows, bw, floor, command = [], float("nan"), float("nan"), None
+  with open(path) as fh:
+    for line in fh:
+      if line.startswith("{'op'"):
+        rows.append(ast.literal_eval(line))
+      elif line.startswith("device ") and "copy bandwidth" in line:
+        bw = float(line.split("copy bandwidth ")[1].split()[0])
+        floor = float(line.split("dispatch floor ")[1].split()[0]) * 1e-6
+      elif line.startswith("$ ") and command is None:
+        argv = line[2:].split()
+        command = " ".join(["python"] + [os.path.relpath(a, common.ROOT) if a.startswith("/")
+                                         and "bench/" in a else a for a in argv[1:]])
+  with open(env_json) as fh:
+    env = {k: v for k, v in json.load(fh)["rows"][0].items()
+           if k in ("device", "jax_version", "torch_version", "date")}
+  env["command"] = (f"{command or 'python bench/attention.py'} (cut off by its time budget; "
+                    f"rebuilt with python bench/attention.py --from-log)")
+  decode = next(r for r in rows if r["op"] == "decode")
+  return write(rows, bw, floor, True, decode["head_dim"], decode["q_heads"], False,
+               results_dir, env, EARLIER_TIMING)
+
+
+EARLIER_TIMING = (
+    "Times: calls back to back from Python over rotating random inputs, median of rounds: the "
+    "timing before the in-program loop, so every time near the dispatch floor is the host's, "
+    "not the device's (only the largest shapes, well above it, measure the kernels).")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 writing results (JSON rows + a Markdown table) under bench/results/."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -9,6 +10,7 @@ import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
 
 import jax
@@ -42,6 +44,28 @@ def environment() -> dict:
   except ImportError:
     pass
   return env
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float, what: str, before_exit=None):
+  """Ends the process (exit 3) if the block runs longer than `seconds`: a GPU kernel that
+  waits on a barrier nothing completes never returns, and the suite's next parts should still
+  run. `before_exit` (e.g. writing the rows so far) runs first; the hang is printed."""
+  def expire():
+    print(f"HUNG: {what} still running after {seconds:.0f} s; ending this process",
+          flush=True)
+    try:
+      if before_exit is not None:
+        before_exit()
+    finally:
+      os._exit(3)
+  timer = threading.Timer(seconds, expire)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def median_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
@@ -100,12 +124,14 @@ def svg_bars(title: str, groups: list[str], series: dict[str, list[float]], ylab
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], notes: str = "",
-                  results_dir: str | None = None, plot: str | None = None) -> str:
+                  results_dir: str | None = None, plot: str | None = None,
+                  env: dict | None = None) -> str:
   """Writes RESULTS/NAME.json, NAME.md (and NAME.svg if `plot` is an SVG string);
-  returns the Markdown table."""
+  returns the Markdown table. `env`: the measuring run's environment (default: this
+  process's), for results rebuilt elsewhere from a run's log."""
   results_dir = results_dir or RESULTS
   os.makedirs(results_dir, exist_ok=True)
-  env = environment()
+  env = env or environment()
   rows = [{**env, **r} for r in rows]
   if plot:
     with open(os.path.join(results_dir, f"{name}.svg"), "w") as fh:

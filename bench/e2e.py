@@ -124,7 +124,7 @@ def worker_fdjax(args, impls):
                      ttft_ms=float(np.median([r.prefill_s for r in res])) * 1e3,
                      decode_ms_per_token=step_s * 1e3, decode_tokens_per_s=b / step_s,
                      roofline_fraction=step_bytes / step_s / 1e9 / bw, copy_gbps=bw)
-          if impl == "fdjax-auto" and not args.tag:
+          if impl == "fdjax-auto" and not args.tag and not args.quick:
             with dispatch.using("auto"):
               lin, att = _breakdown(model, b, ctx, max(3, args.repeats))
             row.update(breakdown_linear_ms=lin, breakdown_attention_ms=att,
@@ -199,8 +199,8 @@ def _spawn(args, worker, impls, env_extra=None, tag=""):
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--out", out,
          "--impls", *impls, "--batch", *map(str, args.batch),
          "--prompt-len", *map(str, args.prompt_len), "--new-tokens", str(args.new_tokens),
-         "--repeats", str(args.repeats), "--models", *args.models] + (["--cpu"] if args.cpu
-                                                                     else [])
+         "--repeats", str(args.repeats), "--models", *args.models] + (
+             ["--cpu"] if args.cpu else []) + (["--quick"] if args.quick else [])
   if tag:
     cmd += ["--tag", tag]
   env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
@@ -228,6 +228,9 @@ def main():
   ap.add_argument("--worker", choices=["fdjax", "hf"])
   ap.add_argument("--out")
   ap.add_argument("--tag", default="")
+  ap.add_argument("--quick", action="store_true",
+                  help="no command-buffer variant and no breakdown (each compiles the model "
+                       "again: minutes for a 7B one on a GPU)")
   args = ap.parse_args()
   args.batch = args.batch or ([1, 4] if args.cpu else [1, 4, 8, 16])
   args.prompt_len = args.prompt_len or ([32, 128] if args.cpu else [128, 1024])
@@ -247,7 +250,7 @@ def main():
   ours = [i for i in impls if i.startswith("fdjax")]
   hf = [i for i in impls if i.startswith("hf")]
   rows = _spawn(args, "fdjax", ours) if ours else []
-  if on_gpu and "fdjax-auto" in ours:
+  if on_gpu and "fdjax-auto" in ours and not args.quick:
     from fdjax import runtime
     flags = (os.environ.get("XLA_FLAGS", "") + " " + runtime.COMMAND_BUFFER_FLAG).strip()
     rows += _spawn(args, "fdjax", ["fdjax-auto"], {"XLA_FLAGS": flags}, tag="-cmdbuf")

@@ -104,7 +104,8 @@ def shape_rows(model, k, n, quantization, ms, key, dtype, iters, interpret, bw, 
       if (name == "fdjax-gemv" and m > gv.MAX_M) or (name == "fdjax-mosaic-flat"
                                                       and m > mosaic_flat_gemm.MAX_M):
         continue
-      times[name] = timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
+      with common.watchdog(120, f"{name}{suffix} {shape}"):  # a kernel that never returns
+        times[name] = timing.seconds_per_call(jax.jit(fn), sets, calls=iters)
     if torch_run is not None and quantization is None:
       times["torch"] = torch_run((m, k), (k, n), iters, n_sets)
     for name, t in times.items():
@@ -156,6 +157,8 @@ def main():
   ap.add_argument("--iters", type=int, default=30, help="calls per timed round")
   ap.add_argument("--models", nargs="+", choices=sorted(SHAPES))
   ap.add_argument("--m", type=int, nargs="+")
+  ap.add_argument("--quantizations", nargs="+", choices=["none", "int8", "int4"],
+                  help="which weights (default: all three)")
   ap.add_argument("--results-dir")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
@@ -174,7 +177,8 @@ def main():
   for model, nk in shapes.items():
     for n, k in nk:
       key, kw = jax.random.split(key)
-      for q in QUANTIZATIONS:
+      for q in [None if q == "none" else q for q in args.quantizations or
+                ["none", "int8", "int4"]]:
         qms = [1, 3] if args.smoke and q else ms  # smoke: one GEMV and one flat GEMM size
         rows += shape_rows(model, k, n, q, qms, kw, dtype, iters, interpret, bw, torch_run, fits)
   auto = [r for r in rows if r["impl"] == "fdjax-auto"]
@@ -187,8 +191,10 @@ def main():
   plot = common.svg_bars(f"decode linear layers, bf16 ({common.device_name()})", groups, series,
                          "microseconds (lower is better)")
   notes = (f"Measured copy bandwidth in this run: {bw:.0f} GB/s; dispatch floor "
-           f"{floor * 1e6:.1f} us per call. Times: back-to-back calls over rotating random "
-           "inputs (fdjax.tuning.timing; torch between CUDA events the same way), median of rounds."
+           f"{floor * 1e6:.1f} us per call from Python. Times: JAX's calls in a loop inside "
+           "one compiled program over rotating random inputs (fdjax.tuning.timing: the host's "
+           "dispatch paid once per round); torch's launched back to back between CUDA events "
+           "(its launch costs less than these kernels take); median of rounds."
            "\n\n" + "\n".join(f"- {f}" for f in fits))
   small = [r for r in auto if r["m"] <= 16 and r["model"] == "llama-2-7b"]
   if small:

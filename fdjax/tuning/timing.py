@@ -1,14 +1,22 @@
 """How fdjax times device work: one rule, used by `fdjax tune` and every benchmark.
 
-JAX dispatches asynchronously, so blocking after every call would add the host's round trip
-(tens of microseconds on a GPU) to kernels that take a few. Instead a timed round issues many
-calls back to back, over input sets that rotate (so a small input does not sit in the L2
-cache and flatter the kernel), and blocks once at the end: the time per call is the device's
-whenever the device is slower than the host's dispatch, which `dispatch_floor` measures. The
-median of several rounds is reported. Never time on zeros: callers pass random inputs.
+JAX dispatches asynchronously, but each call still costs the host a dispatch: about 40
+microseconds per call with jax 0.11.2 on an H200 (bench/results/gpu_env), longer than a decode
+kernel takes there (a 100 MB weight read at 4 TB/s is 25 us). Calls timed back to back from
+Python therefore measure the host, not the device: the first H200 run showed every JAX kernel
+between 35 and 65 us while cuBLAS read the same weights in 27. So a timed round runs all its
+calls inside one compiled program, a loop over input sets that rotate (so a small input does
+not sit in the L2 cache and flatter the kernel): the dispatch is paid once per round.
+Each call's inputs pass through an optimization barrier with the loop's carry, so XLA can
+neither hoist a call (or any part of it, such as a baseline's dequantization) out of the
+loop nor merge calls; each output passes through one too and one element of it feeds the
+carry, so nothing is dropped or computed in part. The median of several rounds is reported.
+Never time on zeros: callers pass random inputs. `dispatch_floor` still times back-to-back
+host calls: what a call costs when it is not inside a compiled loop.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -26,13 +34,44 @@ def sets_needed(set_bytes: int, limit: int = 8) -> int:
 
 
 def seconds_per_call(fn, arg_sets, *, calls: int = 30, rounds: int = 5, warmup: int = 2) -> float:
-  """Median over `rounds` of (time of `calls` back-to-back calls of fn) / calls.
+  """Median over `rounds` of (time of one program running fn `calls` times) / calls.
 
-  fn: a jitted function; arg_sets: a list of argument tuples (fresh random inputs), used in
-  turn. Every set is run `warmup` times first (compilation stays out of the numbers).
+  fn: a traceable function (jitted or not) of arrays; arg_sets: a list of argument tuples
+  (fresh random inputs), used in turn (the calls are rounded up to whole rotations). The
+  program is compiled and run `warmup` times first, so compilation stays out of the numbers.
   """
   if not arg_sets:
     raise ValueError("seconds_per_call needs at least one argument set")
+  reps = max(1, -(-calls // len(arg_sets)))
+  program = jax.jit(functools.partial(_looped, fn, reps))
+  for _ in range(warmup):
+    jax.block_until_ready(program(arg_sets))
+  per_call = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    jax.block_until_ready(program(arg_sets))
+    per_call.append((time.perf_counter() - t0) / (reps * len(arg_sets)))
+  return statistics.median(per_call)
+
+
+def _looped(fn, reps, arg_sets):
+  """fn over every set, `reps` times, in one while loop (see the module's docstring)."""
+  def one(acc, args):
+    args, acc = jax.lax.optimization_barrier((args, acc))  # args now depend on the step
+    out = jax.lax.optimization_barrier(fn(*args))  # the whole output is computed
+    first = jax.tree_util.tree_leaves(out)[0]
+    return acc + first.reshape(-1)[0].astype(jnp.float32)
+  def step(_, acc):
+    for args in arg_sets:
+      acc = one(acc, args)
+    return acc
+  return jax.lax.fori_loop(0, reps, step, jnp.zeros((), jnp.float32))
+
+
+def host_seconds_per_call(fn, arg_sets, *, calls: int = 30, rounds: int = 5,
+                          warmup: int = 2) -> float:
+  """Median over `rounds` of (time of `calls` back-to-back host calls of fn) / calls: what a
+  call costs from Python, dispatch included."""
   for args in arg_sets:
     for _ in range(warmup):
       jax.block_until_ready(fn(*args))
@@ -48,11 +87,11 @@ def seconds_per_call(fn, arg_sets, *, calls: int = 30, rounds: int = 5, warmup: 
 
 
 def dispatch_floor(calls: int = 200) -> float:
-  """Seconds per call of a trivial jitted op timed the same way: below this, a measured time
-  is the host's, not the device's."""
+  """Seconds per call of a trivial jitted op called back to back from Python: what each call
+  from the host costs, which a timed loop of kernels inside one program does not pay."""
   x = jnp.ones((8,), jnp.float32) * 1.5
   f = jax.jit(lambda a: a * 1.0001)
-  return seconds_per_call(f, [(x,)], calls=calls)
+  return host_seconds_per_call(f, [(x,)], calls=calls)
 
 
 def copy_bandwidth_gbps(nbytes_: int = 1 << 30) -> float:
