@@ -332,7 +332,7 @@ class Checker:
 
 
 def run_checks(c: Checker):
-  mosaic_checks(c)  # first: the backend JAX keeps, and the one no hardware has run yet
+  mosaic_checks(c)  # first: the backend JAX keeps (a lease's budget may end the check early)
   f32, bf16 = jnp.float32, jnp.bfloat16
   if c.smoke:
     d, s, t, big = 32, 77, 37, 40
