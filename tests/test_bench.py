@@ -281,3 +281,12 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes():
   assert all(s.endswith(f",{cfg.vocab_size}]") for s in found["LM head"])
   assert all(s.count(",") == 1 for s in found["linears"])  # [B, N]
   assert all(s.startswith("f32[2,") for s in found["K/V gather"])  # each row's keys
+
+
+def test_attention_layout_cpu_quick(tmp_path):
+  """bench/attention_layout_cpu.py's smoke run: every layout computes the paged attention's
+  result (the script refuses to time one that differs) and is timed."""
+  _run("attention_layout_cpu.py", tmp_path, "--quick")
+  rows = _rows(tmp_path, "attention_layout_cpu_quick")
+  assert [r["variant"] for r in rows] == ["paged", "no-gather", "heads-major", "heads-major-hb"]
+  assert all(r["ms_per_step"] > 0 and r["speedup_vs_paged"] > 0 for r in rows)
