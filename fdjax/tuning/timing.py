@@ -10,7 +10,9 @@ not sit in the L2 cache and flatter the kernel): the dispatch is paid once per r
 Each call's inputs pass through an optimization barrier with the loop's carry, so XLA can
 neither hoist a call (or any part of it, such as a baseline's dequantization) out of the
 loop nor merge calls; each output passes through one too and one element of it feeds the
-carry, so nothing is dropped or computed in part. The median of several rounds is reported.
+carry, so nothing is dropped or computed in part. The loop's trip count is a constant, so
+XLA:GPU runs it without reading a predicate back to the host (which a conditional, or a loop
+of unknown length, does once per step). The median of several rounds is reported.
 Never time on zeros: callers pass random inputs. `dispatch_floor` still times back-to-back
 host calls: what a call costs when it is not inside a compiled loop.
 """
