@@ -95,25 +95,18 @@ def prefill_impls(on_gpu, sm_scale):
 
 def _measure(fn, arg_sets, iters, what=""):
   """(seconds per call, None) or (None, why) for fn on the rotating arg_sets. A call that
-  never returns (a GPU kernel waiting forever) ends the process after MEASURE_S: the rows so
-  far are in its output, one per line."""
-  with common.watchdog(MEASURE_S, what):
-    return _measure_now(fn, arg_sets, iters)
-
-
-MEASURE_S = 120
-
-
-def _measure_now(fn, arg_sets, iters):
+  never returns (a GPU kernel waiting forever) ends the process (common.watchdog): the rows
+  so far are in its output, one per line."""
   f = jax.jit(fn)
-  try:
-    out = f(*arg_sets[0])
-    jax.block_until_ready(out)
-  except Exception as e:  # a baseline that does not take this shape: record why
-    return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-  if not np.all(np.isfinite(np.asarray(out.astype(jnp.float32)))):
-    return None, "non-finite output"
-  return timing.seconds_per_call(f, arg_sets, calls=iters), None
+  with common.watchdog(what):
+    try:
+      out = f(*arg_sets[0])
+      jax.block_until_ready(out)
+    except Exception as e:  # a baseline that does not take this shape: record why
+      return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    if not np.all(np.isfinite(np.asarray(out.astype(jnp.float32)))):
+      return None, "non-finite output"
+    return timing.seconds_per_call(f, arg_sets, calls=iters), None
 
 
 def _random_sets(key, shapes, dtype, extra=()):

@@ -88,10 +88,7 @@ def measure(b, iters):
     sets.append((q, kp, vp, table.astype(jnp.int32), n))
   rows, want = [], None
   for name, (fn, heads_first) in variants(b, hkv, g, d).items():
-    if name == "no-gather":  # the same pool in row order: what the gather-free read sees
-      args = [(q, kp, vp, jnp.arange(b * PAGES, dtype=jnp.int32).reshape(b, PAGES), n)
-              for q, kp, vp, _, n in sets]
-    elif heads_first:
+    if heads_first:
       args = [(q, kp.transpose(0, 3, 1, 2, 4), vp.transpose(0, 3, 1, 2, 4), t, n)
               for q, kp, vp, t, n in sets]
     else:

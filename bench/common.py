@@ -46,8 +46,11 @@ def environment() -> dict:
   return env
 
 
+HANG_S = 120  # a kernel's call (compile included) still running after this is taken as hung
+
+
 @contextlib.contextmanager
-def watchdog(seconds: float, what: str, before_exit=None):
+def watchdog(what: str, seconds: float = HANG_S, before_exit=None):
   """Ends the process (exit 3) if the block runs longer than `seconds`: a GPU kernel that
   waits on a barrier nothing completes never returns, and the suite's next parts should still
   run. `before_exit` (e.g. writing the rows so far) runs first; the hang is printed."""

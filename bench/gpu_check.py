@@ -110,7 +110,7 @@ class Checker:
       self.write()
     try:
       with (contextlib.nullcontext() if self.smoke else
-            common.watchdog(CASE_S, f"{kernel} {name}", hung)):
+            common.watchdog(f"{kernel} {name}", CASE_S, hung)):
         row.update(fn())
     except Exception as e:  # a crash is a failed case, reported; the rest still run
       traceback.print_exc()

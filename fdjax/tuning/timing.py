@@ -13,8 +13,8 @@ loop nor merge calls; each output passes through one too and one element of it f
 carry, so nothing is dropped or computed in part. The loop's trip count is a constant, so
 XLA:GPU runs it without reading a predicate back to the host (which a conditional, or a loop
 of unknown length, does once per step). The median of several rounds is reported.
-Never time on zeros: callers pass random inputs. `dispatch_floor` still times back-to-back
-host calls: what a call costs when it is not inside a compiled loop.
+Never time on zeros: callers pass random inputs. `dispatch_floor` times back-to-back host
+calls: what a call costs when it is not inside a compiled loop.
 """
 from __future__ import annotations
 
@@ -70,30 +70,21 @@ def _looped(fn, reps, arg_sets):
   return jax.lax.fori_loop(0, reps, step, jnp.zeros((), jnp.float32))
 
 
-def host_seconds_per_call(fn, arg_sets, *, calls: int = 30, rounds: int = 5,
-                          warmup: int = 2) -> float:
-  """Median over `rounds` of (time of `calls` back-to-back host calls of fn) / calls: what a
-  call costs from Python, dispatch included."""
-  for args in arg_sets:
-    for _ in range(warmup):
-      jax.block_until_ready(fn(*args))
-  per_call = []
-  for _ in range(rounds):
-    out = None
-    t0 = time.perf_counter()
-    for i in range(calls):
-      out = fn(*arg_sets[i % len(arg_sets)])
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - t0) / calls)
-  return statistics.median(per_call)
-
-
 def dispatch_floor(calls: int = 200) -> float:
   """Seconds per call of a trivial jitted op called back to back from Python: what each call
   from the host costs, which a timed loop of kernels inside one program does not pay."""
   x = jnp.ones((8,), jnp.float32) * 1.5
   f = jax.jit(lambda a: a * 1.0001)
-  return host_seconds_per_call(f, [(x,)], calls=calls)
+  for _ in range(2):
+    jax.block_until_ready(f(x))
+  per_call = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = f(x)
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - t0) / calls)
+  return statistics.median(per_call)
 
 
 def copy_bandwidth_gbps(nbytes_: int = 1 << 30) -> float:

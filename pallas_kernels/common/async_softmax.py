@@ -81,7 +81,7 @@ def select_guard(interpret: bool) -> bool:
   conditional by copying its predicate to the host and blocking the host until the stream is
   done (xla/backends/gpu/runtime/conditional_thunk.cc), so each call would stall the GPU once,
   once per layer in a decode step. On an H200 the async path with the cond took 81 us against
-  the online path's 47 at batch 1, 4k keys, 32 heads (bench/results/attention_h200.md). An
+  the online path's 47 at batch 1, 4k keys, 32 heads (bench/results/H200_NOTES.md). An
   inactive program reads no key, so a recompute with no flagged row is one near-empty
   launch. Interpret mode (the CPU) keeps the cond: free there, and it skips a slow
   interpreted pass; SELECT_IN_INTERPRET makes the tests take the GPU's form."""
