@@ -39,10 +39,33 @@ def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
   return len(prompts) * (new_tokens - 1) / (t_n - t_1)
 
 
-def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters):
-  """(decode tokens/s, prefill ms) of fdjax.generate on the checkpoint: medians of `iters`
-  runs after one that compiles; the prompts are seeded, the same in every interpreter."""
-  model = fdjax.load_pretrained(model_dir)
+# Each dtype as fdjax loads it (load_pretrained's dtype, quantize) and as Hugging Face users
+# get it in PyTorch (int8: torch.ao's quantize_dynamic, W8A8 with per-row activation scales, on
+# every linear layer but the LM head, which fdjax does not quantize either).
+DTYPES = {"float32": (None, None), "bfloat16": ("bfloat16", None), "int8": (None, "int8")}
+
+
+def hf_variant(hf, dtype):
+  """The float32 HF model as `dtype` (a copy; float32: itself)."""
+  import copy
+
+  import torch
+  if dtype == "float32":
+    return hf
+  if dtype == "bfloat16":
+    return copy.deepcopy(hf).to(torch.bfloat16)
+  from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+  spec = {name: default_dynamic_qconfig for name, m in hf.named_modules()
+          if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+  return quantize_dynamic(copy.deepcopy(hf), spec, dtype=torch.qint8)
+
+
+def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters, dtype="float32"):
+  """(decode tokens/s, prefill ms) of fdjax.generate on the checkpoint loaded as `dtype`
+  (DTYPES): medians of `iters` runs after one that compiles; the prompts are seeded, the same
+  in every interpreter."""
+  load_dtype, quantize = DTYPES[dtype]
+  model = fdjax.load_pretrained(model_dir, dtype=load_dtype, quantize=quantize)
   prompts = np.random.default_rng(batch).integers(0, vocab, (batch, prompt_len)).tolist()
   run = lambda: fdjax.generate(model, prompts, max_new_tokens=new_tokens)
   run()  # compile
@@ -79,7 +102,10 @@ def main():
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--name", default="decode_cpu")
   ap.add_argument("--also-python", nargs="*", default=[],
-                  help="other interpreters (e.g. a venv with another jax) to time fdjax under")
+                  help="other interpreters (e.g. a venv with another jax) to time fdjax under "
+                       "(float32)")
+  ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES),
+                  help="each run by fdjax and by HF eager in the same dtype")
   args = ap.parse_args()
 
   import torch  # here, not above: --also-python's interpreters import this module without it
@@ -94,28 +120,38 @@ def main():
   hf.generation_config.pad_token_id = 0
   params = sum(p.numel() for p in hf.parameters())
   rows = []
+  hfs = {dtype: hf_variant(hf, dtype) for dtype in args.dtypes}
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     for b in args.batch:
-      ours, prefill_ms = fdjax_decode(d, b, args.vocab, args.prompt_len, args.new_tokens,
-                                      args.iters)
       prompts = np.random.default_rng(b).integers(0, args.vocab, (b, args.prompt_len)).tolist()
-      theirs = hf_decode_tokens_per_s(hf, prompts, args.new_tokens, args.iters)
-      shape = dict(params_m=round(params / 1e6, 1), batch=b, prompt_len=args.prompt_len,
-                   new_tokens=args.new_tokens, dtype="float32")
-      rows.append({**shape, "impl": f"fdjax-auto (jax {jax.__version__})",
-                   "decode_tokens_per_s": ours, "prefill_ms": prefill_ms,
-                   "speedup_vs_hf": ours / theirs})
-      for python in args.also_python:
-        version, tps, pre = other_interpreter(python, d, args, b)
-        rows.append({**shape, "impl": f"fdjax-auto (jax {version})", "decode_tokens_per_s": tps,
-                     "prefill_ms": pre, "speedup_vs_hf": tps / theirs})
-      rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": theirs,
-                   "speedup_vs_hf": 1.0})
-      print(*rows[-2 - len(args.also_python):], flush=True)
+      for dtype in args.dtypes:
+        start = len(rows)
+        ours, prefill_ms = fdjax_decode(d, b, args.vocab, args.prompt_len, args.new_tokens,
+                                        args.iters, dtype)
+        theirs = hf_decode_tokens_per_s(hfs[dtype], prompts, args.new_tokens, args.iters)
+        shape = dict(params_m=round(params / 1e6, 1), batch=b, prompt_len=args.prompt_len,
+                     new_tokens=args.new_tokens, dtype=dtype)
+        rows.append({**shape, "impl": f"fdjax-auto (jax {jax.__version__})",
+                     "decode_tokens_per_s": ours, "prefill_ms": prefill_ms,
+                     "speedup_vs_hf": ours / theirs})
+        for python in args.also_python if dtype == "float32" else ():
+          version, tps, pre = other_interpreter(python, d, args, b)
+          rows.append({**shape, "impl": f"fdjax-auto (jax {version})",
+                       "decode_tokens_per_s": tps, "prefill_ms": pre,
+                       "speedup_vs_hf": tps / theirs})
+        rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": theirs,
+                     "speedup_vs_hf": 1.0})
+        print(*rows[start:], flush=True)
+  notes = ("Each dtype side by side: fdjax loads the checkpoint with load_pretrained's dtype / "
+           "quantize (int8: float32 activations, int8 linear weights; on this CPU the int8 x "
+           "int8 dot of fdjax.ops.cpu_linear); HF eager is the same model in PyTorch (bfloat16: "
+           ".to(torch.bfloat16); int8: torch.ao quantize_dynamic on every linear but the LM "
+           "head). speedup_vs_hf: against HF in the same dtype, same batch. Decode tokens/s: "
+           "(time for N tokens - time for 1) / (N - 1) steps, medians of --iters runs.")
   table = common.write_results(
-      args.name, rows, ["impl", "params_m", "batch", "prompt_len", "new_tokens",
-                        "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf"])
+      args.name, rows, ["impl", "dtype", "params_m", "batch", "prompt_len", "new_tokens",
+                        "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf"], notes)
   print(table)
 
 

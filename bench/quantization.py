@@ -1,5 +1,6 @@
 """What weight-only int8 / int4 cost in accuracy and save in memory (any backend; the XLA path
-on a CPU, which computes exactly what the kernels do: dequantized weights times x).
+on a CPU, which computes exactly what the kernels do: dequantized weights times x), and, on a
+CPU with VNNI, int8 weights as "auto" runs them there (int8-w8a8: x quantized per row too).
 
   python bench/quantization.py            # the committed results (2-core CPU: ~10 minutes)
   python bench/quantization.py --smoke    # a quick check of the script
@@ -32,12 +33,24 @@ from flax import nnx  # noqa: E402
 import fdjax  # noqa: E402
 from bench import common  # noqa: E402
 from fdjax.io import loading  # noqa: E402
-from fdjax.ops import dispatch, quant
-from fdjax.training import data, train
+from fdjax.ops import dispatch, quant, selection  # noqa: E402
+from fdjax.training import data, train  # noqa: E402
 from models import ModelConfig, Transformer, presets  # noqa: E402
 from models import quantize as mq  # noqa: E402
 
 METHODS = ("int8", "int4")
+W8A8 = "int8-w8a8"  # int8 weights as "auto" runs them on a CPU with VNNI (fdjax.ops.cpu_linear)
+
+
+def variants():
+  """(row label, quantize method, impl): the float model and the weight-only methods as the
+  kernels compute them (impl "xla": dequantized weights times x), and, where this CPU has
+  VNNI, int8 weights as "auto" runs them here: the int8 x int8 dot, x quantized per row."""
+  out = [("float", None, "xla")] + [(m, m, "xla") for m in METHODS]
+  if jax.default_backend() == "cpu" and selection.cpu_linear(
+      1, jnp.float32, "int8").settings.int8_dot:
+    out.insert(2, (W8A8, "int8", "auto"))
+  return out
 
 
 def greedy(model, prompts, new_tokens):
@@ -72,11 +85,12 @@ def compare(label, make, ids, prompts, args, extra=None) -> list[dict]:
   """Rows for the float model and each quantized one (make(method) -> model): logits on `ids`
   against the float model's, greedy continuations of `prompts`, bytes, and extra(model)."""
   rows, base = [], None
-  for method in (None,) + METHODS:
+  for name, method, impl in variants():
     model = make(method)
-    logits, tokens = np.asarray(model(ids)), greedy(model, prompts, args.new_tokens)
-    row = {"model": label, "method": method or "float", "bytes": mq.weight_bytes(model)["total"],
-           **(extra(model) if extra else {})}
+    with dispatch.using(impl):
+      logits, tokens = np.asarray(model(ids)), greedy(model, prompts, args.new_tokens)
+      row = {"model": label, "method": name, "bytes": mq.weight_bytes(model)["total"],
+             **(extra(model) if extra else {})}
     if base is None:
       base = logits, tokens
       row["top2_margin"] = top2_margin(logits)
@@ -144,10 +158,10 @@ def one_linear(args) -> list[dict]:
   w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
   want = np.asarray(x @ w, np.float64)
   rows = []
-  for method in METHODS:
-    got = np.asarray(dispatch.linear(x, quant.quantize(w, method)), np.float64)
+  for name, method, impl in variants()[1:]:
+    got = np.asarray(dispatch.linear(x, quant.quantize(w, method), impl=impl), np.float64)
     rows.append({"part": "one linear", "model": f"x [64, {k}] @ w [{k}, {n}], w ~ N(0, 1)",
-                 "method": method,
+                 "method": name,
                  "out_rel_l2": float(np.linalg.norm(got - want) / np.linalg.norm(want))})
     print(rows[-1], flush=True)
   return rows

@@ -290,3 +290,15 @@ def test_attention_layout_cpu_quick(tmp_path):
   rows = _rows(tmp_path, "attention_layout_cpu_quick")
   assert [r["variant"] for r in rows] == ["paged", "no-gather", "heads-major", "heads-major-hb"]
   assert all(r["ms_per_step"] > 0 and r["speedup_vs_paged"] > 0 for r in rows)
+
+
+def test_cpu_linear_quick(tmp_path):
+  """bench/cpu_linear.py's smoke run: every form of the CPU's linear timed, "auto" with the
+  rule's reason."""
+  _run("cpu_linear.py", tmp_path, "--quick")
+  rows = _rows(tmp_path, "cpu_linear_quick")
+  assert {(r["weights"], r["form"]) for r in rows} >= {
+      ("float32", "reference"), ("bfloat16", "rows padded to 2"), ("int8", "int8 dot"),
+      ("int8", "auto")}
+  assert all(r["ms"] > 0 and r["GB_per_s"] > 0 for r in rows)
+  assert all(r["reason"].startswith("cpu:") for r in rows if r["form"] == "auto")

@@ -31,7 +31,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from fdjax.ops import checks, quant, reference, selection
+from fdjax.ops import checks, cpu_linear, quant, reference, selection
 from fdjax.ops import moe as moe_lib
 from pallas_kernels.common import async_softmax
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
@@ -107,14 +107,16 @@ def tpu_kind() -> str:
 
 
 def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None,
-         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=True):
+         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=True, cpu_fn=None):
   """Calls xla_fn(), pallas_fn(interpret) (Triton), tpu_fn(interpret) (Mosaic TPU; None: the
   op has none) or mosaic_fn(interpret) (Mosaic GPU; None: the op has none yet) as `impl` says.
   Under "auto" the rules of fdjax.ops.selection decide, per platform at lowering time
   (attention ops pass head_dim, dtype and their keys' page size and pages a row; what no
   kernel takes goes to XLA on every backend). gpu_auto_fn(): what "auto" runs on a CUDA GPU
   for an op with its own rule (linear: the table); mosaic_takes: whether its Mosaic GPU kernel
-  takes this call (ops with no head_dim; under `using`, XLA runs what it does not take)."""
+  takes this call (ops with no head_dim; under `using`, XLA runs what it does not take);
+  cpu_fn(): what "auto" runs on the CPU for an op with a CPU rule of its own (linear), else
+  xla_fn."""
   checks.choice(op, "impl", impl, IMPLS)
 
   def takes(family):  # whether the kernels of `family` take this call
@@ -165,9 +167,10 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
     kernel = lambda: tpu_fn(False)  # noqa: E731
   else:
     kernel = None
+  on_cpu = xla_fn if cpu_fn is None else cpu_fn
   if kernel is None:
-    return xla_fn()
-  return jax.lax.platform_dependent(cpu=xla_fn, **{platform: kernel}, default=xla_fn)
+    return on_cpu() if platform == "cpu" else xla_fn()
+  return jax.lax.platform_dependent(cpu=on_cpu, **{platform: kernel}, default=xla_fn)
 
 
 def _attention_checks(op, q, k, v, q_rank, paged=False):
@@ -401,8 +404,13 @@ def linear(x, w, *, impl="auto"):
 
   mosaic_takes = selection.mosaic_linear_unsupported(
       x2.shape[0], k, n, x.dtype, w.method if quantized else None) is None
+  def on_cpu():
+    choice = selection.cpu_linear(x2.shape[0], x.dtype, w.method if quantized else None)
+    return cpu_linear.linear(x2, w, choice.settings)
+
   y = _run(op, impl, lambda: reference.linear(x2, w), pallas, on_tpu, mosaic_fn=on_mosaic_gpu,
-           gpu_auto_fn=lambda: pallas(False, gpu_auto=True), mosaic_takes=mosaic_takes)
+           gpu_auto_fn=lambda: pallas(False, gpu_auto=True), mosaic_takes=mosaic_takes,
+           cpu_fn=on_cpu)
   return y.reshape(*lead, n)
 
 

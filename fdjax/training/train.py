@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from fdjax.io import checkpoint
+from fdjax.ops import dispatch
 from fdjax.training import data, tasks
 from models import ModelConfig, Transformer
 
@@ -60,14 +61,19 @@ def train_step(graphdef, params, rest, opt_state, ids, mask, *, tx):
   return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
 
-eval_loss = jax.jit(_loss, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
+def eval_loss(graphdef, params, rest, ids, mask, impl="auto"):
+  """_loss, jitted per dispatch.current() (`impl`), so a `dispatch.using` block retraces."""
+  del impl
+  return _loss(graphdef, params, rest, ids, mask)
 
 
 def evaluate(model, batch_fn, n_batches, seed=1234) -> float:
   """Mean masked next-token loss (nats) over n_batches fresh batches."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rng = np.random.default_rng(seed)
-  losses = [float(eval_loss(graphdef, params, rest, *map(jnp.asarray, batch_fn(rng))))
+  losses = [float(eval_loss(graphdef, params, rest, *map(jnp.asarray, batch_fn(rng)),
+                            impl=dispatch.current()))
             for _ in range(n_batches)]
   return float(np.mean(losses))
 
