@@ -11,8 +11,9 @@ them, for x of M rows:
   float32, bfloat16   XLA's dot as fdjax.ops.reference writes it, x unpadded and padded to
                       two rows
   int8                int8 weights (one scale per output column, float32 x): the reference's
-                      dequantize-then-dot, and fdjax.ops.cpu_linear's int8 x int8 dot (x
-                      quantized per row), unpadded and padded to two rows
+                      dequantize-then-dot, and fdjax.ops.cpu_linear's int8 x int8 dot with x
+                      quantized in groups of 128 or with one scale per row (a group of K),
+                      unpadded and padded to two rows
   auto                what dispatch.linear runs under "auto" here, with its reason
 
 Two sets of weights alternate (together several times the L2). GB/s: the weights' bytes over
@@ -21,6 +22,7 @@ the time. Timed with fdjax.tuning.timing (calls in a loop inside one program), m
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -45,10 +47,16 @@ def forms():
     out[(dt, "reference")] = reference.linear
     out[(dt, "rows padded to 2")] = lambda x, w: cpu_linear.linear(x, w, cpu_linear.Form(2))
   out[("int8", "reference")] = reference.linear
-  out[("int8", "int8 dot")] = lambda x, w: cpu_linear.linear(x, w, cpu_linear.Form(1, True))
-  out[("int8", "int8 dot, rows padded to 2")] = lambda x, w: cpu_linear.linear(
-      x, w, cpu_linear.Form(2, True))
+  for group in (0, 128):  # 0: one scale per row of x
+    what = f"groups of {group}" if group else "per row"
+    for rows in (1, 2):
+      name = f"int8 dot, x {what}" + (", rows padded to 2" if rows == 2 else "")
+      out[("int8", name)] = functools.partial(_int8, rows=rows, group=group)
   return out
+
+
+def _int8(x, w, rows, group):
+  return cpu_linear.linear(x, w, cpu_linear.Form(rows, group or w.values.shape[0]))
 
 
 def _chain(fn):
@@ -87,7 +95,7 @@ def measure(m, shapes, iters):
       base = base or ms
       reason = ""
       if form == "auto":
-        reason = selection.cpu_linear(m, xdt, "int8" if kind == "int8" else None).reason
+        reason = selection.cpu_linear(m, k_max, xdt, "int8" if kind == "int8" else None).reason
       rows.append({"weights": kind, "m": m, "form": form, "ms": ms,
                    "GB_per_s": nbytes / ms / 1e6, "speedup_vs_reference": base / ms,
                    "reason": reason})

@@ -1,6 +1,7 @@
 """What weight-only int8 / int4 cost in accuracy and save in memory (any backend; the XLA path
 on a CPU, which computes exactly what the kernels do: dequantized weights times x), and, on a
-CPU with VNNI, int8 weights as "auto" runs them there (int8-w8a8: x quantized per row too).
+CPU with VNNI, int8 weights as "auto" runs them there (int8-w8a8: x quantized too, in groups
+of 128 entries, or 64 / 32 where K is not a multiple of 128).
 
   python bench/quantization.py            # the committed results (2-core CPU: ~10 minutes)
   python bench/quantization.py --smoke    # a quick check of the script
@@ -45,10 +46,10 @@ W8A8 = "int8-w8a8"  # int8 weights as "auto" runs them on a CPU with VNNI (fdjax
 def variants():
   """(row label, quantize method, impl): the float model and the weight-only methods as the
   kernels compute them (impl "xla": dequantized weights times x), and, where this CPU has
-  VNNI, int8 weights as "auto" runs them here: the int8 x int8 dot, x quantized per row."""
+  VNNI, int8 weights as "auto" runs them here: the int8 x int8 dot, x quantized in groups."""
   out = [("float", None, "xla")] + [(m, m, "xla") for m in METHODS]
   if jax.default_backend() == "cpu" and selection.cpu_linear(
-      1, jnp.float32, "int8").settings.int8_dot:
+      1, 128, jnp.float32, "int8").settings.group:
     out.insert(2, (W8A8, "int8", "auto"))
   return out
 

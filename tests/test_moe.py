@@ -404,6 +404,8 @@ def test_a_quantized_moe_model(method, tmp_path):
   assert isinstance(mlp.w_down[...], quant.QuantizedWeight)
   assert not isinstance(mlp.router[...], quant.QuantizedWeight)
   assert not isinstance(model.layers[2].mlp.shared_gate[...], quant.QuantizedWeight)
+  with dispatch.using("xla"):  # weight-only (on a CPU with VNNI "auto" runs int8 as W8A8)
+    weight_only = np.asarray(model(ids))
   got = np.asarray(model(ids))
   float_model = _model()
   for e in layout.layout(MOE):
@@ -411,7 +413,10 @@ def test_a_quantized_moe_model(method, tmp_path):
     if isinstance(w, quant.QuantizedWeight):
       layout.param_at(float_model, e.param).set_value(quant.dequantize(w))
   want = np.asarray(float_model(ids))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(weight_only, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # W8A8 moves the hidden states a little, which can flip a token's routed experts: the
+  # logits follow in norm (7.8 % here), not everywhere
+  assert np.linalg.norm(got - want) <= 0.15 * np.linalg.norm(want)
   tensors = layout.to_hf_tensors(model)
   assert tensors["model.layers.0.mlp.experts.5.up_proj.weight"].dtype == (
       np.int8 if method == "int8" else np.uint8)

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fdjax
+from fdjax.engine import sampling
 from fdjax.engine.sampling import Sampler, sample
 from tests.models_util import tiny_model
 
@@ -56,3 +57,18 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
   run = lambda s: fdjax.generate(model, prompts, max_new_tokens=16, temperature=1.0, seed=s)
   assert run(7).tokens == run(7).tokens
   assert run(7).tokens != run(8).tokens
+
+
+def test_argmax_is_jnp_argmax_with_ties_nan_and_infinities():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # many ties: the first one wins
+  x[3] = -np.inf
+  x[4, 5] = x[4, 9] = np.inf
+  x[5, 7] = x[5, 2] = np.nan
+  x[6] = np.nan
+  x[7, 36] = 100
+  for arr in (x, x.astype(jnp.bfloat16), rng.standard_normal((3, 5, 32000)).astype(np.float32)):
+    want = np.asarray(jnp.argmax(jnp.asarray(arr), axis=-1))
+    got = jax.jit(sampling.argmax)(jnp.asarray(arr))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), want)

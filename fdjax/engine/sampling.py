@@ -42,10 +42,22 @@ def filter_logits(logits, top_k: int | None, top_p: float | None):
   return logits
 
 
+def argmax(x):
+  """jnp.argmax(x, axis=-1) as int32 (the first largest entry; the first NaN where there is
+  one), as a max and then a min over the indices that reach it: two plain reductions. XLA:CPU
+  runs jnp.argmax's one reduction over (value, index) pairs far slower: 1.1 against 0.35 ms
+  for 16 rows of a 32000-token vocabulary, 144 against 12 us for one row, on this project's
+  2-core CPU (jax 0.12)."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  hit = (x == top) | jnp.isnan(x)
+  v = x.shape[-1]
+  return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), jnp.int32(v)), axis=-1)
+
+
 def sample(logits, key, sampler: Sampler):
   """logits [B, V] float32 -> token ids [B] int32."""
   if sampler.temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   logits = filter_logits(logits / sampler.temperature, sampler.top_k, sampler.top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -139,7 +151,7 @@ def filter_rows(logits, rows: RowSampling):
 def sample_rows(logits, rows: RowSampling, positions):
   """logits [B, V] float32 -> token ids [B] int32, row b drawn as rows[b] says for the token
   at positions[b]; an all-greedy batch skips the sort."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = argmax(logits)
 
   def draw(_):
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(rows.seed, positions)

@@ -99,7 +99,7 @@ def _draw(x, rows, keys):
   """Tokens [B] from adjusted logits x [B, V]: each row's argmax when greedy, else drawn from
   its filtered distribution; and that distribution's log-probabilities [B, V] (an all-greedy
   batch skips the sort: its log-probabilities are x's own, which no greedy row reads)."""
-  greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+  greedy = sampling.argmax(x)
 
   def sample(x):
     filtered = sampling.filter_rows(x, rows)
@@ -156,7 +156,7 @@ def accept(logits, drafts, count, logq, rows, hist, start_pos, eos) -> Verdict:
   hist_t = sampling.History((hist.counts[:, None] + prev).reshape(b * t, v),
                             jnp.repeat(hist.prompt, t, axis=0))
   x = sampling.adjust(logits.reshape(b * t, v), reps, hist_t, position, eos)
-  greedy = jnp.argmax(x, axis=-1).astype(jnp.int32).reshape(b, t)
+  greedy = sampling.argmax(x).reshape(b, t)
   real = jnp.arange(k)[None, :] < count[:, None]
   greedy_ok = (drafts == greedy[:, :k]) & real
   kept = lambda ok: jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)

@@ -5,14 +5,16 @@ the rule's docstring):
 * `rows`: x padded with zero rows to this many before the dot, the result sliced back. XLA:CPU
   runs a one-row bfloat16 dot through a path 2.6x slower than a two-row one; the padded row
   costs nothing measurable, and the real row's result is the same.
-* `int8_dot`: int8 weights (fdjax.ops.quant, one scale per output column) multiplied as int8 x
+* `group`: int8 weights (fdjax.ops.quant, one scale per output column) multiplied as int8 x
   int8 with int32 accumulation, which XLA:CPU runs on the processor's VNNI dot-product
-  instructions: each row of x is quantized on the fly to int8 with its own scale (absmax /
-  127, round to nearest), and y = (xq @ wq) * x_scale * w_scale. This is W8A8 dynamic
-  quantization, as llama.cpp's q8 dot products and PyTorch's quantize_dynamic compute it; its
-  error over the weight-only reference is bounded per output by
-  x_scale / 2 * sum_k |w[k, n]| (each activation moves by at most half a step). XLA's
-  weight-only form dequantizes the whole weight to x's dtype first, which XLA:CPU
+  instructions. x is quantized on the fly in groups of 128 entries of a row (64 or 32 where
+  K is not a multiple of 128: `group_for`), each with its own scale (absmax / 127, round to nearest), as llama.cpp quantizes activations for its q8
+  dot products (in blocks of 32): one large activation then coarsens only its own group, where
+  one scale per row would coarsen the whole row (LLM activations have such outlier channels).
+  y = sum over groups of (xq_g @ wq_g) * x_scale_g, times w_scale.
+  Its error over the weight-only reference is bounded per output by sum over groups of
+  x_scale_g / 2 * sum_{k in g} |w[k, n]| (each activation moves by at most half its group's
+  step). XLA's weight-only form dequantizes the whole weight to x's dtype first, which XLA:CPU
   materializes: 3-4x slower than the float weights it replaces.
 """
 from __future__ import annotations
@@ -27,25 +29,43 @@ from fdjax.ops import quant, reference
 
 @dataclasses.dataclass(frozen=True)
 class Form:
-  rows: int = 1           # pad x to at least this many rows
-  int8_dot: bool = False  # int8 weights: the W8A8 dynamic product
+  rows: int = 1   # pad x to at least this many rows
+  group: int = 0  # int8 weights: the int8 dot, x quantized in groups of this many (0: not)
 
 
-def quantize_rows(x):
-  """x [M, K] -> (int8 [M, K], float32 scales [M, 1]): each row scaled by its absmax / 127 and
-  rounded; a row of zeros has scale 0 and quantizes to zeros."""
-  xf = x.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+GROUPS = (128, 64, 32)  # activations per scale, the largest that divides K
+
+
+def group_for(k: int) -> int:
+  """The group the int8 dot quantizes x in for K = k (0: none of GROUPS divides k)."""
+  return next((g for g in GROUPS if k % g == 0), 0)
+
+
+def quantize_groups(x, group: int):
+  """x [M, K] (K a multiple of `group`) -> (int8 [M, K / group, group], float32 scales
+  [M, K / group, 1]): each group scaled by its absmax / 127 and rounded; a group of zeros
+  has scale 0 and quantizes to zeros."""
+  m, k = x.shape
+  xg = x.astype(jnp.float32).reshape(m, k // group, group)
+  scale = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / 127.0
   safe = jnp.where(scale > 0, scale, 1.0)
-  return jnp.round(xf / safe).astype(jnp.int8), scale
+  return jnp.round(xg / safe).astype(jnp.int8), scale
 
 
-def int8_dot(x, w: quant.QuantizedWeight):
-  """x [M, K] @ int8 w [K, N] as int8 x int8 -> int32, rescaled; in x's dtype."""
-  xq, x_scale = quantize_rows(x)
-  acc = lax.dot(xq, w.values, preferred_element_type=jnp.int32)
-  y = acc.astype(jnp.float32) * x_scale * w.scales.astype(jnp.float32)
-  return y.astype(x.dtype)
+def int8_dot(x, w: quant.QuantizedWeight, group: int):
+  """x [M, K] @ int8 w [K, N] as int8 x int8 -> int32 per group of `group` entries of K,
+  rescaled and summed; in x's dtype."""
+  if not (isinstance(w, quant.QuantizedWeight) and w.bits == 8):
+    raise ValueError("cpu_linear: the int8 dot takes int8 weights only")
+  k, n = w.values.shape
+  if group <= 0 or k % group:
+    raise ValueError(f"cpu_linear: the int8 dot's group ({group}) must divide K ({k})")
+  xq, x_scale = quantize_groups(x, group)
+  groups = w.values.reshape(k // group, group, n)
+  acc = lax.dot_general(xq, groups, (((2,), (1,)), ((1,), (0,))),
+                        preferred_element_type=jnp.int32)  # [K / group, M, N]
+  y = jnp.sum(acc.astype(jnp.float32) * x_scale.transpose(1, 0, 2), axis=0)
+  return (y * w.scales.astype(jnp.float32)).astype(x.dtype)
 
 
 def linear(x, w, form: Form):
@@ -53,10 +73,5 @@ def linear(x, w, form: Form):
   m = x.shape[0]
   if m < form.rows:
     x = jnp.pad(x, ((0, form.rows - m), (0, 0)))
-  if form.int8_dot:
-    if not (isinstance(w, quant.QuantizedWeight) and w.bits == 8):
-      raise ValueError("cpu_linear: the int8 dot takes int8 weights only")
-    y = int8_dot(x, w)
-  else:
-    y = reference.linear(x, w)
+  y = int8_dot(x, w, form.group) if form.group else reference.linear(x, w)
   return y[:m]

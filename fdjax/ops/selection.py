@@ -25,8 +25,8 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   128) unless the entry says "backend": "pallas" (Triton); the GEMV runs Triton, and where
   this JAX has no Triton the Mosaic flat GEMM at every M it takes, else XLA.
 * Linear layers on the CPU (`cpu_linear`): XLA, in the form XLA:CPU runs fastest: int8
-  weights as an int8 x int8 dot with the activations quantized per row where the processor
-  has VNNI, one bfloat16 row padded to two (impl="xla" is the plain reference everywhere).
+  weights as an int8 x int8 dot with the activations quantized in groups of 128 where the
+  processor has VNNI, one bfloat16 row padded to two (impl="xla" is the plain reference).
 * Mixture-of-experts layers (`moe`): by tokens per expert, the grouped GEMM over expert tiles
   of 8 to 128 rows or every expert on every token, by the bytes each reads and the rows it
   multiplies, or, where `fdjax tune --moe` measured the layer's shape on this device (the
@@ -308,27 +308,32 @@ def cpu_flags() -> frozenset:
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product instructions
 
 
-def cpu_linear(m: int, dtype, quantization: str | None = None,
+def cpu_linear(m: int, k: int, dtype, quantization: str | None = None,
                flags: frozenset | None = None) -> Choice:
-  """How XLA:CPU runs x [m, K] @ w under "auto" (fdjax.ops.cpu_linear), measured on this
+  """How XLA:CPU runs x [m, k] @ w under "auto" (fdjax.ops.cpu_linear), measured on this
   project's 2-core AMD EPYC (AVX-512 bf16, VNNI; no AMX), jax 0.12, the 8-layer benchmark
   model's 32 linears chained in one program (bench/results/cpu_linear.md):
-  * int8 weights where the processor has VNNI (`flags`: default this one's): the int8 x int8
-    dot with x quantized per row (W8A8 dynamic): 2.5 ms against 10-11 ms for dequantize-then-
-    dot at M = 1 (float32 weights: 3.5 ms), 3.6 against 11.5 ms at M = 16 (float32: 7.4 ms);
-  * one bfloat16 row: padded to two rows (3.7 against 9.7 ms; float32 one row is fastest
-    unpadded). The int8 dot pads a single row too (2.5 against 9.5 ms);
+  * int8 weights, k a multiple of 32, where the processor has VNNI (`flags`: default this
+    one's): the int8 x int8 dot with x quantized in groups of 128 (else 64, 32: the largest
+    that divides k; W8A8 dynamic): 2.5 ms
+    against 9-11 ms for dequantize-then-dot at M = 1 (float32 weights: 3.3 ms), 4.9 against
+    12 ms at M = 16 (float32: 7.7 ms);
+  * one bfloat16 row: padded to two rows (3.7 against 9.5 ms; float32 one row is fastest
+    unpadded). The int8 dot pads a single row too (2.5 against 9.3 ms);
   * otherwise XLA's dot as the reference writes it. int4 weights are dequantized first (no
     int4 dot here)."""
   flags = cpu_flags() if flags is None else flags
   dtype = jax.numpy.dtype(dtype)
   if quantization == "int8":
     vnni = [f for f in VNNI if f in flags]
-    if vnni:
-      return Choice("xla", f"cpu: int8 x int8 dot on {vnni[0]}, activations quantized per row",
-                    cpu_linear_lib.Form(rows=2 if m == 1 else 1, int8_dot=True))
-    return Choice("xla", "cpu: no VNNI on this processor: int8 weights dequantized, then a "
-                  "float dot", cpu_linear_lib.Form())
+    group = cpu_linear_lib.group_for(k)
+    if vnni and group:
+      return Choice("xla", f"cpu: int8 x int8 dot on {vnni[0]}, activations quantized in "
+                    f"groups of {group}", cpu_linear_lib.Form(rows=2 if m == 1 else 1,
+                                                               group=group))
+    why = (f"K {k} is not a multiple of 32" if vnni else "no VNNI on this processor")
+    return Choice("xla", f"cpu: {why}: int8 weights dequantized, then a float dot",
+                  cpu_linear_lib.Form())
   if m == 1 and dtype == jax.numpy.bfloat16 and not quantization:
     return Choice("xla", "cpu: one bfloat16 row padded to two (XLA:CPU's one-row bf16 dot is "
                   "slower)", cpu_linear_lib.Form(rows=2))
@@ -497,7 +502,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
                          platform, **layer)
   if platform not in GPU + ("tpu",):
-    linear_choice = (cpu_linear(batch, dtype, quantization) if platform == "cpu"
+    hidden = 4096 if config is None else config.hidden_size
+    linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
