@@ -109,7 +109,8 @@ def categorize(hlo: str, vocab: int, pool_shape: str) -> dict[str, tuple[str, st
         cat = "softmax" if shape.count(",") >= 3 else "SiLU"
       elif "rsqrt" in codes:
         cat = "norms"
-      elif "reduce" in codes and any(f",{vocab}]" in sh for sh, _, _ in inner):
+      elif (any(o.startswith("reduce") for o in codes)  # reduce, reduce-window
+            and any(f",{vocab}]" in sh for sh, _, _ in inner)):
         cat = "sampling"
       else:
         cat = "other"
