@@ -7,15 +7,16 @@ the rule's docstring):
   costs nothing measurable, and the real row's result is the same.
 * `group`: int8 weights (fdjax.ops.quant, one scale per output column) multiplied as int8 x
   int8 with int32 accumulation, which XLA:CPU runs on the processor's VNNI dot-product
-  instructions. x is quantized on the fly in groups of 128 entries of a row (64 or 32 where
-  K is not a multiple of 128: `group_for`), each with its own scale (absmax / 127, round to nearest), as llama.cpp quantizes activations for its q8
-  dot products (in blocks of 32): one large activation then coarsens only its own group, where
-  one scale per row would coarsen the whole row (LLM activations have such outlier channels).
-  y = sum over groups of (xq_g @ wq_g) * x_scale_g, times w_scale.
-  Its error over the weight-only reference is bounded per output by sum over groups of
-  x_scale_g / 2 * sum_{k in g} |w[k, n]| (each activation moves by at most half its group's
-  step). XLA's weight-only form dequantizes the whole weight to x's dtype first, which XLA:CPU
-  materializes: 3-4x slower than the float weights it replaces.
+  instructions. x is quantized on the fly in groups of 128 entries of a row (64 or 32 where K
+  is not a multiple of 128: `group_for`), each with its own scale (absmax / 127, round to
+  nearest), as llama.cpp quantizes activations for its q8 dot products (in blocks of 32): one
+  large activation then coarsens only its own group, where one scale per row would coarsen
+  the whole row (LLM activations have such outlier channels). y = sum over groups of
+  (xq_g @ wq_g) * x_scale_g, times w_scale. Its error over the weight-only reference is
+  bounded per output by sum over groups of x_scale_g / 2 * sum_{k in g} |w[k, n]| (each
+  activation moves by at most half its group's step). XLA's weight-only form dequantizes the
+  whole weight to x's dtype first, which XLA:CPU materializes: up to 2.5x slower than the
+  float weights it replaces (M = 1).
 """
 from __future__ import annotations
 

@@ -404,6 +404,7 @@ def linear(x, w, *, impl="auto"):
 
   mosaic_takes = selection.mosaic_linear_unsupported(
       x2.shape[0], k, n, x.dtype, w.method if quantized else None) is None
+
   def on_cpu():
     choice = selection.cpu_linear(x2.shape[0], k, x.dtype, w.method if quantized else None)
     return cpu_linear.linear(x2, w, choice.settings)

@@ -315,11 +315,11 @@ def cpu_linear(m: int, k: int, dtype, quantization: str | None = None,
   model's 32 linears chained in one program (bench/results/cpu_linear.md):
   * int8 weights, k a multiple of 32, where the processor has VNNI (`flags`: default this
     one's): the int8 x int8 dot with x quantized in groups of 128 (else 64, 32: the largest
-    that divides k; W8A8 dynamic): 2.5 ms
-    against 9-11 ms for dequantize-then-dot at M = 1 (float32 weights: 3.3 ms), 4.9 against
-    12 ms at M = 16 (float32: 7.7 ms);
-  * one bfloat16 row: padded to two rows (3.7 against 9.5 ms; float32 one row is fastest
-    unpadded). The int8 dot pads a single row too (2.5 against 9.3 ms);
+    that divides k; W8A8 dynamic): 2.6 ms
+    against 9.4 ms for dequantize-then-dot at M = 1 (float32 weights: 3.2-3.8 ms), 5.4-7.3
+    against 12.6 ms at M = 16 (float32: 7.7-8.2 ms);
+  * one bfloat16 row: padded to two rows (4.1-4.3 against 10.2 ms; float32 one row is fastest
+    unpadded). The int8 dot pads a single row too (2.6 against 9.2 ms);
   * otherwise XLA's dot as the reference writes it. int4 weights are dequantized first (no
     int4 dot here)."""
   flags = cpu_flags() if flags is None else flags
