@@ -7,6 +7,10 @@ import sys
 
 import pytest
 
+# The benchmarks' CPU forms take minutes: they run apart from the README's test command, in
+# .ci/run's jax 0.11.2 step (the GPU machines' JAX): `python -m pytest -q -m bench tests`.
+pytestmark = pytest.mark.bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["device", "jax_version", "date", "command"]
 
@@ -129,10 +133,31 @@ def test_gemm_bench_smoke(dry_run):
   assert "measured M1" in (dry_run / "gemm_smoke.md").read_text()
 
 
-def test_tune_part_writes_a_table(dry_run):
-  with open(dry_run / "tables" / "dry.json") as fh:
-    table = json.load(fh)
-  assert table["shapes"] and all(e["source"] == "measured" for e in table["shapes"].values())
+def test_tune_part_writes_a_table_dispatch_reads(dry_run, monkeypatch):
+  """`fdjax tune` (random-tiny, M = 1 and 2): every linear shape measured, and the selection
+  module reads the table from $FDJAX_TABLES: crossovers in range, the Mosaic GPU flat GEMM
+  timed beside Triton's where it takes the shape (K 352: not)."""
+  import jax.numpy as jnp
+
+  from fdjax.ops import selection
+  from models import presets
+  from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
+  assert "M1=" in (dry_run / "logs" / "tune.log").read_text()
+  monkeypatch.setenv("FDJAX_TABLES", str(dry_run / "tables"))
+  selection.reload()
+  try:
+    shapes = presets.get("random-tiny").linear_shapes().values()
+    assert len(json.loads((dry_run / "tables" / "dry.json").read_text())["shapes"]) == len(shapes)
+    for k, n in shapes:
+      e = selection.entry(k, n)
+      assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
+      assert [p["m"] for p in e["profile"]] == [1, 2]
+      takes = mosaic_flat_gemm.unsupported(1, k, n, jnp.bfloat16) is None
+      assert (e.get("backend") in ("pallas", "pallas_mosaic")) == takes, (k, n, e)
+      assert all(("mosaic_flat_us" in p) == takes for p in e["profile"])
+  finally:
+    monkeypatch.delenv("FDJAX_TABLES")
+    selection.reload()
 
 
 def test_e2e_bench_cpu_form(dry_run):

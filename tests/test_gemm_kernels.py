@@ -135,31 +135,6 @@ def test_the_flat_backend_is_the_faster_over_the_ms_both_were_timed_at():
   assert tune.flat_backend([{"m": 1, "flat_us": 9}]) is None  # not timed: no entry
 
 
-def test_tune_writes_a_table_dispatch_reads(tmp_path, monkeypatch):
-  out = tmp_path / "tuned.json"
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-m", "fdjax", "tune", "--preset", "random-tiny",
-                      "--max-m", "2", "--iters", "1", "--allow-cpu", "--out", str(out)],
-                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "M1=" in r.stdout and "[4/4]" in r.stdout
-  monkeypatch.setenv("FDJAX_TABLES", str(tmp_path))
-  selection.reload()
-  try:
-    from models import presets
-    for k, n in presets.get("random-tiny").linear_shapes().values():
-      e = selection.entry(k, n)
-      assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
-      assert [p["m"] for p in e["profile"]] == [1, 2]
-      # the Mosaic GPU flat GEMM timed beside Triton's where it takes the shape (K 352: not)
-      takes = mosaic_flat_gemm.unsupported(1, k, n, jnp.bfloat16) is None
-      assert (e.get("backend") in ("pallas", "pallas_mosaic")) == takes, (k, n, e)
-      assert all(("mosaic_flat_us" in p) == takes for p in e["profile"])
-  finally:
-    monkeypatch.delenv("FDJAX_TABLES")
-    selection.reload()
-
-
 def test_tune_compiles_each_candidate_first_and_drops_a_refused_one(monkeypatch):
   from fdjax.tuning import aot, timing
   real_compile, compiled = aot.compile, []
