@@ -12,7 +12,6 @@ import pytest
 
 from fdjax.ops import dispatch, selection
 from fdjax.tuning import tune
-from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
 from pallas_kernels.triton import flat_gemm as fg
 from pallas_kernels.triton import gemv as gv
 from tests.helpers import cuda_text, rel_err, spy
