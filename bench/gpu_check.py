@@ -438,7 +438,7 @@ def run_checks(c: Checker):
 
 def mosaic_checks(c: Checker):
   """The Mosaic GPU kernels (pallas_kernels/mosaic_gpu/; Hopper): decode attention, contiguous
-  and paged, in bfloat16 / float16 at head_dim 64 and 128, and the flat GEMM; dispatch.linear
+  and paged, in bfloat16 / float16 at head_dim 64, 128 and 256, and the flat GEMM; dispatch.linear
   under "auto", which takes the flat GEMM on Hopper (smoke form: the choice an H100 makes,
   run in interpret mode); the experts' grouped GEMM on bf16, int8 and int4 experts."""
   bf16, f16 = jnp.bfloat16, jnp.float16
@@ -451,8 +451,10 @@ def mosaic_checks(c: Checker):
     dec = [(2, 32, 8, 128, 4104, [4104, 2049]),        # Llama-3 GQA 4
            (4, 28, 4, 128, 3000, [1, 3000, 100, 2500]),  # a group of 7 (Qwen2-7B)
            (3, 8, 8, 128, 1000, [1, 517, 1000]),        # MHA
-           (3, 8, 1, 64, 336, [336, 64, 1])]            # MQA, head_dim 64
-    paged = [(4, 32, 8, 128, 64, 400, [1, 64, 4000, 2777]), (3, 8, 8, 128, 16, 300, [17, 900, 5])]
+           (3, 8, 1, 64, 336, [336, 64, 1]),            # MQA, head_dim 64
+           (2, 16, 8, 256, 2000, [2000, 777])]          # Gemma-2's head_dim 256: two warpgroups
+    paged = [(4, 32, 8, 128, 64, 400, [1, 64, 4000, 2777]), (3, 8, 8, 128, 16, 300, [17, 900, 5]),
+             (2, 4, 1, 256, 64, 80, [4000, 333])]       # Gemma-3-1B's heads
     gemms = [(m, 11008, 4096) for m in (1, 16, 33, 64)] + [(8, 4096, 14336)]
     win = 1000
   for b, hq, hkv, dd, ss, n in dec:

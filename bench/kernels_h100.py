@@ -233,9 +233,9 @@ MOSAIC = "pallas_mosaic"
 
 def mosaic_defaults() -> list[Case]:
   """The Mosaic GPU kernels at their default settings (impl="pallas_mosaic"), bfloat16: decode
-  attention, contiguous and paged, at the decode shapes of every head layout it takes (head_dim
-  64 and 128: not Gemma's 256; cache lengths a multiple of 8: not 1 or 4097, which the kernel
-  refuses) and Mistral's window; the flat GEMM at every linear shape of
+  attention, contiguous and paged, at the decode shapes of every head layout it takes (cache
+  lengths a multiple of 8: not 1 or 4097, which the kernel refuses) and at Mistral's and
+  Gemma's (head_dim 256, windows, soft-cap); the flat GEMM at every linear shape of
   both models, at each M the kernel pads differently (x is padded to a multiple of 8 rows:
   M = 1 stands for 1 to 8, one compiled kernel), and on int8 / int4 weights at M = 1, 16, 64;
   the grouped GEMM of Qwen3-30B-A3B's experts at every tile size auto gives it (8 to 64), and
@@ -244,8 +244,9 @@ def mosaic_defaults() -> list[Case]:
   for name in HEADS:
     cases += [_decode(name, b, s, BF16, impl=MOSAIC) for b, s in DECODE if s % 8 == 0]
     cases += [_paged(name, *bpp, BF16, impl=MOSAIC) for bpp in PAGED]
-  cases += [_decode("mistral-7b w4096", 8, 8192, BF16, impl=MOSAIC),
-            _paged("mistral-7b w4096", 8, 128, 64, BF16, impl=MOSAIC)]
+  for name in WINDOWED:  # Mistral's window; Gemma's head_dim 256 with its window and soft-cap
+    cases += [_decode(name, 8, 8192, BF16, impl=MOSAIC),
+              _paged(name, 8, 128, 64, BF16, impl=MOSAIC)]
   for (k, n), label in linear_shapes().items():
     cases += [_linear(label, m, k, n, BF16, impl=MOSAIC) for m in (1, 16, 17, 32, 64)]
     cases += [_quantized(label, m, k, n, method, impl=MOSAIC) for method in ("int8", "int4")
@@ -262,7 +263,7 @@ def mosaic_defaults() -> list[Case]:
 
 def _mosaic_launch(case: Case) -> tuple[tuple, int]:
   """(grid, threads) of a Mosaic GPU case, from its settings (Mosaic GPU's dump has no launch
-  record): one warpgroup (128 threads) a program."""
+  record): one warpgroup (128 threads) a program; decode attention at head_dim 256 two."""
   if case.kernel.startswith("moe grouped_gemm"):
     (tiles, _, _), _, (_, _, n), *_ = (shape for shape, _ in case.args)
     return (n // mgg.Settings().block_n, tiles, 1), 128
@@ -278,7 +279,7 @@ def _mosaic_launch(case: Case) -> tuple[tuple, int]:
   max_keys = page_size * (case.args[3][0][1] if len(case.args) == 5 else 1)
   window = _heads(case.shape.split(" B=")[0])[3].get("window")
   _, n_split = mda.splits(max_keys, window, mda.settings_for(b, hkv, max_keys, d, window))
-  return (b, hkv, n_split), 128
+  return (b, hkv, n_split), 128 * mda.warpgroups(d)
 
 
 def oversized() -> list[Case]:

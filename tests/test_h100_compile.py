@@ -215,11 +215,11 @@ def test_the_mosaic_flat_gemm_compiles_for_sm90a_without_spills(h100, tmp_path, 
 
 @pytest.mark.parametrize("case", [c for c in kernels.mosaic_defaults() if c.shape in (
     "llama-3-8b B=4 pages=512x64", "llama-3-8b B=32 pages=16x16", "mistral-7b w4096 B=8 S=8192",
-    "llama-3.2-1b B=64 S=4096")], ids=str)
+    "llama-3.2-1b B=64 S=4096", "gemma-2-9b w4096 cap50 B=8 pages=128x64")], ids=str)
 def test_the_mosaic_decode_attention_compiles_for_sm90a_without_spills(h100, case):
   """Both launches of the guarded kernel (async, and the online recompute) through Mosaic GPU's
   whole pipeline for sm_90a: paged (pages of 64, and of 16 copied four to a block),
-  windowed, head_dim 64 and 128; no spill, shared memory within the H100's."""
+  windowed, soft-capped, head_dim 64, 128 and 256; no spill, shared memory within the H100's."""
   rows = kernels.measure(case)
   assert {r["launch"] for r in rows} == {"fdjax_mgpu_decode_async", "fdjax_mgpu_decode_online"}
   for r in rows:

@@ -190,6 +190,25 @@ def test_decode_matches_float64(dtype, hq, hkv, mode, kw, monkeypatch):
   assert races == []
 
 
+@pytest.mark.parametrize("mode", ["async", "online"])
+def test_decode_at_head_dim_256_matches_float64(mode, monkeypatch):
+  """Gemma's head_dim: the [64, 256] float32 accumulator is half a thread's registers; the
+  online softmax rescales it and hands it back to the MMA (no second accumulator)."""
+  races = record_gpu_races(monkeypatch)
+  rng = np.random.default_rng(256)
+  d, s = 256, 72
+  q, k, v = _inputs(rng, (2, 4, d), (2, s, 2, d), jnp.bfloat16)
+  lengths = jnp.asarray([s, 29], jnp.int32)
+  kw = {"softcap": 50.0} if mode == "online" else {}
+  out = mda.decode_attention(q, k, v, lengths, sm_scale=d ** -0.5, mode=mode,
+                             settings=mda.Settings(num_splits=2, stages=2), interpret=DETECT,
+                             **kw)
+  want = np_decode_attention(*_f64(q, k, v), np.asarray(lengths), d ** -0.5, **kw)
+  _check_low_precision(out, want, reference.decode_attention(q, k, v, lengths, d ** -0.5,
+                                                               plain=True, **kw))
+  assert races == []
+
+
 def test_decode_default_settings_a_block_past_the_cache_end(monkeypatch):
   """64-key blocks over a 104-entry cache: the last block reads past the cache's end (TMA
   fills what lies outside the array) and weighs it 0."""
@@ -264,7 +283,7 @@ def test_decode_default_settings_fill_the_gpu_within_shared_memory():
   assert s.block_k == 64 and 2 <= s.stages <= 4
   assert s.num_splits == 16  # 256 keys a split at least (33 splits would fill 2 x 132 SMs)
   assert mda.Settings.default(64, 8, 4096).num_splits == 1  # 512 programs fill it already
-  for d in (64, 128):
+  for d in mda.HEAD_DIMS:
     s = mda.Settings.default(1, 8, 4096, head_dim=d)
     assert (s.stages * 2 * s.block_k + 2 * mda.ROWS) * d * 2 <= mda.SMEM_BUDGET
 
@@ -275,10 +294,10 @@ def test_decode_refuses_what_it_cannot_take():
   with pytest.raises(ValueError, match="float32 is not bfloat16 or float16"):
     mda.decode_attention(*(x.astype(jnp.float32) for x in (q, k, v)), n, sm_scale=1.0,
                          interpret=True)
-  with pytest.raises(ValueError, match="head_dim 32 is not 64 or 128"):
+  with pytest.raises(ValueError, match="head_dim 32 is not 64, 128 or 256"):
     mda.decode_attention(q[..., :32], k[..., :32], v[..., :32], n, sm_scale=1.0, interpret=True)
-  with pytest.raises(ValueError, match="head_dim 256 is not 64 or 128"):
-    wide = [jnp.concatenate([x] * 4, axis=-1) for x in (q, k, v)]
+  with pytest.raises(ValueError, match="head_dim 192 is not 64, 128 or 256"):
+    wide = [jnp.concatenate([x] * 3, axis=-1) for x in (q, k, v)]
     mda.decode_attention(*wide, n, sm_scale=1.0, interpret=True)
   with pytest.raises(ValueError, match="the cache length 77 is not a multiple of 8"):
     long = jnp.concatenate([k] * 3, axis=1)[:, :77]
@@ -339,9 +358,10 @@ def test_auto_on_a_gpu_takes_mosaic_on_hopper_then_triton_then_xla(monkeypatch):
   assert c.impl == "pallas_mosaic" and "TMA pipeline, WGMMA" in c.reason
   assert att("decode_attention", 64, "float16", "cuda", 4096, 1).impl == "pallas_mosaic"
   assert att("paged_decode_attention", 128, "bfloat16", "cuda", 16, 8).impl == "pallas_mosaic"
+  assert att("decode_attention", 256, "bfloat16", "cuda", 8192, 1).impl == "pallas_mosaic"  # Gemma
   for args, why in [
       ((128, "float32", "cuda", 4096, 1), "dtype float32 is not bfloat16 or float16"),
-      ((256, "bfloat16", "cuda", 4096, 1), "head_dim 256 is not 64 or 128"),  # Gemma's
+      ((32, "bfloat16", "cuda", 4096, 1), "head_dim 32 is not 64, 128 or 256"),
       ((128, "bfloat16", "cuda", 48, 8), "the page size 48 neither divides"),
       ((128, "bfloat16", "cuda", 4097, 1), "the cache length 4097 is not a multiple of 8")]:
     c = att("paged_decode_attention", *args)

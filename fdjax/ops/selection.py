@@ -4,7 +4,7 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
 * Attention (decode, prefill, CoPE) on a CUDA GPU, first that takes the call (each kernel
   states what it takes), by the GPU and the JAX installed:
   1. on Hopper (compute capability 9.x), the Mosaic GPU kernel (pallas_kernels/mosaic_gpu/:
-     decode attention, contiguous and paged, bfloat16 / float16, head_dim 64 or 128): the
+     decode attention, contiguous and paged, bfloat16 / float16, head_dim 64, 128 or 256): the
      Pallas backend JAX keeps, written for sm_90a's TMA and WGMMA. Not yet timed on hardware
      against Triton: the GPU suite will say which is faster, and this rule follows it;
   2. the Triton kernel, where this JAX still has Pallas's Triton backend (deprecated since
@@ -483,8 +483,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   """What "auto" runs for each op of a model (no config: of a head_dim-128 model; its linear
   weights quantized to `quantization` or not) at this batch on `platform` ("tpu" also
   "tpu:v6e"; a TPU's or GPU's tables: of device `kind`, default this process's), with the
-  reason, e.g. "xla (Mosaic GPU: head_dim 80 is not 64 or 128 ...; Triton: head_dim 80 is not a
-  power of two >= 16)"; a kernel's entry also names its Pallas backend (BACKENDS), e.g.
+  reason, e.g. "xla (Mosaic GPU: head_dim 80 is not 64, 128 or 256 ...; Triton: head_dim 80
+  is not a power of two >= 16)"; a kernel's entry also names its Pallas backend (BACKENDS), e.g.
   "pallas_mosaic (...) [Pallas Mosaic GPU, sm_90a]"."""
   platform = platform or jax.default_backend()
   if platform.startswith("tpu"):

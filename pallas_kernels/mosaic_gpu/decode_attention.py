@@ -12,6 +12,13 @@ are read: the trip count is the split's share of [first visible key, length), a 
 only at run time, so the pipeline is written out by hand (a static `emit_pipeline` would walk
 the longest row's blocks).
 
+At head_dim 256 (Gemma's) the program is two warpgroups, each holding half of the output's
+columns: a [64, 128] float32 accumulator each, as at head_dim 128 (one warpgroup's
+[64, 256] would take 128 of a thread's 255 registers and spill with the scores beside it).
+Both compute the same scores (the first MMA is repeated: memory, not MMA, bounds decoding),
+each multiplies its half of V; warpgroup 0 issues the copies and refills a slot only when
+both have arrived at its `done` barrier.
+
 Decoding is bound by memory: the padded group costs MMA work (64 rows however small the group)
 but no bytes. At head_dim 128 a key moves 512 bytes and costs 64 x 128 x 4 FLOP, 64 FLOP per
 byte, a fifth of what an H100's tensor cores do per byte of HBM bandwidth.
@@ -43,6 +50,8 @@ from pallas_kernels.mosaic_gpu import shared
 DTYPES = (jnp.bfloat16, jnp.float16)  # WGMMA reads K transposed from shared memory: 16-bit only
 ROWS = 64         # the query rows of one MMA: a GQA group is padded to this
 BLOCK_K = 64      # keys per step: the MMA's K for p @ V, one 128-byte swizzled row of p
+HEAD_DIMS = (64, 128, 256)
+WG_COLS = 128     # output columns per warpgroup: head_dim 256 takes two warpgroups
 OUT_ROWS = 8      # partial outputs keep the group's rows rounded up to this (not 64)
 SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB of dynamic shared memory per block
 
@@ -70,10 +79,15 @@ def unsupported(head_dim: int, dtype) -> str | None:
   """Why the kernel cannot take this head_dim / dtype (None: it can)."""
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
     return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16 (WGMMA's transposed operands)"
-  if head_dim not in (64, 128):
-    return (f"head_dim {head_dim} is not 64 or 128 (a 128-byte swizzled row at least; at 256 "
-            f"the online softmax's accumulators take every register)")
+  if head_dim not in HEAD_DIMS:
+    return (f"head_dim {head_dim} is not 64, 128 or 256 (a 128-byte swizzled row at least; "
+            f"at most {WG_COLS} output columns per warpgroup, two warpgroups)")
   return None
+
+
+def warpgroups(head_dim: int) -> int:
+  """Warpgroups per program: one per WG_COLS output columns."""
+  return max(1, head_dim // WG_COLS)
 
 
 def pieces(page_size: int, max_pages: int, block_k: int) -> int | str:
@@ -98,6 +112,10 @@ def _kernel(lengths_gmem, table_gmem, phi_gmem, active_gmem, q_gmem, k_gmem, v_g
             window, softcap):
   b, h, split = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
   dtype, d = q_gmem.dtype, q_gmem.shape[-1]
+  n_wg = warpgroups(d)
+  cols = d // n_wg  # this warpgroup's output columns
+  wg = jax.lax.axis_index("wg") if n_wg > 1 else 0
+  lead = pl.when(wg == 0) if n_wg > 1 else (lambda f: f())  # warpgroup 0's part
   page_size = k_gmem.shape[1]
   lo, start, end = split_range(lengths_gmem[b], split, split_len, block_k, window)
   n_blocks = jnp.where(active_gmem[b, h] != 0, pl.cdiv(jnp.maximum(end - start, 0), block_k), 0)
@@ -114,17 +132,24 @@ def _kernel(lengths_gmem, table_gmem, phi_gmem, active_gmem, q_gmem, k_gmem, v_g
     page = jnp.clip(table_gmem[b, key // page_size], 0, k_gmem.shape[0] - 1)
     return (page, pl.ds(first % page_size, rows), h)
 
-  def attend(q_smem, k_smem, v_smem, p_smem, q_bar, k_bar, v_bar):
-    def fetch(j, slot):
+  def attend(q_smem, k_smem, v_smem, p_smem, q_bar, k_bar, v_bar, *sync):
+    def fetch(j, slot):  # by warpgroup 0: one copy per piece (and per warpgroup's V columns)
       for i in range(n_pieces):
-        at, into = piece(j, i), pl.ds(i * rows, rows)
-        plgpu.copy_gmem_to_smem(k_gmem.at[at], k_smem.at[slot, into], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_gmem.at[at], v_smem.at[slot, into], v_bar.at[slot])
+        (page, entries, head), into = piece(j, i), pl.ds(i * rows, rows)
+        plgpu.copy_gmem_to_smem(k_gmem.at[page, entries, head], k_smem.at[slot, into],
+                                k_bar.at[slot])
+        for w in range(n_wg):
+          plgpu.copy_gmem_to_smem(v_gmem.at[page, entries, head, pl.ds(w * cols, cols)],
+                                  v_smem.at[slot, w, into], v_bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_gmem.at[b, h], q_smem, q_bar)
-    for i in range(stages):
-      pl.when(i < n_blocks)(functools.partial(fetch, i, i))
+    @lead
+    def _():
+      plgpu.copy_gmem_to_smem(q_gmem.at[b, h], q_smem, q_bar)
+      for i in range(stages):
+        pl.when(i < n_blocks)(functools.partial(fetch, i, i))
+
     plgpu.barrier_wait(q_bar)
+    v_mine, p_mine = v_smem.at[:, wg], p_smem.at[wg]
 
     def body(acc_ref, j, carry):
       l, m, acc = carry
@@ -150,56 +175,77 @@ def _kernel(lengths_gmem, table_gmem, phi_gmem, active_gmem, q_gmem, k_gmem, v_g
         p = jnp.exp(s - phi)
       p = p.astype(dtype)  # the weights rounded once: numerator and denominator agree
       l = l + p.astype(jnp.float32).sum(axis=1)
-      p_smem[...] = p
+      p_mine[...] = p
       plgpu.commit_smem()  # the MMA reads p from shared memory through the async proxy
       plgpu.barrier_wait(v_bar.at[slot])
       if online:
         def weighted(pv_ref):
-          plgpu.wgmma(pv_ref, p_smem, v_smem.at[slot])
+          plgpu.wgmma(pv_ref, p_mine, v_mine.at[slot])
           return pv_ref[...]
 
-        acc = acc + pl.run_scoped(weighted, plgpu.ACC((ROWS, d), jnp.float32))
+        acc = acc + pl.run_scoped(weighted, plgpu.ACC((ROWS, cols), jnp.float32))
       else:  # nothing to rescale: the MMA adds p @ V into its accumulator in place
-        plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+        plgpu.wgmma(acc_ref, p_mine, v_mine.at[slot])
         plgpu.wgmma_wait(0)  # p's buffer and the slot are refilled next
-      pl.when(j + stages < n_blocks)(functools.partial(fetch, j + stages, slot))
+      refill = functools.partial(fetch, j + stages, slot)
+      if n_wg > 1:  # the slot is refilled once every warpgroup is done with it
+        done = sync[0]
+        plgpu.barrier_arrive(done.at[slot])
+
+        def refill(refill=refill):
+          plgpu.barrier_wait(done.at[slot])
+          refill()
+      pl.when((j + stages < n_blocks) & (wg == 0))(refill)
       return l, m_new, acc
 
     per_row = plgpu.Layout.WGMMA.reduce(1)
     init = (plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), per_row),
             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), per_row),
-            plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32), plgpu.Layout.WGMMA)
             if online else ())
     if online:
       l, m, acc = jax.lax.fori_loop(0, n_blocks, functools.partial(body, None), init)
-      return acc, l, m
+    else:
+      def in_place(acc_ref):  # the async output lives in the MMA's accumulator throughout
+        l, m, _ = jax.lax.fori_loop(0, n_blocks, functools.partial(body, acc_ref), init)
+        return acc_ref[...], l, m
 
-    def in_place(acc_ref):  # the async output lives in the MMA's accumulator throughout
-      l, m, _ = jax.lax.fori_loop(0, n_blocks, functools.partial(body, acc_ref), init)
-      return acc_ref[...], l, m
+      acc, l, m = pl.run_scoped(in_place, plgpu.ACC((ROWS, cols), jnp.float32))
+    if n_wg > 1:  # every warpgroup past its last read before `write` reuses the memory
+      finished = sync[1]
+      plgpu.barrier_arrive(finished)
+      plgpu.barrier_wait(finished)
+    return acc, l, m
 
-    return pl.run_scoped(in_place, plgpu.ACC((ROWS, d), jnp.float32))
-
-  kv = plgpu.SMEM((stages, block_k, d), dtype, transforms=shared.transforms(d, dtype))
+  every = dict(collective_axes="wg") if n_wg > 1 else {}  # one allocation for the program
   acc, l, m = pl.run_scoped(
-      attend, plgpu.SMEM((ROWS, d), dtype, transforms=shared.transforms(d, dtype)), kv, kv,
-      plgpu.SMEM((ROWS, block_k), dtype, transforms=shared.transforms(block_k, dtype)),
+      attend, plgpu.SMEM((ROWS, d), dtype, transforms=shared.transforms(d, dtype)),
+      plgpu.SMEM((stages, block_k, d), dtype, transforms=shared.transforms(d, dtype)),
+      plgpu.SMEM((stages, n_wg, block_k, cols), dtype, transforms=shared.transforms(cols, dtype)),
+      plgpu.SMEM((n_wg, ROWS, block_k), dtype, transforms=shared.transforms(block_k, dtype)),
       plgpu.Barrier(), plgpu.Barrier(num_arrivals=n_pieces, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=n_pieces, num_barriers=stages))
+      plgpu.Barrier(num_arrivals=n_pieces * n_wg, num_barriers=stages),
+      *([plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),  # done: a slot's reads
+         plgpu.Barrier(num_arrivals=n_wg)] if n_wg > 1 else []), **every)  # finished
 
   def write(o_smem, l_smem, m_smem):
-    o_smem[...] = acc
-    l_smem[...] = l
-    m_smem[...] = m
+    g = o_gmem.shape[4]
+    o_smem.at[wg][...] = acc
     plgpu.commit_smem()
-    g = o_gmem.shape[3]
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, g)], o_gmem.at[b, h, split])
-    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, g)], l_gmem.at[b, h, split])
-    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, g)], m_gmem.at[b, h, split])
+    plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(0, g)], o_gmem.at[b, h, split, wg])
+
+    @lead
+    def _():  # the row statistics: the same in every warpgroup
+      l_smem[...] = l
+      m_smem[...] = m
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, g)], l_gmem.at[b, h, split])
+      plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, g)], m_gmem.at[b, h, split])
+
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(write, plgpu.SMEM((ROWS, d), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32),
-                plgpu.SMEM((ROWS,), jnp.float32))
+  pl.run_scoped(write, plgpu.SMEM((n_wg, ROWS, cols), jnp.float32),
+                plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32), **every)
 
 
 def settings_for(batch: int, kv_heads: int, max_keys: int, head_dim: int, window=None,
@@ -230,13 +276,18 @@ def _partials(q, k, v, lengths, table, phi, active, *, g_out, n_pieces, sm_scale
             softcap=softcap)
 
   body.__name__ = "fdjax_mgpu_decode_online" if online else "fdjax_mgpu_decode_async"
+  n_wg = warpgroups(d)
   stat = jax.ShapeDtypeStruct((b, hkv, n_split, g_out), jnp.float32)
-  return plgpu.kernel(
+  threads = dict(num_threads=n_wg, thread_name="wg") if n_wg > 1 else {}
+  o, l, m = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((b, hkv, n_split, g_out, d), jnp.float32), stat, stat),
-      grid=(b, hkv, n_split), grid_names=("b", "h", "s"),
+      out_type=(jax.ShapeDtypeStruct((b, hkv, n_split, n_wg, g_out, d // n_wg), jnp.float32),
+                stat, stat),
+      grid=(b, hkv, n_split), grid_names=("b", "h", "s"), **threads,
       **shared.interpret_kwargs(interpret),
   )(lengths, table, phi, active, q, k, v)
+  # each warpgroup's columns side by side: [B, Hkv, splits, rows, D]
+  return jnp.moveaxis(o, 3, 4).reshape(b, hkv, n_split, g_out, d), l, m
 
 
 def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
