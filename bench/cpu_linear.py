@@ -14,6 +14,9 @@ them, for x of M rows:
                       dequantize-then-dot, and fdjax.ops.cpu_linear's int8 x int8 dot with x
                       quantized in groups of 128 or with one scale per row (a group of K),
                       unpadded and padded to two rows
+  int4                int4 weights (two per byte, one scale per 128 rows of K): dequantize-
+                      then-dot, and the int8 x int8 dot on the bytes unpacked on the fly, x in
+                      the weights' groups of 128, unpadded and padded to two rows
   auto                what dispatch.linear runs under "auto" here, with its reason
 
 Two sets of weights alternate (together several times the L2). GB/s: the weights' bytes over
@@ -52,6 +55,10 @@ def forms():
     for rows in (1, 2):
       name = f"int8 dot, x {what}" + (", rows padded to 2" if rows == 2 else "")
       out[("int8", name)] = functools.partial(_int8, rows=rows, group=group)
+  out[("int4", "reference")] = reference.linear
+  for rows in (1, 2):
+    name = "int4 dot, x groups of 128" + (", rows padded to 2" if rows == 2 else "")
+    out[("int4", name)] = functools.partial(_int8, rows=rows, group=128)
   return out
 
 
@@ -72,8 +79,8 @@ def _chain(fn):
 def _weights(kind, shapes, seed):
   ks = jax.random.split(jax.random.key(seed), len(shapes))
   ws = [jax.random.normal(k, s, jnp.float32) * 0.05 for k, s in zip(ks, shapes)]
-  if kind == "int8":
-    return [quant.quantize(w, "int8") for w in ws]
+  if kind in ("int8", "int4"):
+    return [quant.quantize(w, kind) for w in ws]
   return [w.astype(kind) for w in ws]
 
 
@@ -81,7 +88,7 @@ def measure(m, shapes, iters):
   rows = []
   k_max = max(k for k, _ in shapes)
   weights = {kind: [_weights(kind, shapes, s) for s in range(2)]
-             for kind in ("float32", "bfloat16", "int8")}
+             for kind in ("float32", "bfloat16", "int8", "int4")}
   for kind, ws in weights.items():
     xdt = "bfloat16" if kind == "bfloat16" else "float32"
     sets = [(jax.random.normal(jax.random.key(10 + i), (m, k_max), jnp.float32).astype(xdt), w)
@@ -95,7 +102,8 @@ def measure(m, shapes, iters):
       base = base or ms
       reason = ""
       if form == "auto":
-        reason = selection.cpu_linear(m, k_max, xdt, "int8" if kind == "int8" else None).reason
+        quantized = kind if kind.startswith("int") else None
+        reason = selection.cpu_linear(m, k_max, xdt, quantized).reason
       rows.append({"weights": kind, "m": m, "form": form, "ms": ms,
                    "GB_per_s": nbytes / ms / 1e6, "speedup_vs_reference": base / ms,
                    "reason": reason})
@@ -116,8 +124,8 @@ def main():
   notes = (f"{len(shapes)} linear layers ({sum(k * n for k, n in shapes) / 1e6:.1f} M weights) "
            "chained in one program, x of M rows (float32; bfloat16 for bfloat16 weights), on "
            f"this CPU ({vnni}). GB_per_s: the weights' bytes over the time. "
-           "speedup_vs_reference: against XLA's dot as fdjax.ops.reference writes it (int8: "
-           "dequantize, then the dot). auto: dispatch.linear under \"auto\", with the reason of "
+           "speedup_vs_reference: against XLA's dot as fdjax.ops.reference writes it (int8, "
+           "int4: dequantize, then the dot). auto: dispatch.linear under \"auto\", with the reason of "
            "fdjax.ops.selection.cpu_linear.")
   name = "cpu_linear" + ("_quick" if args.quick else "")
   print(common.write_results(name, rows, COLUMNS, notes, results_dir=args.results_dir))

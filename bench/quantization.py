@@ -41,16 +41,20 @@ from models import quantize as mq  # noqa: E402
 
 METHODS = ("int8", "int4")
 W8A8 = "int8-w8a8"  # int8 weights as "auto" runs them on a CPU with VNNI (fdjax.ops.cpu_linear)
+W4A8 = "int4-w4a8"  # int4 weights as "auto" runs them there: unpacked, the same int8 dot
 
 
 def variants():
   """(row label, quantize method, impl): the float model and the weight-only methods as the
   kernels compute them (impl "xla": dequantized weights times x), and, where this CPU has
-  VNNI, int8 weights as "auto" runs them here: the int8 x int8 dot, x quantized in groups."""
-  out = [("float", None, "xla")] + [(m, m, "xla") for m in METHODS]
-  if jax.default_backend() == "cpu" and selection.cpu_linear(
-      1, 128, jnp.float32, "int8").settings.group:
-    out.insert(2, (W8A8, "int8", "auto"))
+  VNNI, int8 and int4 weights as "auto" runs them here: the int8 x int8 dot, x quantized in
+  groups."""
+  out = [("float", None, "xla")]
+  for m in METHODS:
+    out.append((m, m, "xla"))
+    if jax.default_backend() == "cpu" and selection.cpu_linear(
+        1, 128, jnp.float32, m).settings.group:
+      out.append(({"int8": W8A8, "int4": W4A8}[m], m, "auto"))
   return out
 
 

@@ -324,6 +324,7 @@ def test_cpu_linear_quick(tmp_path):
   rows = _rows(tmp_path, "cpu_linear_quick")
   assert {(r["weights"], r["form"]) for r in rows} >= {
       ("float32", "reference"), ("bfloat16", "rows padded to 2"),
-      ("int8", "int8 dot, x groups of 128"), ("int8", "auto")}
+      ("int8", "int8 dot, x groups of 128"), ("int8", "auto"),
+      ("int4", "int4 dot, x groups of 128"), ("int4", "auto")}
   assert all(r["ms"] > 0 and r["GB_per_s"] > 0 for r in rows)
   assert all(r["reason"].startswith("cpu:") for r in rows if r["form"] == "auto")

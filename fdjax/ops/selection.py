@@ -315,24 +315,29 @@ def cpu_linear(m: int, k: int, dtype, quantization: str | None = None,
   model's 32 linears chained in one program (bench/results/cpu_linear.md):
   * int8 weights, k a multiple of 32, where the processor has VNNI (`flags`: default this
     one's): the int8 x int8 dot with x quantized in groups of 128 (else 64, 32: the largest
-    that divides k; W8A8 dynamic): 2.6 ms
-    against 9.4 ms for dequantize-then-dot at M = 1 (float32 weights: 3.2-3.8 ms), 5.4-7.3
-    against 12.6 ms at M = 16 (float32: 7.7-8.2 ms);
-  * one bfloat16 row: padded to two rows (4.1-4.3 against 10.2 ms; float32 one row is fastest
-    unpadded). The int8 dot pads a single row too (2.6 against 9.2 ms);
-  * otherwise XLA's dot as the reference writes it. int4 weights are dequantized first (no
-    int4 dot here)."""
+    that divides k; W8A8 dynamic): 2.3-2.6 ms
+    against 8.9-9.4 ms for dequantize-then-dot at M = 1 (float32 weights: 3.1-3.8 ms), 4.5-7.3
+    against 12.6-14.1 ms at M = 16 (float32: 7.5-8.2 ms);
+  * one bfloat16 row: padded to two rows (4.0-4.3 against 10.2-11.5 ms; float32 one row is
+    fastest unpadded). The int8 dot pads a single row too (2.6 against 9.2 ms);
+  * int4 weights, k a multiple of 128, with VNNI: unpacked to int8 on the fly, the same dot
+    with x in the weights' groups of 128 (W4A8 dynamic): 2.9-3.5 ms against 9.5 at M = 1,
+    5.4-6.1 against 23 at M = 16;
+  * otherwise XLA's dot as the reference writes it (quantized weights dequantized first)."""
   flags = cpu_flags() if flags is None else flags
   dtype = jax.numpy.dtype(dtype)
-  if quantization == "int8":
+  if quantization in ("int8", "int4"):
     vnni = [f for f in VNNI if f in flags]
-    group = cpu_linear_lib.group_for(k)
+    if quantization == "int8":
+      group, need, what = cpu_linear_lib.group_for(k), 32, "int8 x int8 dot"
+    else:
+      need = quant.GROUP
+      group, what = (need if k % need == 0 else 0), "int4 unpacked to int8, int8 x int8 dot"
     if vnni and group:
-      return Choice("xla", f"cpu: int8 x int8 dot on {vnni[0]}, activations quantized in "
-                    f"groups of {group}", cpu_linear_lib.Form(rows=2 if m == 1 else 1,
-                                                               group=group))
-    why = (f"K {k} is not a multiple of 32" if vnni else "no VNNI on this processor")
-    return Choice("xla", f"cpu: {why}: int8 weights dequantized, then a float dot",
+      return Choice("xla", f"cpu: {what} on {vnni[0]}, activations quantized in groups of "
+                    f"{group}", cpu_linear_lib.Form(rows=2 if m == 1 else 1, group=group))
+    why = (f"K {k} is not a multiple of {need}" if vnni else "no VNNI on this processor")
+    return Choice("xla", f"cpu: {why}: {quantization} weights dequantized, then a float dot",
                   cpu_linear_lib.Form())
   if m == 1 and dtype == jax.numpy.bfloat16 and not quantization:
     return Choice("xla", "cpu: one bfloat16 row padded to two (XLA:CPU's one-row bf16 dot is "
