@@ -4,11 +4,15 @@ under jax.profiler.trace at each batch; every event XLA:CPU records for an instr
 decode-loop program (its thunks: a fusion, a dot, a scatter ...) is summed by what the
 instruction computes, read from the compiled program's HLO, and divided by the decode steps.
 
-  python bench/decode_trace.py [--batch 1 4 16] [--dtype float32]
+  python bench/decode_trace.py [--batch 1 4 16] [--dtype float32 bfloat16 int8 int4]
+
+(int8 / int4: the float32 model with its linear weights quantized, as "auto" runs them on
+this CPU: fdjax.ops.cpu_linear's int8 x int8 dot where the processor has VNNI.)
 
 Categories (first that applies to the instruction, or to what its fusion computes):
   LM head          a dot whose output is [B, vocabulary]
-  linears          the other dots with a 2-D output (q/k/v, o, gate/up, down)
+  linears          the other dots with a 2-D output (q/k/v, o, gate/up, down), and the
+                   integer dots of quantized weights (int32 out, per group of K)
   attention dots   the dots of scores and weights x values (rank > 2)
   K/V gather       a gather from the [pages, page_size, KV heads, head_dim] pools: each row's
                    pages made contiguous (and, fused in, transposed for the attention dots)
@@ -100,7 +104,7 @@ def categorize(hlo: str, vocab: int, pool_shape: str) -> dict[str, tuple[str, st
         out = dots[-1]
         dims = out.split("[", 1)[1].split("]", 1)[0].split(",") if "[" in out else []
         cat = ("LM head" if dims and dims[-1] == str(vocab) else
-               "linears" if len(dims) == 2 else "attention dots")
+               "linears" if len(dims) == 2 or out.startswith("s32") else "attention dots")
       elif "gather" in codes and any(pool_shape in sh for sh, _, _ in inner):
         cat = "K/V gather"
       elif "scatter" in codes:
@@ -132,7 +136,10 @@ def measure(dtype: str, batches: list[int]) -> list[dict]:
                     intermediate_size=s["intermediate"], num_layers=s["layers"],
                     num_heads=s["heads"], num_kv_heads=s["kv_heads"], head_dim=s["head_dim"],
                     max_position_embeddings=4096)
-  model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+  quantized = dtype in ("int8", "int4")
+  model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32 if quantized else jnp.dtype(dtype))
+  if quantized:
+    model = fdjax.quantize(model, dtype)
   rows = []
   for b in batches:
     prompts = np.random.default_rng(b).integers(0, s["vocab"], (b, 64)).tolist()

@@ -285,7 +285,7 @@ def test_moe_bench_smoke(dry_run):
     assert q["ms"] > 0 and q["dense_MB_read"] == pytest.approx(r["dense_MB_read"] / 4, rel=1e-3)
 
 
-def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes():
+def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(monkeypatch):
   """bench/decode_trace.py's reading of the compiled decode loop (the profile's categories):
   a tiny model's loop at batch 2 has its LM head, linears, attention dots, the K/V gather from
   the page pools, the cache write, norms and the argmax, each where they should be."""
@@ -306,6 +306,18 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes():
   assert all(s.endswith(f",{cfg.vocab_size}]") for s in found["LM head"])
   assert all(s.count(",") == 1 for s in found["linears"])  # [B, N]
   assert all(s.startswith("f32[2,") for s in found["K/V gather"])  # each row's keys
+  # int8 weights as "auto" runs them on a CPU with VNNI: the integer dots count as linears
+  import fdjax
+  from fdjax.ops import selection
+  monkeypatch.setattr(selection, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+  quantized = fdjax.quantize(tiny_model(num_kv_heads=2, hidden_size=64, intermediate_size=256),
+                             "int8")  # the down projection: K = 256, two groups of 128
+  _, decode = decode_loop.lower(quantized, batch=2, prompt_len=8, max_new_tokens=8)
+  cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size,
+                                 f"[{pages},64,{cfg.num_kv_heads},{cfg.head_dim}]")
+  shapes = [(cat, shape) for cat, shape in cats.values() if shape.startswith("s32[")]
+  assert any(cat == "linears" and shape.count(",") == 2 for cat, shape in shapes), shapes
+  assert all(cat != "attention dots" for cat, _ in shapes)
 
 
 def test_attention_layout_cpu_quick(tmp_path):
