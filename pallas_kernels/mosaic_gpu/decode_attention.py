@@ -7,7 +7,7 @@ of `block_k`: each block's page is looked up in the row's page table (a block ne
 page: block_k divides the page size) and brought into shared memory by a TMA copy, `stages`
 blocks ahead of the MMAs (FlashDecoding++'s double buffering; the copies of K and V have their
 own barriers, so the scores start as soon as K has landed). Scores are q [64, D] @ K^T; the
-weights p go to the second MMA, p [64, block_k] @ V, from registers. Only the row's own keys
+weights p go through shared memory to the second MMA, p [64, block_k] @ V. Only the row's own keys
 are read: the trip count is the split's share of [first visible key, length), a number known
 only at run time, so the pipeline is written out by hand (a static `emit_pipeline` would walk
 the longest row's blocks).
@@ -17,7 +17,8 @@ columns: a [64, 128] float32 accumulator each, as at head_dim 128 (one warpgroup
 [64, 256] would take 128 of a thread's 255 registers and spill with the scores beside it).
 Both compute the same scores (the first MMA is repeated: memory, not MMA, bounds decoding),
 each multiplies its half of V; warpgroup 0 issues the copies and refills a slot only when
-both have arrived at its `done` barrier.
+both have arrived at its `done` barrier, and both meet at `finished` before the output's
+scope reuses the shared memory.
 
 Decoding is bound by memory: the padded group costs MMA work (64 rows however small the group)
 but no bytes. At head_dim 128 a key moves 512 bytes and costs 64 x 128 x 4 FLOP, 64 FLOP per
