@@ -25,6 +25,10 @@ from fdjax.tuning import aot
 from models import presets
 from models.llama import Transformer
 
+# Compiling for a described H100 / TPU takes minutes: CI runs these files in steps of their
+# own (jax 0.12 and 0.11.2), apart from the README's test command.
+pytestmark = pytest.mark.compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
