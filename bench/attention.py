@@ -61,12 +61,14 @@ def decode_impls(on_gpu, sm_scale):
 
 
 def _paged(q, k, v, n, sm_scale, page_size, interpret, kernels=dk):
-  """The same cache cut into pages of `page_size` (row b's pages in order): what the paged
-  kernel's page-table indirection costs."""
-  b, s = k.shape[:2]
+  """The cache's bytes as a heads-major pool [Hkv, B * S / page_size, page_size, D] of pages
+  (row b's in order): what the paged kernel's page-table indirection costs. A free reshape, not
+  a transpose, so nothing but the kernel is timed: the pool holds the same random values in
+  other places, and only finiteness is checked here (the tests check the numbers)."""
+  b, s, hkv, d = k.shape
   if s % page_size:
     raise ValueError(f"kv_len {s} is not a multiple of the page size {page_size}")
-  pages = lambda x: x.reshape(b * s // page_size, page_size, *x.shape[2:])
+  pages = lambda x: x.reshape(hkv, b * s // page_size, page_size, d)
   table = jnp.arange(b * s // page_size, dtype=jnp.int32).reshape(b, s // page_size)
   return kernels.paged_decode_attention(q, pages(k), pages(v), table, n, sm_scale=sm_scale,
                                         interpret=interpret)

@@ -33,7 +33,8 @@ def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
     with torch.no_grad():
       hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
     return time.perf_counter() - t0
-  run(2)
+  run(new_tokens)  # warm-up at both lengths (a static cache is sized, and compiled, by each)
+  run(1)
   t_n = np.median([run(new_tokens) for _ in range(iters)])
   t_1 = np.median([run(1) for _ in range(iters)])
   return len(prompts) * (new_tokens - 1) / (t_n - t_1)
@@ -58,6 +59,18 @@ def hf_variant(hf, dtype):
   spec = {name: default_dynamic_qconfig for name, m in hf.named_modules()
           if isinstance(m, torch.nn.Linear) and name != "lm_head"}
   return quantize_dynamic(copy.deepcopy(hf), spec, dtype=torch.qint8)
+
+
+def hf_compiled(hf):
+  """A copy of `hf` as PyTorch users make it fast: a static cache and torch.compile of its
+  forward (bench/e2e.py's hf-compile, gpt-fast's recipe); compiled on its first call."""
+  import copy
+
+  import torch
+  compiled = copy.deepcopy(hf)
+  compiled.generation_config.cache_implementation = "static"
+  compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
+  return compiled
 
 
 def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters, dtype="float32"):
@@ -106,6 +119,9 @@ def main():
                        "(float32)")
   ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES),
                   help="each run by fdjax and by HF eager in the same dtype")
+  ap.add_argument("--hf-compile", action="store_true",
+                  help="also HF with a static cache and torch.compile, in each dtype (where "
+                       "it compiles: a dtype it does not is a row with the error)")
   args = ap.parse_args()
 
   import torch  # here, not above: --also-python's interpreters import this module without it
@@ -142,16 +158,31 @@ def main():
                        "speedup_vs_hf": tps / theirs})
         rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": theirs,
                      "speedup_vs_hf": 1.0})
+        if args.hf_compile:
+          row = {**shape, "impl": "hf-compile"}
+          try:
+            tps = hf_decode_tokens_per_s(hf_compiled(hfs[dtype]), prompts, args.new_tokens,
+                                         args.iters)
+            row.update(decode_tokens_per_s=tps, speedup_vs_hf=tps / theirs)
+            rows[start]["speedup_vs_hf_compile"] = ours / tps
+          except Exception as e:  # "where it runs"
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+          rows.append(row)
         print(*rows[start:], flush=True)
   notes = ("Each dtype side by side: fdjax loads the checkpoint with load_pretrained's dtype / "
            "quantize (int8: float32 activations, int8 linear weights; on this CPU the int8 x "
            "int8 dot of fdjax.ops.cpu_linear); HF eager is the same model in PyTorch (bfloat16: "
            ".to(torch.bfloat16); int8: torch.ao quantize_dynamic on every linear but the LM "
-           "head). speedup_vs_hf: against HF in the same dtype, same batch. Decode tokens/s: "
-           "(time for N tokens - time for 1) / (N - 1) steps, medians of --iters runs.")
-  table = common.write_results(
-      args.name, rows, ["impl", "dtype", "params_m", "batch", "prompt_len", "new_tokens",
-                        "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf"], notes)
+           "head). speedup_vs_hf: against HF eager in the same dtype, same batch; "
+           "hf-compile (--hf-compile): HF with a static cache and torch.compile of its forward "
+           "(mode reduce-overhead, fullgraph), compiled in the run before timing, and "
+           "speedup_vs_hf_compile fdjax's against it. Decode tokens/s: (time for N tokens - "
+           "time for 1) / (N - 1) steps, medians of --iters runs.")
+  columns = ["impl", "dtype", "params_m", "batch", "prompt_len", "new_tokens",
+             "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf"]
+  if args.hf_compile:
+    columns += ["speedup_vs_hf_compile", "error"]
+  table = common.write_results(args.name, rows, columns, notes)
   print(table)
 
 

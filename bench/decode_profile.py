@@ -79,7 +79,7 @@ def measure(model_dir: str, dtype: str, batches: list[int]) -> list[dict]:
     lin_s = common.median_seconds(lambda: linears(x, weights, head).block_until_ready(),
                                   warmup=2, iters=30)
     keys, pages = 96, 2
-    kp = jax.random.normal(key, (b * pages, 64, SHAPE["kv_heads"], d)).astype(dt)
+    kp = jax.random.normal(key, (SHAPE["kv_heads"], b * pages, 64, d)).astype(dt)
     vp = jax.random.normal(jax.random.fold_in(key, 1), kp.shape).astype(dt)
     q = jax.random.normal(jax.random.fold_in(key, 2), (b, SHAPE["heads"], d)).astype(dt)
     table = jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages)

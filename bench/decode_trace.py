@@ -14,8 +14,8 @@ Categories (first that applies to the instruction, or to what its fusion compute
   linears          the other dots with a 2-D output (q/k/v, o, gate/up, down), and the
                    integer dots of quantized weights (int32 out, per group of K)
   attention dots   the dots of scores and weights x values (rank > 2)
-  K/V gather       a gather from the [pages, page_size, KV heads, head_dim] pools: each row's
-                   pages made contiguous (and, fused in, transposed for the attention dots)
+  K/V gather       a gather from the [KV heads, pages, page_size, head_dim] pools: each row's
+                   pages made contiguous per head (whole pages: nothing is transposed)
   cache write      a scatter (the step's new key and value into their pages)
   softmax          exp of attention's scores ([B, H, 1, S] and up)
   SiLU             exp or logistic elsewhere (the MLP's gate)
@@ -148,7 +148,7 @@ def measure(dtype: str, batches: list[int]) -> list[dict]:
     _, decode = decode_loop.lower(model, batch=b, prompt_len=64, max_new_tokens=64)
     hlo = decode.compile().as_text()
     pages = decode_loop.buckets(cfg, b, 64, 64).pages * b
-    pool = f"[{pages},64,{s['kv_heads']},{s['head_dim']}]"
+    pool = f"[{s['kv_heads']},{pages},64,{s['head_dim']}]"
     cats = categorize(hlo, s["vocab"], pool)
     with tempfile.TemporaryDirectory() as d:
       jax.profiler.start_trace(d)

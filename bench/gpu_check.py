@@ -178,8 +178,8 @@ class Checker:
       kq, kk, kv, kp = jax.random.split(self.next_key(), 4)
       max_pages = -(-max(lengths) // page_size)
       q = _randn(kq, (b, hq, d), dtype)
-      k = _randn(kk, (num_pages, page_size, hkv, d), dtype)
-      v = _randn(kv, (num_pages, page_size, hkv, d), dtype)
+      k = _randn(kk, (hkv, num_pages, page_size, d), dtype)  # heads-major pools
+      v = _randn(kv, (hkv, num_pages, page_size, d), dtype)
       ids = jax.random.permutation(kp, num_pages)[:b * max_pages].reshape(b, max_pages)
       n = jnp.asarray(lengths, jnp.int32)
       first = jnp.arange(max_pages)[None] * page_size

@@ -109,7 +109,7 @@ def _paged(name, b, pages, page_size, dtype, impl="pallas"):
   hq, hkv, d, opts = _heads(name)
   fn = lambda q, kp, vp, table, n: dispatch.paged_decode_attention(q, kp, vp, table, n,
                                                                    impl=impl, **opts)
-  pool = ((b * pages, page_size, hkv, d), dtype)
+  pool = ((hkv, b * pages, page_size, d), dtype)  # heads-major, as fdjax.ops.kv_cache
   return Case(_named("paged_decode_attention", impl), f"{name} B={b} pages={pages}x{page_size}",
               jnp.dtype(dtype).name, "default", fn,
               (((b, hq, d), dtype), pool, pool, ((b, pages), I32), ((b,), I32)))
@@ -275,8 +275,10 @@ def _mosaic_launch(case: Case) -> tuple[tuple, int]:
     (m, k), (_, n) = (shape for shape, _ in case.args)
     s = mfg.Settings.default(k, n)
     return (n // s.block_n, s.split_k, 1), 128
-  (b, hq, d), (pool, page_size, hkv, _) = (shape for shape, _ in case.args[:2])
-  max_keys = page_size * (case.args[3][0][1] if len(case.args) == 5 else 1)
+  (b, hq, d), kv = (shape for shape, _ in case.args[:2])
+  paged = len(case.args) == 5
+  hkv, page_size = (kv[0], kv[2]) if paged else (kv[2], kv[1])
+  max_keys = page_size * (case.args[3][0][1] if paged else 1)
   window = _heads(case.shape.split(" B=")[0])[3].get("window")
   _, n_split = mda.splits(max_keys, window, mda.settings_for(b, hkv, max_keys, d, window))
   return (b, hkv, n_split), 128 * mda.warpgroups(d)

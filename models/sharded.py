@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from fdjax.ops import kv_cache as kvc
 from models.parallel import DATA, MODEL
 
-PAGES = P(DATA, None, MODEL, None)  # [P, page_size, Hkv, D]: replica's pages, device's heads
+PAGES = P(MODEL, DATA, None, None)  # [Hkv, P, page_size, D]: device's heads, replica's pages
 
 
 def cache_specs(num_layers: int) -> kvc.KVCache:
@@ -55,7 +55,7 @@ class ShardedTransformer(nnx.Module):
   def pages(self, num_pages: int, page_size: int) -> jax.ShapeDtypeStruct:
     """One layer's key (or value) pages, `num_pages` per replica, sharded by KV head."""
     cfg = self.local.config
-    shape = (self.dp * num_pages, page_size, self.tp * cfg.num_kv_heads, cfg.head_dim)
+    shape = (self.tp * cfg.num_kv_heads, self.dp * num_pages, page_size, cfg.head_dim)
     return jax.ShapeDtypeStruct(shape, self.dtype, sharding=NamedSharding(self.mesh, PAGES))
 
   def empty_pages(self, num_pages: int, page_size: int) -> tuple[tuple, tuple]:

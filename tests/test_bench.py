@@ -296,8 +296,9 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(mo
   cfg = model.config
   _, decode = decode_loop.lower(model, batch=2, prompt_len=8, max_new_tokens=8)
   pages = decode_loop.buckets(cfg, 2, 8, 8).pages * 2
+  pool = f"[{cfg.num_kv_heads},{pages},64,{cfg.head_dim}]"  # heads-major, fdjax.ops.kv_cache
   cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size,
-                                 f"[{pages},64,{cfg.num_kv_heads},{cfg.head_dim}]")
+                                 pool)
   found = {}
   for name, (cat, shape) in cats.items():
     found.setdefault(cat, []).append(shape)
@@ -305,7 +306,8 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(mo
                         "norms", "sampling", "other"}, sorted(found)
   assert all(s.endswith(f",{cfg.vocab_size}]") for s in found["LM head"])
   assert all(s.count(",") == 1 for s in found["linears"])  # [B, N]
-  assert all(s.startswith("f32[2,") for s in found["K/V gather"])  # each row's keys
+  # each KV head's rows' keys, [Hkv, B, ...]
+  assert all(s.startswith(f"f32[{cfg.num_kv_heads},2,") for s in found["K/V gather"])
   # int8 weights as "auto" runs them on a CPU with VNNI: the integer dots count as linears
   import fdjax
   from fdjax.ops import selection
@@ -314,19 +316,20 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(mo
                              "int8")  # the down projection: K = 256, two groups of 128
   _, decode = decode_loop.lower(quantized, batch=2, prompt_len=8, max_new_tokens=8)
   cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size,
-                                 f"[{pages},64,{cfg.num_kv_heads},{cfg.head_dim}]")
+                                 pool)
   shapes = [(cat, shape) for cat, shape in cats.values() if shape.startswith("s32[")]
   assert any(cat == "linears" and shape.count(",") == 2 for cat, shape in shapes), shapes
   assert all(cat != "attention dots" for cat, _ in shapes)
 
 
 def test_attention_layout_cpu_quick(tmp_path):
-  """bench/attention_layout_cpu.py's smoke run: every layout computes the paged attention's
-  result (the script refuses to time one that differs) and is timed."""
+  """bench/attention_layout_cpu.py's smoke run: every layout computes the token-major pools'
+  attention (the script refuses to time one that differs) and is timed."""
   _run("attention_layout_cpu.py", tmp_path, "--quick")
   rows = _rows(tmp_path, "attention_layout_cpu_quick")
-  assert [r["variant"] for r in rows] == ["paged", "no-gather", "heads-major", "heads-major-hb"]
-  assert all(r["ms_per_step"] > 0 and r["speedup_vs_paged"] > 0 for r in rows)
+  assert [r["variant"] for r in rows] == ["token-major", "no-gather", "heads-major-bh",
+                                         "heads-major"]
+  assert all(r["ms_per_step"] > 0 and r["speedup_vs_token_major"] > 0 for r in rows)
 
 
 def test_cpu_linear_quick(tmp_path):

@@ -104,8 +104,8 @@ def test_the_batch_1_decode_loop_is_not_one_single_threaded_kernel():
   cfg = model.config
   hlo = decode.compile().as_text()
   assert "while(" in hlo
-  page = f"f32[{decode_loop.buckets(cfg, 1, 8, 8, None, 64, None, 1).pages},64," \
-         f"{cfg.num_kv_heads},{cfg.head_dim}]"
+  page = f"f32[{cfg.num_kv_heads},{decode_loop.buckets(cfg, 1, 8, 8, None, 64, None, 1).pages}," \
+         f"64,{cfg.head_dim}]"
   assert page in hlo
   hoisted = [line for line in hlo.splitlines() if 'xla_cpu_small_call="true"' in line]
   assert not [line for line in hoisted if page in line]  # the loop carrying the cache

@@ -238,7 +238,7 @@ def test_paged_decode_matches_the_gathered_cache(hq, hkv, window, monkeypatch):
     nan_pages = nan_pages[~np.isin(nan_pages, np.asarray(table)[~gone])]
     assert nan_pages.size
     table = jnp.where(jnp.asarray(gone), kv_cache.NO_PAGE, table)
-    kp, vp = (x.at[nan_pages].set(jnp.nan) for x in (kp, vp))
+    kp, vp = (x.at[:, nan_pages].set(jnp.nan) for x in (kp, vp))
   out = mda.paged_decode_attention(q, kp, vp, table, n, sm_scale=D ** -0.5, window=window,
                                    settings=mda.Settings(num_splits=2), interpret=DETECT)
   want = np_decode_attention(*_f64(q, kf, vf), np.asarray(n), D ** -0.5, window)
@@ -302,7 +302,7 @@ def test_decode_refuses_what_it_cannot_take():
   with pytest.raises(ValueError, match="the cache length 77 is not a multiple of 8"):
     long = jnp.concatenate([k] * 3, axis=1)[:, :77]
     mda.decode_attention(q, long, long, n, sm_scale=1.0, interpret=True)
-  pages = jnp.concatenate([k] * 3, axis=1)[:, :48]  # one page of 48 entries
+  pages = jnp.moveaxis(jnp.concatenate([k] * 3, axis=1)[:, :48], 2, 0)  # a page of 48 entries
   with pytest.raises(ValueError, match="page size 48 neither divides nor is a multiple"):
     mda.paged_decode_attention(q, pages, pages, jnp.zeros((1, 2), jnp.int32), n, sm_scale=1.0,
                                interpret=True)

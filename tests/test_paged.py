@@ -24,7 +24,7 @@ def _paged_case(rng, hq, hkv, dtype, lengths, max_pages=4, num_pages=13, scale_q
   b = len(lengths)
   mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
   q = mk(b, hq, d) * scale_q
-  k_pages, v_pages = mk(num_pages, PS, hkv, d), mk(num_pages, PS, hkv, d)
+  k_pages, v_pages = mk(hkv, num_pages, PS, d), mk(hkv, num_pages, PS, d)
   ids = rng.permutation(num_pages)
   table = np.empty((b, max_pages), np.int64)
   for i in range(b):
@@ -87,7 +87,7 @@ def test_paged_decode_with_a_window_needs_no_page_before_it(dtype, heads, window
   want = np_decode_attention(*[np.asarray(jnp.asarray(x, jnp.float32), np.float64)
                                for x in (q, kf, vf)], np.asarray(n), scale, window)
   xla = dispatch.paged_decode_attention(q, kp, vp, table, n, window=window, impl="xla")
-  kp, vp = (x.at[nan_pages].set(jnp.nan) for x in (kp, vp))
+  kp, vp = (x.at[:, nan_pages].set(jnp.nan) for x in (kp, vp))
   kern = dk.paged_decode_attention(q, kp, vp, table, n, sm_scale=scale, window=window,
                                    interpret=True, settings=dk.Settings(num_splits=2))
   if dtype == jnp.float32:
@@ -125,8 +125,8 @@ def test_paged_decode_refuses_bad_input():
   with pytest.raises(ValueError, match="page_table must be an integer"):
     dispatch.paged_decode_attention(q, kp, vp, table[:1], n)
   with pytest.raises(ValueError, match="page size 24 is not a multiple of 16|divisible by 16"):
-    dk.paged_decode_attention(q, kp[:, :12].repeat(2, 1), vp[:, :12].repeat(2, 1), table, n,
-                              sm_scale=0.25, interpret=True)
+    dk.paged_decode_attention(q, kp[:, :, :12].repeat(2, 2), vp[:, :, :12].repeat(2, 2), table,
+                              n, sm_scale=0.25, interpret=True)
 
 
 # ------------------------------------------------------------------- chunked prefill

@@ -103,7 +103,7 @@ def test_each_device_holds_only_its_shard(run, case):
   heads, kv, d = c["local"]["heads"], c["local"]["kv_heads"], c["local"]["head_dim"]
   assert len(c["wqkv"]) == 1 and c["wqkv"][0][1] == (heads + 2 * kv) * d
   assert len(c["wo"]) == 1 and c["wo"][0][0] == heads * d
-  assert c["pages"] == [[4, 4, kv, d]]  # each replica's 4 pages, the device's KV heads
+  assert c["pages"] == [[kv, 4, 4, d]]  # the device's KV heads, each replica's 4 pages
   assert c["lm_head"] == [[64 if "cope" not in case else 256, -(-c["vocab"] // tp)]]
   if tp > 1:
     assert c["want"] < c["whole"] * 0.75

@@ -100,7 +100,7 @@ def test_paged_decode_matches_the_gathered_cache(dtype, window):
     nan_pages = nan_pages[~np.isin(nan_pages, np.asarray(table)[~gone])]
     assert nan_pages.size
     table = jnp.where(jnp.asarray(gone), kv_cache.NO_PAGE, table)
-    kp, vp = (x.at[nan_pages].set(jnp.nan) for x in (kp, vp))
+    kp, vp = (x.at[:, nan_pages].set(jnp.nan) for x in (kp, vp))
   d = q.shape[-1]
   out = tdk.paged_decode_attention(q, kp, vp, table, n, sm_scale=d ** -0.5, window=window,
                                    settings=tdk.Settings(num_splits=2), interpret=True)
@@ -222,8 +222,8 @@ def test_linear_kernels_refuse_bad_input():
   with pytest.raises(ValueError, match="M must be at most"):
     tgv.gemv(jnp.ones((9, 64), jnp.float32), jnp.ones((64, 128), jnp.float32))
   with pytest.raises(ValueError, match="block_k 24 must be a multiple of 16"):
-    tdk.paged_decode_attention(jnp.ones((1, 2, D)), jnp.ones((4, 48, 2, D)),
-                               jnp.ones((4, 48, 2, D)), jnp.zeros((1, 2), jnp.int32),
+    tdk.paged_decode_attention(jnp.ones((1, 2, D)), jnp.ones((2, 4, 48, D)),
+                               jnp.ones((2, 4, 48, D)), jnp.zeros((1, 2), jnp.int32),
                                jnp.ones((1,), jnp.int32), sm_scale=1.0,
                                settings=tdk.Settings(block_k=24))
 

@@ -174,6 +174,8 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
 
 
 def _attention_checks(op, q, k, v, q_rank, paged=False):
+  """q's rank, dtypes, k and v alike, q and k's batch and head_dim, and the GQA ratio (k:
+  [B, S, Hkv, D], or a heads-major page pool [Hkv, P, page_size, D] when `paged`)."""
   checks.rank(op, "q", q, q_rank)
   checks.rank(op, "k", k, 4)
   checks.float_dtype(op, "q", q)
@@ -184,7 +186,7 @@ def _attention_checks(op, q, k, v, q_rank, paged=False):
     raise ValueError(f"{op}: batch of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
   if q.shape[-1] != k.shape[-1]:
     raise ValueError(f"{op}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
-  checks.gqa(op, q.shape[-2], k.shape[2])
+  checks.gqa(op, q.shape[-2], k.shape[0] if paged else k.shape[2])
 
 
 def _check_start(op, q_start, batch, most):
@@ -238,7 +240,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                            window=None, softcap=None, impl="auto"):
   """decode_attention over a paged KV cache.
 
-  q [B, Hq, D]; k_pages, v_pages [P, page_size, Hkv, D]; page_table [B, max_pages] int: row
+  q [B, Hq, D]; k_pages, v_pages [Hkv, P, page_size, D] (heads-major, as
+  fdjax.ops.kv_cache lays them out); page_table [B, max_pages] int: row
   b's key i is entry i % page_size of page page_table[b, i // page_size] (entries past a
   row's last page, and with a `window` those of pages wholly before it, are ignored,
   whatever they hold: such pages may have been given back); lengths [B] int, 1 <= lengths
@@ -252,7 +255,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
     raise ValueError(f"{op}: page_table must be an integer [B={q.shape[0]}, max_pages] array, "
                      f"got {page_table.dtype}{tuple(page_table.shape)}")
   checks.int_vector(op, "lengths", lengths, q.shape[0])
-  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[1])
+  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[2])
   async_softmax.check_options(op, window, softcap)
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(window=window, softcap=softcap)
@@ -264,7 +267,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
 
   return _run(op, impl, lambda: reference.paged_decode_attention(
       q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas,
-              _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_pages.shape[1],
+              _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_pages.shape[2],
               mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode),
               max_pages=page_table.shape[1])
 

@@ -65,33 +65,47 @@ def _mask(q_pos, s, lengths, causal, window=None):
   return mask
 
 
+def gather_heads(pages, page_table):
+  """A paged cache [Hkv, P, page_size, D] (heads-major, fdjax.ops.kv_cache) seen contiguously
+  per row and KV head: [Hkv, B, max_pages * page_size, D]; whole pages are copied, nothing
+  is transposed (page ids out of range, in entries no valid key uses, are clipped)."""
+  rows = pages[:, jnp.clip(page_table, 0, pages.shape[1] - 1)]
+  return rows.reshape(pages.shape[0], page_table.shape[0], -1, pages.shape[-1])
+
+
 def gather_pages(pages, page_table):
-  """A paged cache [P, page_size, Hkv, D] seen contiguously per row: [B, max_pages *
-  page_size, Hkv, D] (page ids out of range, in entries no valid key uses, are clipped)."""
-  rows = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]
-  return rows.reshape(page_table.shape[0], -1, *pages.shape[2:])
+  """A paged cache [Hkv, P, page_size, D] as a contiguous one, [B, max_pages * page_size,
+  Hkv, D] (the layout of prefill's keys and of decode_attention's caches)."""
+  return jnp.moveaxis(gather_heads(pages, page_table), 0, 2)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, window=None, softcap=None,
                      plain=False):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] valid entries -> [B, Hq, D]. The
   query sits at position lengths - 1; with a window W it sees the last W entries only."""
-  b, hq, d = q.shape
-  s_len, hkv = k_cache.shape[1], k_cache.shape[2]
-  g = hq // hkv
-  qf = _acc(q, plain).reshape(b, hkv, g, d)
-  s = _capped(_einsum("bhgd,bshd->bhgs", qf, _acc(k_cache, plain), plain) * sm_scale, softcap)
-  mask = _mask((lengths - 1)[:, None], s_len, lengths, True, window)[:, None]
-  o = _masked_softmax_attention(
-      s, mask, lambda p: _einsum("bhgs,bshd->bhgd", p, _acc(v_cache, plain), plain))
-  return o.reshape(b, hq, d).astype(q.dtype)
+  return _decode(q, jnp.moveaxis(k_cache, 2, 0), jnp.moveaxis(v_cache, 2, 0), lengths,
+                 sm_scale, window, softcap, plain)
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, **kwargs):
-  """decode_attention over a paged cache: pages [P, page_size, Hkv, D], page_table [B,
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, *, window=None,
+                           softcap=None, plain=False):
+  """decode_attention over a paged cache: pages [Hkv, P, page_size, D], page_table [B,
   max_pages]; keyword arguments as decode_attention."""
-  return decode_attention(q, gather_pages(k_pages, page_table),
-                          gather_pages(v_pages, page_table), lengths, sm_scale, **kwargs)
+  return _decode(q, gather_heads(k_pages, page_table), gather_heads(v_pages, page_table),
+                 lengths, sm_scale, window, softcap, plain)
+
+
+def _decode(q, k, v, lengths, sm_scale, window, softcap, plain):
+  """decode_attention on heads-major keys and values [Hkv, B, S, D]: the KV head and the row
+  lead both operands of both dots (their batch dimensions), so XLA moves no key."""
+  b, hq, d = q.shape
+  hkv, _, s_len, _ = k.shape
+  qf = jnp.moveaxis(_acc(q, plain).reshape(b, hkv, hq // hkv, d), 1, 0)
+  s = _capped(_einsum("hbgd,hbsd->hbgs", qf, _acc(k, plain), plain) * sm_scale, softcap)
+  mask = _mask((lengths - 1)[:, None], s_len, lengths, True, window)[None]
+  o = _masked_softmax_attention(
+      s, mask, lambda p: _einsum("hbgs,hbsd->hbgd", p, _acc(v, plain), plain))
+  return jnp.moveaxis(o, 0, 1).reshape(b, hq, d).astype(q.dtype)
 
 
 def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, window=None,

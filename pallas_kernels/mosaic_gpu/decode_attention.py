@@ -29,6 +29,9 @@ common/async_softmax.py), and the wrapper sums the splits; the guard's flagged g
 recomputed by the same kernel in "online" mode (the synchronised softmax), inside the same
 jitted function, as the Triton kernel does. Sliding windows and soft-capping as there.
 
+Page pools are heads-major, [Hkv, P, page_size, D] (fdjax.ops.kv_cache): a piece of one head's
+keys is one contiguous run. A contiguous cache [B, S, Hkv, D] is read as it is.
+
 Keys past the row's length in its last block are read (a TMA copy moves whole blocks) and
 weighted by exactly 0: they must be finite, which a cache that starts zeroed and is written
 only with keys and values is.
@@ -110,14 +113,14 @@ def pieces(page_size: int, max_pages: int, block_k: int) -> int | str:
 
 def _kernel(lengths_gmem, table_gmem, phi_gmem, active_gmem, q_gmem, k_gmem, v_gmem,
             o_gmem, l_gmem, m_gmem, *, sm_scale, block_k, n_pieces, split_len, stages, online,
-            window, softcap):
+            window, softcap, heads_major):
   b, h, split = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
   dtype, d = q_gmem.dtype, q_gmem.shape[-1]
   n_wg = warpgroups(d)
   cols = d // n_wg  # this warpgroup's output columns
   wg = jax.lax.axis_index("wg") if n_wg > 1 else 0
   lead = pl.when(wg == 0) if n_wg > 1 else (lambda f: f())  # warpgroup 0's part
-  page_size = k_gmem.shape[1]
+  num_pages, page_size = k_gmem.shape[1:3] if heads_major else k_gmem.shape[:2]
   lo, start, end = split_range(lengths_gmem[b], split, split_len, block_k, window)
   n_blocks = jnp.where(active_gmem[b, h] != 0, pl.cdiv(jnp.maximum(end - start, 0), block_k), 0)
   phi = phi_gmem[0]
@@ -125,22 +128,23 @@ def _kernel(lengths_gmem, table_gmem, phi_gmem, active_gmem, q_gmem, k_gmem, v_g
   rows = block_k // n_pieces  # keys per copy: the block, or one page of it
 
   def piece(j, i):
-    """Where piece i of key block j lives: (page, first entry, KV head). A piece wholly
+    """Where piece i of key block j lives: its index into K or V ((KV head, page, entries)
+    heads-major, (page, entries, KV head) in a contiguous cache's layout). A piece wholly
     outside the row's visible keys (a page before the window, which may be gone, or past
     the row's last page) is read from a page of the row instead: finite, and weighed 0."""
     first = start + j * block_k + i * rows
     key = jnp.clip(first, lo, end - 1)
-    page = jnp.clip(table_gmem[b, key // page_size], 0, k_gmem.shape[0] - 1)
-    return (page, pl.ds(first % page_size, rows), h)
+    page = jnp.clip(table_gmem[b, key // page_size], 0, num_pages - 1)
+    entries = pl.ds(first % page_size, rows)
+    return (h, page, entries) if heads_major else (page, entries, h)
 
   def attend(q_smem, k_smem, v_smem, p_smem, q_bar, k_bar, v_bar, *sync):
     def fetch(j, slot):  # by warpgroup 0: one copy per piece (and per warpgroup's V columns)
       for i in range(n_pieces):
-        (page, entries, head), into = piece(j, i), pl.ds(i * rows, rows)
-        plgpu.copy_gmem_to_smem(k_gmem.at[page, entries, head], k_smem.at[slot, into],
-                                k_bar.at[slot])
+        at, into = piece(j, i), pl.ds(i * rows, rows)
+        plgpu.copy_gmem_to_smem(k_gmem.at[at], k_smem.at[slot, into], k_bar.at[slot])
         for w in range(n_wg):
-          plgpu.copy_gmem_to_smem(v_gmem.at[page, entries, head, pl.ds(w * cols, cols)],
+          plgpu.copy_gmem_to_smem(v_gmem.at[(*at, pl.ds(w * cols, cols))],
                                   v_smem.at[slot, w, into], v_bar.at[slot])
 
     @lead
@@ -267,14 +271,15 @@ def splits(max_keys: int, window, settings: Settings) -> tuple[int, int]:
 
 
 def _partials(q, k, v, lengths, table, phi, active, *, g_out, n_pieces, sm_scale, settings,
-              online, window, softcap, interpret):
+              online, window, softcap, interpret, heads_major):
   b, hkv, _, d = q.shape
-  split_len, n_split = splits(table.shape[1] * k.shape[1], window, settings)
+  split_len, n_split = splits(table.shape[1] * k.shape[2 if heads_major else 1], window,
+                              settings)
 
   def body(*refs):
     _kernel(*refs, sm_scale=sm_scale, block_k=settings.block_k, n_pieces=n_pieces,
             split_len=split_len, stages=settings.stages, online=online, window=window,
-            softcap=softcap)
+            softcap=softcap, heads_major=heads_major)
 
   body.__name__ = "fdjax_mgpu_decode_online" if online else "fdjax_mgpu_decode_async"
   n_wg = warpgroups(d)
@@ -293,24 +298,32 @@ def _partials(q, k, v, lengths, table, phi, active, *, g_out, n_pieces, sm_scale
 
 def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats): the paged
-  kernel with one page of S entries per row. Keyword arguments as paged_decode_attention."""
+  kernel with one page of S entries per row, read in the caches' own (token-major) layout.
+  Keyword arguments as paged_decode_attention."""
   table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
-  return paged_decode_attention(q, k_cache, v_cache, table, lengths, **kwargs)
+  return _attend(q, k_cache, v_cache, table, lengths, heads_major=False, **kwargs)
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
-                           window=None, softcap=None, mode="async",
-                           settings: Settings | None = None, interpret=False,
-                           return_stats=False):
-  """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
-  -> [B, Hq, D] (and stats), as the Triton kernel of the same name."""
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kwargs):
+  """q [B, Hq, D]; pages [Hkv, P, page_size, D] (heads-major: a piece of one head's keys is
+  one contiguous run for its TMA copy); page_table [B, max_pages] int; lengths [B] -> [B, Hq,
+  D] (and stats), as the Triton kernel of the same name."""
+  return _attend(q, k_pages, v_pages, page_table, lengths, heads_major=True, **kwargs)
+
+
+def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, phi=None,
+            window=None, softcap=None, mode="async", settings: Settings | None = None,
+            interpret=False, return_stats=False):
+  """Either entry point: pages [Hkv, P, page_size, D] if heads_major, else [P, page_size,
+  Hkv, D]."""
   asm.check_mode("decode_attention", mode)
   asm.check_options("decode_attention", window, softcap)
   b, hq, d = q.shape
   why = unsupported(d, q.dtype)
   if why:
     raise ValueError(f"decode_attention (Mosaic GPU): {why}")
-  page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+  hkv, page_size = ((k_pages.shape[0], k_pages.shape[2]) if heads_major else
+                    (k_pages.shape[2], k_pages.shape[1]))
   g = hq // hkv
   if g > ROWS:
     raise ValueError(f"decode_attention (Mosaic GPU): {g} query heads per KV head is more "
@@ -327,6 +340,6 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   run = functools.partial(_partials, qg, k_pages, v_pages, lengths,
                           page_table.astype(jnp.int32), phi, g_out=g_out, n_pieces=n_pieces,
                           sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
-                          interpret=interpret)
+                          interpret=interpret, heads_major=heads_major)
   return asm.guarded_groups(run, phi, mode, b, hkv, g, g_out, q.dtype, return_stats,
                             asm.select_guard(interpret))

@@ -1,15 +1,19 @@
 """Split-KV decode attention with FlashDecoding++'s asynchronous softmax (Pallas, Mosaic
 TPU), over a paged KV cache (a contiguous cache is one page per row).
 
-A cache [P, page_size, Hkv, D] is seen as [P, page_size * Hkv, D] (a free reshape): a block
-of `block_k` keys is then one (block_k * Hkv, D) tile of every KV head at once, a shape the
+A block of `block_k` keys is one (Hkv * block_k, D) tile of every KV head at once, a shape the
 (8, 128) tiling takes for any Hkv, and the pipeline copies it HBM -> VMEM as one DMA while
-the previous block is being used (the double buffer). The page table and lengths are
-prefetched to SMEM; a block's index map looks its page up there and, past the row's end,
-repeats the last block (no copy is issued for a block that does not change).
+the previous block is being used (the double buffer). A page pool is heads-major, [Hkv, P,
+page_size, D] (fdjax.ops.kv_cache, and the layout of JAX's own TPU paged attention): the block
+is [Hkv, block_k, D], one run per head, seen in the kernel as [Hkv * block_k, D] (block_k is
+a multiple of 16: the merge keeps the tiling). A contiguous cache [B, S, Hkv, D] is seen as
+[B, S * Hkv, D] (a free reshape), a block then [block_k * Hkv, D], key-major. The page
+table and lengths are prefetched to SMEM; a block's index map looks its page up there and,
+past the row's end, repeats the last block (no copy is issued for a block that does not
+change).
 
 Grid (batch, KV split, key block). A program holds all Hq queries of its row and scores
-them against the whole block on the MXU ([Hq, D] x [block_k * Hkv, D]^T); scores of a query
+them against the whole block on the MXU ([Hq, D] x [Hkv * block_k, D]^T); scores of a query
 against another KV head's keys are masked, so the one matmul serves every GQA group, with
 no padding of a group to a tile. Decode is bound by reading the cache: the Hkv-fold extra
 MXU work costs nothing next to the bytes. In "async" mode every block adds exp(s - phi)
@@ -57,7 +61,8 @@ class Settings:
 
 
 def _kernel(lengths_ref, table_ref, active_ref, phi_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
-            m_ref, *, sm_scale, block_k, split_len, kv_heads, group, online, window, softcap):
+            m_ref, *, sm_scale, block_k, split_len, kv_heads, group, online, window, softcap,
+            heads_major):
   b, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   lo, start, end = split_range(lengths_ref[b], split, split_len, block_k, window)
   first = start + j * block_k
@@ -71,18 +76,22 @@ def _kernel(lengths_ref, table_ref, active_ref, phi_ref, q_ref, k_ref, v_ref, o_
   @pl.when((active_ref[b] != 0) & (first < end))
   def _():
     q = q_ref[...]
-    k = k_ref[...]
-    n = k.shape[0]  # block_k * kv_heads rows: key i of head h is row i * kv_heads + h
-    col = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], n), 1)
+    n = kv_heads * block_k  # key i of head h: row h * block_k + i, or i * kv_heads + h
+    k = k_ref[...].reshape(n, q.shape[-1])
+
+    def key_and_head(row):
+      if heads_major:
+        return first + row % block_k, row // block_k
+      return first + row // kv_heads, row % kv_heads
+    key, col_head = key_and_head(jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], n), 1))
     head = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], n), 0) // group
-    key = first + col // kv_heads
-    ok = (col % kv_heads == head) & (key < end) & (key >= lo)
+    ok = (col_head == head) & (key < end) & (key >= lo)
     s = shared.dot(q, k, trans_b=True)
     s = jnp.where(ok, asm.cap(s * sm_scale, softcap), -jnp.inf)
     # rows past the row's end may hold anything (the edge of a contiguous cache, a page no
     # one wrote): zero them, since 0 * NaN would still poison p @ v
-    row_key = first + jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0) // kv_heads
-    v = jnp.where(row_key < end, v_ref[...], 0)
+    row_key, _ = key_and_head(jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0))
+    v = jnp.where(row_key < end, v_ref[...].reshape(n, q.shape[-1]), 0)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     if online:  # synchronised: rescale what came before to the new running max
@@ -100,31 +109,36 @@ def _kernel(lengths_ref, table_ref, active_ref, phi_ref, q_ref, k_ref, v_ref, o_
 
 
 def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, online, window,
-              softcap, interpret):
+              softcap, interpret, heads_major):
   """Per split: numerators [B, n_split, Hq, D], denominators and row maxima [.., Hq, 1]."""
   b, hq, d = q.shape
-  page_size, hkv = k.shape[1], k.shape[2]
+  hkv, num_pages, page_size = ((k.shape[0], k.shape[1], k.shape[2]) if heads_major else
+                               (k.shape[2], k.shape[0], k.shape[1]))
   block_k = settings.block_k
   span = key_span(table.shape[1] * page_size, window, block_k)
   split_len = pl.cdiv(pl.cdiv(span, settings.num_splits), block_k) * block_k
   n_split = pl.cdiv(span, split_len)
-  per_page, num_pages = pl.cdiv(page_size, block_k), k.shape[0]
+  per_page = pl.cdiv(page_size, block_k)
 
   def kv_index(bi, split, j, lengths_ref, table_ref, active_ref):
     length = lengths_ref[bi]
     _, start, _ = split_range(length, split, split_len, block_k, window)
     pos = jnp.minimum(start + j * block_k, jnp.maximum(length - 1, 0))  # past the end: repeat
     page = jnp.clip(table_ref[bi, pos // page_size], 0, num_pages - 1)  # NO_PAGE never read
-    return page, (pos % page_size) // block_k % per_page, 0
+    block = (pos % page_size) // block_k % per_page
+    return (0, page, block, 0) if heads_major else (page, block, 0)
 
-  kv = pl.BlockSpec((None, block_k * hkv, d), kv_index)
+  if heads_major:
+    kv = pl.BlockSpec((hkv, None, block_k, d), kv_index)
+  else:  # [B, S * Hkv, D]: a block of block_k keys is block_k * Hkv rows
+    kv = pl.BlockSpec((None, block_k * hkv, d), kv_index)
+    k, v = (x.reshape(num_pages, page_size * hkv, d) for x in (k, v))
   stat = pl.BlockSpec((None, None, hq, 1), lambda bi, split, j, *_: (bi, split, 0, 0))
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
                              kv_heads=hkv, group=hq // hkv, online=online, window=window,
-                             softcap=softcap)
+                             softcap=softcap, heads_major=heads_major)
   return shared.call(
-      kernel, (phi, q, k.reshape(k.shape[0], page_size * hkv, d),
-               v.reshape(v.shape[0], page_size * hkv, d)),
+      kernel, (phi, q, k, v),
       scalars=(lengths, table, active), grid=(b, n_split, split_len // block_k),
       in_specs=[shared.smem(), pl.BlockSpec((None, hq, d), lambda bi, *_: (bi, 0, 0)), kv, kv],
       out_specs=[pl.BlockSpec((None, None, hq, d), lambda bi, split, j, *_: (bi, split, 0, 0)),
@@ -138,22 +152,30 @@ def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, onlin
 
 def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats): the paged
-  kernel with one page of S entries per row. Keyword arguments as paged_decode_attention."""
+  kernel with one page of S entries per row, read in the caches' own (token-major) layout.
+  Keyword arguments as paged_decode_attention."""
   table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
-  return paged_decode_attention(q, k_cache, v_cache, table, lengths, **kwargs)
+  return _attend(q, k_cache, v_cache, table, lengths, heads_major=False, **kwargs)
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
-                           window=None, softcap=None, mode="async",
-                           settings: Settings | None = None, generation: str | None = None,
-                           interpret=False, return_stats=False):
-  """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
-  -> [B, Hq, D] (and stats), as pallas_kernels.triton.decode_attention.paged_decode_attention.
-  `generation` ("v5e", "v6e", "v5p"; None: v5e) sizes the defaults; `interpret`: False
-  (Mosaic), True (TPU interpret mode, race detector on) or a pltpu.InterpretParams."""
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kwargs):
+  """q [B, Hq, D]; pages [Hkv, P, page_size, D] (heads-major); page_table [B, max_pages] int;
+  lengths [B] -> [B, Hq, D] (and stats), as
+  pallas_kernels.triton.decode_attention.paged_decode_attention. Keyword arguments as there,
+  and `generation` ("v5e", "v6e", "v5p"; None: v5e), which sizes the defaults; `interpret`:
+  False (Mosaic), True (TPU interpret mode, race detector on) or a pltpu.InterpretParams."""
+  return _attend(q, k_pages, v_pages, page_table, lengths, heads_major=True, **kwargs)
+
+
+def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, phi=None,
+            window=None, softcap=None, mode="async", settings: Settings | None = None,
+            generation: str | None = None, interpret=False, return_stats=False):
+  """Either entry point: pages [Hkv, P, page_size, D] if heads_major, else [P, page_size,
+  Hkv, D]."""
   asm.check_call("decode_attention", q, mode, window, softcap)
   b, hq, d = q.shape
-  page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+  hkv, page_size = ((k_pages.shape[0], k_pages.shape[2]) if heads_major else
+                    (k_pages.shape[2], k_pages.shape[1]))
   max_pages = page_table.shape[1]
   block_k = page_block(page_size, max_pages)  # the page sizes the kernels take: one rule
   s = max_pages * page_size
@@ -167,7 +189,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   operands = (q, k_pages, v_pages, asm.row_lengths(lengths, b, s), page_table.astype(jnp.int32),
               phi)
   options = dict(sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
-                 interpret=interpret)
+                 interpret=interpret, heads_major=heads_major)
   run = functools.partial(_partials, *operands, **options)
 
   def run_async():

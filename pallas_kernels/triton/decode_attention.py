@@ -10,6 +10,9 @@ unified max value phi (see async_softmax.py) and the splits are summed; rows the
 flags are recomputed, inside the same jitted function, by the same kernel in "online" mode
 (the synchronised FlashDecoding softmax) for the flagged (row, KV head) groups only.
 
+Page pools are heads-major, [Hkv, P, page_size, D] (fdjax.ops.kv_cache): a block of one
+head's keys is one contiguous run. A contiguous cache [B, S, Hkv, D] is read as it is.
+
 MHA (a group of one query head) uses a vector product on the plain cores; larger groups
 use the tensor-core dot with the group padded to the dot's minimum of 16 rows.
 
@@ -78,7 +81,8 @@ def _weighted_values(p, v, f32):
 
 
 def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_ref, l_ref,
-            m_ref, *, sm_scale, block_k, split_len, online, vector, window, softcap):
+            m_ref, *, sm_scale, block_k, split_len, online, vector, window, softcap,
+            heads_major):
   b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   f32 = q_ref.dtype == jnp.float32
   lo, start, end = split_range(lengths_ref[b], split, split_len, block_k, window)
@@ -87,14 +91,15 @@ def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
   q = q_ref[b, h, 0, :] if vector else q_ref[b, h, :, :]
   rows = () if vector else (q.shape[0],)
   d = q.shape[-1]
-  num_pages, page_size = k_ref.shape[0], k_ref.shape[1]
+  num_pages, page_size = k_ref.shape[1:3] if heads_major else k_ref.shape[:2]
 
   def body(j, carry):
     acc, l, m = carry
     first = start + j * block_k
     valid = (first + jnp.arange(block_k) < end) & (first + jnp.arange(block_k) >= lo)
     page = jnp.clip(table_ref[b, first // page_size], 0, num_pages - 1)
-    at = (page, pl.ds(first % page_size, block_k), h, slice(None))
+    entries = pl.ds(first % page_size, block_k)
+    at = (h, page, entries) if heads_major else (page, entries, h, slice(None))
     k = plgpu.load(k_ref.at[at], mask=valid[:, None], other=0.0)
     v = plgpu.load(v_ref.at[at], mask=valid[:, None], other=0.0)
     s = asm.cap(_scores(q, k, f32) * sm_scale, softcap)
@@ -121,16 +126,16 @@ def _kernel(lengths_ref, table_ref, phi_ref, active_ref, q_ref, k_ref, v_ref, o_
 
 
 def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, online, window,
-              softcap, interpret):
+              softcap, interpret, heads_major):
   b, hkv, g_pad, d = q.shape
   block_k = settings.block_k
   # the longest row the page table can address, or with a window the span it sees
-  span = key_span(table.shape[1] * k.shape[1], window, block_k)
+  span = key_span(table.shape[1] * k.shape[2 if heads_major else 1], window, block_k)
   split_len = pl.cdiv(pl.cdiv(span, settings.num_splits), block_k) * block_k
   n_split = pl.cdiv(span, split_len)
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_k=block_k, split_len=split_len,
                              online=online, vector=(g_pad == 1), window=window,
-                             softcap=softcap)
+                             softcap=softcap, heads_major=heads_major)
   stat = jax.ShapeDtypeStruct((b, hkv, n_split, g_pad), jnp.float32)
   return shared.call(
       kernel, (lengths, table, phi, active, q, k, v), grid=(b, hkv, n_split),
@@ -141,26 +146,34 @@ def _partials(q, k, v, lengths, table, phi, active, *, sm_scale, settings, onlin
 
 def decode_attention(q, k_cache, v_cache, lengths, **kwargs):
   """q [B, Hq, D]; caches [B, S, Hkv, D]; lengths [B] -> [B, Hq, D] (and stats): the paged
-  kernel with one page of S entries per row. Keyword arguments as paged_decode_attention."""
+  kernel with one page of S entries per row, read in the caches' own (token-major) layout.
+  Keyword arguments as paged_decode_attention."""
   table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
-  return paged_decode_attention(q, k_cache, v_cache, table, lengths, **kwargs)
+  return _attend(q, k_cache, v_cache, table, lengths, heads_major=False, **kwargs)
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale, phi=None,
-                           window=None, softcap=None, mode="async",
-                           settings: Settings | None = None, interpret=False,
-                           return_stats=False):
-  """q [B, Hq, D]; pages [P, page_size, Hkv, D]; page_table [B, max_pages] int; lengths [B]
-  -> [B, Hq, D] (and stats). Row b's key i lives at page_table[b, i // page_size], entry
-  i % page_size. `window` W: the query sees (and the kernel reads) the last W keys only;
-  `softcap`: scores soft-capped.
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kwargs):
+  """q [B, Hq, D]; pages [Hkv, P, page_size, D] (heads-major); page_table [B, max_pages]
+  int; lengths [B] -> [B, Hq, D] (and stats). Row b's key i lives at page_table[b, i //
+  page_size], entry i % page_size. Keyword arguments:
 
-  mode "async": unified max value phi with the guarded recompute; "online": the
-  synchronised softmax only (the FlashDecoding baseline / the paper's ablation).
+  sm_scale; phi (the unified max value; None: asm's default); `window` W: the query sees
+  (and the kernel reads) the last W keys only; `softcap`: scores soft-capped; mode "async":
+  unified max value phi with the guarded recompute, "online": the synchronised softmax only
+  (the FlashDecoding baseline / the paper's ablation); settings; interpret; return_stats.
   """
+  return _attend(q, k_pages, v_pages, page_table, lengths, heads_major=True, **kwargs)
+
+
+def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, phi=None,
+            window=None, softcap=None, mode="async", settings: Settings | None = None,
+            interpret=False, return_stats=False):
+  """Either entry point: pages [Hkv, P, page_size, D] if heads_major, else [P, page_size,
+  Hkv, D]."""
   asm.check_call("decode_attention", q, mode, window, softcap)
   b, hq, d = q.shape
-  page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+  hkv, page_size = ((k_pages.shape[0], k_pages.shape[2]) if heads_major else
+                    (k_pages.shape[2], k_pages.shape[1]))
   s = page_table.shape[1] * page_size
   block_k = page_block(page_size, page_table.shape[1])
   g = hq // hkv
@@ -178,6 +191,6 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   run = functools.partial(_partials, qg, k_pages, v_pages, lengths,
                           page_table.astype(jnp.int32), phi, sm_scale=sm_scale,
                           settings=settings, window=window, softcap=softcap,
-                          interpret=interpret)
+                          interpret=interpret, heads_major=heads_major)
   return asm.guarded_groups(run, phi, mode, b, hkv, g, g_pad, q.dtype, return_stats,
                             asm.select_guard(interpret))
