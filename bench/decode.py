@@ -67,6 +67,8 @@ def hf_compiled(hf):
   import copy
 
   import torch
+  torch._dynamo.reset()  # each copy compiles afresh: the copies share forward's code object,
+  # whose compiled variants (and their limit) would pile up across dtypes and batches
   compiled = copy.deepcopy(hf)
   compiled.generation_config.cache_implementation = "static"
   compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)

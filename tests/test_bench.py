@@ -297,8 +297,7 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(mo
   _, decode = decode_loop.lower(model, batch=2, prompt_len=8, max_new_tokens=8)
   pages = decode_loop.buckets(cfg, 2, 8, 8).pages * 2
   pool = f"[{cfg.num_kv_heads},{pages},64,{cfg.head_dim}]"  # heads-major, fdjax.ops.kv_cache
-  cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size,
-                                 pool)
+  cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size, pool)
   found = {}
   for name, (cat, shape) in cats.items():
     found.setdefault(cat, []).append(shape)
@@ -315,21 +314,10 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(mo
   quantized = fdjax.quantize(tiny_model(num_kv_heads=2, hidden_size=64, intermediate_size=256),
                              "int8")  # the down projection: K = 256, two groups of 128
   _, decode = decode_loop.lower(quantized, batch=2, prompt_len=8, max_new_tokens=8)
-  cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size,
-                                 pool)
+  cats = decode_trace.categorize(decode.compile().as_text(), cfg.vocab_size, pool)
   shapes = [(cat, shape) for cat, shape in cats.values() if shape.startswith("s32[")]
   assert any(cat == "linears" and shape.count(",") == 2 for cat, shape in shapes), shapes
   assert all(cat != "attention dots" for cat, _ in shapes)
-
-
-def test_attention_layout_cpu_quick(tmp_path):
-  """bench/attention_layout_cpu.py's smoke run: every layout computes the token-major pools'
-  attention (the script refuses to time one that differs) and is timed."""
-  _run("attention_layout_cpu.py", tmp_path, "--quick")
-  rows = _rows(tmp_path, "attention_layout_cpu_quick")
-  assert [r["variant"] for r in rows] == ["token-major", "no-gather", "heads-major-bh",
-                                         "heads-major"]
-  assert all(r["ms_per_step"] > 0 and r["speedup_vs_token_major"] > 0 for r in rows)
 
 
 def test_cpu_linear_quick(tmp_path):
