@@ -96,8 +96,8 @@ def other_interpreter(python, model_dir, args, batch):
           f"r = decode.fdjax_decode({model_dir!r}, {batch}, {args.vocab}, {args.prompt_len}, "
           f"{args.new_tokens}, {args.iters}); print(json.dumps([jax.__version__, *r]))")
   env = {**os.environ, "PYTHONPATH": common.ROOT, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([python, "-c", code], env=env, cwd=common.ROOT, capture_output=True, text=True,
-                       timeout=1800)
+  out = subprocess.run([python, "-c", code], env=env, cwd=common.ROOT, capture_output=True,
+                       text=True, timeout=1800)
   if out.returncode:
     raise RuntimeError(f"{python} failed: {out.stderr[-2000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
