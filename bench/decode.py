@@ -75,18 +75,45 @@ def hf_compiled(hf):
   return compiled
 
 
-def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters, dtype="float32"):
+def read_bandwidth() -> float:
+  """Bytes per second this machine reads: jnp.sum over a 256 MiB float32 array (past every
+  cache), median of 10 (bench/decode_profile's measure)."""
+  import jax.numpy as jnp
+  read = jax.jit(jnp.sum)
+  big = jax.random.normal(jax.random.key(0), (64 * 2**20,), jnp.float32)
+  return big.nbytes / common.median_seconds(lambda: read(big).block_until_ready(), warmup=2,
+                                            iters=10)
+
+
+def step_bytes(model, batch, prompt_len, new_tokens) -> int:
+  """What a decode step reads: every weight but the embedding table (one row of it per
+  token), as stored (int8: values and scales), and the cache's keys and values at the
+  generation's middle (prompt + half the new tokens a row)."""
+  from flax import nnx
+
+  from fdjax.ops import quant
+  cfg = model.config
+  item = jax.numpy.dtype(model.dtype).itemsize
+  embed = cfg.vocab_size * cfg.hidden_size * item
+  keys = prompt_len + new_tokens // 2
+  cache = 2 * cfg.num_layers * batch * keys * cfg.num_kv_heads * cfg.head_dim * item
+  return quant.nbytes(nnx.state(model)) - embed + batch * cfg.hidden_size * item + cache
+
+
+def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters, dtype="float32",
+                 with_bytes=False):
   """(decode tokens/s, prefill ms) of fdjax.generate on the checkpoint loaded as `dtype`
   (DTYPES): medians of `iters` runs after one that compiles; the prompts are seeded, the same
-  in every interpreter."""
+  in every interpreter. `with_bytes`: and what a decode step reads (step_bytes)."""
   load_dtype, quantize = DTYPES[dtype]
   model = fdjax.load_pretrained(model_dir, dtype=load_dtype, quantize=quantize)
   prompts = np.random.default_rng(batch).integers(0, vocab, (batch, prompt_len)).tolist()
   run = lambda: fdjax.generate(model, prompts, max_new_tokens=new_tokens)
   run()  # compile
   results = [run() for _ in range(iters)]
-  return (float(np.median([r.decode_tokens_per_s for r in results])),
-          float(np.median([r.prefill_s for r in results])) * 1e3)
+  out = (float(np.median([r.decode_tokens_per_s for r in results])),
+         float(np.median([r.prefill_s for r in results])) * 1e3)
+  return out + (step_bytes(model, batch, prompt_len, new_tokens),) if with_bytes else out
 
 
 def other_interpreter(python, model_dir, args, batch):
@@ -116,6 +143,7 @@ def main():
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--name", default="decode_cpu")
+  ap.add_argument("--results-dir")
   ap.add_argument("--also-python", nargs="*", default=[],
                   help="other interpreters (e.g. a venv with another jax) to time fdjax under "
                        "(float32)")
@@ -138,6 +166,7 @@ def main():
   hf.generation_config.pad_token_id = 0
   params = sum(p.numel() for p in hf.parameters())
   rows = []
+  bandwidth = read_bandwidth()
   hfs = {dtype: hf_variant(hf, dtype) for dtype in args.dtypes}
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
@@ -145,14 +174,16 @@ def main():
       prompts = np.random.default_rng(b).integers(0, args.vocab, (b, args.prompt_len)).tolist()
       for dtype in args.dtypes:
         start = len(rows)
-        ours, prefill_ms = fdjax_decode(d, b, args.vocab, args.prompt_len, args.new_tokens,
-                                        args.iters, dtype)
+        ours, prefill_ms, nbytes = fdjax_decode(d, b, args.vocab, args.prompt_len,
+                                                args.new_tokens, args.iters, dtype, True)
         theirs = hf_decode_tokens_per_s(hfs[dtype], prompts, args.new_tokens, args.iters)
         shape = dict(params_m=round(params / 1e6, 1), batch=b, prompt_len=args.prompt_len,
                      new_tokens=args.new_tokens, dtype=dtype)
+        gbps = nbytes * ours / b / 1e9  # bytes a step over the step's time
         rows.append({**shape, "impl": f"fdjax-auto (jax {jax.__version__})",
                      "decode_tokens_per_s": ours, "prefill_ms": prefill_ms,
-                     "speedup_vs_hf": ours / theirs})
+                     "speedup_vs_hf": ours / theirs, "step_MB": nbytes / 1e6,
+                     "GB_per_s": gbps, "roofline_pct": 100 * gbps * 1e9 / bandwidth})
         for python in args.also_python if dtype == "float32" else ():
           version, tps, pre = other_interpreter(python, d, args, b)
           rows.append({**shape, "impl": f"fdjax-auto (jax {version})",
@@ -179,12 +210,17 @@ def main():
            "hf-compile (--hf-compile): HF with a static cache and torch.compile of its forward "
            "(mode reduce-overhead, fullgraph), compiled in the run before timing, and "
            "speedup_vs_hf_compile fdjax's against it. Decode tokens/s: (time for N tokens - "
-           "time for 1) / (N - 1) steps, medians of --iters runs.")
+           "time for 1) / (N - 1) steps, medians of --iters runs. step_MB: what an fdjax "
+           "decode step reads (every weight but the embedding table, as stored, one embedding "
+           "row a token, and the keys and values at the generation's middle); GB_per_s: that "
+           "over the step's time; roofline_pct: that over this machine's read bandwidth, "
+           f"{bandwidth / 1e9:.1f} GB/s in this run (jnp.sum of a 256 MiB float32 array).")
   columns = ["impl", "dtype", "params_m", "batch", "prompt_len", "new_tokens",
-             "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf"]
+             "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf", "step_MB", "GB_per_s",
+             "roofline_pct"]
   if args.hf_compile:
     columns += ["speedup_vs_hf_compile", "error"]
-  table = common.write_results(args.name, rows, columns, notes)
+  table = common.write_results(args.name, rows, columns, notes, results_dir=args.results_dir)
   print(table)
 
 
