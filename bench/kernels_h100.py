@@ -137,16 +137,22 @@ def _prefill(name, b, t, dtype, settings=None, impl="pallas"):
                                      ((b, t, hkv, d), dtype), ((b,), I32)))
 
 
-def _cope(name, b, t, s, dtype, settings=None):
+def _cope(name, b, t, s, dtype, settings=None, gates="key"):
+  """gates: the official code's variants too, "value" (v as the gate keys) or "separate"
+  (gate keys of their own, one more operand)."""
   hq, hkv, d = HEADS[name]
   if settings is None:
-    fn = lambda q, k, v, e, n: dispatch.cope_attention(q, k, v, e, lengths=n, impl="pallas")
+    fn = lambda q, k, v, e, n, *g: dispatch.cope_attention(  # noqa: E731
+        q, k, v, e, lengths=n, impl="pallas", gate_keys=v if gates == "value" else
+        (g[0] if g else None))
   else:
     fn = lambda q, k, v, e, n: ck.cope_attention(q, k, v, e, n, sm_scale=d ** -0.5,
                                                  settings=settings)
-  return Case("cope_attention", f"{name} B={b} T={t} S={s}", jnp.dtype(dtype).name,
-              _label(settings), fn, (((b, t, hq, d), dtype), ((b, s, hkv, d), dtype),
-                                     ((b, s, hkv, d), dtype), ((NPOS, d), dtype), ((b,), I32)))
+  kv = ((b, s, hkv, d), dtype)
+  return Case("cope_attention", f"{name} B={b} T={t} S={s}" + (
+      f" {gates} gates" if gates != "key" else ""), jnp.dtype(dtype).name, _label(settings),
+      fn, (((b, t, hq, d), dtype), kv, kv, ((NPOS, d), dtype), ((b,), I32))
+      + ((kv,) if gates == "separate" else ()))
 
 
 def _linear(label, m, k, n, dtype, kernel=None, settings=None, impl="pallas"):

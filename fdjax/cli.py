@@ -296,8 +296,14 @@ def build_parser():
   tr.add_argument("--heads", type=int, default=4)
   tr.add_argument("--kv-heads", type=int)
   tr.add_argument("--intermediate", type=int, default=704)
-  tr.add_argument("--pe", default="cope", choices=["cope", "rope", "none", "absolute"])
+  tr.add_argument("--pe", default="cope", choices=["cope", "cope_rope", "rope", "none",
+                                                   "absolute"])
   tr.add_argument("--npos-max", type=int, default=64)
+  tr.add_argument("--cope-gates", default="key", choices=["key", "value", "separate"],
+                  help="CoPE's gates from the keys (the paper), the values or keys of their own")
+  tr.add_argument("--cope-pos-scaled", action="store_true",
+                  help="CoPE's position logits added before the 1/sqrt(d) scale (the official "
+                       "code's default) instead of after (the paper's appendix)")
   tr.add_argument("--max-len", type=int, default=2048)
   tr.add_argument("--tie", action="store_true", help="tie input and output embeddings")
   tr.add_argument("--eval-every", type=int, default=250)

@@ -10,6 +10,7 @@ from fdjax.ops import checks
 from models import positions
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names
+COPE_GATES = ("key", "value", "separate")
 # The MLP's gate activation: SwiGLU's SiLU, GeGLU's tanh-approximated GELU (Gemma).
 MLP_ACTIVATIONS = {"silu": jax.nn.silu,
                    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -33,6 +34,14 @@ class ModelConfig:
   max_position_embeddings: int = 2048
   position_encoding: str = "rope"
   npos_max: int = 64
+  # CoPE as the official code (facebookresearch/RAM, projects/cope) also runs it: gates
+  # sigmoid(q . g / sqrt(d)) with g the keys ("key", the paper), the values ("value": its
+  # --cope-val-gates) or keys of a projection of their own ("separate": --cope-sep-key,
+  # checkpoint name self_attn.cope_key_proj, cached beside the keys); the position logits
+  # added after the score scale (False: the paper's Appendix B, its --cope-nodiv) or before it
+  # (True: the code's default, (q.k + z) / sqrt(d)).
+  cope_gates: str = "key"
+  cope_pos_scaled: bool = False
   # Sliding-window attention: a query sees its last `sliding_window` keys, in every layer, or
   # with `layer_types` only in the "sliding_attention" ones (Gemma 3, Qwen2/3's upper layers).
   sliding_window: int | None = None
@@ -72,7 +81,7 @@ class ModelConfig:
     if self.position_encoding not in positions.ENCODINGS:
       raise ValueError(f"ModelConfig: unknown position_encoding {self.position_encoding!r}; "
                        f"expected one of {tuple(positions.ENCODINGS)}")
-    if self.position_encoding == "rope" and self.head_dim % 2:
+    if self.position_encoding in ("rope", "cope_rope") and self.head_dim % 2:
       raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
     if not isinstance(self.npos_max, int) or self.npos_max < 1:
       raise ValueError(f"ModelConfig: npos_max must be an integer >= 1, got {self.npos_max!r}")
@@ -83,36 +92,23 @@ class ModelConfig:
                          f"{self.num_layers} layers")
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
-    self._check_families()
+    _check_families(self)
 
-  def _check_families(self):
-    w = self.sliding_window
-    if w is not None:
-      checks.positive_int("ModelConfig", "sliding_window", w)
-    if self.layer_types is not None:
-      object.__setattr__(self, "layer_types", tuple(self.layer_types))
-      if len(self.layer_types) != self.num_layers:
-        raise ValueError(f"ModelConfig: layer_types has {len(self.layer_types)} entries for "
-                         f"{self.num_layers} layers")
-      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-      if bad:
-        raise ValueError(f"ModelConfig: unknown layer_types {bad}; expected {LAYER_TYPES}")
-      if w is None and "sliding_attention" in self.layer_types:
-        raise ValueError("ModelConfig: layer_types has sliding_attention layers but "
-                         "sliding_window is not set")
-    if self.mlp_activation not in MLP_ACTIVATIONS:
-      raise ValueError(f"ModelConfig: unknown mlp_activation {self.mlp_activation!r}; "
-                       f"expected one of {tuple(MLP_ACTIVATIONS)}")
-    for name in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap",
-                 "local_rope_theta"):
-      v = getattr(self, name)
-      if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                and v > 0):
-        raise ValueError(f"ModelConfig: {name} must be a positive number or None, got {v!r}")
-    _check_experts(self)
-    if self.position_encoding == "cope" and (w is not None or self.attn_softcap is not None):
-      raise ValueError("ModelConfig: CoPE attention with a sliding window or attention "
-                       "soft-capping is not implemented")
+  @property
+  def cope(self) -> bool:
+    """Whether attention is CoPE's (alone or with RoPE)."""
+    return self.position_encoding in ("cope", "cope_rope")
+
+  @property
+  def gate_keys(self) -> bool:
+    """Whether each layer projects keys of its own for CoPE's gates (cached beside the keys,
+    so a key cache entry is 2 * head_dim wide)."""
+    return self.cope_gates == "separate"
+
+  @property
+  def key_cache_dim(self) -> int:
+    """The width of a key cache entry: head_dim, or 2 * head_dim with separate gate keys."""
+    return self.head_dim * (2 if self.gate_keys else 1)
 
   def sparse(self, layer: int) -> bool:
     """Whether a layer's MLP is a mixture of experts (else the dense MLP)."""
@@ -142,7 +138,8 @@ class ModelConfig:
     q/k/v and gate/up fused): the shapes FlashDecoding++ tunes for (a mixture of experts'
     dense MLP and shared expert where it has them; its experts run fdjax.ops.moe)."""
     h, d = self.hidden_size, self.head_dim
-    shapes = {"qkv": (h, (self.num_heads + 2 * self.num_kv_heads) * d),
+    kv_parts = 3 if self.gate_keys else 2
+    shapes = {"qkv": (h, (self.num_heads + kv_parts * self.num_kv_heads) * d),
               "o": (self.num_heads * d, h)}
     if not all(self.sparse(i) for i in range(self.num_layers)):  # some dense MLP
       shapes.update(gate_up=(h, 2 * self.intermediate_size), down=(self.intermediate_size, h))
@@ -173,6 +170,49 @@ class ModelConfig:
     if missing:
       raise ValueError(f"ModelConfig: missing config key(s) {missing}")
     return cls(**d)
+
+
+def _check_families(cfg: ModelConfig):
+  w = cfg.sliding_window
+  if w is not None:
+    checks.positive_int("ModelConfig", "sliding_window", w)
+  if cfg.layer_types is not None:
+    object.__setattr__(cfg, "layer_types", tuple(cfg.layer_types))
+    if len(cfg.layer_types) != cfg.num_layers:
+      raise ValueError(f"ModelConfig: layer_types has {len(cfg.layer_types)} entries for "
+                       f"{cfg.num_layers} layers")
+    bad = sorted(set(cfg.layer_types) - set(LAYER_TYPES))
+    if bad:
+      raise ValueError(f"ModelConfig: unknown layer_types {bad}; expected {LAYER_TYPES}")
+    if w is None and "sliding_attention" in cfg.layer_types:
+      raise ValueError("ModelConfig: layer_types has sliding_attention layers but "
+                       "sliding_window is not set")
+  if cfg.mlp_activation not in MLP_ACTIVATIONS:
+    raise ValueError(f"ModelConfig: unknown mlp_activation {cfg.mlp_activation!r}; "
+                     f"expected one of {tuple(MLP_ACTIVATIONS)}")
+  for name in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap",
+               "local_rope_theta"):
+    v = getattr(cfg, name)
+    if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and v > 0):
+      raise ValueError(f"ModelConfig: {name} must be a positive number or None, got {v!r}")
+  _check_experts(cfg)
+  _check_cope(cfg)
+
+
+def _check_cope(cfg: ModelConfig):
+  if cfg.cope and (cfg.sliding_window is not None or cfg.attn_softcap is not None):
+    raise ValueError("ModelConfig: CoPE attention with a sliding window or attention "
+                     "soft-capping is not implemented")
+  if cfg.cope_gates not in COPE_GATES:
+    raise ValueError(f"ModelConfig: unknown cope_gates {cfg.cope_gates!r}; expected one of "
+                     f"{COPE_GATES}")
+  if not isinstance(cfg.cope_pos_scaled, bool):
+    raise ValueError(f"ModelConfig: cope_pos_scaled must be true or false, got "
+                     f"{cfg.cope_pos_scaled!r}")
+  if not cfg.cope and (cfg.cope_gates != "key" or cfg.cope_pos_scaled):
+    raise ValueError(f"ModelConfig: cope_gates / cope_pos_scaled apply to CoPE attention, "
+                     f"not to position_encoding {cfg.position_encoding!r}")
 
 
 def _check_experts(cfg: ModelConfig):

@@ -109,8 +109,9 @@ def assemble(entry: Entry, parts) -> np.ndarray:
 
 
 def qkv_sizes(cfg) -> list[int]:
-  d = cfg.head_dim
-  return [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]
+  """The fused projection's parts: q, k, v, and CoPE's gate keys where it has its own."""
+  d, kv = cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return [cfg.num_heads * d] + [kv] * (3 if cfg.gate_keys else 2)
 
 
 def shard_pieces(entry: Entry, cfg, tp: int, device: int) -> list[tuple[str, int, int, int]]:
@@ -130,7 +131,7 @@ def shard_pieces(entry: Entry, cfg, tp: int, device: int) -> list[tuple[str, int
   if entry.split == "qkv":
     d, hq, hkv = cfg.head_dim, cfg.num_heads // tp, parallel.kv_heads(cfg, tp)
     kv0 = parallel.kv_head_start(cfg, tp, device)
-    wanted = [(device * hq * d, hq * d), (kv0 * d, hkv * d), (kv0 * d, hkv * d)]
+    wanted = [(device * hq * d, hq * d)] + [(kv0 * d, hkv * d)] * (len(qkv_sizes(cfg)) - 1)
   else:  # gate_up: of the dense MLP, an expert or the shared expert (its own width)
     f = sum(entry.sizes) // 2 // tp
     wanted = [(device * f, f)] * 2
@@ -165,7 +166,7 @@ def layout(cfg) -> list[Entry]:
            {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"})
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
-    attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
+    attn = [p + f"self_attn.{x}_proj" for x in ("q", "k", "v", "cope_key")[:len(qkv)]]
     wqkv = (([p + "self_attn.qkv_proj.weight"], [(sum(qkv), h)]) if cfg.fused_checkpoint else
             ([n + ".weight" for n in attn], [(size, h) for size in qkv]))
     out += [e(["layers", i, ours, "weight"], [p + theirs + ".weight"], [(h,)], False)

@@ -81,7 +81,7 @@ class Attention(nnx.Module):
     # Set by fdjax.tuning.calibrate: a whole-prompt call sows each query row's largest score
     # (nnx.Intermediate "score_row_max"), the range phi is chosen from.
     self.record_scores = False
-    qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    qkv_out = sum(layout.qkv_sizes(cfg))
     self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
     self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
     self.q_norm = _norm(cfg, cfg.head_dim, dtype, cfg.qk_norm)
@@ -96,18 +96,20 @@ class Attention(nnx.Module):
     qkv = dispatch.linear(x, self.wqkv[...])
     if self.bqkv is not None:
       qkv = qkv + self.bqkv[...]
-    q, k, v = (y.reshape(b, t, -1, cfg.head_dim)
-               for y in layout.split_last(qkv, layout.qkv_sizes(cfg)))
+    q, k, v, *gate_k = (y.reshape(b, t, -1, cfg.head_dim)
+                        for y in layout.split_last(qkv, layout.qkv_sizes(cfg)))
     q, k = pe.rotate(cfg, self.layer, _apply(self.q_norm, q), _apply(self.k_norm, k), pos)
     attend = dict(phi=self.phi, table=None if self.pos_emb is None else self.pos_emb[...],
                   sm_scale=cfg.attn_scale, window=cfg.window(self.layer),
-                  softcap=cfg.attn_softcap)
+                  softcap=cfg.attn_softcap, **pe.options(cfg))
+    if self.record_scores and layer_cache is None:
+      self.sow(nnx.Intermediate, "score_row_max", dispatch.score_row_max(
+          q, k, lengths=n, sm_scale=attend["sm_scale"], window=attend["window"],
+          softcap=attend["softcap"]))
+    if gate_k:  # CoPE's own gate keys, rotated as keys are, travel as the keys' second half
+      k = jnp.concatenate([k, pe.rotate(cfg, self.layer, gate_k[0], gate_k[0], pos)[1]], -1)
 
     if layer_cache is None:
-      if self.record_scores:
-        self.sow(nnx.Intermediate, "score_row_max", dispatch.score_row_max(
-            q, k, lengths=n, sm_scale=attend["sm_scale"], window=attend["window"],
-            softcap=attend["softcap"]))
       o = pe.attend(q, k, v, n, q_start=None, **attend)
     else:
       kc, vc = (kvc.write(pages, new, page_table, start, n)

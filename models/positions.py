@@ -27,6 +27,10 @@ class NoPositions:
   def rotate(self, cfg, layer, q, k, positions):
     return q, k
 
+  def options(self, cfg) -> dict:
+    """What this encoding's attend / attend_pages take from the config beside `how`."""
+    return {}
+
   def attend(self, q, k, v, lengths, *, q_start, table, **how):
     """Queries [B, T] at positions q_start + i, causally against the first `lengths` of k, v;
     `how`: the layer's sm_scale, phi, window and softcap."""
@@ -49,20 +53,35 @@ class Rope(NoPositions):
 
 class Cope(NoPositions):
   """One [npos_max, D] table per layer shared by its heads, zero-initialised (the paper);
-  positions come from the gates, so decode steps attend with the CoPE op too."""
+  positions come from the gates, so decode steps attend with the CoPE op too. With separate
+  gate keys (cfg.cope_gates) a key is [key, gate key] along its last axis, in the cache too."""
   name = "cope"
 
   def layer_param(self, cfg):
     return "self_attn.pos_emb", (cfg.npos_max, cfg.head_dim), "zeros"
 
-  def attend(self, q, k, v, lengths, *, q_start, table, sm_scale=None, **_):
+  def options(self, cfg):
+    return dict(gates=cfg.cope_gates, pos_scaled=cfg.cope_pos_scaled)
+
+  def attend(self, q, k, v, lengths, *, q_start, table, gates, pos_scaled, sm_scale=None, **_):
     # (ModelConfig refuses a window or soft-capping with CoPE; phi is the async kernels')
-    return dispatch.cope_attention(q, k, v, table, lengths=lengths, q_start=q_start,
-                                   sm_scale=sm_scale)
+    d = q.shape[-1]
+    gate_keys = {"key": None, "value": v, "separate": k[..., d:]}[gates]
+    return dispatch.cope_attention(q, k[..., :d], v, table, lengths=lengths, q_start=q_start,
+                                   sm_scale=sm_scale, gate_keys=gate_keys,
+                                   pos_scaled=pos_scaled)
 
   def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, table, **how):
     return self.attend(q, kvc.gather(k_pages, page_table), kvc.gather(v_pages, page_table),
                        lengths, q_start=lengths - 1, table=table, **how)
+
+
+class CopeRope(Cope):
+  """CoPE on RoPE-rotated queries and keys (the official code's combination is CoPE with
+  learned relative positions, "cope+rel"; this is its RoPE form): the scores, the gates and
+  the position logits all read the rotated q, and separate gate keys are rotated as keys."""
+  name = "cope_rope"
+  rotate = Rope.rotate
 
 
 class Absolute(NoPositions):
@@ -77,7 +96,7 @@ class Absolute(NoPositions):
     return x + jnp.take(table, positions, axis=0)
 
 
-ENCODINGS = {e.name: e for e in (NoPositions(), Rope(), Cope(), Absolute())}
+ENCODINGS = {e.name: e for e in (NoPositions(), Rope(), Cope(), CopeRope(), Absolute())}
 
 
 def get(name: str) -> NoPositions:

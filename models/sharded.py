@@ -52,17 +52,18 @@ class ShardedTransformer(nnx.Module):
   def dp(self) -> int:
     return self.mesh.shape[DATA]
 
-  def pages(self, num_pages: int, page_size: int) -> jax.ShapeDtypeStruct:
-    """One layer's key (or value) pages, `num_pages` per replica, sharded by KV head."""
+  def pages(self, num_pages: int, page_size: int, keys: bool = False) -> jax.ShapeDtypeStruct:
+    """One layer's value (keys: key) pages, `num_pages` per replica, sharded by KV head."""
     cfg = self.local.config
-    shape = (self.tp * cfg.num_kv_heads, self.dp * num_pages, page_size, cfg.head_dim)
+    shape = (self.tp * cfg.num_kv_heads, self.dp * num_pages, page_size,
+             cfg.key_cache_dim if keys else cfg.head_dim)
     return jax.ShapeDtypeStruct(shape, self.dtype, sharding=NamedSharding(self.mesh, PAGES))
 
   def empty_pages(self, num_pages: int, page_size: int) -> tuple[tuple, tuple]:
     """Zeroed key and value page pools (`pages`), one per layer."""
-    layers, like = self.config.num_layers, self.pages(num_pages, page_size)
-    pages = _zeros(like.shape, like.dtype, 2 * layers, like.sharding)
-    return pages[:layers], pages[layers:]
+    layers = self.config.num_layers
+    return tuple(_zeros(like.shape, like.dtype, layers, like.sharding)
+                 for like in (self.pages(num_pages, page_size, keys) for keys in (True, False)))
 
   def __call__(self, input_ids, *, cache: kvc.KVCache | None = None, lengths=None,
                last_only: bool = False):

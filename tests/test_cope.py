@@ -15,9 +15,13 @@ from tests.helpers import cuda_text, rel_err, spy
 from tests.models_util import tiny_model
 
 
-def np_cope(q, k, v, e, lengths, scale):
-  """Loops over heads, queries and keys, exactly as Appendix B reads."""
+def np_cope(q, k, v, e, lengths, scale, gate_keys=None, pos_scaled=False):
+  """Loops over heads, queries and keys, exactly as Appendix B reads; with the official
+  code's variants (facebookresearch/RAM projects/cope/src/cope/context_position.py) where
+  asked: gates from gate_keys (the values, or keys of their own), and the position logit
+  added before the scale (its default) instead of after (the appendix, its --cope-nodiv)."""
   q, k, v, e = (np.asarray(x, np.float64) for x in (q, k, v, e))
+  gk = k if gate_keys is None else np.asarray(gate_keys, np.float64)
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   npos = e.shape[0]
@@ -26,21 +30,23 @@ def np_cope(q, k, v, e, lengths, scale):
     n_valid = s_len if lengths is None else int(lengths[bi])
     for h in range(hq):
       kh, vh = k[bi, :, h // (hq // hkv)], v[bi, :, h // (hq // hkv)]
+      gh = gk[bi, :, h // (hq // hkv)]
       for i in range(t):
         qi = q[bi, i, h]
         a = s_len - t + i  # the query's absolute position
         keys = [j for j in range(s_len) if j <= a and j < n_valid]
         if not keys:
           continue
-        s = {j: qi @ kh[j] * scale for j in keys}
-        g = {j: 1 / (1 + math.exp(-s[j])) for j in keys}
+        dots = {j: qi @ kh[j] for j in keys}
+        g = {j: 1 / (1 + math.exp(-(qi @ gh[j]) * scale)) for j in keys}
         z = e @ qi  # z_i[n] = q_i . e[n]
         logits = []
         for j in keys:
           p = min(sum(g[m] for m in keys if m >= j), npos - 1)
           lo, hi = math.floor(p), math.ceil(p)
           w = p - lo
-          logits.append(s[j] + w * z[hi] + (1 - w) * z[lo])
+          zp = w * z[hi] + (1 - w) * z[lo]
+          logits.append((dots[j] + zp) * scale if pos_scaled else dots[j] * scale + zp)
         logits = np.array(logits)
         pr = np.exp(logits - logits.max())
         pr /= pr.sum()
@@ -76,6 +82,40 @@ def test_cope_matches_the_formulas(name):
   assert rel_err(got_kernel, want) < 1e-5
 
 
+VARIANTS = {  # name: (gate keys: None / "value" / "separate", position logits before the
+    # scale, one of CASES)
+    "official_default_logits_before_scale": (None, True, "prompt_gqa_ragged"),
+    "value_gates": ("value", False, "decode_step_against_cache"),
+    "separate_gate_keys": ("separate", False, "chunk_of_queries"),
+    "separate_gate_keys_logits_before_scale": ("separate", True, "prompt_gqa_ragged"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cope_variants_match_the_formulas_in_float64(variant):
+  gates, pos_scaled, name = VARIANTS[variant]
+  b, t, s, hq, hkv, d, npos, q_scale = CASES[name]
+  q, k, v, e, lengths = _case(len(name) + len(variant), b, t, s, hq, hkv, d, npos, 3.0)
+  gk = {None: None, "value": v,
+        "separate": jnp.asarray(np.random.default_rng(7).standard_normal(k.shape), k.dtype)}[gates]
+  want = np_cope(q, k, v, e, np.asarray(lengths), 0.3, gate_keys=gk, pos_scaled=pos_scaled)
+  # the variant changes the answer: it is not the appendix form by another name
+  assert rel_err(np_cope(q, k, v, e, np.asarray(lengths), 0.3), want) > 1e-3
+  jax.config.update("jax_enable_x64", True)
+  try:
+    x64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, e)]
+    gk64 = x64[2] if gates == "value" else None if gk is None else jnp.asarray(gk, jnp.float64)
+    from fdjax.ops import reference  # (dispatch takes float32 / bfloat16 / float16)
+    got = reference.cope_attention(*x64, lengths, 0.3, None, gk64, 0.3 if pos_scaled else 1.0)
+    assert got.dtype == jnp.float64 and rel_err(got, want) < 1e-12
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  for impl in ("xla", "pallas_interpret"):
+    got = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.3, gate_keys=gk,
+                                  pos_scaled=pos_scaled, impl=impl)
+    assert rel_err(got, want) < 1e-5, impl
+
+
 def test_cope_case_really_reaches_the_clamp_and_saturates_gates():
   b, t, s, hq, hkv, d, npos, q_scale = CASES["gates_near_1_positions_hit_clamp"]
   q, k, _, _, _ = _case(len("gates_near_1_positions_hit_clamp"), b, t, s, hq, hkv, d, npos,
@@ -87,12 +127,19 @@ def test_cope_case_really_reaches_the_clamp_and_saturates_gates():
   assert pos.max() > npos - 1  # clamped
 
 
-def test_cope_kernel_bfloat16():
+@pytest.mark.parametrize("separate", [False, True], ids=["key_gates", "separate_gate_keys"])
+def test_cope_kernel_bfloat16(separate):
   q, k, v, e, lengths = _case(5, 2, 24, 24, 4, 2, 32, 16, 1.0, jnp.bfloat16)
-  want = np_cope(*(np.asarray(x, np.float32) for x in (q, k, v, e)), np.asarray(lengths), 0.2)
-  out = ck.cope_attention(q, k, v, e, lengths, sm_scale=0.2, interpret=True)
+  gk = (k + jnp.asarray(np.random.default_rng(4).standard_normal(k.shape), k.dtype)
+        if separate else None)
+  want = np_cope(*(np.asarray(x, np.float32) for x in (q, k, v, e)), np.asarray(lengths), 0.2,
+                 gate_keys=None if gk is None else np.asarray(gk, np.float32),
+                 pos_scaled=separate)
+  out = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.2, gate_keys=gk,
+                                pos_scaled=separate, impl="pallas_interpret")
   assert out.dtype == jnp.bfloat16
-  base = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.2)  # XLA, bf16 in/out
+  base = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.2, gate_keys=gk,
+                                 pos_scaled=separate, impl="xla")  # XLA, bf16 in/out
   err = np.max(np.abs(np.asarray(out, np.float64) - want))
   assert err <= 2 * np.max(np.abs(np.asarray(base, np.float64) - want)) + 1e-6
   assert rel_err(np.asarray(out, np.float32), want) < 1e-2
@@ -122,8 +169,13 @@ def test_gradients_flow_through_the_gates():
     jax.config.update("jax_enable_x64", False)
 
 
-def test_model_with_cope_decodes_like_the_full_forward(monkeypatch):
-  model = tiny_model(seed=5, position_encoding="cope", npos_max=8, head_dim=16)
+@pytest.mark.parametrize("variant", [
+    {}, dict(cope_gates="separate", cope_pos_scaled=True), dict(cope_gates="value"),
+    dict(position_encoding="cope_rope")], ids=["appendix", "separate_keys_scaled",
+                                               "value_gates", "cope_rope"])
+def test_model_with_cope_decodes_like_the_full_forward(monkeypatch, variant):
+  model = tiny_model(seed=5, **{"position_encoding": "cope", "npos_max": 8, "head_dim": 16,
+                                **variant})
   for layer in model.layers:  # a non-zero position table, so positions matter
     layer.attn.pos_emb[...] = jax.random.normal(jax.random.key(1), layer.attn.pos_emb.shape)
   rng = np.random.default_rng(2)
@@ -138,6 +190,8 @@ def test_model_with_cope_decodes_like_the_full_forward(monkeypatch):
   for i in range(4):
     logits, cache = model(jnp.asarray(seqs[np.arange(2), lengths + i][:, None]), cache=cache)
     assert rel_err(logits[:, 0], full[np.arange(2), lengths + i]) < 1e-5
+  if variant.get("cope_gates") not in (None, "separate"):
+    return  # (the fused kernel's own cases cover value gates; RoPE changes no kernel input)
   want = fdjax.generate(model, [seqs[0, :6].tolist()], max_new_tokens=4).tokens
   calls = spy(monkeypatch, ck, "cope_attention")
   with dispatch.using("pallas_interpret"):
@@ -146,6 +200,9 @@ def test_model_with_cope_decodes_like_the_full_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("args,msg", [
+    (dict(gate_keys=jnp.ones((2, 9, 2, 16))), r"gate_keys must be shaped and typed as k"),
+    (dict(gate_keys=jnp.ones((2, 10, 2, 16), jnp.bfloat16)), r"gate_keys must be shaped"),
+    (dict(pos_scaled="yes"), "pos_scaled must be True or False"),
     (dict(pos_emb=jnp.ones((0, 16))), r"npos_max >= 1"),
     (dict(pos_emb=jnp.ones((8, 12))), "pos_emb width"),
     (dict(lengths=jnp.asarray([3, 11], jnp.int32)), r"lengths \[11\] out of range"),
@@ -156,12 +213,44 @@ def test_cope_bad_input(args, msg):
   k = jnp.ones((2, 10, 2, 16))
   kw = dict(pos_emb=jnp.ones((8, 16)), lengths=None) | args
   with pytest.raises(ValueError, match=msg):
-    dispatch.cope_attention(q, k, k, kw["pos_emb"], lengths=kw["lengths"])
+    dispatch.cope_attention(q, k, k, kw.pop("pos_emb"), **kw)
 
 
 def test_config_refuses_npos_below_one():
   with pytest.raises(ValueError, match="npos_max"):
     tiny_model(position_encoding="cope", npos_max=0)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (dict(position_encoding="cope", cope_gates="query"), "unknown cope_gates 'query'"),
+    (dict(position_encoding="rope", cope_gates="value"), "apply to CoPE attention"),
+    (dict(position_encoding="rope", cope_pos_scaled=True), "apply to CoPE attention"),
+    (dict(position_encoding="cope", cope_pos_scaled=1), "cope_pos_scaled must be true or"),
+])
+def test_config_refuses_bad_cope_variants(overrides, msg):
+  with pytest.raises(ValueError, match=msg):
+    tiny_model(**overrides)
+
+
+def test_separate_gate_keys_are_a_checkpoint_tensor_and_a_cache_half(tmp_path):
+  """The gate key projection saves and loads under its own name, and the cache's key pages
+  are twice as wide; CoPE + RoPE differs from CoPE (the rotation reaches the scores)."""
+  from fdjax.io import checkpoint
+  model = tiny_model(seed=3, position_encoding="cope", cope_gates="separate", head_dim=16)
+  cfg = model.config
+  assert cfg.key_cache_dim == 32
+  k_pages, v_pages = kv_cache.empty_pages(cfg, 3, 4, jnp.float32)
+  assert k_pages[0].shape[-1] == 32 and v_pages[0].shape[-1] == 16
+  checkpoint.save_pretrained(model, tmp_path)
+  from safetensors.numpy import load_file
+  names = load_file(str(tmp_path / "model.safetensors"))
+  gate = names["model.layers.0.self_attn.cope_key_proj.weight"]
+  assert gate.shape == (cfg.num_kv_heads * 16, cfg.hidden_size)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (1, 12)), jnp.int32)
+  loaded = checkpoint.load_pretrained(tmp_path)
+  assert rel_err(loaded(ids), model(ids)) < 1e-6
+  rope = tiny_model(seed=3, position_encoding="cope_rope", cope_gates="separate", head_dim=16)
+  assert rel_err(rope(ids), model(ids)) > 1e-3
 
 
 def test_cope_kernel_lowers_for_cuda():

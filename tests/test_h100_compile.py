@@ -61,6 +61,16 @@ def test_every_default_setting_compiles_without_spills(h100, case):
   aot.compile(case.lower(h100))  # raises CompileError on a spill or a shared-memory overflow
 
 
+@pytest.mark.parametrize("gates", ["value", "separate"])
+@pytest.mark.parametrize("dtype", [kernels.BF16, kernels.F32])
+def test_cope_gate_variants_compile_without_spills(h100, gates, dtype, tmp_path):
+  """The official code's gate variants load one more key tile (the values again, or keys of
+  their own): at the default blocks, the longest prompt and the decode step still fit."""
+  for bts in kernels.COPE[1:3]:
+    case = kernels._cope("llama-3-8b", *bts, dtype, gates=gates)
+    aot.compile(case.lower(h100), dump_to=str(tmp_path))  # raises on a spill
+
+
 def test_an_oversized_flat_gemm_is_refused_for_shared_memory(h100):
   gemm, _ = kernels.oversized()
   with pytest.raises(aot.CompileError, match="Shared memory size limit exceeded: requested"):

@@ -346,8 +346,9 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   b = shapes.batch
   rows = place((b,), jnp.int32)
   if on_mesh:  # (fdjax.io.mesh.build without read): parameters and pages keep their shardings
-    params, one = state, model.pages(b * shapes.pages // dp, page_size)
-    pages = ((one,) * cfg.num_layers,) * 2
+    params = state
+    pages = tuple((model.pages(b * shapes.pages // dp, page_size, keys),) * cfg.num_layers
+                  for keys in (True, False))
   else:
     params = like(state)
     pages = like(jax.eval_shape(lambda: kvc.empty_pages(cfg, b * shapes.pages, page_size,

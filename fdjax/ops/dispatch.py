@@ -320,12 +320,16 @@ def score_row_max(q, k, *, lengths=None, sm_scale=None, window=None, softcap=Non
                                  window=window, softcap=softcap)
 
 
-def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=None, impl="auto"):
+def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=None,
+                   gate_keys=None, pos_scaled=False, impl="auto"):
   """CoPE attention (contextual position encoding, Golovneva et al. 2024, Appendix B).
 
   q [B, T, Hq, D]; k, v [B, S, Hkv, D] with T <= S, query i of row b at absolute position
   q_start[b] + i (default S - T; T = 1: a decode step against a cache); pos_emb [npos_max,
   D], the layer's position table shared by its heads; lengths [B] or None = valid keys.
+  The official code's variants: gate_keys [B, S, Hkv, D] (e.g. v, or keys of their own) give
+  the gates sigmoid(q.gate_key * sm_scale) in place of sigmoid(q.k * sm_scale); pos_scaled
+  adds the position logits before the scale, (q.k + z) * sm_scale, not q.k * sm_scale + z.
   Returns [B, T, Hq, D] in q's dtype.
   """
   op = "cope_attention"
@@ -343,15 +347,23 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
     checks.int_vector(op, "lengths", lengths, q.shape[0])
     checks.in_range(op, "lengths", lengths, 0, s)
   _check_start(op, q_start, q.shape[0], s - t)
+  if gate_keys is not None and (getattr(gate_keys, "shape", None) != k.shape
+                                or gate_keys.dtype != k.dtype):
+    raise ValueError(f"{op}: gate_keys must be shaped and typed as k {k.shape} {k.dtype}, got "
+                     f"{getattr(gate_keys, 'shape', None)} {getattr(gate_keys, 'dtype', None)}")
+  if not isinstance(pos_scaled, bool):
+    raise ValueError(f"{op}: pos_scaled must be True or False, got {pos_scaled!r}")
   scale = _scale(sm_scale, q.shape[-1])
+  pos_scale = scale if pos_scaled else 1.0  # (q.k + z) * scale = q.k * scale + z * scale
 
   def pallas(interpret):
     return triton_cope.cope_attention(q, k, v, pos_emb, lengths, sm_scale=scale, q_start=q_start,
-                             interpret=interpret)
+                                      gate_keys=gate_keys, pos_scale=pos_scale,
+                                      interpret=interpret)
 
-  return _run(op, impl, lambda: reference.cope_attention(q, k, v, pos_emb, lengths, scale,
-                                                         q_start), pallas, None, q.shape[-1],
-              q.dtype)
+  return _run(op, impl, lambda: reference.cope_attention(
+      q, k, v, pos_emb, lengths, scale, q_start, gate_keys, pos_scale), pallas, None,
+      q.shape[-1], q.dtype)
 
 
 def linear(x, w, *, impl="auto"):

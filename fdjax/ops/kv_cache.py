@@ -41,10 +41,11 @@ class KVCache(NamedTuple):
 
 
 def empty_pages(config, num_pages: int, page_size: int, dtype) -> tuple[tuple, tuple]:
-  """Zeroed key and value page pools, one per layer."""
-  shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-  return (tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-          tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+  """Zeroed key and value page pools, one per layer (a key entry is config.key_cache_dim
+  wide: CoPE's own gate keys travel beside the keys)."""
+  return tuple(tuple(jnp.zeros((config.num_kv_heads, num_pages, page_size, width), dtype)
+                     for _ in range(config.num_layers))
+               for width in (config.key_cache_dim, config.head_dim))
 
 
 def init_cache(config, batch: int, max_len: int, dtype, page_size: int | None = None) -> KVCache:

@@ -149,16 +149,19 @@ def score_row_max(q, k, lengths, causal, sm_scale, q_start=None, window=None, so
   return jnp.max(s, axis=-1).reshape(b, t, hq)
 
 
-def cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=None):
+def cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=None, gate_keys=None,
+                   pos_scale=1.0):
   """Contextual Position Encoding attention (Golovneva et al. 2024, Appendix B).
 
   q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos_max, D] (shared by the heads);
   lengths [B] or None = valid keys per row. Query i of row b sits at absolute position
   q_start[b] + i (default S - T: T = S is a prompt, T = 1 a decode step, and a chunk of a
   prompt after the cached part starts at the cache's length).
-  s = q.k * sm_scale (causal, lengths); gates g = sigmoid(s) (0 where masked); positions
-  p_ij = sum_{k=j..i} g_ik, clamped to npos_max - 1; z_i[n] = q_i . e[n] (unscaled); logits
-  s_ij + lerp(z_i, p_ij) between floor and ceil; softmax; times v.
+  s = q.k * sm_scale (causal, lengths); gates g = sigmoid(s), 0 where masked (with
+  gate_keys [B, S, Hkv, D]: sigmoid(q.gate_key * sm_scale), the official code's variants);
+  positions p_ij = sum_{k=j..i} g_ik, clamped to npos_max - 1; z_i[n] = q_i . e[n] *
+  pos_scale (1: the appendix; sm_scale: the official code's default); logits s_ij +
+  lerp(z_i, p_ij) between floor and ceil; softmax; times v.
   """
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
@@ -166,10 +169,12 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=None):
   qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
   s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST) * sm_scale
   mask = _mask(query_positions(b, t, s_len, q_start), s_len, lengths, True)[:, None, None]
-  gates = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
+  gs = s if gate_keys is None else jnp.einsum(
+      "bthgd,bshd->bhgts", qf, _acc(gate_keys), precision=HIGHEST) * sm_scale
+  gates = jnp.where(mask, jax.nn.sigmoid(gs), 0.0)
   pos = jax.lax.cumsum(gates, axis=gates.ndim - 1, reverse=True)  # sum over keys j..end
   pos = jnp.minimum(pos, npos - 1)
-  z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST)
+  z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST) * pos_scale
   # (z[n], z[n + 1] - z[n]) side by side, so one gather serves floor and ceil
   dz = jnp.concatenate([z[..., 1:] - z[..., :-1], jnp.zeros_like(z[..., :1])], axis=-1)
   lo = jnp.floor(pos)

@@ -495,7 +495,7 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   if platform.startswith("tpu"):
     platform, kind = "tpu", kind or tpu_kind(platform)
   head_dim = 128 if config is None else config.head_dim
-  cope = config is not None and config.position_encoding == "cope"
+  cope = config is not None and config.cope
   ops = ["cope_attention"] if cope else ["prefill_attention", "decode_attention"]
   choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
   bits = None if quantization is None else quant.bits_of(quantization)

@@ -140,7 +140,7 @@ def task_error(model, task, split: str, n: int = 256, seed: int = 99, batch: int
 def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3, warmup=100,
                    layers=4, hidden=256, heads=4, kv_heads=None, intermediate=704, pe="cope",
                    npos_max=64, max_len=2048, tie=False, eval_every=250, eval_batches=8,
-                   seed=0, files=None, variables=1):
+                   seed=0, files=None, variables=1, cope_gates="key", cope_pos_scaled=False):
   """`fdjax train`: a model trained on byte-level text (the standard library's sources or
   `files`) or on one of the CoPE paper's tasks, saved to `out` with its training record."""
   args = dict(locals())
@@ -170,7 +170,8 @@ def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3
   cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                     num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads,
                     head_dim=hidden // heads, position_encoding=pe, npos_max=npos_max,
-                    max_position_embeddings=max(max_len, seq_len + 1), tie_word_embeddings=tie)
+                    max_position_embeddings=max(max_len, seq_len + 1), tie_word_embeddings=tie,
+                    cope_gates=cope_gates, cope_pos_scaled=cope_pos_scaled)
   model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.position_encoding} positions; "

@@ -38,17 +38,22 @@ class Settings(prefill_attention.Settings):
   """The prefill kernel's knobs, with CoPE's defaults."""
 
   @classmethod
-  def default(cls, t: int, s: int, head_dim: int = 128, dtype=jnp.bfloat16) -> "Settings":
+  def default(cls, t: int, s: int, head_dim: int = 128, dtype=jnp.bfloat16,
+              gated: bool = False) -> "Settings":
     """32 x 32 (fewer for short inputs), shrunk to TILE_LIMITS: at 64 x 64 the score, gate,
-    position and logit tiles live together and the kernel spills (255 registers)."""
+    position and logit tiles live together and the kernel spills (255 registers). Gates
+    from keys of their own in float32 take 8 warps: with 4, the described H100's ptxas
+    spills at 16 x 16 (255 registers; 8 warps: 178, none spilled)."""
     block_q, block_k = shared.fit_blocks(min(32, max(16, pl.next_power_of_2(t))),
                                          min(32, max(16, pl.next_power_of_2(s))), head_dim,
                                          dtype, TILE_LIMITS)
-    return cls(block_q=block_q, block_k=block_k, num_warps=4, num_stages=2)
+    warps = 8 if gated and jnp.dtype(dtype).itemsize == 4 else 4
+    return cls(block_q=block_q, block_k=block_k, num_warps=warps, num_stages=2)
 
 
-def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_scale, block_q,
-            block_k, group, npos):
+def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, *refs, sm_scale, block_q,
+            block_k, group, npos, gated):
+  gk_ref, o_ref = refs if gated else (None, refs[0])
   b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   t = q_ref.shape[1]
   f32 = q_ref.dtype == jnp.float32
@@ -74,7 +79,12 @@ def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_sca
                    other=0.0)
     s = plgpu.dot(q, k, trans_b=True, allow_tf32=not f32) * sm_scale
     mask = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-    g = jnp.where(mask, jax.nn.sigmoid(s), 0.0)
+    gs = s
+    if gated:  # the gates' own keys (the values, or a projection of their own)
+      gk = plgpu.load(gk_ref.at[b, pl.ds(j * block_k, block_k), hk, :], mask=k_ok[:, None],
+                      other=0.0)
+      gs = plgpu.dot(q, gk, trans_b=True, allow_tf32=not f32) * sm_scale
+    g = jnp.where(mask, jax.nn.sigmoid(gs), 0.0)
     pos = gate_sum[:, None] + plgpu.dot(g, upper, allow_tf32=False)
     pos = jnp.minimum(pos, npos - 1.0)
     gate_sum = gate_sum + jnp.sum(g, axis=1)
@@ -103,24 +113,30 @@ def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, sm_sca
               mask=rows_ok[:, None])
 
 
-def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, q_start=None,
-                   settings: Settings | None = None, interpret=False):
+def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, q_start=None, gate_keys=None,
+                   pos_scale=1.0, settings: Settings | None = None, interpret=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos, D]; lengths [B] valid keys; query i
-  of row b at position q_start[b] + i (default S - T) -> [B, T, Hq, D]."""
+  of row b at position q_start[b] + i (default S - T) -> [B, T, Hq, D]. gate_keys [B, S, Hkv,
+  D] (the values, or keys of their own) replace k in the gates; the position logits are
+  q . e[n] * pos_scale."""
   asm.check_inputs("cope_attention", q)
   b, t, hq, d = q.shape
   s = k.shape[1]
   npos = pos_emb.shape[0]
-  settings = tiling.fill(settings, Settings.default(t, s, q.shape[-1], q.dtype))
+  settings = tiling.fill(settings, Settings.default(t, s, q.shape[-1], q.dtype,
+                                                    gated=gate_keys is not None))
   block_q = settings.block_q
   lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.clip(
       lengths.astype(jnp.int32), 0, s)
   start = (jnp.full((b,), s - t, jnp.int32) if q_start is None
            else q_start.astype(jnp.int32))
   z = jnp.einsum("bthd,nd->bthn", q.astype(jnp.float32), pos_emb.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)  # q . e[n], unscaled (Appendix B)
+                 precision=jax.lax.Precision.HIGHEST) * pos_scale  # Appendix B: unscaled
+  gated = gate_keys is not None
   kernel = functools.partial(_kernel, sm_scale=sm_scale, block_q=block_q,
-                             block_k=settings.block_k, group=hq // k.shape[2], npos=npos)
-  return shared.call(kernel, (lengths, start, q, k, v, z), grid=(b, hq, pl.cdiv(t, block_q)),
+                             block_k=settings.block_k, group=hq // k.shape[2], npos=npos,
+                             gated=gated)
+  inputs = (lengths, start, q, k, v, z) + ((gate_keys,) if gated else ())
+  return shared.call(kernel, inputs, grid=(b, hq, pl.cdiv(t, block_q)),
                      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), settings=settings,
                      interpret=interpret, name="fdjax_cope")
