@@ -28,10 +28,14 @@ def pytest_unconfigure(config):
 # The files that take longest (minutes each on 2 cores) go first: the README's command runs
 # whole files on two workers (pytest-xdist --dist loadfile), which take them in this order,
 # so the long ones start early and both workers finish at about the same time.
-LONGEST_FIRST = ("test_bench.py", "test_h100_compile.py", "test_sharding.py",
-                 "test_quantization.py", "test_attention_kernels.py", "test_tpu_kernels.py",
-                 "test_server.py", "test_paged.py", "test_engine.py", "test_hf_parity.py",
-                 "test_tpu_compile.py")
+# (The benchmark and compile files run in CI's other steps, with the same rule; the GPU
+# suite's dry run is one fixture of about five minutes.)
+LONGEST_FIRST = ("test_bench_gpu_suite.py", "test_bench.py", "test_h100_compile.py",
+                 "test_sharding.py", "test_server.py", "test_engine.py", "test_speculative.py",
+                 "test_structured_output.py", "test_quantization.py", "test_attention_kernels.py",
+                 "test_tpu_kernels.py", "test_paged.py", "test_hf_parity.py",
+                 "test_openai_api.py", "test_mosaic_gpu.py", "test_cope.py", "test_tool_calls.py",
+                 "test_moe.py", "test_tpu_compile.py")
 
 
 def pytest_collection_modifyitems(items):
