@@ -79,11 +79,36 @@ def test_timing_rotates_inputs_and_reports_per_call():
 
 
 def test_cope_tasks_bench_smoke(tmp_path):
-  _run("cope_tasks.py", tmp_path, "--steps", "4", "--tasks", "selective_copy", "--pes",
-       "rope", "cope", "--seeds", "0", "--eval-n", "8")
+  _run("cope_tasks.py", tmp_path, "--steps", "4", "--tasks", "selective_copy",
+       "--encodings", "cope", "--variants", "cope_sep_key", "--variant-tasks",
+       "selective_copy", "--seeds", "0", "1", "--eval-n", "8")
   rows = _rows(tmp_path, "cope_tasks")
-  assert {(r["pe"], r["split"]) for r in rows} == {
-      (pe, s) for pe in ("rope", "cope") for s in ("id", "ood_dense", "ood_sparse")}
+  assert {(r["task_row"], r["encoding"], r["split"], r["seed"]) for r in rows} == {
+      ("selective_copy", e, s, seed) for e in ("cope", "cope_sep_key")
+      for s in ("id", "ood_dense", "ood_sparse") for seed in (0, 1)}
+  with open(tmp_path / "cope_tasks.md") as fh:
+    md = fh.read()
+  assert "cope lowest beyond spread" in md and " ± " in md
+
+
+def test_cope_counting_curve_smoke(tmp_path):
+  _run("cope_counting.py", tmp_path, "--steps", "4", "--every", "2", "--variables", "3")
+  rows = _rows(tmp_path, "cope_counting")
+  assert [r["step"] for r in rows] == [2, 4]
+  assert all(0 < r["guess_error_id"] < 1 and 0 <= r["error_id"] <= 1 for r in rows)
+
+
+def test_cope_tasks_verdict_needs_the_spread_to_separate():
+  from bench import cope_tasks
+  assert cope_tasks.verdict({"cope": (1.0, 0.5), "absolute": (9.0, 1.0), "rope": (5.0, 2.0)}) \
+      == "yes"
+  assert cope_tasks.verdict({"cope": (1.0, 0.5), "absolute": (9.0, 1.0), "rope": (2.0, 1.0)}) \
+      == "no: rope within the spread"
+  assert cope_tasks.verdict({"cope": (3.0, 0.5), "rope": (2.0, 0.1)}) == \
+      "no: rope lower beyond the spread"
+  assert cope_tasks.verdict({"cope": (0.01, 0.02), "rope": (0.0, 0.0)}) == \
+      "no: rope within the spread"
+  assert cope_tasks.spread([0.1, 0.3]) == pytest.approx((20.0, 14.142135), rel=1e-6)
 
 
 def test_quantization_bench_smoke(tmp_path):
@@ -114,10 +139,13 @@ def test_committed_cope_tasks_results_have_the_promised_fields():
   with open(os.path.join(ROOT, "bench", "results", "cope_tasks.json")) as fh:
     data = json.load(fh)
   rows = data["rows"]
-  assert data["command"].startswith("python bench/cope_tasks.py")
-  assert {r["task"] for r in rows} == {"flipflop", "selective_copy", "counting"}
-  assert {r["pe"] for r in rows} == {"absolute", "rope", "cope"}
-  assert len({r["seed"] for r in rows}) >= 2
+  assert data["command"].startswith(("python bench/cope_tasks.py", "python -m fdjax bench"))
+  assert {r["task_row"] for r in rows} == {"flipflop", "selective_copy", "counting1",
+                                           "counting3", "counting5"}
+  assert {r["encoding"] for r in rows} >= {"absolute", "rope", "cope"}
+  assert {r["split"] for r in rows if r["task_row"] == "flipflop"} == {
+      "id", "ood_sparse", "ood_dense"}
+  assert len({r["seed"] for r in rows}) >= 3
   for r in rows:
     assert r["split"] == "id" or r["split"].startswith("ood")
     assert 0.0 <= r["error"] <= 1.0

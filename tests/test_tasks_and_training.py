@@ -33,6 +33,8 @@ def test_flipflop_reads_repeat_the_last_write():
   assert reads > 50
   ood, _ = t.sample(rng, 50, "ood_sparse")
   assert (ood[:, ::2] == tasks.FF_I).mean() > (ids[:, ::2] == tasks.FF_I).mean() + 0.1
+  dense, _ = t.sample(rng, 50, "ood_dense")
+  assert (dense[:, ::2] == tasks.FF_I).mean() < 0.2 < (ids[:, ::2] == tasks.FF_I).mean() - 0.4
 
 
 def test_selective_copy_answers_are_the_data_in_order():

@@ -5,18 +5,20 @@ the model reads ids[:, :-1] and is scored where answer_mask is 1 (its prediction
 1:] there). `error(pred, ids, mask)` is the task's error rate. Splits are "id" and names
 starting with "ood". Sequences of one split and task have one length, so they batch.
 
-* Flip-Flop (Liu et al. 2023, as in CoPE sec. 4.1), 24 instruction pairs: instructions w (write a bit), i (ignore
-  a bit), r (read: repeat the last written bit), each followed by a bit. id: ignore with
-  probability 0.8; ood: 0.98 (more ignores between the write and the read). Error: wrong
-  bits over all reads.
+* Flip-Flop (Liu et al. 2023, as in CoPE sec. 4.1), 24 instruction pairs by default (the
+  paper: 256): instructions w (write a bit), i (ignore a bit), r (read: repeat the last
+  written bit), each followed by a bit. id: ignore with probability 0.8; ood_sparse: 0.98
+  (more ignores between the write and the read); ood_dense: 0.1 (reads close to their
+  writes), Liu et al.'s three splits. Error: wrong bits over all reads.
 * Selective copy (Gu & Dao 2023, CoPE sec. 4.2): data tokens scattered among blanks, then a
   separator, then the data tokens in order. The paper copies 16 tokens among 256 blanks
   in-distribution, 128 (ood_dense) and 512 (ood_sparse); here 4 tokens among 16, 8 and 32
   blanks (the same halving and doubling). Error: sequences not copied exactly.
 * Counting (CoPE sec. 4.3): statements `x = 0 ;`, `x ++ ;`, `pass ;` drawn 1 : 7 : 50 over
   1, 3 or 5 variables, then `print x ?` and the count of `x ++ ;` since x's last reset.
-  The paper runs up to 512 statements; here 20 (id), and 40 for ood_long (longer than any
-  training sequence). Error: wrong counts.
+  The paper draws 3 to 512 statements; here 3 to 20 (id), and 21 to 40 for ood_long (longer
+  than any training sequence); shorter sequences are padded on the left with `pass ;`.
+  Error: wrong counts.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ FF_W, FF_R, FF_I, FF_0, FF_1 = range(5)
 class FlipFlop:
   name = "flipflop"
   vocab_size = 5
-  splits = {"id": 0.8, "ood_sparse": 0.98}
+  splits = {"id": 0.8, "ood_sparse": 0.98, "ood_dense": 0.1}  # p(ignore), Liu et al.'s splits
 
   def __init__(self, pairs: int = 24):
     self.pairs = pairs
@@ -104,11 +106,12 @@ class Counting:
   name = "counting"
   EQ, ZERO, INC, PASS, SEMI, PRINT, QMARK = range(5, 12)
   NUM0 = 12
-  splits = {"id": 20, "ood_long": 40}  # statements (paper: up to 512)
+  # statements per sequence, drawn uniformly from [lo, hi] (the paper: 3 to 512)
+  splits = {"id": (3, 20), "ood_long": (21, 40)}
 
   def __init__(self, variables: int = 1):
     self.variables = variables
-    self.vocab_size = self.NUM0 + max(self.splits.values()) + 1
+    self.vocab_size = self.NUM0 + max(hi for _, hi in self.splits.values()) + 1
 
   def _statements(self, rng, n_statements):
     toks, counts = [], [0] * self.variables
@@ -128,12 +131,13 @@ class Counting:
     return toks, counts
 
   def sample(self, rng, n, split="id"):
-    n_statements = self.splits[split]
+    lo, hi = self.splits[split]
     # One length per split (so batches share a shape): 3 tokens a statement, against an
     # expected 2.14; the rare longer sequence is drawn again.
-    length = 4 * self.variables + 3 * n_statements + 4
+    length = 4 * self.variables + 3 * hi + 4
     ids = np.zeros((n, length), np.int32)
     for r in range(n):
+      n_statements = int(rng.integers(lo, hi + 1))
       while True:
         toks, counts = self._statements(rng, n_statements)
         v = int(rng.integers(self.variables))
