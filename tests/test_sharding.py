@@ -16,6 +16,8 @@ from fdjax.io import mesh as meshes
 from models import layout, parallel
 from tests.models_util import tiny_config
 
+# Apart from the README's command (its 15 minutes): CI runs them with the compile tests.
+pytestmark = pytest.mark.multidevice
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
