@@ -18,13 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from bench import common  # noqa: E402
+from bench import common, cope_tasks  # noqa: E402
 from fdjax.training import tasks, train  # noqa: E402
-from models import ModelConfig, Transformer  # noqa: E402
 
 FIELDS = ("pe", "variables", "layers", "hidden", "lr", "steps", "seed")
 
@@ -37,12 +34,8 @@ def guess_error(task, n=20000) -> float:
 
 def curve(a) -> list[dict]:
   task = tasks.get("counting", a.variables)
-  length = max(task.sample(np.random.default_rng(0), 1, s)[0].shape[1] for s in task.splits)
-  cfg = ModelConfig(vocab_size=task.vocab_size, hidden_size=a.hidden,
-                    intermediate_size=a.hidden * 11 // 4, num_layers=a.layers,
-                    num_heads=a.heads, num_kv_heads=a.heads, head_dim=a.hidden // a.heads,
-                    position_encoding=a.pe, npos_max=64, max_position_embeddings=length + 1)
-  model = Transformer(cfg, rngs=nnx.Rngs(a.seed), dtype=jnp.float32)
+  model = cope_tasks.model_for(task, a.pe, a.seed, layers=a.layers, hidden=a.hidden,
+                               heads=a.heads, npos_max=64)
   tc = train.TrainConfig(steps=a.steps, lr=a.lr, warmup=a.steps // 10, eval_every=a.every,
                          seed=a.seed, progress=False)
   t0 = time.perf_counter()
@@ -57,7 +50,7 @@ def curve(a) -> list[dict]:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--pe", default="cope")
+  ap.add_argument("--pe", default="cope", choices=list(cope_tasks.ENCODINGS))
   ap.add_argument("--variables", type=int, default=3)
   ap.add_argument("--steps", type=int, default=4000)
   ap.add_argument("--lr", type=float, default=1e-3)

@@ -71,14 +71,20 @@ def task_of(name: str, flipflop_pairs: int):
   return tasks.FlipFlop(flipflop_pairs) if name == "flipflop" else tasks.get(name)
 
 
-def run_one(task, encoding, seed, steps, args):
+def model_for(task, encoding, seed, *, layers, hidden, heads, npos_max):
+  """A fresh float32 model for a task: `layers` of width `hidden`, positions long enough for
+  its longest split, an ENCODINGS row's position encoding."""
   lengths = [task.sample(np.random.default_rng(0), 1, s)[0].shape[1] for s in task.splits]
-  cfg = ModelConfig(vocab_size=task.vocab_size, hidden_size=args.hidden,
-                    intermediate_size=args.hidden * 11 // 4, num_layers=args.layers,
-                    num_heads=args.heads, num_kv_heads=args.heads,
-                    head_dim=args.hidden // args.heads, npos_max=args.npos_max,
+  cfg = ModelConfig(vocab_size=task.vocab_size, hidden_size=hidden,
+                    intermediate_size=hidden * 11 // 4, num_layers=layers, num_heads=heads,
+                    num_kv_heads=heads, head_dim=hidden // heads, npos_max=npos_max,
                     max_position_embeddings=max(lengths) + 1, **ENCODINGS[encoding])
-  model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+  return Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+
+
+def run_one(task, encoding, seed, steps, args):
+  model = model_for(task, encoding, seed, layers=args.layers, hidden=args.hidden,
+                    heads=args.heads, npos_max=args.npos_max)
   tc = train.TrainConfig(steps=steps, lr=args.lr, warmup=steps // 10, eval_every=steps + 1,
                          seed=seed, progress=False)
   t0 = time.perf_counter()
