@@ -24,8 +24,10 @@ import fdjax  # noqa: E402
 from bench import common  # noqa: E402
 
 
-def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
-  """Decode tokens/s of HF generate: (time for N tokens - time for 1) / (N - 1) steps."""
+def hf_timer(hf, prompts, new_tokens):
+  """A function timing HF generate once: decode tokens/s from a run of N tokens and one of 1
+  ((N - 1) steps over the difference), after a warm-up at both lengths (a static cache is
+  sized, and compiled, by each)."""
   import torch
   ids = torch.tensor(prompts)
   def run(n):
@@ -33,11 +35,26 @@ def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
     with torch.no_grad():
       hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
     return time.perf_counter() - t0
-  run(new_tokens)  # warm-up at both lengths (a static cache is sized, and compiled, by each)
+  run(new_tokens)
   run(1)
-  t_n = np.median([run(new_tokens) for _ in range(iters)])
-  t_1 = np.median([run(1) for _ in range(iters)])
-  return len(prompts) * (new_tokens - 1) / (t_n - t_1)
+  return lambda: len(prompts) * (new_tokens - 1) / (run(new_tokens) - run(1))
+
+
+def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
+  """Median decode tokens/s of `iters` timings of HF generate (hf_timer)."""
+  once = hf_timer(hf, prompts, new_tokens)
+  return float(np.median([once() for _ in range(iters)]))
+
+
+def interleaved(timers: dict, iters: int) -> dict:
+  """{name: [tokens/s of each round]}: `iters` rounds, each timing every one of `timers` once
+  in turn, so that all of them see the machine alike (on a shared 2-core VM its speed drifts
+  by up to 1.8x between minutes: timed one after another, a ratio would carry the drift)."""
+  out = {name: [] for name in timers}
+  for _ in range(iters):
+    for name, once in timers.items():
+      out[name].append(once())
+  return out
 
 
 # Each dtype as fdjax loads it (load_pretrained's dtype, quantize) and as Hugging Face users
@@ -100,20 +117,27 @@ def step_bytes(model, batch, prompt_len, new_tokens) -> int:
   return quant.nbytes(nnx.state(model)) - embed + batch * cfg.hidden_size * item + cache
 
 
-def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters, dtype="float32",
-                 with_bytes=False):
-  """(decode tokens/s, prefill ms) of fdjax.generate on the checkpoint loaded as `dtype`
-  (DTYPES): medians of `iters` runs after one that compiles; the prompts are seeded, the same
-  in every interpreter. `with_bytes`: and what a decode step reads (step_bytes)."""
+def fdjax_timer(model_dir, batch, vocab, prompt_len, new_tokens, dtype="float32"):
+  """(a function timing fdjax.generate once: (decode tokens/s, prefill ms); what a decode
+  step reads, step_bytes) for the checkpoint loaded as `dtype` (DTYPES), after a call that
+  compiles; the prompts are seeded, the same in every interpreter."""
   load_dtype, quantize = DTYPES[dtype]
   model = fdjax.load_pretrained(model_dir, dtype=load_dtype, quantize=quantize)
   prompts = np.random.default_rng(batch).integers(0, vocab, (batch, prompt_len)).tolist()
-  run = lambda: fdjax.generate(model, prompts, max_new_tokens=new_tokens)
+  def run():
+    return fdjax.generate(model, prompts, max_new_tokens=new_tokens)
   run()  # compile
-  results = [run() for _ in range(iters)]
-  out = (float(np.median([r.decode_tokens_per_s for r in results])),
-         float(np.median([r.prefill_s for r in results])) * 1e3)
-  return out + (step_bytes(model, batch, prompt_len, new_tokens),) if with_bytes else out
+  def once():
+    r = run()
+    return r.decode_tokens_per_s, r.prefill_s * 1e3
+  return once, step_bytes(model, batch, prompt_len, new_tokens)
+
+
+def fdjax_decode(model_dir, batch, vocab, prompt_len, new_tokens, iters, dtype="float32"):
+  """(decode tokens/s, prefill ms) of fdjax.generate: medians of `iters` runs (fdjax_timer)."""
+  once, _ = fdjax_timer(model_dir, batch, vocab, prompt_len, new_tokens, dtype)
+  runs = [once() for _ in range(iters)]
+  return tuple(float(np.median([r[i] for r in runs])) for i in range(2))
 
 
 def other_interpreter(python, model_dir, args, batch):
@@ -174,32 +198,51 @@ def main():
       prompts = np.random.default_rng(b).integers(0, args.vocab, (b, args.prompt_len)).tolist()
       for dtype in args.dtypes:
         start = len(rows)
-        ours, prefill_ms, nbytes = fdjax_decode(d, b, args.vocab, args.prompt_len,
-                                                args.new_tokens, args.iters, dtype, True)
-        theirs = hf_decode_tokens_per_s(hfs[dtype], prompts, args.new_tokens, args.iters)
+        ours_once, nbytes = fdjax_timer(d, b, args.vocab, args.prompt_len, args.new_tokens,
+                                        dtype)
+        prefills = []
+        def fdjax_once():
+          tokens_per_s, prefill = ours_once()
+          prefills.append(prefill)
+          return tokens_per_s
+        timers = {"fdjax": fdjax_once,
+                  "hf-eager": hf_timer(hfs[dtype], prompts, args.new_tokens)}
+        compile_error = None
+        if args.hf_compile:
+          try:
+            timers["hf-compile"] = hf_timer(hf_compiled(hfs[dtype]), prompts, args.new_tokens)
+          except Exception as e:  # "where it runs"
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        tps = interleaved(timers, args.iters)
+        med = {name: float(np.median(v)) for name, v in tps.items()}
+        def ratios(a, b):  # round by round
+          return [x / y for x, y in zip(tps[a], tps[b])]
+        ours, prefill_ms = med["fdjax"], float(np.median(prefills))
         shape = dict(params_m=round(params / 1e6, 1), batch=b, prompt_len=args.prompt_len,
                      new_tokens=args.new_tokens, dtype=dtype)
         gbps = nbytes * ours / b / 1e9  # bytes a step over the step's time
         rows.append({**shape, "impl": f"fdjax-auto (jax {jax.__version__})",
                      "decode_tokens_per_s": ours, "prefill_ms": prefill_ms,
-                     "speedup_vs_hf": ours / theirs, "step_MB": nbytes / 1e6,
+                     "speedup_vs_hf": float(np.median(ratios("fdjax", "hf-eager"))),
+                     "min_speedup_vs_hf": min(ratios("fdjax", "hf-eager")),
+                     "step_MB": nbytes / 1e6,
                      "GB_per_s": gbps, "roofline_pct": 100 * gbps * 1e9 / bandwidth})
         for python in args.also_python if dtype == "float32" else ():
-          version, tps, pre = other_interpreter(python, d, args, b)
+          version, other, pre = other_interpreter(python, d, args, b)
           rows.append({**shape, "impl": f"fdjax-auto (jax {version})",
-                       "decode_tokens_per_s": tps, "prefill_ms": pre,
-                       "speedup_vs_hf": tps / theirs})
-        rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": theirs,
+                       "decode_tokens_per_s": other, "prefill_ms": pre,
+                       "speedup_vs_hf": other / med["hf-eager"]})
+        rows.append({**shape, "impl": "hf-eager", "decode_tokens_per_s": med["hf-eager"],
                      "speedup_vs_hf": 1.0})
         if args.hf_compile:
           row = {**shape, "impl": "hf-compile"}
-          try:
-            tps = hf_decode_tokens_per_s(hf_compiled(hfs[dtype]), prompts, args.new_tokens,
-                                         args.iters)
-            row.update(decode_tokens_per_s=tps, speedup_vs_hf=tps / theirs)
-            rows[start]["speedup_vs_hf_compile"] = ours / tps
-          except Exception as e:  # "where it runs"
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+          if compile_error:
+            row["error"] = compile_error
+          else:
+            row.update(decode_tokens_per_s=med["hf-compile"],
+                       speedup_vs_hf=float(np.median(ratios("hf-compile", "hf-eager"))))
+            rows[start]["speedup_vs_hf_compile"] = float(
+                np.median(ratios("fdjax", "hf-compile")))
           rows.append(row)
         print(*rows[start:], flush=True)
   notes = ("Each dtype side by side: fdjax loads the checkpoint with load_pretrained's dtype / "
@@ -209,15 +252,19 @@ def main():
            "head). speedup_vs_hf: against HF eager in the same dtype, same batch; "
            "hf-compile (--hf-compile): HF with a static cache and torch.compile of its forward "
            "(mode reduce-overhead, fullgraph), compiled in the run before timing, and "
-           "speedup_vs_hf_compile fdjax's against it. Decode tokens/s: (time for N tokens - "
-           "time for 1) / (N - 1) steps, medians of --iters runs. step_MB: what an fdjax "
-           "decode step reads (every weight but the embedding table, as stored, one embedding "
-           "row a token, and the keys and values at the generation's middle); GB_per_s: that "
-           "over the step's time; roofline_pct: that over this machine's read bandwidth, "
-           f"{bandwidth / 1e9:.1f} GB/s in this run (jnp.sum of a 256 MiB float32 array).")
+           "speedup_vs_hf_compile fdjax's against it. The implementations are timed in turn, "
+           "--iters rounds of one run each, so that each round's ratio sees the machine alike: "
+           "speedups are the median of the rounds' ratios, min_speedup_vs_hf the lowest. "
+           "Decode tokens/s: medians of the rounds; HF: (time for N tokens - time for 1) / "
+           "(N - 1) steps; fdjax: generate's own decode time (after the prefill). step_MB: "
+           "what an fdjax decode step reads (every weight but the embedding table, as stored, "
+           "one embedding row a token, and the keys and values at the generation's middle); "
+           "GB_per_s: that over the step's time; roofline_pct: that over this machine's read "
+           f"bandwidth, {bandwidth / 1e9:.1f} GB/s in this run (jnp.sum of a 256 MiB float32 "
+           "array).")
   columns = ["impl", "dtype", "params_m", "batch", "prompt_len", "new_tokens",
-             "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf", "step_MB", "GB_per_s",
-             "roofline_pct"]
+             "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf", "min_speedup_vs_hf", "step_MB",
+             "GB_per_s", "roofline_pct"]
   if args.hf_compile:
     columns += ["speedup_vs_hf_compile", "error"]
   table = common.write_results(args.name, rows, columns, notes, results_dir=args.results_dir)

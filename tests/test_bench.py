@@ -220,8 +220,24 @@ def test_decode_bench_tiny(tmp_path):
       ("hf-eager", "int8")]
   ours = [r for r in rows if r["impl"].startswith("fdjax")]
   assert all(r["decode_tokens_per_s"] > 0 and r["roofline_pct"] > 0 for r in ours)
+  assert all(0 < r["min_speedup_vs_hf"] <= r["speedup_vs_hf"] for r in ours)
   # int8 weights: about a quarter of the float32 linears' bytes, the embedding left out
   assert ours[1]["step_MB"] < 0.6 * ours[0]["step_MB"]
+
+
+def test_decode_bench_times_the_implementations_in_turn():
+  """bench/decode.py's rounds: every implementation once a round, in turn, each one's
+  results in the order of the rounds."""
+  from bench import decode
+  calls = []
+  def timer(name):
+    def once():
+      calls.append(name)
+      return float(len(calls))
+    return once
+  out = decode.interleaved({"a": timer("a"), "b": timer("b"), "c": timer("c")}, 3)
+  assert calls == ["a", "b", "c"] * 3
+  assert out == {"a": [1.0, 4.0, 7.0], "b": [2.0, 5.0, 8.0], "c": [3.0, 6.0, 9.0]}
 
 
 def test_cpu_linear_quick(tmp_path):
