@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fdjax  # noqa: E402
-from bench import common  # noqa: E402
+from bench import common, llamacpp  # noqa: E402
 
 
 def hf_timer(hf, prompts, new_tokens):
@@ -76,6 +76,24 @@ def hf_variant(hf, dtype):
   spec = {name: default_dynamic_qconfig for name, m in hf.named_modules()
           if isinstance(m, torch.nn.Linear) and name != "lm_head"}
   return quantize_dynamic(copy.deepcopy(hf), spec, dtype=torch.qint8)
+
+
+def llamacpp_timer(hf, d, dtype, prompts, new_tokens):
+  """(llama.cpp's timer (bench/llamacpp.py) on the float32 `hf` written as GGUF in `dtype`
+  under the directory d, None), or (None, why not). In float32 its greedy tokens must be
+  HF's, else the conversion is wrong (in bfloat16 and int8, a random model's near-tied
+  logits let greedy choices part from float32's: the same writer, the tensors rounded)."""
+  import torch
+  path = os.path.join(d, f"model-{dtype}.gguf")
+  llamacpp.write_gguf(hf, path, dtype)
+  llm = llamacpp.load(path, n_ctx=len(prompts[0]) + new_tokens)
+  with torch.no_grad():
+    want = hf.generate(torch.tensor(prompts[:1]), do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens)[0, len(prompts[0]):].tolist()
+  got = llamacpp.greedy(llm, prompts[0], new_tokens)
+  if dtype == "float32" and got != want:
+    return None, f"llama.cpp's greedy tokens differ from HF's: {got[:8]} against {want[:8]}"
+  return llamacpp.timer(llm, prompts[0], new_tokens), None
 
 
 def hf_compiled(hf):
@@ -176,6 +194,10 @@ def main():
   ap.add_argument("--hf-compile", action="store_true",
                   help="also HF with a static cache and torch.compile, in each dtype (where "
                        "it compiles: a dtype it does not is a row with the error)")
+  ap.add_argument("--llamacpp", action="store_true",
+                  help="also llama.cpp (llama-cpp-python) at batch 1, in each dtype, on the "
+                       "model written as GGUF (bench/llamacpp.py; a row with the error where "
+                       "it is not installed)")
   args = ap.parse_args()
 
   import torch  # here, not above: --also-python's interpreters import this module without it
@@ -208,6 +230,12 @@ def main():
         timers = {"fdjax": fdjax_once,
                   "hf-eager": hf_timer(hfs[dtype], prompts, args.new_tokens)}
         compile_error = None
+        llama_error = None
+        if args.llamacpp and b == 1:
+          llama_error = llamacpp.available()
+          if not llama_error:
+            timers["llama.cpp"], llama_error = llamacpp_timer(hf, d, dtype, prompts,
+                                                              args.new_tokens)
         if args.hf_compile:
           try:
             timers["hf-compile"] = hf_timer(hf_compiled(hfs[dtype]), prompts, args.new_tokens)
@@ -244,6 +272,17 @@ def main():
             rows[start]["speedup_vs_hf_compile"] = float(
                 np.median(ratios("fdjax", "hf-compile")))
           rows.append(row)
+        if args.llamacpp and b == 1:
+          row = {**shape, "impl": "llama.cpp"}
+          if llama_error:
+            row["error"] = llama_error
+          else:
+            import llama_cpp
+            row.update(impl=f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+                       decode_tokens_per_s=med["llama.cpp"],
+                       speedup_vs_hf=float(np.median(ratios("llama.cpp", "hf-eager"))))
+            rows[start]["speedup_vs_llamacpp"] = float(np.median(ratios("fdjax", "llama.cpp")))
+          rows.append(row)
         print(*rows[start:], flush=True)
   notes = ("Each dtype side by side: fdjax loads the checkpoint with load_pretrained's dtype / "
            "quantize (int8: float32 activations, int8 linear weights; on this CPU the int8 x "
@@ -266,7 +305,11 @@ def main():
              "decode_tokens_per_s", "prefill_ms", "speedup_vs_hf", "min_speedup_vs_hf", "step_MB",
              "GB_per_s", "roofline_pct"]
   if args.hf_compile:
-    columns += ["speedup_vs_hf_compile", "error"]
+    columns += ["speedup_vs_hf_compile"]
+  if args.llamacpp:
+    columns += ["speedup_vs_llamacpp"]
+  if args.hf_compile or args.llamacpp:
+    columns += ["error"]
   table = common.write_results(args.name, rows, columns, notes, results_dir=args.results_dir)
   print(table)
 

@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 # The benchmarks' CPU forms take minutes: they run apart from the README's test command, in
-# .ci/run's jax 0.11.2 step (the GPU machines' JAX): `python -m pytest -q -m bench tests`.
+# .ci/run's second step, beside the compile and many-device tests.
 pytestmark = pytest.mark.bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,20 +210,30 @@ def test_decode_trace_names_what_each_instruction_of_the_decode_loop_computes(mo
 
 def test_decode_bench_tiny(tmp_path):
   """bench/decode.py on a one-layer model: fdjax and Hugging Face eager side by side in each
-  dtype, and what an fdjax step reads, over the machine's read bandwidth."""
+  dtype, and what an fdjax step reads, over the machine's read bandwidth; llama.cpp's row at
+  batch 1, timed where llama-cpp-python is installed, else the reason."""
   _run("decode.py", tmp_path, "--layers", "1", "--hidden", "64", "--heads", "2",
-       "--kv-heads", "2", "--intermediate", "128", "--vocab", "256", "--batch", "2",
+       "--kv-heads", "2", "--intermediate", "128", "--vocab", "256", "--batch", "1", "2",
        "--iters", "1", "--new-tokens", "4", "--prompt-len", "8", "--dtypes", "float32", "int8",
-       "--name", "decode_tiny")
+       "--llamacpp", "--name", "decode_tiny")
   rows = _rows(tmp_path, "decode_tiny")
-  assert [(r["impl"].split(" ")[0], r["dtype"]) for r in rows] == [
-      ("fdjax-auto", "float32"), ("hf-eager", "float32"), ("fdjax-auto", "int8"),
-      ("hf-eager", "int8")]
+  assert [(r["impl"].split(" ")[0], r["dtype"], r["batch"]) for r in rows] == [
+      ("fdjax-auto", "float32", 1), ("hf-eager", "float32", 1), ("llama.cpp", "float32", 1),
+      ("fdjax-auto", "int8", 1), ("hf-eager", "int8", 1), ("llama.cpp", "int8", 1),
+      ("fdjax-auto", "float32", 2), ("hf-eager", "float32", 2), ("fdjax-auto", "int8", 2),
+      ("hf-eager", "int8", 2)]
   ours = [r for r in rows if r["impl"].startswith("fdjax")]
   assert all(r["decode_tokens_per_s"] > 0 and r["roofline_pct"] > 0 for r in ours)
   assert all(0 < r["min_speedup_vs_hf"] <= r["speedup_vs_hf"] for r in ours)
   # int8 weights: about a quarter of the float32 linears' bytes, the embedding left out
   assert ours[1]["step_MB"] < 0.6 * ours[0]["step_MB"]
+  llama = [r for r in rows if r["impl"].startswith("llama.cpp")]
+  from bench import llamacpp
+  if llamacpp.available():
+    assert all(r["error"] == llamacpp.available() for r in llama)
+  else:
+    assert all(r["decode_tokens_per_s"] > 0 and not r.get("error") for r in llama)
+    assert all(r["speedup_vs_llamacpp"] > 0 for r in ours if r["batch"] == 1)
 
 
 def test_decode_bench_times_the_implementations_in_turn():
@@ -251,3 +262,83 @@ def test_cpu_linear_quick(tmp_path):
       ("int4", "int4 dot, x groups of 128"), ("int4", "auto")}
   assert all(r["ms"] > 0 and r["GB_per_s"] > 0 for r in rows)
   assert all(r["reason"].startswith("cpu:") for r in rows if r["form"] == "auto")
+
+
+def _rope(x, pairs):
+  """x [D] rotated at position 3 with pairs (i, j) turning by 10000^(-2k/D), k their index."""
+  d = x.shape[-1]
+  out = x.copy()
+  for k, (i, j) in enumerate(pairs):
+    a = 3 * 10000.0 ** (-2 * k / d)
+    out[i] = x[i] * np.cos(a) - x[j] * np.sin(a)
+    out[j] = x[j] * np.cos(a) + x[i] * np.sin(a)
+  return out
+
+
+def test_llamacpp_rope_rows_turn_hf_rotary_halves_into_adjacent_pairs():
+  """bench/llamacpp.rope_rows: a head's q from the permuted rows, rotated llama.cpp's way
+  (pairs 2k, 2k + 1), is HF's q rotated HF's way (pairs k, k + D/2), in the permuted order:
+  scores q . k are the same under both."""
+  from bench import llamacpp
+  rng = np.random.default_rng(0)
+  heads, d, inner = 3, 8, 5
+  w, x = rng.standard_normal((heads * d, inner)), rng.standard_normal(inner)
+  hf = (w @ x).reshape(heads, d)
+  ours = (llamacpp.rope_rows(w, heads) @ x).reshape(heads, d)
+  for h in range(heads):
+    hf_rot = _rope(hf[h], [(k, k + d // 2) for k in range(d // 2)])
+    ll_rot = _rope(ours[h], [(2 * k, 2 * k + 1) for k in range(d // 2)])
+    order = [i for k in range(d // 2) for i in (k, k + d // 2)]
+    np.testing.assert_allclose(ll_rot, hf_rot[order], rtol=1e-12)
+  with pytest.raises(KeyError):
+    llamacpp.gguf_name("model.layers.0.self_attn.rotary_emb.weight")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_llamacpp_gguf_holds_the_hf_model(tmp_path, dtype):
+  """bench/llamacpp.write_gguf read back with gguf's reader: llama.cpp's names, the Llama's
+  hyperparameters, no tokenizer, and every tensor HF's (q and k rows permuted) in the type
+  asked: float32 exactly, bfloat16 within its rounding, Q8_0 linears within half a step of
+  their block's scale, which Q8_0 stores as float16 (norms float32; in int8 the embedding and
+  LM head too)."""
+  import gguf
+  import torch
+  import transformers
+
+  from bench import llamacpp
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128)
+  hf = transformers.LlamaForCausalLM(cfg).eval()
+  path = str(tmp_path / "m.gguf")
+  llamacpp.write_gguf(hf, path, dtype)
+  reader = gguf.GGUFReader(path)
+  field = lambda k: reader.fields[k].contents()  # noqa: E731
+  assert field("general.architecture") == "llama"
+  assert field("llama.block_count") == 2 and field("llama.attention.head_count_kv") == 2
+  assert field("tokenizer.ggml.model") == "none"
+  tensors = {t.name: t for t in reader.tensors}
+  state = hf.state_dict()
+  assert set(tensors) == {llamacpp.gguf_name(n) for n in state}
+  types = gguf.GGMLQuantizationType
+  for hf_name, t in state.items():
+    name = llamacpp.gguf_name(hf_name)
+    want = t.float().numpy()
+    if name.endswith(("attn_q.weight", "attn_k.weight")):
+      want = llamacpp.rope_rows(want, 4 if "attn_q" in name else 2)
+    got = tensors[name]
+    kind = (types.F32 if want.ndim == 1 or dtype == "float32" else types.BF16
+            if dtype == "bfloat16" else
+            types.Q8_0 if name.split(".")[-2] in llamacpp.LINEARS else types.F32)
+    assert got.tensor_type == kind, (name, got.tensor_type)
+    values = gguf.quants.dequantize(got.data, got.tensor_type).reshape(want.shape)
+    if kind == types.F32:
+      np.testing.assert_array_equal(values, want)
+    elif kind == types.BF16:
+      np.testing.assert_allclose(values, want, rtol=2**-8)
+    else:
+      blocks = np.abs(want.reshape(want.shape[0], -1, 32)).max(-1, keepdims=True) / 127
+      err = np.abs(values - want).reshape(blocks.shape[0], -1, 32)
+      # half a step, and the scale's float16 rounding (2^-11) times the 127 steps at most
+      assert np.all(err <= blocks * (0.5 + 127 * 2.0**-11) * (1 + 1e-6)), name
