@@ -19,10 +19,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
+# The x86 flags that decide how XLA:CPU, PyTorch and llama.cpp run a decode step, as named in
+# a CPU's description (the projects' machines have changed under them between runs).
+CPU_FEATURES = {"avx512f": "AVX-512", "avx512_bf16": "bf16", "avx512_vnni": "VNNI",
+                "amx_bf16": "AMX bf16", "amx_int8": "AMX int8"}
+
+
+def cpu_description() -> str:
+  """"x86_64, <model name>, <features>, N cores" from /proc/cpuinfo where there is one."""
+  model, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as fh:
+      for line in fh:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  features = " ".join(name for flag, name in CPU_FEATURES.items() if flag in flags)
+  parts = [platform.processor() or platform.machine(), model, features,
+           f"{os.cpu_count()} cores"]
+  return ", ".join(p for p in parts if p)
+
+
 def device_name() -> str:
   d = jax.devices()[0]
   if d.platform == "cpu":
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({cpu_description()})"
   return d.device_kind
 
 
