@@ -224,6 +224,7 @@ def test_decode_bench_tiny(tmp_path):
       ("hf-eager", "int8", 2)]
   ours = [r for r in rows if r["impl"].startswith("fdjax")]
   assert all(r["decode_tokens_per_s"] > 0 and r["roofline_pct"] > 0 for r in ours)
+  assert all(r["read_GB_per_s"] > 0 for r in ours)
   assert all(0 < r["min_speedup_vs_hf"] <= r["speedup_vs_hf"] for r in ours)
   # int8 weights: about a quarter of the float32 linears' bytes, the embedding left out
   assert ours[1]["step_MB"] < 0.6 * ours[0]["step_MB"]
