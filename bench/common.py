@@ -26,18 +26,17 @@ CPU_FEATURES = {"avx512f": "AVX-512", "avx512_bf16": "bf16", "avx512_vnni": "VNN
 
 
 def cpu_description() -> str:
-  """"x86_64, <model name>, <features>, N cores" from /proc/cpuinfo where there is one."""
-  model, flags = "", set()
+  """"x86_64, <model name>, <features>, N cores" from /proc/cpuinfo where there is one (the
+  flags as fdjax.ops.selection reads them for its CPU rules)."""
+  from fdjax.ops import selection
+  model = ""
   try:
     with open("/proc/cpuinfo") as fh:
-      for line in fh:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-          model = value.strip()
-        elif key.strip() == "flags" and not flags:
-          flags = set(value.split())
+      model = next((line.partition(":")[2].strip() for line in fh
+                    if line.partition(":")[0].strip() == "model name"), "")
   except OSError:
     pass
+  flags = selection.cpu_flags()
   features = " ".join(name for flag, name in CPU_FEATURES.items() if flag in flags)
   parts = [platform.processor() or platform.machine(), model, features,
            f"{os.cpu_count()} cores"]

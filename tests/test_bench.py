@@ -237,6 +237,17 @@ def test_decode_bench_tiny(tmp_path):
     assert all(r["speedup_vs_llamacpp"] > 0 for r in ours if r["batch"] == 1)
 
 
+def test_cpu_results_name_the_processor_and_its_features():
+  """bench.common's CPU description: the cores, and each listed feature the processor has."""
+  from bench import common
+  from fdjax.ops import selection
+  description, flags = common.cpu_description(), selection.cpu_flags()
+  assert description.endswith(f", {os.cpu_count()} cores")
+  assert all(name in description for flag, name in common.CPU_FEATURES.items() if flag in flags)
+  if "avx512f" not in flags:
+    assert "AVX-512" not in description
+
+
 def test_decode_bench_times_the_implementations_in_turn():
   """bench/decode.py's rounds: every implementation once a round, in turn, each one's
   results in the order of the rounds."""

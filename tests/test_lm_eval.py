@@ -18,6 +18,9 @@ lm_eval = pytest.importorskip("lm_eval")
 from fdjax.io import loading  # noqa: E402
 from tests.test_server import _start, _stop  # noqa: E402
 
+# Minutes of a live server: apart from the README's command, in CI's second step.
+pytestmark = pytest.mark.integration
+
 QUESTIONS = [
     ("def add(a, b):\n    return a", [" + b", " - b", " * b"], 0),
     ("import os\nimport", [" sys", " json", " re"], 1),

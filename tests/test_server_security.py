@@ -17,6 +17,9 @@ from fdjax.engine import core as eng  # noqa: E402
 from fdjax.io import loading  # noqa: E402
 from fdjax.serving import auth, limits, server  # noqa: E402
 
+# Minutes of a live server: apart from the README's command, in CI's second step.
+pytestmark = pytest.mark.integration
+
 LIMITS = limits.Limits(body_bytes=3000, prompts=3, n=2, logit_bias=2, stop=2, stop_chars=10,
                        top_logprobs=3, schema_bytes=300, schema_depth=6, tools=2)
 KEYS = ("key-one", "key-two")

@@ -21,6 +21,9 @@ from fdjax.io.tokenizer import ByteTokenizer  # noqa: E402
 from tests.models_util import tiny_model  # noqa: E402
 from tests.test_server import _start, _stop  # noqa: E402
 
+# Minutes of a live server: apart from the README's command, in CI's second step.
+pytestmark = pytest.mark.integration
+
 SCHEMA = {
     "type": "object",
     "properties": {

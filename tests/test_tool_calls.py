@@ -17,6 +17,9 @@ from fdjax.io import chat, loading  # noqa: E402
 from fdjax.serving import tools  # noqa: E402
 from tests.test_server import _start, _stop  # noqa: E402
 
+# Minutes of a live server: apart from the README's command, in CI's second step.
+pytestmark = pytest.mark.integration
+
 HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 _MESSAGES = """{%- for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>
 
