@@ -109,6 +109,20 @@ def median_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
   return statistics.median(times)
 
 
+def decode_rate(generate, new_tokens: int, rows: int = 1):
+  """A function timing `generate(n)` (n new tokens for each of `rows` sequences) once:
+  decode tokens/s from a run of N tokens and one of 1 ((N - 1) steps a row over the
+  difference, so the prefill drops out), after a warm-up at both lengths (a static cache is
+  sized, and compiled, by each)."""
+  def run(n):
+    t0 = time.perf_counter()
+    generate(n)
+    return time.perf_counter() - t0
+  run(new_tokens)
+  run(1)
+  return lambda: rows * (new_tokens - 1) / (run(new_tokens) - run(1))
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,25 +24,13 @@ from bench import common, llamacpp  # noqa: E402
 
 
 def hf_timer(hf, prompts, new_tokens):
-  """A function timing HF generate once: decode tokens/s from a run of N tokens and one of 1
-  ((N - 1) steps over the difference), after a warm-up at both lengths (a static cache is
-  sized, and compiled, by each)."""
+  """A function timing HF generate once (common.decode_rate)."""
   import torch
   ids = torch.tensor(prompts)
-  def run(n):
-    t0 = time.perf_counter()
+  def generate(n):
     with torch.no_grad():
       hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    return time.perf_counter() - t0
-  run(new_tokens)
-  run(1)
-  return lambda: len(prompts) * (new_tokens - 1) / (run(new_tokens) - run(1))
-
-
-def hf_decode_tokens_per_s(hf, prompts, new_tokens, iters):
-  """Median decode tokens/s of `iters` timings of HF generate (hf_timer)."""
-  once = hf_timer(hf, prompts, new_tokens)
-  return float(np.median([once() for _ in range(iters)]))
+  return common.decode_rate(generate, new_tokens, len(prompts))
 
 
 def interleaved(timers: dict, iters: int) -> dict:

@@ -10,9 +10,10 @@ token ids go in and out as they are.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
+
+from bench import common
 
 # GGUF tensor names of a Llama (llama.cpp's), per layer and for the whole model.
 LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
@@ -121,12 +122,6 @@ def greedy(llm, prompt: list[int], n: int) -> list[int]:
 
 
 def timer(llm, prompt: list[int], new_tokens: int):
-  """A function timing llama.cpp once: decode tokens/s from a run of N tokens and one of 1
-  ((N - 1) steps over the difference), as bench/decode.py times Hugging Face; warmed up."""
-  def run(n):
-    t0 = time.perf_counter()
-    greedy(llm, prompt, n)
-    return time.perf_counter() - t0
-  run(new_tokens)
-  run(1)
-  return lambda: (new_tokens - 1) / (run(new_tokens) - run(1))
+  """A function timing llama.cpp once, as bench/decode.py times Hugging Face
+  (common.decode_rate)."""
+  return common.decode_rate(lambda n: greedy(llm, prompt, n), new_tokens)
