@@ -129,6 +129,103 @@ def test_paged_decode_refuses_bad_input():
                               n, sm_scale=0.25, interpret=True)
 
 
+def _own_runs(rng, hq, hkv, dtype, lengths, width=4):
+  """Random pages in a pool of rows x width, row b owning pages b * width .. + width - 1 (in
+  order), with garbage ids in the entries past each row's keys."""
+  b = len(lengths)
+
+  def mk(*s):
+    return jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+
+  q, kp, vp = mk(b, hq, D), mk(hkv, b * width, PS, D), mk(hkv, b * width, PS, D)
+  table = np.arange(b * width).reshape(b, width)
+  for i, n in enumerate(lengths):
+    used = -(-n // PS)
+    table[i, used:] = rng.choice([-7, b * width, 2 ** 30, 0], width - used)
+  return q, kp, vp, jnp.asarray(table, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def test_which_rows_own_their_pages():
+  own = np.arange(12).reshape(3, 4)
+  n = jnp.asarray([64, 17, 1])  # 4, 2 and 1 pages used
+  check = lambda t, lengths=n, p=12: bool(reference.rows_own_their_pages(  # noqa: E731
+      jnp.asarray(t, jnp.int32), lengths, p, PS))
+  assert check(own)
+  past = own.copy()
+  past[1, 2:], past[2, 1:] = [5, kv_cache.NO_PAGE], [3, -1, 0]  # only past the keys
+  assert check(past)
+  swapped = own.copy()
+  swapped[0, [1, 2]] = swapped[0, [2, 1]]
+  assert not check(swapped)
+  other = own.copy()
+  other[1, 1] = 9  # a used entry holding another row's page
+  assert not check(other)
+  assert not check(past, jnp.asarray([64, 17, 20]))  # row 2 now reads page 3 (not its 9)
+  gone = own.copy()
+  gone[0, 0] = kv_cache.NO_PAGE  # given back before a window: never read
+  assert check(gone)
+
+
+@pytest.mark.parametrize("dtype,heads,window,softcap", [(jnp.float32, (8, 2), None, None),
+                                                         (jnp.float32, (4, 4), 20, 30.0),
+                                                         (jnp.bfloat16, (8, 1), None, None)])
+def test_pages_read_in_place_give_the_gathered_attention(dtype, heads, window, softcap):
+  """"auto" on the CPU reads a row that owns its consecutive pages in place: the same
+  result as the gathered copy, and where rows do not own theirs (shuffled ids, a shared
+  page) it gathers."""
+  rng = np.random.default_rng(11)
+  q, kp, vp, table, n = _own_runs(rng, *heads, dtype, LENGTHS)
+  scale = D ** -0.5
+  assert bool(reference.rows_own_their_pages(table, n, kp.shape[1], PS))
+  gathered = reference.paged_decode_attention(q, kp, vp, table, n, scale, window=window,
+                                              softcap=softcap)
+  auto = jax.jit(lambda *a: dispatch.paged_decode_attention(*a, window=window,
+                                                            softcap=softcap))
+  got = auto(q, kp, vp, table, n)
+  assert got.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  assert rel_err(got, gathered) < tol
+  # A used entry outside the pool shows which path ran: the gather clips it to the last
+  # page, the in-place view reads the row's own.
+  probe = table.at[0, 0].set(kv_cache.NO_PAGE)
+  own_page = reference.paged_decode_attention(q, kp, vp, table, n, scale, window=window,
+                                              softcap=softcap, in_place=True)
+  assert rel_err(auto(q, kp, vp, probe, n)[0], own_page[0]) < tol
+  clipped = reference.paged_decode_attention(q, kp, vp, probe, n, scale, window=window,
+                                             softcap=softcap)
+  assert rel_err(clipped[0], own_page[0]) > 10 * tol
+  # Shuffled pages and a shared one: gathered, as the reference does
+  q, kp, vp, table, n, kf, vf = _paged_case(rng, *heads, dtype, LENGTHS, num_pages=20)
+  got = auto(q, kp[:, :20], vp[:, :20], table, n)
+  want = dispatch.decode_attention(q, kf, vf, n, window=window, softcap=softcap, impl="xla")
+  assert rel_err(got, want) < tol
+
+
+def test_generate_on_the_cpu_gives_each_row_its_own_run_of_pages(monkeypatch):
+  """A ragged batch on the CPU: each row owns its table's width of consecutive pages (so its
+  attention reads them in place), with the same tokens as the gathered XLA path."""
+  from fdjax.engine import decode_loop
+  tables = []
+  real = decode_loop._Pages.table
+
+  def table_kept(self, *a, **k):
+    out = real(self, *a, **k)
+    tables.append(np.asarray(out))  # (the device array is donated to the step)
+    return out
+
+  monkeypatch.setattr(decode_loop._Pages, "table", table_kept)
+  model = _model("rope")
+  prompts = [list(range(3, 40)), [5, 9], list(range(60, 79))]  # 37, 2 and 19 tokens
+  got = fdjax.generate(model, prompts, max_new_tokens=9, page_size=16).tokens
+  table = tables[-1]
+  width = table.shape[1]
+  assert np.array_equal(table[:3], np.arange(3 * width).reshape(3, width))
+  with dispatch.using("xla"):  # the plain reference: pages as each row needs them, gathered
+    tables.clear()
+    assert fdjax.generate(model, prompts, max_new_tokens=9, page_size=16).tokens == got
+  assert not np.array_equal(tables[-1][:3], table[:3])
+
+
 # ------------------------------------------------------------------- chunked prefill
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])

@@ -147,11 +147,16 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
     window = None       # addresses a round's k + 1 positions
     shapes = dataclasses.replace(shapes, pages=max(shapes.pages,
                                                    steps.table_width(spec.k + 1, page_size)))
+  # Where attention reads a row's own consecutive pages in place (the CPU), a cache made here
+  # gives each row a run of the table's width, so that row b owns pages b * W .. b * W + W - 1.
+  own_run = (kv is None and window is None and spec is None
+             and dispatch.reads_own_pages_in_place())
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
     pages = [0] * replicas  # each data replica's rows take pages from its own pool
     for i, p in enumerate(prompts):
       pages[paging.replica_of(i, bp, replicas)] += (
+          shapes.pages if own_run else
           _pages(len(p) + max_new_tokens, page_size) if window is None else
           min(_pages(len(p) + max_new_tokens, page_size), live_pages(window, at_once, page_size)))
     kv = paging.KVStore.for_model(model, pow2(max(pages)), page_size)
@@ -161,8 +166,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   rows = []
   try:
     for i, p in enumerate(prompts):  # windowed: pages are taken as it grows (_Pages.table)
-      rows.append(kv.pool_of(i, bp).allocate(list(p), len(p) + max_new_tokens
-                                             if window is None else 1))
+      total = (shapes.pages * page_size if own_run else
+               len(p) + max_new_tokens if window is None else 1)
+      rows.append(kv.pool_of(i, bp).allocate(list(p), total))
     if spec is None:
       out, n_steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes,
                                                max_new_tokens, sampler, eos, seed, window)

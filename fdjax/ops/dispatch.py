@@ -100,6 +100,14 @@ def lowering_target() -> str | None:
   return getattr(_override, "target", None)
 
 
+def reads_own_pages_in_place() -> bool:
+  """Whether paged decode attention, as "auto" runs here now, reads a row that owns its own
+  consecutive pages where they lie (the CPU: selection.cpu_paged_decode): a caller laying out
+  a cache then gives each row its own run of pages."""
+  platform = (lowering_target() or jax.default_backend()).split(":")[0]
+  return current() == "auto" and platform == "cpu"
+
+
 def tpu_kind() -> str:
   """The TPU device kind the TPU kernels are sized and tabled for here (selection.tpu_kind of
   the lowering target)."""
@@ -115,8 +123,8 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
   kernel takes goes to XLA on every backend). gpu_auto_fn(): what "auto" runs on a CUDA GPU
   for an op with its own rule (linear: the table); mosaic_takes: whether its Mosaic GPU kernel
   takes this call (ops with no head_dim; under `using`, XLA runs what it does not take);
-  cpu_fn(): what "auto" runs on the CPU for an op with a CPU rule of its own (linear), else
-  xla_fn."""
+  cpu_fn(): what "auto" runs on the CPU for an op with a CPU rule of its own (linear, paged
+  decode attention), else xla_fn."""
   checks.choice(op, "impl", impl, IMPLS)
 
   def takes(family):  # whether the kernels of `family` take this call
@@ -265,11 +273,14 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                                           sm_scale=scale, phi=phi, interpret=interpret,
                                           **extra, **more)
 
-  return _run(op, impl, lambda: reference.paged_decode_attention(
-      q, k_pages, v_pages, page_table, lengths, scale, **extra), pallas,
-              _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_pages.shape[2],
+  def xla(in_place=False):
+    return reference.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, scale,
+                                            in_place=in_place, **extra)
+
+  return _run(op, impl, xla, pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype,
+              k_pages.shape[2], max_pages=page_table.shape[1],
               mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode),
-              max_pages=page_table.shape[1])
+              cpu_fn=lambda: xla(**selection.cpu_paged_decode().settings))
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,

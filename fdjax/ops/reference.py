@@ -88,11 +88,39 @@ def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, window=None, sof
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, *, window=None,
-                           softcap=None, plain=False):
+                           softcap=None, plain=False, in_place=False):
   """decode_attention over a paged cache: pages [Hkv, P, page_size, D], page_table [B,
-  max_pages]; keyword arguments as decode_attention."""
-  return _decode(q, gather_heads(k_pages, page_table), gather_heads(v_pages, page_table),
-                 lengths, sm_scale, window, softcap, plain)
+  max_pages]; keyword arguments as decode_attention.
+
+  in_place: where the pool holds B x max_pages pages, check at run time whether each row
+  owns its own consecutive run of them (rows_own_their_pages) and if so read the pages where
+  they lie, as one [Hkv, B, max_pages * page_size, D] view, instead of gathering a copy (the
+  same keys, so the same result; the CPU's path: the copy was a tenth of a decode step)."""
+  gathered = lambda: _decode(q, gather_heads(k_pages, page_table),  # noqa: E731
+                             gather_heads(v_pages, page_table), lengths, sm_scale, window,
+                             softcap, plain)
+  hkv, p, page_size, _ = k_pages.shape
+  b, width = page_table.shape
+  if not in_place or p != b * width:
+    return gathered()
+  view = lambda pages: pages.reshape(hkv, b, width * page_size, pages.shape[-1])  # noqa: E731
+  return jax.lax.cond(
+      rows_own_their_pages(page_table, lengths, p, page_size),
+      lambda: _decode(q, view(k_pages), view(v_pages), lengths, sm_scale, window, softcap,
+                      plain),
+      gathered)
+
+
+def rows_own_their_pages(page_table, lengths, num_pages, page_size):
+  """Whether row b's keys lie in pages b * W .. b * W + W - 1 of a pool of `num_pages` (W the
+  table's width), in order: every entry a key of the row uses (below lengths[b]) holds its
+  own page. Entries past a row's keys, and ids outside the pool (no page), are not looked at:
+  no valid key reads them."""
+  b, width = page_table.shape
+  own = jnp.arange(b * width, dtype=page_table.dtype).reshape(b, width)
+  used = ((jnp.arange(width)[None, :] * page_size < lengths[:, None])
+          & (page_table >= 0) & (page_table < num_pages))
+  return jnp.all(jnp.where(used, page_table == own, True))
 
 
 def _decode(q, k, v, lengths, sm_scale, window, softcap, plain):

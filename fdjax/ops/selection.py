@@ -24,6 +24,8 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   bfloat16 / float16, M <= 64, N a multiple of 64; int8 / int4 weights too, K a multiple of
   128) unless the entry says "backend": "pallas" (Triton); the GEMV runs Triton, and where
   this JAX has no Triton the Mosaic flat GEMM at every M it takes, else XLA.
+* Paged decode attention on the CPU (`cpu_paged_decode`): XLA, reading the pages in place
+  where every row owns its own consecutive run of them, else gathering them first.
 * Linear layers on the CPU (`cpu_linear`): XLA, in the form XLA:CPU runs fastest: int8
   weights as an int8 x int8 dot with the activations quantized in groups of 128 where the
   processor has VNNI, one bfloat16 row padded to two (impl="xla" is the plain reference).
@@ -293,6 +295,18 @@ def linear(m: int, k: int, n: int, kind: str | None = None,
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_paged_decode() -> Choice:
+  """How XLA:CPU runs paged decode attention under "auto": where every row owns its own
+  consecutive pages of a pool of rows x table width (as `generate` lays out its cache on the
+  CPU), the pages are read where they lie (a view, checked at run time by
+  reference.rows_own_their_pages), else gathered into a copy first. The copy was 7-12 % of a
+  decode step of the benchmark model (bench/results/decode_trace_cpu.md: K/V gather); reading
+  in place gave 15-20 % more tokens/s at batch 16, float32 and 10-15 % in bfloat16, none
+  measurable at batch 1 (2-core Xeon, jax 0.12, alternating processes)."""
+  return Choice("xla", "cpu: rows that own consecutive pages read in place, other rows' pages "
+                "gathered", {"in_place": True})
+
+
 def cpu_flags() -> frozenset:
   """This processor's feature flags (Linux's /proc/cpuinfo; empty where there is none)."""
   try:
@@ -510,6 +524,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     hidden = 4096 if config is None else config.hidden_size
     linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
+    if platform == "cpu" and not cope:
+      choices["paged_decode_attention"] = cpu_paged_decode()
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
