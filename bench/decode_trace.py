@@ -47,6 +47,9 @@ SHAPE = dict(layers=8, hidden=512, heads=8, kv_heads=8, head_dim=64, intermediat
              vocab=32000)
 CATEGORIES = ["LM head", "linears", "attention dots", "K/V gather", "cache write", "softmax",
               "SiLU", "norms", "sampling", "other"]
+# Instructions that run other computations (lax.cond's branches, a loop's body): the profiler
+# records their span and each instruction they run, so only the latter are counted.
+CONTAINERS = ("conditional", "while", "call")
 COLUMNS = ["dtype", "batch", "category", "ms_per_step", "pct", "instructions", "example"]
 _CALLED = re.compile(r"calls=%?([\w.-]+)")
 
@@ -97,6 +100,9 @@ def categorize(hlo: str, vocab: int, pool_shape: str) -> dict[str, tuple[str, st
   cats = {}
   for comp in comps.values():
     for name, shape, opcode, rest in comp:
+      if opcode in CONTAINERS:
+        cats[name] = (None, shape)  # its branch's or body's own instructions are recorded
+        continue
       inner = [(shape, opcode, rest)] + [o for c in _CALLED.findall(rest) for o in ops(c)]
       codes = {o for _, o, _ in inner}
       dots = [s for s, o, _ in inner if o == "dot"]
@@ -165,6 +171,8 @@ def measure(dtype: str, batches: list[int]) -> list[dict]:
         continue
       op = args.get("hlo_op", e["name"])
       cat, shape = cats.get(op, ("other", "?"))
+      if cat is None:
+        continue
       total[cat] += e["dur"] / 1e3
       names[cat].add((op, shape))
     busy = sum(total.values())

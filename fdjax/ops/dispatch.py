@@ -273,14 +273,14 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
                                           sm_scale=scale, phi=phi, interpret=interpret,
                                           **extra, **more)
 
-  def xla(in_place=False):
+  def xla(**how):  # how: the CPU's form (selection.cpu_paged_decode); none: the reference
     return reference.paged_decode_attention(q, k_pages, v_pages, page_table, lengths, scale,
-                                            in_place=in_place, **extra)
+                                            **how, **extra)
 
   return _run(op, impl, xla, pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype,
               k_pages.shape[2], max_pages=page_table.shape[1],
               mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode),
-              cpu_fn=lambda: xla(**selection.cpu_paged_decode().settings))
+              cpu_fn=lambda: xla(**selection.cpu_paged_decode(k_pages.dtype).settings))
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,

@@ -88,17 +88,18 @@ def decode_attention(q, k_cache, v_cache, lengths, sm_scale, *, window=None, sof
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, *, window=None,
-                           softcap=None, plain=False, in_place=False):
+                           softcap=None, plain=False, in_place=False, weighted_sum="dot"):
   """decode_attention over a paged cache: pages [Hkv, P, page_size, D], page_table [B,
   max_pages]; keyword arguments as decode_attention.
 
   in_place: where the pool holds B x max_pages pages, check at run time whether each row
   owns its own consecutive run of them (rows_own_their_pages) and if so read the pages where
   they lie, as one [Hkv, B, max_pages * page_size, D] view, instead of gathering a copy (the
-  same keys, so the same result; the CPU's path: the copy was a tenth of a decode step)."""
+  same keys, so the same result; the CPU's path: the copy was a tenth of a decode step).
+  weighted_sum: as _decode's."""
   gathered = lambda: _decode(q, gather_heads(k_pages, page_table),  # noqa: E731
                              gather_heads(v_pages, page_table), lengths, sm_scale, window,
-                             softcap, plain)
+                             softcap, plain, weighted_sum)
   hkv, p, page_size, _ = k_pages.shape
   b, width = page_table.shape
   if not in_place or p != b * width:
@@ -107,7 +108,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, *
   return jax.lax.cond(
       rows_own_their_pages(page_table, lengths, p, page_size),
       lambda: _decode(q, view(k_pages), view(v_pages), lengths, sm_scale, window, softcap,
-                      plain),
+                      plain, weighted_sum),
       gathered)
 
 
@@ -123,16 +124,21 @@ def rows_own_their_pages(page_table, lengths, num_pages, page_size):
   return jnp.all(jnp.where(used, page_table == own, True))
 
 
-def _decode(q, k, v, lengths, sm_scale, window, softcap, plain):
+def _decode(q, k, v, lengths, sm_scale, window, softcap, plain, weighted_sum="dot"):
   """decode_attention on heads-major keys and values [Hkv, B, S, D]: the KV head and the row
-  lead both operands of both dots (their batch dimensions), so XLA moves no key."""
+  lead both operands of both dots (their batch dimensions), so XLA moves no key.
+  weighted_sum "reduce": the weights times the values as a multiply and a sum over the keys
+  (each key's D values a contiguous vector) instead of the second dot."""
   b, hq, d = q.shape
   hkv, _, s_len, _ = k.shape
   qf = jnp.moveaxis(_acc(q, plain).reshape(b, hkv, hq // hkv, d), 1, 0)
   s = _capped(_einsum("hbgd,hbsd->hbgs", qf, _acc(k, plain), plain) * sm_scale, softcap)
   mask = _mask((lengths - 1)[:, None], s_len, lengths, True, window)[None]
-  o = _masked_softmax_attention(
-      s, mask, lambda p: _einsum("hbgs,hbsd->hbgd", p, _acc(v, plain), plain))
+  if weighted_sum == "reduce" and not plain:
+    times_v = lambda p: jnp.sum(p[..., None] * _acc(v)[:, :, None], axis=3)  # noqa: E731
+  else:
+    times_v = lambda p: _einsum("hbgs,hbsd->hbgd", p, _acc(v, plain), plain)  # noqa: E731
+  o = _masked_softmax_attention(s, mask, times_v)
   return jnp.moveaxis(o, 0, 1).reshape(b, hq, d).astype(q.dtype)
 
 

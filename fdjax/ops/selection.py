@@ -25,7 +25,8 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   128) unless the entry says "backend": "pallas" (Triton); the GEMV runs Triton, and where
   this JAX has no Triton the Mosaic flat GEMM at every M it takes, else XLA.
 * Paged decode attention on the CPU (`cpu_paged_decode`): XLA, reading the pages in place
-  where every row owns its own consecutive run of them, else gathering them first.
+  where every row owns its own consecutive run of them, else gathering them first; on
+  float32 pages the weights times the values as a multiply and a sum.
 * Linear layers on the CPU (`cpu_linear`): XLA, in the form XLA:CPU runs fastest: int8
   weights as an int8 x int8 dot with the activations quantized in groups of 128 where the
   processor has VNNI, one bfloat16 row padded to two (impl="xla" is the plain reference).
@@ -295,14 +296,24 @@ def linear(m: int, k: int, n: int, kind: str | None = None,
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_paged_decode() -> Choice:
-  """How XLA:CPU runs paged decode attention under "auto": where every row owns its own
-  consecutive pages of a pool of rows x table width (as `generate` lays out its cache on the
-  CPU), the pages are read where they lie (a view, checked at run time by
-  reference.rows_own_their_pages), else gathered into a copy first. The copy was 7-12 % of a
-  decode step of the benchmark model (bench/results/decode_trace_cpu.md: K/V gather); reading
-  in place gave 15-20 % more tokens/s at batch 16, float32 and 10-15 % in bfloat16, none
-  measurable at batch 1 (2-core Xeon, jax 0.12, alternating processes)."""
+def cpu_paged_decode(dtype) -> Choice:
+  """How XLA:CPU runs paged decode attention on pages of `dtype` under "auto":
+  * where every row owns its own consecutive pages of a pool of rows x table width (as
+    `generate` lays out its cache on the CPU), the pages are read where they lie (a view,
+    checked at run time by reference.rows_own_their_pages), else gathered into a copy first.
+    The copy was 7-12 % of a decode step of the benchmark model (bench/results/
+    decode_trace_cpu.md before this rule: K/V gather); reading in place gave 4-22 % more
+    tokens/s at batch 4 and 16 in float32, nothing measurable at batch 1;
+  * float32 pages: the weights times the values as a multiply and a sum over the keys rather
+    than XLA:CPU's batched dot, which moved 13 GB/s there (8 layers' attention at batch 16,
+    128 keys: 3.5 against 5.2 ms; batch 4: 0.63 against 0.78 ms; the decode step 3-14 % more
+    tokens/s at batch 4 and 16). bfloat16 pages keep the dot (the sum lost 22 % at batch 16).
+  Measured on a 2-core Xeon, jax 0.12, processes alternated."""
+  dtype = jax.numpy.dtype(dtype)
+  if dtype == jax.numpy.float32:
+    return Choice("xla", "cpu: rows that own consecutive pages read in place, other rows' "
+                  "pages gathered; weights x values as multiply + sum",
+                  {"in_place": True, "weighted_sum": "reduce"})
   return Choice("xla", "cpu: rows that own consecutive pages read in place, other rows' pages "
                 "gathered", {"in_place": True})
 
@@ -525,7 +536,7 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
     if platform == "cpu" and not cope:
-      choices["paged_decode_attention"] = cpu_paged_decode()
+      choices["paged_decode_attention"] = cpu_paged_decode(dtype)
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
