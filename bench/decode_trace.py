@@ -13,7 +13,8 @@ Categories (first that applies to the instruction, or to what its fusion compute
   LM head          a dot whose output is [B, vocabulary]
   linears          the other dots with a 2-D output (q/k/v, o, gate/up, down), and the
                    integer dots of quantized weights (int32 out, per group of K)
-  attention dots   the dots of scores and weights x values (rank > 2)
+  attention dots   the dots of scores and weights x values (rank > 2), and the multiply and
+                   sum that stands for the second on float32 pages (selection.cpu_paged_decode)
   K/V gather       a gather from the [KV heads, pages, page_size, head_dim] pools: each row's
                    pages made contiguous per head (whole pages: nothing is transposed)
   cache write      a scatter (the step's new key and value into their pages)
@@ -111,6 +112,8 @@ def categorize(hlo: str, vocab: int, pool_shape: str) -> dict[str, tuple[str, st
         dims = out.split("[", 1)[1].split("]", 1)[0].split(",") if "[" in out else []
         cat = ("LM head" if dims and dims[-1] == str(vocab) else
                "linears" if len(dims) == 2 or out.startswith("s32") else "attention dots")
+      elif {"multiply", "reduce"} <= codes and shape.count(",") >= 3:
+        cat = "attention dots"  # float32 pages' weights x values as a multiply and a sum
       elif "gather" in codes and any(pool_shape in sh for sh, _, _ in inner):
         cat = "K/V gather"
       elif "scatter" in codes:
