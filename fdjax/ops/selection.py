@@ -295,7 +295,6 @@ def linear(m: int, k: int, n: int, kind: str | None = None,
   return _linear_on_gpu(choice, m, k, n, dtype, quantization, e) if gpu_auto else choice
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_paged_decode(dtype) -> Choice:
   """How XLA:CPU runs paged decode attention on pages of `dtype` under "auto":
   * where every row owns its own consecutive pages of a pool of rows x table width (as
@@ -318,6 +317,7 @@ def cpu_paged_decode(dtype) -> Choice:
                 "gathered", {"in_place": True})
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset:
   """This processor's feature flags (Linux's /proc/cpuinfo; empty where there is none)."""
   try:
