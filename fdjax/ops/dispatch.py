@@ -100,12 +100,18 @@ def lowering_target() -> str | None:
   return getattr(_override, "target", None)
 
 
-def reads_own_pages_in_place() -> bool:
-  """Whether paged decode attention, as "auto" runs here now, reads a row that owns its own
-  consecutive pages where they lie (the CPU: selection.cpu_paged_decode): a caller laying out
-  a cache then gives each row its own run of pages."""
-  platform = (lowering_target() or jax.default_backend()).split(":")[0]
-  return current() == "auto" and platform == "cpu"
+def _platform() -> str:
+  """The platform "auto" decides for here: the lowering target, else the default backend
+  ("cpu", "gpu", "tpu"; a target's ":v6e" dropped)."""
+  return (lowering_target() or jax.default_backend()).split(":")[0]
+
+
+def reads_own_pages_in_place(dtype) -> bool:
+  """Whether paged decode attention on pages of `dtype`, as "auto" runs here now, reads a row
+  that owns its own consecutive pages where they lie (selection.cpu_paged_decode's rule, on
+  the CPU): a caller laying out a cache then gives each row its own run of pages."""
+  return (current() == "auto" and _platform() == "cpu"
+          and selection.cpu_paged_decode(dtype).settings.get("in_place", False))
 
 
 def tpu_kind() -> str:
@@ -162,7 +168,7 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
     return mosaic_fn(impl == "pallas_mosaic_interpret")
   # A CPU-only host lowers for a GPU or TPU only inside `lowering_for`: elsewhere it skips
   # tracing the kernel branches at all; a GPU or TPU host traces its own platform's only.
-  platform = (lowering_target() or jax.default_backend()).split(":")[0]
+  platform = _platform()
   platform = "cuda" if platform == "gpu" else platform
   if platform == "cuda":
     if gpu_auto_fn is not None:
@@ -482,7 +488,7 @@ def moe(x, router_logits, w_gate_up, w_down, *, top_k: int, normalize: bool = Tr
   if strategy is not None:
     checks.choice(op, "strategy", strategy, moe_lib.STRATEGIES)
   x2 = x.reshape(-1, h)
-  platform = (lowering_target() or jax.default_backend()).split(":")[0]
+  platform = _platform()
   itemsize = bits / 8 if bits else x.dtype.itemsize  # bytes an expert weight's element reads
   choice = selection.moe(x2.shape[0], top_k, e, itemsize, platform, hidden=h, width=f2 // 2,
                          quantization=f"int{bits}" if bits else None)
