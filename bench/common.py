@@ -109,6 +109,17 @@ def median_seconds(fn, *, warmup: int = 3, iters: int = 20) -> float:
   return statistics.median(times)
 
 
+def read_bandwidth_timer(iters: int = 5):
+  """A function measuring the bytes per second this machine reads, the roofline of a decode
+  step that reads its weights: jnp.sum over a 256 MiB float32 array (past every cache),
+  median of `iters`."""
+  import jax.numpy as jnp
+  read = jax.jit(jnp.sum)
+  big = jax.random.normal(jax.random.key(0), (64 * 2**20,), jnp.float32)
+  return lambda: big.nbytes / median_seconds(lambda: read(big).block_until_ready(), warmup=2,
+                                             iters=iters)
+
+
 def decode_rate(generate, new_tokens: int, rows: int = 1):
   """A function timing `generate(n)` (n new tokens for each of `rows` sequences) once:
   decode tokens/s from a run of N tokens and one of 1 ((N - 1) steps a row over the

@@ -97,17 +97,6 @@ def hf_compiled(hf):
   return compiled
 
 
-def read_bandwidth_timer():
-  """A function measuring the bytes per second this machine reads: jnp.sum over a 256 MiB
-  float32 array (past every cache), median of 5 (bench/decode_profile's measure). Timed in
-  each round beside the implementations: on this VM it moves between minutes as they do."""
-  import jax.numpy as jnp
-  read = jax.jit(jnp.sum)
-  big = jax.random.normal(jax.random.key(0), (64 * 2**20,), jnp.float32)
-  return lambda: big.nbytes / common.median_seconds(lambda: read(big).block_until_ready(),
-                                                    warmup=1, iters=5)
-
-
 def step_bytes(model, batch, prompt_len, new_tokens) -> int:
   """What a decode step reads: every weight but the embedding table (one row of it per
   token), as stored (int8: values and scales), and the cache's keys and values at the
@@ -200,7 +189,7 @@ def main():
   hf.generation_config.pad_token_id = 0
   params = sum(p.numel() for p in hf.parameters())
   rows = []
-  read_bandwidth = read_bandwidth_timer()
+  read_bandwidth = common.read_bandwidth_timer()  # timed in each round: it drifts too
   hfs = {dtype: hf_variant(hf, dtype) for dtype in args.dtypes}
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)

@@ -67,10 +67,7 @@ def measure(model_dir: str, dtype: str, batches: list[int]) -> list[dict]:
     return dispatch.linear(x, head)
 
   d = h // SHAPE["heads"]
-  read = jax.jit(jnp.sum)  # a step reads its weights: the roofline is the read bandwidth
-  big = jax.random.normal(key, (64 * 2**20,), jnp.float32)  # 256 MiB, past every cache
-  read_s = common.median_seconds(lambda: read(big).block_until_ready(), warmup=2, iters=10)
-  bandwidth = big.nbytes / read_s
+  bandwidth = common.read_bandwidth_timer(iters=10)()
   params = quant.nbytes(nnx.state(model))
   embed = v * h * dt.itemsize
   rows = []
