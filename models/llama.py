@@ -115,11 +115,17 @@ class Attention(nnx.Module):
       kc, vc = (kvc.write(pages, new, page_table, start, n)
                 for pages, new in zip(layer_cache, (k, v)))
       layer_cache = (kc, vc)
+      # The attention runs in the cache's dtype, which may be wider than the model's (float32
+      # pages of a bfloat16 model on the CPU: dispatch.kv_cache_dtype); a no-op otherwise.
+      q = q.astype(kc.dtype)
+      if attend["table"] is not None:
+        attend["table"] = attend["table"].astype(kc.dtype)
       if t == 1:
         o = pe.attend_pages(q, kc, vc, page_table, start + n, **attend)
       else:
         o = pe.attend(q, kvc.gather(kc, page_table), kvc.gather(vc, page_table), start + n,
                       q_start=start, **attend)
+      o = o.astype(x.dtype)
     o = dispatch.linear(o.reshape(b, t, -1), self.wo[...])
     return parallel.reduce(o, self.tp), layer_cache
 

@@ -226,6 +226,51 @@ def test_generate_on_the_cpu_gives_each_row_its_own_run_of_pages(monkeypatch):
   assert not np.array_equal(tables[-1][:3], table[:3])
 
 
+@pytest.mark.parametrize("pe", ["rope", "cope"])
+def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
+  """selection.cpu_kv_cache: on the CPU a bf16 model's pages are float32 (the same values,
+  read with no converted copy); the model attends in its cache's dtype (queries and the CoPE
+  table cast to it), with the logits a bf16 cache gives and the same greedy tokens."""
+  from fdjax.ops import selection
+  model = tiny_model(seed=11, dtype=jnp.bfloat16, position_encoding=pe, head_dim=16)
+  if pe == "cope":
+    for layer in model.layers:
+      layer.attn.pos_emb[...] = jax.random.normal(jax.random.key(1), layer.attn.pos_emb.shape,
+                                                  jnp.bfloat16)
+  assert paging.KVStore.for_model(model, 4, 16).dtype == jnp.float32
+  with dispatch.using("xla"):  # the plain reference keeps the model's dtype
+    assert paging.KVStore.for_model(model, 4, 16).dtype == jnp.bfloat16
+  described = selection.describe(platform="cpu", dtype="bfloat16")
+  assert "float32" in described["kv_cache"]
+  if pe == "rope":  # (CoPE attends through its own op)
+    assert "multiply + sum" in described["paged_decode_attention"]
+  assert "float32" not in selection.describe(platform="cpu", dtype="float16")["kv_cache"]
+
+  rng = np.random.default_rng(8)
+  ids = jnp.asarray(rng.integers(0, 97, (2, 12)), jnp.int32)
+  lengths = jnp.asarray([12, 7], jnp.int32)
+  logits = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    cache = kv_cache.init_cache(model.config, 2, 32, dtype, page_size=16)
+    first, cache = model(ids, cache=cache, lengths=lengths)  # prefill: the gathered cache
+    step, cache = model(ids[:, :1], cache=cache, lengths=jnp.ones(2, jnp.int32))  # decode
+    assert cache.k[0].dtype == dtype
+    logits[dtype] = [np.asarray(first[0]), np.asarray(first[1, :7]), np.asarray(step)]
+  for got, want in zip(logits[jnp.float32], logits[jnp.bfloat16]):
+    assert np.isfinite(got).all() and rel_err(got, want) < 1e-2
+
+  made = []
+  real = paging.KVStore.for_model.__func__
+  monkeypatch.setattr(paging.KVStore, "for_model", classmethod(
+      lambda cls, *a, **k: made.append(real(cls, *a, **k)) or made[-1]))
+  prompts = [list(range(3, 30)), [5, 9], list(range(60, 79))]
+  got = fdjax.generate(model, prompts, max_new_tokens=8, page_size=16).tokens
+  assert [kv.dtype for kv in made] == [jnp.float32]
+  with dispatch.using("xla"):
+    assert fdjax.generate(model, prompts, max_new_tokens=8, page_size=16).tokens == got
+  assert made[-1].dtype == jnp.bfloat16
+
+
 # ------------------------------------------------------------------- chunked prefill
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])

@@ -22,7 +22,7 @@ import hashlib
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax.ops import checks
+from fdjax.ops import checks, dispatch
 from fdjax.ops import kv_cache as kvc
 
 
@@ -196,9 +196,10 @@ class KVStore:
   @classmethod
   def for_model(cls, model, num_pages: int, page_size: int = 64) -> "KVStore":
     """The store for `model`; on a mesh, `num_pages` per data replica, sharded as it reads."""
+    dtype = dispatch.kv_cache_dtype(model.dtype)  # float32 for bf16 on the CPU
     if getattr(model, "mesh", None) is None:
-      return cls(model.config, num_pages, page_size, model.dtype)
-    return cls(model.config, num_pages, page_size, model.dtype, mesh=model.mesh,
+      return cls(model.config, num_pages, page_size, dtype)
+    return cls(model.config, num_pages, page_size, dtype, mesh=model.mesh,
                replicas=model.dp, pages=model.empty_pages(num_pages, page_size))
 
   @property
@@ -215,7 +216,8 @@ class KVStore:
     return self.pool.page_size
 
   def check_for(self, model):
-    if (model.config != self.config or model.dtype != self.dtype
+    if (model.config != self.config
+        or self.dtype not in (model.dtype, dispatch.kv_cache_dtype(model.dtype))
         or getattr(model, "mesh", None) != self.mesh):
       raise ValueError("KVStore: made for another model (config, dtype or mesh differ); its "
                        "pages hold that model's keys and values")

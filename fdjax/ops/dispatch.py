@@ -114,6 +114,14 @@ def reads_own_pages_in_place(dtype) -> bool:
           and selection.cpu_paged_decode(dtype).settings.get("in_place", False))
 
 
+def kv_cache_dtype(dtype):
+  """The dtype a model of `dtype` keeps its KV cache pages in, as "auto" runs here now:
+  selection.cpu_kv_cache's on the CPU (float32 for bfloat16), elsewhere the model's."""
+  if current() == "auto" and _platform() == "cpu":
+    return jnp.dtype(selection.cpu_kv_cache(dtype).settings["dtype"])
+  return jnp.dtype(dtype)
+
+
 def tpu_kind() -> str:
   """The TPU device kind the TPU kernels are sized and tabled for here (selection.tpu_kind of
   the lowering target)."""
