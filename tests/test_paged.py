@@ -271,6 +271,13 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   assert made[-1].dtype == jnp.bfloat16
 
 
+def test_a_cache_narrower_than_the_model_is_refused():
+  model = _model("rope")  # float32
+  cache = kv_cache.init_cache(model.config, 1, 32, jnp.bfloat16, page_size=16)
+  with pytest.raises(ValueError, match="bfloat16 for a float32 model.*model's or wider"):
+    model(jnp.ones((1, 4), jnp.int32), cache=cache)
+
+
 # ------------------------------------------------------------------- chunked prefill
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])

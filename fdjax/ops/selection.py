@@ -326,9 +326,8 @@ def cpu_kv_cache(dtype) -> Choice:
   so float32 pages hold the same numbers, are read where they lie, and take the float32 form
   of cpu_paged_decode; the model casts its queries to the cache's dtype and the attention's
   output back. Costs twice the pages' memory. One generate call (prompt 64, 64 new, the
-  58.5M model, processes alternated): batch 16 1150-1465 -> 1293-2094 tokens/s, batch 4
-  679-736 -> 669-823, batch 1 level (231-278 -> 251-316); the same tokens. Measured on a
-  2-core Xeon, jax 0.12."""
+  58.5M model, processes alternated): batch 16 1421-1656 -> 1903-2238 tokens/s, batch 4
+  level (849-938 against 809-996); the same tokens. Measured on a 2-core Xeon, jax 0.12."""
   d = jax.numpy.dtype(dtype)
   if d == jax.numpy.bfloat16:
     return Choice("xla", "cpu: a bfloat16 model's pages in float32 (the same values; XLA:CPU "
