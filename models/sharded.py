@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fdjax.ops import dispatch
 from fdjax.ops import kv_cache as kvc
 from models.parallel import DATA, MODEL
 
@@ -58,8 +57,7 @@ class ShardedTransformer(nnx.Module):
     cfg = self.local.config
     shape = (self.tp * cfg.num_kv_heads, self.dp * num_pages, page_size,
              cfg.key_cache_dim if keys else cfg.head_dim)
-    return jax.ShapeDtypeStruct(shape, dispatch.kv_cache_dtype(self.dtype),
-                                sharding=NamedSharding(self.mesh, PAGES))
+    return jax.ShapeDtypeStruct(shape, self.dtype, sharding=NamedSharding(self.mesh, PAGES))
 
   def empty_pages(self, num_pages: int, page_size: int) -> tuple[tuple, tuple]:
     """Zeroed key and value page pools (`pages`), one per layer."""

@@ -228,8 +228,9 @@ def test_generate_on_the_cpu_gives_each_row_its_own_run_of_pages(monkeypatch):
 
 @pytest.mark.parametrize("pe", ["rope", "cope"])
 def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
-  """selection.cpu_kv_cache: on the CPU a bf16 model's pages are float32 (the same values,
-  read with no converted copy); the model attends in its cache's dtype (queries and the CoPE
+  """selection.cpu_kv_cache: on the CPU a bf16 model's pages read in place (generate's own
+  runs) are float32 (the same values, read with no converted copy), gathered ones (the
+  engine's pool) bf16; the model attends in its cache's dtype (queries and the CoPE
   table cast to it), with the logits a bf16 cache gives and the same greedy tokens."""
   from fdjax.ops import selection
   model = tiny_model(seed=11, dtype=jnp.bfloat16, position_encoding=pe, head_dim=16)
@@ -237,9 +238,10 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
     for layer in model.layers:
       layer.attn.pos_emb[...] = jax.random.normal(jax.random.key(1), layer.attn.pos_emb.shape,
                                                   jnp.bfloat16)
-  assert paging.KVStore.for_model(model, 4, 16).dtype == jnp.float32
+  assert paging.KVStore.for_model(model, 4, 16, in_place=True).dtype == jnp.float32
+  assert paging.KVStore.for_model(model, 4, 16).dtype == jnp.bfloat16  # gathered pages
   with dispatch.using("xla"):  # the plain reference keeps the model's dtype
-    assert paging.KVStore.for_model(model, 4, 16).dtype == jnp.bfloat16
+    assert paging.KVStore.for_model(model, 4, 16, in_place=True).dtype == jnp.bfloat16
   described = selection.describe(platform="cpu", dtype="bfloat16")
   assert "float32" in described["kv_cache"]
   if pe == "rope":  # (CoPE attends through its own op)

@@ -150,7 +150,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   # Where attention reads a row's own consecutive pages in place (the CPU), a cache made here
   # gives each row a run of the table's width, so that row b owns pages b * W .. b * W + W - 1.
   own_run = (kv is None and window is None and spec is None
-             and dispatch.reads_own_pages_in_place(dispatch.kv_cache_dtype(model.dtype)))
+             and dispatch.reads_own_pages_in_place(dispatch.kv_cache_dtype(model.dtype, True)))
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
     pages = [0] * replicas  # each data replica's rows take pages from its own pool
@@ -159,7 +159,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
           shapes.pages if own_run else
           _pages(len(p) + max_new_tokens, page_size) if window is None else
           min(_pages(len(p) + max_new_tokens, page_size), live_pages(window, at_once, page_size)))
-    kv = paging.KVStore.for_model(model, pow2(max(pages)), page_size)
+    kv = paging.KVStore.for_model(model, pow2(max(pages)), page_size, in_place=own_run)
   kv.check_for(model)
 
   b = len(prompts)
@@ -357,8 +357,8 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
                   for keys in (True, False))
   else:
     params = like(state)
-    pages = like(jax.eval_shape(lambda: kvc.empty_pages(
-        cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype))))
+    pages = like(jax.eval_shape(lambda: kvc.empty_pages(  # as generate's own runs on a CPU
+        cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, True))))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
   prefill = steps.prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
                                rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)

@@ -194,12 +194,15 @@ class KVStore:
     self.k, self.v = pages or kvc.empty_pages(config, num_pages, page_size, self.dtype)
 
   @classmethod
-  def for_model(cls, model, num_pages: int, page_size: int = 64) -> "KVStore":
-    """The store for `model`; on a mesh, `num_pages` per data replica, sharded as it reads."""
-    dtype = dispatch.kv_cache_dtype(model.dtype)  # float32 for bf16 on the CPU
+  def for_model(cls, model, num_pages: int, page_size: int = 64, *,
+                in_place: bool = False) -> "KVStore":
+    """The store for `model`; on a mesh, `num_pages` per data replica, sharded as it reads.
+    `in_place`: each row will own a consecutive run of pages that attention reads where they
+    lie (generate on the CPU), which may take a wider dtype (dispatch.kv_cache_dtype)."""
     if getattr(model, "mesh", None) is None:
-      return cls(model.config, num_pages, page_size, dtype)
-    return cls(model.config, num_pages, page_size, dtype, mesh=model.mesh,
+      return cls(model.config, num_pages, page_size,
+                 dispatch.kv_cache_dtype(model.dtype, in_place))
+    return cls(model.config, num_pages, page_size, model.dtype, mesh=model.mesh,
                replicas=model.dp, pages=model.empty_pages(num_pages, page_size))
 
   @property
@@ -217,7 +220,7 @@ class KVStore:
 
   def check_for(self, model):
     if (model.config != self.config
-        or self.dtype not in (model.dtype, dispatch.kv_cache_dtype(model.dtype))
+        or self.dtype not in (model.dtype, dispatch.kv_cache_dtype(model.dtype, True))
         or getattr(model, "mesh", None) != self.mesh):
       raise ValueError("KVStore: made for another model (config, dtype or mesh differ); its "
                        "pages hold that model's keys and values")

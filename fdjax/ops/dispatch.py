@@ -114,11 +114,12 @@ def reads_own_pages_in_place(dtype) -> bool:
           and selection.cpu_paged_decode(dtype).settings.get("in_place", False))
 
 
-def kv_cache_dtype(dtype):
-  """The dtype a model of `dtype` keeps its KV cache pages in, as "auto" runs here now:
-  selection.cpu_kv_cache's on the CPU (float32 for bfloat16), elsewhere the model's."""
+def kv_cache_dtype(dtype, in_place: bool = False):
+  """The dtype a model of `dtype` keeps its KV cache pages in, as "auto" runs here now, for
+  pages attention reads in place (`in_place`: rows' own runs) or gathers:
+  selection.cpu_kv_cache's on the CPU (float32 for bfloat16 in place), elsewhere the model's."""
   if current() == "auto" and _platform() == "cpu":
-    return jnp.dtype(selection.cpu_kv_cache(dtype).settings["dtype"])
+    return jnp.dtype(selection.cpu_kv_cache(dtype, in_place).settings["dtype"])
   return jnp.dtype(dtype)
 
 

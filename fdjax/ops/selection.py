@@ -27,8 +27,9 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
 * Paged decode attention on the CPU (`cpu_paged_decode`): XLA, reading the pages in place
   where every row owns its own consecutive run of them, else gathering them first; on
   float32 pages the weights times the values as a multiply and a sum.
-* The KV cache's dtype on the CPU (`cpu_kv_cache`): float32 pages for a bfloat16 model (the
-  same values; XLA:CPU would convert the bfloat16 pages to float32 for every attention).
+* The KV cache's dtype on the CPU (`cpu_kv_cache`): float32 pages for a bfloat16 model where
+  attention reads them in place (the same values; XLA:CPU would convert bfloat16 pages to
+  float32 for every attention); gathered pages keep the model's dtype.
 * Linear layers on the CPU (`cpu_linear`): XLA, in the form XLA:CPU runs fastest: int8
   weights as an int8 x int8 dot with the activations quantized in groups of 128 where the
   processor has VNNI, one bfloat16 row padded to two (impl="xla" is the plain reference).
@@ -317,9 +318,10 @@ def cpu_paged_decode(dtype) -> Choice:
   return Choice("xla", reason, {"in_place": True})
 
 
-def cpu_kv_cache(dtype) -> Choice:
+def cpu_kv_cache(dtype, in_place: bool) -> Choice:
   """The dtype a model of `dtype` keeps its paged KV cache in on the CPU under "auto"
-  (settings["dtype"]): float32 for a bfloat16 model, else the model's. XLA:CPU computes a
+  (settings["dtype"]): float32 for a bfloat16 model whose pages attention reads in place
+  (`in_place`: generate's own runs, cpu_paged_decode), else the model's. XLA:CPU computes a
   bfloat16 attention's dots in float32 and so converts the pages it reads, every layer, every
   step: a float32 copy of each layer's keys and values (16 fusions, about 2.9 ms of a ~17 ms
   batch-16 step of the benchmark model). A bfloat16 key or value widens to float32 exactly,
@@ -327,12 +329,17 @@ def cpu_kv_cache(dtype) -> Choice:
   of cpu_paged_decode; the model casts its queries to the cache's dtype and the attention's
   output back. Costs twice the pages' memory. One generate call (prompt 64, 64 new, the
   58.5M model, processes alternated): batch 16 1421-1656 -> 1903-2238 tokens/s, batch 4
-  level (849-938 against 809-996); the same tokens. Measured on a 2-core Xeon, jax 0.12."""
+  level (849-938 against 809-996); the same tokens. Pages that are gathered (the serving
+  engine's shared pool) keep bfloat16: gathering float32 pages moves twice the bytes, and
+  the engine ran 16 requests of 64 + 64 tokens at 768-1026 tokens/s with them against
+  957-1216 with bfloat16 ones. Measured on a 2-core Xeon, jax 0.12."""
   d = jax.numpy.dtype(dtype)
-  if d == jax.numpy.bfloat16:
-    return Choice("xla", "cpu: a bfloat16 model's pages in float32 (the same values; XLA:CPU "
-                  "reads them with no converted copy)", {"dtype": "float32"})
-  return Choice("xla", f"cpu: pages in the model's dtype ({d.name})", {"dtype": d.name})
+  if d == jax.numpy.bfloat16 and in_place:
+    return Choice("xla", "cpu: a bfloat16 model's pages read in place are float32 (the same "
+                  "values; XLA:CPU reads them with no converted copy)", {"dtype": "float32"})
+  return Choice("xla", f"cpu: pages in the model's dtype ({d.name})"
+                + ("" if in_place or d != jax.numpy.bfloat16 else
+                   "; gathered pages: float32 would move twice the bytes"), {"dtype": d.name})
 
 
 @functools.lru_cache(maxsize=None)
@@ -553,8 +560,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     hidden = 4096 if config is None else config.hidden_size
     linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
-    if platform == "cpu":
-      choices["kv_cache"] = cpu_kv_cache(dtype)
+    if platform == "cpu":  # as generate makes its cache (rows' own runs, read in place)
+      choices["kv_cache"] = cpu_kv_cache(dtype, in_place=True)
     if platform == "cpu" and not cope:
       choices["paged_decode_attention"] = cpu_paged_decode(choices["kv_cache"].settings["dtype"])
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
