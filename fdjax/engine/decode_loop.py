@@ -149,7 +149,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                                                    steps.table_width(spec.k + 1, page_size)))
   # Where attention reads a row's own consecutive pages in place (the CPU), a cache made here
   # gives each row a run of the table's width, so that row b owns pages b * W .. b * W + W - 1.
-  own_run = (kv is None and window is None and spec is None
+  own_run = (kv is None and window is None and spec is None and not cfg.cope  # (CoPE gathers)
              and dispatch.reads_own_pages_in_place(dispatch.kv_cache_dtype(model.dtype, True)))
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
@@ -358,7 +358,7 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   else:
     params = like(state)
     pages = like(jax.eval_shape(lambda: kvc.empty_pages(  # as generate's own runs on a CPU
-        cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, True))))
+        cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, not cfg.cope))))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
   prefill = steps.prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
                                rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)

@@ -560,8 +560,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     hidden = 4096 if config is None else config.hidden_size
     linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
-    if platform == "cpu":  # as generate makes its cache (rows' own runs, read in place)
-      choices["kv_cache"] = cpu_kv_cache(dtype, in_place=True)
+    if platform == "cpu":  # as generate makes its cache (rows' own runs, read in place;
+      choices["kv_cache"] = cpu_kv_cache(dtype, in_place=not cope)  # CoPE gathers them)
     if platform == "cpu" and not cope:
       choices["paged_decode_attention"] = cpu_paged_decode(choices["kv_cache"].settings["dtype"])
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
