@@ -99,16 +99,22 @@ def hf_compiled(hf):
 
 def step_bytes(model, batch, prompt_len, new_tokens) -> int:
   """What a decode step reads: every weight but the embedding table (one row of it per
-  token), as stored (int8: values and scales), and the cache's keys and values at the
-  generation's middle (prompt + half the new tokens a row)."""
+  token), as stored (int8: values and scales), and the cache's keys and values in the
+  cache's dtype: on the CPU, where generate reads each row's own pages in place, the table's
+  whole width (page_size 64) every step; elsewhere the generation's middle (prompt + half
+  the new tokens a row)."""
   from flax import nnx
 
-  from fdjax.ops import quant
+  from fdjax.engine import steps
+  from fdjax.ops import dispatch, quant
   cfg = model.config
   item = jax.numpy.dtype(model.dtype).itemsize
   embed = cfg.vocab_size * cfg.hidden_size * item
-  keys = prompt_len + new_tokens // 2
-  cache = 2 * cfg.num_layers * batch * keys * cfg.num_kv_heads * cfg.head_dim * item
+  in_place = dispatch.reads_own_pages_in_place(model.dtype) and not cfg.cope
+  keys = (steps.table_width(prompt_len + new_tokens, 64) * 64 if in_place else
+          prompt_len + new_tokens // 2)
+  kv_item = dispatch.kv_cache_dtype(model.dtype, in_place).itemsize
+  cache = 2 * cfg.num_layers * batch * keys * cfg.num_kv_heads * cfg.head_dim * kv_item
   return quant.nbytes(nnx.state(model)) - embed + batch * cfg.hidden_size * item + cache
 
 

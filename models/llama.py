@@ -117,7 +117,7 @@ class Attention(nnx.Module):
       layer_cache = (kc, vc)
       # The attention runs in the cache's dtype, which may be wider than the model's (float32
       # pages of a bfloat16 model on the CPU: dispatch.kv_cache_dtype); a no-op otherwise.
-      if jnp.dtype(kc.dtype).itemsize < jnp.dtype(q.dtype).itemsize:
+      if jnp.promote_types(q.dtype, kc.dtype) != kc.dtype:
         raise ValueError(f"KV cache pages of {jnp.dtype(kc.dtype).name} for a "
                          f"{jnp.dtype(q.dtype).name} model: the cache's dtype must be the "
                          "model's or wider")

@@ -243,7 +243,7 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   with dispatch.using("xla"):  # the plain reference keeps the model's dtype
     assert paging.KVStore.for_model(model, 4, 16, in_place=True).dtype == jnp.bfloat16
   described = selection.describe(platform="cpu", dtype="bfloat16")
-  assert "float32" in described["kv_cache"]
+  assert "read in place are float32" in described["kv_cache"]
   if pe == "rope":  # (CoPE attends through its own op)
     assert "multiply + sum" in described["paged_decode_attention"]
   assert "float32" not in selection.describe(platform="cpu", dtype="float16")["kv_cache"]
@@ -279,6 +279,22 @@ def test_a_cache_narrower_than_the_model_is_refused():
   cache = kv_cache.init_cache(model.config, 1, 32, jnp.bfloat16, page_size=16)
   with pytest.raises(ValueError, match="bfloat16 for a float32 model.*model's or wider"):
     model(jnp.ones((1, 4), jnp.int32), cache=cache)
+  half = tiny_model(seed=11, dtype=jnp.float16, head_dim=16)  # as wide, another precision
+  cache = kv_cache.init_cache(half.config, 1, 32, jnp.bfloat16, page_size=16)
+  with pytest.raises(ValueError, match="bfloat16 for a float16 model"):
+    half(jnp.ones((1, 4), jnp.int32), cache=cache)
+
+
+def test_a_store_of_wider_pages_serves_its_model_under_any_impl():
+  model = tiny_model(seed=11, dtype=jnp.bfloat16, head_dim=16)
+  kv = paging.KVStore.for_model(model, 8, 16, in_place=True)  # float32 on the CPU
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  got = fdjax.generate(model, prompts, max_new_tokens=4, kv=kv).tokens
+  with dispatch.using("xla"):
+    assert fdjax.generate(model, prompts, max_new_tokens=4, kv=kv).tokens == got
+  with pytest.raises(ValueError, match="made for another model"):
+    fdjax.generate(tiny_model(seed=11, head_dim=16), prompts, max_new_tokens=4,
+                   kv=paging.KVStore.for_model(model, 8, 16))  # bf16 pages, float32 model
 
 
 # ------------------------------------------------------------------- chunked prefill

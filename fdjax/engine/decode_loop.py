@@ -357,8 +357,11 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
                   for keys in (True, False))
   else:
     params = like(state)
-    pages = like(jax.eval_shape(lambda: kvc.empty_pages(  # as generate's own runs on a CPU
-        cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, not cfg.cope))))
+    # (as generate makes them: float32 for bf16 where the CPU reads rows' own runs in place)
+    windowed = cfg.windowed is not None and prompt_len + max_new_tokens > cfg.windowed
+    in_place = not (cfg.cope or windowed)
+    pages = like(jax.eval_shape(lambda: kvc.empty_pages(
+        cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, in_place))))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
   prefill = steps.prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
                                rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)

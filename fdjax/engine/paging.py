@@ -220,7 +220,7 @@ class KVStore:
 
   def check_for(self, model):
     if (model.config != self.config
-        or self.dtype not in (model.dtype, dispatch.kv_cache_dtype(model.dtype, True))
+        or jnp.promote_types(model.dtype, self.dtype) != self.dtype  # (wider pages: fine)
         or getattr(model, "mesh", None) != self.mesh):
       raise ValueError("KVStore: made for another model (config, dtype or mesh differ); its "
                        "pages hold that model's keys and values")
