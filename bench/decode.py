@@ -110,7 +110,7 @@ def step_bytes(model, batch, prompt_len, new_tokens) -> int:
   cfg = model.config
   item = jax.numpy.dtype(model.dtype).itemsize
   embed = cfg.vocab_size * cfg.hidden_size * item
-  in_place = dispatch.reads_own_pages_in_place(model.dtype) and not cfg.cope
+  in_place = dispatch.reads_own_pages_in_place(cfg, model.dtype)
   keys = (steps.table_width(prompt_len + new_tokens, 64) * 64 if in_place else
           prompt_len + new_tokens // 2)
   kv_item = dispatch.kv_cache_dtype(model.dtype, in_place).itemsize

@@ -149,8 +149,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                                                    steps.table_width(spec.k + 1, page_size)))
   # Where attention reads a row's own consecutive pages in place (the CPU), a cache made here
   # gives each row a run of the table's width, so that row b owns pages b * W .. b * W + W - 1.
-  own_run = (kv is None and window is None and spec is None and not cfg.cope  # (CoPE gathers)
-             and dispatch.reads_own_pages_in_place(dispatch.kv_cache_dtype(model.dtype, True)))
+  own_run = (kv is None and window is None and spec is None
+             and dispatch.reads_own_pages_in_place(cfg, model.dtype))
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
     pages = [0] * replicas  # each data replica's rows take pages from its own pool
@@ -359,7 +359,7 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
     params = like(state)
     # (as generate makes them: float32 for bf16 where the CPU reads rows' own runs in place)
     windowed = cfg.windowed is not None and prompt_len + max_new_tokens > cfg.windowed
-    in_place = not (cfg.cope or windowed)
+    in_place = not windowed and dispatch.reads_own_pages_in_place(cfg, model.dtype)
     pages = like(jax.eval_shape(lambda: kvc.empty_pages(
         cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, in_place))))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)

@@ -106,12 +106,14 @@ def _platform() -> str:
   return (lowering_target() or jax.default_backend()).split(":")[0]
 
 
-def reads_own_pages_in_place(dtype) -> bool:
-  """Whether paged decode attention on pages of `dtype`, as "auto" runs here now, reads a row
-  that owns its own consecutive pages where they lie (selection.cpu_paged_decode's rule, on
-  the CPU): a caller laying out a cache then gives each row its own run of pages."""
-  return (current() == "auto" and _platform() == "cpu"
-          and selection.cpu_paged_decode(dtype).settings.get("in_place", False))
+def reads_own_pages_in_place(config, dtype) -> bool:
+  """Whether a model of `config` and `dtype`, as "auto" runs here now, reads a decode step's
+  pages where they lie when each row owns its own consecutive run of them
+  (selection.cpu_paged_decode's rule, on the CPU; CoPE attends through its own op, on
+  gathered pages): a caller laying out a cache then gives each row its own run of pages."""
+  return (not config.cope and current() == "auto" and _platform() == "cpu"
+          and selection.cpu_paged_decode(kv_cache_dtype(dtype, True)).settings.get(
+              "in_place", False))
 
 
 def kv_cache_dtype(dtype, in_place: bool = False):

@@ -561,9 +561,10 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
     if platform == "cpu":  # as generate makes its cache (rows' own runs, read in place;
-      choices["kv_cache"] = cpu_kv_cache(dtype, in_place=not cope)  # CoPE gathers them)
-    if platform == "cpu" and not cope:
-      choices["paged_decode_attention"] = cpu_paged_decode(choices["kv_cache"].settings["dtype"])
+      kv = cpu_kv_cache(dtype, in_place=not cope)  # CoPE attends on gathered pages)
+      choices["kv_cache"] = kv
+      if not cope:
+        choices["paged_decode_attention"] = cpu_paged_decode(kv.settings["dtype"])
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
