@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fdjax.ops import dispatch
-from fdjax.ops import kv_cache as kvc
 from models import rope
 
 
@@ -71,9 +70,11 @@ class Cope(NoPositions):
                                    sm_scale=sm_scale, gate_keys=gate_keys,
                                    pos_scaled=pos_scaled)
 
-  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, table, **how):
-    return self.attend(q, kvc.gather(k_pages, page_table), kvc.gather(v_pages, page_table),
-                       lengths, q_start=lengths - 1, table=table, **how)
+  def attend_pages(self, q, k_pages, v_pages, page_table, lengths, *, table, gates, pos_scaled,
+                   sm_scale=None, **_):
+    return dispatch.paged_cope_decode_attention(q[:, 0], k_pages, v_pages, page_table, lengths,
+                                                table, sm_scale=sm_scale, gates=gates,
+                                                pos_scaled=pos_scaled)[:, None]
 
 
 class CopeRope(Cope):

@@ -356,3 +356,18 @@ def test_llamacpp_gguf_holds_the_hf_model(tmp_path, dtype):
       err = np.abs(values - want).reshape(blocks.shape[0], -1, 32)
       # half a step, and the scale's float16 rounding (2^-11) times the 127 steps at most
       assert np.all(err <= blocks * (0.5 + 127 * 2.0**-11) * (1 + 1e-6)), name
+
+
+def test_cope_decode_bench_tiny(tmp_path):
+  """bench/cope_decode.py on a one-layer random CoPE model: fdjax as "auto" runs it, fdjax on
+  its XLA references and the PyTorch CoPE decoder, side by side, their greedy tokens checked
+  against each other before they are timed."""
+  _run("cope_decode.py", tmp_path, "--layers", "1", "--hidden", "64", "--heads", "2",
+       "--kv-heads", "1", "--intermediate", "128", "--vocab", "256", "--npos-max", "8",
+       "--batch", "1", "2", "--iters", "1", "--new-tokens", "16", "--prompt-len", "8",
+       "--name", "cope_tiny")
+  rows = _rows(tmp_path, "cope_tiny")
+  assert [(r["impl"], r["batch"]) for r in rows] == [
+      (impl, b) for b in (1, 2) for impl in ("fdjax-auto", "fdjax-xla", "torch-eager")]
+  assert all(r["decode_tokens_per_s"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
+  assert all(r["greedy_agreement"] == 1.0 for r in rows)

@@ -260,3 +260,102 @@ def test_cope_kernel_lowers_for_cuda():
       spec((2, 300, 8, 64), bf), spec((2, 300, 2, 64), bf), spec((2, 300, 2, 64), bf),
       spec((64, 64), bf), spec((2,), jnp.int32))
   assert "fdjax_cope" in text
+
+
+def _cope_pages(rng, k, v, layout, page_size=4):
+  """Contiguous caches k, v [B, S, Hkv, width] as heads-major page pools and a page table:
+  "own" (row b owns pages b * W .. b * W + W - 1, as generate lays them out on the CPU, so
+  they are read in place) or "shuffled" (shuffled ids, and garbage past each row's keys:
+  gathered)."""
+  b, s, hkv, _ = k.shape
+  width = s // page_size
+  ids = np.arange(b * width) if layout == "own" else rng.permutation(b * width)
+  table = ids.reshape(b, width)
+  pages = lambda x: jnp.moveaxis(x, 2, 0).reshape(  # noqa: E731
+      hkv, b * width, page_size, x.shape[-1])[:, np.argsort(ids)]
+  return pages(k), pages(v), table
+
+
+@pytest.mark.parametrize("gates,pos_scaled,heads,layout", [
+    ("key", False, (4, 4), "own"), ("key", True, (8, 2), "shuffled"),
+    ("value", False, (8, 1), "own"), ("separate", True, (4, 2), "own"),
+    ("separate", False, (4, 4), "shuffled")])
+def test_paged_cope_decode_matches_the_formulas(gates, pos_scaled, heads, layout):
+  """A decode step of CoPE over a paged cache as the CPU runs it under "auto" (per KV head,
+  pages read in place where each row owns its run, else gathered): Appendix B's loops on
+  the gathered cache (the query at position lengths - 1), in float32 and in float64; gates
+  saturated and positions past the clamp (q scaled up, npos_max 8)."""
+  from fdjax.ops import reference
+  hq, hkv = heads
+  rng = np.random.default_rng(len(gates) + hq + hkv)
+  b, s, d, npos = 3, 40, 16, 8
+  q, k, v, e, _ = _case(hq * 7 + hkv, b, 1, s, hq, hkv, d, npos, q_scale=3.0)
+  lengths = jnp.asarray([1, 23, 40], jnp.int32)  # one key, ragged, full
+  gk = jnp.asarray(rng.standard_normal(k.shape), jnp.float32) if gates == "separate" else None
+  keys = k if gk is None else jnp.concatenate([k, gk], -1)  # the cache's [key, gate key]
+  kp, vp, table = _cope_pages(rng, keys, v, layout)
+  table = np.where(np.arange(table.shape[1])[None] * 4 < np.asarray(lengths)[:, None], table,
+                   2 ** 30 if layout == "own" else -3)  # garbage past each row's keys
+  table = jnp.asarray(table, jnp.int32)
+  assert bool(reference.rows_own_their_pages(table, lengths, kp.shape[1], 4)) == (
+      layout == "own")
+  want = np_cope(q, k, v, e, np.asarray(lengths), 0.3,
+                 gate_keys={"key": None, "value": v, "separate": gk}[gates],
+                 pos_scaled=pos_scaled)[:, 0]
+  assert rel_err(np_cope(q, k, v, e, np.asarray(lengths), 0.3)[:, 0], want) > 1e-3 or (
+      gates == "key" and not pos_scaled)  # a variant changes the answer
+  run = jax.jit(lambda *a, impl="auto": dispatch.paged_cope_decode_attention(
+      *a, sm_scale=0.3, gates=gates, pos_scaled=pos_scaled, impl=impl), static_argnames="impl")
+  got = run(q[:, 0], kp, vp, table, lengths, e)
+  assert got.shape == (b, hq, d) and rel_err(got, want) < 1e-5
+  assert rel_err(run(q[:, 0], kp, vp, table, lengths, e, impl="xla"), want) < 1e-5
+  jax.config.update("jax_enable_x64", True)
+  try:
+    x64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in (q[:, 0], kp, vp)]
+    for in_place in (False, True):
+      got64 = reference.paged_cope_decode_attention(
+          *x64, table, lengths, jnp.asarray(np.asarray(e), jnp.float64), 0.3, gates=gates,
+          pos_scale=0.3 if pos_scaled else 1.0, in_place=in_place, weighted_sum="reduce")
+      assert got64.dtype == jnp.float64 and rel_err(got64, want) < 1e-12
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  if layout == "own":  # a used entry outside the pool: the in-place view reads the row's own
+    probe = table.at[2, 0].set(kv_cache.NO_PAGE)  # page, the gather clips the id
+    assert rel_err(run(q[:, 0], kp, vp, probe, lengths, e)[2], want[2]) < 1e-5
+    assert rel_err(run(q[:, 0], kp, vp, probe, lengths, e, impl="xla")[2], want[2]) > 1e-3
+
+
+def test_paged_cope_decode_in_bfloat16_is_within_twice_the_plain_error():
+  """bfloat16 pages: the error against float64 at most twice the plain XLA cope_attention's
+  on the same (bfloat16) gathered cache, in place and gathered."""
+  rng = np.random.default_rng(4)
+  q, k, v, e, _ = _case(9, 2, 1, 32, 8, 2, 16, 8, q_scale=2.0, dtype=jnp.bfloat16)
+  lengths = jnp.asarray([32, 13], jnp.int32)
+  want = np_cope(q, k, v, e, np.asarray(lengths), 0.25)[:, 0]
+  plain = dispatch.cope_attention(q, k, v, e, lengths=lengths, q_start=lengths - 1,
+                                  sm_scale=0.25, impl="xla")[:, 0]
+  for layout in ("own", "shuffled"):
+    kp, vp, table = _cope_pages(rng, k, v, layout)
+    got = dispatch.paged_cope_decode_attention(q[:, 0], kp, vp, jnp.asarray(table, jnp.int32),
+                                               lengths, e, sm_scale=0.25)
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(got, want) <= 2 * rel_err(plain, want) + 1e-6, layout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(gates="query"), "unknown gates 'query'"),
+    (dict(gates="separate"), r"k_pages must be \[Hkv, P, page_size, 32\]"),
+    (dict(v_pages=jnp.ones((2, 6, 4, 8))), r"v_pages \[Hkv, P, page_size, 16\]"),
+    (dict(q=jnp.ones((2, 3, 16))), r"query heads \(3\) must be a multiple of KV heads \(2\)"),
+    (dict(lengths=jnp.asarray([3, 13], jnp.int32)), r"lengths \[13\] out of range"),
+    (dict(page_table=jnp.zeros((2, 3))), "page_table must be an integer"),
+    (dict(pos_emb=jnp.ones((8, 12))), "pos_emb width"),
+    (dict(q=jnp.ones((2, 4, 16), jnp.bfloat16)), "dtype"),
+])
+def test_paged_cope_decode_bad_input(args, msg):
+  kw = dict(q=jnp.ones((2, 4, 16)), k_pages=jnp.ones((2, 6, 4, 16)),
+            v_pages=jnp.ones((2, 6, 4, 16)), page_table=jnp.zeros((2, 3), jnp.int32),
+            lengths=jnp.asarray([3, 12], jnp.int32), pos_emb=jnp.ones((8, 16))) | args
+  with pytest.raises(ValueError, match=msg):
+    args = [kw.pop(n) for n in ("q", "k_pages", "v_pages", "page_table", "lengths", "pos_emb")]
+    dispatch.paged_cope_decode_attention(*args, **kw)

@@ -229,8 +229,8 @@ def test_generate_on_the_cpu_gives_each_row_its_own_run_of_pages(monkeypatch):
 @pytest.mark.parametrize("pe", ["rope", "cope"])
 def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   """selection.cpu_kv_cache: on the CPU a bf16 model's pages read in place (generate's own
-  runs) are float32 (the same values, read with no converted copy), gathered ones (the
-  engine's pool) bf16; the model attends in its cache's dtype (queries and the CoPE
+  runs, CoPE's too) are float32 (the same values, read with no converted copy), gathered ones
+  (the engine's pool) bf16; the model attends in its cache's dtype (queries and the CoPE
   table cast to it), with the logits a bf16 cache gives and the same greedy tokens."""
   from fdjax.ops import selection
   model = tiny_model(seed=11, dtype=jnp.bfloat16, position_encoding=pe, head_dim=16)
@@ -242,10 +242,10 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   assert paging.KVStore.for_model(model, 4, 16).dtype == jnp.bfloat16  # gathered pages
   with dispatch.using("xla"):  # the plain reference keeps the model's dtype
     assert paging.KVStore.for_model(model, 4, 16, in_place=True).dtype == jnp.bfloat16
-  described = selection.describe(platform="cpu", dtype="bfloat16")
+  described = selection.describe(model.config, platform="cpu", dtype="bfloat16")
   assert "read in place are float32" in described["kv_cache"]
-  if pe == "rope":  # (CoPE attends through its own op)
-    assert "multiply + sum" in described["paged_decode_attention"]
+  decode_op = "paged_cope_decode_attention" if pe == "cope" else "paged_decode_attention"
+  assert "multiply + sum" in described[decode_op]
   assert "float32" not in selection.describe(platform="cpu", dtype="float16")["kv_cache"]
 
   rng = np.random.default_rng(8)
@@ -267,8 +267,7 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
       lambda cls, *a, **k: made.append(real(cls, *a, **k)) or made[-1]))
   prompts = [list(range(3, 30)), [5, 9], list(range(60, 79))]
   got = fdjax.generate(model, prompts, max_new_tokens=8, page_size=16).tokens
-  assert [kv.dtype for kv in made] == [jnp.bfloat16 if pe == "cope" else jnp.float32]  # (CoPE
-  # attends through its own op, on gathered pages)
+  assert [kv.dtype for kv in made] == [jnp.float32]
   with dispatch.using("xla"):
     assert fdjax.generate(model, prompts, max_new_tokens=8, page_size=16).tokens == got
   assert made[-1].dtype == jnp.bfloat16

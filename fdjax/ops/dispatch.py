@@ -109,9 +109,10 @@ def _platform() -> str:
 def reads_own_pages_in_place(config, dtype) -> bool:
   """Whether a model of `config` and `dtype`, as "auto" runs here now, reads a decode step's
   pages where they lie when each row owns its own consecutive run of them
-  (selection.cpu_paged_decode's rule, on the CPU; CoPE attends through its own op, on
-  gathered pages): a caller laying out a cache then gives each row its own run of pages."""
-  return (not config.cope and current() == "auto" and _platform() == "cpu"
+  (selection.cpu_paged_decode's rule, on the CPU, for paged_decode_attention and
+  paged_cope_decode_attention alike): a caller laying out a cache then gives each row its own
+  run of pages."""
+  return (current() == "auto" and _platform() == "cpu"
           and selection.cpu_paged_decode(kv_cache_dtype(dtype, True)).settings.get(
               "in_place", False))
 
@@ -212,6 +213,15 @@ def _attention_checks(op, q, k, v, q_rank, paged=False):
   if q.shape[-1] != k.shape[-1]:
     raise ValueError(f"{op}: head_dim of q ({q.shape[-1]}) and k ({k.shape[-1]}) differ")
   checks.gqa(op, q.shape[-2], k.shape[0] if paged else k.shape[2])
+
+
+def _check_pos_emb(op, pos_emb, head_dim):
+  if getattr(pos_emb, "ndim", None) != 2 or pos_emb.shape[0] < 1:
+    raise ValueError(f"{op}: pos_emb must be [npos_max >= 1, head_dim], got "
+                     f"{getattr(pos_emb, 'shape', None)}")
+  if pos_emb.shape[1] != head_dim:
+    raise ValueError(f"{op}: pos_emb width ({pos_emb.shape[1]}) must equal head_dim "
+                     f"({head_dim})")
 
 
 def _check_start(op, q_start, batch, most):
@@ -365,12 +375,7 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
   t, s = q.shape[1], k.shape[1]
   if t > s:
     raise ValueError(f"{op}: more queries ({t}) than keys ({s})")
-  if getattr(pos_emb, "ndim", None) != 2 or pos_emb.shape[0] < 1:
-    raise ValueError(f"{op}: pos_emb must be [npos_max >= 1, head_dim], got "
-                     f"{getattr(pos_emb, 'shape', None)}")
-  if pos_emb.shape[1] != q.shape[-1]:
-    raise ValueError(f"{op}: pos_emb width ({pos_emb.shape[1]}) must equal head_dim "
-                     f"({q.shape[-1]})")
+  _check_pos_emb(op, pos_emb, q.shape[-1])
   if lengths is not None:
     checks.int_vector(op, "lengths", lengths, q.shape[0])
     checks.in_range(op, "lengths", lengths, 0, s)
@@ -392,6 +397,56 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
   return _run(op, impl, lambda: reference.cope_attention(
       q, k, v, pos_emb, lengths, scale, q_start, gate_keys, pos_scale), pallas, None,
       q.shape[-1], q.dtype)
+
+
+def paged_cope_decode_attention(q, k_pages, v_pages, page_table, lengths, pos_emb, *,
+                                sm_scale=None, gates="key", pos_scaled=False, impl="auto"):
+  """A CoPE decode step over a paged cache: cope_attention of one query per row, at position
+  lengths - 1, against the row's first `lengths` keys.
+
+  q [B, Hq, D]; k_pages [Hkv, P, page_size, D] (heads-major, as fdjax.ops.kv_cache lays them
+  out), or [.., 2 * D] entries of [key, gate key] with gates "separate"; v_pages [Hkv, P,
+  page_size, D]; page_table, lengths as paged_decode_attention's; pos_emb [npos_max, D];
+  gates: the keys that give the gates, "key" (the keys), "value" (the values, the official
+  code's variant) or "separate" (each key entry's second half); pos_scaled as
+  cope_attention's. Returns [B, Hq, D] in q's dtype.
+
+  On the CPU under "auto" the pages are read per KV head where they lie
+  (reference.paged_cope_decode_attention, in selection.cpu_paged_decode's form); elsewhere
+  each row's pages are gathered and cope_attention runs as `impl` says (its fused Triton
+  kernel on a GPU that takes it)."""
+  op = "paged_cope_decode_attention"
+  checks.choice(op, "gates", gates, ("key", "value", "separate"))
+  checks.rank(op, "q", q, 3)
+  for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+    checks.rank(op, name, pages, 4)
+  d = q.shape[-1]
+  width = 2 * d if gates == "separate" else d
+  if k_pages.shape[:3] != v_pages.shape[:3] or k_pages.shape[3] != width or v_pages.shape[3] != d:
+    raise ValueError(f"{op}: k_pages must be [Hkv, P, page_size, {width}] and v_pages [Hkv, P, "
+                     f"page_size, {d}] (head_dim {d}, gates {gates!r}), got {k_pages.shape} "
+                     f"and {v_pages.shape}")
+  checks.float_dtype(op, "q", q)
+  checks.same_dtype(op, q=q, k_pages=k_pages, v_pages=v_pages)
+  checks.gqa(op, q.shape[1], k_pages.shape[0])
+  checks.rank(op, "page_table", page_table, 2)
+  if not jnp.issubdtype(page_table.dtype, jnp.integer) or page_table.shape[0] != q.shape[0]:
+    raise ValueError(f"{op}: page_table must be an integer [B={q.shape[0]}, max_pages] array, "
+                     f"got {page_table.dtype}{tuple(page_table.shape)}")
+  checks.int_vector(op, "lengths", lengths, q.shape[0])
+  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[2])
+  checks.choice(op, "impl", impl, IMPLS)
+  _check_pos_emb(op, pos_emb, d)
+  if impl == "auto" and current() == "auto" and _platform() == "cpu":
+    return reference.paged_cope_decode_attention(
+        q, k_pages, v_pages, page_table, lengths, pos_emb, _scale(sm_scale, d), gates=gates,
+        pos_scale=_scale(sm_scale, d) if pos_scaled else 1.0,
+        **selection.cpu_paged_decode(k_pages.dtype).settings)
+  k, v = reference.gather_pages(k_pages, page_table), reference.gather_pages(v_pages, page_table)
+  gate_keys = {"key": None, "value": v, "separate": k[..., d:]}[gates]
+  return cope_attention(q[:, None], k[..., :d], v, pos_emb, lengths=lengths,
+                        q_start=lengths - 1, sm_scale=sm_scale, gate_keys=gate_keys,
+                        pos_scaled=pos_scaled, impl=impl)[:, 0]
 
 
 def linear(x, w, *, impl="auto"):

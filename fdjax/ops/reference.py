@@ -96,20 +96,26 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale, *
   owns its own consecutive run of them (rows_own_their_pages) and if so read the pages where
   they lie, as one [Hkv, B, max_pages * page_size, D] view, instead of gathering a copy (the
   same keys, so the same result; the CPU's path: the copy was a tenth of a decode step).
-  weighted_sum: as _decode's."""
-  gathered = lambda: _decode(q, gather_heads(k_pages, page_table),  # noqa: E731
-                             gather_heads(v_pages, page_table), lengths, sm_scale, window,
-                             softcap, plain, weighted_sum)
+  weighted_sum: as _times_v's."""
+  return _read_pages(lambda k, v: _decode(q, k, v, lengths, sm_scale, window, softcap, plain,
+                                          weighted_sum),
+                     k_pages, v_pages, page_table, lengths, in_place)
+
+
+def _read_pages(attend, k_pages, v_pages, page_table, lengths, in_place):
+  """attend(k, v) on a paged cache's keys and values seen per KV head and row, [Hkv, B,
+  max_pages * page_size, width]: gathered into a copy, or with `in_place` (a pool of B x
+  max_pages pages) read where they lie when every row owns its own consecutive run of them,
+  checked at run time (rows_own_their_pages)."""
+  gathered = lambda: attend(gather_heads(k_pages, page_table),  # noqa: E731
+                            gather_heads(v_pages, page_table))
   hkv, p, page_size, _ = k_pages.shape
   b, width = page_table.shape
   if not in_place or p != b * width:
     return gathered()
   view = lambda pages: pages.reshape(hkv, b, width * page_size, pages.shape[-1])  # noqa: E731
-  return jax.lax.cond(
-      rows_own_their_pages(page_table, lengths, p, page_size),
-      lambda: _decode(q, view(k_pages), view(v_pages), lengths, sm_scale, window, softcap,
-                      plain, weighted_sum),
-      gathered)
+  return jax.lax.cond(rows_own_their_pages(page_table, lengths, p, page_size),
+                      lambda: attend(view(k_pages), view(v_pages)), gathered)
 
 
 def rows_own_their_pages(page_table, lengths, num_pages, page_size):
@@ -126,20 +132,23 @@ def rows_own_their_pages(page_table, lengths, num_pages, page_size):
 
 def _decode(q, k, v, lengths, sm_scale, window, softcap, plain, weighted_sum="dot"):
   """decode_attention on heads-major keys and values [Hkv, B, S, D]: the KV head and the row
-  lead both operands of both dots (their batch dimensions), so XLA moves no key.
-  weighted_sum "reduce": the weights times the values as a multiply and a sum over the keys
-  (each key's D values a contiguous vector) instead of the second dot."""
+  lead both operands of both dots (their batch dimensions), so XLA moves no key."""
   b, hq, d = q.shape
   hkv, _, s_len, _ = k.shape
   qf = jnp.moveaxis(_acc(q, plain).reshape(b, hkv, hq // hkv, d), 1, 0)
   s = _capped(_einsum("hbgd,hbsd->hbgs", qf, _acc(k, plain), plain) * sm_scale, softcap)
   mask = _mask((lengths - 1)[:, None], s_len, lengths, True, window)[None]
-  if weighted_sum == "reduce" and not plain:
-    times_v = lambda p: jnp.sum(p[..., None] * _acc(v)[:, :, None], axis=3)  # noqa: E731
-  else:
-    times_v = lambda p: _einsum("hbgs,hbsd->hbgd", p, _acc(v, plain), plain)  # noqa: E731
-  o = _masked_softmax_attention(s, mask, times_v)
+  o = _masked_softmax_attention(s, mask, _times_v(v, weighted_sum, plain))
   return jnp.moveaxis(o, 0, 1).reshape(b, hq, d).astype(q.dtype)
+
+
+def _times_v(v, weighted_sum, plain=False):
+  """The weights [Hkv, B, G, S] times heads-major values [Hkv, B, S, D] -> [Hkv, B, G, D]: a
+  batched dot, or with weighted_sum "reduce" a multiply and a sum over the keys (each key's
+  D values a contiguous vector; XLA:CPU's dot moved float32 values at 13 GB/s there)."""
+  if weighted_sum == "reduce" and not plain:
+    return lambda p: jnp.sum(p[..., None] * _acc(v)[:, :, None], axis=3)
+  return lambda p: _einsum("hbgs,hbsd->hbgd", p, _acc(v, plain), plain)
 
 
 def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, window=None,
@@ -199,22 +208,64 @@ def cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=None, gate_keys=
   """
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
-  npos = pos_emb.shape[0]
   qf = _acc(q).reshape(b, t, hkv, hq // hkv, d)
   s = jnp.einsum("bthgd,bshd->bhgts", qf, _acc(k), precision=HIGHEST) * sm_scale
   mask = _mask(query_positions(b, t, s_len, q_start), s_len, lengths, True)[:, None, None]
   gs = s if gate_keys is None else jnp.einsum(
       "bthgd,bshd->bhgts", qf, _acc(gate_keys), precision=HIGHEST) * sm_scale
+  z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST) * pos_scale
+  o = _masked_softmax_attention(
+      _cope_logits(s, gs, z, mask), mask,
+      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
+  return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def _cope_logits(s, gs, z, mask):
+  """CoPE's logits from the scores `s` and gate scores `gs` [..., S] (keys last), the
+  position logits z [..., npos_max] (the same leading axes) and the mask [..., S]
+  (broadcasting): gates sigmoid(gs) (0 where masked), positions their reverse cumulative sum
+  clamped to npos_max - 1, and s + z interpolated between the positions' floor and ceil."""
+  npos = z.shape[-1]
   gates = jnp.where(mask, jax.nn.sigmoid(gs), 0.0)
   pos = jax.lax.cumsum(gates, axis=gates.ndim - 1, reverse=True)  # sum over keys j..end
   pos = jnp.minimum(pos, npos - 1)
-  z = jnp.einsum("bthgd,nd->bhgtn", qf, _acc(pos_emb), precision=HIGHEST) * pos_scale
   # (z[n], z[n + 1] - z[n]) side by side, so one gather serves floor and ceil
   dz = jnp.concatenate([z[..., 1:] - z[..., :-1], jnp.zeros_like(z[..., :1])], axis=-1)
   lo = jnp.floor(pos)
   pair = jnp.take_along_axis(jnp.stack([z, dz], -1), lo.astype(jnp.int32)[..., None], axis=-2)
-  logits = s + pair[..., 0] + (pos - lo) * pair[..., 1]
-  o = _masked_softmax_attention(
-      logits, mask,
-      lambda p: jnp.einsum("bhgts,bshd->bthgd", p, _acc(v), precision=HIGHEST))
-  return o.reshape(b, t, hq, d).astype(q.dtype)
+  return s + pair[..., 0] + (pos - lo) * pair[..., 1]
+
+
+def paged_cope_decode_attention(q, k_pages, v_pages, page_table, lengths, pos_emb, sm_scale, *,
+                                gates="key", pos_scale=1.0, in_place=False,
+                                weighted_sum="dot"):
+  """cope_attention of one query per row, at position lengths - 1, over a paged cache, per KV
+  head as paged_decode_attention reads it (nothing transposed): q [B, Hq, D]; k_pages [Hkv,
+  P, page_size, D], or [.., 2 * D] of [key, gate key] with gates "separate"; v_pages [Hkv,
+  P, page_size, D]; page_table [B, max_pages]; lengths [B]; pos_emb [npos_max, D]. The gates
+  are sigmoid(q . gate key * sm_scale), the gate key the key ("key"), the value ("value") or
+  the entry's second half ("separate"); pos_scale as cope_attention's. in_place,
+  weighted_sum: as paged_decode_attention's. -> [B, Hq, D] in q's dtype."""
+  b, hq, d = q.shape
+
+  def attend(k, v):  # [Hkv, B, S, width]
+    hkv, _, s_len, _ = k.shape
+    g = hq // hkv
+    qf = jnp.moveaxis(_acc(q).reshape(b, hkv, g, d), 1, 0)
+    if gates == "separate":  # [q, 0] and [0, q] against [key, gate key]: one dot, no slice
+      zero = jnp.zeros_like(qf)
+      both = jnp.concatenate([jnp.concatenate([qf, zero], -1),
+                              jnp.concatenate([zero, qf], -1)], axis=2)
+      both = jnp.einsum("hbgd,hbsd->hbgs", both, _acc(k), precision=HIGHEST) * sm_scale
+      s, gs = both[:, :, :g], both[:, :, g:]
+    else:
+      s = jnp.einsum("hbgd,hbsd->hbgs", qf, _acc(k), precision=HIGHEST) * sm_scale
+      gs = s if gates == "key" else jnp.einsum(
+          "hbgd,hbsd->hbgs", qf, _acc(v), precision=HIGHEST) * sm_scale
+    mask = (jnp.arange(s_len)[None, :] < lengths[:, None])[None, :, None]
+    z = jnp.einsum("hbgd,nd->hbgn", qf, _acc(pos_emb), precision=HIGHEST) * pos_scale
+    o = _masked_softmax_attention(_cope_logits(s, gs, z, mask), mask,
+                                  _times_v(v, weighted_sum))
+    return jnp.moveaxis(o, 0, 1).reshape(b, hq, d).astype(q.dtype)
+
+  return _read_pages(attend, k_pages, v_pages, page_table, lengths, in_place)

@@ -305,7 +305,10 @@ def cpu_paged_decode(dtype) -> Choice:
     checked at run time by reference.rows_own_their_pages), else gathered into a copy first.
     The copy was 7-12 % of a decode step of the benchmark model (bench/results/
     decode_trace_cpu.md before this rule: K/V gather); reading in place gave 4-22 % more
-    tokens/s at batch 4 and 16 in float32, nothing measurable at batch 1;
+    tokens/s at batch 4 and 16 in float32, nothing measurable at batch 1. CoPE's decode step
+    (dispatch.paged_cope_decode_attention) reads its pages the same way, per KV head: it had
+    gathered them token-major and XLA:CPU then copied each layer's values transposed
+    ([B, H, D, S]), 1.9 ms of a 4.5 ms batch-8 step of the bundled model;
   * float32 pages: the weights times the values as a multiply and a sum over the keys rather
     than XLA:CPU's batched dot, which moved 13 GB/s there (8 layers' attention at batch 16,
     128 keys: 3.5 against 5.2 ms; batch 4: 0.63 against 0.78 ms; the decode step 3-14 % more
@@ -560,11 +563,11 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
     hidden = 4096 if config is None else config.hidden_size
     linear_choice = (cpu_linear(batch, hidden, dtype, quantization) if platform == "cpu"
                      else attention("linear", 0, dtype, platform))
-    if platform == "cpu":  # as generate makes its cache (rows' own runs, read in place;
-      kv = cpu_kv_cache(dtype, in_place=not cope)  # CoPE attends on gathered pages)
+    if platform == "cpu":  # as generate makes its cache (rows' own runs, read in place)
+      kv = cpu_kv_cache(dtype, in_place=True)
       choices["kv_cache"] = kv
-      if not cope:
-        choices["paged_decode_attention"] = cpu_paged_decode(kv.settings["dtype"])
+      decode_op = "paged_cope_decode_attention" if cope else "paged_decode_attention"
+      choices[decode_op] = cpu_paged_decode(kv.settings["dtype"])
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
