@@ -308,7 +308,8 @@ def cpu_paged_decode(dtype) -> Choice:
     tokens/s at batch 4 and 16 in float32, nothing measurable at batch 1. CoPE's decode step
     (dispatch.paged_cope_decode_attention) reads its pages the same way, per KV head: it had
     gathered them token-major and XLA:CPU then copied each layer's values transposed
-    ([B, H, D, S]), 1.9 ms of a 4.5 ms batch-8 step of the bundled model;
+    ([B, H, D, S]), 1.9 ms of a 4.5 ms batch-8 step of the bundled model (bench/results/
+    cope_decode_cpu.md: fdjax against its XLA path and a PyTorch CoPE decoder);
   * float32 pages: the weights times the values as a multiply and a sum over the keys rather
     than XLA:CPU's batched dot, which moved 13 GB/s there (8 layers' attention at batch 16,
     128 keys: 3.5 against 5.2 ms; batch 4: 0.63 against 0.78 ms; the decode step 3-14 % more
