@@ -19,14 +19,15 @@ class CopeDecoder(torch.nn.Module):
   def __init__(self, model_dir: str, dtype=torch.float32):
     super().__init__()
     from safetensors.torch import load_file
-    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    with open(os.path.join(model_dir, "config.json")) as fh:
+      cfg = json.load(fh)
     if cfg.get("position_encoding") != "cope" or cfg.get("cope_gates", "key") != "key" or (
         cfg.get("cope_pos_scaled", False) or cfg.get("qkv_bias") or cfg.get("sliding_window")):
       raise ValueError(f"{model_dir}: the PyTorch CoPE baseline takes the appendix's CoPE "
                        "(gates from the keys, no bias, no window)")
     self.cfg = cfg
-    w = {k: v.to(dtype) for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
-    self.w = w
+    self.w = {k: v.to(dtype)
+              for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
     self.layers = cfg["num_layers"]
     self.heads, self.kv_heads = cfg["num_heads"], cfg["num_kv_heads"]
     self.head_dim, self.eps = cfg["head_dim"], cfg["rms_norm_eps"]

@@ -215,6 +215,17 @@ def _attention_checks(op, q, k, v, q_rank, paged=False):
   checks.gqa(op, q.shape[-2], k.shape[0] if paged else k.shape[2])
 
 
+def _check_pages_of_rows(op, page_table, lengths, batch, page_size):
+  """A paged op's page table (an integer [B, max_pages]) and lengths (1 <= lengths <= what
+  the table addresses)."""
+  checks.rank(op, "page_table", page_table, 2)
+  if not jnp.issubdtype(page_table.dtype, jnp.integer) or page_table.shape[0] != batch:
+    raise ValueError(f"{op}: page_table must be an integer [B={batch}, max_pages] array, "
+                     f"got {page_table.dtype}{tuple(page_table.shape)}")
+  checks.int_vector(op, "lengths", lengths, batch)
+  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * page_size)
+
+
 def _check_pos_emb(op, pos_emb, head_dim):
   if getattr(pos_emb, "ndim", None) != 2 or pos_emb.shape[0] < 1:
     raise ValueError(f"{op}: pos_emb must be [npos_max >= 1, head_dim], got "
@@ -285,12 +296,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   """
   op = "paged_decode_attention"
   _attention_checks(op, q, k_pages, v_pages, 3, paged=True)
-  checks.rank(op, "page_table", page_table, 2)
-  if not jnp.issubdtype(page_table.dtype, jnp.integer) or page_table.shape[0] != q.shape[0]:
-    raise ValueError(f"{op}: page_table must be an integer [B={q.shape[0]}, max_pages] array, "
-                     f"got {page_table.dtype}{tuple(page_table.shape)}")
-  checks.int_vector(op, "lengths", lengths, q.shape[0])
-  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[2])
+  _check_pages_of_rows(op, page_table, lengths, q.shape[0], k_pages.shape[2])
   async_softmax.check_options(op, window, softcap)
   scale = _scale(sm_scale, q.shape[-1])
   extra = dict(window=window, softcap=softcap)
@@ -429,18 +435,14 @@ def paged_cope_decode_attention(q, k_pages, v_pages, page_table, lengths, pos_em
   checks.float_dtype(op, "q", q)
   checks.same_dtype(op, q=q, k_pages=k_pages, v_pages=v_pages)
   checks.gqa(op, q.shape[1], k_pages.shape[0])
-  checks.rank(op, "page_table", page_table, 2)
-  if not jnp.issubdtype(page_table.dtype, jnp.integer) or page_table.shape[0] != q.shape[0]:
-    raise ValueError(f"{op}: page_table must be an integer [B={q.shape[0]}, max_pages] array, "
-                     f"got {page_table.dtype}{tuple(page_table.shape)}")
-  checks.int_vector(op, "lengths", lengths, q.shape[0])
-  checks.in_range(op, "lengths", lengths, 1, page_table.shape[1] * k_pages.shape[2])
+  _check_pages_of_rows(op, page_table, lengths, q.shape[0], k_pages.shape[2])
   checks.choice(op, "impl", impl, IMPLS)
   _check_pos_emb(op, pos_emb, d)
   if impl == "auto" and current() == "auto" and _platform() == "cpu":
+    scale = _scale(sm_scale, d)
     return reference.paged_cope_decode_attention(
-        q, k_pages, v_pages, page_table, lengths, pos_emb, _scale(sm_scale, d), gates=gates,
-        pos_scale=_scale(sm_scale, d) if pos_scaled else 1.0,
+        q, k_pages, v_pages, page_table, lengths, pos_emb, scale, gates=gates,
+        pos_scale=scale if pos_scaled else 1.0,
         **selection.cpu_paged_decode(k_pages.dtype).settings)
   k, v = reference.gather_pages(k_pages, page_table), reference.gather_pages(v_pages, page_table)
   gate_keys = {"key": None, "value": v, "separate": k[..., d:]}[gates]
