@@ -7,6 +7,20 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The tests' programs are tiny and compiled by the thousand: XLA's LLVM at optimization level 1
+# compiles them faster (tests/test_engine.py 81 -> 54 s, tests/test_speculative.py 180 ->
+# 161 s, one process), which keeps the README's test command inside its 15 minutes on 2
+# cores. The numbers are XLA's own either way (no fast math at any level; dots are library
+# calls). Not level 0: there jax.grad of CoPE's reference (its interpolation under the
+# softmax, float64) came out NaN where eager, level 1 and the default agree (jax 0.12.0.1,
+# XLA:CPU's fused loops; its forward was exact). Subprocesses (the CLI, servers, the
+# benchmarks' smoke forms) inherit it. Compiles for a described H100 or TPU pin the default
+# level (fdjax.tuning.aot.FULL_OPTIMIZATION): their registers and spills are the real ones.
+# An XLA_FLAGS that names a level keeps it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=1").strip()
+
 # The CLI's persistent compilation cache (fdjax generate / serve in subprocesses): one
 # directory for the whole session, made by the first process (pytest, or xdist's controller,
 # whose workers inherit it), so each `python -m fdjax ...` loads what an earlier one compiled
@@ -29,13 +43,13 @@ def pytest_unconfigure(config):
 # whole files on two workers (pytest-xdist --dist loadfile), which take them in this order,
 # so the long ones start early and both workers finish at about the same time.
 # (The benchmark and compile files run in CI's other steps, with the same rule; the GPU
-# suite's dry run is one fixture of about five minutes.)
-LONGEST_FIRST = ("test_bench_gpu_suite.py", "test_bench.py", "test_h100_compile.py",
-                 "test_sharding.py", "test_server.py", "test_engine.py", "test_speculative.py",
+# suite's dry run is two fixtures, one per file, of two or three minutes each.)
+LONGEST_FIRST = ("test_bench_gpu_suite.py", "test_bench_gpu_suite_decode.py", "test_bench.py",
+                 "test_mosaic_gpu.py", "test_h100_compile.py", "test_sharding.py",
+                 "test_server.py", "test_engine.py", "test_speculative.py",
                  "test_structured_output.py", "test_quantization.py", "test_attention_kernels.py",
-                 "test_tpu_kernels.py", "test_paged.py", "test_hf_parity.py",
-                 "test_openai_api.py", "test_mosaic_gpu.py", "test_cope.py", "test_tool_calls.py",
-                 "test_moe.py", "test_tpu_compile.py")
+                 "test_tpu_kernels.py", "test_paged.py", "test_hf_parity.py", "test_openai_api.py",
+                 "test_cope.py", "test_tool_calls.py", "test_moe.py", "test_tpu_compile.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,9 @@
 """The GPU suite's dry run (`python -m fdjax bench gpu --dry-run`: every part in its CPU form)
 and the benchmarks it runs, checked for the promised fields (no timing is asserted). Apart
-from tests/test_bench.py so that pytest-xdist's loadfile gives the dry run (minutes) a worker
-of its own."""
+from tests/test_bench.py so that pytest-xdist's loadfile gives the dry run (minutes) workers
+of its own: this file runs the parts env, check, gemm and tune,
+tests/test_bench_gpu_suite_decode.py the others (attention, e2e, speculative, moe), each
+half on one of CI's two workers."""
 import json
 import os
 import subprocess
@@ -9,31 +11,42 @@ import sys
 
 import pytest
 
+from bench import gpu_suite
 from tests.test_bench import COMMON, ROOT, _rows
 
 pytestmark = pytest.mark.bench  # as tests/test_bench.py: apart from the README's command
 
+PARTS = ["env", "check", "gemm", "tune"]  # the rest: tests/test_bench_gpu_suite_decode.py
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-  """`python -m fdjax bench gpu --dry-run` once: every part of the GPU suite in its CPU form
-  (the kernel check in interpret mode, the attention / GEMM / e2e benchmarks, tune)."""
+
+def run_parts(tmp_path_factory, parts):
+  """`python -m fdjax bench gpu --dry-run --parts PARTS` once: those parts of the GPU suite in
+  their CPU form, each reported ok with a log of its own; -> the results folder."""
   out = tmp_path_factory.mktemp("gpu_suite")
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, "-m", "fdjax", "bench", "gpu", "--dry-run",
-                      "--results-dir", str(out)], capture_output=True, text=True, env=env,
-                     cwd=ROOT, timeout=1200)
+                      "--parts", *parts, "--results-dir", str(out)], capture_output=True,
+                     text=True, env=env, cwd=ROOT, timeout=1200)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  rows = _rows(out, "gpu_suite_dry")
+  assert [r["part"] for r in rows] == parts
+  assert all(r["status"] == "ok" for r in rows), rows
+  for r in rows:
+    assert (out / "logs" / r["log"]).stat().st_size > 0
   return out
 
 
-def test_gpu_suite_dry_run_reports_every_part(dry_run):
-  rows = _rows(dry_run, "gpu_suite_dry")
-  assert [r["part"] for r in rows] == ["env", "check", "attention", "gemm", "tune", "e2e",
-                                      "speculative", "moe"]
-  assert all(r["status"] == "ok" for r in rows), rows
-  for r in rows:
-    assert (dry_run / "logs" / r["log"]).stat().st_size > 0
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+  return run_parts(tmp_path_factory, PARTS)
+
+
+def test_the_two_halves_of_the_dry_run_cover_every_part():
+  from tests.test_bench_gpu_suite_decode import PARTS as REST
+  assert sorted(PARTS + REST, key=gpu_suite.PARTS.index) == list(gpu_suite.PARTS)
+
+
+def test_gpu_suite_dry_run_reports_the_device(dry_run):
   env = _rows(dry_run, "gpu_env")[0]
   assert env["copy_gbps"] > 0 and env["dispatch_floor_us"] > 0
 
@@ -50,22 +63,6 @@ def test_gpu_check_smoke_covers_every_kernel(dry_run):
   assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
   guards = [r for r in rows if r["kernel"].endswith("_guard")]
   assert guards and all(r["recomputed_rows"] > 0 for r in guards)
-
-
-def test_attention_bench_smoke(dry_run):
-  rows = _rows(dry_run, "attention_smoke")
-  assert (dry_run / "attention_smoke.svg").exists()
-  assert {r["impl"] for r in rows} >= {"fdjax-async", "fdjax-sync", "xla", "xla-sdpa",
-                                       "fdjax-mosaic-async", "fdjax-mosaic-sync",
-                                       "fdjax-mosaic-paged64"}
-  mosaic = [r for r in rows if r["impl"] == "fdjax-mosaic-async"]
-  assert mosaic and all(r["speedup_vs_fdjax-async"] > 0 for r in mosaic)
-  assert {r["op"] for r in rows} == {"decode", "prefill"}
-  for r in rows:
-    for f in COMMON + ["op", "impl", "batch", "q_heads", "kv_heads", "head_dim", "kv_len", "us",
-                       "gbps", "bw_fraction"]:
-      assert f in r, (f, r)
-    assert r["us"] > 0 and 0 < r["bw_fraction"]
 
 
 def test_gemm_bench_smoke(dry_run):
@@ -111,45 +108,3 @@ def test_tune_part_writes_a_table_dispatch_reads(dry_run, monkeypatch):
   finally:
     monkeypatch.delenv("FDJAX_TABLES")
     selection.reload()
-
-
-def test_e2e_bench_cpu_form(dry_run):
-  rows = _rows(dry_run, "e2e_cpu")
-  assert {r["impl"] for r in rows} == {"fdjax-auto", "fdjax-xla", "hf-eager"}
-  for row in rows:
-    assert "error" not in row, row
-    for f in COMMON + ["torch_version", "model", "impl", "batch", "prompt_len", "new_tokens",
-                       "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s"]:
-      assert f in row, (f, row)
-    if row["impl"].startswith("fdjax"):
-      assert row["roofline_fraction"] > 0
-  auto = next(r for r in rows if r["impl"] == "fdjax-auto")
-  assert auto["breakdown_linear_ms"] > 0 and auto["breakdown_attention_ms"] > 0
-
-
-def test_speculative_bench_smoke(dry_run):
-  """bench/speculative.py's quick form (the GPU suite's speculative part, dry): plain, n-gram
-  and draft decoding of the bundled model (an untrained draft) side by side."""
-  rows = _rows(dry_run, "speculative")
-  assert {r["method"] for r in rows} == {"plain", "ngram k=4 n=3", "draft k=4"}
-  assert {r["prompts"] for r in rows} == {"repeating code"}  # the quick form's one set
-  for r in rows:
-    assert r["decode_tokens_per_s"] > 0 and r["tokens_per_round"] >= 1.0
-    assert (r["acceptance"] == "") == (r["method"] == "plain")
-
-
-def test_moe_bench_smoke(dry_run):
-  """bench/moe.py's quick form (the GPU suite's moe part, dry): every strategy at each batch,
-  the one auto picks marked, bytes read no more than the dense computation's where the
-  strategy reads only routed experts."""
-  rows = _rows(dry_run, "moe")
-  assert {r["batch"] for r in rows} == {1, 8}
-  for batch in (1, 8):
-    mine = [r for r in rows if r["batch"] == batch]
-    assert [r["strategy"].split()[0] for r in mine] == ["dense", "ragged", "gather", "grouped"]
-    assert sum(r["auto"] == "yes" for r in mine) == 1
-    assert all(r["ms"] > 0 and r["kernel_MB_read"] <= r["dense_MB_read"] for r in mine)
-  int4 = _rows(dry_run, "moe_int4")  # the same layer's experts int4: a quarter of the bytes
-  assert [r["strategy"].split()[0] for r in int4] == [r["strategy"].split()[0] for r in rows]
-  for q, r in zip(int4, rows):
-    assert q["ms"] > 0 and q["dense_MB_read"] == pytest.approx(r["dense_MB_read"] / 4, rel=1e-3)

@@ -52,6 +52,11 @@ FAMILIES = {
 }
 
 
+def _flags(flag):
+  """The session's XLA_FLAGS (tests/conftest.py's) and `flag`."""
+  return (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
 def _hf_checkpoint(name, path):
   cfg_cls, model_cls, extra, _ = FAMILIES[name]
   torch.manual_seed(len(name))
@@ -71,7 +76,7 @@ def run(tmp_path_factory):
             for name, fam in FAMILIES.items()}
   models["cope"] = [DEFAULT_MODEL, COPE]
   spec = {"models": models, "interpret": ["llama3", 2, 4]}
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": _flags("--xla_force_host_platform_device_count=8"),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
   r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_run.py"),
                       json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT,
@@ -152,7 +157,7 @@ def test_two_processes_joined_by_jax_distributed_generate_one_process_tokens(run
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "tests", "multihost_run.py"), spec],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      env={**os.environ, "XLA_FLAGS": _flags("--xla_force_host_platform_device_count=2"),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": str(i)}) for i in range(2)]

@@ -1,0 +1,74 @@
+"""The other half of the GPU suite's dry run (tests/test_bench_gpu_suite.py runs env, check,
+gemm and tune): the decoding benchmarks (attention, e2e, speculative, moe) in their CPU forms,
+checked for the promised fields (no timing is asserted)."""
+import pytest
+
+from tests.test_bench import COMMON, _rows
+from tests.test_bench_gpu_suite import run_parts
+
+pytestmark = pytest.mark.bench  # as tests/test_bench.py: apart from the README's command
+
+PARTS = ["attention", "e2e", "speculative", "moe"]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+  return run_parts(tmp_path_factory, PARTS)
+
+
+def test_attention_bench_smoke(dry_run):
+  rows = _rows(dry_run, "attention_smoke")
+  assert (dry_run / "attention_smoke.svg").exists()
+  assert {r["impl"] for r in rows} >= {"fdjax-async", "fdjax-sync", "xla", "xla-sdpa",
+                                       "fdjax-mosaic-async", "fdjax-mosaic-sync",
+                                       "fdjax-mosaic-paged64"}
+  mosaic = [r for r in rows if r["impl"] == "fdjax-mosaic-async"]
+  assert mosaic and all(r["speedup_vs_fdjax-async"] > 0 for r in mosaic)
+  assert {r["op"] for r in rows} == {"decode", "prefill"}
+  for r in rows:
+    for f in COMMON + ["op", "impl", "batch", "q_heads", "kv_heads", "head_dim", "kv_len", "us",
+                       "gbps", "bw_fraction"]:
+      assert f in r, (f, r)
+    assert r["us"] > 0 and 0 < r["bw_fraction"]
+
+
+def test_e2e_bench_cpu_form(dry_run):
+  rows = _rows(dry_run, "e2e_cpu")
+  assert {r["impl"] for r in rows} == {"fdjax-auto", "fdjax-xla", "hf-eager"}
+  for row in rows:
+    assert "error" not in row, row
+    for f in COMMON + ["torch_version", "model", "impl", "batch", "prompt_len", "new_tokens",
+                       "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s"]:
+      assert f in row, (f, row)
+    if row["impl"].startswith("fdjax"):
+      assert row["roofline_fraction"] > 0
+  auto = next(r for r in rows if r["impl"] == "fdjax-auto")
+  assert auto["breakdown_linear_ms"] > 0 and auto["breakdown_attention_ms"] > 0
+
+
+def test_speculative_bench_smoke(dry_run):
+  """bench/speculative.py's quick form (the GPU suite's speculative part, dry): plain, n-gram
+  and draft decoding of the bundled model (an untrained draft) side by side."""
+  rows = _rows(dry_run, "speculative")
+  assert {r["method"] for r in rows} == {"plain", "ngram k=4 n=3", "draft k=4"}
+  assert {r["prompts"] for r in rows} == {"repeating code"}  # the quick form's one set
+  for r in rows:
+    assert r["decode_tokens_per_s"] > 0 and r["tokens_per_round"] >= 1.0
+    assert (r["acceptance"] == "") == (r["method"] == "plain")
+
+
+def test_moe_bench_smoke(dry_run):
+  """bench/moe.py's quick form (the GPU suite's moe part, dry): every strategy at each batch,
+  the one auto picks marked, bytes read no more than the dense computation's where the
+  strategy reads only routed experts."""
+  rows = _rows(dry_run, "moe")
+  assert {r["batch"] for r in rows} == {1, 8}
+  for batch in (1, 8):
+    mine = [r for r in rows if r["batch"] == batch]
+    assert [r["strategy"].split()[0] for r in mine] == ["dense", "ragged", "gather", "grouped"]
+    assert sum(r["auto"] == "yes" for r in mine) == 1
+    assert all(r["ms"] > 0 and r["kernel_MB_read"] <= r["dense_MB_read"] for r in mine)
+  int4 = _rows(dry_run, "moe_int4")  # the same layer's experts int4: a quarter of the bytes
+  assert [r["strategy"].split()[0] for r in int4] == [r["strategy"].split()[0] for r in rows]
+  for q, r in zip(int4, rows):
+    assert q["ms"] > 0 and q["dense_MB_read"] == pytest.approx(r["dense_MB_read"] / 4, rel=1e-3)
