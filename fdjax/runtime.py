@@ -8,13 +8,20 @@ import os
 COMMAND_BUFFER_FLAG = "--legacy_command_buffer_custom_call_targets=__gpu$xla.gpu.triton"
 
 
+def add_xla_flag(flag: str, unless: str | None = None) -> None:
+  """Appends `flag` to this process's XLA_FLAGS unless they already contain `unless` (default:
+  the flag itself), so a setting the user named wins. XLA reads XLA_FLAGS when its first
+  backend starts: call this before any computation. Child processes inherit it."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if (unless or flag) not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + flag).strip()
+
+
 def enable_command_buffers() -> None:
   """Adds the flag that puts Pallas calls into XLA command buffers. Must run before the first
   computation (XLA reads XLA_FLAGS once). XLA aborts on a flag it does not know, so this is
   opt-in (`--command-buffers`) until it is verified on the JAX version in use."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if COMMAND_BUFFER_FLAG not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " " + COMMAND_BUFFER_FLAG).strip()
+  add_xla_flag(COMMAND_BUFFER_FLAG)
 
 
 # jax 0.11 on: XLA:CPU's SmallWhileLoopHoistingPass compiles every while loop that touches
@@ -33,9 +40,7 @@ def keep_cpu_loops_threaded() -> None:
   --xla_backend_extra_options adds to the first's keys). XLA reads XLA_FLAGS when its first
   backend starts: fdjax's import does this, so in a process that ran a JAX computation
   before importing fdjax, it comes too late (and jax's own default stays)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_small_while_loop_byte_threshold" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " " + CPU_LOOP_FLAG).strip()
+  add_xla_flag(CPU_LOOP_FLAG, unless="xla_cpu_small_while_loop_byte_threshold")
 
 
 def default_compile_cache() -> str:

@@ -17,9 +17,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # benchmarks' smoke forms) inherit it. Compiles for a described H100 or TPU pin the default
 # level (fdjax.tuning.aot.FULL_OPTIMIZATION): their registers and spills are the real ones.
 # An XLA_FLAGS that names a level keeps it.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=1").strip()
+from fdjax import runtime  # noqa: E402  (after the path above; starts no backend)
+
+runtime.add_xla_flag("--xla_backend_optimization_level=1", unless="xla_backend_optimization_level")
 
 # The CLI's persistent compilation cache (fdjax generate / serve in subprocesses): one
 # directory for the whole session, made by the first process (pytest, or xdist's controller,

@@ -1,4 +1,6 @@
 """The KV cache and the jitted decode loop."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +111,22 @@ def test_the_batch_1_decode_loop_is_not_one_single_threaded_kernel():
   assert page in hlo
   hoisted = [line for line in hlo.splitlines() if 'xla_cpu_small_call="true"' in line]
   assert not [line for line in hoisted if page in line]  # the loop carrying the cache
+
+
+def test_an_xla_flag_is_added_once_and_a_named_setting_wins(monkeypatch):
+  """fdjax.runtime.add_xla_flag: the one place the package and the tests add to XLA_FLAGS."""
+  from fdjax import runtime
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+  runtime.enable_command_buffers()
+  runtime.enable_command_buffers()
+  assert os.environ["XLA_FLAGS"] == ("--xla_cpu_use_thunk_runtime=true "
+                                     + runtime.COMMAND_BUFFER_FLAG)
+  runtime.keep_cpu_loops_threaded()
+  assert os.environ["XLA_FLAGS"].endswith(" " + runtime.CPU_LOOP_FLAG)
+  mine = "--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=7"
+  monkeypatch.setenv("XLA_FLAGS", mine)
+  runtime.keep_cpu_loops_threaded()
+  assert os.environ["XLA_FLAGS"] == mine
+  monkeypatch.delenv("XLA_FLAGS")
+  runtime.add_xla_flag("--xla_backend_optimization_level=1", unless="optimization_level")
+  assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=1"
