@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 import fdjax
 from fdjax.io.checkpoint import CheckpointError, config_from_hf
 from models import ModelConfig
-from tests.models_util import tiny_model
+from tests.models_util import forward, tiny_model
 
 HF_BASE = dict(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -162,7 +162,7 @@ def test_a_sliding_window_is_attention_to_the_last_w_tokens():
   ids = np.random.default_rng(3).integers(1, 97, (1, 12))
   other = ids.copy()
   other[0, 0] = 0
-  a, b = (np.asarray(model(jnp.asarray(x))) for x in (ids, other))
+  a, b = (np.asarray(forward(model, jnp.asarray(x))) for x in (ids, other))
   changed = np.max(np.abs(a - b), axis=-1)[0] > 1e-6
   assert changed.tolist() == [True] * 5 + [False] * 7
   # generation far past the window: the paged decode and chunked prefill agree with the
@@ -170,7 +170,7 @@ def test_a_sliding_window_is_attention_to_the_last_w_tokens():
   out = fdjax.generate(model, [ids[0].tolist()], max_new_tokens=20, page_size=4,
                        prefill_chunk=3).tokens[0]
   seq = jnp.asarray([ids[0].tolist() + out])
-  assert np.argmax(np.asarray(model(seq))[0, 11:-1], -1).tolist() == out
+  assert np.argmax(np.asarray(forward(model, seq))[0, 11:-1], -1).tolist() == out
 
 
 @pytest.mark.parametrize("overrides,msg", [

@@ -10,7 +10,7 @@ import fdjax
 from fdjax.engine import decode_loop, steps
 from fdjax.ops import kv_cache
 from tests.helpers import rel_err
-from tests.models_util import tiny_model
+from tests.models_util import forward, tiny_model
 
 
 @pytest.mark.parametrize("pe", ["rope", "none"])
@@ -19,11 +19,11 @@ def test_decoding_with_cache_equals_full_forward(pe):
   rng = np.random.default_rng(0)
   lengths = np.array([9, 5, 13], np.int32)
   seqs = rng.integers(0, 97, (3, 20)).astype(np.int32)
-  full = np.asarray(model(jnp.asarray(seqs)))  # [B, 20, V], causal
+  full = np.asarray(forward(model, jnp.asarray(seqs)))  # [B, 20, V], causal
   prompt = np.where(np.arange(16)[None] < lengths[:, None], seqs[:, :16], 0)
   cache = kv_cache.init_cache(model.config, 3, 32, jnp.float32)
-  logits, cache = model(jnp.asarray(prompt), cache=cache, lengths=jnp.asarray(lengths),
-                        last_only=True)
+  logits, cache = forward(model, jnp.asarray(prompt), cache=cache,
+                          lengths=jnp.asarray(lengths), last_only=True)
   want = full[np.arange(3), lengths - 1]
   assert rel_err(logits[:, 0], want) < 1e-5
   step = jax.jit(lambda tok, c: model(tok, cache=c))

@@ -17,6 +17,7 @@ import fdjax
 from fdjax.io import checkpoint
 from fdjax.ops import dispatch, moe, quant, selection
 from models import ModelConfig, Transformer, layout, parallel
+from tests.models_util import compiled, forward
 
 SILU = jax.nn.silu
 
@@ -71,7 +72,8 @@ def test_strategies_match_float64(strategy, t, e, k):
   weights, experts = moe.route(jax.random.normal(jax.random.fold_in(key, 2), (t, e)), k, True)
   want = _reference(x, weights, experts, w_gate_up, w_down)
   for tile in (8, 16) if strategy == "grouped" else (8,):  # only grouped has tiles
-    got = np.asarray(moe.run(strategy, x, weights, experts, w_gate_up, w_down, SILU, tile=tile))
+    got = np.asarray(compiled(moe.run, strategy, x, weights, experts, w_gate_up, w_down, SILU,
+                                tile=tile))
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -87,7 +89,8 @@ def test_one_expert_takes_every_token_and_the_rest_none(strategy):
   experts = jnp.tile(jnp.array([[5, 2]], jnp.int32), (t, 1))
   weights = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 2), (t, 2)), -1)
   want = _reference(x, weights, experts, w_gate_up, w_down)
-  got = np.asarray(moe.run(strategy, x, weights, experts, w_gate_up, w_down, SILU, tile=16))
+  got = np.asarray(compiled(moe.run, strategy, x, weights, experts, w_gate_up, w_down, SILU,
+                              tile=16))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -111,7 +114,8 @@ def test_quantized_experts_match_float64(method):
   want = _reference(x, weights, experts, *deq)
   assert np.max(np.abs(want - _reference(x, weights, experts, w_gate_up, w_down))) > 0
   for strategy in moe.STRATEGIES:
-    got = np.asarray(moe.run(strategy, x, weights, experts, q_gate_up, q_down, SILU, tile=8))
+    got = np.asarray(compiled(moe.run, strategy, x, weights, experts, q_gate_up, q_down, SILU,
+                                tile=8))
     assert np.all(np.isfinite(got)), strategy
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   auto = dispatch.moe(x, logits, q_gate_up, q_down, top_k=3)
@@ -208,7 +212,8 @@ def test_a_measured_moe_table_overrides_the_rule(tmp_path, monkeypatch):
   quantizations and other platforms keep the analytic rule; dispatch.moe and describe follow it."""
   kind = selection.device_kind()
   qwen = selection.moe_key(128, 2048, 768, 8)
-  assert qwen == "E128xH2048xF768xk8" and selection.moe_key(8, 64, 32, 2, "int4") == "E8xH64xF32xk2:int4"
+  assert qwen == "E128xH2048xF768xk8"
+  assert selection.moe_key(8, 64, 32, 2, "int4") == "E8xH64xF32xk2:int4"
   # against the rule (grouped tiles at 1 to 64 tokens): every expert measured faster at 1 and 2
   profile = [{"tokens": 1, "grouped_ms": 5.0, "dense_ms": 4.0, "tile": 8},
              {"tokens": 2, "grouped_ms": 6.0, "dense_ms": 5.5, "tile": 8},
@@ -383,7 +388,8 @@ def test_checkpoint_round_trip_per_expert_tensors(tmp_path):
   fdjax.save_pretrained(model, tmp_path)
   loaded = fdjax.load_pretrained(tmp_path)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 9)))
-  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+  np.testing.assert_array_equal(np.asarray(forward(loaded, ids)),
+                                np.asarray(forward(model, ids)))
   mixtral = dataclasses.replace(MOE, moe_naming="mixtral", dense_layers=None,
                                 shared_expert_size=0)
   names = {name for e in layout.layout(mixtral) for name in e.names}
@@ -405,14 +411,14 @@ def test_a_quantized_moe_model(method, tmp_path):
   assert not isinstance(mlp.router[...], quant.QuantizedWeight)
   assert not isinstance(model.layers[2].mlp.shared_gate[...], quant.QuantizedWeight)
   with dispatch.using("xla"):  # weight-only (on a CPU with VNNI "auto" runs int8 as W8A8)
-    weight_only = np.asarray(model(ids))
-  got = np.asarray(model(ids))
+    weight_only = np.asarray(forward(model, ids))
+  got = np.asarray(forward(model, ids))
   float_model = _model()
   for e in layout.layout(MOE):
     w = layout.param_at(model, e.param)[...]
     if isinstance(w, quant.QuantizedWeight):
       layout.param_at(float_model, e.param).set_value(quant.dequantize(w))
-  want = np.asarray(float_model(ids))
+  want = np.asarray(forward(float_model, ids))
   np.testing.assert_allclose(weight_only, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   # W8A8 moves the hidden states a little, which can flip a token's routed experts: the
   # logits follow in norm (7.8 % here), not everywhere
@@ -423,7 +429,7 @@ def test_a_quantized_moe_model(method, tmp_path):
   assert "model.layers.0.mlp.experts.5.up_proj.weight_scale" in tensors
   fdjax.save_pretrained(model, tmp_path)
   loaded = fdjax.load_pretrained(tmp_path)
-  np.testing.assert_array_equal(np.asarray(loaded(ids)), got)
+  np.testing.assert_array_equal(np.asarray(forward(loaded, ids)), got)
 
 
 def test_refusals_and_describe(tmp_path):

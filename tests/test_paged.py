@@ -13,7 +13,7 @@ from fdjax.engine import paging
 from fdjax.ops import dispatch, kv_cache, reference
 from pallas_kernels.triton import decode_attention as dk
 from tests.helpers import np_decode_attention, rel_err
-from tests.models_util import tiny_model
+from tests.models_util import forward, tiny_model
 
 D = 16
 PS = 16  # page size
@@ -255,8 +255,8 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   logits = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     cache = kv_cache.init_cache(model.config, 2, 32, dtype, page_size=16)
-    first, cache = model(ids, cache=cache, lengths=lengths)  # prefill: the gathered cache
-    step, cache = model(ids[:, :1], cache=cache, lengths=jnp.ones(2, jnp.int32))  # decode
+    first, cache = forward(model, ids, cache=cache, lengths=lengths)  # prefill: gathered cache
+    step, cache = forward(model, ids[:, :1], cache=cache, lengths=jnp.ones(2, jnp.int32))
     assert cache.k[0].dtype == dtype
     logits[dtype] = [np.asarray(first[0]), np.asarray(first[1, :7]), np.asarray(step)]
   for got, want in zip(logits[jnp.float32], logits[jnp.bfloat16]):

@@ -421,13 +421,12 @@ def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-  _, _, out = _serve_once(port, "off")
-  assert "fdjax serve: model 'fdjax-default'" in out and "no compilation cache" in out
   # A warm-up: the port is open at once, /health says so until every shape is compiled, and
   # the second start loads them all from the persistent compilation cache (nothing new).
   cache = str(tmp_path / "xla")
   args = ("--warmup", "--max-batch", "2", "--prefill-chunk", "16")
   _, seen, out = _serve_once(port, cache, *args)
+  assert "fdjax serve: model 'fdjax-default'" in out
   assert "warming up" in seen and seen[-1] == "ok"
   assert "warming up [" in out and f"kept in {cache}" in out
   first = set(os.listdir(cache))
@@ -440,3 +439,22 @@ def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch
                       lambda name, *a: None if name == "uvicorn" else real(name, *a))
   with pytest.raises(ValueError, match="fdjax serve needs uvicorn"):
     server.check_dependencies()
+
+
+def test_serve_with_the_compilation_cache_off_says_so(monkeypatch, capsys):
+  """`fdjax serve --compile-cache off` (the on-demand compiles of a server without --warmup
+  are the live-server tests' own): no persistent cache, and the first line says so."""
+  import jax
+
+  from fdjax import cli
+  args = cli.build_parser().parse_args(["serve", "--compile-cache", "off", "--port", "0"])
+  served = []
+  monkeypatch.setattr(server, "serve", lambda model, **kw: served.append((model, kw)))
+  was = jax.config.jax_enable_compilation_cache
+  try:
+    args.fn(args)
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+  assert "fdjax serve: no compilation cache (--compile-cache off)" in capsys.readouterr().out
+  assert served and served[0][0] is None and served[0][1]["port"] == 0
