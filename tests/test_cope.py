@@ -13,7 +13,7 @@ import fdjax
 from fdjax.ops import dispatch, kv_cache
 from pallas_kernels.triton import cope_attention as ck
 from tests.helpers import cuda_text, rel_err, spy
-from tests.models_util import tiny_model
+from tests.models_util import forward, tiny_model
 
 
 def np_cope(q, k, v, e, lengths, scale, gate_keys=None, pos_scaled=False):
@@ -182,7 +182,7 @@ def test_model_with_cope_decodes_like_the_full_forward(monkeypatch, variant):
   rng = np.random.default_rng(2)
   seqs = rng.integers(0, 97, (2, 14)).astype(np.int32)
   lengths = np.array([6, 9], np.int32)
-  full = np.asarray(model(jnp.asarray(seqs)))
+  full = np.asarray(forward(model, jnp.asarray(seqs)))
   cache = kv_cache.init_cache(model.config, 2, 16, jnp.float32)
   prompt = np.where(np.arange(9)[None] < lengths[:, None], seqs[:, :9], 0)
   logits, cache = nnx.jit(lambda m, *a: m(a[0], cache=a[1], lengths=a[2], last_only=True))(

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import fdjax  # noqa: E402
+from tests.models_util import forward  # noqa: E402
 
 VOCAB = 211
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -44,7 +45,8 @@ FAMILIES = {
     # scale, final soft-capping (transformers' Gemma 3 attention applies no soft-capping)
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                dict(num_key_value_heads=2, head_dim=16, sliding_window=W,
-                    layer_types=["sliding_attention", "full_attention"], rope_parameters=GEMMA3_ROPE,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters=GEMMA3_ROPE,
                     query_pre_attn_scalar=24, final_logit_softcapping=30.0)),
     # Gemma 2: no q/k norms, alternating windowed layers, attention soft-capping (strong)
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
@@ -123,7 +125,7 @@ def test_logits_match(pair):
   _, _, hf, model = pair
   ids = np.random.default_rng(0).integers(0, VOCAB, (2, 23))  # 23 > W
   want = hf(torch.tensor(ids)).logits.detach().numpy()
-  got = np.asarray(model(jnp.asarray(ids)))
+  got = np.asarray(forward(model, jnp.asarray(ids)))
   assert np.all(np.isfinite(got))
   assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 

@@ -24,7 +24,7 @@ from pallas_kernels.triton import flat_gemm as fg
 from pallas_kernels.triton import gemv as gv
 from pallas_kernels.triton import quantized_gemm as qg
 from tests.helpers import cuda_text, rel_err, spy
-from tests.models_util import tiny_model
+from tests.models_util import forward, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["int8", "int4"]
@@ -234,18 +234,18 @@ def test_describe_names_the_quantized_entries():
 def test_quantized_model_follows_the_float_one_and_the_kernels_agree(method):
   model = tiny_model()
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 11)))
-  want = np.asarray(model(ids))
+  want = np.asarray(forward(model, ids))
   fdjax.quantize(model, method)
   assert mq.of(model) == mq.Quantization(method, False)
   assert isinstance(model.layers[0].mlp.w_down[...], quant.QuantizedWeight)
   assert not isinstance(model.lm_head[...], quant.QuantizedWeight)  # only if asked
   assert model.embed[...].dtype == jnp.float32 and model.norm.weight[...].dtype == jnp.float32
   with dispatch.using("xla"):  # the weight-only reference (on the CPU "auto" may differ)
-    got = np.asarray(model(ids))
+    got = np.asarray(forward(model, ids))
   assert rel_err(got, want) < (0.05 if method == "int8" else 0.5)
-  assert rel_err(model(ids), want) < (0.05 if method == "int8" else 0.5)
+  assert rel_err(forward(model, ids), want) < (0.05 if method == "int8" else 0.5)
   with dispatch.using("pallas_interpret"):
-    assert rel_err(model(ids), got) < 1e-5
+    assert rel_err(forward(model, ids), got) < 1e-5
   res = fdjax.generate(model, [[1, 2, 3], [4]], max_new_tokens=4)
   assert [len(t) for t in res.tokens] == [4, 4]
 
@@ -279,7 +279,7 @@ def test_saved_quantized_checkpoint_loads_without_requantizing(tmp_path, method,
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 9)))
-  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+  np.testing.assert_array_equal(np.asarray(forward(loaded, ids)), np.asarray(forward(model, ids)))
   other = "int4" if method == "int8" else "int8"
   with pytest.raises(CheckpointError, match="loads as saved"):
     fdjax.load_pretrained(tmp_path, quantize=other)
@@ -331,7 +331,7 @@ def test_hugging_face_model_with_the_dequantized_weights_gives_the_same_logits(t
   ids = np.random.default_rng(0).integers(0, 101, (2, 13))
   with torch.no_grad():
     want = hf(torch.tensor(ids)).logits.numpy()
-  got = np.asarray(model(jnp.asarray(ids)))
+  got = np.asarray(forward(model, jnp.asarray(ids)))
   assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 
