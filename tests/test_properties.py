@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from fdjax.engine.sampling import filter_logits
 from fdjax.ops import dispatch
 from tests.helpers import rel_err
+from tests.models_util import compiled
 
 
 @settings(max_examples=40, deadline=None)
@@ -15,9 +16,10 @@ from tests.helpers import rel_err
 def test_filters_keep_exactly_the_top_k_and_the_nucleus(seed, vocab, top_k, top_p):
   logits = np.random.default_rng(seed).standard_normal(vocab).astype(np.float32) * 3
   k = min(top_k, vocab)
-  kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], k, None))[0])
+  kept = np.isfinite(np.asarray(compiled(filter_logits, jnp.asarray(logits)[None], k, None))[0])
   assert kept.sum() == k and set(np.flatnonzero(kept)) == set(np.argsort(-logits)[:k])
-  kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], None, top_p))[0])
+  kept = np.isfinite(np.asarray(compiled(filter_logits, jnp.asarray(logits)[None], None,
+                                         top_p))[0])
   p = np.exp(logits - logits.max())
   p /= p.sum()
   order = np.argsort(-logits)
