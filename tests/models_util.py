@@ -32,16 +32,10 @@ def compiled(fn, *args, **kwargs):
     return v is None or isinstance(v, (bool, int, float, str)) or (
         callable(v) and not isinstance(v, nnx.Module))
 
-  pos = [i for i, v in enumerate(args) if fixed(v)]
-  keys = [k for k, v in kwargs.items() if fixed(v)]
-
-  def run(dyn_args, dyn_kwargs):
-    full = list(dyn_args)
-    for i in pos:
-      full.insert(i, args[i])
-    return fn(*full, **dyn_kwargs, **{k: kwargs[k] for k in keys})
-  return nnx.jit(run)([v for i, v in enumerate(args) if i not in pos],
-                      {k: v for k, v in kwargs.items() if k not in keys})
+  # a fresh function each call: jax keeps traces per function, so nothing is reused
+  return nnx.jit(lambda *a, **k: fn(*a, **k),
+                 static_argnums=tuple(i for i, v in enumerate(args) if fixed(v)),
+                 static_argnames=tuple(k for k, v in kwargs.items() if fixed(v)))(*args, **kwargs)
 
 
 def forward(model, *args, **kwargs):
