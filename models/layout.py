@@ -144,6 +144,32 @@ def shard_pieces(entry: Entry, cfg, tp: int, device: int) -> list[tuple[str, int
           for name, off, (start, n) in zip(names, offsets, wanted)]
 
 
+def quantized_pieces(entry: Entry, pieces, method: str) -> tuple[list, list]:
+  """The slices of a quantized weight's stored values and of its NAME_scale scales that make
+  the same part of it as the float weight's slices `pieces` (shard_pieces', of [out, in]
+  tensors). Output rows take their values and their scales alike; input rows (a split "by
+  rows") take their values and, int8, every output's one scale whole, int4 their own groups
+  of GROUP rows (two rows per byte), which the split must not cut (models/quantize.py's
+  check_split)."""
+  out_rows = {name: shape[0] for name, shape in zip(entry.names, entry.shapes)}
+  values, scales = [], []
+  for name, axis, start, stop in pieces:
+    scale = name + SCALE_SUFFIX
+    if axis == 0:
+      values.append((name, 0, start, stop))
+      scales.append((scale, 0, start, stop))
+    elif method == "int8":
+      values.append((name, 1, start, stop))
+      scales.append((scale, 0, 0, out_rows[name]))
+    else:
+      if start % quant.GROUP or stop % quant.GROUP:
+        raise ValueError(f"{name}: input rows {start}:{stop} cut int4's groups of "
+                         f"{quant.GROUP} rows")
+      values.append((name, 1, start // 2, stop // 2))
+      scales.append((scale, 1, start // quant.GROUP, stop // quant.GROUP))
+  return values, scales
+
+
 def layout(cfg) -> list[Entry]:
   """Every parameter of a model with this config, in checkpoint order."""
   h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size

@@ -12,7 +12,7 @@ import dataclasses
 from flax import nnx
 
 from fdjax.ops import quant
-from models import layout
+from models import layout, parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,23 @@ def entries(cfg, q: Quantization) -> list[layout.Entry]:
   return [e for e in layout.layout(cfg) if q.covers(e)]
 
 
+def check_split(cfg, tp: int, q: Quantization):
+  """Refuses (ValueError naming the weight and the numbers) int4 weights split by input rows
+  across tp devices (attention output, down) where a device's rows would not be whole groups
+  of GROUP: each device's part of a weight must be the one-device int4 format on its own."""
+  if q.method != "int4" or tp == 1:
+    return
+  for e, mine in zip(layout.layout(cfg), layout.layout(parallel.local_config(cfg, tp))):
+    if q.covers(e) and e.split == "rows" and mine.shape[-2] % quant.GROUP:
+      raise ValueError(
+          f"int4 on a mesh: tp={tp} leaves each device {mine.shape[-2]} of {e.names[0]}'s "
+          f"{e.shape[-2]} input rows, not whole groups of {quant.GROUP} (int4's scales); "
+          f"use int8, or a tp that leaves each device a multiple of {quant.GROUP}")
+
+
 def of(model) -> Quantization | None:
-  """How a model's weights are quantized, or None."""
+  """How a model's weights are quantized (a sharded model's: its local model's), or None."""
+  model = getattr(model, "local", model)
   found = {e.param: w for e in layout.layout(model.config)
            if isinstance(w := layout.param_at(model, e.param)[...], quant.QuantizedWeight)}
   if not found:

@@ -1,13 +1,17 @@
 """Run by tests/test_sharding.py in a subprocess with 8 CPU devices (XLA_FLAGS): loads each
 checkpoint on one device and on each (dp, tp) mesh, and prints one JSON object: per case the
 logits' error against one device, both generations, what each device holds, and the errors
-bad meshes raise. Argument: a JSON {"models": {name: [path, [[dp, tp], ...]]},
-"interpret": [name, dp, tp]} (that case also generates with the Pallas kernels, interpreted)."""
+bad meshes raise; and the same for int8 / int4 weights on a mesh (quantized as they load, saved
+quantized, or an in-memory quantized model sharded). Argument: a JSON {"models": {name: [path,
+[[dp, tp], ...]]}, "interpret": [name, dp, tp] (that case also generates with the Pallas
+kernels, interpreted), "quantized": [[name, method, lm_head, dp, tp, serve], ...], "paths": {name:
+path} (checkpoints only the quantized cases use)}."""
 import contextlib
 import io
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -20,10 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fdjax  # noqa: E402
 from fdjax import cli  # noqa: E402
 from fdjax.engine import core as eng  # noqa: E402
+from fdjax.io import checkpoint  # noqa: E402
 from fdjax.io import mesh as meshes  # noqa: E402
 from fdjax.io.tokenizer import ByteTokenizer  # noqa: E402
-from fdjax.ops import dispatch
+from fdjax.ops import dispatch, quant  # noqa: E402
 from models import layout, parallel  # noqa: E402
+from models import quantize as quantization  # noqa: E402
 
 NEW = 10
 
@@ -42,14 +48,18 @@ def holdings(model):
       per_device[str(s.device)] = per_device.get(str(s.device), 0) + s.data.nbytes
   local_cfg = parallel.local_config(model.config, model.tp)
   itemsize = jnp.dtype(model.dtype).itemsize
-  want = sum(int(np.prod(e.shape)) for e in layout.layout(local_cfg)) * itemsize
+  q = quantization.of(model)
+  want = sum(int(np.prod(e.shape)) * itemsize if not (q and q.covers(e)) else
+             max(e.experts, 1) * quant.weight_nbytes(*e.shape[-2:], model.dtype, q.method)
+             for e in layout.layout(local_cfg))
   kv = fdjax.KVStore.for_model(model, num_pages=4, page_size=4)
-  shapes = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
+  shapes = lambda p: sorted({tuple(s.data.shape) for s in  # noqa: E731 (int8 / int4: values)
+                              getattr(p[...], "values", p[...]).addressable_shards})
   attn = model.local.layers[0].attn
   return dict(bytes=sorted(set(per_device.values())), devices=len(per_device), want=want,
               whole=sum(int(np.prod(e.shape)) for e in layout.layout(model.config)) * itemsize,
-              wqkv=shapes(attn.wqkv[...]), wo=shapes(attn.wo[...]),
-              lm_head=shapes(model.local.lm_head[...]), pages=shapes(kv.k[0]),
+              wqkv=shapes(attn.wqkv), wo=shapes(attn.wo),
+              lm_head=shapes(model.local.lm_head), pages=shapes(kv.k[0]),
               vocab=model.config.vocab_size,
               local=dict(heads=local_cfg.num_heads, kv_heads=local_cfg.num_kv_heads,
                          head_dim=local_cfg.head_dim))
@@ -83,13 +93,56 @@ def engine_case(path, devices):
               dp_refused=error(lambda: eng.Engine(dp2, ByteTokenizer())))
 
 
-def cli_text(tp, dp):
+def cli_text(tp, dp, *extra):
   """What `fdjax generate --tp --dp` prints (the bundled model, greedy)."""
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
     rc = cli.main(["generate", "def f(x):", "--max-new-tokens", "12", "--temperature", "0",
-                   "--page-size", "8", "--tp", str(tp), "--dp", str(dp)])
+                   "--page-size", "8", "--tp", str(tp), "--dp", str(dp), *extra])
   return [rc] + buf.getvalue().splitlines()
+
+
+def rel(got, want):
+  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+def quantized_case(path, method, lm_head, dp, tp, devices, serve):
+  """int8 / int4 weights on a (dp, tp) mesh against the same quantized model on one device,
+  both through XLA's weight-only form (on the CPU, `auto` quantizes activations in groups
+  that follow each device's K): quantized as it loads, loaded saved quantized, and the
+  one-device model sharded; the tokens, what each device holds, and (`serve`: tp only, as
+  serving takes no data replicas) the serving engine's tokens."""
+  q = dict(quantize=method, quantize_lm_head=lm_head)
+  one = fdjax.load_pretrained(path, **q)
+  mesh = fdjax.make_mesh(tp=tp, dp=dp, devices=devices[:tp * dp])
+  saved = tempfile.mkdtemp()
+  checkpoint.save_pretrained(one, saved)
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, one.config.vocab_size, (4, 13)))
+  prompts = prompts_for(one.config.vocab_size, 2)
+  gen = dict(max_new_tokens=NEW, page_size=4, prefill_chunk=8)
+  with dispatch.using("xla"):
+    want = np.asarray(one(ids))
+    model = fdjax.load_pretrained(path, mesh=mesh, **q)
+    case = dict(rel=rel(model(ids), want), finite=bool(np.all(np.isfinite(model(ids)))),
+                saved=rel(fdjax.load_pretrained(saved, mesh=mesh)(ids), want),
+                sharded=rel(meshes.shard(one, mesh)(ids), want),
+                method=str(quantization.of(model) and quantization.of(model).method),
+                tokens=fdjax.generate(one, prompts, **gen).tokens,
+                mesh_tokens=fdjax.generate(model, prompts, **gen).tokens, **holdings(model))
+    float_model = fdjax.load_pretrained(path, mesh=mesh)
+    case["float_bytes"] = holdings(float_model)["want"]
+    if not serve:
+      return case
+    engine = eng.Engine(model, ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
+                        prefill_chunk=16, steps_per_call=4)
+    reqs = [eng.Request(p, 7) for p in prompts]
+    for r in reqs:
+      engine.submit(r)
+    while not engine.idle():
+      engine.step()
+    case["engine"] = [r.tokens for r in reqs]
+    case["alone"] = [fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts]
+  return case
 
 
 def main():
@@ -119,15 +172,27 @@ def main():
       print(name, dp, tp, f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
   out["engine"] = engine_case(spec["models"]["llama3"][0], devices)
   out["cli"] = {f"tp={tp} dp={dp}": cli_text(tp, dp) for tp, dp in [(1, 1), (4, 2)]}
+  paths = {name: m[0] for name, m in spec["models"].items()} | spec.get("paths", {})
+  for name, method, lm_head, dp, tp, serve in spec.get("quantized", []):
+    out["cases"][f"{name} {method} dp={dp} tp={tp}"] = quantized_case(
+        paths[name], method, lm_head, dp, tp, devices, serve)
+    print(name, method, dp, tp, f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
   path = spec["models"]["cope"][0]
+  with dispatch.using("xla"):  # the bundled model int8 on tp=4 x dp=2, as one device's
+    one = fdjax.load_pretrained(path, quantize="int8")
+    tok = ByteTokenizer()
+    alone = fdjax.generate(one, [tok.encode("def f(x):")], max_new_tokens=12, page_size=8,
+                           eos_token_id=tok.eos_token_id).tokens[0]
+    out["cli"]["int8 tp=4 dp=2"] = cli_text(4, 2, "--quantize", "int8")
+    out["cli"]["int8 alone"] = "def f(x):" + tok.decode(alone)
   out["errors"] = {
       "tp_8_for_4_heads": error(lambda: fdjax.load_pretrained(path, mesh=fdjax.make_mesh(8))),
       "axis_missing": error(lambda: fdjax.load_pretrained(path, mesh=jax.sharding.Mesh(
           np.asarray(devices[:2]).reshape(1, 2), ("batch", "model")))),
       "device_count": error(lambda: fdjax.make_mesh(tp=3)),
       "not_a_mesh": error(lambda: meshes.check_mesh("model")),
-      "quantized": error(lambda: fdjax.load_pretrained(path, quantize="int8",
-                                                       mesh=fdjax.make_mesh(4, 2))),
+      "int4_groups_cut": error(lambda: fdjax.load_pretrained(
+          spec["models"]["llama3"][0], quantize="int4", mesh=fdjax.make_mesh(4, 2))),
   }
   print("JSON" + json.dumps(out))
 

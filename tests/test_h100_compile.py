@@ -210,6 +210,39 @@ def test_the_sharded_decode_loop_compiles_for_eight_h100s(h100, preset, dp, tp, 
   assert params + kv <= compiled.memory_analysis().argument_size_in_bytes <= params + kv + 2**20
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_the_sharded_decode_loop_lowers_with_quantized_weights_for_eight_h100s(h100, method):
+  """Llama-3-8B's int8 / int4 weights on tp=8 described H100s: each device's linears run the
+  quantized Mosaic GPU flat GEMM on its own part of the values and scales (int8's per-column
+  scales of the row-split o and down projections whole on each device). Lowered, not
+  compiled: the quantized kernels' own compiles (tests/test_quantization.py's) cover ptxas."""
+  from fdjax.io import mesh as meshes
+  from models import quantize as quantization
+  cfg = dataclasses.replace(presets.get("llama-3-8b"), num_layers=2)
+  mesh = meshes.make_mesh(tp=8, devices=aot.devices("h100", "1x1x8"))
+  model = meshes.build(cfg, jnp.bfloat16, mesh, quantization=quantization.Quantization(method))
+  attn = model.local.layers[0].attn
+  hidden, heads = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+  wo, down = attn.wo[...], model.local.layers[0].mlp.w_down[...]
+  rows = 1 if method == "int8" else 2  # int4: two rows of K per byte
+  assert wo.k == heads // 8 and wo.values.shape == (heads // rows, hidden)
+  assert wo.values.sharding.spec == jax.sharding.PartitionSpec("model", None)
+  assert down.k == cfg.intermediate_size // 8
+  # int8: one scale per column, whole on each device; int4: per 128 rows, split with them
+  assert wo.scales.sharding.spec == (jax.sharding.PartitionSpec(None) if method == "int8" else
+                                     jax.sharding.PartitionSpec("model", None))
+  place = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  with jax.set_mesh(mesh), dispatch.lowering_for("cuda"):
+    _, decode = decode_loop.lower(model, batch=16, prompt_len=512, max_new_tokens=64,
+                                  place=place)
+  text = decode.as_text()
+  bits = method[3:]
+  for op in (f"fdjax_mgpu_flat_gemm_int{bits}", "fdjax_mgpu_decode_async", "all_reduce",
+             "all_gather"):
+    assert op in text, op
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008), (64, 11008, 4096)])
 def test_the_mosaic_flat_gemm_compiles_for_sm90a_without_spills(h100, tmp_path, m, k, n):
   """Mosaic GPU's whole pipeline (MLIR -> PTX -> ptxas for sm_90a) with no GPU, on

@@ -57,12 +57,21 @@ def _flags(flag):
   return (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
-def _hf_checkpoint(name, path):
+# int8 / int4 weights on a mesh: [checkpoint, method, the LM head too, dp, tp, serve]. Qwen2-MoE
+# 8 ways (experts split by column and by row: int8's per-column scales whole on each device),
+# Llama-3 style over data replicas, and int4 (the LM head too) where each device's input rows
+# are whole groups of 128: "wide" (hidden 256, MLP 512) at tp=2, served.
+QUANTIZED = [["qwen2-moe", "int8", False, 1, 8, False], ["llama3", "int8", False, 2, 4, False],
+             ["wide", "int4", True, 1, 2, True]]
+WIDE = dict(hidden_size=256, intermediate_size=512)
+
+
+def _hf_checkpoint(name, path, **sizes):
   cfg_cls, model_cls, extra, _ = FAMILIES[name]
   torch.manual_seed(len(name))
-  hf = model_cls(cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=8,
-                         max_position_embeddings=128, **extra))
+  sizes = dict(dict(hidden_size=64, intermediate_size=96), **sizes)
+  hf = model_cls(cfg_cls(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=8,
+                         max_position_embeddings=128, **sizes, **extra))
   with torch.no_grad():
     for p in hf.parameters():  # larger than the default init: logits far from uniform
       p.normal_(0.0, 0.15)
@@ -75,7 +84,9 @@ def run(tmp_path_factory):
   models = {name: [_hf_checkpoint(name, str(tmp_path_factory.mktemp(name))), fam[3]]
             for name, fam in FAMILIES.items()}
   models["cope"] = [DEFAULT_MODEL, COPE]
-  spec = {"models": models, "interpret": ["llama3", 2, 4]}
+  paths = {"wide": _hf_checkpoint("llama3", str(tmp_path_factory.mktemp("wide")), **WIDE)}
+  spec = {"models": models, "interpret": ["llama3", 2, 4], "quantized": QUANTIZED,
+          "paths": paths}
   env = {**os.environ, "XLA_FLAGS": _flags("--xla_force_host_platform_device_count=8"),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
   r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_run.py"),
@@ -185,7 +196,44 @@ def test_bad_meshes_are_clear_errors(run):
   assert "lack ['data']" in e["axis_missing"]
   assert "tp * dp = 3 * 1 = 3 does not match the 8 devices" in e["device_count"]
   assert "must be a jax.sharding.Mesh" in e["not_a_mesh"]
-  assert "quantize with a mesh is not implemented" in e["quantized"]
+  assert ("int4 on a mesh: tp=4 leaves each device 16 of model.layers.0.self_attn.o_proj."
+          "weight's 64 input rows, not whole groups of 128") in e["int4_groups_cut"]
+
+
+Q_CASES = [f"{name} {method} dp={dp} tp={tp}" for name, method, _, dp, tp, _ in QUANTIZED]
+
+
+@pytest.mark.parametrize("case", Q_CASES)
+def test_quantized_weights_on_a_mesh_give_one_device_numbers(run, case):
+  """Quantized as it loads, loaded from a checkpoint saved quantized, and an in-memory
+  quantized model sharded: the same quantized model as on one device (logits within 1e-5,
+  the same greedy tokens)."""
+  c = run["cases"][case]
+  assert c["method"] == case.split()[1]
+  assert c["finite"] and max(c["rel"], c["saved"], c["sharded"]) <= 1e-5, c
+  assert c["mesh_tokens"] == c["tokens"] and all(len(t) == 10 for t in c["tokens"])
+
+
+@pytest.mark.parametrize("case", Q_CASES)
+def test_each_device_holds_only_its_part_of_the_quantized_weights(run, case):
+  c = run["cases"][case]
+  tp = int(case.split("tp=")[1])
+  assert c["devices"] == tp * int(case.split("dp=")[1].split()[0])
+  assert c["bytes"] == [c["want"]]  # every device: its local quantized model, no more
+  assert c["want"] < c["float_bytes"] * (0.5 if "int4" in case else 0.6)
+  if "int4" in case:  # values: two rows of K per byte; the LM head is quantized too
+    assert c["wo"] == [[256 // tp // 2, 256]] and c["lm_head"] == [[128, -(-VOCAB // tp)]]
+
+
+def test_the_serving_engine_runs_quantized_weights_on_a_tensor_parallel_mesh(run):
+  c = run["cases"]["wide int4 dp=1 tp=2"]
+  assert c["engine"] == c["alone"] and all(len(t) == 7 for t in c["engine"])
+
+
+def test_the_command_line_generates_int8_on_a_mesh_as_on_one_device(run):
+  out = run["cli"]["int8 tp=4 dp=2"]
+  assert out[0] == 0 and "int8 weights, mesh dp=2 tp=4" in out[-1]
+  assert "\n".join(out[1:-1]) == run["cli"]["int8 alone"]
 
 
 def test_what_each_device_takes_of_a_checkpoint():
@@ -208,6 +256,35 @@ def test_what_each_device_takes_of_a_checkpoint():
   x = np.arange(20.0).reshape(10, 2)
   assert np.array_equal(meshes.padded_slice(x, x.shape, 0, 9, 12),
                         [[18.0, 19.0], [0.0, 0.0], [0.0, 0.0]])
+
+
+def test_what_each_device_takes_of_a_quantized_checkpoint():
+  """The values and NAME_scale slices that make a device's part of a weight saved quantized:
+  output rows alike; input rows: int8's scales whole, int4's by groups of 128 (two rows per
+  byte); a split that cuts an int4 group is refused."""
+  cfg = tiny_config(num_heads=8, num_kv_heads=2, head_dim=32, hidden_size=256,
+                    intermediate_size=512, vocab_size=10)
+  entries = {e.param: e for e in layout.layout(cfg)}
+  down = entries[("layers", 0, "mlp", "w_down")]
+  name, scale = down.names[0], down.names[0] + layout.SCALE_SUFFIX
+  rows = layout.shard_pieces(down, cfg, 2, 1)  # device 1 of 2: input rows 256..512
+  assert rows == [(name, 1, 256, 512)]
+  assert layout.quantized_pieces(down, rows, "int8") == ([(name, 1, 256, 512)],
+                                                          [(scale, 0, 0, 256)])
+  assert layout.quantized_pieces(down, rows, "int4") == ([(name, 1, 128, 256)],
+                                                          [(scale, 1, 2, 4)])
+  gate_up = entries[("layers", 0, "mlp", "w_gate_up")]
+  cols = layout.shard_pieces(gate_up, cfg, 2, 1)  # by output rows: values and scales alike
+  values, scales = layout.quantized_pieces(gate_up, cols, "int4")
+  assert values == cols and scales == [(n + layout.SCALE_SUFFIX, 0, a, b) for n, _, a, b in cols]
+  with pytest.raises(ValueError, match="input rows 64:128 cut int4's groups of 128"):
+    layout.quantized_pieces(down, [(name, 1, 64, 128)], "int4")
+  from models import quantize as quantization
+  quantization.check_split(cfg, 2, quantization.Quantization("int4"))  # 128 rows each: whole
+  quantization.check_split(cfg, 4, quantization.Quantization("int8"))
+  with pytest.raises(ValueError, match="tp=4 leaves each device 64 of model.layers.0.self_attn"
+                                       ".o_proj.weight's 256 input rows"):
+    quantization.check_split(cfg, 4, quantization.Quantization("int4"))
 
 
 def test_a_model_that_cannot_be_split_is_refused():

@@ -234,23 +234,28 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
   return tensors
 
 
-def open_tensors(path: str, cfg: ModelConfig) -> dict:
+def open_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None) -> dict:
   """Every tensor of the checkpoint as a memory-mapped safetensors slice (indexing one reads
-  only that part of the file), checked against cfg's expected layout."""
-  expected, _ = _expected(cfg, None)
+  only that part of the file), checked against cfg's expected layout (with `stored`: the
+  quantized tensors a checkpoint saved quantized holds)."""
+  expected, quantized = _expected(cfg, stored)
   slices = {}
   for file in _safetensors_files(path):
     fh = safe_open(file, framework="numpy")  # kept open by its slices
     for name in fh.keys():
       slices[name] = fh.get_slice(name)
-  shapes = {name: _Shaped(tuple(s.get_shape())) for name, s in slices.items()}
-  _check_tensors(path, expected, {}, None, shapes, lambda n: slices[n][...])
+  shapes = {name: _Shaped(tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
+  _check_tensors(path, expected, quantized, stored, shapes, lambda n: slices[n][...])
   return slices
 
 
 class _Shaped:
-  def __init__(self, shape):
+  """A tensor's shape and dtype, read from the file's header."""
+  _NUMPY = {"I8": np.dtype(np.int8), "U8": np.dtype(np.uint8)}  # the quantized values'
+
+  def __init__(self, shape, dtype: str):
     self.shape = shape
+    self.dtype = self._NUMPY.get(dtype, dtype)
 
 
 def _expected(cfg: ModelConfig, stored: Quantization | None) -> tuple[dict, dict]:
@@ -373,7 +378,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = 
       raise CheckpointError(f"{path}: saved quantized as {stored.to_dict()}; it loads as saved "
                             f"(quantize=None), not as {want.to_dict()}")
   if mesh is not None:
-    return _load_on_mesh(path, cfg, dtype, mesh, quantized=stored or want)
+    return _load_on_mesh(path, cfg, dtype, mesh, stored, want)
   tensors = read_tensors(path, cfg, stored)
   if dtype is None:
     dtype = tensors["model.embed_tokens.weight"].dtype
@@ -391,18 +396,19 @@ def _param_dtype(path, dtype):
   return dtype
 
 
-def _load_on_mesh(path, cfg, dtype, mesh, quantized):
-  if quantized:
-    raise CheckpointError(f"{path}: quantize with a mesh is not implemented (quantized "
-                          f"weights load on one device)")
+def _load_on_mesh(path, cfg, dtype, mesh, stored: Quantization | None,
+                  want: Quantization | None):
+  """The checkpoint onto `mesh`, each device reading its slices: quantized weights as saved
+  (`stored`), or quantized as they load (`want`)."""
   mesh_lib.check_mesh(mesh)
-  slices = open_tensors(path, cfg)
+  slices = open_tensors(path, cfg, stored)
   if dtype is None:
     dtype = slices["model.embed_tokens.weight"][0:1].dtype
   shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
   return mesh_lib.build(cfg, _param_dtype(path, dtype), mesh,
                         lambda name, axis, start, stop: mesh_lib.padded_slice(
-                            slices[name], shapes[name], axis, start, stop))
+                            slices[name], shapes[name], axis, start, stop),
+                        quantization=stored or want, stored=stored is not None)
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, extra_config: dict | None = None):

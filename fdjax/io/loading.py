@@ -56,8 +56,6 @@ def _random(preset, dtype, quantize, mesh, seed) -> Loaded:
   from models.llama import Transformer
   model = Transformer(presets.get(preset), rngs=nnx.Rngs(seed), dtype=dtype or jnp.float32)
   if quantize:
-    if mesh is not None:
-      raise ValueError("quantize with a mesh is not implemented")
     quantization.quantize(model, quantize)
   if mesh is not None:
     model = meshes.shard(model, mesh)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fdjax.ops import checks
+from fdjax.ops import checks, quant
 from models import layout, parallel, quantize
 from models.llama import Transformer
 from models.parallel import DATA, MODEL
@@ -55,41 +55,113 @@ def check_mesh(mesh) -> Mesh:
   return mesh
 
 
-def build(cfg, dtype, mesh, read=None) -> ShardedTransformer:
+def build(cfg, dtype, mesh, read=None, quantization=None, stored=False) -> ShardedTransformer:
   """The model with config `cfg` on `mesh`, each parameter made from the checkpoint slices
   `read(name, axis, start, stop)` returns (a numpy array; rows past the tensor's end zero);
   without `read`, abstract (jax.ShapeDtypeStruct parameters with their shardings: to lower
-  and compile for described devices, fdjax.tuning.aot)."""
+  and compile for described devices, fdjax.tuning.aot).
+
+  `quantization` (models.quantize.Quantization): the weights it covers are int8 / int4, read
+  as stored (`stored`: `read` gives their values and NAME_scale scales, as a checkpoint saved
+  quantized holds them) or quantized as they load from the float ones. Either way each
+  device's values and scales are its block of the one-device model's (the same numbers: an
+  int8 weight split by input rows keeps every column's one scale on every device)."""
   check_mesh(mesh)
   tp = mesh.shape[MODEL]
   local_cfg = parallel.local_config(cfg, tp)
+  if quantization is not None:
+    quantize.check_split(cfg, tp, quantization)
   local = nnx.eval_shape(lambda: Transformer(
       local_cfg, rngs=nnx.Rngs(0), dtype=dtype, tp=parallel.Parallel(MODEL, tp, cfg.vocab_size)))
   local.dtype = dtype
   for e, mine in zip(layout.layout(cfg), layout.layout(local_cfg)):
+    method = quantization.method if quantization and quantization.covers(e) else None
     axis = e.split_axis
-    shape = tuple(s * tp if i == axis else s for i, s in enumerate(mine.shape))
-    where = NamedSharding(mesh, P(*[MODEL if i == axis else None for i in range(len(shape))]))
-    if read is None:
-      layout.param_at(local, e.param).set_value(jax.ShapeDtypeStruct(shape, dtype,
-                                                                     sharding=where))
-      continue
-
-    read_once = {}  # a block is read once per process, whatever the data replicas
-
-    def block(index, e=e, axis=axis, size=mine.shape[axis or 0], read_once=read_once):
-      device = 0 if axis is None else (index[axis].start or 0) // size
-      if device not in read_once:
-        parts = [read(name, ax, start, stop)
-                 for name, ax, start, stop in layout.shard_pieces(e, cfg, tp, device)]
-        read_once[device] = layout.assemble(e, parts).astype(dtype)
-      return read_once[device][tuple(slice(None) if i == axis else s
-                                     for i, s in enumerate(index))]
-
-    value = jax.make_array_from_callback(shape, where, block)
+    if method is None or not stored or read is None:
+      # to quantize: the checkpoint's own values, as on one device
+      value = _array(mesh, mine.shape, axis, None if read is None else lambda device, e=e: (
+          layout.assemble(e, [read(*piece) for piece in layout.shard_pieces(e, cfg, tp,
+                                                                            device)])),
+          dtype if method is None or read is None else None)
+      if method is not None:
+        value = _quantized(value, method, dtype, mesh, mine.shape, axis)
+    else:
+      value = _stored(e, cfg, tp, mesh, mine.shape, axis, method, dtype, read)
     layout.param_at(local, e.param).set_value(value)
   specs = tuple(leaf.sharding.spec for leaf in jax.tree.leaves(nnx.state(local)))
   return ShardedTransformer(local, cfg, mesh, specs)
+
+
+def _array(mesh, local_shape, axis, block, dtype):
+  """A global array of devices' blocks of `local_shape`, split over "model" along `axis`
+  (None: whole on each): `block(device)` gives device `device`'s (read once per process,
+  whatever the data replicas) in `dtype` (None: as read); without `block`, abstract."""
+  tp = mesh.shape[MODEL]
+  shape = tuple(s * tp if i == axis else s for i, s in enumerate(local_shape))
+  where = NamedSharding(mesh, P(*[MODEL if i == axis else None for i in range(len(shape))]))
+  if block is None:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+  read_once = {}
+
+  def callback(index):
+    device = 0 if axis is None else (index[axis].start or 0) // local_shape[axis]
+    if device not in read_once:
+      got = block(device)
+      read_once[device] = got if dtype is None else got.astype(dtype)
+    return read_once[device][tuple(slice(None) if i == axis else s
+                                   for i, s in enumerate(index))]
+
+  return jax.make_array_from_callback(shape, where, callback)
+
+
+def _parts(method, local_shape, axis):
+  """A weight of `local_shape` per device, split along `axis`, quantized to `method`:
+  (local shape, split axis) of its values and of its scales. Split by output columns, both
+  split alike; by input rows, the values by rows, int4's scales by groups of rows, int8's
+  (one per column) whole on each device."""
+  *experts, k, n = local_shape
+  values, scales = quant.stored_shapes(method, k, n)
+  values, scales = tuple(experts) + values, tuple(experts) + scales
+  if axis is None or axis == len(local_shape) - 1:
+    scale_axis = None if axis is None else len(scales) - 1
+  else:
+    scale_axis = None if method == "int8" else len(scales) - 2
+  return (values, axis), (scales, scale_axis)
+
+
+def _quantized(value, method, dtype, mesh, local_shape, axis):
+  """A float weight on the mesh (or its abstract shape) quantized there, as
+  `fdjax.ops.quant.quantize` quantizes it on one device (from the checkpoint's own values,
+  scales in `dtype`), each device left holding its own part."""
+  (_, v_axis), (s_shape, s_axis) = _parts(method, local_shape, axis)
+  where = lambda a, ndim: NamedSharding(mesh, P(*[MODEL if i == a else None  # noqa: E731
+                                                   for i in range(ndim)]))
+  bits, k = quant.bits_of(method), local_shape[-2]
+  shardings = quant.QuantizedWeight(where(v_axis, len(local_shape)),
+                                    where(s_axis, len(s_shape)), bits, value.shape[-2])
+  if isinstance(value, jax.ShapeDtypeStruct):
+    q = jax.eval_shape(lambda w: quant.quantize(w, method, dtype), value)
+    q = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                     q, shardings)
+  else:
+    q = jax.jit(lambda w: quant.quantize(w, method, dtype), out_shardings=shardings)(value)
+  return quant.QuantizedWeight(q.values, q.scales, bits, k)
+
+
+def _stored(e, cfg, tp, mesh, local_shape, axis, method, dtype, read):
+  """A weight saved quantized, each device's values and scales read from the checkpoint's
+  slices of them (layout.quantized_pieces)."""
+  (v_shape, v_axis), (s_shape, s_axis) = _parts(method, local_shape, axis)
+
+  def part(which, part_dtype):
+    def block(device):
+      pieces = layout.quantized_pieces(e, layout.shard_pieces(e, cfg, tp, device),
+                                       method)[which]
+      return layout.assemble(e, [read(*piece) for piece in pieces])
+    return _array(mesh, (v_shape, s_shape)[which], (v_axis, s_axis)[which], block, part_dtype)
+
+  return quant.QuantizedWeight(part(0, None), part(1, dtype), quant.bits_of(method),
+                               local_shape[-2])
 
 
 def padded_slice(tensor_slice, shape, axis, start, stop):
@@ -109,13 +181,12 @@ def shard(model, mesh) -> ShardedTransformer:
   """An in-memory model (Transformer) put on a mesh, each device given its slices."""
   if not isinstance(model, Transformer) or model.tp is not None:
     raise ValueError("shard: expected an unsharded models.Transformer")
-  if quantize.of(model) is not None:
-    raise ValueError(f"shard: the model is quantized ({quantize.of(model).method}); quantized "
-                     f"weights on a mesh are not implemented")
-  tensors = layout.to_hf_tensors(model)
+  tensors = layout.to_hf_tensors(model)  # a quantized weight: its values and its scales
+  q = quantize.of(model)
   return build(model.config, model.dtype, mesh,
                lambda name, axis, start, stop: padded_slice(
-                   tensors[name], tensors[name].shape, axis, start, stop))
+                   tensors[name], tensors[name].shape, axis, start, stop),
+               quantization=q, stored=q is not None)
 
 
 def distributed_env() -> bool:
