@@ -4,8 +4,9 @@ logits' error against one device, both generations, what each device holds, and 
 bad meshes raise; and the same for int8 / int4 weights on a mesh (quantized as they load, saved
 quantized, or an in-memory quantized model sharded). Argument: a JSON {"models": {name: [path,
 [[dp, tp], ...]]}, "interpret": [name, dp, tp] (that case also generates with the Pallas
-kernels, interpreted), "quantized": [[name, method, lm_head, dp, tp, serve], ...], "paths": {name:
-path} (checkpoints only the quantized cases use)}."""
+kernels, interpreted), "quantized": [[name, method, lm_head, dp, tp], ...], "paths": {name:
+path} (checkpoints only the quantized cases use, or the draft model), "speculative": the draft's
+name in "paths" (speculative decoding on meshes, with the Llama-3 style target)}."""
 import contextlib
 import io
 import json
@@ -106,12 +107,11 @@ def rel(got, want):
   return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
-def quantized_case(path, method, lm_head, dp, tp, devices, serve):
+def quantized_case(path, method, lm_head, dp, tp, devices):
   """int8 / int4 weights on a (dp, tp) mesh against the same quantized model on one device,
   both through XLA's weight-only form (on the CPU, `auto` quantizes activations in groups
   that follow each device's K): quantized as it loads, loaded saved quantized, and the
-  one-device model sharded; the tokens, what each device holds, and (`serve`: tp only, as
-  serving takes no data replicas) the serving engine's tokens."""
+  one-device model sharded; the tokens and what each device holds."""
   q = dict(quantize=method, quantize_lm_head=lm_head)
   one = fdjax.load_pretrained(path, **q)
   mesh = fdjax.make_mesh(tp=tp, dp=dp, devices=devices[:tp * dp])
@@ -129,20 +129,47 @@ def quantized_case(path, method, lm_head, dp, tp, devices, serve):
                 method=str(quantization.of(model) and quantization.of(model).method),
                 tokens=fdjax.generate(one, prompts, **gen).tokens,
                 mesh_tokens=fdjax.generate(model, prompts, **gen).tokens, **holdings(model))
-    float_model = fdjax.load_pretrained(path, mesh=mesh)
-    case["float_bytes"] = holdings(float_model)["want"]
-    if not serve:
-      return case
-    engine = eng.Engine(model, ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
-                        prefill_chunk=16, steps_per_call=4)
-    reqs = [eng.Request(p, 7) for p in prompts]
-    for r in reqs:
-      engine.submit(r)
-    while not engine.idle():
-      engine.step()
-    case["engine"] = [r.tokens for r in reqs]
-    case["alone"] = [fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts]
+    case["float_bytes"] = holdings(fdjax.load_pretrained(path, mesh=mesh))["want"]
   return case
+
+
+def speculative_case(path, draft_path, devices):
+  """Speculative decoding on meshes, greedy: n-gram drafts, and a one-device draft model put
+  on the target's mesh (the target itself: it proposes what a one-device self-draft does), at
+  (dp, tp) = (2, 2), each replica its own draft pages; the serving engine on tp=2 with a draft
+  model; each against plain decoding on one device. A draft that cannot be split as many ways
+  as the target is refused."""
+  one = fdjax.load_pretrained(path)
+  rng = np.random.default_rng(5)
+  motif = rng.integers(0, one.config.vocab_size, 9).tolist()
+  prompts = [motif * 3 + motif[:2], rng.integers(0, one.config.vocab_size, 6).tolist(),
+             motif + [3, 1] + motif]
+  gen = dict(max_new_tokens=NEW, page_size=4)
+  self_draft = {"method": "draft", "k": 3, "model": one}
+  alone = fdjax.generate(one, prompts, speculative=self_draft, **gen)
+  out = {"plain": fdjax.generate(one, prompts, **gen).tokens, "runs": {},
+         "self_draft_alone": [alone.drafted, alone.accepted]}
+  model = fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=2, dp=2, devices=devices[:4]))
+  for name, spec in (("ngram", "ngram:k=3,n=2"), ("self-draft", self_draft)):
+    res = fdjax.generate(model, prompts, speculative=spec, **gen)
+    out["runs"][name] = dict(tokens=res.tokens, drafted=res.drafted, accepted=res.accepted)
+  draft = fdjax.load_pretrained(draft_path)
+  engine = eng.Engine(fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=2, devices=devices[:2])),
+                      ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
+                      prefill_chunk=16, steps_per_call=4,
+                      speculative={"method": "draft", "k": 3, "model": draft})
+  reqs = [eng.Request(p, 7) for p in prompts]
+  for r in reqs:
+    engine.submit(r)
+  while not engine.idle():
+    engine.step()
+  out["engine"] = [r.tokens for r in reqs]
+  out["alone"] = [fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts]
+  out["engine_drafted"] = engine.scheduler.decoder.drafted
+  out["split_refused"] = error(lambda: fdjax.generate(
+      fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=8, devices=devices)), prompts,
+      speculative={"method": "draft", "model": draft}, **gen))
+  return out
 
 
 def main():
@@ -173,10 +200,14 @@ def main():
   out["engine"] = engine_case(spec["models"]["llama3"][0], devices)
   out["cli"] = {f"tp={tp} dp={dp}": cli_text(tp, dp) for tp, dp in [(1, 1), (4, 2)]}
   paths = {name: m[0] for name, m in spec["models"].items()} | spec.get("paths", {})
-  for name, method, lm_head, dp, tp, serve in spec.get("quantized", []):
+  for name, method, lm_head, dp, tp in spec.get("quantized", []):
     out["cases"][f"{name} {method} dp={dp} tp={tp}"] = quantized_case(
-        paths[name], method, lm_head, dp, tp, devices, serve)
+        paths[name], method, lm_head, dp, tp, devices)
     print(name, method, dp, tp, f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+  if "speculative" in spec:
+    out["speculative"] = speculative_case(spec["models"]["llama3"][0],
+                                          spec["paths"][spec["speculative"]], devices)
+    print("speculative", f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
   path = spec["models"]["cope"][0]
   with dispatch.using("xla"):  # the bundled model int8 on tp=4 x dp=2, as one device's
     one = fdjax.load_pretrained(path, quantize="int8")

@@ -57,21 +57,23 @@ def _flags(flag):
   return (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
-# int8 / int4 weights on a mesh: [checkpoint, method, the LM head too, dp, tp, serve]. Qwen2-MoE
-# 8 ways (experts split by column and by row: int8's per-column scales whole on each device),
+# int8 / int4 weights on a mesh: [checkpoint, method, the LM head too, dp, tp]. Qwen2-MoE 8
+# ways (experts split by column and by row: int8's per-column scales whole on each device),
 # Llama-3 style over data replicas, and int4 (the LM head too) where each device's input rows
-# are whole groups of 128: "wide" (hidden 256, MLP 512) at tp=2, served.
-QUANTIZED = [["qwen2-moe", "int8", False, 1, 8, False], ["llama3", "int8", False, 2, 4, False],
-             ["wide", "int4", True, 1, 2, True]]
+# are whole groups of 128: "wide" (hidden 256, MLP 512) at tp=2.
+QUANTIZED = [["qwen2-moe", "int8", False, 1, 8], ["llama3", "int8", False, 2, 4],
+             ["wide", "int4", True, 1, 2]]
 WIDE = dict(hidden_size=256, intermediate_size=512)
+# the draft model of speculative decoding on a mesh: one layer, 4 heads (so tp up to 4)
+DRAFT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
 
 
 def _hf_checkpoint(name, path, **sizes):
   cfg_cls, model_cls, extra, _ = FAMILIES[name]
   torch.manual_seed(len(name))
-  sizes = dict(dict(hidden_size=64, intermediate_size=96), **sizes)
-  hf = model_cls(cfg_cls(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=8,
-                         max_position_embeddings=128, **sizes, **extra))
+  sizes = dict(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=8), **sizes)
+  hf = model_cls(cfg_cls(vocab_size=VOCAB, max_position_embeddings=128, **sizes, **extra))
   with torch.no_grad():
     for p in hf.parameters():  # larger than the default init: logits far from uniform
       p.normal_(0.0, 0.15)
@@ -84,9 +86,10 @@ def run(tmp_path_factory):
   models = {name: [_hf_checkpoint(name, str(tmp_path_factory.mktemp(name))), fam[3]]
             for name, fam in FAMILIES.items()}
   models["cope"] = [DEFAULT_MODEL, COPE]
-  paths = {"wide": _hf_checkpoint("llama3", str(tmp_path_factory.mktemp("wide")), **WIDE)}
+  paths = {"wide": _hf_checkpoint("llama3", str(tmp_path_factory.mktemp("wide")), **WIDE),
+           "draft": _hf_checkpoint("llama3", str(tmp_path_factory.mktemp("draft")), **DRAFT)}
   spec = {"models": models, "interpret": ["llama3", 2, 4], "quantized": QUANTIZED,
-          "paths": paths}
+          "paths": paths, "speculative": "draft"}
   env = {**os.environ, "XLA_FLAGS": _flags("--xla_force_host_platform_device_count=8"),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
   r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_run.py"),
@@ -200,7 +203,7 @@ def test_bad_meshes_are_clear_errors(run):
           "weight's 64 input rows, not whole groups of 128") in e["int4_groups_cut"]
 
 
-Q_CASES = [f"{name} {method} dp={dp} tp={tp}" for name, method, _, dp, tp, _ in QUANTIZED]
+Q_CASES = [f"{name} {method} dp={dp} tp={tp}" for name, method, _, dp, tp in QUANTIZED]
 
 
 @pytest.mark.parametrize("case", Q_CASES)
@@ -223,11 +226,6 @@ def test_each_device_holds_only_its_part_of_the_quantized_weights(run, case):
   assert c["want"] < c["float_bytes"] * (0.5 if "int4" in case else 0.6)
   if "int4" in case:  # values: two rows of K per byte; the LM head is quantized too
     assert c["wo"] == [[256 // tp // 2, 256]] and c["lm_head"] == [[128, -(-VOCAB // tp)]]
-
-
-def test_the_serving_engine_runs_quantized_weights_on_a_tensor_parallel_mesh(run):
-  c = run["cases"]["wide int4 dp=1 tp=2"]
-  assert c["engine"] == c["alone"] and all(len(t) == 7 for t in c["engine"])
 
 
 def test_the_command_line_generates_int8_on_a_mesh_as_on_one_device(run):
@@ -298,3 +296,27 @@ def test_a_model_that_cannot_be_split_is_refused():
     parallel.local_config(tiny_config(num_heads=6, num_kv_heads=6, intermediate_size=80), 3)
   with pytest.raises(ValueError, match="tp must be a positive integer"):
     meshes.make_mesh(tp=0)
+
+
+def test_speculative_decoding_on_a_mesh_gives_plain_decoding_tokens(run):
+  """Greedy, at (dp, tp) = (2, 2): n-gram drafts, and a one-device draft put on the target's
+  mesh (the target itself, which drafts and keeps what it does on one device); the tokens of
+  plain decoding on one device."""
+  s = run["speculative"]
+  for name, r in s["runs"].items():
+    assert r["tokens"] == s["plain"] and r["drafted"] > 0, name
+    assert all(len(t) == 10 for t in r["tokens"])
+  self_draft = s["runs"]["self-draft"]
+  assert [self_draft["drafted"], self_draft["accepted"]] == s["self_draft_alone"]
+  assert self_draft["accepted"] > 0
+
+
+def test_the_serving_engine_speculates_with_a_draft_model_on_a_tensor_parallel_mesh(run):
+  s = run["speculative"]
+  assert s["engine"] == s["alone"] and s["engine_drafted"] > 0
+
+
+def test_a_draft_that_cannot_be_split_like_the_target_is_refused(run):
+  assert ("speculative: the draft model cannot be put on the target's mesh: tensor "
+          "parallelism: tp=8 does not divide the model's num_heads (4)"
+          in run["speculative"]["split_refused"])

@@ -388,10 +388,14 @@ def test_quantized_target_and_draft_and_a_table_shorter_than_a_round():
                         speculative="ngram:k=8,n=1").tokens == short.tokens
 
 
-def test_speculation_on_a_mesh_is_refused():
+def test_a_draft_on_another_mesh_than_the_target_is_refused():
+  """(Speculation on a mesh itself: tests/test_sharding.py.)"""
   from types import SimpleNamespace
-  with pytest.raises(ValueError, match="on a mesh .* is not implemented"):
-    speculative.check_draft(speculative.parse("ngram:k=2"), SimpleNamespace(mesh=object()))
+  draft = SimpleNamespace(mesh=object())
+  for where in (tiny_model(seed=5), SimpleNamespace(mesh=object())):
+    with pytest.raises(ValueError, match="the draft model is on another mesh than the target"):
+      speculative.check_draft(speculative.parse({"method": "draft", "model": draft}), where)
+  speculative.check_draft(speculative.parse("ngram:k=2"), SimpleNamespace(mesh=object()))
 
 
 def test_engine_warmup_covers_every_speculative_program():

@@ -47,7 +47,7 @@ def _speculation(value, model):
   """The engine's Speculation (None: none); a draft model checked against the target."""
   spec = speculative.parse(value)
   speculative.check_draft(spec, model)
-  return spec
+  return speculative.on_mesh(spec, model)
 
 
 class Engine:

@@ -130,6 +130,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   cfg = model.config
   spec = speculative_.parse(speculative)
   speculative_.check_draft(spec, model)
+  spec = speculative_.on_mesh(spec, model)
   _check_prompts(prompts, cfg.vocab_size)
   page_size = page_size if kv is None else kv.page_size
   longest = max(len(p) for p in prompts)
@@ -293,11 +294,15 @@ def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, 
   runner = Runner(model, kv, eos)
   pages = _Pages(kv, rows, totals, bp, shapes.pages, None)
   draft = dkv = drows = dcache = None
-  if spec.method == "draft":
-    dkv = paging.KVStore.for_model(spec.model, pow2(sum(_pages(t, kv.page_size) for t in totals)),
-                                   kv.page_size)
+  if spec.method == "draft":  # on a mesh, each data replica's rows in its own pool
+    replicas = len(kv.pools)
+    need = [0] * replicas
+    for i, t in enumerate(totals):
+      need[paging.replica_of(i, bp, replicas)] += _pages(t, kv.page_size)
+    dkv = paging.KVStore.for_model(spec.model, pow2(max(need)), kv.page_size)
     draft = Runner(spec.model, dkv, eos)
-    drows = [dkv.pool.allocate(list(p), t, reuse=False) for p, t in zip(prompts, totals)]
+    drows = [dkv.pool_of(i, bp).allocate(list(p), t, reuse=False)
+             for i, (p, t) in enumerate(zip(prompts, totals))]
   try:
     t0 = time.perf_counter()
     cache, last = _prefill(runner, prompts, rows, shapes, pages, None)
@@ -323,8 +328,8 @@ def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, 
     t2 = time.perf_counter()
   finally:
     if draft is not None:
-      for pages_, _ in drows:
-        dkv.pool.release(pages_)
+      for i, (pages_, _) in enumerate(drows):
+        dkv.pool_of(i, bp).release(pages_)
   live = np.arange(bp) < b
   return (out, int(steps.to_host(state.rounds)) + 1, t1 - t0, t2 - t1,
           int(steps.to_host(state.drafted)[live].sum()),

@@ -94,18 +94,17 @@ def check(spec: Speculation) -> Speculation:
 
 
 def check_draft(spec: Speculation | None, target, target_tokenizer=None, draft_tokenizer=None):
-  """Refuses speculation on a mesh, and a draft model that cannot propose for `target`:
-  another vocabulary size, another
-  tokenizer (when both are given: their vocabularies must map every token to the same id), or
-  a draft larger than the target (one as large is taken: the target itself accepts every
-  draft, which the tests use)."""
-  if spec is None:
+  """Refuses a draft model that cannot propose for `target`: another vocabulary size, another
+  tokenizer (when both are given: their vocabularies must map every token to the same id), a
+  draft larger than the target (one as large is taken: the target itself accepts every
+  draft, which the tests use), or on another mesh than the target's (`on_mesh` puts a
+  one-device draft on it)."""
+  if spec is None or spec.method != "draft":
     return
-  if getattr(target, "mesh", None) is not None:
-    raise ValueError("speculative: decoding on a mesh (--tp / --dp) is not implemented; "
-                     "speculate on one device")
-  if spec.method != "draft":
-    return
+  where = [getattr(m, "mesh", None) for m in (spec.model, target)]
+  if where[0] is not None and where[0] != where[1]:
+    raise ValueError("speculative: the draft model is on another mesh than the target; load "
+                     "it on the target's (load_pretrained(..., mesh=)) or on one device")
   draft = spec.model
   dv, tv = draft.config.vocab_size, target.config.vocab_size
   if dv != tv:
@@ -123,9 +122,27 @@ def check_draft(spec: Speculation | None, target, target_tokenizer=None, draft_t
                      f"target ({tn:,}); drafting would cost more than it saves")
 
 
+def on_mesh(spec: Speculation | None, target) -> Speculation | None:
+  """`spec` with its draft model on the target's mesh (a target on a mesh: tensor parallel
+  like it, the draft's KV heads and pages split as the target's), as checked by check_draft;
+  a draft that cannot be split as many ways is refused (ValueError naming the numbers)."""
+  mesh = getattr(target, "mesh", None)
+  if (spec is None or spec.method != "draft" or mesh is None
+      or getattr(spec.model, "mesh", None) is not None):
+    return spec
+  from fdjax.io import mesh as meshes
+  try:
+    draft = meshes.shard(spec.model, mesh)
+  except ValueError as e:
+    raise ValueError(f"speculative: the draft model cannot be put on the target's mesh: "
+                     f"{e}") from None
+  return dataclasses.replace(spec, model=draft)
+
+
 def from_flags(value, draft_dir, k, target, target_tokenizer, *, dtype=None, quantize=None):
   """The Speculation the command line asks for: `--speculative SPEC`, `--draft-model DIR`
-  (loaded here, with the target's dtype and quantization; alone it means draft:k=4) and
+  (loaded here, with the target's dtype and quantization, and put on the target's mesh if it
+  has one; alone it means draft:k=4) and
   `--num-speculative-tokens K` (k); None when none of them is given."""
   if draft_dir is not None and value is None:
     value = "draft"
@@ -142,7 +159,7 @@ def from_flags(value, draft_dir, k, target, target_tokenizer, *, dtype=None, qua
   if k is not None:
     spec = check(dataclasses.replace(spec, k=k))
   check_draft(spec, target, target_tokenizer, draft_tokenizer)
-  return spec
+  return on_mesh(spec, target)
 
 
 def _vocab(tokenizer):

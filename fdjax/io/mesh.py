@@ -5,13 +5,17 @@ into it slice by slice, and joining the processes of several hosts (jax.distribu
 collectives), "data" independent replicas splitting the batch (models/sharded.py: the model
 under shard_map). `build` makes each parameter with `jax.make_array_from_callback`: a device
 asks `read` only for the checkpoint slices its block is made of (models/layout.py's
-`shard_pieces`), so no process ever holds a whole tensor it does not keep.
+`shard_pieces`), so no process ever holds a whole tensor it does not keep. int8 / int4
+weights are read as saved (their values' and scales' slices: `quantized_pieces`) or quantized
+on the mesh as they load, each device's part the same numbers as one device's model.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -144,8 +148,16 @@ def _quantized(value, method, dtype, mesh, local_shape, axis):
     q = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                      q, shardings)
   else:
-    q = jax.jit(lambda w: quant.quantize(w, method, dtype), out_shardings=shardings)(value)
+    q = _quantizer(method, jnp.dtype(dtype), shardings)(value)
   return quant.QuantizedWeight(q.values, q.scales, bits, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _quantizer(method, dtype, shardings):
+  """quant.quantize jitted to leave its result in `shardings` (one program for every layer's
+  weight of a shape)."""
+  return jax.jit(functools.partial(quant.quantize, method=method, dtype=dtype),
+                 out_shardings=shardings)
 
 
 def _stored(e, cfg, tp, mesh, local_shape, axis, method, dtype, read):
