@@ -96,13 +96,19 @@ def build(cfg, dtype, mesh, read=None, quantization=None, stored=False) -> Shard
   return ShardedTransformer(local, cfg, mesh, specs)
 
 
+def _split(mesh, axis, ndim):
+  """The sharding of an `ndim`-dimensional array split over "model" along `axis` (None:
+  whole on each device)."""
+  return NamedSharding(mesh, P(*[MODEL if i == axis else None for i in range(ndim)]))
+
+
 def _array(mesh, local_shape, axis, block, dtype):
   """A global array of devices' blocks of `local_shape`, split over "model" along `axis`
   (None: whole on each): `block(device)` gives device `device`'s (read once per process,
   whatever the data replicas) in `dtype` (None: as read); without `block`, abstract."""
   tp = mesh.shape[MODEL]
   shape = tuple(s * tp if i == axis else s for i, s in enumerate(local_shape))
-  where = NamedSharding(mesh, P(*[MODEL if i == axis else None for i in range(len(shape))]))
+  where = _split(mesh, axis, len(shape))
   if block is None:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
   read_once = {}
@@ -138,11 +144,9 @@ def _quantized(value, method, dtype, mesh, local_shape, axis):
   `fdjax.ops.quant.quantize` quantizes it on one device (from the checkpoint's own values,
   scales in `dtype`), each device left holding its own part."""
   (_, v_axis), (s_shape, s_axis) = _parts(method, local_shape, axis)
-  where = lambda a, ndim: NamedSharding(mesh, P(*[MODEL if i == a else None  # noqa: E731
-                                                   for i in range(ndim)]))
   bits, k = quant.bits_of(method), local_shape[-2]
-  shardings = quant.QuantizedWeight(where(v_axis, len(local_shape)),
-                                    where(s_axis, len(s_shape)), bits, value.shape[-2])
+  shardings = quant.QuantizedWeight(_split(mesh, v_axis, len(local_shape)),
+                                    _split(mesh, s_axis, len(s_shape)), bits, value.shape[-2])
   if isinstance(value, jax.ShapeDtypeStruct):
     q = jax.eval_shape(lambda w: quant.quantize(w, method, dtype), value)
     q = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
