@@ -154,13 +154,11 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              and dispatch.reads_own_pages_in_place(cfg, model.dtype))
   if kv is None:
     at_once = max(prefill_chunk or longest, page_size)  # tokens one call writes per row
-    pages = [0] * replicas  # each data replica's rows take pages from its own pool
-    for i, p in enumerate(prompts):
-      pages[paging.replica_of(i, bp, replicas)] += (
-          shapes.pages if own_run else
-          _pages(len(p) + max_new_tokens, page_size) if window is None else
-          min(_pages(len(p) + max_new_tokens, page_size), live_pages(window, at_once, page_size)))
-    kv = paging.KVStore.for_model(model, pow2(max(pages)), page_size, in_place=own_run)
+    kv = paging.KVStore.for_model(model, _pool_size([
+        shapes.pages if own_run else
+        _pages(len(p) + max_new_tokens, page_size) if window is None else
+        min(_pages(len(p) + max_new_tokens, page_size), live_pages(window, at_once, page_size))
+        for p in prompts], bp, replicas), page_size, in_place=own_run)
   kv.check_for(model)
 
   b = len(prompts)
@@ -200,6 +198,15 @@ def _on_mesh(model, mesh):
       raise ValueError("generate: the model is on another mesh than the one given")
     return model
   return meshes.shard(model, mesh)
+
+
+def _pool_size(row_pages, rows: int, replicas: int) -> int:
+  """Pages for each data replica's pool (each replica's rows take pages from its own) when
+  row i of `rows` takes row_pages[i]: the most any replica's rows take, as a power of two."""
+  need = [0] * replicas
+  for i, n in enumerate(row_pages):
+    need[paging.replica_of(i, rows, replicas)] += n
+  return pow2(max(need))
 
 
 def _pages(tokens: int, page_size: int) -> int:
@@ -295,11 +302,9 @@ def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, 
   pages = _Pages(kv, rows, totals, bp, shapes.pages, None)
   draft = dkv = drows = dcache = None
   if spec.method == "draft":  # on a mesh, each data replica's rows in its own pool
-    replicas = len(kv.pools)
-    need = [0] * replicas
-    for i, t in enumerate(totals):
-      need[paging.replica_of(i, bp, replicas)] += _pages(t, kv.page_size)
-    dkv = paging.KVStore.for_model(spec.model, pow2(max(need)), kv.page_size)
+    dkv = paging.KVStore.for_model(
+        spec.model, _pool_size([_pages(t, kv.page_size) for t in totals], bp, len(kv.pools)),
+        kv.page_size)
     draft = Runner(spec.model, dkv, eos)
     drows = [dkv.pool_of(i, bp).allocate(list(p), t, reuse=False)
              for i, (p, t) in enumerate(zip(prompts, totals))]
