@@ -14,7 +14,8 @@ import collections
 import threading
 import time
 
-from fdjax.engine import decoders, paging, request, speculative, steps, threads
+from fdjax.engine import decoders, paging, request, steps, threads
+from fdjax.engine import speculative as speculative_
 from fdjax.engine.compiled import Shapes
 from fdjax.engine.request import QueueFull, Request
 from fdjax.engine.runner import Runner
@@ -43,13 +44,6 @@ def _sizes(model, max_model_len, page_size, num_pages, max_batch):
   return max_model_len, num_pages
 
 
-def _speculation(value, model):
-  """The engine's Speculation (None: none); a draft model checked against the target."""
-  spec = speculative.parse(value)
-  speculative.check_draft(spec, model)
-  return speculative.on_mesh(spec, model)
-
-
 class Engine:
 
   def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
@@ -68,7 +62,7 @@ class Engine:
     self.eos = steps.eos_ids(eos_token_ids if eos_token_ids is not None
                              else getattr(tokenizer, "eos_token_id", None))
     self.runner = Runner(model, paging.KVStore.for_model(model, num_pages, page_size), self.eos)
-    self.spec = _speculation(speculative, model)
+    self.spec = speculative_.prepare(speculative, model)
     decoder = decoders.speculative(self.runner, self.spec, steps_per_call,
                                    pow2(prefill_chunk, steps.MIN_CHUNK))
     self.scheduler = Scheduler(self.runner, tokenizer, self.eos, max_batch=max_batch,

@@ -128,9 +128,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   """
   model = _on_mesh(model, mesh)
   cfg = model.config
-  spec = speculative_.parse(speculative)
-  speculative_.check_draft(spec, model)
-  spec = speculative_.on_mesh(spec, model)
+  spec = speculative_.prepare(speculative, model)
   _check_prompts(prompts, cfg.vocab_size)
   page_size = page_size if kv is None else kv.page_size
   longest = max(len(p) for p in prompts)

@@ -158,6 +158,13 @@ def from_flags(value, draft_dir, k, target, target_tokenizer, *, dtype=None, qua
   spec = parse(value, draft_model=draft)
   if k is not None:
     spec = check(dataclasses.replace(spec, k=k))
+  return prepare(spec, target, target_tokenizer, draft_tokenizer)
+
+
+def prepare(value, target, target_tokenizer=None, draft_tokenizer=None) -> Speculation | None:
+  """The Speculation `value` asks for (as `parse` reads it) to run with `target`: its draft
+  model checked against the target (check_draft) and put on the target's mesh (on_mesh)."""
+  spec = parse(value)
   check_draft(spec, target, target_tokenizer, draft_tokenizer)
   return on_mesh(spec, target)
 
