@@ -229,12 +229,13 @@ def build_parser():
                  "the directory's name; fdjax-default for the bundled model)")
   s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
   _quantize_arg(s)
-  s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+  s.add_argument("--max-batch", type=int, default=16, help="requests decoded together "
+                 "(with --dp, shared among the data replicas)")
   s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the "
                  "batch; more are refused with 429")
   s.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens")
-  s.add_argument("--num-pages", type=int, help="KV-cache pages (default: max-batch full "
-                 "contexts)")
+  s.add_argument("--num-pages", type=int, help="KV-cache pages, in each data replica with "
+                 "--dp (default: its share of max-batch full contexts)")
   s.add_argument("--max-model-len", type=int, help="context per request (default: the "
                  "model's)")
   s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per prefill "

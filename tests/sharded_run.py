@@ -74,24 +74,52 @@ def error(fn):
   return None
 
 
-def engine_case(path, devices):
-  """`fdjax serve`'s engine on a tp=4 mesh: each request's tokens, and generate's alone on
-  one device; a dp=2 mesh refused."""
-  one = fdjax.load_pretrained(path)
-  model = fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=4, devices=devices[:4]))
-  prompts = prompts_for(one.config.vocab_size, 3)
-  engine = eng.Engine(model, ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
-                      prefill_chunk=16, steps_per_call=4)
-  reqs = [eng.Request(p, 7) for p in prompts]
+def serve(engine, prompts, max_tokens=7):
+  """The engine's requests for `prompts`, run to the end."""
+  reqs = [eng.Request(p, max_tokens) for p in prompts]
   for r in reqs:
     engine.submit(r)
   while not engine.idle():
     engine.step()
+  return reqs
+
+
+def pools_after(kv):
+  """Each data replica's pages in use (its bookkeeping checked)."""
+  for pool in kv.pools:
+    pool.check()
+  return [pool.pages_in_use for pool in kv.pools]
+
+
+def engine_case(path, devices):
+  """`fdjax serve`'s engine on a tp=4 mesh, and on (dp, tp) = (2, 2) with six requests for
+  its four rows (two per replica: some wait) and then one that starts like a request of the
+  second replica (its prefix is cached there): each request's tokens, and generate's alone
+  on one device; on the replicas, where each request ran and their pools' pages after."""
+  one = fdjax.load_pretrained(path)
+  vocab = one.config.vocab_size
+  alone = lambda prompts: [fdjax.generate(one, [p], max_new_tokens=7).tokens[0]  # noqa: E731
+                           for p in prompts]
+  model = fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=4, devices=devices[:4]))
+  args = dict(max_batch=4, page_size=4, max_model_len=64, prefill_chunk=16, steps_per_call=4)
+  prompts = prompts_for(vocab, 3)
+  engine = eng.Engine(model, ByteTokenizer(), **args)
+  out = dict(tokens=[r.tokens for r in serve(engine, prompts)], alone=alone(prompts),
+             pages_in_use=pools_after(engine.kv))
   dp2 = fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=2, dp=2, devices=devices[:4]))
-  return dict(tokens=[r.tokens for r in reqs],
-              alone=[fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts],
-              pages_in_use=engine.kv.pool.pages_in_use,
-              dp_refused=error(lambda: eng.Engine(dp2, ByteTokenizer())))
+  engine = eng.Engine(dp2, ByteTokenizer(), **args)
+  prompts = prompts_for(vocab, 3) + prompts_for(vocab, 4)
+  reqs = serve(engine, prompts)
+  source = next(r for r in reqs if r.replica == 1 and len(r.prompt) > 8)
+  hits = [pool.prefix_hit_tokens for pool in engine.kv.pools]
+  follow = source.prompt + [1, 2, 3]
+  (later,) = serve(engine, [follow])
+  out["dp"] = dict(tokens=[r.tokens for r in reqs + [later]], alone=alone(prompts + [follow]),
+                   replicas=[r.replica for r in reqs], later_replica=later.replica,
+                   later_hits=[pool.prefix_hit_tokens - h
+                               for pool, h in zip(engine.kv.pools, hits)],
+                   pages_in_use=pools_after(engine.kv), shapes=engine.shapes().decode)
+  return out
 
 
 def cli_text(tp, dp, *extra):
@@ -136,8 +164,8 @@ def quantized_case(path, method, lm_head, dp, tp, devices):
 def speculative_case(path, draft_path, devices):
   """Speculative decoding on meshes, greedy: n-gram drafts, and a one-device draft model put
   on the target's mesh (the target itself: it proposes what a one-device self-draft does), at
-  (dp, tp) = (2, 2), each replica its own draft pages; the serving engine on tp=2 with a draft
-  model; each against plain decoding on one device. A draft that cannot be split as many ways
+  (dp, tp) = (2, 2), each replica its own draft pages; the serving engine at (2, 2) with a
+  draft model; each against plain decoding on one device. A draft that cannot be split as many ways
   as the target is refused."""
   one = fdjax.load_pretrained(path)
   rng = np.random.default_rng(5)
@@ -154,18 +182,17 @@ def speculative_case(path, draft_path, devices):
     res = fdjax.generate(model, prompts, speculative=spec, **gen)
     out["runs"][name] = dict(tokens=res.tokens, drafted=res.drafted, accepted=res.accepted)
   draft = fdjax.load_pretrained(draft_path)
-  engine = eng.Engine(fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=2, devices=devices[:2])),
+  engine = eng.Engine(fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=2, dp=2,
+                                                                      devices=devices[:4])),
                       ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
                       prefill_chunk=16, steps_per_call=4,
                       speculative={"method": "draft", "k": 3, "model": draft})
-  reqs = [eng.Request(p, 7) for p in prompts]
-  for r in reqs:
-    engine.submit(r)
-  while not engine.idle():
-    engine.step()
+  reqs = serve(engine, prompts)
   out["engine"] = [r.tokens for r in reqs]
   out["alone"] = [fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts]
   out["engine_drafted"] = engine.scheduler.decoder.drafted
+  out["engine_replicas"] = [r.replica for r in reqs]
+  out["engine_pages"] = [pools_after(engine.kv), pools_after(engine.scheduler.decoder.draft.kv)]
   out["split_refused"] = error(lambda: fdjax.generate(
       fdjax.load_pretrained(path, mesh=fdjax.make_mesh(tp=8, devices=devices)), prompts,
       speculative={"method": "draft", "model": draft}, **gen))

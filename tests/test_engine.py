@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import fdjax
+from fdjax.engine import batch, detokenize, paging, request, steps
 from fdjax.engine import core as eng
-from fdjax.engine import detokenize, request, steps
 from fdjax.engine.sampling import RowSampling, filter_logits, sample_rows
+from fdjax.engine.scheduler import Scheduler
 from fdjax.io.tokenizer import ByteTokenizer
 from tests.models_util import tiny_model
 
@@ -213,6 +214,51 @@ def test_cancelled_requests_free_their_pages_and_prefixes_are_reused():
   _drain(engine)
   assert engine.kv.pool.prefix_hit_tokens - hits == 32  # 2 full pages of 16 of the prompt
   assert again.tokens == fdjax.generate(model, [prompt], max_new_tokens=10).tokens[0]
+
+
+# ------------------------------------------------------------------ data replicas
+
+def test_a_batch_lays_each_data_replicas_requests_in_its_block_of_rows():
+  a, b, c, d = (request.Request([1], 1, replica=i) for i in (0, 1, 0, 0))
+  assert batch.rows_of([a, b, c], 2) == [a, c, b, None]
+  assert batch.rows_of([b], 2) == [None, b]
+  assert batch.rows_of([a, c, d, b], 2) == [a, c, d, None, b, None, None, None]
+  assert batch.rows_of([a, c, d]) == [a, c, d, None]  # one replica: a power of two of rows
+  rows = batch.rows_of([a, b, c, d], 2)
+  for i, r in enumerate(rows):  # the rows a mesh gives each replica
+    assert r is None or paging.replica_of(i, len(rows), 2) == r.replica
+  assert batch.live(rows[:5], 8).tolist() == [True, True, True, False, True, False, False,
+                                              False]
+
+
+def test_requests_go_to_the_replica_that_caches_their_prefix_else_has_room():
+  """Two replicas' pools of 8 pages of 4 tokens: a request goes where most of its prompt is
+  cached, else to the least busy replica whose pool can hold it, else waits."""
+  kv = type("KV", (), {"pools": [paging.PagePool(8, 4), paging.PagePool(8, 4)],
+                       "page_size": 4})()
+  sched = Scheduler(type("Runner", (), {"kv": kv})(), TOK, (), max_batch=4, max_model_len=32,
+                    prefill_chunk=16, prefill_rows=4, steps_per_call=4)
+  big, small, mid, more = (_request(list(range(10 * i, 10 * i + n)), m)
+                           for i, (n, m) in enumerate([(12, 12), (4, 4), (8, 8), (4, 8)]))
+  sched.waiting.extend([big, small, mid, more])
+  sched._admit()
+  # big takes 6 of replica 0's pages, small 2 of replica 1's; mid (4 pages) finds replica 0
+  # (as busy as 1) short of pages and goes to 1, which then runs its two; more (3 pages)
+  # finds replica 0 short of pages too, and waits
+  assert [r.replica for r in (big, small, mid)] == [0, 1, 1] and list(sched.waiting) == [more]
+  assert [p.pages_available for p in kv.pools] == [2, 2]
+  kv.pools[1].publish(mid.pages, mid.prompt)  # mid's prompt is cached on replica 1
+  again = _request(mid.prompt + [7], 3)
+  assert sched._replicas_for(again) == [0]  # replica 1 runs its share (max_batch 4 / 2)
+  sched.finish(small, "length")
+  assert sched._replicas_for(again) == [1, 0]  # its two cached pages are there
+  fresh = _request([5, 5, 5, 5, 5], 3)
+  assert sched._replicas_for(fresh) == [0, 1]  # as busy: in order
+  sched.finish(mid, "length")
+  assert sched._replicas_for(fresh) == [1, 0]  # the less busy first
+  assert sched._replicas_for(again) == [1, 0]  # (mid's pages stay cached, evictable)
+  for pool in kv.pools:
+    pool.check()
 
 
 # ------------------------------------------------------------------- no recompiles

@@ -146,8 +146,20 @@ def test_pallas_kernels_run_per_device_under_shard_map(run):
 def test_the_serving_engine_runs_on_a_tensor_parallel_mesh(run):
   e = run["engine"]
   assert e["tokens"] == e["alone"] and all(len(t) == 7 for t in e["tokens"])
-  assert e["pages_in_use"] == 0
-  assert "dp=2 data replicas is not implemented for serving" in e["dp_refused"]
+  assert e["pages_in_use"] == [0]
+
+
+def test_the_serving_engine_runs_each_request_on_one_data_replica(run):
+  """(dp, tp) = (2, 2), max_batch 4: six requests share the two replicas (two rows each, the
+  rest wait), each on its replica's pages, the tokens one device's; a later request that
+  starts like one the second replica ran goes there and reads its cached pages; every page
+  is given back."""
+  e = run["engine"]["dp"]
+  assert e["tokens"] == e["alone"] and all(len(t) == 7 for t in e["tokens"])
+  assert sorted(e["replicas"]) == [0, 0, 0, 1, 1, 1]
+  assert e["later_replica"] == 1 and e["later_hits"][0] == 0 and e["later_hits"][1] >= 8
+  assert e["pages_in_use"] == [0, 0]
+  assert {rows for rows, _ in e["shapes"]} == {2, 4}  # two rows per replica at most
 
 
 def test_the_command_line_generates_the_same_text_on_a_mesh(run):
@@ -311,9 +323,12 @@ def test_speculative_decoding_on_a_mesh_gives_plain_decoding_tokens(run):
   assert self_draft["accepted"] > 0
 
 
-def test_the_serving_engine_speculates_with_a_draft_model_on_a_tensor_parallel_mesh(run):
+def test_the_serving_engine_speculates_with_a_draft_model_on_a_mesh(run):
+  """At (dp, tp) = (2, 2): each request's draft pages on its replica, like its own."""
   s = run["speculative"]
   assert s["engine"] == s["alone"] and s["engine_drafted"] > 0
+  assert set(s["engine_replicas"]) == {0, 1}
+  assert s["engine_pages"] == [[0, 0], [0, 0]]
 
 
 def test_a_draft_that_cannot_be_split_like_the_target_is_refused(run):

@@ -1,5 +1,5 @@
 """Every program the serving engine runs: its shapes (the scheduler's buckets: rows to
-powers of two, prefill chunks from steps.MIN_CHUNK to the engine's, page-table widths to
+powers of two (on a mesh, each data replica's), prefill chunks from steps.MIN_CHUNK to the engine's, page-table widths to
 powers of two up to the context), and compiling them all before serving (`--warmup`), after
 which no load recompiles anything."""
 from __future__ import annotations
@@ -34,10 +34,11 @@ def shapes(scheduler) -> Shapes:
   # a call's table covers each row's cached tokens (at least 1) and what the call writes
   decode_widths = sorted({s.width(t) for t in range(1 + s.decoder.per_step,
                                                     s.max_model_len + per_call + 1)})
-  rows = [1 << i for i in range(pow2(s.max_batch).bit_length())]
+  # rows: each data replica's block (batch.rows_of) a power of two up to its share
+  rows = [s.replicas << i for i in range(pow2(s.per_replica).bit_length())]
   chunks = [c for c in (1 << i for i in range(s.prefill_chunk.bit_length()))
             if steps.MIN_CHUNK <= c <= s.prefill_chunk]
-  pre_rows = [r for r in rows if r <= s.prefill_rows]
+  pre_rows = [r for r in rows if r <= s.replicas * s.prefill_rows]
   prefill = tuple((r, c, w) for r, c, w in itertools.product(pre_rows, chunks, widths)
                   if w >= s.width(c))
   return Shapes(decode=tuple(itertools.product(rows, decode_widths)), prefill=prefill,

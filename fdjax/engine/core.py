@@ -25,10 +25,8 @@ from fdjax.ops import checks
 
 
 def _sizes(model, max_model_len, page_size, num_pages, max_batch):
-  """(context per request, pages in the pool), or ValueError."""
-  if getattr(model, "dp", 1) > 1:  # a request's pages would have to stay in one replica
-    raise ValueError(f"engine: a mesh with dp={model.dp} data replicas is not implemented "
-                     f"for serving; serve with --tp only (run one server per replica)")
+  """(context per request, pages in the pool: on a mesh, in each data replica's, which
+  runs its share of max_batch), or ValueError."""
   # Sliding windows are the attention's business: a request may run past its window (the
   # engine keeps all its pages, where generate gives back those out of every window).
   context = model.config.max_position_embeddings
@@ -36,7 +34,7 @@ def _sizes(model, max_model_len, page_size, num_pages, max_batch):
   if max_model_len < 2:
     raise ValueError(f"engine: max_model_len must be >= 2, got {max_model_len}")
   max_pages = checks.cdiv(max_model_len, page_size)
-  num_pages = num_pages or max_batch * max_pages
+  num_pages = num_pages or checks.cdiv(max_batch, getattr(model, "dp", 1)) * max_pages
   if num_pages < max_pages:
     raise ValueError(f"engine: num_pages={num_pages} cannot hold one request of "
                      f"max_model_len={max_model_len} tokens ({max_pages} pages of "
@@ -45,6 +43,12 @@ def _sizes(model, max_model_len, page_size, num_pages, max_batch):
 
 
 class Engine:
+  """Serves `model` (one device, or a mesh: fdjax.io.mesh) to requests as they come.
+
+  On a mesh with data replicas each request runs on one replica, on its pages there: a
+  replica holds `num_pages` pages (default: its share of max_batch full contexts) and runs
+  up to its share of max_batch requests; a request goes to the replica whose prefix cache
+  holds most of its prompt, else to the least busy one."""
 
   def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                page_size: int = 16, num_pages: int | None = None,

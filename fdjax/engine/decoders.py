@@ -14,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from fdjax.engine import paging, spec_steps, steps
+from fdjax.engine.batch import live, rows_of
 from fdjax.engine.runner import Runner
-from fdjax.engine.steps import pow2
 
 
 def speculative(runner, spec, steps_per_call: int, prefill_chunk: int):
   """The engine's SpeculativeDecoder for `spec` (None: None, plain decoding); a draft model
-  gets a Runner on a pool as large as the target's."""
+  gets a Runner on a pool as large as the target's (on a mesh, as many data replicas' pools:
+  a request's draft pages lie in its replica's)."""
   if spec is None:
     return None
   draft = None
@@ -72,15 +73,15 @@ class SpeculativeDecoder:
     if self.draft is None:
       return True
     try:
-      req.draft_pages = self.draft.kv.pool.allocate(req.prompt, len(req.prompt) + req.max_tokens,
-                                                    reuse=False)[0]
+      req.draft_pages = self.draft.kv.pools[req.replica].allocate(
+          req.prompt, len(req.prompt) + req.max_tokens, reuse=False)[0]
     except paging.PoolExhausted:
       return False
     return True
 
   def release(self, req):
     if self.draft is not None and req.draft_pages:
-      self.draft.kv.pool.release(req.draft_pages)
+      self.draft.kv.pools[req.replica].release(req.draft_pages)
       req.draft_pages = []
 
   def prefilled(self, reqs, width):
@@ -88,15 +89,15 @@ class SpeculativeDecoder:
     width of the target's call, which covers them)."""
     if self.draft is None or not reqs:
       return
-    rows = pow2(len(reqs))
     longest = max(len(r.prompt) for r in reqs)
+    reqs = rows_of(reqs, len(self.draft.kv.pools))  # None: an empty row
+    rows = len(reqs)
     for c in range(0, longest, self.prefill_chunk):
-      pieces = [r.prompt[c:c + self.prefill_chunk] for r in reqs]
+      pieces = [r.prompt[c:c + self.prefill_chunk] if r else [] for r in reqs]
       chunk = steps.chunk_bucket(max(len(p) for p in pieces), self.prefill_chunk)
       ids, n = steps.pack(pieces, rows, chunk)
-      done = np.zeros(rows, np.int32)
-      done[:len(reqs)] = [min(c, len(r.prompt)) for r in reqs]
-      table = paging.page_table([r.draft_pages for r in reqs], rows,
+      done = np.array([min(c, len(r.prompt)) if r else 0 for r in reqs], np.int32)
+      table = paging.page_table([r.draft_pages if r else [] for r in reqs], rows,
                                 max(width, steps.table_width(chunk, self.draft.kv.page_size)))
       self.draft.prefill(self.draft.cache(table, done), ids, n)
 
@@ -109,21 +110,23 @@ class SpeculativeDecoder:
     # width: no shape of its own); the draft model needs none of them
     width = page_table.shape[1] * self.runner.kv.page_size if self.draft is None else 1
     if self.draft is None:  # each row's tokens but the latest (the state appends it)
-      seq, _ = steps.pack([(r.prompt + r.tokens)[:-1] for r in reqs], rows, width, fill=-1)
+      seq, _ = steps.pack([(r.prompt + r.tokens)[:-1] if r else [] for r in reqs], rows, width,
+                          fill=-1)
     else:
       seq = np.full((rows, 1), -1, np.int32)
     k_row = np.zeros(rows, np.int32)
-    k_row[:len(reqs)] = [0 if r.constraint is not None else self.spec.k for r in reqs]
+    k_row[:len(reqs)] = [0 if r is None or r.constraint is not None else self.spec.k
+                         for r in reqs]
     state = spec_steps.start_jit(loop, seq, lengths, k_row, seq_len=width)
     dcache = None
     if self.draft is not None:
-      dcache = self.draft.cache(paging.page_table([r.draft_pages for r in reqs], rows,
+      dcache = self.draft.cache(paging.page_table([r.draft_pages if r else [] for r in reqs], rows,
                                                   page_table.shape[1]), lengths)
     state, _, _ = self.runner.speculate(state, self.runner.cache(page_table, lengths), max_new,
                                         n_steps, self.spec, rows=sampling, draft=self.draft,
                                         dcache=dcache)
-    live = np.arange(rows) < len(reqs)
-    self.drafted += int(steps.to_host(state.drafted)[live].sum())
-    self.accepted += int(steps.to_host(state.accepted)[live].sum())
-    self.verified += int(steps.to_host(state.verified)[live].sum())
+    held = live(reqs, rows)
+    self.drafted += int(steps.to_host(state.drafted)[held].sum())
+    self.accepted += int(steps.to_host(state.accepted)[held].sum())
+    self.verified += int(steps.to_host(state.verified)[held].sum())
     return state

@@ -103,12 +103,7 @@ class PagePool:
     prompt tokens are already cached; none when not `reuse`). At least the prompt's last
     token is always left to compute (its logits start the generation)."""
     need = checks.cdiv(total_tokens, self.page_size)
-    cached = reuse
-    reuse = []
-    for key in page_keys(prompt[:len(prompt) - 1] if cached else [], self.page_size):
-      if key not in self.cached:
-        break
-      reuse.append(self.cached[key])
+    reuse = self._cached_pages(prompt) if reuse else []
     if need - len(reuse) > len(self.free) + len(self.evictable) - sum(
         1 for p in reuse if self.refs[p] == 0):
       raise PoolExhausted(f"a sequence of {total_tokens} tokens needs {need - len(reuse)} more "
@@ -118,6 +113,21 @@ class PagePool:
     pages = reuse + [self._take() for _ in range(need - len(reuse))]
     self.prefix_hit_tokens += len(reuse) * self.page_size
     return pages, len(reuse) * self.page_size
+
+  def _cached_pages(self, prompt) -> list[int]:
+    """The pages of the prefix cache that hold the leading full pages of `prompt` (but its
+    last token, which is always computed)."""
+    pages = []
+    for key in page_keys(prompt[:len(prompt) - 1], self.page_size):
+      if key not in self.cached:
+        break
+      pages.append(self.cached[key])
+    return pages
+
+  def cached_tokens(self, prompt) -> int:
+    """How many leading tokens of `prompt` the prefix cache holds now (as allocate would
+    reuse them)."""
+    return len(self._cached_pages(prompt)) * self.page_size
 
   def grow(self, pages: list, total_tokens: int):
     """Appends pages to a live sequence's list (in place) until it holds `total_tokens`."""
@@ -217,6 +227,19 @@ class KVStore:
   @property
   def page_size(self) -> int:
     return self.pool.page_size
+
+  @property
+  def pages_total(self) -> int:
+    """Pages in every data replica's pool together."""
+    return sum(p.num_pages for p in self.pools)
+
+  @property
+  def pages_in_use(self) -> int:
+    return sum(p.pages_in_use for p in self.pools)
+
+  @property
+  def prefix_hit_tokens(self) -> int:
+    return sum(p.prefix_hit_tokens for p in self.pools)
 
   def check_for(self, model):
     if (model.config != self.config

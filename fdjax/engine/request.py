@@ -69,6 +69,7 @@ class Request:
   state: str = "new"             # new, waiting, prefill, decode, done
   pages: list[int] = dataclasses.field(default_factory=list)
   draft_pages: list[int] = dataclasses.field(default_factory=list)  # a draft model's cache
+  replica: int = 0               # the data replica whose pages it holds (a mesh's)
   computed: int = 0              # prompt tokens whose K/V are in the cache
   tokens: list[int] = dataclasses.field(default_factory=list)
   text: str = ""

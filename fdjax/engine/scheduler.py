@@ -26,10 +26,11 @@ import time
 import numpy as np
 
 from fdjax.engine import compiled, detokenize, paging, steps
-from fdjax.engine.batch import history, row_sampling, table
+from fdjax.engine.batch import history, row_sampling, rows_of, table
 from fdjax.engine.decoders import PlainDecoder
 from fdjax.engine.request import Event, Request, TokenLogprob
 from fdjax.engine.steps import pow2
+from fdjax.ops import checks
 
 
 class Scheduler:
@@ -38,6 +39,9 @@ class Scheduler:
                prefill_rows, steps_per_call, decoder=None):
     self.runner, self.tokenizer, self.eos = runner, tokenizer, eos
     self.max_batch, self.max_model_len = max_batch, max_model_len
+    # on a mesh, each data replica runs its own requests on its own pages (Request.replica)
+    self.replicas = len(runner.kv.pools)
+    self.per_replica = checks.cdiv(max_batch, self.replicas)  # the most requests it runs
     self.prefill_chunk = pow2(prefill_chunk, steps.MIN_CHUNK)
     self.prefill_rows = min(pow2(prefill_rows), pow2(max_batch))
     self.steps_per_call = steps_per_call
@@ -69,48 +73,69 @@ class Scheduler:
     return bool(prefilling or decoding)
 
   def _admit(self):
-    pool = self.runner.kv.pool
     for req in list(self.waiting):
       if len(self.active) >= self.max_batch:
         return
       if req.after is not None and req.after.state in ("new", "waiting", "prefill"):
         continue  # its sibling's prompt pages come first: it will share them (n > 1)
-      if not self.decoder.admit(req):  # a draft model's pages, first: they are not shared
-        return
-      try:
-        req.pages, req.computed = pool.allocate(req.prompt, len(req.prompt) + req.max_tokens,
-                                                reuse=not req.prompt_logprobs)
-      except paging.PoolExhausted:
-        self.decoder.release(req)
+      if not any(self._take(req, replica) for replica in self._replicas_for(req)):
         return  # it waits for pages (request.check made sure it fits an empty pool)
       self.waiting.remove(req)
       req.state = "prefill"
       self.active.append(req)
 
-  def _prefill(self, reqs):
-    rows = pow2(len(reqs))
-    pieces = [r.prompt[r.computed:r.computed + self.prefill_chunk] for r in reqs]
+  def _replicas_for(self, req) -> list[int]:
+    """The data replicas that could run `req` now, the best first: the one whose prefix cache
+    holds most of its prompt (a sibling's, n > 1), then the least busy."""
+    busy = [0] * self.replicas
+    for r in self.active:
+      busy[r.replica] += 1
+    pools = self.runner.kv.pools
+    open_ = [i for i in range(self.replicas) if busy[i] < self.per_replica]
+    if self.replicas == 1 or req.prompt_logprobs:
+      return sorted(open_, key=lambda i: busy[i])
+    return sorted(open_, key=lambda i: (-pools[i].cached_tokens(req.prompt), busy[i]))
+
+  def _take(self, req, replica) -> bool:
+    """Admits `req` to `replica` if its pages there are free (a draft model's first: they
+    are not shared)."""
+    req.replica = replica
+    if not self.decoder.admit(req):
+      return False
+    try:
+      req.pages, req.computed = self.runner.kv.pools[replica].allocate(
+          req.prompt, len(req.prompt) + req.max_tokens, reuse=not req.prompt_logprobs)
+    except paging.PoolExhausted:
+      self.decoder.release(req)
+      return False
+    return True
+
+  def _prefill(self, chosen):
+    reqs = rows_of(chosen, self.replicas)  # None: an empty row
+    rows = len(reqs)
+    pieces = [r.prompt[r.computed:r.computed + self.prefill_chunk] if r else [] for r in reqs]
     chunk = steps.chunk_bucket(max(len(p) for p in pieces), self.prefill_chunk)
-    lengths = np.zeros(rows, np.int32)
-    lengths[:len(reqs)] = [r.computed for r in reqs]
+    lengths = np.array([r.computed if r else 0 for r in reqs], np.int32)
     ids, n = steps.pack(pieces, rows, chunk)
-    width = self.width(max([chunk] + [r.computed + len(p) for r, p in zip(reqs, pieces)]))
+    width = self.width(max([chunk] + [r.computed + len(p) for r, p in zip(reqs, pieces)
+                                      if r]))
     targets = None
-    if any(r.prompt_logprobs for r in reqs):  # each position's next prompt token
-      targets = steps.pack([r.prompt[r.computed + 1:r.computed + len(p) + 1]
+    if any(r.prompt_logprobs for r in chosen):  # each position's next prompt token
+      targets = steps.pack([r.prompt[r.computed + 1:r.computed + len(p) + 1] if r else []
                             for r, p in zip(reqs, pieces)], rows, chunk, fill=-1)[0]
     out = self.runner.prefill(self.runner.cache(table(reqs, rows, width), lengths), ids, n,
                               targets=targets)
     if targets is not None:
       _keep_prompt_logprobs(reqs, pieces, [steps.to_host(a) for a in out[2]])
     for r, p in zip(reqs, pieces):
-      r.computed += len(p)
-    ready = [r.computed == len(r.prompt) for r in reqs]
+      if r:
+        r.computed += len(p)
+    ready = [r is not None and r.computed == len(r.prompt) for r in reqs]
     if not any(ready):
       return
     for r, now in zip(reqs, ready):
       if now:  # requests that start the same way (n > 1) share its pages from now on
-        self.runner.kv.pool.publish(r.pages, r.prompt)
+        self.runner.kv.pools[r.replica].publish(r.pages, r.prompt)
     self.decoder.prefilled([r for r, now in zip(reqs, ready) if now], width)
     sampling = row_sampling(reqs, rows, self.runner.vocab_size)
     first = self.runner.first(out[1], np.ones(rows, bool), 2, out_len=1, rows=sampling,
@@ -128,21 +153,25 @@ class Scheduler:
         self._accept(r, [int(tokens[i])],
                      lp and r.logprobs and _logprobs(lp, i, [int(tokens[i])], step=0))
 
-  def _decode(self, reqs, n_steps):
-    rows = pow2(len(reqs))
+  def _decode(self, decoding, n_steps):
+    reqs = rows_of(decoding, self.replicas)  # None: an empty row
+    rows = len(reqs)
     first, lengths, max_new = (np.zeros(rows, np.int32) for _ in range(3))
     per_call = n_steps * self.decoder.per_step  # the most tokens a row gets
     for i, r in enumerate(reqs):
-      first[i], lengths[i] = r.tokens[-1], r.cached_len
-      max_new[i] = min(per_call, r.max_tokens - len(r.tokens)) + 1
+      if r:
+        first[i], lengths[i] = r.tokens[-1], r.cached_len
+        max_new[i] = min(per_call, r.max_tokens - len(r.tokens)) + 1
     # Rows that end early keep stepping (their writes past their pages are dropped), so the
     # table covers every row's length after `n_steps` steps.
-    width = self.width(max(r.cached_len for r in reqs) + per_call)
+    width = self.width(max(r.cached_len for r in decoding) + per_call)
     loop = self.decoder.call(reqs, first, table(reqs, rows, width), lengths, max_new,
                              row_sampling(reqs, rows, self.runner.vocab_size),
                              history(reqs, rows, self.max_model_len), n_steps)
     out, lp = steps.to_host(loop.out), _row_logprobs(loop, reqs)
     for i, r in enumerate(reqs):
+      if r is None:
+        continue
       new = [int(t) for t in out[i, 1:] if t >= 0]
       self._accept(r, new, lp and r.logprobs and _logprobs(lp, i, new, step=1))
 
@@ -166,7 +195,8 @@ class Scheduler:
       return
     if req in self.active:
       self.active.remove(req)
-      self.runner.kv.pool.finish(req.pages, (req.prompt + req.tokens)[:req.cached_len])
+      self.runner.kv.pools[req.replica].finish(req.pages,
+                                               (req.prompt + req.tokens)[:req.cached_len])
       self.decoder.release(req)
     req.state, req.finish_reason = "done", reason
     req.emit(Event(delta, count, reason, len(req.prompt), len(req.tokens),
@@ -178,7 +208,7 @@ class Scheduler:
     for req in list(self.waiting) + list(self.active):
       if req in self.active:
         self.active.remove(req)
-        self.runner.kv.pool.release(req.pages)
+        self.runner.kv.pools[req.replica].release(req.pages)
         self.decoder.release(req)
       req.state, req.finish_reason = "done", "error"
       req.emit(Event("", 0, "error", len(req.prompt), len(req.tokens), time.perf_counter(),
@@ -197,7 +227,7 @@ def _keep_prompt_logprobs(reqs, pieces, lp):
   """Adds a prefill chunk's prompt logprobs (lp: logprob, top_ids, top [rows, chunk, ...])
   to the requests that asked for them."""
   for i, (r, p) in enumerate(zip(reqs, pieces)):
-    if r.prompt_logprobs:
+    if r and r.prompt_logprobs:
       if r.prompt_lp is None:
         r.prompt_lp = [TokenLogprob(r.prompt[0], None, [])]
       r.prompt_lp += _logprobs(lp, i, r.prompt[r.computed + 1:r.computed + len(p) + 1])
@@ -223,7 +253,7 @@ def _advance(req, new):
 
 def _row_logprobs(loop, reqs):
   """The loop's logprobs on the host (logprob, top_ids, top), or None when no row asked."""
-  if not any(r.logprobs for r in reqs):
+  if not any(r.logprobs for r in reqs if r):
     return None
   return tuple(steps.to_host(a) for a in (loop.rows.logprob, loop.rows.top_ids, loop.rows.top))
 

@@ -40,9 +40,9 @@ class Metrics:
               "fdjax_running_requests": ("Requests in the running batch (prefill or decode).",
                                          lambda: engine.running),
               "fdjax_kv_pages_in_use": ("KV-cache pages referenced by requests.",
-                                        lambda: engine.kv.pool.pages_in_use),
-              "fdjax_kv_pages_total": ("KV-cache pages in the pool.",
-                                       lambda: engine.kv.pool.num_pages),
+                                        lambda: engine.kv.pages_in_use),
+              "fdjax_kv_pages_total": ("KV-cache pages in the pool (every data replica's).",
+                                       lambda: engine.kv.pages_total),
               "fdjax_traced_programs": ("Device programs traced (compiled) so far; steady "
                                         "under a steady load.",
                                         lambda: sum(steps.TRACE_COUNT.values()))}
@@ -57,7 +57,7 @@ class Metrics:
       def collect(self):
         yield CounterMetricFamily("fdjax_prefix_cache_hit_tokens", "Prompt tokens served "
                                   "from the prefix cache.",
-                                  value=engine.kv.pool.prefix_hit_tokens)
+                                  value=engine.kv.prefix_hit_tokens)
 
     r.register(PrefixHits())
     if getattr(engine, "spec", None) is not None:

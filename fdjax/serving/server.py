@@ -309,8 +309,13 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
                   metrics_require_key=metrics_require_key, limits=limits)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
-        f"{engine.page_size}, context {engine.max_model_len}"
+        f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"
         + (f", speculative {spec.label}" if spec else "") + ")"
         + (f"; warming up {engine.shapes().count()} shapes first (/health: 503 until done)"
            if warmup else ""), flush=True)
   uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+
+
+def _per_replica(kv) -> str:
+  replicas = len(kv.pools)
+  return "" if replicas == 1 else f" in each of {replicas} data replicas"
