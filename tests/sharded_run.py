@@ -118,7 +118,7 @@ def engine_case(path, devices):
                    replicas=[r.replica for r in reqs], later_replica=later.replica,
                    later_hits=[pool.prefix_hit_tokens - h
                                for pool, h in zip(engine.kv.pools, hits)],
-                   pages_in_use=pools_after(engine.kv), shapes=engine.shapes().decode)
+                   pages_in_use=pools_after(engine.kv))
   return out
 
 
@@ -164,8 +164,8 @@ def quantized_case(path, method, lm_head, dp, tp, devices):
 def speculative_case(path, draft_path, devices):
   """Speculative decoding on meshes, greedy: n-gram drafts, and a one-device draft model put
   on the target's mesh (the target itself: it proposes what a one-device self-draft does), at
-  (dp, tp) = (2, 2), each replica its own draft pages; the serving engine at (2, 2) with a
-  draft model; each against plain decoding on one device. A draft that cannot be split as many ways
+  (dp, tp) = (2, 2), each replica its own draft pages; the serving engine at (2, 2) with the
+  self-draft; each against plain decoding on one device. A draft that cannot be split as many ways
   as the target is refused."""
   one = fdjax.load_pretrained(path)
   rng = np.random.default_rng(5)
@@ -186,11 +186,12 @@ def speculative_case(path, draft_path, devices):
                                                                       devices=devices[:4])),
                       ByteTokenizer(), max_batch=4, page_size=4, max_model_len=64,
                       prefill_chunk=16, steps_per_call=4,
-                      speculative={"method": "draft", "k": 3, "model": draft})
-  reqs = serve(engine, prompts)
+                      speculative=self_draft)
+  reqs = serve(engine, prompts, 9)  # the first token, then two rounds of k + 1 = 4
   out["engine"] = [r.tokens for r in reqs]
-  out["alone"] = [fdjax.generate(one, [p], max_new_tokens=7).tokens[0] for p in prompts]
+  out["alone"] = [fdjax.generate(one, [p], max_new_tokens=9).tokens[0] for p in prompts]
   out["engine_drafted"] = engine.scheduler.decoder.drafted
+  out["engine_accepted"] = engine.scheduler.decoder.accepted
   out["engine_replicas"] = [r.replica for r in reqs]
   out["engine_pages"] = [pools_after(engine.kv), pools_after(engine.scheduler.decoder.draft.kv)]
   out["split_refused"] = error(lambda: fdjax.generate(

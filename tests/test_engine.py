@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fdjax
-from fdjax.engine import batch, detokenize, paging, request, steps
+from fdjax.engine import admission, batch, detokenize, paging, request, steps
 from fdjax.engine import core as eng
 from fdjax.engine.sampling import RowSampling, filter_logits, sample_rows
 from fdjax.engine.scheduler import Scheduler
@@ -231,34 +231,64 @@ def test_a_batch_lays_each_data_replicas_requests_in_its_block_of_rows():
                                               False]
 
 
-def test_requests_go_to_the_replica_that_caches_their_prefix_else_has_room():
-  """Two replicas' pools of 8 pages of 4 tokens: a request goes where most of its prompt is
-  cached, else to the least busy replica whose pool can hold it, else waits."""
-  kv = type("KV", (), {"pools": [paging.PagePool(8, 4), paging.PagePool(8, 4)],
+def _two_replicas(pages, max_batch, prefill_rows=4):
+  """A scheduler over two data replicas' pools of `pages` pages of 4 tokens (no model)."""
+  kv = type("KV", (), {"pools": [paging.PagePool(pages, 4), paging.PagePool(pages, 4)],
                        "page_size": 4})()
-  sched = Scheduler(type("Runner", (), {"kv": kv})(), TOK, (), max_batch=4, max_model_len=32,
-                    prefill_chunk=16, prefill_rows=4, steps_per_call=4)
+  return Scheduler(type("Runner", (), {"kv": kv})(), TOK, (), max_batch=max_batch,
+                   max_model_len=32, prefill_chunk=16, prefill_rows=prefill_rows,
+                   steps_per_call=4)
+
+
+def _route(sched, req):
+  return admission.replicas_for(req, sched.active, sched.runner.kv.pools, sched.per_replica)
+
+
+def test_requests_go_to_the_least_busy_replica_with_room_a_cached_prefix_counting_one():
+  """Two replicas' pools of 8 pages of 4 tokens: a request goes to the least busy replica
+  whose pool can hold it (one whose prefix cache holds part of its prompt counts as running
+  one request fewer), else waits."""
+  sched = _two_replicas(8, max_batch=6)
+  kv = sched.runner.kv
   big, small, mid, more = (_request(list(range(10 * i, 10 * i + n)), m)
                            for i, (n, m) in enumerate([(12, 12), (4, 4), (8, 8), (4, 8)]))
   sched.waiting.extend([big, small, mid, more])
   sched._admit()
   # big takes 6 of replica 0's pages, small 2 of replica 1's; mid (4 pages) finds replica 0
-  # (as busy as 1) short of pages and goes to 1, which then runs its two; more (3 pages)
-  # finds replica 0 short of pages too, and waits
+  # (as busy as 1) short of pages and goes to 1; more (3 pages) finds replica 0 short of
+  # pages and replica 1 too, and waits
   assert [r.replica for r in (big, small, mid)] == [0, 1, 1] and list(sched.waiting) == [more]
   assert [p.pages_available for p in kv.pools] == [2, 2]
   kv.pools[1].publish(mid.pages, mid.prompt)  # mid's prompt is cached on replica 1
-  again = _request(mid.prompt + [7], 3)
-  assert sched._replicas_for(again) == [0]  # replica 1 runs its share (max_batch 4 / 2)
+  again, fresh = _request(mid.prompt + [7], 3), _request([5, 5, 5, 5, 5], 3)
+  assert _route(sched, fresh) == [0, 1]  # the less busy first
+  assert _route(sched, again) == [1, 0]  # one busier, but its two cached pages are there
+  sched.finish(big, "length")
+  assert _route(sched, again) == [0, 1]  # two busier: the load wins
   sched.finish(small, "length")
-  assert sched._replicas_for(again) == [1, 0]  # its two cached pages are there
-  fresh = _request([5, 5, 5, 5, 5], 3)
-  assert sched._replicas_for(fresh) == [0, 1]  # as busy: in order
-  sched.finish(mid, "length")
-  assert sched._replicas_for(fresh) == [1, 0]  # the less busy first
-  assert sched._replicas_for(again) == [1, 0]  # (mid's pages stay cached, evictable)
+  assert _route(sched, again) == [1, 0] and _route(sched, fresh) == [0, 1]
+  sched.per_replica = 1
+  assert _route(sched, again) == [0]  # replica 1 runs its share
   for pool in kv.pools:
     pool.check()
+
+
+def test_every_batch_the_replicas_make_is_a_shape_warmup_compiles():
+  """Whatever requests each replica runs (up to its share of max_batch, 5 here: 3 each), a
+  decode batch's rows and a prefill's (up to prefill_rows = 4 requests, more than a
+  replica's share) are among compiled.shapes()'s."""
+  sched = _two_replicas(64, max_batch=5)
+  shapes = sched.shapes()
+  decode_rows, prefill_rows = {r for r, _ in shapes.decode}, {r for r, _, _ in shapes.prefill}
+  assert decode_rows == {2, 4, 8} and prefill_rows == {2, 4, 8} == set(shapes.first)
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(1, 6))
+    reqs = [request.Request([1], 1, replica=int(i)) for i in rng.integers(0, 2, n)]
+    if max(sum(r.replica == i for r in reqs) for i in (0, 1)) > sched.per_replica:
+      continue
+    assert len(batch.rows_of(reqs, 2)) in decode_rows
+    assert len(batch.rows_of(reqs[:sched.prefill_rows], 2)) in prefill_rows
 
 
 # ------------------------------------------------------------------- no recompiles

@@ -1,7 +1,7 @@
 """Every program the serving engine runs: its shapes (the scheduler's buckets: rows to
-powers of two (on a mesh, each data replica's), prefill chunks from steps.MIN_CHUNK to the engine's, page-table widths to
-powers of two up to the context), and compiling them all before serving (`--warmup`), after
-which no load recompiles anything."""
+powers of two (on a mesh, each data replica's block of rows), prefill chunks from
+steps.MIN_CHUNK to the engine's, page-table widths to powers of two up to the context), and
+compiling them all before serving (`--warmup`), after which no load recompiles anything."""
 from __future__ import annotations
 
 import dataclasses

@@ -2,9 +2,10 @@
 batches requests as they come (continuous batching).
 
 The parts, each in its own module: requests and their events (request), which requests run
-in each iteration and in which shapes (scheduler), the device calls (runner, over the
-jitted steps `generate` runs too), and tokens to text (detokenize). The engine holds the
-queue between the server's threads and its own, and the thread.
+in each iteration and in which shapes (scheduler; which join it, on which data replica of a
+mesh: admission), the device calls (runner, over the jitted steps `generate` runs too), and
+tokens to text (detokenize). The engine holds the queue between the server's threads and its
+own, and the thread.
 
 Requests talk to their owner through `on_event(Event)`, called on the engine's thread.
 """
@@ -27,6 +28,12 @@ from fdjax.ops import checks
 def _sizes(model, max_model_len, page_size, num_pages, max_batch):
   """(context per request, pages in the pool: on a mesh, in each data replica's, which
   runs its share of max_batch), or ValueError."""
+  mesh = getattr(model, "mesh", None)
+  hosts = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
+  if hosts > 1:  # each process would take its own requests into its own batches
+    raise ValueError(f"engine: the model's mesh spans {hosts} processes; serving from a "
+                     f"multi-host mesh is not implemented (each process would run its own "
+                     f"server and scheduler): serve each host's devices on their own")
   # Sliding windows are the attention's business: a request may run past its window (the
   # engine keeps all its pages, where generate gives back those out of every window).
   context = model.config.max_position_embeddings
@@ -43,12 +50,7 @@ def _sizes(model, max_model_len, page_size, num_pages, max_batch):
 
 
 class Engine:
-  """Serves `model` (one device, or a mesh: fdjax.io.mesh) to requests as they come.
-
-  On a mesh with data replicas each request runs on one replica, on its pages there: a
-  replica holds `num_pages` pages (default: its share of max_batch full contexts) and runs
-  up to its share of max_batch requests; a request goes to the replica whose prefix cache
-  holds most of its prompt, else to the least busy one."""
+  """Serves `model` (one device or a mesh; with data replicas, `num_pages` is each one's)."""
 
   def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                page_size: int = 16, num_pages: int | None = None,

@@ -4,7 +4,8 @@ Each iteration (`Scheduler.step`)
   1. retires cancelled requests (their pages go back to the pool, full pages of what they
      wrote into the prefix cache),
   2. admits waiting requests while a batch row and the pages for prompt + max_tokens are free
-     (the prefix cache serves what it holds of a prompt),
+     (the prefix cache serves what it holds of a prompt; on a mesh, each request runs on one
+     data replica's pages: fdjax.engine.admission),
   3. prefills one chunk of up to `prefill_rows` admitted prompts (a long prompt takes several
      iterations, decode steps of the others run in between),
   4. runs decode steps for every request past its prompt: one step per call while requests
@@ -13,7 +14,8 @@ Each iteration (`Scheduler.step`)
   5. hands each request its new text (fdjax.engine.detokenize: stop strings cut it, EOS and
      max_tokens end it).
 
-Every shape is bucketed by steps' rules: rows to powers of two, prefill chunks to powers of
+Every shape is bucketed by steps' rules: rows to powers of two (on a mesh, each replica's
+block of rows: batch.rows_of), prefill chunks to powers of
 two from steps.MIN_CHUNK to `prefill_chunk`, page-table widths to powers of two up to the
 context; fdjax.engine.compiled lists them all (`shapes()`) and compiles them (`warmup()`),
 after which no load recompiles anything.
@@ -25,7 +27,7 @@ import time
 
 import numpy as np
 
-from fdjax.engine import compiled, detokenize, paging, steps
+from fdjax.engine import admission, compiled, detokenize, steps
 from fdjax.engine.batch import history, row_sampling, rows_of, table
 from fdjax.engine.decoders import PlainDecoder
 from fdjax.engine.request import Event, Request, TokenLogprob
@@ -73,42 +75,8 @@ class Scheduler:
     return bool(prefilling or decoding)
 
   def _admit(self):
-    for req in list(self.waiting):
-      if len(self.active) >= self.max_batch:
-        return
-      if req.after is not None and req.after.state in ("new", "waiting", "prefill"):
-        continue  # its sibling's prompt pages come first: it will share them (n > 1)
-      if not any(self._take(req, replica) for replica in self._replicas_for(req)):
-        return  # it waits for pages (request.check made sure it fits an empty pool)
-      self.waiting.remove(req)
-      req.state = "prefill"
-      self.active.append(req)
-
-  def _replicas_for(self, req) -> list[int]:
-    """The data replicas that could run `req` now, the best first: the one whose prefix cache
-    holds most of its prompt (a sibling's, n > 1), then the least busy."""
-    busy = [0] * self.replicas
-    for r in self.active:
-      busy[r.replica] += 1
-    pools = self.runner.kv.pools
-    open_ = [i for i in range(self.replicas) if busy[i] < self.per_replica]
-    if self.replicas == 1 or req.prompt_logprobs:
-      return sorted(open_, key=lambda i: busy[i])
-    return sorted(open_, key=lambda i: (-pools[i].cached_tokens(req.prompt), busy[i]))
-
-  def _take(self, req, replica) -> bool:
-    """Admits `req` to `replica` if its pages there are free (a draft model's first: they
-    are not shared)."""
-    req.replica = replica
-    if not self.decoder.admit(req):
-      return False
-    try:
-      req.pages, req.computed = self.runner.kv.pools[replica].allocate(
-          req.prompt, len(req.prompt) + req.max_tokens, reuse=not req.prompt_logprobs)
-    except paging.PoolExhausted:
-      self.decoder.release(req)
-      return False
-    return True
+    admission.admit(self.waiting, self.active, self.runner.kv, self.decoder, self.max_batch,
+                    self.per_replica)
 
   def _prefill(self, chosen):
     reqs = rows_of(chosen, self.replicas)  # None: an empty row
