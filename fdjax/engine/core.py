@@ -25,15 +25,20 @@ from fdjax.engine.steps import pow2
 from fdjax.ops import checks
 
 
-def _sizes(model, max_model_len, page_size, num_pages, max_batch):
-  """(context per request, pages in the pool: on a mesh, in each data replica's, which
-  runs its share of max_batch), or ValueError."""
+def _check_servable(model) -> None:
+  """ValueError where the model's mesh spans several processes: each would take its own
+  requests into its own batches (one server and scheduler per process)."""
   mesh = getattr(model, "mesh", None)
   hosts = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
-  if hosts > 1:  # each process would take its own requests into its own batches
+  if hosts > 1:
     raise ValueError(f"engine: the model's mesh spans {hosts} processes; serving from a "
                      f"multi-host mesh is not implemented (each process would run its own "
                      f"server and scheduler): serve each host's devices on their own")
+
+
+def _sizes(model, max_model_len, page_size, num_pages, max_batch):
+  """(context per request, pages in the pool: on a mesh, in each data replica's, which
+  runs its share of max_batch), or ValueError."""
   # Sliding windows are the attention's business: a request may run past its window (the
   # engine keeps all its pages, where generate gives back those out of every window).
   context = model.config.max_position_embeddings
@@ -61,6 +66,7 @@ class Engine:
                         ("page_size", page_size), ("prefill_chunk", prefill_chunk),
                         ("prefill_rows", prefill_rows), ("steps_per_call", steps_per_call)):
       checks.positive_int("engine", name, value)
+    _check_servable(model)
     self.max_model_len, num_pages = _sizes(model, max_model_len, page_size, num_pages,
                                            max_batch)
     self.model, self.tokenizer = model, tokenizer

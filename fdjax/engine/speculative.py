@@ -157,8 +157,8 @@ def from_flags(value, draft_dir, k, target, target_tokenizer, *, dtype=None, qua
     draft, draft_tokenizer = loaded.model, loaded.tokenizer
   spec = parse(value, draft_model=draft)
   if k is not None:
-    spec = check(dataclasses.replace(spec, k=k))
-  return prepare(spec, target, target_tokenizer, draft_tokenizer)
+    spec = dataclasses.replace(spec, k=k)
+  return prepare(spec, target, target_tokenizer, draft_tokenizer)  # checks k (parse)
 
 
 def prepare(value, target, target_tokenizer=None, draft_tokenizer=None) -> Speculation | None:
