@@ -30,7 +30,8 @@ def test_save_load_round_trip(tmp_path, overrides):
   loaded = fdjax.load_pretrained(tmp_path)
   assert loaded.config == model.config
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 9)))
-  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(model(ids)))
+  np.testing.assert_array_equal(np.asarray(forward(loaded, ids)),
+                                np.asarray(forward(model, ids)))
 
 
 def test_load_with_dtype(tmp_path):

@@ -247,7 +247,7 @@ def test_a_warming_server_answers_health_503_and_serves_what_waited():
     if done == 1:
       gate.wait(60)  # held here until the test has seen the 503
 
-  engine_args = dict(max_batch=2, max_model_len=48, prefill_chunk=16, page_size=16,
+  engine_args = dict(max_batch=1, max_model_len=32, prefill_chunk=16, page_size=16,
                      steps_per_call=4)
   from fdjax.engine import core as eng
   engine = eng.Engine(model, tok, **engine_args)

@@ -331,7 +331,7 @@ def test_chunked_prefill_gives_the_full_forward_logits(pe):
   t = 23
   ids = rng.integers(0, 97, (2, t)).astype(np.int32)
   lengths = np.array([t, 17], np.int32)
-  full = np.asarray(model(jnp.asarray(ids)))
+  full = np.asarray(forward(model, jnp.asarray(ids)))
   step = nnx.jit(lambda m, piece, cache, n: m(piece, cache=cache, lengths=n))  # (eager: 30 s)
   for chunk in (1, 7, t):
     cache = kv_cache.init_cache(model.config, 2, 32, jnp.float32, page_size=16)
@@ -427,7 +427,7 @@ def test_a_windowed_model_generates_far_past_its_pool():
   out = fdjax.generate(model, prompts, max_new_tokens=160, kv=kv, prefill_chunk=8).tokens
   for p, got in zip(prompts, out):
     seq = jnp.asarray([p + got])
-    assert np.argmax(np.asarray(model(seq))[0, len(p) - 1:-1], -1).tolist() == got
+    assert np.argmax(np.asarray(forward(model, seq))[0, len(p) - 1:-1], -1).tolist() == got
   kv.pool.check()
   assert kv.pool.pages_available == kv.pool.num_pages
   small = paging.KVStore.for_model(model, num_pages=5, page_size=4)

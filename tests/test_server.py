@@ -424,7 +424,7 @@ def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch
   # A warm-up: the port is open at once, /health says so until every shape is compiled, and
   # the second start loads them all from the persistent compilation cache (nothing new).
   cache = str(tmp_path / "xla")
-  args = ("--warmup", "--max-batch", "2", "--prefill-chunk", "16")
+  args = ("--warmup", "--max-batch", "1", "--prefill-chunk", "16")
   _, seen, out = _serve_once(port, cache, *args)
   assert "fdjax serve: model 'fdjax-default'" in out
   assert "warming up" in seen and seen[-1] == "ok"

@@ -10,7 +10,7 @@ import transformers
 import fdjax
 from fdjax.engine import sampling, spec_steps, speculative
 from fdjax.engine.sampling import RowSampling, Settings
-from tests.models_util import tiny_model
+from tests.models_util import forward, tiny_model
 
 VOCAB = 61
 
@@ -162,7 +162,7 @@ def test_speculative_sampling_end_to_end_follows_the_model():
   # exact: P(t1) from the prompt, P(t2 | t1), P(t3 | t1, t2) by one forward of all 64 paths
   paths = np.array([[a, b] for a in range(8) for b in range(8)])
   seqs = np.concatenate([np.tile(prompt, (64, 1)), paths], axis=1)
-  probs = np.asarray(jax.nn.softmax(model(jnp.asarray(seqs)), axis=-1), np.float64)
+  probs = np.asarray(jax.nn.softmax(forward(model, jnp.asarray(seqs)), axis=-1), np.float64)
   p1 = probs[0, len(prompt) - 1]
   p2_given = probs[::8, len(prompt)]                 # [t1, t2]
   p3_given = probs[:, len(prompt) + 1].reshape(8, 8, 8)  # [t1, t2, t3]
@@ -249,11 +249,15 @@ def test_ngram_proposals():
 
 # ------------------------------------------------------------------- the serving engine
 
+# The engine tests' one setting (each setting is its own set of compiled programs: sharing
+# one, the tests of this file share their programs)
+ENGINE = dict(max_batch=4, page_size=16, max_model_len=64, prefill_chunk=16, steps_per_call=3)
+
+
 def _engine_run(model, prompts, spec, **req_kw):
   from fdjax.engine import core, request
   from fdjax.io.tokenizer import ByteTokenizer
-  engine = core.Engine(model, ByteTokenizer(), max_batch=4, page_size=8, max_model_len=128,
-                       prefill_chunk=16, steps_per_call=3, speculative=spec)
+  engine = core.Engine(model, ByteTokenizer(), **ENGINE, speculative=spec)
   reqs = []
   for i, p in enumerate(prompts):
     kw = {key: (v[i] if isinstance(v, list) else v) for key, v in req_kw.items()}
@@ -305,7 +309,7 @@ def test_engine_speculation_samples_with_seeds_and_stops_at_eos():
   inside a round; a request that is cancelled gives back its pages."""
   model = tiny_model(seed=2, vocab_size=256)
   prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 9, 9, 9], [1, 2, 3]]
-  spec = {"method": "ngram", "k": 4, "n": 2}
+  spec = {"method": "ngram", "k": 3, "n": 2}
   _, a = _engine_run(model, prompts, spec, temperature=0.9, seed=[1, 2, 3])
   _, b = _engine_run(model, prompts, spec, temperature=0.9, seed=[1, 2, 3])
   assert [r.tokens for r in a] == [r.tokens for r in b]
@@ -315,8 +319,7 @@ def test_engine_speculation_samples_with_seeds_and_stops_at_eos():
   from fdjax.io.tokenizer import ByteTokenizer
   eos = a[0].tokens[5]
   cut = a[0].tokens.index(eos)
-  engine = core.Engine(model, ByteTokenizer(), max_batch=4, page_size=8, max_model_len=128,
-                       prefill_chunk=16, steps_per_call=3, speculative=spec, eos_token_ids=eos)
+  engine = core.Engine(model, ByteTokenizer(), **ENGINE, speculative=spec, eos_token_ids=eos)
   r = request.Request(prompts[0], 20, temperature=0.9, seed=1)
   engine.submit(r)
   while not engine.idle():
