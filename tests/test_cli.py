@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,6 +31,7 @@ def test_bad_argument_is_a_clear_error():
   assert "max_new_tokens must be a positive integer" in r.stderr
 
 
+@pytest.mark.integration  # three `fdjax generate` processes (CI's integration step)
 def test_generate_with_speculative_decoding_prints_the_same_greedy_text():
   args = ("generate", "ab ab ab ab", "--max-new-tokens", "12", "--preset", "random-tiny",
           "--temperature", "0")
@@ -41,6 +44,7 @@ def test_generate_with_speculative_decoding_prints_the_same_greedy_text():
   assert bad.returncode == 2 and "k must be an integer from 1 to 16" in bad.stderr
 
 
+@pytest.mark.integration  # three `fdjax generate` processes (CI's integration step)
 def test_generate_keeps_its_programs_in_the_compile_cache_and_off_is_off(tmp_path):
   cache = tmp_path / "xla"
   args = ("generate", "def g(y):", "--max-new-tokens", "6", "--preset", "random-tiny",

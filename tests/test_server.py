@@ -166,6 +166,7 @@ def test_models_health_and_metrics_endpoints(default):
     assert name in r.text
 
 
+@pytest.mark.integration  # a load test (CI's integration step; the README's command: the rest)
 def test_64_clients_with_disconnects_complete_free_their_pages_and_match_metrics(default):
   s = default
   _wait_idle(s)
@@ -417,6 +418,7 @@ def _serve_once(port, cache, *extra):
   return ready, seen, out
 
 
+@pytest.mark.integration  # two `fdjax serve` processes (CI's integration step)
 def test_the_readme_command_serves_and_a_missing_dependency_is_named(monkeypatch, tmp_path):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
