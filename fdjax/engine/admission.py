@@ -44,7 +44,7 @@ def replicas_for(req, active, pools, per_replica: int) -> list[int]:
   if len(pools) == 1 or req.prompt_logprobs:  # (computed in full: no prefix cache)
     return sorted(open_, key=lambda i: busy[i])
   cached = [pool.cached_tokens(req.prompt) for pool in pools]
-  return sorted(open_, key=lambda i: (busy[i] - (cached[i] > 0), -cached[i], busy[i]))
+  return sorted(open_, key=lambda i: (busy[i] - (cached[i] > 0), -cached[i]))
 
 
 def _take(req, replica: int, kv, decoder) -> bool:
