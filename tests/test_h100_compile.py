@@ -178,6 +178,23 @@ def test_programs_per_sm_follow_the_sm90_rules():
   assert small.per_sm_by_registers() == 16 and small.per_sm_by_shared() == 32  # 2048 threads
 
 
+def test_launches_are_read_from_either_thunk_dump_format(tmp_path):
+  # jaxlib 0.11-0.12.0's line, then 0.12.1's (both seen on this project's machines)
+  (tmp_path / "a.thunk_sequence.txt").write_text(
+      "kKernel [source | next=002] fdjax_gemv grid: [4, 2, 1] threads: [128, 1, 1] "
+      "shared_memory: 1024 bytes\n")
+  (tmp_path / "b.thunk_sequence.txt").write_text(
+      "001: kCustomKernel [source       | next=002 (1)] kernel=fdjax_flat_gemm, profile_"
+      "annotation=pallas_call.1, launch dimensions=blocks: {64, 5, 1}, threads/block: {128, 1,"
+      " 1}, cluster_dim=nullopt, shmem_bytes=20480, use_pdl=true\n002: kCustomKernel [prev=001 "
+      "(1) | sink        ] kernel=loop_reduce_fusion, profile_annotation=loop_reduce_fusion, "
+      "launch dimensions=blocks: {256, 1, 1}, threads/block: {64, 2, 1}, cluster_dim=nullopt, "
+      "shmem_bytes=0, use_pdl=true\n")
+  assert aot.launches(str(tmp_path)) == [("fdjax_gemv", (4, 2, 1), 128, 1024),
+                                         ("fdjax_flat_gemm", (64, 5, 1), 128, 20480),
+                                         ("loop_reduce_fusion", (256, 1, 1), 128, 0)]
+
+
 # one case in CI (ptxas takes about a minute per program here); ("llama-3-8b", 1, 8, "1x1x8")
 # passed too when this was built: 2.28 GB of arguments per device
 @pytest.mark.parametrize("preset,dp,tp,topology", [("llama-2-7b", 2, 4, "1x2x4")])

@@ -237,8 +237,14 @@ class Kernel:
                shared.SM90_MAX_PROGRAMS_PER_SM)
 
 
-_LAUNCH = re.compile(r"\] (\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]"
-                     r"\s+shared_memory: (\d+) bytes")
+# A launch in XLA's thunk sequence dump, as jaxlib 0.11-0.12.0 writes it ("] NAME grid: [x, y,
+# z] threads: [x, y, z] shared_memory: N bytes") and as 0.12.1 does ("kernel=NAME, ...,
+# launch dimensions=blocks: {x, y, z}, threads/block: {x, y, z}, ..., shmem_bytes=N").
+_LAUNCH = re.compile(
+    r"\] (\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]"
+    r"\s+shared_memory: (\d+) bytes"
+    r"|kernel=([^,\s]+),.*?blocks: \{(\d+), (\d+), (\d+)\}, threads/block: \{(\d+), (\d+), (\d+)\}"
+    r".*?shmem_bytes=(\d+)")
 
 
 def launches(dump_dir: str) -> list[tuple]:
@@ -248,9 +254,9 @@ def launches(dump_dir: str) -> list[tuple]:
   for file in sorted(glob.glob(os.path.join(dump_dir, "*thunk_sequence.txt"))):
     with open(file) as fh:
       for m in _LAUNCH.finditer(fh.read()):
-        threads = int(m.group(5)) * int(m.group(6)) * int(m.group(7))
-        out.append((m.group(1), tuple(int(x) for x in m.group(2, 3, 4)), threads,
-                    int(m.group(8))))
+        g = m.groups()[:8] if m.group(1) else m.groups()[8:]
+        out.append((g[0], tuple(int(x) for x in g[1:4]), int(g[4]) * int(g[5]) * int(g[6]),
+                    int(g[7])))
   return out
 
 
