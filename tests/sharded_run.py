@@ -131,6 +131,13 @@ def cli_text(tp, dp, *extra):
   return [rc] + buf.getvalue().splitlines()
 
 
+def forward(model, ids):
+  """model(ids) as one compiled program (a fresh one: what it traces, the dispatch choice
+  included, is this call's), as numpy. Eagerly each operation compiles on its own, for every
+  mesh: seconds per forward here."""
+  return np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+
+
 def rel(got, want):
   return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
@@ -149,11 +156,12 @@ def quantized_case(path, method, lm_head, dp, tp, devices):
   prompts = prompts_for(one.config.vocab_size, 2)
   gen = dict(max_new_tokens=NEW, page_size=4, prefill_chunk=8)
   with dispatch.using("xla"):
-    want = np.asarray(one(ids))
+    want = forward(one, ids)
     model = fdjax.load_pretrained(path, mesh=mesh, **q)
-    case = dict(rel=rel(model(ids), want), finite=bool(np.all(np.isfinite(model(ids)))),
-                saved=rel(fdjax.load_pretrained(saved, mesh=mesh)(ids), want),
-                sharded=rel(meshes.shard(one, mesh)(ids), want),
+    got = forward(model, ids)
+    case = dict(rel=rel(got, want), finite=bool(np.all(np.isfinite(got))),
+                saved=rel(forward(fdjax.load_pretrained(saved, mesh=mesh), ids), want),
+                sharded=rel(forward(meshes.shard(one, mesh), ids), want),
                 method=str(quantization.of(model) and quantization.of(model).method),
                 tokens=fdjax.generate(one, prompts, **gen).tokens,
                 mesh_tokens=fdjax.generate(model, prompts, **gen).tokens, **holdings(model))
@@ -209,14 +217,14 @@ def main():
     one = fdjax.load_pretrained(path)
     vocab = one.config.vocab_size
     ids = jnp.asarray(np.random.default_rng(1).integers(0, vocab, (4, 13)))
-    want = np.asarray(one(ids))
+    want = forward(one, ids)
     prompts = prompts_for(vocab, 2)
     gen = dict(max_new_tokens=NEW, page_size=4, prefill_chunk=8)
     tokens = fdjax.generate(one, prompts, **gen).tokens
     for dp, tp in meshes_:
       mesh = fdjax.make_mesh(tp=tp, dp=dp, devices=devices[:tp * dp])
       model = fdjax.load_pretrained(path, mesh=mesh)
-      got = np.asarray(model(ids))
+      got = forward(model, ids)
       case = dict(rel=float(np.max(np.abs(got - want)) / np.max(np.abs(want))),
                   finite=bool(np.all(np.isfinite(got))), tokens=tokens,
                   sharded=fdjax.generate(model, prompts, **gen).tokens, **holdings(model))
