@@ -93,7 +93,9 @@ def compare(label, make, ids, prompts, args, extra=None) -> list[dict]:
   for name, method, impl in variants():
     model = make(method)
     with dispatch.using(impl):
-      logits, tokens = np.asarray(model(ids)), greedy(model, prompts, args.new_tokens)
+      # the forward as one compiled program (eagerly each operation compiles on its own)
+      logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+      tokens = greedy(model, prompts, args.new_tokens)
       row = {"model": label, "method": name, "bytes": mq.weight_bytes(model)["total"],
              **(extra(model) if extra else {})}
     if base is None:
