@@ -7,8 +7,10 @@ jax's version and nvidia-cuda-nvcc; .ci/run installs them). Without them these t
 except where FDJAX_REQUIRE_H100=1 (set by .ci/run): there they fail.
 """
 import dataclasses
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,8 +131,24 @@ def test_the_llama_3_8b_decode_program_lowers_with_the_mosaic_gpu_kernels(h100):
     _, decode = decode_loop.lower(model, batch=8, prompt_len=100, max_new_tokens=64,
                                   place=h100)
   hlo = decode.as_text()
-  assert hlo.count("fdjax_mgpu_decode_async") >= 32 and "fdjax_mgpu_flat_gemm" in hlo
+  assert _runs(hlo, "fdjax_mgpu_decode_async") >= 32 and "fdjax_mgpu_flat_gemm" in hlo
   assert "mosaic_gpu" in hlo and "triton" not in hlo.lower()
+
+
+def _runs(text: str, name: str) -> int:
+  """How many times a lowered program's `name` runs: its occurrences in each function, times
+  the calls of that function (a jitted wrapper, such as the attention kernels', is one
+  private function called once per layer), from main down. A function starts a line (a
+  Mosaic kernel's own module is a string inside its custom call's line)."""
+  starts = list(re.finditer(r"^\s*func\.func (?:public |private )?@([\w$.]+)", text, re.M))
+  funcs = {m.group(1): text[m.start():(starts[i + 1].start() if i + 1 < len(starts) else None)]
+           for i, m in enumerate(starts)}
+
+  @functools.cache
+  def times(f):
+    return 1 if f == "main" else sum(body.count(f"call @{f}(") * times(g)
+                                     for g, body in funcs.items() if f"call @{f}(" in body)
+  return sum(body.count(name) * times(f) for f, body in funcs.items())
 
 
 def test_a_mixture_of_experts_decode_program_lowers_for_an_h100(h100):

@@ -23,6 +23,9 @@ then NaN (ExecuTorch shipped exactly that and reverted it).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import jax
 import jax.numpy as jnp
 
@@ -86,6 +89,28 @@ def select_guard(interpret: bool) -> bool:
   launch. Interpret mode (the CPU) keeps the cond: free there, and it skips a slow
   interpreted pass; SELECT_IN_INTERPRET makes the tests take the GPU's form."""
   return not interpret or SELECT_IN_INTERPRET
+
+
+# What the attention wrappers take as fixed (static) keyword arguments when jitted.
+STATIC = ("heads_major", "sm_scale", "window", "softcap", "mode", "settings", "interpret",
+          "return_stats", "select", "causal", "generation")
+
+
+def jitted(fn):
+  """An attention wrapper as one jitted program per shapes and STATIC arguments (as JAX's own
+  Pallas ops are): called eagerly, each of its jnp operations and the guard's cond would
+  compile and dispatch on its own; inside a model's jit it is inlined. A wrapper with a
+  `select` argument gets select_guard(interpret), decided at each call outside the jit, so
+  a change of SELECT_IN_INTERPRET is a new program, never a stale trace."""
+  params = inspect.signature(fn).parameters
+  compiled = jax.jit(fn, static_argnames=tuple(n for n in params if n in STATIC))
+  if "select" not in params:
+    return compiled
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return compiled(*args, **kwargs, select=select_guard(kwargs.get("interpret", False)))
+  return call
 
 
 def guarded(mode, run_async, run_online, no_flags, select=False):

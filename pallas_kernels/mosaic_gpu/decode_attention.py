@@ -311,11 +311,12 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kwargs):
   return _attend(q, k_pages, v_pages, page_table, lengths, heads_major=True, **kwargs)
 
 
+@asm.jitted
 def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, phi=None,
             window=None, softcap=None, mode="async", settings: Settings | None = None,
-            interpret=False, return_stats=False):
+            interpret=False, return_stats=False, select=False):
   """Either entry point: pages [Hkv, P, page_size, D] if heads_major, else [P, page_size,
-  Hkv, D]."""
+  Hkv, D]; `select` set by asm.jitted."""
   asm.check_mode("decode_attention", mode)
   asm.check_options("decode_attention", window, softcap)
   b, hq, d = q.shape
@@ -342,4 +343,4 @@ def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, 
                           sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
                           interpret=interpret, heads_major=heads_major)
   return asm.guarded_groups(run, phi, mode, b, hkv, g, g_out, q.dtype, return_stats,
-                            asm.select_guard(interpret))
+                            select)

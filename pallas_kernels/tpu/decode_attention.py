@@ -167,6 +167,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kwargs):
   return _attend(q, k_pages, v_pages, page_table, lengths, heads_major=True, **kwargs)
 
 
+@asm.jitted
 def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, phi=None,
             window=None, softcap=None, mode="async", settings: Settings | None = None,
             generation: str | None = None, interpret=False, return_stats=False):

@@ -134,6 +134,7 @@ def check_blocks(settings, t, s):
                        f"the whole axis ({full})")
 
 
+@asm.jitted
 def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=True, phi=None,
                       window=None, softcap=None, mode="async", settings: Settings | None = None,
                       generation: str | None = None, interpret=False, return_stats=False):

@@ -113,6 +113,7 @@ def _kernel(lengths_ref, start_ref, q_ref, k_ref, v_ref, z_ref, *refs, sm_scale,
               mask=rows_ok[:, None])
 
 
+@asm.jitted
 def cope_attention(q, k, v, pos_emb, lengths=None, *, sm_scale, q_start=None, gate_keys=None,
                    pos_scale=1.0, settings: Settings | None = None, interpret=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; pos_emb [npos, D]; lengths [B] valid keys; query i

@@ -165,11 +165,12 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, **kwargs):
   return _attend(q, k_pages, v_pages, page_table, lengths, heads_major=True, **kwargs)
 
 
+@asm.jitted
 def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, phi=None,
             window=None, softcap=None, mode="async", settings: Settings | None = None,
-            interpret=False, return_stats=False):
+            interpret=False, return_stats=False, select=False):
   """Either entry point: pages [Hkv, P, page_size, D] if heads_major, else [P, page_size,
-  Hkv, D]."""
+  Hkv, D]; `select` set by asm.jitted."""
   asm.check_call("decode_attention", q, mode, window, softcap)
   b, hq, d = q.shape
   hkv, page_size = ((k_pages.shape[0], k_pages.shape[2]) if heads_major else
@@ -193,4 +194,4 @@ def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, 
                           settings=settings, window=window, softcap=softcap,
                           interpret=interpret, heads_major=heads_major)
   return asm.guarded_groups(run, phi, mode, b, hkv, g, g_pad, q.dtype, return_stats,
-                            asm.select_guard(interpret))
+                            select)

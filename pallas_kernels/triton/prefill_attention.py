@@ -126,13 +126,14 @@ def _run(q, k, v, lengths, start, phi, active, *, sm_scale, settings, causal, on
       interpret=interpret, name="fdjax_prefill_online" if online else "fdjax_prefill_async")
 
 
+@asm.jitted
 def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=True, phi=None,
                       window=None, softcap=None, mode="async", settings: Settings | None = None,
-                      interpret=False, return_stats=False):
+                      interpret=False, return_stats=False, select=False):
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
   at position q_start[b] + i (default 0; a chunk of a prompt after S' cached keys starts at
   S'); `window` W: each query sees its last W keys (causal only); `softcap`: scores
-  soft-capped -> [B, T, Hq, D] (and stats)."""
+  soft-capped -> [B, T, Hq, D] (and stats). `select` is set by asm.jitted."""
   asm.check_call("prefill_attention", q, mode, window, softcap, causal)
   b, t, hq, d = q.shape
   s = k.shape[1]
@@ -161,5 +162,5 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
     return run(active.astype(jnp.int32), online=True)[0]
 
   out, flags = asm.guarded(mode, run_async, run_online, jnp.zeros((b, t, hq), bool),
-                           asm.select_guard(interpret))
+                           select)
   return (out, asm.stats(flags)) if return_stats else out
