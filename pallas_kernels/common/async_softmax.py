@@ -100,8 +100,9 @@ def jitted(fn):
   """An attention wrapper as one jitted program per shapes and STATIC arguments (as JAX's own
   Pallas ops are): called eagerly, each of its jnp operations and the guard's cond would
   compile and dispatch on its own; inside a model's jit it is inlined. A wrapper with a
-  `select` argument gets select_guard(interpret), decided at each call outside the jit, so
-  a change of SELECT_IN_INTERPRET is a new program, never a stale trace."""
+  `select` argument gets select_guard(interpret) unless the caller gives one, decided at
+  each call outside the jit, so a change of SELECT_IN_INTERPRET is a new program, never a
+  stale trace."""
   params = inspect.signature(fn).parameters
   compiled = jax.jit(fn, static_argnames=tuple(n for n in params if n in STATIC))
   if "select" not in params:
@@ -109,7 +110,8 @@ def jitted(fn):
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
-    return compiled(*args, **kwargs, select=select_guard(kwargs.get("interpret", False)))
+    kwargs.setdefault("select", select_guard(kwargs.get("interpret", False)))
+    return compiled(*args, **kwargs)
   return call
 
 

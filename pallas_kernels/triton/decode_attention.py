@@ -170,7 +170,7 @@ def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, 
             window=None, softcap=None, mode="async", settings: Settings | None = None,
             interpret=False, return_stats=False, select=False):
   """Either entry point: pages [Hkv, P, page_size, D] if heads_major, else [P, page_size,
-  Hkv, D]; `select` set by asm.jitted."""
+  Hkv, D]; `select` as asm.guarded's (asm.jitted sets it by select_guard)."""
   asm.check_call("decode_attention", q, mode, window, softcap)
   b, hq, d = q.shape
   hkv, page_size = ((k_pages.shape[0], k_pages.shape[2]) if heads_major else
