@@ -31,6 +31,7 @@ from fdjax.io.tokenizer import ByteTokenizer  # noqa: E402
 from fdjax.ops import dispatch, quant  # noqa: E402
 from models import layout, parallel  # noqa: E402
 from models import quantize as quantization  # noqa: E402
+from tests import models_util  # noqa: E402
 
 NEW = 10
 
@@ -132,10 +133,9 @@ def cli_text(tp, dp, *extra):
 
 
 def forward(model, ids):
-  """model(ids) as one compiled program (a fresh one: what it traces, the dispatch choice
-  included, is this call's), as numpy. Eagerly each operation compiles on its own, for every
-  mesh: seconds per forward here."""
-  return np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+  """model(ids) as one fresh compiled program (tests.models_util.forward: eagerly each
+  operation compiles on its own, for every mesh), as numpy."""
+  return np.asarray(models_util.forward(model, ids))
 
 
 def rel(got, want):
