@@ -1,6 +1,6 @@
-"""The other half of the GPU suite's dry run (tests/test_bench_gpu_suite.py runs env, check,
-gemm and tune): the decoding benchmarks (attention, e2e, speculative, moe) in their CPU forms,
-checked for the promised fields (no timing is asserted)."""
+"""The other half of the GPU suite's dry run (tests/test_bench_gpu_suite.py runs env, check
+and tune): the benchmarks of decoding and its kernels (attention, gemm, e2e, speculative, moe)
+in their CPU forms, checked for the promised fields (no timing is asserted)."""
 import pytest
 
 from tests.test_bench import COMMON, _rows
@@ -8,7 +8,7 @@ from tests.test_bench_gpu_suite import run_parts
 
 pytestmark = pytest.mark.bench  # as tests/test_bench.py: apart from the README's command
 
-PARTS = ["attention", "e2e", "speculative", "moe"]
+PARTS = ["attention", "gemm", "e2e", "speculative", "moe"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,24 @@ def test_attention_bench_smoke(dry_run):
                        "gbps", "bw_fraction"]:
       assert f in r, (f, r)
     assert r["us"] > 0 and 0 < r["bw_fraction"]
+
+
+def test_gemm_bench_smoke(dry_run):
+  rows = _rows(dry_run, "gemm_smoke")
+  assert {r["impl"] for r in rows} >= {f"{impl}{q}" for impl in ("fdjax-gemv", "fdjax-flat",
+                                                                 "fdjax-auto", "xla")
+                                       for q in ("", "-int8", "-int4")}
+  assert {r["k"] for r in rows if r["impl"] == "fdjax-mosaic-flat"} == {192}  # 64-multiples
+  for r in rows:
+    for f in COMMON + ["op", "impl", "m", "n", "k", "dtype", "quantization", "bytes_per_call",
+                       "us", "gbps", "bw_fraction"]:
+      assert f in r, (f, r)
+  # bytes moved per call: int8 about half of bf16, int4 about a quarter (same shape and M)
+  by = {(r["quantization"], r["n"], r["k"], r["m"]): r["bytes_per_call"] for r in rows}
+  for (q, n, k, m), b in by.items():
+    if q != "none":
+      assert b < (0.6 if q == "int8" else 0.4) * by[("none", n, k, m)], (q, n, k, m)
+  assert "measured M1" in (dry_run / "gemm_smoke.md").read_text()
 
 
 def test_e2e_bench_cpu_form(dry_run):

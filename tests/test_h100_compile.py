@@ -46,9 +46,9 @@ def h100():
 
 def _default_cases():
   """The Triton kernels' default cases to compile: all of them with FDJAX_ALL_KERNEL_CASES=1;
-  else each kernel's first case per model and every sixth of the rest, 65 of 238 (the README's
-  test command and .ci/run's jax 0.11.2 step; the committed table, checked below, holds every
-  case, bench/kernels_h100.py compiles them all)."""
+  else each kernel's first case per model and every sixth of the rest, 65 of 238 (.ci/run's
+  compile step; the committed table, checked below, holds every case, bench/kernels_h100.py
+  compiles them all)."""
   cases = kernels.defaults()
   if os.environ.get("FDJAX_ALL_KERNEL_CASES") == "1":
     return cases
