@@ -138,6 +138,7 @@ def main():
     return print(from_log(*args.from_log, args.results_dir))
   on_gpu = jax.default_backend() == "gpu"
   if args.smoke:
+    timing.smoke()
     # one decode shape (GQA 4): the smoke form checks the script
     d, q_heads, kv_list, batches, kv_lens, pre_lens, iters = 64, 4, [1], [2], [128], [48], 2
   else:

@@ -119,6 +119,8 @@ def main():
   ap.add_argument("--results-dir")
   args = ap.parse_args()
   ms, shapes, iters = ([1, 2], QUICK_SHAPES, 2) if args.quick else (args.m, SHAPES, args.iters)
+  if args.quick:
+    timing.smoke()
   rows = [r for m in ms for r in measure(m, shapes, iters)]
   vnni = ", ".join(f for f in selection.VNNI if f in selection.cpu_flags()) or "no VNNI"
   notes = (f"{len(shapes)} linear layers ({sum(k * n for k, n in shapes) / 1e6:.1f} M weights) "

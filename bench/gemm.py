@@ -166,6 +166,8 @@ def main():
                        else ({m: SHAPES[m] for m in args.models or SHAPES}, args.m or MS,
                              args.iters))
   interpret = not on_gpu
+  if args.smoke:
+    timing.smoke()
   bw = timing.copy_bandwidth_gbps(1 << 30 if on_gpu else 1 << 24)
   floor = timing.dispatch_floor()
   print(f"device {common.device_name()}: measured copy bandwidth {bw:.0f} GB/s, dispatch floor "

@@ -79,6 +79,25 @@ def test_timing_rotates_inputs_and_reports_per_call():
     timing.seconds_per_call(jax.jit(fn), [])
 
 
+def test_timing_in_a_smoke_form_is_one_warm_up_and_one_round_on_one_set(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+
+  from fdjax.tuning import timing
+  runs = []
+  def fn(x):
+    jax.debug.callback(lambda v: runs.append(float(v)), x[0])  # once per call, as it runs
+    return x * 2.0
+  sets = [(jnp.ones((4,)) * (i + 1),) for i in range(3)]
+  monkeypatch.setattr(timing, "SMOKE", True)
+  assert timing.seconds_per_call(jax.jit(fn), sets, calls=2) > 0
+  assert runs == [1.0] * 4  # (one warm-up + one round) x 2 calls, each on the first set
+  monkeypatch.setattr(timing, "SMOKE", False)
+  runs.clear()
+  timing.seconds_per_call(jax.jit(fn), sets, calls=2, rounds=2, warmup=1)
+  assert sorted(runs) == [1.0] * 3 + [2.0] * 3 + [3.0] * 3  # 3 runs of one rotation
+
+
 def test_cope_tasks_bench_smoke(tmp_path):
   _run("cope_tasks.py", tmp_path, "--steps", "4", "--tasks", "selective_copy",
        "--encodings", "cope", "--variants", "cope_sep_key", "--variant-tasks",

@@ -1,6 +1,9 @@
-"""The other half of the GPU suite's dry run (tests/test_bench_gpu_suite.py runs env, check
-and tune): the benchmarks of decoding and its kernels (attention, gemm, e2e, speculative, moe)
-in their CPU forms, checked for the promised fields (no timing is asserted)."""
+"""The other half of the GPU suite's dry run (tests/test_bench_gpu_suite.py runs env and
+check): the benchmarks of decoding and its kernels (attention, gemm, e2e, speculative, moe)
+and `fdjax tune`, in their CPU forms, checked for the promised fields (no timing is
+asserted)."""
+import json
+
 import pytest
 
 from tests.test_bench import COMMON, _rows
@@ -8,7 +11,7 @@ from tests.test_bench_gpu_suite import run_parts
 
 pytestmark = pytest.mark.bench  # as tests/test_bench.py: apart from the README's command
 
-PARTS = ["attention", "gemm", "e2e", "speculative", "moe"]
+PARTS = ["attention", "gemm", "tune", "e2e", "speculative", "moe"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,32 @@ def test_gemm_bench_smoke(dry_run):
       assert b < (0.6 if q == "int8" else 0.4) * by[("none", n, k, m)], (q, n, k, m)
   assert "measured M1" in (dry_run / "gemm_smoke.md").read_text()
 
+
+def test_tune_part_writes_a_table_dispatch_reads(dry_run, monkeypatch):
+  """`fdjax tune` (random-tiny, M = 1 and 2): every linear shape measured, and the selection
+  module reads the table from $FDJAX_TABLES: crossovers in range, the Mosaic GPU flat GEMM
+  timed beside Triton's where it takes the shape (K 352: not)."""
+  import jax.numpy as jnp
+
+  from fdjax.ops import selection
+  from models import presets
+  from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
+  assert "M1=" in (dry_run / "logs" / "tune.log").read_text()
+  monkeypatch.setenv("FDJAX_TABLES", str(dry_run / "tables"))
+  selection.reload()
+  try:
+    shapes = presets.get("random-tiny").linear_shapes().values()
+    assert len(json.loads((dry_run / "tables" / "dry.json").read_text())["shapes"]) == len(shapes)
+    for k, n in shapes:
+      e = selection.entry(k, n)
+      assert e["source"] == "measured" and 1 <= e["m1"] <= e["m2"] <= 3
+      assert [p["m"] for p in e["profile"]] == [1, 2]
+      takes = mosaic_flat_gemm.unsupported(1, k, n, jnp.bfloat16) is None
+      assert (e.get("backend") in ("pallas", "pallas_mosaic")) == takes, (k, n, e)
+      assert all(("mosaic_flat_us" in p) == takes for p in e["profile"])
+  finally:
+    monkeypatch.delenv("FDJAX_TABLES")
+    selection.reload()
 
 def test_e2e_bench_cpu_form(dry_run):
   rows = _rows(dry_run, "e2e_cpu")

@@ -29,6 +29,18 @@ from fdjax.ops import checks
 
 L2_BYTES = 64 << 20  # more than any current GPU's L2 (H100: 50 MB, H200: 60 MB)
 
+# A benchmark's smoke form (`--smoke`, `--quick`: the check, on a CPU, that the script runs
+# end to end) times nothing anyone reads; there `smoke()` makes each timing one warm-up and
+# one round over one input set: an interpret-mode kernel runs 3 times, not 7 rounds of up to
+# 8 sets (bench/attention.py's smoke form 82 -> 39 s on 2 cores).
+SMOKE = False
+
+
+def smoke(on: bool = True) -> None:
+  """Every later `seconds_per_call` in this process in its smoke form (see SMOKE)."""
+  global SMOKE
+  SMOKE = on
+
 
 def sets_needed(set_bytes: int, limit: int = 8) -> int:
   """How many distinct input sets make one rotation at least 4x the L2 (at most `limit`)."""
@@ -44,6 +56,8 @@ def seconds_per_call(fn, arg_sets, *, calls: int = 30, rounds: int = 5, warmup: 
   """
   if not arg_sets:
     raise ValueError("seconds_per_call needs at least one argument set")
+  if SMOKE:
+    arg_sets, rounds, warmup = arg_sets[:1], 1, 1
   reps = max(1, -(-calls // len(arg_sets)))
   program = jax.jit(functools.partial(_looped, fn, reps))
   for _ in range(warmup):
