@@ -36,10 +36,10 @@ L2_BYTES = 64 << 20  # more than any current GPU's L2 (H100: 50 MB, H200: 60 MB)
 SMOKE = False
 
 
-def smoke(on: bool = True) -> None:
+def smoke() -> None:
   """Every later `seconds_per_call` in this process in its smoke form (see SMOKE)."""
   global SMOKE
-  SMOKE = on
+  SMOKE = True
 
 
 def sets_needed(set_bytes: int, limit: int = 8) -> int:

@@ -73,7 +73,7 @@ def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, *scratch, parts, block_n, steps, sta
       x_block=lambda j: (0, 0, first + j), v_block=lambda j: (first + j, n_idx))
 
 
-@functools.partial(jax.jit, static_argnames=('bits', 'settings', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("bits", "settings", "interpret"))
 def flat_gemm(x, values, scales, *, bits: int, settings: Settings | None = None,
               interpret=False):
   """x [M, K] @ the int`bits` weight (values, scales) -> [M, N] in x's dtype, float32

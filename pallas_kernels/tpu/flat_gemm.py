@@ -96,7 +96,7 @@ def launch(kernel, operands, in_specs, m, k, n, dtype, settings, *, interpret, n
       semantics=("parallel", "arbitrary"), interpret=interpret, name=name)
 
 
-@functools.partial(jax.jit, static_argnames=('settings', 'generation', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("settings", "generation", "interpret"))
 def flat_gemm(x, w, *, settings: Settings | None = None, generation: str | None = None,
               interpret=False):
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, float32 accumulation."""

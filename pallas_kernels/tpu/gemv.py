@@ -30,7 +30,7 @@ def _on_the_vpu(xt, w, acc_ref):
     acc_ref[r:r + 1, :] += jnp.sum(xt[:, r:r + 1] * w, axis=0, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames=('settings', 'generation', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("settings", "generation", "interpret"))
 def gemv(x, w, *, settings: Settings | None = None, generation: str | None = None,
          interpret=False):
   """x [M, K] @ w [K, N] -> [M, N] for M <= MAX_M, in x's dtype, float32 accumulation."""

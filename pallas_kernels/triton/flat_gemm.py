@@ -85,7 +85,7 @@ def _kernel(x_ref, w_ref, o_ref, *, block_n, block_k, k_per_split, f32):
               acc.astype(o_ref.dtype), mask=cols[None, :] < n_total)
 
 
-@functools.partial(jax.jit, static_argnames=('settings', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("settings", "interpret"))
 def flat_gemm(x, w, *, settings: Settings | None = None, interpret=False):
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, float32 accumulation."""
   check("flat_gemm", x, w)

@@ -57,7 +57,7 @@ def _kernel(x_ref, w_ref, o_ref, *, m, block_n, block_k, k_per_split):
                 accs[r].astype(o_ref.dtype), mask=col_ok)
 
 
-@functools.partial(jax.jit, static_argnames=('settings', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("settings", "interpret"))
 def gemv(x, w, *, settings: Settings | None = None, interpret=False):
   """x [M, K] @ w [K, N] -> [M, N] for M <= MAX_M, in x's dtype, float32 accumulation."""
   check("gemv", x, w)

@@ -133,8 +133,8 @@ def prefill_attention(q, k, v, lengths=None, *, sm_scale, q_start=None, causal=T
   """q [B, T, Hq, D]; k, v [B, S, Hkv, D]; lengths [B] or None = valid keys; query i of row b
   at position q_start[b] + i (default 0; a chunk of a prompt after S' cached keys starts at
   S'); `window` W: each query sees its last W keys (causal only); `softcap`: scores
-  soft-capped -> [B, T, Hq, D] (and stats). `select`
-  as asm.guarded's (asm.jitted sets it by select_guard)."""
+  soft-capped -> [B, T, Hq, D] (and stats). `select` as asm.guarded's (asm.jitted sets it
+  by select_guard)."""
   asm.check_call("prefill_attention", q, mode, window, softcap, causal)
   b, t, hq, d = q.shape
   s = k.shape[1]

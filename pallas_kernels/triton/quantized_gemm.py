@@ -114,7 +114,7 @@ def _launch(kernel, op, x, values, scales, bits, settings, interpret, **params):
                         interpret=interpret, name=f"fdjax_{op}", block_k_range=block_k_range)
 
 
-@functools.partial(jax.jit, static_argnames=('bits', 'settings', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("bits", "settings", "interpret"))
 def flat_gemm(x, values, scales, *, bits: int, settings: fg.Settings | None = None,
               interpret=False):
   """x [M, K] @ the int`bits` weight (values, scales) -> [M, N] in x's dtype, float32
@@ -127,7 +127,7 @@ def flat_gemm(x, values, scales, *, bits: int, settings: fg.Settings | None = No
                  settings, interpret)[:m]
 
 
-@functools.partial(jax.jit, static_argnames=('bits', 'settings', 'interpret'))
+@functools.partial(jax.jit, static_argnames=("bits", "settings", "interpret"))
 def gemv(x, values, scales, *, bits: int, settings: gv.Settings | None = None,
          interpret=False):
   """The same for M <= gv.MAX_M on the plain cores (no padding of M)."""
