@@ -139,7 +139,12 @@ def forward(model, ids):
 
 
 def rel(got, want):
-  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+  """The largest difference over the largest |want|; inf where got is not finite (a NaN
+  would pass any `<=` bound it is compared with)."""
+  got = np.asarray(got)
+  if not np.all(np.isfinite(got)):
+    return float("inf")
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def quantized_case(path, method, lm_head, dp, tp, devices):

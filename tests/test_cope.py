@@ -55,26 +55,29 @@ def np_cope(q, k, v, e, lengths, scale, gate_keys=None, pos_scaled=False):
   return out
 
 
-def _case(seed, b, t, s, hq, hkv, d, npos, q_scale=1.0, dtype=jnp.float32):
+def _case(seed, b, t, s, hq, hkv, d, npos, q_scale=1.0, dtype=jnp.float32, lengths=None):
+  """Random q, k, v, position table and lengths (drawn in [1, s] unless given)."""
   rng = np.random.default_rng(seed)
   mk = lambda shape, sc=1.0: jnp.asarray(rng.standard_normal(shape) * sc, jnp.float32).astype(dtype)
-  return (mk((b, t, hq, d), q_scale), mk((b, s, hkv, d)), mk((b, s, hkv, d)), mk((npos, d), 0.5),
-          jnp.asarray(rng.integers(1, s + 1, b), jnp.int32))
+  arrays = (mk((b, t, hq, d), q_scale), mk((b, s, hkv, d)), mk((b, s, hkv, d)), mk((npos, d), 0.5))
+  drawn = rng.integers(1, s + 1, b)
+  return (*arrays, jnp.asarray(drawn if lengths is None else lengths, jnp.int32))
 
 
-CASES = {  # name: (b, t, s, hq, hkv, d, npos, q_scale)
-    "prompt_gqa_ragged": (2, 21, 21, 4, 2, 16, 8, 1.0),
-    "decode_step_against_cache": (3, 1, 40, 4, 1, 16, 16, 1.0),
-    "gates_near_1_positions_hit_clamp": (2, 30, 30, 2, 2, 16, 4, 30.0),
-    "gates_near_0_and_1_mixed": (1, 17, 17, 2, 1, 16, 64, 30.0),
-    "chunk_of_queries": (2, 5, 33, 2, 2, 16, 8, 1.0),
+CASES = {  # name: (b, t, s, hq, hkv, d, npos, q_scale, lengths): each row's valid keys, so
+    # "ragged" is ragged and a chunk's queries (the last t of s) lie inside its rows
+    "prompt_gqa_ragged": (2, 21, 21, 4, 2, 16, 8, 1.0, (21, 13)),
+    "decode_step_against_cache": (3, 1, 40, 4, 1, 16, 16, 1.0, (40, 17, 1)),
+    "gates_near_1_positions_hit_clamp": (2, 30, 30, 2, 2, 16, 4, 30.0, (30, 23)),
+    "gates_near_0_and_1_mixed": (1, 17, 17, 2, 1, 16, 64, 30.0, (17,)),
+    "chunk_of_queries": (2, 5, 33, 2, 2, 16, 8, 1.0, (33, 31)),
 }
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_cope_matches_the_formulas(name):
-  b, t, s, hq, hkv, d, npos, q_scale = CASES[name]
-  q, k, v, e, lengths = _case(len(name), b, t, s, hq, hkv, d, npos, q_scale)
+  b, t, s, hq, hkv, d, npos, q_scale, lens = CASES[name]
+  q, k, v, e, lengths = _case(len(name), b, t, s, hq, hkv, d, npos, q_scale, lengths=lens)
   want = np_cope(q, k, v, e, np.asarray(lengths), 0.3)
   got_xla = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.3)
   assert rel_err(got_xla, want) < 1e-5
@@ -95,8 +98,9 @@ VARIANTS = {  # name: (gate keys: None / "value" / "separate", position logits b
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cope_variants_match_the_formulas_in_float64(variant):
   gates, pos_scaled, name = VARIANTS[variant]
-  b, t, s, hq, hkv, d, npos, q_scale = CASES[name]
-  q, k, v, e, lengths = _case(len(name) + len(variant), b, t, s, hq, hkv, d, npos, 3.0)
+  b, t, s, hq, hkv, d, npos, _, lens = CASES[name]
+  q, k, v, e, lengths = _case(len(name) + len(variant), b, t, s, hq, hkv, d, npos, 3.0,
+                              lengths=lens)
   gk = {None: None, "value": v,
         "separate": jnp.asarray(np.random.default_rng(7).standard_normal(k.shape), k.dtype)}[gates]
   want = np_cope(q, k, v, e, np.asarray(lengths), 0.3, gate_keys=gk, pos_scaled=pos_scaled)
@@ -118,7 +122,8 @@ def test_cope_variants_match_the_formulas_in_float64(variant):
 
 
 def test_cope_case_really_reaches_the_clamp_and_saturates_gates():
-  b, t, s, hq, hkv, d, npos, q_scale = CASES["gates_near_1_positions_hit_clamp"]
+  b, t, s, hq, hkv, d, npos, q_scale, lens = CASES["gates_near_1_positions_hit_clamp"]
+  assert lens[0] == s  # row 0 is whole: the triangle below is all its queries and keys
   q, k, _, _, _ = _case(len("gates_near_1_positions_hit_clamp"), b, t, s, hq, hkv, d, npos,
                         q_scale)
   sc = np.einsum("bthd,bshd->bhts", np.asarray(q), np.asarray(k)) * 0.3
@@ -164,8 +169,17 @@ def test_gradients_flow_through_the_gates():
       fd = (loss(q + eps * dq, e + eps * de) - loss(q - eps * dq, e - eps * de)) / (2 * eps)
       an = jnp.sum(gq * dq) + jnp.sum(ge * de)
       assert abs(float(fd - an)) <= 1e-6 * max(1.0, abs(float(an)))
-    # the gates' path alone is not zero: freezing it changes the gradient
-    assert float(jnp.max(jnp.abs(gq))) > 0
+    # the gates' path alone: separate gate keys reach the output only through the gates, so
+    # their gradient is that path's, and it is not zero and matches finite differences
+    gk = k + jnp.asarray(rng.standard_normal(k.shape))
+    gate_loss = jax.jit(lambda g: jnp.sum(
+        reference.cope_attention(q, k, v, e, lengths, 0.5, None, g) ** 2))
+    gg = jax.grad(gate_loss)(gk)
+    assert float(jnp.max(jnp.abs(gg))) > 1e-3
+    dg = jnp.asarray(rng.standard_normal(gk.shape))
+    fd = (gate_loss(gk + 1e-6 * dg) - gate_loss(gk - 1e-6 * dg)) / 2e-6
+    an = jnp.sum(gg * dg)
+    assert abs(float(fd - an)) <= 1e-6 * max(1.0, abs(float(an)))
   finally:
     jax.config.update("jax_enable_x64", False)
 

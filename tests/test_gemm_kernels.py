@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdjax.ops import dispatch, selection
+from fdjax.ops import cpu_linear, dispatch, selection
 from fdjax.tuning import tune
+from pallas_kernels.mosaic_gpu import flat_gemm as mfg
 from pallas_kernels.triton import flat_gemm as fg
 from pallas_kernels.triton import gemv as gv
 from tests.helpers import cuda_text, rel_err, spy
@@ -108,10 +109,16 @@ def test_dispatch_follows_the_table(table, monkeypatch):
   assert selection.linear(65, 64, 81).impl == "xla"
 
 
-def test_cpu_auto_always_takes_xla(table, monkeypatch):
-  monkeypatch.setattr(selection, "linear", lambda *a, **k: pytest.fail("kernel on CPU"))
+def test_cpu_auto_runs_the_cpu_rule_and_traces_no_kernel(table, monkeypatch):
+  """With a tuned table present, "auto" on the CPU runs fdjax.ops.cpu_linear's XLA form (its
+  own rule) and never reaches the GPU table or a kernel."""
+  for module, name in [(selection, "linear"), (fg, "flat_gemm"), (gv, "gemv"),
+                       (mfg, "flat_gemm")]:
+    monkeypatch.setattr(module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} on the CPU"))
+  cpu = spy(monkeypatch, cpu_linear, "linear")
   x, w, want = _xw(4, 64, 80, jnp.float32)
   assert rel_err(jax.jit(dispatch.linear)(x, w), want) < 1e-5
+  assert cpu == ["linear"]
 
 
 def test_fit_crossovers_minimises_total_time():

@@ -57,8 +57,10 @@ def test_greedy_ngram_and_draft_equal_plain_decoding(models, k):
                            speculative={"method": "draft", "k": k, "model": draft})
   assert drafted.tokens == plain
   assert drafted.drafted > drafted.accepted
-  # rounds: fewer than tokens whenever a draft is kept
-  assert ngram.decode_steps <= 19
+  # never more rounds than plain decoding's 19 (a round makes one token or more); a batch's
+  # rounds are its slowest row's, here a row with no n-gram hit: that kept drafts cut the
+  # rounds is test_self_draft_accepts_everything_and_takes_k_plus_one_per_round's
+  assert ngram.decode_steps <= 19 and drafted.decode_steps <= 19
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
