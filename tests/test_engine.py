@@ -190,6 +190,24 @@ def test_text_is_held_back_while_it_may_begin_a_stop_string_or_a_character():
   assert detokenize.settled("abc", ("abcd",)) == 0
 
 
+@pytest.mark.parametrize("stop", ["\u20ac", "b\u20ac", "\u20acb", "\U0001f600", "\ufffd"])
+def test_a_stop_string_is_found_in_characters_that_span_tokens_one_at_a_time(stop):
+  """Byte tokens one at a time, as the engine hands them to detokenize: a character of 2-4
+  bytes is U+FFFD until its last byte comes, then shorter text; a stop string ending in it is
+  still found, and an incomplete character's U+FFFD is never taken for a stop string."""
+  text = "a\u20acb\U0001f600c\u20ac"
+  req = request.Request([1], 100, stop=(stop,))
+  out, reason = "", None
+  for tok in text.encode():
+    _, reason, delta = detokenize.accept(req, [tok], TOK, ())
+    out += delta
+    if reason:
+      break
+  want = text[:text.find(stop)] if stop in text else text
+  assert req.text == want and out == want
+  assert reason == ("stop" if stop in text else None)
+
+
 def test_cancelled_requests_free_their_pages_and_prefixes_are_reused():
   model = _model(seed=5)
   engine = _engine(model)

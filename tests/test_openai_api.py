@@ -93,6 +93,29 @@ def test_echo_with_max_tokens_zero_gives_the_prompts_logprobs_as_lm_eval_asks(s)
   np.testing.assert_allclose(one.token_logprobs[1:-1], lp.token_logprobs[1:], atol=1e-5)
 
 
+def test_logprobs_name_a_piece_of_a_character_by_its_bytes_and_offsets_count_characters(s):
+  """Byte tokens of "é€x": a lone byte of a character is "bytes:\\xNN" (no two tokens share a
+  name in top_logprobs), its offset is where its character begins in the text; streamed
+  chunks carry the count on."""
+  ask = dict(model=s.name, prompt="\u00e9\u20acx", max_tokens=3, temperature=0, echo=True,
+             logprobs=5)
+  lp = s.client.completions.create(**ask).choices[0].logprobs
+  assert lp.tokens[:6] == ["bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe2", "bytes:\\x82",
+                           "bytes:\\xac", "x"]
+  assert lp.text_offset[:7] == [0, 0, 1, 1, 1, 2, 3]
+  for j, top in enumerate(lp.top_logprobs[1:], 1):
+    assert len(top) >= 5 and top[lp.tokens[j]] == pytest.approx(lp.token_logprobs[j], abs=1e-5)
+  chunks = list(s.client.completions.create(**ask, stream=True))
+  streamed = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+  assert streamed == lp.text_offset
+  chat = s.client.chat.completions.create(
+      model=s.name, messages=[{"role": "user", "content": "caf\u00e9"}], max_tokens=6,
+      temperature=0, logprobs=True, top_logprobs=2, extra_body={"guided_regex": "\u20ac+"})
+  for c in chat.choices[0].logprobs.content:
+    assert c.token == "bytes:" + "".join(f"\\x{b:02x}" for b in c.bytes)
+    assert bytes(c.bytes) in (b"\xe2", b"\x82", b"\xac")
+
+
 def test_chat_logprobs_and_top_logprobs_streamed_or_not(s):
   ask = dict(model=s.name, messages=[{"role": "user", "content": "add two numbers"}],
              max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
@@ -125,6 +148,10 @@ def test_n_choices_share_one_prefill_streamed_or_not(s):
   again = s.client.completions.create(model=s.name, prompt=prompt, max_tokens=12, n=4,
                                       temperature=1.0, seed=11)
   assert [c.text for c in again.choices] == [c.text for c in r.choices]
+  # seed 12's first choice is not seed 11's second (each choice's seed is its own draw)
+  other = s.client.completions.create(model=s.name, prompt=prompt, max_tokens=12, n=1,
+                                      temperature=1.0, seed=12)
+  assert other.choices[0].text != r.choices[1].text
   chunks = list(s.client.completions.create(model=s.name, prompt=prompt, max_tokens=12, n=4,
                                             temperature=1.0, seed=11, stream=True))
   texts = ["", "", "", ""]
@@ -184,6 +211,12 @@ def test_ignored_extras_pass_unsupported_fields_are_named_and_strict_refuses(s):
   events = [json.loads(line[6:]) for line in ok.text.splitlines()
             if line.startswith("data: {")]
   assert all("usage" in e for e in events) and events[-1]["usage"]["completion_tokens"] == 2
+  # include_usage alone: every chunk has "usage", null until the last (OpenAI's chunks)
+  plain = _post(s, "/v1/completions", {"model": s.name, "prompt": "a", "max_tokens": 2,
+                                       "stream": True, "stream_options": {"include_usage": True}})
+  events = [json.loads(line[6:]) for line in plain.text.splitlines()
+            if line.startswith("data: {")]
+  assert [e["usage"] is None for e in events] == [True] * (len(events) - 1) + [False]
   for body, field in [({"functions": [{"name": "f"}]}, "functions"),
                       ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
                       ({"audio": {}}, "audio")]:

@@ -51,6 +51,25 @@ def test_top_p_never_samples_outside_the_nucleus():
   assert len(set(draws[:, 1])) > 1
 
 
+def test_a_top_p_of_zero_or_below_float32s_range_keeps_the_most_likely_token():
+  """top_p 0, and 1e-40 (a float32 flushed to zero), keep the top token alone: sampling is
+  greedy, never a draw from nothing (every logit -inf)."""
+  logits = _logits(3)
+  best = np.argmax(np.asarray(logits), -1)
+  for p in (0.0, 1e-40):
+    for row in (False, True):
+      if row:
+        rows = sampling.RowSampling.of([sampling.Settings(1.0, None, p, seed=i) for i in
+                                        range(logits.shape[0])], np.zeros(4, np.int32))
+        kept = sampling.filter_rows(logits, jax.tree.map(jnp.asarray, rows))
+      else:
+        kept = sampling.filter_logits(logits, None, p)
+      assert np.array_equal(np.isfinite(np.asarray(kept)),
+                            np.arange(logits.shape[1])[None] == best[:, None]), (p, row)
+  np.testing.assert_array_equal(_draws(logits, Sampler(1.0, top_p=0.0), 20),
+                                np.broadcast_to(best, (20, 4)))
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens():
   model = tiny_model(seed=2)
   prompts = [[3, 1, 4, 1, 5]]

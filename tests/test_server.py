@@ -252,6 +252,7 @@ def test_64_clients_with_disconnects_complete_free_their_pages_and_match_metrics
     (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(prompt=[1, 300]), "prompt"),
     (dict(prompt=[[1, 2], []]), "prompt"),
+    (dict(prompt=["a", ""]), "prompt[1] is empty"),
 ])
 def test_bad_completion_requests_get_a_400_naming_the_field(default, args, param):
   s = default
@@ -259,23 +260,33 @@ def test_bad_completion_requests_get_a_400_naming_the_field(default, args, param
   with pytest.raises(openai.BadRequestError) as e:
     s.client.completions.create(**call)
   assert e.value.status_code == 400
-  assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
-  assert param in e.value.body["message"]
+  assert e.value.body["param"] == param.split()[0].split("[")[0]
+  assert e.value.body["type"] == "invalid_request_error" and param in e.value.body["message"]
 
 
 def test_malformed_bodies_and_bad_chat_requests_get_a_400(default):
   import httpx2
   s = default
-  for body, param in [(b"{not json", None), (b"[1, 2]", None), (b'{"model": "fdjax-default"}',
-                                                                 "prompt")]:
+  deep = '{"model": "fdjax-default", "prompt": "x", "x": ' + "[" * 300 + "]" * 300 + "}"
+  for body, param, says in [(b"{not json", None, "not valid JSON"),
+                            (b"[1, 2]", None, "a JSON object"),
+                            (b'{"model": "fdjax-default"}', "prompt", "'prompt' is required"),
+                            (deep.encode(), None, "nests 300 levels deep; at most 128")]:
     r = httpx2.post(s.url + "/v1/completions", content=body,
                     headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
-  for messages, param in [("hello", "messages"), ([], "messages"),
-                          ([{"role": "user", "content": 5}], "messages")]:
+    assert says in r.json()["error"]["message"]
+  for messages, says in [
+      ("hello", "messages"), ([], "messages"),
+      ([{"role": "user", "content": 5}], "messages"),
+      ([{"role": "wizard", "content": "hi"}], "messages[0].role is 'wizard'"),
+      ([{"role": "system", "content": "be brief"}, {"role": "user"}],
+       "messages[1] (user) has no content"),
+      ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+       "content[0] is a 'image_url' part; this server takes text parts only")]:
     with pytest.raises(openai.BadRequestError) as e:
       s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=4)
-    assert e.value.body["param"] == param
+    assert e.value.body["param"] == "messages" and says in e.value.body["message"]
 
 
 def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
@@ -284,6 +295,11 @@ def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
   s = _start(model, tok, template, name, lifespan="off", max_batch=1, max_queue=3)
   try:
     args = dict(model=name, prompt="def f(x):", max_tokens=6, temperature=0)
+    # More completions in one request than the queue holds: a 400 naming the limit (a 429
+    # would be retried, and never succeed)
+    with pytest.raises(openai.BadRequestError) as e:
+      s.client.completions.create(**{**args, "prompt": ["a", "b"]}, n=2)
+    assert e.value.body["param"] == "n" and "queues at most 3" in e.value.body["message"]
     # A client that gives up while its request waits: the request is cancelled.
     with pytest.raises(httpx2.TimeoutException):
       httpx2.post(s.url + "/v1/completions", json=args, timeout=0.5)

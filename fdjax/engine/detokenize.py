@@ -21,7 +21,7 @@ def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...], end: b
       break
     if req.stop and len(req.tokens) < req.min_tokens:  # a stop string cannot end it yet
       req.text = tokenizer.decode(req.tokens)
-      req.searched = len(req.text)
+      req.searched = complete(req.text)
     elif req.stop:
       cut = find_stop(req, tokenizer)
       if cut is not None:
@@ -43,21 +43,28 @@ def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...], end: b
   return count, reason, delta
 
 
+def complete(text: str) -> int:
+  """The length of a request's text without its trailing incomplete character (the U+FFFD
+  that a partial UTF-8 sequence decodes to until its last byte comes)."""
+  return len(text.rstrip("\ufffd"))
+
+
 def find_stop(req: Request, tokenizer) -> int | None:
-  """Where the first stop string starts in the request's text (searching only what new
-  tokens can have completed), or None."""
+  """Where the first stop string starts in the request's text (searching only its complete
+  characters, and only what new tokens can have completed), or None."""
   req.text = tokenizer.decode(req.tokens)
+  end = complete(req.text)
   longest = max(len(s) for s in req.stop)
   start = max(0, req.searched - longest + 1)
-  hits = [i for i in (req.text.find(s, start) for s in req.stop) if i >= 0]
-  req.searched = len(req.text)
+  hits = [i for i in (req.text.find(s, start, end) for s in req.stop) if i >= 0]
+  req.searched = end  # a character completed later can shorten the text: search it again
   return min(hits) if hits else None
 
 
 def settled(text: str, stop) -> int:
   """How much of a request's text can be handed out: not a trailing incomplete character
   (U+FFFD from a partial UTF-8 sequence) nor a tail that may begin a stop string."""
-  end = len(text.rstrip("\ufffd"))
+  end = complete(text)
   hold = 0
   for s in stop:
     hold = max([hold] + [k for k in range(1, min(len(s) - 1, end) + 1)

@@ -36,7 +36,7 @@ def filter_logits(logits, top_k: int | None, top_p: float | None):
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-    keep = before < top_p  # the most likely token always stays
+    keep = (before < top_p) | (jnp.arange(logits.shape[-1]) == 0)  # the most likely stays
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
@@ -143,7 +143,8 @@ def filter_rows(logits, rows: RowSampling):
   x = jnp.where(x < kth, -jnp.inf, x)
   ordered = jnp.where(jnp.arange(v)[None, :] < k[:, None], ordered, -jnp.inf)
   probs = jax.nn.softmax(ordered, axis=-1)
-  keep = (jnp.cumsum(probs, axis=-1) - probs < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
+  keep = ((jnp.cumsum(probs, axis=-1) - probs < rows.top_p[:, None]) | (rows.top_p[:, None] >= 1)
+          | (jnp.arange(v) == 0)[None, :])  # the most likely token stays, even at top_p 0
   threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(x < threshold, -jnp.inf, x)
 

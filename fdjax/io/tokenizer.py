@@ -2,8 +2,10 @@
 the UTF-8 bytes) for models that declare `"tokenizer": "bytes"` in fdjax.json."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 
 from fdjax.io.checkpoint import read_meta
 
@@ -23,12 +25,53 @@ class ByteTokenizer:
     return bytes([int(token)])
 
 
+@functools.cache
+def _byte_level_chars() -> dict[str, int]:
+  """Byte-level BPE's printable stand-ins for bytes (GPT-2's map, which Llama 3 and Qwen
+  tokenizers use): the printable Latin-1 bytes stand for themselves, every other byte for
+  the character 256 + its rank among them."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+          *range(ord("\xae"), ord("\xff") + 1)]
+  others = [b for b in range(256) if b not in keep]
+  return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
 class HFTokenizer:
 
   def __init__(self, tok, eos_token_id):
     self._tok = tok
     self.eos_token_id = eos_token_id
     self.vocab_size = tok.get_vocab_size()
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    self._byte_level = "ByteLevel" in kinds
+    self._byte_fallback = "ByteFallback" in kinds
+    self._special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    self._bytes: dict[int, bytes] = {}
+
+  def token_bytes(self, token: int) -> bytes:
+    """A token's own bytes, as its piece of the decoded text holds them: a byte-level
+    token's characters mapped back to bytes, a byte-fallback token <0xNN> the byte NN (a
+    lone byte of a multi-byte character, which decoding alone turns into U+FFFD), a
+    SentencePiece word mark a space."""
+    token = int(token)
+    if token not in self._bytes:
+      piece = self._tok.id_to_token(token)
+      chars = _byte_level_chars() if self._byte_level else {}
+      if piece is None:
+        raw = self.decode([token]).encode()
+      elif piece in self._special:
+        raw = piece.encode()
+      elif self._byte_level and all(c in chars for c in piece):
+        raw = bytes(chars[c] for c in piece)
+      elif self._byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        raw = bytes([int(piece[3:5], 16)])
+      elif self._byte_fallback:
+        raw = piece.replace("\u2581", " ").encode()
+      else:
+        raw = self.decode([token]).encode()
+      self._bytes[token] = raw
+    return self._bytes[token]
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids; add_special_tokens=False for text that writes its own (a chat template's)."""

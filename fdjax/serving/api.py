@@ -19,6 +19,7 @@ of the wrong type or out of range, is a 400 naming it.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import time
@@ -44,6 +45,7 @@ IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key",
            "stream_options.include_obfuscation")
 # Values of an unsupported field that mean "not used", as clients send them.
 _UNSET = {"suffix": ("",), "modalities": (["text"],)}
+MAX_BODY_DEPTH = 128  # how deeply a request body may nest (JSON schemas: limits.schema_depth)
 # How pydantic names the member of a union in an error's location (not a field).
 _UNION_TAGS = {"str", "int", "float", "bool", "TextPart", "StreamOptions", "list[int]",
                "list[str]", "list[list[int]]", "dict[str,float]", "dict[any,any]",
@@ -209,12 +211,35 @@ class TextPart(_Strict):
   text: str
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's
+
+
 class Message(BaseModel):
   """A chat message; keys beyond these (tool_calls, ...) reach the template as they are."""
   model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
   role: str
   content: str | list[TextPart] | None = None
   name: str | None = None
+
+  @field_validator("content", mode="before")
+  @classmethod
+  def _text_parts_only(cls, value):
+    for j, part in enumerate(value if isinstance(value, list) else []):
+      kind = part.get("type") if isinstance(part, dict) else None
+      if isinstance(kind, str) and kind != "text":
+        raise ValueError(f"content[{j}] is a {kind!r} part; this server takes text parts only")
+    return value
+
+  def check(self, i: int):
+    """ApiError unless the role is OpenAI's and the message has content (an assistant's may
+    carry tool_calls instead)."""
+    if self.role not in ROLES:
+      raise ApiError(400, f"messages[{i}].role is {self.role!r}; it must be one of "
+                     f"{', '.join(ROLES)}", "messages")
+    extra = self.model_extra or {}
+    if self.content is None and not (self.role == "assistant" and (
+        extra.get("tool_calls") or extra.get("function_call"))):
+      raise ApiError(400, f"messages[{i}] ({self.role}) has no content", "messages")
 
   def for_template(self) -> dict:
     """The message as the template sees it: text parts joined into one string."""
@@ -255,6 +280,8 @@ class ChatRequest(_Sampling):
 
   def check(self):
     super().check()
+    for i, message in enumerate(self.messages):
+      message.check(i)
     if self.top_logprobs is not None and not self.logprobs:
       raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     names = [t.function.name for t in self.tools or []]
@@ -347,6 +374,18 @@ def _check_text(data: dict):
                        reason="bad_text") from None
 
 
+def depth(value) -> int:
+  """How deeply a JSON value nests (a scalar: 0)."""
+  stack, deepest = [(value, 0)], 0
+  while stack:
+    item, d = stack.pop()
+    deepest = max(deepest, d)
+    children = item.values() if isinstance(item, dict) else item if isinstance(
+        item, list) else ()
+    stack.extend((c, d + 1) for c in children)
+  return deepest
+
+
 def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling:
   """The request body as `kind`, or ApiError 400 naming the first field at fault. A field
   sent as null takes its default, as OpenAI's API does."""
@@ -356,13 +395,16 @@ def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling
     raise ApiError(400, f"the request body is not valid JSON: {e}", reason="bad_json") from None
   if not isinstance(data, dict):
     raise ApiError(400, "the request body must be a JSON object", reason="bad_json")
+  if depth(data) > MAX_BODY_DEPTH:  # pydantic's own parser stops at about 255 levels
+    raise ApiError(400, f"the request body nests {depth(data)} levels deep; at most "
+                   f"{MAX_BODY_DEPTH}", reason="bad_json")
   _check_text(data)
   data = _policy(kind, {k: v for k, v in data.items() if v is not None}, strict)
   try:
     request = kind.model_validate_json(json.dumps(data))
   except ValidationError as e:
     err = e.errors()[0]
-    loc = [str(part) for part in err["loc"]]
+    loc = [str(part) for part in err["loc"]] or ["body"]  # no field: the body as a whole
     where = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]
                              if "[" not in p and p not in _UNION_TAGS)
     if err["type"] == "extra_forbidden":
@@ -372,7 +414,7 @@ def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling
     else:
       message, reason = (f"field {where!r}: {err['msg']} (got "
                          f"{json.dumps(err.get('input'))[:80]})", "invalid_value")
-    raise ApiError(400, message, loc[0], reason=reason) from None
+    raise ApiError(400, message, loc[0] if err["loc"] else None, reason=reason) from None
   request.check()
   return request
 
@@ -409,21 +451,47 @@ def _lp(value):
   return value if value is None or math.isfinite(value) else -9999.0
 
 
-def completion_logprobs(tokenizer, items, k: int, offset: int = 0) -> dict:
+def token_text(tokenizer, token: int) -> str:
+  """A token as logprobs name it: its text, or, where its bytes are not whole UTF-8
+  characters (a piece of one), "bytes:" and the bytes as \\xNN escapes, as OpenAI writes
+  them, so that no two tokens share a name."""
+  raw = _token_bytes(tokenizer, token)
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class TextOffsets:
+  """Where each token of a choice begins in its text, in characters: a token's bytes count
+  as the characters they complete, so a byte that leaves a character unfinished begins where
+  that character does. One per choice, carried across a stream's chunks."""
+
+  def __init__(self, start: int = 0):
+    self.at = start
+    self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+  def advance(self, raw: bytes) -> int:
+    start = self.at
+    self.at += len(self._decoder.decode(raw))
+    return start
+
+
+def completion_logprobs(tokenizer, items, k: int, offsets: TextOffsets | None = None) -> dict:
   """OpenAI's completions logprobs of TokenLogprobs: tokens, token_logprobs, top_logprobs
-  (the k most likely and the token itself; null where nothing predicts it) and text_offset
-  (from `offset`, each token's text as decoded alone)."""
+  (the k most likely and the token itself; null where nothing predicts it; tokens named by
+  token_text) and text_offset (TextOffsets: a fresh one counts from 0)."""
+  offsets = offsets or TextOffsets()
   out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
   for item in items:
-    text = tokenizer.decode([item.token])
+    text = token_text(tokenizer, item.token)
     out["tokens"].append(text)
     out["token_logprobs"].append(_lp(item.logprob))
-    out["text_offset"].append(offset)
-    offset += len(text)
+    out["text_offset"].append(offsets.advance(_token_bytes(tokenizer, item.token)))
     if item.logprob is None:
       out["top_logprobs"].append(None)
     else:
-      top = {tokenizer.decode([t]): lp for t, lp in _finite(item.top, k)}
+      top = {token_text(tokenizer, t): lp for t, lp in _finite(item.top, k)}
       top.setdefault(text, _lp(item.logprob))
       out["top_logprobs"].append(top)
   return out
@@ -433,9 +501,8 @@ def chat_logprobs(tokenizer, items, k: int) -> dict:
   """OpenAI's chat logprobs of TokenLogprobs: content [{token, logprob, bytes,
   top_logprobs [k of the same]}]."""
   def entry(token, logprob):
-    raw = _token_bytes(tokenizer, token)
-    return {"token": raw.decode("utf-8", errors="replace"), "logprob": _lp(logprob),
-            "bytes": list(raw)}
+    return {"token": token_text(tokenizer, token), "logprob": _lp(logprob),
+            "bytes": list(_token_bytes(tokenizer, token))}
   return {"content": [{**entry(i.token, i.logprob),
                        "top_logprobs": [entry(t, lp) for t, lp in _finite(i.top, k)]}
                       for i in items], "refusal": None}

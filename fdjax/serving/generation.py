@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+import numpy as np
+
 from fdjax.engine import grammar, request
 from fdjax.io import chat
 from fdjax.serving import api, limits, tools
@@ -30,6 +32,15 @@ class _Results:
       self.reasons[i] = event.finish_reason
 
 
+def choice_seed(seed: int, index: int) -> int:
+  """The 32-bit seed of a request's choice `index`: the first takes the request's seed (as
+  generate does, modulo 2**32), the others one drawn from (seed, index), so that seed s's
+  second choice is not seed s + 1's first."""
+  if index == 0:
+    return seed % 2 ** 32
+  return int(np.random.SeedSequence([seed % 2 ** 64, index]).generate_state(1)[0])
+
+
 class _Call:
   """One HTTP request's engine requests, n choices of each prompt (choice index: prompt * n +
   j; the n share their prompt's pages), and their events, delivered to the event loop."""
@@ -52,7 +63,7 @@ class _Call:
         req = request.Request(
             ids, limit, temperature=body.temperature, top_k=body.top_k,
             top_p=None if body.top_p >= 1.0 else body.top_p,
-            seed=(seed + len(self.reqs)) % 2 ** 32, stop=body.stop_strings(),
+            seed=choice_seed(seed, len(self.reqs)), stop=body.stop_strings(),
             on_event=on_event, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
@@ -68,6 +79,10 @@ class _Call:
 
   def submit(self):
     engine, n = self.server.engine, 0
+    if len(self.reqs) > engine.max_queue:  # a 429 would be retried, and never succeed
+      raise api.ApiError(400, f"this request asks for {len(self.reqs)} completions "
+                         f"({len(self.prompts)} prompt(s) x n={self.n}); this server queues at "
+                         f"most {engine.max_queue} at once (--max-queue)", "n", reason="limit")
     try:
       for req in self.reqs:
         engine.check(req)
@@ -169,7 +184,11 @@ def _prompts(server, prompt) -> list[list[int]]:
   if not prompt:
     raise api.ApiError(400, "prompt is an empty list", "prompt")
   if all(isinstance(p, str) for p in prompt):
-    return [server.tokenizer.encode(p) for p in prompt]
+    lists = [server.tokenizer.encode(p) for p in prompt]
+    empty = next((i for i, ids in enumerate(lists) if not ids), None)
+    if empty is not None and len(lists) > 1:
+      raise api.ApiError(400, f"prompt[{empty}] is empty (it encodes to no tokens)", "prompt")
+    return lists
   one = isinstance(prompt[0], int)
   lists = [list(prompt)] if one else [list(p) for p in prompt]
   vocab = server.engine.model.config.vocab_size
@@ -191,11 +210,11 @@ async def completions(server, request):
   rid, k, n = api.new_id("cmpl"), body.logprobs, body.n
   echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
 
-  def logprobs(items, offset):
-    return None if k is None else api.completion_logprobs(server.tokenizer, items, k, offset)
+  def logprobs(items, offsets):
+    return None if k is None else api.completion_logprobs(server.tokenizer, items, k, offsets)
 
   if body.stream:
-    offsets, prompt_logprobs = [0] * len(call.reqs), {}
+    offsets, prompt_logprobs = [api.TextOffsets() for _ in call.reqs], {}
 
     def chunk(i, event, first):
       text, items = event.text, event.logprobs
@@ -205,8 +224,6 @@ async def completions(server, request):
         text = echo[i // n] + text
         items = prompt_logprobs.get(i // n, []) + items
       lp = logprobs(items, offsets[i])
-      if lp and lp["tokens"]:
-        offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
       out = []
       if text or items:
         out.append(api.completion_choice(i, text, None, lp))
@@ -222,7 +239,7 @@ async def completions(server, request):
     if body.echo:
       items = (res.prompt_logprobs[i - i % n] or []) + items
     choices.append(api.completion_choice(i, echo[i // n] + res.texts[i], res.reasons[i],
-                                         logprobs(items, 0)))
+                                         logprobs(items, api.TextOffsets())))
   return server.json_response(api.envelope(rid, "text_completion", server.model_name, choices,
                                  {"usage": api.usage(call.prompt_tokens,
                                                      sum(res.completion_tokens))}))

@@ -8,7 +8,7 @@ import dataclasses
 import json
 
 from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
-from fdjax.serving.api import ApiError, parse_schema
+from fdjax.serving.api import ApiError, depth, parse_schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,18 +43,6 @@ def flag(name: str) -> str:
 def _refuse(name: str, what: str, value, limit: int, param: str, status: int = 400):
   raise ApiError(status, f"{what} is {value}; this server takes at most {limit} "
                  f"(--max-{flag(name)})", param, reason="limit")
-
-
-def depth(value) -> int:
-  """How deeply a JSON value nests (a scalar: 0)."""
-  stack, deepest = [(value, 0)], 0
-  while stack:
-    item, d = stack.pop()
-    deepest = max(deepest, d)
-    children = item.values() if isinstance(item, dict) else item if isinstance(
-        item, list) else ()
-    stack.extend((c, d + 1) for c in children)
-  return deepest
 
 
 def check_body_size(size: int, limits: Limits):

@@ -220,7 +220,8 @@ class Server:
           break
         completion[i] = event.completion_tokens
         for choice in chunk(i, event, i not in seen):
-          extra = {"usage": usage()} if options.continuous_usage_stats else None
+          extra = ({"usage": usage()} if options.continuous_usage_stats else
+                   {"usage": None} if options.include_usage else None)  # as OpenAI's chunks
           yield api.sse(api.envelope(rid, obj, self.model_name, [choice], extra))
         seen.add(i)
       else:
