@@ -361,6 +361,28 @@ CONVERSATIONS = [
 ]
 
 
+def test_token_bytes_of_a_byte_level_tokenizer_are_what_it_decodes(llama3):
+  """HFTokenizer.token_bytes on the Llama-3-style byte-level BPE: every token whose bytes are
+  whole characters decodes to them, a text's tokens' bytes joined are its UTF-8 (pieces of a
+  character included), and a special token is its text."""
+  tok = llama3.tok
+  whole = 0
+  for i in range(tok.vocab_size):
+    raw = tok.token_bytes(i)
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      continue
+    if text.startswith("<|") and tok.decode([i]) == "":  # decoding skips special tokens
+      continue
+    assert tok.decode([i]) == text, i
+    whole += 1
+  assert whole > tok.vocab_size // 2
+  for text in ["caf\u00e9 \u20ac\U0001f600", "def f(x):\n    return x"]:
+    assert b"".join(tok.token_bytes(i) for i in tok.encode(text, False)) == text.encode()
+  assert tok.token_bytes(tok.encode("<|eot_id|>", False)[0]) == b"<|eot_id|>"
+
+
 def test_the_chat_template_renders_as_transformers_does(llama3):
   import transformers
 
