@@ -57,12 +57,13 @@ def cmd_generate(args):
   impls = "; ".join(f"{op}={how}" for op, how in dispatch.describe(
       local.config, dtype=model.dtype, quantization=q and q.method).items())
   where = f", mesh dp={model.dp} tp={model.tp}" if local is not model else ""
+  drafts = (f"speculative={spec.label} drafted={res.drafted} accepted={res.accepted} "
+            if spec else "")
   print(f"[model {label}{f', {q.method} weights' if q else ''}{where}] "
         f"prompt_tokens={res.prompt_tokens} new_tokens={res.new_tokens} "
         f"prefill_ms={res.prefill_s * 1e3:.1f} decode_tok_s={res.decode_tokens_per_s:.1f} "
-        f"(first call, compile included) "
-        f"{f'speculative={spec.label} drafted={res.drafted} accepted={res.accepted} ' if spec else ''}"
-        f"impl: {impls}")
+        f"(first call: compiling included, or loading from a compile cache) "
+        f"{drafts}impl: {impls}")
 
 
 def _speculation(args, model, tok):
@@ -206,8 +207,9 @@ def build_parser():
   g.add_argument("--max-new-tokens", type=int, default=128)
   # Sampling by default (seeded, so repeatable): greedy decoding of a small byte-level model
   # tends to repeat one byte (the bundled one keeps indenting). --temperature 0 is greedy.
-  g.add_argument("--temperature", type=float, default=0.8)
-  g.add_argument("--top-k", type=int, default=40)
+  g.add_argument("--temperature", type=float, default=0.8,
+                 help="0 is greedy (default: 0.8, seeded: repeatable)")
+  g.add_argument("--top-k", type=int, default=40, help="(default: 40)")
   g.add_argument("--top-p", type=float)
   g.add_argument("--eos-token-id", type=int)
   g.add_argument("--page-size", type=int, default=64, help="KV-cache page size in tokens")

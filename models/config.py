@@ -75,6 +75,7 @@ class ModelConfig:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "max_position_embeddings"):
       checks.positive_int("ModelConfig", name, getattr(self, name))
+    _check_positive_numbers(self)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of "
                        f"num_kv_heads ({self.num_kv_heads})")
@@ -170,6 +171,18 @@ class ModelConfig:
     if missing:
       raise ValueError(f"ModelConfig: missing config key(s) {missing}")
     return cls(**d)
+
+
+def _check_positive_numbers(cfg):
+  """The epsilon and RoPE bases are positive finite numbers (a string or a negative base
+  would reach the model as a type error, or NaN positions)."""
+  for name in ("rms_norm_eps", "rope_theta", "local_rope_theta"):
+    value = getattr(cfg, name)
+    if value is None and name == "local_rope_theta":
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+        not 0 < value < float("inf"):
+      raise ValueError(f"ModelConfig: {name} must be a positive finite number, got {value!r}")
 
 
 def _check_families(cfg: ModelConfig):

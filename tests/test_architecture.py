@@ -196,6 +196,26 @@ def test_any_import_order_works_in_a_fresh_interpreter(order):
   assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_a_users_folder_named_models_does_not_hide_the_package(tmp_path):
+  """A working directory holding models/llama/ (a checkpoint) and pallas_kernels/: fdjax still
+  imports its own packages (an editable install finds them after the working directory's
+  folders, which Python would take as namespace packages) and loads the checkpoint there."""
+  import shutil
+  shutil.copytree(os.path.join(ROOT, "fdjax", "default_model"), tmp_path / "models" / "llama")
+  (tmp_path / "pallas_kernels" / "triton").mkdir(parents=True)
+  code = ("import fdjax, fdjax.io.mesh, models.llama, pallas_kernels.triton.flat_gemm as f; "
+          "print(models.llama.__file__, f.__file__); "
+          "print(fdjax.load_pretrained('models/llama').config.num_layers)")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                     env={**env, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  files, layers = r.stdout.splitlines()
+  assert files == (f"{os.path.join(ROOT, 'models', 'llama.py')} "
+                   f"{os.path.join(ROOT, 'pallas_kernels', 'triton', 'flat_gemm.py')}")
+  assert int(layers) > 0
+
+
 def _cfg(head_dim, pe="rope"):
   return ModelConfig(vocab_size=100, hidden_size=4 * head_dim, intermediate_size=64,
                      num_layers=1, num_heads=4, num_kv_heads=2, head_dim=head_dim,

@@ -80,6 +80,50 @@ def test_missing_shard_and_missing_config(tmp_path_factory, saved):
     fdjax.load_pretrained(tmp_path_factory.mktemp("empty"))
 
 
+def _config(path, edit):
+  file = os.path.join(path, "config.json")
+  with open(file) as fh:
+    text = fh.read()
+  with open(file, "w") as fh:
+    fh.write(edit(text))
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda t: t[:-5], r"config\.json: not valid JSON"),
+    (lambda t: "[1, 2]", r"config\.json: must hold a JSON object, got list"),
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "vocab_size"}),
+     r"config\.json: ModelConfig: missing config key\(s\) \['vocab_size'\]"),
+    (lambda t: json.dumps({**json.loads(t), "rms_norm_eps": "1e-6"}),
+     r"config\.json: ModelConfig: rms_norm_eps must be a positive finite number, got '1e-6'"),
+    (lambda t: json.dumps({**json.loads(t), "rope_theta": -1.0}),
+     r"config\.json: ModelConfig: rope_theta must be a positive finite number, got -1\.0"),
+])
+def test_a_broken_config_json_is_named_with_what_is_wrong(saved, edit, msg):
+  path, _ = saved
+  _config(path, edit)
+  with pytest.raises(CheckpointError, match=msg):
+    fdjax.load_pretrained(path)
+
+
+def test_a_hugging_face_config_without_a_required_field_is_named(tmp_path):
+  with open(tmp_path / "config.json", "w") as fh:
+    json.dump({k: v for k, v in HF_BASE.items() if k != "hidden_size"}, fh)
+  with pytest.raises(CheckpointError,
+                     match=r"config\.json: the required field 'hidden_size' is missing"):
+    fdjax.load_pretrained(tmp_path)
+
+
+def test_a_truncated_safetensors_file_is_named(saved):
+  path, _ = saved
+  file = os.path.join(path, "model.safetensors")
+  with open(file, "rb") as fh:
+    head = fh.read(100)
+  with open(file, "wb") as fh:
+    fh.write(head)
+  with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+    fdjax.load_pretrained(path)
+
+
 @pytest.mark.parametrize("extra,msg", [
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "unsupported rope_type 'yarn'"),

@@ -83,11 +83,27 @@ def test_result_has_timings():
     (dict(prompts=[[1]], max_new_tokens=3, temperature=-1.0), "temperature"),
     (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0, top_p=1.5), "top_p"),
     (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0, top_k=0), "top_k"),
+    (dict(prompts=[1, 2, 3], max_new_tokens=3), "prompt 0 is int 1: wrap a single prompt"),
+    (dict(prompts=np.ones((2, 3), np.int32), max_new_tokens=3), "lists, got ndarray"),
+    (dict(prompts=[[1]], max_new_tokens=3, temperature=float("inf")), "temperature must be a "
+     "finite number"),
+    (dict(prompts=[[1]], max_new_tokens=3, seed=2 ** 64), "seed must be an integer in"),
+    (dict(prompts=[[1]], max_new_tokens=3, eos_token_id=[2, 97]), "eos_token_id \\[2, 97\\] "
+     "is outside the vocabulary"),
+    (dict(prompts=[[1]], max_new_tokens=3, speculative={"method": "draft", "model": "/ckpt"}),
+     "model must be a loaded model, got the path '/ckpt'"),
 ])
 def test_bad_generate_input_is_a_clear_value_error(kwargs, msg):
   model = tiny_model()
   with pytest.raises(ValueError, match=msg):
     fdjax.generate(model, **kwargs)
+
+
+def test_numpy_integers_are_taken_where_ints_are():
+  model = tiny_model()
+  want = fdjax.generate(model, [[1, 2, 3]], max_new_tokens=5, page_size=16).tokens
+  assert fdjax.generate(model, [np.asarray([1, 2, 3])], max_new_tokens=np.int64(5),
+                        page_size=np.int32(16), seed=np.uint32(0)).tokens == want
 
 
 def test_model_rejects_bad_input_ids():

@@ -58,8 +58,13 @@ class GenerationResult:
 
 def _check_prompts(prompts, vocab_size):
   if not isinstance(prompts, (list, tuple)) or not prompts:
-    raise ValueError("prompts must be a non-empty list of token-id lists")
+    got = "an empty list" if isinstance(prompts, (list, tuple)) else type(prompts).__name__
+    raise ValueError(f"prompts must be a non-empty list of token-id lists, got {got}")
   for i, p in enumerate(prompts):
+    if not isinstance(p, (list, tuple, np.ndarray)):
+      raise ValueError(f"prompts must be a list of token-id lists (one list per prompt); "
+                       f"prompt {i} is {type(p).__name__} {p!r:.40}: wrap a single prompt as "
+                       f"[ids]")
     if len(p) == 0:
       raise ValueError(f"prompt {i} is empty")
     arr = np.asarray(p)
@@ -130,6 +135,14 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   cfg = model.config
   spec = speculative_.prepare(speculative, model)
   _check_prompts(prompts, cfg.vocab_size)
+  # numpy integers are welcome: the shapes below are computed with Python's ints
+  max_new_tokens, page_size, prefill_chunk = (
+      int(v) if isinstance(v, np.integer) else v
+      for v in (max_new_tokens, page_size, prefill_chunk))
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
+      not -2 ** 63 <= seed < 2 ** 63:
+    raise ValueError(f"generate: seed must be an integer in [-2**63, 2**63) (an int64), "
+                     f"got {seed!r}")
   page_size = page_size if kv is None else kv.page_size
   longest = max(len(p) for p in prompts)
   replicas = getattr(model, "dp", 1)
@@ -138,6 +151,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   bp = shapes.batch
   sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
   eos = steps.eos_ids(eos_token_id)
+  if any(not 0 <= t < cfg.vocab_size for t in eos):
+    raise ValueError(f"generate: eos_token_id {eos_token_id!r} is outside the vocabulary "
+                     f"[0, {cfg.vocab_size})")
   need = longest + max_new_tokens
   # With a window in every layer and sequences longer than it, pages are given back as they
   # fall out of it (and taken as needed); otherwise every row's pages are taken up front.

@@ -17,8 +17,8 @@ class Sampler(NamedTuple):
   top_p: float | None = None
 
   def validate(self, vocab_size: int) -> "Sampler":
-    if not self.temperature >= 0.0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 <= self.temperature < float("inf"):
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
     if self.top_k is not None:
       checks.positive_int("sampling", "top_k", self.top_k)
     if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

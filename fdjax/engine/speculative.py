@@ -10,6 +10,7 @@ fdjax.engine.spec_steps.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 MAX_K = 16  # the most tokens drafted per step (verification runs k + 1 positions a row)
@@ -88,6 +89,9 @@ def check(spec: Speculation) -> Speculation:
       raise ValueError(f"speculative: {name} must be an integer from 1 to {bound}, got {value!r}")
   if spec.method == "draft" and spec.model is None:
     raise ValueError("speculative: method 'draft' needs a draft model (model=, --draft-model)")
+  if isinstance(spec.model, (str, os.PathLike)):
+    raise ValueError(f"speculative: model must be a loaded model, got the path "
+                     f"{os.fspath(spec.model)!r}: pass fdjax.load_pretrained(path)")
   if spec.method == "ngram" and spec.model is not None:
     raise ValueError("speculative: method 'ngram' takes no draft model")
   return spec

@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fdjax.io import mesh as mesh_lib
@@ -207,8 +207,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def _safetensors_files(path: str) -> list[str]:
   index = os.path.join(path, SAFETENSORS_INDEX)
   if os.path.exists(index):
-    with open(index) as fh:
-      weight_map = json.load(fh)["weight_map"]
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index}: no \"weight_map\" object")
     files = sorted(set(weight_map.values()))
   else:
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -220,6 +221,13 @@ def _safetensors_files(path: str) -> list[str]:
   return [os.path.join(path, f) for f in files]
 
 
+def _open_safetensors(file: str):
+  try:
+    return safe_open(file, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
                  ) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout
@@ -227,7 +235,7 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
   expected, quantized = _expected(cfg, stored)
   tensors = {}
   for file in _safetensors_files(path):
-    with safe_open(file, framework="numpy") as fh:
+    with _open_safetensors(file) as fh:
       for name in fh.keys():
         tensors[name] = fh.get_tensor(name)
   _check_tensors(path, expected, quantized, stored, tensors, lambda n: tensors[n])
@@ -241,7 +249,7 @@ def open_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
   expected, quantized = _expected(cfg, stored)
   slices = {}
   for file in _safetensors_files(path):
-    fh = safe_open(file, framework="numpy")  # kept open by its slices
+    fh = _open_safetensors(file)  # kept open by its slices
     for name in fh.keys():
       slices[name] = fh.get_slice(name)
   shapes = {name: _Shaped(tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
@@ -333,21 +341,39 @@ def write_meta(path: str, **fields) -> str:
   return file
 
 
+def _read_json(file: str) -> dict:
+  """A JSON object from a checkpoint's file, or CheckpointError naming the file."""
+  try:
+    with open(file) as fh:
+      value = json.load(fh)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{file}: must hold a JSON object, got {type(value).__name__}")
+  return value
+
+
 def load_config(path: str) -> ModelConfig:
   """The checkpoint's config, with the phi per layer `fdjax calibrate` stored in fdjax.json."""
   file = os.path.join(path, "config.json")
   if not os.path.exists(file):
     raise CheckpointError(f"{path}: no config.json")
-  with open(file) as fh:
-    cfg = config_from_hf(json.load(fh))
+  hf = _read_json(file)
+  try:
+    cfg = config_from_hf(hf)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  except KeyError as e:
+    raise CheckpointError(f"{file}: the required field {e.args[0]!r} is missing") from None
+  except (TypeError, ValueError) as e:  # a field of the wrong type or value
+    raise CheckpointError(f"{file}: {e}") from None
   phi = read_meta(path).get("softmax_phi")
   return cfg if phi is None else dataclasses.replace(cfg, softmax_phi=tuple(phi))
 
 
 def load_quantization(path: str) -> Quantization | None:
   """How a checkpoint saved quantized is quantized (its config.json records it), or None."""
-  with open(os.path.join(path, "config.json")) as fh:
-    record = json.load(fh).get(QUANTIZATION_KEY)
+  record = _read_json(os.path.join(path, "config.json")).get(QUANTIZATION_KEY)
   try:
     return None if record is None else Quantization.from_dict(record)
   except ValueError as e:
