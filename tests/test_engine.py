@@ -343,10 +343,13 @@ def test_no_recompilation_under_a_random_load_after_warmup():
 
 def test_bad_requests_name_the_field_and_a_full_queue_refuses():
   engine = _engine(_model(), max_queue=2)
-  for req, param in [(_request([], 4), "prompt"), (_request([300], 4), "prompt"),
-                     (_request([1] * 96, 4), "prompt"), (_request([1] * 90, 7), "max_tokens"),
-                     (_request([1], -1), "max_tokens")]:
-    with pytest.raises(request.BadRequest) as e:
+  for req, param, says in [
+      (_request([], 4), "prompt", "the prompt is empty"),
+      (_request([300], 4), "prompt", "token id 300 is outside the vocabulary"),
+      (_request([1] * 96, 4), "prompt", "the prompt has 96 tokens"),
+      (_request([1] * 90, 7), "max_tokens", "plus max_tokens"),
+      (_request([1], -1), "max_tokens", "max_tokens must be >= 0, got -1")]:
+    with pytest.raises(request.BadRequest, match=says) as e:
       engine.submit(req)
     assert e.value.param == param
   engine.submit(_request([1], 4))
@@ -373,9 +376,10 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
   engine.submit(fine)
   while fine.state != "done" and time.time() < deadline:
     time.sleep(0.01)
+  assert engine.alive  # the failed step did not end the engine's thread
   engine.stop()
+  assert not engine.alive
   assert fine.tokens == fdjax.generate(model, [[1, 2, 3]], max_new_tokens=10).tokens[0]
-  assert threading.active_count() >= 1
 
 
 def test_engine_threads_are_reused():

@@ -59,6 +59,7 @@ def test_paged_decode_equals_decode_on_the_gathered_cache(hq, hkv, dtype):
   if dtype == jnp.float32:
     want = dispatch.decode_attention(q, kf, vf, n, impl="xla")
     assert rel_err(xla, want) < 1e-5 and rel_err(kern, want) < 1e-5
+    assert rel_err(kern, want64) < 1e-5 and rel_err(xla, want64) < 1e-5
     assert int(stats["recomputed_rows"]) == 0
   else:
     naive = reference.decode_attention(q, kf, vf, n, scale, plain=True)
@@ -391,7 +392,7 @@ def test_running_out_of_pages_is_a_clear_error_and_leaks_nothing():
   kv = paging.KVStore.for_model(model, num_pages=3, page_size=PS)
   with pytest.raises(paging.PoolExhausted, match="needs 4 more pages; 3 of 3"):
     fdjax.generate(model, [list(range(40))], max_new_tokens=20, kv=kv)
-  with pytest.raises(paging.PoolExhausted):
+  with pytest.raises(paging.PoolExhausted, match=r"needs \d+ more pages; \d+ of 3 are"):
     fdjax.generate(model, [[1] * 20, [2] * 20], max_new_tokens=10, kv=kv)
   kv.pool.check()
   assert kv.pool.pages_available == 3
@@ -431,7 +432,8 @@ def test_a_windowed_model_generates_far_past_its_pool():
   kv.pool.check()
   assert kv.pool.pages_available == kv.pool.num_pages
   small = paging.KVStore.for_model(model, num_pages=5, page_size=4)
-  with pytest.raises(paging.PoolExhausted):  # a window's worth of pages per row is needed
+  with pytest.raises(paging.PoolExhausted,  # a window's worth of pages per row is needed
+                     match=r"needs \d+ more pages; \d+ of 5 are available"):
     fdjax.generate(model, prompts, max_new_tokens=20, kv=small)
   small.pool.check()  # it failed midway: its pages are back, its pools still usable
   assert small.pool.pages_available == 5
