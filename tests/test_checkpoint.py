@@ -57,7 +57,12 @@ def _reshape(t):
   t["model.norm.weight"] = np.ones(47, np.float32)
 
 
+def _integers(t):
+  t["model.norm.weight"] = np.ones(t["model.norm.weight"].shape, np.int32)
+
+
 @pytest.mark.parametrize("edit,msg", [
+    (_integers, r"model\.norm\.weight has dtype int32, not a floating-point type"),
     (_drop, r"missing tensor.*layers\.1\.mlp\.up_proj"),
     (_add, r"unexpected tensor.*rotary"),
     (_reshape, r"model\.norm\.weight has shape \(47,\)"),

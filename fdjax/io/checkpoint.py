@@ -303,6 +303,17 @@ def _check_tensors(path, expected, quantized, stored, tensors, value):
     if name in quantized and tensors[name].dtype != quantized[name]:
       raise CheckpointError(f"{path}: tensor {name} has dtype {tensors[name].dtype}, expected "
                             f"{np.dtype(quantized[name])} ({stored.method} values)")
+    if name not in quantized and not _floating(tensors[name].dtype):
+      raise CheckpointError(f"{path}: tensor {name} has dtype {tensors[name].dtype}, not a "
+                            f"floating-point type")
+
+
+def _floating(dtype) -> bool:
+  """Whether a tensor's dtype (numpy's, or a safetensors header's name) is a float (bfloat16
+  and the float8s are numpy's kind "V")."""
+  if isinstance(dtype, str):
+    return dtype.startswith(("F", "BF"))
+  return np.dtype(dtype).kind in "fV"
 
 
 def _assign(model: Transformer, tensors: dict, dtype, stored: Quantization | None,
