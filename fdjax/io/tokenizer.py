@@ -42,12 +42,16 @@ class HFTokenizer:
     self._tok = tok
     self.eos_token_id = eos_token_id
     self.vocab_size = tok.get_vocab_size()
-    decoder = json.loads(tok.to_str()).get("decoder") or {}
-    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
-    self._byte_level = "ByteLevel" in kinds
-    self._byte_fallback = "ByteFallback" in kinds
-    self._special = {t.content for t in tok.get_added_tokens_decoder().values()}
     self._bytes: dict[int, bytes] = {}
+
+  @functools.cached_property
+  def _pieces(self) -> tuple[bool, bool, set]:
+    """(byte-level BPE, byte fallback, the special tokens' texts), read from the tokenizer's
+    own description on first use (a large vocabulary's JSON takes a moment to read)."""
+    decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    return ("ByteLevel" in kinds, "ByteFallback" in kinds,
+            {t.content for t in self._tok.get_added_tokens_decoder().values()})
 
   def token_bytes(self, token: int) -> bytes:
     """A token's own bytes, as its piece of the decoded text holds them: a byte-level
@@ -56,17 +60,18 @@ class HFTokenizer:
     SentencePiece word mark a space."""
     token = int(token)
     if token not in self._bytes:
+      byte_level, byte_fallback, special = self._pieces
       piece = self._tok.id_to_token(token)
-      chars = _byte_level_chars() if self._byte_level else {}
+      chars = _byte_level_chars() if byte_level else {}
       if piece is None:
         raw = self.decode([token]).encode()
-      elif piece in self._special:
+      elif piece in special:
         raw = piece.encode()
-      elif self._byte_level and all(c in chars for c in piece):
+      elif byte_level and all(c in chars for c in piece):
         raw = bytes(chars[c] for c in piece)
-      elif self._byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+      elif byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
         raw = bytes([int(piece[3:5], 16)])
-      elif self._byte_fallback:
+      elif byte_fallback:
         raw = piece.replace("\u2581", " ").encode()
       else:
         raw = self.decode([token]).encode()
