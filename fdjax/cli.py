@@ -6,6 +6,17 @@ import os
 import sys
 
 
+def _positive(text: str) -> int:
+  """An argparse type: an integer of at least 1 (a count, a size, a length)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
 def _load(args):
   """(model, tokenizer, label) from --model DIR, --preset NAME, or the bundled model."""
   import jax.numpy as jnp
@@ -204,7 +215,7 @@ def build_parser():
   g = sub.add_parser("generate", help="generate text from a prompt")
   g.add_argument("prompt")
   _model_args(g)
-  g.add_argument("--max-new-tokens", type=int, default=128)
+  g.add_argument("--max-new-tokens", type=_positive, default=128)
   # Sampling by default (seeded, so repeatable): greedy decoding of a small byte-level model
   # tends to repeat one byte (the bundled one keeps indenting). --temperature 0 is greedy.
   g.add_argument("--temperature", type=float, default=0.8,
@@ -212,8 +223,8 @@ def build_parser():
   g.add_argument("--top-k", type=int, default=40, help="(default: 40)")
   g.add_argument("--top-p", type=float)
   g.add_argument("--eos-token-id", type=int)
-  g.add_argument("--page-size", type=int, default=64, help="KV-cache page size in tokens")
-  g.add_argument("--prefill-chunk", type=int, help="prefill the prompt this many tokens at a "
+  g.add_argument("--page-size", type=_positive, default=64, help="KV-cache page size in tokens")
+  g.add_argument("--prefill-chunk", type=_positive, help="prefill the prompt this many tokens at a "
                  "time (default: at once)")
   _quantize_arg(g)
   _speculative_args(g)
@@ -261,18 +272,18 @@ def build_parser():
   s.set_defaults(fn=cmd_serve)
   c = sub.add_parser("calibrate", help="choose the async softmax's phi per layer")
   c.add_argument("--model", required=True)
-  c.add_argument("--num-prompts", type=int, default=4)
-  c.add_argument("--prompt-len", type=int, default=256)
+  c.add_argument("--num-prompts", type=_positive, default=4)
+  c.add_argument("--prompt-len", type=_positive, default=256)
   c.add_argument("--seed", type=int, default=0)
   c.set_defaults(fn=cmd_calibrate)
   t = sub.add_parser("tune", help="profile GEMV / flat GEMM / XLA crossovers per weight shape")
   t.add_argument("--model")
   t.add_argument("--preset")
   t.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-  t.add_argument("--max-m", type=int, default=64)
-  t.add_argument("--ms", type=int, nargs="+", help="the M values to profile (default: "
+  t.add_argument("--max-m", type=_positive, default=64)
+  t.add_argument("--ms", type=_positive, nargs="+", help="the M values to profile (default: "
                  "tune.PROFILE_MS up to --max-m)")
-  t.add_argument("--iters", type=int, default=20)
+  t.add_argument("--iters", type=_positive, default=20)
   t.add_argument("--quantize", choices=["int8", "int4"],
                  help="tune the int8 / int4 kernels (table keys KxN:int8 / KxN:int4)")
   t.add_argument("--out", help="table file (default: fdjax/ops/tables/<device>.json)")
@@ -280,37 +291,37 @@ def build_parser():
   t.add_argument("--moe", action="store_true", help="time the model's mixture-of-experts layer "
                  "(the grouped tiles against every expert on every token) by tokens instead, "
                  "and write the table's \"moe\" entry (real timings on a CPU too: XLA runs it)")
-  t.add_argument("--tokens", type=int, nargs="+", help="with --moe: the token counts to time "
+  t.add_argument("--tokens", type=_positive, nargs="+", help="with --moe: the token counts to time "
                  "(default: 1 2 4 8 16 32 64)")
   t.set_defaults(fn=cmd_tune)
   tr = sub.add_parser("train", help="train a model with optax (byte-level text or a task)")
   tr.add_argument("--data", required=True, dest="data_name",
                   choices=["stdlib", "files", "flipflop", "selective_copy", "counting"])
   tr.add_argument("--files", nargs="*")
-  tr.add_argument("--variables", type=int, default=1, help="counting: 1, 3 or 5")
+  tr.add_argument("--variables", type=_positive, default=1, help="counting: 1, 3 or 5")
   tr.add_argument("--out", required=True)
-  tr.add_argument("--steps", type=int, default=1000)
-  tr.add_argument("--batch", type=int, default=16)
-  tr.add_argument("--seq-len", type=int, default=256)
+  tr.add_argument("--steps", type=_positive, default=1000)
+  tr.add_argument("--batch", type=_positive, default=16)
+  tr.add_argument("--seq-len", type=_positive, default=256)
   tr.add_argument("--lr", type=float, default=3e-3)
   tr.add_argument("--warmup", type=int, default=100)
-  tr.add_argument("--layers", type=int, default=4)
-  tr.add_argument("--hidden", type=int, default=256)
-  tr.add_argument("--heads", type=int, default=4)
-  tr.add_argument("--kv-heads", type=int)
-  tr.add_argument("--intermediate", type=int, default=704)
+  tr.add_argument("--layers", type=_positive, default=4)
+  tr.add_argument("--hidden", type=_positive, default=256)
+  tr.add_argument("--heads", type=_positive, default=4)
+  tr.add_argument("--kv-heads", type=_positive)
+  tr.add_argument("--intermediate", type=_positive, default=704)
   tr.add_argument("--pe", default="cope", choices=["cope", "cope_rope", "rope", "none",
                                                    "absolute"])
-  tr.add_argument("--npos-max", type=int, default=64)
+  tr.add_argument("--npos-max", type=_positive, default=64)
   tr.add_argument("--cope-gates", default="key", choices=["key", "value", "separate"],
                   help="CoPE's gates from the keys (the paper), the values or keys of their own")
   tr.add_argument("--cope-pos-scaled", action="store_true",
                   help="CoPE's position logits added before the 1/sqrt(d) scale (the official "
                        "code's default) instead of after (the paper's appendix)")
-  tr.add_argument("--max-len", type=int, default=2048)
+  tr.add_argument("--max-len", type=_positive, default=2048)
   tr.add_argument("--tie", action="store_true", help="tie input and output embeddings")
-  tr.add_argument("--eval-every", type=int, default=250)
-  tr.add_argument("--eval-batches", type=int, default=8)
+  tr.add_argument("--eval-every", type=_positive, default=250)
+  tr.add_argument("--eval-batches", type=_positive, default=8)
   tr.add_argument("--seed", type=int, default=0)
   tr.set_defaults(fn=cmd_train)
   bn = sub.add_parser("bench", help="run a benchmark from bench/ (gpu: the whole GPU suite, "
@@ -318,8 +329,8 @@ def build_parser():
                       "registers and shared memory compiled for the H100, serve: the server "
                       "under load, e2e, ...)")
   bn.add_argument("name", choices=["gpu", "check", "kernels", "e2e", "attention", "gemm",
-                                   "decode", "cope_tasks", "serve", "quantization",
-                                   "paged_memory"])
+                                   "decode", "cope_tasks", "cope_counting", "serve",
+                                   "quantization", "paged_memory"])
   bn.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
   bn.set_defaults(fn=cmd_bench)
   return parser
@@ -329,7 +340,7 @@ def main(argv=None):
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)
-  except ValueError as e:
+  except (ValueError, OSError) as e:  # bad input, or a path that cannot be read or written
     print(f"fdjax: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -118,6 +118,21 @@ def test_a_hugging_face_config_without_a_required_field_is_named(tmp_path):
     fdjax.load_pretrained(tmp_path)
 
 
+def test_saving_over_another_checkpoints_shards_is_refused_and_a_doubled_tensor_named(saved):
+  path, tensors = saved
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+    json.dump({"weight_map": {"model.norm.weight": "model.safetensors"}}, fh)
+  with pytest.raises(CheckpointError, match=r"holds another checkpoint's "
+                     r"\['model\.safetensors\.index\.json'\]; saving there would mix"):
+    fdjax.save_pretrained(tiny_model(), path)
+  os.remove(os.path.join(path, "model.safetensors.index.json"))
+  save_file({"model.norm.weight": tensors["model.norm.weight"]},
+            os.path.join(path, "zz-extra.safetensors"))
+  with pytest.raises(CheckpointError, match=r"zz-extra\.safetensors: tensor model\.norm\.weight "
+                     r"is stored a second time"):
+    fdjax.load_pretrained(path)
+
+
 def test_a_truncated_safetensors_file_is_named(saved):
   path, _ = saved
   file = os.path.join(path, "model.safetensors")

@@ -28,7 +28,24 @@ def test_generate_prints_text_and_stats():
 def test_bad_argument_is_a_clear_error():
   r = _run("generate", "hi", "--max-new-tokens", "0", "--preset", "random-tiny")
   assert r.returncode == 2
-  assert "max_new_tokens must be a positive integer" in r.stderr
+  assert "argument --max-new-tokens: must be at least 1, got 0" in r.stderr
+
+
+def test_bad_train_input_is_an_error_line_before_any_training(tmp_path):
+  """Counts below 1, a missing data file and an --out under a file: each an `fdjax: error`
+  (or argparse's) line and exit status 2, no traceback, before a model is built."""
+  (tmp_path / "file").write_text("x")
+  cases = [(["--data", "stdlib", "--out", str(tmp_path / "a"), "--steps", "0"],
+            "argument --steps: must be at least 1, got 0"),
+           (["--data", "stdlib", "--out", str(tmp_path / "a"), "--eval-every", "-3"],
+            "argument --eval-every: must be at least 1, got -3"),
+           (["--data", "files", "--files", str(tmp_path / "none.py"), "--out",
+             str(tmp_path / "b")], "fdjax: error: [Errno 2] No such file"),
+           (["--data", "stdlib", "--out", str(tmp_path / "file" / "sub")],
+            "fdjax: error: [Errno 20] Not a directory")]
+  for args, says in cases:
+    r = _run("train", *args)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.integration  # three `fdjax generate` processes (CI's integration step)

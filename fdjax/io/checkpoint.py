@@ -228,6 +228,12 @@ def _open_safetensors(file: str):
     raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
+def _once(name: str, seen: dict, file: str):
+  if name in seen:
+    raise CheckpointError(f"{file}: tensor {name} is stored a second time (another "
+                          f".safetensors file here holds it too)")
+
+
 def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
                  ) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout
@@ -237,6 +243,7 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
   for file in _safetensors_files(path):
     with _open_safetensors(file) as fh:
       for name in fh.keys():
+        _once(name, tensors, file)
         tensors[name] = fh.get_tensor(name)
   _check_tensors(path, expected, quantized, stored, tensors, lambda n: tensors[n])
   return tensors
@@ -251,6 +258,7 @@ def open_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
   for file in _safetensors_files(path):
     fh = _open_safetensors(file)  # kept open by its slices
     for name in fh.keys():
+      _once(name, slices, file)
       slices[name] = fh.get_slice(name)
   shapes = {name: _Shaped(tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
   _check_tensors(path, expected, quantized, stored, shapes, lambda n: slices[n][...])
@@ -448,11 +456,24 @@ def _load_on_mesh(path, cfg, dtype, mesh, stored: Quantization | None,
                         quantization=stored or want, stored=stored is not None)
 
 
+def prepare_save(path: str | os.PathLike) -> str:
+  """The directory a checkpoint is saved to, made if need be; CheckpointError where it holds
+  another checkpoint's shards or index, which loading would read beside (or instead of) the
+  model.safetensors written there."""
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  stale = sorted(f for f in os.listdir(path) if f == SAFETENSORS_INDEX or (
+      f.endswith(".safetensors") and f != "model.safetensors"))
+  if stale:
+    raise CheckpointError(f"{path}: holds another checkpoint's {stale[:4]}; saving there would "
+                          f"mix the two (remove them, or save to another directory)")
+  return path
+
+
 def save_pretrained(model: Transformer, path: str | os.PathLike, extra_config: dict | None = None):
   """Writes config.json (model_type "fdjax"; a quantized model's quantization recorded) and
   model.safetensors (quantized weights as they are); load_pretrained reads it."""
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
+  path = prepare_save(path)
   config = {"model_type": FDJAX_MODEL_TYPE, **model.config.to_dict()}
   q = quantization.of(model)
   if q is not None:

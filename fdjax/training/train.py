@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from fdjax.io import checkpoint
-from fdjax.ops import dispatch
+from fdjax.ops import checks, dispatch
 from fdjax.training import data, tasks
 from models import ModelConfig, Transformer
 
@@ -144,6 +144,10 @@ def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3
   """`fdjax train`: a model trained on byte-level text (the standard library's sources or
   `files`) or on one of the CoPE paper's tasks, saved to `out` with its training record."""
   args = dict(locals())
+  for name in ("steps", "batch", "seq_len", "layers", "hidden", "heads", "intermediate",
+               "npos_max", "max_len", "eval_every", "eval_batches"):
+    checks.positive_int("train", name, args[name])
+  checkpoint.prepare_save(out)  # before training: a bad --out fails now, not after it
   if data_name in tasks.TASKS:
     task = tasks.get(data_name, variables)
     vocab = task.vocab_size
