@@ -104,8 +104,9 @@ def cmd_calibrate(args):
     tok = tokenizer.load_tokenizer(args.model)
   except ValueError:
     tok = None
-  prompts = calibrate.sample_prompts(tok, model.config.vocab_size, args.num_prompts,
-                                     args.prompt_len, args.seed)
+  length = min(args.prompt_len, model.config.max_position_embeddings)  # the model's context
+  prompts = calibrate.sample_prompts(tok, model.config.vocab_size, args.num_prompts, length,
+                                     args.seed)
   record = calibrate.calibrate(model, prompts)
   for i, (phi, (lo, hi)) in enumerate(zip(record["phi"], record["row_max_range"])):
     print(f"layer {i}: row-max scores in [{lo:.2f}, {hi:.2f}] -> phi = {phi:.2f}")

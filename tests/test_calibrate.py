@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import fdjax
 from fdjax.ops import dispatch
@@ -69,3 +70,13 @@ def test_the_sown_score_range_is_the_attention_layers_own():
   assert got.shape == (1, 2)
   np.testing.assert_allclose(got[0], [s.min(), s.max()], rtol=1e-4)
   assert not attn.record_scores  # switched off again
+
+
+def test_calibrate_refuses_prompts_past_the_models_context():
+  model = tiny_model()
+  context = model.config.max_position_embeddings
+  with pytest.raises(ValueError, match=f"a prompt of {context + 1} tokens is longer than the "
+                                       f"model's context of {context}"):
+    calibrate.calibrate(model, [[1, 2], [3] * (context + 1)])
+  with pytest.raises(ValueError, match="no prompts"):
+    calibrate.calibrate(model, [])

@@ -60,6 +60,13 @@ def score_ranges(model, prompt: list[int]) -> np.ndarray:
 
 def calibrate(model, prompts: list[list[int]]) -> dict:
   """Runs each prompt through the model (XLA path, eagerly) and returns the phi record."""
+  if not prompts:
+    raise ValueError("calibrate: no prompts")
+  context = model.config.max_position_embeddings
+  longest = max(len(p) for p in prompts)
+  if longest > context:  # past the context, positions (an absolute table's) are not the model's
+    raise ValueError(f"calibrate: a prompt of {longest} tokens is longer than the model's "
+                     f"context of {context} (--prompt-len)")
   ranges = None
   for p in prompts:
     layer_ranges = score_ranges(model, p)

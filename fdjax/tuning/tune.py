@@ -139,7 +139,9 @@ def tune_shape(k: int, n: int, ms=PROFILE_MS, *, dtype=jnp.bfloat16, iters=20, i
 def flat_backend(profile: list[dict]) -> str | None:
   """Which flat GEMM the table's "flat" runs on a Hopper GPU: "pallas_mosaic" (Mosaic GPU)
   where it took less time than Triton's over the M it was timed at, else "pallas"; None where
-  it was not timed (not a GPU, quantized weights, a shape it does not take)."""
+  it was not timed (a TPU, a GPU before Hopper, quantized weights, a shape it does not take).
+  A CPU (--allow-cpu, the GPU suite's dry run) times both in interpret mode, as a Hopper
+  would be timed: its "backend" exercises the path, it measures nothing."""
   both = [r for r in profile if "mosaic_flat_us" in r]
   if not both:
     return None
