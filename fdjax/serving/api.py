@@ -395,8 +395,9 @@ def parse(kind: type[_Sampling], body: bytes, strict: bool = False) -> _Sampling
     raise ApiError(400, f"the request body is not valid JSON: {e}", reason="bad_json") from None
   if not isinstance(data, dict):
     raise ApiError(400, "the request body must be a JSON object", reason="bad_json")
-  if depth(data) > MAX_BODY_DEPTH:  # pydantic's own parser stops at about 255 levels
-    raise ApiError(400, f"the request body nests {depth(data)} levels deep; at most "
+  nesting = depth(data)
+  if nesting > MAX_BODY_DEPTH:  # pydantic's own parser stops at about 255 levels
+    raise ApiError(400, f"the request body nests {nesting} levels deep; at most "
                    f"{MAX_BODY_DEPTH}", reason="bad_json")
   _check_text(data)
   data = _policy(kind, {k: v for k, v in data.items() if v is not None}, strict)
@@ -451,11 +452,10 @@ def _lp(value):
   return value if value is None or math.isfinite(value) else -9999.0
 
 
-def token_text(tokenizer, token: int) -> str:
-  """A token as logprobs name it: its text, or, where its bytes are not whole UTF-8
-  characters (a piece of one), "bytes:" and the bytes as \\xNN escapes, as OpenAI writes
-  them, so that no two tokens share a name."""
-  raw = _token_bytes(tokenizer, token)
+def token_text(raw: bytes) -> str:
+  """A token (its bytes) as logprobs name it: its text, or, where its bytes are not whole
+  UTF-8 characters (a piece of one), "bytes:" and the bytes as \\xNN escapes, as OpenAI
+  writes them, so that no two tokens share a name."""
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError:
@@ -484,14 +484,15 @@ def completion_logprobs(tokenizer, items, k: int, offsets: TextOffsets | None = 
   offsets = offsets or TextOffsets()
   out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
   for item in items:
-    text = token_text(tokenizer, item.token)
+    raw = _token_bytes(tokenizer, item.token)
+    text = token_text(raw)
     out["tokens"].append(text)
     out["token_logprobs"].append(_lp(item.logprob))
-    out["text_offset"].append(offsets.advance(_token_bytes(tokenizer, item.token)))
+    out["text_offset"].append(offsets.advance(raw))
     if item.logprob is None:
       out["top_logprobs"].append(None)
     else:
-      top = {token_text(tokenizer, t): lp for t, lp in _finite(item.top, k)}
+      top = {token_text(_token_bytes(tokenizer, t)): lp for t, lp in _finite(item.top, k)}
       top.setdefault(text, _lp(item.logprob))
       out["top_logprobs"].append(top)
   return out
@@ -501,8 +502,8 @@ def chat_logprobs(tokenizer, items, k: int) -> dict:
   """OpenAI's chat logprobs of TokenLogprobs: content [{token, logprob, bytes,
   top_logprobs [k of the same]}]."""
   def entry(token, logprob):
-    return {"token": token_text(tokenizer, token), "logprob": _lp(logprob),
-            "bytes": list(_token_bytes(tokenizer, token))}
+    raw = _token_bytes(tokenizer, token)
+    return {"token": token_text(raw), "logprob": _lp(logprob), "bytes": list(raw)}
   return {"content": [{**entry(i.token, i.logprob),
                        "top_logprobs": [entry(t, lp) for t, lp in _finite(i.top, k)]}
                       for i in items], "refusal": None}

@@ -186,7 +186,7 @@ def _prompts(server, prompt) -> list[list[int]]:
   if all(isinstance(p, str) for p in prompt):
     lists = [server.tokenizer.encode(p) for p in prompt]
     empty = next((i for i, ids in enumerate(lists) if not ids), None)
-    if empty is not None and len(lists) > 1:
+    if empty is not None:
       raise api.ApiError(400, f"prompt[{empty}] is empty (it encodes to no tokens)", "prompt")
     return lists
   one = isinstance(prompt[0], int)
