@@ -75,6 +75,37 @@ def test_bad_tensors_are_named(saved, edit, msg):
     fdjax.load_pretrained(path)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_a_nan_or_infinite_weight_is_named_with_where_it_is(saved, dtype, bad):
+  path, tensors = saved
+  tensors = {name: t.astype(jnp.dtype(dtype)) for name, t in tensors.items()}
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  fdjax.load_pretrained(path)  # finite: loads
+  w = tensors["model.layers.1.self_attn.o_proj.weight"]
+  w[3, 5] = w[7, 0] = bad
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  msg = r"o_proj\.weight holds 2 NaN or infinite value\(s\), the first at index \[3, 5\]"
+  with pytest.raises(CheckpointError, match=msg):
+    fdjax.load_pretrained(path)
+  mesh = fdjax.make_mesh(tp=1, dp=1)  # the per-device slices are checked as they are read
+  with pytest.raises(CheckpointError, match=msg):
+    fdjax.load_pretrained(path, mesh=mesh)
+
+
+def test_values_past_float16s_range_are_named_when_loading_as_float16(saved):
+  path, tensors = saved
+  tensors["model.layers.0.mlp.down_proj.weight"][2, 2] = 1e5  # finite in float32 / bfloat16
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  for dtype in ("float32", "bfloat16"):
+    assert fdjax.load_pretrained(path, dtype=dtype).config.num_layers == 2
+  msg = r"down_proj\.weight holds 1 value\(s\) past float16's range .* at index \[2, 2\]"
+  with pytest.raises(CheckpointError, match=msg):
+    fdjax.load_pretrained(path, dtype="float16")
+  with pytest.raises(CheckpointError, match=msg):
+    fdjax.load_pretrained(path, dtype="float16", mesh=fdjax.make_mesh(tp=1, dp=1))
+
+
 def test_missing_shard_and_missing_config(tmp_path_factory, saved):
   path, _ = saved
   with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
