@@ -353,9 +353,16 @@ def test_bad_requests_name_the_field_and_a_full_queue_refuses():
       engine.submit(req)
     assert e.value.param == param
   engine.submit(_request([1], 4))
-  engine.submit(_request([2], 4))
+  # several requests are queued all or none: a bad one, or one place for two, queues nothing
+  pair = [_request([2], 4), _request([3], 4)]
+  with pytest.raises(request.BadRequest, match="outside the vocabulary"):
+    engine.submit(pair[0], _request([300], 4))
+  with pytest.raises(request.QueueFull, match="1 requests waiting, 2 more asked for"):
+    engine.submit(*pair)
+  assert engine.queue_length == 1 and all(r.state != "waiting" for r in pair)
+  engine.submit(pair[0])
   with pytest.raises(request.QueueFull, match="queue is full"):
-    engine.submit(_request([3], 4))
+    engine.submit(pair[1])
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):

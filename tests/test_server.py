@@ -307,7 +307,15 @@ def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
     while not any(r.cancelled for r in s.engine._inbox) and time.time() < deadline:
       time.sleep(0.02)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      waiting = [pool.submit(s.client.completions.create, **args) for _ in range(2)]
+      waiting = [pool.submit(s.client.completions.create, **args)]
+      while s.engine.queue_length < 2:
+        time.sleep(0.02)
+      # n=2 where one place is left: refused whole (none of its choices queued, nor
+      # counted received and then cancelled, nor holding the place a moment longer)
+      with pytest.raises(openai.RateLimitError):
+        s.client.completions.create(**args, n=2)
+      assert s.engine.queue_length == 2
+      waiting.append(pool.submit(s.client.completions.create, **args))
       while s.engine.queue_length < 3:
         time.sleep(0.02)
       t0 = time.perf_counter()
@@ -322,7 +330,9 @@ def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
     assert s.engine.kv.pool.pages_in_use == 0
     m = _metrics(s)
     assert m["fdjax_requests_finished_total[cancelled]"] == 1
-    assert m["fdjax_requests_rejected_total[queue_full]"] == 1
+    assert m["fdjax_requests_finished_total[length]"] == 2
+    assert m["fdjax_requests_received_total"] == 3
+    assert m["fdjax_requests_rejected_total[queue_full]"] == 2
   finally:
     _stop(s)
 

@@ -138,18 +138,21 @@ class Engine:
     """Raises BadRequest for a request that can never be served."""
     request.check(req, self.model.config.vocab_size, self.max_model_len)
 
-  def submit(self, req: Request):
-    """Queues a request (any thread). Raises BadRequest, or QueueFull when max_queue requests
-    are waiting already; once it returns, the request will get a final event."""
-    self.check(req)
+  def submit(self, *reqs: Request):
+    """Queues requests (any thread), all or none: raises BadRequest, or QueueFull when they
+    would take the queue past max_queue (nothing queued, no event); once it returns, each
+    request will get a final event."""
+    for req in reqs:
+      self.check(req)
     with self._cv:
       if self._stopping:
         raise RuntimeError("the engine has stopped")
-      if self.queue_length >= self.max_queue:
+      if self.queue_length + len(reqs) > self.max_queue:
         raise QueueFull(f"the queue is full ({self.queue_length} requests waiting, "
-                        f"max_queue={self.max_queue}); retry later")
-      req.state, req.t_submit = "waiting", time.perf_counter()
-      self._inbox.append(req)
+                        f"{len(reqs)} more asked for, max_queue={self.max_queue}); retry later")
+      for req in reqs:
+        req.state, req.t_submit = "waiting", time.perf_counter()
+        self._inbox.append(req)
       self._cv.notify()
 
   def cancel(self, req: Request):

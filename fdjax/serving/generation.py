@@ -78,21 +78,16 @@ class _Call:
     return sum(len(p) for p in self.prompts)
 
   def submit(self):
-    engine, n = self.server.engine, 0
+    engine = self.server.engine
     if len(self.reqs) > engine.max_queue:  # a 429 would be retried, and never succeed
       raise api.ApiError(400, f"this request asks for {len(self.reqs)} completions "
                          f"({len(self.prompts)} prompt(s) x n={self.n}); this server queues at "
                          f"most {engine.max_queue} at once (--max-queue)", "n", reason="limit")
     try:
-      for req in self.reqs:
-        engine.check(req)
-      for n, req in enumerate(self.reqs):
-        engine.submit(req)
+      engine.submit(*self.reqs)  # all or none
     except request.BadRequest as e:
       raise api.ApiError(400, str(e), e.param) from None
     except request.QueueFull as e:
-      for req in self.reqs[:n]:
-        engine.cancel(req)
       raise api.ApiError(429, str(e), None, "rate_limit_error", "queue_full") from None
     except RuntimeError as e:
       raise api.ApiError(503, str(e), None, "server_error") from None
