@@ -206,6 +206,68 @@ def test_unsupported_config_features_are_refused(extra, msg):
     config_from_hf({**HF_BASE, **extra})
 
 
+LINEAR = {"rope_type": "linear", "rope_theta": 1e4}
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (dict(rope_parameters=LINEAR), "rope_parameters of rope_type 'linear' needs a factor"),
+    (dict(rope_parameters={**LINEAR, "factor": 0}), r"rope_parameters\.factor must be a finite "
+     r"number above 0, got 0"),
+    (dict(rope_scaling={"type": "linear", "factor": "4"}), r"rope_scaling\.factor .* got '4'"),
+    (dict(rope_parameters={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
+     "rope_type 'llama3' needs low_freq_factor"),
+    (dict(rope_parameters={**LLAMA3, "high_freq_factor": 1.0}),
+     "high_freq_factor must be above its low_freq_factor"),
+    (dict(rope_parameters="x"), "rope_parameters must be an object, got 'x'"),
+    (dict(rope_scaling="linear"), "rope_scaling must be an object, got 'linear'"),
+    (dict(num_hidden_layers=2, layer_types=["full_attention"]),
+     r"layer_types must list one type per layer \(2\)"),
+    (dict(head_dim=0), "head_dim must be a positive integer, got 0"),
+    (dict(num_key_value_heads=0), "num_key_value_heads must be a positive integer, got 0"),
+    (dict(num_attention_heads=5, num_key_value_heads=5), r"hidden_size \(32\) is not a multiple "
+     r"of num_attention_heads \(5\), and no head_dim"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (dict(model_type="mistral", sliding_window=8.5), "sliding_window must be a positive "
+     "integer, got 8.5"),
+    (dict(model_type="gemma2", query_pre_attn_scalar=-16), "query_pre_attn_scalar must be a "
+     "finite number above 0, got -16"),
+])
+def test_bad_config_values_are_named_by_their_config_json_field(extra, msg):
+  # each was loaded before: a missing or zero factor, a truncated window, a wrong-length
+  # layer_types, a string read as true ... failed at the first forward, or went on wrong
+  with pytest.raises(CheckpointError, match=msg):
+    config_from_hf({**HF_BASE, **extra})
+
+
+HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+              "qwen3": "Qwen3Config", "gemma2": "Gemma2Config",
+              "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
+              "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+              "qwen3_moe": "Qwen3MoeConfig"}
+
+
+@pytest.mark.parametrize("family", sorted(HF_CONFIGS))
+def test_a_config_json_that_leaves_fields_out_reads_as_transformers_fills_them(family):
+  # A hand-written config.json holding only the sizes: each field left out is what
+  # transformers' config class takes for it (Gemma's gelu activation, 4096 window and
+  # soft-caps, Mistral's window, Mixtral's RoPE base, Qwen3's head_dim, KV heads ...),
+  # where fdjax took silu, no window, no cap, 1e4 ...: other logits, no error.
+  transformers = pytest.importorskip("transformers")
+  sizes = dict(vocab_size=211, hidden_size=256, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=64)
+  if family.endswith("moe"):
+    sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+  filled = getattr(transformers, HF_CONFIGS[family])(**sizes).to_dict()
+  assert config_from_hf(dict(model_type=family, **sizes)) == config_from_hf(filled)
+  # the llama3 RoPE's original context, left out, is the model's (transformers fills it so)
+  rope = dict(rope_parameters={**LLAMA3, "rope_theta": 5e5})
+  scaling = {k: v for k, v in LLAMA3.items() if k != "rope_theta"}
+  assert (config_from_hf({**HF_BASE, **rope}).rope_scaling_dict
+          == {**scaling, "original_max_position_embeddings": 64})
+
+
 def test_both_rope_spellings_read_the_same():
   scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

@@ -340,7 +340,7 @@ def test_config_checks():
 
 def test_hf_configs():
   base = dict(vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=4,
-              intermediate_size=12)
+              intermediate_size=12, num_key_value_heads=1)  # (transformers' default: 4 to 16)
   cfg = checkpoint.config_from_hf({**base, "model_type": "qwen3_moe", "num_experts": 8,
                                    "num_experts_per_tok": 2, "moe_intermediate_size": 4,
                                    "decoder_sparse_step": 2, "mlp_only_layers": [3],

@@ -33,6 +33,28 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face's -> fdjax's
+# What transformers' config class takes for a field config.json leaves out, per family, where
+# it differs from what fdjax would otherwise take (silu, rms_norm_eps 1e-6, RoPE base 1e4 (Gemma
+# 3's global 1e6), no window, no soft-capping, head_dim = hidden / heads, as many KV heads as
+# heads, a 2048 context): a hand-written config.json gives Hugging Face's model, not another.
+# tests/test_checkpoint.py checks every entry against transformers' classes.
+HF_DEFAULTS = {
+    "llama": {},
+    "mistral": dict(max_position_embeddings=131072, sliding_window=4096, num_key_value_heads=8),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128),
+    "gemma2": dict(max_position_embeddings=8192, num_key_value_heads=4, head_dim=256,
+                   sliding_window=4096, hidden_activation="gelu_pytorch_tanh",
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(max_position_embeddings=131072, num_key_value_heads=4, head_dim=256,
+                        sliding_window=4096, hidden_activation="gelu_pytorch_tanh"),
+    "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    rope_theta=1e6),
+    "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16,
+                      shared_expert_intermediate_size=5632),
+    "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4),
+}
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 META_FILE = "fdjax.json"
@@ -50,41 +72,101 @@ def _refuse(cond, what):
     raise CheckpointError(f"config.json: {what} is not implemented by fdjax")
 
 
-def _rope(params: dict, theta: float) -> tuple[float, dict | None]:
+def _integer(hf: dict, key: str, default=None):
+  """hf[key] (or `default` where it is absent or null; KeyError where neither is given): a
+  positive integer, else CheckpointError naming the field (a float window was truncated, a 0
+  head_dim taken for hidden / heads)."""
+  value = hf.get(key)
+  value = default if value is None else value
+  if value is None:
+    raise KeyError(key)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise CheckpointError(f"config.json: {key} must be a positive integer, got {value!r}")
+  return value
+
+
+def _number(where: str, value, low: float = 0.0):
+  """value: a finite number above `low`, else CheckpointError naming `where`."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+      not low < value < float("inf"):
+    raise CheckpointError(f"config.json: {where} must be a finite number above {low:g}, "
+                          f"got {value!r}")
+  return float(value)
+
+
+def _flag(hf: dict, key: str, default: bool) -> bool:
+  """hf[key] (default where absent): true or false (bool("false") is True)."""
+  value = hf.get(key, default)
+  if not isinstance(value, bool):
+    raise CheckpointError(f"config.json: {key} must be true or false, got {value!r}")
+  return value
+
+
+def _mapping(where: str, value) -> dict:
+  if not isinstance(value, dict):
+    raise CheckpointError(f"config.json: {where} must be an object, got {value!r}")
+  return value
+
+
+def _rope(params: dict, theta: float, context: int, where: str = "rope_parameters"
+          ) -> tuple[float, dict | None]:
   """(theta, scaling) from one set of RoPE parameters (rope_type or the older `type`,
-  rope_theta, the scaling's own keys)."""
-  params = dict(params)
-  theta = params.pop("rope_theta", theta)
+  rope_theta, the scaling's own keys, checked: a missing or zero factor failed at the first
+  forward, or made NaN logits); `context`: the model's max_position_embeddings, llama3's
+  original context where its parameters leave it out (as transformers takes it)."""
+  params = dict(_mapping(where, params))
+  theta = _number(f"{where}.rope_theta", params.pop("rope_theta", theta))
   _refuse(params.pop("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
   kind = params.get("rope_type", params.get("type", "default"))
   if kind not in rope.SUPPORTED_ROPE_TYPES:
     raise CheckpointError(f"config.json: unsupported rope_type {kind!r} "
                           f"(fdjax implements {rope.SUPPORTED_ROPE_TYPES})")
   if kind == "default":
-    return float(theta), None
+    return theta, None
   scaling = {k: v for k, v in params.items() if k != "type"}
   scaling["rope_type"] = kind
-  return float(theta), scaling
+  if "factor" not in scaling:
+    raise CheckpointError(f"config.json: {where} of rope_type {kind!r} needs a factor")
+  scaling["factor"] = _number(f"{where}.factor", scaling["factor"])
+  if kind == "llama3":
+    scaling.setdefault("original_max_position_embeddings", context)
+    _integer(scaling, "original_max_position_embeddings")
+    for key in ("low_freq_factor", "high_freq_factor"):
+      if key not in scaling:
+        raise CheckpointError(f"config.json: {where} of rope_type 'llama3' needs {key}")
+      scaling[key] = _number(f"{where}.{key}", scaling[key])
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+      raise CheckpointError(f"config.json: {where}.high_freq_factor must be above its "
+                            f"low_freq_factor, got {scaling['high_freq_factor']} <= "
+                            f"{scaling['low_freq_factor']}")
+  return theta, scaling
 
 
-def _rope_settings(hf: dict, theta: float = 10000.0) -> tuple[float, dict | None]:
+def _rope_settings(hf: dict, context: int, theta: float = 10000.0
+                   ) -> tuple[float, dict | None]:
   """(theta, scaling) from either the newer `rope_parameters` or the older `rope_theta` +
   `rope_scaling` keys."""
   theta = hf.get("rope_theta", theta)
-  return _rope(hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
-                                               "rope_theta": theta}, theta)
+  if hf.get("rope_parameters"):
+    return _rope(hf["rope_parameters"], theta, context)
+  return _rope({**_mapping("rope_scaling", hf.get("rope_scaling") or {}), "rope_theta": theta},
+               theta, context, "rope_scaling")
 
 
 def _gemma_rope(hf: dict) -> tuple[float, dict | None, float]:
   """Gemma 3's (global theta, global scaling, local theta): one set of RoPE parameters per
   layer type, or the older rope_theta / rope_scaling (global) and rope_local_base_freq."""
-  params = hf.get("rope_parameters") or {}
+  params = _mapping("rope_parameters", hf.get("rope_parameters") or {})
+  context = hf["max_position_embeddings"]
   if "full_attention" in params:
-    theta, scaling = _rope(params["full_attention"], 1e6)
-    local, local_scaling = _rope(params.get("sliding_attention") or {}, 1e4)
+    theta, scaling = _rope(params["full_attention"], 1e6, context,
+                           "rope_parameters.full_attention")
+    local, local_scaling = _rope(params.get("sliding_attention") or {}, 1e4, context,
+                                 "rope_parameters.sliding_attention")
   else:
-    theta, scaling = _rope_settings(hf, 1e6)
-    local, local_scaling = float(hf.get("rope_local_base_freq", 1e4)), None
+    theta, scaling = _rope_settings(hf, context, 1e6)
+    local = _number("rope_local_base_freq", hf.get("rope_local_base_freq", 1e4))
+    local_scaling = None
   _refuse(local_scaling is not None, "RoPE scaling of the sliding-window layers")
   return theta, scaling, local
 
@@ -95,11 +177,14 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
   Gemma 2 / 3 all but every 2nd / 6th (sliding_window_pattern), unless layer_types lists
   them; Llama none."""
   types = hf.get("layer_types")
+  if types is not None and (not isinstance(types, list) or len(types) != num_layers):
+    raise CheckpointError(f"config.json: layer_types must list one type per layer "
+                          f"({num_layers}), got {types!r}")
   unknown = sorted(set(types or ()) - set(LAYER_TYPES))
   _refuse(unknown, f"layer_types {unknown}")
   window = hf.get("sliding_window")
   if mtype in ("qwen2", "qwen3"):
-    if not hf.get("use_sliding_window", False):
+    if not _flag(hf, "use_sliding_window", False):
       window = None
     first = hf.get("max_window_layers", 28)
     types = types or ["sliding_attention" if i >= first else "full_attention"
@@ -115,9 +200,10 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
     window = None
   if window is None or (types is not None and "sliding_attention" not in types):
     return None, None
+  window = _integer(hf, "sliding_window")
   if types is None or all(t == "sliding_attention" for t in types):
-    return int(window), None
-  return int(window), tuple(types)
+    return window, None
+  return window, tuple(types)
 
 
 def _experts(hf: dict, mtype: str, num_layers: int) -> dict:
@@ -133,7 +219,7 @@ def _experts(hf: dict, mtype: str, num_layers: int) -> dict:
                 moe_naming="mixtral")
   if mtype not in QWEN_MOE or not n:
     return {}
-  _refuse(hf.get("use_sliding_window", False),
+  _refuse(_flag(hf, "use_sliding_window", False),
           "use_sliding_window=true in a mixture-of-experts model")
   missing = [k for k in ("num_experts_per_tok", "moe_intermediate_size") if k not in hf]
   if missing:
@@ -145,7 +231,7 @@ def _experts(hf: dict, mtype: str, num_layers: int) -> dict:
   dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
   return dict(num_experts=n, experts_per_token=hf["num_experts_per_tok"],
               moe_intermediate_size=hf["moe_intermediate_size"],
-              norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense or None,
+              norm_topk_prob=_flag(hf, "norm_topk_prob", False), dense_layers=dense or None,
               shared_expert_size=(hf.get("shared_expert_intermediate_size") or 0
                                   if mtype == "qwen2_moe" else 0))
 
@@ -163,42 +249,51 @@ def config_from_hf(hf: dict) -> ModelConfig:
                           f"{sorted(HF_ARCHITECTURES)} and its own {FDJAX_MODEL_TYPE!r}")
   _refuse(hf.get("quantization_config"), "a pre-quantized checkpoint (quantization_config; "
           "load the float one with quantize=\"int8\" or \"int4\")")
+  hf = {**HF_DEFAULTS[mtype], **hf}
   gemma = mtype in ("gemma2", "gemma3_text")
   act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
   act = hf.get(act_key, "silu")
   _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
-  _refuse(hf.get("mlp_bias", False), "mlp_bias=true")
-  qkv_bias = mtype == "qwen2" or (mtype == "qwen2_moe" and hf.get("qkv_bias", True))
-  _refuse(mtype not in ("qwen2", "qwen2_moe") and hf.get("attention_bias", False),
+  _refuse(_flag(hf, "mlp_bias", False), "mlp_bias=true")
+  qkv_bias = mtype == "qwen2" or (mtype == "qwen2_moe" and _flag(hf, "qkv_bias", True))
+  _refuse(mtype not in ("qwen2", "qwen2_moe") and _flag(hf, "attention_bias", False),
           "attention_bias=true")
   _refuse(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
   _refuse(hf.get("use_bidirectional_attention", False), "use_bidirectional_attention=true")
-  heads, layers, hidden = hf["num_attention_heads"], hf["num_hidden_layers"], hf["hidden_size"]
+  heads, layers, hidden = (_integer(hf, k) for k in ("num_attention_heads",
+                                                      "num_hidden_layers", "hidden_size"))
+  if hf.get("head_dim") is None and hidden % heads:
+    raise CheckpointError(f"config.json: hidden_size ({hidden}) is not a multiple of "
+                          f"num_attention_heads ({heads}), and no head_dim is given")
+  context = _integer(hf, "max_position_embeddings", 2048)
+  hf["max_position_embeddings"] = context
   window, layer_types = _windows(hf, mtype, layers)
   if gemma:
     gemma3 = mtype == "gemma3_text"
-    theta, scaling, local_theta = _gemma_rope(hf) if gemma3 else (*_rope_settings(hf), None)
+    theta, scaling, local_theta = (_gemma_rope(hf) if gemma3
+                                   else (*_rope_settings(hf, context), None))
     family = dict(qk_norm=gemma3, norm_offset=1.0, sandwich_norms=True,
                   embed_scale=hidden ** 0.5,
-                  attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                  attn_scale=_number("query_pre_attn_scalar",
+                                     hf.get("query_pre_attn_scalar", 256)) ** -0.5,
                   # Gemma 3's attention has no soft-capping (q/k norms instead): transformers
                   # ignores its attn_logit_softcapping, and so does fdjax; Gemma 2's applies it.
                   attn_softcap=None if gemma3 else hf.get("attn_logit_softcapping"),
                   final_softcap=hf.get("final_logit_softcapping"),
                   local_rope_theta=None if window is None or not gemma3 else local_theta)
   else:
-    (theta, scaling), family = _rope_settings(hf), dict(
+    (theta, scaling), family = _rope_settings(hf, context), dict(
         qk_norm=mtype in ("qwen3", "qwen3_moe"), fused_checkpoint=(mtype == "phi3"),
         **_experts(hf, mtype, layers))
   return ModelConfig(
       vocab_size=hf["vocab_size"], hidden_size=hidden,
       intermediate_size=hf["intermediate_size"], num_layers=layers,
-      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hidden // heads,
+      num_heads=heads, num_kv_heads=_integer(hf, "num_key_value_heads", heads),
+      head_dim=_integer(hf, "head_dim", hidden // heads),
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+      tie_word_embeddings=_flag(hf, "tie_word_embeddings", gemma),
       qkv_bias=bool(qkv_bias), mlp_activation=ACTIVATIONS[act],
-      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      max_position_embeddings=context,
       sliding_window=window, layer_types=layer_types, **family)
 
 
