@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fdjax
 from fdjax.engine import sampling
@@ -26,6 +27,29 @@ def test_temperature_zero_is_greedy():
   prompts = [[1, 2, 3], [4, 5]]
   assert (fdjax.generate(model, prompts, max_new_tokens=6, temperature=0.0, seed=1).tokens
           == fdjax.generate(model, prompts, max_new_tokens=6, seed=99).tokens)
+
+
+def test_a_temperature_below_1e_5_is_greedy_in_both_samplers():
+  # logits / 1e-38 overflow float32: the draw went to token 0 (generate's sampler), the
+  # logprob of the right token came out -0.72 (the server's)
+  logits = jnp.asarray([[1.0, 4.9, 5.0, 3.0, -2.0]], jnp.float32)
+  for t in (1e-38, 1e-40, 9e-6):
+    assert int(sample(logits, jax.random.key(0), Sampler(t).validate(5))[0]) == 2
+    rows = jax.tree.map(jnp.asarray, sampling.RowSampling.of([sampling.Settings(
+        t, seed=0, logprobs=True)]))
+    token = sampling.sample_rows(logits, rows, jnp.asarray([3]))
+    assert int(token[0]) == 2
+    expected = jax.nn.log_softmax(logits)[0, 2]  # a greedy row's: temperature 1
+    assert float(sampling.logprobs(logits, rows, token).chosen[0]) == pytest.approx(expected)
+  assert Sampler(1e-5).validate(5).temperature == 1e-5  # from 1e-5 on it samples
+
+
+def test_a_negative_seed_samples_with_speculative_decoding_too():
+  # (numpy's SeedSequence refused it: "expected non-negative integer")
+  model = tiny_model(seed=2)
+  run = lambda s: fdjax.generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8, temperature=1.0,
+                                 seed=s, speculative="ngram:k=2,n=2").tokens
+  assert run(-1) == run(-1) and run(-1) != run(-2)
 
 
 def test_top_k_never_samples_outside_the_k_best():

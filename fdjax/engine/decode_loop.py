@@ -328,7 +328,7 @@ def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, 
     if draft is not None:
       dcache, _ = _prefill(draft, prompts, drows, shapes,
                            _Pages(dkv, drows, totals, bp, shapes.pages, None), None)
-    seeds = np.random.SeedSequence(seed).generate_state(bp)
+    seeds = np.random.SeedSequence(seed % 2**64).generate_state(bp)  # (a negative seed too)
     row_sampling = RowSampling.of([Settings(sampler.temperature, sampler.top_k, sampler.top_p,
                                             int(s)) for s in seeds],
                                   [len(p) for p in prompts] + [0] * (bp - b))

@@ -9,6 +9,11 @@ import numpy as np
 
 from fdjax.ops import checks
 
+# A temperature below this draws greedily: dividing the logits by a smaller one can take
+# them past float32's range (a logit of 5 over 1e-38 is +inf, and the draw went to token 0).
+# vLLM draws greedily below the same 1e-5.
+GREEDY_BELOW = 1e-5
+
 
 class Sampler(NamedTuple):
   """Static sampling settings (hashable, so a jitted loop specialises on them)."""
@@ -24,7 +29,8 @@ class Sampler(NamedTuple):
     if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     top_k = None if self.top_k is None else min(self.top_k, vocab_size)
-    return Sampler(float(self.temperature), top_k, self.top_p)
+    temperature = float(self.temperature) if self.temperature >= GREEDY_BELOW else 0.0
+    return Sampler(temperature, top_k, self.top_p)
 
 
 def filter_logits(logits, top_k: int | None, top_p: float | None):
@@ -123,7 +129,9 @@ class RowSampling(NamedTuple):
       for j, (t, b) in enumerate(r.logit_bias):
         bias_ids[i, j], bias[i, j] = t, b
     f32 = lambda name: np.asarray([getattr(r, name) for r in rows], np.float32)
-    return cls(f32("temperature"), np.asarray([r.top_k or 0 for r in rows], np.int32),
+    temperature = f32("temperature")
+    temperature = np.where(temperature < GREEDY_BELOW, np.float32(0), temperature)
+    return cls(temperature, np.asarray([r.top_k or 0 for r in rows], np.int32),
                np.asarray([1.0 if r.top_p is None else r.top_p for r in rows], np.float32),
                np.asarray([r.seed for r in rows], np.uint32), f32("presence_penalty"),
                f32("frequency_penalty"), f32("repetition_penalty"), bias_ids, bias,
