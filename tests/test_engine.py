@@ -208,6 +208,19 @@ def test_a_stop_string_is_found_in_characters_that_span_tokens_one_at_a_time(sto
   assert reason == ("stop" if stop in text else None)
 
 
+@pytest.mark.parametrize("stops", [("b",), ("b", "abcdef"), ("abcdef", "b")])
+def test_a_stop_string_ended_before_min_tokens_does_not_end_the_request(stops):
+  # whatever the other stop strings: a longer one's search start took in the "b" before
+  req = request.Request([1], 6, stop=stops, min_tokens=3)
+  out, reason = "", None
+  for tok in b"xbqrbt":
+    _, reason, delta = detokenize.accept(req, [tok], TOK, ())
+    out += delta
+    if reason:
+      break
+  assert req.text == out == "xbqr" and reason == "stop" and len(req.tokens) == 5
+
+
 def test_cancelled_requests_free_their_pages_and_prefixes_are_reused():
   model = _model(seed=5)
   engine = _engine(model)

@@ -54,9 +54,10 @@ def find_stop(req: Request, tokenizer) -> int | None:
   characters, and only what new tokens can have completed), or None."""
   req.text = tokenizer.decode(req.tokens)
   end = complete(req.text)
-  longest = max(len(s) for s in req.stop)
-  start = max(0, req.searched - longest + 1)
-  hits = [i for i in (req.text.find(s, start, end) for s in req.stop) if i >= 0]
+  # each stop string from where it would end past what was searched (a longer stop string's
+  # start re-found a shorter one that had ended before min_tokens)
+  hits = [i for i in (req.text.find(s, max(0, req.searched - len(s) + 1), end)
+                      for s in req.stop) if i >= 0]
   req.searched = end  # a character completed later can shorten the text: search it again
   return min(hits) if hits else None
 
