@@ -4,6 +4,7 @@ streams equal whole answers, stop strings, usage, chat templates as transformers
 them, 64 clients with disconnects (no page leaks, /metrics agrees), bad input, a full queue,
 and the README's one command."""
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -405,6 +406,35 @@ def test_the_chat_template_renders_as_transformers_does(llama3):
       assert template.render(messages, add_generation_prompt=gen) == want
     ids = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert llama3.tok.encode(template.render(messages), add_special_tokens=False) == ids
+
+
+def test_named_templates_and_tools_render_as_transformers_does(llama3, tmp_path):
+  # A "tool_use" template beside "default" is the one a request with tools renders with, and
+  # tools / documents are None (not undefined) when not given: transformers' rules both.
+  import shutil
+
+  import transformers
+
+  from fdjax.io import chat
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(llama3.path, name), tmp_path / name)
+  with open(tmp_path / "tokenizer_config.json") as fh:
+    config = json.load(fh)
+  body = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+  config["chat_template"] = [
+      {"name": "default", "template": "{% if tools is not none %}TOOLS{% endif %}"
+                                      "{% if documents is none %}NODOCS{% endif %}" + body},
+      {"name": "tool_use", "template": "{% for t in tools %}[{{ t.function.name }}]"
+                                       "{% endfor %}" + body}]
+  with open(tmp_path / "tokenizer_config.json", "w") as fh:
+    json.dump(config, fh)
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  template = chat.load(tmp_path)
+  offered = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+  for kw in ({}, {"tools": offered}):
+    want = hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, **kw)
+    assert template.render(CONVERSATIONS[1], add_generation_prompt=False, **kw) == want
+  assert want.startswith("[add]<system>") and template.with_tools.startswith("{% for t")
 
 
 def test_chat_completions_on_the_llama3_checkpoint(llama3):

@@ -133,6 +133,45 @@ def test_each_format_parses_its_own_calls():
   assert tools.parse("llama3_json", "{not json", {"add"}) == ("{not json", [])
 
 
+def test_text_around_hermes_calls_is_kept_and_a_cut_off_call_leaves_all_text():
+  call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "Zü"}}\n</tool_call>'
+  content, calls = tools.parse("hermes", f"Let me check.\n{call}\nThen: {call} done", {"add"})
+  assert content == "Let me check.\n\nThen:  done" and len(calls) == 2  # (the end was lost)
+  assert calls[0]["function"]["arguments"] == '{"a": 1, "b": "Zü"}'
+  cut = call + '\n<tool_call>\n{"name": "add", "argum'  # max_tokens ended the second call
+  assert tools.parse("hermes", cut, {"add"}) == (cut, [])
+
+
+@pytest.mark.parametrize("fmt,text", [("hermes", "<tool_call>\n" + "[" * 5000 + "\n</tool_call>"),
+                                      ("mistral", "[TOOL_CALLS]" + "[" * 5000),
+                                      ("llama3_json", '{"a":' * 5000)])
+def test_output_nested_past_pythons_recursion_limit_is_text(fmt, text):
+  assert tools.parse(fmt, text, {"add"}) == (text, [])  # (a RecursionError before: a 500)
+
+
+def test_a_tool_call_marker_that_is_a_special_token_reaches_the_parser():
+  # Mistral's [TOOL_CALLS] is a special token: decoded with special tokens skipped (as a
+  # request's text is by default), the call came back as content
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+  from fdjax.engine import detokenize, request
+  from fdjax.io.tokenizer import HFTokenizer
+  chars = sorted(set('[]{}":, abcdefghijklmnopqrstuvwxyz0123456789'))
+  raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>"] + chars)}, "<unk>"))
+  raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split("", "isolated"), decoders.Fuse()
+  raw.add_special_tokens(["</s>", "[TOOL_CALLS]"])
+  eos, marker = raw.token_to_id("</s>"), raw.token_to_id("[TOOL_CALLS]")
+  body = '[{"name": "add", "arguments": {"a": 1, "b": 2}}]'
+  tok = HFTokenizer(raw, eos)
+  out = [marker] + tok.encode(body, add_special_tokens=False) + [eos]
+  texts = {}
+  for skip in (True, False):
+    req = request.Request([1], 100, skip_special_tokens=skip)
+    texts[skip] = "".join(detokenize.accept(req, [t], tok, (eos,))[2] for t in out)
+  assert texts[True] == body and texts[False] == "[TOOL_CALLS]" + body
+  assert tools.parse("mistral", texts[False], {"add"})[1][0]["function"]["name"] == "add"
+
+
 @pytest.mark.parametrize("extra,param", [
     (dict(tool_choice="required"), "tool_choice"),
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),

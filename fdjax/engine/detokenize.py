@@ -20,7 +20,7 @@ def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...], end: b
       reason = "stop"
       break
     if req.stop and len(req.tokens) < req.min_tokens:  # a stop string cannot end it yet
-      req.text = tokenizer.decode(req.tokens)
+      req.text = _decode(req, tokenizer, req.tokens)
       req.searched = complete(req.text)
     elif req.stop:
       cut = find_stop(req, tokenizer)
@@ -34,13 +34,17 @@ def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...], end: b
     reason = "stop"
   if cut is None:
     text_tokens = req.tokens[:-1] if req.tokens and req.tokens[-1] in eos else req.tokens
-    req.text = tokenizer.decode(text_tokens)
+    req.text = _decode(req, tokenizer, text_tokens)
   else:
     req.text = req.text[:cut]
   ready = len(req.text) if reason else settled(req.text, req.stop)
   delta = req.text[req.sent:ready] if ready > req.sent else ""
   req.sent = max(req.sent, ready)
   return count, reason, delta
+
+
+def _decode(req: Request, tokenizer, tokens) -> str:
+  return tokenizer.decode(tokens, skip_special_tokens=req.skip_special_tokens)
 
 
 def complete(text: str) -> int:
@@ -52,7 +56,7 @@ def complete(text: str) -> int:
 def find_stop(req: Request, tokenizer) -> int | None:
   """Where the first stop string starts in the request's text (searching only its complete
   characters, and only what new tokens can have completed), or None."""
-  req.text = tokenizer.decode(req.tokens)
+  req.text = _decode(req, tokenizer, req.tokens)
   end = complete(req.text)
   # each stop string from where it would end past what was searched (a longer stop string's
   # start re-found a shorter one that had ended before min_tokens)

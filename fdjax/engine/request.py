@@ -65,6 +65,8 @@ class Request:
   prompt_logprobs: bool = False  # and the prompt's (computed in full: no prefix cache)
   after: "Request | None" = None  # admitted once this one's prompt is in the cache (n > 1)
   constraint: object = None      # a grammar.Constraint: the tokens it may take (structured)
+  skip_special_tokens: bool = True  # its text without the special tokens (a tool-call marker
+                                    # that is one, Mistral's [TOOL_CALLS], kept: False)
   # Owned by the engine.
   state: str = "new"             # new, waiting, prefill, decode, done
   pages: list[int] = dataclasses.field(default_factory=list)

@@ -3,13 +3,14 @@ text, rendered the way Hugging Face transformers renders it (`apply_chat_templat
 
 Where the template comes from, as transformers reads it: `chat_template.jinja` beside the
 checkpoint, else the `chat_template` of its `tokenizer_config.json` (a string, or a list of
-named templates of which "default" is used). The template sees `messages`,
-`add_generation_prompt` and the special tokens named in tokenizer_config.json (`bos_token`,
-`eos_token`, ...), in a sandboxed jinja2 environment with trim_blocks and lstrip_blocks,
-loop controls, a `raise_exception(message)` helper, `strftime_now(format)`, a `tojson`
-filter that leaves non-ASCII and HTML characters alone, and the `{% generation %}` block
-(rendered as its body). The result is tokenized without adding special tokens (the template
-writes them).
+named templates: "default", and "tool_use" for a request with tools where there is one). The
+template sees `messages`, `add_generation_prompt`, `tools` and `documents` (None unless
+given, as transformers passes them) and the special tokens named in tokenizer_config.json
+(`bos_token`, `eos_token`, ...), in a sandboxed jinja2 environment with trim_blocks and
+lstrip_blocks, loop controls, a `raise_exception(message)` helper, `strftime_now(format)`,
+a `tojson` filter that leaves non-ASCII and HTML characters alone, and the
+`{% generation %}` block (rendered as its body). The result is tokenized without adding
+special tokens (the template writes them).
 
 The bundled default model's template (in its tokenizer_config.json) writes each message as
 a Python comment line, `# role: content` (newlines inside content continue the comment),
@@ -68,22 +69,34 @@ def _compile(source: str):
 
 class ChatTemplate:
 
-  def __init__(self, source: str, special_tokens: dict | None = None):
-    if not isinstance(source, str) or not source:
-      raise ValueError("a chat template must be a non-empty string")
+  def __init__(self, source: str, special_tokens: dict | None = None,
+               tool_source: str | None = None):
+    for s in (source, tool_source or "-"):
+      if not isinstance(s, str) or not s:
+        raise ValueError("a chat template must be a non-empty string")
     self.source = source
+    self.tool_source = tool_source  # the "tool_use" template: for requests with tools
     self.special_tokens = dict(special_tokens or {})
     _compile(source)  # a syntax error shows now, not at the first request
+    if tool_source:
+      _compile(tool_source)
+
+  @property
+  def with_tools(self) -> str:
+    """The template a request with tools renders with."""
+    return self.tool_source or self.source
 
   def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
     """The prompt text for `messages` (a list of dicts with "role" and "content"); keys
     whose value is None are dropped, as transformers does."""
     import jinja2
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    source = self.with_tools if kwargs.get("tools") else self.source
     try:
-      return _compile(self.source).render(messages=messages,
-                                          add_generation_prompt=add_generation_prompt,
-                                          **{**self.special_tokens, **kwargs})
+      return _compile(source).render(messages=messages,
+                                     add_generation_prompt=add_generation_prompt,
+                                     **{"tools": None, "documents": None,
+                                        **self.special_tokens, **kwargs})
     except jinja2.exceptions.TemplateError as e:
       raise TemplateError(f"the chat template refused the messages: {e}") from e
 
@@ -104,10 +117,10 @@ def load(path: str | os.PathLike) -> ChatTemplate | None:
         config = json.load(fh)
     except json.JSONDecodeError as e:
       raise ValueError(f"{config_file}: not valid JSON ({e})") from e
-  source = config.get("chat_template")
+  source, tool_source = config.get("chat_template"), None
   if isinstance(source, list):
     named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-    source = named.get("default")
+    source, tool_source = named.get("default"), named.get("tool_use")
   jinja_file = os.path.join(path, "chat_template.jinja")
   if os.path.exists(jinja_file):
     with open(jinja_file, encoding="utf-8") as fh:
@@ -116,6 +129,7 @@ def load(path: str | os.PathLike) -> ChatTemplate | None:
     return None
   special = {k: _token_text(config[k]) for k in SPECIAL_TOKENS if config.get(k) is not None}
   try:
-    return ChatTemplate(source, {k: v for k, v in special.items() if isinstance(v, str)})
+    return ChatTemplate(source, {k: v for k, v in special.items() if isinstance(v, str)},
+                        tool_source)
   except Exception as e:  # a template jinja2 cannot compile
     raise ValueError(f"{path}: the chat template does not compile: {e}") from e

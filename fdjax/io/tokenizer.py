@@ -17,7 +17,7 @@ class ByteTokenizer:
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     return list(text.encode("utf-8"))  # no special tokens to add
 
-  def decode(self, ids) -> str:
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
   def token_bytes(self, token: int) -> bytes:
@@ -82,8 +82,8 @@ class HFTokenizer:
     """Token ids; add_special_tokens=False for text that writes its own (a chat template's)."""
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in ids])
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -46,7 +46,7 @@ class _Call:
   j; the n share their prompt's pages), and their events, delivered to the event loop."""
 
   def __init__(self, server, prompts, body: api._Sampling, max_tokens, echo=False,
-               constraint=None):
+               constraint=None, skip_special_tokens=True):
     self.server, self.prompts, self.n = server, prompts, body.n
     constrained = _grammar(server, body, constraint)
     loop = asyncio.get_running_loop()
@@ -69,7 +69,8 @@ class _Call:
             repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=want_logprobs,
             prompt_logprobs=echo and want_logprobs and j == 0, after=lead,
-            constraint=None if constrained is None else grammar.Constraint(*constrained))
+            constraint=None if constrained is None else grammar.Constraint(*constrained),
+            skip_special_tokens=skip_special_tokens)
         lead = lead or req
         self.reqs.append(req)
 
@@ -246,7 +247,7 @@ async def chat_completions(server, request):
                        "chat_template in its tokenizer_config.json); use /v1/completions",
                        "messages")
   offered = body.active_tools()
-  fmt = tools.detect(server.template.source)
+  fmt = tools.detect(server.template.with_tools)
   try:
     text = server.template.render([m.for_template() for m in body.messages],
                                   **({"tools": offered} if offered else {}))
@@ -254,8 +255,10 @@ async def chat_completions(server, request):
     raise api.ApiError(400, str(e), "messages") from None
   prompts = [server.tokenizer.encode(text, add_special_tokens=False)]
   forced = body.forced_tools()
+  # Mistral's [TOOL_CALLS] is a special token: kept in the text the calls are parsed from
   call = _Call(server, prompts, body, _limits(server, prompts, body.limit), constraint=None
-               if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"))
+               if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"),
+               skip_special_tokens=not (offered and fmt == "mistral"))
   call.submit()
   rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
   names = {t["function"]["name"] for t in offered}

@@ -61,37 +61,37 @@ def _call(fmt: str, obj) -> dict | None:
     return None
   args = obj.get(key, obj.get("arguments", obj.get("parameters", {})))
   return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-          "function": {"name": obj["name"], "arguments": json.dumps(args)}}
+          "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _loads(text: str):
+  """json.loads, None where the text is not JSON (nested past Python's recursion limit too:
+  a model's 2000 "[" raised RecursionError)."""
+  try:
+    return json.loads(text)
+  except (ValueError, RecursionError):
+    return None
 
 
 def parse(fmt: str, text: str, names) -> tuple[str | None, list[dict]]:
-  """(the text before the calls, or None when nothing but calls; the calls) of a model's
-  answer. Only calls of the offered tools (`names`) count; text that is not a call stays
-  text."""
+  """(the text around the calls, or None when nothing but calls; the calls) of a model's
+  answer. Only calls of the offered tools (`names`) count: where any part meant as a call
+  is not one (not JSON, another tool, cut off by max_tokens), the whole answer stays text."""
   calls, content = [], text
   if fmt == "hermes":
     found = list(_HERMES.finditer(text))
-    for match in found:
-      try:
-        calls.append(_call(fmt, json.loads(match.group(1))))
-      except json.JSONDecodeError:
-        calls.append(None)
-    if found:
-      content = text[:found[0].start()]
+    calls = [_call(fmt, _loads(m.group(1))) for m in found]
+    content = _HERMES.sub("", text)
+    if "<tool_call>" in content:  # a call left open (cut off)
+      calls.append(None)
   elif fmt == "mistral":
     at = text.find("[TOOL_CALLS]")
     if at >= 0:
-      try:
-        items = json.loads(text[at + len("[TOOL_CALLS]"):].strip())
-        calls = [_call(fmt, x) for x in (items if isinstance(items, list) else [items])]
-        content = text[:at]
-      except json.JSONDecodeError:
-        calls = [None]
+      items = _loads(text[at + len("[TOOL_CALLS]"):].strip())
+      calls = [_call(fmt, x) for x in (items if isinstance(items, list) else [items])]
+      content = text[:at]
   elif text.lstrip().startswith("{"):
-    try:
-      calls, content = [_call(fmt, json.loads(text))], ""
-    except json.JSONDecodeError:
-      calls = [None]
+    calls, content = [_call(fmt, _loads(text))], ""
   if not calls or any(c is None or c["function"]["name"] not in names for c in calls):
     return text, []
   return (content.strip() or None), calls
