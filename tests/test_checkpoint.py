@@ -93,6 +93,11 @@ def test_a_nan_or_infinite_weight_is_named_with_where_it_is(saved, dtype, bad):
     fdjax.load_pretrained(path, mesh=mesh)
 
 
+def test_quantize_lm_head_without_quantize_is_refused(saved):
+  with pytest.raises(ValueError, match="quantize_lm_head=True needs quantize"):
+    fdjax.load_pretrained(saved[0], quantize_lm_head=True)  # (it loaded unquantized)
+
+
 def test_values_past_float16s_range_are_named_when_loading_as_float16(saved):
   path, tensors = saved
   tensors["model.layers.0.mlp.down_proj.weight"][2, 2] = 1e5  # finite in float32 / bfloat16

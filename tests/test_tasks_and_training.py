@@ -7,6 +7,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import fdjax
@@ -93,6 +94,41 @@ def test_byte_batches_and_split():
   batch = data.byte_batches(data.read_bytes(te[:3]), 4, 32)
   ids, mask = batch(np.random.default_rng(0))
   assert ids.shape == (4, 33) and mask.shape == (4, 32) and ids.max() < 256
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("lr", -0.01, "lr must be a finite number above 0"), ("lr", float("nan"), "lr must"),
+    ("weight_decay", -1.0, "weight_decay must be a finite number at least 0"),
+    ("clip", 0.0, "clip must be a finite number above 0"),
+    ("warmup", -5, "warmup must be an integer >= 0"), ("warmup", 2.5, "warmup must")])
+def test_bad_training_settings_are_refused_by_name(field, value, msg):
+  with pytest.raises(ValueError, match=msg):
+    train.TrainConfig(**{field: value})
+
+
+def test_files_with_no_usable_held_out_split_train_on_all_and_say_so(tmp_path, capsys):
+  # d/f5.txt is the one file and falls in the held-out bucket; d/f36.txt (5 bytes) is held
+  # out beside a training file: both refused ("data has 0 / 5 bytes"); and one training file
+  # was evaluated on itself and reported as held_out_loss
+  (tmp_path / "d").mkdir()
+  rng = np.random.default_rng(0)
+  big = bytes(rng.integers(32, 127, 6000).astype(np.uint8))
+  for name, size in (("f5.txt", 6000), ("f36.txt", 5), ("f1.txt", 6000)):
+    (tmp_path / "d" / name).write_bytes(big[:size])
+  held = lambda *names: data.split_files([str(tmp_path / "d" / n) for n in names])[1]
+  assert len(held("f5.txt")) == 1 and len(held("f36.txt", "f1.txt")) == 1
+  assert held("f1.txt") == []
+  small = dict(steps=2, batch=2, seq_len=32, layers=1, hidden=32, heads=2, intermediate=64,
+               eval_every=2, eval_batches=1)
+  for i, names in enumerate([("f5.txt",), ("f36.txt", "f1.txt"), ("f1.txt",)]):
+    out = tmp_path / f"out{i}"
+    train.train_and_save(data_name="files", out=str(out), files=[
+        str(tmp_path / "d" / n) for n in names], **small)
+    meta = json.loads((out / "fdjax.json").read_text())
+    assert meta["train_files"] == len(names) and meta["held_out_files"] == 0
+    assert set(meta["training"]["final"]) >= {"train_loss", "train_bits_per_byte"}
+    assert "held_out_loss" not in meta["training"]["final"]
+    assert "no held-out split" in capsys.readouterr().out
 
 
 def test_train_save_load_generate_round_trip(tmp_path):

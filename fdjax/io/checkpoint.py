@@ -547,6 +547,9 @@ def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = 
     raise CheckpointError(f"{path}: not a directory")
   cfg = load_config(path)
   stored = load_quantization(path)
+  if quantize is None and quantize_lm_head:
+    raise ValueError("load_pretrained: quantize_lm_head=True needs quantize=\"int8\" or "
+                     "\"int4\" (the LM head is quantized with the linear layers)")
   want = None if quantize is None else Quantization(quantize, quantize_lm_head)
   if want is not None:
     quantization.entries(cfg, want)  # refuses what cannot be quantized

@@ -39,10 +39,11 @@ def read_bytes(files) -> np.ndarray:
   return np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
 
 
-def byte_batches(data: np.ndarray, batch: int, seq_len: int):
+def byte_batches(data: np.ndarray, batch: int, seq_len: int, what: str = "data"):
   """batch(rng) -> (ids [batch, seq_len + 1] int32, mask of ones [batch, seq_len])."""
   if data.size < seq_len + 2:
-    raise ValueError(f"data has {data.size} bytes, fewer than seq_len + 2 = {seq_len + 2}")
+    raise ValueError(f"the {what} has {data.size} bytes, fewer than seq_len + 2 = "
+                     f"{seq_len + 2}")
   def batch_fn(rng):
     starts = rng.integers(0, data.size - seq_len - 1, batch)
     ids = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int32)

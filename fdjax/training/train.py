@@ -38,8 +38,22 @@ class TrainConfig:
   seed: int = 0
   progress: bool = True
 
+  def __post_init__(self):
+    # a negative rate trained the model away from the data (and was saved), a negative
+    # warm-up stretched the decay, a zero clip never moved the weights
+    for name, low, value in (("lr", 0.0, self.lr), ("weight_decay", None, self.weight_decay),
+                             ("clip", 0.0, self.clip)):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          math.isfinite(value) and (value > low if low is not None else value >= 0)):
+        bound = "above 0" if low is not None else "at least 0"
+        raise ValueError(f"train: {name} must be a finite number {bound}, got {value!r}")
+    if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+      raise ValueError(f"train: warmup must be an integer >= 0, got {self.warmup!r}")
+
 
 def optimizer(tc: TrainConfig):
+  """AdamW on a warm-up to lr then a cosine down to lr / 10; the warm-up takes at most half
+  the steps (a longer one would leave no decay: `fdjax train` says when it is cut)."""
   warmup = min(tc.warmup, tc.steps // 2)
   schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
                                                 end_value=tc.lr * 0.1)
@@ -147,6 +161,8 @@ def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3
   for name in ("steps", "batch", "seq_len", "layers", "hidden", "heads", "intermediate",
                "npos_max", "max_len", "eval_every", "eval_batches"):
     checks.positive_int("train", name, args[name])
+  tc = TrainConfig(steps=steps, lr=lr, warmup=warmup, eval_every=eval_every,
+                   eval_batches=eval_batches, seed=seed)
   checkpoint.prepare_save(out)  # before training: a bad --out fails now, not after it
   if data_name in tasks.TASKS:
     task = tasks.get(data_name, variables)
@@ -161,16 +177,21 @@ def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3
     if not files:
       raise ValueError("--data files needs --files F [F ...]")
     train_files, test_files = data.split_files(files)
-    if not test_files:
-      train_files, test_files = files, files
-    batch_fn = data.byte_batches(data.read_bytes(train_files), batch, seq_len)
-    eval_batch = data.byte_batches(data.read_bytes(test_files), batch, seq_len)
+    held = data.read_bytes(test_files) if train_files else np.zeros((0,), np.uint8)
+    if held.size < seq_len + 2:  # no file held out, every file, or too few bytes for a batch
+      print(f"data: no held-out split ({len(test_files)} of {len(files)} file(s) held out, "
+            f"{held.size} bytes, a batch needs {seq_len + 2}): the evaluation loss is the "
+            f"training data's (train_loss)", flush=True)
+      train_files, test_files = files, []
+    batch_fn = data.byte_batches(data.read_bytes(train_files), batch, seq_len, "training data")
+    eval_batch = data.byte_batches(held, batch, seq_len) if test_files else batch_fn
+    split = "held_out" if test_files else "train"
     vocab = 256
     meta = {"tokenizer": "bytes", "data": data_name, "train_files": len(train_files),
             "held_out_files": len(test_files)}
     def eval_fn(model):
       loss = evaluate(model, eval_batch, eval_batches)
-      return {"held_out_loss": loss, "held_out_bits_per_byte": loss / math.log(2)}
+      return {f"{split}_loss": loss, f"{split}_bits_per_byte": loss / math.log(2)}
   cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                     num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads,
                     head_dim=hidden // heads, position_encoding=pe, npos_max=npos_max,
@@ -180,8 +201,9 @@ def train_and_save(*, data_name, out, steps=1000, batch=16, seq_len=256, lr=3e-3
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
   print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.position_encoding} positions; "
         f"data: {data_name}, batch {batch} x {seq_len}", flush=True)
-  tc = TrainConfig(steps=steps, lr=lr, warmup=warmup, eval_every=eval_every,
-                   eval_batches=eval_batches, seed=seed)
+  if warmup > steps // 2:
+    print(f"warm-up: {steps // 2} steps, half of --steps {steps} (not --warmup {warmup})",
+          flush=True)
   history = train(model, batch_fn, tc, eval_fn=eval_fn)
   meta["training"] = {"args": args, "parameters": int(n_params), "final": history[-1],
                       "history": history}
