@@ -428,13 +428,18 @@ def test_named_templates_and_tools_render_as_transformers_does(llama3, tmp_path)
                                        "{% endfor %}" + body}]
   with open(tmp_path / "tokenizer_config.json", "w") as fh:
     json.dump(config, fh)
-  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-  template = chat.load(tmp_path)
   offered = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
-  for kw in ({}, {"tools": offered}):
-    want = hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, **kw)
-    assert template.render(CONVERSATIONS[1], add_generation_prompt=False, **kw) == want
-  assert want.startswith("[add]<system>") and template.with_tools.startswith("{% for t")
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for layout in ("tokenizer_config.json", "files"):  # transformers 5 writes them as files
+    if layout == "files":
+      hf.save_pretrained(tmp_path)
+      assert (tmp_path / "additional_chat_templates" / "tool_use.jinja").exists()
+      hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    template = chat.load(tmp_path)
+    for kw in ({}, {"tools": offered}):
+      want = hf.apply_chat_template(CONVERSATIONS[1], tokenize=False, **kw)
+      assert template.render(CONVERSATIONS[1], add_generation_prompt=False, **kw) == want
+    assert want.startswith("[add]<system>") and template.with_tools.startswith("{% for t")
 
 
 def test_chat_completions_on_the_llama3_checkpoint(llama3):

@@ -2,8 +2,9 @@
 text, rendered the way Hugging Face transformers renders it (`apply_chat_template`).
 
 Where the template comes from, as transformers reads it: `chat_template.jinja` beside the
-checkpoint, else the `chat_template` of its `tokenizer_config.json` (a string, or a list of
-named templates: "default", and "tool_use" for a request with tools where there is one). The
+checkpoint (and `additional_chat_templates/tool_use.jinja`), else the `chat_template` of its
+`tokenizer_config.json` (a string, or a list of named templates: "default", and "tool_use"
+for a request with tools where there is one). The
 template sees `messages`, `add_generation_prompt`, `tools` and `documents` (None unless
 given, as transformers passes them) and the special tokens named in tokenizer_config.json
 (`bos_token`, `eos_token`, ...), in a sandboxed jinja2 environment with trim_blocks and
@@ -106,6 +107,13 @@ def _token_text(value):
   return value.get("content") if isinstance(value, dict) else value
 
 
+def _read(file: str) -> str | None:
+  if not os.path.exists(file):
+    return None
+  with open(file, encoding="utf-8") as fh:
+    return fh.read()
+
+
 def load(path: str | os.PathLike) -> ChatTemplate | None:
   """The chat template of a checkpoint directory, or None when it has none."""
   path = os.fspath(path)
@@ -122,9 +130,9 @@ def load(path: str | os.PathLike) -> ChatTemplate | None:
     named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
     source, tool_source = named.get("default"), named.get("tool_use")
   jinja_file = os.path.join(path, "chat_template.jinja")
-  if os.path.exists(jinja_file):
-    with open(jinja_file, encoding="utf-8") as fh:
-      source = fh.read()
+  if os.path.exists(jinja_file):  # (transformers 5 writes its named ones beside it)
+    source, tool_source = _read(jinja_file), _read(os.path.join(
+        path, "additional_chat_templates", "tool_use.jinja"))
   if source is None:
     return None
   special = {k: _token_text(config[k]) for k in SPECIAL_TOKENS if config.get(k) is not None}
