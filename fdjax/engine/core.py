@@ -134,16 +134,12 @@ class Engine:
     finally:
       self.warming = None
 
-  def check(self, req: Request):
-    """Raises BadRequest for a request that can never be served."""
-    request.check(req, self.model.config.vocab_size, self.max_model_len)
-
   def submit(self, *reqs: Request):
-    """Queues requests (any thread), all or none: raises BadRequest, or QueueFull when they
-    would take the queue past max_queue (nothing queued, no event); once it returns, each
-    request will get a final event."""
+    """Queues requests (any thread), all or none: raises BadRequest (a request that can never
+    be served), or QueueFull when they would take the queue past max_queue (nothing queued,
+    no event); once it returns, each request will get a final event."""
     for req in reqs:
-      self.check(req)
+      request.check(req, self.model.config.vocab_size, self.max_model_len)
     with self._cv:
       if self._stopping:
         raise RuntimeError("the engine has stopped")
