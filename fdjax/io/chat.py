@@ -72,7 +72,7 @@ class ChatTemplate:
 
   def __init__(self, source: str, special_tokens: dict | None = None,
                tool_source: str | None = None):
-    for s in (source, tool_source or "-"):
+    for s in (source,) if tool_source is None else (source, tool_source):
       if not isinstance(s, str) or not s:
         raise ValueError("a chat template must be a non-empty string")
     self.source = source

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fdjax.io import mesh as mesh_lib
-from fdjax.ops import quant
+from fdjax.ops import checks, quant
 from models import layout, rope
 from models import quantize as quantization
 from models.config import LAYER_TYPES, ModelConfig
@@ -85,13 +85,12 @@ def _integer(hf: dict, key: str, default=None):
   return value
 
 
-def _number(where: str, value, low: float = 0.0):
-  """value: a finite number above `low`, else CheckpointError naming `where`."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-      not low < value < float("inf"):
-    raise CheckpointError(f"config.json: {where} must be a finite number above {low:g}, "
-                          f"got {value!r}")
-  return float(value)
+def _number(where: str, value) -> float:
+  """value: a finite number above 0, else CheckpointError naming `where`."""
+  try:
+    return checks.finite_number("config.json", where, value)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
 
 
 def _flag(hf: dict, key: str, default: bool) -> bool:
@@ -153,11 +152,10 @@ def _rope_settings(hf: dict, context: int, theta: float = 10000.0
                theta, context, "rope_scaling")
 
 
-def _gemma_rope(hf: dict) -> tuple[float, dict | None, float]:
+def _gemma_rope(hf: dict, context: int) -> tuple[float, dict | None, float]:
   """Gemma 3's (global theta, global scaling, local theta): one set of RoPE parameters per
   layer type, or the older rope_theta / rope_scaling (global) and rope_local_base_freq."""
   params = _mapping("rope_parameters", hf.get("rope_parameters") or {})
-  context = hf["max_position_embeddings"]
   if "full_attention" in params:
     theta, scaling = _rope(params["full_attention"], 1e6, context,
                            "rope_parameters.full_attention")
@@ -266,11 +264,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
     raise CheckpointError(f"config.json: hidden_size ({hidden}) is not a multiple of "
                           f"num_attention_heads ({heads}), and no head_dim is given")
   context = _integer(hf, "max_position_embeddings", 2048)
-  hf["max_position_embeddings"] = context
   window, layer_types = _windows(hf, mtype, layers)
   if gemma:
     gemma3 = mtype == "gemma3_text"
-    theta, scaling, local_theta = (_gemma_rope(hf) if gemma3
+    theta, scaling, local_theta = (_gemma_rope(hf, context) if gemma3
                                    else (*_rope_settings(hf, context), None))
     family = dict(qk_norm=gemma3, norm_offset=1.0, sandwich_norms=True,
                   embed_scale=hidden ** 0.5,
@@ -341,8 +338,6 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
         _once(name, tensors, file)
         tensors[name] = fh.get_tensor(name)
   _check_tensors(path, expected, quantized, stored, tensors, lambda n: tensors[n])
-  for name, value in tensors.items():
-    check_values(path, name, value)
   return tensors
 
 
@@ -435,12 +430,14 @@ def check_values(path: str, name: str, value: np.ndarray, dtype=None):
     value = value.astype(np.float32)
   bits, sign, infinite, past_float16 = _MAGNITUDE[value.dtype]
   magnitude = value.view(bits) & bits(sign)
-  if dtype is not None and jnp.dtype(dtype) == jnp.float16 and past_float16 is not None:
+  largest = magnitude.max()  # (a max makes no array of booleans: 3 GB/s of bfloat16)
+  if largest >= bits(infinite):
+    limit, what = infinite, "NaN or infinite value(s), the first"
+  elif (dtype is not None and jnp.dtype(dtype) == jnp.float16 and past_float16 is not None
+        and largest >= bits(past_float16)):
     limit, what = past_float16, ("value(s) past float16's range (65504): load it in bfloat16 "
                                  "or float32, the first")
   else:
-    limit, what = infinite, "NaN or infinite value(s), the first"
-  if magnitude.max() < bits(limit):  # (a max makes no array of booleans: 3 GB/s of bfloat16)
     return
   bad = magnitude >= bits(limit)
   where = [int(i) for i in np.unravel_index(int(np.argmax(bad)), value.shape)]
@@ -562,9 +559,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None, quantize: str | None = 
   if dtype is None:
     dtype = tensors["model.embed_tokens.weight"].dtype
   dtype = _param_dtype(path, dtype)
-  if dtype == jnp.float16:
-    for name, value in tensors.items():
-      check_values(path, name, value, dtype)
+  for name, value in tensors.items():
+    check_values(path, name, value, dtype)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   model.dtype = dtype
   _assign(model, tensors, dtype, stored, None if stored else want)
@@ -591,9 +587,7 @@ def _load_on_mesh(path, cfg, dtype, mesh, stored: Quantization | None,
 
   def read(name, axis, start, stop):
     piece = mesh_lib.padded_slice(slices[name], shapes[name], axis, start, stop)
-    check_values(path, name, piece)
-    if dtype == jnp.float16:
-      check_values(path, name, piece, dtype)
+    check_values(path, name, piece, dtype)
     return piece
 
   return mesh_lib.build(cfg, dtype, mesh, read,

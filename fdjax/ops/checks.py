@@ -5,6 +5,8 @@ names the op, so every bad input across fdjax surfaces as one exception type.
 """
 from __future__ import annotations
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,16 @@ def positive_int(op: str, name: str, value) -> None:
   """value is an int (not a bool) of at least 1."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")
+
+
+def finite_number(op: str, name: str, value, zero: bool = False) -> float:
+  """value is a finite int or float (not a bool) above 0 (at least 0 with `zero`); as a
+  float."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+      or not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+    raise ValueError(f"{op}: {name} must be a finite number {'at least' if zero else 'above'}"
+                     f" 0, got {value!r}")
+  return float(value)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -255,10 +255,9 @@ async def chat_completions(server, request):
     raise api.ApiError(400, str(e), "messages") from None
   prompts = [server.tokenizer.encode(text, add_special_tokens=False)]
   forced = body.forced_tools()
-  # Mistral's [TOOL_CALLS] is a special token: kept in the text the calls are parsed from
   call = _Call(server, prompts, body, _limits(server, prompts, body.limit), constraint=None
                if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"),
-               skip_special_tokens=not (offered and fmt == "mistral"))
+               skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
   call.submit()
   rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
   names = {t["function"]["name"] for t in offered}

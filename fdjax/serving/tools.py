@@ -27,6 +27,12 @@ def detect(template_source: str | None) -> str:
   return "llama3_json"
 
 
+def keeps_special_tokens(fmt: str) -> bool:
+  """Whether the text calls are parsed from keeps special tokens: Mistral's [TOOL_CALLS] is
+  one (decoded as usual, without them, the marker is gone and no call is ever found)."""
+  return fmt == "mistral"
+
+
 def _arguments_key(fmt: str) -> str:
   return "parameters" if fmt == "llama3_json" else "arguments"
 

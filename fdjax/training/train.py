@@ -41,12 +41,9 @@ class TrainConfig:
   def __post_init__(self):
     # a negative rate trained the model away from the data (and was saved), a negative
     # warm-up stretched the decay, a zero clip never moved the weights
-    for name, low, value in (("lr", 0.0, self.lr), ("weight_decay", None, self.weight_decay),
-                             ("clip", 0.0, self.clip)):
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-          math.isfinite(value) and (value > low if low is not None else value >= 0)):
-        bound = "above 0" if low is not None else "at least 0"
-        raise ValueError(f"train: {name} must be a finite number {bound}, got {value!r}")
+    checks.finite_number("train", "lr", self.lr)
+    checks.finite_number("train", "weight_decay", self.weight_decay, zero=True)
+    checks.finite_number("train", "clip", self.clip)
     if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
       raise ValueError(f"train: warmup must be an integer >= 0, got {self.warmup!r}")
 
