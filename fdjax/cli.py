@@ -170,6 +170,7 @@ def cmd_serve(args):
                dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
                log_level=args.log_level, strict_fields=args.strict_fields,
+               logprobs_mode=args.logprobs_mode,
                api_keys=auth.keys_from(args.api_key, os.environ),
                metrics_require_key=args.metrics_require_key,
                limits=Limits(**{f.name: getattr(args, "max_" + f.name)
@@ -260,6 +261,11 @@ def build_parser():
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
                  "first (the port opens at once; /health answers 503 until done)")
   _compile_cache_arg(s, "a second start loads what the first compiled")
+  s.add_argument("--logprobs-mode", default="raw_logprobs",
+                 help="what returned logprobs are of: the model's distribution (raw_logprobs, "
+                 "vLLM's default) or the one each token was drawn from, after the penalties, "
+                 "logit_bias, temperature, top_k and top_p (processed_logprobs); *_logits: "
+                 "the logits instead")
   s.add_argument("--strict-fields", action="store_true", help="refuse the client extras "
                  "fdjax ignores by default (store, metadata, user, service_tier, ...: "
                  "fdjax.serving.api.IGNORED)")

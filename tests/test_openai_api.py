@@ -69,6 +69,40 @@ def test_completion_logprobs_are_the_models_streamed_or_not(s):
   np.testing.assert_allclose(streamed, lp.token_logprobs, atol=1e-5)
 
 
+def test_sampled_tokens_logprobs_are_the_models_or_processed_with_the_flag(s, monkeypatch,
+                                                                          capsys):
+  """A sampled request (temperature, top_k, presence_penalty): its logprobs are the model's
+  (raw_logprobs, the default, as vLLM's); with --logprobs-mode processed_logprobs those of
+  the distribution each token was drawn from. A mode fdjax does not know stops
+  `fdjax serve` before the model loads."""
+  prompt = "class Parser:\n"
+  ids = s.tok.encode(prompt)
+  ask = dict(model=s.name, prompt=prompt, max_tokens=8, temperature=0.8, seed=11,
+             presence_penalty=1.5, logprobs=5, extra_body={"top_k": 4})
+
+  def run():
+    lp = s.client.completions.create(**ask).choices[0].logprobs
+    out = [s.tok.encode(x)[0] for x in lp.tokens]
+    return lp, out, _log_softmax(s, ids + out)[len(ids) - 1:]
+
+  lp, out, want = run()
+  for j, t in enumerate(out):
+    assert abs(lp.token_logprobs[j] - want[j, t]) < 1e-4
+    assert len(lp.top_logprobs[j]) == 5  # the model's top 5, not the 4 top_k keeps
+  monkeypatch.setattr(s.server, "logprobs_mode", "processed_logprobs")
+  lp, out, want = run()  # the same seed: the same tokens
+  for j, t in enumerate(out):
+    x = want[j].copy()
+    x[list(set(out[:j]))] -= 1.5  # presence: once per token generated before
+    x = np.where(x >= np.sort(x)[-4], x / 0.8, -np.inf)
+    x = x - x.max() - np.log(np.exp(x - x.max()).sum())
+    assert abs(lp.token_logprobs[j] - x[t]) < 1e-4
+    assert sorted(s.tok.encode(k)[0] for k in lp.top_logprobs[j]) == sorted(np.argsort(-x)[:4])
+  from fdjax import cli
+  assert cli.main(["serve", "--logprobs-mode", "raw", "--compile-cache", "off"]) == 2
+  assert "logprobs_mode must be one of raw_logprobs, processed_logprobs" in capsys.readouterr().err
+
+
 def test_echo_with_max_tokens_zero_gives_the_prompts_logprobs_as_lm_eval_asks(s):
   context, continuation = "import os\nimport ", "sys\n"
   ids = s.tok.encode(context + continuation)

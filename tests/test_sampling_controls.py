@@ -102,27 +102,43 @@ def test_adjust_equals_the_reference_row_by_row():
   assert not np.isfinite(got[0][[3, 7]]).any() and np.isfinite(got[3][[3, 7]]).all()
 
 
-def test_logprobs_are_those_of_the_distribution_drawn_from():
+def test_logprobs_are_the_models_or_those_of_the_distribution_drawn_from():
+  """raw_logprobs (the default): the model's logits' log-softmax, whatever the row's
+  adjustments and filters; processed_logprobs: those of the distribution it drew from; the
+  *_logits modes: the values before log-softmax."""
   rng = np.random.default_rng(1)
-  logits = rng.standard_normal((3, 50)) * 2
-  rows = RowSampling.of([Settings(logprobs=True), Settings(0.7, 5, None, 1, logprobs=True),
-                         Settings(1.3, None, 0.8, 2, logprobs=True)])
+  raw = rng.standard_normal((3, 50)) * 2
+  logits = raw + rng.standard_normal((3, 50))  # as sampling.adjust's penalties leave them
+  settings = [Settings(), Settings(0.7, 5, None, 1), Settings(1.3, None, 0.8, 2)]
   tokens = jnp.asarray([4, int(np.argmax(logits[1])), int(np.argmax(logits[2]))], jnp.int32)
-  lp = jax.jit(sampling.logprobs)(jnp.asarray(logits, jnp.float32), rows, tokens)
-  ref = [_log_softmax(logits[0]),
-         _log_softmax(np.where(logits[1] >= np.sort(logits[1])[-5], logits[1] / 0.7, -np.inf))]
   x = logits[2] / 1.3
   order = np.argsort(-x)
   p = np.exp(_log_softmax(x))[order]
   keep = order[(np.cumsum(p) - p) < 0.8]
-  ref.append(_log_softmax(np.where(np.isin(np.arange(50), keep), x, -np.inf)))
-  for i, want in enumerate(ref):
-    np.testing.assert_allclose(float(lp.chosen[i]), want[int(tokens[i])], rtol=1e-5)
-    top, live = np.argsort(-want)[:20], min(20, int(np.isfinite(want).sum()))
-    np.testing.assert_array_equal(np.asarray(lp.top_ids[i])[:live], top[:live])
-    np.testing.assert_allclose(np.asarray(lp.top[i])[:live], want[top][:live], rtol=1e-5,
-                               atol=1e-6)
-    assert np.isneginf(np.asarray(lp.top[i])[live:]).all()
+  processed = [logits[0],
+               np.where(logits[1] >= np.sort(logits[1])[-5], logits[1] / 0.7, -np.inf),
+               np.where(np.isin(np.arange(50), keep), x, -np.inf)]
+  want = {"raw_logprobs": [_log_softmax(r) for r in raw], "raw_logits": list(raw),
+          "processed_logprobs": [_log_softmax(r) for r in processed],
+          "processed_logits": processed}
+  for mode, ref in want.items():
+    rows = RowSampling.of([s._replace(logprobs=True, logprobs_mode=mode) for s in settings])
+    lp = jax.jit(sampling.logprobs)(jnp.asarray(logits, jnp.float32), rows, tokens,
+                                    jnp.asarray(raw, jnp.float32))
+    for i, w in enumerate(ref):
+      np.testing.assert_allclose(float(lp.chosen[i]), w[int(tokens[i])], rtol=1e-5)
+      top, live = np.argsort(-w)[:20], min(20, int(np.isfinite(w).sum()))
+      np.testing.assert_array_equal(np.asarray(lp.top_ids[i])[:live], top[:live])
+      np.testing.assert_allclose(np.asarray(lp.top[i])[:live], w[top][:live], rtol=1e-5,
+                                 atol=1e-6)
+      assert np.isneginf(np.asarray(lp.top[i])[live:]).all()
+  mixed = RowSampling.of([s._replace(logprobs=True, logprobs_mode=m) for s, m in
+                          zip(settings, ["processed_logprobs", "raw_logits", "raw_logprobs"])])
+  lp = jax.jit(sampling.logprobs)(jnp.asarray(logits, jnp.float32), mixed, tokens,
+                                  jnp.asarray(raw, jnp.float32))
+  np.testing.assert_allclose(np.asarray(lp.chosen),  # each row its own mode
+                             [want["processed_logprobs"][0][4], raw[1][int(tokens[1])],
+                              want["raw_logprobs"][2][int(tokens[2])]], rtol=1e-5)
   off = jax.jit(sampling.logprobs)(jnp.asarray(logits, jnp.float32),
                                    RowSampling.of([Settings()] * 3), tokens)
   assert not np.asarray(off.chosen).any()  # nothing asked: nothing computed
@@ -205,6 +221,34 @@ def test_logprobs_of_greedy_tokens_match_the_model_whatever_the_batch():
     assert abs(a.logprob - b.logprob) < 1e-5
   _check_logprobs(got, _want_logprobs(mixed.tokens, prompt))
   assert not any(e.logprobs for r in others if not r.logprobs for e in r.events)
+
+
+def test_sampled_tokens_logprobs_are_the_models_unless_the_request_asks_for_processed():
+  """Sampled rows with a presence penalty and top-k in one batch: the default (raw_logprobs)
+  gives the model's log-softmax of each drawn token, processed_logprobs the distribution it
+  was drawn from (penalised, divided by the temperature, cut to the top 5), raw_logits the
+  model's logit; an unknown mode is refused, named."""
+  rng = np.random.default_rng(6)
+  prompts = [rng.integers(0, 256, k).tolist() for k in (13, 6, 20)]
+  kw = dict(temperature=0.8, top_k=5, presence_penalty=2.0, logprobs=True)
+  reqs = [_request(prompts[0], 7, seed=1, **kw),
+          _request(prompts[1], 7, seed=2, logprobs_mode="processed_logprobs", **kw),
+          _request(prompts[2], 5, seed=3, logprobs_mode="raw_logits", **kw)]
+  _run(_engine(steps_per_call=3), reqs)
+  got = [[lp for e in r.events for lp in e.logprobs] for r in reqs]
+  _check_logprobs(got[0], _want_logprobs(reqs[0].tokens, prompts[0]))
+  prompt, out = prompts[1], reqs[1].tokens
+  for j, g in enumerate(got[1]):
+    x = _adjusted(_logits(prompt + out[:j]), prompt, out[:j], Settings(presence_penalty=2.0))
+    x = np.where(x >= np.sort(x)[-5], x / 0.8, -np.inf)
+    want = _log_softmax(x)
+    assert g.token == out[j] and abs(g.logprob - want[out[j]]) < 1e-4
+    assert sorted(t for t, v in g.top if np.isfinite(v)) == sorted(np.argsort(-want)[:5])
+  for j, g in enumerate(got[2]):
+    x = _logits(prompts[2] + reqs[2].tokens[:j])
+    assert abs(g.logprob - x[reqs[2].tokens[j]]) < 1e-4
+  with pytest.raises(request.BadRequest, match="logprobs_mode must be one of raw_logprobs"):
+    _engine().submit(_request(prompts[0], 3, logprobs=True, logprobs_mode="raw"))
 
 
 @pytest.mark.parametrize("max_tokens", [0, 3])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from fdjax.engine.sampling import MAX_LOGIT_BIAS, Settings
+from fdjax.engine.sampling import MAX_LOGIT_BIAS, Settings, logprobs_mode_error
 
 
 class QueueFull(RuntimeError):
@@ -62,6 +62,7 @@ class Request:
   min_tokens: int = 0            # no EOS and no stop string before this many tokens
   ignore_eos: bool = False
   logprobs: bool = False         # record each new token's logprob and the top tokens'
+  logprobs_mode: str = "raw_logprobs"  # of what: sampling.LOGPROBS_MODES
   prompt_logprobs: bool = False  # and the prompt's (computed in full: no prefix cache)
   after: "Request | None" = None  # admitted once this one's prompt is in the cache (n > 1)
   constraint: object = None      # a grammar.Constraint: the tokens it may take (structured)
@@ -87,7 +88,7 @@ class Request:
   def settings(self) -> Settings:
     return Settings(self.temperature, self.top_k, self.top_p, self.seed, self.presence_penalty,
                     self.frequency_penalty, self.repetition_penalty, tuple(self.logit_bias),
-                    self.min_tokens, self.ignore_eos, self.logprobs)
+                    self.min_tokens, self.ignore_eos, self.logprobs, self.logprobs_mode)
 
   @property
   def needs_history(self) -> bool:
@@ -137,6 +138,8 @@ def check(req: Request, vocab_size: int, max_model_len: int):
   if not 0 <= req.min_tokens <= req.max_tokens:
     raise BadRequest("min_tokens", f"min_tokens must be in [0, max_tokens={req.max_tokens}], "
                      f"got {req.min_tokens}")
+  if logprobs_mode_error(req.logprobs_mode):
+    raise BadRequest("logprobs_mode", logprobs_mode_error(req.logprobs_mode))
   if req.top_k is not None and not 1 <= req.top_k < 2 ** 31:
     raise BadRequest("top_k", f"top_k must be in [1, 2^31), got {req.top_k}")
   if req.constraint is not None and req.min_tokens:

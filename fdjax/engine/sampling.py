@@ -72,6 +72,17 @@ def sample(logits, key, sampler: Sampler):
 # logit_bias entries a row carries (the arrays have this fixed width: no shape per request).
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
+# What a row's logprobs are of (vLLM's --logprobs-mode names; a row holds the index): the
+# model's own distribution (raw, vLLM's default and OpenAI's), or the one the token was drawn
+# from (processed: after the penalties, logit bias, min_tokens' EOS ban, grammar, temperature,
+# top-k and top-p); the logits themselves instead of log-softmax with the *_logits modes.
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+
+
+def logprobs_mode_error(mode) -> str | None:
+  """What is wrong with a logprobs mode, or None."""
+  return None if mode in LOGPROBS_MODES else (
+      f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {mode!r}")
 
 
 class Settings(NamedTuple):
@@ -87,13 +98,15 @@ class Settings(NamedTuple):
   min_tokens: int = 0               # EOS cannot be drawn before this many tokens
   ignore_eos: bool = False          # EOS does not end the row
   logprobs: bool = False            # the row's logprobs are recorded
+  logprobs_mode: str = "raw_logprobs"  # of what (LOGPROBS_MODES)
 
 
 class RowSampling(NamedTuple):
   """Per-row sampling settings, as arrays (a continuous batch mixes requests): temperature
   [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), seed [B] uint32, then the
   logit adjustments (penalties, logit_bias as [B, MAX_LOGIT_BIAS] ids (-1: none) and values,
-  EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B], prompt_len [B]
+  EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B] and logprobs_mode
+  [B] (an index into LOGPROBS_MODES), prompt_len [B]
   (where a row's generated tokens start), and a grammar's bitmask of the tokens each row may
   take ([B, 1] of all bits when no row has one). A row's token at position p is drawn with the key
   fold_in(key(seed), p), so what a request samples does not depend on the batch it ran in."""
@@ -109,6 +122,7 @@ class RowSampling(NamedTuple):
   min_pos: jax.Array
   ignore_eos: jax.Array
   logprobs: jax.Array
+  logprobs_mode: jax.Array
   prompt_len: jax.Array
   mask: jax.Array = None  # [B, words] int32: the tokens each row may take (grammar.masks)
 
@@ -137,7 +151,8 @@ class RowSampling(NamedTuple):
                f32("frequency_penalty"), f32("repetition_penalty"), bias_ids, bias,
                lens + np.asarray([r.min_tokens for r in rows], np.int32),
                np.asarray([r.ignore_eos for r in rows], bool),
-               np.asarray([r.logprobs for r in rows], bool), lens,
+               np.asarray([r.logprobs for r in rows], bool),
+               np.asarray([LOGPROBS_MODES.index(r.logprobs_mode) for r in rows], np.int32), lens,
                np.full((n, 1), -1, np.int32) if masks is None else np.asarray(masks, np.int32))
 
 
@@ -243,23 +258,29 @@ def top_width(vocab_size: int) -> int:
   return min(MAX_TOP_LOGPROBS, vocab_size)
 
 
-def logprobs(logits, rows: RowSampling, tokens) -> Logprobs:
-  """The logprobs of the distribution each row drew from: its adjusted logits, divided by its
-  temperature and filtered by its top-k / top-p when it samples, as they are when greedy
-  (temperature 0 is read as 1). Zeros when no row asks (nothing computed)."""
+def logprobs(logits, rows: RowSampling, tokens, raw=None) -> Logprobs:
+  """Each row's logprobs of `tokens` and its top tokens, of what its logprobs_mode names: raw,
+  the model's logits (`raw`, [B, V]); processed, the distribution it drew from: its adjusted
+  logits (`logits`), divided by its temperature and filtered by its top-k / top-p when it
+  samples, as they are when greedy (temperature 0 is read as 1). Zeros when no row asks
+  (nothing computed)."""
   b, v = logits.shape
   k = top_width(v)
 
-  def compute(x):
+  def compute(x, raw):
+    x, raw = x.astype(jnp.float32), raw.astype(jnp.float32)
     x = jnp.where((rows.temperature > 0)[:, None], filter_rows(x, rows), x)
-    lp = jax.nn.log_softmax(x, axis=-1)
+    mode = rows.logprobs_mode[:, None]
+    x = jnp.where(mode % 2 == 1, x, raw)  # processed_*, else raw_*
+    lp = jnp.where(mode >= 2, x, jax.nn.log_softmax(x, axis=-1))  # *_logits as they are
     top, top_ids = jax.lax.top_k(lp, k)
     return Logprobs(jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0],
                     top_ids.astype(jnp.int32), top)
 
-  none = lambda x: Logprobs(jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32),
-                            jnp.zeros((b, k), jnp.float32))
-  return jax.lax.cond(jnp.any(rows.logprobs), compute, none, logits)
+  none = lambda x, raw: Logprobs(jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32),
+                                 jnp.zeros((b, k), jnp.float32))
+  return jax.lax.cond(jnp.any(rows.logprobs), compute, none, logits,
+                      logits if raw is None else raw)
 
 
 def prompt_logprobs(logits, targets) -> Logprobs:

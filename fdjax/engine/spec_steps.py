@@ -191,7 +191,8 @@ def accept(logits, drafts, count, logq, rows, hist, start_pos, eos) -> Verdict:
   j = jnp.arange(t)[None, :]
   padded = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
   tokens = jnp.where(j < a[:, None], padded, jnp.where(j == a[:, None], last[:, None], -1))
-  lp = sampling.logprobs(x, reps, jnp.maximum(tokens, 0).reshape(-1))
+  lp = sampling.logprobs(x, reps, jnp.maximum(tokens, 0).reshape(-1),
+                         raw=logits.reshape(b * t, v))
   lp = jax.tree.map(lambda y: y.reshape(b, t, *y.shape[1:]), lp)
   return Verdict(tokens, a, lp)
 

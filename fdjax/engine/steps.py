@@ -151,7 +151,7 @@ def _pick(logits, key, sampler, rows, positions, history, eos):
     return sample(logits, key, sampler), None
   x = sampling.adjust(logits, rows, history, positions, eos)
   token = sample_rows(x, rows, positions)
-  return token, sampling.logprobs(x, rows, token)
+  return token, sampling.logprobs(x, rows, token, raw=logits)
 
 
 def _ends(token, eos, rows):

@@ -68,6 +68,7 @@ class _Call:
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=want_logprobs,
+            logprobs_mode=server.logprobs_mode,
             prompt_logprobs=echo and want_logprobs and j == 0, after=lead,
             constraint=None if constrained is None else grammar.Constraint(*constrained),
             skip_special_tokens=skip_special_tokens)

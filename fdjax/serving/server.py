@@ -26,6 +26,7 @@ import threading
 import time
 
 from fdjax.engine import core as eng
+from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.serving import api, auth, generation
@@ -81,15 +82,18 @@ class Server:
   """The ASGI app around an engine (started with the app, stopped with it). strict_fields:
   the client extras api.IGNORED lists are refused too. api_keys: /v1 (and /metrics with
   metrics_require_key) needs one (fdjax.serving.auth). limits: what one request may ask
-  for (fdjax.serving.limits). warmup: the engine compiles every
+  for (fdjax.serving.limits). logprobs_mode: what logprobs are of (sampling.LOGPROBS_MODES;
+  vLLM's --logprobs-mode). warmup: the engine compiles every
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
   requests wait in the queue); progress(done, total) hears of each shape."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
                progress=None, api_keys=(), metrics_require_key: bool = False,
-               limits: Limits | None = None):
+               limits: Limits | None = None, logprobs_mode: str = "raw_logprobs"):
     check_dependencies()
+    if sampling.logprobs_mode_error(logprobs_mode):
+      raise ValueError(sampling.logprobs_mode_error(logprobs_mode))
     from starlette.applications import Starlette
     from starlette.routing import Route
 
@@ -98,7 +102,7 @@ class Server:
     self.model_name, self.strict_fields = model_name, strict_fields
     self.warmup, self.progress = warmup, progress
     self.vocabulary = None  # grammar.Vocabulary, made at the first structured output
-    self.limits = limits or Limits()
+    self.limits, self.logprobs_mode = limits or Limits(), logprobs_mode
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     routes = [Route("/v1/completions", self._guard(lambda r: generation.completions(self, r)),
@@ -285,13 +289,16 @@ def progress_bar(stream=None, width=30):
 def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None, dtype=None,
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
           api_keys=(), metrics_require_key=False, limits=None, speculative=None,
-          draft_model=None, num_speculative_tokens=None, **engine_args):
+          draft_model=None, num_speculative_tokens=None, logprobs_mode="raw_logprobs",
+          **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
   first (fdjax.runtime.use_compile_cache). speculative / draft_model (a directory) /
   num_speculative_tokens: speculative decoding (fdjax.engine.speculative.from_flags)."""
   check_dependencies()
+  if sampling.logprobs_mode_error(logprobs_mode):  # before the model loads
+    raise ValueError(sampling.logprobs_mode_error(logprobs_mode))
   import uvicorn
 
   from fdjax.io import loading
@@ -307,7 +314,8 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
           flush=True)
   server = Server(engine, tok, template, served_model_name or name, strict_fields,
                   warmup=warmup, progress=progress_bar(), api_keys=api_keys,
-                  metrics_require_key=metrics_require_key, limits=limits)
+                  metrics_require_key=metrics_require_key, limits=limits,
+                  logprobs_mode=logprobs_mode)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"
