@@ -290,6 +290,13 @@ def test_malformed_bodies_and_bad_chat_requests_get_a_400(default):
     assert e.value.body["param"] == "messages" and says in e.value.body["message"]
 
 
+def test_text_parts_reach_the_template_joined_by_newlines():
+  from fdjax.serving import api
+  m = api.Message(role="user", content=[{"type": "text", "text": "Translate:"},
+                                        {"type": "text", "text": "bonjour"}])
+  assert m.for_template() == {"role": "user", "content": "Translate:\nbonjour"}
+
+
 def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
   import httpx2
   model, tok, template, name = loading.load(None, chat_template=True)[:4]

@@ -242,10 +242,11 @@ class Message(BaseModel):
       raise ApiError(400, f"messages[{i}] ({self.role}) has no content", "messages")
 
   def for_template(self) -> dict:
-    """The message as the template sees it: text parts joined into one string."""
+    """The message as the template sees it: text parts joined into one string, a newline
+    between parts (as vLLM and TensorRT-LLM join them)."""
     out = self.model_dump(exclude_none=True)
     if isinstance(self.content, list):
-      out["content"] = "".join(p.text for p in self.content)
+      out["content"] = "\n".join(p.text for p in self.content)
     return out
 
 
