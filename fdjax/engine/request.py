@@ -138,8 +138,8 @@ def check(req: Request, vocab_size: int, max_model_len: int):
   if not 0 <= req.min_tokens <= req.max_tokens:
     raise BadRequest("min_tokens", f"min_tokens must be in [0, max_tokens={req.max_tokens}], "
                      f"got {req.min_tokens}")
-  if logprobs_mode_error(req.logprobs_mode):
-    raise BadRequest("logprobs_mode", logprobs_mode_error(req.logprobs_mode))
+  if error := logprobs_mode_error(req.logprobs_mode):
+    raise BadRequest("logprobs_mode", error)
   if req.top_k is not None and not 1 <= req.top_k < 2 ** 31:
     raise BadRequest("top_k", f"top_k must be in [1, 2^31), got {req.top_k}")
   if req.constraint is not None and req.min_tokens:

@@ -268,11 +268,14 @@ def logprobs(logits, rows: RowSampling, tokens, raw=None) -> Logprobs:
   k = top_width(v)
 
   def compute(x, raw):
-    x, raw = x.astype(jnp.float32), raw.astype(jnp.float32)
-    x = jnp.where((rows.temperature > 0)[:, None], filter_rows(x, rows), x)
-    mode = rows.logprobs_mode[:, None]
-    x = jnp.where(mode % 2 == 1, x, raw)  # processed_*, else raw_*
-    lp = jnp.where(mode >= 2, x, jax.nn.log_softmax(x, axis=-1))  # *_logits as they are
+    processed = rows.logprobs_mode % 2 == 1  # processed_*, else raw_*
+    x = jnp.where(processed[:, None], x.astype(jnp.float32), raw.astype(jnp.float32))
+    # the sort of filter_rows only for processed rows that sample (raw is the default)
+    cut = processed & (rows.temperature > 0)
+    x = jax.lax.cond(jnp.any(cut), lambda x: jnp.where(cut[:, None], filter_rows(x, rows), x),
+                     lambda x: x, x)
+    lp = jnp.where((rows.logprobs_mode >= 2)[:, None], x,  # *_logits as they are
+                   jax.nn.log_softmax(x, axis=-1))
     top, top_ids = jax.lax.top_k(lp, k)
     return Logprobs(jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0],
                     top_ids.astype(jnp.int32), top)

@@ -92,8 +92,8 @@ class Server:
                progress=None, api_keys=(), metrics_require_key: bool = False,
                limits: Limits | None = None, logprobs_mode: str = "raw_logprobs"):
     check_dependencies()
-    if sampling.logprobs_mode_error(logprobs_mode):
-      raise ValueError(sampling.logprobs_mode_error(logprobs_mode))
+    if error := sampling.logprobs_mode_error(logprobs_mode):
+      raise ValueError(error)
     from starlette.applications import Starlette
     from starlette.routing import Route
 
@@ -297,8 +297,8 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
   first (fdjax.runtime.use_compile_cache). speculative / draft_model (a directory) /
   num_speculative_tokens: speculative decoding (fdjax.engine.speculative.from_flags)."""
   check_dependencies()
-  if sampling.logprobs_mode_error(logprobs_mode):  # before the model loads
-    raise ValueError(sampling.logprobs_mode_error(logprobs_mode))
+  if error := sampling.logprobs_mode_error(logprobs_mode):  # before the model loads
+    raise ValueError(error)
   import uvicorn
 
   from fdjax.io import loading
