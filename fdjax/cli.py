@@ -160,7 +160,7 @@ def cmd_serve(args):
   import jax.numpy as jnp
 
   from fdjax import runtime
-  from fdjax.serving import auth
+  from fdjax.serving import auth, cors
   from fdjax.serving.limits import Limits
   cache = runtime.use_compile_cache(args.compile_cache)
   print(f"fdjax serve: compiled programs kept in {cache} (--compile-cache DIR|off)"
@@ -171,6 +171,8 @@ def cmd_serve(args):
                quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
                log_level=args.log_level, strict_fields=args.strict_fields,
                logprobs_mode=args.logprobs_mode,
+               cors=cors.Cors(args.allowed_origins, args.allowed_methods,
+                              args.allowed_headers, args.allow_credentials),
                api_keys=auth.keys_from(args.api_key, os.environ),
                metrics_require_key=args.metrics_require_key,
                limits=Limits(**{f.name: getattr(args, "max_" + f.name)
@@ -180,6 +182,28 @@ def cmd_serve(args):
                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
                steps_per_call=args.steps_per_call, speculative=args.speculative,
                draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
+
+
+def _json_list(text: str) -> tuple[str, ...]:
+  """An argparse type: a JSON list of strings (fdjax.serving.cors.json_list)."""
+  from fdjax.serving import cors
+  try:
+    return cors.json_list(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cors_args(p):
+  """vLLM's CORS flags (fdjax.serving.cors): JSON lists, the default any."""
+  p.add_argument("--allowed-origins", type=_json_list, default=("*",), metavar="JSON",
+                 help="browser origins that may call the API, a JSON list (default "
+                 "'[\"*\"]': any; '[]': none)")
+  p.add_argument("--allowed-methods", type=_json_list, default=("*",), metavar="JSON",
+                 help="their allowed methods (default '[\"*\"]')")
+  p.add_argument("--allowed-headers", type=_json_list, default=("*",), metavar="JSON",
+                 help="their allowed request headers (default '[\"*\"]')")
+  p.add_argument("--allow-credentials", action="store_true",
+                 help="let browsers send cookies and credentials cross-origin")
 
 
 def _limit_args(p):
@@ -273,6 +297,7 @@ def build_parser():
                  "send as 'Authorization: Bearer KEY' on /v1 (repeatable; also "
                  "$FDJAX_API_KEY)")
   s.add_argument("--metrics-require-key", action="store_true", help="/metrics needs a key too")
+  _cors_args(s)
   _limit_args(s)
   s.add_argument("--log-level", default="info")
   _mesh_args(s)

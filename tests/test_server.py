@@ -235,7 +235,7 @@ def test_64_clients_with_disconnects_complete_free_their_pages_and_match_metrics
     (dict(prompt="x" * 100, max_tokens=100), "max_tokens"),
     (dict(stop=["a"] * 20), "stop"),
     (dict(extra_body={"colour": "blue"}), "colour"),
-    (dict(extra_body={"top_k": 0}), "top_k"),
+    (dict(extra_body={"top_k": -2}), "top_k"),
     (dict(n=0), "n"),
     (dict(n=65), "n"),
     (dict(extra_body={"suffix": "x"}), "suffix"),
@@ -295,6 +295,43 @@ def test_text_parts_reach_the_template_joined_by_newlines():
   m = api.Message(role="user", content=[{"type": "text", "text": "Translate:"},
                                         {"type": "text", "text": "bonjour"}])
   assert m.for_template() == {"role": "user", "content": "Translate:\nbonjour"}
+
+
+def test_past_tool_calls_reach_the_template_with_their_arguments_as_a_dict():
+  """As vLLM passes them: transformers' tool-use templates write `arguments | tojson` (or
+  iterate `arguments | items`), which a JSON string would double-encode (or break)."""
+  from fdjax.io import chat
+  from fdjax.serving import api
+
+  def call(arguments):
+    return {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": arguments}}
+  m = api.Message.model_validate({"role": "assistant", "content": None, "tool_calls": [
+      call('{"city": "Paris"}'), call(""), call("{not json"), call("[1]"), call({"a": 1})]})
+  assert [c["function"]["arguments"] for c in m.for_template()["tool_calls"]] == [
+      {"city": "Paris"}, {}, {}, {}, {"a": 1}]
+  assert m.tool_calls[0]["function"]["arguments"] == '{"city": "Paris"}'  # the body's own
+  template = chat.ChatTemplate("{% for m in messages %}{% for c in m.tool_calls %}"
+                               "{{ c.function.arguments | tojson }}|"
+                               "{% for k, v in c.function.arguments | items %}{{ k }}={{ v }}"
+                               "{% endfor %}{% endfor %}{% endfor %}", {})
+  assert template.render([api.Message.model_validate(
+      {"role": "assistant", "tool_calls": [call('{"city": "Paris"}')]}).for_template()]) == \
+      '{"city": "Paris"}|city=Paris'
+  empty = api.Message.model_validate({"role": "assistant", "content": "hi", "tool_calls": []})
+  assert empty.for_template() == {"role": "assistant", "content": "hi"}
+  with pytest.raises(api.ApiError, match="tool_calls"):
+    api.Message.model_validate({"role": "assistant", "tool_calls": ["x"]}).for_template()
+
+
+def test_top_k_minus_one_or_zero_is_off_as_in_vllm(default):
+  s = default
+  ask = dict(model=s.name, prompt="def f(x):", max_tokens=6, temperature=1.0, seed=3)
+  off = s.client.completions.create(**ask).choices[0].text
+  for k in (-1, 0):
+    assert s.client.completions.create(**ask, extra_body={"top_k": k}).choices[0].text == off
+  greedy = s.client.completions.create(**{**ask, "temperature": 0.0}).choices[0].text
+  assert s.client.completions.create(**ask, extra_body={"top_k": 1}).choices[0].text == greedy
 
 
 def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():

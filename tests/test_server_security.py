@@ -1,5 +1,6 @@
 """Who may use `fdjax serve` and how much one request may ask: API keys (the official openai
-client with a good, a wrong and no key; /health open; /metrics behind a key when asked), every
+client with a good, a wrong and no key; /health open; /metrics behind a key when asked), CORS
+(browsers' preflights answered before the key, any origin by default, one when given), every
 request limit refused at its bound plus one and accepted at its bound, and a hypothesis fuzz
 of both endpoints' parser (wrong types, deep nesting, huge numbers, NaN / Infinity, lone
 surrogates, duplicate keys): only 200 or 4xx, the engine alive, and a normal request
@@ -15,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fdjax.engine import core as eng  # noqa: E402
 from fdjax.io import loading  # noqa: E402
-from fdjax.serving import auth, limits, server  # noqa: E402
+from fdjax.serving import auth, cors, limits, server  # noqa: E402
 
 # Minutes of a live server: apart from the README's command, in CI's second step.
 pytestmark = pytest.mark.integration
@@ -76,12 +77,22 @@ def test_metrics_behind_the_key_and_keys_from_flags_and_environment():
   model, tok, template, name = loading.load(None, chat_template=True)[:4]
   engine = eng.Engine(model, tok, max_batch=1, max_model_len=32, page_size=16,
                       prefill_chunk=16)
-  srv = server.Server(engine, tok, template, name, api_keys=("k",), metrics_require_key=True)
+  srv = server.Server(engine, tok, template, name, api_keys=("k",), metrics_require_key=True,
+                      cors=cors.Cors(allowed_origins=("http://ui.example",)))
   uv, url = server.start_in_thread(srv)
   try:
     assert httpx2.get(url + "/metrics").status_code == 401
     assert httpx2.get(url + "/metrics", headers={"authorization": "Bearer k"}).status_code == 200
     assert httpx2.get(url + "/health").status_code == 200
+    # CORS for the one origin given: others' preflights are refused, and get no header.
+    ok = httpx2.options(url + "/v1/models", headers=_preflight("http://ui.example"))
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == "http://ui.example"
+    other = httpx2.options(url + "/v1/models", headers=_preflight("http://evil.example"))
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    got = httpx2.get(url + "/v1/models", headers={"origin": "http://evil.example",
+                                                  "authorization": "Bearer k"})
+    assert got.status_code == 200 and "access-control-allow-origin" not in got.headers
   finally:
     uv.should_exit = True
     engine.stop()
@@ -90,6 +101,32 @@ def test_metrics_behind_the_key_and_keys_from_flags_and_environment():
   with pytest.raises(ValueError, match="empty"):
     auth.keys_from([""], {})
   assert not auth.allowed(b"Basic key-one", KEYS) and auth.allowed(b"bearer key-two", KEYS)
+
+
+def _preflight(origin):
+  return {"origin": origin, "access-control-request-method": "POST",
+          "access-control-request-headers": "authorization, content-type"}
+
+
+def test_browsers_may_call_it_from_any_origin_as_vllm_lets_them(s):
+  """vLLM's CORS defaults: a preflight (no key: browsers send none) is answered, and every
+  answer, a 401 too, lets any origin read it; the flags' values are JSON lists."""
+  import httpx2
+  pre = httpx2.options(s.url + "/v1/chat/completions", headers=_preflight("http://ui.example"))
+  assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+  assert "POST" in pre.headers["access-control-allow-methods"]
+  assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+  origin = {"origin": "http://ui.example"}
+  denied = httpx2.post(s.url + "/v1/completions", json={}, headers=origin)
+  assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "*"
+  r = httpx2.post(s.url + "/v1/completions", json={"model": s.name, "prompt": "a",
+                                                   "max_tokens": 2},
+                  headers={**origin, "authorization": f"Bearer {KEYS[0]}"})
+  assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+  assert cors.json_list('["http://a", "http://b"]') == ("http://a", "http://b")
+  for bad in ("*", '"*"', "[1]", "{}"):
+    with pytest.raises(ValueError, match="JSON list of strings"):
+      cors.json_list(bad)
 
 
 # ---------------------------------------------------------------------------- limits

@@ -84,18 +84,29 @@ def test_forced_tool_calls_in_each_format_streamed_or_not(s, fmt):
   named = s.client.chat.completions.create(
       **ask, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
   choice = named.choices[0]
-  assert choice.finish_reason == "tool_calls" and choice.message.content is None
+  # "stop" for a named function, as OpenAI and vLLM answer it ("tool_calls" otherwise).
+  assert choice.finish_reason == "stop" and choice.message.content is None
   assert len(choice.message.tool_calls) == 1
   _check_call(choice.message.tool_calls[0], ("get_weather",))
   required = s.client.chat.completions.create(**ask, tools=TOOLS, tool_choice="required", n=3)
   for c in required.choices:
     _check_call(c.message.tool_calls[0])
   chunks = list(s.client.chat.completions.create(**ask, tools=TOOLS, tool_choice="required",
-                                                 stream=True))
+                                                 stream=True, logprobs=True, top_logprobs=2,
+                                                 stream_options={"include_usage": True}))
   deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
   assert len(deltas) == 1 and deltas[0].index == 0
   _check_call(deltas[0])
-  assert chunks[-1].choices[0].finish_reason == "tool_calls"
+  assert chunks[-2].choices[0].finish_reason == "tool_calls"
+  # The held text's logprobs come with it: one per token, as without streaming.
+  streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content]
+  assert len(streamed) == chunks[-1].usage.completion_tokens > 0
+  assert all(len(t.top_logprobs) == 2 for t in streamed)
+  whole = s.client.chat.completions.create(**ask, tools=TOOLS, tool_choice="required",
+                                           logprobs=True, top_logprobs=2)
+  assert [t.token for t in whole.choices[0].logprobs.content] == [t.token for t in streamed]
+  assert whole.choices[0].finish_reason == "tool_calls"
   # The tools reach the template; "none" hides them; "auto" answers either way.
   plain = s.client.chat.completions.create(model=s.name, messages=ASK, max_tokens=1)
   none = s.client.chat.completions.create(model=s.name, messages=ASK, max_tokens=1, tools=TOOLS,
@@ -128,6 +139,15 @@ def test_each_format_parses_its_own_calls():
     content, calls = tools.parse(fmt, text, {"add"})
     assert [c["function"]["name"] for c in calls] == ["add"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+  # Llama 3.x: parallel calls separated by ";", and the <|python_tag|> a text may keep.
+  two = '{"name": "add", "parameters": {"a": 1}}; {"name": "now", "parameters": {}}'
+  for text in (two, "<|python_tag|>" + two, " " + two.replace("; ", " ;\n") + "\n"):
+    content, calls = tools.parse("llama3_json", text, {"add", "now"})
+    assert content is None and [c["function"]["name"] for c in calls] == ["add", "now"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"a": 1}, {}]
+  for text in (two + " and more", two + ";", two.replace("now", "sub"),
+               '{"name": "add", "parameters": {"a": 1}', '{"name": "add"} {"name": "now"}'):
+    assert tools.parse("llama3_json", text, {"add", "now"}) == (text, [])
     assert content == {"hermes": "Let me look.", "mistral": "Sure", "llama3_json": None}[fmt]
     assert tools.parse(fmt, text, {"other"}) == (text, [])  # not an offered tool: text
   assert tools.parse("llama3_json", "{not json", {"add"}) == ("{not json", [])

@@ -103,7 +103,7 @@ class _Sampling(_Strict):
   max_tokens: int | None = Field(None, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=100.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  top_k: int | None = Field(None, ge=1, lt=2 ** 31)
+  top_k: int | None = Field(None, ge=-1, lt=2 ** 31)  # -1 and 0: off (vLLM's "disabled")
   seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)
   stop: str | list[str] | None = None
   stream: bool = False
@@ -152,6 +152,11 @@ class _Sampling(_Strict):
       raise ApiError(400, f"{given[0][2]} and {given[1][2]} both constrain the output; give "
                      "one", given[1][2])
     return given[0] if given else None
+
+  @field_validator("top_k")
+  @classmethod
+  def _top_k_off(cls, value):
+    return None if value is not None and value <= 0 else value
 
   @field_validator("logit_bias")
   @classmethod
@@ -243,11 +248,36 @@ class Message(BaseModel):
 
   def for_template(self) -> dict:
     """The message as the template sees it: text parts joined into one string, a newline
-    between parts (as vLLM and TensorRT-LLM join them)."""
+    between parts (as vLLM and TensorRT-LLM join them); an assistant's tool calls with their
+    arguments as a dict (what transformers' tool-use templates take, `| tojson` or `|
+    items`; OpenAI clients send a JSON string), as vLLM passes them."""
     out = self.model_dump(exclude_none=True)
     if isinstance(self.content, list):
       out["content"] = "\n".join(p.text for p in self.content)
+    if self.role == "assistant" and "tool_calls" in out:
+      if out["tool_calls"] == []:  # no calls: the template's plain assistant path
+        del out["tool_calls"]
+      else:
+        out["tool_calls"] = [_call_for_template(c) for c in out["tool_calls"]]
     return out
+
+
+def _call_for_template(call) -> dict:
+  """A past tool call (OpenAI's form, arguments a JSON string) with its arguments decoded to
+  a dict; arguments that are empty, not JSON or not an object become {} (as vLLM: a bad call
+  in the history must not make every later turn a 400)."""
+  if not isinstance(call, dict) or not isinstance(call.get("function"), dict) or \
+      call.get("type", "function") != "function":
+    raise ApiError(400, "an assistant's tool_calls are objects of type 'function' with a "
+                   "'function' object", "messages")
+  args = call["function"].get("arguments")
+  if isinstance(args, str):
+    try:
+      args = json.loads(args) if args.strip() else {}
+    except (ValueError, RecursionError):
+      args = {}
+  return {**call, "function": {**call["function"],
+                               "arguments": args if isinstance(args, dict) else {}}}
 
 
 class FunctionDef(_Strict):

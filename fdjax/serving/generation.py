@@ -266,26 +266,34 @@ async def chat_completions(server, request):
   def logprobs(items):
     return None if k is None else api.chat_logprobs(server.tokenizer, items, k)
 
+  named = isinstance(body.tool_choice, api.NamedToolChoice)
+
   def answer(text, reason):
-    """(the message's fields, the finish reason): tool calls parsed out when tools are on."""
+    """(the message's fields, the finish reason): tool calls parsed out when tools are on,
+    the reason "tool_calls" unless the request named the function (then the engine's, as
+    OpenAI and vLLM answer a named tool_choice)."""
     content, calls = tools.parse(fmt, text, names) if offered else (text, [])
     if calls:
-      return {"content": content, "tool_calls": calls}, "tool_calls"
+      return {"content": content, "tool_calls": calls}, reason if named else "tool_calls"
     return {"content": text}, reason
 
   if body.stream:
-    held = [""] * len(call.reqs)  # with tools on, a choice's text until it ends
+    # With tools on, a choice's text and its tokens' logprobs, until it ends.
+    held = [""] * len(call.reqs)
+    held_logprobs = [[] for _ in call.reqs]
 
     def chunk(i, event, first):
       out = [api.chat_delta(i, {"role": "assistant", "content": ""})] if first else []
       if offered:
         held[i] += event.text
+        held_logprobs[i] += event.logprobs
         if event.finish_reason:
           fields, reason = answer(held[i], event.finish_reason)
           if "tool_calls" in fields:
             fields["tool_calls"] = [{"index": j, **c} for j, c in
                                     enumerate(fields["tool_calls"])]
-          out += [api.chat_delta(i, fields), api.chat_delta(i, {}, reason)]
+          out += [api.chat_delta(i, fields, None, logprobs(held_logprobs[i])),
+                  api.chat_delta(i, {}, reason)]
         return out
       if event.text or event.logprobs:
         out.append(api.chat_delta(i, {"content": event.text}, None, logprobs(event.logprobs)))

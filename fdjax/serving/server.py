@@ -30,6 +30,7 @@ from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.serving import api, auth, generation
+from fdjax.serving.cors import Cors
 from fdjax.serving.limits import Limits
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "pydantic", "jinja2", "prometheus_client")
@@ -83,14 +84,16 @@ class Server:
   the client extras api.IGNORED lists are refused too. api_keys: /v1 (and /metrics with
   metrics_require_key) needs one (fdjax.serving.auth). limits: what one request may ask
   for (fdjax.serving.limits). logprobs_mode: what logprobs are of (sampling.LOGPROBS_MODES;
-  vLLM's --logprobs-mode). warmup: the engine compiles every
+  vLLM's --logprobs-mode). cors: which browser origins may call it (fdjax.serving.cors;
+  default any, as vLLM). warmup: the engine compiles every
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
   requests wait in the queue); progress(done, total) hears of each shape."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
                progress=None, api_keys=(), metrics_require_key: bool = False,
-               limits: Limits | None = None, logprobs_mode: str = "raw_logprobs"):
+               limits: Limits | None = None, logprobs_mode: str = "raw_logprobs",
+               cors: Cors | None = None):
     check_dependencies()
     if error := sampling.logprobs_mode_error(logprobs_mode):
       raise ValueError(error)
@@ -119,6 +122,7 @@ class Server:
     if api_keys:
       self.app = auth.RequireKey(self.app, api_keys, metrics_require_key,
                                  lambda: self.metrics.rejected.labels("unauthorized").inc())
+    self.app = (cors or Cors()).wrap(self.app)  # outside the key: preflights carry none
 
   def _lifespan(self, app):
     import contextlib
@@ -290,7 +294,7 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
           api_keys=(), metrics_require_key=False, limits=None, speculative=None,
           draft_model=None, num_speculative_tokens=None, logprobs_mode="raw_logprobs",
-          **engine_args):
+          cors=None, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
@@ -315,7 +319,7 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
   server = Server(engine, tok, template, served_model_name or name, strict_fields,
                   warmup=warmup, progress=progress_bar(), api_keys=api_keys,
                   metrics_require_key=metrics_require_key, limits=limits,
-                  logprobs_mode=logprobs_mode)
+                  logprobs_mode=logprobs_mode, cors=cors)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"

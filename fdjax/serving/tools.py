@@ -5,7 +5,8 @@ back out of its text.
 Formats, told apart by the template's own text:
   hermes       `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (Qwen, Hermes)
   mistral      `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`
-  llama3_json  the whole answer is `{"name": ..., "parameters": {...}}` (Llama 3.1-3.3)
+  llama3_json  the whole answer is `{"name": ..., "parameters": {...}}` (Llama 3.1-3.3),
+               or several separated by ";", after `<|python_tag|>` where the text keeps it
 """
 from __future__ import annotations
 
@@ -70,6 +71,27 @@ def _call(fmt: str, obj) -> dict | None:
           "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's tool-call token, where the text keeps it
+
+
+def _json_objects(text: str) -> list:
+  """The JSON values of `text` written one after another, separated by ";" (Llama 3.x's
+  parallel calls, `{...}; {...}`); [None] where any part is not JSON."""
+  decoder, out, at = json.JSONDecoder(), [], 0
+  while True:
+    try:
+      value, at = decoder.raw_decode(text, at)
+    except (ValueError, RecursionError):
+      return [None]
+    out.append(value)
+    rest = text[at:].lstrip()
+    if not rest:
+      return out
+    if not rest.startswith(";"):
+      return [None]
+    at = len(text) - len(rest[1:].lstrip())
+
+
 def _loads(text: str):
   """json.loads, None where the text is not JSON (nested past Python's recursion limit too:
   a model's 2000 "[" raised RecursionError)."""
@@ -96,8 +118,11 @@ def parse(fmt: str, text: str, names) -> tuple[str | None, list[dict]]:
       items = _loads(text[at + len("[TOOL_CALLS]"):].strip())
       calls = [_call(fmt, x) for x in (items if isinstance(items, list) else [items])]
       content = text[:at]
-  elif text.lstrip().startswith("{"):
-    calls, content = [_call(fmt, _loads(text))], ""
+  else:
+    body = text.lstrip()
+    body = body[len(PYTHON_TAG):].lstrip() if body.startswith(PYTHON_TAG) else body
+    if body.startswith("{"):
+      calls, content = [_call(fmt, x) for x in _json_objects(body)], ""
   if not calls or any(c is None or c["function"]["name"] not in names for c in calls):
     return text, []
   return (content.strip() or None), calls
