@@ -204,6 +204,10 @@ def test_a_truncated_safetensors_file_is_named(saved):
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
      "RoPE scaling of the sliding-window layers"),
+    # a flat one, which transformers' Gemma 3 ignores (its global layers then unscaled)
+    (dict(model_type="gemma3_text", sliding_window=8, rope_parameters={
+        "rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}),
+     "Gemma 3 takes rope_parameters per layer type"),
     (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
 ])
 def test_unsupported_config_features_are_refused(extra, msg):
@@ -315,6 +319,9 @@ def test_gemma3_older_config_spelling_reads_the_same():
   assert old == new
   assert new.rope(0) == (1e4, None) and new.rope(5) == (1e6, {"rope_type": "linear",
                                                               "factor": 8.0})
+  # a flat rope_parameters that says nothing but the default: the defaults, as transformers
+  assert config_from_hf({**base, "rope_parameters": {"rope_type": "default"}}).rope(5) == \
+      (1e6, None)
   assert new.embed_scale == 32 ** 0.5 and new.attn_scale == 256 ** -0.5 and new.qk_norm
 
 

@@ -68,20 +68,44 @@ FAMILIES = {
                   dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=48)),
 }
-VARIANTS = {"llama3-old-rope-keys": "llama3"}
 WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3"]
 
 
-def _old_style_rope(path):
-  """Rewrites config.json's `rope_parameters` the older way (`rope_theta`, `rope_scaling`)."""
-  file = os.path.join(path, "config.json")
-  with open(file) as fh:
-    cfg = json.load(fh)
+def _old_style_rope(cfg):
+  """config.json's `rope_parameters` written the older way (`rope_theta`, `rope_scaling`)."""
   params = cfg.pop("rope_parameters")
   cfg["rope_theta"] = params.pop("rope_theta")
   cfg["rope_scaling"] = params if params.get("rope_type") != "default" else None
-  with open(file, "w") as fh:
-    json.dump(cfg, fh)
+
+
+def _rope_spelled_twice(cfg):
+  """Both spellings, disagreeing, as a hand-edited config has them: transformers takes the
+  older `rope_scaling` (and the rope_theta inside it) over `rope_parameters` and the
+  top-level rope_theta, and a top-level original_max_position_embeddings (Phi-3 writes it
+  there) over the scaling's own."""
+  cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 2.0, "original_max_position_embeddings": 16,
+                         "rope_theta": 1e6}
+  cfg["rope_theta"], cfg["original_max_position_embeddings"] = 1e4, 64
+
+
+def _gemma3_rope_scaling_too(cfg):
+  """Gemma 3 with rope_scaling beside rope_parameters: merged into the global layers'."""
+  cfg["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+
+
+def _gemma2_with_a_pattern(cfg):
+  """Gemma 2 alternates its windowed layers whatever sliding_window_pattern says."""
+  del cfg["layer_types"]
+  cfg["sliding_window_pattern"] = 3
+
+
+# name: (the family it is built as, how its config.json is rewritten after saving; the
+# reference is then transformers' load of that file)
+VARIANTS = {"llama3-old-rope-keys": ("llama3", _old_style_rope),
+            "llama3-rope-spelled-twice": ("llama3", _rope_spelled_twice),
+            "gemma3-rope-scaling-too": ("gemma3", _gemma3_rope_scaling_too),
+            "gemma2-pattern-ignored": ("gemma2", _gemma2_with_a_pattern)}
 
 
 _BUILT = {}
@@ -91,7 +115,8 @@ def _build(name, tmp_path_factory):
   """(name, checkpoint path, the transformers model, fdjax's load of it), made once."""
   if name in _BUILT:
     return _BUILT[name]
-  cfg_cls, model_cls, extra = FAMILIES[VARIANTS.get(name, name)]
+  family, rewrite = VARIANTS.get(name, (name, None))
+  cfg_cls, model_cls, extra = FAMILIES[family]
   torch.manual_seed(len(name))
   hf_cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=4, max_position_embeddings=128,
@@ -104,8 +129,15 @@ def _build(name, tmp_path_factory):
   hf.generation_config.pad_token_id = 0
   path = str(tmp_path_factory.mktemp(name))
   hf.save_pretrained(path, max_shard_size="100KB" if name == "llama2" else "1GB")
-  if name.endswith("old-rope-keys"):
-    _old_style_rope(path)
+  if rewrite is not None:
+    file = os.path.join(path, "config.json")
+    with open(file) as fh:
+      cfg = json.load(fh)
+    rewrite(cfg)
+    with open(file, "w") as fh:
+      json.dump(cfg, fh)
+    hf = model_cls.from_pretrained(path, attn_implementation="eager").eval()
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
   _BUILT[name] = name, path, hf, fdjax.load_pretrained(path)
   return _BUILT[name]
 

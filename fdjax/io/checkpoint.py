@@ -107,12 +107,14 @@ def _mapping(where: str, value) -> dict:
   return value
 
 
-def _rope(params: dict, theta: float, context: int, where: str = "rope_parameters"
-          ) -> tuple[float, dict | None]:
+def _rope(params: dict, theta: float, context: int, where: str = "rope_parameters",
+          original=None) -> tuple[float, dict | None]:
   """(theta, scaling) from one set of RoPE parameters (rope_type or the older `type`,
   rope_theta, the scaling's own keys, checked: a missing or zero factor failed at the first
   forward, or made NaN logits); `context`: the model's max_position_embeddings, llama3's
-  original context where its parameters leave it out (as transformers takes it)."""
+  original context where its parameters leave it out (as transformers takes it); `original`:
+  one given beside them (the top-level original_max_position_embeddings), which transformers
+  puts first."""
   params = dict(_mapping(where, params))
   theta = _number(f"{where}.rope_theta", params.pop("rope_theta", theta))
   _refuse(params.pop("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
@@ -128,6 +130,8 @@ def _rope(params: dict, theta: float, context: int, where: str = "rope_parameter
     raise CheckpointError(f"config.json: {where} of rope_type {kind!r} needs a factor")
   scaling["factor"] = _number(f"{where}.factor", scaling["factor"])
   if kind == "llama3":
+    if original is not None:
+      scaling["original_max_position_embeddings"] = original
     scaling.setdefault("original_max_position_embeddings", context)
     _integer(scaling, "original_max_position_embeddings")
     for key in ("low_freq_factor", "high_freq_factor"):
@@ -143,36 +147,54 @@ def _rope(params: dict, theta: float, context: int, where: str = "rope_parameter
 
 def _rope_settings(hf: dict, context: int, theta: float = 10000.0
                    ) -> tuple[float, dict | None]:
-  """(theta, scaling) from either the newer `rope_parameters` or the older `rope_theta` +
-  `rope_scaling` keys."""
-  theta = hf.get("rope_theta", theta)
-  if hf.get("rope_parameters"):
-    return _rope(hf["rope_parameters"], theta, context)
-  return _rope({**_mapping("rope_scaling", hf.get("rope_scaling") or {}), "rope_theta": theta},
-               theta, context, "rope_scaling")
+  """(theta, scaling) as transformers reads them: the older `rope_scaling` where a config
+  has one (it wins over `rope_parameters`), else `rope_parameters`; the rope_theta inside
+  them, else the top-level one; a llama3 scaling's original context from a top-level
+  original_max_position_embeddings where there is one (Phi-3 writes it there), else its
+  own, else max_position_embeddings."""
+  where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  params = dict(_mapping(where, hf.get(where) or {}))
+  params.setdefault("rope_theta", hf.get("rope_theta", theta))
+  return _rope(params, theta, context, where, hf.get("original_max_position_embeddings"))
+
+
+GEMMA_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _gemma_rope(hf: dict, context: int) -> tuple[float, dict | None, float]:
-  """Gemma 3's (global theta, global scaling, local theta): one set of RoPE parameters per
-  layer type, or the older rope_theta / rope_scaling (global) and rope_local_base_freq."""
+  """Gemma 3's (global theta, global scaling, local theta), as transformers reads them:
+  `rope_parameters` per layer type (each absent one the default), the older `rope_scaling`
+  merged into the global layers' (real checkpoints carry it alone), the thetas from them,
+  else rope_theta / rope_local_base_freq. A flat rope_parameters, which transformers
+  ignores here, is refused unless it says nothing but the default."""
   params = _mapping("rope_parameters", hf.get("rope_parameters") or {})
-  if "full_attention" in params:
-    theta, scaling = _rope(params["full_attention"], 1e6, context,
-                           "rope_parameters.full_attention")
-    local, local_scaling = _rope(params.get("sliding_attention") or {}, 1e4, context,
-                                 "rope_parameters.sliding_attention")
-  else:
-    theta, scaling = _rope_settings(hf, context, 1e6)
-    local = _number("rope_local_base_freq", hf.get("rope_local_base_freq", 1e4))
-    local_scaling = None
+  if params and not set(params) & set(GEMMA_LAYER_TYPES):
+    if params.get("rope_type", params.get("type", "default")) != "default" or \
+        set(params) - {"rope_type", "type", "rope_theta"}:
+      raise CheckpointError(
+          f"config.json: Gemma 3 takes rope_parameters per layer type ({{\"full_attention\": "
+          f"{{...}}, \"sliding_attention\": {{...}}}}), got a flat {params!r} (transformers "
+          "ignores a flat one; put a scaling of the global layers under full_attention)")
+    params = {}
+  full = dict(_mapping("rope_parameters.full_attention",
+                       params.get("full_attention") or {"rope_type": "default"}))
+  if hf.get("rope_scaling") is not None:
+    full.update(_mapping("rope_scaling", hf["rope_scaling"]))
+  full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+  local = dict(_mapping("rope_parameters.sliding_attention",
+                        params.get("sliding_attention") or {"rope_type": "default"}))
+  local.setdefault("rope_theta", hf.get("rope_local_base_freq", 1e4))
+  theta, scaling = _rope(full, 1e6, context, "rope_parameters.full_attention")
+  local_theta, local_scaling = _rope(local, 1e4, context, "rope_parameters.sliding_attention")
   _refuse(local_scaling is not None, "RoPE scaling of the sliding-window layers")
-  return theta, scaling, local
+  return theta, scaling, local_theta
 
 
 def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple | None]:
   """(sliding_window, layer_types) as each family's attention reads them: Mistral and Phi-3
   window every layer; Qwen2/3 (with use_sliding_window) the layers from max_window_layers on,
-  Gemma 2 / 3 all but every 2nd / 6th (sliding_window_pattern), unless layer_types lists
+  Gemma 2 all but every 2nd, Gemma 3 all but every 6th (sliding_window_pattern), unless
+  layer_types lists
   them; Llama none."""
   types = hf.get("layer_types")
   if types is not None and (not isinstance(types, list) or len(types) != num_layers):
@@ -187,9 +209,9 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
     first = hf.get("max_window_layers", 28)
     types = types or ["sliding_attention" if i >= first else "full_attention"
                       for i in range(num_layers)]
-  elif mtype in ("gemma2", "gemma3_text"):
-    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern",
-                                                      6 if mtype == "gemma3_text" else 2))
+  elif mtype in ("gemma2", "gemma3_text"):  # Gemma 2 alternates, whatever a pattern says
+    pattern = 2 if mtype == "gemma2" else hf.get("sliding_window_pattern",
+                                                 hf.get("_sliding_window_pattern", 6))
     types = types or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                       for i in range(num_layers)]
   elif mtype in ("mistral", "phi3", "mixtral"):
