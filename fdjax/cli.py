@@ -26,7 +26,32 @@ def _load(args):
                         dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                         quantize=getattr(args, "quantize", None), mesh=_mesh(args),
                         seed=args.seed)
-  return loaded.model, loaded.tokenizer, loaded.label
+  return loaded.model, loaded.tokenizer, loaded.label, loaded.path
+
+
+CLI_SAMPLING = {"temperature": 0.8, "top_k": 40}  # fdjax generate's, for the bundled model
+
+
+def _generate_sampling(args, path) -> dict:
+  """temperature, top_k, top_p, min_p for `fdjax generate`: the flags given, then the model's
+  generation_config.json where it recommends any sampling (what it leaves out: off), else
+  CLI_SAMPLING. Its repetition_penalty is not applied (generate has no penalties): said."""
+  import sys
+
+  from fdjax.io import generation_config
+  recommended = generation_config.sampling_defaults(path)
+  if "repetition_penalty" in recommended:
+    print(f"fdjax generate: generation_config.json's repetition_penalty "
+          f"{recommended['repetition_penalty']} is not applied (serve applies it)",
+          file=sys.stderr)
+  names = ("temperature", "top_k", "top_p", "min_p")
+  defaults = {k: v for k, v in recommended.items() if k in names} or CLI_SAMPLING
+  out = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k)
+         for k in names}
+  out["temperature"] = 1.0 if out["temperature"] is None else out["temperature"]
+  out["top_k"] = out["top_k"] or None  # 0: off, as in generation_config.json
+  out["min_p"] = out["min_p"] or 0.0
+  return out
 
 
 def _mesh(args):
@@ -52,14 +77,14 @@ def cmd_generate(args):
   runtime.use_compile_cache(args.compile_cache)
   from fdjax.engine.decode_loop import generate
   from fdjax.ops import dispatch
-  model, tok, label = _load(args)
+  model, tok, label, path = _load(args)
   ids = tok.encode(args.prompt)
   if not ids:
     raise ValueError("the prompt encodes to no tokens")
   eos = tok.eos_token_id if args.eos_token_id is None else args.eos_token_id
   spec = _speculation(args, model, tok)
-  res = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
+  res = generate(model, [ids], max_new_tokens=args.max_new_tokens,
+                 **_generate_sampling(args, path), eos_token_id=eos, seed=args.seed,
                  page_size=args.page_size, prefill_chunk=args.prefill_chunk, speculative=spec)
   print(args.prompt + tok.decode(res.tokens[0]))
   from models import quantize as quantization
@@ -170,7 +195,7 @@ def cmd_serve(args):
                dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
                log_level=args.log_level, strict_fields=args.strict_fields,
-               logprobs_mode=args.logprobs_mode,
+               logprobs_mode=args.logprobs_mode, generation_config=args.generation_config,
                cors=cors.Cors(args.allowed_origins, args.allowed_methods,
                               args.allowed_headers, args.allow_credentials),
                api_keys=auth.keys_from(args.api_key, os.environ),
@@ -244,10 +269,14 @@ def build_parser():
   g.add_argument("--max-new-tokens", type=_positive, default=128)
   # Sampling by default (seeded, so repeatable): greedy decoding of a small byte-level model
   # tends to repeat one byte (the bundled one keeps indenting). --temperature 0 is greedy.
-  g.add_argument("--temperature", type=float, default=0.8,
-                 help="0 is greedy (default: 0.8, seeded: repeatable)")
-  g.add_argument("--top-k", type=int, default=40, help="(default: 40)")
-  g.add_argument("--top-p", type=float)
+  # A checkpoint's generation_config.json, where it recommends sampling, replaces the
+  # defaults (as in transformers' generate and vLLM).
+  g.add_argument("--temperature", type=float, help="0 is greedy (default: the model's "
+                 "generation_config.json, else 0.8; seeded: repeatable)")
+  g.add_argument("--top-k", type=int, help="(default: generation_config.json's, else 40)")
+  g.add_argument("--top-p", type=float, help="(default: generation_config.json's, else 1)")
+  g.add_argument("--min-p", type=float, help="cut tokens less likely than this times the "
+                 "likeliest (default: generation_config.json's, else 0)")
   g.add_argument("--eos-token-id", type=int)
   g.add_argument("--page-size", type=_positive, default=64, help="KV-cache page size in tokens")
   g.add_argument("--prefill-chunk", type=_positive, help="prefill the prompt this many tokens at a "
@@ -285,6 +314,11 @@ def build_parser():
   s.add_argument("--warmup", action="store_true", help="compile every batch/chunk shape "
                  "first (the port opens at once; /health answers 503 until done)")
   _compile_cache_arg(s, "a second start loads what the first compiled")
+  s.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                 help="the sampling a request leaves out (temperature, top_p, top_k, min_p, "
+                 "repetition_penalty; max_tokens of chat): auto, the model's "
+                 "generation_config.json, as vLLM; vllm, OpenAI's neutral defaults; or the "
+                 "generation_config.json of DIR")
   s.add_argument("--logprobs-mode", default="raw_logprobs",
                  help="what returned logprobs are of: the model's distribution (raw_logprobs, "
                  "vLLM's default) or the one each token was drawn from, after the penalties, "

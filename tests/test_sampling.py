@@ -1,4 +1,4 @@
-"""Sampling: greedy, top-k, top-p, seeds."""
+"""Sampling: greedy, top-k, top-p, min-p, seeds; generation_config.json's defaults."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +92,67 @@ def test_a_top_p_of_zero_or_below_float32s_range_keeps_the_most_likely_token():
                             np.arange(logits.shape[1])[None] == best[:, None]), (p, row)
   np.testing.assert_array_equal(_draws(logits, Sampler(1.0, top_p=0.0), 20),
                                 np.broadcast_to(best, (20, 4)))
+
+
+def test_min_p_keeps_the_tokens_at_least_that_likely_relative_to_the_best():
+  """Against float64: a token stays when p / p_max >= min_p (at the row's temperature), in
+  both samplers, before top-k and top-p as vLLM orders them; min_p 0 cuts nothing, 1 leaves
+  the likeliest; generate() takes it (min_p 1 sampled is greedy)."""
+  logits = _logits(4, v=60)
+  lg = np.asarray(logits, np.float64)
+  for t, min_p, top_p in [(1.0, 0.1, None), (0.7, 0.02, None), (1.3, 0.3, 0.5), (1.0, 0.0, None),
+                          (1.0, 1.0, None)]:
+    x = lg / t
+    ratio = np.exp(x - x.max(-1, keepdims=True))
+    want = ratio >= min_p
+    if top_p is not None:  # the nucleus of what min-p kept
+      for row in range(x.shape[0]):
+        kept = np.where(want[row], x[row], -np.inf)
+        order = np.argsort(-kept)
+        probs = np.exp(kept[order] - kept.max())
+        probs /= probs.sum()
+        cut = order[(np.cumsum(probs) - probs) >= top_p]
+        want[row, cut] = False
+    got = np.isfinite(np.asarray(sampling.filter_logits(logits / t, None, top_p, min_p)))
+    np.testing.assert_array_equal(got, want, err_msg=f"{t} {min_p} {top_p}")
+    rows = jax.tree.map(jnp.asarray, sampling.RowSampling.of(
+        [sampling.Settings(t, None, top_p, seed=i, min_p=min_p) for i in range(4)]))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(sampling.filter_rows(logits, rows))),
+                                  want, err_msg=f"rows {t} {min_p} {top_p}")
+  # a batch mixing rows with and without it
+  rows = jax.tree.map(jnp.asarray, sampling.RowSampling.of(
+      [sampling.Settings(1.0, seed=i, min_p=p) for i, p in enumerate((0.0, 0.5, 0.0, 0.5))]))
+  kept = np.isfinite(np.asarray(sampling.filter_rows(logits, rows))).sum(-1)
+  ratio = np.exp(lg - lg.max(-1, keepdims=True))
+  assert kept.tolist() == [60, int((ratio[1] >= 0.5).sum()), 60, int((ratio[3] >= 0.5).sum())]
+  model = tiny_model(seed=2)
+  run = lambda **kw: fdjax.generate(model, [[3, 1, 4, 1, 5], [2, 7]], max_new_tokens=12,
+                                    seed=5, **kw).tokens
+  assert run(temperature=1.0, min_p=1.0) == run(temperature=0.0)
+  assert run(temperature=1.0, min_p=1.0, speculative="ngram:k=2,n=2") == run(temperature=0.0)
+  with pytest.raises(ValueError, match="min_p must be in"):
+    run(temperature=1.0, min_p=1.5)
+
+
+def test_generation_config_sampling_defaults_are_read_and_checked(tmp_path):
+  from fdjax.io import generation_config
+  assert generation_config.sampling_defaults(tmp_path) == {}
+  assert generation_config.sampling_defaults(None) == {}
+  file = tmp_path / "generation_config.json"
+  file.write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 20, '
+                  '"min_p": null, "max_new_tokens": 256, "eos_token_id": [1, 2]}')
+  assert generation_config.sampling_defaults(tmp_path) == {
+      "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 256}
+  for body, says in [('{"temperature": -1}', r"temperature must be a number in \[0.0"),
+                     ('{"top_p": 0}', r"top_p must be a number in \(0.0"),
+                     ('{"top_k": 2.5}', "top_k must be an integer"),
+                     ('{"repetition_penalty": "1.1"}', "repetition_penalty must be a number"),
+                     ('{"max_new_tokens": 0}', r"max_new_tokens must be an integer in \[1"),
+                     ('{"min_p": true}', "min_p must be a number"), ("[1]", "a JSON object"),
+                     ("{", "not valid JSON")]:
+    file.write_text(body)
+    with pytest.raises(ValueError, match=says):
+      generation_config.sampling_defaults(tmp_path)
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():

@@ -326,12 +326,38 @@ def test_past_tool_calls_reach_the_template_with_their_arguments_as_a_dict():
 
 def test_top_k_minus_one_or_zero_is_off_as_in_vllm(default):
   s = default
-  ask = dict(model=s.name, prompt="def f(x):", max_tokens=6, temperature=1.0, seed=3)
+  ask = dict(model=s.name, prompt="x = ", max_tokens=6, temperature=1.0, seed=3)
   off = s.client.completions.create(**ask).choices[0].text
   for k in (-1, 0):
     assert s.client.completions.create(**ask, extra_body={"top_k": k}).choices[0].text == off
   greedy = s.client.completions.create(**{**ask, "temperature": 0.0}).choices[0].text
   assert s.client.completions.create(**ask, extra_body={"top_k": 1}).choices[0].text == greedy
+  assert off != greedy
+
+
+def test_the_models_generation_config_is_the_default_sampling_as_in_vllm(default):
+  """What a request leaves out (temperature, top_k, ...; a chat's max_tokens) is the model's
+  generation_config.json's (Server.defaults, what `fdjax serve` reads), as vLLM serves it;
+  what it gives wins, top_k -1 too (off). min_p 1 sampled is greedy."""
+  s = default
+  ask = dict(model=s.name, prompt="x = ", max_tokens=8, seed=3)
+  text = lambda **kw: s.client.completions.create(**{**ask, **kw}).choices[0].text
+  greedy, sampled = text(temperature=0.0), text()  # OpenAI's default: temperature 1
+  assert sampled != greedy
+  assert text(temperature=1.0, extra_body={"min_p": 1.0}) == greedy
+  try:
+    s.server.defaults = {"temperature": 0.0}
+    assert text() == greedy and text(temperature=1.0) == sampled
+    s.server.defaults = {"temperature": 1.0, "top_k": 1}
+    assert text() == greedy and text(extra_body={"top_k": -1}) == sampled
+    s.server.defaults = {"min_p": 1.0}
+    assert text() == greedy and text(extra_body={"min_p": 0.0}) == sampled
+    s.server.defaults = {"max_tokens": 3}
+    chat = s.client.chat.completions.create(model=s.name, seed=1, messages=[
+        {"role": "user", "content": "write a long story"}], extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 3 and chat.choices[0].finish_reason == "length"
+  finally:
+    s.server.defaults = {}
 
 
 def test_a_full_queue_is_refused_at_once_and_accepted_requests_are_answered():
@@ -577,7 +603,7 @@ def test_serve_with_the_compilation_cache_off_says_so(monkeypatch, capsys):
 
   from fdjax import cli
   args = cli.build_parser().parse_args(["serve", "--compile-cache", "off", "--port", "0"])
-  served = []
+  served, real_serve = [], server.serve
   monkeypatch.setattr(server, "serve", lambda model, **kw: served.append((model, kw)))
   was = jax.config.jax_enable_compilation_cache
   try:
@@ -587,3 +613,7 @@ def test_serve_with_the_compilation_cache_off_says_so(monkeypatch, capsys):
     jax.config.update("jax_enable_compilation_cache", was)
   assert "fdjax serve: no compilation cache (--compile-cache off)" in capsys.readouterr().out
   assert served and served[0][0] is None and served[0][1]["port"] == 0
+  from fdjax.serving.cors import Cors
+  assert served[0][1]["generation_config"] == "auto" and served[0][1]["cors"] == Cors()
+  with pytest.raises(ValueError, match="--generation-config is 'auto', 'vllm' or a directory"):
+    real_serve(generation_config="/nonexistent")  # before the model loads

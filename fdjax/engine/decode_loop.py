@@ -110,11 +110,14 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
 
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0,
+             eos_token_id=None,
              seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
              prefill_chunk: int | None = None, kv: paging.KVStore | None = None,
              mesh=None, speculative=None) -> GenerationResult:
-  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists).
+  """Generates up to `max_new_tokens` for each prompt (a list of token-id lists), greedy at
+  temperature 0, else sampled after top_k, top_p and min_p (a token less likely than min_p
+  times the likeliest is cut).
 
   The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
   tokens at a time (None: at once). `kv`, a paging.KVStore, keeps the cache and its prefix
@@ -149,7 +152,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   shapes = buckets(cfg, len(prompts), longest, max_new_tokens, max_cache_len, page_size,
                    prefill_chunk, replicas)
   bp = shapes.batch
-  sampler = Sampler(temperature, top_k, top_p).validate(cfg.vocab_size)
+  sampler = Sampler(temperature, top_k, top_p, min_p).validate(cfg.vocab_size)
   eos = steps.eos_ids(eos_token_id)
   if any(not 0 <= t < cfg.vocab_size for t in eos):
     raise ValueError(f"generate: eos_token_id {eos_token_id!r} is outside the vocabulary "
@@ -330,7 +333,7 @@ def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, 
                            _Pages(dkv, drows, totals, bp, shapes.pages, None), None)
     seeds = np.random.SeedSequence(seed % 2**64).generate_state(bp)  # (a negative seed too)
     row_sampling = RowSampling.of([Settings(sampler.temperature, sampler.top_k, sampler.top_p,
-                                            int(s)) for s in seeds],
+                                            int(s), min_p=sampler.min_p) for s in seeds],
                                   [len(p) for p in prompts] + [0] * (bp - b))
     prompt_ids, lens = steps.pack(prompts, bp, max(len(p) for p in prompts), fill=-1)
     max_new = jnp.int32(max_new_tokens)

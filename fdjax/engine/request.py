@@ -54,6 +54,7 @@ class Request:
   top_p: float | None = None
   seed: int = 0
   stop: tuple[str, ...] = ()
+  min_p: float = 0.0             # tokens under min_p times the likeliest's probability cut
   on_event: Callable[[Event], None] = lambda event: None
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
@@ -88,7 +89,8 @@ class Request:
   def settings(self) -> Settings:
     return Settings(self.temperature, self.top_k, self.top_p, self.seed, self.presence_penalty,
                     self.frequency_penalty, self.repetition_penalty, tuple(self.logit_bias),
-                    self.min_tokens, self.ignore_eos, self.logprobs, self.logprobs_mode)
+                    self.min_tokens, self.ignore_eos, self.logprobs, self.logprobs_mode,
+                    self.min_p)
 
   @property
   def needs_history(self) -> bool:
@@ -140,6 +142,8 @@ def check(req: Request, vocab_size: int, max_model_len: int):
                      f"got {req.min_tokens}")
   if error := logprobs_mode_error(req.logprobs_mode):
     raise BadRequest("logprobs_mode", error)
+  if not 0.0 <= req.min_p <= 1.0:
+    raise BadRequest("min_p", f"min_p must be in [0, 1], got {req.min_p!r}")
   if req.top_k is not None and not 1 <= req.top_k < 2 ** 31:
     raise BadRequest("top_k", f"top_k must be in [1, 2^31), got {req.top_k}")
   if req.constraint is not None and req.min_tokens:

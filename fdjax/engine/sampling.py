@@ -1,6 +1,7 @@
-"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), on device."""
+"""Next-token sampling: greedy, temperature, min-p, top-k and top-p (nucleus), on device."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ class Sampler(NamedTuple):
   temperature: float = 0.0
   top_k: int | None = None
   top_p: float | None = None
+  min_p: float = 0.0
 
   def validate(self, vocab_size: int) -> "Sampler":
     if not 0.0 <= self.temperature < float("inf"):
@@ -28,13 +30,19 @@ class Sampler(NamedTuple):
       checks.positive_int("sampling", "top_k", self.top_k)
     if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not 0.0 <= self.min_p <= 1.0:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
     top_k = None if self.top_k is None else min(self.top_k, vocab_size)
     temperature = float(self.temperature) if self.temperature >= GREEDY_BELOW else 0.0
-    return Sampler(temperature, top_k, self.top_p)
+    return Sampler(temperature, top_k, self.top_p, float(self.min_p))
 
 
-def filter_logits(logits, top_k: int | None, top_p: float | None):
-  """Sets to -inf every logit outside the top-k and outside the top-p nucleus."""
+def filter_logits(logits, top_k: int | None, top_p: float | None, min_p: float = 0.0):
+  """Sets to -inf every logit under min_p times the likeliest's probability (first, as vLLM
+  orders them), outside the top-k and outside the top-p nucleus."""
+  if min_p > 0.0:
+    floor = jnp.max(logits, axis=-1, keepdims=True) + math.log(min_p)
+    logits = jnp.where(logits < floor, -jnp.inf, logits)
   if top_k is not None:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -64,7 +72,8 @@ def sample(logits, key, sampler: Sampler):
   """logits [B, V] float32 -> token ids [B] int32."""
   if sampler.temperature == 0.0:
     return argmax(logits)
-  logits = filter_logits(logits / sampler.temperature, sampler.top_k, sampler.top_p)
+  logits = filter_logits(logits / sampler.temperature, sampler.top_k, sampler.top_p,
+                         sampler.min_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -99,11 +108,13 @@ class Settings(NamedTuple):
   ignore_eos: bool = False          # EOS does not end the row
   logprobs: bool = False            # the row's logprobs are recorded
   logprobs_mode: str = "raw_logprobs"  # of what (LOGPROBS_MODES)
+  min_p: float = 0.0                # tokens under min_p times the likeliest's probability cut
 
 
 class RowSampling(NamedTuple):
   """Per-row sampling settings, as arrays (a continuous batch mixes requests): temperature
-  [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), seed [B] uint32, then the
+  [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), min_p [B] (0: off), seed [B]
+  uint32, then the
   logit adjustments (penalties, logit_bias as [B, MAX_LOGIT_BIAS] ids (-1: none) and values,
   EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B] and logprobs_mode
   [B] (an index into LOGPROBS_MODES), prompt_len [B]
@@ -113,6 +124,7 @@ class RowSampling(NamedTuple):
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
+  min_p: jax.Array
   seed: jax.Array
   presence: jax.Array
   frequency: jax.Array
@@ -147,7 +159,7 @@ class RowSampling(NamedTuple):
     temperature = np.where(temperature < GREEDY_BELOW, np.float32(0), temperature)
     return cls(temperature, np.asarray([r.top_k or 0 for r in rows], np.int32),
                np.asarray([1.0 if r.top_p is None else r.top_p for r in rows], np.float32),
-               np.asarray([r.seed for r in rows], np.uint32), f32("presence_penalty"),
+               f32("min_p"), np.asarray([r.seed for r in rows], np.uint32), f32("presence_penalty"),
                f32("frequency_penalty"), f32("repetition_penalty"), bias_ids, bias,
                lens + np.asarray([r.min_tokens for r in rows], np.int32),
                np.asarray([r.ignore_eos for r in rows], bool),
@@ -157,9 +169,13 @@ class RowSampling(NamedTuple):
 
 
 def filter_rows(logits, rows: RowSampling):
-  """filter_logits with each row's own temperature, top-k and top-p (one sort per row)."""
+  """filter_logits with each row's own temperature, min-p, top-k and top-p (one sort per row).
+  min-p first, as vLLM orders them: a token less likely than min_p times the likeliest is
+  cut (the ratio of two probabilities, exp of their logits' difference)."""
   v = logits.shape[-1]
   x = logits / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
+  floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(rows.min_p)[:, None]  # -inf at 0: off
+  x = jnp.where(x < floor, -jnp.inf, x)
   ordered = -jnp.sort(-x, axis=-1)
   k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, v), v)
   kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)

@@ -17,6 +17,7 @@ class Loaded(NamedTuple):
   chat_template: Any    # fdjax.io.chat.ChatTemplate, or None (none, or not asked for)
   name: str             # what clients call it: the directory's name, or the preset's
   label: str            # what the command line prints about it
+  path: str | None = None  # the checkpoint's directory (None: a preset)
 
 
 def load(model_dir: str | os.PathLike | None = None, *, preset: str | None = None, dtype=None,
@@ -42,7 +43,7 @@ def load(model_dir: str | os.PathLike | None = None, *, preset: str | None = Non
   from fdjax.io import chat, checkpoint, tokenizer
   model = checkpoint.load_pretrained(path, dtype=dtype, quantize=quantize, mesh=mesh)
   template = chat.load(path) if chat_template else None
-  return Loaded(model, tokenizer.load_tokenizer(path), template, name, path)
+  return Loaded(model, tokenizer.load_tokenizer(path), template, name, path, path)
 
 
 def _random(preset, dtype, quantize, mesh, seed) -> Loaded:

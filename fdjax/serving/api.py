@@ -9,7 +9,7 @@ stop, stream, stream_options (include_usage; continuous_usage_stats, vLLM's, put
 so far in every chunk), n, presence_penalty, frequency_penalty, logit_bias, logprobs
 (completions: how many top tokens; chat: true/false, with top_logprobs), echo, best_of (equal
 to n), response_format (text, json_object, json_schema), tools and tool_choice (chat).
-Extensions, as vLLM names them: top_k, repetition_penalty, min_tokens, ignore_eos,
+Extensions, as vLLM names them: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 guided_json, guided_regex, guided_choice, guided_grammar (Lark or GBNF).
 
 The field policy, in one place: a field OpenAI defines that fdjax does not implement is a
@@ -101,9 +101,12 @@ class ResponseFormat(_Strict):
 class _Sampling(_Strict):
   model: str
   max_tokens: int | None = Field(None, ge=1)
-  temperature: float = Field(1.0, ge=0.0, le=100.0)
-  top_p: float = Field(1.0, gt=0.0, le=1.0)
+  # temperature, top_p, top_k, min_p, repetition_penalty: None (left out) takes the model's
+  # generation_config.json default (fdjax.io.generation_config), else the neutral value
+  temperature: float | None = Field(None, ge=0.0, le=100.0)
+  top_p: float | None = Field(None, gt=0.0, le=1.0)
   top_k: int | None = Field(None, ge=-1, lt=2 ** 31)  # -1 and 0: off (vLLM's "disabled")
+  min_p: float | None = Field(None, ge=0.0, le=1.0)
   seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)
   stop: str | list[str] | None = None
   stream: bool = False
@@ -111,7 +114,7 @@ class _Sampling(_Strict):
   n: int = Field(1, ge=1)  # its bound, like every request's, is fdjax.serving.limits
   presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
   frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-  repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
+  repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
   logit_bias: dict[str, float] | None = None
   min_tokens: int = Field(0, ge=0, lt=2 ** 31)
   ignore_eos: bool = False
@@ -153,10 +156,17 @@ class _Sampling(_Strict):
                      "one", given[1][2])
     return given[0] if given else None
 
-  @field_validator("top_k")
-  @classmethod
-  def _top_k_off(cls, value):
-    return None if value is not None and value <= 0 else value
+  def sampling(self, defaults: dict) -> dict:
+    """temperature, top_k, top_p, min_p, repetition_penalty as the engine takes them: as the
+    request gives them, else the model's `defaults` (its generation_config.json), else
+    neutral (temperature 1); top_k None and top_p None when off."""
+    def pick(name, neutral):
+      value = getattr(self, name)
+      return defaults.get(name, neutral) if value is None else value
+    top_k, top_p = pick("top_k", 0), pick("top_p", 1.0)
+    return dict(temperature=pick("temperature", 1.0), top_k=top_k if top_k > 0 else None,
+                top_p=top_p if top_p < 1.0 else None, min_p=pick("min_p", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0))
 
   @field_validator("logit_bias")
   @classmethod

@@ -54,6 +54,7 @@ class _Call:
     self.queue: asyncio.Queue = asyncio.Queue()
     self.reqs = []
     want_logprobs = body.top_logprobs_count is not None
+    sampled = body.sampling(server.defaults)
     for ids, limit in zip(prompts, max_tokens):
       lead = None
       for j in range(body.n):
@@ -61,12 +62,9 @@ class _Call:
           server.metrics.record(event)
           loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
         req = request.Request(
-            ids, limit, temperature=body.temperature, top_k=body.top_k,
-            top_p=None if body.top_p >= 1.0 else body.top_p,
-            seed=choice_seed(seed, len(self.reqs)), stop=body.stop_strings(),
-            on_event=on_event, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty, logit_bias=body.bias_pairs(),
+            ids, limit, **sampled, seed=choice_seed(seed, len(self.reqs)),
+            stop=body.stop_strings(), on_event=on_event, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logit_bias=body.bias_pairs(),
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, logprobs=want_logprobs,
             logprobs_mode=server.logprobs_mode,
             prompt_logprobs=echo and want_logprobs and j == 0, after=lead,
@@ -169,8 +167,11 @@ def _grammar(server, body, spec=None):
 
 
 def _limits(server, prompts, asked):
-  """max_tokens per prompt: as asked, else what is left of the context."""
-  return [asked if asked is not None else max(1, server.engine.max_model_len - len(p))
+  """max_tokens per prompt: as asked, else what is left of the context (at most the model's
+  generation_config.json max_new_tokens, where it has one)."""
+  default = server.defaults.get("max_tokens")
+  return [asked if asked is not None else max(1, min(
+      server.engine.max_model_len - len(p), default or server.engine.max_model_len))
           for p in prompts]
 
 def _prompts(server, prompt) -> list[list[int]]:

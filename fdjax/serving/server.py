@@ -21,6 +21,8 @@ fdjax_requests_rejected_total.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import threading
 import time
@@ -29,6 +31,7 @@ from fdjax.engine import core as eng
 from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
+from fdjax.io import generation_config as generation_config_
 from fdjax.serving import api, auth, generation
 from fdjax.serving.cors import Cors
 from fdjax.serving.limits import Limits
@@ -79,13 +82,24 @@ class _EventStream:
       self.on_close()
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(server):
+  """The engine runs while the app does."""
+  server.engine.start(warmup=server.warmup, progress=server.progress)
+  try:
+    yield
+  finally:
+    server.engine.stop()
+
+
 class Server:
   """The ASGI app around an engine (started with the app, stopped with it). strict_fields:
   the client extras api.IGNORED lists are refused too. api_keys: /v1 (and /metrics with
   metrics_require_key) needs one (fdjax.serving.auth). limits: what one request may ask
   for (fdjax.serving.limits). logprobs_mode: what logprobs are of (sampling.LOGPROBS_MODES;
   vLLM's --logprobs-mode). cors: which browser origins may call it (fdjax.serving.cors;
-  default any, as vLLM). warmup: the engine compiles every
+  default any, as vLLM). defaults: the sampling settings a request leaves out takes
+  (fdjax.io.generation_config.sampling_defaults). warmup: the engine compiles every
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
   requests wait in the queue); progress(done, total) hears of each shape."""
 
@@ -93,7 +107,7 @@ class Server:
                model_name: str, strict_fields: bool = False, warmup: bool = False,
                progress=None, api_keys=(), metrics_require_key: bool = False,
                limits: Limits | None = None, logprobs_mode: str = "raw_logprobs",
-               cors: Cors | None = None):
+               cors: Cors | None = None, defaults: dict | None = None):
     check_dependencies()
     if error := sampling.logprobs_mode_error(logprobs_mode):
       raise ValueError(error)
@@ -106,6 +120,7 @@ class Server:
     self.warmup, self.progress = warmup, progress
     self.vocabulary = None  # grammar.Vocabulary, made at the first structured output
     self.limits, self.logprobs_mode = limits or Limits(), logprobs_mode
+    self.defaults = dict(defaults or {})  # sampling a request leaves out (generation_config)
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     routes = [Route("/v1/completions", self._guard(lambda r: generation.completions(self, r)),
@@ -117,24 +132,12 @@ class Server:
               Route("/v1/models/{model_id:path}", self._guard(self.model), methods=["GET"]),
               Route("/health", self.health, methods=["GET"]),
               Route("/metrics", self.prometheus, methods=["GET"])]
-    self.app = Starlette(routes=routes, lifespan=self._lifespan,
+    self.app = Starlette(routes=routes, lifespan=lambda app: _lifespan(self),
                          exception_handlers={404: self._http_error, 405: self._http_error})
     if api_keys:
       self.app = auth.RequireKey(self.app, api_keys, metrics_require_key,
                                  lambda: self.metrics.rejected.labels("unauthorized").inc())
     self.app = (cors or Cors()).wrap(self.app)  # outside the key: preflights carry none
-
-  def _lifespan(self, app):
-    import contextlib
-
-    @contextlib.asynccontextmanager
-    async def span():
-      self.engine.start(warmup=self.warmup, progress=self.progress)
-      try:
-        yield
-      finally:
-        self.engine.stop()
-    return span()
 
   @staticmethod
   def json_response(data, status=200, headers=None):
@@ -294,20 +297,30 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
           api_keys=(), metrics_require_key=False, limits=None, speculative=None,
           draft_model=None, num_speculative_tokens=None, logprobs_mode="raw_logprobs",
-          cors=None, **engine_args):
+          cors=None, generation_config="auto", **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
   first (fdjax.runtime.use_compile_cache). speculative / draft_model (a directory) /
-  num_speculative_tokens: speculative decoding (fdjax.engine.speculative.from_flags)."""
+  num_speculative_tokens: speculative decoding (fdjax.engine.speculative.from_flags).
+  generation_config: where the sampling defaults come from, as vLLM's --generation-config:
+  "auto" the model's generation_config.json, "vllm" none (OpenAI's), or a directory's."""
   check_dependencies()
   if error := sampling.logprobs_mode_error(logprobs_mode):  # before the model loads
     raise ValueError(error)
+  if generation_config not in ("auto", "vllm") and not os.path.exists(
+      os.path.join(generation_config, generation_config_.FILE)):
+    raise ValueError(f"--generation-config is 'auto', 'vllm' or a directory holding "
+                     f"{generation_config_.FILE}; {generation_config!r} has none")
   import uvicorn
 
   from fdjax.io import loading
-  model, tok, template, name, _ = loading.load(model_dir, dtype=dtype, quantize=quantize,
-                                               mesh=mesh, chat_template=True)
+  loaded = loading.load(model_dir, dtype=dtype, quantize=quantize, mesh=mesh,
+                        chat_template=True)
+  model, tok, template, name = loaded[:4]
+  defaults = generation_config_.sampling_defaults(
+      None if generation_config == "vllm" else loaded.path if generation_config == "auto"
+      else generation_config)
   spec = speculative_.from_flags(speculative, draft_model, num_speculative_tokens, model, tok,
                                 dtype=dtype, quantize=quantize)
   engine = eng.Engine(model, tok, speculative=spec, **engine_args)
@@ -319,13 +332,17 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
   server = Server(engine, tok, template, served_model_name or name, strict_fields,
                   warmup=warmup, progress=progress_bar(), api_keys=api_keys,
                   metrics_require_key=metrics_require_key, limits=limits,
-                  logprobs_mode=logprobs_mode, cors=cors)
+                  logprobs_mode=logprobs_mode, cors=cors, defaults=defaults)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"
         + (f", speculative {spec.label}" if spec else "") + ")"
         + (f"; warming up {engine.shapes().count()} shapes first (/health: 503 until done)"
            if warmup else ""), flush=True)
+  if defaults:
+    print(f"fdjax serve: a request's default sampling is the model's generation_config.json "
+          f"({generation_config_.describe(defaults)}); --generation-config vllm for OpenAI's",
+          flush=True)
   uvicorn.run(server.app, host=host, port=port, log_level=log_level)
 
 
