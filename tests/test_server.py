@@ -320,6 +320,10 @@ def test_past_tool_calls_reach_the_template_with_their_arguments_as_a_dict():
       '{"city": "Paris"}|city=Paris'
   empty = api.Message.model_validate({"role": "assistant", "content": "hi", "tool_calls": []})
   assert empty.for_template() == {"role": "assistant", "content": "hi"}
+  for key in ("reasoning", "reasoning_content"):  # a past turn's thinking: both names
+    m = api.Message.model_validate({"role": "assistant", "content": "4", key: "2 + 2"})
+    assert m.for_template() == {"role": "assistant", "content": "4", "reasoning": "2 + 2",
+                                "reasoning_content": "2 + 2"}
   with pytest.raises(api.ApiError, match="tool_calls"):
     api.Message.model_validate({"role": "assistant", "tool_calls": ["x"]}).for_template()
 

@@ -260,7 +260,8 @@ class Message(BaseModel):
     """The message as the template sees it: text parts joined into one string, a newline
     between parts (as vLLM and TensorRT-LLM join them); an assistant's tool calls with their
     arguments as a dict (what transformers' tool-use templates take, `| tojson` or `|
-    items`; OpenAI clients send a JSON string), as vLLM passes them."""
+    items`; OpenAI clients send a JSON string), and its `reasoning` as `reasoning_content`
+    too (and the other way), as vLLM passes them."""
     out = self.model_dump(exclude_none=True)
     if isinstance(self.content, list):
       out["content"] = "\n".join(p.text for p in self.content)
@@ -269,6 +270,11 @@ class Message(BaseModel):
         del out["tool_calls"]
       else:
         out["tool_calls"] = [_call_for_template(c) for c in out["tool_calls"]]
+    if self.role == "assistant":  # a past turn's thinking, under both names templates read
+      thought = out.get("reasoning", out.get("reasoning_content"))  # (Qwen3: the second)
+      if thought is not None:
+        out.setdefault("reasoning", thought)
+        out.setdefault("reasoning_content", thought)
     return out
 
 
