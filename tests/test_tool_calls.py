@@ -37,6 +37,12 @@ TEMPLATES = {
     "mistral": ("{{ bos_token }}{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}"
                 "[/AVAILABLE_TOOLS]{% endif %}" + _MESSAGES.replace("CALL", "[TOOL_CALLS][")
                 .replace("END", "]")),
+    # Mistral's v11+ tokenizers: the name, then [ARGS] and the arguments, per call
+    "mistral_args": ("{{ bos_token }}{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}"
+                     "[/AVAILABLE_TOOLS]{% endif %}" + _MESSAGES.replace(
+                         "CALL{{ c.function | tojson }}END",
+                         "[TOOL_CALLS]{{ c.function.name }}[ARGS]"
+                         "{{ c.function.arguments | tojson }}")),
     "llama3_json": ("{{ bos_token }}{% if tools %}<|start_header_id|>user<|end_header_id|>\n\n"
                     "Given the following functions, respond with a JSON for a function call "
                     "with its proper arguments, as {\"name\": function name, \"parameters\": "
@@ -77,7 +83,7 @@ def _check_call(call, names=("get_weather", "add")):
   jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3_json"])
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "mistral_args", "llama3_json"])
 def test_forced_tool_calls_in_each_format_streamed_or_not(s, fmt):
   _use(s, fmt)
   ask = dict(model=s.name, messages=ASK, max_tokens=200, temperature=1.0, seed=2)
@@ -116,8 +122,9 @@ def test_forced_tool_calls_in_each_format_streamed_or_not(s, fmt):
   assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
-def test_a_conversation_with_tool_results_renders(s):
-  _use(s, "hermes")
+@pytest.mark.parametrize("fmt", ["hermes", "mistral_args"])
+def test_a_conversation_with_tool_results_renders(s, fmt):
+  _use(s, fmt)
   messages = ASK + [
       {"role": "assistant", "content": None, "tool_calls": [
           {"id": "call_1", "type": "function",
@@ -126,6 +133,17 @@ def test_a_conversation_with_tool_results_renders(s):
   r = s.client.chat.completions.create(model=s.name, messages=messages, max_tokens=4,
                                        tools=TOOLS)
   assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+  # The past call's arguments rendered as the JSON object they are, not a string of it.
+  call = '{"city": "Paris", "unit": "c"}'
+  want = TEMPLATES[fmt].replace("{{ bos_token }}", "")
+  text = chat.ChatTemplate(want, {}).render(
+      ASK + [{"role": "assistant", "tool_calls": [{"function": {
+          "name": "get_weather", "arguments": json.loads(call)}}]},
+             {"role": "tool", "content": "21 degrees"}], tools=TOOLS)
+  assert call in text and '\\"city' not in text
+  bos = s.server.template.special_tokens.get("bos_token", "")
+  assert r.usage.prompt_tokens == len(s.server.tokenizer.encode(bos + text,
+                                                                add_special_tokens=False))
 
 
 def test_each_format_parses_its_own_calls():
@@ -133,12 +151,23 @@ def test_each_format_parses_its_own_calls():
       "hermes": 'Let me look.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
                 "</tool_call>",
       "mistral": 'Sure[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]',
+      "mistral_args": 'Sure[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}',
       "llama3_json": '{"name": "add", "parameters": {"a": 1, "b": 2}}',
   }
   for fmt, text in cases.items():
     content, calls = tools.parse(fmt, text, {"add"})
     assert [c["function"]["name"] for c in calls] == ["add"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert content == {"hermes": "Let me look.", "mistral": "Sure", "mistral_args": "Sure",
+                       "llama3_json": None}[fmt]
+    assert tools.parse(fmt, text, {"other"}) == (text, [])  # not an offered tool: text
+  # Mistral v11+: one [TOOL_CALLS] per call, a [CALL_ID] maybe; a bad one leaves it all text
+  content, calls = tools.parse("mistral_args", 'x [TOOL_CALLS]add[ARGS]{"a": 1}'
+                               "[TOOL_CALLS]now[CALL_ID]a1b2c3d4e[ARGS]{}", {"add", "now"})
+  assert content == "x" and [c["function"]["name"] for c in calls] == ["add", "now"]
+  for text in ('[TOOL_CALLS]add[ARGS]{"a": 1', "[TOOL_CALLS]add", "[TOOL_CALLS]add[ARGS][1]",
+               '[TOOL_CALLS]sub[ARGS]{"a": 1}'):
+    assert tools.parse("mistral_args", text, {"add", "now"}) == (text, [])
   # Llama 3.x: parallel calls separated by ";", and the <|python_tag|> a text may keep.
   two = '{"name": "add", "parameters": {"a": 1}}; {"name": "now", "parameters": {}}'
   for text in (two, "<|python_tag|>" + two, " " + two.replace("; ", " ;\n") + "\n"):
@@ -148,8 +177,6 @@ def test_each_format_parses_its_own_calls():
   for text in (two + " and more", two + ";", two.replace("now", "sub"),
                '{"name": "add", "parameters": {"a": 1}', '{"name": "add"} {"name": "now"}'):
     assert tools.parse("llama3_json", text, {"add", "now"}) == (text, [])
-    assert content == {"hermes": "Let me look.", "mistral": "Sure", "llama3_json": None}[fmt]
-    assert tools.parse(fmt, text, {"other"}) == (text, [])  # not an offered tool: text
   assert tools.parse("llama3_json", "{not json", {"add"}) == ("{not json", [])
 
 
@@ -164,6 +191,7 @@ def test_text_around_hermes_calls_is_kept_and_a_cut_off_call_leaves_all_text():
 
 @pytest.mark.parametrize("fmt,text", [("hermes", "<tool_call>\n" + "[" * 5000 + "\n</tool_call>"),
                                       ("mistral", "[TOOL_CALLS]" + "[" * 5000),
+                                      ("mistral_args", "[TOOL_CALLS]a[ARGS]" + "[" * 5000),
                                       ("llama3_json", '{"a":' * 5000)])
 def test_output_nested_past_pythons_recursion_limit_is_text(fmt, text):
   assert tools.parse(fmt, text, {"add"}) == (text, [])  # (a RecursionError before: a 500)

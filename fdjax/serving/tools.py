@@ -5,6 +5,8 @@ back out of its text.
 Formats, told apart by the template's own text:
   hermes       `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (Qwen, Hermes)
   mistral      `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`
+  mistral_args `[TOOL_CALLS]name[ARGS]{...}`, once per call (Mistral's v11+ tokenizers:
+               Mistral Small 3.2, Magistral, Devstral; a `[CALL_ID]id` before `[ARGS]` too)
   llama3_json  the whole answer is `{"name": ..., "parameters": {...}}` (Llama 3.1-3.3),
                or several separated by ";", after `<|python_tag|>` where the text keeps it
 """
@@ -14,7 +16,7 @@ import json
 import re
 import uuid
 
-FORMATS = ("hermes", "mistral", "llama3_json")
+FORMATS = ("hermes", "mistral", "mistral_args", "llama3_json")
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -24,14 +26,14 @@ def detect(template_source: str | None) -> str:
   if "<tool_call>" in source:
     return "hermes"
   if "[TOOL_CALLS]" in source:
-    return "mistral"
+    return "mistral_args" if "[ARGS]" in source else "mistral"
   return "llama3_json"
 
 
 def keeps_special_tokens(fmt: str) -> bool:
-  """Whether the text calls are parsed from keeps special tokens: Mistral's [TOOL_CALLS] is
-  one (decoded as usual, without them, the marker is gone and no call is ever found)."""
-  return fmt == "mistral"
+  """Whether the text calls are parsed from keeps special tokens: Mistral's [TOOL_CALLS] and
+  [ARGS] are (decoded as usual, without them, the markers are gone and no call is found)."""
+  return fmt in ("mistral", "mistral_args")
 
 
 def _arguments_key(fmt: str) -> str:
@@ -54,6 +56,13 @@ def call_schema(fmt: str, tools: list[dict]) -> dict:
 
 def grammar(fmt: str, tools: list[dict]) -> str:
   """A Lark grammar (llguidance's, with %json) of an answer that is one call of `tools`."""
+  if fmt == "mistral_args":  # the name outside the JSON: one alternative per tool
+    names = " | ".join(f'{json.dumps(t["function"]["name"] + "[ARGS]")} args{i}'
+                       for i, t in enumerate(tools))
+    rules = "".join(f"\nargs{i}: %json " + json.dumps(
+        {**(t["function"].get("parameters") or {"type": "object"}),
+         "x-guidance": {"whitespace_flexible": False}}) for i, t in enumerate(tools))
+    return f'start: "[TOOL_CALLS]" call\ncall: {names}{rules}'
   call = "%json " + json.dumps(call_schema(fmt, tools))
   if fmt == "hermes":
     return f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: {call}'
@@ -69,6 +78,15 @@ def _call(fmt: str, obj) -> dict | None:
   args = obj.get(key, obj.get("arguments", obj.get("parameters", {})))
   return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
           "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _named_call(part: str) -> dict | None:
+  """One `name[ARGS]{...}` (or `name[CALL_ID]id[ARGS]{...}`) as a call, or None."""
+  name, sep, args = part.partition("[ARGS]")
+  name = name.partition("[CALL_ID]")[0].strip()
+  value = _loads(args.strip()) if sep else None
+  return _call("mistral", {"name": name, "arguments": value}) if isinstance(value, dict) \
+      else None
 
 
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's tool-call token, where the text keeps it
@@ -112,6 +130,11 @@ def parse(fmt: str, text: str, names) -> tuple[str | None, list[dict]]:
     content = _HERMES.sub("", text)
     if "<tool_call>" in content:  # a call left open (cut off)
       calls.append(None)
+  elif fmt == "mistral_args":
+    at = text.find("[TOOL_CALLS]")
+    if at >= 0:
+      calls = [_named_call(part) for part in text[at:].split("[TOOL_CALLS]")[1:]]
+      content = text[:at]
   elif fmt == "mistral":
     at = text.find("[TOOL_CALLS]")
     if at >= 0:
