@@ -359,3 +359,15 @@ def test_bad_family_settings_are_refused(overrides, msg):
 def test_unknown_fdjax_config_key():
   with pytest.raises(ValueError, match=r"unknown config key\(s\) \['colour'\]"):
     ModelConfig.from_dict({**tiny_model().config.to_dict(), "colour": "red"})
+
+
+def test_fields_transformers_ignores_for_a_family_are_ignored_here_too():
+  """Mistral's, Mixtral's, Phi-3's and Qwen2's transformers layers have no attention_bias or
+  mlp_bias to turn on (Qwen2's q/k/v bias is always there): read as without them, where
+  Llama's mlp_bias and Qwen3's attention_bias stay refused; "swish" is SiLU."""
+  for mtype in ("mistral", "mixtral", "phi3", "qwen2"):
+    base = {**HF_BASE, "model_type": mtype}
+    assert config_from_hf({**base, "attention_bias": True, "mlp_bias": True}) == \
+        config_from_hf(base)
+  assert config_from_hf({**HF_BASE, "hidden_act": "swish"}) == \
+      config_from_hf({**HF_BASE, "hidden_act": "silu"})

@@ -32,7 +32,11 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 QWEN_MOE = ("qwen2_moe", "qwen3_moe")
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face's -> fdjax's
+# Hugging Face's -> fdjax's ("swish" is transformers' other name of SiLU)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# The families whose transformers attention reads attention_bias (and Llama's MLP mlp_bias);
+# Mistral's, Mixtral's and Phi-3's have none whatever their config says: ignored, as there.
+READS_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text")
 # What transformers' config class takes for a field config.json leaves out, per family, where
 # it differs from what fdjax would otherwise take (silu, rms_norm_eps 1e-6, RoPE base 1e4 (Gemma
 # 3's global 1e6), no window, no soft-capping, head_dim = hidden / heads, as many KV heads as
@@ -274,9 +278,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
   act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
   act = hf.get(act_key, "silu")
   _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
-  _refuse(_flag(hf, "mlp_bias", False), "mlp_bias=true")
+  _refuse(mtype == "llama" and _flag(hf, "mlp_bias", False), "mlp_bias=true")
   qkv_bias = mtype == "qwen2" or (mtype == "qwen2_moe" and _flag(hf, "qkv_bias", True))
-  _refuse(mtype not in ("qwen2", "qwen2_moe") and _flag(hf, "attention_bias", False),
+  _refuse(mtype in READS_ATTENTION_BIAS and _flag(hf, "attention_bias", False),
           "attention_bias=true")
   _refuse(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor != 1")
   _refuse(hf.get("use_bidirectional_attention", False), "use_bidirectional_attention=true")
