@@ -31,6 +31,7 @@ def test_bad_argument_is_a_clear_error():
   assert "argument --max-new-tokens: must be at least 1, got 0" in r.stderr
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_bad_train_input_is_an_error_line_before_any_training(tmp_path):
   """Counts below 1, a missing data file and an --out under a file: each an `fdjax: error`
   (or argparse's) line and exit status 2, no traceback, before a model is built."""

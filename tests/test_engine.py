@@ -324,6 +324,7 @@ def test_every_batch_the_replicas_make_is_a_shape_warmup_compiles():
 
 # ------------------------------------------------------------------- no recompiles
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_no_recompilation_under_a_random_load_after_warmup():
   model = _model(seed=6, hidden_size=40, num_heads=2, num_kv_heads=1, head_dim=20)
   engine = _engine(model, max_batch=2, page_size=16, max_model_len=48, prefill_chunk=16,

@@ -257,6 +257,7 @@ def test_a_measured_moe_table_overrides_the_rule(tmp_path, monkeypatch):
     selection.reload()
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_tune_moe_measures_the_layer_and_selection_follows(tmp_path, monkeypatch):
   """fdjax tune --moe on the CPU (real timings: XLA runs both ways), through the command line:
   the layer's entry with both times at each token count, which selection then follows."""
@@ -448,6 +449,7 @@ def test_refusals_and_describe(tmp_path):
   assert dispatch.describe(MOE, platform="cuda", batch=64)["moe"].startswith("dense")
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_served_requests_equal_generate_alone():
   """The serving engine (continuous batching over the paged cache, chunked prefill) on a MoE
   model: each request's greedy tokens are what generate gives the prompts."""

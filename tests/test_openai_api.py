@@ -19,6 +19,10 @@ pytest.importorskip("starlette")
 from fdjax.io import loading  # noqa: E402
 from tests.test_server import _metrics, _start, _stop, _wait_idle  # noqa: E402
 
+# A live server's minutes: apart from the README's command (its 15 minutes), in CI's second
+# step.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def s():

@@ -94,6 +94,7 @@ def _greedy(s, prompt, n):
   return s.tok.decode(fdjax.generate(s.model, [s.tok.encode(prompt)], max_new_tokens=n).tokens[0])
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_16_concurrent_greedy_completions_equal_generate_alone_streamed_or_not(default):
   s, n = default, 24
   assert len(set(PROMPTS)) == 16
@@ -516,6 +517,7 @@ def test_named_templates_and_tools_render_as_transformers_does(llama3, tmp_path)
     assert want.startswith("[add]<system>") and template.with_tools.startswith("{% for t")
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_chat_completions_on_the_llama3_checkpoint(llama3):
   import transformers
   s = llama3

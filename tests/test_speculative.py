@@ -345,6 +345,7 @@ def test_engine_with_a_grammar_request_in_a_speculative_batch():
   assert len(reqs[1].tokens) == 20
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_served_speculative_completions_and_metrics():
   """`fdjax serve --speculative ngram:k=4`: greedy completions, streamed or not, are the bundled
   model's own greedy tokens, and /metrics counts the drafts."""
@@ -403,6 +404,7 @@ def test_a_draft_on_another_mesh_than_the_target_is_refused():
   speculative.check_draft(speculative.parse("ngram:k=2"), SimpleNamespace(mesh=object()))
 
 
+@pytest.mark.integration  # the README command's 15 minutes: CI's second step
 def test_engine_warmup_covers_every_speculative_program():
   """--warmup with a draft model, small pages and k = 8: every program compiled first, none
   traced while requests of every length then run."""
