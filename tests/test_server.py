@@ -329,6 +329,57 @@ def test_past_tool_calls_reach_the_template_with_their_arguments_as_a_dict():
     api.Message.model_validate({"role": "assistant", "tool_calls": ["x"]}).for_template()
 
 
+def test_continue_final_message_leaves_the_last_message_open_as_transformers_does():
+  from fdjax.io import chat
+  t = chat.ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}", {})
+  msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is "}]
+  assert t.render(msgs, add_generation_prompt=False, continue_final_message=True) == \
+      "<user>2+2?</s><assistant>It is "
+  trims = chat.ChatTemplate("{% for m in messages %}{{ m.content | trim }}|{% endfor %}", {})
+  assert trims.render(msgs, False, continue_final_message=True) == "2+2?|It is"
+  drops = chat.ChatTemplate("{% for m in messages %}{{ m.content[:3] }}{% endfor %}", {})
+  with pytest.raises(chat.TemplateError, match="leaves out part of the last message"):
+    drops.render(msgs, False, continue_final_message=True)
+
+
+def test_chat_template_variables_and_continuing_a_message_through_the_api(default):
+  """vLLM's chat extras: add_generation_prompt, continue_final_message (the answer goes on
+  from the assistant's last message) and chat_template_kwargs (Qwen3's enable_thinking);
+  what the server sets itself cannot be set through them."""
+  from fdjax.io import chat
+  s = default
+  ask = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is"}]
+  count = lambda text: len(s.tok.encode(text, add_special_tokens=False))
+  go_on = s.client.chat.completions.create(
+      model=s.name, messages=ask, max_tokens=2,
+      extra_body={"add_generation_prompt": False, "continue_final_message": True})
+  assert go_on.usage.prompt_tokens == count("# user: 2+2?\n# assistant: It is")
+  new_turn = s.client.chat.completions.create(model=s.name, messages=ask, max_tokens=2)
+  assert new_turn.usage.prompt_tokens == count("# user: 2+2?\n# assistant: It is\n"
+                                               "# assistant:\n")
+  for extra, says in [({"continue_final_message": True}, "takes add_generation_prompt: false"),
+                      ({"chat_template_kwargs": {"bos_token": "x", "messages": []}},
+                       "cannot set bos_token, messages")]:
+    with pytest.raises(openai.BadRequestError) as e:
+      s.client.chat.completions.create(model=s.name, messages=ask, max_tokens=2,
+                                       extra_body=extra)
+    assert says in e.value.body["message"]
+  with pytest.raises(openai.BadRequestError, match="continues an assistant's last message"):
+    s.client.chat.completions.create(model=s.name, messages=ask[:1], max_tokens=2, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+  was = s.server.template
+  try:
+    s.server.template = chat.ChatTemplate(
+        "{{ messages[-1].content }}{% if enable_thinking is false %} /no_think{% endif %}", {})
+    think = lambda **kw: s.client.chat.completions.create(
+        model=s.name, messages=ask[:1], max_tokens=1, extra_body=kw).usage.prompt_tokens
+    assert think() == count("2+2?") and think(
+        chat_template_kwargs={"enable_thinking": False}) == count("2+2? /no_think")
+  finally:
+    s.server.template = was
+
+
 def test_top_k_minus_one_or_zero_is_off_as_in_vllm(default):
   s = default
   ask = dict(model=s.name, prompt="x = ", max_tokens=6, temperature=1.0, seed=3)

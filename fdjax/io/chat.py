@@ -87,19 +87,40 @@ class ChatTemplate:
     """The template a request with tools renders with."""
     return self.tool_source or self.source
 
-  def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+  def render(self, messages, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, **kwargs) -> str:
     """The prompt text for `messages` (a list of dicts with "role" and "content"); keys
-    whose value is None are dropped, as transformers does."""
+    whose value is None are dropped, as transformers does. continue_final_message: the text
+    ends inside the last message (no end-of-turn after it), for the model to go on with it,
+    as transformers does it: a tag after its content, the rendered text cut there
+    (TemplateError where the template drops the tag or the content)."""
     import jinja2
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    final = None
+    if continue_final_message:
+      final = messages[-1].get("content") if messages else None
+      if not isinstance(final, str):
+        raise TemplateError("continue_final_message needs a last message with text content")
+      messages[-1] = {**messages[-1], "content": final + _CONTINUE_TAG}
     source = self.with_tools if kwargs.get("tools") else self.source
     try:
-      return _compile(source).render(messages=messages,
+      text = _compile(source).render(messages=messages,
                                      add_generation_prompt=add_generation_prompt,
                                      **{"tools": None, "documents": None,
                                         **self.special_tokens, **kwargs})
     except jinja2.exceptions.TemplateError as e:
       raise TemplateError(f"the chat template refused the messages: {e}") from e
+    if final is None:
+      return text
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0 or final.strip() not in text:
+      raise TemplateError("continue_final_message: the chat template leaves out part of the "
+                          "last message, so it cannot be continued")
+    whole = text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG  # its spacing kept
+    return text[:at] if whole else text[:at].rstrip()
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def _token_text(value):

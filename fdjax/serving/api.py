@@ -10,7 +10,8 @@ so far in every chunk), n, presence_penalty, frequency_penalty, logit_bias, logp
 (completions: how many top tokens; chat: true/false, with top_logprobs), echo, best_of (equal
 to n), response_format (text, json_object, json_schema), tools and tool_choice (chat).
 Extensions, as vLLM names them: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-guided_json, guided_regex, guided_choice, guided_grammar (Lark or GBNF).
+guided_json, guided_regex, guided_choice, guided_grammar (Lark or GBNF); on chat
+add_generation_prompt, continue_final_message and chat_template_kwargs.
 
 The field policy, in one place: a field OpenAI defines that fdjax does not implement is a
 400 saying it is not supported (UNSUPPORTED); a harmless client extra (IGNORED) is accepted
@@ -29,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from fdjax.io.chat import SPECIAL_TOKENS
 
 # Fields OpenAI defines that fdjax does not implement (on chat: the deprecated functions form
 # of tools, audio, ...): refused by name.
@@ -317,6 +319,11 @@ class NamedToolChoice(_Strict):
   function: NamedFunction
 
 
+# What the server hands the chat template itself, the tokenizer's special tokens too.
+TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt",
+                      "continue_final_message", *SPECIAL_TOKENS}
+
+
 class ChatRequest(_Sampling):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
@@ -324,6 +331,12 @@ class ChatRequest(_Sampling):
   top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
   tools: list[Tool] | None = None
   tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+  # vLLM's: the template's generation prompt (an assistant turn's opening), or the last
+  # message left open to be continued; more variables for the template (Qwen3's
+  # enable_thinking, ...)
+  add_generation_prompt: bool = True
+  continue_final_message: bool = False
+  chat_template_kwargs: dict | None = None
 
   def check(self):
     super().check()
@@ -340,6 +353,16 @@ class ChatRequest(_Sampling):
         self.tool_choice.function.name not in names:
       raise ApiError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is "
                      "not among the tools", "tool_choice")
+    if self.add_generation_prompt and self.continue_final_message:
+      raise ApiError(400, "continue_final_message continues the last message; it takes "
+                     "add_generation_prompt: false", "continue_final_message")
+    if self.continue_final_message and self.messages[-1].role != "assistant":
+      raise ApiError(400, "continue_final_message continues an assistant's last message; "
+                     f"the last is {self.messages[-1].role!r}", "continue_final_message")
+    reserved = sorted(set(self.chat_template_kwargs or ()) & TEMPLATE_VARIABLES)
+    if reserved:
+      raise ApiError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}: the "
+                     "server sets them from the request", "chat_template_kwargs")
     if self.forced_tools() and self.constraint() is not None:
       raise ApiError(400, f"tool_choice and {self.constraint()[2]} both constrain the output; "
                      "give one", "tool_choice")

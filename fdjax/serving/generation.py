@@ -252,6 +252,9 @@ async def chat_completions(server, request):
   fmt = tools.detect(server.template.with_tools)
   try:
     text = server.template.render([m.for_template() for m in body.messages],
+                                  add_generation_prompt=body.add_generation_prompt,
+                                  continue_final_message=body.continue_final_message,
+                                  **(body.chat_template_kwargs or {}),
                                   **({"tools": offered} if offered else {}))
   except chat.TemplateError as e:
     raise api.ApiError(400, str(e), "messages") from None
