@@ -46,12 +46,7 @@ def _generate_sampling(args, path) -> dict:
           file=sys.stderr)
   names = ("temperature", "top_k", "top_p", "min_p")
   defaults = {k: v for k, v in recommended.items() if k in names} or CLI_SAMPLING
-  out = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k)
-         for k in names}
-  out["temperature"] = 1.0 if out["temperature"] is None else out["temperature"]
-  out["top_k"] = out["top_k"] or None  # 0: off, as in generation_config.json
-  out["min_p"] = out["min_p"] or 0.0
-  return out
+  return generation_config.resolve({k: getattr(args, k) for k in names}, defaults, names)
 
 
 def _mesh(args):

@@ -114,13 +114,12 @@ class Settings(NamedTuple):
 class RowSampling(NamedTuple):
   """Per-row sampling settings, as arrays (a continuous batch mixes requests): temperature
   [B] (0: greedy), top_k [B] int (0: off), top_p [B] (1: off), min_p [B] (0: off), seed [B]
-  uint32, then the
-  logit adjustments (penalties, logit_bias as [B, MAX_LOGIT_BIAS] ids (-1: none) and values,
-  EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B] and logprobs_mode
-  [B] (an index into LOGPROBS_MODES), prompt_len [B]
-  (where a row's generated tokens start), and a grammar's bitmask of the tokens each row may
-  take ([B, 1] of all bits when no row has one). A row's token at position p is drawn with the key
-  fold_in(key(seed), p), so what a request samples does not depend on the batch it ran in."""
+  uint32, then the logit adjustments (penalties, logit_bias as [B, MAX_LOGIT_BIAS] ids (-1:
+  none) and values, EOS banned before position min_pos [B]), ignore_eos [B], logprobs [B] and
+  logprobs_mode [B] (an index into LOGPROBS_MODES), prompt_len [B] (where a row's generated
+  tokens start), and a grammar's bitmask of the tokens each row may take ([B, 1] of all bits
+  when no row has one). A row's token at position p is drawn with the key fold_in(key(seed),
+  p), so what a request samples does not depend on the batch it ran in."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array

@@ -50,6 +50,24 @@ def sampling_defaults(path: str | os.PathLike | None) -> dict:
   return out
 
 
+NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+           "repetition_penalty": 1.0}  # each setting when nothing asks for one (0: off)
+
+
+def resolve(given: dict, defaults: dict, names=tuple(NEUTRAL)) -> dict:
+  """The settings `names` as the engine takes them: as `given` (None: left out), else
+  `defaults`, else NEUTRAL; top_k and top_p None when off (top_k 0 or -1, top_p 1)."""
+  out = {}
+  for name in names:
+    value = given.get(name)
+    out[name] = defaults.get(name, NEUTRAL[name]) if value is None else value
+  if "top_k" in out:
+    out["top_k"] = out["top_k"] if out["top_k"] > 0 else None
+  if "top_p" in out:
+    out["top_p"] = out["top_p"] if out["top_p"] < 1.0 else None
+  return out
+
+
 def describe(defaults: dict) -> str:
   """The defaults in a line ("temperature 0.6, top_p 0.95")."""
   return ", ".join(f"{k} {v}" for k, v in defaults.items())

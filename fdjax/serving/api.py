@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fdjax.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from fdjax.io import generation_config
 from fdjax.io.chat import SPECIAL_TOKENS
 
 # Fields OpenAI defines that fdjax does not implement (on chat: the deprecated functions form
@@ -162,13 +163,8 @@ class _Sampling(_Strict):
     """temperature, top_k, top_p, min_p, repetition_penalty as the engine takes them: as the
     request gives them, else the model's `defaults` (its generation_config.json), else
     neutral (temperature 1); top_k None and top_p None when off."""
-    def pick(name, neutral):
-      value = getattr(self, name)
-      return defaults.get(name, neutral) if value is None else value
-    top_k, top_p = pick("top_k", 0), pick("top_p", 1.0)
-    return dict(temperature=pick("temperature", 1.0), top_k=top_k if top_k > 0 else None,
-                top_p=top_p if top_p < 1.0 else None, min_p=pick("min_p", 0.0),
-                repetition_penalty=pick("repetition_penalty", 1.0))
+    return generation_config.resolve({name: getattr(self, name)
+                                      for name in generation_config.NEUTRAL}, defaults)
 
   @field_validator("logit_bias")
   @classmethod
