@@ -124,16 +124,17 @@ def decode_rate(generate, new_tokens: int, rows: int = 1):
   """A function timing `generate(n)` (n new tokens for each of `rows` sequences) once:
   decode tokens/s from a run of N tokens and one of 1 ((N - 1) steps a row over the
   difference, so the prefill drops out), after a warm-up at both lengths (a static cache is
-  sized, and compiled, by each). The run of 1 is the least of three: one run of it slowed
-  by a busy machine past the N-token run made the rate negative (a tiny model's 15 steps
-  are milliseconds)."""
+  sized, and compiled, by each). Each run is the least of three: one run of 1 slowed by a
+  busy machine past the N-token run made the rate negative (a tiny model's 15 steps are
+  milliseconds), and so did a fast N-token run against the least of three runs of 1."""
   def run(n):
     t0 = time.perf_counter()
     generate(n)
     return time.perf_counter() - t0
   run(new_tokens)
   run(1)
-  return lambda: rows * (new_tokens - 1) / (run(new_tokens) - min(run(1) for _ in range(3)))
+  least = lambda n: min(run(n) for _ in range(3))
+  return lambda: rows * (new_tokens - 1) / (least(new_tokens) - least(1))
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
