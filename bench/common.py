@@ -120,21 +120,33 @@ def read_bandwidth_timer(iters: int = 5):
                                              iters=iters)
 
 
-def decode_rate(generate, new_tokens: int, rows: int = 1):
+def decode_rate(generate, new_tokens: int, rows: int = 1, tries: int = 10):
   """A function timing `generate(n)` (n new tokens for each of `rows` sequences) once:
   decode tokens/s from a run of N tokens and one of 1 ((N - 1) steps a row over the
   difference, so the prefill drops out), after a warm-up at both lengths (a static cache is
-  sized, and compiled, by each). Each run is the least of three: one run of 1 slowed by a
-  busy machine past the N-token run made the rate negative (a tiny model's 15 steps are
-  milliseconds), and so did a fast N-token run against the least of three runs of 1."""
+  sized, and compiled, by each). Each length's time is the least of its runs, three at
+  first, more (in pairs, up to `tries`) while the difference is not positive: a tiny model's
+  15 steps are milliseconds, and on a busy machine the least of three runs of 1 has come out
+  above that of N, a negative rate. Past `tries` runs the machine is too noisy to time it:
+  an error saying so, never a rate that is not one."""
   def run(n):
     t0 = time.perf_counter()
     generate(n)
     return time.perf_counter() - t0
   run(new_tokens)
   run(1)
-  least = lambda n: min(run(n) for _ in range(3))
-  return lambda: rows * (new_tokens - 1) / (least(new_tokens) - least(1))
+  def once():
+    longs, shorts = [run(new_tokens) for _ in range(3)], [run(1) for _ in range(3)]
+    while min(longs) <= min(shorts) and len(longs) < tries:
+      longs.append(run(new_tokens))
+      shorts.append(run(1))
+    if min(longs) <= min(shorts):
+      raise RuntimeError(
+          f"timing noise: the least of {len(longs)} runs of {new_tokens} tokens "
+          f"({min(longs) * 1e3:.3f} ms) is not longer than that of {len(shorts)} runs of 1 "
+          f"({min(shorts) * 1e3:.3f} ms); time more new tokens or on a quieter machine")
+    return rows * (new_tokens - 1) / (min(longs) - min(shorts))
+  return once
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -98,6 +98,27 @@ def test_timing_in_a_smoke_form_is_one_warm_up_and_one_round_on_one_set(monkeypa
   assert sorted(runs) == [1.0] * 3 + [2.0] * 3 + [3.0] * 3  # 3 runs of one rotation
 
 
+def test_decode_rate_times_more_runs_while_the_difference_is_not_positive(monkeypatch):
+  """bench.common.decode_rate on a clock the test moves: each run takes the time its list
+  gives; a noisy start (runs of 1 as long as runs of N) is outlasted by more runs, and a
+  machine that never settles is an error, never a negative or infinite rate."""
+  from bench import common
+  clock = [0.0]
+  monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+  def generate_taking(times):
+    it = {n: iter(ts) for n, ts in times.items()}
+    def generate(n):
+      clock[0] += next(it[n])
+    return generate
+  # warm-up, then three of each (1-token runs as slow as the 16-token ones), then a pair
+  rate = common.decode_rate(generate_taking({16: [9, 5, 5, 5, 4], 1: [9, 5, 5, 5, 1]}), 16,
+                            rows=2)
+  assert rate() == 2 * 15 / (4 - 1)
+  noisy = common.decode_rate(generate_taking({16: [1] * 11, 1: [1] * 11}), 16, tries=10)
+  with pytest.raises(RuntimeError, match="timing noise: the least of 10 runs of 16 tokens"):
+    noisy()
+
+
 def test_cope_tasks_bench_smoke(tmp_path):
   _run("cope_tasks.py", tmp_path, "--steps", "4", "--tasks", "selective_copy",
        "--encodings", "cope", "--variants", "cope_sep_key", "--variant-tasks",
