@@ -191,6 +191,7 @@ def cmd_serve(args):
                quantize=args.quantize, warmup=args.warmup, mesh=_mesh(args),
                log_level=args.log_level, strict_fields=args.strict_fields,
                logprobs_mode=args.logprobs_mode, generation_config=args.generation_config,
+               max_stored_responses=args.max_stored_responses,
                cors=cors.Cors(args.allowed_origins, args.allowed_methods,
                               args.allowed_headers, args.allow_credentials),
                api_keys=auth.keys_from(args.api_key, os.environ),
@@ -319,6 +320,9 @@ def build_parser():
                  "vLLM's default) or the one each token was drawn from, after the penalties, "
                  "logit_bias, temperature, top_k and top_p (processed_logprobs); *_logits: "
                  "the logits instead")
+  s.add_argument("--max-stored-responses", type=int, default=1000, metavar="N",
+                 help="Responses API answers kept in memory for previous_response_id and GET "
+                 "/v1/responses/{id} (the newest N; default 1000)")
   s.add_argument("--strict-fields", action="store_true", help="refuse the client extras "
                  "fdjax ignores by default (store, metadata, user, service_tier, ...: "
                  "fdjax.serving.api.IGNORED)")

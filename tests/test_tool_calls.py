@@ -146,6 +146,44 @@ def test_a_conversation_with_tool_results_renders(s, fmt):
                                                                 add_special_tokens=False))
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
+def test_responses_api_function_calls_and_their_outputs_as_chat_renders_them(s, fmt):
+  """/v1/responses with function tools (its flat form): a forced call is a function_call
+  item (streamed as its arguments' events); the next turn, after previous_response_id or
+  with the output items sent back, renders the calls and their outputs as chat does."""
+  _use(s, fmt)
+  flat = [{"type": "function", **t["function"]} for t in TOOLS]
+  ask = dict(model=s.name, input=ASK[0]["content"], tools=flat, max_output_tokens=200,
+             temperature=1.0, extra_body={"seed": 2})
+  r = s.client.responses.create(**ask, tool_choice="required")
+  calls = [o for o in r.output if o.type == "function_call"]
+  assert calls and r.status == "completed" and r.tool_choice == "required"
+  for c in calls:
+    assert c.call_id.startswith("call_") and c.id.startswith("fc_") and c.status == "completed"
+    jsonschema.validate(json.loads(c.arguments), SCHEMAS[c.name])
+  named = s.client.responses.create(**ask, tool_choice={"type": "function", "name": "add"})
+  assert [o.name for o in named.output] == ["add"]
+  events = list(s.client.responses.create(**ask, tool_choice="required", stream=True))
+  items = events[-1].response.output
+  done = [e for e in events if e.type == "response.function_call_arguments.done"]
+  assert [e.arguments for e in done] == [o.arguments for o in items] and done
+  assert events[-1].type == "response.completed"
+  outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "21 degrees"}
+             for c in calls]
+  want = s.client.chat.completions.create(
+      model=s.name, tools=TOOLS, max_tokens=4, messages=ASK + [
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": c.call_id, "type": "function",
+               "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}] + [
+          {"role": "tool", "tool_call_id": c.call_id, "content": "21 degrees"} for c in calls])
+  follow = s.client.responses.create(model=s.name, previous_response_id=r.id, input=outputs,
+                                     tools=flat, max_output_tokens=4)
+  again = s.client.responses.create(
+      model=s.name, input=ASK + [o.model_dump(exclude_none=True) for o in r.output] + outputs,
+      tools=flat, max_output_tokens=4, store=False)
+  assert follow.usage.input_tokens == again.usage.input_tokens == want.usage.prompt_tokens
+
+
 def test_each_format_parses_its_own_calls():
   cases = {
       "hermes": 'Let me look.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'

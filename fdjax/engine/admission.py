@@ -56,6 +56,7 @@ def _take(req, replica: int, kv, decoder) -> bool:
   try:
     req.pages, req.computed = kv.pools[replica].allocate(
         req.prompt, len(req.prompt) + req.max_tokens, reuse=not req.prompt_logprobs)
+    req.cached_prompt = req.computed  # its prompt tokens the prefix cache held
   except paging.PoolExhausted:
     decoder.release(req)
     return False

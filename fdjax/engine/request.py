@@ -75,6 +75,7 @@ class Request:
   draft_pages: list[int] = dataclasses.field(default_factory=list)  # a draft model's cache
   replica: int = 0               # the data replica whose pages it holds (a mesh's)
   computed: int = 0              # prompt tokens whose K/V are in the cache
+  cached_prompt: int = 0         # of them, those the prefix cache held when it was admitted
   tokens: list[int] = dataclasses.field(default_factory=list)
   text: str = ""
   sent: int = 0                  # characters of text handed out

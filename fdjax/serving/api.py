@@ -1,6 +1,7 @@
 """The OpenAI wire format of `fdjax serve`: request bodies (validated, with the field at fault
 named), the field policy, error objects, responses and the streamed chunks, for
-/v1/completions and /v1/chat/completions.
+/v1/completions and /v1/chat/completions (the Responses API's request, a _Sampling too, is
+in fdjax.serving.responses; its field policy is here).
 
 Fields taken, as OpenAI defines them: model, prompt (a string, a list of strings, a list of
 token ids, or a list of token-id lists) or messages, max_tokens (chat: also
@@ -25,7 +26,7 @@ import json
 import math
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,6 +40,8 @@ UNSUPPORTED = {
     "completions": ("suffix",),
     "chat": ("audio", "modalities", "prediction", "web_search_options", "functions",
              "function_call"),
+    "responses": ("background", "conversation", "prompt", "context_management",
+                  "max_tool_calls"),
 }
 # Fields clients send that change nothing fdjax computes: accepted and ignored (with
 # --strict-fields, refused as unknown). Dotted names are inside an object.
@@ -47,7 +50,7 @@ IGNORED = ("user", "store", "metadata", "service_tier", "prompt_cache_key",
            "verbosity", "reasoning_effort", "parallel_tool_calls",
            "stream_options.include_obfuscation")
 # Values of an unsupported field that mean "not used", as clients send them.
-_UNSET = {"suffix": ("",), "modalities": (["text"],)}
+_UNSET = {"suffix": ("",), "modalities": (["text"],), "background": (False,)}
 MAX_BODY_DEPTH = 128  # how deeply a request body may nest (JSON schemas: limits.schema_depth)
 # How pydantic names the member of a union in an error's location (not a field).
 _UNION_TAGS = {"str", "int", "float", "bool", "TextPart", "StreamOptions", "list[int]",
@@ -102,6 +105,10 @@ class ResponseFormat(_Strict):
 
 
 class _Sampling(_Strict):
+  ENDPOINT: ClassVar[str] = "chat"  # its UNSUPPORTED entry
+  # Fields of the other endpoints a client may send here by mistake: {name: this endpoint's
+  # name for it, or None}, refused saying so.
+  RENAMED: ClassVar[dict] = {}
   model: str
   max_tokens: int | None = Field(None, ge=1)
   # temperature, top_p, top_k, min_p, repetition_penalty: None (left out) takes the model's
@@ -202,6 +209,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
+  ENDPOINT: ClassVar[str] = "completions"
   prompt: str | list[int] | list[str] | list[list[int]]
   max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo
   echo: bool = False
@@ -396,8 +404,12 @@ _KNOWN = set()  # every field name of both requests (filled below)
 def _policy(kind: type[_Sampling], data: dict, strict: bool) -> dict:
   """The body with ignored extras dropped (not when strict); ApiError for a field OpenAI
   defines that fdjax does not implement."""
-  endpoint = "completions" if kind is CompletionRequest else "chat"
-  for name in UNSUPPORTED[endpoint]:
+  for name, instead in kind.RENAMED.items():
+    if name in data:
+      raise ApiError(400, f"unknown field {name!r}: " + (
+          f"this endpoint takes {instead} instead" if instead else "this endpoint has none"),
+          name, reason="unknown_field")
+  for name in UNSUPPORTED[kind.ENDPOINT]:
     if name in data and data[name] not in _UNSET.get(name, ()):
       raise ApiError(400, f"field {name!r} is not supported by this server", name,
                      reason="unsupported_field")
@@ -406,6 +418,8 @@ def _policy(kind: type[_Sampling], data: dict, strict: bool) -> dict:
     return data
   for name in IGNORED:
     outer, _, inner = name.partition(".")
+    if outer in kind.model_fields and not inner:  # a field of this endpoint (the Responses
+      continue                                    # API's store)
     if not inner:
       data.pop(name, None)
     elif isinstance(data.get(outer), dict):

@@ -1,6 +1,8 @@
 """The two endpoints that generate, /v1/completions and /v1/chat/completions: a request body
-(validated by fdjax.serving.api) becomes engine requests, n choices of each prompt (a _Call),
-and their events become the OpenAI response, whole or streamed (the server's delivery)."""
+(validated by fdjax.serving.api) becomes engine requests, n choices of each prompt (a Call),
+and their events become the OpenAI response, whole or streamed (the server's delivery). The
+Responses API (fdjax.serving.responses) makes its prompt and Call with the same pieces
+(parse_body, chat_prompt, token_limits)."""
 from __future__ import annotations
 
 import asyncio
@@ -41,7 +43,7 @@ def choice_seed(seed: int, index: int) -> int:
   return int(np.random.SeedSequence([seed % 2 ** 64, index]).generate_state(1)[0])
 
 
-class _Call:
+class Call:
   """One HTTP request's engine requests, n choices of each prompt (choice index: prompt * n +
   j; the n share their prompt's pages), and their events, delivered to the event loop."""
 
@@ -166,7 +168,7 @@ def _grammar(server, body, spec=None):
   return server.vocabulary, compiled
 
 
-def _limits(server, prompts, asked):
+def token_limits(server, prompts, asked):
   """max_tokens per prompt: as asked, else what is left of the context (at most the model's
   generation_config.json max_new_tokens, where it has one)."""
   default = server.defaults.get("max_tokens")
@@ -203,7 +205,8 @@ def _prompts(server, prompt) -> list[list[int]]:
 async def completions(server, request):
   body = await parse_body(server, request, api.CompletionRequest)
   prompts = _prompts(server, body.prompt)
-  call = _Call(server, prompts, body, _limits(server, prompts, body.max_tokens), echo=body.echo)
+  call = Call(server, prompts, body, token_limits(server, prompts, body.max_tokens),
+              echo=body.echo)
   call.submit()
   rid, k, n = api.new_id("cmpl"), body.logprobs, body.n
   echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
@@ -242,27 +245,35 @@ async def completions(server, request):
                                  {"usage": api.usage(call.prompt_tokens,
                                                      sum(res.completion_tokens))}))
 
-async def chat_completions(server, request):
-  body = await parse_body(server, request, api.ChatRequest)
+def chat_prompt(server, messages: list[dict], offered: list[dict], param: str = "messages",
+                **template_kwargs) -> list[int]:
+  """The token ids of `messages` (as the template takes them) and the `offered` tools through
+  the checkpoint's chat template; ApiError naming `param` where there is no template or it
+  refuses them."""
   if server.template is None:
     raise api.ApiError(400, f"model {server.model_name!r} has no chat template (no "
                        "chat_template in its tokenizer_config.json); use /v1/completions",
-                       "messages")
-  offered = body.active_tools()
-  fmt = tools.detect(server.template.with_tools)
+                       param)
   try:
-    text = server.template.render([m.for_template() for m in body.messages],
-                                  add_generation_prompt=body.add_generation_prompt,
-                                  continue_final_message=body.continue_final_message,
-                                  **(body.chat_template_kwargs or {}),
+    text = server.template.render(messages, **template_kwargs,
                                   **({"tools": offered} if offered else {}))
   except chat.TemplateError as e:
-    raise api.ApiError(400, str(e), "messages") from None
-  prompts = [server.tokenizer.encode(text, add_special_tokens=False)]
+    raise api.ApiError(400, str(e), param) from None
+  return server.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def chat_completions(server, request):
+  body = await parse_body(server, request, api.ChatRequest)
+  offered = body.active_tools()
+  fmt = tools.detect(server.template.with_tools) if server.template else None
+  prompts = [chat_prompt(server, [m.for_template() for m in body.messages], offered,
+                         add_generation_prompt=body.add_generation_prompt,
+                         continue_final_message=body.continue_final_message,
+                         **(body.chat_template_kwargs or {}))]
   forced = body.forced_tools()
-  call = _Call(server, prompts, body, _limits(server, prompts, body.limit), constraint=None
-               if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"),
-               skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
+  call = Call(server, prompts, body, token_limits(server, prompts, body.limit), constraint=None
+              if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"),
+              skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
   call.submit()
   rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
   names = {t["function"]["name"] for t in offered}

@@ -100,6 +100,10 @@ def _schemas(body):
       yield name, getattr(body, name)
   if body.guided_choice is not None:
     yield "guided_choice", body.guided_choice
+  text = getattr(body, "text", None)  # the Responses API's text.format
+  if text is not None and text.format is not None and text.format.schema_ is not None:
+    yield "text", text.format.schema_
   for tool in getattr(body, "tools", None) or []:
-    if tool.function.parameters is not None:
-      yield "tools", tool.function.parameters
+    fn = getattr(tool, "function", tool)  # chat's tools nest it; the Responses API's do not
+    if fn.parameters is not None:
+      yield "tools", fn.parameters

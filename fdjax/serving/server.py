@@ -3,6 +3,8 @@ engine (fdjax.engine.core), which batches the requests as they arrive.
 
   POST /v1/completions        prompt -> text (streamed with "stream": true)
   POST /v1/chat/completions   messages -> the checkpoint's chat template -> text
+  POST /v1/responses          OpenAI's Responses API (fdjax.serving.responses); GET and
+                              DELETE /v1/responses/{id} for a stored one
   GET  /v1/models             the served model
   GET  /health                200 while the engine runs
   GET  /metrics               Prometheus text (fdjax.serving.metrics)
@@ -32,8 +34,9 @@ from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.io import generation_config as generation_config_
-from fdjax.serving import api, auth, generation
+from fdjax.serving import api, auth, generation, responses
 from fdjax.serving.cors import Cors
+from fdjax.serving.events import EventStream, disconnected
 from fdjax.serving.limits import Limits
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "pydantic", "jinja2", "prometheus_client")
@@ -48,38 +51,22 @@ def check_dependencies():
                      f"(or pip install {' '.join(missing)})")
 
 
-async def _disconnected(receive):
-  """Returns when the client has gone."""
-  while True:
-    if (await receive())["type"] == "http.disconnect":
-      return
-
-
-class _EventStream:
-  """A text/event-stream response that stops, and calls on_close, when the client goes."""
-
-  def __init__(self, chunks, on_close):
-    self.chunks, self.on_close = chunks, on_close
-
-  async def __call__(self, scope, receive, send):
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                            (b"cache-control", b"no-cache")]})
-
-    async def pump():
-      async for data in self.chunks:
-        await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
-      await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(_disconnected(receive))]
-    try:
-      await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-      for t in tasks:
-        t.cancel()
-        if t.done() and not t.cancelled():
-          t.exception()  # a send to a client that has gone: nothing more to do
-      self.on_close()
+def _routes(server) -> list:
+  """The server's endpoints."""
+  from starlette.routing import Route
+  return [Route("/v1/completions", server._guard(lambda r: generation.completions(server, r)),
+                methods=["POST"]),
+          Route("/v1/chat/completions",
+                server._guard(lambda r: generation.chat_completions(server, r)),
+                methods=["POST"]),
+          Route("/v1/responses", server._guard(lambda r: responses.create(server, r)),
+                methods=["POST"]),
+          Route("/v1/responses/{response_id}",
+                server._guard(lambda r: responses.stored(server, r)), methods=["GET", "DELETE"]),
+          Route("/v1/models", server.models, methods=["GET"]),
+          Route("/v1/models/{model_id:path}", server._guard(server.model), methods=["GET"]),
+          Route("/health", server.health, methods=["GET"]),
+          Route("/metrics", server.prometheus, methods=["GET"])]
 
 
 @contextlib.asynccontextmanager
@@ -101,18 +88,19 @@ class Server:
   default any, as vLLM). defaults: the sampling settings a request leaves out takes
   (fdjax.io.generation_config.sampling_defaults). warmup: the engine compiles every
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
-  requests wait in the queue); progress(done, total) hears of each shape."""
+  requests wait in the queue); progress(done, total) hears of each shape.
+  max_stored_responses: how many Responses API answers are kept for previous_response_id."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
                progress=None, api_keys=(), metrics_require_key: bool = False,
                limits: Limits | None = None, logprobs_mode: str = "raw_logprobs",
-               cors: Cors | None = None, defaults: dict | None = None):
+               cors: Cors | None = None, defaults: dict | None = None,
+               max_stored_responses: int = 1000):
     check_dependencies()
     if error := sampling.logprobs_mode_error(logprobs_mode):
       raise ValueError(error)
     from starlette.applications import Starlette
-    from starlette.routing import Route
 
     from fdjax.serving.metrics import Metrics
     self.engine, self.tokenizer, self.template = engine, tokenizer, template
@@ -121,18 +109,10 @@ class Server:
     self.vocabulary = None  # grammar.Vocabulary, made at the first structured output
     self.limits, self.logprobs_mode = limits or Limits(), logprobs_mode
     self.defaults = dict(defaults or {})  # sampling a request leaves out (generation_config)
+    self.responses = responses.Store(max_stored_responses)
     self.metrics = Metrics(engine)
     self.created = int(time.time())
-    routes = [Route("/v1/completions", self._guard(lambda r: generation.completions(self, r)),
-                    methods=["POST"]),
-              Route("/v1/chat/completions",
-                    self._guard(lambda r: generation.chat_completions(self, r)),
-                    methods=["POST"]),
-              Route("/v1/models", self.models, methods=["GET"]),
-              Route("/v1/models/{model_id:path}", self._guard(self.model), methods=["GET"]),
-              Route("/health", self.health, methods=["GET"]),
-              Route("/metrics", self.prometheus, methods=["GET"])]
-    self.app = Starlette(routes=routes, lifespan=lambda app: _lifespan(self),
+    self.app = Starlette(routes=_routes(self), lifespan=lambda app: _lifespan(self),
                          exception_handlers={404: self._http_error, 405: self._http_error})
     if api_keys:
       self.app = auth.RequireKey(self.app, api_keys, metrics_require_key,
@@ -202,7 +182,7 @@ class Server:
   async def wait(self, request, call):
     """The whole answer; the requests are cancelled if the client goes first."""
     results = asyncio.ensure_future(call.results())
-    gone = asyncio.ensure_future(_disconnected(request.receive))
+    gone = asyncio.ensure_future(disconnected(request.receive))
     try:
       await asyncio.wait([results, gone], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -240,7 +220,7 @@ class Server:
           yield api.sse(api.envelope(rid, obj, self.model_name, [], {"usage": usage()}))
       yield api.sse("[DONE]")
 
-    return _EventStream(chunks(), call.close)
+    return EventStream(chunks(), call.close)
 
 
 # ----------------------------------------------------------------------- running it
@@ -297,7 +277,7 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
           api_keys=(), metrics_require_key=False, limits=None, speculative=None,
           draft_model=None, num_speculative_tokens=None, logprobs_mode="raw_logprobs",
-          cors=None, generation_config="auto", **engine_args):
+          cors=None, generation_config="auto", max_stored_responses=1000, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
@@ -332,7 +312,8 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
   server = Server(engine, tok, template, served_model_name or name, strict_fields,
                   warmup=warmup, progress=progress_bar(), api_keys=api_keys,
                   metrics_require_key=metrics_require_key, limits=limits,
-                  logprobs_mode=logprobs_mode, cors=cors, defaults=defaults)
+                  logprobs_mode=logprobs_mode, cors=cors, defaults=defaults,
+                  max_stored_responses=max_stored_responses)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"

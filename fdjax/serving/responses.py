@@ -1,0 +1,432 @@
+"""OpenAI's Responses API on `fdjax serve`, as the official client's `client.responses` and
+vLLM serve it:
+
+  POST   /v1/responses        input (a string, or message / function_call /
+                              function_call_output items) -> the chat template -> output items
+  GET    /v1/responses/{id}   a stored response
+  DELETE /v1/responses/{id}   forgets it
+
+A request is a chat turn: `instructions` (a system message, not carried to the next turn), the
+conversation of `previous_response_id` (its input and output, kept in memory by the server
+while `store`, OpenAI's default, for the newest --max-stored-responses), then `input`. Its
+answer runs through the same engine requests as /v1/chat/completions (fdjax.serving.
+generation.Call): function tools and `tool_choice` (the checkpoint's tool-call format,
+fdjax.serving.tools), `text.format` json_schema / json_object (a grammar), logprobs with
+`include: ["message.output_text.logprobs"]` and `top_logprobs`, the sampling fields and vLLM's
+extensions of chat (top_k, min_p, repetition_penalty, seed, stop, ...). The output is a
+message item (output_text) and a function_call item per call; streamed as the typed events
+the client parses (response.created ... response.output_text.delta ... response.completed,
+each with its sequence_number). Not here: built-in tools (web search, files, ...), images and
+files in the input, background responses, reasoning items and truncation "auto" (refused by
+name)."""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import time
+import uuid
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fdjax.engine.sampling import MAX_TOP_LOGPROBS
+from fdjax.serving import api, generation, tools
+from fdjax.serving.events import EventStream
+
+LOGPROBS = "message.output_text.logprobs"
+# What `include` may name: the tokens' logprobs; reasoning.encrypted_content (Codex sends it
+# always) names what a reasoning item would carry, and this server writes none.
+INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
+ROLES = ("user", "assistant", "system", "developer")  # of an input message
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class FunctionTool(api._Strict):
+  """A function tool, in the Responses API's flat form (chat's nests it under "function")."""
+  type: Literal["function"]
+  name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+  description: str | None = None
+  parameters: dict | None = None
+  strict: bool | None = None
+
+
+class NamedFunction(api._Strict):
+  type: Literal["function"]
+  name: str
+
+
+class TextFormat(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
+                            allow_inf_nan=False)
+  type: Literal["text", "json_object", "json_schema"]
+  name: str | None = Field(None, min_length=1, max_length=64)
+  schema_: dict | None = Field(None, alias="schema")
+  strict: bool | None = None
+  description: str | None = None
+
+
+class TextConfig(api._Strict):
+  format: TextFormat | None = None
+  verbosity: Literal["low", "medium", "high"] | None = None  # taken; changes nothing here
+
+
+class ResponsesRequest(api._Sampling):
+  ENDPOINT: ClassVar[str] = "responses"
+  RENAMED: ClassVar[dict] = {"max_tokens": "max_output_tokens",
+                             "max_completion_tokens": "max_output_tokens",
+                             "response_format": "text.format", "messages": "input",
+                             "logprobs": f'include ["{LOGPROBS}"] and top_logprobs',
+                             "n": None}
+  input: str | list[dict]
+  instructions: str | None = None
+  max_output_tokens: int | None = Field(None, ge=1)
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+  include: list[str] | None = None
+  tools: list[FunctionTool] | None = None
+  tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+  text: TextConfig | None = None
+  store: bool = True
+  previous_response_id: str | None = None
+  truncation: Literal["disabled"] = "disabled"
+  reasoning: dict | None = None  # taken (clients send an effort); no reasoning items here
+
+  def check(self):
+    super().check()
+    if isinstance(self.input, list) and not self.input:
+      raise api.ApiError(400, "input is an empty list", "input")
+    bad = [x for x in self.include or () if x not in INCLUDE]
+    if bad:
+      raise api.ApiError(400, f"include {bad[0]!r} is not supported by this server (it "
+                         f"includes {LOGPROBS!r})", "include", reason="unsupported_field")
+    names = [t.name for t in self.tools or []]
+    if len(set(names)) != len(names):
+      raise api.ApiError(400, "tools have two functions of one name", "tools")
+    if self.tool_choice not in (None, "none") and not names:
+      raise api.ApiError(400, "tool_choice needs tools", "tool_choice")
+    if isinstance(self.tool_choice, NamedFunction) and self.tool_choice.name not in names:
+      raise api.ApiError(400, f"tool_choice names {self.tool_choice.name!r}, which is not "
+                         "among the tools", "tool_choice")
+    fmt = self.text.format if self.text else None
+    if fmt is not None and fmt.type == "json_schema" and fmt.schema_ is None:
+      raise api.ApiError(400, "text.format of type json_schema needs a schema", "text")
+    if self.forced_tools() and self.constraint() is not None:
+      raise api.ApiError(400, f"tool_choice and {self.constraint()[2]} both constrain the "
+                         "output; give one", "tool_choice")
+
+  def constraint(self):
+    """text.format's grammar (json_schema, json_object), else the guided_* extensions'."""
+    fmt = self.text.format if self.text else None
+    other = super().constraint()
+    if fmt is None or fmt.type == "text":
+      return other
+    if other is not None:
+      raise api.ApiError(400, f"text.format and {other[2]} both constrain the output; give "
+                         "one", other[2])
+    schema = {"type": "object"} if fmt.type == "json_object" else fmt.schema_
+    return "json_schema", schema, "text"
+
+  def active_tools(self) -> list[dict]:
+    """The tools the model is shown, in chat's form (what templates and fdjax.serving.tools
+    take); none with tool_choice "none"."""
+    if self.tool_choice == "none":
+      return []
+    return [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+            for t in self.tools or []]
+
+  def forced_tools(self) -> list[dict] | None:
+    if self.tool_choice == "required":
+      return self.active_tools()
+    if isinstance(self.tool_choice, NamedFunction):
+      return [t for t in self.active_tools() if t["function"]["name"] == self.tool_choice.name]
+    return None
+
+  @property
+  def limit(self) -> int | None:
+    return self.max_output_tokens
+
+  @property
+  def top_logprobs_count(self) -> int | None:
+    wanted = LOGPROBS in (self.include or ()) or self.top_logprobs is not None
+    return (self.top_logprobs or 0) if wanted else None
+
+
+# ---------------------------------------------------------------------- the input
+
+def _text(content, where: str) -> str:
+  """A message's content: a string, or text parts joined by newlines (as chat's)."""
+  if isinstance(content, str):
+    return content
+  if not isinstance(content, list):
+    raise api.ApiError(400, f"{where}.content must be a string or a list of text parts",
+                       "input")
+  texts = []
+  for j, part in enumerate(content):
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in TEXT_PARTS and isinstance(part.get("text"), str):
+      texts.append(part["text"])
+    elif kind == "refusal" and isinstance(part.get("refusal"), str):
+      texts.append(part["refusal"])
+    else:
+      raise api.ApiError(400, f"{where}.content[{j}] is "
+                         + (f"a {kind!r} part" if isinstance(kind, str) else "not a text part")
+                         + f"; this server takes text parts ({', '.join(TEXT_PARTS)})", "input")
+  return "\n".join(texts)
+
+
+def _string(item: dict, key: str, where: str) -> str:
+  value = item.get(key)
+  if not isinstance(value, str):
+    raise api.ApiError(400, f"{where}.{key} must be a string", "input")
+  return value
+
+
+def input_messages(body: ResponsesRequest) -> list[dict]:
+  """The request's input as chat messages (chat's form: an assistant's calls as tool_calls,
+  their results as "tool" messages); ApiError naming the item at fault. A function_call
+  right after an assistant message, or another call, joins that turn."""
+  if isinstance(body.input, str):
+    return [{"role": "user", "content": body.input}]
+  out = []
+  for k, item in enumerate(body.input):
+    where = f"input[{k}]"
+    if not isinstance(item, dict):
+      raise api.ApiError(400, f"{where} must be an object: a message, a function_call or a "
+                         "function_call_output", "input")
+    kind = item.get("type", "message")
+    if kind == "message":
+      if item.get("role") not in ROLES:
+        raise api.ApiError(400, f"{where}.role is {item.get('role')!r}; it must be one of "
+                           f"{', '.join(ROLES)}", "input")
+      if "content" not in item:
+        raise api.ApiError(400, f"{where} has no content", "input")
+      out.append({"role": item["role"], "content": _text(item["content"], where)})
+    elif kind == "function_call":
+      call = {"id": _string(item, "call_id", where), "type": "function",
+              "function": {"name": _string(item, "name", where),
+                           "arguments": _string(item, "arguments", where)}}
+      if out and out[-1]["role"] == "assistant":
+        out[-1].setdefault("tool_calls", []).append(call)
+      else:
+        out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+      out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                  "content": _text(item.get("output"), where + ".output")
+                  if not isinstance(item.get("output"), str) else item["output"]})
+    else:
+      raise api.ApiError(400, f"{where} is a {kind!r} item; this server takes message, "
+                         "function_call and function_call_output items", "input")
+  return out
+
+
+# ----------------------------------------------------------------------- storage
+
+class Store:
+  """Responses made with `store` (OpenAI's default), for GET and previous_response_id: the
+  newest `size` of them, each with its conversation (chat messages: the turns before it, its
+  input and its output), in this process's memory, at most `max_bytes` of them as JSON (the
+  oldest go first); ApiError 404 for one not (or no longer) kept."""
+
+  def __init__(self, size: int = 1000, max_bytes: int = 256 << 20):
+    if not isinstance(size, int) or size < 0:
+      raise ValueError(f"--max-stored-responses must be an integer >= 0, got {size!r}")
+    self.size, self.max_bytes, self.nbytes = size, max_bytes, 0
+    self._kept = collections.OrderedDict()
+
+  def put(self, rid: str, response: dict, conversation: list[dict]):
+    nbytes = len(json.dumps(response)) + len(json.dumps(conversation))
+    self._kept[rid] = (response, conversation, nbytes)
+    self.nbytes += nbytes
+    while self._kept and (len(self._kept) > self.size or self.nbytes > self.max_bytes):
+      self.nbytes -= self._kept.popitem(last=False)[1][2]
+
+  def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict]]:
+    if rid not in self._kept:
+      raise api.ApiError(404, f"no response {rid!r} is stored here (made with store: false, "
+                         f"or older than the newest {self.size})", param, code="not_found")
+    return self._kept[rid][:2]
+
+  def delete(self, rid: str):
+    self.get(rid)
+    self.nbytes -= self._kept.pop(rid)[2]
+
+
+# ---------------------------------------------------------------------- the output
+
+def _new_id(prefix: str) -> str:
+  return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _message(mid: str, text: str, status: str, logprobs: list) -> dict:
+  return {"type": "message", "id": mid, "status": status, "role": "assistant",
+          "content": [{"type": "output_text", "text": text, "annotations": [],
+                       "logprobs": logprobs}]}
+
+
+def _usage(prompt: int, cached: int, completion: int) -> dict:
+  return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+          "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+          "total_tokens": prompt + completion}
+
+
+class _Answer:
+  """One request's answer as a Response object: the request's settings echoed, the output
+  items made from the model's text once it ends."""
+
+  def __init__(self, server, body: ResponsesRequest, call, fmt, offered):
+    self.server, self.body, self.call, self.fmt = server, body, call, fmt
+    self.names = {t["function"]["name"] for t in offered}
+    self.rid, self.mid, self.created = _new_id("resp"), _new_id("msg"), int(time.time())
+    self.sampled = body.sampling(server.defaults)
+    self.turn = None  # the output as a chat message (for the conversation kept)
+
+  def logprobs(self, items) -> list:
+    k = self.body.top_logprobs_count
+    return [] if k is None else api.chat_logprobs(self.server.tokenizer, items, k)["content"]
+
+  def response(self, status: str, output: list, usage=None, error=None,
+               incomplete=None) -> dict:
+    body = self.body
+    fmt = body.text.format if body.text and body.text.format else None
+    return {"id": self.rid, "object": "response", "created_at": self.created,
+            "status": status, "background": False, "error": error,
+            "incomplete_details": incomplete, "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens, "metadata": {},
+            "model": self.server.model_name, "output": output, "parallel_tool_calls": True,
+            "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+            "store": body.store, "temperature": self.sampled["temperature"],
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt
+                     else {"type": "text"}},
+            "tool_choice": (body.tool_choice.model_dump()
+                            if isinstance(body.tool_choice, NamedFunction)
+                            else body.tool_choice or "auto"),
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+            "top_logprobs": body.top_logprobs or 0,
+            "top_p": 1.0 if self.sampled["top_p"] is None else self.sampled["top_p"],
+            "truncation": "disabled", "usage": usage, "user": None}
+
+  def finish(self, text: str, reason: str, logprob_items: list, completion: int) -> dict:
+    """The whole response: a message item (unless the answer is nothing but tool calls)
+    and a function_call item per call; "incomplete" where max_output_tokens cut it."""
+    content, calls = (tools.parse(self.fmt, text, self.names) if self.names
+                      else (text, []))
+    status = {"length": "incomplete", "cancelled": "cancelled"}.get(reason, "completed")
+    output = []
+    if content is not None or not calls:
+      output.append(_message(self.mid, content or "", "completed" if status == "completed"
+                             else "incomplete", self.logprobs(logprob_items)))
+    for c in calls:
+      output.append({"type": "function_call", "id": _new_id("fc"), "call_id": c["id"],
+                     "name": c["function"]["name"], "arguments": c["function"]["arguments"],
+                     "status": "completed"})
+    self.turn = {"role": "assistant", "content": content, **({"tool_calls": calls}
+                                                             if calls else {})}
+    usage = _usage(self.call.prompt_tokens, self.call.reqs[0].cached_prompt, completion)
+    return self.response(status, output, usage, incomplete={"reason": "max_output_tokens"}
+                         if reason == "length" else None)
+
+
+async def create(server, request):
+  body = await generation.parse_body(server, request, ResponsesRequest)
+  history = (server.responses.get(body.previous_response_id, "previous_response_id")[1]
+             if body.previous_response_id else [])
+  turn = input_messages(body)
+  system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+  messages = [api.Message.model_validate(m).for_template() for m in system + history + turn]
+  offered = body.active_tools()
+  fmt = tools.detect(server.template.with_tools) if server.template else None
+  prompts = [generation.chat_prompt(server, messages, offered, "input",
+                                    add_generation_prompt=True)]
+  forced = body.forced_tools()
+  call = generation.Call(server, prompts, body,
+                         generation.token_limits(server, prompts, body.limit),
+                         constraint=None if not forced else ("lark", tools.grammar(fmt, forced),
+                                                             "tool_choice"),
+                         skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
+  call.submit()
+  answer = _Answer(server, body, call, fmt, offered)
+
+  def keep(response):
+    if body.store and response["status"] != "failed":
+      server.responses.put(answer.rid, response, history + turn + [answer.turn])
+
+  if body.stream:
+    return EventStream(_events(answer, bool(offered), keep), call.close)
+  res = await server.wait(request, call)
+  response = answer.finish(res.texts[0], res.reasons[0], res.logprobs[0],
+                           res.completion_tokens[0])
+  keep(response)
+  return server.json_response(response)
+
+
+async def _events(answer: _Answer, held: bool, keep):
+  """The response as the Responses API streams it. The text streams as it comes unless the
+  request offers tools (then it is held, as chat holds it, until the calls can be parsed)."""
+  numbers = itertools.count()
+
+  def event(kind: str, **fields) -> str:
+    data = {"type": kind, "sequence_number": next(numbers), **fields}
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+  def opened(index: int, item: dict):
+    """The events that open an item (its empty form)."""
+    if item["type"] == "message":
+      part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+      return [event("response.output_item.added", output_index=index,
+                    item={**item, "status": "in_progress", "content": []}),
+              event("response.content_part.added", item_id=item["id"], output_index=index,
+                    content_index=0, part=part)]
+    return [event("response.output_item.added", output_index=index,
+                  item={**item, "arguments": "", "status": "in_progress"})]
+
+  yield event("response.created", response=answer.response("in_progress", []))
+  yield event("response.in_progress", response=answer.response("in_progress", []))
+  if not held:
+    for e in opened(0, _message(answer.mid, "", "in_progress", [])):
+      yield e
+  text, items, reason, completion = "", [], None, 0
+  async for _, ev in answer.call.events():
+    if ev.error:
+      error = {"code": "server_error", "message": ev.error}
+      yield event("error", code="server_error", message=ev.error, param=None)
+      yield event("response.failed", response=answer.response("failed", [], error=error))
+      return
+    text, items, completion = text + ev.text, items + ev.logprobs, ev.completion_tokens
+    reason = ev.finish_reason or reason
+    if not held and (ev.text or ev.logprobs):
+      yield event("response.output_text.delta", item_id=answer.mid, output_index=0,
+                  content_index=0, delta=ev.text, logprobs=answer.logprobs(ev.logprobs))
+  final = answer.finish(text, reason, items, completion)
+  for index, item in enumerate(final["output"]):
+    if item["type"] == "message":
+      part = item["content"][0]
+      if held:
+        for e in opened(index, item):
+          yield e
+        yield event("response.output_text.delta", item_id=item["id"], output_index=index,
+                    content_index=0, delta=part["text"], logprobs=part["logprobs"])
+      yield event("response.output_text.done", item_id=item["id"], output_index=index,
+                  content_index=0, text=part["text"], logprobs=part["logprobs"])
+      yield event("response.content_part.done", item_id=item["id"], output_index=index,
+                  content_index=0, part=part)
+    else:
+      for e in opened(index, item):
+        yield e
+      yield event("response.function_call_arguments.delta", item_id=item["id"],
+                  output_index=index, delta=item["arguments"])
+      yield event("response.function_call_arguments.done", item_id=item["id"],
+                  output_index=index, name=item["name"], arguments=item["arguments"])
+    yield event("response.output_item.done", output_index=index, item=item)
+  keep(final)
+  yield event("response.completed" if final["status"] == "completed" else
+              "response.incomplete", response=final)
+
+
+async def stored(server, request):
+  """GET (the response) and DELETE (forget it) of /v1/responses/{id}."""
+  rid = request.path_params["response_id"]
+  if request.method == "DELETE":
+    server.responses.delete(rid)
+    return server.json_response({"id": rid, "object": "response", "deleted": True})
+  return server.json_response(server.responses.get(rid)[0])
