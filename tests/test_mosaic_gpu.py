@@ -278,6 +278,29 @@ def test_decode_guard_one_huge_score_recomputes_only_its_group(guard_form):
   assert 1 <= int(stats["recomputed_rows"]) <= 4  # at most the 4 query heads of that group
 
 
+def test_decode_guard_window_is_float16s_where_the_weights_are_float16():
+  """The weights exp(s - phi) meet V in the input's dtype: in float16 a row whose scores sit
+  15 below phi keeps almost none of their bits (float16 ends at exp(-16.6); its normals at
+  exp(-9.7)), so the guard's float16 window flags the row and the online pass gets it right.
+  In bfloat16 (float32's exponent) the same row is inside the window and exact."""
+  rng = np.random.default_rng(13)
+  q = np.zeros((1, 4, D), np.float32)
+  q[..., 0] = 1.0  # each query head's score of key j is k[j, 0]
+  k = rng.standard_normal((1, 64, 1, D)).astype(np.float32)
+  k[..., 0] = -15.0 - np.abs(rng.standard_normal((1, 64, 1))) * 1.5
+  v = rng.standard_normal((1, 64, 1, D)).astype(np.float32)
+  lengths = jnp.asarray([64], jnp.int32)
+  for dtype, recomputed in ((jnp.float16, 4), (jnp.bfloat16, 0)):
+    qd, kd, vd = (jnp.asarray(x, dtype) for x in (q, k, v))
+    out, stats = mda.decode_attention(qd, kd, vd, lengths, sm_scale=1.0,
+                                      settings=mda.Settings(num_splits=1, stages=2),
+                                      interpret=True, return_stats=True)
+    want = np_decode_attention(*_f64(qd, kd, vd), np.asarray(lengths), 1.0)
+    _check_low_precision(out, want, reference.decode_attention(qd, kd, vd, lengths, 1.0,
+                                                                 plain=True))
+    assert int(stats["recomputed_rows"]) == recomputed
+
+
 def test_decode_default_settings_fill_the_gpu_within_shared_memory():
   s = mda.Settings.default(1, 8, 4096)  # Llama-3-8B at batch 1: 8 KV heads
   assert s.block_k == 64 and 2 <= s.stages <= 4

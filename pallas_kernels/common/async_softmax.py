@@ -14,7 +14,11 @@ overflow nor lose the row to underflow, which depends only on the row's largest 
   full precision; terms that do flush to zero weigh exp(-87.3 + 40) < 1e-20 relative to the
   largest, far below float32's epsilon: LO = -40.
 
-So a row is exact iff LO <= m - phi <= HI. Each split also records its largest score (a
+So a row is exact iff LO <= m - phi <= HI. Where the kernel rounds the weights exp(s - phi)
+to float16 before they meet V (the Mosaic GPU decode kernel's WGMMA takes them in the input's
+dtype), the window is float16's instead (`window`): a weight overflows past exp(11.09), and
+below exp(-9.7) it is no longer normal (below exp(-16.6) it is 0), so the largest weight must
+stay in [exp(-9), exp(11)]. bfloat16 has float32's exponent: float32's window. Each split also records its largest score (a
 max-reduction it needs no synchronisation for); after the splits are summed, rows outside
 the window, and rows whose sums are not finite (an |v| beyond the bound above) or empty,
 are flagged and recomputed with the ordinary online (synchronised) softmax. The guard is
@@ -31,15 +35,24 @@ import jax.numpy as jnp
 
 LO = -40.0
 HI = 60.0
+LO_FLOAT16, HI_FLOAT16 = -9.0, 11.0  # weights rounded to float16 (see above)
 DEFAULT_PHI = 0.0  # scores of the models we know fall well inside [phi + LO, phi + HI]
 
 
-def needs_recompute(row_max, denom, out, phi):
-  """Rows whose async result cannot be trusted. row_max, denom [...]; out [..., D]. A row
-  that saw no key (row_max -inf: no key yet, or none in its sliding window) has nothing to
-  redo: its result, 0, is exact."""
+def window(weights_dtype=None) -> tuple[float, float]:
+  """(LO, HI) for a kernel whose weights exp(s - phi) are in `weights_dtype` (None or a
+  dtype with float32's exponent: float32's window)."""
+  if weights_dtype is not None and jnp.dtype(weights_dtype) == jnp.float16:
+    return LO_FLOAT16, HI_FLOAT16
+  return LO, HI
+
+
+def needs_recompute(row_max, denom, out, phi, bounds=(LO, HI)):
+  """Rows whose async result cannot be trusted. row_max, denom [...]; out [..., D]; bounds:
+  the window of m - phi (`window`). A row that saw no key (row_max -inf: no key yet, or none
+  in its sliding window) has nothing to redo: its result, 0, is exact."""
   delta = row_max - phi
-  in_window = (delta >= LO) & (delta <= HI)
+  in_window = (delta >= bounds[0]) & (delta <= bounds[1])
   finite = jnp.isfinite(denom) & (denom > 0) & jnp.all(jnp.isfinite(out), axis=-1)
   return (row_max > -jnp.inf) & ~(in_window & finite)
 
@@ -178,25 +191,25 @@ def combine_online(o, l, m, axis):
   return num / jnp.expand_dims(jnp.where(den > 0, den, 1.0), -1)
 
 
-def combine_async(o, l, m, phi, axis):
+def combine_async(o, l, m, phi, axis, bounds=(LO, HI)):
   """The async combine of split partials along `axis`: numerators and denominators (all
   against the one phi) simply summed. Returns (out, rows the guard flags)."""
   den = jnp.sum(l, axis=axis)
   out = jnp.sum(o, axis=axis) / jnp.expand_dims(jnp.where(den > 0, den, 1.0), -1)
-  return out, needs_recompute(jnp.max(m, axis=axis), den, out, phi)
+  return out, needs_recompute(jnp.max(m, axis=axis), den, out, phi, bounds)
 
 
 def guarded_groups(run, phi, mode, batch: int, kv_heads: int, group: int, group_pad: int,
-                   out_dtype, return_stats: bool, select: bool = False):
+                   out_dtype, return_stats: bool, select: bool = False, weights_dtype=None):
   """The GPU split-KV decode kernels' driver (Triton and Mosaic GPU): run(active, online) runs
   the kernel over the (row, KV head) programs `active` (int32 [B, Hkv]) and gives partials o
   [B, Hkv, splits, group_pad, D], l and m [B, Hkv, splits, group_pad]; the splits are combined,
   the guard's flagged groups rerun online (`guarded`, with `select`), the padding rows of each
-  group dropped.
+  group dropped. weights_dtype: what the kernel rounds exp(s - phi) to (the guard's `window`).
   Returns [B, Hkv * group, D] in out_dtype (and stats)."""
   def run_async():
     out, flags = combine_async(*run(jnp.ones((batch, kv_heads), jnp.int32), online=False),
-                               phi[0], axis=2)
+                               phi[0], axis=2, bounds=window(weights_dtype))
     return out, flags & (jnp.arange(group_pad) < group)  # padding rows never count
 
   def run_online(flags):  # only the flagged (row, KV head) groups run

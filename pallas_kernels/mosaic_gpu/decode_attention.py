@@ -343,4 +343,4 @@ def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, 
                           sm_scale=sm_scale, settings=settings, window=window, softcap=softcap,
                           interpret=interpret, heads_major=heads_major)
   return asm.guarded_groups(run, phi, mode, b, hkv, g, g_out, q.dtype, return_stats,
-                            select)
+                            select, weights_dtype=q.dtype)  # p is rounded to q's dtype
