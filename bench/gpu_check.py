@@ -32,6 +32,7 @@ from fdjax.ops import dispatch, kv_cache, quant, reference, selection  # noqa: E
 from fdjax.tuning import tune
 from pallas_kernels.mosaic_gpu import decode_attention as mda  # noqa: E402
 from pallas_kernels.mosaic_gpu import flat_gemm as mfg  # noqa: E402
+from pallas_kernels.mosaic_gpu import quantized_gemm as mq  # noqa: E402
 from pallas_kernels.triton import cope_attention as ck  # noqa: E402
 from pallas_kernels.triton import decode_attention as dk  # noqa: E402
 from pallas_kernels.triton import flat_gemm as fg  # noqa: E402
@@ -41,6 +42,7 @@ from pallas_kernels.triton import prefill_attention as pk  # noqa: E402
 F32_LIMIT = 1e-5
 GEMM_F32_LIMIT = 2e-5
 CASE_S = 150  # a case still running after this (compile included) is taken as hung
+#               (--case-seconds: the lease's script gives less, so one hang costs little)
 
 
 def rel_err(got, want) -> float:
@@ -83,8 +85,9 @@ def _naive_cope(q, k, v, pos_emb, lengths, scale):
 # ------------------------------------------------------------------------------- cases
 
 class Checker:
-  def __init__(self, smoke: bool, results_dir: str | None = None, only=()):
-    self.smoke = smoke
+  def __init__(self, smoke: bool, results_dir: str | None = None, only=(),
+               case_s: float = CASE_S):
+    self.smoke, self.case_s = smoke, case_s
     self.results_dir = results_dir
     self.only = only
     self.interpret = smoke
@@ -104,13 +107,13 @@ class Checker:
     t0 = time.perf_counter()
     row = {"kernel": kernel, "case": name}
     def hung():  # the case never returned (a kernel waiting forever): record it, and the rest
-      row.update(ok=False, error=f"hung: no result after {CASE_S} s",
+      row.update(ok=False, error=f"hung: no result after {self.case_s} s",
                  seconds=time.perf_counter() - t0)
       self.rows.append(row)
       self.write()
     try:
       with (contextlib.nullcontext() if self.smoke else
-            common.watchdog(f"{kernel} {name}", CASE_S, hung)):
+            common.watchdog(f"{kernel} {name}", self.case_s, hung)):
         row.update(fn())
     except Exception as e:  # a crash is a failed case, reported; the rest still run
       traceback.print_exc()
@@ -174,9 +177,13 @@ class Checker:
     """Paged decode with shuffled page ids and garbage past each row's last page (with a
     window: the pages wholly before it given back, NO_PAGE in the table); `kernels` as
     decode's."""
+    max_pages = -(-max(lengths) // page_size)
+    if b * max_pages > num_pages:  # said when the case list is made, not on the device
+      raise ValueError(f"paged case: {b} rows of {max_pages} pages need {b * max_pages} pages; "
+                       f"the pool has {num_pages}")
+
     def run():
       kq, kk, kv, kp = jax.random.split(self.next_key(), 4)
-      max_pages = -(-max(lengths) // page_size)
       q = _randn(kq, (b, hq, d), dtype)
       k = _randn(kk, (hkv, num_pages, page_size, d), dtype)  # heads-major pools
       v = _randn(kv, (hkv, num_pages, page_size, d), dtype)
@@ -256,6 +263,9 @@ class Checker:
       if which in kernels:
         settings = (fg.Settings if which == "flat" else gv.Settings)(**params)
         out = kernels[which](x, w, interpret=self.interpret, settings=settings)
+      elif which == "mosaic_flat" and quantization:
+        out = mq.flat_gemm(x, w.values, w.scales, bits=quant.bits_of(quantization),
+                           interpret=self.interpret, settings=mq.Settings(**params))
       elif which == "mosaic_flat":
         out = mfg.flat_gemm(x, w, interpret=self.interpret, settings=mfg.Settings(**params))
       elif which == "auto" and self.smoke:  # on the CPU auto is XLA: run the GPU's choice
@@ -454,7 +464,7 @@ def mosaic_checks(c: Checker):
            (3, 8, 1, 64, 336, [336, 64, 1]),            # MQA, head_dim 64
            (2, 16, 8, 256, 2000, [2000, 777])]          # Gemma-2's head_dim 256: two warpgroups
     paged = [(4, 32, 8, 128, 64, 400, [1, 64, 4000, 2777]), (3, 8, 8, 128, 16, 300, [17, 900, 5]),
-             (2, 4, 1, 256, 64, 80, [4000, 333])]       # Gemma-3-1B's heads
+             (2, 4, 1, 256, 64, 160, [4000, 333])]      # Gemma-3-1B's heads (2 x 63 pages)
     gemms = [(m, 11008, 4096) for m in (1, 16, 33, 64)] + [(8, 4096, 14336)]
     win = 1000
   for b, hq, hkv, dd, ss, n in dec:
@@ -482,6 +492,10 @@ def mosaic_checks(c: Checker):
     c.case("mosaic_flat_gemm", f"bfloat16 M{m} K{k} N{n}", c.gemm("mosaic_flat", m, k, n, bf16))
   m, k, n = gemms[0]
   c.case("mosaic_flat_gemm", f"float16 M{m} K{k} N{n}", c.gemm("mosaic_flat", m, k, n, f16))
+  for q in ("int8", "int4"):  # the weight-only kernels auto takes on Hopper at M >= M1
+    for m, k, n in ([(20, 256, 192)] if c.smoke else [(1, 11008, 4096), (16, 11008, 4096)]):
+      c.case(f"mosaic_flat_gemm_{q}", f"bfloat16 M{m} K{k} N{n}",
+             c.gemm("mosaic_flat", m, k, n, bf16, q))
   for m in ([1, 20] if c.smoke else [1, 2, 16, 64, 100]):
     c.case("linear (auto)", f"bfloat16 M{m} K{gemms[-1][1]} N{gemms[-1][2]}",
            c.gemm("auto", m, gemms[-1][1], gemms[-1][2], bf16))
@@ -500,10 +514,13 @@ def main():
   ap.add_argument("--results-dir")
   ap.add_argument("--only", nargs="+", default=[], metavar="TEXT",
                   help="only the cases whose kernel and name contain one of these")
+  ap.add_argument("--case-seconds", type=float, default=CASE_S,
+                  help=f"a case running longer (compile included) is recorded as hung and the "
+                  f"rest go on (default {CASE_S})")
   args = ap.parse_args()
   if not args.smoke and jax.default_backend() != "gpu":
     raise SystemExit("gpu_check: no GPU here (use --smoke for the interpret-mode form)")
-  c = Checker(args.smoke, args.results_dir, args.only)
+  c = Checker(args.smoke, args.results_dir, args.only, args.case_seconds)
   run_checks(c)
   failed = [r for r in c.rows if not r.get("ok")]
   print(c.write())

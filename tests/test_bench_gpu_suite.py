@@ -57,8 +57,29 @@ def test_gpu_check_smoke_covers_every_kernel(dry_run):
                                          "prefill_guard", "cope_attention", "flat_gemm", "gemv",
                                          "linear (dispatch)", "model", "mosaic_decode",
                                          "mosaic_paged_decode", "mosaic_decode_guard",
-                                         "mosaic_flat_gemm", "linear (auto)",
+                                         "mosaic_flat_gemm", "mosaic_flat_gemm_int8",
+                                         "mosaic_flat_gemm_int4", "linear (auto)",
                                          "mosaic_grouped_gemm"}
   assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
   guards = [r for r in rows if r["kernel"].endswith("_guard")]
   assert guards and all(r["recomputed_rows"] > 0 for r in guards)
+
+
+def test_the_gpu_forms_case_list_builds_on_a_cpu():
+  """bench/gpu_check.py's full (GPU) form, its cases made and not run: a case whose inputs
+  cannot be built (a paged case needing more pages than its pool: the head_dim-256 one once)
+  fails here, not in a lease's minutes."""
+  from bench import gpu_check
+
+  class Listing(gpu_check.Checker):
+    def case(self, kernel, name, fn):
+      self.rows.append((kernel, name))
+
+  c = Listing(smoke=False)
+  gpu_check.run_checks(c)
+  kernels = [k for k, _ in c.rows]
+  assert kernels.index("mosaic_decode") < kernels.index("decode_attention")  # Mosaic first
+  assert kernels.count("mosaic_paged_decode") == 4
+  assert {"mosaic_flat_gemm_int8", "mosaic_flat_gemm_int4"} <= set(kernels)
+  with pytest.raises(ValueError, match="need 126 pages; the pool has 80"):
+    c.paged(2, 4, 1, 256, 64, 80, [4000, 333], None)

@@ -135,6 +135,11 @@ def test_quantized_flat_gemm_refuses_what_it_cannot_take():
                  interpret=True)
   with pytest.raises(ValueError, match="int4 weights for K=256 must be values"):
     mq.flat_gemm(x, w.values[:100], w.scales, bits=4, interpret=True)
+  # a program's int4 scale rows come in one TMA copy: at most 256 (K = 32768 a program)
+  assert mq.unsupported(1, 2 ** 15, 128, jnp.bfloat16, 4, mq.Settings(split_k=1)) is None
+  assert "257 int4 scale rows" in mq.unsupported(1, 257 * 128, 128, jnp.bfloat16, 4,
+                                                 mq.Settings(split_k=1))
+  assert mq.unsupported(1, 257 * 128, 128, jnp.bfloat16, 8, mq.Settings(split_k=1)) is None
 
 
 def test_the_race_detector_catches_a_planted_race(monkeypatch):
@@ -369,6 +374,14 @@ def test_dispatch_runs_the_mosaic_decode_attention():
   with pytest.raises(ValueError, match="Mosaic GPU.*head_dim 16"):
     dispatch.decode_attention(q[..., :16], kf[..., :16], vf[..., :16], n,
                               impl="pallas_mosaic_interpret")
+  # 71 query heads on one KV head (Falcon-7B) are more than one MMA's rows: under `using`,
+  # XLA runs it (auto on a GPU: Triton), where the kernel would refuse it at trace time.
+  q71, k1, v1 = _inputs(rng, (1, 71, D), (1, 32, 1, D), jnp.bfloat16)
+  with dispatch.using("pallas_mosaic_interpret"):
+    got = dispatch.decode_attention(q71, k1, v1, jnp.asarray([20], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(
+      dispatch.decode_attention(q71, k1, v1, jnp.asarray([20], jnp.int32), impl="xla"),
+      np.float32))
 
 
 # ------------------------------------------------------------------------ what auto picks
@@ -386,8 +399,9 @@ def test_auto_on_a_gpu_takes_mosaic_on_hopper_then_triton_then_xla(monkeypatch):
       ((128, "float32", "cuda", 4096, 1), "dtype float32 is not bfloat16 or float16"),
       ((32, "bfloat16", "cuda", 4096, 1), "head_dim 32 is not 64, 128 or 256"),
       ((128, "bfloat16", "cuda", 48, 8), "the page size 48 neither divides"),
-      ((128, "bfloat16", "cuda", 4097, 1), "the cache length 4097 is not a multiple of 8")]:
-    c = att("paged_decode_attention", *args)
+      ((128, "bfloat16", "cuda", 4097, 1), "the cache length 4097 is not a multiple of 8"),
+      ((64, "bfloat16", "cuda", 4096, 1, 71), "71 query heads per KV head is more than 64")]:
+    c = att("paged_decode_attention", *args)  # the last: Falcon-7B's 71 on one KV head
     assert c.impl == "pallas" and f"not Mosaic GPU: {why}" in c.reason, c
   c = att("paged_decode_attention", 128, "bfloat16", "cuda", 24, 8)
   assert c.impl == "xla" and "Mosaic GPU: the page size 24 neither divides" in c.reason

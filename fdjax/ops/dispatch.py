@@ -133,11 +133,13 @@ def tpu_kind() -> str:
 
 
 def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None,
-         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=True, cpu_fn=None):
+         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=True, cpu_fn=None,
+         group=1):
   """Calls xla_fn(), pallas_fn(interpret) (Triton), tpu_fn(interpret) (Mosaic TPU; None: the
   op has none) or mosaic_fn(interpret) (Mosaic GPU; None: the op has none yet) as `impl` says.
   Under "auto" the rules of fdjax.ops.selection decide, per platform at lowering time
-  (attention ops pass head_dim, dtype and their keys' page size and pages a row; what no
+  (attention ops pass head_dim, dtype, their keys' page size and pages a row, and their query
+  heads per KV head; what no
   kernel takes goes to XLA on every backend). gpu_auto_fn(): what "auto" runs on a CUDA GPU
   for an op with its own rule (linear: the table); mosaic_takes: whether its Mosaic GPU kernel
   takes this call (ops with no head_dim; under `using`, XLA runs what it does not take);
@@ -153,9 +155,10 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
     if family == "pallas_tpu":
       return tpu_fn is not None and selection.attention(op, head_dim, dtype, "tpu", page_size,
                                                         max_pages).impl == "pallas"
-    unsupported = (selection.mosaic_unsupported if family == "pallas_mosaic"
-                   else selection.triton_unsupported)
-    return unsupported(op, head_dim, dtype, page_size, max_pages) is None
+    if family == "pallas_mosaic":
+      return selection.mosaic_unsupported(op, head_dim, dtype, page_size, max_pages,
+                                          group) is None
+    return selection.triton_unsupported(op, head_dim, dtype, page_size, max_pages) is None
 
   if impl == "auto":
     impl = current()
@@ -186,7 +189,8 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
     if gpu_auto_fn is not None:
       kernel = gpu_auto_fn
     else:
-      chosen = selection.attention(op, head_dim, dtype, "cuda", page_size, max_pages).impl
+      chosen = selection.attention(op, head_dim, dtype, "cuda", page_size, max_pages,
+                                   group).impl
       run = {"pallas": pallas_fn, "pallas_mosaic": mosaic_fn}.get(chosen)
       kernel = None if run is None else (lambda: run(False))
   elif platform == "tpu" and takes("pallas_tpu"):
@@ -279,7 +283,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None, phi=None, w
   return _run(op, impl, lambda: reference.decode_attention(q, k_cache, v_cache, lengths, scale,
                                                            **extra),
               pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype, k_cache.shape[1],
-              mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode), max_pages=1)
+              mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode), max_pages=1,
+              group=q.shape[1] // k_cache.shape[2])
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, phi=None,
@@ -313,7 +318,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale
   return _run(op, impl, xla, pallas, _on_tpu(pallas, tpu_decode), q.shape[-1], q.dtype,
               k_pages.shape[2], max_pages=page_table.shape[1],
               mosaic_fn=lambda interpret: pallas(interpret, kernels=mosaic_decode),
-              cpu_fn=lambda: xla(**selection.cpu_paged_decode(k_pages.dtype).settings))
+              cpu_fn=lambda: xla(**selection.cpu_paged_decode(k_pages.dtype).settings),
+              group=q.shape[1] // k_pages.shape[0])
 
 
 def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_scale=None,

@@ -135,11 +135,12 @@ def triton_unsupported(op: str, head_dim: int, dtype, page_size: int | None = No
 
 
 def mosaic_unsupported(op: str, head_dim: int, dtype, page_size: int | None = None,
-                       max_pages: int = 2) -> str | None:
-  """Why the Mosaic GPU kernel cannot take this attention call (None: it can)."""
+                       max_pages: int = 2, group: int = 1) -> str | None:
+  """Why the Mosaic GPU kernel cannot take this attention call (None: it can); group: query
+  heads per KV head."""
   if op not in MOSAIC_OPS:
     return f"no Mosaic GPU kernel for {op} yet"
-  why = mosaic_decode.unsupported(head_dim, dtype)
+  why = mosaic_decode.unsupported(head_dim, dtype, group)
   if not why and page_size is not None:
     pieces = mosaic_decode.pieces(page_size, max_pages, mosaic_decode.BLOCK_K)
     why = pieces if isinstance(pieces, str) else None
@@ -147,9 +148,10 @@ def mosaic_unsupported(op: str, head_dim: int, dtype, page_size: int | None = No
 
 
 def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | None = None,
-              max_pages: int = 2) -> Choice:
+              max_pages: int = 2, group: int = 1) -> Choice:
   """Which implementation "auto" runs for an attention op on `platform` (its keys in pages of
-  `page_size` entries, `max_pages` a row; a contiguous cache of S: S and 1). impl "pallas" is
+  `page_size` entries, `max_pages` a row; a contiguous cache of S: S and 1; `group` query
+  heads per KV head). impl "pallas" is
   the Triton kernel on a CUDA GPU, the Mosaic kernel on a TPU; "pallas_mosaic" the Mosaic
   GPU kernel (the module's docstring gives the rule)."""
   if platform == "tpu" and op not in TPU_OPS:
@@ -165,7 +167,8 @@ def attention(op: str, head_dim: int, dtype, platform: str, page_size: int | Non
                   "recompute")
   what = "fused CoPE kernel" if op == "cope_attention" else (
       "async-softmax kernel: unified max value, guarded recompute")
-  mosaic = not_hopper() or mosaic_unsupported(op, head_dim, dtype, page_size, max_pages)
+  mosaic = not_hopper() or mosaic_unsupported(op, head_dim, dtype, page_size, max_pages,
+                                              group)
   if mosaic is None:
     return Choice("pallas_mosaic", f"Mosaic GPU {what}; TMA pipeline, WGMMA")
   triton = triton_unsupported(op, head_dim, dtype, page_size, max_pages)
@@ -549,9 +552,10 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
   if platform.startswith("tpu"):
     platform, kind = "tpu", kind or tpu_kind(platform)
   head_dim = 128 if config is None else config.head_dim
+  group = 1 if config is None else config.num_heads // config.num_kv_heads
   cope = config is not None and config.cope
   ops = ["cope_attention"] if cope else ["prefill_attention", "decode_attention"]
-  choices = {op: attention(op, head_dim, dtype, platform) for op in ops}
+  choices = {op: attention(op, head_dim, dtype, platform, group=group) for op in ops}
   bits = None if quantization is None else quant.bits_of(quantization)
   moe_itemsize = bits / 8 if bits else jax.numpy.dtype(dtype).itemsize
   layer = {} if config is None else dict(hidden=config.hidden_size,

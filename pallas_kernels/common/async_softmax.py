@@ -18,12 +18,14 @@ So a row is exact iff LO <= m - phi <= HI. Where the kernel rounds the weights e
 to float16 before they meet V (the Mosaic GPU decode kernel's WGMMA takes them in the input's
 dtype), the window is float16's instead (`window`): a weight overflows past exp(11.09), and
 below exp(-9.7) it is no longer normal (below exp(-16.6) it is 0), so the largest weight must
-stay in [exp(-9), exp(11)]. bfloat16 has float32's exponent: float32's window. Each split also records its largest score (a
-max-reduction it needs no synchronisation for); after the splits are summed, rows outside
-the window, and rows whose sums are not finite (an |v| beyond the bound above) or empty,
-are flagged and recomputed with the ordinary online (synchronised) softmax. The guard is
-what makes a fixed phi safe: without it a model whose scores leave the window gives inf and
-then NaN (ExecuTorch shipped exactly that and reverted it).
+stay in [exp(-9), exp(11)]. bfloat16 has float32's exponent: float32's window.
+
+Each split also records its largest score (a max-reduction it needs no synchronisation
+for); after the splits are summed, rows outside the window, and rows whose sums are not
+finite (an |v| beyond the bound above) or empty, are flagged and recomputed with the
+ordinary online (synchronised) softmax. The guard is what makes a fixed phi safe: without it
+a model whose scores leave the window gives inf and then NaN (ExecuTorch shipped exactly
+that and reverted it).
 """
 from __future__ import annotations
 

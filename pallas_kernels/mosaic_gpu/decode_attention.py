@@ -79,8 +79,12 @@ class Settings:
     return cls(block_k=block_k, num_splits=splits, stages=stages)
 
 
-def unsupported(head_dim: int, dtype) -> str | None:
-  """Why the kernel cannot take this head_dim / dtype (None: it can)."""
+def unsupported(head_dim: int, dtype, group: int = 1) -> str | None:
+  """Why the kernel cannot take this head_dim / dtype / number of query heads per KV head
+  (None: it can)."""
+  if group > ROWS:
+    return (f"{group} query heads per KV head is more than {ROWS} (a GQA group is one MMA's "
+            "rows)")
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
     return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16 (WGMMA's transposed operands)"
   if head_dim not in HEAD_DIMS:

@@ -30,6 +30,9 @@ from pallas_kernels.mosaic_gpu import shared
 ROWS_PER_STEP = shared.QUANT_STEP  # stored rows a step reads: 64 (int8: 64 K rows; int4: a group)
 
 
+MAX_SCALE_ROWS = 256  # a TMA copy's box: at most 256 along a dimension (Mosaic GPU's bound)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   block_n: int | None = None   # output columns per program (the MMA's 64 rows of w^T)
@@ -57,6 +60,10 @@ def unsupported(m: int, k: int, n: int, dtype, bits: int,
   if k % GROUP or rows % (ROWS_PER_STEP * s.split_k):
     return (f"K={k} is not a multiple of {GROUP} with its {rows} stored rows a multiple of "
             f"{ROWS_PER_STEP} x split_k={s.split_k}")
+  scale_rows = 1 if bits == 8 else k // GROUP // s.split_k
+  if scale_rows > MAX_SCALE_ROWS:
+    return (f"K={k} at split_k={s.split_k} gives a program {scale_rows} int4 scale rows; its "
+            f"one TMA copy of them takes at most {MAX_SCALE_ROWS}")
   return None
 
 
