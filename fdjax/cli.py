@@ -81,7 +81,8 @@ def cmd_generate(args):
   res = generate(model, [ids], max_new_tokens=args.max_new_tokens,
                  **_generate_sampling(args, path), eos_token_id=eos, seed=args.seed,
                  page_size=args.page_size, prefill_chunk=args.prefill_chunk, speculative=spec)
-  print(args.prompt + tok.decode(res.tokens[0]))
+  from fdjax.engine.detokenize import continuation  # keeps the space before the first word
+  print(args.prompt + continuation(tok, ids, res.tokens[0]))  # (SentencePiece strips it)
   from models import quantize as quantization
   local = getattr(model, "local", model)  # on a mesh: what each device runs (local shapes)
   q = quantization.of(local)

@@ -208,6 +208,42 @@ def test_a_stop_string_is_found_in_characters_that_span_tokens_one_at_a_time(sto
   assert reason == ("stop" if stop in text else None)
 
 
+def _metaspace_tokenizer():
+  """A SentencePiece-style tokenizer (Llama 2, Mistral): pieces with U+2581 for a space, whose
+  decoder strips the leading space of what it decodes."""
+  from tokenizers import Tokenizer, decoders, models
+
+  from fdjax.io.tokenizer import HFTokenizer
+  vocab = {"<unk>": 0, "\u2581if": 1, "\u2581x": 2, ":": 3, "\u2581blo": 4, "9": 5}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.decoder = decoders.Metaspace()
+  return HFTokenizer(tok, None)
+
+
+def test_a_requests_text_keeps_the_space_before_its_first_word_as_decode_of_all_gives_it():
+  """The text new tokens add after the prompt, as transformers' decode(prompt + new) and
+  vLLM give it: a SentencePiece decoder strips the space of "\u2581blo" decoded alone."""
+  tok = _metaspace_tokenizer()
+  prompt, new = [1, 2, 3], [4, 5, 4]
+  assert tok.decode(new) == "blo9 blo" and tok.decode(prompt + new) == "if x: blo9 blo"
+  req = request.Request(prompt, 10, stop=(" blo",))
+  out = ""
+  for t in new:
+    _, reason, delta = detokenize.accept(req, [t], tok, ())
+    out += delta
+    if reason:
+      break
+  # the stop string is found at the text's start (decoded alone, "blo9 blo" kept "blo9")
+  assert out == req.text == "" and reason == "stop" and len(req.tokens) == 1
+  req = request.Request(prompt, 3)
+  out = "".join(detokenize.accept(req, [t], tok, ())[2] for t in new)
+  assert out == req.text == " blo9 blo"
+  assert detokenize.continuation(tok, prompt, new) == " blo9 blo"
+  assert detokenize.continuation(tok, [], new) == "blo9 blo"
+  assert detokenize.continuation(TOK, [ord("a"), 0xE2], [0x82, 0xAC]) == TOK.decode(
+      [0x82, 0xAC])  # the prompt ends inside a character: the tokens' own text
+
+
 @pytest.mark.parametrize("stops", [("b",), ("b", "abcdef"), ("abcdef", "b")])
 def test_a_stop_string_ended_before_min_tokens_does_not_end_the_request(stops):
   # whatever the other stop strings: a longer one's search start took in the "b" before

@@ -92,11 +92,50 @@ def test_result_has_timings():
      "is outside the vocabulary"),
     (dict(prompts=[[1]], max_new_tokens=3, speculative={"method": "draft", "model": "/ckpt"}),
      "model must be a loaded model, got the path '/ckpt'"),
+    # a tokenizer's eos_token (text) is not an id; "12" was read as ids 1 and 2
+    (dict(prompts=[[1]], max_new_tokens=3, eos_token_id="12"), "eos_token_id must be a token "
+     "id or a list of token ids, got '12'"),
+    (dict(prompts=[[1]], max_new_tokens=3, eos_token_id=2.0), "eos_token_id must be a token"),
+    (dict(prompts=[[1]], max_new_tokens=3, temperature=None), "temperature must be a number"),
+    (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0, min_p=None), "min_p must be a "
+     "number"),
 ])
 def test_bad_generate_input_is_a_clear_value_error(kwargs, msg):
   model = tiny_model()
   with pytest.raises(ValueError, match=msg):
     fdjax.generate(model, **kwargs)
+
+
+def test_every_bit_of_a_seed_counts_and_32_bit_seeds_draw_as_before():
+  """jax.random.key keeps a seed's low 32 bits without x64: seeds 5 and 2**32 + 5 (or 5 -
+  2**32) drew the same tokens. generate's key is made from all 64 (sampling.seed_key), the
+  key of a seed below 2**32 unchanged."""
+  import jax
+
+  from fdjax.engine import sampling
+  model = tiny_model()
+  draw = lambda seed: fdjax.generate(model, [[1, 2, 3]], max_new_tokens=12, temperature=1.0,
+                                     seed=seed).tokens[0]
+  draws = [draw(s) for s in (5, 2 ** 32 + 5, 5 - 2 ** 32)]
+  assert draws[0] != draws[1] and draws[0] != draws[2] and draws[1] != draws[2]
+  for seed in (0, 5, 2 ** 32 - 1):
+    assert (jax.random.key_data(sampling.seed_key(seed)) ==
+            jax.random.key_data(jax.random.key(seed))).all()
+
+
+def test_cli_sampling_flags_out_of_range_are_refused_not_turned_off():
+  """resolve (fdjax.io.generation_config) turns top_k 0 / -1 and top_p 1 into "off"; other
+  values out of range reach the sampler, which names them (`fdjax generate --top-p 1.5` ran
+  with top_p off)."""
+  from fdjax.io import generation_config
+  got = generation_config.resolve({"top_p": 1.5, "top_k": -5}, {})
+  assert got["top_p"] == 1.5 and got["top_k"] == -5
+  assert generation_config.resolve({"top_p": 1.0, "top_k": -1}, {})["top_k"] is None
+  model = tiny_model()
+  for name, value in (("top_p", 1.5), ("top_k", -5)):
+    kept = generation_config.resolve({name: value}, {}, (name,))
+    with pytest.raises(ValueError, match=name):
+      fdjax.generate(model, [[1]], max_new_tokens=2, temperature=1.0, **kept)
 
 
 def test_numpy_integers_are_taken_where_ints_are():

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fdjax.engine import paging, spec_steps, steps
+from fdjax.engine import paging, sampling, spec_steps, steps
 from fdjax.engine import speculative as speculative_
 from fdjax.engine.runner import Runner
 from fdjax.engine.sampling import RowSampling, Sampler, Settings
@@ -291,7 +291,7 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   cache, last = _prefill(runner, prompts, rows, shapes, pages, window)
   max_new = jnp.int32(max_new_tokens)
   loop = runner.first(last, np.arange(bp) < len(prompts), max_new, out_len=shapes.out,
-                      key=jax.random.key(seed), sampler=sampler)
+                      key=sampling.seed_key(seed), sampler=sampler)
   loop.last.block_until_ready()
   t1 = time.perf_counter()
   segment = max_new_tokens if window is None else kv.page_size

@@ -16,6 +16,14 @@ from fdjax.ops import checks
 GREEDY_BELOW = 1e-5
 
 
+def seed_key(seed: int) -> jax.Array:
+  """The PRNG key of an int64 seed, from all its bits, as jax.random.key makes it with x64 on
+  (without x64 it keeps the low 32: seeds 5 and 2**32 + 5 drew the same tokens); a seed in
+  [0, 2**32) gives jax.random.key(seed)'s key either way."""
+  s = int(seed) % 2 ** 64
+  return jax.random.wrap_key_data(np.array([s >> 32, s & 0xFFFFFFFF], np.uint32))
+
+
 class Sampler(NamedTuple):
   """Static sampling settings (hashable, so a jitted loop specialises on them)."""
   temperature: float = 0.0
@@ -24,6 +32,11 @@ class Sampler(NamedTuple):
   min_p: float = 0.0
 
   def validate(self, vocab_size: int) -> "Sampler":
+    for name in ("temperature", "min_p", "top_p"):
+      value = getattr(self, name)
+      if (value is None and name != "top_p") or isinstance(value, bool) or not isinstance(
+          value, (int, float, np.integer, np.floating, type(None))):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     if not 0.0 <= self.temperature < float("inf"):
       raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
     if self.top_k is not None:

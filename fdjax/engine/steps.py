@@ -83,10 +83,16 @@ def chunk_bucket(tokens: int, cap: int) -> int:
 
 
 def eos_ids(value) -> tuple[int, ...]:
-  """An EOS setting (None, one id, or several) as a sorted tuple of ids."""
+  """An EOS setting (None, one id, or several) as a sorted tuple of ids; ValueError for
+  anything else (a string such as a tokenizer's eos_token is not an id)."""
   if value is None:
     return ()
-  values = [value] if isinstance(value, (int, np.integer)) else list(value)
+  is_id = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  values = [value] if is_id(value) else list(value) if isinstance(
+      value, (list, tuple, np.ndarray)) else None
+  if values is None or not all(is_id(v) for v in values):
+    raise ValueError(f"eos_token_id must be a token id or a list of token ids, got "
+                     f"{value!r:.60}")
   return tuple(sorted({int(v) for v in values}))
 
 

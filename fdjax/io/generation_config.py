@@ -56,15 +56,16 @@ NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
 
 def resolve(given: dict, defaults: dict, names=tuple(NEUTRAL)) -> dict:
   """The settings `names` as the engine takes them: as `given` (None: left out), else
-  `defaults`, else NEUTRAL; top_k and top_p None when off (top_k 0 or -1, top_p 1)."""
+  `defaults`, else NEUTRAL; top_k and top_p None when off (top_k 0 or -1, top_p 1; other
+  values out of range stay, for the sampler to refuse)."""
   out = {}
   for name in names:
     value = given.get(name)
     out[name] = defaults.get(name, NEUTRAL[name]) if value is None else value
   if "top_k" in out:
-    out["top_k"] = out["top_k"] if out["top_k"] > 0 else None
+    out["top_k"] = None if out["top_k"] in (0, -1) else out["top_k"]
   if "top_p" in out:
-    out["top_p"] = out["top_p"] if out["top_p"] < 1.0 else None
+    out["top_p"] = None if out["top_p"] == 1.0 else out["top_p"]
   return out
 
 
