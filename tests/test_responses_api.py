@@ -121,9 +121,10 @@ def test_previous_response_id_continues_the_stored_conversation(s):
   s.client.responses.delete(first.id)
   with pytest.raises(openai.NotFoundError):
     s.client.responses.retrieve(first.id)
-  with pytest.raises(openai.NotFoundError) as e:
+  with pytest.raises(openai.BadRequestError) as e:  # OpenAI's 400 and code
     s.client.responses.create(model=s.name, input="x", previous_response_id=first.id)
   assert e.value.body["param"] == "previous_response_id"
+  assert e.value.body["code"] == "previous_response_not_found"
   unkept = s.client.responses.create(model=s.name, input="x", store=False, max_output_tokens=2)
   assert unkept.store is False
   with pytest.raises(openai.NotFoundError):
@@ -169,9 +170,13 @@ def test_text_format_json_schema_makes_output_that_validates(s):
     ({"tools": [{"type": "function", "name": "f"}],
       "tool_choice": {"type": "function", "name": "g"}}, 400, "tool_choice", "'g'"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text", "needs a schema"),
-    ({"truncation": "auto"}, 400, "truncation", "disabled"),
+    ({"truncation": "middle"}, 400, "truncation", "disabled"),
+    ({"max_output_tokens": 5000}, 400, "max_output_tokens", "max_output_tokens (5000)"),
+    ({"input": "x" * 600}, 400, "input", "context"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, 400, "input",
+     "input[0].output must be a string or a list of text parts"),
     ({"background": True}, 400, "background", "not supported"),
-    ({"previous_response_id": "resp_nothing"}, 404, "previous_response_id", "resp_nothing"),
+    ({"previous_response_id": "resp_nothing"}, 400, "previous_response_id", "resp_nothing"),
 ])
 def test_bad_responses_requests_are_refused_naming_the_field(s, body, status, param, words):
   import httpx2
@@ -200,7 +205,10 @@ def test_the_store_keeps_the_newest_n():
     store.put(f"r{i}", {"id": f"r{i}"}, [{"role": "user", "content": str(i)}])
   with pytest.raises(api.ApiError) as e:
     store.get("r0", "previous_response_id")
-  assert e.value.status == 404 and e.value.param == "previous_response_id"
+  assert e.value.status == 400 and e.value.param == "previous_response_id"
+  with pytest.raises(api.ApiError) as e:
+    store.get("r0")  # GET /v1/responses/r0
+  assert e.value.status == 404 and e.value.code == "not_found"
   assert store.get("r2")[1] == [{"role": "user", "content": "2"}]
   store.delete("r1")
   with pytest.raises(api.ApiError):
@@ -237,3 +245,40 @@ def test_input_items_become_chat_messages_a_call_joining_its_assistant_turn():
   # store is the Responses API's own field here (an ignored client extra elsewhere)
   assert api.parse(responses.ResponsesRequest, b'{"model": "m", "input": "x", "store": false}'
                    ).store is False
+
+
+@pytest.mark.integration
+def test_settings_are_echoed_and_input_items_tokens_and_cancel_answer_as_openai(s):
+  import httpx2
+  r = s.client.responses.create(
+      model=s.name, input=[{"role": "user", "content": "def f(x):"},
+                           {"role": "assistant", "content": "    return x"},
+                           {"role": "user", "content": [{"type": "input_text", "text": "g"}]}],
+      max_output_tokens=3, metadata={"a": "b"}, user="u1", reasoning={"effort": "low"},
+      prompt_cache_key="k", safety_identifier="s", service_tier="flex",
+      text={"verbosity": "low"}, parallel_tool_calls=False, max_tool_calls=5,
+      truncation="auto", tool_choice="auto", store=True)
+  for name, value in (("metadata", {"a": "b"}), ("user", "u1"), ("prompt_cache_key", "k"),
+                      ("safety_identifier", "s"), ("service_tier", "flex"),
+                      ("parallel_tool_calls", False), ("max_tool_calls", 5),
+                      ("truncation", "auto")):
+    assert getattr(r, name) == value, name
+  assert r.reasoning.effort == "low" and r.text.verbosity == "low"
+  assert s.client.responses.retrieve(r.id).metadata == {"a": "b"}
+  newest = s.client.responses.input_items.list(r.id)
+  oldest = s.client.responses.input_items.list(r.id, order="asc", limit=2)
+  assert [i.role for i in newest.data] == ["user", "assistant", "user"]
+  assert [i.id for i in oldest.data] == [i.id for i in newest.data][::-1][:2]
+  assert oldest.has_more and oldest.data[0].content[0].text == "def f(x):"
+  assert oldest.data[1].content[0].type == "output_text"
+  rest = s.client.responses.input_items.list(r.id, order="asc", after=oldest.data[-1].id)
+  assert [i.content[0].text for i in rest.data] == ["g"] and not rest.has_more
+  count = s.client.responses.input_tokens.count(model=s.name, input=r.output_text or "x",
+                                                 instructions="Be short.")
+  want = s.client.responses.create(model=s.name, input=r.output_text or "x",
+                                   instructions="Be short.", max_output_tokens=1)
+  assert count.input_tokens == want.usage.input_tokens > 0
+  with pytest.raises(openai.BadRequestError, match="only background responses"):
+    s.client.responses.cancel(r.id)
+  replay = httpx2.get(s.url + f"/v1/responses/{r.id}", params={"stream": "true"})
+  assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"

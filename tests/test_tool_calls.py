@@ -182,6 +182,14 @@ def test_responses_api_function_calls_and_their_outputs_as_chat_renders_them(s, 
       model=s.name, input=ASK + [o.model_dump(exclude_none=True) for o in r.output] + outputs,
       tools=flat, max_output_tokens=4, store=False)
   assert follow.usage.input_tokens == again.usage.input_tokens == want.usage.prompt_tokens
+  if fmt == "hermes":  # parallel_tool_calls false: the first of two calls only
+    two = "".join('<tool_call>\n{"name": "add", "arguments": {"a": %d, "b": 2}}\n</tool_call>'
+                  % a for a in (1, 3))
+    for parallel, calls in ((True, 2), (False, 1)):
+      r = s.client.responses.create(**{**ask, "extra_body": {"guided_choice": [two]}},
+                                    parallel_tool_calls=parallel)
+      assert [o.type for o in r.output] == ["function_call"] * calls
+      assert json.loads(r.output[0].arguments) == {"a": 1, "b": 2}
 
 
 def test_each_format_parses_its_own_calls():

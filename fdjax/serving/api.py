@@ -40,8 +40,7 @@ UNSUPPORTED = {
     "completions": ("suffix",),
     "chat": ("audio", "modalities", "prediction", "web_search_options", "functions",
              "function_call"),
-    "responses": ("background", "conversation", "prompt", "context_management",
-                  "max_tool_calls"),
+    "responses": ("background", "conversation", "prompt", "context_management"),
 }
 # Fields clients send that change nothing fdjax computes: accepted and ignored (with
 # --strict-fields, refused as unknown). Dotted names are inside an object.

@@ -5,6 +5,8 @@ vLLM serve it:
                               function_call_output items) -> the chat template -> output items
   GET    /v1/responses/{id}   a stored response
   DELETE /v1/responses/{id}   forgets it
+  GET    /v1/responses/{id}/input_items   its input items (limit, order, after)
+  POST   /v1/responses/input_tokens       how many tokens a request's input takes
 
 A request is a chat turn: `instructions` (a system message, not carried to the next turn), the
 conversation of `previous_response_id` (its input and output, kept in memory by the server
@@ -16,9 +18,10 @@ fdjax.serving.tools), `text.format` json_schema / json_object (a grammar), logpr
 extensions of chat (top_k, min_p, repetition_penalty, seed, stop, ...). The output is a
 message item (output_text) and a function_call item per call; streamed as the typed events
 the client parses (response.created ... response.output_text.delta ... response.completed,
-each with its sequence_number). Not here: built-in tools (web search, files, ...), images and
-files in the input, background responses, reasoning items and truncation "auto" (refused by
-name)."""
+each with its sequence_number). The request's other settings (metadata, user, reasoning,
+service_tier, ...) are echoed; parallel_tool_calls false keeps the first call. Not here:
+built-in tools (web search, files, ...), images and files in the input, background responses
+(so no cancel, no replayed stream) and reasoning items (refused by name)."""
 from __future__ import annotations
 
 import collections
@@ -35,6 +38,8 @@ from fdjax.serving import api, generation, tools
 from fdjax.serving.events import EventStream
 
 LOGPROBS = "message.output_text.logprobs"
+# The engine's errors name chat's fields: this endpoint's names for them.
+RENAMED_BY_ENGINE = {"max_tokens": "max_output_tokens", "prompt": "input"}
 # What `include` may name: the tokens' logprobs; reasoning.encrypted_content (Codex sends it
 # always) names what a reasoning item would carry, and this server writes none.
 INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
@@ -49,6 +54,10 @@ class FunctionTool(api._Strict):
   description: str | None = None
   parameters: dict | None = None
   strict: bool | None = None
+  # taken, changing nothing here (the SDK's FunctionToolParam sends them)
+  defer_loading: bool | None = None
+  output_schema: dict | None = None
+  allowed_callers: list[str] | None = None
 
 
 class NamedFunction(api._Strict):
@@ -88,8 +97,17 @@ class ResponsesRequest(api._Sampling):
   text: TextConfig | None = None
   store: bool = True
   previous_response_id: str | None = None
-  truncation: Literal["disabled"] = "disabled"
-  reasoning: dict | None = None  # taken (clients send an effort); no reasoning items here
+  parallel_tool_calls: bool = True  # false: the first call only
+  # "auto" truncates only an input past the context, which is a 400 here either way
+  truncation: Literal["disabled", "auto"] = "disabled"
+  # echoed, changing nothing here: no reasoning items, built-in tools or tiers
+  reasoning: dict | None = None
+  max_tool_calls: int | None = Field(None, ge=1)
+  metadata: dict[str, str] | None = None
+  user: str | None = None
+  prompt_cache_key: str | None = None
+  safety_identifier: str | None = None
+  service_tier: str | None = None
 
   def check(self):
     super().check()
@@ -102,7 +120,7 @@ class ResponsesRequest(api._Sampling):
     names = [t.name for t in self.tools or []]
     if len(set(names)) != len(names):
       raise api.ApiError(400, "tools have two functions of one name", "tools")
-    if self.tool_choice not in (None, "none") and not names:
+    if self.tool_choice not in (None, "none", "auto") and not names:
       raise api.ApiError(400, "tool_choice needs tools", "tool_choice")
     if isinstance(self.tool_choice, NamedFunction) and self.tool_choice.name not in names:
       raise api.ApiError(400, f"tool_choice names {self.tool_choice.name!r}, which is not "
@@ -158,8 +176,7 @@ def _text(content, where: str) -> str:
   if isinstance(content, str):
     return content
   if not isinstance(content, list):
-    raise api.ApiError(400, f"{where}.content must be a string or a list of text parts",
-                       "input")
+    raise api.ApiError(400, f"{where} must be a string or a list of text parts", "input")
   texts = []
   for j, part in enumerate(content):
     kind = part.get("type") if isinstance(part, dict) else None
@@ -168,7 +185,7 @@ def _text(content, where: str) -> str:
     elif kind == "refusal" and isinstance(part.get("refusal"), str):
       texts.append(part["refusal"])
     else:
-      raise api.ApiError(400, f"{where}.content[{j}] is "
+      raise api.ApiError(400, f"{where}[{j}] is "
                          + (f"a {kind!r} part" if isinstance(kind, str) else "not a text part")
                          + f"; this server takes text parts ({', '.join(TEXT_PARTS)})", "input")
   return "\n".join(texts)
@@ -200,7 +217,7 @@ def input_messages(body: ResponsesRequest) -> list[dict]:
                            f"{', '.join(ROLES)}", "input")
       if "content" not in item:
         raise api.ApiError(400, f"{where} has no content", "input")
-      out.append({"role": item["role"], "content": _text(item["content"], where)})
+      out.append({"role": item["role"], "content": _text(item["content"], where + ".content")})
     elif kind == "function_call":
       call = {"id": _string(item, "call_id", where), "type": "function",
               "function": {"name": _string(item, "name", where),
@@ -233,18 +250,29 @@ class Store:
     self.size, self.max_bytes, self.nbytes = size, max_bytes, 0
     self._kept = collections.OrderedDict()
 
-  def put(self, rid: str, response: dict, conversation: list[dict]):
-    nbytes = len(json.dumps(response)) + len(json.dumps(conversation))
-    self._kept[rid] = (response, conversation, nbytes)
+  def put(self, rid: str, response: dict, conversation: list[dict], items=()):
+    """Keeps a response, its conversation and its input items (input_items)."""
+    items = list(items)
+    nbytes = len(json.dumps(response)) + len(json.dumps(conversation)) + len(json.dumps(items))
+    self._kept[rid] = (response, conversation, nbytes, items)
     self.nbytes += nbytes
     while self._kept and (len(self._kept) > self.size or self.nbytes > self.max_bytes):
       self.nbytes -= self._kept.popitem(last=False)[1][2]
 
   def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict]]:
+    """A stored response and its conversation; ApiError 404 (400 naming `param` where a
+    request's field names it, OpenAI's previous_response_not_found)."""
     if rid not in self._kept:
-      raise api.ApiError(404, f"no response {rid!r} is stored here (made with store: false, "
-                         f"or older than the newest {self.size})", param, code="not_found")
+      message = (f"no response {rid!r} is stored here (made with store: false, or older than "
+                 f"the newest {self.size})")
+      if param:
+        raise api.ApiError(400, message, param, code="previous_response_not_found")
+      raise api.ApiError(404, message, code="not_found")
     return self._kept[rid][:2]
+
+  def items(self, rid: str) -> list[dict]:
+    self.get(rid)
+    return self._kept[rid][3]
 
   def delete(self, rid: str):
     self.get(rid)
@@ -291,26 +319,35 @@ class _Answer:
     return {"id": self.rid, "object": "response", "created_at": self.created,
             "status": status, "background": False, "error": error,
             "incomplete_details": incomplete, "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens, "metadata": {},
-            "model": self.server.model_name, "output": output, "parallel_tool_calls": True,
+            "max_output_tokens": body.max_output_tokens, "max_tool_calls": body.max_tool_calls,
+            "metadata": body.metadata or {}, "model": self.server.model_name,
+            "output": output, "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id,
-            "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+            "prompt_cache_key": body.prompt_cache_key,
+            "reasoning": {"effort": None, "summary": None, **(body.reasoning or {})},
+            "safety_identifier": body.safety_identifier,
+            "service_tier": body.service_tier if body.service_tier not in (None, "auto")
+            else "default",
             "store": body.store, "temperature": self.sampled["temperature"],
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt
-                     else {"type": "text"}},
+                     else {"type": "text"},
+                     **({"verbosity": body.text.verbosity} if body.text and
+                        body.text.verbosity else {})},
             "tool_choice": (body.tool_choice.model_dump()
                             if isinstance(body.tool_choice, NamedFunction)
                             else body.tool_choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "top_logprobs": body.top_logprobs or 0,
             "top_p": 1.0 if self.sampled["top_p"] is None else self.sampled["top_p"],
-            "truncation": "disabled", "usage": usage, "user": None}
+            "truncation": body.truncation, "usage": usage, "user": body.user}
 
   def finish(self, text: str, reason: str, logprob_items: list, completion: int) -> dict:
     """The whole response: a message item (unless the answer is nothing but tool calls)
     and a function_call item per call; "incomplete" where max_output_tokens cut it."""
     content, calls = (tools.parse(self.fmt, text, self.names) if self.names
                       else (text, []))
+    if not self.body.parallel_tool_calls:  # the first call only (as vLLM trims chat's)
+      calls = calls[:1]
     status = {"length": "incomplete", "cancelled": "cancelled"}.get(reason, "completed")
     output = []
     if content is not None or not calls:
@@ -327,29 +364,44 @@ class _Answer:
                          if reason == "length" else None)
 
 
-async def create(server, request):
-  body = await generation.parse_body(server, request, ResponsesRequest)
+def _prompt(server, body: ResponsesRequest) -> tuple[list[int], list[dict], list[dict]]:
+  """(the prompt's token ids, the conversation before this turn, this turn's messages):
+  instructions, previous_response_id's stored turns and the input through the template."""
   history = (server.responses.get(body.previous_response_id, "previous_response_id")[1]
              if body.previous_response_id else [])
   turn = input_messages(body)
   system = [{"role": "system", "content": body.instructions}] if body.instructions else []
   messages = [api.Message.model_validate(m).for_template() for m in system + history + turn]
+  ids = generation.chat_prompt(server, messages, body.active_tools(), "input",
+                               add_generation_prompt=True)
+  return ids, history, turn
+
+
+async def create(server, request):
+  body = await generation.parse_body(server, request, ResponsesRequest)
+  ids, history, turn = _prompt(server, body)
   offered = body.active_tools()
   fmt = tools.detect(server.template.with_tools) if server.template else None
-  prompts = [generation.chat_prompt(server, messages, offered, "input",
-                                    add_generation_prompt=True)]
+  prompts = [ids]
   forced = body.forced_tools()
   call = generation.Call(server, prompts, body,
                          generation.token_limits(server, prompts, body.limit),
                          constraint=None if not forced else ("lark", tools.grammar(fmt, forced),
                                                              "tool_choice"),
                          skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
-  call.submit()
+  try:
+    call.submit()
+  except api.ApiError as e:  # the engine names chat's fields: this endpoint's instead
+    if e.param in RENAMED_BY_ENGINE:
+      e.param = RENAMED_BY_ENGINE[e.param]
+      e.message = e.message.replace("max_tokens", "max_output_tokens")
+    raise
   answer = _Answer(server, body, call, fmt, offered)
 
   def keep(response):
     if body.store and response["status"] != "failed":
-      server.responses.put(answer.rid, response, history + turn + [answer.turn])
+      server.responses.put(answer.rid, response, history + turn + [answer.turn],
+                           input_items(body))
 
   if body.stream:
     return EventStream(_events(answer, bool(offered), keep), call.close)
@@ -423,9 +475,73 @@ async def _events(answer: _Answer, held: bool, keep):
               "response.incomplete", response=final)
 
 
+def input_items(body: ResponsesRequest) -> list[dict]:
+  """The request's input as the input_items list gives it back: items with their type and an
+  id, a message's string content as one input_text part."""
+  given = ([{"role": "user", "content": body.input}] if isinstance(body.input, str)
+           else body.input)
+  out = []
+  for item in given:
+    item = {"type": "message", **item}
+    prefix = {"message": "msg", "function_call": "fc"}.get(item["type"], "fco")
+    item.setdefault("id", _new_id(prefix))
+    if item["type"] == "message" and isinstance(item.get("content"), str):
+      kind = "output_text" if item.get("role") == "assistant" else "input_text"
+      item["content"] = [{"type": kind, "text": item["content"]}]
+    if item["type"] == "message":
+      item.setdefault("status", "completed")
+    out.append(item)
+  return out
+
+
+async def list_input_items(server, request):
+  """GET /v1/responses/{id}/input_items: a stored response's input items (newest first
+  unless order=asc), `limit` (1 to 100, 20) after the item `after`."""
+  items = server.responses.items(request.path_params["response_id"])
+  query = request.query_params
+  order = query.get("order", "desc")
+  if order not in ("asc", "desc"):
+    raise api.ApiError(400, f"order must be asc or desc, got {order!r}", "order")
+  limit = query.get("limit", "20")
+  if not limit.isdigit() or not 1 <= int(limit) <= 100:
+    raise api.ApiError(400, f"limit must be an integer in [1, 100], got {limit!r}", "limit")
+  items = items if order == "asc" else items[::-1]
+  if "after" in query:
+    ids = [item["id"] for item in items]
+    if query["after"] not in ids:
+      raise api.ApiError(400, f"after: no input item {query['after']!r} in this response",
+                         "after")
+    items = items[ids.index(query["after"]) + 1:]
+  page = items[:int(limit)]
+  return server.json_response({"object": "list", "data": page,
+                               "first_id": page[0]["id"] if page else None,
+                               "last_id": page[-1]["id"] if page else None,
+                               "has_more": len(items) > len(page)})
+
+
+async def count_input_tokens(server, request):
+  """POST /v1/responses/input_tokens: the tokens a request's input would take (its prompt
+  through the chat template), as the Responses API counts them."""
+  body = await generation.parse_body(server, request, ResponsesRequest)
+  return server.json_response({"object": "response.input_tokens",
+                               "input_tokens": len(_prompt(server, body)[0])})
+
+
+async def cancel(server, request):
+  server.responses.get(request.path_params["response_id"])  # 404 for one not kept
+  raise api.ApiError(400, "only background responses can be cancelled, and this server makes "
+                     "none: a response is cancelled by closing its request",
+                     reason="unsupported_field")
+
+
 async def stored(server, request):
   """GET (the response) and DELETE (forget it) of /v1/responses/{id}."""
   rid = request.path_params["response_id"]
+  for name in ("stream", "starting_after"):  # a replay of a background response's events
+    if name in request.query_params:
+      raise api.ApiError(400, f"{name}: this server streams a response only while it is "
+                         "made (it makes no background responses)", name,
+                         reason="unsupported_field")
   if request.method == "DELETE":
     server.responses.delete(rid)
     return server.json_response({"id": rid, "object": "response", "deleted": True})

@@ -4,7 +4,8 @@ engine (fdjax.engine.core), which batches the requests as they arrive.
   POST /v1/completions        prompt -> text (streamed with "stream": true)
   POST /v1/chat/completions   messages -> the checkpoint's chat template -> text
   POST /v1/responses          OpenAI's Responses API (fdjax.serving.responses); GET and
-                              DELETE /v1/responses/{id} for a stored one
+                              DELETE /v1/responses/{id} for a stored one, its input_items,
+                              POST /v1/responses/input_tokens
   GET  /v1/models             the served model
   GET  /health                200 while the engine runs
   GET  /metrics               Prometheus text (fdjax.serving.metrics)
@@ -61,8 +62,16 @@ def _routes(server) -> list:
                 methods=["POST"]),
           Route("/v1/responses", server._guard(lambda r: responses.create(server, r)),
                 methods=["POST"]),
+          Route("/v1/responses/input_tokens",
+                server._guard(lambda r: responses.count_input_tokens(server, r)),
+                methods=["POST"]),
           Route("/v1/responses/{response_id}",
                 server._guard(lambda r: responses.stored(server, r)), methods=["GET", "DELETE"]),
+          Route("/v1/responses/{response_id}/input_items",
+                server._guard(lambda r: responses.list_input_items(server, r)),
+                methods=["GET"]),
+          Route("/v1/responses/{response_id}/cancel",
+                server._guard(lambda r: responses.cancel(server, r)), methods=["POST"]),
           Route("/v1/models", server.models, methods=["GET"]),
           Route("/v1/models/{model_id:path}", server._guard(server.model), methods=["GET"]),
           Route("/health", server.health, methods=["GET"]),
