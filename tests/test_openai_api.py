@@ -351,3 +351,25 @@ def test_a_warming_server_answers_health_503_and_serves_what_waited():
     gate.set()
     uv.should_exit = True
     engine.stop()
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(s):
+  """vLLM's /tokenize (a prompt, or chat messages as chat renders them) and /detokenize."""
+  r = _post(s, "/tokenize", {"model": s.name, "prompt": "def f(x):"}).json()
+  assert r["tokens"] == s.tok.encode("def f(x):") and r["count"] == len(r["tokens"])
+  assert r["max_model_len"] == s.engine.max_model_len and r["token_strs"] is None
+  ask = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "hi"}]
+  chat = _post(s, "/tokenize", {"messages": ask, "return_token_strs": True}).json()
+  want = s.client.chat.completions.create(model=s.name, messages=ask, max_tokens=1)
+  assert chat["count"] == want.usage.prompt_tokens == len(chat["token_strs"])
+  assert "".join(chat["token_strs"]).startswith("# system: Be short.")
+  assert _post(s, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "def f(x):"}
+  for path, body, status, param in [
+      ("/tokenize", {"prompt": "a", "messages": ask}, 400, "prompt"),
+      ("/tokenize", {}, 400, "prompt"),
+      ("/tokenize", {"prompt": "a", "max_tokens": 3}, 400, "max_tokens"),
+      ("/tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
+      ("/detokenize", {"tokens": [1, 10 ** 6]}, 400, "tokens"),
+      ("/detokenize", {"tokens": "abc"}, 400, "tokens")]:
+    got = _post(s, path, body)
+    assert got.status_code == status and got.json()["error"]["param"] == param, (body, got.text)

@@ -66,10 +66,12 @@ def test_api_keys_good_wrong_and_missing(s):
   r = _post(s, "/v1/chat/completions", {"model": s.name, "messages": []}, key=None)
   assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]["message"]
   assert _post(s, "/v1/completions", {}, key="key-one-and-more").status_code == 401
+  assert _post(s, "/tokenize", {"prompt": "a"}, key=None).status_code == 401  # vLLM's, too
+  assert _post(s, "/tokenize", {"prompt": "a"}, key=KEYS[0]).json()["count"] == 1
   assert httpx2.get(s.url + "/health").json() == {"status": "ok"}
   assert httpx2.get(s.url + "/metrics").status_code == 200  # open unless asked
   text = httpx2.get(s.url + "/metrics").text
-  assert 'fdjax_requests_rejected_total{reason="unauthorized"} 4.0' in text
+  assert 'fdjax_requests_rejected_total{reason="unauthorized"} 5.0' in text
 
 
 def test_metrics_behind_the_key_and_keys_from_flags_and_environment():

@@ -41,6 +41,7 @@ UNSUPPORTED = {
     "chat": ("audio", "modalities", "prediction", "web_search_options", "functions",
              "function_call"),
     "responses": ("background", "conversation", "prompt", "context_management"),
+    "tokenize": (),
 }
 # Fields clients send that change nothing fdjax computes: accepted and ignored (with
 # --strict-fields, refused as unknown). Dotted names are inside an object.
@@ -515,7 +516,7 @@ def envelope(rid, obj, model, choices, extra=None):
           "choices": choices, **(extra or {})}
 
 
-def _token_bytes(tokenizer, token: int) -> bytes:
+def token_bytes(tokenizer, token: int) -> bytes:
   exact = getattr(tokenizer, "token_bytes", None)
   return exact(token) if exact else tokenizer.decode([token]).encode()
 
@@ -563,7 +564,7 @@ def completion_logprobs(tokenizer, items, k: int, offsets: TextOffsets | None = 
   offsets = offsets or TextOffsets()
   out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
   for item in items:
-    raw = _token_bytes(tokenizer, item.token)
+    raw = token_bytes(tokenizer, item.token)
     text = token_text(raw)
     out["tokens"].append(text)
     out["token_logprobs"].append(_lp(item.logprob))
@@ -571,7 +572,7 @@ def completion_logprobs(tokenizer, items, k: int, offsets: TextOffsets | None = 
     if item.logprob is None:
       out["top_logprobs"].append(None)
     else:
-      top = {token_text(_token_bytes(tokenizer, t)): lp for t, lp in _finite(item.top, k)}
+      top = {token_text(token_bytes(tokenizer, t)): lp for t, lp in _finite(item.top, k)}
       top.setdefault(text, _lp(item.logprob))
       out["top_logprobs"].append(top)
   return out
@@ -581,7 +582,7 @@ def chat_logprobs(tokenizer, items, k: int) -> dict:
   """OpenAI's chat logprobs of TokenLogprobs: content [{token, logprob, bytes,
   top_logprobs [k of the same]}]."""
   def entry(token, logprob):
-    raw = _token_bytes(tokenizer, token)
+    raw = token_bytes(tokenizer, token)
     return {"token": token_text(raw), "logprob": _lp(logprob), "bytes": list(raw)}
   return {"content": [{**entry(i.token, i.logprob),
                        "top_logprobs": [entry(t, lp) for t, lp in _finite(i.top, k)]}

@@ -1,6 +1,7 @@
-"""API keys for `fdjax serve`: every /v1 route (and /metrics, if asked) needs
-`Authorization: Bearer <key>` with one of the server's keys, compared in constant time; a
-missing or wrong key is a 401 with an OpenAI error object. /health stays open."""
+"""API keys for `fdjax serve`: every /v1 route, /tokenize and /detokenize (and /metrics, if
+asked) needs `Authorization: Bearer <key>` with one of the server's keys, compared in
+constant time; a missing or wrong key is a 401 with an OpenAI error object. /health stays
+open."""
 from __future__ import annotations
 
 import hmac
@@ -36,8 +37,8 @@ class RequireKey:
     self.protect_metrics, self.on_reject = protect_metrics, on_reject
 
   def protected(self, path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1" or (self.protect_metrics and
-                                                         path == "/metrics")
+    return (path.startswith("/v1/") or path in ("/v1", "/tokenize", "/detokenize")
+            or (self.protect_metrics and path == "/metrics"))
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http" or not self.protected(scope["path"]):

@@ -121,6 +121,19 @@ class Call:
 async def parse_body(server, request, kind):
   """The request's validated body: a JSON content type (415 otherwise), a size within the
   limit (413), api.parse, the model's name (404), then every limit."""
+  body = await read_body(server, request, kind)
+  if body.model != server.model_name:
+    raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
+                       f"{server.model_name!r}", "model", code="model_not_found")
+  prompt = getattr(body, "prompt", "")
+  batch = not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int)
+  limits.check(body, server.limits, len(prompt) if batch else 1)
+  return body
+
+
+async def read_body(server, request, kind):
+  """The request's body as `kind` (api.parse): a JSON content type (415 otherwise) and a size
+  within the limit (413)."""
   content_type = request.headers.get("content-type", "")
   if content_type.split(";")[0].strip().lower() != "application/json":
     raise api.ApiError(415, f"the Content-Type must be application/json, got "
@@ -132,14 +145,7 @@ async def parse_body(server, request, kind):
   async for piece in request.stream():  # not more than the limit is ever held
     raw += piece
     limits.check_body_size(len(raw), server.limits)
-  body = api.parse(kind, raw, server.strict_fields)
-  if body.model != server.model_name:
-    raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
-                       f"{server.model_name!r}", "model", code="model_not_found")
-  prompt = getattr(body, "prompt", "")
-  batch = not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int)
-  limits.check(body, server.limits, len(prompt) if batch else 1)
-  return body
+  return api.parse(kind, raw, server.strict_fields)
 
 
 def _grammar(server, body, spec=None):
@@ -246,10 +252,11 @@ async def completions(server, request):
                                                      sum(res.completion_tokens))}))
 
 def chat_prompt(server, messages: list[dict], offered: list[dict], param: str = "messages",
-                **template_kwargs) -> list[int]:
+                add_special_tokens: bool = False, **template_kwargs) -> list[int]:
   """The token ids of `messages` (as the template takes them) and the `offered` tools through
-  the checkpoint's chat template; ApiError naming `param` where there is no template or it
-  refuses them."""
+  the checkpoint's chat template (the tokenizer's own special tokens added too with
+  add_special_tokens; the template writes its own); ApiError naming `param` where there is
+  no template or it refuses them."""
   if server.template is None:
     raise api.ApiError(400, f"model {server.model_name!r} has no chat template (no "
                        "chat_template in its tokenizer_config.json); use /v1/completions",
@@ -259,7 +266,7 @@ def chat_prompt(server, messages: list[dict], offered: list[dict], param: str = 
                                   **({"tools": offered} if offered else {}))
   except chat.TemplateError as e:
     raise api.ApiError(400, str(e), param) from None
-  return server.tokenizer.encode(text, add_special_tokens=False)
+  return server.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def chat_completions(server, request):

@@ -6,6 +6,7 @@ engine (fdjax.engine.core), which batches the requests as they arrive.
   POST /v1/responses          OpenAI's Responses API (fdjax.serving.responses); GET and
                               DELETE /v1/responses/{id} for a stored one, its input_items,
                               POST /v1/responses/input_tokens
+  POST /tokenize, /detokenize vLLM's: a prompt or chat messages to token ids, and back
   GET  /v1/models             the served model
   GET  /health                200 while the engine runs
   GET  /metrics               Prometheus text (fdjax.serving.metrics)
@@ -35,7 +36,7 @@ from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.io import generation_config as generation_config_
-from fdjax.serving import api, auth, generation, responses
+from fdjax.serving import api, auth, generation, responses, tokens
 from fdjax.serving.cors import Cors
 from fdjax.serving.events import EventStream, disconnected
 from fdjax.serving.limits import Limits
@@ -72,6 +73,10 @@ def _routes(server) -> list:
                 methods=["GET"]),
           Route("/v1/responses/{response_id}/cancel",
                 server._guard(lambda r: responses.cancel(server, r)), methods=["POST"]),
+          Route("/tokenize", server._guard(lambda r: tokens.tokenize(server, r)),
+                methods=["POST"]),
+          Route("/detokenize", server._guard(lambda r: tokens.detokenize(server, r)),
+                methods=["POST"]),
           Route("/v1/models", server.models, methods=["GET"]),
           Route("/v1/models/{model_id:path}", server._guard(server.model), methods=["GET"]),
           Route("/health", server.health, methods=["GET"]),
