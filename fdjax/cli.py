@@ -193,6 +193,7 @@ def cmd_serve(args):
                log_level=args.log_level, strict_fields=args.strict_fields,
                logprobs_mode=args.logprobs_mode, generation_config=args.generation_config,
                max_stored_responses=args.max_stored_responses,
+               reasoning_parser=args.reasoning_parser,
                cors=cors.Cors(args.allowed_origins, args.allowed_methods,
                               args.allowed_headers, args.allow_credentials),
                api_keys=auth.keys_from(args.api_key, os.environ),
@@ -321,6 +322,10 @@ def build_parser():
                  "vLLM's default) or the one each token was drawn from, after the penalties, "
                  "logit_bias, temperature, top_k and top_p (processed_logprobs); *_logits: "
                  "the logits instead")
+  s.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"],
+                 help="split a thinking model's <think> reasoning off its answer: chat's "
+                 "reasoning_content (and reasoning), the Responses API's reasoning item "
+                 "(vLLM's flag)")
   s.add_argument("--max-stored-responses", type=int, default=1000, metavar="N",
                  help="Responses API answers kept in memory for previous_response_id and GET "
                  "/v1/responses/{id} (the newest N; default 1000)")

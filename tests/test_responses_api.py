@@ -160,7 +160,8 @@ def test_text_format_json_schema_makes_output_that_validates(s):
     ({"input": []}, 400, "input", "empty list"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      400, "input", "input[0].content[0] is a 'input_image' part"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, 400, "input", "'reasoning' item"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, 400, "input", "'item_reference' item"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, 400, "input", "no message"),
     ({"input": [{"role": "tool", "content": "x"}]}, 400, "input", "input[0].role"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, 400, "input",
      "input[0].call_id must be a string"),
@@ -282,3 +283,66 @@ def test_settings_are_echoed_and_input_items_tokens_and_cancel_answer_as_openai(
     s.client.responses.cancel(r.id)
   replay = httpx2.get(s.url + f"/v1/responses/{r.id}", params={"stream": "true"})
   assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
+
+
+@pytest.mark.parametrize("parser, text, want", [
+    ("qwen3", "<think>\nplan\n</think>\n\nHello", ("\nplan\n", "\n\nHello")),
+    ("qwen3", "Hello", (None, "Hello")),                  # thinking off: all content
+    ("qwen3", "Hi <think>x</think>y", (None, "Hi <think>x</think>y")),  # not opened first
+    ("qwen3", "<think>cut off", ("cut off", None)),       # max_tokens inside the thought
+    ("deepseek_r1", "plan</think>Hello", ("plan", "Hello")),  # <think> was in the prompt
+    ("deepseek_r1", "plan", ("plan", None)),
+    ("deepseek_r1", "<think>a</think>", ("a", None)),
+    (None, "<think>a</think>b", (None, "<think>a</think>b")),
+])
+def test_reasoning_is_split_off_whole_or_streamed_in_any_pieces(parser, text, want):
+  from fdjax.serving import reasoning
+  assert reasoning.split(parser, text) == want
+  if parser is None:
+    return
+  for size in (1, 2, 3, 7):
+    stream, thought, content = reasoning.Stream(parser), "", ""
+    for i in range(0, len(text), size):
+      t, c = stream.feed(text[i:i + size])
+      thought, content = thought + t, content + c
+    t, c = stream.feed("", end=True)
+    assert ((thought + t) or None, (content + c) or None) == want
+
+
+@pytest.mark.integration
+def test_a_reasoning_parser_splits_the_thinking_off_chat_and_responses(s):
+  """--reasoning-parser qwen3: the <think> part is chat's reasoning_content (and reasoning),
+  streamed as its own deltas, and the Responses API's reasoning item; sent back as input,
+  it is the assistant turn's reasoning."""
+  forced = {"guided_choice": ["<think>\nadd them\n</think>\n\nx + y"]}
+  ask = [{"role": "user", "content": "a"}]
+  s.server.reasoning_parser = "qwen3"
+  try:
+    msg = s.client.chat.completions.create(model=s.name, messages=ask, max_tokens=60,
+                                           extra_body=forced).choices[0].message
+    assert msg.content == "\n\nx + y"
+    assert msg.model_extra["reasoning_content"] == msg.model_extra["reasoning"] == "\nadd them\n"
+    chunks = [c.choices[0].delta for c in s.client.chat.completions.create(
+        model=s.name, messages=ask, max_tokens=60, extra_body=forced, stream=True)
+              if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in chunks) == \
+        "\nadd them\n"
+    assert "".join(d.content or "" for d in chunks) == "\n\nx + y"
+    r = s.client.responses.create(model=s.name, input="a", max_output_tokens=60,
+                                  extra_body=forced)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "\nadd them\n" and r.output_text == "\n\nx + y"
+    events = list(s.client.responses.create(model=s.name, input="a", max_output_tokens=60,
+                                            extra_body=forced, stream=True))
+    done = [e for e in events if e.type == "response.reasoning_text.done"]
+    assert [e.text for e in done] == ["\nadd them\n"] and done[0].output_index == 0
+    assert events[-1].response.output_text == "\n\nx + y"
+    again = s.client.responses.create(
+        model=s.name, max_output_tokens=1, store=False,
+        input=ask + [o.model_dump(exclude_none=True) for o in r.output] + [
+            {"role": "user", "content": "b"}])
+    want = s.client.chat.completions.create(model=s.name, max_tokens=1, messages=ask + [
+        {"role": "assistant", "content": r.output_text}, {"role": "user", "content": "b"}])
+    assert again.usage.input_tokens == want.usage.prompt_tokens
+  finally:
+    s.server.reasoning_parser = None

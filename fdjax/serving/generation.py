@@ -12,7 +12,7 @@ import numpy as np
 
 from fdjax.engine import grammar, request
 from fdjax.io import chat
-from fdjax.serving import api, limits, tools
+from fdjax.serving import api, limits, reasoning, tools
 
 
 class _Results:
@@ -290,19 +290,27 @@ async def chat_completions(server, request):
 
   named = isinstance(body.tool_choice, api.NamedToolChoice)
 
+  parser = server.reasoning_parser
+
   def answer(text, reason):
-    """(the message's fields, the finish reason): tool calls parsed out when tools are on,
-    the reason "tool_calls" unless the request named the function (then the engine's, as
-    OpenAI and vLLM answer a named tool_choice)."""
-    content, calls = tools.parse(fmt, text, names) if offered else (text, [])
+    """(the message's fields, the finish reason): the reasoning split off (a reasoning
+    parser), tool calls parsed out of the rest when tools are on, the reason "tool_calls"
+    unless the request named the function (then the engine's, as OpenAI and vLLM answer a
+    named tool_choice)."""
+    thought, text = reasoning.split(parser, text)
+    extra = {} if parser is None else reasoning.fields(thought)
+    content, calls = (tools.parse(fmt, text, names) if offered and text is not None
+                      else (text, []))
     if calls:
-      return {"content": content, "tool_calls": calls}, reason if named else "tool_calls"
-    return {"content": text}, reason
+      return {"content": content, "tool_calls": calls, **extra}, (reason if named
+                                                                   else "tool_calls")
+    return {"content": text, **extra}, reason
 
   if body.stream:
     # With tools on, a choice's text and its tokens' logprobs, until it ends.
     held = [""] * len(call.reqs)
     held_logprobs = [[] for _ in call.reqs]
+    splits = [reasoning.Stream(parser) for _ in call.reqs] if parser else None
 
     def chunk(i, event, first):
       out = [api.chat_delta(i, {"role": "assistant", "content": ""})] if first else []
@@ -317,7 +325,13 @@ async def chat_completions(server, request):
           out += [api.chat_delta(i, fields, None, logprobs(held_logprobs[i])),
                   api.chat_delta(i, {}, reason)]
         return out
-      if event.text or event.logprobs:
+      if splits is not None:  # the reasoning's text, then the content's
+        thought, text = splits[i].feed(event.text, end=bool(event.finish_reason))
+        fields = {**(reasoning.fields(thought) if thought else {}),
+                  **({"content": text} if text or not thought else {})}
+        if thought or text or event.logprobs:
+          out.append(api.chat_delta(i, fields, None, logprobs(event.logprobs)))
+      elif event.text or event.logprobs:
         out.append(api.chat_delta(i, {"content": event.text}, None, logprobs(event.logprobs)))
       if event.finish_reason:
         out.append(api.chat_delta(i, {}, event.finish_reason))

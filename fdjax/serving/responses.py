@@ -19,9 +19,10 @@ extensions of chat (top_k, min_p, repetition_penalty, seed, stop, ...). The outp
 message item (output_text) and a function_call item per call; streamed as the typed events
 the client parses (response.created ... response.output_text.delta ... response.completed,
 each with its sequence_number). The request's other settings (metadata, user, reasoning,
-service_tier, ...) are echoed; parallel_tool_calls false keeps the first call. Not here:
-built-in tools (web search, files, ...), images and files in the input, background responses
-(so no cancel, no replayed stream) and reasoning items (refused by name)."""
+service_tier, ...) are echoed; parallel_tool_calls false keeps the first call. With a
+reasoning parser (fdjax.serving.reasoning) the thought is a reasoning item before the message.
+Not here: built-in tools (web search, files, ...), images and files in the input, background
+responses (so no cancel, no replayed stream) and item references (refused by name)."""
 from __future__ import annotations
 
 import collections
@@ -34,7 +35,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fdjax.engine.sampling import MAX_TOP_LOGPROBS
-from fdjax.serving import api, generation, tools
+from fdjax.serving import api, generation, reasoning, tools
 from fdjax.serving.events import EventStream
 
 LOGPROBS = "message.output_text.logprobs"
@@ -44,7 +45,7 @@ RENAMED_BY_ENGINE = {"max_tokens": "max_output_tokens", "prompt": "input"}
 # always) names what a reasoning item would carry, and this server writes none.
 INCLUDE = (LOGPROBS, "reasoning.encrypted_content")
 ROLES = ("user", "assistant", "system", "developer")  # of an input message
-TEXT_PARTS = ("input_text", "output_text", "text")
+TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text")
 
 
 class FunctionTool(api._Strict):
@@ -201,10 +202,11 @@ def _string(item: dict, key: str, where: str) -> str:
 def input_messages(body: ResponsesRequest) -> list[dict]:
   """The request's input as chat messages (chat's form: an assistant's calls as tool_calls,
   their results as "tool" messages); ApiError naming the item at fault. A function_call
-  right after an assistant message, or another call, joins that turn."""
+  right after an assistant message, or another call, joins that turn; a reasoning item
+  (a thinking model's, sent back) becomes the next assistant turn's reasoning."""
   if isinstance(body.input, str):
     return [{"role": "user", "content": body.input}]
-  out = []
+  out, thought = [], None
   for k, item in enumerate(body.input):
     where = f"input[{k}]"
     if not isinstance(item, dict):
@@ -218,6 +220,8 @@ def input_messages(body: ResponsesRequest) -> list[dict]:
       if "content" not in item:
         raise api.ApiError(400, f"{where} has no content", "input")
       out.append({"role": item["role"], "content": _text(item["content"], where + ".content")})
+      if item["role"] == "assistant" and thought is not None:
+        out[-1]["reasoning"], thought = thought, None
     elif kind == "function_call":
       call = {"id": _string(item, "call_id", where), "type": "function",
               "function": {"name": _string(item, "name", where),
@@ -226,13 +230,21 @@ def input_messages(body: ResponsesRequest) -> list[dict]:
         out[-1].setdefault("tool_calls", []).append(call)
       else:
         out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        if thought is not None:
+          out[-1]["reasoning"], thought = thought, None
     elif kind == "function_call_output":
       out.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
                   "content": _text(item.get("output"), where + ".output")
                   if not isinstance(item.get("output"), str) else item["output"]})
+    elif kind == "reasoning":
+      parts = item.get("content") or []
+      thought = _text(parts, where + ".content") if isinstance(parts, list) else None
+      if thought is None:
+        raise api.ApiError(400, f"{where}.content must be a list of reasoning_text parts",
+                           "input")
     else:
       raise api.ApiError(400, f"{where} is a {kind!r} item; this server takes message, "
-                         "function_call and function_call_output items", "input")
+                         "function_call, function_call_output and reasoning items", "input")
   return out
 
 
@@ -342,23 +354,28 @@ class _Answer:
             "truncation": body.truncation, "usage": usage, "user": body.user}
 
   def finish(self, text: str, reason: str, logprob_items: list, completion: int) -> dict:
-    """The whole response: a message item (unless the answer is nothing but tool calls)
-    and a function_call item per call; "incomplete" where max_output_tokens cut it."""
-    content, calls = (tools.parse(self.fmt, text, self.names) if self.names
+    """The whole response: a reasoning item (a reasoning parser's), a message item (unless
+    the answer is nothing but reasoning or tool calls) and a function_call item per call;
+    "incomplete" where max_output_tokens cut it."""
+    thought, text = reasoning.split(self.server.reasoning_parser, text)
+    content, calls = (tools.parse(self.fmt, text, self.names) if self.names and text
                       else (text, []))
     if not self.body.parallel_tool_calls:  # the first call only (as vLLM trims chat's)
       calls = calls[:1]
     status = {"length": "incomplete", "cancelled": "cancelled"}.get(reason, "completed")
-    output = []
-    if content is not None or not calls:
-      output.append(_message(self.mid, content or "", "completed" if status == "completed"
-                             else "incomplete", self.logprobs(logprob_items)))
+    done = "completed" if status == "completed" else "incomplete"
+    output = [] if thought is None else [
+        {"type": "reasoning", "id": _new_id("rs"), "summary": [], "status": done,
+         "content": [{"type": "reasoning_text", "text": thought}]}]
+    if content is not None or not (calls or thought is not None):
+      output.append(_message(self.mid, content or "", done, self.logprobs(logprob_items)))
     for c in calls:
       output.append({"type": "function_call", "id": _new_id("fc"), "call_id": c["id"],
                      "name": c["function"]["name"], "arguments": c["function"]["arguments"],
                      "status": "completed"})
     self.turn = {"role": "assistant", "content": content, **({"tool_calls": calls}
-                                                             if calls else {})}
+                                                             if calls else {}),
+                 **({"reasoning": thought} if thought is not None else {})}
     usage = _usage(self.call.prompt_tokens, self.call.reqs[0].cached_prompt, completion)
     return self.response(status, output, usage, incomplete={"reason": "max_output_tokens"}
                          if reason == "length" else None)
@@ -370,6 +387,8 @@ def _prompt(server, body: ResponsesRequest) -> tuple[list[int], list[dict], list
   history = (server.responses.get(body.previous_response_id, "previous_response_id")[1]
              if body.previous_response_id else [])
   turn = input_messages(body)
+  if not history + turn:
+    raise api.ApiError(400, "input holds no message (a reasoning item alone is none)", "input")
   system = [{"role": "system", "content": body.instructions}] if body.instructions else []
   messages = [api.Message.model_validate(m).for_template() for m in system + history + turn]
   ids = generation.chat_prompt(server, messages, body.active_tools(), "input",
@@ -404,7 +423,9 @@ async def create(server, request):
                            input_items(body))
 
   if body.stream:
-    return EventStream(_events(answer, bool(offered), keep), call.close)
+    # held to the end where tool calls or reasoning must be parsed out first
+    held = bool(offered) or server.reasoning_parser is not None
+    return EventStream(_events(answer, held, keep), call.close)
   res = await server.wait(request, call)
   response = answer.finish(res.texts[0], res.reasons[0], res.logprobs[0],
                            res.completion_tokens[0])
@@ -429,6 +450,9 @@ async def _events(answer: _Answer, held: bool, keep):
                     item={**item, "status": "in_progress", "content": []}),
               event("response.content_part.added", item_id=item["id"], output_index=index,
                     content_index=0, part=part)]
+    if item["type"] == "reasoning":
+      return [event("response.output_item.added", output_index=index,
+                    item={**item, "status": "in_progress", "content": []})]
     return [event("response.output_item.added", output_index=index,
                   item={**item, "arguments": "", "status": "in_progress"})]
 
@@ -462,6 +486,14 @@ async def _events(answer: _Answer, held: bool, keep):
                   content_index=0, text=part["text"], logprobs=part["logprobs"])
       yield event("response.content_part.done", item_id=item["id"], output_index=index,
                   content_index=0, part=part)
+    elif item["type"] == "reasoning":
+      for e in opened(index, item):
+        yield e
+      thought = item["content"][0]["text"]
+      yield event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
+                  content_index=0, delta=thought)
+      yield event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                  content_index=0, text=thought)
     else:
       for e in opened(index, item):
         yield e

@@ -36,7 +36,7 @@ from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.io import generation_config as generation_config_
-from fdjax.serving import api, auth, generation, responses, tokens
+from fdjax.serving import api, auth, generation, reasoning, responses, tokens
 from fdjax.serving.cors import Cors
 from fdjax.serving.events import EventStream, disconnected
 from fdjax.serving.limits import Limits
@@ -103,14 +103,15 @@ class Server:
   (fdjax.io.generation_config.sampling_defaults). warmup: the engine compiles every
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
   requests wait in the queue); progress(done, total) hears of each shape.
-  max_stored_responses: how many Responses API answers are kept for previous_response_id."""
+  max_stored_responses: how many Responses API answers are kept for previous_response_id.
+  reasoning_parser: how a thinking model's reasoning is split off (fdjax.serving.reasoning)."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
                progress=None, api_keys=(), metrics_require_key: bool = False,
                limits: Limits | None = None, logprobs_mode: str = "raw_logprobs",
                cors: Cors | None = None, defaults: dict | None = None,
-               max_stored_responses: int = 1000):
+               max_stored_responses: int = 1000, reasoning_parser: str | None = None):
     check_dependencies()
     if error := sampling.logprobs_mode_error(logprobs_mode):
       raise ValueError(error)
@@ -124,6 +125,8 @@ class Server:
     self.limits, self.logprobs_mode = limits or Limits(), logprobs_mode
     self.defaults = dict(defaults or {})  # sampling a request leaves out (generation_config)
     self.responses = responses.Store(max_stored_responses)
+    reasoning.check(reasoning_parser)
+    self.reasoning_parser = reasoning_parser
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     self.app = Starlette(routes=_routes(self), lifespan=lambda app: _lifespan(self),
@@ -291,7 +294,8 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
           quantize=None, warmup=False, log_level="info", mesh=None, strict_fields=False,
           api_keys=(), metrics_require_key=False, limits=None, speculative=None,
           draft_model=None, num_speculative_tokens=None, logprobs_mode="raw_logprobs",
-          cors=None, generation_config="auto", max_stored_responses=1000, **engine_args):
+          cors=None, generation_config="auto", max_stored_responses=1000,
+          reasoning_parser=None, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
@@ -327,7 +331,8 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
                   warmup=warmup, progress=progress_bar(), api_keys=api_keys,
                   metrics_require_key=metrics_require_key, limits=limits,
                   logprobs_mode=logprobs_mode, cors=cors, defaults=defaults,
-                  max_stored_responses=max_stored_responses)
+                  max_stored_responses=max_stored_responses,
+                  reasoning_parser=reasoning_parser)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"
