@@ -48,27 +48,23 @@ def accept(req: Request, new: list[int], tokenizer, eos: tuple[int, ...], end: b
 PREFIX_TOKENS = 4  # prompt tokens decoded before a request's own (vLLM's offset is 5)
 
 
-def continuation(tokenizer, prefix, tokens, skip_special_tokens: bool = True,
-                 base: str | None = None) -> str:
+def continuation(tokenizer, prefix, tokens, skip_special_tokens: bool = True) -> str:
   """The text `tokens` add after the token ids `prefix`: decode(prefix + tokens) less
-  decode(prefix) (`base`, where the caller has it). SentencePiece decoders (Llama 2, Mistral,
-  Phi-3) strip the leading space of what they decode, so `tokens` decoded alone lose the
-  space between the prompt and the first word. Where prefix's text is not the start of the
-  whole (it ends inside a character the tokens complete), `tokens` decoded alone."""
+  decode(prefix). SentencePiece decoders (Llama 2, Mistral, Phi-3) strip the leading space of
+  what they decode, so `tokens` decoded alone lose the space between the prompt and the first
+  word. Where prefix's text is not the start of the whole (it ends inside a character the
+  tokens complete), `tokens` decoded alone."""
   decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
   if not len(prefix):
     return decode(tokens)
-  base = decode(prefix) if base is None else base
+  base = decode(prefix)
   whole = decode(list(prefix) + list(tokens))
   return whole[len(base):] if whole.startswith(base) else decode(tokens)
 
 
 def _decode(req: Request, tokenizer, tokens) -> str:
   """The request's text of `tokens` (its own), after the end of its prompt."""
-  prefix = req.prompt[-PREFIX_TOKENS:]
-  if req.prefix_text is None:
-    req.prefix_text = tokenizer.decode(list(prefix), skip_special_tokens=req.skip_special_tokens)
-  return continuation(tokenizer, prefix, tokens, req.skip_special_tokens, req.prefix_text)
+  return continuation(tokenizer, req.prompt[-PREFIX_TOKENS:], tokens, req.skip_special_tokens)
 
 
 def complete(text: str) -> int:

@@ -78,7 +78,6 @@ class Request:
   cached_prompt: int = 0         # of them, those the prefix cache held when it was admitted
   tokens: list[int] = dataclasses.field(default_factory=list)
   text: str = ""
-  prefix_text: str | None = None  # its prompt's last tokens decoded (detokenize.continuation)
   sent: int = 0                  # characters of text handed out
   searched: int = 0              # characters of text searched for stop strings
   finish_reason: str | None = None

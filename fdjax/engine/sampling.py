@@ -32,10 +32,10 @@ class Sampler(NamedTuple):
   min_p: float = 0.0
 
   def validate(self, vocab_size: int) -> "Sampler":
-    for name in ("temperature", "min_p", "top_p"):
+    for name in ("temperature", "min_p") + (("top_p",) if self.top_p is not None else ()):
       value = getattr(self, name)
-      if (value is None and name != "top_p") or isinstance(value, bool) or not isinstance(
-          value, (int, float, np.integer, np.floating, type(None))):
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                            np.floating)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not 0.0 <= self.temperature < float("inf"):
       raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")

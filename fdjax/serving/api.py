@@ -328,6 +328,50 @@ TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt",
                       "continue_final_message", *SPECIAL_TOKENS}
 
 
+def check_template_options(messages, add_generation_prompt: bool,
+                           continue_final_message: bool, kwargs: dict | None):
+  """ApiError for chat template options that do not go together (chat and /tokenize): a
+  continued last message is an assistant's, with no generation prompt after it; kwargs may
+  not set what the server sets."""
+  if add_generation_prompt and continue_final_message:
+    raise ApiError(400, "continue_final_message continues the last message; it takes "
+                   "add_generation_prompt: false", "continue_final_message")
+  if continue_final_message and messages[-1].role != "assistant":
+    raise ApiError(400, "continue_final_message continues an assistant's last message; "
+                   f"the last is {messages[-1].role!r}", "continue_final_message")
+  reserved = sorted(set(kwargs or ()) & TEMPLATE_VARIABLES)
+  if reserved:
+    raise ApiError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}: the "
+                   "server sets them from the request", "chat_template_kwargs")
+
+
+def check_tools(names: list[str], choice, named: str | None, constraint, bare=("none",)):
+  """ApiError for tools and tool_choice that do not go together (chat and the Responses
+  API): one function per name; a tool_choice other than `bare` needs tools, a named one among
+  them; a forced call (required, named) with no other grammar (`constraint()`) on the
+  output."""
+  if len(set(names)) != len(names):
+    raise ApiError(400, "tools have two functions of one name", "tools")
+  if choice not in (None, *bare) and not names:
+    raise ApiError(400, "tool_choice needs tools", "tool_choice")
+  if named is not None and named not in names:
+    raise ApiError(400, f"tool_choice names {named!r}, which is not among the tools",
+                   "tool_choice")
+  if (choice == "required" or named is not None) and constraint() is not None:
+    raise ApiError(400, f"tool_choice and {constraint()[2]} both constrain the output; give "
+                   "one", "tool_choice")
+
+
+def forced_tools(active: list[dict], choice, named: str | None) -> list[dict] | None:
+  """Of the `active` tools (chat's form), those one of which the answer must call
+  (tool_choice "required", or the `named` function), or None."""
+  if choice == "required":
+    return active
+  if named is not None:
+    return [t for t in active if t["function"]["name"] == named]
+  return None
+
+
 class ChatRequest(_Sampling):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
@@ -348,28 +392,15 @@ class ChatRequest(_Sampling):
       message.check(i)
     if self.top_logprobs is not None and not self.logprobs:
       raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    names = [t.function.name for t in self.tools or []]
-    if len(set(names)) != len(names):
-      raise ApiError(400, "tools have two functions of one name", "tools")
-    if self.tool_choice not in (None, "none") and not names:
-      raise ApiError(400, "tool_choice needs tools", "tool_choice")
-    if isinstance(self.tool_choice, NamedToolChoice) and \
-        self.tool_choice.function.name not in names:
-      raise ApiError(400, f"tool_choice names {self.tool_choice.function.name!r}, which is "
-                     "not among the tools", "tool_choice")
-    if self.add_generation_prompt and self.continue_final_message:
-      raise ApiError(400, "continue_final_message continues the last message; it takes "
-                     "add_generation_prompt: false", "continue_final_message")
-    if self.continue_final_message and self.messages[-1].role != "assistant":
-      raise ApiError(400, "continue_final_message continues an assistant's last message; "
-                     f"the last is {self.messages[-1].role!r}", "continue_final_message")
-    reserved = sorted(set(self.chat_template_kwargs or ()) & TEMPLATE_VARIABLES)
-    if reserved:
-      raise ApiError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}: the "
-                     "server sets them from the request", "chat_template_kwargs")
-    if self.forced_tools() and self.constraint() is not None:
-      raise ApiError(400, f"tool_choice and {self.constraint()[2]} both constrain the output; "
-                     "give one", "tool_choice")
+    check_tools([t.function.name for t in self.tools or []], self.tool_choice,
+                self.named_tool, self.constraint)
+    check_template_options(self.messages, self.add_generation_prompt,
+                           self.continue_final_message, self.chat_template_kwargs)
+
+  @property
+  def named_tool(self) -> str | None:
+    return (self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice)
+            else None)
 
   def active_tools(self) -> list[dict]:
     """The tools the model is shown (none with tool_choice "none"), as the template takes
@@ -379,14 +410,7 @@ class ChatRequest(_Sampling):
     return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
   def forced_tools(self) -> list[dict] | None:
-    """The tools one of which the answer must call (tool_choice "required" or a named
-    function), or None."""
-    if self.tool_choice == "required":
-      return self.active_tools()
-    if isinstance(self.tool_choice, NamedToolChoice):
-      return [t for t in self.active_tools()
-              if t["function"]["name"] == self.tool_choice.function.name]
-    return None
+    return forced_tools(self.active_tools(), self.tool_choice, self.named_tool)
 
   @property
   def limit(self) -> int | None:

@@ -119,12 +119,8 @@ class Call:
 
 
 async def parse_body(server, request, kind):
-  """The request's validated body: a JSON content type (415 otherwise), a size within the
-  limit (413), api.parse, the model's name (404), then every limit."""
+  """The request's validated body (read_body), then every limit."""
   body = await read_body(server, request, kind)
-  if body.model != server.model_name:
-    raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
-                       f"{server.model_name!r}", "model", code="model_not_found")
   prompt = getattr(body, "prompt", "")
   batch = not isinstance(prompt, str) and prompt and not isinstance(prompt[0], int)
   limits.check(body, server.limits, len(prompt) if batch else 1)
@@ -132,8 +128,8 @@ async def parse_body(server, request, kind):
 
 
 async def read_body(server, request, kind):
-  """The request's body as `kind` (api.parse): a JSON content type (415 otherwise) and a size
-  within the limit (413)."""
+  """The request's body as `kind` (api.parse): a JSON content type (415 otherwise), a size
+  within the limit (413), the model's name (404; /tokenize's may be left out)."""
   content_type = request.headers.get("content-type", "")
   if content_type.split(";")[0].strip().lower() != "application/json":
     raise api.ApiError(415, f"the Content-Type must be application/json, got "
@@ -145,7 +141,11 @@ async def read_body(server, request, kind):
   async for piece in request.stream():  # not more than the limit is ever held
     raw += piece
     limits.check_body_size(len(raw), server.limits)
-  return api.parse(kind, raw, server.strict_fields)
+  body = api.parse(kind, raw, server.strict_fields)
+  if body.model not in (None, server.model_name):
+    raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
+                       f"{server.model_name!r}", "model", code="model_not_found")
+  return body
 
 
 def _grammar(server, body, spec=None):
@@ -269,18 +269,34 @@ def chat_prompt(server, messages: list[dict], offered: list[dict], param: str = 
   return server.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
+def chat_call(server, ids: list[int], body, offered: list[dict]) -> tuple[Call, str | None]:
+  """(the Call of a chat turn's prompt `ids` (chat and the Responses API): a forced tool call
+  enforced by a grammar in the template's format, special tokens kept in the text where the
+  calls are parsed from them; that format)."""
+  fmt = tools.detect(server.template.with_tools) if server.template else None
+  forced = body.forced_tools()
+  call = Call(server, [ids], body, token_limits(server, [ids], body.limit), constraint=None
+              if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"),
+              skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
+  return call, fmt
+
+
+def split_answer(server, fmt: str | None, names, text: str):
+  """(reasoning, content, tool calls) of a chat turn's whole answer: the reasoning parser's
+  thought split off, then calls of the offered tools (`names`) parsed out of the rest."""
+  thought, text = reasoning.split(server.reasoning_parser, text)
+  content, calls = tools.parse(fmt, text, names) if names and text else (text, [])
+  return thought, content, calls
+
+
 async def chat_completions(server, request):
   body = await parse_body(server, request, api.ChatRequest)
   offered = body.active_tools()
-  fmt = tools.detect(server.template.with_tools) if server.template else None
-  prompts = [chat_prompt(server, [m.for_template() for m in body.messages], offered,
-                         add_generation_prompt=body.add_generation_prompt,
-                         continue_final_message=body.continue_final_message,
-                         **(body.chat_template_kwargs or {}))]
-  forced = body.forced_tools()
-  call = Call(server, prompts, body, token_limits(server, prompts, body.limit), constraint=None
-              if not forced else ("lark", tools.grammar(fmt, forced), "tool_choice"),
-              skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
+  ids = chat_prompt(server, [m.for_template() for m in body.messages], offered,
+                    add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message,
+                    **(body.chat_template_kwargs or {}))
+  call, fmt = chat_call(server, ids, body, offered)
   call.submit()
   rid, k = api.new_id("chatcmpl"), body.top_logprobs_count
   names = {t["function"]["name"] for t in offered}
@@ -293,18 +309,14 @@ async def chat_completions(server, request):
   parser = server.reasoning_parser
 
   def answer(text, reason):
-    """(the message's fields, the finish reason): the reasoning split off (a reasoning
-    parser), tool calls parsed out of the rest when tools are on, the reason "tool_calls"
-    unless the request named the function (then the engine's, as OpenAI and vLLM answer a
-    named tool_choice)."""
-    thought, text = reasoning.split(parser, text)
-    extra = {} if parser is None else reasoning.fields(thought)
-    content, calls = (tools.parse(fmt, text, names) if offered and text is not None
-                      else (text, []))
+    """(the message's fields, the finish reason): split_answer's, the reason "tool_calls"
+    where there are calls unless the request named the function (then the engine's, as
+    OpenAI and vLLM answer a named tool_choice)."""
+    thought, content, calls = split_answer(server, fmt, names, text)
+    fields = {"content": content, **({} if parser is None else reasoning.fields(thought))}
     if calls:
-      return {"content": content, "tool_calls": calls, **extra}, (reason if named
-                                                                   else "tool_calls")
-    return {"content": text, **extra}, reason
+      return {**fields, "tool_calls": calls}, reason if named else "tool_calls"
+    return fields, reason
 
   if body.stream:
     # With tools on, a choice's text and its tokens' logprobs, until it ends.

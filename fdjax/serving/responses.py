@@ -35,7 +35,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fdjax.engine.sampling import MAX_TOP_LOGPROBS
-from fdjax.serving import api, generation, reasoning, tools
+from fdjax.serving import api, generation
 from fdjax.serving.events import EventStream
 
 LOGPROBS = "message.output_text.logprobs"
@@ -118,20 +118,15 @@ class ResponsesRequest(api._Sampling):
     if bad:
       raise api.ApiError(400, f"include {bad[0]!r} is not supported by this server (it "
                          f"includes {LOGPROBS!r})", "include", reason="unsupported_field")
-    names = [t.name for t in self.tools or []]
-    if len(set(names)) != len(names):
-      raise api.ApiError(400, "tools have two functions of one name", "tools")
-    if self.tool_choice not in (None, "none", "auto") and not names:
-      raise api.ApiError(400, "tool_choice needs tools", "tool_choice")
-    if isinstance(self.tool_choice, NamedFunction) and self.tool_choice.name not in names:
-      raise api.ApiError(400, f"tool_choice names {self.tool_choice.name!r}, which is not "
-                         "among the tools", "tool_choice")
     fmt = self.text.format if self.text else None
     if fmt is not None and fmt.type == "json_schema" and fmt.schema_ is None:
       raise api.ApiError(400, "text.format of type json_schema needs a schema", "text")
-    if self.forced_tools() and self.constraint() is not None:
-      raise api.ApiError(400, f"tool_choice and {self.constraint()[2]} both constrain the "
-                         "output; give one", "tool_choice")
+    api.check_tools([t.name for t in self.tools or []], self.tool_choice, self.named_tool,
+                    self.constraint, bare=("none", "auto"))  # "auto" bare: as OpenAI echoes
+
+  @property
+  def named_tool(self) -> str | None:
+    return self.tool_choice.name if isinstance(self.tool_choice, NamedFunction) else None
 
   def constraint(self):
     """text.format's grammar (json_schema, json_object), else the guided_* extensions'."""
@@ -154,11 +149,7 @@ class ResponsesRequest(api._Sampling):
             for t in self.tools or []]
 
   def forced_tools(self) -> list[dict] | None:
-    if self.tool_choice == "required":
-      return self.active_tools()
-    if isinstance(self.tool_choice, NamedFunction):
-      return [t for t in self.active_tools() if t["function"]["name"] == self.tool_choice.name]
-    return None
+    return api.forced_tools(self.active_tools(), self.tool_choice, self.named_tool)
 
   @property
   def limit(self) -> int | None:
@@ -357,9 +348,7 @@ class _Answer:
     """The whole response: a reasoning item (a reasoning parser's), a message item (unless
     the answer is nothing but reasoning or tool calls) and a function_call item per call;
     "incomplete" where max_output_tokens cut it."""
-    thought, text = reasoning.split(self.server.reasoning_parser, text)
-    content, calls = (tools.parse(self.fmt, text, self.names) if self.names and text
-                      else (text, []))
+    thought, content, calls = generation.split_answer(self.server, self.fmt, self.names, text)
     if not self.body.parallel_tool_calls:  # the first call only (as vLLM trims chat's)
       calls = calls[:1]
     status = {"length": "incomplete", "cancelled": "cancelled"}.get(reason, "completed")
@@ -400,14 +389,7 @@ async def create(server, request):
   body = await generation.parse_body(server, request, ResponsesRequest)
   ids, history, turn = _prompt(server, body)
   offered = body.active_tools()
-  fmt = tools.detect(server.template.with_tools) if server.template else None
-  prompts = [ids]
-  forced = body.forced_tools()
-  call = generation.Call(server, prompts, body,
-                         generation.token_limits(server, prompts, body.limit),
-                         constraint=None if not forced else ("lark", tools.grammar(fmt, forced),
-                                                             "tool_choice"),
-                         skip_special_tokens=not (offered and tools.keeps_special_tokens(fmt)))
+  call, fmt = generation.chat_call(server, ids, body, offered)
   try:
     call.submit()
   except api.ApiError as e:  # the engine names chat's fields: this endpoint's instead

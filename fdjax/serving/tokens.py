@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fdjax.serving import api, generation
 
 
-class _Request(BaseModel):
-  model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+class _Request(api._Strict):
   ENDPOINT: ClassVar[str] = "tokenize"  # no unsupported fields
   RENAMED: ClassVar[dict] = {}
   model: str | None = None  # optional, as in vLLM; another model's name is a 404
@@ -38,29 +37,17 @@ class TokenizeRequest(_Request):
       raise api.ApiError(400, "give one of prompt and messages", "prompt")
     for i, message in enumerate(self.messages or []):
       message.check(i)
-    if self.add_generation_prompt and self.continue_final_message:
-      raise api.ApiError(400, "continue_final_message continues the last message; it takes "
-                         "add_generation_prompt: false", "continue_final_message")
-    reserved = sorted(set(self.chat_template_kwargs or ()) & api.TEMPLATE_VARIABLES)
-    if reserved:
-      raise api.ApiError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}: the "
-                         "server sets them from the request", "chat_template_kwargs")
+    if self.messages is not None:
+      api.check_template_options(self.messages, self.add_generation_prompt,
+                                 self.continue_final_message, self.chat_template_kwargs)
 
 
 class DetokenizeRequest(_Request):
   tokens: list[int]
 
 
-async def _body(server, request, kind):
-  body = await generation.read_body(server, request, kind)
-  if body.model is not None and body.model != server.model_name:
-    raise api.ApiError(404, f"unknown model {body.model!r}; this server serves "
-                       f"{server.model_name!r}", "model", code="model_not_found")
-  return body
-
-
 async def tokenize(server, request):
-  body = await _body(server, request, TokenizeRequest)
+  body = await generation.read_body(server, request, TokenizeRequest)
   if body.messages is None:
     ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens
                                   is not False)
@@ -78,7 +65,7 @@ async def tokenize(server, request):
 
 
 async def detokenize(server, request):
-  body = await _body(server, request, DetokenizeRequest)
+  body = await generation.read_body(server, request, DetokenizeRequest)
   vocab = server.engine.model.config.vocab_size
   bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
   if bad is not None:

@@ -324,15 +324,12 @@ def _attend(q, k_pages, v_pages, page_table, lengths, *, heads_major, sm_scale, 
   asm.check_mode("decode_attention", mode)
   asm.check_options("decode_attention", window, softcap)
   b, hq, d = q.shape
-  why = unsupported(d, q.dtype)
-  if why:
-    raise ValueError(f"decode_attention (Mosaic GPU): {why}")
   hkv, page_size = ((k_pages.shape[0], k_pages.shape[2]) if heads_major else
                     (k_pages.shape[2], k_pages.shape[1]))
   g = hq // hkv
-  if g > ROWS:
-    raise ValueError(f"decode_attention (Mosaic GPU): {g} query heads per KV head is more "
-                     f"than {ROWS}")
+  why = unsupported(d, q.dtype, g)
+  if why:
+    raise ValueError(f"decode_attention (Mosaic GPU): {why}")
   s = page_table.shape[1] * page_size
   settings = settings_for(b, hkv, s, d, window, settings)
   n_pieces = pieces(page_size, page_table.shape[1], settings.block_k)
