@@ -33,19 +33,17 @@ CLI_SAMPLING = {"temperature": 0.8, "top_k": 40}  # fdjax generate's, for the bu
 
 
 def _generate_sampling(args, path) -> dict:
-  """temperature, top_k, top_p, min_p for `fdjax generate`: the flags given, then the model's
-  generation_config.json where it recommends any sampling (what it leaves out: off), else
-  CLI_SAMPLING. Its repetition_penalty is not applied (generate has no penalties): said."""
-  import sys
-
+  """temperature, top_k, top_p, min_p and repetition_penalty for `fdjax generate`: the flags
+  given, then the model's generation_config.json where it recommends any sampling (what it
+  leaves out: off), else CLI_SAMPLING (no penalty); its repetition_penalty applies either way,
+  as in transformers' generate."""
   from fdjax.io import generation_config
   recommended = generation_config.sampling_defaults(path)
-  if "repetition_penalty" in recommended:
-    print(f"fdjax generate: generation_config.json's repetition_penalty "
-          f"{recommended['repetition_penalty']} is not applied (serve applies it)",
-          file=sys.stderr)
   names = ("temperature", "top_k", "top_p", "min_p")
   defaults = {k: v for k, v in recommended.items() if k in names} or CLI_SAMPLING
+  if "repetition_penalty" in recommended:
+    defaults = {**defaults, "repetition_penalty": recommended["repetition_penalty"]}
+  names += ("repetition_penalty",)
   return generation_config.resolve({k: getattr(args, k) for k in names}, defaults, names)
 
 
@@ -275,6 +273,9 @@ def build_parser():
   g.add_argument("--top-p", type=float, help="(default: generation_config.json's, else 1)")
   g.add_argument("--min-p", type=float, help="cut tokens less likely than this times the "
                  "likeliest (default: generation_config.json's, else 0)")
+  g.add_argument("--repetition-penalty", type=float, help="divide the logits of the tokens "
+                 "already in the text by this where positive, else multiply (transformers'; "
+                 "default: generation_config.json's, else 1: off)")
   g.add_argument("--eos-token-id", type=int)
   g.add_argument("--page-size", type=_positive, default=64, help="KV-cache page size in tokens")
   g.add_argument("--prefill-chunk", type=_positive, help="prefill the prompt this many tokens at a "

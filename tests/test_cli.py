@@ -85,20 +85,24 @@ def test_generate_keeps_its_programs_in_the_compile_cache_and_off_is_off(tmp_pat
   assert not elsewhere.exists() or not os.listdir(elsewhere)
 
 
-def test_generate_samples_as_the_models_generation_config_recommends(tmp_path, capsys):
+def test_generate_samples_as_the_models_generation_config_recommends(tmp_path):
   """`fdjax generate`'s sampling: the flags, then the checkpoint's generation_config.json
   where it recommends any (what it leaves out: off, as transformers reads it), else 0.8 and
   top-k 40 (the bundled model has none)."""
   from fdjax import cli
   parse = cli.build_parser().parse_args
-  plain = dict(temperature=0.8, top_k=40, top_p=None, min_p=0.0)
+  plain = dict(temperature=0.8, top_k=40, top_p=None, min_p=0.0, repetition_penalty=1.0)
   assert cli._generate_sampling(parse(["generate", "x"]), None) == plain
   assert cli._generate_sampling(parse(["generate", "x"]), str(tmp_path)) == plain
   (tmp_path / "generation_config.json").write_text(
       '{"temperature": 0.6, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.1}')
   assert cli._generate_sampling(parse(["generate", "x"]), str(tmp_path)) == dict(
-      temperature=0.6, top_k=None, top_p=0.9, min_p=0.05)
-  assert "repetition_penalty 1.1 is not applied" in capsys.readouterr().err
-  given = parse(["generate", "x", "--temperature", "0", "--top-k", "5", "--min-p", "0"])
-  assert cli._generate_sampling(given, str(tmp_path)) == dict(temperature=0.0, top_k=5,
-                                                              top_p=0.9, min_p=0.0)
+      temperature=0.6, top_k=None, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
+  given = parse(["generate", "x", "--temperature", "0", "--top-k", "5", "--min-p", "0",
+                 "--repetition-penalty", "1.3"])
+  assert cli._generate_sampling(given, str(tmp_path)) == dict(
+      temperature=0.0, top_k=5, top_p=0.9, min_p=0.0, repetition_penalty=1.3)
+  # a penalty alone is not a sampling recommendation: the CLI's sampling, with the penalty
+  (tmp_path / "generation_config.json").write_text('{"repetition_penalty": 1.2}')
+  assert cli._generate_sampling(parse(["generate", "x"]), str(tmp_path)) == {
+      **plain, "repetition_penalty": 1.2}

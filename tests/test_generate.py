@@ -99,6 +99,12 @@ def test_result_has_timings():
     (dict(prompts=[[1]], max_new_tokens=3, temperature=None), "temperature must be a number"),
     (dict(prompts=[[1]], max_new_tokens=3, temperature=1.0, min_p=None), "min_p must be a "
      "number"),
+    (dict(prompts=[[1]], max_new_tokens=3, repetition_penalty=0), "repetition_penalty must "
+     "be a finite number > 0 \\(1: off\\), got 0"),
+    (dict(prompts=[[1]], max_new_tokens=3, repetition_penalty=float("nan")),
+     "repetition_penalty"),
+    (dict(prompts=[[1]], max_new_tokens=3, repetition_penalty="1.2"), "repetition_penalty"),
+    (dict(prompts=[[1]], max_new_tokens=3, repetition_penalty=True), "repetition_penalty"),
 ])
 def test_bad_generate_input_is_a_clear_value_error(kwargs, msg):
   model = tiny_model()

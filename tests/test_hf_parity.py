@@ -183,6 +183,31 @@ def test_greedy_generation_token_for_token(generating):
   assert ours == _hf_greedy(hf, prompts, 10)
 
 
+def _hf_penalised(hf, prompts, n, penalty):
+  return [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n,
+                      repetition_penalty=penalty)[0, len(p):].tolist() for p in prompts]
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral-window"])
+def test_greedy_with_a_repetition_penalty_token_for_token(name, tmp_path_factory):
+  """generate's repetition_penalty is transformers': greedy, the same tokens for a ragged
+  batch, also with the decode loop in segments (pages of 4 given back behind the window) and
+  with speculative decoding; a penalty of 1 is plain greedy, and the penalty changes the
+  tokens (short prompts of few distinct tokens: without it they repeat)."""
+  _, _, hf, model = _build(name, tmp_path_factory)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(1, 7, n).tolist() for n in (9, 2, 5)]  # (0 is the pad token)
+  n = 3 * W
+  want = _hf_penalised(hf, prompts, n, 1.8)
+  assert want != _hf_greedy(hf, prompts, n)
+  assert fdjax.generate(model, prompts, max_new_tokens=n, repetition_penalty=1.8,
+                        page_size=4).tokens == want
+  assert fdjax.generate(model, prompts, max_new_tokens=n, repetition_penalty=1.8,
+                        speculative="ngram:k=3,n=2").tokens == want
+  assert fdjax.generate(model, prompts, max_new_tokens=n, repetition_penalty=1).tokens == \
+      _hf_greedy(hf, prompts, n)
+
+
 @pytest.mark.parametrize("name", WINDOWED)
 def test_generation_far_past_the_window_on_few_pages(name, tmp_path_factory):
   """Pages of 4 tokens, a prompt prefilled 5 tokens at a time, four windows of new tokens;

@@ -14,6 +14,7 @@ of any length lives in about (W + page_size) / page_size + 2 pages.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -111,13 +112,18 @@ def buckets(cfg, batch: int, longest: int, max_new_tokens: int,
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float = 0.0,
-             eos_token_id=None,
+             repetition_penalty: float = 1.0, eos_token_id=None,
              seed: int = 0, max_cache_len: int | None = None, page_size: int = 64,
              prefill_chunk: int | None = None, kv: paging.KVStore | None = None,
              mesh=None, speculative=None) -> GenerationResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token-id lists), greedy at
   temperature 0, else sampled after top_k, top_p and min_p (a token less likely than min_p
   times the likeliest is cut).
+
+  repetition_penalty: as transformers' `generate` applies it (before the temperature and the
+  filters, greedy too): the logit of every token in the row's prompt or already generated is
+  divided by it where positive, else multiplied by it; 1 is off. With a penalty each row
+  draws from its own seed (from `seed`), as speculative decoding does.
 
   The KV cache is paged: `page_size` tokens per page, a prompt prefilled `prefill_chunk`
   tokens at a time (None: at once). `kv`, a paging.KVStore, keeps the cache and its prefix
@@ -153,6 +159,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                    prefill_chunk, replicas)
   bp = shapes.batch
   sampler = Sampler(temperature, top_k, top_p, min_p).validate(cfg.vocab_size)
+  penalty = _repetition_penalty(repetition_penalty)
   eos = steps.eos_ids(eos_token_id)
   if any(not 0 <= t < cfg.vocab_size for t in eos):
     raise ValueError(f"generate: eos_token_id {eos_token_id!r} is outside the vocabulary "
@@ -187,11 +194,12 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
       rows.append(kv.pool_of(i, bp).allocate(list(p), total))
     if spec is None:
       out, n_steps, prefill_s, decode_s = _run(model, kv, prompts, rows, shapes,
-                                               max_new_tokens, sampler, eos, seed, window)
+                                               max_new_tokens, sampler, penalty, eos, seed,
+                                               window)
       drafted = accepted = 0
     else:
       out, n_steps, prefill_s, decode_s, drafted, accepted = _run_speculative(
-          model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, spec)
+          model, kv, prompts, rows, shapes, max_new_tokens, sampler, penalty, eos, seed, spec)
   except BaseException:
     for i, (pages, _) in enumerate(rows):
       kv.pool_of(i, bp).release(pages)
@@ -204,6 +212,27 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   return GenerationResult(tokens=tokens, prompt_tokens=sum(len(p) for p in prompts),
                           prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps - 1,
                           drafted=drafted, accepted=accepted)
+
+
+def _repetition_penalty(value) -> float:
+  """generate's repetition_penalty as a float; ValueError unless a finite number > 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+      or not (math.isfinite(value) and value > 0):
+    raise ValueError(f"generate: repetition_penalty must be a finite number > 0 (1: off), "
+                     f"got {value!r}")
+  return float(value)
+
+
+def _row_sampling(prompts, bp: int, sampler: Sampler, penalty: float, seed: int):
+  """Per-row sampling for the batch (each row its own seed, from `seed`, the penalty and
+  sampler's settings), its prompts [bp, a power of two] (-1 past each: the width bucketed, as
+  the jitted calls that take it are) and their lengths [bp]."""
+  seeds = np.random.SeedSequence(seed % 2**64).generate_state(bp)  # (a negative seed too)
+  prompt_ids, lens = steps.pack(prompts, bp, pow2(max(len(p) for p in prompts)), fill=-1)
+  rows = RowSampling.of([Settings(sampler.temperature, sampler.top_k, sampler.top_p, int(s),
+                                  repetition_penalty=penalty, min_p=sampler.min_p)
+                         for s in seeds], lens)
+  return rows, prompt_ids, lens
 
 
 def _on_mesh(model, mesh):
@@ -280,18 +309,27 @@ def _prefill(runner, prompts, rows, shapes, pages, window):
   return cache, last
 
 
-def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, window):
+def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, penalty, eos, seed,
+         window):
   """Prefill in chunks, then the decode loop (in segments of page_size steps when pages are
   given back behind a `window`), on kv's pages; (tokens [bp, out_len], steps, prefill seconds,
-  decode seconds)."""
+  decode seconds). One `sampler` for every row, or with a repetition `penalty` (not 1) the
+  per-row sampling that counts each row's tokens."""
   runner = Runner(model, kv, eos)
   bp = shapes.batch
   pages = _Pages(kv, rows, [len(p) + max_new_tokens for p in prompts], bp, shapes.pages, window)
   t0 = time.perf_counter()
   cache, last = _prefill(runner, prompts, rows, shapes, pages, window)
   max_new = jnp.int32(max_new_tokens)
-  loop = runner.first(last, np.arange(bp) < len(prompts), max_new, out_len=shapes.out,
-                      key=sampling.seed_key(seed), sampler=sampler)
+  active = np.arange(bp) < len(prompts)
+  if penalty == 1.0:
+    per_row = None
+    loop = runner.first(last, active, max_new, out_len=shapes.out, key=sampling.seed_key(seed),
+                        sampler=sampler)
+  else:
+    per_row, prompt_ids, lens = _row_sampling(prompts, bp, sampler, penalty, seed)
+    loop = runner.first(last, active, max_new, out_len=shapes.out, rows=per_row,
+                        positions=lens, tokens=prompt_ids)
   loop.last.block_until_ready()
   t1 = time.perf_counter()
   segment = max_new_tokens if window is None else kv.page_size
@@ -301,7 +339,8 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
       cache = cache._replace(page_table=pages.table(
           lengths, [None if d else n + segment for d, n in zip(done, lengths)]))
     stop = min(max_new_tokens, int(steps.to_host(loop.step)) + segment)
-    loop, cache = runner.decode(loop, cache, max_new, stop, sampler=sampler)
+    loop, cache = runner.decode(loop, cache, max_new, stop,
+                                sampler=sampler if per_row is None else None, rows=per_row)
     if stop >= max_new_tokens or bool(np.all(steps.to_host(loop.done))):
       break
   out = steps.to_host(loop.out)
@@ -309,10 +348,11 @@ def _run(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed, w
   return out, int(steps.to_host(loop.step)), t1 - t0, t2 - t1
 
 
-def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, eos, seed,
-                     spec):
-  """_run with speculative decoding (spec_steps): every row samples as `sampler` says with its
-  own seed; (tokens, rounds, prefill s, decode s, drafts proposed, drafts accepted)."""
+def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, penalty, eos,
+                     seed, spec):
+  """_run with speculative decoding (spec_steps): every row samples as `sampler` and the
+  repetition `penalty` say with its own seed; (tokens, rounds, prefill s, decode s, drafts
+  proposed, drafts accepted)."""
   bp, b = shapes.batch, len(prompts)
   totals = [len(p) + max_new_tokens for p in prompts]
   runner = Runner(model, kv, eos)
@@ -331,14 +371,10 @@ def _run_speculative(model, kv, prompts, rows, shapes, max_new_tokens, sampler, 
     if draft is not None:
       dcache, _ = _prefill(draft, prompts, drows, shapes,
                            _Pages(dkv, drows, totals, bp, shapes.pages, None), None)
-    seeds = np.random.SeedSequence(seed % 2**64).generate_state(bp)  # (a negative seed too)
-    row_sampling = RowSampling.of([Settings(sampler.temperature, sampler.top_k, sampler.top_p,
-                                            int(s), min_p=sampler.min_p) for s in seeds],
-                                  [len(p) for p in prompts] + [0] * (bp - b))
-    prompt_ids, lens = steps.pack(prompts, bp, max(len(p) for p in prompts), fill=-1)
+    row_sampling, prompt_ids, lens = _row_sampling(prompts, bp, sampler, penalty, seed)
     max_new = jnp.int32(max_new_tokens)
     loop = runner.first(last, np.arange(bp) < b, max_new, out_len=shapes.out, rows=row_sampling,
-                        positions=lens, tokens=np.full((bp, 1), -1, np.int32))
+                        positions=lens, tokens=prompt_ids)
     state = spec_steps.start_jit(loop, jnp.asarray(prompt_ids), jnp.asarray(lens),
                                  np.full((bp,), spec.k, np.int32),
                                  seq_len=pow2(int(lens.max()) + max_new_tokens + spec.k + 1))
