@@ -189,6 +189,9 @@ def test_n_choices_share_one_prefill_streamed_or_not(s):
   again = s.client.completions.create(model=s.name, prompt=prompt, max_tokens=12, n=4,
                                       temperature=1.0, seed=11)
   assert [c.text for c in again.choices] == [c.text for c in r.choices]
+  # the prompt's whole pages came from the prefix cache, counted once (not per choice)
+  held = full // s.engine.page_size * s.engine.page_size
+  assert again.usage.prompt_tokens_details.cached_tokens == held > 0
   # seed 12's first choice is not seed 11's second (each choice's seed is its own draw)
   other = s.client.completions.create(model=s.name, prompt=prompt, max_tokens=12, n=1,
                                       temperature=1.0, seed=12)
@@ -258,6 +261,7 @@ def test_ignored_extras_pass_unsupported_fields_are_named_and_strict_refuses(s):
   events = [json.loads(line[6:]) for line in plain.text.splitlines()
             if line.startswith("data: {")]
   assert [e["usage"] is None for e in events] == [True] * (len(events) - 1) + [False]
+  assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # 1 token
   for body, field in [({"functions": [{"name": "f"}]}, "functions"),
                       ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
                       ({"audio": {}}, "audio")]:

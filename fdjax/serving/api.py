@@ -530,9 +530,12 @@ def new_id(prefix: str) -> str:
   return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+  """OpenAI's usage of a completion or chat call: cached_tokens, of the prompt tokens, those
+  the prefix cache held (not computed again)."""
   return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "total_tokens": prompt_tokens + completion_tokens}
+          "total_tokens": prompt_tokens + completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def envelope(rid, obj, model, choices, extra=None):

@@ -79,6 +79,15 @@ class Call:
   def prompt_tokens(self) -> int:
     return sum(len(p) for p in self.prompts)
 
+  @property
+  def cached_tokens(self) -> int:
+    """Of prompt_tokens, those the prefix cache held when each prompt's first choice was
+    admitted (its other choices share its pages)."""
+    return sum(self.reqs[k * self.n].cached_prompt for k in range(len(self.prompts)))
+
+  def usage(self, completion_tokens: int) -> dict:
+    return api.usage(self.prompt_tokens, completion_tokens, self.cached_tokens)
+
   def submit(self):
     engine = self.server.engine
     if len(self.reqs) > engine.max_queue:  # a 429 would be retried, and never succeed
@@ -248,8 +257,7 @@ async def completions(server, request):
     choices.append(api.completion_choice(i, echo[i // n] + res.texts[i], res.reasons[i],
                                          logprobs(items, api.TextOffsets())))
   return server.json_response(api.envelope(rid, "text_completion", server.model_name, choices,
-                                 {"usage": api.usage(call.prompt_tokens,
-                                                     sum(res.completion_tokens))}))
+                                 {"usage": call.usage(sum(res.completion_tokens))}))
 
 def chat_prompt(server, messages: list[dict], offered: list[dict], param: str = "messages",
                 add_special_tokens: bool = False, **template_kwargs) -> list[int]:
@@ -357,5 +365,4 @@ async def chat_completions(server, request):
     choices.append({"index": i, "message": {"role": "assistant", **fields},
                     "finish_reason": reason, "logprobs": logprobs(res.logprobs[i])})
   return server.json_response(api.envelope(rid, "chat.completion", server.model_name, choices,
-                                 {"usage": api.usage(call.prompt_tokens,
-                                                     sum(res.completion_tokens))}))
+                                 {"usage": call.usage(sum(res.completion_tokens))}))

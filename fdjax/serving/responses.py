@@ -365,7 +365,7 @@ class _Answer:
     self.turn = {"role": "assistant", "content": content, **({"tool_calls": calls}
                                                              if calls else {}),
                  **({"reasoning": thought} if thought is not None else {})}
-    usage = _usage(self.call.prompt_tokens, self.call.reqs[0].cached_prompt, completion)
+    usage = _usage(self.call.prompt_tokens, self.call.cached_tokens, completion)
     return self.response(status, output, usage, incomplete={"reason": "max_output_tokens"}
                          if reason == "length" else None)
 

@@ -218,7 +218,7 @@ class Server:
     completion = [0] * len(call.reqs)
 
     def usage():
-      return api.usage(call.prompt_tokens, sum(completion))
+      return call.usage(sum(completion))
 
     async def chunks():
       seen = set()
