@@ -132,6 +132,36 @@ def test_previous_response_id_continues_the_stored_conversation(s):
 
 
 @pytest.mark.integration
+def test_truncation_auto_drops_the_oldest_turns_to_fit_the_context(s):
+  """A conversation past the context (512 tokens here, a byte per token) is a 400 naming
+  input; with truncation "auto" its oldest turns go, from the front, the instructions stay,
+  until it leaves room for max_output_tokens."""
+  long = "x = 1\n" * 20  # a turn takes about 200 tokens with the template's
+  first = s.client.responses.create(model=s.name, input=long + "# one", **GREEDY)
+  second = s.client.responses.create(model=s.name, input=long + "# two",
+                                     previous_response_id=first.id, **GREEDY)
+  with pytest.raises(openai.BadRequestError) as e:
+    s.client.responses.create(model=s.name, input=long + "# three",
+                              previous_response_id=second.id, instructions="Be short.",
+                              **GREEDY)
+  assert e.value.body["param"] == "input"
+  third = s.client.responses.create(model=s.name, input=long + "# three", truncation="auto",
+                                    previous_response_id=second.id,
+                                    instructions="Be short.", **GREEDY)
+  assert third.truncation == "auto"
+  want = _chat(s, [{"role": "system", "content": "Be short."},
+                   {"role": "user", "content": long + "# two"},
+                   {"role": "assistant", "content": second.output_text},
+                   {"role": "user", "content": long + "# three"}])
+  assert third.usage.input_tokens == want.usage.prompt_tokens <= 512 - 12
+  assert third.output_text == want.choices[0].message.content
+  # the stored conversation is whole: the next turn truncates again, from all of it
+  fourth = s.client.responses.create(model=s.name, input="def g(y):", truncation="auto",
+                                     previous_response_id=third.id, **GREEDY)
+  assert fourth.output_text and fourth.usage.input_tokens <= 512 - 12
+
+
+@pytest.mark.integration
 def test_text_format_json_schema_makes_output_that_validates(s):
   jsonschema = pytest.importorskip("jsonschema")
   pytest.importorskip("llguidance")
@@ -210,7 +240,7 @@ def test_the_store_keeps_the_newest_n():
   with pytest.raises(api.ApiError) as e:
     store.get("r0")  # GET /v1/responses/r0
   assert e.value.status == 404 and e.value.code == "not_found"
-  assert store.get("r2")[1] == [{"role": "user", "content": "2"}]
+  assert store.get("r2")[1].conversation() == [{"role": "user", "content": "2"}]
   store.delete("r1")
   with pytest.raises(api.ApiError):
     store.get("r1")
@@ -223,6 +253,32 @@ def test_the_store_keeps_the_newest_n():
   assert small.get("r2") and small.get("r1") and small.nbytes <= 300
   with pytest.raises(api.ApiError):
     small.get("r0")
+
+
+def test_a_stored_chain_holds_each_turn_once_and_outlives_its_first_responses():
+  """A conversation continued n times costs n turns of bytes (not n**2: each response's
+  Turns links to the one before); a kept response's conversation is whole after the first
+  responses are dropped, and their messages count until no kept response holds them."""
+  turn = lambda i: [{"role": "user", "content": f"q{i:03d}" + "x" * 96},
+                    {"role": "assistant", "content": f"a{i:03d}" + "y" * 96}]
+  each = len(json.dumps(turn(0))) + len(json.dumps({"id": "r000"})) + len(json.dumps([]))
+  store, before = responses.Store(1000), None
+  for i in range(200):
+    before = store.put(f"r{i:03d}", {"id": f"r{i:03d}"}, turn(i), before=before)
+  assert store.nbytes == 200 * each
+  assert store.get("r199")[1].conversation() == [m for i in range(200) for m in turn(i)]
+  assert store.get("r010")[1].conversation() == [m for i in range(11) for m in turn(i)]
+  small, before = responses.Store(2), None
+  for i in range(5):
+    before = small.put(f"r{i:03d}", {"id": f"r{i:03d}"}, turn(i), before=before)
+  del before
+  with pytest.raises(api.ApiError):
+    small.get("r002")
+  assert small.get("r004")[1].conversation() == [m for i in range(5) for m in turn(i)]
+  assert small.nbytes == 5 * len(json.dumps(turn(0))) + 2 * (each - len(json.dumps(turn(0))))
+  small.delete("r003")
+  small.delete("r004")
+  assert small.nbytes == 0  # every turn freed with the last response holding it
 
 
 def test_input_items_become_chat_messages_a_call_joining_its_assistant_turn():

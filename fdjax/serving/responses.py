@@ -30,6 +30,7 @@ import itertools
 import json
 import time
 import uuid
+import weakref
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,7 +100,7 @@ class ResponsesRequest(api._Sampling):
   store: bool = True
   previous_response_id: str | None = None
   parallel_tool_calls: bool = True  # false: the first call only
-  # "auto" truncates only an input past the context, which is a 400 here either way
+  # auto: the conversation's oldest turns dropped where it does not fit the context (else 400)
   truncation: Literal["disabled", "auto"] = "disabled"
   # echoed, changing nothing here: no reasoning items, built-in tools or tiers
   reasoning: dict | None = None
@@ -241,11 +242,30 @@ def input_messages(body: ResponsesRequest) -> list[dict]:
 
 # ----------------------------------------------------------------------- storage
 
+class Turns:
+  """A stored conversation as a chain: one response's messages (its input and its output)
+  after those of the response it continued (shared, not copied: a chain of n turns holds
+  each turn once). A link outlives its response's place in the Store while a later turn
+  continues it."""
+  __slots__ = ("messages", "before", "__weakref__")
+
+  def __init__(self, messages: list[dict], before: "Turns | None" = None):
+    self.messages, self.before = messages, before
+
+  def conversation(self) -> list[dict]:
+    """Every message of the chain, oldest first."""
+    parts, link = [], self
+    while link is not None:
+      parts.append(link.messages)
+      link = link.before
+    return [m for part in reversed(parts) for m in part]
+
+
 class Store:
   """Responses made with `store` (OpenAI's default), for GET and previous_response_id: the
-  newest `size` of them, each with its conversation (chat messages: the turns before it, its
-  input and its output), in this process's memory, at most `max_bytes` of them as JSON (the
-  oldest go first); ApiError 404 for one not (or no longer) kept."""
+  newest `size` of them, each with its conversation (Turns), in this process's memory, at
+  most `max_bytes` of them as JSON (the oldest go first; a turn's messages count until no
+  kept response's conversation holds them); ApiError 404 for one not (or no longer) kept."""
 
   def __init__(self, size: int = 1000, max_bytes: int = 256 << 20):
     if not isinstance(size, int) or size < 0:
@@ -253,16 +273,31 @@ class Store:
     self.size, self.max_bytes, self.nbytes = size, max_bytes, 0
     self._kept = collections.OrderedDict()
 
-  def put(self, rid: str, response: dict, conversation: list[dict], items=()):
-    """Keeps a response, its conversation and its input items (input_items)."""
+  def put(self, rid: str, response: dict, messages: list[dict], items=(),
+          before: Turns | None = None) -> Turns:
+    """Keeps a response, its conversation (its own messages after `before`'s) and its input
+    items (input_items); returns its Turns."""
     items = list(items)
-    nbytes = len(json.dumps(response)) + len(json.dumps(conversation)) + len(json.dumps(items))
-    self._kept[rid] = (response, conversation, nbytes, items)
+    turns = Turns(messages, before)
+    own = len(json.dumps(messages))
+    self.nbytes += own
+    weakref.finalize(turns, self._free, own).atexit = False
+    nbytes = len(json.dumps(response)) + len(json.dumps(items))
+    self._kept[rid] = (response, turns, nbytes, items)
     self.nbytes += nbytes
     while self._kept and (len(self._kept) > self.size or self.nbytes > self.max_bytes):
-      self.nbytes -= self._kept.popitem(last=False)[1][2]
+      self._drop(self._kept.popitem(last=False)[1])
+    return turns
 
-  def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict]]:
+  def _drop(self, entry):
+    # `entry` is held here, so its Turns' finalizer (_free, which changes nbytes too) runs
+    # after this update (when the caller lets go of it), not inside it
+    self.nbytes -= entry[2]
+
+  def _free(self, nbytes: int):
+    self.nbytes -= nbytes
+
+  def get(self, rid: str, param: str | None = None) -> tuple[dict, Turns]:
     """A stored response and its conversation; ApiError 404 (400 naming `param` where a
     request's field names it, OpenAI's previous_response_not_found)."""
     if rid not in self._kept:
@@ -279,7 +314,7 @@ class Store:
 
   def delete(self, rid: str):
     self.get(rid)
-    self.nbytes -= self._kept.pop(rid)[2]
+    self._drop(self._kept.pop(rid))
 
 
 # ---------------------------------------------------------------------- the output
@@ -370,24 +405,43 @@ class _Answer:
                          if reason == "length" else None)
 
 
-def _prompt(server, body: ResponsesRequest) -> tuple[list[int], list[dict], list[dict]]:
-  """(the prompt's token ids, the conversation before this turn, this turn's messages):
-  instructions, previous_response_id's stored turns and the input through the template."""
-  history = (server.responses.get(body.previous_response_id, "previous_response_id")[1]
-             if body.previous_response_id else [])
+def _prompt(server, body: ResponsesRequest) -> tuple[list[int], Turns | None, list[dict]]:
+  """(the prompt's token ids, the stored conversation before this turn, this turn's
+  messages): instructions, previous_response_id's stored turns and the input through the
+  template. With truncation "auto", a conversation that leaves no room in the context for
+  max_output_tokens (else one token) loses its oldest turns (each from a user message to
+  the next; the leading system / developer messages stay) until it fits or one is left."""
+  before = (server.responses.get(body.previous_response_id, "previous_response_id")[1]
+            if body.previous_response_id else None)
+  history = before.conversation() if before is not None else []
   turn = input_messages(body)
   if not history + turn:
     raise api.ApiError(400, "input holds no message (a reasoning item alone is none)", "input")
   system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-  messages = [api.Message.model_validate(m).for_template() for m in system + history + turn]
-  ids = generation.chat_prompt(server, messages, body.active_tools(), "input",
-                               add_generation_prompt=True)
-  return ids, history, turn
+  conversation = history + turn
+  pinned = next((i for i, m in enumerate(conversation)
+                 if m.get("role") not in ("system", "developer")), len(conversation))
+
+  def render(messages):
+    messages = [api.Message.model_validate(m).for_template() for m in system + messages]
+    return generation.chat_prompt(server, messages, body.active_tools(), "input",
+                                  add_generation_prompt=True)
+
+  ids = render(conversation)
+  room = server.engine.max_model_len - (body.limit or 1)
+  rest = conversation[pinned:]
+  while body.truncation == "auto" and len(ids) > room:
+    later = next((i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"), None)
+    if later is None:
+      break  # the last turn alone is too long: the engine's 400
+    rest = rest[later:]
+    ids = render(conversation[:pinned] + rest)
+  return ids, before, turn
 
 
 async def create(server, request):
   body = await generation.parse_body(server, request, ResponsesRequest)
-  ids, history, turn = _prompt(server, body)
+  ids, before, turn = _prompt(server, body)
   offered = body.active_tools()
   call, fmt = generation.chat_call(server, ids, body, offered)
   try:
@@ -401,8 +455,8 @@ async def create(server, request):
 
   def keep(response):
     if body.store and response["status"] != "failed":
-      server.responses.put(answer.rid, response, history + turn + [answer.turn],
-                           input_items(body))
+      server.responses.put(answer.rid, response, turn + [answer.turn], input_items(body),
+                           before)
 
   if body.stream:
     # held to the end where tool calls or reasoning must be parsed out first
