@@ -51,6 +51,7 @@ if _shadowed():
 _EXPORTS = {"dispatch": "fdjax.ops.dispatch", "load_pretrained": "fdjax.io.checkpoint",
             "save_pretrained": "fdjax.io.checkpoint", "CheckpointError": "fdjax.io.checkpoint",
             "generate": "fdjax.engine.decode_loop", "GenerationResult": "fdjax.engine.decode_loop",
+            "embed": "fdjax.engine.embed",
             "KVCache": "fdjax.ops.kv_cache", "init_cache": "fdjax.ops.kv_cache",
             "load_tokenizer": "fdjax.io.tokenizer", "KVStore": "fdjax.engine.paging",
             "PagePool": "fdjax.engine.paging", "PoolExhausted": "fdjax.engine.paging",

@@ -191,7 +191,7 @@ def cmd_serve(args):
                log_level=args.log_level, strict_fields=args.strict_fields,
                logprobs_mode=args.logprobs_mode, generation_config=args.generation_config,
                max_stored_responses=args.max_stored_responses,
-               reasoning_parser=args.reasoning_parser,
+               reasoning_parser=args.reasoning_parser, pooling=args.pooling,
                cors=cors.Cors(args.allowed_origins, args.allowed_methods,
                               args.allowed_headers, args.allow_credentials),
                api_keys=auth.keys_from(args.api_key, os.environ),
@@ -327,6 +327,10 @@ def build_parser():
                  help="split a thinking model's <think> reasoning off its answer: chat's "
                  "reasoning_content (and reasoning), the Responses API's reasoning item "
                  "(vLLM's flag)")
+  s.add_argument("--pooling", choices=["last", "mean", "cls"],
+                 help="how /v1/embeddings pools a text's final hidden states (default: the "
+                 "checkpoint's sentence-transformers modules.json, else the last token's); "
+                 "normalized unless those files leave their Normalize module out")
   s.add_argument("--max-stored-responses", type=int, default=1000, metavar="N",
                  help="Responses API answers kept in memory for previous_response_id and GET "
                  "/v1/responses/{id} (the newest N; default 1000)")

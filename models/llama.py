@@ -20,6 +20,8 @@ Calling conventions (input_ids [B, T] int):
                                          decode step on the paged kernel); they are written
                                          to the cache, whose lengths grow by l
   last_only=True                      -> logits of each row's last valid token only [B, 1, V]
+  hidden=True                         -> the final norm's output [B, T (or 1), H] (float32)
+                                         instead of the logits (what embeddings pool)
 """
 from __future__ import annotations
 
@@ -201,7 +203,7 @@ class Transformer(nnx.Module):
     return x if scale is None else x * jnp.asarray(scale, x.dtype)
 
   def __call__(self, input_ids, *, cache: kvc.KVCache | None = None, lengths=None,
-               last_only: bool = False):
+               last_only: bool = False, hidden: bool = False):
     cfg = self.config
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
       raise ValueError(f"model: input_ids must be an integer [B, T] array, got "
@@ -225,6 +227,10 @@ class Transformer(nnx.Module):
         new_v.append(layer_cache[1])
     if last_only:
       x = x[jnp.arange(b), jnp.maximum(n - 1, 0)][:, None]
+    if hidden:
+      x = self.norm(x).astype(jnp.float32)
+      return x if cache is None else (x, cache._replace(k=tuple(new_k), v=tuple(new_v),
+                                                        lengths=start + n))
     logits = parallel.gather_logits(
         dispatch.linear(self.norm(x), self.lm_head[...]), self.tp).astype(jnp.float32)
     if cfg.final_softcap is not None:

@@ -66,7 +66,7 @@ class ShardedTransformer(nnx.Module):
                  for like in (self.pages(num_pages, page_size, keys) for keys in (True, False)))
 
   def __call__(self, input_ids, *, cache: kvc.KVCache | None = None, lengths=None,
-               last_only: bool = False):
+               last_only: bool = False, hidden: bool = False):
     if input_ids.ndim != 2 or input_ids.shape[0] % self.dp:
       raise ValueError(f"sharded model: input_ids must be [B, T] with B a multiple of "
                        f"dp={self.dp}, got shape {tuple(input_ids.shape)}")
@@ -74,16 +74,17 @@ class ShardedTransformer(nnx.Module):
     n = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     graphdef, state = nnx.split(self.local)
     return _forward(graphdef, state, input_ids, n, cache, mesh=self.mesh, specs=self.specs,
-                    last_only=last_only)
+                    last_only=last_only, hidden=hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "specs", "last_only"))
-def _forward(graphdef, state, ids, n, cache, *, mesh, specs, last_only):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "specs", "last_only",
+                                             "hidden"))
+def _forward(graphdef, state, ids, n, cache, *, mesh, specs, last_only, hidden=False):
   """The local model on every device of `mesh` (jitted: shard_map run eagerly would dispatch
   op by op; inside generate's jitted steps it is inlined)."""
   def run(state, ids, n, cache):
     model = nnx.merge(graphdef, state)
-    return model(ids, cache=cache, lengths=n, last_only=last_only)
+    return model(ids, cache=cache, lengths=n, last_only=last_only, hidden=hidden)
 
   state_specs = jax.tree.unflatten(jax.tree.structure(state), specs)
   kv_specs = None if cache is None else cache_specs(len(cache.k))

@@ -226,13 +226,16 @@ def main():
     prompts = prompts_for(vocab, 2)
     gen = dict(max_new_tokens=NEW, page_size=4, prefill_chunk=8)
     tokens = fdjax.generate(one, prompts, **gen).tokens
+    embedded = fdjax.embed(one, prompts, pooling="mean")
     for dp, tp in meshes_:
       mesh = fdjax.make_mesh(tp=tp, dp=dp, devices=devices[:tp * dp])
       model = fdjax.load_pretrained(path, mesh=mesh)
       got = forward(model, ids)
       case = dict(rel=float(np.max(np.abs(got - want)) / np.max(np.abs(want))),
                   finite=bool(np.all(np.isfinite(got))), tokens=tokens,
-                  sharded=fdjax.generate(model, prompts, **gen).tokens, **holdings(model))
+                  sharded=fdjax.generate(model, prompts, **gen).tokens, **holdings(model),
+                  embed_err=float(np.max(np.abs(
+                      fdjax.embed(model, prompts, pooling="mean") - embedded))))
       if spec.get("interpret") == [name, dp, tp]:
         with dispatch.using("pallas_interpret"):
           case["interpreted"] = fdjax.generate(model, prompts, **gen).tokens

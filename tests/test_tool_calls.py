@@ -192,6 +192,33 @@ def test_responses_api_function_calls_and_their_outputs_as_chat_renders_them(s, 
       assert json.loads(r.output[0].arguments) == {"a": 1, "b": 2}
 
 
+def test_langchains_chat_model_calls_tools_and_streams_against_the_server(s):
+  """LangChain's ChatOpenAI pointed at the server: a tool bound and forced comes back as the
+  AIMessage's parsed tool_calls, the tool's result goes back as a ToolMessage, and a streamed
+  answer is the official client's text."""
+  lc = pytest.importorskip("langchain_openai")
+  messages = pytest.importorskip("langchain_core.messages")
+  _use(s, "hermes")
+  llm = lc.ChatOpenAI(model=s.name, base_url=s.url + "/v1", api_key="unused", temperature=1.0,
+                      max_tokens=200, seed=2, max_retries=0)
+  bound = llm.bind_tools([TOOLS[0]], tool_choice="get_weather")
+  answer = bound.invoke(ASK[0]["content"])
+  assert [c["name"] for c in answer.tool_calls] == ["get_weather"]
+  jsonschema.validate(answer.tool_calls[0]["args"], WEATHER)
+  assert answer.tool_calls[0]["id"].startswith("call_")
+  follow = llm.bind_tools([TOOLS[0]]).invoke(
+      [messages.HumanMessage(ASK[0]["content"]), answer,
+       messages.ToolMessage("21 degrees", tool_call_id=answer.tool_calls[0]["id"])],
+      max_tokens=4)
+  assert follow.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
+  greedy = lc.ChatOpenAI(model=s.name, base_url=s.url + "/v1", api_key="unused",
+                         temperature=0, max_tokens=12, max_retries=0)
+  streamed = "".join(chunk.content for chunk in greedy.stream("def add(a, b):"))
+  want = s.client.chat.completions.create(model=s.name, temperature=0, max_tokens=12, messages=[
+      {"role": "user", "content": "def add(a, b):"}]).choices[0].message.content
+  assert streamed == want and want
+
+
 def test_each_format_parses_its_own_calls():
   cases = {
       "hermes": 'Let me look.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'

@@ -42,6 +42,7 @@ UNSUPPORTED = {
              "function_call"),
     "responses": ("background", "conversation", "prompt", "context_management"),
     "tokenize": (),
+    "embeddings": (),
 }
 # Fields clients send that change nothing fdjax computes: accepted and ignored (with
 # --strict-fields, refused as unknown). Dotted names are inside an object.

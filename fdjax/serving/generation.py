@@ -191,35 +191,35 @@ def token_limits(server, prompts, asked):
       server.engine.max_model_len - len(p), default or server.engine.max_model_len))
           for p in prompts]
 
-def _prompts(server, prompt) -> list[list[int]]:
-  """A completion's prompt (a string, strings, token ids, lists of token ids) as token
-  lists; ApiError naming the element at fault."""
+def token_lists(server, prompt, param: str = "prompt") -> list[list[int]]:
+  """A completion's prompt (an embeddings request's input: param) (a string, strings, token
+  ids, lists of token ids) as token lists; ApiError naming the element at fault."""
   if isinstance(prompt, str):
     return [server.tokenizer.encode(prompt)]
   if not prompt:
-    raise api.ApiError(400, "prompt is an empty list", "prompt")
+    raise api.ApiError(400, f"{param} is an empty list", param)
   if all(isinstance(p, str) for p in prompt):
     lists = [server.tokenizer.encode(p) for p in prompt]
     empty = next((i for i, ids in enumerate(lists) if not ids), None)
     if empty is not None:
-      raise api.ApiError(400, f"prompt[{empty}] is empty (it encodes to no tokens)", "prompt")
+      raise api.ApiError(400, f"{param}[{empty}] is empty (it encodes to no tokens)", param)
     return lists
   one = isinstance(prompt[0], int)
   lists = [list(prompt)] if one else [list(p) for p in prompt]
   vocab = server.engine.model.config.vocab_size
   for i, ids in enumerate(lists):
-    where = "prompt" if one else f"prompt[{i}]"
+    where = param if one else f"{param}[{i}]"
     if not ids:
-      raise api.ApiError(400, f"{where} is an empty list of token ids", "prompt")
+      raise api.ApiError(400, f"{where} is an empty list of token ids", param)
     bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
     if bad is not None:
       raise api.ApiError(400, f"{where}[{bad}]: token id {ids[bad]} is outside the "
-                         f"vocabulary [0, {vocab})", "prompt")
+                         f"vocabulary [0, {vocab})", param)
   return lists
 
 async def completions(server, request):
   body = await parse_body(server, request, api.CompletionRequest)
-  prompts = _prompts(server, body.prompt)
+  prompts = token_lists(server, body.prompt)
   call = Call(server, prompts, body, token_limits(server, prompts, body.max_tokens),
               echo=body.echo)
   call.submit()

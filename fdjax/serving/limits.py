@@ -24,6 +24,7 @@ class Limits:
   schema_bytes: int = 64 << 10   # a JSON schema / grammar (response_format, guided_*, tools)
   schema_depth: int = 32         # a JSON schema's nesting
   tools: int = 64                # tools per request
+  embedding_inputs: int = 2048   # inputs in one embeddings request (OpenAI's bound)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -40,49 +41,49 @@ def flag(name: str) -> str:
   return name.replace("_", "-")
 
 
-def _refuse(name: str, what: str, value, limit: int, param: str, status: int = 400):
+def refuse(name: str, what: str, value, limit: int, param: str, status: int = 400):
   raise ApiError(status, f"{what} is {value}; this server takes at most {limit} "
                  f"(--max-{flag(name)})", param, reason="limit")
 
 
 def check_body_size(size: int, limits: Limits):
   if size > limits.body_bytes:
-    _refuse("body_bytes", "the request body's size in bytes", size, limits.body_bytes, None,
+    refuse("body_bytes", "the request body's size in bytes", size, limits.body_bytes, None,
             413)
 
 
 def check(body, limits: Limits, prompts: int = 1):
   """Refuses (ApiError) a parsed request (fdjax.serving.api) past any limit."""
   if prompts > limits.prompts:
-    _refuse("prompts", "the number of prompts", prompts, limits.prompts, "prompt")
+    refuse("prompts", "the number of prompts", prompts, limits.prompts, "prompt")
   if body.n > limits.n:
-    _refuse("n", "n", body.n, limits.n, "n")
+    refuse("n", "n", body.n, limits.n, "n")
   best_of = getattr(body, "best_of", None)
   if best_of is not None and best_of > limits.n:
-    _refuse("n", "best_of", best_of, limits.n, "best_of")
+    refuse("n", "best_of", best_of, limits.n, "best_of")
   if len(body.logit_bias or {}) > limits.logit_bias:
-    _refuse("logit_bias", "the number of logit_bias entries", len(body.logit_bias),
+    refuse("logit_bias", "the number of logit_bias entries", len(body.logit_bias),
             limits.logit_bias, "logit_bias")
   stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
   if len(stop) > limits.stop:
-    _refuse("stop", "the number of stop strings", len(stop), limits.stop, "stop")
+    refuse("stop", "the number of stop strings", len(stop), limits.stop, "stop")
   if sum(len(s) for s in stop) > limits.stop_chars:
-    _refuse("stop_chars", "the stop strings' total length", sum(len(s) for s in stop),
+    refuse("stop_chars", "the stop strings' total length", sum(len(s) for s in stop),
             limits.stop_chars, "stop")
   top = body.top_logprobs_count
   if top is not None and top > limits.top_logprobs:
-    _refuse("top_logprobs", "the number of top logprobs", top, limits.top_logprobs,
+    refuse("top_logprobs", "the number of top logprobs", top, limits.top_logprobs,
             "top_logprobs" if hasattr(body, "top_logprobs") else "logprobs")
   tools = getattr(body, "tools", None) or []
   if len(tools) > limits.tools:
-    _refuse("tools", "the number of tools", len(tools), limits.tools, "tools")
+    refuse("tools", "the number of tools", len(tools), limits.tools, "tools")
   for param, value in _schemas(body):
     if not isinstance(value, str) and depth(value) > limits.schema_depth:
-      _refuse("schema_depth", f"{param}'s nesting depth", depth(value), limits.schema_depth,
+      refuse("schema_depth", f"{param}'s nesting depth", depth(value), limits.schema_depth,
               param)
     size = len(value.encode()) if isinstance(value, str) else len(json.dumps(value))
     if size > limits.schema_bytes:
-      _refuse("schema_bytes", f"{param}'s size in bytes", size, limits.schema_bytes, param)
+      refuse("schema_bytes", f"{param}'s size in bytes", size, limits.schema_bytes, param)
 
 
 def _schemas(body):

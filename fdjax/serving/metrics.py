@@ -32,6 +32,10 @@ class Metrics:
                             "(stop, length, cancelled, error).", ["finish_reason"], registry=r)
     self.prompt_tokens = Counter("fdjax_prompt_tokens", "Prompt tokens of ended requests.",
                                  ["finish_reason"], registry=r)
+    self.embedded = Counter("fdjax_embeddings", "Inputs embedded (/v1/embeddings).",
+                            registry=r)
+    self.embedded_tokens = Counter("fdjax_embedding_tokens", "Tokens of the inputs embedded.",
+                                   registry=r)
     self.generation_tokens = Counter("fdjax_generation_tokens", "Tokens generated for ended "
                                      "requests (as their usage counts them).", ["finish_reason"],
                                      registry=r)

@@ -6,6 +6,7 @@ engine (fdjax.engine.core), which batches the requests as they arrive.
   POST /v1/responses          OpenAI's Responses API (fdjax.serving.responses); GET and
                               DELETE /v1/responses/{id} for a stored one, its input_items,
                               POST /v1/responses/input_tokens
+  POST /v1/embeddings         inputs -> pooled final hidden states (fdjax.serving.embeddings)
   POST /tokenize, /detokenize vLLM's: a prompt or chat messages to token ids, and back
   GET  /v1/models             the served model
   GET  /health                200 while the engine runs
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -36,7 +38,8 @@ from fdjax.engine import sampling
 from fdjax.engine import speculative as speculative_
 from fdjax.io import chat
 from fdjax.io import generation_config as generation_config_
-from fdjax.serving import api, auth, generation, reasoning, responses, tokens
+from fdjax.io import pooling as pooling_
+from fdjax.serving import api, auth, embeddings, generation, reasoning, responses, tokens
 from fdjax.serving.cors import Cors
 from fdjax.serving.events import EventStream, disconnected
 from fdjax.serving.limits import Limits
@@ -73,6 +76,8 @@ def _routes(server) -> list:
                 methods=["GET"]),
           Route("/v1/responses/{response_id}/cancel",
                 server._guard(lambda r: responses.cancel(server, r)), methods=["POST"]),
+          Route("/v1/embeddings", server._guard(lambda r: embeddings.create(server, r)),
+                methods=["POST"]),
           Route("/tokenize", server._guard(lambda r: tokens.tokenize(server, r)),
                 methods=["POST"]),
           Route("/detokenize", server._guard(lambda r: tokens.detokenize(server, r)),
@@ -104,14 +109,17 @@ class Server:
   shape first, on its own thread, while the port is open (/health answers 503 meanwhile;
   requests wait in the queue); progress(done, total) hears of each shape.
   max_stored_responses: how many Responses API answers are kept for previous_response_id.
-  reasoning_parser: how a thinking model's reasoning is split off (fdjax.serving.reasoning)."""
+  reasoning_parser: how a thinking model's reasoning is split off (fdjax.serving.reasoning).
+  pooling: how /v1/embeddings pools (fdjax.io.pooling.Pooling; default: the last token's
+  state, normalized)."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
                progress=None, api_keys=(), metrics_require_key: bool = False,
                limits: Limits | None = None, logprobs_mode: str = "raw_logprobs",
                cors: Cors | None = None, defaults: dict | None = None,
-               max_stored_responses: int = 1000, reasoning_parser: str | None = None):
+               max_stored_responses: int = 1000, reasoning_parser: str | None = None,
+               pooling: pooling_.Pooling | None = None):
     check_dependencies()
     if error := sampling.logprobs_mode_error(logprobs_mode):
       raise ValueError(error)
@@ -127,6 +135,7 @@ class Server:
     self.responses = responses.Store(max_stored_responses)
     reasoning.check(reasoning_parser)
     self.reasoning_parser = reasoning_parser
+    self.pooling = pooling or pooling_.Pooling()
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     self.app = Starlette(routes=_routes(self), lifespan=lambda app: _lifespan(self),
@@ -295,14 +304,16 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
           api_keys=(), metrics_require_key=False, limits=None, speculative=None,
           draft_model=None, num_speculative_tokens=None, logprobs_mode="raw_logprobs",
           cors=None, generation_config="auto", max_stored_responses=1000,
-          reasoning_parser=None, **engine_args):
+          reasoning_parser=None, pooling=None, **engine_args):
   """`fdjax serve`: loads the model, builds the engine, runs uvicorn until interrupted. The
   port opens at once; with `warmup` the engine compiles every shape first (a progress bar on
   stderr, /health 503 until done). The CLI also turns on JAX's persistent compilation cache
   first (fdjax.runtime.use_compile_cache). speculative / draft_model (a directory) /
   num_speculative_tokens: speculative decoding (fdjax.engine.speculative.from_flags).
   generation_config: where the sampling defaults come from, as vLLM's --generation-config:
-  "auto" the model's generation_config.json, "vllm" none (OpenAI's), or a directory's."""
+  "auto" the model's generation_config.json, "vllm" none (OpenAI's), or a directory's.
+  pooling: /v1/embeddings' pooling ("last", "mean", "cls"); default: what the checkpoint's
+  sentence-transformers files say (fdjax.io.pooling), else "last"."""
   check_dependencies()
   if error := sampling.logprobs_mode_error(logprobs_mode):  # before the model loads
     raise ValueError(error)
@@ -321,6 +332,9 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
       else generation_config)
   spec = speculative_.from_flags(speculative, draft_model, num_speculative_tokens, model, tok,
                                 dtype=dtype, quantize=quantize)
+  pools = pooling_.read(loaded.path)
+  if pooling is not None:
+    pools = dataclasses.replace(pools, pooling=pooling)
   engine = eng.Engine(model, tok, speculative=spec, **engine_args)
   if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
     import sys
@@ -332,7 +346,7 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
                   metrics_require_key=metrics_require_key, limits=limits,
                   logprobs_mode=logprobs_mode, cors=cors, defaults=defaults,
                   max_stored_responses=max_stored_responses,
-                  reasoning_parser=reasoning_parser)
+                  reasoning_parser=reasoning_parser, pooling=pools)
   print(f"fdjax serve: model {server.model_name!r} on http://{host}:{port}/v1 "
         f"(max_batch={engine.max_batch}, {engine.kv.pool.num_pages} pages of "
         f"{engine.page_size}{_per_replica(engine.kv)}, context {engine.max_model_len}"
