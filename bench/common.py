@@ -212,3 +212,26 @@ def write_results(name: str, rows: list[dict], columns: list[str], notes: str = 
              + f", {env['date']}\n\n{table}\n" + (f"\n{notes}\n" if notes else "")
              + (f"\n![{name}]({name}.svg)\n" if plot else ""))
   return table
+
+
+def llama_args(ap):
+  """The size flags of the random Llama the CPU benchmarks build (random_llama): by default
+  58.5M parameters, 8 layers of hidden 512 and a 32000-token vocabulary."""
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--hidden", type=int, default=512)
+  ap.add_argument("--heads", type=int, default=8)
+  ap.add_argument("--kv-heads", type=int, default=8)
+  ap.add_argument("--intermediate", type=int, default=1408)
+  ap.add_argument("--vocab", type=int, default=32000)
+
+
+def random_llama(args):
+  """transformers' LlamaForCausalLM of llama_args' size, random (torch's seed 0), eval mode."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads, max_position_embeddings=4096)
+  return transformers.LlamaForCausalLM(cfg).eval()

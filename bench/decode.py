@@ -157,12 +157,7 @@ def other_interpreter(python, model_dir, args, batch):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--kv-heads", type=int, default=8)
-  ap.add_argument("--intermediate", type=int, default=1408)
-  ap.add_argument("--vocab", type=int, default=32000)
+  common.llama_args(ap)
   ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
   ap.add_argument("--prompt-len", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=64)
@@ -183,14 +178,8 @@ def main():
                        "it is not installed)")
   args = ap.parse_args()
 
-  import torch  # here, not above: --also-python's interpreters import this module without it
-  import transformers
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(
-      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-      num_key_value_heads=args.kv_heads, max_position_embeddings=4096)
-  hf = transformers.LlamaForCausalLM(cfg).eval()
+  # (torch here, not above: --also-python's interpreters import this module without it)
+  hf = common.random_llama(args)
   hf.generation_config.eos_token_id = None
   hf.generation_config.pad_token_id = 0
   params = sum(p.numel() for p in hf.parameters())

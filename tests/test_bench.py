@@ -279,6 +279,21 @@ def test_decode_bench_tiny(tmp_path):
     assert all(r["speedup_vs_llamacpp"] > 0 for r in ours if r["batch"] == 1)
 
 
+def test_embed_bench_tiny(tmp_path):
+  """bench/embed.py on a one-layer model: fdjax.embed and transformers' backbone side by side
+  on the same texts, the same embeddings (within float32 rounding), tokens per second each."""
+  _run("embed.py", tmp_path, "--layers", "1", "--hidden", "64", "--heads", "2",
+       "--kv-heads", "2", "--intermediate", "128", "--vocab", "256", "--texts", "1", "3",
+       "--min-len", "4", "--max-len", "40", "--iters", "1", "--dtypes", "float32",
+       "--name", "embed_tiny")
+  rows = _rows(tmp_path, "embed_tiny")
+  assert [(r["impl"], r["texts"]) for r in rows] == [("fdjax", 1), ("hf-eager", 1),
+                                                      ("fdjax", 3), ("hf-eager", 3)]
+  assert all(r["tokens_per_s"] > 0 for r in rows)
+  ours = [r for r in rows if r["impl"] == "fdjax"]
+  assert all(r["max_abs_diff_vs_hf"] < 1e-5 and r["speedup_vs_hf"] > 0 for r in ours)
+
+
 def test_cpu_results_name_the_processor_and_its_features():
   """bench.common's CPU description: the cores, and each listed feature the processor has."""
   from bench import common

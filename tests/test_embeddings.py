@@ -131,6 +131,42 @@ def test_the_pooling_a_sentence_transformers_checkpoint_names(tmp_path):
     pooling.read(tmp_path)
 
 
+def test_a_sentence_transformers_backbone_checkpoint_embeds_as_transformers_does(tmp_path):
+  """What sentence-transformers saves of a decoder embedding model (Qwen3-Embedding's
+  layout): the backbone's own tensor names (no "model." prefix, no LM head: the embedding is
+  tied), modules.json with last-token pooling and Normalize. It loads as it is and embeds as
+  transformers' backbone computes it; untied, its missing head is named."""
+  torch.manual_seed(1)
+  cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                 tie_word_embeddings=True, attn_implementation="eager")
+  backbone = transformers.Qwen3Model(cfg).eval()
+  with torch.no_grad():
+    for p in backbone.parameters():
+      p.normal_(0.0, 0.15)
+  backbone.save_pretrained(tmp_path)
+  _sentence_transformers(tmp_path, "pooling_mode_lasttoken")
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "model.safetensors"), "np") as fh:
+    assert "embed_tokens.weight" in fh.keys() and "lm_head.weight" not in fh.keys()
+  model = fdjax.load_pretrained(str(tmp_path))
+  how = pooling.read(tmp_path)
+  assert how == pooling.Pooling("last", True, ())
+  prompts = [[5, 6, 7, 8, 9], [10, 11], [12] * 40]
+  got = embed.embed(model, prompts, pooling=how.pooling, normalize=how.normalize)
+  with torch.no_grad():
+    want = np.stack([backbone(torch.tensor([p])).last_hidden_state[0, -1].numpy()
+                     for p in prompts])
+  want /= np.linalg.norm(want, axis=-1, keepdims=True)
+  assert np.max(np.abs(got - want)) < 1e-5
+  hf = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "tie_word_embeddings": False}))
+  with pytest.raises(fdjax.CheckpointError, match=r"missing tensor\(s\) \['lm_head.weight'\] "
+                     r"\(a backbone without its LM head"):
+    fdjax.load_pretrained(str(tmp_path))
+
+
 # ------------------------------------------------------------------------ the endpoint
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,12 @@ pooling: "last" (the last token's state: what a causal model has read the whole 
 length (cosine similarity is then a dot product), as OpenAI's embeddings are. dimensions:
 Matryoshka truncation, the first `dimensions` entries, normalized again.
 
-Prompts are prefilled in chunks into a KV cache made for the batch, as generation prefills
-them, so a prompt as long as the model's context costs a chunk's attention at a time, not its
-length squared; shapes are bucketed (rows, chunk and page-table width to powers of two) so
-batches of similar size reuse the compiled program.
+A batch whose prompts fit one chunk runs as one causal forward with no cache; longer prompts
+are prefilled in chunks into a KV cache made for the batch, as generation prefills them, so a
+prompt as long as the model's context costs a chunk's attention at a time, not its length
+squared. Shapes are bucketed (rows and page-table width to powers of two, the chunk to 16,
+32, 64, then multiples of 32: at most a third of it padding) so batches of similar size
+reuse the compiled programs.
 """
 from __future__ import annotations
 
@@ -63,13 +65,20 @@ def embed(model, prompts, *, pooling: str = "last", normalize: bool = True,
   return out
 
 
+def _length_bucket(n: int) -> int:
+  """The padded length of a chunk of n tokens: 16, 32, 64, then the next multiple of 32, at
+  most CHUNK (at most a third of a chunk padding; HF's eager forward pads a batch to its
+  longest, and so no single prompt)."""
+  return min(CHUNK, steps.pow2(n, steps.MIN_CHUNK) if n <= 64 else -(-n // 32) * 32)
+
+
 def _batches(lengths, dp: int = 1):
   """Prompt indices in batches: sorted by length, at most MAX_ROWS rows and MAX_BATCH_TOKENS
   padded tokens each (a longer prompt alone)."""
   order = sorted(range(len(lengths)), key=lambda i: lengths[i])
   batch = []
   for i in order:
-    width = steps.pow2(lengths[i], steps.MIN_CHUNK)  # the longest so far (sorted)
+    width = _length_bucket(lengths[i])  # the longest so far (sorted)
     rows = checks.cdiv(steps.pow2(len(batch) + 1), dp) * dp
     if batch and (len(batch) == MAX_ROWS or rows * width > MAX_BATCH_TOKENS):
       yield batch
@@ -99,9 +108,8 @@ def _pooled(model, prompts, pooling: str) -> np.ndarray:
   longest = max(len(p) for p in prompts)
   dp = getattr(model, "dp", 1)
   rows = checks.cdiv(steps.pow2(len(prompts)), dp) * dp
-  chunk = min(CHUNK, steps.pow2(longest, steps.MIN_CHUNK))
-  width = steps.table_width(longest, PAGE_SIZE)
-  cache = _cache(model, rows, width)
+  chunk = _length_bucket(longest)
+  cache = _cache(model, rows, steps.table_width(longest, PAGE_SIZE)) if longest > chunk else None
   graphdef, state = nnx.split(model)
   static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
   acc = jnp.zeros((rows, model.config.hidden_size), jnp.float32)
@@ -118,13 +126,15 @@ def _pooled(model, prompts, pooling: str) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("graphdef", "first", "pooling", "impl", "target"),
                    donate_argnums=(4, 5))
 def _chunk(graphdef, state, ids, n, cache, acc, *, first, pooling, impl, target=None):
-  """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache,
-  and its pooled state so far `acc` updated: last, the state at the row's latest token;
-  mean, the sum of its tokens' states; cls, the first chunk's first state."""
+  """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache
+  (None: the whole prompts, no cache), and its pooled state so far `acc` updated: last, the
+  state at the row's latest token; mean, the sum of its tokens' states; cls, the first
+  chunk's first state."""
   steps.TRACE_COUNT["embed"] += 1
   model = nnx.merge(graphdef, state)
   with dispatch.using(impl), dispatch.lowering_for(target):
-    h, cache = model(ids, cache=cache, lengths=n, last_only=pooling == "last", hidden=True)
+    out = model(ids, cache=cache, lengths=n, last_only=pooling == "last", hidden=True)
+  h, cache = out if cache is not None else (out, None)
   if pooling == "last":
     acc = jnp.where((n > 0)[:, None], h[:, 0], acc)
   elif pooling == "mean":

@@ -352,6 +352,15 @@ def _once(name: str, seen: dict, file: str):
                           f".safetensors file here holds it too)")
 
 
+def _backbone_named(tensors: dict) -> dict:
+  """`tensors` under the names of a causal LM's checkpoint: a backbone's own (embed_tokens.*,
+  layers.*, norm.*: what sentence-transformers saves, as the Qwen3-Embedding checkpoints
+  ship) prefixed "model.", as transformers maps them; others as they are."""
+  if "embed_tokens.weight" not in tensors or any(n.startswith("model.") for n in tensors):
+    return tensors
+  return {n if n == "lm_head.weight" else "model." + n: t for n, t in tensors.items()}
+
+
 def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
                  ) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint as numpy arrays, checked against cfg's expected layout
@@ -363,6 +372,7 @@ def read_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
       for name in fh.keys():
         _once(name, tensors, file)
         tensors[name] = fh.get_tensor(name)
+  tensors = _backbone_named(tensors)
   _check_tensors(path, expected, quantized, stored, tensors, lambda n: tensors[n])
   return tensors
 
@@ -378,6 +388,7 @@ def open_tensors(path: str, cfg: ModelConfig, stored: Quantization | None = None
     for name in fh.keys():
       _once(name, slices, file)
       slices[name] = fh.get_slice(name)
+  slices = _backbone_named(slices)
   shapes = {name: _Shaped(tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
   _check_tensors(path, expected, quantized, stored, shapes, lambda n: slices[n][...])
   return slices
@@ -417,8 +428,12 @@ def _check_tensors(path, expected, quantized, stored, tensors, value):
   unexpected = sorted(extra)
   missing = sorted(set(expected) - set(tensors))
   if missing:
+    headless = (" (a backbone without its LM head, as an embedding model may ship: fdjax "
+                "loads a causal LM, whose head is its own or the tied embedding)"
+                if missing == ["lm_head.weight"] else "")
     raise CheckpointError(f"{path}: missing tensor(s) {missing[:8]}"
-                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                          + headless)
   if unexpected:
     raise CheckpointError(f"{path}: unexpected tensor(s) {unexpected[:8]}"
                           + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
