@@ -49,6 +49,9 @@ class ModelConfig:
   # RoPE base of the sliding layers when it differs from the others' (Gemma 3's local 10k;
   # they take no rope_scaling then); None: every layer uses rope_theta and rope_scaling.
   local_rope_theta: float | None = None
+  # Layers whose queries and keys RoPE leaves unrotated ("NoPE": SmolLM3's every 4th); None:
+  # none.
+  nope_layers: tuple | None = None
   # FlashDecoding++'s unified max value per layer (from `fdjax calibrate`); None: the default.
   softmax_phi: tuple | None = None
   # What the model families differ in (defaults: Llama):
@@ -156,7 +159,7 @@ class ModelConfig:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["rope_scaling"] = self.rope_scaling_dict
-    for name in ("softmax_phi", "layer_types", "dense_layers"):
+    for name in ("softmax_phi", "layer_types", "dense_layers", "nope_layers"):
       d[name] = None if d[name] is None else list(d[name])
     return d
 
@@ -200,6 +203,13 @@ def _check_families(cfg: ModelConfig):
     if w is None and "sliding_attention" in cfg.layer_types:
       raise ValueError("ModelConfig: layer_types has sliding_attention layers but "
                        "sliding_window is not set")
+  if cfg.nope_layers is not None:
+    object.__setattr__(cfg, "nope_layers", tuple(cfg.nope_layers))
+    bad = [i for i in cfg.nope_layers if isinstance(i, bool) or not isinstance(i, int)
+           or not 0 <= i < cfg.num_layers]
+    if bad:
+      raise ValueError(f"ModelConfig: nope_layers must be layer indices in [0, "
+                       f"{cfg.num_layers}), got {bad[0]!r}")
   if cfg.mlp_activation not in MLP_ACTIVATIONS:
     raise ValueError(f"ModelConfig: unknown mlp_activation {cfg.mlp_activation!r}; "
                      f"expected one of {tuple(MLP_ACTIVATIONS)}")

@@ -46,6 +46,8 @@ class Rope(NoPositions):
   name = "rope"
 
   def rotate(self, cfg, layer, q, k, positions):
+    if layer in (cfg.nope_layers or ()):  # SmolLM3's NoPE layers: no rotation
+      return q, k
     freq = rope.inv_freq(cfg.head_dim, *cfg.rope(layer))  # at trace time
     return rope.apply(q, positions, freq), rope.apply(k, positions, freq)
 

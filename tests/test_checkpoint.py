@@ -242,6 +242,11 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_fac
      "integer, got 8.5"),
     (dict(model_type="gemma2", query_pre_attn_scalar=-16), "query_pre_attn_scalar must be a "
      "finite number above 0, got -16"),
+    (dict(model_type="smollm3", num_hidden_layers=2, no_rope_layers=[1]), "no_rope_layers "
+     "must list 0 or 1 for each of the 2 layers, got \\[1\\]"),
+    (dict(model_type="smollm3", no_rope_layers=[1, 2]), "no_rope_layers must list 0 or 1"),
+    (dict(model_type="smollm3", no_rope_layer_interval=0), "no_rope_layer_interval must be an "
+     "integer >= 1, got 0"),
 ])
 def test_bad_config_values_are_named_by_their_config_json_field(extra, msg):
   # each was loaded before: a missing or zero factor, a truncated window, a wrong-length
@@ -254,7 +259,7 @@ HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen
               "qwen3": "Qwen3Config", "gemma2": "Gemma2Config",
               "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
               "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
-              "qwen3_moe": "Qwen3MoeConfig"}
+              "qwen3_moe": "Qwen3MoeConfig", "smollm3": "SmolLM3Config"}
 
 
 @pytest.mark.parametrize("family", sorted(HF_CONFIGS))

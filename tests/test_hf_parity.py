@@ -67,8 +67,16 @@ FAMILIES = {
     "qwen2-moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
                   dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=48)),
+    # SmolLM3: layer 1 takes no RoPE (its no_rope_layers' 0); windowed, that NoPE layer
+    "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
+                dict(num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)),
+    "smollm3-window": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
+                       dict(num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2, use_sliding_window=True,
+                            sliding_window=W)),
 }
-WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3"]
+WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3", "smollm3-window"]
 
 
 def _old_style_rope(cfg):

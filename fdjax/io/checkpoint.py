@@ -30,13 +30,14 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                    "smollm3": "SmolLM3ForCausalLM"}
 QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 # Hugging Face's -> fdjax's ("swish" is transformers' other name of SiLU)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # The families whose transformers attention reads attention_bias (and Llama's MLP mlp_bias);
 # Mistral's, Mixtral's and Phi-3's have none whatever their config says: ignored, as there.
-READS_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text")
+READS_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "smollm3")
 # What transformers' config class takes for a field config.json leaves out, per family, where
 # it differs from what fdjax would otherwise take (silu, rms_norm_eps 1e-6, RoPE base 1e4 (Gemma
 # 3's global 1e6), no window, no soft-capping, head_dim = hidden / heads, as many KV heads as
@@ -58,6 +59,8 @@ HF_DEFAULTS = {
     "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16,
                       shared_expert_intermediate_size=5632),
     "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4),
+    "smollm3": dict(max_position_embeddings=32768, num_key_value_heads=4, rope_theta=2e6,
+                    tie_word_embeddings=True),
 }
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -220,6 +223,12 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
                       for i in range(num_layers)]
   elif mtype in ("mistral", "phi3", "mixtral"):
     types = None
+  elif mtype == "smollm3":  # windowed: its NoPE layers (with use_sliding_window)
+    if not _flag(hf, "use_sliding_window", False):
+      window = None
+    nope = _nope_layers(hf, num_layers)
+    types = types or ["sliding_attention" if i in nope else "full_attention"
+                      for i in range(num_layers)]
   else:
     window = None
   if window is None or (types is not None and "sliding_attention" not in types):
@@ -228,6 +237,23 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
   if types is None or all(t == "sliding_attention" for t in types):
     return window, None
   return window, tuple(types)
+
+
+def _nope_layers(hf: dict, num_layers: int) -> tuple:
+  """SmolLM3's layers without RoPE: where no_rope_layers holds 0 (1: RoPE), else every
+  no_rope_layer_interval-th (4)."""
+  flags = hf.get("no_rope_layers")
+  if flags is None:
+    every = hf.get("no_rope_layer_interval", 4)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+      raise CheckpointError(f"config.json: no_rope_layer_interval must be an integer >= 1, "
+                            f"got {every!r}")
+    flags = [int((i + 1) % every != 0) for i in range(num_layers)]
+  if (not isinstance(flags, list) or len(flags) < num_layers
+      or any(f not in (0, 1) or isinstance(f, bool) for f in flags)):
+    raise CheckpointError(f"config.json: no_rope_layers must list 0 or 1 for each of the "
+                          f"{num_layers} layers, got {flags!r:.80}")
+  return tuple(i for i in range(num_layers) if not flags[i])
 
 
 def _experts(hf: dict, mtype: str, num_layers: int) -> dict:
@@ -278,7 +304,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
   act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
   act = hf.get(act_key, "silu")
   _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
-  _refuse(mtype == "llama" and _flag(hf, "mlp_bias", False), "mlp_bias=true")
+  _refuse(mtype in ("llama", "smollm3") and _flag(hf, "mlp_bias", False), "mlp_bias=true")
   qkv_bias = mtype == "qwen2" or (mtype == "qwen2_moe" and _flag(hf, "qkv_bias", True))
   _refuse(mtype in READS_ATTENTION_BIAS and _flag(hf, "attention_bias", False),
           "attention_bias=true")
@@ -317,6 +343,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       tie_word_embeddings=_flag(hf, "tie_word_embeddings", gemma),
       qkv_bias=bool(qkv_bias), mlp_activation=ACTIVATIONS[act],
       max_position_embeddings=context,
+      nope_layers=(_nope_layers(hf, layers) or None) if mtype == "smollm3" else None,
       sliding_window=window, layer_types=layer_types, **family)
 
 
