@@ -63,6 +63,9 @@ class ModelConfig:
   attn_scale: float | None = None    # score scale; None: 1 / sqrt(head_dim)
   attn_softcap: float | None = None  # scores -> c * tanh(s / c)
   final_softcap: float | None = None  # logits -> c * tanh(logits / c)
+  residual_scale: float | None = None  # attention's and MLP's outputs times this before
+  #                                      their residual add (Granite's residual_multiplier)
+  logit_divisor: float | None = None  # logits / this (Granite's logits_scaling)
   fused_checkpoint: bool = False     # q/k/v and gate/up stored fused in checkpoints (Phi-3)
   # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; models/moe.py); 0 experts: dense.
   num_experts: int = 0
@@ -214,7 +217,7 @@ def _check_families(cfg: ModelConfig):
     raise ValueError(f"ModelConfig: unknown mlp_activation {cfg.mlp_activation!r}; "
                      f"expected one of {tuple(MLP_ACTIVATIONS)}")
   for name in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap",
-               "local_rope_theta"):
+               "local_rope_theta", "residual_scale", "logit_divisor"):
     v = getattr(cfg, name)
     if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
                               and v > 0):

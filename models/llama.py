@@ -168,11 +168,15 @@ class Block(nnx.Module):
     else:
       self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, tp=tp)
     self.mlp_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
+    self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier
 
   def __call__(self, x, pos, start, n, layer_cache, page_table):
+    scale = self.residual_scale
     h, layer_cache = self.attn(self.attn_norm(x), pos, start, n, layer_cache, page_table)
-    x = x + _apply(self.attn_post_norm, h)
-    return x + _apply(self.mlp_post_norm, self.mlp(self.mlp_norm(x))), layer_cache
+    h = _apply(self.attn_post_norm, h)
+    x = x + (h if scale is None else h * scale)
+    h = _apply(self.mlp_post_norm, self.mlp(self.mlp_norm(x)))
+    return x + (h if scale is None else h * scale), layer_cache
 
 
 class Transformer(nnx.Module):
@@ -233,6 +237,8 @@ class Transformer(nnx.Module):
                                                         lengths=start + n))
     logits = parallel.gather_logits(
         dispatch.linear(self.norm(x), self.lm_head[...]), self.tp).astype(jnp.float32)
+    if cfg.logit_divisor is not None:
+      logits = logits / cfg.logit_divisor
     if cfg.final_softcap is not None:
       logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     if cache is None:

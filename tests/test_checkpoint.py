@@ -247,6 +247,10 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_fac
     (dict(model_type="smollm3", no_rope_layers=[1, 2]), "no_rope_layers must list 0 or 1"),
     (dict(model_type="smollm3", no_rope_layer_interval=0), "no_rope_layer_interval must be an "
      "integer >= 1, got 0"),
+    (dict(model_type="granite", logits_scaling=0), "logits_scaling must be a finite number "
+     "above 0, got 0"),
+    (dict(model_type="granite", residual_multiplier="0.2"), "residual_multiplier must be a "
+     "finite number"),
 ])
 def test_bad_config_values_are_named_by_their_config_json_field(extra, msg):
   # each was loaded before: a missing or zero factor, a truncated window, a wrong-length
@@ -259,7 +263,8 @@ HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen
               "qwen3": "Qwen3Config", "gemma2": "Gemma2Config",
               "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
               "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
-              "qwen3_moe": "Qwen3MoeConfig", "smollm3": "SmolLM3Config"}
+              "qwen3_moe": "Qwen3MoeConfig", "smollm3": "SmolLM3Config",
+              "granite": "GraniteConfig"}
 
 
 @pytest.mark.parametrize("family", sorted(HF_CONFIGS))

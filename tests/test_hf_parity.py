@@ -75,6 +75,10 @@ FAMILIES = {
                        dict(num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0,
                             bos_token_id=1, eos_token_id=2, use_sliding_window=True,
                             sliding_window=W)),
+    # Granite: its four multipliers (granite-3.x's own values, a larger score scale)
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                dict(num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                     attention_multiplier=0.1, logits_scaling=8.0)),
 }
 WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3", "smollm3-window"]
 

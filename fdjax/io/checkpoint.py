@@ -31,13 +31,14 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                    "smollm3": "SmolLM3ForCausalLM"}
+                    "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM"}
 QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 # Hugging Face's -> fdjax's ("swish" is transformers' other name of SiLU)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # The families whose transformers attention reads attention_bias (and Llama's MLP mlp_bias);
 # Mistral's, Mixtral's and Phi-3's have none whatever their config says: ignored, as there.
-READS_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "smollm3")
+READS_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "smollm3",
+                        "granite")
 # What transformers' config class takes for a field config.json leaves out, per family, where
 # it differs from what fdjax would otherwise take (silu, rms_norm_eps 1e-6, RoPE base 1e4 (Gemma
 # 3's global 1e6), no window, no soft-capping, head_dim = hidden / heads, as many KV heads as
@@ -61,6 +62,7 @@ HF_DEFAULTS = {
     "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4),
     "smollm3": dict(max_position_embeddings=32768, num_key_value_heads=4, rope_theta=2e6,
                     tie_word_embeddings=True),
+    "granite": {},
 }
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -239,6 +241,16 @@ def _windows(hf: dict, mtype: str, num_layers: int) -> tuple[int | None, tuple |
   return window, tuple(types)
 
 
+def _granite(hf: dict) -> dict:
+  """Granite's four multipliers: the embeddings', the residual branches', the score scale
+  (attention_multiplier, in place of 1 / sqrt(head_dim)) and the logits' divisor (each 1 by
+  default, as transformers takes them)."""
+  number = lambda key: _number(key, hf.get(key, 1.0))
+  return dict(embed_scale=number("embedding_multiplier"),
+              residual_scale=number("residual_multiplier"),
+              attn_scale=number("attention_multiplier"), logit_divisor=number("logits_scaling"))
+
+
 def _nope_layers(hf: dict, num_layers: int) -> tuple:
   """SmolLM3's layers without RoPE: where no_rope_layers holds 0 (1: RoPE), else every
   no_rope_layer_interval-th (4)."""
@@ -304,7 +316,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
   act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
   act = hf.get(act_key, "silu")
   _refuse(act not in ACTIVATIONS, f"{act_key}={act!r}")
-  _refuse(mtype in ("llama", "smollm3") and _flag(hf, "mlp_bias", False), "mlp_bias=true")
+  _refuse(mtype in ("llama", "smollm3", "granite") and _flag(hf, "mlp_bias", False),
+          "mlp_bias=true")
   qkv_bias = mtype == "qwen2" or (mtype == "qwen2_moe" and _flag(hf, "qkv_bias", True))
   _refuse(mtype in READS_ATTENTION_BIAS and _flag(hf, "attention_bias", False),
           "attention_bias=true")
@@ -333,7 +346,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
   else:
     (theta, scaling), family = _rope_settings(hf, context), dict(
         qk_norm=mtype in ("qwen3", "qwen3_moe"), fused_checkpoint=(mtype == "phi3"),
-        **_experts(hf, mtype, layers))
+        **_experts(hf, mtype, layers), **(_granite(hf) if mtype == "granite" else {}))
   return ModelConfig(
       vocab_size=hf["vocab_size"], hidden_size=hidden,
       intermediate_size=hf["intermediate_size"], num_layers=layers,
