@@ -78,9 +78,22 @@ def test_dimensions_cut_then_normalize_and_similar_batches_reuse_the_program(pai
   assert steps.TRACE_COUNT["embed"] == before
 
 
+def test_batches_bound_the_padded_tokens_and_the_cache():
+  """Prompts sorted by length into batches of at most MAX_ROWS rows (a power of two, padded)
+  and MAX_BATCH_TOKENS padded tokens: one chunk's bucket, or the cache's pages for a longer
+  prompt (16 rows of 4000 tokens would hold a 64K-token cache)."""
+  assert list(embed._batches([5, 300, 7])) == [[0, 2, 1]]
+  assert list(embed._batches([4000] * 6)) == [[0, 1, 2, 3], [4, 5]]
+  assert list(embed._batches([20] * 40)) == [list(range(16)), list(range(16, 32)),
+                                            list(range(32, 40))]
+  assert list(embed._batches([3, 3, 3], dp=2)) == [[0, 1, 2]]
+  assert embed._length_bucket(138) == 160 and embed._length_bucket(17) == 32
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(prompts=[]), "non-empty list"),
-    (dict(prompts=[[1], []]), "prompt 1 must be a non-empty list"),
+    (dict(prompts=[[1], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, 2.5]]), "prompt 0 must be a flat list of integer token ids"),
     (dict(prompts=[[1, VOCAB]]), f"token id {VOCAB} outside the vocabulary"),
     (dict(prompts=[[1] * 1025]), "1025 tokens, more than the model's context of 1024"),
     (dict(prompts=[[1]], pooling="max"), "pooling must be one of last, mean, cls"),

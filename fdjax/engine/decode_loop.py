@@ -57,26 +57,6 @@ class GenerationResult:
     return produced / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def _check_prompts(prompts, vocab_size):
-  if not isinstance(prompts, (list, tuple)) or not prompts:
-    got = "an empty list" if isinstance(prompts, (list, tuple)) else type(prompts).__name__
-    raise ValueError(f"prompts must be a non-empty list of token-id lists, got {got}")
-  for i, p in enumerate(prompts):
-    if not isinstance(p, (list, tuple, np.ndarray)):
-      raise ValueError(f"prompts must be a list of token-id lists (one list per prompt); "
-                       f"prompt {i} is {type(p).__name__} {p!r:.40}: wrap a single prompt as "
-                       f"[ids]")
-    if len(p) == 0:
-      raise ValueError(f"prompt {i} is empty")
-    arr = np.asarray(p)
-    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1:
-      raise ValueError(f"prompt {i} must be a flat list of integer token ids")
-    bad = arr[(arr < 0) | (arr >= vocab_size)]
-    if bad.size:
-      raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
-                       f"[0, {vocab_size})")
-
-
 @dataclasses.dataclass(frozen=True)
 class Buckets:
   """The padded shapes one generate call compiles for."""
@@ -143,7 +123,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
   model = _on_mesh(model, mesh)
   cfg = model.config
   spec = speculative_.prepare(speculative, model)
-  _check_prompts(prompts, cfg.vocab_size)
+  steps.check_prompts(prompts, cfg.vocab_size)
   # numpy integers are welcome: the shapes below are computed with Python's ints
   max_new_tokens, page_size, prefill_chunk = (
       int(v) if isinstance(v, np.integer) else v

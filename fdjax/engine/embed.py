@@ -40,15 +40,9 @@ def embed(model, prompts, *, pooling: str = "last", normalize: bool = True,
   cfg = model.config
   if pooling not in POOLINGS:
     raise ValueError(f"embed: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-  if not isinstance(prompts, (list, tuple)) or not prompts:
-    raise ValueError("embed: prompts must be a non-empty list of token-id lists")
+  steps.check_prompts(prompts, cfg.vocab_size)
+  prompts = [[int(t) for t in p] for p in prompts]
   for i, p in enumerate(prompts):
-    if not isinstance(p, (list, tuple)) or not p:
-      raise ValueError(f"embed: prompt {i} must be a non-empty list of token ids")
-    bad = next((t for t in p if not 0 <= t < cfg.vocab_size), None)
-    if bad is not None:
-      raise ValueError(f"embed: prompt {i} has token id {bad} outside the vocabulary "
-                       f"[0, {cfg.vocab_size})")
     if len(p) > cfg.max_position_embeddings:
       raise ValueError(f"embed: prompt {i} has {len(p)} tokens, more than the model's context "
                        f"of {cfg.max_position_embeddings}")
@@ -78,7 +72,9 @@ def _batches(lengths, dp: int = 1):
   order = sorted(range(len(lengths)), key=lambda i: lengths[i])
   batch = []
   for i in order:
-    width = _length_bucket(lengths[i])  # the longest so far (sorted)
+    # the longest so far (sorted), padded: one chunk, else the cache's pages
+    n = lengths[i]
+    width = _length_bucket(n) if n <= CHUNK else steps.table_width(n, PAGE_SIZE) * PAGE_SIZE
     rows = checks.cdiv(steps.pow2(len(batch) + 1), dp) * dp
     if batch and (len(batch) == MAX_ROWS or rows * width > MAX_BATCH_TOKENS):
       yield batch

@@ -118,6 +118,28 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def check_prompts(prompts, vocab_size: int):
+  """ValueError naming the prompt at fault unless `prompts` is a non-empty list of non-empty
+  flat lists of token ids in [0, vocab_size) (generate's and embed's rule)."""
+  if not isinstance(prompts, (list, tuple)) or not prompts:
+    got = "an empty list" if isinstance(prompts, (list, tuple)) else type(prompts).__name__
+    raise ValueError(f"prompts must be a non-empty list of token-id lists, got {got}")
+  for i, p in enumerate(prompts):
+    if not isinstance(p, (list, tuple, np.ndarray)):
+      raise ValueError(f"prompts must be a list of token-id lists (one list per prompt); "
+                       f"prompt {i} is {type(p).__name__} {p!r:.40}: wrap a single prompt as "
+                       f"[ids]")
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    arr = np.asarray(p)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1:
+      raise ValueError(f"prompt {i} must be a flat list of integer token ids")
+    bad = arr[(arr < 0) | (arr >= vocab_size)]
+    if bad.size:
+      raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
+                       f"[0, {vocab_size})")
+
+
 def pack(pieces, rows: int, width: int, fill: int = 0):
   """Ragged token lists as (ids [rows, width] int32, right-padded with `fill`; n [rows], each
   list's length; rows past the lists are empty)."""
