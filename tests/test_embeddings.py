@@ -130,6 +130,9 @@ def test_the_pooling_a_sentence_transformers_checkpoint_names(tmp_path):
   got = pooling.read(tmp_path)
   assert got == pooling.Pooling("last", True, (16, 32, 64))
   assert got.dimensions_error(32, 64) is None
+  with pytest.raises(ValueError, match="matryoshka_dimensions must be a list of positive "
+                     "integers up to hidden_size 32"):
+    pooling.read(tmp_path, hidden=32)
   assert "one of [16, 32, 64], got 20" in got.dimensions_error(20, 64)
   assert "cannot be shortened" in pooling.Pooling().dimensions_error(8, 64)
   (tmp_path / "config.json").write_text(json.dumps({"is_matryoshka": True}))
@@ -226,6 +229,8 @@ def test_the_official_client_gets_the_engines_embeddings(served):
 @pytest.mark.integration
 @pytest.mark.parametrize("body,param,words", [
     ({"input": []}, "input", "empty list"),
+    ({"input": ""}, "input", "input is empty (it encodes to no tokens)"),
+    ({"input": "", "add_special_tokens": False}, "input", "input is empty"),
     ({"input": [[1, 10 ** 6]]}, "input", "input[0][1]: token id 1000000 is outside"),
     ({"input": "x" * 5000}, "input", "5000 tokens; this model's context is"),
     ({"input": "x", "dimensions": 20}, "dimensions", "one of [32, 64], got 20"),
@@ -238,6 +243,21 @@ def test_bad_embeddings_requests_are_refused_naming_the_field(served, body, para
   r = httpx2.post(served.url + "/v1/embeddings", json={"model": served.name, **body})
   assert r.status_code == 400
   assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_a_checkpoint_whose_pooling_cannot_be_read_is_served_but_not_embedded(served):
+  """fdjax serve keeps a checkpoint whose sentence-transformers files name a module fdjax
+  lacks: it generates, and /v1/embeddings says why it does not embed."""
+  import httpx2
+  s, kept = served, served.server.pooling
+  s.server.pooling = "modules.json: module 'Dense' is not implemented here"
+  try:
+    r = httpx2.post(s.url + "/v1/embeddings", json={"model": s.name, "input": "a"})
+    assert r.status_code == 400 and "does not embed: modules.json" in r.json()["error"]["message"]
+    assert s.client.completions.create(model=s.name, prompt="a", max_tokens=2).choices
+  finally:
+    s.server.pooling = kept
 
 
 @pytest.mark.integration

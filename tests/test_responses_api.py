@@ -281,6 +281,51 @@ def test_a_stored_chain_holds_each_turn_once_and_outlives_its_first_responses():
   assert small.nbytes == 0  # every turn freed with the last response holding it
 
 
+def test_truncation_keeps_this_requests_input_and_bisects_the_stored_turns():
+  """truncation "auto" cuts only stored turns (from a user message on; the leading system
+  message stays), keeps as many as fit, never the request's own input (its developer message
+  too), and renders the conversation a few times, not once per turn."""
+  from types import SimpleNamespace
+
+  from fdjax.io import loading
+  loaded = loading.load(None, chat_template=True)
+  renders = []
+
+  class Counting:
+    def render(self, messages, **kw):
+      renders.append(len(messages))
+      return loaded.chat_template.render(messages, **kw)
+
+  store = responses.Store()
+  before = store.put("r0", {}, [{"role": "system", "content": "Be short."}])
+  for i in range(40):
+    before = store.put(f"r{i + 1}", {}, [{"role": "user", "content": f"q{i:02d} " + "x" * 40},
+                                         {"role": "assistant", "content": "a" * 40}], (),
+                       before)
+  server = SimpleNamespace(responses=store, template=Counting(), tokenizer=loaded.tokenizer,
+                           engine=SimpleNamespace(max_model_len=1000), model_name="m")
+  body = api.parse(responses.ResponsesRequest, json.dumps({
+      "model": "m", "previous_response_id": "r40", "truncation": "auto",
+      "max_output_tokens": 10, "input": [{"role": "developer", "content": "Use tabs."},
+                                         {"role": "user", "content": "go"}]}))
+  ids, _, turn = responses._prompt(server, body)
+  text = loaded.tokenizer.decode(ids)
+  assert 900 < len(ids) <= 990 and len(renders) <= 8
+  assert "Be short." in text and "Use tabs." in text and "go" in text
+  kept = [i for i in range(40) if f"q{i:02d} " in text]
+  assert kept == list(range(40 - len(kept), 40)) and 0 < len(kept) < 40
+  # one stored turn fewer does not fit: the fewest were cut
+  longer = [{"role": "system", "content": "Be short."}]
+  for i in range(39 - len(kept), 40):
+    longer += [{"role": "user", "content": f"q{i:02d} " + "x" * 40},
+               {"role": "assistant", "content": "a" * 40}]
+  whole = loaded.chat_template.render(longer + turn, add_generation_prompt=True)
+  assert len(loaded.tokenizer.encode(whole, add_special_tokens=False)) > 990
+  # the input alone too long: not cut into, the engine's 400 follows
+  server.engine.max_model_len = 30
+  assert "Use tabs." in loaded.tokenizer.decode(responses._prompt(server, body)[0])
+
+
 def test_input_items_become_chat_messages_a_call_joining_its_assistant_turn():
   body = api.parse(responses.ResponsesRequest, json.dumps({"model": "m", "input": [
       {"role": "user", "content": "weather?"},

@@ -101,6 +101,8 @@ def _cache(model, rows: int, width: int) -> kvc.KVCache:
 
 def _pooled(model, prompts, pooling: str) -> np.ndarray:
   """The pooled (not normalized) final states of a batch's prompts [len(prompts), hidden]."""
+  if pooling == "cls":  # (causal: the first token's state is the same after any chunk)
+    prompts = [p[:CHUNK] for p in prompts]
   longest = max(len(p) for p in prompts)
   dp = getattr(model, "dp", 1)
   rows = checks.cdiv(steps.pow2(len(prompts)), dp) * dp
@@ -112,20 +114,20 @@ def _pooled(model, prompts, pooling: str) -> np.ndarray:
   for c in range(0, longest, chunk):
     ids, n = steps.pack([p[c:c + chunk] for p in prompts], rows, chunk)
     acc, cache = _chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(n), cache, acc,
-                        first=c == 0, pooling=pooling, **static)
+                        pooling=pooling, **static)
   acc = np.asarray(acc)[:len(prompts)]
   if pooling == "mean":
     acc = acc / np.asarray([len(p) for p in prompts], np.float32)[:, None]
   return acc
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "first", "pooling", "impl", "target"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "impl", "target"),
                    donate_argnums=(4, 5))
-def _chunk(graphdef, state, ids, n, cache, acc, *, first, pooling, impl, target=None):
+def _chunk(graphdef, state, ids, n, cache, acc, *, pooling, impl, target=None):
   """One chunk of every row's prompt (row b: its first n[b] tokens of ids) into the cache
   (None: the whole prompts, no cache), and its pooled state so far `acc` updated: last, the
   state at the row's latest token; mean, the sum of its tokens' states; cls, the first
-  chunk's first state."""
+  state (its one chunk)."""
   steps.TRACE_COUNT["embed"] += 1
   model = nnx.merge(graphdef, state)
   with dispatch.using(impl), dispatch.lowering_for(target):
@@ -136,6 +138,6 @@ def _chunk(graphdef, state, ids, n, cache, acc, *, first, pooling, impl, target=
   elif pooling == "mean":
     mask = jnp.arange(ids.shape[1])[None, :] < n[:, None]
     acc = acc + jnp.sum(jnp.where(mask[..., None], h, 0.0), axis=1)
-  elif first:
+  else:
     acc = h[:, 0]
   return acc, cache

@@ -44,9 +44,10 @@ def _json(path: str):
     raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read(path: str | os.PathLike | None) -> Pooling:
+def read(path: str | os.PathLike | None, hidden: int | None = None) -> Pooling:
   """The checkpoint directory's pooling (Pooling() where it says nothing); ValueError naming
-  the file for a mode or module fdjax does not implement."""
+  the file for a mode or module fdjax does not implement, or Matryoshka sizes past the
+  model's `hidden` size."""
   if path is None:
     return Pooling()
   path = os.fspath(path)
@@ -56,9 +57,11 @@ def read(path: str | os.PathLike | None) -> Pooling:
     cfg = _json(config)
     dims = cfg.get("matryoshka_dimensions") if isinstance(cfg, dict) else None
     if dims is not None:
-      if not isinstance(dims, list) or not all(isinstance(d, int) and d > 0 for d in dims):
+      if not isinstance(dims, list) or not all(
+          isinstance(d, int) and 0 < d <= (hidden or d) for d in dims):
         raise ValueError(f"{config}: matryoshka_dimensions must be a list of positive "
-                         f"integers, got {dims!r}")
+                         f"integers" + (f" up to hidden_size {hidden}" if hidden else "")
+                         + f", got {dims!r}")
       matryoshka = tuple(dims)
     elif isinstance(cfg, dict) and cfg.get("is_matryoshka") is True:
       matryoshka = True

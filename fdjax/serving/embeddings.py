@@ -51,7 +51,8 @@ def _inputs(server, body: EmbeddingRequest) -> list[list[int]]:
     lists = [server.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     empty = next((i for i, ids in enumerate(lists) if not ids), None)
     if empty is not None:
-      raise api.ApiError(400, f"input[{empty}] is empty (it encodes to no tokens)", "input")
+      where = "input" if isinstance(body.input, str) else f"input[{empty}]"
+      raise api.ApiError(400, f"{where} is empty (it encodes to no tokens)", "input")
   if body.truncate_prompt_tokens is not None:
     lists = [ids[-body.truncate_prompt_tokens:] for ids in lists]
   context = server.engine.max_model_len
@@ -77,6 +78,9 @@ async def create(server, request):
                   server.limits.embedding_inputs, "input")
   model = server.engine.model
   pooling = server.pooling
+  if isinstance(pooling, str):
+    raise api.ApiError(400, f"this server does not embed: {pooling}", "model",
+                       reason="unsupported_field")
   if body.dimensions is not None and (
       error := pooling.dimensions_error(body.dimensions, model.config.hidden_size)):
     raise api.ApiError(400, error, "dimensions")
@@ -87,7 +91,10 @@ async def create(server, request):
       return embed.embed(model, lists, pooling=pooling.pooling, normalize=pooling.normalize,
                          dimensions=body.dimensions)
 
-  vectors = await asyncio.to_thread(run)
+  try:
+    vectors = await asyncio.to_thread(run)
+  except ValueError as e:  # what embed refuses is the request's
+    raise api.ApiError(400, str(e), "input") from None
   tokens = sum(len(ids) for ids in lists)
   server.metrics.embedded.inc(len(lists))
   server.metrics.embedded_tokens.inc(tokens)

@@ -195,7 +195,10 @@ def token_lists(server, prompt, param: str = "prompt") -> list[list[int]]:
   """A completion's prompt (an embeddings request's input: param) (a string, strings, token
   ids, lists of token ids) as token lists; ApiError naming the element at fault."""
   if isinstance(prompt, str):
-    return [server.tokenizer.encode(prompt)]
+    ids = server.tokenizer.encode(prompt)
+    if not ids:
+      raise api.ApiError(400, f"{param} is empty (it encodes to no tokens)", param)
+    return [ids]
   if not prompt:
     raise api.ApiError(400, f"{param} is an empty list", param)
   if all(isinstance(p, str) for p in prompt):

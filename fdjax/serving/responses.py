@@ -409,8 +409,10 @@ def _prompt(server, body: ResponsesRequest) -> tuple[list[int], Turns | None, li
   """(the prompt's token ids, the stored conversation before this turn, this turn's
   messages): instructions, previous_response_id's stored turns and the input through the
   template. With truncation "auto", a conversation that leaves no room in the context for
-  max_output_tokens (else one token) loses its oldest turns (each from a user message to
-  the next; the leading system / developer messages stay) until it fits or one is left."""
+  max_output_tokens (else one token) loses its fewest oldest stored turns (each from a user
+  message to the next; the leading system / developer messages stay, and so does all of this
+  request's input) that make it fit, found by bisection (a few renders, whatever its
+  length); where even none of them does not fit, the engine's 400."""
   before = (server.responses.get(body.previous_response_id, "previous_response_id")[1]
             if body.previous_response_id else None)
   history = before.conversation() if before is not None else []
@@ -429,13 +431,20 @@ def _prompt(server, body: ResponsesRequest) -> tuple[list[int], Turns | None, li
 
   ids = render(conversation)
   room = server.engine.max_model_len - (body.limit or 1)
-  rest = conversation[pinned:]
-  while body.truncation == "auto" and len(ids) > room:
-    later = next((i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"), None)
-    if later is None:
-      break  # the last turn alone is too long: the engine's 400
-    rest = rest[later:]
-    ids = render(conversation[:pinned] + rest)
+  if body.truncation == "auto" and len(ids) > room:
+    # where the kept conversation may start: a user message of the stored turns, or this
+    # request's input; the more is cut, the shorter the prompt
+    cuts = [i for i in range(pinned + 1, len(history) + 1)
+            if i < len(conversation) and conversation[i].get("role") == "user"]
+    lo, hi, best = 0, len(cuts) - 1, None
+    while lo <= hi:
+      mid = (lo + hi) // 2
+      cut = render(conversation[:pinned] + conversation[cuts[mid]:])
+      if len(cut) <= room:
+        best, hi = cut, mid - 1
+      else:
+        lo = mid + 1
+    ids = best if best is not None else ids
   return ids, before, turn
 
 

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -111,7 +112,7 @@ class Server:
   max_stored_responses: how many Responses API answers are kept for previous_response_id.
   reasoning_parser: how a thinking model's reasoning is split off (fdjax.serving.reasoning).
   pooling: how /v1/embeddings pools (fdjax.io.pooling.Pooling; default: the last token's
-  state, normalized)."""
+  state, normalized), or why it cannot (a string: its requests are refused saying so)."""
 
   def __init__(self, engine: eng.Engine, tokenizer, template: chat.ChatTemplate | None,
                model_name: str, strict_fields: bool = False, warmup: bool = False,
@@ -119,7 +120,7 @@ class Server:
                limits: Limits | None = None, logprobs_mode: str = "raw_logprobs",
                cors: Cors | None = None, defaults: dict | None = None,
                max_stored_responses: int = 1000, reasoning_parser: str | None = None,
-               pooling: pooling_.Pooling | None = None):
+               pooling: pooling_.Pooling | str | None = None):
     check_dependencies()
     if error := sampling.logprobs_mode_error(logprobs_mode):
       raise ValueError(error)
@@ -332,12 +333,17 @@ def serve(model_dir=None, *, host="127.0.0.1", port=8000, served_model_name=None
       else generation_config)
   spec = speculative_.from_flags(speculative, draft_model, num_speculative_tokens, model, tok,
                                 dtype=dtype, quantize=quantize)
-  pools = pooling_.read(loaded.path)
+  try:
+    pools = pooling_.read(loaded.path, model.config.hidden_size)
+  except ValueError as e:  # the model still generates; /v1/embeddings says why it cannot
+    pools = pooling_.Pooling() if pooling is not None else str(e)
+    print(f"fdjax serve: WARNING: {e}" + ("" if pooling is not None else
+          "; /v1/embeddings is refused (--pooling last|mean|cls pools anyway)"),
+          file=sys.stderr, flush=True)
   if pooling is not None:
     pools = dataclasses.replace(pools, pooling=pooling)
   engine = eng.Engine(model, tok, speculative=spec, **engine_args)
   if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
-    import sys
     print(f"fdjax serve: WARNING: serving on {host} with no API key: anyone who can reach "
           f"port {port} can use the model (--api-key KEY or $FDJAX_API_KEY)", file=sys.stderr,
           flush=True)
