@@ -255,6 +255,7 @@ def test_64_clients_with_disconnects_complete_free_their_pages_and_match_metrics
     (dict(prompt=[1, 300]), "prompt"),
     (dict(prompt=[[1, 2], []]), "prompt"),
     (dict(prompt=["a", ""]), "prompt[1] is empty"),
+    (dict(prompt=""), "prompt is empty (it encodes to no tokens)"),
 ])
 def test_bad_completion_requests_get_a_400_naming_the_field(default, args, param):
   s = default
