@@ -246,6 +246,19 @@ def test_bad_embeddings_requests_are_refused_naming_the_field(served, body, para
 
 
 @pytest.mark.integration
+def test_embeddings_requests_past_the_queue_bound_get_a_429(served):
+  import httpx2
+  s = served
+  s.server.embedding_requests = s.engine.max_queue  # as if that many were waiting
+  try:
+    r = httpx2.post(s.url + "/v1/embeddings", json={"model": s.name, "input": "a"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+  finally:
+    s.server.embedding_requests = 0
+  assert httpx2.post(s.url + "/v1/embeddings", json={"model": s.name, "input": "a"}).is_success
+
+
+@pytest.mark.integration
 def test_a_checkpoint_whose_pooling_cannot_be_read_is_served_but_not_embedded(served):
   """fdjax serve keeps a checkpoint whose sentence-transformers files name a module fdjax
   lacks: it generates, and /v1/embeddings says why it does not embed."""

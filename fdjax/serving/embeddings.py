@@ -91,10 +91,18 @@ async def create(server, request):
       return embed.embed(model, lists, pooling=pooling.pooling, normalize=pooling.normalize,
                          dimensions=body.dimensions)
 
+  waiting = server.embedding_requests
+  if waiting >= server.engine.max_queue:  # as generation's full queue answers
+    raise api.ApiError(429, f"{waiting} embeddings requests are running or waiting; this "
+                       f"server takes at most {server.engine.max_queue} (--max-queue)", None,
+                       "rate_limit_error", "queue_full")
+  server.embedding_requests += 1  # (on the event loop's thread: no race)
   try:
     vectors = await asyncio.to_thread(run)
   except ValueError as e:  # what embed refuses is the request's
     raise api.ApiError(400, str(e), "input") from None
+  finally:
+    server.embedding_requests -= 1
   tokens = sum(len(ids) for ids in lists)
   server.metrics.embedded.inc(len(lists))
   server.metrics.embedded_tokens.inc(tokens)

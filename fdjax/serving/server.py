@@ -137,6 +137,7 @@ class Server:
     reasoning.check(reasoning_parser)
     self.reasoning_parser = reasoning_parser
     self.pooling = pooling or pooling_.Pooling()
+    self.embedding_requests = 0  # /v1/embeddings requests running or waiting (max_queue)
     self.metrics = Metrics(engine)
     self.created = int(time.time())
     self.app = Starlette(routes=_routes(self), lifespan=lambda app: _lifespan(self),
