@@ -59,6 +59,10 @@ class ModelConfig:
   norm_offset: float = 0.0           # RMSNorm scales by (norm_offset + weight): Gemma's 1
   mlp_activation: str = "silu"       # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
   sandwich_norms: bool = False       # norms after attention and after the MLP too (Gemma)
+  pre_norms: bool = True             # norms before attention and the MLP (OLMo 2: none, only
+  #                                    the sandwich_norms after them)
+  qk_norm_whole: bool = False        # with qk_norm: one RMSNorm over all heads' q (and k)
+  #                                    together, before the split into heads (OLMo 2)
   embed_scale: float | None = None   # token embeddings times this (Gemma: sqrt(hidden))
   attn_scale: float | None = None    # score scale; None: 1 / sqrt(head_dim)
   attn_softcap: float | None = None  # scores -> c * tanh(s / c)
@@ -213,6 +217,11 @@ def _check_families(cfg: ModelConfig):
     if bad:
       raise ValueError(f"ModelConfig: nope_layers must be layer indices in [0, "
                        f"{cfg.num_layers}), got {bad[0]!r}")
+  if cfg.qk_norm_whole and not cfg.qk_norm:
+    raise ValueError("ModelConfig: qk_norm_whole needs qk_norm")
+  if not cfg.pre_norms and not cfg.sandwich_norms:
+    raise ValueError("ModelConfig: without pre_norms a block needs sandwich_norms (its only "
+                     "norms)")
   if cfg.mlp_activation not in MLP_ACTIVATIONS:
     raise ValueError(f"ModelConfig: unknown mlp_activation {cfg.mlp_activation!r}; "
                      f"expected one of {tuple(MLP_ACTIVATIONS)}")

@@ -190,6 +190,8 @@ def layout(cfg) -> list[Entry]:
             "mlp_norm": "pre_feedforward_layernorm",
             "mlp_post_norm": "post_feedforward_layernorm"} if cfg.sandwich_norms else
            {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"})
+  if not cfg.pre_norms:  # OLMo 2: the norms after attention and the MLP only
+    norms = {k: v for k, v in norms.items() if k.endswith("_post_norm")}
   for i in range(cfg.num_layers):
     p = f"model.layers.{i}."
     attn = [p + f"self_attn.{x}_proj" for x in ("q", "k", "v", "cope_key")[:len(qkv)]]
@@ -204,8 +206,9 @@ def layout(cfg) -> list[Entry]:
     out += (_sparse_mlp(cfg, i, p) if cfg.sparse(i) else
             _dense_mlp(cfg, i, p + "mlp.", ("mlp",), f))
     if cfg.qk_norm:
+      whole = (cfg.num_heads, cfg.num_kv_heads) if cfg.qk_norm_whole else (1, 1)
       out += [e(["layers", i, "attn", f"{x}_norm", "weight"], [p + f"self_attn.{x}_norm.weight"],
-                [(cfg.head_dim,)], False) for x in "qk"]
+                [(cfg.head_dim * heads,)], False) for x, heads in zip("qk", whole)]
     if cfg.qkv_bias:
       out.append(e(["layers", i, "attn", "bqkv"], [n + ".bias" for n in attn],
                    [(size,) for size in qkv], False, split="qkv"))

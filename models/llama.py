@@ -86,8 +86,10 @@ class Attention(nnx.Module):
     qkv_out = sum(layout.qkv_sizes(cfg))
     self.wqkv = _normal(rngs, (cfg.hidden_size, qkv_out), dtype)
     self.bqkv = nnx.Param(jnp.zeros((qkv_out,), dtype)) if cfg.qkv_bias else None
-    self.q_norm = _norm(cfg, cfg.head_dim, dtype, cfg.qk_norm)
-    self.k_norm = _norm(cfg, cfg.head_dim, dtype, cfg.qk_norm)
+    whole = cfg.qk_norm_whole  # one norm over every head's q (k) together: OLMo 2
+    self.q_norm = _norm(cfg, cfg.head_dim * (cfg.num_heads if whole else 1), dtype, cfg.qk_norm)
+    self.k_norm = _norm(cfg, cfg.head_dim * (cfg.num_kv_heads if whole else 1), dtype,
+                        cfg.qk_norm)
     self.wo = _normal(rngs, (cfg.num_heads * cfg.head_dim, cfg.hidden_size), dtype)
     self.pos_emb = _param(rngs, positions.get(cfg.position_encoding).layer_param(cfg), dtype)
 
@@ -98,9 +100,13 @@ class Attention(nnx.Module):
     qkv = dispatch.linear(x, self.wqkv[...])
     if self.bqkv is not None:
       qkv = qkv + self.bqkv[...]
-    q, k, v, *gate_k = (y.reshape(b, t, -1, cfg.head_dim)
-                        for y in layout.split_last(qkv, layout.qkv_sizes(cfg)))
-    q, k = pe.rotate(cfg, self.layer, _apply(self.q_norm, q), _apply(self.k_norm, k), pos)
+    parts = layout.split_last(qkv, layout.qkv_sizes(cfg))
+    if cfg.qk_norm_whole:
+      parts = [self.q_norm(parts[0]), self.k_norm(parts[1]), *parts[2:]]
+    q, k, v, *gate_k = (y.reshape(b, t, -1, cfg.head_dim) for y in parts)
+    if not cfg.qk_norm_whole:
+      q, k = _apply(self.q_norm, q), _apply(self.k_norm, k)
+    q, k = pe.rotate(cfg, self.layer, q, k, pos)
     attend = dict(phi=self.phi, table=None if self.pos_emb is None else self.pos_emb[...],
                   sm_scale=cfg.attn_scale, window=cfg.window(self.layer),
                   softcap=cfg.attn_softcap, **pe.options(cfg))
@@ -157,10 +163,10 @@ class Block(nnx.Module):
   each one's output before it joins the residual."""
 
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, tp=None):
-    self.attn_norm = _norm(cfg, cfg.hidden_size, dtype)
+    self.attn_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.pre_norms)
     self.attn = Attention(cfg, layer, rngs=rngs, dtype=dtype, tp=tp)
     self.attn_post_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.sandwich_norms)
-    self.mlp_norm = _norm(cfg, cfg.hidden_size, dtype)
+    self.mlp_norm = _norm(cfg, cfg.hidden_size, dtype, cfg.pre_norms)
     if cfg.sparse(layer):
       shared = cfg.shared_expert_size and MLP(cfg, rngs=rngs, dtype=dtype, tp=tp,
                                               size=cfg.shared_expert_size)
@@ -172,10 +178,10 @@ class Block(nnx.Module):
 
   def __call__(self, x, pos, start, n, layer_cache, page_table):
     scale = self.residual_scale
-    h, layer_cache = self.attn(self.attn_norm(x), pos, start, n, layer_cache, page_table)
+    h, layer_cache = self.attn(_apply(self.attn_norm, x), pos, start, n, layer_cache, page_table)
     h = _apply(self.attn_post_norm, h)
     x = x + (h if scale is None else h * scale)
-    h = _apply(self.mlp_post_norm, self.mlp(self.mlp_norm(x)))
+    h = _apply(self.mlp_post_norm, self.mlp(_apply(self.mlp_norm, x)))
     return x + (h if scale is None else h * scale), layer_cache
 
 

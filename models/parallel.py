@@ -58,6 +58,9 @@ def check(cfg, tp: int):
     if getattr(cfg, name) % tp:
       raise ValueError(f"tensor parallelism: tp={tp} does not divide the model's {name} "
                        f"({getattr(cfg, name)})")
+  if cfg.qk_norm_whole and tp > 1:  # (its norm would sum over every device's heads)
+    raise ValueError(f"tensor parallelism: tp={tp} for a model whose q/k norm spans all its "
+                     "heads at once (OLMo 2) is not implemented; use tp=1 (dp splits the batch)")
   hkv = cfg.num_kv_heads
   if hkv % tp and tp % hkv:
     raise ValueError(f"tensor parallelism: the model's num_kv_heads ({hkv}) is neither a "

@@ -264,7 +264,7 @@ HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen
               "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
               "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
               "qwen3_moe": "Qwen3MoeConfig", "smollm3": "SmolLM3Config",
-              "granite": "GraniteConfig"}
+              "granite": "GraniteConfig", "olmo2": "Olmo2Config"}
 
 
 @pytest.mark.parametrize("family", sorted(HF_CONFIGS))

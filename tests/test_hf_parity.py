@@ -79,6 +79,9 @@ FAMILIES = {
     "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
                 dict(num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                      attention_multiplier=0.1, logits_scaling=8.0)),
+    # OLMo 2: norms after attention and the MLP only, q and k normed over all heads at once
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM,
+              dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 WINDOWED = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "phi3", "smollm3-window"]
 

@@ -310,6 +310,9 @@ def test_a_model_that_cannot_be_split_is_refused():
     parallel.local_config(tiny_config(num_heads=6, num_kv_heads=6, intermediate_size=80), 3)
   with pytest.raises(ValueError, match="tp must be a positive integer"):
     meshes.make_mesh(tp=0)
+  olmo2 = tiny_config(qk_norm=True, qk_norm_whole=True, pre_norms=False, sandwich_norms=True)
+  with pytest.raises(ValueError, match="tp=2 for a model whose q/k norm spans all its heads"):
+    parallel.local_config(olmo2, 2)
 
 
 def test_speculative_decoding_on_a_mesh_gives_plain_decoding_tokens(run):

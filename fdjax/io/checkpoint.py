@@ -31,14 +31,15 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                     "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                    "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM"}
+                    "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+                    "olmo2": "Olmo2ForCausalLM"}
 QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 # Hugging Face's -> fdjax's ("swish" is transformers' other name of SiLU)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # The families whose transformers attention reads attention_bias (and Llama's MLP mlp_bias);
 # Mistral's, Mixtral's and Phi-3's have none whatever their config says: ignored, as there.
 READS_ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "smollm3",
-                        "granite")
+                        "granite", "olmo2")
 # What transformers' config class takes for a field config.json leaves out, per family, where
 # it differs from what fdjax would otherwise take (silu, rms_norm_eps 1e-6, RoPE base 1e4 (Gemma
 # 3's global 1e6), no window, no soft-capping, head_dim = hidden / heads, as many KV heads as
@@ -63,6 +64,7 @@ HF_DEFAULTS = {
     "smollm3": dict(max_position_embeddings=32768, num_key_value_heads=4, rope_theta=2e6,
                     tie_word_embeddings=True),
     "granite": {},
+    "olmo2": dict(rms_norm_eps=1e-5),
 }
 FDJAX_MODEL_TYPE = "fdjax"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -345,8 +347,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
                   local_rope_theta=None if window is None or not gemma3 else local_theta)
   else:
     (theta, scaling), family = _rope_settings(hf, context), dict(
-        qk_norm=mtype in ("qwen3", "qwen3_moe"), fused_checkpoint=(mtype == "phi3"),
-        **_experts(hf, mtype, layers), **(_granite(hf) if mtype == "granite" else {}))
+        qk_norm=mtype in ("qwen3", "qwen3_moe", "olmo2"), fused_checkpoint=(mtype == "phi3"),
+        **_experts(hf, mtype, layers), **(_granite(hf) if mtype == "granite" else {}),
+        # OLMo 2: norms after attention and the MLP only; q / k normed over all heads
+        **(dict(pre_norms=False, sandwich_norms=True, qk_norm_whole=True)
+           if mtype == "olmo2" else {}))
   return ModelConfig(
       vocab_size=hf["vocab_size"], hidden_size=hidden,
       intermediate_size=hf["intermediate_size"], num_layers=layers,
