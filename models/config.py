@@ -49,9 +49,7 @@ class ModelConfig:
   # RoPE base of the sliding layers when it differs from the others' (Gemma 3's local 10k;
   # they take no rope_scaling then); None: every layer uses rope_theta and rope_scaling.
   local_rope_theta: float | None = None
-  # Layers whose queries and keys RoPE leaves unrotated ("NoPE": SmolLM3's every 4th); None:
-  # none.
-  nope_layers: tuple | None = None
+  nope_layers: tuple | None = None  # layers RoPE leaves unrotated (SmolLM3's NoPE layers)
   # FlashDecoding++'s unified max value per layer (from `fdjax calibrate`); None: the default.
   softmax_phi: tuple | None = None
   # What the model families differ in (defaults: Llama):
@@ -59,16 +57,13 @@ class ModelConfig:
   norm_offset: float = 0.0           # RMSNorm scales by (norm_offset + weight): Gemma's 1
   mlp_activation: str = "silu"       # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
   sandwich_norms: bool = False       # norms after attention and after the MLP too (Gemma)
-  pre_norms: bool = True             # norms before attention and the MLP (OLMo 2: none, only
-  #                                    the sandwich_norms after them)
-  qk_norm_whole: bool = False        # with qk_norm: one RMSNorm over all heads' q (and k)
-  #                                    together, before the split into heads (OLMo 2)
+  pre_norms: bool = True             # norms before attention and the MLP (OLMo 2: none)
+  qk_norm_whole: bool = False        # q / k each normed over all heads at once (OLMo 2)
   embed_scale: float | None = None   # token embeddings times this (Gemma: sqrt(hidden))
   attn_scale: float | None = None    # score scale; None: 1 / sqrt(head_dim)
   attn_softcap: float | None = None  # scores -> c * tanh(s / c)
   final_softcap: float | None = None  # logits -> c * tanh(logits / c)
-  residual_scale: float | None = None  # attention's and MLP's outputs times this before
-  #                                      their residual add (Granite's residual_multiplier)
+  residual_scale: float | None = None  # attention / MLP outputs times this (Granite)
   logit_divisor: float | None = None  # logits / this (Granite's logits_scaling)
   fused_checkpoint: bool = False     # q/k/v and gate/up stored fused in checkpoints (Phi-3)
   # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; models/moe.py); 0 experts: dense.
