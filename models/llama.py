@@ -237,16 +237,16 @@ class Transformer(nnx.Module):
         new_v.append(layer_cache[1])
     if last_only:
       x = x[jnp.arange(b), jnp.maximum(n - 1, 0)][:, None]
+    out = self.norm(x)
     if hidden:
-      x = self.norm(x).astype(jnp.float32)
-      return x if cache is None else (x, cache._replace(k=tuple(new_k), v=tuple(new_v),
-                                                        lengths=start + n))
-    logits = parallel.gather_logits(
-        dispatch.linear(self.norm(x), self.lm_head[...]), self.tp).astype(jnp.float32)
-    if cfg.logit_divisor is not None:
-      logits = logits / cfg.logit_divisor
-    if cfg.final_softcap is not None:
-      logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+      out = out.astype(jnp.float32)
+    else:
+      out = parallel.gather_logits(dispatch.linear(out, self.lm_head[...]),
+                                   self.tp).astype(jnp.float32)
+      if cfg.logit_divisor is not None:
+        out = out / cfg.logit_divisor
+      if cfg.final_softcap is not None:
+        out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
     if cache is None:
-      return logits
-    return logits, cache._replace(k=tuple(new_k), v=tuple(new_v), lengths=start + n)
+      return out
+    return out, cache._replace(k=tuple(new_k), v=tuple(new_v), lengths=start + n)

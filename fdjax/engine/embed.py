@@ -75,8 +75,8 @@ def _batches(lengths, dp: int = 1):
     # the longest so far (sorted), padded: one chunk, else the cache's pages
     n = lengths[i]
     width = _length_bucket(n) if n <= CHUNK else steps.table_width(n, PAGE_SIZE) * PAGE_SIZE
-    rows = checks.cdiv(steps.pow2(len(batch) + 1), dp) * dp
-    if batch and (len(batch) == MAX_ROWS or rows * width > MAX_BATCH_TOKENS):
+    if batch and (len(batch) == MAX_ROWS or _rows(len(batch) + 1, dp) * width
+                  > MAX_BATCH_TOKENS):
       yield batch
       batch = []
     batch.append(i)
@@ -84,18 +84,21 @@ def _batches(lengths, dp: int = 1):
     yield batch
 
 
+def _rows(n: int, dp: int) -> int:
+  """The rows a batch of n prompts runs as: a power of two, a multiple of the data replicas."""
+  return checks.cdiv(steps.pow2(n), dp) * dp
+
+
 def _cache(model, rows: int, width: int) -> kvc.KVCache:
   """An empty cache in which each row owns `width` pages of its own (on a mesh: in its data
   replica's pool, page ids local to it)."""
-  dp = getattr(model, "dp", 1)
-  per_replica = rows // dp
+  if getattr(model, "mesh", None) is None:
+    return kvc.init_cache(model.config, rows, width * PAGE_SIZE,
+                          dispatch.kv_cache_dtype(model.dtype), PAGE_SIZE)
+  per_replica = rows // model.dp
   table = np.tile(np.arange(per_replica * width, dtype=np.int32).reshape(per_replica, width),
-                  (dp, 1))
-  if getattr(model, "mesh", None) is not None:
-    k, v = model.empty_pages(per_replica * width, PAGE_SIZE)
-  else:
-    k, v = kvc.empty_pages(model.config, rows * width, PAGE_SIZE,
-                           dispatch.kv_cache_dtype(model.dtype))
+                  (model.dp, 1))
+  k, v = model.empty_pages(per_replica * width, PAGE_SIZE)
   return kvc.KVCache(k, v, jnp.asarray(table), jnp.zeros((rows,), jnp.int32))
 
 
@@ -104,8 +107,7 @@ def _pooled(model, prompts, pooling: str) -> np.ndarray:
   if pooling == "cls":  # (causal: the first token's state is the same after any chunk)
     prompts = [p[:CHUNK] for p in prompts]
   longest = max(len(p) for p in prompts)
-  dp = getattr(model, "dp", 1)
-  rows = checks.cdiv(steps.pow2(len(prompts)), dp) * dp
+  rows = _rows(len(prompts), getattr(model, "dp", 1))
   chunk = _length_bucket(longest)
   cache = _cache(model, rows, steps.table_width(longest, PAGE_SIZE)) if longest > chunk else None
   graphdef, state = nnx.split(model)

@@ -13,8 +13,6 @@ import os
 
 _MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean",
           "pooling_mode_cls_token": "cls"}
-_UNSUPPORTED_MODES = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                      "pooling_mode_weightedmean_tokens")
 _KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
@@ -85,7 +83,7 @@ def read(path: str | os.PathLike | None, hidden: int | None = None) -> Pooling:
         raise ValueError(f"{modules_file} lists a Pooling module whose {file} is missing")
       cfg = _json(file)
       on = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
-      bad = [k for k in on if k in _UNSUPPORTED_MODES or k not in _MODES]
+      bad = [k for k in on if k not in _MODES]
       if bad or len(on) != 1:
         raise ValueError(f"{file}: fdjax pools with exactly one of "
                          f"{', '.join(_MODES)}; this one sets {on or 'none'}")

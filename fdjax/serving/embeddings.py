@@ -43,16 +43,7 @@ class EmbeddingRequest(api._Strict):
 def _inputs(server, body: EmbeddingRequest) -> list[list[int]]:
   """The inputs as token lists (generation.token_lists' rules, naming `input`), each its last
   truncate_prompt_tokens; ApiError for one past the context."""
-  if body.add_special_tokens or not (isinstance(body.input, str) or all(
-      isinstance(x, str) for x in body.input)):
-    lists = generation.token_lists(server, body.input, "input")
-  else:
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    lists = [server.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    empty = next((i for i, ids in enumerate(lists) if not ids), None)
-    if empty is not None:
-      where = "input" if isinstance(body.input, str) else f"input[{empty}]"
-      raise api.ApiError(400, f"{where} is empty (it encodes to no tokens)", "input")
+  lists = generation.token_lists(server, body.input, "input", body.add_special_tokens)
   if body.truncate_prompt_tokens is not None:
     lists = [ids[-body.truncate_prompt_tokens:] for ids in lists]
   context = server.engine.max_model_len

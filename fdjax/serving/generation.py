@@ -191,18 +191,21 @@ def token_limits(server, prompts, asked):
       server.engine.max_model_len - len(p), default or server.engine.max_model_len))
           for p in prompts]
 
-def token_lists(server, prompt, param: str = "prompt") -> list[list[int]]:
+def token_lists(server, prompt, param: str = "prompt",
+                add_special_tokens: bool = True) -> list[list[int]]:
   """A completion's prompt (an embeddings request's input: param) (a string, strings, token
-  ids, lists of token ids) as token lists; ApiError naming the element at fault."""
+  ids, lists of token ids) as token lists, text encoded with the tokenizer's special tokens
+  unless add_special_tokens is false; ApiError naming the element at fault."""
+  encode = lambda text: server.tokenizer.encode(text, add_special_tokens=add_special_tokens)
   if isinstance(prompt, str):
-    ids = server.tokenizer.encode(prompt)
+    ids = encode(prompt)
     if not ids:
       raise api.ApiError(400, f"{param} is empty (it encodes to no tokens)", param)
     return [ids]
   if not prompt:
     raise api.ApiError(400, f"{param} is an empty list", param)
   if all(isinstance(p, str) for p in prompt):
-    lists = [server.tokenizer.encode(p) for p in prompt]
+    lists = [encode(p) for p in prompt]
     empty = next((i for i, ids in enumerate(lists) if not ids), None)
     if empty is not None:
       raise api.ApiError(400, f"{param}[{empty}] is empty (it encodes to no tokens)", param)
