@@ -294,6 +294,23 @@ def test_embed_bench_tiny(tmp_path):
   assert all(r["max_abs_diff_vs_hf"] < 1e-5 and r["speedup_vs_hf"] > 0 for r in ours)
 
 
+def test_prefill_bench_smoke(tmp_path):
+  """bench/prefill_cpu.py's smoke run: every attention implementation timed on the same
+  inputs with its float64 error (ours, the reference, PyTorch's within float32 rounding),
+  then fdjax's and transformers' time to first token with the same first token."""
+  _run("prefill_cpu.py", tmp_path, "--smoke", "--dtypes", "float32", "--name", "prefill_smoke")
+  rows = _rows(tmp_path, "prefill_smoke")
+  ops = [r for r in rows if r["part"] == "op"]
+  assert {r["impl"] for r in ops} == {"fdjax-auto", "xla-reference", "jax-sdpa", "torch-sdpa"}
+  assert not any(r["impl"] == "jax-sdpa" and r["cached"] for r in ops)  # no offset there
+  assert all(r["ms"] > 0 and r["max_abs_err_vs_f64"] < 1e-5 and r["speedup_vs_xla_reference"] > 0
+             for r in ops)
+  ttft = [r for r in rows if r["part"] == "ttft"]
+  assert [(r["impl"], r["queries"]) for r in ttft] == [
+      ("fdjax", 64), ("hf-eager", 64), ("fdjax", 80), ("hf-eager", 80)]
+  assert all(r["same_first_token"] and r["speedup_vs_hf"] > 0 for r in ttft)
+
+
 def test_cpu_results_name_the_processor_and_its_features():
   """bench.common's CPU description: the cores, and each listed feature the processor has."""
   from bench import common

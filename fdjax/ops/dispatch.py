@@ -31,7 +31,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from fdjax.ops import checks, cpu_linear, quant, reference, selection
+from fdjax.ops import checks, cpu_attention, cpu_linear, quant, reference, selection
 from fdjax.ops import moe as moe_lib
 from pallas_kernels.common import async_softmax
 from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
@@ -350,9 +350,16 @@ def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_sc
     return kernels.prefill_attention(q, k, v, lengths, causal=causal, sm_scale=scale, phi=phi,
                                      interpret=interpret, **extra, **more)
 
+  def on_cpu():  # selection.cpu_prefill: the key-blocked asynchronous form, or the reference
+    blocks = selection.cpu_prefill(q.shape[1]).settings
+    if blocks is None:
+      return reference.prefill_attention(q, k, v, lengths, causal, scale, **extra)
+    return cpu_attention.prefill_attention(q, k, v, lengths, causal, scale, phi=phi, **extra,
+                                           **blocks)
+
   return _run(op, impl, lambda: reference.prefill_attention(q, k, v, lengths, causal, scale,
                                                             **extra),
-              pallas, _on_tpu(pallas, tpu_prefill), q.shape[-1], q.dtype)
+              pallas, _on_tpu(pallas, tpu_prefill), q.shape[-1], q.dtype, cpu_fn=on_cpu)
 
 
 def score_row_max(q, k, *, lengths=None, sm_scale=None, window=None, softcap=None):

@@ -1,0 +1,148 @@
+"""The CPU's prefill attention (fdjax.ops.cpu_attention: the asynchronous softmax over blocks
+of keys, picked by fdjax.ops.selection.cpu_prefill) against the float64 numpy reference:
+ragged lengths, chunks after cached keys, GQA, windows, soft-caps, sizes off the blocks,
+scores that leave the unified max value's window (the guard), rows with no key, bfloat16
+within 2x of the plain bfloat16 computation, its gradients, and dispatch's rule."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdjax.ops import cpu_attention, dispatch, reference, selection
+from tests.helpers import np_prefill_attention, rel_err
+
+
+def _inputs(b, t, s, hq, hkv, d, dtype=jnp.float32, seed=0, q_scale=1.0, garbage=True):
+  rng = np.random.default_rng(seed + 7 * t + s + hq + d)
+  q = rng.standard_normal((b, t, hq, d)) * q_scale
+  k = rng.standard_normal((b, s, hkv, d))
+  v = rng.standard_normal((b, s, hkv, d))
+  lengths = rng.integers(max(1, t), s + 1, b) if s > t else np.full(b, s)
+  lengths[0] = s
+  if garbage:  # what a cache holds past a row's length must not leak in
+    for i, n in enumerate(lengths):
+      k[i, n:] = 1e4
+      v[i, n:] = -1e4
+  return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
+          jnp.asarray(lengths, jnp.int32))
+
+
+def _np(x):
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+CASES = [  # b, t, s, hq, hkv, d, chunk (queries after cached keys), window, softcap, causal
+    (3, 37, 37, 8, 2, 16, False, None, None, True),    # ragged, GQA 4, off the blocks
+    (2, 64, 64, 4, 4, 32, False, None, None, True),    # GQA 1, whole blocks
+    (2, 40, 40, 8, 1, 16, False, None, None, True),    # GQA 8
+    (2, 20, 70, 4, 1, 32, True, None, None, True),     # a chunk after cached keys
+    (3, 37, 37, 8, 2, 16, False, 7, None, True),       # a sliding window
+    (2, 19, 61, 4, 2, 16, True, 11, None, True),       # a window over a chunk
+    (3, 37, 37, 8, 2, 16, False, None, 5.0, True),     # soft-capping
+    (2, 33, 33, 8, 8, 16, False, None, None, False),   # bidirectional
+]
+
+
+def _case(b, t, s, hq, hkv, d, chunk, window, softcap, causal, dtype=jnp.float32, **kw):
+  q, k, v, lengths = _inputs(b, t, s, hq, hkv, d, dtype, **kw)
+  q_start = (lengths - t) if chunk else None
+  want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), causal, d ** -0.5,
+                              window, softcap,
+                              None if q_start is None else np.asarray(q_start))
+  return q, k, v, lengths, q_start, want
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("blocks", [(16, 16), (8, 32), (128, 128)])
+def test_float32_matches_the_float64_reference(case, blocks):
+  q, k, v, lengths, q_start, want = _case(*case)
+  *_, window, softcap, causal = case
+  got = cpu_attention.prefill_attention(q, k, v, lengths, causal, q.shape[-1] ** -0.5,
+                                        q_start=q_start, window=window, softcap=softcap,
+                                        block_q=blocks[0], block_k=blocks[1])
+  assert got.dtype == jnp.float32
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[3:5] + CASES[6:7])
+def test_bfloat16_within_twice_the_plain_bfloat16_error(case):
+  q, k, v, lengths, q_start, want = _case(*case, dtype=jnp.bfloat16)
+  *_, window, softcap, causal = case
+  scale = q.shape[-1] ** -0.5
+  how = dict(q_start=q_start, window=window, softcap=softcap)
+  got = cpu_attention.prefill_attention(q, k, v, lengths, causal, scale, block_q=16,
+                                        block_k=16, **how)
+  plain = reference.prefill_attention(q, k, v, lengths, causal, scale, plain=True, **how)
+  assert got.dtype == jnp.bfloat16
+  assert rel_err(got, want) <= 2 * rel_err(plain, want)
+
+
+@pytest.mark.parametrize("q_scale,phi", [(60.0, None), (-60.0, None), (1.0, 200.0),
+                                         (1.0, -200.0), (1.0, 45.0)])
+def test_scores_outside_the_window_of_phi_are_recomputed(q_scale, phi):
+  """Scores far above phi overflow exp(s - phi), far below it underflow: without the guard
+  the first gives inf / NaN and the second zeros (or a row lost to rounding)."""
+  q, k, v, lengths, q_start, want = _case(3, 37, 37, 8, 2, 16, False, None, None, True,
+                                          q_scale=q_scale)
+  got = cpu_attention.prefill_attention(q, k, v, lengths, True, 0.25, phi=phi, block_q=16,
+                                        block_k=16)
+  assert rel_err(got, want) < 1e-5
+
+
+def test_a_row_with_no_key_gives_zeros():
+  q, k, v, _ = _inputs(3, 24, 24, 4, 2, 16)
+  lengths = jnp.asarray([0, 24, 5], jnp.int32)
+  got = np.asarray(cpu_attention.prefill_attention(q, k, v, lengths, True, 0.25, block_q=16,
+                                                   block_k=16))
+  assert np.all(np.isfinite(got)) and np.all(got[0] == 0)
+  want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), True, 0.25)
+  assert rel_err(got[1:], want[1:]) < 1e-5
+
+
+def test_float64_stays_float64():
+  with jax.enable_x64(True):
+    q, k, v, lengths = _inputs(2, 30, 30, 4, 2, 16, jnp.float64)
+    got = cpu_attention.prefill_attention(q, k, v, lengths, True, 0.25, block_q=16,
+                                          block_k=16)
+    assert got.dtype == jnp.float64
+    want = np_prefill_attention(*(np.asarray(x) for x in (q, k, v, lengths)), True, 0.25)
+    assert rel_err(got, want) < 1e-12
+
+
+def test_gradients_are_the_references():
+  q, k, v, lengths = _inputs(2, 40, 40, 4, 2, 16, garbage=False)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+
+  ours = jax.grad(loss(lambda q, k, v: cpu_attention.prefill_attention(
+      q, k, v, lengths, True, 0.25, block_q=16, block_k=16)), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(lambda q, k, v: reference.prefill_attention(
+      q, k, v, lengths, True, 0.25)), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, ref):
+    assert rel_err(a, b) < 1e-6
+
+
+def test_the_rule_takes_the_blocked_form_from_64_queries():
+  assert selection.cpu_prefill(64).settings == {"block_q": 128, "block_k": 128}
+  assert "fdjax.ops.cpu_attention" in selection.cpu_prefill(64).reason
+  assert selection.cpu_prefill(63).settings is None
+  assert "reference" in selection.cpu_prefill(63).reason
+  assert "cpu_attention" in selection.describe(platform="cpu")["prefill_attention"]
+
+
+@pytest.mark.parametrize("t", [63, 64, 100])
+def test_dispatch_runs_the_rules_choice_on_the_cpu(t, monkeypatch):
+  calls = []
+  real = cpu_attention.prefill_attention
+  monkeypatch.setattr(cpu_attention, "prefill_attention",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  q, k, v, lengths = _inputs(2, t, t, 4, 2, 16)
+  got = jax.jit(lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, phi=3.0))(
+      q, k, v, lengths)
+  assert len(calls) == (1 if t >= 64 else 0)
+  if calls:
+    assert calls[0]["phi"] == 3.0 and calls[0]["block_q"] == 128
+  want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), True, 0.25)
+  assert rel_err(got, want) < 1e-5
