@@ -9,6 +9,11 @@ time to first token.
 * ttft: fdjax.generate's prefill (one new token) of a random Llama (bench.common's model)
   against transformers' forward of the same model on the same prompt (the last position's
   logits only, logits_to_keep=1), timed in turn round by round.
+* op-cope: CoPE attention alone in float32, fdjax's "auto" (the same blocks, positions
+  carried from each block's last key down), the reference, and bench/torch_cope.py's.
+* ttft-cope: the same for the bundled CoPE model (byte-level: a prompt of N bytes is N
+  tokens, here the start of this repository's fdjax/ops sources) against the PyTorch CoPE
+  decoder of bench/torch_cope.py (transformers has no CoPE model), float32.
 
   python bench/prefill_cpu.py [--iters 7] [--dtypes float32 bfloat16] [--smoke]
 """
@@ -37,6 +42,8 @@ OP_SHAPES = [(16, 256, 0, 8, 2, 64), (1, 2048, 0, 16, 4, 64), (1, 256, 1792, 32,
              (16, 64, 448, 8, 2, 64), (4, 512, 0, 32, 8, 128)]
 SMOKE_SHAPES = [(2, 64, 0, 4, 2, 16), (1, 64, 64, 4, 2, 16)]
 TTFT_PROMPTS = [512, 2048]
+COPE_PROMPTS = [256, 1024, 2000]  # bytes: the bundled model's tokens
+COPE_SHAPES = [(8, 256, 4), (1, 1024, 4), (1, 2048, 8)]  # batch, queries, heads
 
 
 def _ms(fn, iters):
@@ -127,14 +134,7 @@ def ttft_rows(args, prompts, dtypes, iters):
 
         ours()
         theirs()
-
-        def rate(fn):
-          def once():
-            t = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t)
-          return once
-        times = interleaved({"fdjax": rate(ours), "hf-eager": rate(theirs)}, iters)
+        times = interleaved({"fdjax": _rate(ours), "hf-eager": _rate(theirs)}, iters)
         first = [int(ours().tokens[0][0]), int(torch.argmax(theirs()[0, -1]))]
         for name, ts in times.items():
           rows.append({"part": "ttft", "impl": name, "dtype": dtype, "batch": 1,
@@ -144,6 +144,92 @@ def ttft_rows(args, prompts, dtypes, iters):
                                                         / np.asarray(ts))),
                        "same_first_token": first[0] == first[1]})
   return rows
+
+
+def cope_op_rows(shapes, iters):
+  """CoPE attention alone, float32: fdjax's "auto", the reference, and bench/torch_cope.py's
+  attention (the bundled model's decoder: head_dim 64, 64 positions)."""
+  import torch
+
+  from bench.torch_cope import CopeDecoder
+  from fdjax.io import loading
+  theirs = CopeDecoder(loading.DEFAULT_MODEL_DIR)
+  d, npos = theirs.head_dim, theirs.npos
+  rows = []
+  for b, t, h in shapes:
+    rng = np.random.default_rng(b * t + h)
+    host = [rng.standard_normal(shape).astype(np.float32)
+            for shape in ((b, t, h, d), (b, t, h, d), (b, t, h, d))]
+    e = (rng.standard_normal((npos, d)) * 0.5).astype(np.float32)
+    lengths = jnp.full((b,), t, jnp.int32)
+    scale = d ** -0.5
+    with jax.enable_x64(True):
+      want = np.asarray(reference.cope_attention(
+          *(jnp.asarray(x, jnp.float64) for x in host), jnp.asarray(e, jnp.float64), lengths,
+          scale))
+    q, k, v = (jnp.asarray(x) for x in host)
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2) for x in host)
+    te = torch.from_numpy(e)
+    fns = {"fdjax-auto": jax.jit(lambda q, k, v: dispatch.cope_attention(
+               q, k, v, jnp.asarray(e), lengths=lengths, sm_scale=scale)),
+           "xla-reference": jax.jit(lambda q, k, v: reference.cope_attention(
+               q, k, v, jnp.asarray(e), lengths, scale))}
+    group = []
+    for name, fn in fns.items():
+      ms = _ms(lambda fn=fn: fn(q, k, v).block_until_ready(), iters)
+      err = float(np.max(np.abs(np.asarray(fn(q, k, v)) - want)))
+      group.append({"impl": name, "ms": ms, "max_abs_err_vs_f64": err})
+    with torch.no_grad():
+      ms = _ms(lambda: theirs._attend(tq, tk, tv, te, 0), iters)
+      err = float(np.max(np.abs(theirs._attend(tq, tk, tv, te, 0).transpose(1, 2).numpy()
+                                - want)))
+    group.append({"impl": "torch-cope", "ms": ms, "max_abs_err_vs_f64": err})
+    base = group[1]["ms"]
+    rows += [{"part": "op-cope", "dtype": "float32", "batch": b, "queries": t, "cached": 0,
+              "heads": f"{h}/{h}", "head_dim": d, **r,
+              "speedup_vs_xla_reference": base / r["ms"]} for r in group]
+  return rows
+
+
+def cope_ttft_rows(prompts, iters):
+  import glob
+
+  from bench.torch_cope import CopeDecoder
+  from fdjax.io import loading
+  model = fdjax.load_pretrained(loading.DEFAULT_MODEL_DIR)
+  theirs_model = CopeDecoder(loading.DEFAULT_MODEL_DIR)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  text = "".join(open(f).read() for f in sorted(glob.glob(os.path.join(root, "fdjax/ops/*.py"))))
+  cfg = model.config
+  rows = []
+  for n in prompts:
+    prompt = list(text.encode()[:n])
+
+    def ours():
+      return int(fdjax.generate(model, [prompt], max_new_tokens=1, temperature=0.0).tokens[0][0])
+
+    def theirs():
+      return theirs_model.generate([prompt], 1)[0][0]
+
+    first = [ours(), theirs()]
+    times = interleaved({"fdjax": _rate(ours), "torch-cope": _rate(theirs)}, iters)
+    for name, ts in times.items():
+      rows.append({"part": "ttft-cope", "impl": name, "dtype": "float32", "batch": 1,
+                   "queries": n, "cached": 0, "heads": f"{cfg.num_heads}/{cfg.num_kv_heads}",
+                   "head_dim": cfg.head_dim, "ms": float(np.median(ts)),
+                   "speedup_vs_hf": float(np.median(np.asarray(times["torch-cope"])
+                                                    / np.asarray(ts))),
+                   "same_first_token": first[0] == first[1]})
+  return rows
+
+
+def _rate(fn):
+  """A function returning the milliseconds of one call of fn."""
+  def once():
+    t = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t)
+  return once
 
 
 def main():
@@ -160,7 +246,9 @@ def main():
     args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = 2, 64, 4, 2, 128
     args.vocab, args.iters = 512, 2
   rows = op_rows(SMOKE_SHAPES if args.smoke else OP_SHAPES, args.dtypes, args.iters)
+  rows += cope_op_rows([(1, 64, 2)] if args.smoke else COPE_SHAPES, args.iters)
   rows += ttft_rows(args, [64, 80] if args.smoke else TTFT_PROMPTS, args.dtypes, args.iters)
+  rows += cope_ttft_rows([64] if args.smoke else COPE_PROMPTS, args.iters)
   columns = ["part", "impl", "dtype", "batch", "queries", "cached", "heads", "head_dim", "ms",
              "speedup_vs_xla_reference", "speedup_vs_hf", "max_abs_err_vs_f64",
              "same_first_token"]
@@ -174,7 +262,9 @@ def main():
       f"({args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, "
       f"vocabulary {args.vocab}): fdjax.generate(max_new_tokens=1, greedy) against "
       "transformers' eager forward (logits_to_keep=1) in PyTorch, timed in turn round by "
-      "round; speedup_vs_hf the median of the rounds' ratios.")
+      "round; speedup_vs_hf the median of the rounds' ratios. ttft-cope: the bundled CoPE "
+      "model (byte-level) against bench/torch_cope.py's PyTorch CoPE decoder (eager, its "
+      "prompt in one call), the same way; speedup_vs_hf is against that decoder there.")
   print(common.write_results(args.name, rows, columns, notes, args.results_dir))
 
 

@@ -297,7 +297,8 @@ def test_embed_bench_tiny(tmp_path):
 def test_prefill_bench_smoke(tmp_path):
   """bench/prefill_cpu.py's smoke run: every attention implementation timed on the same
   inputs with its float64 error (ours, the reference, PyTorch's within float32 rounding),
-  then fdjax's and transformers' time to first token with the same first token."""
+  then fdjax's and transformers' time to first token with the same first token, and the
+  bundled CoPE model's against the PyTorch CoPE decoder."""
   _run("prefill_cpu.py", tmp_path, "--smoke", "--dtypes", "float32", "--name", "prefill_smoke")
   rows = _rows(tmp_path, "prefill_smoke")
   ops = [r for r in rows if r["part"] == "op"]
@@ -309,6 +310,12 @@ def test_prefill_bench_smoke(tmp_path):
   assert [(r["impl"], r["queries"]) for r in ttft] == [
       ("fdjax", 64), ("hf-eager", 64), ("fdjax", 80), ("hf-eager", 80)]
   assert all(r["same_first_token"] and r["speedup_vs_hf"] > 0 for r in ttft)
+  cope_ops = [r for r in rows if r["part"] == "op-cope"]
+  assert [r["impl"] for r in cope_ops] == ["fdjax-auto", "xla-reference", "torch-cope"]
+  assert all(r["max_abs_err_vs_f64"] < 1e-4 for r in cope_ops)
+  cope = [r for r in rows if r["part"] == "ttft-cope"]
+  assert [r["impl"] for r in cope] == ["fdjax", "torch-cope"]
+  assert all(r["same_first_token"] and r["ms"] > 0 for r in cope)
 
 
 def test_cpu_results_name_the_processor_and_its_features():

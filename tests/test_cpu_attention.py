@@ -146,3 +146,87 @@ def test_dispatch_runs_the_rules_choice_on_the_cpu(t, monkeypatch):
     assert calls[0]["phi"] == 3.0 and calls[0]["block_q"] == 128
   want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), True, 0.25)
   assert rel_err(got, want) < 1e-5
+
+
+# CoPE in the same blocks (cpu_attention.cope_attention) against the Appendix B loops
+COPE = {  # name: one of test_cope's CASES, gate keys (None / "value" / "separate"), position
+    # logits before the scale
+    "prompt_gqa_ragged": ("prompt_gqa_ragged", None, False),
+    "positions_hit_the_clamp": ("gates_near_1_positions_hit_clamp", None, False),
+    "gates_near_0_and_1": ("gates_near_0_and_1_mixed", None, True),
+    "chunk_value_gates": ("chunk_of_queries", "value", False),
+    "chunk_separate_gate_keys": ("chunk_of_queries", "separate", True),
+}
+
+
+def _cope_case(name, dtype=jnp.float32, q_scale=None):
+  from tests.test_cope import CASES, _case, np_cope
+  case, gates, pos_scaled = COPE[name]
+  b, t, s, hq, hkv, d, npos, scale_q, lens = CASES[case]
+  q, k, v, e, lengths = _case(len(name), b, t, s, hq, hkv, d, npos,
+                              scale_q if q_scale is None else q_scale, dtype, lengths=lens)
+  gk = {None: None, "value": v, "separate": jnp.asarray(
+      np.random.default_rng(3).standard_normal(k.shape), jnp.float32).astype(dtype)}[gates]
+  want = np_cope(*(_np(x) for x in (q, k, v, e)), np.asarray(lengths), 0.3,
+                 gate_keys=None if gk is None else _np(gk), pos_scaled=pos_scaled)
+  how = dict(gate_keys=gk, pos_scale=0.3 if pos_scaled else 1.0)
+  return (q, k, v, e, lengths), how, want
+
+
+@pytest.mark.parametrize("name", COPE)
+@pytest.mark.parametrize("blocks", [(4, 4), (8, 16), (128, 128)])
+def test_cope_float32_matches_the_formulas(name, blocks):
+  args, how, want = _cope_case(name)
+  got = cpu_attention.cope_attention(*args, 0.3, block_q=blocks[0], block_k=blocks[1], **how)
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["prompt_gqa_ragged", "chunk_separate_gate_keys"])
+def test_cope_scores_outside_the_window_of_phi_are_recomputed(name):
+  args, how, want = _cope_case(name, q_scale=80.0)
+  got = cpu_attention.cope_attention(*args, 0.3, block_q=8, block_k=8, **how)
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["prompt_gqa_ragged", "chunk_separate_gate_keys"])
+def test_cope_bfloat16_within_twice_the_references_error(name):
+  """The reference in bfloat16 (inputs and result bfloat16, float32 inside) is the bar."""
+  args, how, want = _cope_case(name, jnp.bfloat16)
+  got = cpu_attention.cope_attention(*args, 0.3, block_q=8, block_k=8, **how)
+  base = reference.cope_attention(*args, 0.3, None, how["gate_keys"], how["pos_scale"])
+  assert got.dtype == jnp.bfloat16
+  assert rel_err(got, want) <= 2 * rel_err(base, want)
+
+
+def test_cope_gradients_are_the_references():
+  (q, k, v, e, lengths), how, _ = _cope_case("chunk_separate_gate_keys")
+  w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+  gk = how["gate_keys"]
+
+  def grads(fn):
+    return jax.grad(lambda q, e, g: jnp.sum(fn(q, e, g) * w), argnums=(0, 1, 2))(q, e, gk)
+
+  ours = grads(lambda q, e, g: cpu_attention.cope_attention(
+      q, k, v, e, lengths, 0.3, gate_keys=g, pos_scale=0.3, block_q=4, block_k=4))
+  ref = grads(lambda q, e, g: reference.cope_attention(q, k, v, e, lengths, 0.3, None, g, 0.3))
+  for a, b in zip(ours, ref):
+    assert float(jnp.max(jnp.abs(b))) > 0 and rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("t", [40, 64])
+def test_dispatch_runs_the_rules_choice_for_cope(t, monkeypatch):
+  from tests.test_cope import _case, np_cope
+  calls = []
+  real = cpu_attention.cope_attention
+  monkeypatch.setattr(cpu_attention, "cope_attention",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  q, k, v, e, lengths = _case(t, 2, t, t, 4, 2, 16, 16, 1.0, lengths=(t, t - 9))
+  got = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.25)
+  assert len(calls) == (1 if t >= 64 else 0)
+  assert rel_err(got, np_cope(q, k, v, e, np.asarray(lengths), 0.25)) < 1e-5
+
+
+def test_describe_names_the_cpu_form_for_cope_models():
+  from tests.models_util import tiny_config
+  described = selection.describe(tiny_config(position_encoding="cope"), platform="cpu")
+  assert "cpu_attention" in described["cope_attention"]

@@ -22,6 +22,11 @@ walks the keys in blocks of `block_k` (a fori_loop), so a block's scores stay in
   finite output proves the window. A block with a row outside it is recomputed with the
   online softmax (running max), under lax.cond: free on the CPU when no row is flagged.
 
+CoPE (cope_attention) runs in the same blocks: a query's position for a key sums the gates
+from that key to the query, so each block walks its keys from the last one it sees down,
+carrying each row's sum of the gates passed, and interpolates the block's position logits
+q . e once computed.
+
 Gradients are the reference's (a custom VJP that differentiates the reference): training
 takes this forward pass and the reference's backward one.
 """
@@ -41,41 +46,107 @@ BLOCK_Q = 128
 BLOCK_K = 128
 
 
-def _blocks(q, k, v, block_q, block_k):
-  """q as [B, nq, Hkv, G * bq, D] (a block's rows query-major within each query head), k and
-  v as [B, Hkv, nk * bk, D], padded to whole blocks."""
+def _layout(q, keys, lengths, q_start, block_q, block_k):
+  """The blocks: q as [B, nq, Hkv, G * bq, D] (a block's rows query-major within each query
+  head), each of `keys` ([B, S, Hkv, width]) as [B, Hkv, nk * bk, width], padded to whole
+  blocks; lengths and q_start as int32 (None: S and S - T); (bq, bk)."""
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  nq, nk = -(-t // block_q), -(-s // block_k)
-  qb = jnp.pad(q, ((0, 0), (0, nq * block_q - t), (0, 0), (0, 0)))
-  qb = qb.reshape(b, nq, block_q, hkv, g, d).transpose(0, 1, 3, 4, 2, 5)
-  qb = qb.reshape(b, nq, hkv, g * block_q, d)
+  s, hkv = keys[0].shape[1], keys[0].shape[2]
+  bq, bk = min(block_q, t), min(block_k, s)
+  nq, nk = -(-t // bq), -(-s // bk)
+  qb = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+  qb = qb.reshape(b, nq, bq, hkv, hq // hkv, d).transpose(0, 1, 3, 4, 2, 5)
+  qb = qb.reshape(b, nq, hkv, hq // hkv * bq, d)
+  keys = [jnp.pad(x, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+          for x in keys]
+  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+  q_start = (jnp.full((b,), s - t, jnp.int32) if q_start is None
+             else q_start.astype(jnp.int32))
+  return qb, keys, lengths, q_start, bq, bk
 
-  def keys(x):
-    return jnp.pad(x, ((0, 0), (0, nk * block_k - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  return qb, keys(k), keys(v)
+
+def _each_block(block, q, qb, bq):
+  """block(row, query block) -> [Hkv, G * bq, D] over every block (lax.map: one at a time,
+  so its scores stay in the cache), as [B, T, Hq, D] in q's dtype."""
+  b, t, hq, d = q.shape
+  nq, hkv = qb.shape[1], qb.shape[2]
+  out = lax.map(lambda ri: block(*ri), (jnp.repeat(jnp.arange(b), nq),
+                                        jnp.tile(jnp.arange(nq), b)))
+  out = out.reshape(b, nq, hkv, hq // hkv, bq, d).transpose(0, 1, 4, 2, 3, 5)
+  return out.reshape(b, nq * bq, hq, d)[:, :t].astype(q.dtype)
+
+
+def _dtypes(q):
+  """(accumulation dtype, the weights' dtype as they meet V): float32 (float64 for float64),
+  and the input's own dtype where it is narrower (bfloat16 / float16)."""
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  return acc, (q.dtype if jnp.dtype(q.dtype).itemsize < 4 else acc)
+
+
+def _visible(j, bk, q_pos, length, causal=True, window=None):
+  """[1, rows, bk]: which keys of key block j each query row sees."""
+  k_pos = j * bk + jnp.arange(bk)
+  seen = k_pos[None, :] < length
+  if causal:
+    seen &= k_pos[None, :] <= q_pos[:, None]
+  if window:
+    seen &= k_pos[None, :] > q_pos[:, None] - window
+  return seen[None]
+
+
+def _slice(x, j, bk):
+  return lax.dynamic_slice_in_dim(x, j * bk, bk, 1)
+
+
+def _async_add(acc, den, w, vj, weights_t):
+  """The asynchronous softmax's partial sums: w = exp(logits - phi) (0 where unseen)."""
+  w = w.astype(weights_t)
+  return (acc + jnp.einsum("hrk,hkd->hrd", w, vj, preferred_element_type=acc.dtype),
+          den + jnp.sum(w.astype(acc.dtype), axis=-1))
+
+
+def _online_add(acc, den, top, logits, vj, weights_t):
+  """The online softmax's step: logits -inf where unseen; top the running max."""
+  new = jnp.maximum(top, jnp.max(logits, axis=-1))
+  base = jnp.where(jnp.isfinite(new), new, 0.0)
+  scale = jnp.where(jnp.isfinite(top), jnp.exp(top - base), 0.0)
+  w = jnp.exp(logits - base[..., None]).astype(weights_t)
+  return (acc * scale[..., None]
+          + jnp.einsum("hrk,hkd->hrd", w, vj, preferred_element_type=acc.dtype),
+          den * scale + jnp.sum(w.astype(acc.dtype), axis=-1), new)
+
+
+def _divide(acc, den):
+  return acc / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _untrusted(den, out, seen, weights_t):
+  """The guard: rows that see a key (seen [1, rows] > 0) whose sum den of `seen` weights
+  exp(s - phi) does not prove m - phi inside the window (exp(m - phi) <= den <= seen *
+  exp(m - phi)), or whose output is not finite."""
+  lo, hi = async_softmax.window(weights_t)
+  trusted = ((den >= seen * math.exp(lo)) & (den <= math.exp(hi))
+             & jnp.all(jnp.isfinite(out), axis=-1))
+  return (seen > 0) & ~trusted
+
+
+def _recompute(flags, out, online):
+  """The flagged rows from online() (the block again, in the online softmax), under
+  lax.cond: a block with no flagged row costs nothing more."""
+  return lax.cond(jnp.any(flags), lambda out: jnp.where(flags[..., None], online(), out),
+                  lambda out: out, out)
 
 
 def _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, block_q,
              block_k):
-  b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  bq, bk = min(block_q, t), min(block_k, s)
-  nq = -(-t // bq)
-  acc_t = jnp.promote_types(q.dtype, jnp.float32)
-  weights_t = q.dtype if jnp.dtype(q.dtype).itemsize < 4 else acc_t
+  hkv, d = k.shape[2], q.shape[-1]
+  acc_t, weights_t = _dtypes(q)
   phi = async_softmax.DEFAULT_PHI if phi is None else phi
-  lo_bound, hi_bound = async_softmax.window(weights_t)
-  qb, kb, vb = _blocks(q, k, v, bq, bk)
-  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-  q_start = (jnp.full((b,), s - t, jnp.int32) if q_start is None
-             else q_start.astype(jnp.int32))
-  rows = jnp.arange(g * bq) % bq  # each block row's query within the block
+  qb, (kb, vb), lengths, q_start, bq, bk = _layout(q, [k, v], lengths, q_start, block_q,
+                                                   block_k)
+  rows = jnp.arange(qb.shape[3]) % bq  # each block row's query within the block
 
-  def block(args):
-    r, i = args
+  def block(r, i):
     qi, ki, vi, length = qb[r, i], kb[r], vb[r], lengths[r]
     first = q_start[r] + i * bq
     q_pos = first + rows
@@ -90,94 +161,141 @@ def _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, 
     j2 = jnp.clip(hi_all // bk, j1, j3)
 
     def scores(j):
-      kj = lax.dynamic_slice_in_dim(ki, j * bk, bk, 1)
-      sc = jnp.einsum("hrd,hkd->hrk", qi, kj, preferred_element_type=acc_t) * sm_scale
+      sc = jnp.einsum("hrd,hkd->hrk", qi, _slice(ki, j, bk),
+                      preferred_element_type=acc_t) * sm_scale
       return sc if softcap is None else softcap * jnp.tanh(sc / softcap)
 
     def visible(j):
-      k_pos = j * bk + jnp.arange(bk)
-      seen = k_pos[None, :] < length
-      if causal:
-        seen &= k_pos[None, :] <= q_pos[:, None]
-      if window:
-        seen &= k_pos[None, :] > q_pos[:, None] - window
-      return seen[None]
+      return _visible(j, bk, q_pos, length, causal, window)
 
-    def add(j, carry, masked):
-      acc, den = carry
-      w = jnp.exp(scores(j) - phi)
-      if masked:
-        w = jnp.where(visible(j), w, 0.0)
-      w = w.astype(weights_t)
-      vj = lax.dynamic_slice_in_dim(vi, j * bk, bk, 1)
-      return (acc + jnp.einsum("hrk,hkd->hrd", w, vj, preferred_element_type=acc_t),
-              den + jnp.sum(w.astype(acc_t), axis=-1))
+    def add(masked):
+      def step(j, carry):
+        w = jnp.exp(scores(j) - phi)
+        w = jnp.where(visible(j), w, 0.0) if masked else w
+        return _async_add(*carry, w, _slice(vi, j, bk), weights_t)
+      return step
 
-    carry = (jnp.zeros((hkv, g * bq, d), acc_t), jnp.zeros((hkv, g * bq), acc_t))
-    carry = lax.fori_loop(j0, j1, functools.partial(_flip, add, True), carry)
-    carry = lax.fori_loop(j1, j2, functools.partial(_flip, add, False), carry)
-    acc, den = lax.fori_loop(j2, j3, functools.partial(_flip, add, True), carry)
-    out = acc / jnp.where(den > 0, den, 1.0)[..., None]
+    zeros = (jnp.zeros((hkv, qb.shape[3], d), acc_t), jnp.zeros((hkv, qb.shape[3]), acc_t))
+    carry = lax.fori_loop(j0, j1, add(True), zeros)
+    carry = lax.fori_loop(j1, j2, add(False), carry)
+    acc, den = lax.fori_loop(j2, j3, add(True), carry)
+    out = _divide(acc, den)
 
     # how many keys each row sees: the guard's n, and no key at all: nothing to redo
     seen = jnp.minimum(q_pos + 1, length) if causal else jnp.broadcast_to(length, q_pos.shape)
     if window:
       seen = seen - jnp.maximum(q_pos - window + 1, 0)
-    seen = jnp.maximum(seen, 0).astype(acc_t)[None]
-    trusted = ((den >= seen * math.exp(lo_bound)) & (den <= math.exp(hi_bound))
-               & jnp.all(jnp.isfinite(out), axis=-1))
-    flags = (seen > 0) & ~trusted
+    flags = _untrusted(den, out, jnp.maximum(seen, 0).astype(acc_t)[None], weights_t)
 
-    def online(out):
+    def online():
       def step(j, carry):
-        acc, den, top = carry
-        sc = jnp.where(visible(j), scores(j), -jnp.inf)
-        new = jnp.maximum(top, jnp.max(sc, axis=-1))
-        base = jnp.where(jnp.isfinite(new), new, 0.0)
-        w = jnp.exp(sc - base[..., None]).astype(weights_t)
-        scale = jnp.where(jnp.isfinite(top), jnp.exp(top - base), 0.0)
-        vj = lax.dynamic_slice_in_dim(vi, j * bk, bk, 1)
-        return (acc * scale[..., None]
-                + jnp.einsum("hrk,hkd->hrd", w, vj, preferred_element_type=acc_t),
-                den * scale + jnp.sum(w.astype(acc_t), axis=-1), new)
-      sums, total, _ = lax.fori_loop(j0, j3, step, (jnp.zeros_like(acc), jnp.zeros_like(den),
-                                                    jnp.full(den.shape, -jnp.inf, acc_t)))
-      exact = sums / jnp.where(total > 0, total, 1.0)[..., None]
-      return jnp.where(flags[..., None], exact, out)
+        logits = jnp.where(visible(j), scores(j), -jnp.inf)
+        return _online_add(*carry, logits, _slice(vi, j, bk), weights_t)
+      top = jnp.full(zeros[1].shape, -jnp.inf, acc_t)
+      return _divide(*lax.fori_loop(j0, j3, step, (*zeros, top))[:2])
 
-    return lax.cond(jnp.any(flags), online, lambda out: out, out)
+    return _recompute(flags, out, online)
 
-  blocks = lax.map(block, (jnp.repeat(jnp.arange(b), nq), jnp.tile(jnp.arange(nq), b)))
-  out = blocks.reshape(b, nq, hkv, g, bq, d).transpose(0, 1, 4, 2, 3, 5)
-  return out.reshape(b, nq * bq, hq, d)[:, :t].astype(q.dtype)
+  return _each_block(block, q, qb, bq)
 
 
-def _flip(add, masked, j, carry):
-  return add(j, carry, masked)
+def _cope_forward(q, k, v, gate_keys, pos_emb, lengths, q_start, sm_scale, pos_scale,
+                  block_q, block_k):
+  """CoPE (reference.cope_attention's arithmetic) in the same blocks. A query's position
+  for key j sums the gates of keys j..itself, so each block walks its keys from the last
+  one it sees down to the first, carrying each row's sum of the gates already passed; the
+  position logits z = q . e * pos_scale of a block's queries are computed once."""
+  hkv, d = k.shape[2], q.shape[-1]
+  npos = pos_emb.shape[0]
+  acc_t, weights_t = _dtypes(q)
+  phi = async_softmax.DEFAULT_PHI
+  keys = [k, v] + ([] if gate_keys is None else [gate_keys])
+  qb, keys, lengths, q_start, bq, bk = _layout(q, keys, lengths, q_start, block_q, block_k)
+  kb, vb, gb = keys[0], keys[1], keys[-1]
+  rows = jnp.arange(qb.shape[3]) % bq
+
+  def block(r, i):
+    qi, ki, vi, gi, length = qb[r, i], kb[r], vb[r], gb[r], lengths[r]
+    q_pos = q_start[r] + i * bq + rows
+    n = (jnp.minimum(length, q_start[r] + (i + 1) * bq) + bk - 1) // bk
+    z = jnp.einsum("hrd,nd->hrn", qi, pos_emb.astype(qi.dtype),
+                   preferred_element_type=acc_t) * pos_scale
+    dz = jnp.concatenate([z[..., 1:] - z[..., :-1], jnp.zeros_like(z[..., :1])], axis=-1)
+    table = jnp.stack([z, dz], axis=-1)  # [h, rows, npos, 2]: one gather, floor and ceil
+
+    def logits(j, passed):
+      """Key block j's logits (-inf where unseen) and the gates' sums with it passed."""
+      seen = _visible(j, bk, q_pos, length)
+      s = jnp.einsum("hrd,hkd->hrk", qi, _slice(ki, j, bk),
+                     preferred_element_type=acc_t) * sm_scale
+      gs = s if gate_keys is None else jnp.einsum(
+          "hrd,hkd->hrk", qi, _slice(gi, j, bk), preferred_element_type=acc_t) * sm_scale
+      gates = jnp.where(seen, jax.nn.sigmoid(gs), 0.0)
+      pos = lax.cumsum(gates, axis=2, reverse=True) + passed[..., None]
+      pos = jnp.minimum(pos, npos - 1)
+      lo = jnp.floor(pos)
+      pair = jnp.take_along_axis(table, lo.astype(jnp.int32)[..., None], axis=2)
+      out = s + pair[..., 0] + (pos - lo) * pair[..., 1]
+      return jnp.where(seen, out, -jnp.inf), passed + jnp.sum(gates, axis=-1)
+
+    def walk(add, carry):  # key blocks n - 1 down to 0, the gates' sums carried
+      def step(it, carry):
+        j = n - 1 - it
+        x, passed = logits(j, carry[-1])
+        return (*add(*carry[:-1], x, _slice(vi, j, bk), weights_t), passed)
+      return lax.fori_loop(0, n, step, carry)
+
+    zeros = (jnp.zeros((hkv, qb.shape[3], d), acc_t), jnp.zeros((hkv, qb.shape[3]), acc_t))
+    acc, den, _ = walk(lambda acc, den, x, vj, wt: _async_add(acc, den, jnp.exp(x - phi), vj,
+                                                                wt),
+                       (*zeros, zeros[1]))
+    out = _divide(acc, den)
+    seen = jnp.maximum(jnp.minimum(q_pos + 1, length), 0).astype(acc_t)[None]
+    flags = _untrusted(den, out, seen, weights_t)
+
+    def online():
+      top = jnp.full(zeros[1].shape, -jnp.inf, acc_t)
+      return _divide(*walk(_online_add, (*zeros, top, zeros[1]))[:2])
+
+    return _recompute(flags, out, online)
+
+  return _each_block(block, q, qb, bq)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
-def _attention(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, block_q,
-               block_k):
-  return _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, block_q,
-                  block_k)
+def _reference_cope(q, k, v, gate_keys, pos_emb, lengths, q_start, sm_scale, pos_scale,
+                    block_q, block_k):
+  return reference.cope_attention(q, k, v, pos_emb, lengths, sm_scale, q_start=q_start,
+                                  gate_keys=gate_keys, pos_scale=pos_scale)
 
 
-def _fwd(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, block_q, block_k):
-  out = _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, block_q,
-                 block_k)
-  return out, (q, k, v, lengths, q_start)
+def _reference_attention(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi,
+                         block_q, block_k):
+  return reference.prefill_attention(q, k, v, lengths, causal, sm_scale, q_start=q_start,
+                                     window=window, softcap=softcap)
 
 
-def _bwd(causal, sm_scale, window, softcap, phi, block_q, block_k, res, g):
-  q, k, v, lengths, q_start = res
-  _, pullback = jax.vjp(lambda q, k, v: reference.prefill_attention(
-      q, k, v, lengths, causal, sm_scale, q_start=q_start, window=window, softcap=softcap),
-      q, k, v)
-  return (*pullback(g), None, None)
+FORMS = {"attention": (_forward, _reference_attention),
+         "cope": (_cope_forward, _reference_cope)}
 
 
-_attention.defvjp(_fwd, _bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _with_reference_gradients(form, arrays, ints, how):
+  """FORMS[form]'s forward pass, its gradients the reference's: arrays (the differentiable
+  operands) + ints (lengths, q_start) + how (the static options) are the form's arguments."""
+  return FORMS[form][0](*arrays, *ints, *how)
+
+
+def _fwd(form, arrays, ints, how):
+  return FORMS[form][0](*arrays, *ints, *how), (arrays, ints)
+
+
+def _bwd(form, how, res, g):
+  arrays, ints = res
+  _, pullback = jax.vjp(lambda *a: FORMS[form][1](*a, *ints, *how), *arrays)
+  return pullback(g), None
+
+
+_with_reference_gradients.defvjp(_fwd, _bwd)
 
 
 def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, window=None,
@@ -186,5 +304,14 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, windo
   [B, S, Hkv, D]; lengths [B] or None; query i of row b at q_start[b] + i, default the last
   T of S), computed as the module docstring says; `phi`: the unified max value (None:
   async_softmax.DEFAULT_PHI)."""
-  return _attention(q, k, v, lengths, q_start, causal, float(sm_scale), window, softcap,
-                    None if phi is None else float(phi), block_q, block_k)
+  how = (causal, float(sm_scale), window, softcap, None if phi is None else float(phi),
+         block_q, block_k)
+  return _with_reference_gradients("attention", (q, k, v), (lengths, q_start), how)
+
+
+def cope_attention(q, k, v, pos_emb, lengths, sm_scale, *, q_start=None, gate_keys=None,
+                   pos_scale=1.0, block_q=BLOCK_Q, block_k=BLOCK_K):
+  """reference.cope_attention's arguments and result, in the blocks of prefill_attention
+  (the asynchronous softmax with async_softmax.DEFAULT_PHI and its guard)."""
+  return _with_reference_gradients("cope", (q, k, v, gate_keys, pos_emb), (lengths, q_start),
+                                   (float(sm_scale), float(pos_scale), block_q, block_k))

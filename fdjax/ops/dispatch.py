@@ -413,9 +413,17 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
                                       gate_keys=gate_keys, pos_scale=pos_scale,
                                       interpret=interpret)
 
+  def on_cpu():  # selection.cpu_prefill: the key-blocked asynchronous form, or the reference
+    blocks = selection.cpu_prefill(t).settings
+    if blocks is None:
+      return reference.cope_attention(q, k, v, pos_emb, lengths, scale, q_start, gate_keys,
+                                      pos_scale)
+    return cpu_attention.cope_attention(q, k, v, pos_emb, lengths, scale, q_start=q_start,
+                                        gate_keys=gate_keys, pos_scale=pos_scale, **blocks)
+
   return _run(op, impl, lambda: reference.cope_attention(
       q, k, v, pos_emb, lengths, scale, q_start, gate_keys, pos_scale), pallas, None,
-      q.shape[-1], q.dtype)
+      q.shape[-1], q.dtype, cpu_fn=on_cpu)
 
 
 def paged_cope_decode_attention(q, k_pages, v_pages, page_table, lengths, pos_emb, *,

@@ -27,9 +27,10 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
 * Paged decode attention on the CPU (`cpu_paged_decode`): XLA, reading the pages in place
   where every row owns its own consecutive run of them, else gathering them first; on
   float32 pages the weights times the values as a multiply and a sum.
-* Prefill attention on the CPU (`cpu_prefill`): from 64 queries a row, FlashDecoding++'s
-  asynchronous softmax over blocks of keys (fdjax.ops.cpu_attention: a block's scores stay
-  in the cache, keys it cannot see are never read); shorter chunks, the reference.
+* Prefill attention and CoPE's on the CPU (`cpu_prefill`): from 64 queries a row,
+  FlashDecoding++'s asynchronous softmax over blocks of keys (fdjax.ops.cpu_attention: a
+  block's scores stay in the cache, keys it cannot see are never read); shorter chunks, the
+  reference.
 * The KV cache's dtype on the CPU (`cpu_kv_cache`): float32 pages for a bfloat16 model where
   attention reads them in place (the same values; XLA:CPU would convert bfloat16 pages to
   float32 for every attention); gathered pages keep the model's dtype.
@@ -332,16 +333,18 @@ CPU_PREFILL_MIN_QUERIES = 64
 
 
 def cpu_prefill(queries: int) -> Choice:
-  """How XLA:CPU runs prefill attention over `queries` queries a row under "auto": from
+  """How XLA:CPU runs prefill attention, and CoPE's, over `queries` queries a row under
+  "auto": from
   CPU_PREFILL_MIN_QUERIES on, fdjax.ops.cpu_attention (FlashDecoding++'s asynchronous
   softmax over blocks of 128 keys, for blocks of 128 queries, reading only the keys a block
   sees), else the reference. Against the reference, bfloat16 / float32 ms of one jitted call
   (bench/results/prefill_cpu.md, a 2-core Xeon, jax 0.12): a causal prompt of 2048 (16 / 4
-  heads, head_dim 64) 1180 -> 47 / 1160 -> 81; 16 prompts of 256 (8 / 2 heads) 47 -> 16 /
-  48 -> 20; a chunk of 256 after 1792 cached keys (32 / 8 heads, head_dim 128) 266 -> 24 /
-  266 -> 46; 16 chunks of 64 after 448 keys 24 -> 11 / 23 -> 13. Below 64 queries the loops
+  heads, head_dim 64) 1300 -> 52 / 1250 -> 86; 16 prompts of 256 (8 / 2 heads) 51 -> 17 /
+  52 -> 25; a chunk of 256 after 1792 cached keys (32 / 8 heads, head_dim 128) 269 -> 31 /
+  271 -> 55; 16 chunks of 64 after 448 keys 25 -> 11 / 26 -> 16. Below 64 queries the loops
   cost what they save or more (4 rows of 5 queries against 1024 keys, float32: 12 against
-  25 ms; one-off runs)."""
+  25 ms; one-off runs). CoPE, float32: 8 prompts of 256 (4 heads) 39 -> 24; a prompt of
+  1024 159 -> 29; 2048 (8 heads) 1360 -> 196."""
   if queries >= CPU_PREFILL_MIN_QUERIES:
     return Choice("xla", "cpu: the asynchronous softmax over blocks of keys "
                   "(fdjax.ops.cpu_attention)", {"block_q": 128, "block_k": 128})
@@ -596,10 +599,9 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
       choices["kv_cache"] = kv
       decode_op = "paged_cope_decode_attention" if cope else "paged_decode_attention"
       choices[decode_op] = cpu_paged_decode(kv.settings["dtype"])
-      if not cope:
-        choices["prefill_attention"] = Choice(
-            "xla", f"{cpu_prefill(CPU_PREFILL_MIN_QUERIES).reason} from "
-            f"{CPU_PREFILL_MIN_QUERIES} queries a row; below, the reference")
+      choices[ops[0]] = Choice(
+          "xla", f"{cpu_prefill(CPU_PREFILL_MIN_QUERIES).reason} from "
+          f"{CPU_PREFILL_MIN_QUERIES} queries a row; below, the reference")
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
