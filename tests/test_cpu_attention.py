@@ -125,15 +125,23 @@ def test_gradients_are_the_references():
 
 
 def test_the_rule_takes_the_blocked_form_from_64_queries():
-  assert selection.cpu_prefill(64).settings == {"block_q": 128, "block_k": 128}
-  assert "fdjax.ops.cpu_attention" in selection.cpu_prefill(64).reason
-  assert selection.cpu_prefill(63).settings is None
-  assert "reference" in selection.cpu_prefill(63).reason
+  big = dict(keys=4096, batch=8, heads=8)  # 64 MiB of float32 scores at 64 queries
+  assert selection.cpu_prefill(64, **big).settings == {"block_q": 128, "block_k": 128}
+  assert "fdjax.ops.cpu_attention" in selection.cpu_prefill(64, **big).reason
+  assert selection.cpu_prefill(63, **big).settings is None
+  assert "reference" in selection.cpu_prefill(63, **big).reason
+  # the reference's scores in the cache: 16 x 8 x 160 x 160 float32 = 12.5 MiB
+  assert selection.cpu_prefill(160, 160, batch=16, heads=8).settings is None
+  assert "fit the cache" in selection.cpu_prefill(160, 160, batch=16, heads=8).reason
+  assert selection.cpu_prefill(256, 256, batch=16, heads=8).settings is not None  # 32 MiB
+  assert selection.cpu_prefill(512, 512, batch=1, heads=8).settings is not None  # > 256
+  assert selection.cpu_prefill(160, 160, batch=16, heads=8, cope=True).settings is not None
   assert "cpu_attention" in selection.describe(platform="cpu")["prefill_attention"]
 
 
 @pytest.mark.parametrize("t", [63, 64, 100])
 def test_dispatch_runs_the_rules_choice_on_the_cpu(t, monkeypatch):
+  monkeypatch.setattr(selection, "CPU_PREFILL_CACHED_SCORES", 0)  # these scores are tiny
   calls = []
   real = cpu_attention.prefill_attention
   monkeypatch.setattr(cpu_attention, "prefill_attention",

@@ -52,7 +52,7 @@ def _layout(q, keys, lengths, q_start, block_q, block_k):
   blocks; lengths and q_start as int32 (None: S and S - T); (bq, bk)."""
   b, t, hq, d = q.shape
   s, hkv = keys[0].shape[1], keys[0].shape[2]
-  bq, bk = min(block_q, t), min(block_k, s)
+  bq, bk = _even(t, block_q), min(block_k, s)
   nq, nk = -(-t // bq), -(-s // bk)
   qb = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
   qb = qb.reshape(b, nq, bq, hkv, hq // hkv, d).transpose(0, 1, 3, 4, 2, 5)
@@ -63,6 +63,16 @@ def _layout(q, keys, lengths, q_start, block_q, block_k):
   q_start = (jnp.full((b,), s - t, jnp.int32) if q_start is None
              else q_start.astype(jnp.int32))
   return qb, keys, lengths, q_start, bq, bk
+
+
+def _even(t, block):
+  """Blocks of at most `block` (but at least 8) rows that cut t into even parts, a multiple
+  of 8 each where t allows: 160 queries in blocks of 128 are two of 80, not 128 + 32 padded
+  to 128."""
+  if t <= block:
+    return t
+  rows = -(-t // -(-t // block))  # t over the fewest blocks, rounded up
+  return min(block, -(-rows // 8) * 8)
 
 
 def _each_block(block, q, qb, bq):

@@ -351,7 +351,8 @@ def prefill_attention(q, k, v, *, lengths=None, q_start=None, causal=True, sm_sc
                                      interpret=interpret, **extra, **more)
 
   def on_cpu():  # selection.cpu_prefill: the key-blocked asynchronous form, or the reference
-    blocks = selection.cpu_prefill(q.shape[1]).settings
+    blocks = selection.cpu_prefill(
+        q.shape[1], k.shape[1], batch=q.shape[0], heads=q.shape[2]).settings
     if blocks is None:
       return reference.prefill_attention(q, k, v, lengths, causal, scale, **extra)
     return cpu_attention.prefill_attention(q, k, v, lengths, causal, scale, phi=phi, **extra,
@@ -414,7 +415,8 @@ def cope_attention(q, k, v, pos_emb, *, lengths=None, q_start=None, sm_scale=Non
                                       interpret=interpret)
 
   def on_cpu():  # selection.cpu_prefill: the key-blocked asynchronous form, or the reference
-    blocks = selection.cpu_prefill(t).settings
+    blocks = selection.cpu_prefill(t, s, batch=q.shape[0], heads=q.shape[2],
+                                    cope=True).settings
     if blocks is None:
       return reference.cope_attention(q, k, v, pos_emb, lengths, scale, q_start, gate_keys,
                                       pos_scale)

@@ -29,8 +29,8 @@ choice carries its reason, and a fallback to XLA is logged once per reason.
   float32 pages the weights times the values as a multiply and a sum.
 * Prefill attention and CoPE's on the CPU (`cpu_prefill`): from 64 queries a row,
   FlashDecoding++'s asynchronous softmax over blocks of keys (fdjax.ops.cpu_attention: a
-  block's scores stay in the cache, keys it cannot see are never read); shorter chunks, the
-  reference.
+  block's scores stay in the cache, keys it cannot see are never read); shorter chunks, and
+  batches whose scores all fit in the cache, the reference.
 * The KV cache's dtype on the CPU (`cpu_kv_cache`): float32 pages for a bfloat16 model where
   attention reads them in place (the same values; XLA:CPU would convert bfloat16 pages to
   float32 for every attention); gathered pages keep the model's dtype.
@@ -330,25 +330,42 @@ def cpu_paged_decode(dtype) -> Choice:
 
 
 CPU_PREFILL_MIN_QUERIES = 64
+CPU_PREFILL_CACHED_SCORES = 14 << 20  # bytes of float32 scores the reference keeps in cache
+CPU_PREFILL_CACHED_QUERIES = 256  # ... up to this many queries a row
 
 
-def cpu_prefill(queries: int) -> Choice:
-  """How XLA:CPU runs prefill attention, and CoPE's, over `queries` queries a row under
-  "auto": from
-  CPU_PREFILL_MIN_QUERIES on, fdjax.ops.cpu_attention (FlashDecoding++'s asynchronous
-  softmax over blocks of 128 keys, for blocks of 128 queries, reading only the keys a block
-  sees), else the reference. Against the reference, bfloat16 / float32 ms of one jitted call
-  (bench/results/prefill_cpu.md, a 2-core Xeon, jax 0.12): a causal prompt of 2048 (16 / 4
-  heads, head_dim 64) 1300 -> 52 / 1250 -> 86; 16 prompts of 256 (8 / 2 heads) 51 -> 17 /
-  52 -> 25; a chunk of 256 after 1792 cached keys (32 / 8 heads, head_dim 128) 269 -> 31 /
-  271 -> 55; 16 chunks of 64 after 448 keys 25 -> 11 / 26 -> 16. Below 64 queries the loops
-  cost what they save or more (4 rows of 5 queries against 1024 keys, float32: 12 against
-  25 ms; one-off runs). CoPE, float32: 8 prompts of 256 (4 heads) 39 -> 24; a prompt of
-  1024 159 -> 29; 2048 (8 heads) 1360 -> 196."""
-  if queries >= CPU_PREFILL_MIN_QUERIES:
-    return Choice("xla", "cpu: the asynchronous softmax over blocks of keys "
-                  "(fdjax.ops.cpu_attention)", {"block_q": 128, "block_k": 128})
-  return Choice("xla", f"cpu: the reference (fewer than {CPU_PREFILL_MIN_QUERIES} queries)")
+def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
+                cope: bool = False) -> Choice:
+  """How XLA:CPU runs prefill attention, and CoPE's, over `queries` queries a row against
+  `keys` keys (batch rows, query heads) under "auto": fdjax.ops.cpu_attention
+  (FlashDecoding++'s asynchronous softmax over blocks of 128 keys, for blocks of up to 128
+  queries, reading only the keys a block sees), or the reference where it is as fast: below
+  CPU_PREFILL_MIN_QUERIES queries, and up to CPU_PREFILL_CACHED_QUERIES where all its float32
+  scores (batch x heads x queries x keys) fit in CPU_PREFILL_CACHED_SCORES: the reference
+  takes them in one pass, while they stay in the cache, and falls off a cliff past it.
+  CoPE's reference (`cope`) makes several score-sized arrays (gates, positions, their
+  gathers), so it takes the blocks from 64 queries on whatever the batch.
+  Against the reference, bfloat16 / float32 ms of one jitted call (bench/results/
+  prefill_cpu.md, a 2-core Xeon, jax 0.12): a causal prompt of 2048 (16 / 4 heads, head_dim
+  64) 1330 -> 55 / 1270 -> 96; 16 prompts of 256 (8 / 2 heads, 32 MiB of scores) 60 -> 20 /
+  63 -> 29; a chunk of 256 after 1792 cached keys (32 / 8 heads, head_dim 128) 301 -> 31 /
+  294 -> 59. Near the line it is a toss-up: 16 chunks of 64 after 448 keys (16 MiB) 17 -> 13
+  / 17 -> 19 in that run, 25 -> 11 / 26 -> 16 in the one before (the reference's time there
+  moves with the machine). Where the reference stays ahead or even (one-off runs): 16 prompts
+  of 160 (8 heads, 12.5 MiB) 12 / 14 ms against 19 / 21; 4 of 128 (32 heads, head_dim 128,
+  8 MiB) 11 / 16 against 9 / 17; 4 rows of 5 queries against 1024 keys, float32, 12 against
+  25. Past the cache it is not close: one prompt of 1024 (8 heads, 32 MiB) 119 / 124 against
+  9 / 13 (512, 8 MiB: 8 / 8 against 4 / 4). CoPE, float32: 8 prompts of 256 (4 heads) 47 ->
+  27; a prompt of 1024 183 -> 33; 2048 (8 heads) 1470 -> 229."""
+  scores = 4 * batch * heads * queries * keys
+  if queries < CPU_PREFILL_MIN_QUERIES:
+    return Choice("xla", f"cpu: the reference (fewer than {CPU_PREFILL_MIN_QUERIES} queries)")
+  if (not cope and queries <= CPU_PREFILL_CACHED_QUERIES
+      and scores <= CPU_PREFILL_CACHED_SCORES):
+    return Choice("xla", f"cpu: the reference (its {scores >> 20} MiB of scores fit the "
+                  "cache)")
+  return Choice("xla", "cpu: the asynchronous softmax over blocks of keys "
+                "(fdjax.ops.cpu_attention)", {"block_q": 128, "block_k": 128})
 
 
 def cpu_kv_cache(dtype, in_place: bool) -> Choice:
@@ -600,8 +617,9 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
       decode_op = "paged_cope_decode_attention" if cope else "paged_decode_attention"
       choices[decode_op] = cpu_paged_decode(kv.settings["dtype"])
       choices[ops[0]] = Choice(
-          "xla", f"{cpu_prefill(CPU_PREFILL_MIN_QUERIES).reason} from "
-          f"{CPU_PREFILL_MIN_QUERIES} queries a row; below, the reference")
+          "xla", f"{cpu_prefill(CPU_PREFILL_MIN_QUERIES, 1 << 30).reason} from "
+          f"{CPU_PREFILL_MIN_QUERIES} queries a row; below, and where the reference's scores "
+          "fit the cache, the reference")
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
