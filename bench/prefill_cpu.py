@@ -47,13 +47,8 @@ COPE_SHAPES = [(8, 256, 4), (1, 1024, 4), (1, 2048, 8)]  # batch, queries, heads
 
 
 def _ms(fn, iters):
-  fn()
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+  """Median milliseconds of fn() after one warm-up call."""
+  return 1e3 * common.median_seconds(fn, warmup=1, iters=iters)
 
 
 def op_rows(shapes, dtypes, iters):
