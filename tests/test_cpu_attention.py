@@ -135,7 +135,9 @@ def test_the_rule_takes_the_blocked_form_from_64_queries():
   assert "fit the cache" in selection.cpu_prefill(160, 160, batch=16, heads=8).reason
   assert selection.cpu_prefill(256, 256, batch=16, heads=8).settings is not None  # 32 MiB
   assert selection.cpu_prefill(512, 512, batch=1, heads=8).settings is not None  # > 256
+  # CoPE's reference holds about four score-sized arrays: a quarter of the line
   assert selection.cpu_prefill(160, 160, batch=16, heads=8, cope=True).settings is not None
+  assert selection.cpu_prefill(128, 256, batch=4, heads=4, cope=True).settings is None
   assert "cpu_attention" in selection.describe(platform="cpu")["prefill_attention"]
 
 
@@ -224,6 +226,7 @@ def test_cope_gradients_are_the_references():
 @pytest.mark.parametrize("t", [40, 64])
 def test_dispatch_runs_the_rules_choice_for_cope(t, monkeypatch):
   from tests.test_cope import _case, np_cope
+  monkeypatch.setattr(selection, "CPU_PREFILL_CACHED_SCORES", 0)  # these scores are tiny
   calls = []
   real = cpu_attention.cope_attention
   monkeypatch.setattr(cpu_attention, "cope_attention",

@@ -343,25 +343,24 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
   CPU_PREFILL_MIN_QUERIES queries, and up to CPU_PREFILL_CACHED_QUERIES where all its float32
   scores (batch x heads x queries x keys) fit in CPU_PREFILL_CACHED_SCORES: the reference
   takes them in one pass, while they stay in the cache, and falls off a cliff past it.
-  CoPE's reference (`cope`) makes several score-sized arrays (gates, positions, their
-  gathers), so it takes the blocks from 64 queries on whatever the batch.
+  CoPE's reference (`cope`) makes about four score-sized float32 arrays (scores, gates,
+  positions, their gathers), so its scores count four times: a quarter of the line.
   Against the reference, bfloat16 / float32 ms of one jitted call (bench/results/
   prefill_cpu.md, a 2-core Xeon, jax 0.12): a causal prompt of 2048 (16 / 4 heads, head_dim
-  64) 1330 -> 55 / 1270 -> 96; 16 prompts of 256 (8 / 2 heads, 32 MiB of scores) 60 -> 20 /
-  63 -> 29; a chunk of 256 after 1792 cached keys (32 / 8 heads, head_dim 128) 301 -> 31 /
-  294 -> 59. Near the line it is a toss-up: 16 chunks of 64 after 448 keys (16 MiB) 17 -> 13
-  / 17 -> 19 in that run, 25 -> 11 / 26 -> 16 in the one before (the reference's time there
-  moves with the machine). Where the reference stays ahead or even (one-off runs): 16 prompts
+  64) 1380 -> 53 / 1350 -> 95; 16 prompts of 256 (8 / 2 heads, 32 MiB of scores) 59 -> 21 /
+  61 -> 26; a chunk of 256 after 1792 cached keys (32 / 8 heads, head_dim 128) 283 -> 30 /
+  293 -> 58. Near the line it moves with the machine: 16 chunks of 64 after 448 keys (16 MiB)
+  32 -> 13 / 28 -> 17 in that run, 17 -> 13 / 17 -> 19 and 25 -> 11 / 26 -> 16 in two
+  before. Where the reference stays ahead or even (one-off runs): 16 prompts
   of 160 (8 heads, 12.5 MiB) 12 / 14 ms against 19 / 21; 4 of 128 (32 heads, head_dim 128,
   8 MiB) 11 / 16 against 9 / 17; 4 rows of 5 queries against 1024 keys, float32, 12 against
   25. Past the cache it is not close: one prompt of 1024 (8 heads, 32 MiB) 119 / 124 against
-  9 / 13 (512, 8 MiB: 8 / 8 against 4 / 4). CoPE, float32: 8 prompts of 256 (4 heads) 47 ->
-  27; a prompt of 1024 183 -> 33; 2048 (8 heads) 1470 -> 229."""
-  scores = 4 * batch * heads * queries * keys
+  9 / 13 (512, 8 MiB: 8 / 8 against 4 / 4). CoPE, float32: 8 prompts of 256 (4 heads) 42 ->
+  24; a prompt of 1024 167 -> 28; 2048 (8 heads) 1400 -> 201."""
+  scores = (16 if cope else 4) * batch * heads * queries * keys
   if queries < CPU_PREFILL_MIN_QUERIES:
     return Choice("xla", f"cpu: the reference (fewer than {CPU_PREFILL_MIN_QUERIES} queries)")
-  if (not cope and queries <= CPU_PREFILL_CACHED_QUERIES
-      and scores <= CPU_PREFILL_CACHED_SCORES):
+  if queries <= CPU_PREFILL_CACHED_QUERIES and scores <= CPU_PREFILL_CACHED_SCORES:
     return Choice("xla", f"cpu: the reference (its {scores >> 20} MiB of scores fit the "
                   "cache)")
   return Choice("xla", "cpu: the asynchronous softmax over blocks of keys "
