@@ -64,11 +64,13 @@ def np_prefill_attention(q, k, v, lengths, causal, scale, window=None, softcap=N
   return out
 
 
-def spy(monkeypatch, module, name):
-  """Counts calls of module.name (at trace time) while still running it."""
+def spy(monkeypatch, module, name, keywords=False):
+  """Counts calls of module.name (at trace time) while still running it: a list of its name
+  per call, or with `keywords` of each call's keyword arguments."""
   calls = []
   real = getattr(module, name)
-  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+  monkeypatch.setattr(module, name,
+                      lambda *a, **k: calls.append(k if keywords else name) or real(*a, **k))
   return calls
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fdjax.ops import cpu_attention, dispatch, reference, selection
-from tests.helpers import np_prefill_attention, rel_err
+from tests.helpers import np_prefill_attention, rel_err, spy
 
 
 def _inputs(b, t, s, hq, hkv, d, dtype=jnp.float32, seed=0, q_scale=1.0, garbage=True):
@@ -144,10 +144,7 @@ def test_the_rule_takes_the_blocked_form_from_64_queries():
 @pytest.mark.parametrize("t", [63, 64, 100])
 def test_dispatch_runs_the_rules_choice_on_the_cpu(t, monkeypatch):
   monkeypatch.setattr(selection, "CPU_PREFILL_CACHED_SCORES", 0)  # these scores are tiny
-  calls = []
-  real = cpu_attention.prefill_attention
-  monkeypatch.setattr(cpu_attention, "prefill_attention",
-                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  calls = spy(monkeypatch, cpu_attention, "prefill_attention", keywords=True)
   q, k, v, lengths = _inputs(2, t, t, 4, 2, 16)
   got = jax.jit(lambda q, k, v, n: dispatch.prefill_attention(q, k, v, lengths=n, phi=3.0))(
       q, k, v, lengths)
@@ -227,10 +224,7 @@ def test_cope_gradients_are_the_references():
 def test_dispatch_runs_the_rules_choice_for_cope(t, monkeypatch):
   from tests.test_cope import _case, np_cope
   monkeypatch.setattr(selection, "CPU_PREFILL_CACHED_SCORES", 0)  # these scores are tiny
-  calls = []
-  real = cpu_attention.cope_attention
-  monkeypatch.setattr(cpu_attention, "cope_attention",
-                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  calls = spy(monkeypatch, cpu_attention, "cope_attention", keywords=True)
   q, k, v, e, lengths = _case(t, 2, t, t, 4, 2, 16, 16, 1.0, lengths=(t, t - 9))
   got = dispatch.cope_attention(q, k, v, e, lengths=lengths, sm_scale=0.25)
   assert len(calls) == (1 if t >= 64 else 0)

@@ -141,10 +141,10 @@ def _untrusted(den, out, seen, weights_t):
 
 
 def _recompute(flags, out, online):
-  """The flagged rows from online() (the block again, in the online softmax), under
-  lax.cond: a block with no flagged row costs nothing more."""
-  return lax.cond(jnp.any(flags), lambda out: jnp.where(flags[..., None], online(), out),
-                  lambda out: out, out)
+  """The flagged rows from online() (the block again, in the online softmax): the async
+  kernels' scheme (async_softmax.guarded), under lax.cond, so a block with no flagged row
+  costs nothing more."""
+  return async_softmax.guarded("async", lambda: (out, flags), lambda _: online(), None)[0]
 
 
 def _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, block_q,
