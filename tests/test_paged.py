@@ -232,8 +232,10 @@ def test_generate_on_the_cpu_gives_each_row_its_own_run_of_pages(monkeypatch):
 def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   """selection.cpu_kv_cache: on the CPU a bf16 model's pages read in place (generate's own
   runs, CoPE's too) are float32 (the same values, read with no converted copy), gathered ones
-  (the engine's pool) bf16; the model attends in its cache's dtype (queries and the CoPE
-  table cast to it), with the logits a bf16 cache gives and the same greedy tokens."""
+  (the engine's pool) bf16. A decode step attends in its cache's dtype (queries and the CoPE
+  table cast to it), with the logits a bf16 cache gives; a chunk narrows the pages it
+  gathers back to the model's dtype (exact) and attends in it, with a bf16 cache's very
+  logits; the same greedy tokens."""
   from fdjax.ops import selection
   model = tiny_model(seed=11, dtype=jnp.bfloat16, position_encoding=pe, head_dim=16)
   if pe == "cope":
@@ -273,6 +275,27 @@ def test_a_bfloat16_model_keeps_float32_pages_on_the_cpu(monkeypatch, pe):
   with dispatch.using("xla"):
     assert fdjax.generate(model, prompts, max_new_tokens=8, page_size=16).tokens == got
   assert made[-1].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("pe", ["rope", "cope"])
+def test_a_chunk_over_wider_pages_attends_in_the_models_dtype(monkeypatch, pe):
+  """A bf16 model's chunk over float32 pages (values the model wrote) attends in bfloat16,
+  as over bf16 pages: the same logits to the bit, in cpu_attention's blocks too, where the
+  weights meet V in the input's dtype (float32 pages there took its float32 form)."""
+  from fdjax.ops import selection
+  monkeypatch.setattr(selection, "CPU_PREFILL_MIN_QUERIES", 1)
+  monkeypatch.setattr(selection, "CPU_PREFILL_CACHED_QUERIES", 0)  # the blocks at any size
+  model = tiny_model(seed=3, dtype=jnp.bfloat16, position_encoding=pe, head_dim=16)
+  ids = jnp.asarray(np.random.default_rng(2).integers(0, 97, (2, 20)), jnp.int32)
+  lengths = jnp.asarray([20, 13], jnp.int32)
+  got = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    cache = kv_cache.init_cache(model.config, 2, 64, dtype, page_size=16)
+    _, cache = forward(model, ids[:, :9], cache=cache, lengths=jnp.asarray([9, 6], jnp.int32))
+    logits, _ = forward(model, ids[:, 9:], cache=cache, lengths=lengths - jnp.asarray([9, 6]))
+    got[dtype] = np.asarray(logits)
+  assert np.isfinite(got[jnp.bfloat16]).all()
+  np.testing.assert_array_equal(got[jnp.float32], got[jnp.bfloat16])
 
 
 def test_a_cache_narrower_than_the_model_is_refused():
