@@ -54,6 +54,27 @@ def test_similar_sizes_do_not_recompile():
   assert steps.TRACE_COUNT["prefill"] == before["prefill"] + 1
 
 
+def test_long_prompts_pad_to_the_next_quarter_octave():
+  """steps.chunk_bucket: powers of two up to FINE_CHUNK, then quarters of an octave, so a
+  chunk pads a long prompt by less than a quarter of itself; generate's whole-prompt chunk
+  (a 1100-token prompt in 1280, not 2048) and the serving engine's list of chunks
+  (compiled.shapes) follow it."""
+  cap = 1 << 14
+  got = [steps.chunk_bucket(t, cap) for t in range(1, 5000)]
+  assert got == sorted(got) and all(b >= t for t, b in enumerate(got, 1))
+  assert all(b == steps.pow2(t, steps.MIN_CHUNK) for t, b in enumerate(got, 1)
+             if t <= steps.FINE_CHUNK)
+  assert all(b - t < b / 4 for t, b in enumerate(got, 1) if t > steps.FINE_CHUNK)
+  assert steps.chunk_bucket(1100, cap) == 1280 and steps.chunk_bucket(1100, 1024) == 1024
+  assert steps.chunk_buckets(128) == [16, 32, 64, 128]
+  assert steps.chunk_buckets(1024) == [16, 32, 64, 128, 256, 320, 384, 448, 512, 640, 768,
+                                       896, 1024]
+  cfg = tiny_model(seed=4).config
+  cfg = type(cfg)(**{**cfg.__dict__, "max_position_embeddings": 4096})
+  assert decode_loop.buckets(cfg, 1, 1100, 8).chunk == 1280
+  assert decode_loop.buckets(cfg, 1, 1100, 8, prefill_chunk=512).chunk == 512
+
+
 def test_eos_stops_each_row_and_is_included():
   model = tiny_model(seed=6)
   prompts = [[5, 6, 7], [9, 1, 2, 3]]

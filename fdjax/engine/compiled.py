@@ -1,7 +1,8 @@
 """Every program the serving engine runs: its shapes (the scheduler's buckets: rows to
-powers of two (on a mesh, each data replica's block of rows), prefill chunks from
-steps.MIN_CHUNK to the engine's, page-table widths to powers of two up to the context), and
-compiling them all before serving (`--warmup`), after which no load recompiles anything."""
+powers of two (on a mesh, each data replica's block of rows), prefill chunks
+(steps.chunk_bucket's, up to the engine's), page-table widths to powers of two up to the
+context), and compiling them all before serving (`--warmup`), after which no load
+recompiles anything."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,7 @@ def shapes(scheduler) -> Shapes:
                                                     s.max_model_len + per_call + 1)})
   # rows: each data replica's block (batch.rows_of) a power of two up to its share
   rows = [s.replicas << i for i in range(pow2(s.per_replica).bit_length())]
-  chunks = [c for c in (1 << i for i in range(s.prefill_chunk.bit_length()))
-            if steps.MIN_CHUNK <= c <= s.prefill_chunk]
+  chunks = steps.chunk_buckets(s.prefill_chunk)
   pre_rows = [r for r in rows if r <= s.replicas * s.prefill_rows]
   prefill = tuple((r, c, w) for r, c, w in itertools.product(pre_rows, chunks, widths)
                   if w >= s.width(c))

@@ -2,8 +2,8 @@
 whatever the prefix cache already holds), then every decode step on device inside one
 `lax.while_loop` (no host round trip per token), for a ragged batch of prompts.
 
-Shapes are bucketed (batch, prompt chunk, page-table width and output buffer to powers of
-two) so calls of similar size reuse the compiled code.
+Shapes are bucketed (batch, page-table width and output buffer to powers of two, the prompt
+chunk by steps.chunk_bucket) so calls of similar size reuse the compiled code.
 
 When every layer has a sliding window W (Mistral), keys more than W positions back are never
 read again: a sequence then holds only the pages it still reads. Pages are taken as it grows

@@ -15,8 +15,8 @@ Each iteration (`Scheduler.step`)
      max_tokens end it).
 
 Every shape is bucketed by steps' rules: rows to powers of two (on a mesh, each replica's
-block of rows: batch.rows_of), prefill chunks to powers of
-two from steps.MIN_CHUNK to `prefill_chunk`, page-table widths to powers of two up to the
+block of rows: batch.rows_of), prefill chunks by steps.chunk_bucket (powers of two from
+steps.MIN_CHUNK, quarter octaves past steps.FINE_CHUNK) up to `prefill_chunk`, page-table widths to powers of two up to the
 context; fdjax.engine.compiled lists them all (`shapes()`) and compiles them (`warmup()`),
 after which no load recompiles anything.
 """
