@@ -89,14 +89,37 @@ def test_scores_outside_the_window_of_phi_are_recomputed(q_scale, phi):
   assert rel_err(got, want) < 1e-5
 
 
-def test_a_row_with_no_key_gives_zeros():
+def test_a_row_with_no_key_and_padding_queries_give_zeros():
+  """A row of length 0 gives zeros; so do a row's queries at or past its length (a chunk's
+  padding: row 2's 5 tokens in 24, its second block of 8 all padding and skipped)."""
   q, k, v, _ = _inputs(3, 24, 24, 4, 2, 16)
   lengths = jnp.asarray([0, 24, 5], jnp.int32)
-  got = np.asarray(cpu_attention.prefill_attention(q, k, v, lengths, True, 0.25, block_q=16,
-                                                   block_k=16))
-  assert np.all(np.isfinite(got)) and np.all(got[0] == 0)
+  got = np.asarray(cpu_attention.prefill_attention(q, k, v, lengths, True, 0.25, block_q=8,
+                                                   block_k=8))
+  assert np.all(np.isfinite(got)) and np.all(got[0] == 0) and np.all(got[2, 5:] == 0)
   want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), True, 0.25)
-  assert rel_err(got[1:], want[1:]) < 1e-5
+  assert rel_err(got[1], want[1]) < 1e-5 and rel_err(got[2, :5], want[2, :5]) < 1e-5
+
+
+def test_padding_queries_of_a_chunk_give_zeros():
+  """A chunk padded to its bucket (steps.chunk_bucket): queries past each row's length are
+  zeros (blocks of nothing else skipped) and the rows' real queries as the reference gives
+  them; CoPE's form computes them as its reference does."""
+  b, t, s, hq, hkv, d = 2, 40, 70, 4, 2, 16
+  q, k, v, _ = _inputs(b, t, s, hq, hkv, d)
+  q_start = jnp.asarray([30, 10], jnp.int32)
+  lengths = q_start + jnp.asarray([40, 9])  # row 1: 9 real queries of 40
+  got = np.asarray(cpu_attention.prefill_attention(q, k, v, lengths, True, 0.25,
+                                                   q_start=q_start, block_q=8, block_k=8))
+  want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), True, 0.25, None,
+                              None, np.asarray(q_start))
+  assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1, :9], want[1, :9]) < 1e-5
+  assert np.all(got[1, 9:] == 0)
+  table = jnp.asarray(np.random.default_rng(1).standard_normal((12, d)), jnp.float32)
+  cope = np.asarray(cpu_attention.cope_attention(q, k, v, table, lengths, 0.25,
+                                                 q_start=q_start, block_q=8, block_k=8))
+  ref = np.asarray(reference.cope_attention(q, k, v, table, lengths, 0.25, q_start=q_start))
+  assert rel_err(cope, ref) < 1e-5
 
 
 def test_float64_stays_float64():

@@ -11,6 +11,10 @@ walks the keys in blocks of `block_k` (a fori_loop), so a block's scores stay in
   block's first visible key (its sliding window) to its last (causality and the row's
   length), so a causal prompt costs half its square and a short row of a padded batch only
   its own length. Key blocks every query of the block sees whole run unmasked.
+* Queries at or past their row's length are a chunk's padding (a prompt padded to its
+  bucket): they get zeros, and a block of nothing else is skipped. (The reference attends
+  them to the row's keys; no caller reads them, and a padded query attends to every key.
+  CoPE's form computes them as its reference does.)
 * No running max. With the layer's unified max value phi (async_softmax.DEFAULT_PHI unless
   calibrated), each key block adds exp(s - phi) @ V and the sum of exp(s - phi) to the
   block's accumulators: no max-reduction, no rescaling, the paper's asynchronous softmax.
@@ -166,7 +170,8 @@ def _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, 
     hi_all = jnp.minimum(length, first + 1) if causal else length
     lo = jnp.maximum(first - window + 1, 0) if window else 0
     lo_all = jnp.maximum(last - window + 1, 0) if window else 0
-    j0, j3 = lo // bk, (hi + bk - 1) // bk
+    j0 = lo // bk
+    j3 = jnp.where(first < length, (hi + bk - 1) // bk, j0)  # a block of padding: nothing
     j1 = jnp.clip((lo_all + bk - 1) // bk, j0, j3)
     j2 = jnp.clip(hi_all // bk, j1, j3)
 
@@ -195,7 +200,10 @@ def _forward(q, k, v, lengths, q_start, causal, sm_scale, window, softcap, phi, 
     seen = jnp.minimum(q_pos + 1, length) if causal else jnp.broadcast_to(length, q_pos.shape)
     if window:
       seen = seen - jnp.maximum(q_pos - window + 1, 0)
-    flags = _untrusted(den, out, jnp.maximum(seen, 0).astype(acc_t)[None], weights_t)
+    live = q_pos < length  # the rest is padding: zeros, never recomputed
+    seen = jnp.where(live, jnp.maximum(seen, 0), 0)
+    out = jnp.where(live[None, :, None], out, 0.0)
+    flags = _untrusted(den, out, seen.astype(acc_t)[None], weights_t)
 
     def online():
       def step(j, carry):
@@ -312,8 +320,8 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, windo
                       softcap=None, phi=None, block_q=BLOCK_Q, block_k=BLOCK_K):
   """reference.prefill_attention's arguments and result (q [B, T, Hq, D]; k, v
   [B, S, Hkv, D]; lengths [B] or None; query i of row b at q_start[b] + i, default the last
-  T of S), computed as the module docstring says; `phi`: the unified max value (None:
-  async_softmax.DEFAULT_PHI)."""
+  T of S), computed as the module docstring says (queries at or past their row's length,
+  padding, get zeros); `phi`: the unified max value (None: async_softmax.DEFAULT_PHI)."""
   how = (causal, float(sm_scale), window, softcap, None if phi is None else float(phi),
          block_q, block_k)
   return _with_reference_gradients("attention", (q, k, v), (lengths, q_start), how)
@@ -322,6 +330,7 @@ def prefill_attention(q, k, v, lengths, causal, sm_scale, *, q_start=None, windo
 def cope_attention(q, k, v, pos_emb, lengths, sm_scale, *, q_start=None, gate_keys=None,
                    pos_scale=1.0, block_q=BLOCK_Q, block_k=BLOCK_K):
   """reference.cope_attention's arguments and result, in the blocks of prefill_attention
-  (the asynchronous softmax with async_softmax.DEFAULT_PHI and its guard)."""
+  (the asynchronous softmax with async_softmax.DEFAULT_PHI and its guard). Unlike
+  prefill_attention, its padding queries are computed as the reference computes them."""
   return _with_reference_gradients("cope", (q, k, v, gate_keys, pos_emb), (lengths, q_start),
                                    (float(sm_scale), float(pos_scale), block_q, block_k))
