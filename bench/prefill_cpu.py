@@ -15,7 +15,7 @@ time to first token.
   tokens, here the start of this repository's fdjax/ops sources) against the PyTorch CoPE
   decoder of bench/torch_cope.py (transformers has no CoPE model), float32.
 
-  python bench/prefill_cpu.py [--iters 7] [--dtypes float32 bfloat16] [--smoke]
+  python bench/prefill_cpu.py [--iters 7] [--dtypes float32 bfloat16] [--parts op ...] [--smoke]
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ from fdjax.ops import dispatch, reference  # noqa: E402
 OP_SHAPES = [(16, 256, 0, 8, 2, 64), (1, 2048, 0, 16, 4, 64), (1, 256, 1792, 32, 8, 128),
              (16, 64, 448, 8, 2, 64), (4, 512, 0, 32, 8, 128)]
 SMOKE_SHAPES = [(2, 64, 0, 4, 2, 16), (1, 64, 64, 4, 2, 16)]
-TTFT_PROMPTS = [512, 2048]
+TTFT_PROMPTS = [512, 1100, 2048]  # 1100: a length off the buckets (its chunk: 1280)
+PARTS = ["op", "op-cope", "ttft", "ttft-cope"]
 COPE_PROMPTS = [256, 1024, 2000]  # bytes: the bundled model's tokens
 COPE_SHAPES = [(8, 256, 4), (1, 1024, 4), (1, 2048, 8)]  # batch, queries, heads
 
@@ -233,6 +234,7 @@ def main():
   ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                   choices=["float32", "bfloat16"])
   ap.add_argument("--iters", type=int, default=7)
+  ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script)")
   ap.add_argument("--name", default="prefill_cpu")
   ap.add_argument("--results-dir", default=None)
@@ -240,10 +242,15 @@ def main():
   if args.smoke:
     args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = 2, 64, 4, 2, 128
     args.vocab, args.iters = 512, 2
-  rows = op_rows(SMOKE_SHAPES if args.smoke else OP_SHAPES, args.dtypes, args.iters)
-  rows += cope_op_rows([(1, 64, 2)] if args.smoke else COPE_SHAPES, args.iters)
-  rows += ttft_rows(args, [64, 80] if args.smoke else TTFT_PROMPTS, args.dtypes, args.iters)
-  rows += cope_ttft_rows([64] if args.smoke else COPE_PROMPTS, args.iters)
+  rows = []
+  if "op" in args.parts:
+    rows += op_rows(SMOKE_SHAPES if args.smoke else OP_SHAPES, args.dtypes, args.iters)
+  if "op-cope" in args.parts:
+    rows += cope_op_rows([(1, 64, 2)] if args.smoke else COPE_SHAPES, args.iters)
+  if "ttft" in args.parts:
+    rows += ttft_rows(args, [64, 80] if args.smoke else TTFT_PROMPTS, args.dtypes, args.iters)
+  if "ttft-cope" in args.parts:
+    rows += cope_ttft_rows([64] if args.smoke else COPE_PROMPTS, args.iters)
   columns = ["part", "impl", "dtype", "batch", "queries", "cached", "heads", "head_dim", "ms",
              "speedup_vs_xla_reference", "speedup_vs_hf", "max_abs_err_vs_f64",
              "same_first_token"]
