@@ -16,9 +16,9 @@ Each iteration (`Scheduler.step`)
 
 Every shape is bucketed by steps' rules: rows to powers of two (on a mesh, each replica's
 block of rows: batch.rows_of), prefill chunks by steps.chunk_bucket (powers of two from
-steps.MIN_CHUNK, quarter octaves past steps.FINE_CHUNK) up to `prefill_chunk`, page-table widths to powers of two up to the
-context; fdjax.engine.compiled lists them all (`shapes()`) and compiles them (`warmup()`),
-after which no load recompiles anything.
+steps.MIN_CHUNK, quarter octaves past steps.FINE_CHUNK) up to `prefill_chunk`, page-table
+widths to powers of two up to the context; fdjax.engine.compiled lists them all (`shapes()`)
+and compiles them (`warmup()`), after which no load recompiles anything.
 """
 from __future__ import annotations
 
