@@ -55,7 +55,8 @@ _EXPORTS = {"dispatch": "fdjax.ops.dispatch", "load_pretrained": "fdjax.io.check
             "KVCache": "fdjax.ops.kv_cache", "init_cache": "fdjax.ops.kv_cache",
             "load_tokenizer": "fdjax.io.tokenizer", "KVStore": "fdjax.engine.paging",
             "PagePool": "fdjax.engine.paging", "PoolExhausted": "fdjax.engine.paging",
-            "quantize": "models.quantize", "make_mesh": "fdjax.io.mesh"}
+            "quantize": "models.quantize", "make_mesh": "fdjax.io.mesh",
+            "cpu_devices": "fdjax.io.mesh"}
 _MODULES = {"dispatch"}  # names that are modules; the others are taken from theirs
 __all__ = sorted(_EXPORTS)
 

@@ -47,9 +47,21 @@ def _generate_sampling(args, path) -> dict:
   return generation_config.resolve({k: getattr(args, k) for k in names}, defaults, names)
 
 
+def _devices(args):
+  """Before the command starts JAX, for a mesh (--tp / --dp): joins the other hosts'
+  processes where the environment describes a multi-host job (fdjax.io.mesh.initialize);
+  else asks for tp * dp CPU devices (fdjax.io.mesh.cpu_devices: on a CPU, the cores split
+  among them; a count set in XLA_FLAGS stays)."""
+  tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
+  if tp * dp > 1:
+    from fdjax.io import mesh as meshes
+    if not meshes.initialize():
+      meshes.cpu_devices(tp * dp)
+
+
 def _mesh(args):
-  """The mesh --tp / --dp ask for (None: one device), after joining the other hosts'
-  processes when the environment describes a multi-host job (fdjax.io.mesh.initialize)."""
+  """The mesh --tp / --dp ask for (None: one device); main's _devices has made the
+  devices."""
   tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
   from fdjax.io import mesh as meshes
   meshes.initialize()
@@ -60,7 +72,8 @@ def _mesh_args(p):
   p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (the mesh's "
                  "\"model\" axis)")
   p.add_argument("--dp", type=int, default=1, help="data-parallel replicas splitting the "
-                 "batch (the mesh's \"data\" axis); tp * dp must be the device count")
+                 "batch (the mesh's \"data\" axis); tp * dp must be the device count (on a "
+                 "CPU, the cores are split into tp * dp devices)")
 
 
 def cmd_generate(args):
@@ -415,6 +428,7 @@ def build_parser():
 def main(argv=None):
   args = build_parser().parse_args(argv)
   try:
+    _devices(args)
     args.fn(args)
   except (ValueError, OSError) as e:  # bad input, or a path that cannot be read or written
     print(f"fdjax: error: {e}", file=sys.stderr)

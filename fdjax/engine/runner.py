@@ -3,6 +3,8 @@
 store's K/V pools and the store keeps the ones it returns."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,9 +13,13 @@ from fdjax.engine import spec_steps, steps
 from fdjax.ops import dispatch
 from fdjax.ops import kv_cache as kvc
 
-# Per-row sampling (sampling.RowSampling) keys each row on its own seed and position; the
-# loop still carries a key, this one.
-_UNUSED_KEY = jax.random.key(0)
+
+@functools.cache
+def _unused_key():
+  """Per-row sampling (sampling.RowSampling) keys each row on its own seed and position; the
+  loop still carries a key, this one (made on first use: importing fdjax starts no JAX
+  backend, so fdjax.cpu_devices can still act)."""
+  return jax.random.key(0)
 
 
 class Runner:
@@ -47,7 +53,7 @@ class Runner:
     """The loop's state after every row's first token from its prompt's `last` logits: one
     `sampler` for all rows (with `key`), or each row's own `rows` (sampling.RowSampling)
     drawing at `positions`, with `tokens` [rows, T] its prompt (-1 past the end)."""
-    return steps.first_token(last, _UNUSED_KEY if key is None else key, self.eos_ids,
+    return steps.first_token(last, _unused_key() if key is None else key, self.eos_ids,
                              jnp.asarray(active), jnp.asarray(max_new), _device(rows),
                              None if positions is None else jnp.asarray(positions, jnp.int32),
                              None if tokens is None else jnp.asarray(tokens),
@@ -58,7 +64,7 @@ class Runner:
     """The loop's state for tokens already chosen (each row's latest, its K/V not cached);
     with per-row `rows`, `history` [rows, T] holds each row's tokens so far (-1 past the
     end)."""
-    return steps.initial_state_jit(jnp.asarray(tokens), _UNUSED_KEY, self.eos_ids,
+    return steps.initial_state_jit(jnp.asarray(tokens), _unused_key(), self.eos_ids,
                                    jnp.asarray(active), jnp.asarray(max_new), _device(rows),
                                    None if history is None else jnp.asarray(history),
                                    out_len=out_len,

@@ -42,9 +42,30 @@ def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if tp * dp != len(devices):
     raise ValueError(f"make_mesh: tp * dp = {tp} * {dp} = {tp * dp} does not match the "
-                     f"{len(devices)} devices (set XLA_FLAGS=--xla_force_host_platform_"
-                     f"device_count=N to get N CPU devices)")
+                     f"{len(devices)} devices (for N CPU devices: fdjax.cpu_devices(N) "
+                     f"before JAX starts, or XLA_FLAGS=--xla_force_host_platform_"
+                     f"device_count=N)")
   return Mesh(np.asarray(devices, dtype=object).reshape(dp, tp), AXES)
+
+
+def cpu_devices(n: int) -> bool:
+  """Asks JAX for `n` CPU devices, so that a mesh of them uses the host's cores: XLA:CPU runs
+  a program's loops and its element-wise work on one thread (only its matmuls and very large
+  top-level operations spread over the cores), and each device runs its programs on a thread
+  of its own. Call it before JAX starts (before any array or jax.devices()); `fdjax generate`
+  / `serve` do it for --tp / --dp. Leaves the count alone, and returns False, where one was
+  set (jax_num_cpu_devices, or XLA_FLAGS' --xla_force_host_platform_device_count) or JAX has
+  started; True where it set it. On a host with accelerators they stay the default devices:
+  the CPU devices are only the host's."""
+  checks.positive_int("cpu_devices", "n", n)
+  if (jax.config.jax_num_cpu_devices != -1
+      or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")):
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:  # JAX has started: its devices are what they are
+    return False
+  return True
 
 
 def check_mesh(mesh) -> Mesh:
