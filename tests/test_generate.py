@@ -212,3 +212,25 @@ def test_an_xla_flag_is_added_once_and_a_named_setting_wins(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS")
   runtime.add_xla_flag("--xla_backend_optimization_level=1", unless="optimization_level")
   assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=1"
+
+
+def test_a_plain_model_stays_on_its_mesh_while_its_weights_are_the_same(monkeypatch):
+  """generate(plain_model, mesh=) puts the model on the mesh once: the next call with the
+  same weights finds it there; weights changed in between are put there again."""
+  from flax import nnx
+  model = tiny_model(seed=2)
+  mesh = fdjax.make_mesh(tp=1, dp=1)
+  placed = []
+  shard = decode_loop.meshes.shard
+  monkeypatch.setattr(decode_loop.meshes, "shard",
+                      lambda m, mesh: placed.append(m) or shard(m, mesh))
+  prompts = [[5, 9, 2, 40], [7, 1]]
+  run = lambda **kw: fdjax.generate(model, prompts, max_new_tokens=6, **kw).tokens
+  first, again = run(mesh=mesh), run(mesh=mesh)
+  assert first == again == run() and placed == [model]
+  for _, var in nnx.iter_graph(model):  # new weights: the LM head's logits negated
+    if isinstance(var, nnx.Param) and var[...].shape == (48, 97):
+      var[...] = -var[...]
+  changed = run(mesh=mesh)
+  assert changed == run() and changed != first and placed == [model, model]
+  assert run(mesh=mesh) == changed and len(placed) == 2
