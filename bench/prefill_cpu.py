@@ -8,7 +8,9 @@ time to first token.
   the same inputs; each one's largest error against float64 beside its time.
 * ttft: fdjax.generate's prefill (one new token) of a random Llama (bench.common's model)
   against transformers' forward of the same model on the same prompt (the last position's
-  logits only, logits_to_keep=1), timed in turn round by round.
+  logits only, logits_to_keep=1), timed in turn round by round. On a host of several cores,
+  fdjax also runs tensor parallel over the cores as CPU devices (fdjax.cpu_devices: XLA:CPU
+  runs a program's loops and element-wise work on one thread, each device on its own).
 * op-cope: CoPE attention alone in float32, fdjax's "auto" (the same blocks, positions
   carried from each block's last key down), the reference, and bench/torch_cope.py's.
 * ttft-cope: the same for the bundled CoPE model (byte-level: a prompt of N bytes is N
@@ -112,34 +114,51 @@ def ttft_rows(args, prompts, dtypes, iters):
   import torch
   hf32 = common.random_llama(args)
   rows = []
+  tp = _cores_tp(args)
   with tempfile.TemporaryDirectory() as d:
     hf32.save_pretrained(d)
     for dtype in dtypes:
-      model = fdjax.load_pretrained(d, dtype=None if dtype == "float32" else dtype)
+      dt = None if dtype == "float32" else dtype
+      models = {"fdjax": fdjax.load_pretrained(d, dtype=dt)}
+      if tp > 1:
+        mesh = fdjax.make_mesh(tp=tp, devices=jax.devices()[:tp])
+        models[f"fdjax-tp{tp} ({tp} CPU devices)"] = fdjax.load_pretrained(d, dtype=dt,
+                                                                           mesh=mesh)
       hf = hf32 if dtype == "float32" else copy.deepcopy(hf32).to(torch.bfloat16)
       for n in prompts:
         prompt = list(np.random.default_rng(n).integers(0, args.vocab, n))
         ids = torch.tensor([prompt])
 
-        def ours():
-          return fdjax.generate(model, [prompt], max_new_tokens=1, temperature=0.0)
+        def ours(model):
+          return lambda: fdjax.generate(model, [prompt], max_new_tokens=1, temperature=0.0)
 
         def theirs():
           with torch.no_grad():
             return hf(input_ids=ids, logits_to_keep=1).logits
 
-        ours()
+        timers = {name: ours(model) for name, model in models.items()}
+        for fn in timers.values():
+          fn()
         theirs()
-        times = interleaved({"fdjax": _rate(ours), "hf-eager": _rate(theirs)}, iters)
-        first = [int(ours().tokens[0][0]), int(torch.argmax(theirs()[0, -1]))]
+        times = interleaved({**{name: _rate(fn) for name, fn in timers.items()},
+                             "hf-eager": _rate(theirs)}, iters)
+        want = int(torch.argmax(theirs()[0, -1]))
         for name, ts in times.items():
+          got = want if name == "hf-eager" else int(timers[name]().tokens[0][0])
           rows.append({"part": "ttft", "impl": name, "dtype": dtype, "batch": 1,
                        "queries": n, "cached": 0, "heads": f"{args.heads}/{args.kv_heads}",
                        "head_dim": args.hidden // args.heads, "ms": float(np.median(ts)),
                        "speedup_vs_hf": float(np.median(np.asarray(times["hf-eager"])
                                                         / np.asarray(ts))),
-                       "same_first_token": first[0] == first[1]})
+                       "same_first_token": got == want})
   return rows
+
+
+def _cores_tp(args) -> int:
+  """The most CPU devices (main asked for one a core) tensor parallelism can split the
+  random Llama's heads over: 1 where there is one."""
+  n = len(jax.devices("cpu"))
+  return max(t for t in range(1, n + 1) if args.heads % t == 0 and args.kv_heads % t == 0)
 
 
 def cope_op_rows(shapes, iters):
@@ -239,6 +258,8 @@ def main():
   ap.add_argument("--name", default="prefill_cpu")
   ap.add_argument("--results-dir", default=None)
   args = ap.parse_args()
+  if "ttft" in args.parts:
+    fdjax.cpu_devices(os.cpu_count() or 1)  # before JAX starts: one CPU device a core
   if args.smoke:
     args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = 2, 64, 4, 2, 128
     args.vocab, args.iters = 512, 2
@@ -264,7 +285,10 @@ def main():
       f"({args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, "
       f"vocabulary {args.vocab}): fdjax.generate(max_new_tokens=1, greedy) against "
       "transformers' eager forward (logits_to_keep=1) in PyTorch, timed in turn round by "
-      "round; speedup_vs_hf the median of the rounds' ratios. ttft-cope: the bundled CoPE "
+      "round; speedup_vs_hf the median of the rounds' ratios; fdjax-tpN: the model "
+      "loaded tensor parallel over N CPU devices, one a core (fdjax.cpu_devices: XLA:CPU "
+      "runs a program's loops and element-wise work on one thread, each device on its own; "
+      "`fdjax generate --tp N` does this). ttft-cope: the bundled CoPE "
       "model (byte-level) against bench/torch_cope.py's PyTorch CoPE decoder (eager, its "
       "prompt in one call), the same way; speedup_vs_hf is against that decoder there.")
   print(common.write_results(args.name, rows, columns, notes, args.results_dir))
