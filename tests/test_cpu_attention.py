@@ -149,7 +149,7 @@ def test_gradients_are_the_references():
 
 def test_the_rule_takes_the_blocked_form_from_64_queries():
   big = dict(keys=4096, batch=8, heads=8)  # 64 MiB of float32 scores at 64 queries
-  assert selection.cpu_prefill(64, **big).settings == {"block_q": 128, "block_k": 128}
+  assert selection.cpu_prefill(64, **big).settings == {"block_q": 256, "block_k": 256}
   assert "fdjax.ops.cpu_attention" in selection.cpu_prefill(64, **big).reason
   assert selection.cpu_prefill(63, **big).settings is None
   assert "reference" in selection.cpu_prefill(63, **big).reason
@@ -164,6 +164,22 @@ def test_the_rule_takes_the_blocked_form_from_64_queries():
   assert "cpu_attention" in selection.describe(platform="cpu")["prefill_attention"]
 
 
+def test_blocks_grow_while_a_blocks_scores_fit_four_mib():
+  """cpu_blocks: a block's float32 scores (heads x block_q x block_k) within 4 MiB, the
+  largest blocks first; CoPE keeps 128 x 128."""
+  assert selection.cpu_blocks(16) == {"block_q": 256, "block_k": 256}  # 4 MiB
+  assert selection.cpu_blocks(17) == {"block_q": 256, "block_k": 128}
+  assert selection.cpu_blocks(32) == {"block_q": 256, "block_k": 128}  # 4 MiB
+  assert selection.cpu_blocks(64) == {"block_q": 128, "block_k": 128}
+  assert selection.cpu_blocks(128) == {"block_q": 128, "block_k": 128}  # the smallest
+  for heads in (1, 8, 24, 40, 64):
+    b = selection.cpu_blocks(heads)
+    assert 4 * heads * b["block_q"] * b["block_k"] <= selection.CPU_PREFILL_BLOCK_SCORES
+  assert selection.cpu_prefill(512, 512, heads=32).settings == selection.cpu_blocks(32)
+  assert selection.cpu_prefill(512, 512, heads=8, cope=True).settings == {
+      "block_q": 128, "block_k": 128}
+
+
 @pytest.mark.parametrize("t", [63, 64, 100])
 def test_dispatch_runs_the_rules_choice_on_the_cpu(t, monkeypatch):
   monkeypatch.setattr(selection, "CPU_PREFILL_CACHED_SCORES", 0)  # these scores are tiny
@@ -173,7 +189,7 @@ def test_dispatch_runs_the_rules_choice_on_the_cpu(t, monkeypatch):
       q, k, v, lengths)
   assert len(calls) == (1 if t >= 64 else 0)
   if calls:
-    assert calls[0]["phi"] == 3.0 and calls[0]["block_q"] == 128
+    assert calls[0]["phi"] == 3.0 and calls[0]["block_q"] == 256
   want = np_prefill_attention(_np(q), _np(k), _np(v), np.asarray(lengths), True, 0.25)
   assert rel_err(got, want) < 1e-5
 

@@ -332,6 +332,8 @@ def cpu_paged_decode(dtype) -> Choice:
 CPU_PREFILL_MIN_QUERIES = 64
 CPU_PREFILL_CACHED_SCORES = 14 << 20  # bytes of float32 scores the reference keeps in cache
 CPU_PREFILL_CACHED_QUERIES = 256  # ... up to this many queries a row
+CPU_PREFILL_BLOCK_SCORES = 4 << 20  # bytes of a block's float32 scores (cpu_blocks)
+CPU_PREFILL_BLOCKS = ((256, 256), (256, 128), (128, 128))  # (block_q, block_k), largest first
 _CPU_BLOCKED = "cpu: the asynchronous softmax over blocks of keys (fdjax.ops.cpu_attention)"
 
 
@@ -339,8 +341,8 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
                 cope: bool = False) -> Choice:
   """How XLA:CPU runs prefill attention, and CoPE's, over `queries` queries a row against
   `keys` keys (batch rows, query heads) under "auto": fdjax.ops.cpu_attention
-  (FlashDecoding++'s asynchronous softmax over blocks of 128 keys, for blocks of up to 128
-  queries, reading only the keys a block sees), or the reference where it is as fast: below
+  (FlashDecoding++'s asynchronous softmax over blocks of keys, the blocks' sizes by the heads:
+  cpu_blocks; reading only the keys a block sees), or the reference where it is as fast: below
   CPU_PREFILL_MIN_QUERIES queries, and up to CPU_PREFILL_CACHED_QUERIES where all its float32
   scores (batch x heads x queries x keys) fit in CPU_PREFILL_CACHED_SCORES: the reference
   takes them in one pass, while they stay in the cache, and falls off a cliff past it.
@@ -364,8 +366,28 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
   if queries <= CPU_PREFILL_CACHED_QUERIES and scores <= CPU_PREFILL_CACHED_SCORES:
     return Choice("xla", f"cpu: the reference (its {scores >> 20} MiB of scores fit the "
                   "cache)")
-  return Choice("xla", _CPU_BLOCKED, {"block_q": cpu_attention.BLOCK_Q,
-                                      "block_k": cpu_attention.BLOCK_K})
+  if cope:
+    return Choice("xla", _CPU_BLOCKED, {"block_q": cpu_attention.BLOCK_Q,
+                                        "block_k": cpu_attention.BLOCK_K})
+  return Choice("xla", _CPU_BLOCKED, cpu_blocks(heads))
+
+
+def cpu_blocks(heads: int) -> dict:
+  """cpu_attention's blocks for `heads` query heads: the largest of CPU_PREFILL_BLOCKS whose
+  float32 scores (a block's heads x block_q x block_k: each KV head's query heads together)
+  fit CPU_PREFILL_BLOCK_SCORES. Larger blocks mean fewer trips through XLA:CPU's loops, whose
+  every step runs on one thread; past about 4 MiB the scores leave the cache. bfloat16 /
+  float32 ms of the op alone against blocks of 128 x 128 (one-off script, a 2-core Xeon,
+  jax 0.12): a causal prompt of 2048, 8 / 8 heads (the benchmark model's) 43.1 -> 27.8 /
+  57.7 -> 44.1 (256 x 256); 16 / 4 heads 57.2 -> 53.6 / 97.3 -> 75.4 (256 x 256); a chunk of
+  256 after 1792 keys, 32 / 8 heads of 128, 36.8 -> 30.0 / 61.8 -> 55.6 (256 x 128); 16
+  chunks of 64 after 448 keys 14.2 -> 10.8 / 18.1 -> 14.2; the one loss, 4 prompts of 512
+  with 32 heads of 128, 69.9 -> 74.9 / 115.1 -> 118.2 (256 x 128). CoPE keeps 128 x 128 (its
+  blocks hold about four score-sized arrays)."""
+  for bq, bk in CPU_PREFILL_BLOCKS:
+    if 4 * heads * bq * bk <= CPU_PREFILL_BLOCK_SCORES:
+      break
+  return {"block_q": bq, "block_k": bk}
 
 
 def cpu_kv_cache(dtype, in_place: bool) -> Choice:
