@@ -207,23 +207,21 @@ def test_two_processes_joined_by_jax_distributed_generate_one_process_tokens(run
     assert "the model's mesh spans 2 processes; serving from a multi-host" in out["serve_refused"]
 
 
-def test_the_command_line_splits_a_cpu_into_the_devices_a_mesh_asks_for():
+def test_the_command_line_splits_a_cpu_into_the_devices_a_mesh_asks_for(run):
   """`fdjax generate --tp 2` on a CPU with no device count set: the CLI asks JAX for two CPU
   devices (fdjax.io.mesh.cpu_devices) before anything starts it, and prints the text of one
-  device."""
+  device (sharded_run.py's, the same command)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "force_host_platform_device_count" not in f)
-  args = [sys.executable, "-m", "fdjax", "generate", "def f(x):", "--max-new-tokens", "12",
-          "--temperature", "0", "--page-size", "8"]
-  out = {}
-  for tp in (1, 2):
-    r = subprocess.run(args + ["--tp", str(tp)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out[tp] = r.stdout.splitlines()
-  assert out[1][:-1] == out[2][:-1] and len("\n".join(out[1][:-1])) > len("def f(x):") + 5
-  assert "mesh dp=1 tp=2" in out[2][-1] and "mesh" not in out[1][-1]
+  r = subprocess.run([sys.executable, "-m", "fdjax", "generate", "def f(x):",
+                      "--max-new-tokens", "12", "--temperature", "0", "--page-size", "8",
+                      "--tp", "2"], capture_output=True, text=True, env=env, cwd=ROOT,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  one, two = run["cli"]["tp=1 dp=1"][1:], r.stdout.splitlines()
+  assert one[:-1] == two[:-1] and len("\n".join(one[:-1])) > len("def f(x):") + 5
+  assert "mesh dp=1 tp=2" in two[-1] and "mesh" not in one[-1]
 
 
 def test_cpu_devices_leaves_a_started_jax_and_a_count_given_alone(monkeypatch):
