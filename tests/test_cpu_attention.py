@@ -167,15 +167,15 @@ def test_the_rule_takes_the_blocked_form_from_64_queries():
 def test_blocks_grow_while_a_blocks_scores_fit_four_mib():
   """cpu_blocks: a block's float32 scores (heads x block_q x block_k) within 4 MiB, the
   largest blocks first; CoPE keeps 128 x 128."""
-  assert selection.cpu_blocks(16) == {"block_q": 256, "block_k": 256}  # 4 MiB
-  assert selection.cpu_blocks(17) == {"block_q": 256, "block_k": 128}
-  assert selection.cpu_blocks(32) == {"block_q": 256, "block_k": 128}  # 4 MiB
-  assert selection.cpu_blocks(64) == {"block_q": 128, "block_k": 128}
-  assert selection.cpu_blocks(128) == {"block_q": 128, "block_k": 128}  # the smallest
+  assert selection.cpu_blocks(16) == (256, 256)  # 4 MiB
+  assert selection.cpu_blocks(17) == (256, 128)
+  assert selection.cpu_blocks(32) == (256, 128)  # 4 MiB
+  assert selection.cpu_blocks(64) == (128, 128)
+  assert selection.cpu_blocks(128) == (128, 128)  # the smallest
   for heads in (1, 8, 24, 40, 64):
-    b = selection.cpu_blocks(heads)
-    assert 4 * heads * b["block_q"] * b["block_k"] <= selection.CPU_PREFILL_BLOCK_SCORES
-  assert selection.cpu_prefill(512, 512, heads=32).settings == selection.cpu_blocks(32)
+    bq, bk = selection.cpu_blocks(heads)
+    assert 4 * heads * bq * bk <= selection.CPU_PREFILL_BLOCK_SCORES
+  assert selection.cpu_prefill(512, 512, heads=32).settings == {"block_q": 256, "block_k": 128}
   assert selection.cpu_prefill(512, 512, heads=8, cope=True).settings == {
       "block_q": 128, "block_k": 128}
 

@@ -228,14 +228,14 @@ def _on_mesh(model, mesh):
       raise ValueError("generate: the model is on another mesh than the one given")
     return model
   leaves = jax.tree.leaves(nnx.state(model))
-  last = _PLACED.get("last")
-  if (last is not None and last["model"]() is model and last["mesh"] == mesh
-      and len(last["leaves"]) == len(leaves)
-      and all(r() is x for r, x in zip(last["leaves"], leaves))):
-    return last["placed"]
+  if (_PLACED and _PLACED["model"]() is model and _PLACED["mesh"] == mesh
+      and len(_PLACED["leaves"]) == len(leaves)
+      and all(r() is x for r, x in zip(_PLACED["leaves"], leaves))):
+    return _PLACED["placed"]
   placed = meshes.shard(model, mesh)
-  _PLACED["last"] = {"model": weakref.ref(model, lambda _: _PLACED.clear()), "mesh": mesh,
-                     "leaves": [weakref.ref(x) for x in leaves], "placed": placed}
+  _PLACED.clear()
+  _PLACED.update(model=weakref.ref(model, lambda _: _PLACED.clear()), mesh=mesh,
+                 leaves=[weakref.ref(x) for x in leaves], placed=placed)
   return placed
 
 

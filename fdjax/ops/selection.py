@@ -333,7 +333,8 @@ CPU_PREFILL_MIN_QUERIES = 64
 CPU_PREFILL_CACHED_SCORES = 14 << 20  # bytes of float32 scores the reference keeps in cache
 CPU_PREFILL_CACHED_QUERIES = 256  # ... up to this many queries a row
 CPU_PREFILL_BLOCK_SCORES = 4 << 20  # bytes of a block's float32 scores (cpu_blocks)
-CPU_PREFILL_BLOCKS = ((256, 256), (256, 128), (128, 128))  # (block_q, block_k), largest first
+# (block_q, block_k), largest first; the last, cpu_attention's own, also where none fits
+CPU_PREFILL_BLOCKS = ((256, 256), (256, 128), (cpu_attention.BLOCK_Q, cpu_attention.BLOCK_K))
 _CPU_BLOCKED = "cpu: the asynchronous softmax over blocks of keys (fdjax.ops.cpu_attention)"
 
 
@@ -366,28 +367,23 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
   if queries <= CPU_PREFILL_CACHED_QUERIES and scores <= CPU_PREFILL_CACHED_SCORES:
     return Choice("xla", f"cpu: the reference (its {scores >> 20} MiB of scores fit the "
                   "cache)")
-  if cope:
-    return Choice("xla", _CPU_BLOCKED, {"block_q": cpu_attention.BLOCK_Q,
-                                        "block_k": cpu_attention.BLOCK_K})
-  return Choice("xla", _CPU_BLOCKED, cpu_blocks(heads))
+  bq, bk = CPU_PREFILL_BLOCKS[-1] if cope else cpu_blocks(heads)
+  return Choice("xla", _CPU_BLOCKED, {"block_q": bq, "block_k": bk})
 
 
-def cpu_blocks(heads: int) -> dict:
-  """cpu_attention's blocks for `heads` query heads: the largest of CPU_PREFILL_BLOCKS whose
-  float32 scores (a block's heads x block_q x block_k: each KV head's query heads together)
-  fit CPU_PREFILL_BLOCK_SCORES. Larger blocks mean fewer trips through XLA:CPU's loops, whose
-  every step runs on one thread; past about 4 MiB the scores leave the cache. bfloat16 /
-  float32 ms of the op alone against blocks of 128 x 128 (one-off script, a 2-core Xeon,
-  jax 0.12): a causal prompt of 2048, 8 / 8 heads (the benchmark model's) 43.1 -> 27.8 /
-  57.7 -> 44.1 (256 x 256); 16 / 4 heads 57.2 -> 53.6 / 97.3 -> 75.4 (256 x 256); a chunk of
-  256 after 1792 keys, 32 / 8 heads of 128, 36.8 -> 30.0 / 61.8 -> 55.6 (256 x 128); 16
-  chunks of 64 after 448 keys 14.2 -> 10.8 / 18.1 -> 14.2; the one loss, 4 prompts of 512
-  with 32 heads of 128, 69.9 -> 74.9 / 115.1 -> 118.2 (256 x 128). CoPE keeps 128 x 128 (its
-  blocks hold about four score-sized arrays)."""
-  for bq, bk in CPU_PREFILL_BLOCKS:
-    if 4 * heads * bq * bk <= CPU_PREFILL_BLOCK_SCORES:
-      break
-  return {"block_q": bq, "block_k": bk}
+def cpu_blocks(heads: int) -> tuple[int, int]:
+  """cpu_attention's (block_q, block_k) for `heads` query heads: the largest of CPU_PREFILL_BLOCKS
+  whose float32 scores (a block's heads x block_q x block_k: each KV head's query heads together)
+  fit CPU_PREFILL_BLOCK_SCORES, else its smallest. Larger blocks mean fewer trips through XLA:CPU's
+  loops, whose every step runs on one thread; past about 4 MiB the scores leave the cache. bfloat16
+  / float32 ms of the op alone against blocks of 128 x 128 (one-off script, a 2-core Xeon, jax
+  0.12): a causal prompt of 2048, 8 / 8 heads (the benchmark model's) 43.1 -> 27.8 / 57.7 -> 44.1
+  (256 x 256); 16 / 4 heads 57.2 -> 53.6 / 97.3 -> 75.4 (256 x 256); a chunk of 256 after 1792 keys,
+  32 / 8 heads of 128, 36.8 -> 30.0 / 61.8 -> 55.6 (256 x 128); 16 chunks of 64 after 448 keys 14.2
+  -> 10.8 / 18.1 -> 14.2; the one loss, 4 prompts of 512 with 32 heads of 128, 69.9 -> 74.9 / 115.1
+  -> 118.2 (256 x 128). CoPE keeps 128 x 128 (its blocks hold about four score-sized arrays)."""
+  return next((b for b in CPU_PREFILL_BLOCKS if 4 * heads * b[0] * b[1]
+               <= CPU_PREFILL_BLOCK_SCORES), CPU_PREFILL_BLOCKS[-1])
 
 
 def cpu_kv_cache(dtype, in_place: bool) -> Choice:
