@@ -33,10 +33,16 @@ def group_of(module: str) -> str | None:
 
 def imported_modules(path: str, module: str, root: str):
   """The project modules a file imports anywhere in it, a function's body included
-  (`from fdjax.ops import dispatch` is fdjax.ops.dispatch)."""
+  (`from fdjax.ops import dispatch` is fdjax.ops.dispatch), and those it names for a lazy
+  import (`kernels.module("pallas_kernels.tpu.gemv")`, fdjax.ops.kernels)."""
   tree = ast.parse(open(path).read())
   for node in ast.walk(tree):
-    if isinstance(node, ast.Import):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "module" and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "kernels" and node.args
+        and isinstance(node.args[0], ast.Constant)):
+      yield node.args[0].value
+    elif isinstance(node, ast.Import):
       yield from (a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module:
       base = node.module
@@ -120,6 +126,12 @@ def test_no_import_points_up_a_layer_or_across_to_a_sibling():
   assert layer_violations(import_graph()) == []
 
 
+def test_the_graph_holds_the_kernels_the_ops_layer_imports_lazily():
+  graph = import_graph()
+  assert "pallas_kernels.mosaic_gpu.flat_gemm" in graph["fdjax.ops.selection"]
+  assert "pallas_kernels.tpu.decode_attention" in graph["fdjax.ops.dispatch"]
+
+
 def test_no_import_loop():
   assert import_loops(import_graph()) == []
 
@@ -137,6 +149,7 @@ def _plant(tmp_path, files):
 def test_the_layer_check_catches_a_planted_upward_import(tmp_path):
   graph = _plant(tmp_path, {
       "models/config.py": "x = 1\n",
+      "models/llama.py": 'from fdjax.ops import kernels\nk = kernels.module("fdjax.io.mesh")\n',
       "pallas_kernels/common/tiling.py": "from models import config\n",
       "fdjax/ops/reference.py": "def f():\n  import fdjax.io.checkpoint\n",  # in a body
       "fdjax/io/checkpoint.py": "from models import config\n",
@@ -147,6 +160,7 @@ def test_the_layer_check_catches_a_planted_upward_import(tmp_path):
       "fdjax/serving/api.py": "from fdjax.engine import core\n"})
   assert layer_violations(graph) == ["fdjax.engine.core -> fdjax.serving.api",
                                      "fdjax.ops.reference -> fdjax.io.checkpoint",
+                                     "models.llama -> fdjax.io.mesh",  # a lazy import
                                      "pallas_kernels.common.tiling -> models.config",
                                      "pallas_kernels.tpu.gemv -> pallas_kernels.triton.gemv"]
 

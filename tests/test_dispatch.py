@@ -79,3 +79,57 @@ lens = np.array([3, 4], np.int32)
 def test_bad_input_is_a_clear_value_error(call, msg):
   with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
     call()
+
+
+# ----------------------------------------------------- the backends' kernels, imported lazily
+
+HEAVY = ("jax.experimental.pallas.mosaic_gpu", "jax.experimental.pallas.tpu",
+         "jax.experimental.pallas.triton")
+
+
+def test_a_cpu_generation_imports_no_gpu_or_tpu_pallas_backend():
+  """`python -m fdjax generate` on the CPU (the bundled model, the README's command) never
+  takes a GPU or TPU branch, so Mosaic GPU, Mosaic TPU and Triton are never imported (~1.2 s
+  of its start); the ops layer still holds their modules, and `impl=` one loads it."""
+  import subprocess
+  import sys
+  code = (
+      "import runpy, sys\n"
+      "sys.argv = ['fdjax', 'generate', 'hi', '--max-new-tokens', '2', '--compile-cache', 'off']\n"
+      "try:\n  runpy.run_module('fdjax', run_name='__main__')\n"
+      "except SystemExit as e:\n  assert not e.code, e.code\n"
+      f"print('LOADED', [m for m in {HEAVY!r} if m in sys.modules])\n"
+      "from fdjax.ops import dispatch\n"
+      "dispatch.mosaic_flat_gemm.MAX_M\n"
+      "print('AFTER', 'jax.experimental.pallas.mosaic_gpu' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "new_tokens=2" in out.stdout
+  assert "LOADED []" in out.stdout and "AFTER True" in out.stdout, out.stdout[-2000:]
+
+
+def test_kernels_module_runs_the_module_on_first_use_and_is_what_import_gives(tmp_path,
+                                                                              monkeypatch):
+  import importlib
+  import sys
+
+  from fdjax.ops import kernels
+  (tmp_path / "lazy_pkg").mkdir()
+  (tmp_path / "lazy_pkg" / "__init__.py").write_text("")
+  (tmp_path / "lazy_pkg" / "mod.py").write_text("import sys\nsys.lazy_pkg_runs += 1\nX = 7\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setattr(sys, "lazy_pkg_runs", 0, raising=False)
+  try:
+    mod = kernels.module("lazy_pkg.mod")
+    assert sys.lazy_pkg_runs == 0  # named, not run
+    assert mod.X == 7 and sys.lazy_pkg_runs == 1
+    assert importlib.import_module("lazy_pkg.mod") is mod
+    from lazy_pkg import mod as again
+    assert again is mod and kernels.module("lazy_pkg.mod") is mod
+    assert mod.X == 7 and sys.lazy_pkg_runs == 1  # once
+    with pytest.raises(ModuleNotFoundError, match="lazy_pkg.nothing"):
+      kernels.module("lazy_pkg.nothing")
+  finally:
+    for name in ("lazy_pkg.mod", "lazy_pkg"):
+      sys.modules.pop(name, None)

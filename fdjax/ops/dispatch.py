@@ -31,23 +31,27 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from fdjax.ops import checks, cpu_attention, cpu_linear, quant, reference, selection
+from fdjax.ops import checks, cpu_attention, cpu_linear, kernels, quant, reference, selection
 from fdjax.ops import moe as moe_lib
 from pallas_kernels.common import async_softmax
-from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
-from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
-from pallas_kernels.mosaic_gpu import grouped_gemm as mosaic_grouped
-from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mosaic_grouped_quantized
-from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
-from pallas_kernels.tpu import decode_attention as tpu_decode
-from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
-from pallas_kernels.tpu import gemv as tpu_gemv
-from pallas_kernels.tpu import prefill_attention as tpu_prefill
-from pallas_kernels.triton import cope_attention as triton_cope
-from pallas_kernels.triton import decode_attention as triton_decode
-from pallas_kernels.triton import flat_gemm, gemv, shared
-from pallas_kernels.triton import prefill_attention as triton_prefill
-from pallas_kernels.triton import quantized_gemm as triton_quantized
+
+mosaic_decode = kernels.module("pallas_kernels.mosaic_gpu.decode_attention")
+mosaic_flat_gemm = kernels.module("pallas_kernels.mosaic_gpu.flat_gemm")
+mosaic_grouped = kernels.module("pallas_kernels.mosaic_gpu.grouped_gemm")
+mosaic_grouped_quantized = kernels.module(
+    "pallas_kernels.mosaic_gpu.grouped_quantized_gemm")
+mosaic_quantized = kernels.module("pallas_kernels.mosaic_gpu.quantized_gemm")
+tpu_decode = kernels.module("pallas_kernels.tpu.decode_attention")
+tpu_flat_gemm = kernels.module("pallas_kernels.tpu.flat_gemm")
+tpu_gemv = kernels.module("pallas_kernels.tpu.gemv")
+tpu_prefill = kernels.module("pallas_kernels.tpu.prefill_attention")
+triton_cope = kernels.module("pallas_kernels.triton.cope_attention")
+triton_decode = kernels.module("pallas_kernels.triton.decode_attention")
+flat_gemm = kernels.module("pallas_kernels.triton.flat_gemm")
+gemv = kernels.module("pallas_kernels.triton.gemv")
+shared = kernels.module("pallas_kernels.triton.shared")
+triton_prefill = kernels.module("pallas_kernels.triton.prefill_attention")
+triton_quantized = kernels.module("pallas_kernels.triton.quantized_gemm")
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret",
          "pallas_mosaic", "pallas_mosaic_interpret")
@@ -133,7 +137,7 @@ def tpu_kind() -> str:
 
 
 def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, page_size=None,
-         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=True, cpu_fn=None,
+         mosaic_fn=None, max_pages=2, gpu_auto_fn=None, mosaic_takes=None, cpu_fn=None,
          group=1):
   """Calls xla_fn(), pallas_fn(interpret) (Triton), tpu_fn(interpret) (Mosaic TPU; None: the
   op has none) or mosaic_fn(interpret) (Mosaic GPU; None: the op has none yet) as `impl` says.
@@ -141,8 +145,9 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
   (attention ops pass head_dim, dtype, their keys' page size and pages a row, and their query
   heads per KV head; what no
   kernel takes goes to XLA on every backend). gpu_auto_fn(): what "auto" runs on a CUDA GPU
-  for an op with its own rule (linear: the table); mosaic_takes: whether its Mosaic GPU kernel
-  takes this call (ops with no head_dim; under `using`, XLA runs what it does not take);
+  for an op with its own rule (linear: the table); mosaic_takes(): whether its Mosaic GPU
+  kernel takes this call (ops with no head_dim; None: it does; under `using`, XLA runs what it
+  does not take; asked only there, so a CPU run never imports the kernel);
   cpu_fn(): what "auto" runs on the CPU for an op with a CPU rule of its own (linear, paged
   decode attention), else xla_fn."""
   checks.choice(op, "impl", impl, IMPLS)
@@ -150,7 +155,7 @@ def _run(op, impl, xla_fn, pallas_fn, tpu_fn=None, head_dim=None, dtype=None, pa
   def takes(family):  # whether the kernels of `family` take this call
     if head_dim is None:
       if family == "pallas_mosaic":
-        return mosaic_fn is not None and mosaic_takes
+        return mosaic_fn is not None and (mosaic_takes is None or mosaic_takes())
       return family != "pallas_tpu" or tpu_fn is not None
     if family == "pallas_tpu":
       return tpu_fn is not None and selection.attention(op, head_dim, dtype, "tpu", page_size,
@@ -525,8 +530,9 @@ def linear(x, w, *, impl="auto"):
                                         interpret=interpret)
     return mosaic_flat_gemm.flat_gemm(x2, w, interpret=interpret)
 
-  mosaic_takes = selection.mosaic_linear_unsupported(
-      x2.shape[0], k, n, x.dtype, w.method if quantized else None) is None
+  def mosaic_takes():
+    return selection.mosaic_linear_unsupported(
+        x2.shape[0], k, n, x.dtype, w.method if quantized else None) is None
 
   def on_cpu():
     choice = selection.cpu_linear(x2.shape[0], k, x.dtype, w.method if quantized else None)

@@ -55,20 +55,22 @@ import re
 
 import jax
 
-from fdjax.ops import cpu_attention, quant
+from fdjax.ops import cpu_attention, kernels, quant
 from fdjax.ops import cpu_linear as cpu_linear_lib
 from fdjax.ops import moe as moe_lib
 from pallas_kernels.common import async_softmax, tiling
-from pallas_kernels.mosaic_gpu import decode_attention as mosaic_decode
-from pallas_kernels.mosaic_gpu import flat_gemm as mosaic_flat_gemm
-from pallas_kernels.mosaic_gpu import grouped_gemm as mosaic_grouped
-from pallas_kernels.mosaic_gpu import grouped_quantized_gemm as mosaic_grouped_quantized
-from pallas_kernels.mosaic_gpu import quantized_gemm as mosaic_quantized
-from pallas_kernels.tpu import flat_gemm as tpu_flat_gemm
-from pallas_kernels.tpu import shared as tpu_shared
-from pallas_kernels.triton import flat_gemm as triton_flat_gemm
-from pallas_kernels.triton import gemv as triton_gemv
-from pallas_kernels.triton import shared as triton_shared
+
+mosaic_decode = kernels.module("pallas_kernels.mosaic_gpu.decode_attention")
+mosaic_flat_gemm = kernels.module("pallas_kernels.mosaic_gpu.flat_gemm")
+mosaic_grouped = kernels.module("pallas_kernels.mosaic_gpu.grouped_gemm")
+mosaic_grouped_quantized = kernels.module(
+    "pallas_kernels.mosaic_gpu.grouped_quantized_gemm")
+mosaic_quantized = kernels.module("pallas_kernels.mosaic_gpu.quantized_gemm")
+tpu_flat_gemm = kernels.module("pallas_kernels.tpu.flat_gemm")
+tpu_shared = kernels.module("pallas_kernels.tpu.shared")
+triton_flat_gemm = kernels.module("pallas_kernels.triton.flat_gemm")
+triton_gemv = kernels.module("pallas_kernels.triton.gemv")
+triton_shared = kernels.module("pallas_kernels.triton.shared")
 
 log = logging.getLogger("fdjax")
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
