@@ -1,29 +1,54 @@
-"""The Pallas kernel modules of the GPU and TPU backends, imported when first used.
+"""The Pallas kernel modules of the GPU and TPU backends, run when first used.
 
 Importing them costs more than a CPU run uses: Mosaic GPU's MLIR dialects alone take ~0.9 s
-(jax 0.12, this 2-core Xeon), Mosaic TPU's 0.2 s, Triton's 0.1 s, a third of what
-`python -m fdjax generate` spent importing. The ops layer names each one with `module()`,
-an importlib LazyLoader module: nothing is read until an attribute is, then it is the
-module itself (the same object `import` gives anywhere else). A CPU program that never
-takes a GPU or TPU branch never imports them."""
+(jax 0.12, a 2-core Xeon), Mosaic TPU's 0.2 s, Triton's 0.1 s: a fifth of what `python -m
+fdjax generate` took to start. The ops layer names each one with `module()`: the module
+object is made and registered at once (what `import` anywhere else gives), its code runs when
+an attribute it does not have yet is first read, under a lock, so threads that reach it
+together wait for one run (importlib's LazyLoader does not: CPython's _LazyModule switched
+its class before running the code, gh-114763, and Python 3.12.1 still does). A CPU program
+that never takes a GPU or TPU branch never runs them."""
 from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
+import types
+
+_LOCK = threading.RLock()
+_RUNNING: set[str] = set()
 
 
-def module(name: str):
-  """The module `name` (e.g. "pallas_kernels.mosaic_gpu.flat_gemm"), executed on first
-  attribute access; already imported: that module."""
-  if name in sys.modules:
-    return sys.modules[name]
-  spec = importlib.util.find_spec(name)  # imports the parent packages (docstrings)
-  if spec is None:
-    raise ModuleNotFoundError(f"no module named {name!r}", name=name)
-  spec.loader = importlib.util.LazyLoader(spec.loader)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[name] = mod
-  parent, _, child = name.rpartition(".")
-  setattr(sys.modules[parent], child, mod)  # as `import` leaves it
-  spec.loader.exec_module(mod)
-  return mod
+class _OnFirstUse(types.ModuleType):
+  """A module whose code has not run yet: the first read of a name it lacks runs it."""
+
+  def __getattr__(self, attr):
+    name = self.__spec__.name
+    with _LOCK:
+      if type(self) is _OnFirstUse and name not in _RUNNING:
+        _RUNNING.add(name)  # the module's own code reading a name it lacks: AttributeError
+        try:
+          self.__spec__.loader.exec_module(self)
+          self.__class__ = types.ModuleType
+        finally:
+          _RUNNING.discard(name)
+    return types.ModuleType.__getattribute__(self, attr)
+
+
+def module(name: str) -> types.ModuleType:
+  """The module `name` (e.g. "pallas_kernels.mosaic_gpu.flat_gemm"), its code run on first
+  use (a failure there raises then, and again at the next use); already imported: that
+  module."""
+  with _LOCK:
+    if name in sys.modules:
+      return sys.modules[name]
+    spec = importlib.util.find_spec(name)  # imports the parent packages (docstrings)
+    if spec is None:
+      raise ModuleNotFoundError(f"no module named {name!r}", name=name)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__class__ = _OnFirstUse
+    sys.modules[name] = mod
+    parent, _, child = name.rpartition(".")
+    if parent:
+      setattr(sys.modules[parent], child, mod)  # as `import` leaves it
+    return mod
