@@ -31,27 +31,27 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from fdjax.ops import checks, cpu_attention, cpu_linear, kernels, quant, reference, selection
+from fdjax.ops import checks, cpu_attention, cpu_linear, quant, reference, selection
 from fdjax.ops import moe as moe_lib
+from fdjax.ops.kernels import (
+  mosaic_decode,
+  mosaic_flat_gemm,
+  mosaic_grouped,
+  mosaic_grouped_quantized,
+  mosaic_quantized,
+  tpu_decode,
+  tpu_flat_gemm,
+  tpu_gemv,
+  tpu_prefill,
+  triton_cope,
+  triton_decode,
+  triton_prefill,
+  triton_quantized,
+)
+from fdjax.ops.kernels import triton_flat_gemm as flat_gemm
+from fdjax.ops.kernels import triton_gemv as gemv
+from fdjax.ops.kernels import triton_shared as shared
 from pallas_kernels.common import async_softmax
-
-mosaic_decode = kernels.module("pallas_kernels.mosaic_gpu.decode_attention")
-mosaic_flat_gemm = kernels.module("pallas_kernels.mosaic_gpu.flat_gemm")
-mosaic_grouped = kernels.module("pallas_kernels.mosaic_gpu.grouped_gemm")
-mosaic_grouped_quantized = kernels.module(
-    "pallas_kernels.mosaic_gpu.grouped_quantized_gemm")
-mosaic_quantized = kernels.module("pallas_kernels.mosaic_gpu.quantized_gemm")
-tpu_decode = kernels.module("pallas_kernels.tpu.decode_attention")
-tpu_flat_gemm = kernels.module("pallas_kernels.tpu.flat_gemm")
-tpu_gemv = kernels.module("pallas_kernels.tpu.gemv")
-tpu_prefill = kernels.module("pallas_kernels.tpu.prefill_attention")
-triton_cope = kernels.module("pallas_kernels.triton.cope_attention")
-triton_decode = kernels.module("pallas_kernels.triton.decode_attention")
-flat_gemm = kernels.module("pallas_kernels.triton.flat_gemm")
-gemv = kernels.module("pallas_kernels.triton.gemv")
-shared = kernels.module("pallas_kernels.triton.shared")
-triton_prefill = kernels.module("pallas_kernels.triton.prefill_attention")
-triton_quantized = kernels.module("pallas_kernels.triton.quantized_gemm")
 
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret",
          "pallas_mosaic", "pallas_mosaic_interpret")

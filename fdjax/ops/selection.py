@@ -55,22 +55,22 @@ import re
 
 import jax
 
-from fdjax.ops import cpu_attention, kernels, quant
+from fdjax.ops import cpu_attention, quant
 from fdjax.ops import cpu_linear as cpu_linear_lib
 from fdjax.ops import moe as moe_lib
+from fdjax.ops.kernels import (
+  mosaic_decode,
+  mosaic_flat_gemm,
+  mosaic_grouped,
+  mosaic_grouped_quantized,
+  mosaic_quantized,
+  tpu_flat_gemm,
+  tpu_shared,
+  triton_flat_gemm,
+  triton_gemv,
+  triton_shared,
+)
 from pallas_kernels.common import async_softmax, tiling
-
-mosaic_decode = kernels.module("pallas_kernels.mosaic_gpu.decode_attention")
-mosaic_flat_gemm = kernels.module("pallas_kernels.mosaic_gpu.flat_gemm")
-mosaic_grouped = kernels.module("pallas_kernels.mosaic_gpu.grouped_gemm")
-mosaic_grouped_quantized = kernels.module(
-    "pallas_kernels.mosaic_gpu.grouped_quantized_gemm")
-mosaic_quantized = kernels.module("pallas_kernels.mosaic_gpu.quantized_gemm")
-tpu_flat_gemm = kernels.module("pallas_kernels.tpu.flat_gemm")
-tpu_shared = kernels.module("pallas_kernels.tpu.shared")
-triton_flat_gemm = kernels.module("pallas_kernels.triton.flat_gemm")
-triton_gemv = kernels.module("pallas_kernels.triton.gemv")
-triton_shared = kernels.module("pallas_kernels.triton.shared")
 
 log = logging.getLogger("fdjax")
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
