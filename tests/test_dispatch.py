@@ -91,6 +91,7 @@ def test_a_cpu_generation_imports_no_gpu_or_tpu_pallas_backend():
   """`python -m fdjax generate` on the CPU (the bundled model, the README's command) never
   takes a GPU or TPU branch, so Mosaic GPU, Mosaic TPU and Triton are never imported (~1.2 s
   of its start); the ops layer still holds their modules, and `impl=` one loads it."""
+  import os
   import subprocess
   import sys
   code = (
@@ -103,7 +104,7 @@ def test_a_cpu_generation_imports_no_gpu_or_tpu_pallas_backend():
       "dispatch.mosaic_flat_gemm.MAX_M\n"
       "print('AFTER', 'jax.experimental.pallas.mosaic_gpu' in sys.modules)\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
   assert "new_tokens=2" in out.stdout
   assert "LOADED []" in out.stdout and "AFTER True" in out.stdout, out.stdout[-2000:]

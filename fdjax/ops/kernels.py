@@ -4,10 +4,11 @@ Importing them costs more than a CPU run uses: Mosaic GPU's MLIR dialects alone 
 (jax 0.12, a 2-core Xeon), Mosaic TPU's 0.2 s, Triton's 0.1 s: a fifth of what `python -m
 fdjax generate` took to start. Each is named once, below, with `module()` (dispatch and
 selection import the names): the module object is made and registered at once (what `import`
-anywhere else gives), its code runs when an attribute it does not have yet is
-first read, under a lock, so threads that reach it together wait for one run (importlib's LazyLoader does not: CPython's _LazyModule switched
-its class before running the code, gh-114763, and Python 3.12.1 still does). A CPU program
-that never takes a GPU or TPU branch never runs them."""
+anywhere else gives), and its code runs when an attribute it does not have yet is first
+read, under a lock, so threads that reach it together wait for one run. (importlib's
+LazyLoader does not: CPython's _LazyModule switched its class before running the code,
+gh-114763, and Python 3.12.1 still does.) A CPU program that never takes a GPU or TPU branch
+never runs them."""
 from __future__ import annotations
 
 import importlib.util
