@@ -17,8 +17,10 @@ between streamed chunks, and how many greedy texts equal fdjax's.
 
 Each server runs in its own process, is warmed up first (fdjax: `--warmup` compiles every
 shape; transformers: a few requests), then every rate runs in turn. If `transformers serve`
-cannot start here, the baseline is transformers `generate` called request by request in
-arrival order (no batching), timed the same way.
+cannot start here (it needs `transformers[serving]` and accelerate: `pip install -e
+".[bench]"`), the baseline is transformers `generate` called request by request in arrival
+order (no batching), timed the same way; its texts are decoded as the servers answer, without
+special tokens.
 """
 from __future__ import annotations
 
@@ -39,7 +41,13 @@ from bench import common  # noqa: E402
 
 COLUMNS = ["server", "rate_rps", "requests", "duration_s", "output_tokens_per_s", "ttft_p50_ms",
            "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "chunk_gap_p99_ms", "no_text_streamed",
-           "same_text_as_fdjax", "compiles_during_run"]
+           "same_text_as_fdjax", "same_but_trailing_fffd", "compiles_during_run"]
+
+
+def _bare(text):
+  """A text without its trailing U+FFFD: what decoding gives for bytes at the end that never
+  complete a character (a byte-level model's tokens can stop inside one)."""
+  return None if text is None else text.rstrip("\ufffd")
 
 
 # --------------------------------------------------------------------------- workload
@@ -202,7 +210,8 @@ def run_generate(path, work, warm):
     with torch.no_grad():
       out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                            do_sample=False, streamer=clock, pad_token_id=0)
-    return tok.decode(out[0, ids.shape[1]:])
+    # as the servers answer (the OpenAI API's text leaves special tokens out)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
   for _, p, m in warm:
     generate(p, m)
@@ -282,6 +291,10 @@ def main(argv=None):
   baseline = args.baseline
   if baseline == "auto":
     baseline = "transformers-serve" if _transformers_serve() else "generate"
+    if baseline == "generate":
+      print("transformers serve cannot run here (it needs transformers[serving] and "
+            "accelerate: pip install -e '.[bench]'); the baseline is transformers generate, "
+            "request by request", flush=True)
   other = None
   if baseline == "transformers-serve":
     port = _free_port()
@@ -297,6 +310,8 @@ def main(argv=None):
     mine = texts[row["rate_rps"]]
     theirs = (texts if row["server"] == "fdjax serve" else other[1])[row["rate_rps"]]
     row["same_text_as_fdjax"] = f"{sum(a == b for a, b in zip(mine, theirs))}/{len(mine)}"
+    row["same_but_trailing_fffd"] = (f"{sum(_bare(a) == _bare(b) for a, b in zip(mine, theirs))}"
+                                     f"/{len(mine)}")
 
   groups = [f"{r:g} req/s" for r in args.rates]
   servers = list(dict.fromkeys(r["server"] for r in rows))
@@ -315,7 +330,10 @@ def main(argv=None):
            "(tokens - 1); chunk_gap: the time between streamed chunks (fdjax sends up to 8 "
            "tokens per chunk when nothing waits); no_text_streamed: requests whose text was only "
            "incomplete characters until the end (left out of the latencies); same_text_as_fdjax: "
-           "greedy texts equal to fdjax's; compiles_during_run: programs fdjax traced while the "
+           "greedy texts equal to fdjax's (fdjax's text is its tokens decoded without special "
+           "tokens); same_but_trailing_fffd: equal once each text's trailing U+FFFD (bytes "
+           "at the end that never complete a character, which the random byte-level model "
+           "often writes) are left out; compiles_during_run: programs fdjax traced while the "
            "rate ran. Small-model CPU numbers: they measure the "
            "engines' scheduling and host overheads, not accelerator kernels.")
   print(common.write_results(name, rows, COLUMNS, notes, args.results_dir, plot))
