@@ -160,7 +160,15 @@ def test_the_rule_takes_the_blocked_form_from_64_queries():
   assert selection.cpu_prefill(512, 512, batch=1, heads=8).settings is not None  # > 256
   # CoPE's reference holds about four score-sized arrays: a quarter of the line
   assert selection.cpu_prefill(160, 160, batch=16, heads=8, cope=True).settings is not None
-  assert selection.cpu_prefill(128, 256, batch=4, heads=4, cope=True).settings is None
+  assert selection.cpu_prefill(128, 192, batch=4, heads=4, cope=True).settings is None
+  # from 128 queries, keys at least twice the queries (generate's page run, the serving
+  # engine's table width): the blocks, which skip the keys the reference scores and masks
+  for cope in (False, True):
+    wide = selection.cpu_prefill(128, 256, batch=4, heads=4, cope=cope)
+    assert wide.settings is not None and "2x the queries" in wide.reason
+    assert selection.cpu_prefill(128, 255, batch=4, heads=4, cope=cope).settings is None
+    assert selection.cpu_prefill(127, 1024, batch=1, heads=4, cope=cope).settings is None
+  assert selection.cpu_prefill(128, 2048, batch=1, heads=8).settings is not None  # 8 MiB
   assert "cpu_attention" in selection.describe(platform="cpu")["prefill_attention"]
 
 

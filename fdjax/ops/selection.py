@@ -334,6 +334,8 @@ def cpu_paged_decode(dtype) -> Choice:
 CPU_PREFILL_MIN_QUERIES = 64
 CPU_PREFILL_CACHED_SCORES = 14 << 20  # bytes of float32 scores the reference keeps in cache
 CPU_PREFILL_CACHED_QUERIES = 256  # ... up to this many queries a row
+CPU_PREFILL_WIDE_QUERIES = 128  # from this many queries a row, the blocks whatever the scores
+CPU_PREFILL_WIDE_KEYS = 2  # ... where the keys are at least this many times the queries
 CPU_PREFILL_BLOCK_SCORES = 4 << 20  # bytes of a block's float32 scores (cpu_blocks)
 # (block_q, block_k), largest first; the last, cpu_attention's own, also where none fits
 CPU_PREFILL_BLOCKS = ((256, 256), (256, 128), (cpu_attention.BLOCK_Q, cpu_attention.BLOCK_K))
@@ -362,15 +364,35 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
   8 MiB) 11 / 16 against 9 / 17; 4 rows of 5 queries against 1024 keys, float32, 12 against
   25. Past the cache it is not close: one prompt of 1024 (8 heads, 32 MiB) 119 / 124 against
   9 / 13 (512, 8 MiB: 8 / 8 against 4 / 4). CoPE, float32: 8 prompts of 256 (4 heads) 42 ->
-  24; a prompt of 1024 167 -> 28; 2048 (8 heads) 1400 -> 201."""
+  24; a prompt of 1024 167 -> 28; 2048 (8 heads) 1400 -> 201.
+
+  Those cases had as many keys as queries (a prompt alone). generate's prefill attends over each
+  row's page run, the prompt and the tokens to come rounded up to a bucket, and the serving
+  engine's over a table width rounded up to a power of two: keys no query of a fresh prompt sees,
+  whose scores the reference computes and masks, and the blocks skip. From
+  CPU_PREFILL_WIDE_QUERIES queries with CPU_PREFILL_WIDE_KEYS times as many keys the blocks run
+  whatever the scores. Reference -> blocks, float32 / bfloat16 ms of the op alone (a one-off
+  script: jitted reference.prefill_attention against cpu_attention.prefill_attention, best of two
+  medians of 15; a 2-core AMD EPYC, jax 0.12): 8 / 2 heads of 32 (bench/e2e.py's CPU model), 4
+  prompts of 128 in 256 keys 3.96 -> 2.40 / 4.65 -> 1.83, one 1.30 -> 0.60 / 1.32 -> 0.47, in 2048
+  keys 8.13 -> 0.45 / 11.24 -> 0.76; 2 prompts of 256 in 512 keys 10.7 -> 1.54 / 12.4 -> 1.57; 4
+  of 200 in 512 9.80 -> 2.88 / 11.6 -> 3.06; a chunk of 128 after 384 cached keys 3.91 -> 1.10 /
+  3.01 -> 0.82; 32 / 8 heads of 128, one prompt of 128 in 256 keys 6.67 -> 2.21 / 6.27 -> 2.19;
+  the one loss, in float32, 8 / 8 heads of 64, 2 prompts of 128 in 256 keys 1.98 -> 2.31 / 1.84 ->
+  1.47. CoPE (float32, the bundled model's 4 heads of 64): 4 prompts of 128 in 256 keys 6.70 ->
+  4.15, one 1.81 -> 1.02. Below 128 queries it goes both ways (8 prompts of 64 in 128 keys 1.71 ->
+  1.93, CoPE 3.25 -> 3.92; 4 of 64 in 256 1.60 -> 1.39), and with fewer spare keys too (2 of 128
+  in 192, 8 / 8 heads of 64: 2.48 -> 3.18), so those keep the cache rule."""
   scores = (16 if cope else 4) * batch * heads * queries * keys
   if queries < CPU_PREFILL_MIN_QUERIES:
     return Choice("xla", f"cpu: the reference (fewer than {CPU_PREFILL_MIN_QUERIES} queries)")
-  if queries <= CPU_PREFILL_CACHED_QUERIES and scores <= CPU_PREFILL_CACHED_SCORES:
+  wide = queries >= CPU_PREFILL_WIDE_QUERIES and keys >= CPU_PREFILL_WIDE_KEYS * queries
+  if not wide and queries <= CPU_PREFILL_CACHED_QUERIES and scores <= CPU_PREFILL_CACHED_SCORES:
     return Choice("xla", f"cpu: the reference (its {scores >> 20} MiB of scores fit the "
                   "cache)")
   bq, bk = CPU_PREFILL_BLOCKS[-1] if cope else cpu_blocks(heads)
-  return Choice("xla", _CPU_BLOCKED, {"block_q": bq, "block_k": bk})
+  why = f" (keys at least {CPU_PREFILL_WIDE_KEYS}x the queries)" if wide else ""
+  return Choice("xla", _CPU_BLOCKED + why, {"block_q": bq, "block_k": bk})
 
 
 def cpu_blocks(heads: int) -> tuple[int, int]:
@@ -642,7 +664,8 @@ def describe(config=None, *, platform: str | None = None, batch: int = 1,
       choices[ops[0]] = Choice(
           "xla", f"{_CPU_BLOCKED} from "
           f"{CPU_PREFILL_MIN_QUERIES} queries a row; below, and where the reference's scores "
-          "fit the cache, the reference")
+          f"fit the cache (unless from {CPU_PREFILL_WIDE_QUERIES} queries with "
+          f"{CPU_PREFILL_WIDE_KEYS}x the keys), the reference")
     return {**{op: str(c) for op, c in choices.items()}, "linear": str(linear_choice)}
   if config is not None and config.num_experts:
     choices["moe"] = moe(batch, config.experts_per_token, config.num_experts, moe_itemsize,
