@@ -39,10 +39,15 @@ from bench import common  # noqa: E402
 from bench.decode import interleaved  # noqa: E402
 from fdjax.ops import dispatch, reference  # noqa: E402
 
-# batch, queries a row, cached keys before them, query heads, KV heads, head_dim
-OP_SHAPES = [(16, 256, 0, 8, 2, 64), (1, 2048, 0, 16, 4, 64), (1, 256, 1792, 32, 8, 128),
-             (16, 64, 448, 8, 2, 64), (4, 512, 0, 32, 8, 128)]
-SMOKE_SHAPES = [(2, 64, 0, 4, 2, 16), (1, 64, 64, 4, 2, 16)]
+# batch, queries a row, cached keys before them, query heads, KV heads, head_dim, and spare
+# keys past each row's length (generate's page run: the tokens still to come, rounded up)
+OP_SHAPES = [(16, 256, 0, 8, 2, 64, 0), (1, 2048, 0, 16, 4, 64, 0),
+             (1, 256, 1792, 32, 8, 128, 0), (16, 64, 448, 8, 2, 64, 0),
+             (4, 512, 0, 32, 8, 128, 0),
+             # bench/e2e.py's CPU model: prompts of 128 and 256 in their page runs
+             (4, 128, 0, 8, 2, 32, 128), (1, 128, 0, 8, 2, 32, 1920), (2, 256, 0, 8, 2, 32, 256),
+             (1, 128, 384, 8, 2, 32, 0), (2, 128, 0, 8, 8, 64, 128)]
+SMOKE_SHAPES = [(2, 64, 0, 4, 2, 16, 0), (1, 64, 64, 4, 2, 16, 0), (1, 64, 0, 4, 2, 16, 64)]
 TTFT_PROMPTS = [512, 1100, 2048]  # 1100: a length off the buckets (its chunk: 1280)
 PARTS = ["op", "op-cope", "ttft", "ttft-cope"]
 COPE_PROMPTS = [256, 1024, 2000]  # bytes: the bundled model's tokens
@@ -58,12 +63,12 @@ def op_rows(shapes, dtypes, iters):
   import torch
   import torch.nn.functional as F
   rows = []
-  for b, t, cached, hq, hkv, d in shapes:
-    s = t + cached
+  for b, t, cached, hq, hkv, d, spare in shapes:
+    s = t + cached + spare
     rng = np.random.default_rng(b * t + s + hq + d)
     host = [rng.standard_normal(shape).astype(np.float32)
             for shape in ((b, t, hq, d), (b, s, hkv, d), (b, s, hkv, d))]
-    lengths = jnp.full((b,), s, jnp.int32)
+    lengths = jnp.full((b,), t + cached, jnp.int32)
     q_start = jnp.full((b,), cached, jnp.int32)
     scale = d ** -0.5
     with jax.enable_x64(True):
@@ -71,6 +76,7 @@ def op_rows(shapes, dtypes, iters):
           *(jnp.asarray(x, jnp.float64) for x in host), lengths, True, scale,
           q_start=q_start))
     visible = np.arange(s)[None, :] <= cached + np.arange(t)[:, None]  # [T, S], causal
+    plain = cached == 0 and spare == 0  # a prompt alone: the libraries' causal masks
     for dtype in dtypes:
       q, k, v = (jnp.asarray(x, dtype) for x in host)
       tq, tk, tv = (torch.from_numpy(x).to(getattr(torch, dtype)).transpose(1, 2)
@@ -78,7 +84,7 @@ def op_rows(shapes, dtypes, iters):
       tk, tv = (x.repeat_interleave(hq // hkv, dim=1) for x in (tk, tv))
       mask = torch.from_numpy(visible)
       jax_sdpa = None
-      if cached == 0:  # jax.nn's causal mask puts query i at key i
+      if plain:  # jax.nn's causal mask puts query i at key i
         jax_sdpa = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation="xla"))
       impls = {
@@ -88,7 +94,7 @@ def op_rows(shapes, dtypes, iters):
               q, k, v, lengths, True, scale, q_start=q_start)),
           "jax-sdpa": jax_sdpa,
           "torch-sdpa": lambda *_: F.scaled_dot_product_attention(
-              tq, tk, tv, is_causal=True, scale=scale) if cached == 0 else
+              tq, tk, tv, is_causal=True, scale=scale) if plain else
           F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, scale=scale),
       }
       group = []
@@ -103,7 +109,8 @@ def op_rows(shapes, dtypes, iters):
           out = lambda fn=fn: np.asarray(fn(q, k, v).astype(jnp.float32))  # noqa: E731
         ms = _ms(run, iters)
         group.append({"part": "op", "impl": name, "dtype": dtype, "batch": b, "queries": t,
-                     "cached": cached, "heads": f"{hq}/{hkv}", "head_dim": d, "ms": ms,
+                     "cached": cached, "spare_keys": spare, "heads": f"{hq}/{hkv}",
+                     "head_dim": d, "ms": ms,
                      "max_abs_err_vs_f64": float(np.max(np.abs(out() - want)))})
       base = next(r["ms"] for r in group if r["impl"] == "xla-reference")
       rows += [{**r, "speedup_vs_xla_reference": base / r["ms"]} for r in group]
@@ -272,13 +279,16 @@ def main():
     rows += ttft_rows(args, [64, 80] if args.smoke else TTFT_PROMPTS, args.dtypes, args.iters)
   if "ttft-cope" in args.parts:
     rows += cope_ttft_rows([64] if args.smoke else COPE_PROMPTS, args.iters)
-  columns = ["part", "impl", "dtype", "batch", "queries", "cached", "heads", "head_dim", "ms",
+  columns = ["part", "impl", "dtype", "batch", "queries", "cached", "spare_keys", "heads",
+             "head_dim", "ms",
              "speedup_vs_xla_reference", "speedup_vs_hf", "max_abs_err_vs_f64",
              "same_first_token"]
   notes = (
-      "op: causal prefill attention, every row full (lengths = cached + queries); queries "
-      "after `cached` keys are a chunk of a longer prompt (jax.nn.dot_product_attention has "
-      "no offset for them, so no jax-sdpa row; PyTorch takes the mask). fdjax-auto is what "
+      "op: causal prefill attention, each row's length cached + queries; queries after "
+      "`cached` keys are a chunk of a longer prompt, spare_keys more keys past the length "
+      "are those of generate's page run, which no query sees (jax.nn.dot_product_attention "
+      "has no offset and no lengths here, so no jax-sdpa row; PyTorch takes the mask). "
+      "fdjax-auto is what "
       "dispatch runs on the CPU (fdjax.ops.selection.cpu_prefill). ms: median of --iters "
       "calls after one warm-up; max_abs_err_vs_f64 against the float64 reference on the same "
       "inputs. ttft: one prompt's prefill and first token on a random Llama "

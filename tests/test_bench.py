@@ -303,7 +303,9 @@ def test_prefill_bench_smoke(tmp_path):
   rows = _rows(tmp_path, "prefill_smoke")
   ops = [r for r in rows if r["part"] == "op"]
   assert {r["impl"] for r in ops} == {"fdjax-auto", "xla-reference", "jax-sdpa", "torch-sdpa"}
-  assert not any(r["impl"] == "jax-sdpa" and r["cached"] for r in ops)  # no offset there
+  # no offset or lengths there
+  assert not any(r["impl"] == "jax-sdpa" and (r["cached"] or r["spare_keys"]) for r in ops)
+  assert {r["spare_keys"] for r in ops} == {0, 64}
   assert all(r["ms"] > 0 and r["max_abs_err_vs_f64"] < 1e-5 and r["speedup_vs_xla_reference"] > 0
              for r in ops)
   ttft = [r for r in rows if r["part"] == "ttft"]

@@ -382,7 +382,10 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
   1.47. CoPE (float32, the bundled model's 4 heads of 64): 4 prompts of 128 in 256 keys 6.70 ->
   4.15, one 1.81 -> 1.02. Below 128 queries it goes both ways (8 prompts of 64 in 128 keys 1.71 ->
   1.93, CoPE 3.25 -> 3.92; 4 of 64 in 256 1.60 -> 1.39), and with fewer spare keys too (2 of 128
-  in 192, 8 / 8 heads of 64: 2.48 -> 3.18), so those keep the cache rule."""
+  in 192, 8 / 8 heads of 64: 2.48 -> 3.18), so those keep the cache rule. Most of these
+  shapes are in one run in bench/results/prefill_cpu_op_epyc.md (`bench/prefill_cpu.py
+  --parts op`, spare_keys the page run's); there the 8 / 8 heads case lost in bfloat16 too,
+  1.78 -> 1.91."""
   scores = (16 if cope else 4) * batch * heads * queries * keys
   if queries < CPU_PREFILL_MIN_QUERIES:
     return Choice("xla", f"cpu: the reference (fewer than {CPU_PREFILL_MIN_QUERIES} queries)")
