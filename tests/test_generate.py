@@ -234,3 +234,29 @@ def test_a_plain_model_stays_on_its_mesh_while_its_weights_are_the_same(monkeypa
   changed = run(mesh=mesh)
   assert changed == run() and changed != first and placed == [model, model]
   assert run(mesh=mesh) == changed and len(placed) == 2
+
+
+def test_a_prefill_chunk_gathers_only_the_pages_it_reaches(monkeypatch):
+  """generate's prefill attends over the pages up to each chunk's last token (a power of two
+  of them, at least the chunk's), not the rows' whole runs, which hold the tokens to come as
+  well; the decode steps take the whole table. Ragged prompts of 10 and 40 in chunks of 16,
+  pages of 4, 100 tokens to come (runs of 64 pages): chunks over 4, 8 and 16 pages, and the
+  tokens are the full forward's greedy ones."""
+  from fdjax.engine import runner
+  model = tiny_model(seed=4)
+  widths = {"prefill": [], "decode": []}
+  for name in widths:
+    def spy(self, *args, _name=name, _orig=getattr(runner.Runner, name), **kw):
+      cache = args[0] if _name == "prefill" else args[1]
+      widths[_name].append(cache.page_table.shape[1])
+      return _orig(self, *args, **kw)
+    monkeypatch.setattr(runner.Runner, name, spy)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 97, n).tolist() for n in (10, 40)]
+  out = fdjax.generate(model, prompts, max_new_tokens=100, page_size=4, prefill_chunk=16).tokens
+  assert widths["prefill"] == [4, 8, 16]
+  assert widths["decode"] and set(widths["decode"]) == {64}
+  for p, got in zip(prompts, out):
+    assert len(got) == 100
+    seq = jnp.asarray([p + got])
+    assert np.argmax(np.asarray(forward(model, seq))[0, len(p) - 1:-1], -1).tolist() == got

@@ -276,9 +276,10 @@ class _Pages:
     self.kv, self.rows, self.totals, self.bp, self.window = kv, rows, totals, bp, window
     self.width = width
 
-  def table(self, lengths=None, upto=None):
+  def table(self, lengths=None, upto=None, width=None):
     """The page table [bp, width] for rows with `lengths` tokens cached about to write up to
-    `upto` tokens (windowed only; a row given None as upto does not grow)."""
+    `upto` tokens (windowed only; a row given None as upto does not grow); `width` entries of
+    it (None: all)."""
     ps = self.kv.page_size
     if self.window is not None and lengths is not None:
       for i, (pages, _) in enumerate(self.rows):
@@ -287,7 +288,16 @@ class _Pages:
         if upto[i] is not None:
           pool.grow(pages, min(int(upto[i]), self.totals[i]))
     return jnp.asarray(paging.page_table([pages for pages, _ in self.rows], self.bp,
-                                         self.width))
+                                         self.width)[:, :width])
+
+
+def prefill_width(tokens: int, page_size: int, width: int) -> int:
+  """The page-table entries a prefill chunk takes when its rows reach `tokens` tokens (at
+  least the chunk's length): those pages only (a power of two of them, as the serving
+  engine's widths, at most the table's `width`). The chunk's keys are its table's pages,
+  gathered; past the prompt they are keys no query sees, which the reference attention
+  scores and masks (a prompt of 128 with 32 tokens to come has a run of 256)."""
+  return min(steps.table_width(tokens, page_size), width)
 
 
 def _prefill(runner, prompts, rows, shapes, pages, window):
@@ -300,12 +310,20 @@ def _prefill(runner, prompts, rows, shapes, pages, window):
     cached[i], left[i] = n_cached, len(todo[i])
   chunk = shapes.chunk  # no longer than the page table addresses
   cache, last = runner.cache(pages.table(), cached), None
+  width = shapes.pages
   for c in range(0, max(len(t) for t in todo), chunk):
     ids, n = steps.pack([t[c:c + chunk] for t in todo], bp, chunk)
+    before = cached + np.minimum(c, left)
     if window is not None:
-      before = cached + np.minimum(c, left)
       cache = cache._replace(page_table=pages.table(before, before + n))
+    else:  # the pages up to the chunk's last token (and at least the chunk's length)
+      width = prefill_width(max(int(np.max(before + n)), chunk), runner.kv.page_size,
+                            shapes.pages)
+      if width != cache.page_table.shape[1]:
+        cache = cache._replace(page_table=pages.table(width=width))
     cache, last = runner.prefill(cache, ids, n, last)
+  if width != shapes.pages:  # the decode steps take the whole table
+    cache = cache._replace(page_table=pages.table())
   return cache, last
 
 
@@ -426,8 +444,12 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
     pages = like(jax.eval_shape(lambda: kvc.empty_pages(
         cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, in_place))))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
+  # the first chunk's table: its own pages (prefill_width), all of them behind a window
+  windowed = cfg.windowed is not None and prompt_len + max_new_tokens > cfg.windowed
+  width = shapes.pages if windowed else prefill_width(shapes.chunk, page_size, shapes.pages)
   prefill = steps.prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
-                               rows, cache, place((b, cfg.vocab_size), jnp.float32), **static)
+                                     rows, cache._replace(page_table=place((b, width), jnp.int32)),
+                                     place((b, cfg.vocab_size), jnp.float32), **static)
   loop = steps.LoopState(place((), jnp.int32), place((b, shapes.out), jnp.int32),
                          place((b,), jnp.bool_), rows,
                          like(jax.eval_shape(lambda: jax.random.key(0))))
