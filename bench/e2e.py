@@ -112,16 +112,18 @@ def worker_fdjax(args, impls):
         for p in args.prompt_len:
           rng = np.random.default_rng(b * 1000 + p)
           prompts = rng.integers(0, cfg.vocab_size, (b, p)).tolist()
-          run = lambda: fdjax.generate(model, prompts, max_new_tokens=args.new_tokens)
+          run = lambda n=args.new_tokens: fdjax.generate(model, prompts, max_new_tokens=n)
           with dispatch.using("xla" if impl == "fdjax-xla" else "auto"):
-            run()  # compile
+            run(), run(1)  # compile
             res = [run() for _ in range(args.repeats)]
+            first = [_wall(run, 1) for _ in range(args.repeats)]
           step_s = float(np.median([r.decode_s / max(r.decode_steps, 1) for r in res]))
           ctx = p + args.new_tokens // 2
           step_bytes = _param_bytes(cfg, itemsize) + _kv_bytes(cfg, b, ctx, itemsize)
           row = dict(model=name, impl=impl + args.tag, batch=b, prompt_len=p,
                      new_tokens=args.new_tokens, dtype=str(jnp.dtype(dtype)),
-                     ttft_ms=float(np.median([r.prefill_s for r in res])) * 1e3,
+                     ttft_ms=float(np.median(first)) * 1e3,
+                     prefill_ms=float(np.median([r.prefill_s for r in res])) * 1e3,
                      decode_ms_per_token=step_s * 1e3, decode_tokens_per_s=b / step_s,
                      roofline_fraction=step_bytes / step_s / 1e9 / bw, copy_gbps=bw)
           if impl == "fdjax-auto" and not args.tag and not args.quick:
@@ -133,6 +135,13 @@ def worker_fdjax(args, impls):
           print(json.dumps(row), flush=True)
     del model
   return rows
+
+
+def _wall(fn, *args) -> float:
+  """Seconds of one call of fn(*args), as worker_hf times transformers' generate."""
+  t0 = time.perf_counter()
+  fn(*args)
+  return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------- Hugging Face
@@ -273,12 +282,16 @@ def main():
             for i in sorted({r.get("impl") for r in rows if r.get("impl")})}
   plot = common.svg_bars(f"decode tokens/s ({common.device_name()})", groups, series,
                          "tokens/s (higher is better)")
-  cols = ["model", "impl", "batch", "prompt_len", "new_tokens", "ttft_ms",
+  cols = ["model", "impl", "batch", "prompt_len", "new_tokens", "ttft_ms", "prefill_ms",
           "decode_ms_per_token", "decode_tokens_per_s", "roofline_fraction",
           "speedup_vs_hf-eager", "speedup_vs_hf-compile", "breakdown_linear_ms",
           "breakdown_attention_ms", "breakdown_other_ms", "error"]
   bw = next((r["copy_gbps"] for r in rows if "copy_gbps" in r), float("nan"))
-  notes = (f"Measured copy bandwidth: {bw:.0f} GB/s. roofline_fraction = (weight bytes + KV "
+  notes = ("ttft_ms: the median wall time of a whole generate call for one new token, for "
+           "every engine (fdjax's host work included: splitting the model, making the cache, "
+           "dispatching); prefill_ms: fdjax's prefill and first token alone "
+           "(GenerationResult.prefill_s, in the full runs). "
+           f"Measured copy bandwidth: {bw:.0f} GB/s. roofline_fraction = (weight bytes + KV "
            "bytes read per decode step) / step time / copy bandwidth. The breakdown times one "
            "step's linear layers and attention on their own; other = step - both.")
   if args.cpu:
