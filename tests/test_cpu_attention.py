@@ -161,8 +161,8 @@ def test_the_rule_takes_the_blocked_form_from_64_queries():
   # CoPE's reference holds about four score-sized arrays: a quarter of the line
   assert selection.cpu_prefill(160, 160, batch=16, heads=8, cope=True).settings is not None
   assert selection.cpu_prefill(128, 192, batch=4, heads=4, cope=True).settings is None
-  # from 128 queries, keys at least twice the queries (generate's page run, the serving
-  # engine's table width): the blocks, which skip the keys the reference scores and masks
+  # from 128 queries, keys at least twice the queries (a chunk after cached keys, a table
+  # rounded up to a power of two pages): the blocks, which skip what no query sees
   for cope in (False, True):
     wide = selection.cpu_prefill(128, 256, batch=4, heads=4, cope=cope)
     assert wide.settings is not None and "2x the queries" in wide.reason

@@ -366,26 +366,26 @@ def cpu_prefill(queries: int, keys: int = 0, batch: int = 1, heads: int = 1,
   9 / 13 (512, 8 MiB: 8 / 8 against 4 / 4). CoPE, float32: 8 prompts of 256 (4 heads) 42 ->
   24; a prompt of 1024 167 -> 28; 2048 (8 heads) 1400 -> 201.
 
-  Those cases had as many keys as queries (a prompt alone). generate's prefill attends over each
-  row's page run, the prompt and the tokens to come rounded up to a bucket, and the serving
-  engine's over a table width rounded up to a power of two: keys no query of a fresh prompt sees,
-  whose scores the reference computes and masks, and the blocks skip. From
-  CPU_PREFILL_WIDE_QUERIES queries with CPU_PREFILL_WIDE_KEYS times as many keys the blocks run
-  whatever the scores. Reference -> blocks, float32 / bfloat16 ms of the op alone (a one-off
-  script: jitted reference.prefill_attention against cpu_attention.prefill_attention, best of two
-  medians of 15; a 2-core AMD EPYC, jax 0.12): 8 / 2 heads of 32 (bench/e2e.py's CPU model), 4
-  prompts of 128 in 256 keys 3.96 -> 2.40 / 4.65 -> 1.83, one 1.30 -> 0.60 / 1.32 -> 0.47, in 2048
-  keys 8.13 -> 0.45 / 11.24 -> 0.76; 2 prompts of 256 in 512 keys 10.7 -> 1.54 / 12.4 -> 1.57; 4
-  of 200 in 512 9.80 -> 2.88 / 11.6 -> 3.06; a chunk of 128 after 384 cached keys 3.91 -> 1.10 /
-  3.01 -> 0.82; 32 / 8 heads of 128, one prompt of 128 in 256 keys 6.67 -> 2.21 / 6.27 -> 2.19;
-  the one loss, in float32, 8 / 8 heads of 64, 2 prompts of 128 in 256 keys 1.98 -> 2.31 / 1.84 ->
-  1.47. CoPE (float32, the bundled model's 4 heads of 64): 4 prompts of 128 in 256 keys 6.70 ->
-  4.15, one 1.81 -> 1.02. Below 128 queries it goes both ways (8 prompts of 64 in 128 keys 1.71 ->
-  1.93, CoPE 3.25 -> 3.92; 4 of 64 in 256 1.60 -> 1.39), and with fewer spare keys too (2 of 128
-  in 192, 8 / 8 heads of 64: 2.48 -> 3.18), so those keep the cache rule. Most of these
-  shapes are in one run in bench/results/prefill_cpu_op_epyc.md (`bench/prefill_cpu.py
-  --parts op`, spare_keys the page run's); there the 8 / 8 heads case lost in bfloat16 too,
-  1.78 -> 1.91."""
+  Those cases had as many keys as queries (a prompt alone). A chunk after cached keys has more,
+  and so has a table rounded up to a power of two pages (the serving engine's, generate's): keys a
+  fresh prompt's queries never see, whose scores the reference computes and masks and the blocks
+  skip (generate's prefill took each row's whole run, the tokens to come too, until 2026-12-08:
+  decode_loop.prefill_width). From CPU_PREFILL_WIDE_QUERIES queries with CPU_PREFILL_WIDE_KEYS
+  times as many keys the blocks run whatever the scores. Reference -> blocks, float32 / bfloat16
+  ms of the op alone (a one-off script: jitted reference.prefill_attention against
+  cpu_attention.prefill_attention, best of two medians of 15; a 2-core AMD EPYC, jax 0.12): 8 / 2
+  heads of 32 (bench/e2e.py's CPU model), 4 prompts of 128 in 256 keys 3.96 -> 2.40 / 4.65 ->
+  1.83, one 1.30 -> 0.60 / 1.32 -> 0.47, in 2048 keys 8.13 -> 0.45 / 11.24 -> 0.76; 2 prompts of
+  256 in 512 keys 10.7 -> 1.54 / 12.4 -> 1.57; 4 of 200 in 512 9.80 -> 2.88 / 11.6 -> 3.06; a
+  chunk of 128 after 384 cached keys 3.91 -> 1.10 / 3.01 -> 0.82; 32 / 8 heads of 128, one prompt
+  of 128 in 256 keys 6.67 -> 2.21 / 6.27 -> 2.19; the one loss, in float32, 8 / 8 heads of 64, 2
+  prompts of 128 in 256 keys 1.98 -> 2.31 / 1.84 -> 1.47. CoPE (float32, the bundled model's 4
+  heads of 64): 4 prompts of 128 in 256 keys 6.70 -> 4.15, one 1.81 -> 1.02. Below 128 queries it
+  goes both ways (8 prompts of 64 in 128 keys 1.71 -> 1.93, CoPE 3.25 -> 3.92; 4 of 64 in 256 1.60
+  -> 1.39), and with fewer spare keys too (2 of 128 in 192, 8 / 8 heads of 64: 2.48 -> 3.18), so
+  those keep the cache rule. Most of these shapes are in one run in
+  bench/results/prefill_cpu_op_epyc.md (`bench/prefill_cpu.py --parts op`, spare_keys the page
+  run's); there the 8 / 8 heads case lost in bfloat16 too, 1.78 -> 1.91."""
   scores = (16 if cope else 4) * batch * heads * queries * keys
   if queries < CPU_PREFILL_MIN_QUERIES:
     return Choice("xla", f"cpu: the reference (fewer than {CPU_PREFILL_MIN_QUERIES} queries)")
