@@ -310,7 +310,6 @@ def _prefill(runner, prompts, rows, shapes, pages, window):
     cached[i], left[i] = n_cached, len(todo[i])
   chunk = shapes.chunk  # no longer than the page table addresses
   cache, last = runner.cache(pages.table(), cached), None
-  width = shapes.pages
   for c in range(0, max(len(t) for t in todo), chunk):
     ids, n = steps.pack([t[c:c + chunk] for t in todo], bp, chunk)
     before = cached + np.minimum(c, left)
@@ -322,7 +321,7 @@ def _prefill(runner, prompts, rows, shapes, pages, window):
       if width != cache.page_table.shape[1]:
         cache = cache._replace(page_table=pages.table(width=width))
     cache, last = runner.prefill(cache, ids, n, last)
-  if width != shapes.pages:  # the decode steps take the whole table
+  if cache.page_table.shape[1] != shapes.pages:  # the decode steps take the whole table
     cache = cache._replace(page_table=pages.table())
   return cache, last
 
@@ -432,6 +431,7 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   static = dict(impl=dispatch.current(), target=dispatch.lowering_target())
   b = shapes.batch
   rows = place((b,), jnp.int32)
+  windowed = cfg.windowed is not None and prompt_len + max_new_tokens > cfg.windowed
   if on_mesh:  # (fdjax.io.mesh.build without read): parameters and pages keep their shardings
     params = state
     pages = tuple((model.pages(b * shapes.pages // dp, page_size, keys),) * cfg.num_layers
@@ -439,13 +439,11 @@ def lower(model, *, batch: int, prompt_len: int, max_new_tokens: int, place=None
   else:
     params = like(state)
     # (as generate makes them: float32 for bf16 where the CPU reads rows' own runs in place)
-    windowed = cfg.windowed is not None and prompt_len + max_new_tokens > cfg.windowed
     in_place = not windowed and dispatch.reads_own_pages_in_place(cfg, model.dtype)
     pages = like(jax.eval_shape(lambda: kvc.empty_pages(
         cfg, b * shapes.pages, page_size, dispatch.kv_cache_dtype(model.dtype, in_place))))
   cache = kvc.KVCache(*pages, place((b, shapes.pages), jnp.int32), rows)
   # the first chunk's table: its own pages (prefill_width), all of them behind a window
-  windowed = cfg.windowed is not None and prompt_len + max_new_tokens > cfg.windowed
   width = shapes.pages if windowed else prefill_width(shapes.chunk, page_size, shapes.pages)
   prefill = steps.prefill_step.lower(graphdef, params, place((b, shapes.chunk), jnp.int32),
                                      rows, cache._replace(page_table=place((b, width), jnp.int32)),
